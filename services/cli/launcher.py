@@ -1,0 +1,152 @@
+"""`autoglm up`: start billing, inference replicas and the router as child processes, in order,
+wait for each to be healthy, print a banner, restart children that die (with backoff), and on
+Ctrl-C / SIGTERM stop everything in reverse order."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from services.cli.health_probe import wait_serving
+from services.cli.mesh_config import MeshConfig
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    address: str
+    log_path: Path
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    stopping: bool = False
+    watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.log_path.open("ab")
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv, stdout=handle, stderr=handle, stdin=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        handle.close()
+        log.info("child_started", child=self.name, pid=self.process.pid, address=self.address)
+
+    async def stop(self, grace: float) -> None:
+        self.stopping = True
+        if self.watcher:
+            self.watcher.cancel()
+        if not self.alive():
+            return
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.process.wait(), grace)
+        except TimeoutError:
+            log.warning("child_killed", child=self.name, pid=self.process.pid)
+            self.process.kill()
+            await self.process.wait()
+        log.info("child_stopped", child=self.name, pid=self.process.pid, returncode=self.process.returncode)
+
+
+def service_argv(module: str, port: int, config: Path | None, *extra: str) -> list[str]:
+    argv = [sys.executable, "-m", module, "--port", str(port)]
+    if config:
+        argv += ["--config", str(config)]
+    return [*argv, *extra]
+
+
+def plan_children(mesh: MeshConfig, config_path: Path | None) -> list[Child]:
+    logs = mesh.data_dir / "logs"
+    children = [
+        Child("billing", service_argv("services.billing", mesh.billing_port, config_path),
+              f"127.0.0.1:{mesh.billing_port}", logs / "billing.log"),
+    ]
+    for index in range(mesh.inference_replicas):
+        port = mesh.inference_base_port + index
+        children.append(
+            Child(f"inference-{index}",
+                  service_argv("services.inference", port, config_path, "--replica-id", f"inference-{index}"),
+                  f"127.0.0.1:{port}", logs / f"inference-{index}.log")
+        )
+    children.append(
+        Child("router", service_argv("services.router", mesh.router_port, config_path),
+              f"127.0.0.1:{mesh.router_port}", logs / "router.log")
+    )
+    return children
+
+
+async def supervise(child: Child, backoff_max: float = 30.0) -> None:
+    """Restart `child` whenever it exits unexpectedly, with exponential backoff."""
+    delay = 0.5
+    while not child.stopping:
+        assert child.process is not None
+        code = await child.process.wait()
+        if child.stopping:
+            return
+        child.restarts += 1
+        log.warning("child_exited_restarting", child=child.name, returncode=code, restart=child.restarts,
+                    backoff_s=delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, backoff_max)
+        await child.start()
+
+
+def banner(mesh: MeshConfig, children: list[Child]) -> str:
+    lines = [
+        "",
+        "Open-AutoGLM mesh is up",
+        f"  router     127.0.0.1:{mesh.router_port}   (public gRPC: RouterService, AdminService)",
+        f"  billing    127.0.0.1:{mesh.billing_port}",
+    ]
+    lines += [f"  {c.name:<10} {c.address}" for c in children if c.name.startswith("inference")]
+    lines += [
+        f"  data dir   {mesh.data_dir}",
+        f"  logs       {mesh.data_dir / 'logs'}/*.log",
+        "",
+        "Try it:",
+        f"  grpcurl -plaintext 127.0.0.1:{mesh.router_port} list",
+        f"  grpcurl -plaintext -d '{{\"service\": \"\"}}' 127.0.0.1:{mesh.router_port} grpc.health.v1.Health/Check",
+        "",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)
+
+
+async def run_mesh(mesh: MeshConfig, config_path: Path | None, ready_timeout_s: float = 600.0) -> None:
+    children = plan_children(mesh, config_path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    started: list[Child] = []
+    try:
+        for child in children:
+            await child.start()
+            started.append(child)
+            waiter = asyncio.create_task(wait_serving(child.address, ready_timeout_s, child.alive))
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if stopper in done:
+                waiter.cancel()
+                return
+            waiter.result()  # raises if the child died or timed out
+            child.watcher = asyncio.create_task(supervise(child))
+        print(banner(mesh, children), flush=True)
+        await stop.wait()
+    finally:
+        print("stopping the mesh...", file=sys.stderr, flush=True)
+        for child in reversed(started):
+            await child.stop(mesh.shutdown_grace_s)

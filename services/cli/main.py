@@ -1,0 +1,64 @@
+"""`autoglm` — the command line of Open-AutoGLM.
+
+  autoglm up [--config FILE]          start the whole mesh in the foreground
+  autoglm model build [PATH]          build (or reuse) an INT8 ONNX model from a GGUF file or HF folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from services.common.logging import configure_logging
+
+
+def _up(args: argparse.Namespace) -> int:
+    from services.cli.launcher import run_mesh
+    from services.cli.mesh_config import MeshConfig
+
+    configure_logging("launcher", args.log_level, json=False)
+    mesh = MeshConfig.load(args.config)
+    asyncio.run(run_mesh(mesh, args.config))
+    return 0
+
+
+def _model_build(args: argparse.Namespace) -> int:
+    try:
+        from services.inference.modelbuild import build_model
+    except ImportError as exc:  # the build toolchain is an optional extra
+        print(f"autoglm model build needs the model-build extra: pip install 'open-autoglm[model-build]' ({exc})",
+              file=sys.stderr)
+        return 2
+    path = build_model(args.path, args.cache_dir, args.force)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autoglm", description="Open-AutoGLM: a self-hosted LLM serving mesh.")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start billing, inference and the router (with sidecars) in the foreground")
+    up.add_argument("--config", type=Path, default=None, help="mesh YAML (default: built-in defaults)")
+    up.set_defaults(func=_up)
+
+    model = sub.add_parser("model", help="model tools")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    build = model_sub.add_parser("build", help="build an INT8 ONNX model with a KV-cache into the model cache")
+    build.add_argument("path", nargs="?", default=None, help="GGUF file or Hugging Face folder (default: bundled SmolLM2)")
+    build.add_argument("--cache-dir", type=Path, default=None)
+    build.add_argument("--force", action="store_true", help="rebuild even if a valid cached build exists")
+    build.set_defaults(func=_model_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The launcher's view of `deploy/local/mesh.yaml` (each service reads its own section itself)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data_dir: Path = Path(".autoglm")
+    router_port: int = 50051
+    billing_port: int = 50061
+    inference_base_port: int = 50071
+    inference_replicas: int = 1
+    shutdown_grace_s: float = 15.0
+
+    @classmethod
+    def load(cls, path: Path | None) -> MeshConfig:
+        doc: dict[str, Any] = {}
+        if path is not None:
+            doc = yaml.safe_load(path.read_text()) or {}
+        mesh = doc.get("mesh") or {}
+        data_dir = Path(os.path.expanduser(str(mesh.get("data_dir", cls.data_dir))))
+        return cls(
+            data_dir=data_dir,
+            router_port=int((doc.get("router") or {}).get("port", cls.router_port)),
+            billing_port=int((doc.get("billing") or {}).get("port", cls.billing_port)),
+            inference_base_port=int((doc.get("inference") or {}).get("port", cls.inference_base_port)),
+            inference_replicas=int((doc.get("inference") or {}).get("replicas", cls.inference_replicas)),
+            shutdown_grace_s=float(mesh.get("shutdown_grace_s", cls.shutdown_grace_s)),
+        )

@@ -1,0 +1,1 @@
+"""Runtime pieces shared by every service: errors, logging, tracing, the gRPC server factory."""

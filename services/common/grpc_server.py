@@ -1,0 +1,111 @@
+"""The one way every service builds and runs its grpc.aio server.
+
+`start_server()` binds (port 0 in tests), adds the standard health service, server reflection and
+the interceptors (tracing outermost, then error mapping), and starts serving. `serve_until_signal()`
+waits for SIGTERM/SIGINT, flips health to NOT_SERVING, drains in-flight calls for `grace` seconds
+and stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.error_mapping import ErrorMappingInterceptor
+from services.common.tracing import TracingInterceptor
+
+log = structlog.get_logger(__name__)
+
+# Registers servicers on the server and returns the full names of the services it added.
+Registrar = Callable[[grpc.aio.Server], Sequence[str]]
+
+DEFAULT_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+)
+
+
+@dataclass
+class RunningServer:
+    """A started server: its bound port, the services it serves and its health servicer."""
+
+    name: str
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    services: list[str] = field(default_factory=list)
+    on_stop: list[Callable[[], object]] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self.services]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Graceful stop: NOT_SERVING first so balancers move away, then drain and close."""
+        await self.set_serving(False)
+        await self.server.stop(grace)
+        for callback in self.on_stop:
+            result = callback()
+            if asyncio.iscoroutine(result):
+                await result
+        log.info("server_stopped", server=self.name)
+
+
+async def start_server(
+    name: str,
+    register: Registrar,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    options: Sequence[tuple[str, int]] = DEFAULT_OPTIONS,
+) -> RunningServer:
+    """Build, bind and start a server. Port 0 picks a free port; the bound one is returned."""
+    server = grpc.aio.server(
+        interceptors=[TracingInterceptor(name), ErrorMappingInterceptor(), *interceptors],
+        options=list(options),
+    )
+    services = list(register(server))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"{name}: could not bind {address}")
+    await server.start()
+    running = RunningServer(name=name, server=server, port=bound, health=health_servicer, services=services)
+    await running.set_serving(True)
+    log.info("server_started", server=name, address=f"{host}:{bound}", services=services)
+    return running
+
+
+async def serve_until_signal(running: RunningServer, grace: float = 10.0) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutdown_requested", server=running.name, grace_s=grace)
+    await running.stop(grace)

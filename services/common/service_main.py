@@ -1,0 +1,38 @@
+"""Shared `python -m services.<name>` entry: parse flags, configure logs and traces, serve until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from services.common.config import ServerSettings, add_server_arguments, server_settings_from_args
+from services.common.grpc_server import RunningServer, serve_until_signal
+from services.common.logging import configure_logging
+from services.common.tracing import configure_tracing
+
+Builder = Callable[[ServerSettings, argparse.Namespace], Awaitable[RunningServer]]
+
+
+def run_service(
+    name: str,
+    default_port: int,
+    build: Builder,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    argv: list[str] | None = None,
+) -> None:
+    parser = argparse.ArgumentParser(prog=f"python -m services.{name}", description=f"Run the {name} service.")
+    add_server_arguments(parser, default_port)
+    if add_arguments:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    settings = server_settings_from_args(args)
+    configure_logging(name, settings.log_level)
+    configure_tracing(name, settings.otlp_endpoint)
+
+    async def main() -> None:
+        running = await build(settings, args)
+        print(f"{name} listening on {settings.host}:{running.port}", flush=True)
+        await serve_until_signal(running, settings.shutdown_grace_s)
+
+    asyncio.run(main())

@@ -1,0 +1,146 @@
+"""OpenTelemetry set-up and W3C trace-context handling for servers and clients.
+
+Servers: `TracingInterceptor` extracts `traceparent`/`tracestate` from the incoming metadata (or
+starts a new trace), opens one server span per call, and binds trace_id / request_id into the
+structlog context. Clients: `outgoing_metadata()` returns the metadata that carries the current
+trace and request id to the next hop.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+import structlog
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SimpleSpanProcessor
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from services.common.error_mapping import wrap_handler
+
+REQUEST_ID_HEADER = "x-request-id"
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+
+def configure_tracing(
+    service: str, otlp_endpoint: str = "", exporter: SpanExporter | None = None
+) -> TracerProvider:
+    """Install a TracerProvider for this process. `exporter` (e.g. an in-memory one in tests) wins over OTLP."""
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    if exporter is not None:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    elif otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def current_trace_id() -> str:
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
+def current_request_id() -> str:
+    return request_id_var.get()
+
+
+def outgoing_metadata(extra: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+    """Metadata for a call to the next hop: traceparent/tracestate of the current span and x-request-id."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    metadata = list(carrier.items())
+    request_id = request_id_var.get()
+    if request_id:
+        metadata.append((REQUEST_ID_HEADER, request_id))
+    metadata.extend(extra)
+    return metadata
+
+
+def _metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+class TracingInterceptor(grpc.aio.ServerInterceptor):
+    """Outermost server interceptor: one span per call, trace and request ids bound for logging."""
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if method.startswith(("/grpc.health.", "/grpc.reflection.")):
+            return handler
+        tracer = trace.get_tracer("autoglm")
+
+        def enter(context: grpc.aio.ServicerContext) -> tuple[Any, list[contextvars.Token[Any]]]:
+            md = _metadata_dict(context)
+            parent = propagate.extract(md)
+            span = tracer.start_span(method.lstrip("/"), context=parent, kind=SpanKind.SERVER,
+                                     attributes={"rpc.system": "grpc", "rpc.method": method})
+            request_id = md.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+            tokens = [request_id_var.set(request_id)]
+            ctx_token = trace.use_span(span, end_on_exit=False)
+            ctx_token.__enter__()
+            structlog.contextvars.bind_contextvars(
+                trace_id=format(span.get_span_context().trace_id, "032x"), request_id=request_id, rpc=method
+            )
+            return (span, ctx_token), tokens
+
+        def leave(state: tuple[Any, Any], tokens: list[contextvars.Token[Any]], context: grpc.aio.ServicerContext,
+                  error: BaseException | None) -> None:
+            span, ctx_token = state
+            code = context.code() if hasattr(context, "code") else None
+            if error is not None or (code not in (None, grpc.StatusCode.OK)):
+                span.set_status(Status(StatusCode.ERROR, str(code or type(error).__name__)))
+            if code is not None:
+                span.set_attribute("rpc.grpc.status_code", code.value[0] if isinstance(code, grpc.StatusCode) else code)
+            span.end()
+            ctx_token.__exit__(None, None, None)
+            for token in tokens:
+                request_id_var.reset(token)
+            structlog.contextvars.unbind_contextvars("trace_id", "request_id", "rpc")
+
+        def wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                state, tokens = enter(context)
+                error: BaseException | None = None
+                try:
+                    return await behavior(request, context)
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    leave(state, tokens, context, error)
+
+            return wrapper
+
+        def wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                state, tokens = enter(context)
+                error: BaseException | None = None
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    leave(state, tokens, context, error)
+
+            return wrapper
+
+        return wrap_handler(handler, wrap_unary, wrap_stream)

@@ -1,0 +1,1 @@
+"""The inference service: INT8 ONNX causal LMs with a KV-cache and continuous batching."""

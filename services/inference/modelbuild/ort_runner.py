@@ -1,0 +1,131 @@
+"""A small ONNX Runtime loop over a built model: greedy decoding, perplexity, batch checks.
+
+Needs only numpy and onnxruntime. It documents (and the tests prove) the padding convention:
+prompts are LEFT-padded, attention_mask marks real tokens with 1, position_ids count real
+tokens only (pads get 0), and each decode step appends one column to the mask.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+
+
+@dataclass
+class StepTimings:
+    first_token_s: float = 0.0
+    decode_s: list[float] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        total = sum(self.decode_s)
+        return len(self.decode_s) / total if total else 0.0
+
+
+def session_options(threads: int = 2, level: ort.GraphOptimizationLevel | None = None,
+                    optimized_path: Path | None = None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = level if level is not None else \
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return options
+
+
+class OnnxCausalLM:
+    def __init__(self, model_path: Path, options: ort.SessionOptions | None = None) -> None:
+        self.session = ort.InferenceSession(str(model_path), options or session_options(),
+                                            providers=["CPUExecutionProvider"])
+        self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith(PAST_PREFIX)]
+        self.present_names = [o.name for o in self.session.get_outputs()
+                              if o.name.startswith(PRESENT_PREFIX)]
+        shape = next(i.shape for i in self.session.get_inputs() if i.name.startswith(PAST_PREFIX))
+        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        self.output_names = ["logits", *self.present_names]
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+        return {name: empty for name in self.past_names}
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask,
+                "position_ids": position_ids, **past}
+        logits, *presents = self.session.run(self.output_names, feed)
+        new_past = {p: v for p, v in zip(self.past_names, presents, strict=True)}
+        return logits[:, -1, :], new_past
+
+    def prefill(self, prompts: list[list[int]], pad_id: int
+                ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Left-pads the prompts and runs them; returns last-position logits, mask and cache."""
+        ids, mask = left_pad(prompts, pad_id)
+        positions = positions_from_mask(mask)
+        logits, past = self.forward(ids, mask, positions, self.empty_past(len(prompts)))
+        return logits, mask, past
+
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
+               eos_ids: tuple[int, ...] = (), timings: StepTimings | None = None,
+               keep_logits: list[np.ndarray] | None = None) -> list[list[int]]:
+        """Greedy continuation of each prompt (stops a row at EOS)."""
+        start = time.perf_counter()
+        logits, mask, past = self.prefill(prompts, pad_id)
+        if timings is not None:
+            timings.first_token_s = time.perf_counter() - start
+        out: list[list[int]] = [[] for _ in prompts]
+        done = np.zeros(len(prompts), dtype=bool)
+        next_pos = mask.sum(axis=1, keepdims=True).astype(np.int64)
+        for step in range(max_new_tokens):
+            if keep_logits is not None:
+                keep_logits.append(logits.copy())
+            tokens = logits.argmax(axis=-1).astype(np.int64)
+            for row, token in enumerate(tokens):
+                if not done[row]:
+                    out[row].append(int(token))
+                    done[row] = int(token) in eos_ids
+            if done.all() or step == max_new_tokens - 1:
+                break
+            tick = time.perf_counter()
+            mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
+            logits, past = self.forward(tokens[:, None], mask, next_pos, past)
+            next_pos = next_pos + 1
+            if timings is not None:
+                timings.decode_s.append(time.perf_counter() - tick)
+        return out
+
+    def perplexity(self, tokens: list[int]) -> float:
+        """exp(mean NLL) of tokens[1:], fed one token at a time through the KV-cache."""
+        past = self.empty_past(1)
+        nll = 0.0
+        for i in range(len(tokens) - 1):
+            ids = np.array([[tokens[i]]], dtype=np.int64)
+            mask = np.ones((1, i + 1), dtype=np.int64)
+            logits, past = self.forward(ids, mask, np.array([[i]], dtype=np.int64), past)
+            row = logits[0].astype(np.float64)
+            top = row.max()
+            log_z = top + math.log(np.exp(row - top).sum())
+            nll += log_z - row[tokens[i + 1]]
+        return math.exp(nll / (len(tokens) - 1))
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def positions_from_mask(mask: np.ndarray) -> np.ndarray:
+    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)

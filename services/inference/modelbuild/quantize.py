@@ -1,0 +1,54 @@
+"""INT8 weight-only quantization (MatMulNBits, bits=8, symmetric, per block).
+
+Only MatMuls with a constant weight are touched: the q/k/v, o, gate/up, down projections and
+the untied lm_head. Activations stay float32, so every row of a batch is computed on its own
+(no per-tensor activation scale shared across rows) and the model is batch-invariant.
+Embeddings, norms and attention stay float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+import structlog
+
+from services.inference.modelbuild.onnx_io import save_onnx
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    bits: int = 8
+    block_size: int = 32
+    symmetric: bool = True
+    # None: ORT picks (fp32 activations). 4 would quantize activations per block to int8.
+    accuracy_level: int | None = None
+
+    def describe(self) -> dict[str, object]:
+        return {"method": "MatMulNBits weight-only", **asdict(self)}
+
+
+def quantize_weights(fp32_path: Path, out_path: Path, config: QuantConfig) -> Path:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(fp32_path), load_external_data=True)
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=config.bits,
+        block_size=config.block_size,
+        is_symmetric=config.symmetric,
+        accuracy_level=config.accuracy_level,
+        op_types_to_quantize=("MatMul",),
+    )
+    quantizer.process()
+    quantized = quantizer.model.model
+    remaining = [n.name for n in quantized.graph.node if n.op_type == "MatMul"
+                 and any(i.name == n.input[1] for i in quantized.graph.initializer)]
+    if remaining:
+        log.warning("quantize.skipped", nodes=remaining)
+    path = save_onnx(quantized, out_path)
+    log.info("quantize.done", path=str(path), **config.describe())
+    return path

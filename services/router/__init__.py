@@ -1,0 +1,1 @@
+"""The router: the public front door of the mesh (RouterService and AdminService)."""
