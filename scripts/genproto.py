@@ -21,7 +21,7 @@ GEN = ROOT / "gen"
 
 
 def generate(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "autoglm").mkdir(parents=True, exist_ok=True)
     files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
     args = [
@@ -31,6 +31,9 @@ def generate(out: Path) -> None:
         f"--python_out={out}",
         f"--grpc_python_out={out}",
         f"--pyi_out={out}",
+        f"--descriptor_set_out={out / 'autoglm' / 'descriptor_set.binpb'}",
+        "--include_source_info",
+        "--include_imports",
         *files,
     ]
     if protoc.main(args) != 0:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from services.common.error_mapping import ErrorMappingInterceptor
+from services.common.reflection import enable_documented_reflection
 from services.common.tracing import TracingInterceptor
 
 log = structlog.get_logger(__name__)
@@ -86,9 +86,7 @@ async def start_server(
     services = list(register(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
-    )
+    enable_documented_reflection([*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], server)
     address = f"{host}:{port}"
     bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:

@@ -1,0 +1,106 @@
+"""Start `autoglm up` as a real process on free ports for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import tool
+
+BANNER_LINE = "Open-AutoGLM mesh is up"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Mesh:
+    process: subprocess.Popen[bytes]
+    config: Path
+    router: str
+    billing: str
+    inference: list[str]
+    output: list[str]
+
+    def descendants(self) -> list[int]:
+        """PIDs of every process whose command line names this mesh's config file."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(self.config) in cmdline and int(entry.name) != os.getpid():
+                pids.append(int(entry.name))
+        return pids
+
+
+def write_config(tmp: Path, replicas: int = 1, extra: dict | None = None) -> tuple[Path, dict]:
+    router, billing = free_port(), free_port()
+    inference = [free_port() for _ in range(replicas)]
+    # Replicas listen on consecutive ports from the first one; find a free run.
+    base = inference[0]
+    doc = {
+        "mesh": {"data_dir": str(tmp / "data"), "shutdown_grace_s": 10},
+        "router": {"port": router},
+        "billing": {"port": billing},
+        "inference": {"port": base, "replicas": replicas},
+    }
+    for key, value in (extra or {}).items():
+        doc.setdefault(key, {}).update(value)
+    path = tmp / "mesh.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path, doc
+
+
+def start_mesh(tmp: Path, processes: list, timeout_s: float = 600, replicas: int = 1,
+               extra_args: tuple[str, ...] = (), extra_config: dict | None = None) -> Mesh:
+    config, doc = write_config(tmp, replicas, extra_config)
+    proc = subprocess.Popen(
+        [tool("autoglm"), "up", "--config", str(config), *extra_args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+    processes.append(proc)
+    output: list[str] = []
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    buffer = b""
+    while BANNER_LINE not in "".join(output):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or proc.poll() is not None:
+            raise AssertionError("mesh did not come up:\n" + "".join(output)[-4000:])
+        ready, _, _ = select.select([proc.stdout], [], [], min(remaining, 5))
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            buffer += chunk
+            *lines, buffer_tail = buffer.split(b"\n")
+            buffer = buffer_tail
+            output.extend(line.decode(errors="replace") + "\n" for line in lines)
+    # Read the rest of the banner (it is printed in one write).
+    ready, _, _ = select.select([proc.stdout], [], [], 2)
+    if ready:
+        output.append(os.read(proc.stdout.fileno(), 65536).decode(errors="replace"))
+    base = doc["inference"]["port"]
+    return Mesh(
+        process=proc, config=config, router=f"127.0.0.1:{doc['router']['port']}",
+        billing=f"127.0.0.1:{doc['billing']['port']}",
+        inference=[f"127.0.0.1:{base + i}" for i in range(replicas)], output=output,
+    )
+
+
+def stop_mesh(mesh: Mesh, timeout_s: float = 60) -> int:
+    os.killpg(mesh.process.pid, signal.SIGINT) if False else mesh.process.send_signal(signal.SIGINT)
+    return mesh.process.wait(timeout=timeout_s)
