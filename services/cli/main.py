@@ -2,6 +2,7 @@
 
   autoglm up [--config FILE]          start the whole mesh in the foreground
   autoglm model build [PATH]          build (or reuse) an INT8 ONNX model from a GGUF file or HF folder
+  autoglm chat | generate             talk to the router
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from services.cli.client_commands import add_client_commands
 from services.common.logging import configure_logging
 
 
@@ -52,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--cache-dir", type=Path, default=None)
     build.add_argument("--force", action="store_true", help="rebuild even if a valid cached build exists")
     build.set_defaults(func=_model_build)
+
+    add_client_commands(sub)
     return parser
 
 
