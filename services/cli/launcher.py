@@ -60,8 +60,10 @@ class Child:
         log.info("child_stopped", child=self.name, pid=self.process.pid, returncode=self.process.returncode)
 
 
-def service_argv(module: str, port: int, config: Path | None, *extra: str) -> list[str]:
+def service_argv(module: str, port: int, config: Path | None, metrics_port: int, *extra: str) -> list[str]:
     argv = [sys.executable, "-m", module, "--port", str(port)]
+    if metrics_port:
+        argv += ["--metrics-port", str(metrics_port)]
     if config:
         argv += ["--config", str(config)]
     return [*argv, *extra]
@@ -70,18 +72,19 @@ def service_argv(module: str, port: int, config: Path | None, *extra: str) -> li
 def plan_children(mesh: MeshConfig, config_path: Path | None) -> list[Child]:
     logs = mesh.data_dir / "logs"
     children = [
-        Child("billing", service_argv("services.billing", mesh.billing_port, config_path),
+        Child("billing", service_argv("services.billing", mesh.billing_port, config_path, mesh.billing_metrics_port),
               f"127.0.0.1:{mesh.billing_port}", logs / "billing.log"),
     ]
     for index in range(mesh.inference_replicas):
         port = mesh.inference_base_port + index
         children.append(
             Child(f"inference-{index}",
-                  service_argv("services.inference", port, config_path, "--replica-id", f"inference-{index}"),
+                  service_argv("services.inference", port, config_path,
+                               mesh.inference_metrics_port + index if mesh.inference_metrics_port else 0, "--replica-id", f"inference-{index}"),
                   f"127.0.0.1:{port}", logs / f"inference-{index}.log")
         )
     children.append(
-        Child("router", service_argv("services.router", mesh.router_port, config_path),
+        Child("router", service_argv("services.router", mesh.router_port, config_path, mesh.router_metrics_port),
               f"127.0.0.1:{mesh.router_port}", logs / "router.log")
     )
     return children
@@ -114,6 +117,8 @@ def banner(mesh: MeshConfig, children: list[Child]) -> str:
     lines += [
         f"  data dir   {mesh.data_dir}",
         f"  logs       {mesh.data_dir / 'logs'}/*.log",
+        f"  metrics    http://127.0.0.1:{{{mesh.router_metrics_port},{mesh.billing_metrics_port},"
+        f"{mesh.inference_metrics_port}..}}/metrics" if mesh.router_metrics_port else "  metrics    disabled",
         "",
         "Try it:",
         f"  grpcurl -plaintext 127.0.0.1:{mesh.router_port} list",

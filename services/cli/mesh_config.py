@@ -18,6 +18,10 @@ class MeshConfig:
     inference_base_port: int = 50071
     inference_replicas: int = 1
     shutdown_grace_s: float = 15.0
+    # Prometheus /metrics ports (0 disables); inference replica i uses inference_metrics_port + i.
+    router_metrics_port: int = 9101
+    billing_metrics_port: int = 9102
+    inference_metrics_port: int = 9110
 
     @classmethod
     def load(cls, path: Path | None) -> MeshConfig:
@@ -26,8 +30,12 @@ class MeshConfig:
             doc = yaml.safe_load(path.read_text()) or {}
         mesh = doc.get("mesh") or {}
         data_dir = Path(os.path.expanduser(str(mesh.get("data_dir", cls.data_dir))))
+        router, billing, inference = (doc.get("router") or {}), (doc.get("billing") or {}), (doc.get("inference") or {})
         return cls(
             data_dir=data_dir,
+            router_metrics_port=int(router.get("metrics_port", cls.router_metrics_port)),
+            billing_metrics_port=int(billing.get("metrics_port", cls.billing_metrics_port)),
+            inference_metrics_port=int(inference.get("metrics_port", cls.inference_metrics_port)),
             router_port=int((doc.get("router") or {}).get("port", cls.router_port)),
             billing_port=int((doc.get("billing") or {}).get("port", cls.billing_port)),
             inference_base_port=int((doc.get("inference") or {}).get("port", cls.inference_base_port)),

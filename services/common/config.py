@@ -23,6 +23,8 @@ class ServerSettings:
     otlp_endpoint: str = ""
     # Seconds in-flight calls get to finish on SIGTERM.
     shutdown_grace_s: float = 10.0
+    # Prometheus /metrics port on loopback; None disables, 0 picks a free port.
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -37,10 +39,12 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     parser.add_argument("--config", type=Path, help="mesh YAML file; this service reads its own section")
     parser.add_argument("--log-level", default=os.environ.get("AUTOGLM_LOG_LEVEL", "INFO"))
     parser.add_argument("--otlp-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""))
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
 
 
 def server_settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    return ServerSettings(host=args.host, port=args.port, log_level=args.log_level, otlp_endpoint=args.otlp_endpoint)
+    return ServerSettings(host=args.host, port=args.port, log_level=args.log_level, otlp_endpoint=args.otlp_endpoint,
+                          metrics_port=args.metrics_port)
 
 
 def load_section(path: Path | None, section: str) -> dict[str, Any]:

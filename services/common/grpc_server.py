@@ -18,6 +18,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common.error_mapping import ErrorMappingInterceptor
+from services.common.metrics import MetricsInterceptor
 from services.common.reflection import enable_documented_reflection
 from services.common.tracing import TracingInterceptor
 
@@ -80,7 +81,7 @@ async def start_server(
 ) -> RunningServer:
     """Build, bind and start a server. Port 0 picks a free port; the bound one is returned."""
     server = grpc.aio.server(
-        interceptors=[TracingInterceptor(name), ErrorMappingInterceptor(), *interceptors],
+        interceptors=[TracingInterceptor(name), MetricsInterceptor(name), ErrorMappingInterceptor(), *interceptors],
         options=list(options),
     )
     services = list(register(server))

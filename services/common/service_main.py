@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from services.common.config import ServerSettings, add_server_arguments, server_settings_from_args
 from services.common.grpc_server import RunningServer, serve_until_signal
 from services.common.logging import configure_logging
+from services.common.metrics import start_metrics_endpoint
 from services.common.tracing import configure_tracing
 
 Builder = Callable[[ServerSettings, argparse.Namespace], Awaitable[RunningServer]]
@@ -31,6 +32,9 @@ def run_service(
     configure_tracing(name, settings.otlp_endpoint)
 
     async def main() -> None:
+        if settings.metrics_port is not None:
+            metrics_port = start_metrics_endpoint(settings.metrics_port, settings.host)
+            print(f"{name} metrics on http://{settings.host}:{metrics_port}/metrics", flush=True)
         running = await build(settings, args)
         print(f"{name} listening on {settings.host}:{running.port}", flush=True)
         await serve_until_signal(running, settings.shutdown_grace_s)

@@ -55,9 +55,9 @@ def write_config(tmp: Path, replicas: int = 1, extra: dict | None = None) -> tup
     base = inference[0]
     doc = {
         "mesh": {"data_dir": str(tmp / "data"), "shutdown_grace_s": 10},
-        "router": {"port": router},
-        "billing": {"port": billing},
-        "inference": {"port": base, "replicas": replicas},
+        "router": {"port": router, "metrics_port": 0},
+        "billing": {"port": billing, "metrics_port": 0},
+        "inference": {"port": base, "replicas": replicas, "metrics_port": 0},
     }
     for key, value in (extra or {}).items():
         doc.setdefault(key, {}).update(value)
