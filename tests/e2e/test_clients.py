@@ -1,0 +1,80 @@
+"""Clients as users run them against the whole mesh started by `autoglm up`: the Node.js example
+built only from protos/, and `autoglm chat` holding a two-turn conversation that `autoglm usage`
+then accounts for."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, tool
+from tests.e2e.mesh_process import Mesh, start_mesh, stop_mesh
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    started: list[subprocess.Popen[bytes]] = []
+    tmp = tmp_path_factory.mktemp("mesh")
+    running = start_mesh(tmp, started)
+    try:
+        yield running
+    finally:
+        if running.process.poll() is None:
+            stop_mesh(running)
+        assert running.descendants() == []
+
+
+def demo_key(mesh: Mesh) -> str:
+    return (mesh.config.parent / "data" / "demo_api_key").read_text().strip()
+
+
+def test_node_example_streams_an_answer_with_usage(mesh: Mesh) -> None:
+    node = shutil.which("node")
+    assert node, "Node.js is required for the Node example"
+    assert (ROOT / "examples/node/node_modules/@grpc/grpc-js").exists(), "run `make node-example`"
+    result = subprocess.run(
+        [node, "generate.js", "What is the capital of France? Answer in one word.", "--target", mesh.router,
+         "--max-tokens", "12"],
+        cwd=ROOT / "examples/node", capture_output=True, text=True, timeout=120,
+        env={**os.environ, "AUTOGLM_API_KEY": demo_key(mesh)},
+    )
+    assert result.returncode == 0, result.stderr
+    *text_lines, summary_line = result.stdout.strip().splitlines()
+    summary = json.loads(summary_line)
+    assert "".join(text_lines).strip(), "no text streamed"
+    assert summary["finish_reason"] in {"FINISH_REASON_STOP", "FINISH_REASON_LENGTH"}
+    assert summary["prompt_tokens"] > 0
+    assert 0 < summary["completion_tokens"] <= 12
+    assert len(summary["trace_id"]) == 32
+
+
+def test_chat_remembers_the_first_turn_and_usage_shows_both(mesh: Mesh, tmp_path: Path) -> None:
+    turns = "My name is Ada and I like tea.\nWhat is my name?\n"
+    result = subprocess.run(
+        [tool("autoglm"), "chat", "--router", mesh.router, "--api-key", demo_key(mesh), "--max-tokens", "24",
+         "--temperature", "0", "--context-id", "e2e-chat"],
+        input=turns, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    answers = result.stdout.strip().split("\n")
+    assert "Ada" in result.stdout.split("\n", 1)[-1] or "Ada" in answers[-1], result.stdout
+    footers = [line for line in result.stderr.splitlines() if "completion tokens" in line]
+    assert len(footers) == 2, result.stderr
+    # The second turn's prompt includes the first turn, so it is longer.
+    first_prompt, second_prompt = (int(f.split()[0].lstrip("[")) for f in footers)
+    assert second_prompt > first_prompt
+
+    usage = subprocess.run(
+        [tool("autoglm"), "usage", "--billing", mesh.billing, "--since", "1h", "--format", "json"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert usage.returncode == 0, usage.stderr
+    report = json.loads(usage.stdout)
+    assert report["total"]["requests"] >= 2
+    assert report["total"]["prompt_tokens"] >= first_prompt + second_prompt
