@@ -1,8 +1,9 @@
 """A small ONNX Runtime loop over a built model: greedy decoding, perplexity, batch checks.
 
 Needs only numpy and onnxruntime. It documents (and the tests prove) the padding convention:
-prompts are LEFT-padded, attention_mask marks real tokens with 1, position_ids count real
-tokens only (pads get 0), and each decode step appends one column to the mask.
+prompts are RIGHT-padded; attention_mask row b holds n_b ones (real tokens so far, past + new)
+followed by zeros; each decode step feeds one token per row and n_b grows by one. The KV-cache
+of row b is valid on positions [0, n_b); the rest of the buffer is ignored.
 """
 
 from __future__ import annotations
@@ -57,33 +58,30 @@ class OnnxCausalLM:
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
         return {name: empty for name in self.past_names}
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                 past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask,
-                "position_ids": position_ids, **past}
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask, **past}
         logits, *presents = self.session.run(self.output_names, feed)
         new_past = {p: v for p, v in zip(self.past_names, presents, strict=True)}
         return logits[:, -1, :], new_past
 
     def prefill(self, prompts: list[list[int]], pad_id: int
                 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """Left-pads the prompts and runs them; returns last-position logits, mask and cache."""
-        ids, mask = left_pad(prompts, pad_id)
-        positions = positions_from_mask(mask)
-        logits, past = self.forward(ids, mask, positions, self.empty_past(len(prompts)))
-        return logits, mask, past
+        """Right-pads the prompts and runs them; returns each row's last-token logits, lengths, cache."""
+        ids, mask = right_pad(prompts, pad_id)
+        logits, past = self.forward(ids, mask, self.empty_past(len(prompts)))
+        return logits, mask.sum(axis=1).astype(np.int64), past
 
     def greedy(self, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
                eos_ids: tuple[int, ...] = (), timings: StepTimings | None = None,
                keep_logits: list[np.ndarray] | None = None) -> list[list[int]]:
         """Greedy continuation of each prompt (stops a row at EOS)."""
         start = time.perf_counter()
-        logits, mask, past = self.prefill(prompts, pad_id)
+        logits, lengths, past = self.prefill(prompts, pad_id)
         if timings is not None:
             timings.first_token_s = time.perf_counter() - start
         out: list[list[int]] = [[] for _ in prompts]
         done = np.zeros(len(prompts), dtype=bool)
-        next_pos = mask.sum(axis=1, keepdims=True).astype(np.int64)
         for step in range(max_new_tokens):
             if keep_logits is not None:
                 keep_logits.append(logits.copy())
@@ -95,9 +93,8 @@ class OnnxCausalLM:
             if done.all() or step == max_new_tokens - 1:
                 break
             tick = time.perf_counter()
-            mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
-            logits, past = self.forward(tokens[:, None], mask, next_pos, past)
-            next_pos = next_pos + 1
+            lengths = lengths + 1
+            logits, past = self.forward(tokens[:, None], length_mask(lengths, past_len(past) + 1), past)
             if timings is not None:
                 timings.decode_s.append(time.perf_counter() - tick)
         return out
@@ -108,8 +105,7 @@ class OnnxCausalLM:
         nll = 0.0
         for i in range(len(tokens) - 1):
             ids = np.array([[tokens[i]]], dtype=np.int64)
-            mask = np.ones((1, i + 1), dtype=np.int64)
-            logits, past = self.forward(ids, mask, np.array([[i]], dtype=np.int64), past)
+            logits, past = self.forward(ids, np.ones((1, i + 1), dtype=np.int64), past)
             row = logits[0].astype(np.float64)
             top = row.max()
             log_z = top + math.log(np.exp(row - top).sum())
@@ -117,15 +113,20 @@ class OnnxCausalLM:
         return math.exp(nll / (len(tokens) - 1))
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def right_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     width = max(len(p) for p in prompts)
     ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(prompts), width), dtype=np.int64)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
+        ids[row, :len(prompt)] = prompt
+        mask[row, :len(prompt)] = 1
     return ids, mask
 
 
-def positions_from_mask(mask: np.ndarray) -> np.ndarray:
-    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+def length_mask(lengths: np.ndarray, width: int) -> np.ndarray:
+    """attention_mask for rows with `lengths` real tokens in a window of `width` positions."""
+    return (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+
+
+def past_len(past: dict[str, np.ndarray]) -> int:
+    return int(next(iter(past.values())).shape[2])

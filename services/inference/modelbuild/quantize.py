@@ -8,6 +8,7 @@ Embeddings, norms and attention stay float32.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ class QuantConfig:
 def quantize_weights(fp32_path: Path, out_path: Path, config: QuantConfig) -> Path:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     model = onnx.load(str(fp32_path), load_external_data=True)
     quantizer = MatMulNBitsQuantizer(
         model,
