@@ -1,0 +1,526 @@
+"""The byte-forwarding proxy: a grpc.aio generic handler that forwards any method without
+deserialising it. One `Proxy` serves one listener (inbound: mTLS from peers to the local service;
+outbound: plaintext from the local service to its peers' sidecars over mTLS).
+
+Per call it resolves a precomputed plan (route, cluster, call type), checks authorization (inbound),
+the rate and concurrency limits, sets the upstream deadline to the smaller of the caller's deadline and
+the route timeout, injects or propagates trace context, forwards, retries what the route allows
+(outbound; never a stream that has delivered a message), feeds the breaker and outlier detector,
+and writes one access-log line, one span and the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
+
+from sidecar import certs
+from sidecar.access_log import AccessLog
+from sidecar.methods import CallType, call_type
+from sidecar.metrics import SidecarMetrics
+from sidecar.policy import Policy, Route
+from sidecar.ratelimit import TokenBucket
+from sidecar.retry import backoff_delay
+from sidecar.tracectx import REQUEST_ID, TRACEPARENT, TRACESTATE, Incoming, new_span_id, new_trace_id, parse_traceparent
+from sidecar.upstream import Cluster
+
+# Status codes that count as the upstream failing (breaker, outlier detection).
+FAILURE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                           grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
+
+
+@dataclass
+class Plan:
+    """Everything a call to one method needs, resolved once per method and policy version."""
+
+    method: str
+    kind: CallType
+    route: Route
+    cluster: Cluster | None
+    target: str
+    retry_on: frozenset[grpc.StatusCode]
+    limiter: TokenBucket | None
+    label_requests: Callable[[str], Any]
+    latency: Any
+
+
+class ProxyFailure(Exception):
+    """A call the proxy itself refuses or gives up on (answered with `code` and `details`)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: Any = None) -> None:
+        super().__init__(details)
+        self.code, self.details, self.trailing = code, details, trailing
+
+
+class CallState:
+    """Per-call bookkeeping, filled in as the call goes."""
+
+    __slots__ = ("attempts", "bytes_in", "bytes_out", "code", "details", "peer", "request_id", "span",
+                 "started", "trace_id", "upstream")
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.attempts = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.code = grpc.StatusCode.OK
+        self.details = ""
+        self.peer = ""
+        self.trace_id = ""
+        self.request_id = ""
+        self.upstream = ""
+        self.span: Any = None
+
+
+class Proxy(grpc.GenericRpcHandler):
+    def __init__(self, *, direction: str, service: str, policy: Policy, clusters: dict[str, Cluster],
+                 metrics: SidecarMetrics, access_log: AccessLog, sleep: Callable[[float], Any] = asyncio.sleep
+                 ) -> None:
+        self.direction = direction
+        self.inbound = direction == "inbound"
+        self.local_service = service
+        self.clusters = clusters
+        self.metrics = metrics
+        self.access_log = access_log
+        self._sleep = sleep
+        self._tracer = trace.get_tracer("autoglm.sidecar")
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._plans: dict[str, Plan] = {}
+        self.policy = policy
+
+    # --- policy -----------------------------------------------------------------------------------
+    def set_policy(self, policy: Policy) -> None:
+        """New calls use `policy`; calls in flight keep the plan they started with."""
+        self.policy = policy
+        self._plans = {}
+        for name, cluster in self.clusters.items():
+            cluster.update_policy(policy.services.get(name))
+
+    def plan(self, method: str) -> Plan:
+        found = self._plans.get(method)
+        if found is not None:
+            return found
+        policy = self.policy
+        route = policy.route_for(method)
+        if self.inbound:
+            target = self.local_service
+            cluster = self.clusters.get("local")
+        else:
+            target = policy.cluster_for(method) or ""
+            cluster = self.clusters.get(target)
+        limiter = TokenBucket(route.rate_limit.rps, route.rate_limit.burst) if route.rate_limit else None
+        retry_on = frozenset(getattr(grpc.StatusCode, c) for c in route.retries.retry_on)
+        requests = self.metrics.requests
+        direction = self.direction
+        labels: dict[str, Any] = {}
+
+        def label_requests(code: str) -> Any:
+            child = labels.get(code)
+            if child is None:
+                child = labels[code] = requests.labels(direction, method, code)
+            return child
+
+        found = self._plans[method] = Plan(
+            method=method, kind=call_type(method), route=route, cluster=cluster, target=target,
+            retry_on=retry_on, limiter=limiter, label_requests=label_requests,
+            latency=self.metrics.latency.labels(direction, method))
+        return found
+
+    # --- grpc.GenericRpcHandler -------------------------------------------------------------------
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        handler = self._handlers.get(method)
+        if handler is None:
+            kind = call_type(method)
+            if kind is CallType.UNARY_UNARY:
+                handler = grpc.unary_unary_rpc_method_handler(self._unary(method))
+            elif kind is CallType.UNARY_STREAM:
+                handler = grpc.unary_stream_rpc_method_handler(self._unary_stream(method))
+            elif kind is CallType.STREAM_UNARY:
+                handler = grpc.stream_unary_rpc_method_handler(self._stream_unary(method))
+            else:
+                handler = grpc.stream_stream_rpc_method_handler(self._stream_stream(method))
+            self._handlers[method] = handler
+        return handler
+
+    # --- the parts every call shares --------------------------------------------------------------
+    def _peer_identity(self, context: grpc.aio.ServicerContext) -> str:
+        auth = context.auth_context()
+        spiffe = auth.get("peer_spiffe_id")
+        if spiffe:
+            return spiffe[0].decode()
+        pem = auth.get("x509_pem_cert")
+        if pem:
+            sans = certs.uri_sans(pem[0])
+            return sans[0] if sans else ""
+        return ""
+
+    def _admit(self, plan: Plan, context: grpc.aio.ServicerContext, state: CallState) -> None:
+        """Authorization, cluster presence, rate and concurrency limits; raises ProxyFailure."""
+        if self.inbound:
+            state.peer = self._peer_identity(context)
+            service_policy = self.policy.services.get(self.local_service)
+            if service_policy is None or not service_policy.public:
+                source = self.policy.service_of_identity(state.peer) if state.peer else None
+                if not self.policy.allowed(source, self.local_service, plan.method):
+                    self.metrics.denied.labels(state.peer or "none", plan.method).inc()
+                    who = state.peer or "a caller without a mesh identity"
+                    raise ProxyFailure(grpc.StatusCode.PERMISSION_DENIED,
+                                       f"{who} may not call {plan.method} on {self.local_service} (mesh policy)")
+        if plan.cluster is None:
+            raise ProxyFailure(grpc.StatusCode.UNIMPLEMENTED,
+                               f"the {self.local_service} sidecar has no route for {plan.method}: no service in the "
+                               f"mesh policy lists {plan.method.lstrip('/').split('/', 1)[0]}")
+        if plan.limiter is not None and not plan.limiter.try_take():
+            raise ProxyFailure(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"rate limit of route {plan.route.name} exceeded; retry later")
+        if plan.cluster.active >= plan.cluster.max_concurrent:
+            raise ProxyFailure(grpc.StatusCode.UNAVAILABLE,
+                               f"{plan.cluster.name}: {plan.cluster.max_concurrent} calls already in flight "
+                               f"(concurrency limit); retry later")
+
+    def _outgoing(self, context: grpc.aio.ServicerContext, state: CallState, plan: Plan) -> list[Any]:
+        """Forwarded metadata with trace context and request id; opens the call's span."""
+        incoming = Incoming(context.invocation_metadata())
+        metadata = incoming.forward
+        parent = parse_traceparent(incoming.traceparent) if incoming.traceparent else None
+        otel_parent = None
+        if parent is not None:
+            trace_state = TraceState.from_header([incoming.tracestate]) if incoming.tracestate else None
+            otel_parent = trace.set_span_in_context(NonRecordingSpan(SpanContext(
+                trace_id=int(parent[0], 16), span_id=int(parent[1], 16), is_remote=True,
+                trace_flags=TraceFlags(int(parent[2], 16)), trace_state=trace_state)))
+        span = self._tracer.start_span(
+            f"sidecar.{self.direction} {plan.method.lstrip('/')}", context=otel_parent,
+            kind=SpanKind.SERVER if self.inbound else SpanKind.CLIENT,
+            attributes={"rpc.system": "grpc", "rpc.method": plan.method, "sidecar.service": self.local_service})
+        ctx = span.get_span_context()
+        if ctx.is_valid:
+            state.trace_id = format(ctx.trace_id, "032x")
+            metadata.append((TRACEPARENT, f"00-{state.trace_id}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"))
+        elif parent is not None:
+            state.trace_id = parent[0]
+            metadata.append((TRACEPARENT, incoming.traceparent))
+        else:
+            state.trace_id = new_trace_id()
+            metadata.append((TRACEPARENT, f"00-{state.trace_id}-{new_span_id()}-01"))
+        if incoming.tracestate:
+            metadata.append((TRACESTATE, incoming.tracestate))
+        state.request_id = incoming.request_id or new_trace_id()
+        metadata.append((REQUEST_ID, state.request_id))
+        state.span = span
+        return metadata
+
+    def _deadline(self, context: grpc.aio.ServicerContext, route: Route) -> float | None:
+        """Absolute monotonic deadline: the smaller of the caller's deadline and the route timeout."""
+        remaining = context.time_remaining()
+        timeout = route.timeout_s
+        if remaining is not None and (timeout is None or remaining < timeout):
+            timeout = remaining
+        return None if timeout is None else time.monotonic() + timeout
+
+    def _finish(self, plan: Plan, state: CallState) -> None:
+        elapsed = time.perf_counter() - state.started
+        code_name = state.code.name
+        plan.label_requests(code_name).inc()
+        plan.latency.observe(elapsed)
+        span = state.span
+        if span is not None:
+            span.set_attribute("rpc.grpc.status_code", state.code.value[0])
+            if state.peer:
+                span.set_attribute("sidecar.peer", state.peer)
+            if state.code is not grpc.StatusCode.OK:
+                span.set_status(Status(StatusCode.ERROR, code_name))
+            span.end()
+        self.access_log.record(method=plan.method, status=code_name, duration_ms=elapsed * 1000.0,
+                               bytes_in=state.bytes_in, bytes_out=state.bytes_out, peer=state.peer,
+                               trace_id=state.trace_id, request_id=state.request_id, upstream=state.upstream,
+                               attempts=state.attempts, message=state.details)
+
+    async def _fail(self, context: grpc.aio.ServicerContext, state: CallState, failure: ProxyFailure) -> None:
+        state.code, state.details = failure.code, failure.details
+        await context.abort(failure.code, failure.details, failure.trailing or ())
+
+    def _record(self, cluster: Cluster, index: int, code: grpc.StatusCode) -> None:
+        success = code not in FAILURE_CODES
+        if cluster.breaker is not None:
+            cluster.breaker.record(success)
+        if cluster.outlier is not None and cluster.outlier.record(index, success):
+            self.metrics.ejections.labels(cluster.name, cluster.outlier.endpoints[index].address).inc()
+
+    def _choose(self, cluster: Cluster, state: CallState, last: ProxyFailure | None = None) -> int:
+        breaker = cluster.breaker
+        if breaker is not None and not breaker.allow():
+            if last is not None:  # a retry the breaker stops: the caller sees the upstream's own error
+                raise last
+            raise ProxyFailure(grpc.StatusCode.UNAVAILABLE,
+                               f"circuit breaker for {cluster.name} is {breaker.state.value}: failing fast")
+        index = cluster.pick()
+        state.upstream = cluster.endpoints[index].address
+        state.attempts += 1
+        return index
+
+    def _may_retry(self, plan: Plan, code: grpc.StatusCode, attempt: int, deadline: float | None) -> bool:
+        cluster = plan.cluster
+        if cluster is None or cluster.budget is None or code not in plan.retry_on:
+            return False
+        if attempt >= plan.route.retries.max_attempts:
+            return False
+        if deadline is not None and deadline - time.monotonic() <= 0:
+            return False
+        if not cluster.budget.try_acquire():
+            self.metrics.retry_denied.labels(cluster.name).inc()
+            return False
+        self.metrics.retries.labels(cluster.name).inc()
+        return True
+
+    def _attempt_timeout(self, plan: Plan, deadline: float | None, attempt_retries: bool) -> float | None:
+        per_try = plan.route.retries.per_try_timeout_s if attempt_retries else None
+        if deadline is None:
+            return per_try
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ProxyFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the upstream call")
+        return remaining if per_try is None or remaining < per_try else per_try
+
+    @staticmethod
+    def _upstream_failure(err: grpc.aio.AioRpcError) -> ProxyFailure:
+        return ProxyFailure(err.code(), err.details() or "", err.trailing_metadata())
+
+    # --- unary → unary: the fast path -------------------------------------------------------------
+    def _unary(self, method: str) -> Callable[..., Any]:
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            plan = self._plans.get(method) or self.plan(method)
+            state = CallState()
+            state.bytes_in = len(request)
+            cluster = plan.cluster
+            counted = False
+            try:
+                metadata = self._outgoing(context, state, plan)
+                self._admit(plan, context, state)
+                assert cluster is not None
+                cluster.active += 1
+                counted = True
+                budget = cluster.budget
+                if budget is not None:
+                    budget.request_started()
+                try:
+                    response = await self._unary_attempts(plan, cluster, request, metadata, context, state)
+                finally:
+                    if budget is not None:
+                        budget.request_finished()
+                state.bytes_out = len(response)
+                return response
+            except ProxyFailure as failure:
+                await self._fail(context, state, failure)
+                raise  # unreachable: abort raises
+            except asyncio.CancelledError:
+                state.code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                if counted:
+                    assert cluster is not None
+                    cluster.active -= 1
+                self._finish(plan, state)
+
+        return handle
+
+    async def _unary_attempts(self, plan: Plan, cluster: Cluster, request: bytes, metadata: list[Any],
+                              context: grpc.aio.ServicerContext, state: CallState) -> bytes:
+        deadline = self._deadline(context, plan.route)
+        retries = cluster.budget is not None
+        attempt = 0
+        last: ProxyFailure | None = None
+        while True:
+            attempt += 1
+            index = self._choose(cluster, state, last)
+            call = cluster.endpoints[index].callable(plan.method, CallType.UNARY_UNARY)(
+                request, timeout=self._attempt_timeout(plan, deadline, retries), metadata=metadata)
+            try:
+                response: bytes = await call
+                self._record(cluster, index, grpc.StatusCode.OK)
+                return response
+            except grpc.aio.AioRpcError as err:
+                code = err.code()
+                self._record(cluster, index, code)
+                if not self._may_retry(plan, code, attempt, deadline):
+                    if code is grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None \
+                            and deadline - time.monotonic() <= 0:
+                        raise ProxyFailure(code, f"deadline exceeded calling {plan.method}") from None
+                    raise self._upstream_failure(err) from None
+                last = self._upstream_failure(err)
+                assert cluster.budget is not None
+                try:
+                    await self._sleep(backoff_delay(attempt, plan.route.retries.backoff))
+                finally:
+                    cluster.budget.release()
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+
+    # --- unary → stream ---------------------------------------------------------------------------
+    def _unary_stream(self, method: str) -> Callable[..., Any]:
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            plan = self._plans.get(method) or self.plan(method)
+            state = CallState()
+            state.bytes_in = len(request)
+            cluster = plan.cluster
+            counted = False
+            call = None
+            try:
+                metadata = self._outgoing(context, state, plan)
+                self._admit(plan, context, state)
+                assert cluster is not None
+                cluster.active += 1
+                counted = True
+                if cluster.budget is not None:
+                    cluster.budget.request_started()
+                deadline = self._deadline(context, plan.route)
+                retries = cluster.budget is not None
+                attempt = 0
+                last: ProxyFailure | None = None
+                while True:
+                    attempt += 1
+                    index = self._choose(cluster, state, last)
+                    call = cluster.endpoints[index].callable(method, CallType.UNARY_STREAM)(
+                        request, timeout=self._attempt_timeout(plan, deadline, retries), metadata=metadata)
+                    delivered = False
+                    try:
+                        async for message in call:
+                            delivered = True
+                            state.bytes_out += len(message)
+                            yield message
+                        self._record(cluster, index, grpc.StatusCode.OK)
+                        break
+                    except grpc.aio.AioRpcError as err:
+                        code = err.code()
+                        self._record(cluster, index, code)
+                        if delivered or not self._may_retry(plan, code, attempt, deadline):
+                            raise self._upstream_failure(err) from None
+                        last = self._upstream_failure(err)
+                        assert cluster.budget is not None
+                        try:
+                            await self._sleep(backoff_delay(attempt, plan.route.retries.backoff))
+                        finally:
+                            cluster.budget.release()
+            except ProxyFailure as failure:
+                await self._fail(context, state, failure)
+            except (asyncio.CancelledError, GeneratorExit):
+                state.code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                if call is not None and not call.done():
+                    call.cancel()
+                if counted:
+                    assert cluster is not None
+                    cluster.active -= 1
+                    if cluster.budget is not None:
+                        cluster.budget.request_finished()
+                self._finish(plan, state)
+
+        return handle
+
+    # --- client-streaming and bidirectional: passed through, never retried -------------------------
+    async def _count_in(self, requests: AsyncIterator[bytes], state: CallState) -> AsyncIterator[bytes]:
+        async for message in requests:
+            state.bytes_in += len(message)
+            yield message
+
+    def _stream_unary(self, method: str) -> Callable[..., Any]:
+        async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+            plan = self._plans.get(method) or self.plan(method)
+            state = CallState()
+            cluster = plan.cluster
+            counted = False
+            call = None
+            try:
+                metadata = self._outgoing(context, state, plan)
+                self._admit(plan, context, state)
+                assert cluster is not None
+                cluster.active += 1
+                counted = True
+                deadline = self._deadline(context, plan.route)
+                index = self._choose(cluster, state)
+                call = cluster.endpoints[index].callable(method, CallType.STREAM_UNARY)(
+                    self._count_in(requests, state), timeout=self._attempt_timeout(plan, deadline, False),
+                    metadata=metadata)
+                try:
+                    response: bytes = await call
+                except grpc.aio.AioRpcError as err:
+                    self._record(cluster, index, err.code())
+                    raise self._upstream_failure(err) from None
+                self._record(cluster, index, grpc.StatusCode.OK)
+                state.bytes_out = len(response)
+                return response
+            except ProxyFailure as failure:
+                await self._fail(context, state, failure)
+                raise
+            except asyncio.CancelledError:
+                state.code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                if call is not None and not call.done():
+                    call.cancel()
+                if counted:
+                    assert cluster is not None
+                    cluster.active -= 1
+                self._finish(plan, state)
+
+        return handle
+
+    def _stream_stream(self, method: str) -> Callable[..., Any]:
+        async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+                         ) -> AsyncIterator[bytes]:
+            plan = self._plans.get(method) or self.plan(method)
+            state = CallState()
+            cluster = plan.cluster
+            counted = False
+            call = None
+            try:
+                metadata = self._outgoing(context, state, plan)
+                self._admit(plan, context, state)
+                assert cluster is not None
+                cluster.active += 1
+                counted = True
+                deadline = self._deadline(context, plan.route)
+                index = self._choose(cluster, state)
+                call = cluster.endpoints[index].callable(method, CallType.STREAM_STREAM)(
+                    self._count_in(requests, state), timeout=self._attempt_timeout(plan, deadline, False),
+                    metadata=metadata)
+                try:
+                    async for message in call:
+                        state.bytes_out += len(message)
+                        yield message
+                except grpc.aio.AioRpcError as err:
+                    self._record(cluster, index, err.code())
+                    raise self._upstream_failure(err) from None
+                self._record(cluster, index, grpc.StatusCode.OK)
+            except ProxyFailure as failure:
+                await self._fail(context, state, failure)
+            except (asyncio.CancelledError, GeneratorExit):
+                state.code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                if call is not None and not call.done():
+                    call.cancel()
+                if counted:
+                    assert cluster is not None
+                    cluster.active -= 1
+                self._finish(plan, state)
+
+        return handle

@@ -1,0 +1,103 @@
+"""An upstream cluster: its endpoints (one grpc.aio channel each), circuit breaker, outlier detector,
+retry budget and concurrency counter. Channels are swapped (not closed under calls) when the sidecar's
+certificates rotate."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from sidecar.breaker import BreakerState, CircuitBreaker
+from sidecar.methods import CallType
+from sidecar.outlier import OutlierDetector
+from sidecar.policy import ServicePolicy
+from sidecar.retry import RetryBudgetState
+
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.enable_retries", 0),
+)
+
+ChannelFactory = Callable[[str], grpc.aio.Channel]
+
+
+class Endpoint:
+    """One upstream address with a channel and its per-method multicallables (made once, reused)."""
+
+    def __init__(self, address: str, factory: ChannelFactory) -> None:
+        self.address = address
+        self.channel = factory(address)
+        self._callables: dict[str, Any] = {}
+
+    def callable(self, method: str, kind: CallType) -> Any:
+        found = self._callables.get(method)
+        if found is None:
+            ch = self.channel
+            maker = {
+                CallType.UNARY_UNARY: ch.unary_unary, CallType.UNARY_STREAM: ch.unary_stream,
+                CallType.STREAM_UNARY: ch.stream_unary, CallType.STREAM_STREAM: ch.stream_stream,
+            }[kind]
+            found = self._callables[method] = maker(method)
+        return found
+
+
+class Cluster:
+    def __init__(self, name: str, addresses: Sequence[str], factory: ChannelFactory, policy: ServicePolicy | None,
+                 *, resilience: bool, on_breaker_change: Callable[[str, BreakerState], None] | None = None) -> None:
+        if not addresses:
+            raise ValueError(f"cluster {name}: no endpoint addresses")
+        self.name = name
+        self.addresses = tuple(addresses)
+        self.policy = policy
+        self.endpoints = [Endpoint(a, factory) for a in addresses]
+        self.active = 0
+        self.resilience = resilience and policy is not None
+        self.max_concurrent = policy.max_concurrent if policy else 1 << 30
+        self.breaker: CircuitBreaker | None = None
+        self.outlier: OutlierDetector | None = None
+        self.budget: RetryBudgetState | None = None
+        self._retired: list[grpc.aio.Channel] = []
+        if policy is not None and self.resilience:
+            change = (lambda state: on_breaker_change(name, state)) if on_breaker_change else None
+            self.breaker = CircuitBreaker(policy.circuit_breaker, on_change=change)
+            self.outlier = OutlierDetector(self.addresses, policy.outlier)
+            self.budget = RetryBudgetState(policy.retry_budget)
+
+    def update_policy(self, policy: ServicePolicy | None) -> None:
+        self.policy = policy
+        if policy is None:
+            return
+        self.max_concurrent = policy.max_concurrent
+        if self.breaker:
+            self.breaker.policy = policy.circuit_breaker
+        if self.outlier:
+            self.outlier.policy = policy.outlier
+        if self.budget:
+            self.budget.budget = policy.retry_budget
+
+    def pick(self) -> int:
+        return self.outlier.pick() if self.outlier else 0
+
+    def rebuild_channels(self, factory: ChannelFactory, grace: float = 60.0) -> None:
+        """New calls use new channels; calls on the old ones finish (closed after `grace`)."""
+        old = [e.channel for e in self.endpoints]
+        self._retired.extend(old)
+        self.endpoints = [Endpoint(a, factory) for a in self.addresses]
+        loop = asyncio.get_running_loop()
+        for channel in old:
+            loop.call_later(grace, self._close_retired, channel)
+
+    def _close_retired(self, channel: grpc.aio.Channel) -> None:
+        if channel in self._retired:
+            self._retired.remove(channel)
+            asyncio.get_running_loop().create_task(channel.close(grace=None))
+
+    async def close(self) -> None:
+        for channel in [*self._retired, *(e.channel for e in self.endpoints)]:
+            await channel.close(grace=None)
+        self._retired.clear()
