@@ -257,23 +257,26 @@ class Proxy(grpc.GenericRpcHandler):
         await context.abort(failure.code, failure.details, failure.trailing or ())
 
     def _record(self, cluster: Cluster, index: int, code: grpc.StatusCode) -> None:
-        success = code not in FAILURE_CODES
-        if cluster.breaker is not None:
-            cluster.breaker.record(success)
-        if cluster.outlier is not None and cluster.outlier.record(index, success):
+        """One attempt's outcome, for outlier detection of that endpoint."""
+        if cluster.outlier is not None and cluster.outlier.record(index, code not in FAILURE_CODES):
             self.metrics.ejections.labels(cluster.name, cluster.outlier.endpoints[index].address).inc()
 
-    def _choose(self, cluster: Cluster, state: CallState, last: ProxyFailure | None = None) -> int:
+    def _choose(self, cluster: Cluster, state: CallState, first: bool) -> int:
+        """Pick an endpoint. The breaker is asked once per call (retries belong to the call it admitted)."""
         breaker = cluster.breaker
-        if breaker is not None and not breaker.allow():
-            if last is not None:  # a retry the breaker stops: the caller sees the upstream's own error
-                raise last
+        if first and breaker is not None and not breaker.allow():
             raise ProxyFailure(grpc.StatusCode.UNAVAILABLE,
                                f"circuit breaker for {cluster.name} is {breaker.state.value}: failing fast")
         index = cluster.pick()
         state.upstream = cluster.endpoints[index].address
         state.attempts += 1
         return index
+
+    @staticmethod
+    def _breaker_outcome(cluster: Cluster | None, state: CallState) -> None:
+        """The call's final outcome feeds the breaker (only calls that reached an upstream)."""
+        if cluster is not None and cluster.breaker is not None and state.attempts:
+            cluster.breaker.record(state.code not in FAILURE_CODES)
 
     def _may_retry(self, plan: Plan, code: grpc.StatusCode, attempt: int, deadline: float | None) -> bool:
         cluster = plan.cluster
@@ -336,6 +339,7 @@ class Proxy(grpc.GenericRpcHandler):
                 if counted:
                     assert cluster is not None
                     cluster.active -= 1
+                self._breaker_outcome(cluster, state)
                 self._finish(plan, state)
 
         return handle
@@ -345,10 +349,9 @@ class Proxy(grpc.GenericRpcHandler):
         deadline = self._deadline(context, plan.route)
         retries = cluster.budget is not None
         attempt = 0
-        last: ProxyFailure | None = None
         while True:
             attempt += 1
-            index = self._choose(cluster, state, last)
+            index = self._choose(cluster, state, attempt == 1)
             call = cluster.endpoints[index].callable(plan.method, CallType.UNARY_UNARY)(
                 request, timeout=self._attempt_timeout(plan, deadline, retries), metadata=metadata)
             try:
@@ -363,7 +366,6 @@ class Proxy(grpc.GenericRpcHandler):
                             and deadline - time.monotonic() <= 0:
                         raise ProxyFailure(code, f"deadline exceeded calling {plan.method}") from None
                     raise self._upstream_failure(err) from None
-                last = self._upstream_failure(err)
                 assert cluster.budget is not None
                 try:
                     await self._sleep(backoff_delay(attempt, plan.route.retries.backoff))
@@ -393,10 +395,9 @@ class Proxy(grpc.GenericRpcHandler):
                 deadline = self._deadline(context, plan.route)
                 retries = cluster.budget is not None
                 attempt = 0
-                last: ProxyFailure | None = None
                 while True:
                     attempt += 1
-                    index = self._choose(cluster, state, last)
+                    index = self._choose(cluster, state, attempt == 1)
                     call = cluster.endpoints[index].callable(method, CallType.UNARY_STREAM)(
                         request, timeout=self._attempt_timeout(plan, deadline, retries), metadata=metadata)
                     delivered = False
@@ -412,7 +413,6 @@ class Proxy(grpc.GenericRpcHandler):
                         self._record(cluster, index, code)
                         if delivered or not self._may_retry(plan, code, attempt, deadline):
                             raise self._upstream_failure(err) from None
-                        last = self._upstream_failure(err)
                         assert cluster.budget is not None
                         try:
                             await self._sleep(backoff_delay(attempt, plan.route.retries.backoff))
@@ -431,6 +431,7 @@ class Proxy(grpc.GenericRpcHandler):
                     cluster.active -= 1
                     if cluster.budget is not None:
                         cluster.budget.request_finished()
+                self._breaker_outcome(cluster, state)
                 self._finish(plan, state)
 
         return handle
@@ -455,7 +456,7 @@ class Proxy(grpc.GenericRpcHandler):
                 cluster.active += 1
                 counted = True
                 deadline = self._deadline(context, plan.route)
-                index = self._choose(cluster, state)
+                index = self._choose(cluster, state, True)
                 call = cluster.endpoints[index].callable(method, CallType.STREAM_UNARY)(
                     self._count_in(requests, state), timeout=self._attempt_timeout(plan, deadline, False),
                     metadata=metadata)
@@ -479,6 +480,7 @@ class Proxy(grpc.GenericRpcHandler):
                 if counted:
                     assert cluster is not None
                     cluster.active -= 1
+                self._breaker_outcome(cluster, state)
                 self._finish(plan, state)
 
         return handle
@@ -498,7 +500,7 @@ class Proxy(grpc.GenericRpcHandler):
                 cluster.active += 1
                 counted = True
                 deadline = self._deadline(context, plan.route)
-                index = self._choose(cluster, state)
+                index = self._choose(cluster, state, True)
                 call = cluster.endpoints[index].callable(method, CallType.STREAM_STREAM)(
                     self._count_in(requests, state), timeout=self._attempt_timeout(plan, deadline, False),
                     metadata=metadata)
@@ -521,6 +523,7 @@ class Proxy(grpc.GenericRpcHandler):
                 if counted:
                     assert cluster is not None
                     cluster.active -= 1
+                self._breaker_outcome(cluster, state)
                 self._finish(plan, state)
 
         return handle
