@@ -3,20 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
 
-from services.common.config import ServerSettings
+from services.common.config import ServerSettings, apply_overrides, load_section
+from services.common.errors import DomainError
 from services.common.grpc_server import RunningServer
 from services.common.service_main import run_service
-from services.inference.config import DEFAULT_PORT, InferenceConfig
+from services.inference.config import DEFAULT_PORT, InferenceConfig, replica_overrides
+from services.inference.engine.model import load_model
 from services.inference.server import build_server
 
 
+def config_from_args(settings: ServerSettings, args: argparse.Namespace) -> InferenceConfig:
+    config = apply_overrides(InferenceConfig(server=settings), replica_overrides(load_section(args.config, "inference")))
+    flags = {"replica_id": args.replica_id, "model_dir": args.model_dir, "max_batch_size": args.max_batch_size,
+             "intra_op_threads": args.threads, "provider": args.provider}
+    return replace(config, **{k: v for k, v in flags.items() if v is not None})
+
+
 async def _build(settings: ServerSettings, args: argparse.Namespace) -> RunningServer:
-    return await build_server(InferenceConfig(server=settings, replica_id=args.replica_id))
+    config = config_from_args(settings, args)
+    try:
+        model = load_model(config.model_dir, config.session, config.verify_model)
+    except DomainError as err:
+        print(f"inference: {err.message}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    return await build_server(config, model)
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--replica-id", default="inference-0", help="stable id of this replica in load reports")
+    parser.add_argument("--replica-id", default=None, help="stable id of this replica in load reports")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="a built model directory (default: the latest build in the model cache)")
+    parser.add_argument("--max-batch-size", type=int, default=None, help="sequences decoded together (16)")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (0 = cores)")
+    parser.add_argument("--provider", choices=["auto", "cuda", "cpu"], default=None,
+                        help="execution provider (auto: CUDA when available)")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,56 @@
-"""Inference settings."""
+"""Inference settings: read once at the edge (flags and the `inference:` section of the mesh file)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from services.common.config import ServerSettings
+from services.inference.engine.scheduler import SchedulerSettings
+from services.inference.engine.session import PROVIDER_CHOICES, SessionSettings
 
 DEFAULT_PORT = 50071
+# Keys of the mesh file's `inference:` section that belong to the launcher, not to one replica.
+LAUNCHER_KEYS = frozenset({"port", "replicas", "host"})
 
 
 @dataclass(frozen=True)
 class InferenceConfig:
     server: ServerSettings = field(default_factory=lambda: ServerSettings(port=DEFAULT_PORT))
     replica_id: str = "inference-0"
+    # A built model (manifest.json inside); None = the most recent build in the model cache.
+    model_dir: Path | None = None
+    max_batch_size: int = 16
+    max_batched_tokens: int = 256
+    prefill_chunk: int = 128
+    queue_capacity: int = 128
+    decode_rows: int = 16
+    intra_op_threads: int = 0  # 0 = one per core
+    provider: str = "auto"  # auto | cuda | cpu
+    verify_model: bool = False  # re-hash the model files at start
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDER_CHOICES:
+            raise ValueError(f"provider must be one of {', '.join(PROVIDER_CHOICES)}, got {self.provider!r}")
+        if self.intra_op_threads < 0:
+            raise ValueError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
+        self.scheduler  # noqa: B018 - validates the scheduler fields
+
+    @property
+    def scheduler(self) -> SchedulerSettings:
+        return SchedulerSettings(max_batch_size=self.max_batch_size, max_batched_tokens=self.max_batched_tokens,
+                                 prefill_chunk=self.prefill_chunk, queue_capacity=self.queue_capacity,
+                                 decode_rows=self.decode_rows)
+
+    @property
+    def session(self) -> SessionSettings:
+        return SessionSettings(provider=self.provider, intra_op_threads=self.intra_op_threads)
+
+
+def replica_overrides(section: dict[str, Any]) -> dict[str, Any]:
+    """The engine settings of a mesh file's `inference:` section (launcher keys dropped)."""
+    values = {k: v for k, v in section.items() if k not in LAUNCHER_KEYS}
+    if "model_dir" in values and values["model_dir"] is not None:
+        values["model_dir"] = Path(values["model_dir"]).expanduser()
+    return values

@@ -1,0 +1,1 @@
+"""The generation engine: ONNX Runtime session, KV-cache, continuous batching, sampling, streaming."""

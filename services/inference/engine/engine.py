@@ -1,0 +1,111 @@
+"""The facade the servicer calls: generate (a stream of deltas), count_tokens, model_info, load_report."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from services.inference.engine.model import LoadedModel
+from services.inference.engine.sampling import Sampler
+from services.inference.engine.scheduler import Scheduler, SchedulerSettings
+from services.inference.engine.sequence import Sequence
+from services.inference.engine.types import ChatMessage, Delta, GenerationRequest, LoadReport, ModelInfo, StreamSettings
+from services.inference.engine.validation import check_input, resolve_max_tokens, resolve_sampling
+
+PRECISIONS = {"int8": "INT8", "fp32": "FP32", "fp16": "FP16", "int4": "INT4"}
+
+
+class Engine:
+    def __init__(self, model: LoadedModel, settings: SchedulerSettings, replica_id: str = "inference-0") -> None:
+        self.model = model
+        self.settings = settings
+        self.replica_id = replica_id
+        self.scheduler = Scheduler(model.runner, model.spec, settings)
+        self._eos = frozenset(model.manifest.tokens.eos)
+
+    async def start(self) -> None:
+        self.scheduler.start()
+
+    async def stop(self) -> None:
+        await self.scheduler.stop()
+
+    # ---- token counting -------------------------------------------------------------------
+    def prompt_ids(self, prompt: str, messages: tuple[ChatMessage, ...]) -> list[int]:
+        check_input(prompt, messages)
+        text = self.model.template.render(messages) if messages else prompt
+        return self.model.encode(text)
+
+    def count_tokens(self, prompt: str, messages: tuple[ChatMessage, ...]) -> int:
+        return len(self.prompt_ids(prompt, messages))
+
+    # ---- generation -------------------------------------------------------------------------
+    def prepare(self, request: GenerationRequest) -> Sequence:
+        """Validate and tokenize; raises InvalidInput with the field and the allowed range."""
+        sampling = resolve_sampling(request.sampling, self.model.defaults)
+        ids = self.prompt_ids(request.prompt, request.messages)
+        max_tokens = resolve_max_tokens(request, len(ids), self.model.manifest.context_window,
+                                        self.model.defaults)
+        return Sequence.create(request.request_id, ids, max_tokens, Sampler(sampling), request.sampling.stop,
+                               self.model.decode, self._eos, request.traffic_class)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        seq = self.prepare(request)
+        self.scheduler.submit(seq)
+        try:
+            async for delta in coalesce(seq.events, request.stream):
+                yield delta
+        finally:
+            self.scheduler.cancel(seq)
+
+    # ---- reports ------------------------------------------------------------------------------
+    def model_info(self) -> ModelInfo:
+        manifest = self.model.manifest
+        precision = next((v for k, v in PRECISIONS.items() if manifest.precision.startswith(k)), "UNSPECIFIED")
+        return ModelInfo(name=manifest.name, version=manifest.version, context_window=manifest.context_window,
+                         vocab_size=manifest.vocab_size, precision=precision,
+                         execution_provider=self.model.provider, manifest_sha256=self.model.manifest_sha256,
+                         max_batch_size=self.settings.max_batch_size, replica_id=self.replica_id)
+
+    def load_report(self) -> LoadReport:
+        scheduler, counters = self.scheduler, self.scheduler.counters
+        return LoadReport(
+            replica_id=self.replica_id, queue_depth=scheduler.queue_depth,
+            queue_capacity=self.settings.queue_capacity, active_sequences=scheduler.active,
+            max_batch_size=self.settings.max_batch_size, kv_cache_tokens=counters.kv_tokens,
+            kv_cache_bytes=scheduler.kv_bytes(), tokens_per_second=counters.tokens_per_second(),
+            cancelled_total=counters.cancelled_total, generated_total=counters.generated_total,
+            ready=scheduler.running)
+
+
+async def coalesce(events: asyncio.Queue[Delta], stream: StreamSettings) -> AsyncIterator[Delta]:
+    """Merge deltas so that at most one goes out per `coalesce_ms` and per `coalesce_tokens` tokens."""
+    while True:
+        delta = await events.get()
+        if delta.finish_reason is None and (stream.coalesce_ms > 0 or stream.coalesce_tokens > 1):
+            delta = await _gather(events, delta, stream)
+        yield delta
+        if delta.finish_reason is not None:
+            return
+
+
+async def _gather(events: asyncio.Queue[Delta], first: Delta, stream: StreamSettings) -> Delta:
+    text, ids = [first.text], list(first.token_ids)
+    deadline = time.monotonic() + stream.coalesce_ms / 1000 if stream.coalesce_ms > 0 else None
+    limit = stream.coalesce_tokens if stream.coalesce_tokens > 0 else None
+    while limit is None or len(ids) < limit:
+        if deadline is None:
+            delta = await events.get()
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                delta = await asyncio.wait_for(events.get(), remaining)
+            except TimeoutError:
+                break
+        text.append(delta.text)
+        ids.extend(delta.token_ids)
+        if delta.finish_reason is not None:
+            return Delta("".join(text), tuple(ids), delta.finish_reason, delta.usage)
+    return Delta("".join(text), tuple(ids))

@@ -1,0 +1,96 @@
+"""A built model loaded for serving: manifest, ONNX session, tokenizer, chat template, defaults.
+
+Loading is the slow part (seconds); one LoadedModel can back several engines (tests share it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from services.common.errors import FailedPrecondition
+from services.inference.chat_template import ChatTemplate
+from services.inference.engine.kv_cache import KvSpec
+from services.inference.engine.session import ModelIO, ModelRunner, SessionSettings, create_session
+from services.inference.engine.validation import ModelDefaults
+from services.inference.modelbuild.cache import cache_root
+from services.inference.modelbuild.errors import ManifestError
+from services.inference.modelbuild.hashing import sha256_file
+from services.inference.modelbuild.manifest import MANIFEST_NAME, Manifest, load_manifest
+
+BUILD_HINT = "run `make model` to build the bundled model, or pass --model-dir DIR of a built model"
+
+
+def find_default_model(root: Path | None = None) -> Path:
+    """The most recently built model under the cache root (~/.cache/autoglm/models)."""
+    base = cache_root(root)
+    manifests = sorted(base.glob(f"*/*/{MANIFEST_NAME}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    if not manifests:
+        raise FailedPrecondition(f"no built model found under {base}; {BUILD_HINT}")
+    return manifests[0].parent
+
+
+@dataclass
+class LoadedModel:
+    directory: Path
+    manifest: Manifest
+    manifest_sha256: str
+    runner: ModelRunner
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    defaults: ModelDefaults
+    spec: KvSpec
+
+    @property
+    def provider(self) -> str:
+        return self.runner.provider
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def load_model(directory: Path | None, session: SessionSettings, verify: bool = False) -> LoadedModel:
+    directory = directory if directory is not None else find_default_model()
+    try:
+        manifest = load_manifest(directory)
+        if verify:
+            manifest.verify(directory)
+    except ManifestError as err:
+        raise FailedPrecondition(f"cannot load the model in {directory}: {err}; {BUILD_HINT}") from err
+    ort_session, provider = create_session(directory / manifest.model_file, session)
+    io = ModelIO.from_session(ort_session, manifest.kv.past_names(), manifest.kv.present_names())
+    tokenizer = Tokenizer.from_file(str(directory / manifest.tokenizer_file))
+    vocab = tokenizer.get_vocab()
+    by_id = {v: k for k, v in vocab.items()}
+    bos = by_id.get(manifest.tokens.bos) if manifest.tokens.bos is not None else ""
+    eos = by_id.get(manifest.tokens.eos[0], "") if manifest.tokens.eos else ""
+    return LoadedModel(
+        directory=directory,
+        manifest=manifest,
+        manifest_sha256=sha256_file(directory / MANIFEST_NAME),
+        runner=ModelRunner(ort_session, io, provider),
+        tokenizer=tokenizer,
+        template=ChatTemplate(manifest.chat_template, bos_token=bos or "", eos_token=eos),
+        defaults=_defaults(directory / manifest.generation_config_file),
+        spec=KvSpec(tensors=len(io.past), kv_heads=manifest.kv.num_kv_heads, head_dim=manifest.kv.head_dim,
+                    dtype=np.dtype(manifest.kv.dtype)),
+    )
+
+
+def _defaults(path: Path) -> ModelDefaults:
+    if not path.is_file():
+        return ModelDefaults()
+    config = json.loads(path.read_text(encoding="utf-8"))
+    return ModelDefaults(
+        temperature=float(config.get("temperature") or 1.0),
+        top_p=float(config.get("top_p") or 1.0),
+        top_k=int(config.get("top_k") or 0),
+        max_new_tokens=int(config.get("max_new_tokens") or 256),
+    )
