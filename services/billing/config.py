@@ -1,14 +1,64 @@
-"""Billing settings."""
+"""Billing settings: read once at the edge (flags and the `billing:` section of the mesh file)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from services.common.config import ServerSettings
 
 DEFAULT_PORT = 50061
 
 
+def default_database(data_dir: Path) -> str:
+    return f"sqlite:///{data_dir / 'billing.sqlite3'}"
+
+
 @dataclass(frozen=True)
 class BillingConfig:
     server: ServerSettings = field(default_factory=lambda: ServerSettings(port=DEFAULT_PORT))
+    # `sqlite:///path/to/file` (default: billing.sqlite3 under the data dir) or `postgresql://...`.
+    database: str = ""
+    data_dir: Path = Path(".autoglm")
+    # The one currency of this ledger (ISO 4217); prices and money budgets must use it.
+    currency: str = "USD"
+    # Seconds an unsettled hold lives when the caller names no TTL.
+    hold_ttl_s: int = 300
+    max_hold_ttl_s: int = 86_400
+    # Alert thresholds (percent of the limit) for budgets that name none.
+    warning_percent: int = 80
+    critical_percent: int = 100
+    emergency_percent: int = 120
+    # Events stamped further than this in the future are refused (clock skew allowance).
+    max_future_skew_s: int = 300
+    # Anomaly rule: more than `anomaly_max_requests` requests from one key within `anomaly_window_s`.
+    anomaly_max_requests: int = 50
+    anomaly_window_s: int = 10
+    # An hour whose spend exceeds this multiple (per-mille) of the key's mean hourly spend is anomalous.
+    anomaly_hourly_factor_permille: int = 3000
+    # Webhook delivery of alerts.
+    webhook_attempts: int = 5
+    webhook_backoff_s: float = 0.5
+    webhook_timeout_s: float = 5.0
+    # Most events committed in one transaction (StreamUsage batching, group commit of unary calls).
+    max_batch: int = 1024
+    # SQLite `synchronous` setting: FULL (fsync before every acknowledged commit) or NORMAL.
+    sqlite_synchronous: str = "FULL"
+    # PostgreSQL connections of this process.
+    postgres_pool_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not (0 < self.warning_percent <= self.critical_percent <= self.emergency_percent):
+            raise ValueError("thresholds must satisfy 0 < warning <= critical <= emergency")
+        if self.hold_ttl_s <= 0 or self.max_hold_ttl_s < self.hold_ttl_s:
+            raise ValueError("hold_ttl_s must be > 0 and <= max_hold_ttl_s")
+        if self.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise ValueError("sqlite_synchronous must be FULL, EXTRA or NORMAL")
+        if len(self.currency) != 3 or not self.currency.isalpha() or not self.currency.isupper():
+            raise ValueError(f"currency must be an ISO 4217 code like USD, got {self.currency!r}")
+        if not (self.database == "" or self.database.startswith(("sqlite:///", "postgresql://", "postgres://"))):
+            raise ValueError(f"database must be sqlite:///PATH or postgresql://..., got {self.database!r}")
+
+    @property
+    def dsn(self) -> str:
+        return self.database or default_database(self.data_dir)

@@ -1,20 +1,43 @@
-"""Builds the billing service's gRPC server."""
+"""Builds the billing service's gRPC server over its store."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
 
 import grpc
 
 from autoglm.billing.v1 import billing_service_pb2, billing_service_pb2_grpc
-from services.common.grpc_server import RunningServer, start_server
 from services.billing.config import BillingConfig
+from services.billing.service import Billing, Clock, run_hold_janitor, wall_clock
 from services.billing.servicer import BillingServicer
+from services.billing.store import open_store
+from services.common.grpc_server import RunningServer, start_server
 
 
-async def build_server(config: BillingConfig) -> RunningServer:
+async def build_server(config: BillingConfig, clock: Clock = wall_clock) -> RunningServer:
+    store = open_store(config.dsn, sqlite_synchronous=config.sqlite_synchronous,
+                       pool_size=config.postgres_pool_size, max_batch=config.max_batch)
+    await store.open()
+    billing = Billing(store, config, clock)
+
     def register(server: grpc.aio.Server) -> Sequence[str]:
-        billing_service_pb2_grpc.add_BillingServiceServicer_to_server(BillingServicer(), server)
+        billing_service_pb2_grpc.add_BillingServiceServicer_to_server(BillingServicer(billing), server)
         return [billing_service_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name]
 
-    return await start_server("billing", register, host=config.server.host, port=config.server.port)
+    try:
+        running = await start_server("billing", register, host=config.server.host, port=config.server.port)
+    except BaseException:
+        await store.close()
+        raise
+    janitor = asyncio.create_task(run_hold_janitor(billing))
+
+    async def shutdown() -> None:
+        janitor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await janitor
+        await billing.close()
+
+    running.on_stop.append(shutdown)
+    return running

@@ -1,70 +1,155 @@
-"""gRPC servicer of billing: thin conversions around the ledger."""
+"""gRPC servicer of billing: thin conversions around the `Billing` facade.
+
+Status codes (through the shared error table): bad input → INVALID_ARGUMENT; an unpriced model, a hold of
+another tenant, a price already in force → FAILED_PRECONDITION; unknown budget/price/hold → NOT_FOUND;
+a hard budget that cannot cover a hold → RESOURCE_EXHAUSTED with reason BUDGET_EXCEEDED.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
-from services.common.errors import NotImplementedYet
+from services.billing import convert
+from services.billing.model import Recorded, UsageEvent
+from services.billing.service import Billing
+from services.common.error_mapping import status_code_for
+from services.common.errors import DomainError
 
 
-def _missing(rpc: str, what: str) -> NotImplementedYet:
-    return NotImplementedYet(f"{rpc} is not available in this build: {what} is not implemented yet")
+async def _batches(requests: AsyncIterator[pb2.StreamUsageRequest], limit: int) -> AsyncIterator[list[pb2.UsageEvent]]:
+    """Group what the client has already sent into batches (one commit each) without waiting for more."""
+    queue: asyncio.Queue[pb2.StreamUsageRequest | None] = asyncio.Queue(maxsize=limit * 2)
+
+    async def pump() -> None:
+        try:
+            async for request in requests:
+                await queue.put(request)
+        finally:
+            await queue.put(None)
+
+    reader = asyncio.create_task(pump())
+    try:
+        done = False
+        while not done:
+            first = await queue.get()
+            if first is None:
+                break
+            batch = [first.event]
+            while len(batch) < limit and not queue.empty():
+                item = queue.get_nowait()
+                if item is None:
+                    done = True
+                    break
+                batch.append(item.event)
+            yield batch
+        await reader
+    finally:
+        reader.cancel()
+
+
+def _ack(event_id: str, outcome: Recorded | DomainError, currency: str) -> pb2.StreamUsageResponse:
+    if isinstance(outcome, DomainError):
+        return pb2.StreamUsageResponse(event_id=event_id, error_code=status_code_for(outcome).name,
+                                       error_message=outcome.message)
+    return pb2.StreamUsageResponse(event_id=event_id, duplicate=outcome.duplicate,
+                                   cost=convert.money(outcome.cost_micros, currency))
 
 
 class BillingServicer(pb2_grpc.BillingServiceServicer):
+    def __init__(self, billing: Billing) -> None:
+        self.billing = billing
+        self.currency = billing.config.currency
+        self.max_batch = billing.config.max_batch
+
     async def RecordUsage(self, request: pb2.RecordUsageRequest, context: grpc.aio.ServicerContext) -> pb2.RecordUsageResponse:
-        raise _missing("BillingService.RecordUsage", "the usage ledger")
+        recorded = await self.billing.record(convert.event(request.event))
+        return pb2.RecordUsageResponse(event_id=recorded.event_id, duplicate=recorded.duplicate,
+                                       cost=convert.money(recorded.cost_micros, self.currency))
 
     async def StreamUsage(self, request_iterator: AsyncIterator[pb2.StreamUsageRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[pb2.StreamUsageResponse]:
-        raise _missing("BillingService.StreamUsage", "the usage ledger")
-        yield  # pragma: no cover
+        async for batch in _batches(request_iterator, self.max_batch):
+            events: list[UsageEvent] = []
+            outcomes: list[tuple[str, Recorded | DomainError]] = []
+            for message in batch:
+                try:
+                    events.append(convert.event(message))
+                except DomainError as error:
+                    outcomes.append((message.event_id, error))
+            recorded = await self.billing.record_many(events)
+            for event, outcome in zip(events, recorded, strict=True):
+                outcomes.append((event.event_id, outcome))
+            for event_id, result in outcomes:
+                yield _ack(event_id, result, self.currency)
 
     async def Reserve(self, request: pb2.ReserveRequest, context: grpc.aio.ServicerContext) -> pb2.ReserveResponse:
-        raise _missing("BillingService.Reserve", "budget holds")
+        hold = await self.billing.reserve(convert.reserve_request(request))
+        return pb2.ReserveResponse(hold_id=hold.hold_id, amount=convert.money(hold.amount_micros, self.currency),
+                                   expire_time=convert.ts(hold.expire_us), level=convert.level_pb(hold.level))
 
     async def Settle(self, request: pb2.SettleRequest, context: grpc.aio.ServicerContext) -> pb2.SettleResponse:
-        raise _missing("BillingService.Settle", "budget holds")
+        recorded = await self.billing.settle(request.hold_id, convert.event(request.event))
+        return pb2.SettleResponse(cost=convert.money(recorded.cost_micros, self.currency), duplicate=recorded.duplicate,
+                                  level=convert.level_pb(recorded.level))
 
     async def Release(self, request: pb2.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb2.ReleaseResponse:
-        raise _missing("BillingService.Release", "budget holds")
+        return pb2.ReleaseResponse(released=await self.billing.release(request.hold_id))
 
     async def CheckBudget(self, request: pb2.CheckBudgetRequest, context: grpc.aio.ServicerContext) -> pb2.CheckBudgetResponse:
-        raise _missing("BillingService.CheckBudget", "budgets")
+        verdict = await self.billing.check(request.tenant_id, request.api_key_id, dict(request.tags),
+                                           request.traffic_class)
+        return pb2.CheckBudgetResponse(allowed=verdict.allowed, level=convert.level_pb(verdict.level), reason=verdict.reason,
+                                       budgets=[convert.status_pb(s, self.currency) for s in verdict.states])
 
     async def CreateBudget(self, request: pb2.CreateBudgetRequest, context: grpc.aio.ServicerContext) -> pb2.CreateBudgetResponse:
-        raise _missing("BillingService.CreateBudget", "budgets")
+        budget, currency = convert.budget(request.budget)
+        created = await self.billing.create_budget(budget, request.actor, currency)
+        return pb2.CreateBudgetResponse(budget=convert.budget_pb(created, self.currency))
 
     async def GetBudget(self, request: pb2.GetBudgetRequest, context: grpc.aio.ServicerContext) -> pb2.GetBudgetResponse:
-        raise _missing("BillingService.GetBudget", "budgets")
+        state = await self.billing.budget_state(request.budget_id)
+        return pb2.GetBudgetResponse(status=convert.status_pb(state, self.currency))
 
     async def ListBudgets(self, request: pb2.ListBudgetsRequest, context: grpc.aio.ServicerContext) -> pb2.ListBudgetsResponse:
-        raise _missing("BillingService.ListBudgets", "budgets")
+        states = await self.billing.list_budget_states(request.tenant_id)
+        return pb2.ListBudgetsResponse(budgets=[convert.status_pb(s, self.currency) for s in states])
 
     async def UpdateBudget(self, request: pb2.UpdateBudgetRequest, context: grpc.aio.ServicerContext) -> pb2.UpdateBudgetResponse:
-        raise _missing("BillingService.UpdateBudget", "budgets")
+        budget, currency = convert.budget(request.budget)
+        updated = await self.billing.update_budget(budget, request.actor, currency)
+        return pb2.UpdateBudgetResponse(budget=convert.budget_pb(updated, self.currency))
 
     async def DeleteBudget(self, request: pb2.DeleteBudgetRequest, context: grpc.aio.ServicerContext) -> pb2.DeleteBudgetResponse:
-        raise _missing("BillingService.DeleteBudget", "budgets")
+        await self.billing.delete_budget(request.budget_id, request.actor)
+        return pb2.DeleteBudgetResponse()
 
     async def CreatePrice(self, request: pb2.CreatePriceRequest, context: grpc.aio.ServicerContext) -> pb2.CreatePriceResponse:
-        raise _missing("BillingService.CreatePrice", "the price table")
+        price = await self.billing.create_price(convert.price(request.price), request.actor)
+        return pb2.CreatePriceResponse(price=convert.price_pb(price))
 
     async def ListPrices(self, request: pb2.ListPricesRequest, context: grpc.aio.ServicerContext) -> pb2.ListPricesResponse:
-        raise _missing("BillingService.ListPrices", "the price table")
+        prices = await self.billing.list_prices(request.model)
+        return pb2.ListPricesResponse(prices=[convert.price_pb(p) for p in prices])
 
     async def DeletePrice(self, request: pb2.DeletePriceRequest, context: grpc.aio.ServicerContext) -> pb2.DeletePriceResponse:
-        raise _missing("BillingService.DeletePrice", "the price table")
+        await self.billing.delete_price(request.price_id, request.actor)
+        return pb2.DeletePriceResponse()
 
     async def WatchAlerts(self, request: pb2.WatchAlertsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb2.WatchAlertsResponse]:
-        raise _missing("BillingService.WatchAlerts", "budget alerts")
-        yield  # pragma: no cover
+        async for alert in self.billing.watch_alerts(request.cursor, request.tenant_id):
+            yield convert.alert_pb(alert)
 
     async def GetUsageReport(self, request: pb2.GetUsageReportRequest, context: grpc.aio.ServicerContext) -> pb2.GetUsageReportResponse:
-        raise _missing("BillingService.GetUsageReport", "usage reports")
+        rows, total = await self.billing.report(convert.report_query(request))
+        return pb2.GetUsageReportResponse(rows=[convert.report_row_pb(r, self.currency) for r in rows],
+                                          total=convert.report_row_pb(total, self.currency))
 
     async def ListAuditEvents(self, request: pb2.ListAuditEventsRequest, context: grpc.aio.ServicerContext) -> pb2.ListAuditEventsResponse:
-        raise _missing("BillingService.ListAuditEvents", "the audit log")
+        events, token = await self.billing.audit_events(convert.to_us(request.start_time),
+                                                        convert.to_us(request.end_time), request.action,
+                                                        request.page_size, request.page_token)
+        return pb2.ListAuditEventsResponse(events=[convert.audit_pb(e) for e in events], next_page_token=token)

@@ -1,0 +1,164 @@
+"""Conversions between the protobuf messages of BillingService and the ledger's dataclasses."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any, TypeVar, cast
+
+from google.protobuf import timestamp_pb2
+
+from autoglm.billing.v1 import billing_service_pb2 as pb2
+from autoglm.common.v1 import money_pb2
+from services.billing import model as m
+from services.billing.reports import ReportQuery, ReportRow
+from services.common.errors import InvalidInput
+
+E = TypeVar("E", bound=IntEnum)
+
+
+def enum(cls: type[E], value: int, field: str) -> E:
+    try:
+        return cls(value)
+    except ValueError as exc:
+        names = ", ".join(member.name for member in cls if member.value)
+        raise InvalidInput(f"{field} has unknown value {value}; use one of {names}", field=field) from exc
+
+
+def level_pb(level: m.Level) -> pb2.AlertLevel:
+    return cast(pb2.AlertLevel, int(level))
+
+
+def _pb_enum(value: IntEnum) -> Any:
+    return int(value)
+
+
+DIMENSION_NAMES = {1: "tenant", 2: "api_key", 3: "model", 4: "model_version", 5: "tag", 6: "status"}
+GRANULARITY_NAMES = {0: "", 1: "minute", 2: "hour", 3: "day", 4: "month"}
+
+
+def to_us(ts: timestamp_pb2.Timestamp) -> int:
+    return ts.seconds * 1_000_000 + ts.nanos // 1000
+
+
+def ts(us: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1000)
+
+
+def money(micros: int, currency: str) -> money_pb2.Money:
+    return money_pb2.Money(currency_code=currency, micros=micros)
+
+
+def event(e: pb2.UsageEvent) -> m.UsageEvent:
+    return m.UsageEvent(
+        event_id=e.event_id, tenant_id=e.tenant_id, api_key_id=e.api_key_id, model=e.model,
+        model_version=e.model_version, tags=dict(e.tags), prompt_tokens=e.prompt_tokens,
+        completion_tokens=e.completion_tokens, cached=e.cached, request_id=e.request_id, trace_id=e.trace_id,
+        start_us=to_us(e.start_time) if e.HasField("start_time") else 0,
+        end_us=to_us(e.end_time) if e.HasField("end_time") else 0,
+        status=enum(m.Status, e.status, "event.status") if e.status else m.Status.COMPLETED,
+        traffic_class=enum(m.TrafficClass, e.traffic_class, "event.traffic_class"),
+    )
+
+
+def reserve_request(r: pb2.ReserveRequest) -> m.ReserveRequest:
+    return m.ReserveRequest(tenant_id=r.tenant_id, api_key_id=r.api_key_id, tags=dict(r.tags), model=r.model,
+                            model_version=r.model_version, traffic_class=enum(m.TrafficClass, r.traffic_class, "traffic_class"),
+                            max_prompt_tokens=r.max_prompt_tokens, max_completion_tokens=r.max_completion_tokens,
+                            ttl_s=r.ttl_seconds, request_id=r.request_id)
+
+
+def price(p: pb2.Price) -> m.Price:
+    currency = p.input_per_million.currency_code or p.output_per_million.currency_code
+    return m.Price(price_id=p.price_id, model=p.model, model_version=p.model_version,
+                   input_per_million=p.input_per_million.micros, output_per_million=p.output_per_million.micros,
+                   cached_per_million=p.cached_per_million.micros if p.HasField("cached_per_million") else None,
+                   effective_us=to_us(p.effective_time) if p.HasField("effective_time") else 0,
+                   currency=currency or "USD")
+
+
+def price_pb(p: m.Price) -> pb2.Price:
+    out = pb2.Price(price_id=p.price_id, model=p.model, model_version=p.model_version,
+                    input_per_million=money(p.input_per_million, p.currency),
+                    output_per_million=money(p.output_per_million, p.currency), effective_time=ts(p.effective_us))
+    if p.cached_per_million is not None:
+        out.cached_per_million.CopyFrom(money(p.cached_per_million, p.currency))
+    return out
+
+
+def budget(b: pb2.Budget) -> tuple[m.Budget, str]:
+    """The budget and the currency its amounts were given in."""
+    auto = None
+    if b.HasField("auto"):
+        auto = m.AutoLimit(lookback_periods=b.auto.lookback_periods or 3, factor_permille=b.auto.factor_permille or 1300,
+                           floor_micros=b.auto.floor_amount.micros, floor_tokens=b.auto.floor_tokens)
+    currency = b.amount.currency_code or b.auto.floor_amount.currency_code
+    return m.Budget(
+        budget_id=b.budget_id,
+        scope=m.Scope(enum(m.ScopeKind, b.scope.kind, "budget.scope.kind"), b.scope.tenant_id, b.scope.api_key_id, b.scope.tag_key,
+                      b.scope.tag_value),
+        period=m.Period(enum(m.PeriodKind, b.period.kind, "budget.period.kind"), b.period.rolling_days, b.period.time_zone or "UTC"),
+        amount_micros=b.amount.micros, tokens=b.tokens, enforcement=enum(m.Enforcement, b.enforcement, "budget.enforcement"),
+        thresholds=m.Thresholds(b.thresholds.warning_percent, b.thresholds.critical_percent,
+                                b.thresholds.emergency_percent),
+        auto=auto, webhook_url=b.webhook_url,
+    ), currency
+
+
+def scope_pb(s: m.Scope) -> pb2.BudgetScope:
+    return pb2.BudgetScope(kind=_pb_enum(s.kind), tenant_id=s.tenant_id, api_key_id=s.api_key_id, tag_key=s.tag_key,
+                           tag_value=s.tag_value)
+
+
+def budget_pb(b: m.Budget, currency: str) -> pb2.Budget:
+    out = pb2.Budget(
+        budget_id=b.budget_id, scope=scope_pb(b.scope),
+        period=pb2.BudgetPeriod(kind=_pb_enum(b.period.kind), rolling_days=b.period.rolling_days,
+                                time_zone=b.period.time_zone),
+        tokens=b.tokens, enforcement=_pb_enum(b.enforcement),
+        thresholds=pb2.Thresholds(warning_percent=b.thresholds.warning, critical_percent=b.thresholds.critical,
+                                  emergency_percent=b.thresholds.emergency),
+        webhook_url=b.webhook_url, create_time=ts(b.create_us), update_time=ts(b.update_us),
+    )
+    if b.amount_micros:
+        out.amount.CopyFrom(money(b.amount_micros, currency))
+    if b.auto is not None:
+        out.auto.CopyFrom(pb2.AutoLimit(lookback_periods=b.auto.lookback_periods,
+                                        factor_permille=b.auto.factor_permille,
+                                        floor_amount=money(b.auto.floor_micros, currency),
+                                        floor_tokens=b.auto.floor_tokens))
+    return out
+
+
+def status_pb(s: m.BudgetState, currency: str) -> pb2.BudgetStatus:
+    return pb2.BudgetStatus(
+        budget=budget_pb(s.budget, currency), period_start=ts(s.period_start_us), period_end=ts(s.period_end_us),
+        spent_amount=money(s.spent_micros, currency), spent_tokens=s.spent_tokens,
+        held_amount=money(s.held_micros, currency), held_tokens=s.held_tokens,
+        effective_amount=money(s.limit_micros, currency), effective_tokens=s.limit_tokens,
+        utilization_permille=s.permille, level=level_pb(s.level),
+    )
+
+
+def alert_pb(a: m.Alert) -> pb2.WatchAlertsResponse:
+    return pb2.WatchAlertsResponse(cursor=str(a.seq), budget_id=a.budget_id, scope=scope_pb(a.scope),
+                                   level=level_pb(a.level), period_start=ts(a.period_start_us),
+                                   utilization_permille=a.permille, raise_time=ts(a.raise_us))
+
+
+def report_query(r: pb2.GetUsageReportRequest) -> ReportQuery:
+    return ReportQuery(start_us=to_us(r.start_time), end_us=to_us(r.end_time),
+                       group_by=tuple(DIMENSION_NAMES.get(d, f"unknown({d})") for d in r.group_by),
+                       tag_key=r.tag_key, granularity=GRANULARITY_NAMES.get(r.granularity, f"unknown({r.granularity})"),
+                       tenant_id=r.tenant_id, top_n=r.top_n)
+
+
+def report_row_pb(row: ReportRow, currency: str) -> pb2.UsageReportRow:
+    return pb2.UsageReportRow(bucket_start=ts(row.bucket_start_us), group=row.group, requests=row.requests,
+                              prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens,
+                              cost=money(row.cost_micros, currency), cached_requests=row.cached_requests,
+                              anomalous=row.anomalous)
+
+
+def audit_pb(a: m.AuditEvent) -> pb2.AuditEvent:
+    return pb2.AuditEvent(audit_id=str(a.seq), time=ts(a.time_us), actor=a.actor, action=a.action, target=a.target,
+                          details_json=a.details_json)

@@ -1,0 +1,274 @@
+"""The billing service's domain facade: async operations over the store, plain dataclasses in and out.
+
+Each operation runs one transactional function of the domain modules through the store (see
+`store.base`); side effects outside the database (waking alert watchers, webhooks) happen only after the
+commit that made them true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
+
+import structlog
+
+from services.billing import admin, alerts, audit, budgets, ledger, pricing, reports
+from services.billing.catalog import Catalog
+from services.billing.config import BillingConfig
+from services.billing.model import (
+    Alert,
+    AuditEvent,
+    Budget,
+    BudgetState,
+    Hold,
+    Price,
+    Recorded,
+    ReserveRequest,
+    Thresholds,
+    TrafficClass,
+    UsageEvent,
+    Verdict,
+)
+from services.billing.store.base import Store, Tx
+from services.billing.validation import check_event, check_tags, check_text, check_tokens
+from services.billing.webhooks import WebhookSender
+from services.common.errors import BudgetExceeded, DomainError, FailedPrecondition, InvalidInput
+
+log = structlog.get_logger(__name__)
+Clock = Callable[[], int]
+
+
+def wall_clock() -> int:
+    return time.time_ns() // 1000
+
+
+class Billing:
+    def __init__(self, store: Store, config: BillingConfig, clock: Clock = wall_clock,
+                 webhooks: WebhookSender | None = None) -> None:
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.catalog = Catalog()
+        self.fired = alerts.FiredCache()
+        self.hub = alerts.AlertHub()
+        self.webhooks = webhooks or WebhookSender(config.webhook_attempts, config.webhook_backoff_s,
+                                                  config.webhook_timeout_s)
+        self.default_thresholds = Thresholds(config.warning_percent, config.critical_percent,
+                                             config.emergency_percent)
+        self.anomaly_rule = reports.AnomalyRule(config.anomaly_max_requests, config.anomaly_window_s,
+                                                config.anomaly_hourly_factor_permille)
+
+    async def close(self) -> None:
+        await self.webhooks.close()
+        await self.store.close()
+
+    # --- usage --------------------------------------------------------------------------------
+    def _prepare(self, event: UsageEvent, now: int, prefix: str = "event") -> UsageEvent:
+        if not event.end_us:
+            event = replace(event, end_us=now)
+        check_event(event, now, self.config.max_future_skew_s, prefix)
+        return event
+
+    def _ingest_fn(self, event: UsageEvent, now: int) -> Callable[[Tx], ledger.Ingested]:
+        return lambda tx: ledger.ingest(tx, self.catalog, self.fired, event, self.config.currency, now)
+
+    async def record(self, event: UsageEvent) -> Recorded:
+        now = self.clock()
+        event = self._prepare(event, now)
+        ingested = await self.store.write(self._ingest_fn(event, now))
+        self._after_commit(ingested.alerts)
+        return ingested.recorded
+
+    async def record_many(self, events: Sequence[UsageEvent]) -> list[Recorded | DomainError]:
+        """Record a batch in one commit; each event is accepted or rejected on its own."""
+        now = self.clock()
+        outcomes: list[Recorded | DomainError | None] = [None] * len(events)
+        fns, slots = [], []
+        for index, event in enumerate(events):
+            try:
+                prepared = self._prepare(event, now)
+            except DomainError as error:
+                outcomes[index] = error
+                continue
+            fns.append(self._ingest_fn(prepared, now))
+            slots.append(index)
+        raised: list[Alert] = []
+        for index, result in zip(slots, await self.store.write_many(fns), strict=True):
+            if isinstance(result, DomainError):
+                outcomes[index] = result
+            else:
+                outcomes[index] = result.recorded
+                raised += result.alerts
+        self._after_commit(raised)
+        return [o for o in outcomes if o is not None]
+
+    def _after_commit(self, raised: list[Alert]) -> None:
+        if not raised:
+            return
+        self.hub.notify()
+        for alert in raised:
+            log.info("budget_alert", budget_id=alert.budget_id, level=alert.level.name, permille=alert.permille)
+        for alert in raised:
+            budget = self.catalog.cached_budget(alert.budget_id)
+            if budget is not None and budget.webhook_url:
+                self.webhooks.send(budget.webhook_url, alert_payload(alert))
+
+    # --- holds ----------------------------------------------------------------------------------
+    async def reserve(self, req: ReserveRequest, actor: str = "") -> Hold:
+        check_text(req.tenant_id, "tenant_id", required=True)
+        check_text(req.model, "model", required=True)
+        check_text(req.request_id, "request_id", required=False, limit=128)
+        check_tokens(req.max_prompt_tokens, "max_prompt_tokens")
+        check_tokens(req.max_completion_tokens, "max_completion_tokens")
+        check_tags(req.tags, "tags")
+        if not 0 <= req.ttl_s <= self.config.max_hold_ttl_s:
+            raise InvalidInput(f"ttl_seconds must be 0 (default {self.config.hold_ttl_s}) to "
+                               f"{self.config.max_hold_ttl_s}", field="ttl_seconds")
+        ttl = req.ttl_s or self.config.hold_ttl_s
+        now = self.clock()
+
+        def unit(tx: Tx) -> Hold | budgets.Denied:
+            snap = self.catalog.current(tx)
+            price = snap.prices.require(req.model, req.model_version, now)
+            amount = pricing.cost_micros(price, req.max_prompt_tokens, req.max_completion_tokens)
+            return budgets.reserve(tx, snap, req, amount, now, ttl, actor)
+
+        outcome = await self.store.write(unit)
+        if isinstance(outcome, budgets.Denied):
+            raise BudgetExceeded(outcome.reason, field="budget", metadata={"budget_id": outcome.budget_id,
+                                                                           "level": outcome.level.name})
+        return outcome
+
+    async def settle(self, hold_id: str, event: UsageEvent) -> Recorded:
+        check_text(hold_id, "hold_id", required=True, limit=128)
+        now = self.clock()
+        event = self._prepare(event, now)
+
+        def unit(tx: Tx) -> ledger.Ingested:
+            budgets.check_settle_tenant(tx, hold_id, event.tenant_id)
+            ingested = ledger.ingest(tx, self.catalog, self.fired, event, self.config.currency, now)
+            budgets.close_hold(tx, self.catalog.current(tx), hold_id, budgets.SETTLED, now)
+            return ingested
+
+        ingested = await self.store.write(unit)
+        self._after_commit(ingested.alerts)
+        return ingested.recorded
+
+    async def release(self, hold_id: str) -> bool:
+        check_text(hold_id, "hold_id", required=True, limit=128)
+        now = self.clock()
+
+        def unit(tx: Tx) -> bool:
+            budgets.hold_tenant(tx, hold_id)
+            return budgets.close_hold(tx, self.catalog.current(tx), hold_id, budgets.RELEASED, now)
+
+        return await self.store.write(unit)
+
+    async def check(self, tenant_id: str, api_key_id: str, tags: dict[str, str], traffic_class: int) -> Verdict:
+        check_text(tenant_id, "tenant_id", required=True)
+        check_tags(tags, "tags")
+        now = self.clock()
+        return await self.store.read(lambda tx: budgets.check(tx, self.catalog.current(tx), tenant_id, api_key_id,
+                                                             tags, TrafficClass(traffic_class), now))
+
+    async def purge_expired_holds(self) -> int:
+        now = self.clock()
+        return await self.store.write(lambda tx: tx.execute("DELETE FROM hold_budgets WHERE expire_us <= ?", (now,)))
+
+    # --- prices -----------------------------------------------------------------------------------
+    async def create_price(self, price: Price, actor: str) -> Price:
+        admin.check_price(price, self.config.currency)
+        now = self.clock()
+        return await self.store.write(lambda tx: admin.create_price(tx, price, actor, now))
+
+    async def list_prices(self, model: str) -> list[Price]:
+        return await self.store.read(lambda tx: admin.list_prices(tx, model))
+
+    async def delete_price(self, price_id: str, actor: str) -> None:
+        check_text(price_id, "price_id", required=True)
+        now = self.clock()
+        await self.store.write(lambda tx: admin.delete_price(tx, price_id, actor, now))
+
+    # --- budgets ----------------------------------------------------------------------------------
+    async def create_budget(self, budget: Budget, actor: str, currency: str = "") -> Budget:
+        budget = replace(budget, thresholds=admin.with_default_thresholds(budget.thresholds, self.default_thresholds))
+        budget = admin.check_budget(budget, self.config.currency, currency)
+        check_text(budget.budget_id, "budget.budget_id", required=False, limit=64)
+        now = self.clock()
+        return await self.store.write(lambda tx: admin.create_budget(tx, budget, actor, now))
+
+    async def update_budget(self, changes: Budget, actor: str, currency: str = "") -> Budget:
+        check_text(changes.budget_id, "budget.budget_id", required=True)
+        now = self.clock()
+        current = await self.store.read(lambda tx: admin.get_budget(tx, changes.budget_id))
+        scope_changed = bool(changes.scope.kind) and changes.scope != current.scope
+        if scope_changed or (bool(changes.period.kind) and changes.period != current.period):
+            raise FailedPrecondition("a budget's scope and period cannot change; create a new budget instead",
+                                     field="budget.scope")
+        merged = replace(changes, scope=current.scope, period=current.period,
+                         thresholds=admin.with_default_thresholds(changes.thresholds, self.default_thresholds))
+        merged = admin.check_budget(merged, self.config.currency, currency)
+        return await self.store.write(lambda tx: admin.update_budget(tx, merged, actor, now))
+
+    async def delete_budget(self, budget_id: str, actor: str) -> None:
+        check_text(budget_id, "budget_id", required=True)
+        now = self.clock()
+        await self.store.write(lambda tx: admin.delete_budget(tx, budget_id, actor, now))
+
+    async def budget_state(self, budget_id: str) -> BudgetState:
+        check_text(budget_id, "budget_id", required=True)
+        now = self.clock()
+        return await self.store.read(lambda tx: budgets.state(tx, admin.get_budget(tx, budget_id), now, now))
+
+    async def list_budget_states(self, tenant_id: str) -> list[BudgetState]:
+        now = self.clock()
+
+        def unit(tx: Tx) -> list[BudgetState]:
+            snap = self.catalog.current(tx)
+            chosen = [b for b in snap.budgets.values() if not tenant_id or b.scope.tenant_id == tenant_id]
+            return [budgets.state(tx, b, now, now) for b in sorted(chosen, key=lambda b: b.budget_id)]
+
+        return await self.store.read(unit)
+
+    # --- alerts, reports, audit ---------------------------------------------------------------------
+    async def watch_alerts(self, cursor: str, tenant_id: str, poll_s: float = 1.0) -> AsyncIterator[Alert]:
+        position = alerts.parse_cursor(cursor) if cursor else await self.store.read(alerts.last_seq)
+        while True:
+            seen = self.hub.version
+            batch = await self.store.read(functools.partial(alerts.after, cursor=position, tenant_id=tenant_id))
+            for alert in batch:
+                position = alert.seq
+                yield alert
+            if not batch:
+                await self.hub.wait(seen, poll_s)
+
+    async def report(self, query: reports.ReportQuery) -> tuple[list[reports.ReportRow], reports.ReportRow]:
+        reports.check_query(query)
+        return await self.store.read(lambda tx: reports.build(tx, query, self.anomaly_rule))
+
+    async def audit_events(self, start_us: int, end_us: int, action: str, page_size: int,
+                           page_token: str) -> tuple[list[AuditEvent], str]:
+        return await self.store.read(lambda tx: audit.list_events(tx, start_us, end_us, action, page_size,
+                                                                  page_token))
+
+    async def totals(self) -> tuple[int, int, int, int]:
+        return await self.store.read(ledger.totals)
+
+
+def alert_payload(alert: Alert) -> dict[str, object]:
+    return {"cursor": str(alert.seq), "budget_id": alert.budget_id, "tenant_id": alert.tenant_id,
+            "scope": alert.scope.describe(), "level": alert.level.name, "utilization_permille": alert.permille,
+            "period_start_us": alert.period_start_us, "raise_time_us": alert.raise_us}
+
+
+async def run_hold_janitor(billing: Billing, every_s: float = 60.0) -> None:
+    """Drop expired holds' rows now and then (they already stopped counting when they expired)."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await billing.purge_expired_holds()
+        except Exception:  # keep the janitor alive; the error is logged
+            log.exception("hold_purge_failed")

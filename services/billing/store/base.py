@@ -1,0 +1,56 @@
+"""The storage interface the domain modules are written against.
+
+Domain code is plain synchronous functions `fn(tx) -> result` over a `Tx` (SQL with `?` placeholders,
+portable between SQLite and PostgreSQL). A `Store` runs such a function atomically in its own thread(s):
+
+- `write(fn)`: one atomic unit of work. It either commits whole or, when it raises, writes nothing.
+- `write_many(fns)`: several units in ONE transaction (one durable commit), each isolated by a savepoint:
+  a unit that raises a `DomainError` is rolled back alone and its error returned in its place.
+- `read(fn)`: a read-only unit.
+
+Every modification of a budget's spend or holds first calls `tx.lock_budgets(ids)`: PostgreSQL takes
+`SELECT ... FOR UPDATE` row locks (in id order, so two processes cannot deadlock on them); SQLite needs no
+lock because all of its writes go through one writer thread inside `BEGIN IMMEDIATE` transactions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from services.common.errors import DomainError
+
+T = TypeVar("T")
+Row = tuple[Any, ...]
+
+
+class Tx(Protocol):
+    dialect: str
+    # Per-transaction memo (e.g. the catalogue version read once per transaction).
+    memo: dict[str, Any]
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run a statement; returns the number of rows it changed."""
+        ...
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None: ...
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
+
+    def lock_budgets(self, budget_ids: Sequence[str]) -> None: ...
+
+
+class Store(Protocol):
+    dialect: str
+
+    async def open(self) -> None:
+        """Connect and apply pending migrations."""
+        ...
+
+    async def write(self, fn: Callable[[Tx], T]) -> T: ...
+
+    async def write_many(self, fns: Sequence[Callable[[Tx], T]]) -> list[T | DomainError]: ...
+
+    async def read(self, fn: Callable[[Tx], T]) -> T: ...
+
+    async def close(self) -> None: ...

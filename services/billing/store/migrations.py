@@ -1,0 +1,89 @@
+"""Versioned schema migrations, one list for both databases (types differ only where marked).
+
+Each migration runs once, in order, inside a transaction, and is recorded in `schema_migrations`.
+Add a new migration at the end; never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from services.billing.store.base import Tx
+
+TYPES = {
+    "sqlite": {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "int": "INTEGER"},
+    "postgres": {"serial": "BIGSERIAL PRIMARY KEY", "int": "BIGINT"},
+}
+
+MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
+    (1, "ledger, prices, budgets, holds, alerts, audit", (
+        """CREATE TABLE prices (
+            price_id TEXT PRIMARY KEY, model TEXT NOT NULL, model_version TEXT NOT NULL,
+            input_micros {int} NOT NULL, output_micros {int} NOT NULL, cached_micros {int},
+            currency TEXT NOT NULL, effective_us {int} NOT NULL, create_us {int} NOT NULL)""",
+        "CREATE INDEX prices_model ON prices (model, model_version, effective_us)",
+        """CREATE TABLE events (
+            seq {serial}, event_id TEXT NOT NULL UNIQUE, tenant_id TEXT NOT NULL, api_key_id TEXT NOT NULL,
+            model TEXT NOT NULL, model_version TEXT NOT NULL, tags_json TEXT NOT NULL,
+            prompt_tokens {int} NOT NULL, completion_tokens {int} NOT NULL, cached {int} NOT NULL,
+            request_id TEXT NOT NULL, trace_id TEXT NOT NULL, start_us {int} NOT NULL, end_us {int} NOT NULL,
+            status {int} NOT NULL, traffic_class {int} NOT NULL, cost_micros {int} NOT NULL,
+            currency TEXT NOT NULL, recorded_us {int} NOT NULL)""",
+        "CREATE INDEX events_time ON events (end_us)",
+        "CREATE INDEX events_tenant_time ON events (tenant_id, end_us)",
+        """CREATE TABLE budgets (
+            budget_id TEXT PRIMARY KEY, scope_kind {int} NOT NULL, tenant_id TEXT NOT NULL,
+            api_key_id TEXT NOT NULL, tag_key TEXT NOT NULL, tag_value TEXT NOT NULL,
+            period_kind {int} NOT NULL, rolling_days {int} NOT NULL, time_zone TEXT NOT NULL,
+            amount_micros {int} NOT NULL, tokens {int} NOT NULL, enforcement {int} NOT NULL,
+            warning_percent {int} NOT NULL, critical_percent {int} NOT NULL, emergency_percent {int} NOT NULL,
+            auto_json TEXT, webhook_url TEXT NOT NULL, create_us {int} NOT NULL, update_us {int} NOT NULL,
+            generation {int} NOT NULL)""",
+        "CREATE INDEX budgets_tenant ON budgets (tenant_id)",
+        """CREATE TABLE budget_usage (
+            budget_id TEXT NOT NULL, bucket_us {int} NOT NULL, spent_micros {int} NOT NULL,
+            spent_tokens {int} NOT NULL, limit_micros {int} NOT NULL, limit_tokens {int} NOT NULL,
+            PRIMARY KEY (budget_id, bucket_us))""",
+        """CREATE TABLE holds (
+            hold_id TEXT PRIMARY KEY, request_id TEXT NOT NULL, tenant_id TEXT NOT NULL,
+            amount_micros {int} NOT NULL, tokens {int} NOT NULL, expire_us {int} NOT NULL,
+            state {int} NOT NULL, level {int} NOT NULL, create_us {int} NOT NULL)""",
+        "CREATE UNIQUE INDEX holds_request ON holds (request_id) WHERE request_id <> ''",
+        """CREATE TABLE hold_budgets (
+            hold_id TEXT NOT NULL, budget_id TEXT NOT NULL, amount_micros {int} NOT NULL,
+            tokens {int} NOT NULL, expire_us {int} NOT NULL, PRIMARY KEY (hold_id, budget_id))""",
+        "CREATE INDEX hold_budgets_budget ON hold_budgets (budget_id, expire_us)",
+        """CREATE TABLE alerts (
+            seq {serial}, budget_id TEXT NOT NULL, tenant_id TEXT NOT NULL, scope_json TEXT NOT NULL,
+            level {int} NOT NULL, period_start_us {int} NOT NULL, generation {int} NOT NULL,
+            permille {int} NOT NULL, raise_us {int} NOT NULL,
+            UNIQUE (budget_id, period_start_us, generation, level))""",
+        """CREATE TABLE audit (
+            seq {serial}, time_us {int} NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+            target TEXT NOT NULL, details_json TEXT NOT NULL)""",
+        "CREATE INDEX audit_time ON audit (time_us)",
+        # Bumped by every price or budget change, so each process reloads its in-memory catalogue.
+        "CREATE TABLE catalog_version (id {int} PRIMARY KEY, version {int} NOT NULL)",
+        "INSERT INTO catalog_version (id, version) VALUES (1, 0)",
+    )),
+)
+
+
+def pending(applied: set[int]) -> list[tuple[int, str, Sequence[str]]]:
+    return [m for m in MIGRATIONS if m[0] not in applied]
+
+
+def migrate(tx: Tx, now_us: int) -> list[int]:
+    """Apply every pending migration inside the caller's transaction; returns the versions applied."""
+    tx.execute(
+        f"CREATE TABLE IF NOT EXISTS schema_migrations (version {TYPES[tx.dialect]['int']} PRIMARY KEY,"
+        f" name TEXT NOT NULL, applied_us {TYPES[tx.dialect]['int']} NOT NULL)"
+    )
+    applied = {int(r[0]) for r in tx.all("SELECT version FROM schema_migrations")}
+    done = []
+    for version, name, statements in pending(applied):
+        for statement in statements:
+            tx.execute(statement.format(**TYPES[tx.dialect]))
+        tx.execute("INSERT INTO schema_migrations (version, name, applied_us) VALUES (?, ?, ?)", (version, name, now_us))
+        done.append(version)
+    return done

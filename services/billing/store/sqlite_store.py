@@ -1,0 +1,205 @@
+"""The embedded store: one SQLite file in WAL mode.
+
+Durability: `synchronous=FULL` by default — the WAL is fsynced before every commit returns, so an
+acknowledged event survives a power cut, not only a process crash (NORMAL would only survive the latter).
+Speed comes from group commit instead: every write goes through ONE writer thread and connection, which
+takes all units of work queued at that moment (up to `max_batch`), runs them in one `BEGIN IMMEDIATE`
+transaction — each in its own savepoint, so one failing unit rolls back alone — commits once (one fsync),
+and only then answers their callers. Because there is a single writer, a Reserve's check of spend + holds
+and its insert of the new hold cannot interleave with another write: no budget can be overshot.
+Reads use a second connection in their own thread (WAL lets them run beside the writer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from services.billing.store.base import Row
+from services.billing.store.migrations import migrate
+from services.common.errors import DomainError
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+class SqliteTx:
+    dialect = "sqlite"
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.memo: dict[str, Any] = {}
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._conn.execute(sql, params).rowcount
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        row: Row | None = self._conn.execute(sql, params).fetchone()
+        return row
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return list(self._conn.execute(sql, params).fetchall())
+
+    def lock_budgets(self, budget_ids: Sequence[str]) -> None:
+        """Nothing to do: the single writer already serialises every write."""
+
+
+@dataclass
+class _Work:
+    fns: Sequence[Callable[[SqliteTx], Any]]
+    future: asyncio.Future[list[Any]]
+    loop: asyncio.AbstractEventLoop
+    many: bool = False
+    results: list[Any] = field(default_factory=list)
+
+
+def _connect(path: str, synchronous: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class SqliteStore:
+    dialect = "sqlite"
+
+    def __init__(self, path: str, *, synchronous: str = "FULL", max_batch: int = 1024) -> None:
+        self.path = path
+        self.synchronous = synchronous.upper()
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._reader_conn: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        self.commits = 0
+
+    async def open(self) -> None:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = _connect(self.path, self.synchronous)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            applied = migrate(SqliteTx(conn), int(time.time() * 1e6))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if applied:
+            log.info("billing_schema_migrated", database="sqlite", path=self.path, versions=applied)
+        self._writer = threading.Thread(target=self._write_loop, args=(conn,), name="billing-sqlite-writer",
+                                        daemon=True)
+        self._writer.start()
+        self._reader_conn = _connect(self.path, self.synchronous)
+
+    async def write(self, fn: Callable[[SqliteTx], T]) -> T:
+        result = (await self._submit([fn], many=False))[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result  # type: ignore[no-any-return]
+
+    async def write_many(self, fns: Sequence[Callable[[SqliteTx], T]]) -> list[T | DomainError]:
+        results = await self._submit(fns, many=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, DomainError):
+                raise result
+        return results
+
+    async def read(self, fn: Callable[[SqliteTx], T]) -> T:
+        return await asyncio.to_thread(self._read, fn)
+
+    def _read(self, fn: Callable[[SqliteTx], T]) -> T:
+        assert self._reader_conn is not None, "store is not open"
+        with self._read_lock:
+            self._reader_conn.execute("BEGIN")
+            try:
+                return fn(SqliteTx(self._reader_conn))
+            finally:
+                self._reader_conn.execute("ROLLBACK")
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+        if self._reader_conn is not None:
+            self._reader_conn.close()
+            self._reader_conn = None
+
+    async def _submit(self, fns: Sequence[Callable[[SqliteTx], Any]], many: bool) -> list[Any]:
+        if self._writer is None:
+            raise RuntimeError("store is not open")
+        loop = asyncio.get_running_loop()
+        work = _Work(fns=fns, future=loop.create_future(), loop=loop, many=many)
+        self._queue.put(work)
+        return await asyncio.shield(work.future)
+
+    # --- the writer thread -------------------------------------------------------------------
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        tx = SqliteTx(conn)
+        while True:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            units = len(first.fns)
+            stop = False
+            while units < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+                units += len(nxt.fns)
+            self._run_batch(conn, tx, batch)
+            if stop:
+                break
+        conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, tx: SqliteTx, batch: list[_Work]) -> None:
+        tx.memo = {}
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for work in batch:
+                work.results = [self._run_unit(conn, tx, fn) for fn in work.fns]
+            conn.execute("COMMIT")
+            self.commits += 1
+        except BaseException as error:  # the commit failed: nothing of this batch is durable
+            log.error("billing_commit_failed", exc_info=error)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for work in batch:
+                work.results = [error] * len(work.fns)
+        for work in batch:
+            work.loop.call_soon_threadsafe(_resolve, work.future, work.results)
+
+    @staticmethod
+    def _run_unit(conn: sqlite3.Connection, tx: SqliteTx, fn: Callable[[SqliteTx], Any]) -> Any:
+        conn.execute("SAVEPOINT unit")
+        try:
+            result = fn(tx)
+        except Exception as error:
+            conn.execute("ROLLBACK TO unit")
+            conn.execute("RELEASE unit")
+            if not isinstance(error, DomainError):
+                log.error("billing_unit_failed", exc_info=error)
+            return error
+        conn.execute("RELEASE unit")
+        return result
+
+
+def _resolve(future: asyncio.Future[list[Any]], results: list[Any]) -> None:
+    if not future.done():
+        future.set_result(results)
