@@ -1,19 +1,55 @@
-"""`python -m services.router`: run the router."""
+"""`python -m services.router --port P [--config FILE] [--inference A,B] [--billing H:P] [--data-dir D]`."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from services.common.config import ServerSettings
+from services.common.config import ServerSettings, apply_overrides, load_section
 from services.common.grpc_server import RunningServer
 from services.common.service_main import run_service
 from services.router.config import DEFAULT_PORT, RouterConfig
 from services.router.server import build_server
 
+DEFAULT_BILLING = "127.0.0.1:50061"
+DEFAULT_INFERENCE = "127.0.0.1:50071"
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--inference", default=None, help="comma-separated inference replicas host:port")
+    parser.add_argument("--billing", default=None, help="billing host:port")
+    parser.add_argument("--data-dir", type=Path, default=None, help="where the router keeps its SQLite files")
+
+
+def config_from(settings: ServerSettings, args: argparse.Namespace) -> RouterConfig:
+    section = dict(load_section(args.config, "router"))
+    section.pop("port", None)
+    section.pop("host", None)
+    mesh = load_section(args.config, "mesh")
+    if "inference_targets" in section:
+        section["inference_targets"] = tuple(section["inference_targets"])
+    if "data_dir" in section:
+        section["data_dir"] = Path(section["data_dir"])
+    config = apply_overrides(RouterConfig(server=settings), section)
+    overrides: dict[str, object] = {}
+    if args.inference:
+        overrides["inference_targets"] = tuple(a.strip() for a in args.inference.split(",") if a.strip())
+    elif not config.inference_targets:
+        overrides["inference_targets"] = (DEFAULT_INFERENCE,)
+    if args.billing:
+        overrides["billing_target"] = args.billing
+    elif not config.billing_target:
+        overrides["billing_target"] = DEFAULT_BILLING
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    elif "data_dir" not in section and mesh.get("data_dir"):
+        overrides["data_dir"] = Path(str(mesh["data_dir"])).expanduser() / "router"
+    return apply_overrides(config, overrides)
+
 
 async def _build(settings: ServerSettings, args: argparse.Namespace) -> RunningServer:
-    return await build_server(RouterConfig(server=settings))
+    return await build_server(config_from(settings, args))
 
 
 if __name__ == "__main__":
-    run_service("router", DEFAULT_PORT, _build)
+    run_service("router", DEFAULT_PORT, _build, _add_arguments)

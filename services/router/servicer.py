@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,99 +12,185 @@ from autoglm.router.v1 import admin_service_pb2_grpc as admin_grpc
 from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as pb2_grpc
 from services.common.errors import NotImplementedYet
+from services.common.tracing import current_request_id, current_trace_id
+from services.router import convert
+from services.router.app import RouterApp
+from services.router.tasks import LengthUnit, OutputFormat, TaskKind, TaskSpec
+from services.router.types import GenerationRequest, Principal, RequestContext, Summary, TrafficClass
 
 
-def _missing(rpc: str, what: str) -> NotImplementedYet:
-    return NotImplementedYet(f"{rpc} is not available in this build: {what} is not implemented yet")
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
 class RouterServicer(pb2_grpc.RouterServiceServicer):
+    def __init__(self, app: RouterApp) -> None:
+        self._app = app
+
+    def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
+        return self._app.authenticator.authenticate(_metadata(context).get("authorization", ""))
+
+    def _context(self, context: grpc.aio.ServicerContext, tags: dict[str, str]) -> RequestContext:
+        metadata = _metadata(context)
+        principal = self._app.authenticator.authenticate(metadata.get("authorization", ""))
+        merged = {**convert.parse_tags(metadata.get("x-autoglm-tags", "")), **tags}
+        # A trace id even when no tracer is installed: from traceparent, else a new one.
+        trace_id = current_trace_id() or uuid.uuid4().hex
+        return RequestContext(current_request_id() or uuid.uuid4().hex, trace_id, principal, merged)
+
     async def Generate(
         self, request: pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb2.GenerateResponse]:
-        raise _missing("RouterService.Generate", "routing to inference (authentication, budgets, streaming)")
-        yield  # pragma: no cover - makes this an async generator
+        ctx = self._context(context, dict(request.tags))
+        async for item in self._app.gateway.generate(ctx, convert.generation_request(request)):
+            if isinstance(item, Summary):
+                yield pb2.GenerateResponse(id=ctx.request_id, summary=convert.summary(item))
+            else:
+                yield pb2.GenerateResponse(id=ctx.request_id, delta=item.delta, delta_tokens=item.tokens)
 
     async def Complete(self, request: pb2.CompleteRequest, context: grpc.aio.ServicerContext) -> pb2.CompleteResponse:
-        raise _missing("RouterService.Complete", "routing to inference")
+        ctx = self._context(context, dict(request.tags))
+        text, summary = await self._app.gateway.complete(ctx, convert.generation_request(request))
+        return pb2.CompleteResponse(
+            id=ctx.request_id, choices=[pb2.Choice(index=0, text=text, finish_reason=int(summary.finish_reason))],  # type: ignore[arg-type]
+            usage=convert.usage(summary.usage), cost=convert.money(summary.cost), model=summary.model,
+            model_version=summary.model_version, trace_id=summary.trace_id,
+        )
 
     async def RunTask(self, request: pb2.RunTaskRequest, context: grpc.aio.ServicerContext) -> pb2.RunTaskResponse:
-        raise _missing("RouterService.RunTask", "declarative task templates")
+        ctx = self._context(context, dict(request.tags))
+        spec = TaskSpec(
+            kind=TaskKind(request.kind), content=request.content, length_unit=LengthUnit(request.target_length.unit),
+            length_value=request.target_length.value, output_format=OutputFormat(request.output_format),
+            target_language=request.target_language, labels=tuple(request.labels), fields=tuple(request.fields),
+            style=request.style,
+        )
+        text, summary = await self._app.run_task(ctx, request.model, spec, convert.sampling(request.sampling),
+                                                 TrafficClass(request.traffic_class))
+        return pb2.RunTaskResponse(
+            id=ctx.request_id, output=text, finish_reason=int(summary.finish_reason),  # type: ignore[arg-type]
+            usage=convert.usage(summary.usage), cost=convert.money(summary.cost), model=summary.model,
+            model_version=summary.model_version,
+        )
 
     async def CountTokens(
         self, request: pb2.CountTokensRequest, context: grpc.aio.ServicerContext
     ) -> pb2.CountTokensResponse:
-        raise _missing("RouterService.CountTokens", "the model registry")
+        count, window, model, version = await self._app.gateway.count_tokens(
+            self._principal(context), request.model, request.prompt, convert.messages(request.messages),
+            request.raw_prompt,
+        )
+        return pb2.CountTokensResponse(token_count=count, context_window=window, model=model, model_version=version)
 
     async def ListModels(
         self, request: pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb2.ListModelsResponse:
-        raise _missing("RouterService.ListModels", "the model registry")
+        models = self._app.gateway.callable_models(self._principal(context))
+        return pb2.ListModelsResponse(
+            models=[convert.model_summary(m, self._app.healthy_replicas(m)) for m in models]
+        )
 
     async def SubmitBatch(
         self, request: pb2.SubmitBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb2.SubmitBatchResponse:
-        raise _missing("RouterService.SubmitBatch", "the batch job queue")
+        raise NotImplementedYet("RouterService.SubmitBatch is not available in this build: batch jobs are not"
+                                " implemented yet")
 
     async def GetJob(self, request: pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> pb2.GetJobResponse:
-        raise _missing("RouterService.GetJob", "the batch job queue")
+        raise NotImplementedYet("RouterService.GetJob is not available in this build: batch jobs are not"
+                                " implemented yet")
 
     async def ListJobs(self, request: pb2.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb2.ListJobsResponse:
-        raise _missing("RouterService.ListJobs", "the batch job queue")
+        raise NotImplementedYet("RouterService.ListJobs is not available in this build: batch jobs are not"
+                                " implemented yet")
 
     async def CancelJob(
         self, request: pb2.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> pb2.CancelJobResponse:
-        raise _missing("RouterService.CancelJob", "the batch job queue")
+        raise NotImplementedYet("RouterService.CancelJob is not available in this build: batch jobs are not"
+                                " implemented yet")
 
 
 class AdminServicer(admin_grpc.AdminServiceServicer):
+    def __init__(self, app: RouterApp) -> None:
+        self._app = app
+
+    def _admin(self, context: grpc.aio.ServicerContext) -> None:
+        self._app.authenticator.authenticate_admin(_metadata(context).get("authorization", ""))
+
     async def CreateApiKey(
         self, request: admin_pb2.CreateApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CreateApiKeyResponse:
-        raise _missing("AdminService.CreateApiKey", "the API key store")
+        self._admin(context)
+        record, secret = self._app.keys.create(convert.new_api_key(request))
+        return admin_pb2.CreateApiKeyResponse(api_key=convert.api_key(record), secret=secret)
 
     async def ListApiKeys(
         self, request: admin_pb2.ListApiKeysRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListApiKeysResponse:
-        raise _missing("AdminService.ListApiKeys", "the API key store")
+        self._admin(context)
+        records = self._app.keys.list(request.tenant_id, request.include_revoked)
+        return admin_pb2.ListApiKeysResponse(api_keys=[convert.api_key(r) for r in records])
 
     async def RevokeApiKey(
         self, request: admin_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RevokeApiKeyResponse:
-        raise _missing("AdminService.RevokeApiKey", "the API key store")
+        self._admin(context)
+        return admin_pb2.RevokeApiKeyResponse(api_key=convert.api_key(self._app.keys.revoke(request.key_id)))
 
     async def RegisterModelVersion(
         self, request: admin_pb2.RegisterModelVersionRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RegisterModelVersionResponse:
-        raise _missing("AdminService.RegisterModelVersion", "the model registry")
+        self._admin(context)
+        model = await self._app.register(
+            request.model, request.version, tuple(r.address for r in request.replicas),
+            tuple(request.fallback_models), convert.canary_policy(request.canary_policy),
+        )
+        return admin_pb2.RegisterModelVersionResponse(model=self._record(model.name))
 
     async def SetTrafficSplit(
         self, request: admin_pb2.SetTrafficSplitRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.SetTrafficSplitResponse:
-        raise _missing("AdminService.SetTrafficSplit", "the model registry")
+        self._admin(context)
+        self._app.registry.set_split(request.model, {w.version: w.weight_permille for w in request.weights})
+        return admin_pb2.SetTrafficSplitResponse(model=self._record(request.model))
 
     async def PromoteVersion(
         self, request: admin_pb2.PromoteVersionRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.PromoteVersionResponse:
-        raise _missing("AdminService.PromoteVersion", "the model registry")
+        self._admin(context)
+        self._app.registry.promote(request.model, request.version)
+        return admin_pb2.PromoteVersionResponse(model=self._record(request.model))
 
     async def RollbackVersion(
         self, request: admin_pb2.RollbackVersionRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RollbackVersionResponse:
-        raise _missing("AdminService.RollbackVersion", "the model registry")
+        self._admin(context)
+        self._app.registry.rollback(request.model, request.reason or "manual rollback")
+        return admin_pb2.RollbackVersionResponse(model=self._record(request.model))
 
     async def GetModel(
         self, request: admin_pb2.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetModelResponse:
-        raise _missing("AdminService.GetModel", "the model registry")
+        self._admin(context)
+        return admin_pb2.GetModelResponse(model=self._record(request.model))
 
     async def SetPolicy(
         self, request: admin_pb2.SetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.SetPolicyResponse:
-        raise _missing("AdminService.SetPolicy", "the policy engine")
+        self._admin(context)
+        stored = self._app.policies.set(request.tenant_id, convert.policy_from_proto(request.policy))
+        return admin_pb2.SetPolicyResponse(policy=convert.policy_to_proto(stored))
 
     async def GetPolicy(
         self, request: admin_pb2.GetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetPolicyResponse:
-        raise _missing("AdminService.GetPolicy", "the policy engine")
+        self._admin(context)
+        return admin_pb2.GetPolicyResponse(policy=convert.policy_to_proto(self._app.policies.for_tenant(request.tenant_id)))
+
+    def _record(self, name: str) -> admin_pb2.ModelRecord:
+        model = self._app.registry.get(name)
+        return convert.model_record(model, self._app.healthy_replicas(model))
+
+
+__all__ = ["AdminServicer", "GenerationRequest", "RouterServicer"]

@@ -1,0 +1,157 @@
+"""The router's parts wired together from a RouterConfig: stores under the data dir, peers, gateway,
+background tasks (replica monitoring, usage spool replay), and bootstrap of the bundled model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import replace
+from pathlib import Path
+
+import structlog
+
+from services.common.errors import DomainError, InvalidInput
+from services.router.admission import PriorityGate
+from services.router.auth.api_keys import load_or_create_secret_file
+from services.router.auth.authenticator import Authenticator
+from services.router.auth.jwt import JwtSettings, JwtVerifier
+from services.router.auth.key_store import KeyStore
+from services.router.balancer import Balancer
+from services.router.billing_client import GrpcBilling
+from services.router.cache import ResponseCache
+from services.router.canary import CanaryMonitor
+from services.router.config import RouterConfig
+from services.router.contexts import ContextStore
+from services.router.gateway import Gateway, GatewaySettings
+from services.router.inference_client import GrpcInference
+from services.router.limits.token_bucket import InMemoryBuckets, RateLimiter
+from services.router.metering import Meter
+from services.router.policy import PolicyStore
+from services.router.registry import CanaryPolicy, ModelEntry, Registry
+from services.router.replica_monitor import ReplicaMonitor
+from services.router.retry import RetrySettings
+from services.router.spool import UsageSpool
+from services.router.tasks import TaskSpec, render_task
+from services.router.types import (
+    GenerationRequest,
+    RequestContext,
+    Sampling,
+    Summary,
+    TrafficClass,
+)
+
+log = structlog.get_logger(__name__)
+DEFAULT_BILLING_TARGET = "127.0.0.1:50061"
+
+
+def admin_token_of(config: RouterConfig) -> str:
+    if config.admin_token:
+        return config.admin_token
+    return load_or_create_secret_file(config.data_dir / "admin_token", text=True).decode()
+
+
+class RouterApp:
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        data = Path(config.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        pepper = load_or_create_secret_file(data / "key_pepper")
+        self.keys = KeyStore(data / "keys.db", pepper)
+        jwt_settings = JwtSettings(
+            hs256_secret=config.jwt_hs256_secret.encode(),
+            jwks_path=Path(config.jwt_jwks_path) if config.jwt_jwks_path else None,
+            tenant_claim=config.jwt_tenant_claim, issuer=config.jwt_issuer, audience=config.jwt_audience,
+        )
+        self.authenticator = Authenticator(
+            self.keys, admin_token_of(config), JwtVerifier(jwt_settings) if jwt_settings.enabled else None
+        )
+        self.registry = Registry(data / "registry.db")
+        self.policies = PolicyStore(data / "policies.db")
+        self.contexts = ContextStore(data / "contexts.db")
+        self.spool = UsageSpool(data / "usage_spool.db")
+        self.inference = GrpcInference()
+        self.billing = GrpcBilling(config.billing_target or DEFAULT_BILLING_TARGET, timeout_s=config.billing_timeout_s)
+        self.balancer = Balancer()
+        self.monitor = ReplicaMonitor(self.balancer, self.inference, config.health_interval_s)
+        self.meter = Meter(self.billing, self.spool, grace_s=config.billing_grace_s)
+        self.gateway = Gateway(
+            registry=self.registry, balancer=self.balancer, inference=self.inference, meter=self.meter,
+            limiter=RateLimiter(InMemoryBuckets()),
+            cache=ResponseCache(config.cache_max_entries, config.cache_max_bytes, config.cache_ttl_s),
+            contexts=self.contexts, policies=self.policies, canary=CanaryMonitor(self.registry),
+            gate=PriorityGate(config.max_concurrent),
+            settings=GatewaySettings(default_max_tokens=config.default_max_tokens,
+                                     retry=RetrySettings(max_attempts=config.retry_max_attempts)),
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self.bootstrap_models()
+        for model in self.registry.models():
+            for version in model.versions:
+                self.monitor.watch(version.replicas)
+        self.registry.on_change.append(self._watch_model)
+        self._tasks.append(asyncio.create_task(self.meter.replay_forever()))
+
+    def _watch_model(self, model: ModelEntry) -> None:
+        for version in model.versions:
+            self.monitor.watch(version.replicas)
+
+    async def bootstrap_models(self) -> None:
+        """Register the model served by the configured inference replicas when the registry lacks it."""
+        by_model: dict[tuple[str, str], list[str]] = {}
+        windows: dict[str, int] = {}
+        for address in self.config.inference_targets:
+            try:
+                info = await self.inference.model_info(address)
+            except DomainError as exc:
+                log.warning("inference_target_unreachable", replica=address, reason=exc.message)
+                continue
+            by_model.setdefault((info.name, info.version), []).append(address)
+            windows[info.name] = info.context_window
+        for (name, version), replicas in by_model.items():
+            if name in self.registry:
+                if not self.registry.get(name).context_window:
+                    self.registry.set_context_window(name, windows[name])
+                continue
+            self.registry.register(name, version, tuple(replicas), context_window=windows[name], actor="router.bootstrap")
+            log.info("model_registered_from_inference", model=name, version=version, replicas=replicas)
+
+    async def register(
+        self, name: str, version: str, replicas: tuple[str, ...], fallbacks: tuple[str, ...], canary: CanaryPolicy
+    ) -> ModelEntry:
+        window = 0
+        for address in replicas:
+            try:
+                info = await self.inference.model_info(address)
+                window = info.context_window
+                break
+            except DomainError:
+                continue
+        if not name:
+            raise InvalidInput("model is required", field="model")
+        return self.registry.register(name, version, replicas, fallbacks, canary, context_window=window)
+
+    def healthy_replicas(self, model: ModelEntry) -> dict[str, int]:
+        return {v.version: len(self.balancer.healthy(v.replicas)) for v in model.versions}
+
+    async def run_task(
+        self, ctx: RequestContext, model: str, spec: TaskSpec, sampling: Sampling, traffic: TrafficClass
+    ) -> tuple[str, Summary]:
+        messages = render_task(spec)
+        if sampling.temperature is None:
+            sampling = replace(sampling, temperature=0.0)
+        request = GenerationRequest(model=model, messages=messages, sampling=sampling, tags=ctx.tags,
+                                    traffic_class=traffic)
+        return await self.gateway.complete(ctx, request)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.monitor.close()
+        await self.inference.close()
+        await self.billing.close()
+        for store in (self.keys, self.registry, self.policies, self.contexts, self.spool):
+            store.close()

@@ -1,0 +1,76 @@
+"""Turns the `authorization` metadata into a Principal (API key or JWT), or refuses.
+
+UNAUTHENTICATED: no credentials, unknown / revoked / expired key, invalid JWT.
+The admin token guards AdminService; it is compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from services.common.errors import Unauthenticated
+from services.router.auth.api_keys import looks_like_api_key
+from services.router.auth.jwt import JwtVerifier, looks_like_jwt
+from services.router.auth.key_store import KeyStore
+from services.router.types import Principal, TrafficClass
+
+_CLASS_NAMES = {"core": TrafficClass.CORE, "interactive": TrafficClass.INTERACTIVE, "batch": TrafficClass.BATCH}
+
+
+def bearer_token(authorization: str) -> str:
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("missing credentials: send metadata 'authorization: Bearer <API key or JWT>'")
+    return token.strip()
+
+
+class Authenticator:
+    def __init__(
+        self,
+        keys: KeyStore,
+        admin_token: str,
+        jwt: JwtVerifier | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._keys = keys
+        self._admin_token = admin_token
+        self._jwt = jwt
+        self._clock = clock
+
+    def authenticate(self, authorization: str) -> Principal:
+        token = bearer_token(authorization)
+        if looks_like_api_key(token):
+            record = self._keys.find_by_secret(token)
+            if record is None:
+                raise Unauthenticated("unknown API key")
+            if record.revoke_time is not None:
+                raise Unauthenticated(f"API key {record.prefix}… was revoked; create a new one")
+            if not record.is_valid_at(self._clock()):
+                raise Unauthenticated(f"API key {record.prefix}… has expired; create a new one")
+            return record.principal()
+        if self._jwt is not None and looks_like_jwt(token):
+            claims = self._jwt.verify(token)
+            return _jwt_principal(claims, self._jwt.tenant_of(claims))
+        raise Unauthenticated("unknown API key")
+
+    def authenticate_admin(self, authorization: str) -> None:
+        token = bearer_token(authorization)
+        if not hmac.compare_digest(token.encode(), self._admin_token.encode()):
+            raise Unauthenticated("AdminService needs 'authorization: Bearer <admin token>' (see the data dir)")
+
+
+def _jwt_principal(claims: dict[str, Any], tenant: str) -> Principal:
+    models = claims.get("models") or ()
+    traffic = _CLASS_NAMES.get(str(claims.get("traffic_class", "interactive")).lower(), TrafficClass.INTERACTIVE)
+    subject = str(claims.get("sub") or "jwt")
+    return Principal(
+        tenant_id=tenant,
+        key_id=f"jwt:{subject}",
+        traffic_class=traffic,
+        allowed_models=tuple(str(m) for m in models) if isinstance(models, list) else (),
+        requests_per_minute=int(claims.get("rpm") or 0),
+        tokens_per_minute=int(claims.get("tpm") or 0),
+    )

@@ -1,0 +1,89 @@
+"""gRPC adapter for billing: holds, settlement, usage records and budget checks."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from autoglm.billing.v1 import billing_service_pb2 as pb2
+from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
+from services.common.tracing import outgoing_metadata
+from services.router.grpc_errors import billing_error
+from services.router.ports import AlertLevel, Hold, HoldRequest, UsageRecord
+from services.router.types import Money, TrafficClass
+
+
+def usage_to_proto(usage: UsageRecord) -> pb2.UsageEvent:
+    start, end = Timestamp(), Timestamp()
+    start.FromDatetime(usage.start_time)
+    end.FromDatetime(usage.end_time)
+    return pb2.UsageEvent(
+        event_id=usage.event_id, tenant_id=usage.tenant_id, api_key_id=usage.api_key_id, model=usage.model,
+        model_version=usage.model_version, tags=usage.tags, prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens, cached=usage.cached, request_id=usage.request_id,
+        trace_id=usage.trace_id, start_time=start, end_time=end, status=int(usage.status),  # type: ignore[arg-type]
+        traffic_class=int(usage.traffic_class),  # type: ignore[arg-type]
+    )
+
+
+class GrpcBilling:
+    def __init__(self, target: str, timeout_s: float = 3.0, hold_ttl_s: int = 300) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = pb2_grpc.BillingServiceStub(self._channel)
+        self._timeout_s = timeout_s
+        self._hold_ttl_s = hold_ttl_s
+
+    async def reserve(self, request: HoldRequest) -> Hold:
+        try:
+            reply = await self._stub.Reserve(
+                pb2.ReserveRequest(
+                    tenant_id=request.tenant_id, api_key_id=request.api_key_id, tags=request.tags,
+                    model=request.model, model_version=request.model_version,
+                    traffic_class=int(request.traffic_class),  # type: ignore[arg-type]
+                    max_prompt_tokens=request.max_prompt_tokens, max_completion_tokens=request.max_completion_tokens,
+                    ttl_seconds=self._hold_ttl_s, request_id=request.request_id,
+                ),
+                metadata=outgoing_metadata(), timeout=self._timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise billing_error(exc) from None
+        return Hold(hold_id=reply.hold_id, level=AlertLevel(reply.level))
+
+    async def settle(self, hold_id: str, usage: UsageRecord) -> Money:
+        try:
+            reply = await self._stub.Settle(pb2.SettleRequest(hold_id=hold_id, event=usage_to_proto(usage)),
+                                            metadata=outgoing_metadata(), timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise billing_error(exc) from None
+        return Money(reply.cost.currency_code or "USD", reply.cost.micros)
+
+    async def release(self, hold_id: str) -> None:
+        try:
+            await self._stub.Release(pb2.ReleaseRequest(hold_id=hold_id), metadata=outgoing_metadata(),
+                                     timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise billing_error(exc) from None
+
+    async def record(self, usage: UsageRecord) -> Money:
+        try:
+            reply = await self._stub.RecordUsage(pb2.RecordUsageRequest(event=usage_to_proto(usage)),
+                                                 metadata=outgoing_metadata(), timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise billing_error(exc) from None
+        return Money(reply.cost.currency_code or "USD", reply.cost.micros)
+
+    async def check_budget(
+        self, tenant_id: str, api_key_id: str, tags: dict[str, str], traffic_class: TrafficClass
+    ) -> tuple[bool, AlertLevel]:
+        try:
+            reply = await self._stub.CheckBudget(
+                pb2.CheckBudgetRequest(tenant_id=tenant_id, api_key_id=api_key_id, tags=tags,
+                                       traffic_class=int(traffic_class)),  # type: ignore[arg-type]
+                metadata=outgoing_metadata(), timeout=self._timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise billing_error(exc) from None
+        return reply.allowed, AlertLevel(reply.level)
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,165 @@
+"""Protobuf messages ↔ the router's plain dataclasses (no logic beyond the mapping)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from autoglm.common.v1 import generation_pb2, money_pb2
+from autoglm.router.v1 import admin_service_pb2 as admin_pb2
+from autoglm.router.v1 import router_service_pb2 as pb2
+from services.common.errors import InvalidInput
+from services.router.auth.api_keys import ApiKeyRecord, NewApiKey
+from services.router.policy import Policy
+from services.router.registry import CanaryPolicy, ModelEntry
+from services.router.types import (
+    CachePolicy,
+    GenerationRequest,
+    Message,
+    Money,
+    Role,
+    Sampling,
+    Summary,
+    TrafficClass,
+    Usage,
+)
+
+
+def parse_tags(header: str) -> dict[str, str]:
+    """`x-autoglm-tags: team=search,env=prod` → {"team": "search", "env": "prod"}."""
+    tags: dict[str, str] = {}
+    for part in header.split(","):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInput("x-autoglm-tags must look like 'key=value,key2=value2'", field="x-autoglm-tags")
+        tags[key.strip()] = value.strip()
+    return tags
+
+
+def sampling(params: generation_pb2.SamplingParams) -> Sampling:
+    def opt(name: str) -> object:
+        return getattr(params, name) if params.HasField(name) else None
+
+    return Sampling(
+        temperature=opt("temperature"), top_p=opt("top_p"), top_k=opt("top_k"),  # type: ignore[arg-type]
+        repetition_penalty=opt("repetition_penalty"), seed=opt("seed"),  # type: ignore[arg-type]
+        stop=tuple(params.stop), max_tokens=opt("max_tokens"),  # type: ignore[arg-type]
+    )
+
+
+def messages(items: object) -> tuple[Message, ...]:
+    return tuple(Message(Role(m.role), m.content) for m in items)  # type: ignore[attr-defined]
+
+
+def generation_request(req: pb2.GenerateRequest | pb2.CompleteRequest) -> GenerationRequest:
+    options = getattr(req, "stream_options", None)
+    return GenerationRequest(
+        model=req.model, prompt=req.prompt, messages=messages(req.messages), sampling=sampling(req.sampling),
+        context_id=req.context_id, tags=dict(req.tags), traffic_class=TrafficClass(req.traffic_class),
+        cache_policy=CachePolicy(req.cache_policy), raw_prompt=req.raw_prompt,
+        coalesce_ms=options.coalesce_ms if options is not None else 0,
+        coalesce_tokens=options.coalesce_tokens if options is not None else 0,
+    )
+
+
+def money(value: Money) -> money_pb2.Money:
+    return money_pb2.Money(currency_code=value.currency_code, micros=value.micros)
+
+
+def usage(value: Usage) -> generation_pb2.Usage:
+    return generation_pb2.Usage(prompt_tokens=value.prompt_tokens, completion_tokens=value.completion_tokens,
+                                total_tokens=value.total_tokens, cached=value.cached)
+
+
+def summary(value: Summary) -> pb2.GenerationSummary:
+    return pb2.GenerationSummary(
+        finish_reason=int(value.finish_reason), usage=usage(value.usage), cost=money(value.cost),  # type: ignore[arg-type]
+        model=value.model, model_version=value.model_version, trace_id=value.trace_id,
+        time_to_first_token_ms=value.time_to_first_token_ms,
+    )
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def api_key(record: ApiKeyRecord) -> admin_pb2.ApiKey:
+    return admin_pb2.ApiKey(
+        key_id=record.key_id, prefix=record.prefix, tenant_id=record.tenant_id, name=record.name,
+        allowed_models=list(record.allowed_models),
+        limits=admin_pb2.KeyLimits(requests_per_minute=record.requests_per_minute,
+                                   tokens_per_minute=record.tokens_per_minute),
+        traffic_class=int(record.traffic_class),  # type: ignore[arg-type]
+        create_time=timestamp(record.create_time), revoke_time=timestamp(record.revoke_time),
+        expire_time=timestamp(record.expire_time),
+    )
+
+
+def new_api_key(req: admin_pb2.CreateApiKeyRequest) -> NewApiKey:
+    expire = req.expire_time.ToDatetime(tzinfo=UTC) if req.HasField("expire_time") else None
+    return NewApiKey(
+        tenant_id=req.tenant_id, name=req.name, allowed_models=tuple(req.allowed_models),
+        requests_per_minute=req.limits.requests_per_minute, tokens_per_minute=req.limits.tokens_per_minute,
+        traffic_class=TrafficClass(req.traffic_class or TrafficClass.INTERACTIVE), expire_time=expire,
+    )
+
+
+def canary_policy(value: admin_pb2.CanaryPolicy) -> CanaryPolicy:
+    default = CanaryPolicy()
+    return CanaryPolicy(
+        max_error_permille=value.max_error_permille or default.max_error_permille,
+        max_p99_s=value.max_p99_latency.ToTimedelta().total_seconds() if value.HasField("max_p99_latency")
+        else default.max_p99_s,
+        window_s=value.window.ToTimedelta().total_seconds() if value.HasField("window") else default.window_s,
+        min_requests=value.min_requests or default.min_requests,
+    )
+
+
+def _duration(seconds: float) -> Duration:
+    duration = Duration()
+    duration.FromNanoseconds(int(seconds * 1e9))
+    return duration
+
+
+def model_record(model: ModelEntry, healthy: dict[str, int]) -> admin_pb2.ModelRecord:
+    return admin_pb2.ModelRecord(
+        name=model.name, fallback_models=list(model.fallback_models), context_window=model.context_window,
+        versions=[
+            admin_pb2.VersionRecord(
+                version=v.version, replicas=[admin_pb2.Replica(address=a) for a in v.replicas],
+                weight_permille=v.weight_permille, healthy_replicas=healthy.get(v.version, 0), stable=v.stable,
+                canary_policy=admin_pb2.CanaryPolicy(
+                    max_error_permille=v.canary.max_error_permille, max_p99_latency=_duration(v.canary.max_p99_s),
+                    window=_duration(v.canary.window_s), min_requests=v.canary.min_requests,
+                ),
+            )
+            for v in model.versions
+        ],
+    )
+
+
+def model_summary(model: ModelEntry, healthy: dict[str, int]) -> pb2.ModelSummary:
+    return pb2.ModelSummary(
+        name=model.name, default_version=model.default_version.version, context_window=model.context_window,
+        versions=[pb2.VersionSummary(version=v.version, weight_permille=v.weight_permille,
+                                     healthy_replicas=healthy.get(v.version, 0)) for v in model.versions],
+    )
+
+
+def policy_from_proto(value: admin_pb2.Policy) -> Policy:
+    return Policy(name=value.name, blocked_terms=tuple(value.blocked_terms), max_prompt_tokens=value.max_prompt_tokens,
+                  max_tokens_cap=value.max_tokens_cap, normalize_cache_keys=value.normalize_cache_keys)
+
+
+def policy_to_proto(value: Policy) -> admin_pb2.Policy:
+    return admin_pb2.Policy(name=value.name, blocked_terms=list(value.blocked_terms),
+                            max_prompt_tokens=value.max_prompt_tokens, max_tokens_cap=value.max_tokens_cap,
+                            normalize_cache_keys=value.normalize_cache_keys)

@@ -1,0 +1,445 @@
+"""The request path of the router, from an authenticated caller to a finished, billed answer.
+
+  validate → policy → context replay (+ trimming) → pick version → rate limit (prompt + max_tokens)
+  → budget hold → priority admission → cache / single-flight / generation with retries and fallbacks
+  → one usage event (completed, cancelled with the tokens delivered, or failed) → access log line.
+
+Retries happen only before the first token reached the caller, so nobody ever sees duplicated text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from services.common.errors import DomainError, InvalidInput, PermissionDenied, QueueFull, Unavailable
+from services.router.admission import PriorityGate
+from services.router.balancer import Balancer
+from services.router.cache import CachedAnswer, ResponseCache, cache_key
+from services.router.canary import CanaryMonitor
+from services.router.contexts import ContextStore, fit_to_window
+from services.router.limits.token_bucket import Admission, RateLimiter
+from services.router.metering import Meter
+from services.router.policy import Policy, PolicyStore
+from services.router.ports import Hold, HoldRequest, InferenceCall, InferencePort, UsageRecord
+from services.router.registry import ModelEntry, Registry, VersionEntry, split_model
+from services.router.retry import RetryBudget, RetrySettings, backoff_delay
+from services.router.single_flight import SingleFlight
+from services.router.types import (
+    CachePolicy,
+    Chunk,
+    FinishReason,
+    GenerationRequest,
+    Message,
+    Money,
+    Principal,
+    RequestContext,
+    Role,
+    Summary,
+    TrafficClass,
+    Usage,
+    UsageStatus,
+)
+
+log = structlog.get_logger("router.access")
+MAX_TAGS = 16
+MAX_TAG_LENGTH = 64
+# Upper bound of what a chat template adds: per message, and once (e.g. a default system prompt).
+TEMPLATE_TOKENS_PER_MESSAGE = 8
+TEMPLATE_TOKENS_FIXED = 64
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    default_max_tokens: int = 256
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    hold_ttl_s: int = 300
+
+
+@dataclass
+class Plan:
+    """A validated request, resolved to a model version, ready to run."""
+
+    model: ModelEntry
+    version: VersionEntry
+    policy: Policy
+    traffic_class: TrafficClass
+    prompt: str
+    messages: tuple[Message, ...]
+    raw_prompt: bool
+    max_tokens: int
+    sampling_max: object
+    prompt_bound: int
+    prompt_exact: int | None
+    cache_key: str | None
+    context_id: str
+    new_turn: tuple[Message, ...]
+    tags: dict[str, str]
+    request: GenerationRequest
+
+
+@dataclass
+class Progress:
+    """What reached the caller so far."""
+
+    parts: list[str] = field(default_factory=list)
+    tokens: int = 0
+    first_token_at: float | None = None
+    final: Chunk | None = None
+    cached: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def prompt_token_bound(prompt: str, messages: tuple[Message, ...], raw: bool) -> int:
+    """An upper bound of the prompt's tokens without a tokenizer: byte-level BPE never makes more tokens
+    than UTF-8 bytes, plus what the chat template may add."""
+    if raw:
+        return len(prompt.encode()) + 2
+    return sum(len(m.content.encode()) + TEMPLATE_TOKENS_PER_MESSAGE for m in messages) + TEMPLATE_TOKENS_FIXED
+
+
+def validate_tags(tags: dict[str, str]) -> None:
+    if len(tags) > MAX_TAGS:
+        raise InvalidInput(f"at most {MAX_TAGS} tags", field="tags")
+    for key, value in tags.items():
+        if not key or len(key) > MAX_TAG_LENGTH or len(value) > MAX_TAG_LENGTH:
+            raise InvalidInput(f"tag keys must be 1-{MAX_TAG_LENGTH} and values at most {MAX_TAG_LENGTH} characters",
+                               field="tags")
+
+
+def effective_class(requested: TrafficClass, principal: Principal) -> TrafficClass:
+    allowed = principal.traffic_class or TrafficClass.INTERACTIVE
+    if requested == TrafficClass.UNSPECIFIED:
+        return allowed
+    if requested < allowed:
+        raise PermissionDenied(
+            f"traffic_class {requested.name} is above this key's class {allowed.name}", field="traffic_class"
+        )
+    return requested
+
+
+class Gateway:
+    def __init__(
+        self,
+        registry: Registry,
+        balancer: Balancer,
+        inference: InferencePort,
+        meter: Meter,
+        limiter: RateLimiter,
+        cache: ResponseCache,
+        contexts: ContextStore,
+        policies: PolicyStore,
+        canary: CanaryMonitor,
+        gate: PriorityGate,
+        settings: GatewaySettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wallclock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rng: random.Random | None = None,
+    ) -> None:
+        self.registry = registry
+        self.balancer = balancer
+        self.inference = inference
+        self.meter = meter
+        self.limiter = limiter
+        self.cache = cache
+        self.flights: SingleFlight[Chunk] = SingleFlight()
+        self.contexts = contexts
+        self.policies = policies
+        self.canary = canary
+        self.gate = gate
+        self.settings = settings or GatewaySettings()
+        self._clock = clock
+        self._wallclock = wallclock
+        self._rng = rng or random.Random()
+        self._retry_budget = RetryBudget(self.settings.retry, clock)
+        self._background: set[asyncio.Task[object]] = set()
+
+    # --- simple reads ----------------------------------------------------------------------------
+    def callable_models(self, principal: Principal) -> list[ModelEntry]:
+        return [m for m in self.registry.models() if principal.may_call(m.name)]
+
+    def _resolve(self, principal: Principal, spec: str) -> tuple[ModelEntry, VersionEntry]:
+        name, pinned = split_model(spec)
+        if not principal.may_call(name):
+            raise PermissionDenied(f"this API key may not call model {name!r}", field="model")
+        model = self.registry.get(name)
+        return model, self.registry.pick_version(name, pinned)
+
+    async def count_tokens(
+        self, principal: Principal, spec: str, prompt: str, messages: tuple[Message, ...], raw: bool
+    ) -> tuple[int, int, str, str]:
+        model, version = self._resolve(principal, spec)
+        prompt, messages = _one_of(prompt, messages, raw)
+        count, window = await self._count(version, prompt if raw else "", () if raw else messages)
+        return count, window or model.context_window, model.name, version.version
+
+    async def _count(self, version: VersionEntry, prompt: str, messages: tuple[Message, ...]) -> tuple[int, int]:
+        address = self.balancer.pick(version.replicas)
+        return await self.inference.count_tokens(address, prompt, messages)
+
+    # --- planning ----------------------------------------------------------------------------------
+    async def plan(self, ctx: RequestContext, req: GenerationRequest) -> Plan:
+        principal = ctx.principal
+        model, version = self._resolve(principal, req.model)
+        traffic = effective_class(req.traffic_class, principal)
+        validate_tags(ctx.tags)
+        ContextStore.validate(req.context_id)
+        if req.raw_prompt and req.context_id:
+            raise InvalidInput("context_id needs chat messages; it cannot be combined with raw_prompt",
+                               field="context_id")
+        prompt, new_turn = _one_of(req.prompt, req.messages, req.raw_prompt)
+        sampling = req.sampling
+        if sampling.max_tokens is not None and sampling.max_tokens < 1:
+            raise InvalidInput("sampling.max_tokens must be >= 1", field="sampling.max_tokens")
+        policy = self.policies.for_tenant(principal.tenant_id)
+        policy.check_text(prompt, new_turn)
+        window = model.context_window
+        max_tokens = sampling.max_tokens or self.settings.default_max_tokens
+        if window:
+            max_tokens = min(max_tokens, window - 1) if sampling.max_tokens is None else max_tokens
+        policy.check_max_tokens(max_tokens)
+        history = self.contexts.history(principal.tenant_id, req.context_id) if req.context_id else ()
+        messages = history + new_turn
+        exact: int | None = None
+        bound = prompt_token_bound(prompt, messages, req.raw_prompt)
+        if req.context_id or policy.max_prompt_tokens or (window and bound + max_tokens > window):
+            if req.raw_prompt:
+                exact, _ = await self._count(version, prompt, ())
+            else:
+                async def count(candidate: tuple[Message, ...]) -> int:
+                    return (await self._count(version, "", candidate))[0]
+
+                if req.context_id:
+                    messages, exact = await fit_to_window(history, new_turn, max_tokens, window, count)
+                else:
+                    exact = await count(messages)
+            policy.check_prompt_tokens(exact)
+            if window and exact + max_tokens > window:
+                if sampling.max_tokens is not None:
+                    raise InvalidInput(
+                        f"the prompt ({exact} tokens) plus max_tokens ({max_tokens}) exceeds the context window"
+                        f" of {model.name} ({window} tokens)", field="sampling.max_tokens")
+                max_tokens = window - exact
+                if max_tokens < 1:
+                    raise InvalidInput(f"the prompt ({exact} tokens) fills the context window of {model.name}",
+                                       field="prompt")
+            bound = exact
+        resolved = replace(sampling, max_tokens=max_tokens)
+        key = None
+        if req.cache_policy != CachePolicy.BYPASS and (
+            resolved.deterministic or req.cache_policy == CachePolicy.ALLOW_SAMPLED
+        ):
+            key = cache_key(model.name, version.version, resolved, prompt, messages, req.raw_prompt,
+                            policy.normalize_cache_keys)
+        return Plan(model, version, policy, traffic, prompt, messages, req.raw_prompt, max_tokens, resolved, bound,
+                    exact, key, req.context_id, new_turn, dict(ctx.tags), req)
+
+    # --- the request path --------------------------------------------------------------------------
+    async def generate(self, ctx: RequestContext, req: GenerationRequest) -> AsyncIterator[Chunk | Summary]:
+        started, start_wall = self._clock(), self._wallclock()
+        plan = await self.plan(ctx, req)
+        principal = ctx.principal
+        admission = await self.limiter.admit(
+            principal.key_id, principal.requests_per_minute, principal.tokens_per_minute,
+            plan.prompt_bound + plan.max_tokens,
+        )
+        try:
+            hold = await self.meter.reserve(HoldRequest(
+                request_id=ctx.request_id, tenant_id=principal.tenant_id, api_key_id=principal.key_id,
+                model=plan.model.name, model_version=plan.version.version, traffic_class=plan.traffic_class,
+                max_prompt_tokens=plan.prompt_bound, max_completion_tokens=plan.max_tokens, tags=plan.tags,
+            ))
+        except BaseException:
+            await self.limiter.settle(admission, principal.tokens_per_minute, 0)
+            raise
+        progress = Progress()
+        try:
+            async with self.gate.slot(plan.traffic_class):
+                async for chunk in self._answer(ctx, plan, progress):
+                    if chunk.finish_reason != FinishReason.UNSPECIFIED:
+                        progress.final = chunk
+                    if chunk.delta or chunk.tokens:
+                        if progress.first_token_at is None:
+                            progress.first_token_at = self._clock()
+                        progress.parts.append(chunk.delta)
+                        progress.tokens += chunk.tokens
+                        yield Chunk(delta=chunk.delta, tokens=chunk.tokens)
+        except BaseException as exc:
+            cancelled = isinstance(exc, asyncio.CancelledError | GeneratorExit)
+            status = UsageStatus.CANCELLED if cancelled else UsageStatus.FAILED
+            finishing = self._spawn(self._finish(ctx, plan, hold, admission, progress, status, started, start_wall,
+                                                 error=exc))
+            await asyncio.shield(finishing)
+            raise
+        yield await self._finish(ctx, plan, hold, admission, progress, UsageStatus.COMPLETED, started, start_wall)
+
+    def _answer(self, ctx: RequestContext, plan: Plan, progress: Progress) -> AsyncIterator[Chunk]:
+        if plan.cache_key is None:
+            return self._generation(ctx.request_id, plan)
+        hit = self.cache.get(plan.cache_key)
+        if hit is not None:
+            progress.cached = True
+            return _replay(hit)
+        stream, leader = self.flights.join(plan.cache_key, lambda: self._generation(ctx.request_id, plan))
+        progress.cached = not leader
+        return stream
+
+    def _candidates(self, plan: Plan) -> list[tuple[ModelEntry, VersionEntry]]:
+        candidates = [(plan.model, plan.version)]
+        for name in plan.model.fallback_models:
+            if name in self.registry and name != plan.model.name:
+                candidates.append((self.registry.get(name), self.registry.pick_version(name)))
+        return candidates
+
+    async def _generation(self, request_id: str, plan: Plan) -> AsyncIterator[Chunk]:
+        """One generation with retries (before the first token only) across replicas and fallback models."""
+        self._retry_budget.on_request()
+        settings = self.settings.retry
+        last: DomainError = Unavailable("no inference replica could serve the request")
+        attempt = 0
+        for model, version in self._candidates(plan):
+            call = InferenceCall(
+                request_id=request_id, prompt=plan.prompt if plan.raw_prompt else "",
+                messages=() if plan.raw_prompt else plan.messages, sampling=plan.sampling_max,  # type: ignore[arg-type]
+                traffic_class=plan.traffic_class, coalesce_ms=plan.request.coalesce_ms,
+                coalesce_tokens=plan.request.coalesce_tokens,
+            )
+            tried: set[str] = set()
+            for _ in range(settings.max_attempts):
+                try:
+                    address = self.balancer.pick(version.replicas, frozenset(tried))
+                except Unavailable as exc:
+                    last = exc
+                    break
+                tried.add(address)
+                started = self._clock()
+                delivered = 0
+                try:
+                    with self.balancer.track(address):
+                        async for chunk in self.inference.generate(address, call):
+                            if chunk.finish_reason != FinishReason.UNSPECIFIED:
+                                chunk = replace(chunk, model=model.name, model_version=version.version)
+                            delivered += chunk.tokens
+                            yield chunk
+                    self.canary.record(model.name, version.version, True, self._clock() - started)
+                    return
+                except (Unavailable, QueueFull) as exc:
+                    self.canary.record(model.name, version.version, False, self._clock() - started)
+                    if delivered:
+                        raise Unavailable(
+                            f"the replica serving this stream failed after {delivered} tokens; the tokens received"
+                            " are billed, retry the request"
+                        ) from exc
+                    last = exc
+                    self.balancer.health_check(address, ok=False)
+                    attempt += 1
+                    if not self._retry_budget.try_spend():
+                        raise last from None
+                    await asyncio.sleep(backoff_delay(attempt, settings, self._rng))
+        raise last
+
+    async def _finish(
+        self, ctx: RequestContext, plan: Plan, hold: Hold, admission: Admission, progress: Progress,
+        status: UsageStatus, started: float, start_wall: datetime, error: BaseException | None = None,
+    ) -> Summary:
+        final = progress.final
+        if final is not None and final.usage is not None:
+            usage = Usage(final.usage.prompt_tokens, final.usage.completion_tokens, cached=progress.cached)
+            finish = final.finish_reason
+            answered_model = final.model or plan.model.name
+            answered_version = final.model_version or plan.version.version
+        else:
+            prompt_tokens = plan.prompt_exact if plan.prompt_exact is not None else await self._exact_prompt(plan)
+            usage = Usage(prompt_tokens, progress.tokens, cached=progress.cached)
+            finish = FinishReason.CANCELLED if status == UsageStatus.CANCELLED else FinishReason.ERROR
+            answered_model, answered_version = plan.model.name, plan.version.version
+        if status == UsageStatus.COMPLETED and finish == FinishReason.ERROR:
+            status = UsageStatus.FAILED
+        principal = ctx.principal
+        record = UsageRecord(
+            event_id=ctx.request_id, tenant_id=principal.tenant_id, api_key_id=principal.key_id,
+            model=answered_model, model_version=answered_version, prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens, status=status, traffic_class=plan.traffic_class,
+            request_id=ctx.request_id, trace_id=ctx.trace_id, start_time=start_wall, end_time=self._wallclock(),
+            cached=usage.cached, tags=plan.tags,
+        )
+        cost: Money | None = None
+        try:
+            cost = await self.meter.settle(hold, record)
+        except DomainError as exc:
+            log.error("usage_settle_failed", reason=exc.reason, message=exc.message, event_id=record.event_id)
+        await self.limiter.settle(admission, principal.tokens_per_minute, usage.total_tokens)
+        if status == UsageStatus.COMPLETED:
+            if plan.cache_key is not None and not progress.cached and finish != FinishReason.ERROR:
+                self.cache.put(plan.cache_key, CachedAnswer(progress.text, finish, usage.prompt_tokens,
+                                                            usage.completion_tokens, answered_model, answered_version))
+            if plan.context_id:
+                self.contexts.append(principal.tenant_id, plan.context_id,
+                                     (*plan.new_turn, Message(Role.ASSISTANT, progress.text)))
+        ttft = int(((progress.first_token_at or self._clock()) - started) * 1000)
+        cost = cost or Money()
+        log.info(
+            "access", tenant=principal.tenant_id, api_key=principal.key_id, model=answered_model,
+            version=answered_version, traffic_class=plan.traffic_class.name, prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens, cached=usage.cached, cost_micros=cost.micros,
+            currency=cost.currency_code, ttft_ms=ttft, latency_ms=int((self._clock() - started) * 1000),
+            status=status.name, error=getattr(error, "reason", type(error).__name__ if error else None),
+            trace_id=ctx.trace_id, request_id=ctx.request_id, tags=plan.tags,
+        )
+        return Summary(finish, usage, cost, answered_model, answered_version, ctx.trace_id, ttft)
+
+    async def _exact_prompt(self, plan: Plan) -> int:
+        try:
+            count, _ = await self._count(plan.version, plan.prompt if plan.raw_prompt else "",
+                                         () if plan.raw_prompt else plan.messages)
+            return count
+        except DomainError:
+            return plan.prompt_bound
+
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> asyncio.Task[object]:
+        task: asyncio.Task[object] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def complete(self, ctx: RequestContext, req: GenerationRequest) -> tuple[str, Summary]:
+        parts: list[str] = []
+        summary: Summary | None = None
+        async for item in self.generate(ctx, req):
+            if isinstance(item, Summary):
+                summary = item
+            else:
+                parts.append(item.delta)
+        assert summary is not None
+        return "".join(parts), summary
+
+
+async def _replay(answer: CachedAnswer) -> AsyncIterator[Chunk]:
+    yield Chunk(delta=answer.text, tokens=answer.completion_tokens)
+    yield Chunk(finish_reason=answer.finish_reason,
+                usage=Usage(answer.prompt_tokens, answer.completion_tokens, cached=True),
+                model=answer.model, model_version=answer.model_version)
+
+
+def _one_of(prompt: str, messages: tuple[Message, ...], raw: bool) -> tuple[str, tuple[Message, ...]]:
+    """Exactly one of prompt and messages; a chat prompt becomes one user message."""
+    if bool(prompt) == bool(messages):
+        raise InvalidInput("set exactly one of prompt and messages", field="prompt")
+    if raw and messages:
+        raise InvalidInput("raw_prompt applies to prompt only, not messages", field="raw_prompt")
+    for index, message in enumerate(messages):
+        if message.role == Role.UNSPECIFIED:
+            raise InvalidInput("every message needs a role (SYSTEM, USER or ASSISTANT)", field=f"messages[{index}].role")
+    if prompt and not raw:
+        return prompt, (Message(Role.USER, prompt),)
+    return prompt, messages

@@ -1,0 +1,96 @@
+"""gRPC adapter for inference replicas: generation streams, token counts, model info, load reports."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.message import Message as ProtoMessage
+
+from autoglm.common.v1 import generation_pb2
+from autoglm.inference.v1 import inference_service_pb2 as pb2
+from autoglm.inference.v1 import inference_service_pb2_grpc as pb2_grpc
+from services.common.errors import Unavailable
+from services.common.tracing import outgoing_metadata
+from services.router.grpc_errors import inference_error
+from services.router.ports import InferenceCall, LoadReport, ModelInfo
+from services.router.types import Chunk, FinishReason, Message, Sampling, Usage
+
+
+def sampling_to_proto(sampling: Sampling) -> generation_pb2.SamplingParams:
+    params = generation_pb2.SamplingParams(stop=list(sampling.stop))
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "max_tokens"):
+        value = getattr(sampling, name)
+        if value is not None:
+            setattr(params, name, value)
+    return params
+
+
+def messages_to_proto(messages: tuple[Message, ...]) -> list[generation_pb2.ChatMessage]:
+    return [generation_pb2.ChatMessage(role=int(m.role), content=m.content) for m in messages]  # type: ignore[arg-type]
+
+
+class GrpcInference:
+    def __init__(self, timeout_s: float = 600.0) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._timeout_s = timeout_s
+
+    def stub(self, address: str) -> pb2_grpc.InferenceServiceStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        return pb2_grpc.InferenceServiceStub(channel)
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        self.stub(address)
+        return self._channels[address]
+
+    async def generate(self, address: str, call: InferenceCall) -> AsyncIterator[Chunk]:
+        request = pb2.GenerateRequest(
+            request_id=call.request_id, prompt=call.prompt, messages=messages_to_proto(call.messages),
+            sampling=sampling_to_proto(call.sampling), traffic_class=int(call.traffic_class),  # type: ignore[arg-type]
+            stream_options=generation_pb2.StreamOptions(coalesce_ms=call.coalesce_ms,
+                                                        coalesce_tokens=call.coalesce_tokens),
+        )
+        stream = self.stub(address).Generate(request, metadata=outgoing_metadata(), timeout=self._timeout_s)
+        try:
+            async for reply in stream:
+                usage = None
+                if reply.HasField("usage"):
+                    usage = Usage(reply.usage.prompt_tokens, reply.usage.completion_tokens)
+                yield Chunk(delta=reply.delta, tokens=len(reply.token_ids),
+                            finish_reason=FinishReason(reply.finish_reason), usage=usage)
+        except grpc.aio.AioRpcError as exc:
+            raise inference_error(exc, address) from None
+        finally:
+            stream.cancel()
+
+    async def count_tokens(self, address: str, prompt: str, messages: tuple[Message, ...]) -> tuple[int, int]:
+        reply = await self._unary(address, "CountTokens",
+                                  pb2.CountTokensRequest(prompt=prompt, messages=messages_to_proto(messages)))
+        return reply.token_count, reply.context_window
+
+    async def model_info(self, address: str) -> ModelInfo:
+        reply = await self._unary(address, "GetModelInfo", pb2.GetModelInfoRequest(), timeout=5.0)
+        return ModelInfo(reply.name, reply.version, reply.context_window, reply.replica_id)
+
+    async def _unary(self, address: str, method: str, request: ProtoMessage, timeout: float = 10.0) -> ProtoMessage:
+        try:
+            return await getattr(self.stub(address), method)(request, metadata=outgoing_metadata(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise inference_error(exc, address) from None
+
+    async def watch_load(self, address: str, interval_ms: int) -> AsyncIterator[LoadReport]:
+        stream = self.stub(address).WatchLoad(pb2.WatchLoadRequest(interval_ms=interval_ms))
+        try:
+            async for reply in stream:
+                yield LoadReport(reply.replica_id, reply.queue_depth, reply.active_sequences, reply.ready)
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(f"load reports from {address} stopped ({exc.code().name})") from None
+        finally:
+            stream.cancel()
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

@@ -1,0 +1,1 @@
+"""Per-key rate limits (requests/min and tokens/min)."""

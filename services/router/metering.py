@@ -1,0 +1,116 @@
+"""Budget holds around every request, and what happens when billing cannot be reached.
+
+`reserve` holds the request's maximum cost; `settle` sends exactly one usage event (event id = request
+id, so a retry can never count twice). When billing is unreachable, CORE and INTERACTIVE traffic
+continues for `grace_s` seconds from the first failure with an offline hold, and its usage goes to the
+durable spool, replayed in order by `replay_forever` once billing answers again. BATCH traffic waits
+(`Unavailable`), and so does everything once the grace period is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import structlog
+
+from services.common.errors import FailedPrecondition, NotFound, Unavailable
+from services.router.ports import AlertLevel, BillingPort, Hold, HoldRequest, UsageRecord
+from services.router.spool import UsageSpool
+from services.router.types import Money, TrafficClass
+
+log = structlog.get_logger(__name__)
+
+OFFLINE_HOLD = "offline"
+
+
+class Meter:
+    def __init__(
+        self,
+        billing: BillingPort,
+        spool: UsageSpool,
+        grace_s: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._billing = billing
+        self._spool = spool
+        self._grace_s = grace_s
+        self._clock = clock
+        self._down_since: float | None = None
+        self._wake = asyncio.Event()
+
+    @property
+    def billing_down(self) -> bool:
+        return self._down_since is not None
+
+    def _mark_up(self) -> None:
+        if self._down_since is not None:
+            log.info("billing_reachable_again", spooled=len(self._spool))
+            self._down_since = None
+            self._wake.set()
+
+    def _mark_down(self) -> None:
+        if self._down_since is None:
+            self._down_since = self._clock()
+            log.warning("billing_unreachable", grace_s=self._grace_s)
+
+    async def reserve(self, request: HoldRequest) -> Hold:
+        try:
+            hold = await self._billing.reserve(request)
+        except Unavailable:
+            self._mark_down()
+            assert self._down_since is not None
+            if request.traffic_class == TrafficClass.BATCH:
+                raise Unavailable("billing is unreachable; batch traffic waits until it returns") from None
+            if self._clock() - self._down_since > self._grace_s:
+                raise Unavailable(
+                    f"billing has been unreachable for more than {self._grace_s:.0f} s; requests wait until it returns"
+                ) from None
+            return Hold(hold_id=OFFLINE_HOLD, offline=True)
+        self._mark_up()
+        return hold
+
+    async def settle(self, hold: Hold, usage: UsageRecord) -> Money | None:
+        """Send the usage event; None when it went to the spool (cost not known yet)."""
+        if hold.offline or self.billing_down:
+            self._spool.append(usage)
+            self._wake.set()
+            return None
+        try:
+            cost = await self._billing.settle(hold.hold_id, usage)
+        except Unavailable:
+            self._mark_down()
+            self._spool.append(usage)
+            return None
+        except (NotFound, FailedPrecondition):
+            # The hold expired or was already closed: the usage still counts, once, by its event id.
+            cost = await self._billing.record(usage)
+        self._mark_up()
+        return cost
+
+    async def check_level(self, tenant_id: str, key_id: str, tags: dict[str, str]) -> AlertLevel:
+        _, level = await self._billing.check_budget(tenant_id, key_id, tags, TrafficClass.BATCH)
+        return level
+
+    async def replay_once(self) -> int:
+        try:
+            sent = await self._spool.replay(self._billing.record)
+        except Unavailable:
+            self._mark_down()
+            return 0
+        if sent:
+            log.info("usage_spool_replayed", events=sent)
+        self._mark_up()
+        return sent
+
+    async def replay_forever(self, interval_s: float = 1.0) -> None:
+        """Background task: drain the spool whenever billing may be back."""
+        while True:
+            if len(self._spool):
+                await self.replay_once()
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), interval_s)
+            except TimeoutError:
+                pass

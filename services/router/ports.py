@@ -1,0 +1,115 @@
+"""What the router needs from inference and billing, as plain interfaces.
+
+The gRPC adapters (`inference_client.py`, `billing_client.py`) implement them and turn transport
+errors into domain errors: `Unavailable` when a peer cannot be reached (safe to retry elsewhere),
+`QueueFull` when a replica's admission queue is full, `BudgetExceeded` when billing refuses a hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import IntEnum
+from typing import Protocol
+
+from services.router.types import Chunk, Message, Money, Sampling, TrafficClass, UsageStatus
+
+
+class AlertLevel(IntEnum):
+    NONE = 0
+    WARNING = 1
+    CRITICAL = 2
+    EMERGENCY = 3
+
+
+@dataclass(frozen=True)
+class InferenceCall:
+    request_id: str
+    prompt: str = ""
+    messages: tuple[Message, ...] = ()
+    sampling: Sampling = field(default_factory=Sampling)
+    traffic_class: TrafficClass = TrafficClass.INTERACTIVE
+    coalesce_ms: int = 0
+    coalesce_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    context_window: int
+    replica_id: str = ""
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    replica_id: str
+    queue_depth: int
+    active_sequences: int
+    ready: bool
+
+
+class InferencePort(Protocol):
+    def generate(self, address: str, call: InferenceCall) -> AsyncIterator[Chunk]: ...
+
+    async def count_tokens(self, address: str, prompt: str, messages: tuple[Message, ...]) -> tuple[int, int]:
+        """(token count, context window)."""
+        ...
+
+    async def model_info(self, address: str) -> ModelInfo: ...
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """One usage event, exactly as billing receives it."""
+
+    event_id: str
+    tenant_id: str
+    api_key_id: str
+    model: str
+    model_version: str
+    prompt_tokens: int
+    completion_tokens: int
+    status: UsageStatus
+    traffic_class: TrafficClass
+    request_id: str
+    trace_id: str
+    start_time: datetime
+    end_time: datetime
+    cached: bool = False
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HoldRequest:
+    request_id: str
+    tenant_id: str
+    api_key_id: str
+    model: str
+    model_version: str
+    traffic_class: TrafficClass
+    max_prompt_tokens: int
+    max_completion_tokens: int
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hold:
+    hold_id: str
+    level: AlertLevel = AlertLevel.NONE
+    offline: bool = False
+
+
+class BillingPort(Protocol):
+    async def reserve(self, request: HoldRequest) -> Hold: ...
+
+    async def settle(self, hold_id: str, usage: UsageRecord) -> Money: ...
+
+    async def release(self, hold_id: str) -> None: ...
+
+    async def record(self, usage: UsageRecord) -> Money: ...
+
+    async def check_budget(
+        self, tenant_id: str, api_key_id: str, tags: dict[str, str], traffic_class: TrafficClass
+    ) -> tuple[bool, AlertLevel]: ...

@@ -1,0 +1,285 @@
+"""The model registry: models → versions → replicas, traffic split in per-mille, canary state, audit log.
+
+Rules: the first version registered for a model is its stable version with all the traffic; later
+versions join with weight 0 until `set_split` or `promote`. `rollback` sends all traffic back to the
+stable version and records an audit event. Everything is persisted in SQLite.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from services.common.errors import FailedPrecondition, InvalidInput, NotFound
+from services.router.sqlite_util import connect
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_ADDRESS = re.compile(r"^[A-Za-z0-9_.-]+:\d{1,5}$")
+
+
+@dataclass(frozen=True)
+class CanaryPolicy:
+    max_error_permille: int = 50
+    max_p99_s: float = 1.0
+    window_s: float = 60.0
+    min_requests: int = 20
+
+
+@dataclass(frozen=True)
+class VersionEntry:
+    version: str
+    replicas: tuple[str, ...]
+    weight_permille: int = 0
+    stable: bool = False
+    canary: CanaryPolicy = field(default_factory=CanaryPolicy)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    versions: tuple[VersionEntry, ...] = ()
+    fallback_models: tuple[str, ...] = ()
+    context_window: int = 0
+
+    def version(self, version: str) -> VersionEntry:
+        for entry in self.versions:
+            if entry.version == version:
+                return entry
+        raise NotFound(f"model {self.name!r} has no version {version!r}", field="model")
+
+    @property
+    def stable(self) -> VersionEntry:
+        for entry in self.versions:
+            if entry.stable:
+                return entry
+        return self.versions[0]
+
+    @property
+    def default_version(self) -> VersionEntry:
+        return max(self.versions, key=lambda v: (v.weight_permille, v.stable))
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    time: datetime
+    actor: str
+    action: str
+    target: str
+    details: dict[str, object]
+
+
+def split_model(spec: str) -> tuple[str, str]:
+    """"name@version" → (name, version); version is "" when not pinned."""
+    name, _, version = spec.partition("@")
+    if not name:
+        raise InvalidInput("model is required, e.g. 'smollm2-135m-instruct' or 'name@version'", field="model")
+    return name, version
+
+
+class Registry:
+    def __init__(
+        self,
+        path: Path,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rng: random.Random | None = None,
+    ) -> None:
+        self._conn = connect(path)
+        self._conn.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS models (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT, actor TEXT,
+                action TEXT, target TEXT, details TEXT);
+            """
+        )
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._lock = threading.Lock()
+        self._models: dict[str, ModelEntry] = {}
+        for row in self._conn.execute("SELECT body FROM models"):
+            model = _decode(row["body"])
+            self._models[model.name] = model
+        self.on_change: list[Callable[[ModelEntry], None]] = []
+
+    # --- reads -----------------------------------------------------------------------------------
+    def get(self, name: str) -> ModelEntry:
+        model = self._models.get(name)
+        if model is None:
+            known = ", ".join(sorted(self._models)) or "none registered"
+            raise NotFound(f"unknown model {name!r} (known: {known})", field="model")
+        return model
+
+    def models(self) -> list[ModelEntry]:
+        return [self._models[name] for name in sorted(self._models)]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._models
+
+    def pick_version(self, name: str, pinned: str = "") -> VersionEntry:
+        """The pinned version, or one drawn by the traffic split."""
+        model = self.get(name)
+        if pinned:
+            return model.version(pinned)
+        weighted = [v for v in model.versions if v.weight_permille > 0]
+        if not weighted:
+            return model.stable
+        draw = self._rng.randrange(sum(v.weight_permille for v in weighted))
+        for entry in weighted:
+            draw -= entry.weight_permille
+            if draw < 0:
+                return entry
+        return weighted[-1]
+
+    def audit_events(self, action: str = "") -> list[AuditEvent]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT * FROM audit WHERE (? = '' OR action = ?) ORDER BY seq DESC", (action, action)
+            ).fetchall()
+        return [
+            AuditEvent(datetime.fromisoformat(r["time"]), r["actor"], r["action"], r["target"], json.loads(r["details"]))
+            for r in rows
+        ]
+
+    # --- writes ----------------------------------------------------------------------------------
+    def register(
+        self,
+        name: str,
+        version: str,
+        replicas: tuple[str, ...],
+        fallback_models: tuple[str, ...] = (),
+        canary: CanaryPolicy | None = None,
+        context_window: int = 0,
+        actor: str = "admin",
+    ) -> ModelEntry:
+        if not _NAME.match(name) or "@" in name:
+            raise InvalidInput("model name must be 1-128 letters, digits, '_', '.', ':' or '-'", field="model")
+        if not _NAME.match(version):
+            raise InvalidInput("version must be 1-128 letters, digits, '_', '.', ':' or '-'", field="version")
+        if not replicas:
+            raise InvalidInput("at least one replica address (host:port) is required", field="replicas")
+        for address in replicas:
+            if not _ADDRESS.match(address):
+                raise InvalidInput(f"replica address {address!r} is not host:port", field="replicas")
+        existing = self._models.get(name)
+        policy = canary or CanaryPolicy()
+        if existing is None:
+            entry = VersionEntry(version, tuple(replicas), 1000, True, policy)
+            model = ModelEntry(name, (entry,), tuple(fallback_models), context_window)
+        else:
+            versions = list(existing.versions)
+            for index, current in enumerate(versions):
+                if current.version == version:
+                    versions[index] = replace(current, replicas=tuple(replicas), canary=policy)
+                    break
+            else:
+                versions.append(VersionEntry(version, tuple(replicas), 0, False, policy))
+            model = replace(
+                existing,
+                versions=tuple(versions),
+                fallback_models=tuple(fallback_models) or existing.fallback_models,
+                context_window=context_window or existing.context_window,
+            )
+        self._save(model)
+        self._audit(actor, "model.register", f"model/{name}@{version}", {"replicas": list(replicas)})
+        return model
+
+    def set_context_window(self, name: str, context_window: int) -> None:
+        self._save(replace(self.get(name), context_window=context_window))
+
+    def set_split(self, name: str, weights: dict[str, int], actor: str = "admin") -> ModelEntry:
+        model = self.get(name)
+        for version, weight in weights.items():
+            model.version(version)
+            if not 0 <= weight <= 1000:
+                raise InvalidInput("each weight_permille must be within 0..1000", field="weights")
+        if sum(weights.values()) != 1000:
+            raise InvalidInput(
+                f"weights must sum to 1000 per-mille, got {sum(weights.values())}", field="weights"
+            )
+        versions = tuple(replace(v, weight_permille=weights.get(v.version, 0)) for v in model.versions)
+        model = replace(model, versions=versions)
+        self._save(model)
+        self._audit(actor, "model.split", f"model/{name}", {"weights": weights})
+        return model
+
+    def promote(self, name: str, version: str, actor: str = "admin") -> ModelEntry:
+        model = self.get(name)
+        model.version(version)
+        versions = tuple(
+            replace(v, weight_permille=1000 if v.version == version else 0, stable=v.version == version)
+            for v in model.versions
+        )
+        model = replace(model, versions=versions)
+        self._save(model)
+        self._audit(actor, "model.promote", f"model/{name}@{version}", {})
+        return model
+
+    def rollback(self, name: str, reason: str, actor: str = "admin") -> ModelEntry:
+        model = self.get(name)
+        stable = model.stable
+        if stable.weight_permille == 1000:
+            raise FailedPrecondition(f"model {name!r} already sends all traffic to its stable version")
+        previous = {v.version: v.weight_permille for v in model.versions}
+        versions = tuple(replace(v, weight_permille=1000 if v is stable else 0) for v in model.versions)
+        model = replace(model, versions=versions)
+        self._save(model)
+        self._audit(
+            actor, "model.rollback", f"model/{name}", {"reason": reason, "to": stable.version, "previous": previous}
+        )
+        return model
+
+    def _save(self, model: ModelEntry) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO models (name, body) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET body = excluded.body",
+                (model.name, _encode(model)),
+            )
+            self._models[model.name] = model
+        for callback in self.on_change:
+            callback(model)
+
+    def _audit(self, actor: str, action: str, target: str, details: dict[str, object]) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO audit (time, actor, action, target, details) VALUES (?,?,?,?,?)",
+                (self._clock().isoformat(), actor, action, target, json.dumps(details, sort_keys=True)),
+            )
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _encode(model: ModelEntry) -> str:
+    return json.dumps(
+        {
+            "name": model.name,
+            "fallback_models": list(model.fallback_models),
+            "context_window": model.context_window,
+            "versions": [
+                {
+                    "version": v.version,
+                    "replicas": list(v.replicas),
+                    "weight_permille": v.weight_permille,
+                    "stable": v.stable,
+                    "canary": v.canary.__dict__,
+                }
+                for v in model.versions
+            ],
+        }
+    )
+
+
+def _decode(text: str) -> ModelEntry:
+    data = json.loads(text)
+    versions = tuple(
+        VersionEntry(
+            v["version"], tuple(v["replicas"]), v["weight_permille"], v["stable"], CanaryPolicy(**v["canary"])
+        )
+        for v in data["versions"]
+    )
+    return ModelEntry(data["name"], versions, tuple(data["fallback_models"]), data["context_window"])

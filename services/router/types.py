@@ -1,0 +1,153 @@
+"""Plain data the router's domain modules exchange (no grpc, no protobuf).
+
+Enum values mirror the proto enums of `autoglm.common.v1` so conversions at the edge are `int(...)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class TrafficClass(IntEnum):
+    UNSPECIFIED = 0
+    CORE = 1
+    INTERACTIVE = 2
+    BATCH = 3
+
+
+class FinishReason(IntEnum):
+    UNSPECIFIED = 0
+    STOP = 1
+    LENGTH = 2
+    CANCELLED = 3
+    ERROR = 4
+
+
+class Role(IntEnum):
+    UNSPECIFIED = 0
+    SYSTEM = 1
+    USER = 2
+    ASSISTANT = 3
+
+
+class CachePolicy(IntEnum):
+    DEFAULT = 0
+    BYPASS = 1
+    ALLOW_SAMPLED = 2
+
+
+class UsageStatus(IntEnum):
+    UNSPECIFIED = 0
+    COMPLETED = 1
+    CANCELLED = 2
+    FAILED = 3
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters; None means "the model's default"."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    max_tokens: int | None = None
+
+    @property
+    def deterministic(self) -> bool:
+        """Greedy decoding (temperature 0 or unset) or a fixed seed gives the same text every time."""
+        return self.seed is not None or not self.temperature
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Money:
+    currency_code: str = "USD"
+    micros: int = 0
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: resolved from an API key or a JWT."""
+
+    tenant_id: str
+    key_id: str
+    traffic_class: TrafficClass = TrafficClass.INTERACTIVE
+    allowed_models: tuple[str, ...] = ()
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+
+    def may_call(self, model: str) -> bool:
+        return not self.allowed_models or model in self.allowed_models
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A request as the caller made it (before context replay, policy and routing)."""
+
+    model: str
+    prompt: str = ""
+    messages: tuple[Message, ...] = ()
+    sampling: Sampling = field(default_factory=Sampling)
+    context_id: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    traffic_class: TrafficClass = TrafficClass.UNSPECIFIED
+    cache_policy: CachePolicy = CachePolicy.DEFAULT
+    raw_prompt: bool = False
+    coalesce_ms: int = 0
+    coalesce_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of a generation stream. The last one carries the finish reason and usage."""
+
+    delta: str = ""
+    tokens: int = 0
+    finish_reason: FinishReason = FinishReason.UNSPECIFIED
+    usage: Usage | None = None
+    # Set by the router on the last chunk: which model and version answered.
+    model: str = ""
+    model_version: str = ""
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a finished request cost and why it ended."""
+
+    finish_reason: FinishReason
+    usage: Usage
+    cost: Money
+    model: str
+    model_version: str
+    trace_id: str
+    time_to_first_token_ms: int
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """Attribution of one request: travels to billing and to the access log."""
+
+    request_id: str
+    trace_id: str
+    principal: Principal
+    tags: dict[str, str] = field(default_factory=dict)
