@@ -2,6 +2,7 @@
 
 Levels come from spend alone (holds are not spend). The verdict, for HARD budgets only (SOFT budgets only
 alert):
+- CheckBudget answers with the level policy only (what may start: batch jobs pause at CRITICAL);
 - a hold is refused when spend + open holds + the hold would pass the limit (every traffic class);
 - at CRITICAL (>= 100 % by default) BATCH traffic is refused; at EMERGENCY (>= 120 %) everything but CORE.
 Callers that do not name a traffic class count as INTERACTIVE.
@@ -132,9 +133,6 @@ def check(tx: Tx, snap: Snapshot, tenant_id: str, api_key_id: str, tags: dict[st
     level = max((s.level for s in states), default=Level.NONE)
     for st in states:
         reason = _policy_denial(st, traffic)
-        if not reason and st.budget.enforcement == Enforcement.HARD and st.spent + st.held >= st.limit:
-            reason = (f"budget {st.budget.budget_id} ({st.budget.scope.describe()}) is used up: spent {st.spent} +"
-                      f" held {st.held} of {st.limit} {'tokens' if st.budget.in_tokens else 'micro-units'}")
         if reason:
             return Verdict(False, level, reason, states)
     return Verdict(True, level, "", states)

@@ -1,0 +1,33 @@
+"""Start billing as a real `python -m services.billing` process and learn its port from --port-file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def start_billing(database: str, workdir: Path, name: str) -> tuple[subprocess.Popen[bytes], Path]:
+    port_file = workdir / f"{name}.port"
+    port_file.unlink(missing_ok=True)
+    log = (workdir / f"{name}.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.billing", "--port", "0", "--port-file", str(port_file),
+         "--database", database, "--log-level", "WARNING"],
+        cwd=ROOT, stdout=log, stderr=log, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return proc, port_file
+
+
+def wait_port(proc: subprocess.Popen[bytes], port_file: Path, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"billing exited with {proc.returncode} before serving")
+        if port_file.exists():
+            return f"127.0.0.1:{port_file.read_text().strip()}"
+        time.sleep(0.05)
+    raise TimeoutError("billing did not write its port file")
