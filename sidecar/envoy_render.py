@@ -1,0 +1,340 @@
+"""Render the mesh policy as an Envoy v3 bootstrap for one service (built with envoy-data-plane).
+
+What maps to what:
+- inbound listener (mTLS, client certificate required unless the service is `public`) → cluster `local`;
+  an RBAC filter allows exactly the policy's `authorization.allow` rules (principal = the caller's SPIFFE
+  URI SAN, permission = the method path), default deny.
+- outbound listener (plaintext, loopback) → one cluster per peer, originating mTLS with the sidecar's own
+  certificate and checking the peer's SPIFFE URI SAN.
+- every known method gets an exact-path route: `timeout_s` → max_stream_duration and
+  grpc_timeout_header_max (the smaller of client deadline and route timeout wins); `retries` → retry_policy
+  (gRPC retry_on, num_retries = max_attempts - 1, per_try_timeout, exponential back-off); `rate_limit` → a
+  local_ratelimit token bucket.
+- per cluster: `max_concurrent` → circuit_breakers max_requests/max_pending_requests; `retry_budget` →
+  retry_budget (budget_percent = ratio × 100, min_retry_concurrency = min_per_s: Envoy's floor counts
+  retries in flight, not per second); `outlier` → outlier_detection (consecutive gateway failures and
+  local-origin failures, base ejection time, max ejection percent). Envoy has no consecutive-failure
+  breaker; the outlier detector plays that part.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import betterproto2
+import yaml
+from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog as EnvoyAccessLog
+from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    CircuitBreakers,
+    CircuitBreakersThresholds,
+    CircuitBreakersThresholdsRetryBudget,
+    Cluster,
+    ClusterDiscoveryType,
+    ClusterLbPolicy,
+    OutlierDetection,
+)
+from envoy_data_plane.envoy.config.core.v3 import (
+    Address,
+    DataSource,
+    Http2ProtocolOptions,
+    RuntimeFeatureFlag,
+    RuntimeFractionalPercent,
+    SocketAddress,
+    SubstitutionFormatString,
+    TransportSocket,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
+from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.rbac.v3 import Permission, Policy as RbacPolicy, Principal, Rbac, RbacAction
+from envoy_data_plane.envoy.config.route.v3 import (
+    RetryPolicy,
+    RetryPolicyRetryBackOff,
+    Route,
+    RouteAction,
+    RouteActionMaxStreamDuration,
+    RouteConfiguration,
+    RouteMatch,
+    VirtualHost,
+)
+from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
+from envoy_data_plane.envoy.extensions.filters.http.local_ratelimit.v3 import LocalRateLimit
+from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import Rbac as RbacFilter
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+    HttpConnectionManagerCodecType,
+    HttpFilter,
+)
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext,
+    CommonTlsContext,
+    DownstreamTlsContext,
+    SubjectAltNameMatcher,
+    SubjectAltNameMatcherSanType,
+    TlsCertificate,
+    UpstreamTlsContext,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions,
+    HttpProtocolOptionsExplicitHttpConfig,
+)
+from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
+from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType, Percent, TokenBucket
+from envoy_data_plane.google.protobuf import Any as PbAny
+from envoy_data_plane.google.protobuf import Struct
+
+from sidecar.methods import method_table
+from sidecar.policy import Policy, PolicyError, Route as PolicyRoute, load_policy
+
+ENVOY_RETRY_ON = {"CANCELLED": "cancelled", "DEADLINE_EXCEEDED": "deadline-exceeded", "INTERNAL": "internal",
+                  "RESOURCE_EXHAUSTED": "resource-exhausted", "UNAVAILABLE": "unavailable"}
+HTTP2_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+ACCESS_LOG_FORMAT = {
+    "method": "%REQ(:PATH)%", "grpc_status": "%GRPC_STATUS%", "duration_ms": "%DURATION%",
+    "bytes_in": "%BYTES_RECEIVED%", "bytes_out": "%BYTES_SENT%", "peer": "%DOWNSTREAM_PEER_URI_SAN%",
+    "traceparent": "%REQ(TRACEPARENT)%", "request_id": "%REQ(X-REQUEST-ID)%", "upstream": "%UPSTREAM_HOST%",
+    "flags": "%RESPONSE_FLAGS%",
+}
+
+
+@dataclass(frozen=True)
+class EnvoyPorts:
+    inbound: int
+    outbound: int | None
+    admin: int
+
+
+def _seconds(value: float) -> dt.timedelta:
+    return dt.timedelta(seconds=value)
+
+
+def _socket(address: str) -> Address:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return Address(socket_address=SocketAddress(address=host, port_value=int(port)))
+
+
+def glob_to_regex(pattern: str) -> str:
+    """A policy glob (`pkg.Service/*`) as an RE2 regex over the HTTP/2 :path."""
+    out = []
+    for ch in pattern.lstrip("/"):
+        out.append(".*" if ch == "*" else "." if ch == "?" else re.escape(ch))
+    return "/" + "".join(out)
+
+
+def _common_tls(certs_dir: Path, service: str, san_prefix: str | None, san_exact: str | None) -> CommonTlsContext:
+    matchers = []
+    if san_exact is not None:
+        matchers.append(SubjectAltNameMatcher(san_type=SubjectAltNameMatcherSanType.URI,
+                                              matcher=StringMatcher(exact=san_exact)))
+    if san_prefix is not None:
+        matchers.append(SubjectAltNameMatcher(san_type=SubjectAltNameMatcherSanType.URI,
+                                              matcher=StringMatcher(prefix=san_prefix)))
+    return CommonTlsContext(
+        tls_certificates=[TlsCertificate(certificate_chain=DataSource(filename=str(certs_dir / f"{service}.pem")),
+                                         private_key=DataSource(filename=str(certs_dir / f"{service}.key")))],
+        validation_context=CertificateValidationContext(
+            trusted_ca=DataSource(filename=str(certs_dir / "ca.pem")), match_typed_subject_alt_names=matchers),
+        alpn_protocols=["h2"],
+    )
+
+
+def _methods_of(policy: Policy, service: str) -> list[str]:
+    grpc_services = policy.services[service].grpc_services
+    return sorted(m for m in method_table() if m.lstrip("/").split("/", 1)[0] in grpc_services)
+
+
+def _route(method_path: str, rule: PolicyRoute, cluster: str, *, retries: bool, exact: bool) -> Route:
+    action = RouteAction(cluster=cluster, timeout=_seconds(0))
+    if rule.timeout_s is not None:
+        action.max_stream_duration = RouteActionMaxStreamDuration(
+            max_stream_duration=_seconds(rule.timeout_s), grpc_timeout_header_max=_seconds(rule.timeout_s))
+    if retries and rule.retries.max_attempts > 1:
+        unsupported = [c for c in rule.retries.retry_on if c not in ENVOY_RETRY_ON]
+        if unsupported:
+            raise ValueError(f"route {rule.name}: Envoy cannot retry on {', '.join(unsupported)}")
+        action.retry_policy = RetryPolicy(
+            retry_on=",".join(ENVOY_RETRY_ON[c] for c in rule.retries.retry_on),
+            num_retries=rule.retries.max_attempts - 1,
+            per_try_timeout=_seconds(rule.retries.per_try_timeout_s) if rule.retries.per_try_timeout_s else None,
+            retry_back_off=RetryPolicyRetryBackOff(base_interval=_seconds(rule.retries.backoff.base_s),
+                                                   max_interval=_seconds(rule.retries.backoff.max_s)))
+    match = RouteMatch(path=method_path) if exact else RouteMatch(prefix=method_path)
+    route = Route(name=f"{rule.name}:{method_path}", match=match, route=action)
+    if rule.rate_limit is not None:
+        limit = LocalRateLimit(
+            stat_prefix=f"ratelimit_{rule.name}",
+            token_bucket=TokenBucket(max_tokens=rule.rate_limit.burst, tokens_per_fill=max(1, int(rule.rate_limit.rps)),
+                                     fill_interval=_seconds(1)),
+            filter_enabled=RuntimeFractionalPercent(default_value=FractionalPercent(
+                numerator=100, denominator=FractionalPercentDenominatorType.HUNDRED), runtime_key="rl_enabled"),
+            filter_enforced=RuntimeFractionalPercent(default_value=FractionalPercent(
+                numerator=100, denominator=FractionalPercentDenominatorType.HUNDRED), runtime_key="rl_enforced"))
+        route.typed_per_filter_config = {"envoy.filters.http.local_ratelimit": PbAny.pack(limit)}
+    return route
+
+
+def _routes_for(policy: Policy, service: str, cluster: str, *, retries: bool) -> list[Route]:
+    routes = [_route(m, policy.route_for(m), cluster, retries=retries, exact=True) for m in _methods_of(policy, service)]
+    for grpc_service in policy.services[service].grpc_services:  # methods the descriptors do not know
+        prefix = f"/{grpc_service}/"
+        routes.append(_route(prefix, policy.route_for(prefix + "*"), cluster, retries=retries, exact=False))
+    return routes
+
+
+def _rbac(policy: Policy, service: str) -> RbacFilter:
+    policies: dict[str, RbacPolicy] = {}
+    for index, rule in enumerate(policy.allow):
+        if rule.target != service:
+            continue
+        grpc_services = policy.services[service].grpc_services
+        patterns = [m if "/" in m else f"{s}/{m}" for m in rule.methods for s in grpc_services] \
+            if rule.methods != ("*",) else [f"{s}/*" for s in grpc_services]
+        permissions = [Permission(url_path=_path_matcher(p)) for p in patterns]
+        principal = (Principal(any=True) if rule.source == "*" else Principal(
+            authenticated=_authenticated(policy.spiffe_id(rule.source))))
+        policies[f"allow-{index}-{rule.source}-to-{rule.target}"] = RbacPolicy(
+            permissions=[Permission(or_rules=_permission_set(permissions))], principals=[principal])
+    return RbacFilter(rules=Rbac(action=RbacAction.ALLOW, policies=policies))
+
+
+def _path_matcher(pattern: str) -> Any:
+    from envoy_data_plane.envoy.type.matcher.v3 import PathMatcher
+
+    return PathMatcher(path=StringMatcher(safe_regex=RegexMatcher(regex=glob_to_regex(pattern))))
+
+
+def _permission_set(permissions: Sequence[Permission]) -> Any:
+    from envoy_data_plane.envoy.config.rbac.v3 import PermissionSet
+
+    return PermissionSet(rules=list(permissions))
+
+
+def _authenticated(spiffe: str) -> Any:
+    from envoy_data_plane.envoy.config.rbac.v3 import PrincipalAuthenticated
+
+    return PrincipalAuthenticated(principal_name=StringMatcher(exact=spiffe))
+
+
+def _access_log() -> list[EnvoyAccessLog]:
+    fmt = SubstitutionFormatString(json_format=Struct.from_dict(ACCESS_LOG_FORMAT))
+    return [EnvoyAccessLog(name="envoy.access_loggers.stdout", typed_config=PbAny.pack(StdoutAccessLog(log_format=fmt)))]
+
+
+def _hcm(name: str, routes: list[Route], http_filters: list[HttpFilter]) -> Filter:
+    manager = HttpConnectionManager(
+        stat_prefix=name, codec_type=HttpConnectionManagerCodecType.AUTO,
+        http2_protocol_options=Http2ProtocolOptions(),
+        route_config=RouteConfiguration(name=name, virtual_hosts=[VirtualHost(name=name, domains=["*"], routes=routes)]),
+        http_filters=[*http_filters, HttpFilter(name="envoy.filters.http.router", typed_config=PbAny.pack(Router()))],
+        access_log=_access_log(), generate_request_id=True)
+    return Filter(name="envoy.filters.network.http_connection_manager", typed_config=PbAny.pack(manager))
+
+
+def _rate_limit_filter() -> HttpFilter:
+    return HttpFilter(name="envoy.filters.http.local_ratelimit",
+                      typed_config=PbAny.pack(LocalRateLimit(stat_prefix="local_ratelimit")))
+
+
+def _cluster(name: str, addresses: Sequence[str], policy: Policy | None, service_policy_name: str | None,
+             transport: TransportSocket | None) -> Cluster:
+    protocol = HttpProtocolOptions(explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+        http2_protocol_options=Http2ProtocolOptions()))
+    cluster = Cluster(
+        name=name, type=ClusterDiscoveryType.STATIC, connect_timeout=_seconds(1), lb_policy=ClusterLbPolicy.ROUND_ROBIN,
+        load_assignment=ClusterLoadAssignment(cluster_name=name, endpoints=[LocalityLbEndpoints(lb_endpoints=[
+            LbEndpoint(endpoint=Endpoint(address=_socket(a))) for a in addresses])]),
+        typed_extension_protocol_options={HTTP2_OPTIONS_KEY: PbAny.pack(protocol)},
+        transport_socket=transport)
+    if policy is not None and service_policy_name is not None:
+        sp = policy.services[service_policy_name]
+        cluster.circuit_breakers = CircuitBreakers(thresholds=[CircuitBreakersThresholds(
+            max_requests=sp.max_concurrent, max_pending_requests=sp.max_concurrent, max_connections=sp.max_concurrent,
+            retry_budget=CircuitBreakersThresholdsRetryBudget(
+                budget_percent=Percent(value=sp.retry_budget.ratio * 100.0),
+                min_retry_concurrency=max(1, int(sp.retry_budget.min_per_s))))])
+        cluster.outlier_detection = OutlierDetection(
+            consecutive_5xx=sp.outlier.consecutive_failures,
+            consecutive_gateway_failure=sp.outlier.consecutive_failures,
+            enforcing_consecutive_gateway_failure=100,
+            split_external_local_origin_errors=True,
+            consecutive_local_origin_failure=sp.outlier.consecutive_failures,
+            base_ejection_time=_seconds(sp.outlier.base_ejection_s),
+            max_ejection_percent=sp.outlier.max_ejection_percent,
+            interval=_seconds(min(10.0, sp.outlier.base_ejection_s)))
+    return cluster
+
+
+def render_bootstrap(policy: Policy, service: str, *, certs_dir: Path, upstream: str,
+                     peers: Mapping[str, Sequence[str]], ports: EnvoyPorts, host: str = "127.0.0.1") -> dict[str, Any]:
+    """The Envoy bootstrap for `service`'s sidecar, as the JSON-shaped dict Envoy reads."""
+    if service not in policy.services:
+        raise PolicyError(f"services: no entry for {service!r} (known: {', '.join(policy.services)})")
+    own = policy.services[service]
+    inbound_filters: list[HttpFilter] = []
+    if not own.public:
+        inbound_filters.append(HttpFilter(name="envoy.filters.http.rbac", typed_config=PbAny.pack(_rbac(policy, service))))
+    inbound_routes = _routes_for(policy, service, "local", retries=False)
+    if any(policy.route_for(m).rate_limit for m in _methods_of(policy, service)):
+        inbound_filters.append(_rate_limit_filter())
+    for infra in ("/grpc.health.v1.Health/", "/grpc.reflection."):
+        inbound_routes.append(Route(name=f"infra:{infra}", match=RouteMatch(prefix=infra),
+                                    route=RouteAction(cluster="local", timeout=_seconds(0))))
+    downstream = DownstreamTlsContext(
+        common_tls_context=_common_tls(certs_dir, service, f"spiffe://{policy.trust_domain}/", None),
+        require_client_certificate=not own.public)
+    if own.public:
+        assert downstream.common_tls_context is not None
+        downstream.common_tls_context.validation_context = CertificateValidationContext(
+            trusted_ca=DataSource(filename=str(certs_dir / "ca.pem")))
+    listeners = [Listener(
+        name="inbound", address=_socket(f"{host}:{ports.inbound}"),
+        filter_chains=[FilterChain(
+            filters=[_hcm("inbound", inbound_routes, inbound_filters)],
+            transport_socket=TransportSocket(name="envoy.transport_sockets.tls", typed_config=PbAny.pack(downstream)))])]
+    clusters = [_cluster("local", [upstream], None, None, None)]
+    if ports.outbound is not None and peers:
+        outbound_routes: list[Route] = []
+        for peer, addresses in peers.items():
+            if peer not in policy.services:
+                raise PolicyError(f"peer {peer!r} is not a service of the mesh policy ({', '.join(policy.services)})")
+            outbound_routes.extend(_routes_for(policy, peer, peer, retries=True))
+            upstream_tls = UpstreamTlsContext(
+                common_tls_context=_common_tls(certs_dir, service, None, policy.spiffe_id(peer)), sni=peer)
+            clusters.append(_cluster(peer, addresses, policy, peer, TransportSocket(
+                name="envoy.transport_sockets.tls", typed_config=PbAny.pack(upstream_tls))))
+        listeners.append(Listener(name="outbound", address=_socket(f"{host}:{ports.outbound}"),
+                                  filter_chains=[FilterChain(filters=[_hcm("outbound", outbound_routes, [])])]))
+    bootstrap = Bootstrap(
+        node=None,
+        admin=Admin(address=_socket(f"127.0.0.1:{ports.admin}")),
+        static_resources=BootstrapStaticResources(listeners=listeners, clusters=clusters),
+    )
+    return _fix_keys(bootstrap.to_dict(casing=betterproto2.Casing.SNAKE))
+
+
+def _fix_keys(value: Any) -> Any:
+    """betterproto's snake_case turns `consecutive_5xx` into `consecutive_5_xx`; Envoy wants the proto name."""
+    if isinstance(value, dict):
+        return {k.replace("_5_xx", "_5xx"): _fix_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fix_keys(v) for v in value]
+    return value
+
+
+def render_to_file(policy_path: Path, service: str, output: Path, *, certs_dir: Path, upstream: str,
+                   peers: Mapping[str, Sequence[str]], ports: EnvoyPorts) -> Path:
+    doc = render_bootstrap(load_policy(policy_path), service, certs_dir=certs_dir, upstream=upstream, peers=peers,
+                           ports=ports)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    header = (f"# Envoy v3 bootstrap for the {service} sidecar, rendered from {policy_path} by "
+              f"`autoglm sidecar render-envoy`. Do not edit: re-render.\n")
+    output.write_text(header + yaml.safe_dump(doc, sort_keys=False))
+    return output

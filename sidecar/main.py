@@ -1,0 +1,78 @@
+"""Command line of the sidecar process (shared by `python -m sidecar` and `autoglm sidecar run`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+from services.common.logging import configure_logging
+from services.common.tracing import configure_tracing
+from sidecar.policy import PolicyError
+from sidecar.runtime import SidecarConfig, build_sidecar
+
+
+def parse_peer(value: str) -> tuple[str, list[str]]:
+    name, sep, addresses = value.partition("=")
+    if not sep or not name or not addresses:
+        raise argparse.ArgumentTypeError(f"--peer expects NAME=HOST:PORT[,HOST:PORT...], got {value!r}")
+    return name, [a.strip() for a in addresses.split(",") if a.strip()]
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", type=Path, required=True, help="mesh policy YAML (hot-reloaded)")
+    parser.add_argument("--service", required=True, help="the local service this sidecar fronts (router, ...)")
+    parser.add_argument("--certs", type=Path, required=True,
+                        help="directory with ca.pem and <service>.pem/.key (autoglm certs init/issue)")
+    parser.add_argument("--upstream", required=True, help="the local service's address, host:port or unix:/path")
+    parser.add_argument("--inbound-port", type=int, default=0, help="mTLS listener for peers (0: any free port)")
+    parser.add_argument("--outbound-port", type=int, default=0,
+                        help="plaintext loopback listener the local service calls its peers through (-1: none)")
+    parser.add_argument("--admin-port", type=int, default=0, help="SidecarAdminService on 127.0.0.1")
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on 127.0.0.1 (-1: off)")
+    parser.add_argument("--peer", action="append", default=[], type=parse_peer, metavar="NAME=ADDR[,ADDR]",
+                        help="a peer service's sidecar inbound address(es); repeat per peer")
+    parser.add_argument("--host", default="127.0.0.1", help="address the inbound/outbound listeners bind")
+    parser.add_argument("--no-access-log", action="store_true", help="do not log one line per call")
+    parser.add_argument("--otlp-endpoint", default="", help="send spans to this OTLP/gRPC collector")
+    parser.add_argument("--log-level", default="INFO")
+
+
+async def run(args: argparse.Namespace) -> int:
+    config = SidecarConfig(
+        policy_path=args.policy, service=args.service, certs_dir=args.certs, upstream=args.upstream,
+        peers=dict(args.peer), host=args.host, inbound_port=args.inbound_port,
+        outbound_port=None if args.outbound_port < 0 else args.outbound_port, admin_port=args.admin_port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port, access_log=not args.no_access_log)
+    running = await build_sidecar(config)
+    # One machine-readable line on stdout with the bound ports, for launchers and tests.
+    print(json.dumps({"sidecar": args.service, **running.ports()}), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await running.stop(grace=5)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sidecar",
+        description="The Open-AutoGLM sidecar: mTLS, authorization, timeouts, retries, circuit breaking and "
+                    "trace context for one service. Prints one JSON line with the bound ports.")
+    add_run_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    configure_logging(f"sidecar-{args.service}", args.log_level)
+    configure_tracing(f"sidecar-{args.service}", args.otlp_endpoint)
+    try:
+        return asyncio.run(run(args))
+    except (PolicyError, FileNotFoundError) as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 2
