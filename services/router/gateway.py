@@ -296,6 +296,9 @@ class Gateway:
 
     def _candidates(self, plan: Plan) -> list[tuple[ModelEntry, VersionEntry]]:
         candidates = [(plan.model, plan.version)]
+        stable = plan.model.stable
+        if stable.version != plan.version.version and not plan.request.model.count("@"):
+            candidates.append((plan.model, stable))  # a failing canary falls back to the stable version
         for name in plan.model.fallback_models:
             if name in self.registry and name != plan.model.name:
                 candidates.append((self.registry.get(name), self.registry.pick_version(name)))

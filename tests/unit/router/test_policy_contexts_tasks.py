@@ -1,0 +1,70 @@
+"""Policies refuse without echoing the term list; contexts persist and trim by the documented rule;
+task templates validate their inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.common.errors import InvalidInput, PermissionDenied
+from services.router.contexts import ContextStore, fit_to_window
+from services.router.policy import Policy, PolicyStore
+from services.router.tasks import LengthUnit, OutputFormat, TaskKind, TaskSpec, render_task
+from services.router.types import Message, Role
+
+
+def test_blocked_terms_name_the_policy_not_the_terms(tmp_path: Path) -> None:
+    store = PolicyStore(tmp_path / "p.db")
+    store.set("", Policy(name="house-rules", blocked_terms=("Project Zeus",), max_tokens_cap=64))
+    policy = PolicyStore(tmp_path / "p.db").for_tenant("acme")  # global applies, persisted
+    with pytest.raises(PermissionDenied) as refused:
+        policy.check_text("tell me about project zeus", ())
+    assert "house-rules" in refused.value.message and "zeus" not in refused.value.message.lower()
+    policy.check_text("tell me about apollo", ())
+    with pytest.raises(InvalidInput, match="cap"):
+        policy.check_max_tokens(65)
+    store.set("acme", Policy(name="acme", max_prompt_tokens=10))
+    assert store.for_tenant("acme").name == "acme" and store.for_tenant("other").name == "house-rules"
+    with pytest.raises(InvalidInput):
+        store.for_tenant("acme").check_prompt_tokens(11)
+
+
+def _m(role: Role, text: str) -> Message:
+    return Message(role, text)
+
+
+async def test_context_turns_persist_and_trim_oldest_exchanges_keeping_system(tmp_path: Path) -> None:
+    store = ContextStore(tmp_path / "c.db")
+    store.append("acme", "chat", (_m(Role.SYSTEM, "be brief"), _m(Role.USER, "one"), _m(Role.ASSISTANT, "1")))
+    store.append("acme", "chat", (_m(Role.USER, "two"), _m(Role.ASSISTANT, "2")))
+    history = ContextStore(tmp_path / "c.db").history("acme", "chat")
+    assert [m.content for m in history] == ["be brief", "one", "1", "two", "2"]
+    assert store.history("other-tenant", "chat") == ()
+
+    async def count(messages: tuple[Message, ...]) -> int:
+        return 10 * len(messages)
+
+    new = (_m(Role.USER, "three"),)
+    kept, tokens = await fit_to_window(history, new, max_tokens=5, context_window=45, count=count)
+    assert [m.content for m in kept] == ["be brief", "two", "2", "three"] and tokens == 40
+    with pytest.raises(InvalidInput, match="context window"):
+        await fit_to_window(history, new, max_tokens=100, context_window=45, count=count)
+
+
+def test_task_templates() -> None:
+    system, user = render_task(TaskSpec(TaskKind.SUMMARIZE, "Long text.", LengthUnit.WORDS, 20, OutputFormat.BULLETS))
+    assert system.role == Role.SYSTEM and "at most 20 words" in user.content and "bulleted" in user.content
+    assert "Long text." in user.content
+    assert "positive, negative" in render_task(TaskSpec(TaskKind.CLASSIFY, "x", labels=("positive", "negative")))[1].content
+    for spec, field in [
+        (TaskSpec(TaskKind.TRANSLATE, "x"), "target_language"),
+        (TaskSpec(TaskKind.CLASSIFY, "x"), "labels"),
+        (TaskSpec(TaskKind.EXTRACT, "x"), "fields"),
+        (TaskSpec(TaskKind.REWRITE, "x"), "style"),
+        (TaskSpec(TaskKind.UNSPECIFIED, "x"), "kind"),
+        (TaskSpec(TaskKind.SUMMARIZE, " "), "content"),
+    ]:
+        with pytest.raises(InvalidInput) as bad:
+            render_task(spec)
+        assert bad.value.field == field
