@@ -93,7 +93,7 @@ def test_hs256_jwt_gives_tenant_and_rejects_tampering_and_expiry(tmp_path: Path)
     good = _jwt({"alg": "HS256", "typ": "JWT"}, {"org": "globex", "sub": "u1", "exp": time.time() + 60}, sign)
     principal = auth.authenticate(f"Bearer {good}")
     assert principal.tenant_id == "globex" and principal.key_id == "jwt:u1"
-    head, body, sig = good.split(".")
+    head, _body, sig = good.split(".")
     forged_body = b64url_encode(json.dumps({"org": "other", "exp": time.time() + 60}).encode())
     with pytest.raises(Unauthenticated, match="signature"):
         auth.authenticate(f"Bearer {head}.{forged_body}.{sig}")

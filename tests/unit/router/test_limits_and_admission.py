@@ -62,8 +62,8 @@ async def test_priority_gate_admits_core_before_interactive_before_batch() -> No
 
     tasks = [asyncio.create_task(waiter(n, c)) for n, c in
              [("batch", TrafficClass.BATCH), ("interactive", TrafficClass.INTERACTIVE), ("core", TrafficClass.CORE)]]
-    while gate.waiting < 3:
-        await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn: every waiter runs up to its queued future
+    assert gate.waiting == 3
     gate.release()
     await asyncio.gather(*tasks)
     assert order == ["core", "interactive", "batch"]
