@@ -65,8 +65,8 @@ class Counters:
         points = [(t, n) for t, n in self.recent if now - t <= window_s]
         if len(points) < 2:
             return 0.0
-        (t0, n0), (t1, n1) = points[0], points[-1]
-        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+        (t0, n0), (_, n1) = points[0], points[-1]
+        return (n1 - n0) / (now - t0) if now > t0 else 0.0
 
 
 class Scheduler:
