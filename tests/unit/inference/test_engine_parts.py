@@ -1,0 +1,109 @@
+"""Domain modules of the engine on their own: sampling, stop sequences, detokenisation, provider
+selection, request validation and the decode batch buffer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.common.errors import FailedPrecondition, InvalidInput
+from services.inference.engine.detokenize import IncrementalDetokenizer
+from services.inference.engine.kv_cache import DecodeBatch, KvSpec
+from services.inference.engine.sampling import Sampler, SamplingParams, apply_repetition_penalty
+from services.inference.engine.session import CPU, CUDA, choose_provider
+from services.inference.engine.stop import StopMatcher
+from services.inference.engine.types import GenerationRequest, SamplingRequest
+from services.inference.engine.validation import ModelDefaults, resolve_max_tokens, resolve_sampling
+
+
+def test_greedy_picks_the_argmax_and_penalty_discourages_seen_tokens() -> None:
+    logits = np.array([1.0, 3.0, 2.9, -1.0], dtype=np.float32)
+    assert Sampler(SamplingParams()).choose(logits) == 1
+    assert Sampler(SamplingParams(repetition_penalty=1.2)).choose(logits, seen=[1]) == 2
+    row = np.array([2.0, -2.0])
+    apply_repetition_penalty(row, [0, 1], 2.0)
+    assert row.tolist() == [1.0, -4.0]
+
+
+def test_seeded_sampling_repeats_and_top_k_top_p_restrict_the_choice() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=100).astype(np.float32)
+    params = SamplingParams(temperature=1.0, seed=42)
+    assert [Sampler(params).choose(logits) for _ in range(3)] == [Sampler(params).choose(logits)] * 3
+    top3 = set(np.argsort(-logits)[:3].tolist())
+    sampler = Sampler(SamplingParams(temperature=1.5, top_k=3, seed=1))
+    assert {sampler.choose(logits) for _ in range(200)} <= top3
+    peaked = np.zeros(10, dtype=np.float32)
+    peaked[4] = 20.0
+    nucleus = Sampler(SamplingParams(temperature=1.0, top_p=0.5, seed=3))
+    assert {nucleus.choose(peaked) for _ in range(50)} == {4}
+
+
+def test_stop_sequences_match_across_token_boundaries() -> None:
+    matcher = StopMatcher(("###", "END"))
+    pieces = [matcher.push(p) for p in ["Hello #", "# wor", "ld #", "##tail"]]
+    assert "".join(p.text for p in pieces) == "Hello ## world "
+    assert pieces[-1].stopped and not any(p.stopped for p in pieces[:-1])
+    held = StopMatcher(("END",))
+    assert held.push("the EN").text == "the " and held.flush() == "EN"
+
+
+def test_detokenizer_never_splits_a_utf8_character() -> None:
+    data = "héllo 🐉!".encode()
+    detok = IncrementalDetokenizer(lambda ids: bytes(ids).decode("utf-8", errors="replace"))
+    pieces = [detok.push(b) for b in data]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + detok.flush() == "héllo 🐉!"
+
+
+def test_provider_selection_prefers_cuda_only_when_available() -> None:
+    assert choose_provider("auto", [CUDA, CPU]) == CUDA
+    assert choose_provider("auto", [CPU]) == CPU
+    assert choose_provider("cpu", [CUDA, CPU]) == CPU
+    with pytest.raises(FailedPrecondition, match="onnxruntime-gpu"):
+        choose_provider("cuda", ["AzureExecutionProvider", CPU])
+    with pytest.raises(ValueError, match="auto, cuda, cpu"):
+        choose_provider("tpu", [CPU])
+
+
+@pytest.mark.parametrize(("sampling", "field"), [
+    (SamplingRequest(temperature=-0.1), "temperature"), (SamplingRequest(top_p=1.5), "top_p"),
+    (SamplingRequest(top_k=-1), "top_k"), (SamplingRequest(repetition_penalty=2.5), "repetition_penalty"),
+    (SamplingRequest(stop=("x",) * 9), "stop"), (SamplingRequest(stop=("",)), "stop"),
+])
+def test_out_of_range_sampling_is_rejected_naming_the_field(sampling, field) -> None:
+    with pytest.raises(InvalidInput) as err:
+        resolve_sampling(sampling, ModelDefaults())
+    assert err.value.field == f"sampling.{field}"
+
+
+def test_defaults_greedy_without_seed_and_context_window_check() -> None:
+    assert resolve_sampling(SamplingRequest(), ModelDefaults()).greedy
+    assert not resolve_sampling(SamplingRequest(seed=5), ModelDefaults(temperature=0.7)).greedy
+    request = GenerationRequest(prompt="x", sampling=SamplingRequest(max_tokens=100))
+    assert resolve_max_tokens(request, 20, 120, ModelDefaults()) == 100
+    with pytest.raises(InvalidInput, match=r"prompt \(21 tokens\) \+ max_tokens \(100\) = 121 exceeds .* 120"):
+        resolve_max_tokens(request, 21, 120, ModelDefaults())
+    unset = GenerationRequest(prompt="x")
+    assert resolve_max_tokens(unset, 100, 120, ModelDefaults(max_new_tokens=256)) == 20
+
+
+def test_decode_batch_keeps_each_rows_cache_through_joins_and_leaves() -> None:
+    spec = KvSpec(tensors=2, kv_heads=1, head_dim=2, dtype=np.dtype(np.float32))
+
+    def cache(value: float, length: int) -> list[np.ndarray]:
+        return [np.full((1, 1, length, 2), value, np.float32) for _ in range(2)]
+
+    batch = DecodeBatch(spec, capacity=4)
+    batch.add("a", cache(1.0, 3))
+    batch.add("b", cache(2.0, 5))
+    batch.add("c", cache(3.0, 2))
+    mask, values = batch.step_inputs()
+    assert mask.sum(axis=1).tolist() == [4, 6, 3] and len(values) == 2
+    assert batch.tokens == 10 and batch.allocated_bytes > 0
+    batch.remove("a")
+    assert batch.keys == ["c", "b"] and batch.lens.tolist() == [2, 5]
+    assert (batch.buffers[0][0, 0, :2] == 3.0).all() and (batch.buffers[0][1, 0, :5] == 2.0).all()
+    batch.remove("b")
+    batch.remove("c")
+    assert len(batch) == 0 and batch.allocated_bytes == 0
