@@ -12,7 +12,7 @@ from services.inference.engine.session import PROVIDER_CHOICES, SessionSettings
 
 DEFAULT_PORT = 50071
 # Keys of the mesh file's `inference:` section that belong to the launcher, not to one replica.
-LAUNCHER_KEYS = frozenset({"port", "replicas", "host"})
+LAUNCHER_KEYS = frozenset({"port", "replicas", "host", "metrics_port"})
 
 
 @dataclass(frozen=True)
