@@ -12,6 +12,10 @@ from services.router.grpc_errors import billing_error
 from services.router.ports import AlertLevel, Hold, HoldRequest, UsageRecord
 from services.router.types import Money, TrafficClass
 
+# Reconnect quickly after an outage instead of gRPC's default backoff of up to two minutes.
+RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000),
+                     ("grpc.min_reconnect_backoff_ms", 200))
+
 
 def usage_to_proto(usage: UsageRecord) -> pb2.UsageEvent:
     start, end = Timestamp(), Timestamp()
@@ -28,7 +32,7 @@ def usage_to_proto(usage: UsageRecord) -> pb2.UsageEvent:
 
 class GrpcBilling:
     def __init__(self, target: str, timeout_s: float = 3.0, hold_ttl_s: int = 300) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = grpc.aio.insecure_channel(target, options=RECONNECT_OPTIONS)
         self._stub = pb2_grpc.BillingServiceStub(self._channel)
         self._timeout_s = timeout_s
         self._hold_ttl_s = hold_ttl_s

@@ -322,6 +322,8 @@ class Gateway:
                 try:
                     address = self.balancer.pick(version.replicas, frozenset(tried))
                 except Unavailable as exc:
+                    if not tried:  # a version with no healthy replica counts as failing
+                        self.canary.record(model.name, version.version, False, 0.0)
                     last = exc
                     break
                 tried.add(address)

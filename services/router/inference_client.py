@@ -12,6 +12,7 @@ from autoglm.inference.v1 import inference_service_pb2 as pb2
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb2_grpc
 from services.common.errors import Unavailable
 from services.common.tracing import outgoing_metadata
+from services.router.billing_client import RECONNECT_OPTIONS
 from services.router.grpc_errors import inference_error
 from services.router.ports import InferenceCall, LoadReport, ModelInfo
 from services.router.types import Chunk, FinishReason, Message, Sampling, Usage
@@ -38,7 +39,7 @@ class GrpcInference:
     def stub(self, address: str) -> pb2_grpc.InferenceServiceStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=RECONNECT_OPTIONS)
         return pb2_grpc.InferenceServiceStub(channel)
 
     def channel(self, address: str) -> grpc.aio.Channel:

@@ -29,7 +29,8 @@ async def usage_rows(mesh: Mesh, tenant: str) -> billing_pb2.GetUsageReportRespo
     end.FromDatetime(datetime.now(UTC) + timedelta(hours=1))
     return await mesh.billing_stub.GetUsageReport(
         billing_pb2.GetUsageReportRequest(start_time=start, end_time=end, tenant_id=tenant,
-                                          group_by=[billing_pb2.REPORT_DIMENSION_STATUS]), timeout=10)
+                                          group_by=[billing_pb2.REPORT_DIMENSION_STATUS]), timeout=10,
+        wait_for_ready=True)
 
 
 async def test_generate_streams_tokens_and_bills_usage_once(mesh: Mesh) -> None:

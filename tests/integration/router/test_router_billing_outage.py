@@ -1,0 +1,44 @@
+"""Billing down under load: interactive requests keep succeeding, batch waits, and once billing is back
+the ledger holds exactly the requests served."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from autoglm.common.v1 import generation_pb2
+from autoglm.router.v1 import router_service_pb2 as pb2
+from services.billing.config import BillingConfig
+from services.billing.server import build_server as build_billing
+from services.common.config import ServerSettings
+from tests.integration.router.conftest import MODEL, Mesh
+from tests.integration.router.test_router_vertical import bearer, usage_rows
+
+
+async def test_usage_is_spooled_while_billing_is_down_and_replayed_exactly(mesh: Mesh, serve, tmp_path) -> None:
+    secret, _ = await mesh.create_key("acme")
+    batch_secret, _ = await mesh.create_key("acme", traffic_class=generation_pb2.TRAFFIC_CLASS_BATCH)
+
+    def request(i: int) -> pb2.CompleteRequest:
+        return pb2.CompleteRequest(model=MODEL, prompt=f"Say {i}.", cache_policy=pb2.CACHE_POLICY_BYPASS,
+                                   sampling=generation_pb2.SamplingParams(temperature=0.0, max_tokens=2))
+
+    served = [await mesh.router_stub.Complete(request(0), metadata=bearer(secret), timeout=60)]
+    port = mesh.billing.port
+    await mesh.billing.stop(grace=0)
+    served += await asyncio.gather(*[
+        mesh.router_stub.Complete(request(i), metadata=bearer(secret), timeout=60) for i in range(1, 9)])
+    with pytest.raises(grpc.aio.AioRpcError) as waits:
+        await mesh.router_stub.Complete(request(99), metadata=bearer(batch_secret), timeout=60)
+    assert waits.value.code() == grpc.StatusCode.UNAVAILABLE and "batch" in waits.value.details()
+    await serve(build_billing(BillingConfig(server=ServerSettings(port=port), data_dir=tmp_path / "billing")))
+    for _ in range(400):
+        report = await usage_rows(mesh, "acme")
+        if report.total.requests >= len(served):
+            break
+        await asyncio.sleep(0.05)
+    assert report.total.requests == len(served)
+    assert report.total.completion_tokens == sum(r.usage.completion_tokens for r in served)
+    assert report.total.prompt_tokens == sum(r.usage.prompt_tokens for r in served)
