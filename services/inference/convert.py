@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from autoglm.common.v1 import generation_pb2
@@ -32,9 +34,9 @@ _FINISH = {FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
            FinishReason.ERROR: generation_pb2.FINISH_REASON_ERROR}
 
 
-def messages(items: object) -> tuple[ChatMessage, ...]:
+def messages(items: Iterable[generation_pb2.ChatMessage]) -> tuple[ChatMessage, ...]:
     out = []
-    for index, message in enumerate(items):  # type: ignore[attr-defined]
+    for index, message in enumerate(items):
         if message.role not in _ROLES:
             raise InvalidInput(f"messages[{index}].role must be SYSTEM, USER or ASSISTANT", field=f"messages[{index}].role")
         out.append(ChatMessage(_ROLES[message.role], message.content))
