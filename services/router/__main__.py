@@ -23,8 +23,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from(settings: ServerSettings, args: argparse.Namespace) -> RouterConfig:
     section = dict(load_section(args.config, "router"))
-    section.pop("port", None)
-    section.pop("host", None)
+    for launcher_key in ("port", "host", "metrics_port"):  # read by the launcher / shared flags
+        section.pop(launcher_key, None)
     mesh = load_section(args.config, "mesh")
     if "inference_targets" in section:
         section["inference_targets"] = tuple(section["inference_targets"])
