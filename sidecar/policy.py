@@ -238,7 +238,7 @@ class _Reader:
 def _retry_budget(r: _Reader | None) -> RetryBudget:
     if r is None:
         return RetryBudget()
-    return RetryBudget(ratio=r.req_number("ratio", RetryBudget.ratio, maximum=10.0),
+    return RetryBudget(ratio=r.req_number("ratio", RetryBudget.ratio, maximum=1.0),
                        min_per_s=r.req_number("min_per_s", RetryBudget.min_per_s))
 
 

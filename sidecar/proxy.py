@@ -349,31 +349,38 @@ class Proxy(grpc.GenericRpcHandler):
         deadline = self._deadline(context, plan.route)
         retries = cluster.budget is not None
         attempt = 0
-        while True:
-            attempt += 1
-            index = self._choose(cluster, state, attempt == 1)
-            call = cluster.endpoints[index].callable(plan.method, CallType.UNARY_UNARY)(
-                request, timeout=self._attempt_timeout(plan, deadline, retries), metadata=metadata)
-            try:
-                response: bytes = await call
-                self._record(cluster, index, grpc.StatusCode.OK)
-                return response
-            except grpc.aio.AioRpcError as err:
-                code = err.code()
-                self._record(cluster, index, code)
-                if not self._may_retry(plan, code, attempt, deadline):
-                    if code is grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None \
-                            and deadline - time.monotonic() <= 0:
-                        raise ProxyFailure(code, f"deadline exceeded calling {plan.method}") from None
-                    raise self._upstream_failure(err) from None
-                assert cluster.budget is not None
+        holding = False  # a retry holds a slot of the retry budget until its attempt has finished
+        try:
+            while True:
+                attempt += 1
+                index = self._choose(cluster, state, attempt == 1)
+                call = cluster.endpoints[index].callable(plan.method, CallType.UNARY_UNARY)(
+                    request, timeout=self._attempt_timeout(plan, deadline, retries), metadata=metadata)
                 try:
+                    response: bytes = await call
+                    self._record(cluster, index, grpc.StatusCode.OK)
+                    return response
+                except grpc.aio.AioRpcError as err:
+                    code = err.code()
+                    self._record(cluster, index, code)
+                    if holding:
+                        assert cluster.budget is not None
+                        cluster.budget.release()
+                        holding = False
+                    if not self._may_retry(plan, code, attempt, deadline):
+                        if code is grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None \
+                                and deadline - time.monotonic() <= 0:
+                            raise ProxyFailure(code, f"deadline exceeded calling {plan.method}") from None
+                        raise self._upstream_failure(err) from None
+                    holding = True
                     await self._sleep(backoff_delay(attempt, plan.route.retries.backoff))
-                finally:
-                    cluster.budget.release()
-            except asyncio.CancelledError:
-                call.cancel()
-                raise
+                except asyncio.CancelledError:
+                    call.cancel()
+                    raise
+        finally:
+            if holding:
+                assert cluster.budget is not None
+                cluster.budget.release()
 
     # --- unary → stream ---------------------------------------------------------------------------
     def _unary_stream(self, method: str) -> Callable[..., Any]:
@@ -383,6 +390,7 @@ class Proxy(grpc.GenericRpcHandler):
             state.bytes_in = len(request)
             cluster = plan.cluster
             counted = False
+            holding = False
             call = None
             try:
                 metadata = self._outgoing(context, state, plan)
@@ -395,6 +403,7 @@ class Proxy(grpc.GenericRpcHandler):
                 deadline = self._deadline(context, plan.route)
                 retries = cluster.budget is not None
                 attempt = 0
+                holding = False
                 while True:
                     attempt += 1
                     index = self._choose(cluster, state, attempt == 1)
@@ -411,13 +420,14 @@ class Proxy(grpc.GenericRpcHandler):
                     except grpc.aio.AioRpcError as err:
                         code = err.code()
                         self._record(cluster, index, code)
+                        if holding:
+                            assert cluster.budget is not None
+                            cluster.budget.release()
+                            holding = False
                         if delivered or not self._may_retry(plan, code, attempt, deadline):
                             raise self._upstream_failure(err) from None
-                        assert cluster.budget is not None
-                        try:
-                            await self._sleep(backoff_delay(attempt, plan.route.retries.backoff))
-                        finally:
-                            cluster.budget.release()
+                        holding = True
+                        await self._sleep(backoff_delay(attempt, plan.route.retries.backoff))
             except ProxyFailure as failure:
                 await self._fail(context, state, failure)
             except (asyncio.CancelledError, GeneratorExit):
@@ -431,6 +441,8 @@ class Proxy(grpc.GenericRpcHandler):
                     cluster.active -= 1
                     if cluster.budget is not None:
                         cluster.budget.request_finished()
+                        if holding:
+                            cluster.budget.release()
                 self._breaker_outcome(cluster, state)
                 self._finish(plan, state)
 

@@ -19,9 +19,9 @@ def _render(args: argparse.Namespace) -> int:
     from sidecar.policy import PolicyError
 
     try:
-        render_to_file(args.policy, args.service, args.output, certs_dir=args.certs.resolve(),
+        render_to_file(args.policy, args.service, args.output, certs_dir=args.certs,
                        upstream=args.upstream, peers=dict(args.peer),
-                       ports=EnvoyPorts(inbound=args.inbound_port, outbound=args.outbound_port, admin=args.admin_port))
+                       ports=EnvoyPorts(inbound=args.inbound_port, outbound=None if args.outbound_port < 0 else args.outbound_port, admin=args.admin_port))
     except (PolicyError, ValueError) as exc:
         print(f"autoglm sidecar render-envoy: {exc}", file=sys.stderr)
         return 2
@@ -42,10 +42,23 @@ def add_sidecar_commands(subparsers: Any) -> None:
     render.add_argument("--policy", type=Path, required=True)
     render.add_argument("--service", required=True)
     render.add_argument("-o", "--output", type=Path, required=True)
-    render.add_argument("--certs", type=Path, default=Path(".autoglm/certs"))
+    render.add_argument("--certs", type=Path, default=Path(".autoglm/certs"),
+                        help="certificate directory as Envoy will see it (relative: to Envoy's working directory)")
     render.add_argument("--upstream", default="127.0.0.1:50051", help="the local service's address")
     render.add_argument("--peer", action="append", default=[], type=parse_peer, metavar="NAME=ADDR[,ADDR]")
     render.add_argument("--inbound-port", type=int, default=15443)
-    render.add_argument("--outbound-port", type=int, default=15001)
+    render.add_argument("--outbound-port", type=int, default=15001, help="-1: no outbound listener")
     render.add_argument("--admin-port", type=int, default=15000)
     render.set_defaults(func=_render)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m services.cli.sidecar_commands run|render-envoy ...` (the same as `autoglm sidecar ...`)."""
+    parser = argparse.ArgumentParser(prog="autoglm")
+    add_sidecar_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["sidecar", *(argv if argv is not None else sys.argv[1:])])
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

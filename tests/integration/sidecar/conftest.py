@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import grpc
@@ -50,7 +51,7 @@ authorization:
 """
 
 
-def write_policy(path: Path, *, timeout_s: float = 5.0, budget_ratio: float = 0.5, budget_floor: float = 5) -> Path:
+def write_policy(path: Path, *, timeout_s: float = 5.0, budget_ratio: float = 1.0, budget_floor: float = 10) -> Path:
     path.write_text(POLICY_TEMPLATE.format(timeout_s=timeout_s, budget_ratio=budget_ratio,
                                            budget_floor=budget_floor))
     return path
@@ -88,14 +89,24 @@ def mtls_channel(address: str, credentials: grpc.ChannelCredentials, service: st
 
 @dataclass
 class Mesh:
+    """Fake upstreams behind sidecars. The sidecars are Python ones (RunningSidecar) here; the Envoy
+    parity suite fills the same fields with Envoy processes that have the same addresses."""
+
     pki: Path
     policy: Path
     inference: FakeInference
     inference_server: RunningServer
     billing_server: RunningServer
-    inference_sidecar: RunningSidecar
-    billing_sidecar: RunningSidecar
-    router_sidecar: RunningSidecar
+    inference_sidecar: Any
+    billing_sidecar: Any
+    router_sidecar: Any
+    kind: str = "python"
+
+    async def retry_stats(self) -> dict[str, int]:
+        """Retries the router's sidecar made to inference, and retries its budget refused."""
+        budget = self.router_sidecar._clusters[1].budget
+        return {"retries": budget.retries_total, "overflow": budget.denied_total,
+                "max_active": budget.max_active_retries}
 
     def router_outbound(self) -> grpc.aio.Channel:
         """The channel the router uses to reach its peers: plaintext to its own sidecar."""
