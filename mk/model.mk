@@ -13,3 +13,7 @@ model: $(VENV)/.installed
 
 model-rebuild: $(VENV)/.installed
 	$(PY) -m services.inference.modelbuild $(MODEL_SOURCE) $(MODEL_BUILD_FLAGS) --force
+
+# `make test` and `make run` need the model in the cache first.
+TEST_PREREQS += model
+RUN_PREREQS += model

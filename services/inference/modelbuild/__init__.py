@@ -7,7 +7,7 @@ Importing this package needs neither torch nor transformers: those load inside t
 from services.inference.modelbuild.errors import ManifestError, ModelBuildError
 from services.inference.modelbuild.manifest import Manifest, load_manifest
 
-__all__ = ["ManifestError", "Manifest", "ModelBuildError", "build_model", "load_manifest"]
+__all__ = ["Manifest", "ManifestError", "ModelBuildError", "build_model", "load_manifest"]
 
 
 def build_model(source: str | None = None, cache_dir=None, force: bool = False):  # type: ignore[no-untyped-def]

@@ -7,7 +7,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -16,10 +16,18 @@ import structlog
 from services.inference.modelbuild import cache, source
 from services.inference.modelbuild.errors import ModelBuildError
 from services.inference.modelbuild.llama_graph import (
-    ATTENTION_MASK, INPUT_IDS, LOGITS, ONNX_OPSET, PAST_KEY, PAST_VALUE, PRESENT_KEY,
-    PRESENT_VALUE, kv_input_names, kv_output_names)
-from services.inference.modelbuild.manifest import (
-    KvLayout, Manifest, SourceInfo, TokenIds, hash_files, write_manifest)
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    ONNX_OPSET,
+    PAST_KEY,
+    PAST_VALUE,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    kv_input_names,
+    kv_output_names,
+)
+from services.inference.modelbuild.manifest import KvLayout, Manifest, SourceInfo, TokenIds, hash_files, write_manifest
 from services.inference.modelbuild.quantize import QuantConfig
 
 log = structlog.get_logger(__name__)
@@ -81,8 +89,7 @@ def build_model(source: str | None = None, cache_dir: Path | None = None, force:
 
 def _build_into(out: Path, resolved: source.ModelSource, name: str, version: str,
                 progress: Progress) -> Manifest:
-    from services.inference.modelbuild.export import (
-        load_checkpoint, write_fp32_onnx, write_tokenizer_files)
+    from services.inference.modelbuild.export import load_checkpoint, write_fp32_onnx, write_tokenizer_files
     from services.inference.modelbuild.quantize import quantize_weights
 
     started = time.perf_counter()
@@ -127,7 +134,7 @@ def _build_into(out: Path, resolved: source.ModelSource, name: str, version: str
         session=SESSION_DEFAULTS,
         versions=package_versions(),
         build={"recipe": RECIPE, "model_type": checkpoint.model_type,
-               "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                "seconds": round(time.perf_counter() - started, 1)},
         files=hash_files(out),
     )

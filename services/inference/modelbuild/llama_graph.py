@@ -25,6 +25,7 @@ quantizer can turn it into MatMulNBits.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -84,7 +85,7 @@ class _GraphWriter:
         return name
 
     def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1,
-           domain: str = "", prefix: str = "", **attrs: object) -> list[str]:
+           domain: str = "", prefix: str = "", **attrs: Any) -> list[str]:
         self._count += 1
         base = f"{prefix}/{op_type}_{self._count}" if prefix else f"{op_type}_{self._count}"
         names = outputs if isinstance(outputs, list) else [f"{base}/out{i}" for i in range(outputs)]
@@ -92,7 +93,7 @@ class _GraphWriter:
         return names
 
     def op1(self, op_type: str, inputs: list[str], domain: str = "", prefix: str = "",
-            **attrs: object) -> str:
+            **attrs: Any) -> str:
         return self.op(op_type, inputs, 1, domain=domain, prefix=prefix, **attrs)[0]
 
 
@@ -157,6 +158,7 @@ def build_llama_graph(dims: LlamaDims, weights: LlamaWeights) -> onnx.ModelProto
                            epsilon=dims.rms_norm_eps, stash_type=1)
             residual = hidden
         else:
+            assert attn_out is not None
             normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [attn_out, residual, ln1],
                                           4, domain=MS_DOMAIN, prefix=p, epsilon=dims.rms_norm_eps)
         qkv_w = np.concatenate([lw["q_proj"], lw["k_proj"], lw["v_proj"]], axis=0)
@@ -193,8 +195,8 @@ def build_llama_graph(dims: LlamaDims, weights: LlamaWeights) -> onnx.ModelProto
     lm_head = g.const("lm_head.weight", np.ascontiguousarray(weights.lm_head.T))
     g.op("MatMul", [final, lm_head], [LOGITS], prefix="lm_head")
 
-    kv_dims = ["batch", dims.num_kv_heads, "past_sequence", dims.head_dim]
-    present_dims = ["batch", dims.num_kv_heads, "total_sequence", dims.head_dim]
+    kv_dims: list[str | int] = ["batch", dims.num_kv_heads, "past_sequence", dims.head_dim]
+    present_dims: list[str | int] = ["batch", dims.num_kv_heads, "total_sequence", dims.head_dim]
     inputs = [
         helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "sequence"]),
         helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "total_sequence"]),

@@ -1,0 +1,186 @@
+"""The real model build: bundled SmolLM2 -> cached INT8 ONNX model, checked against golden.json.
+
+Builds once into the model cache ($AUTOGLM_MODEL_CACHE or ~/.cache/autoglm/models; `make model`
+has usually done it already) and reuses it. Every check runs the real model through onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from services.inference.modelbuild.build import BuildResult, build
+from services.inference.modelbuild.chat_template import render_chat
+from services.inference.modelbuild.hashing import sha256_file
+from services.inference.modelbuild.manifest import MANIFEST_NAME, Manifest, load_manifest
+from services.inference.modelbuild.ort_runner import OnnxCausalLM, length_mask, past_len
+from services.inference.modelbuild.record_golden import prefix_match
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = json.loads((DATA / "golden.json").read_text(encoding="utf-8"))
+
+BATCH_PROMPTS = [
+    "What is the capital of France?",
+    "hi",
+    "Write a haiku about rain.",
+    "Explain, in three short sentences, why bread rises when it is baked in a hot oven.",
+    "List three fruits.",
+    "What is 12 times 7?",
+    "Translate 'good morning' into Spanish.",
+    "Give me one tip for sleeping better on a hot night, and say why it works.",
+]
+
+
+@pytest.fixture(scope="module")
+def built() -> BuildResult:
+    return build(None)
+
+
+@pytest.fixture(scope="module")
+def manifest(built: BuildResult) -> Manifest:
+    return load_manifest(built.path)
+
+
+@pytest.fixture(scope="module")
+def lm(built: BuildResult, manifest: Manifest) -> OnnxCausalLM:
+    return OnnxCausalLM(built.path / manifest.model_file)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(built: BuildResult, manifest: Manifest) -> Tokenizer:
+    return Tokenizer.from_file(str(built.path / manifest.tokenizer_file))
+
+
+def chat(tokenizer: Tokenizer, manifest: Manifest, text: str) -> list[int]:
+    assert manifest.chat_template is not None
+    rendered = render_chat(manifest.chat_template, [{"role": "user", "content": text}])
+    return list(tokenizer.encode(rendered, add_special_tokens=False).ids)
+
+
+def test_manifest_verifies_and_every_file_hashes(built: BuildResult, manifest: Manifest) -> None:
+    manifest.verify(built.path)
+    on_disk = {p.relative_to(built.path).as_posix() for p in built.path.rglob("*") if p.is_file()}
+    assert on_disk - {MANIFEST_NAME} == set(manifest.files)
+    for rel, digest in manifest.files.items():
+        assert sha256_file(built.path / rel) == digest, rel
+    assert manifest.precision == "int8-weight-only"
+    assert manifest.source.sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert manifest.versions["onnxruntime"] and manifest.versions["torch"] == "2.13.0+cpu"
+
+
+def test_second_build_reuses_the_cache(built: BuildResult) -> None:
+    messages: list[str] = []
+    again = build(None, progress=messages.append)
+    assert again.reused is True
+    assert again.path == built.path
+    assert messages == [f"reusing cached model {built.path} (manifest verified)"]
+
+
+def test_model_dir_serves_without_torch(built: BuildResult) -> None:
+    """What the serving engine needs loads with onnxruntime, numpy, tokenizers and jinja2 only."""
+    script = (
+        "import sys, pathlib\n"
+        "from services.inference.modelbuild import load_manifest\n"
+        "from services.inference.modelbuild.ort_runner import OnnxCausalLM\n"
+        "from tokenizers import Tokenizer\n"
+        f"d = pathlib.Path({str(built.path)!r})\n"
+        "m = load_manifest(d); m.verify(d)\n"
+        "tok = Tokenizer.from_file(str(d / m.tokenizer_file))\n"
+        "lm = OnnxCausalLM(d / m.model_file)\n"
+        "out = lm.greedy([tok.encode('Hello').ids], 4, m.tokens.pad)\n"
+        "assert len(out[0]) == 4\n"
+        "heavy = [n for n in ('torch', 'transformers', 'optimum') if n in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_tokenizer_template_and_special_tokens(built: BuildResult, manifest: Manifest,
+                                               tokenizer: Tokenizer) -> None:
+    assert tokenizer.token_to_id("<|im_end|>") == manifest.tokens.eos[0] == manifest.tokens.pad
+    ids = chat(tokenizer, manifest, "Hi")
+    assert tokenizer.decode(ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+    assert (built.path / "chat_template.jinja").read_text() == manifest.chat_template
+    generation = json.loads((built.path / manifest.generation_config_file).read_text())
+    assert generation["eos_token_ids"] == manifest.tokens.eos
+    assert manifest.inputs[:2] == ["input_ids", "attention_mask"]
+    assert manifest.inputs[2:] == manifest.kv.past_names()
+    assert manifest.outputs == ["logits", *manifest.kv.present_names()]
+    assert (manifest.kv.num_layers, manifest.kv.num_kv_heads, manifest.kv.head_dim) == (30, 3, 64)
+
+
+def test_int8_perplexity_within_ten_percent_of_fp32(lm: OnnxCausalLM, tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode((DATA / "prose.txt").read_text(encoding="utf-8")).ids
+    assert len(ids) == GOLDEN["prose"]["tokens"]
+    fp32 = GOLDEN["prose"]["fp32_perplexity"]
+    int8 = lm.perplexity(list(ids))
+    assert int8 <= fp32 * (1 + GOLDEN["prose"]["max_relative_increase"]), (int8, fp32)
+
+
+def test_golden_continuations_follow_the_divergence_rule(lm: OnnxCausalLM, manifest: Manifest,
+                                                         tokenizer: Tokenizer) -> None:
+    rule = GOLDEN["divergence_rule"]
+    agreeing = 0
+    for case in GOLDEN["prompts"]:
+        assert chat(tokenizer, manifest, case["user"]) == case["prompt_ids"]
+        out = lm.greedy([case["prompt_ids"]], GOLDEN["new_tokens"], manifest.tokens.pad,
+                        tuple(manifest.tokens.eos))[0]
+        needed = min(rule["prefix_tokens"], len(case["fp32_ids"]))
+        agreeing += prefix_match(out, case["fp32_ids"]) >= needed
+    assert agreeing >= rule["min_prompts"], f"{agreeing} of {len(GOLDEN['prompts'])} prompts agree"
+
+
+def test_rows_are_batch_invariant(lm: OnnxCausalLM, manifest: Manifest, tokenizer: Tokenizer) -> None:
+    """Each prompt alone and inside a right-padded batch of 8: same logits, same greedy tokens."""
+    prompts = [chat(tokenizer, manifest, text) for text in BATCH_PROMPTS]
+    assert len({len(p) for p in prompts}) > 4  # real padding
+    batch_logits: list[np.ndarray] = []
+    batch = lm.greedy(prompts, 16, manifest.tokens.pad, keep_logits=batch_logits)
+    for row, prompt in enumerate(prompts):
+        alone_logits: list[np.ndarray] = []
+        alone = lm.greedy([prompt], 16, manifest.tokens.pad, keep_logits=alone_logits)
+        assert alone[0] == batch[row], BATCH_PROMPTS[row]
+        for step, logits in enumerate(alone_logits):
+            np.testing.assert_allclose(logits[0], batch_logits[step][row], rtol=0, atol=1e-4)
+
+
+def test_rows_of_different_lengths_decode_together(lm: OnnxCausalLM, manifest: Manifest,
+                                                   tokenizer: Tokenizer) -> None:
+    """A row that joins a running batch (its cache copied in, right-padded) continues exactly as alone."""
+    first, second = (chat(tokenizer, manifest, t) for t in BATCH_PROMPTS[2:4])
+    pad = manifest.tokens.pad
+    alone = lm.greedy([second], 6, pad)[0]
+
+    # `first` has already decoded 5 tokens when `second` joins.
+    logits_a, len_a, past_a = lm.prefill([first], pad)
+    for _ in range(5):
+        token = logits_a.argmax(-1)
+        len_a = len_a + 1
+        logits_a, past_a = lm.forward(token[:, None], length_mask(len_a, past_len(past_a) + 1), past_a)
+    logits_b, len_b, past_b = lm.prefill([second], pad)
+    width = max(past_len(past_a), past_len(past_b))
+    merged = {}
+    for name in past_a:
+        buffer = np.zeros((2, lm.kv_heads, width, lm.head_dim), dtype=np.float32)
+        buffer[0, :, : past_len(past_a)] = past_a[name][0]
+        buffer[1, :, : past_len(past_b)] = past_b[name][0]
+        merged[name] = buffer
+    lengths = np.concatenate([len_a, len_b])
+    tokens = np.stack([logits_a.argmax(-1), logits_b.argmax(-1)], axis=0)[:, 0]
+    joined = [int(tokens[1])]
+    for _ in range(5):
+        lengths = lengths + 1
+        logits, merged = lm.forward(tokens[:, None], length_mask(lengths, width + 1), merged)
+        width += 1
+        tokens = logits.argmax(-1)
+        joined.append(int(tokens[1]))
+    assert joined == alone
