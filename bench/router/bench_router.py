@@ -18,17 +18,17 @@ import grpc
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from autoglm.common.v1 import generation_pb2  # noqa: E402
-from autoglm.inference.v1 import inference_service_pb2 as inf_pb2  # noqa: E402
-from autoglm.inference.v1 import inference_service_pb2_grpc as inf_grpc  # noqa: E402
-from autoglm.router.v1 import admin_service_pb2 as admin_pb2  # noqa: E402
-from autoglm.router.v1 import router_service_pb2 as pb2  # noqa: E402
-from services.common.logging import configure_logging  # noqa: E402
-from services.inference.config import InferenceConfig  # noqa: E402
-from services.inference.engine.model import load_model  # noqa: E402
-from tests.integration.router.conftest import ADMIN_TOKEN, MODEL, start_mesh  # noqa: E402
+from autoglm.common.v1 import generation_pb2
+from autoglm.inference.v1 import inference_service_pb2 as inf_pb2
+from autoglm.inference.v1 import inference_service_pb2_grpc as inf_grpc
+from autoglm.router.v1 import admin_service_pb2 as admin_pb2
+from autoglm.router.v1 import router_service_pb2 as pb2
+from services.common.logging import configure_logging
+from services.inference.config import InferenceConfig
+from services.inference.engine.model import load_model
+from tests.integration.router.conftest import ADMIN_TOKEN, MODEL, start_mesh
 
 OUT = Path(__file__).resolve().parents[1] / "results"
 N_LATENCY = 100
@@ -38,7 +38,7 @@ LIMIT_WINDOW_S = 60.0
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def main() -> None:
