@@ -43,7 +43,6 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     DataSource,
     Http2ProtocolOptions,
-    RuntimeFeatureFlag,
     RuntimeFractionalPercent,
     SocketAddress,
     SubstitutionFormatString,
@@ -51,7 +50,8 @@ from envoy_data_plane.envoy.config.core.v3 import (
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
-from envoy_data_plane.envoy.config.rbac.v3 import Permission, Policy as RbacPolicy, Principal, Rbac, RbacAction
+from envoy_data_plane.envoy.config.rbac.v3 import Permission, Principal, Rbac, RbacAction
+from envoy_data_plane.envoy.config.rbac.v3 import Policy as RbacPolicy
 from envoy_data_plane.envoy.config.route.v3 import (
     RetryPolicy,
     RetryPolicyRetryBackOff,
@@ -90,7 +90,8 @@ from envoy_data_plane.google.protobuf import Any as PbAny
 from envoy_data_plane.google.protobuf import Struct
 
 from sidecar.methods import method_table
-from sidecar.policy import Policy, PolicyError, Route as PolicyRoute, load_policy
+from sidecar.policy import Policy, PolicyError, load_policy
+from sidecar.policy import Route as PolicyRoute
 
 ENVOY_RETRY_ON = {"CANCELLED": "cancelled", "DEADLINE_EXCEEDED": "deadline-exceeded", "INTERNAL": "internal",
                   "RESOURCE_EXHAUSTED": "resource-exhausted", "UNAVAILABLE": "unavailable"}

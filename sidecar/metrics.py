@@ -14,20 +14,19 @@ BREAKER_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState
 class SidecarMetrics:
     def __init__(self, service: str) -> None:
         self.registry = CollectorRegistry()
-        common = {"registry": self.registry}
         self.requests = Counter("sidecar_requests", "Proxied calls by direction, method and final status",
-                                ["direction", "method", "code"], **common)
+                                ["direction", "method", "code"], registry=self.registry)
         self.latency = Histogram("sidecar_request_duration_seconds", "Proxied call duration",
-                                 ["direction", "method"], **common,
+                                 ["direction", "method"], registry=self.registry,
                                  buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.retries = Counter("sidecar_retries", "Retries started, by cluster", ["cluster"], **common)
+        self.retries = Counter("sidecar_retries", "Retries started, by cluster", ["cluster"], registry=self.registry)
         self.retry_denied = Counter("sidecar_retry_budget_exhausted", "Retries refused by the retry budget",
-                                    ["cluster"], **common)
+                                    ["cluster"], registry=self.registry)
         self.breaker_state = Gauge("sidecar_circuit_breaker_state", "0 closed, 1 half-open, 2 open",
-                                   ["cluster"], **common)
+                                   ["cluster"], registry=self.registry)
         self.ejections = Counter("sidecar_outlier_ejections", "Endpoints ejected by outlier detection",
-                                 ["cluster", "endpoint"], **common)
-        self.denied = Counter("sidecar_authz_denied", "Calls refused by authorization", ["peer", "method"], **common)
+                                 ["cluster", "endpoint"], registry=self.registry)
+        self.denied = Counter("sidecar_authz_denied", "Calls refused by authorization", ["peer", "method"], registry=self.registry)
         self.service = service
         self._server: Any = None
 

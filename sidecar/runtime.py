@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,7 +95,7 @@ class RunningSidecar:
             factory = _peer_channel_factory(self.certs)
             for cluster in self._clusters:
                 if cluster.name != "local":
-                    cluster.rebuild_channels(lambda addr, c=cluster: factory(addr, c.name))
+                    cluster.rebuild_channels(functools.partial(_peer_channel, factory, peer=cluster.name))
             log.info("certificates_reloaded", identity=self.certs.identity)
 
     _client_version: int = 0
@@ -152,6 +153,10 @@ def _peer_channel_factory(certs: CertFiles) -> Any:
     return make
 
 
+def _peer_channel(factory: Any, address: str, *, peer: str) -> grpc.aio.Channel:
+    return factory(address, peer)  # type: ignore[no-any-return]
+
+
 def _local_channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS))
 
@@ -183,7 +188,7 @@ async def build_sidecar(config: SidecarConfig) -> RunningSidecar:
     for name, addresses in config.peers.items():
         if name not in policy.services:
             raise PolicyError(f"--peer {name}: not a service of the mesh policy ({', '.join(policy.services)})")
-        peers[name] = Cluster(name, list(addresses), lambda addr, n=name: peer_factory(addr, n),
+        peers[name] = Cluster(name, list(addresses), functools.partial(_peer_channel, peer_factory, peer=name),
                               policy.services[name], resilience=True, on_breaker_change=metrics.breaker_changed)
         clusters.append(peers[name])
 

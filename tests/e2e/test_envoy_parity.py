@@ -68,7 +68,7 @@ class EnvoySidecar:
             return reply.read().decode()
 
 
-def start_envoy(policy: Path, service: str, pki: Path, upstream: str, peers: dict[str, list[str]], workdir: Path,
+def start_envoy(policy: Path, service: str, pki: Path, upstream: str, peers: dict[str, list[str]], workdir: Path,  # noqa: F811
                 processes: list[subprocess.Popen[bytes]]) -> EnvoySidecar:
     ports = EnvoyPorts(inbound=free_port(), outbound=free_port() if peers else None, admin=free_port())
     config = render_to_file(policy, service, workdir / f"envoy-{service}.yaml", certs_dir=pki, upstream=upstream,
@@ -99,7 +99,7 @@ class EnvoyMesh(Mesh):
         return {"retries": stats.get("upstream_rq_retry", 0), "overflow": stats.get("upstream_rq_retry_overflow", 0)}
 
 
-async def start_envoy_mesh(pki: Path, policy: Path, serve, processes, workdir: Path) -> Mesh:
+async def start_envoy_mesh(pki: Path, policy: Path, serve, processes, workdir: Path) -> Mesh:  # noqa: F811
     fake = FakeInference()
     inference_server = await serve(start_fake_inference(fake))
     billing_server = await serve(start_fake_billing(FakeBilling()))
@@ -116,12 +116,12 @@ async def start_envoy_mesh(pki: Path, policy: Path, serve, processes, workdir: P
 
 
 @pytest.fixture
-async def mesh(pki: Path, tmp_path: Path, serve, processes) -> Mesh:
+async def mesh(pki: Path, tmp_path: Path, serve, processes) -> Mesh:  # noqa: F811
     return await start_envoy_mesh(pki, write_policy(tmp_path / "policy.yaml"), serve, processes, tmp_path)
 
 
 @pytest.fixture
-async def slow_route_mesh(pki: Path, tmp_path: Path, serve, processes) -> Mesh:
+async def slow_route_mesh(pki: Path, tmp_path: Path, serve, processes) -> Mesh:  # noqa: F811
     return await start_envoy_mesh(pki, write_policy(tmp_path / "policy.yaml", timeout_s=0.3), serve, processes,
                                   tmp_path)
 
@@ -155,7 +155,7 @@ def test_committed_envoy_configs_pass_envoy_validate(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["python", "envoy"])
 async def test_grpcurl_works_through_the_sidecar_with_client_certificates(
-        kind: str, pki: Path, tmp_path: Path, serve, processes) -> None:
+        kind: str, pki: Path, tmp_path: Path, serve, processes) -> None:  # noqa: F811
     policy = write_policy(tmp_path / "policy.yaml")
     started: list[RunningSidecar] = []
     try:

@@ -73,7 +73,7 @@ async def test_rotating_certificates_under_load_fails_no_call(tmp_path: Path, pk
             stub = inf_grpc.InferenceServiceStub(chan)
             workers = [asyncio.create_task(load(stub)) for _ in range(4)]
             stream = stub.Generate(inf_pb.GenerateRequest(prompt="x"), timeout=30)
-            while len(codes) < 50:
+            while len(codes) < 50:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
             for service in ("inference", "router"):
                 certs.issue_to(own_pki, service)
@@ -83,7 +83,7 @@ async def test_rotating_certificates_under_load_fails_no_call(tmp_path: Path, pk
                 assert time.monotonic() < deadline, "the new certificate was never served"
                 await asyncio.sleep(0.05)
             mark = len(codes)
-            while len(codes) < mark + 50:
+            while len(codes) < mark + 50:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
             stop.set()
             await asyncio.gather(*workers)

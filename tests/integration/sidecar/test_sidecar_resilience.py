@@ -158,5 +158,5 @@ async def test_client_deadline_shorter_than_the_route_timeout_wins(mesh: Mesh) -
 
 async def _wait_for(condition, limit: float = 5.0) -> None:
     deadline = time.monotonic() + limit
-    while not condition() and time.monotonic() < deadline:
+    while not condition() and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
