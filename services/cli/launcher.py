@@ -11,8 +11,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import structlog
 
+from autoglm.billing.v1 import billing_service_pb2, billing_service_pb2_grpc
+from autoglm.common.v1 import money_pb2
+from autoglm.router.v1 import admin_service_pb2, admin_service_pb2_grpc
 from services.cli.health_probe import wait_serving
 from services.cli.mesh_config import MeshConfig
 
@@ -83,11 +87,49 @@ def plan_children(mesh: MeshConfig, config_path: Path | None) -> list[Child]:
                                mesh.inference_metrics_port + index if mesh.inference_metrics_port else 0, "--replica-id", f"inference-{index}"),
                   f"127.0.0.1:{port}", logs / f"inference-{index}.log")
         )
+    inference = ",".join(c.address for c in children if c.name.startswith("inference"))
     children.append(
-        Child("router", service_argv("services.router", mesh.router_port, config_path, mesh.router_metrics_port),
+        Child("router", service_argv("services.router", mesh.router_port, config_path, mesh.router_metrics_port,
+                                     "--inference", inference, "--billing", children[0].address,
+                                     "--data-dir", str(mesh.data_dir / "router")),
               f"127.0.0.1:{mesh.router_port}", logs / "router.log")
     )
     return children
+
+
+async def seed_prices(mesh: MeshConfig) -> None:
+    """Create the mesh file's seed prices for models that have no price yet (first start)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{mesh.billing_port}") as channel:
+        stub = billing_service_pb2_grpc.BillingServiceStub(channel)
+        for seed in mesh.seed_prices:
+            existing = await stub.ListPrices(billing_service_pb2.ListPricesRequest(model=seed["model"]), timeout=10)
+            if existing.prices:
+                continue
+            currency = str(seed.get("currency", "USD"))
+            await stub.CreatePrice(billing_service_pb2.CreatePriceRequest(
+                price=billing_service_pb2.Price(
+                    model=seed["model"],
+                    input_per_million=money_pb2.Money(currency_code=currency, micros=int(seed["input_per_million_micros"])),
+                    output_per_million=money_pb2.Money(currency_code=currency,
+                                                       micros=int(seed["output_per_million_micros"])),
+                ),
+                actor="autoglm up (seed price from mesh.yaml)",
+            ), timeout=10)
+            log.info("price_seeded", model=seed["model"])
+
+
+async def create_demo_key(mesh: MeshConfig) -> str:
+    """Create a fresh demo API key through AdminService and keep it in `<data_dir>/demo_api_key` (0600)."""
+    token = (mesh.data_dir / "router" / "admin_token").read_text().strip()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{mesh.router_port}") as channel:
+        reply = await admin_service_pb2_grpc.AdminServiceStub(channel).CreateApiKey(
+            admin_service_pb2.CreateApiKeyRequest(tenant_id="demo", name="demo key created by autoglm up"),
+            metadata=(("authorization", f"Bearer {token}"),), timeout=10,
+        )
+    path = mesh.data_dir / "demo_api_key"
+    path.touch(mode=0o600)
+    path.write_text(reply.secret + "\n")
+    return str(reply.secret)
 
 
 async def supervise(child: Child, backoff_max: float = 30.0) -> None:
@@ -106,7 +148,7 @@ async def supervise(child: Child, backoff_max: float = 30.0) -> None:
         await child.start()
 
 
-def banner(mesh: MeshConfig, children: list[Child]) -> str:
+def banner(mesh: MeshConfig, children: list[Child], demo_key: str) -> str:
     lines = [
         "",
         "Open-AutoGLM mesh is up",
@@ -120,9 +162,15 @@ def banner(mesh: MeshConfig, children: list[Child]) -> str:
         f"  metrics    http://127.0.0.1:{{{mesh.router_metrics_port},{mesh.billing_metrics_port},"
         f"{mesh.inference_metrics_port}..}}/metrics" if mesh.router_metrics_port else "  metrics    disabled",
         "",
+        f"Demo API key (also in {mesh.data_dir / 'demo_api_key'}):",
+        f"  {demo_key}",
+        "",
         "Try it:",
+        f"  grpcurl -plaintext -H 'authorization: Bearer {demo_key}' \\",
+        "    -d '{\"model\": \"smollm2-135m-instruct\", \"prompt\": \"Write a haiku about the sea.\"}' \\",
+        f"    127.0.0.1:{mesh.router_port} autoglm.router.v1.RouterService/Generate",
         f"  grpcurl -plaintext 127.0.0.1:{mesh.router_port} list",
-        f"  grpcurl -plaintext -d '{{\"service\": \"\"}}' 127.0.0.1:{mesh.router_port} grpc.health.v1.Health/Check",
+        "  .venv/bin/autoglm chat",
         "",
         "Ctrl-C stops everything.",
     ]
@@ -147,9 +195,17 @@ async def run_mesh(mesh: MeshConfig, config_path: Path | None, ready_timeout_s: 
             if stopper in done:
                 waiter.cancel()
                 return
-            waiter.result()  # raises if the child died or timed out
+            try:
+                waiter.result()  # raises if the child died or timed out
+            except (RuntimeError, TimeoutError) as error:
+                tail = child.log_path.read_text(errors="replace").splitlines()[-25:]
+                raise SystemExit(f"{child.name} failed to start: {error}\n--- {child.log_path} ---\n"
+                                 + "\n".join(tail)) from None
             child.watcher = asyncio.create_task(supervise(child))
-        print(banner(mesh, children), flush=True)
+            if child.name == "billing":
+                await seed_prices(mesh)
+        demo_key = await create_demo_key(mesh)
+        print(banner(mesh, children, demo_key), flush=True)
         await stop.wait()
     finally:
         print("stopping the mesh...", file=sys.stderr, flush=True)

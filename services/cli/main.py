@@ -3,6 +3,7 @@
   autoglm up [--config FILE]          start the whole mesh in the foreground
   autoglm model build [PATH]          build (or reuse) an INT8 ONNX model from a GGUF file or HF folder
   autoglm chat | generate             talk to the router
+  autoglm keys create|list|revoke     manage API keys
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 from services.cli.client_commands import add_client_commands
+from services.cli.keys_commands import add_keys_commands
 from services.common.logging import configure_logging
 
 
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=_model_build)
 
     add_client_commands(sub)
+    add_keys_commands(sub)
     return parser
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ class MeshConfig:
     router_metrics_port: int = 9101
     billing_metrics_port: int = 9102
     inference_metrics_port: int = 9110
+    # Prices created at start-up for models that have none yet: {model, currency, input/output micros per million}.
+    seed_prices: tuple[dict[str, Any], ...] = field(default_factory=tuple)
 
     @classmethod
     def load(cls, path: Path | None) -> MeshConfig:
@@ -41,4 +43,5 @@ class MeshConfig:
             inference_base_port=int((doc.get("inference") or {}).get("port", cls.inference_base_port)),
             inference_replicas=int((doc.get("inference") or {}).get("replicas", cls.inference_replicas)),
             shutdown_grace_s=float(mesh.get("shutdown_grace_s", cls.shutdown_grace_s)),
+            seed_prices=tuple(mesh.get("seed_prices") or ()),
         )

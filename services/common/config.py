@@ -47,8 +47,13 @@ def server_settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           metrics_port=args.metrics_port)
 
 
+# Keys of a service's section that the launcher reads and passes as flags (--port, --metrics-port, ...).
+LAUNCHER_KEYS = frozenset({"host", "port", "metrics_port", "replicas"})
+
+
 def load_section(path: Path | None, section: str) -> dict[str, Any]:
-    """The `section` mapping of a mesh YAML file ({} when there is no file or no section)."""
+    """The `section` mapping of a mesh YAML file ({} when there is no file or no section), without the
+    launcher's keys (LAUNCHER_KEYS), which reach the service as flags."""
     if path is None:
         return {}
     document = yaml.safe_load(path.read_text()) or {}
@@ -57,7 +62,7 @@ def load_section(path: Path | None, section: str) -> dict[str, Any]:
     value = document.get(section) or {}
     if not isinstance(value, dict):
         raise ValueError(f"{path}: section {section!r} must be a mapping")
-    return value
+    return {k: v for k, v in value.items() if k not in LAUNCHER_KEYS}
 
 
 def apply_overrides(config: T, overrides: dict[str, Any]) -> T:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import tool
+from tests.conftest import ROOT, tool
 
 BANNER_LINE = "Open-AutoGLM mesh is up"
 
@@ -53,12 +53,12 @@ def write_config(tmp: Path, replicas: int = 1, extra: dict | None = None) -> tup
     inference = [free_port() for _ in range(replicas)]
     # Replicas listen on consecutive ports from the first one; find a free run.
     base = inference[0]
-    doc = {
-        "mesh": {"data_dir": str(tmp / "data"), "shutdown_grace_s": 10},
-        "router": {"port": router, "metrics_port": 0},
-        "billing": {"port": billing, "metrics_port": 0},
-        "inference": {"port": base, "replicas": replicas, "metrics_port": 0},
-    }
+    # Start from the documented defaults (deploy/local/mesh.yaml) and move everything to free ports / tmp.
+    doc = yaml.safe_load((ROOT / "deploy/local/mesh.yaml").read_text())
+    doc["mesh"].update({"data_dir": str(tmp / "data"), "shutdown_grace_s": 10})
+    doc["router"].update({"port": router, "metrics_port": 0})
+    doc["billing"].update({"port": billing, "metrics_port": 0})
+    doc["inference"].update({"port": base, "replicas": replicas, "metrics_port": 0})
     for key, value in (extra or {}).items():
         doc.setdefault(key, {}).update(value)
     path = tmp / "mesh.yaml"
@@ -102,5 +102,5 @@ def start_mesh(tmp: Path, processes: list, timeout_s: float = 600, replicas: int
 
 
 def stop_mesh(mesh: Mesh, timeout_s: float = 60) -> int:
-    os.killpg(mesh.process.pid, signal.SIGINT) if False else mesh.process.send_signal(signal.SIGINT)
+    mesh.process.send_signal(signal.SIGINT)
     return mesh.process.wait(timeout=timeout_s)

@@ -3,6 +3,8 @@ commands work against the router, every service reports SERVING, and Ctrl-C leav
 
 from __future__ import annotations
 
+import json
+import shlex
 import subprocess
 
 from tests.conftest import tool
@@ -37,6 +39,24 @@ def test_mesh_comes_up_answers_grpcurl_and_stops_cleanly(tmp_path, processes) ->
         health = grpcurl("-plaintext", "-d", '{"service": ""}', address, "grpc.health.v1.Health/Check")
         assert health.returncode == 0, health.stderr
         assert '"status": "SERVING"' in health.stdout, address
+
+    # The banner's ready-to-paste grpcurl command streams a real answer from the bundled model.
+    lines = banner.splitlines()
+    end = next(i for i, line in enumerate(lines) if "RouterService/Generate" in line)
+    start = max(i for i in range(end) if lines[i].strip().startswith("grpcurl"))
+    command = shlex.split(" ".join(line.strip().rstrip("\\") for line in lines[start:end + 1]))
+    streamed = subprocess.run([tool("grpcurl"), *command[1:]], capture_output=True, text=True, timeout=300)
+    assert streamed.returncode == 0, streamed.stderr
+    decoder, text, messages, rest = json.JSONDecoder(), "", [], streamed.stdout.strip()
+    while rest:
+        message, index = decoder.raw_decode(rest)
+        messages.append(message)
+        rest = rest[index:].strip()
+    text = "".join(m.get("delta", "") for m in messages)
+    assert len(messages) >= 3 and len(text.split()) >= 3, streamed.stdout
+    summary = messages[-1]["summary"]
+    assert summary["usage"]["completionTokens"] >= 3
+    assert summary["finishReason"] in {"FINISH_REASON_STOP", "FINISH_REASON_LENGTH"}
 
     children = mesh.descendants()
     assert len(children) >= 3, children
