@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import structlog
 
-from services.common.errors import DomainError, InvalidInput
+from services.common.errors import DomainError, InvalidInput, NotFound, Unauthenticated
 from services.router.admission import PriorityGate
 from services.router.auth.api_keys import load_or_create_secret_file
 from services.router.auth.authenticator import Authenticator
@@ -22,11 +23,15 @@ from services.router.cache import ResponseCache
 from services.router.canary import CanaryMonitor
 from services.router.config import RouterConfig
 from services.router.contexts import ContextStore
-from services.router.gateway import Gateway, GatewaySettings
+from services.router.gateway import Gateway, GatewaySettings, validate_tags
 from services.router.inference_client import GrpcInference
+from services.router.jobs.runner import BatchRunner, RunnerSettings
+from services.router.jobs.service import Jobs
+from services.router.jobs.store import JobStore
 from services.router.limits.token_bucket import InMemoryBuckets, RateLimiter
 from services.router.metering import Meter
 from services.router.policy import PolicyStore
+from services.router.ports import AlertLevel
 from services.router.registry import CanaryPolicy, ModelEntry, Registry
 from services.router.replica_monitor import ReplicaMonitor
 from services.router.retry import RetrySettings
@@ -34,6 +39,7 @@ from services.router.spool import UsageSpool
 from services.router.tasks import TaskSpec, render_task
 from services.router.types import (
     GenerationRequest,
+    Principal,
     RequestContext,
     Sampling,
     Summary,
@@ -51,7 +57,7 @@ def admin_token_of(config: RouterConfig) -> str:
 
 
 class RouterApp:
-    def __init__(self, config: RouterConfig) -> None:
+    def __init__(self, config: RouterConfig, status_name: Callable[[DomainError], str] = lambda e: e.reason) -> None:
         self.config = config
         data = Path(config.data_dir)
         data.mkdir(parents=True, exist_ok=True)
@@ -73,7 +79,8 @@ class RouterApp:
         self.billing = GrpcBilling(config.billing_target or DEFAULT_BILLING_TARGET, timeout_s=config.billing_timeout_s)
         self.balancer = Balancer()
         self.monitor = ReplicaMonitor(self.balancer, self.inference, config.health_interval_s)
-        self.meter = Meter(self.billing, self.spool, grace_s=config.billing_grace_s)
+        self.meter = Meter(self.billing, self.spool, grace_s=config.billing_grace_s,
+                           batch_wait_s=config.batch_billing_wait_s)
         self.gateway = Gateway(
             registry=self.registry, balancer=self.balancer, inference=self.inference, meter=self.meter,
             limiter=RateLimiter(InMemoryBuckets()),
@@ -83,6 +90,12 @@ class RouterApp:
             settings=GatewaySettings(default_max_tokens=config.default_max_tokens,
                                      retry=RetrySettings(max_attempts=config.retry_max_attempts)),
         )
+        self.job_store = JobStore(data / "jobs.db")
+        self.runner = BatchRunner(
+            self.job_store, self._run_batch_item, self._budget_level, status_name,
+            RunnerSettings(concurrency=config.batch_concurrency, poll_s=config.batch_poll_s),
+        )
+        self.jobs = Jobs(self.job_store, self.runner, self.gateway.check_model, validate_tags)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -92,6 +105,20 @@ class RouterApp:
                 self.monitor.watch(version.replicas)
         self.registry.on_change.append(self._watch_model)
         self._tasks.append(asyncio.create_task(self.meter.replay_forever()))
+        self._tasks.append(asyncio.create_task(self.runner.run_forever()))
+
+    async def _budget_level(self, principal: Principal, tags: dict[str, str]) -> AlertLevel:
+        return await self.meter.check_level(principal.tenant_id, principal.key_id, tags)
+
+    async def _run_batch_item(self, ctx: RequestContext, request: GenerationRequest) -> tuple[str, Summary]:
+        """A batch item runs as its submitting key; a key revoked since then stops its pending items."""
+        try:
+            record = self.keys.get(ctx.principal.key_id)
+        except NotFound:
+            record = None  # a JWT principal: no stored key
+        if record is not None and record.revoke_time is not None:
+            raise Unauthenticated(f"API key {record.prefix}… that submitted this job was revoked")
+        return await self.gateway.complete(ctx, request)
 
     def _watch_model(self, model: ModelEntry) -> None:
         for version in model.versions:
@@ -146,6 +173,7 @@ class RouterApp:
         return await self.gateway.complete(ctx, request)
 
     async def close(self) -> None:
+        await self.runner.close()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -153,5 +181,5 @@ class RouterApp:
         await self.monitor.close()
         await self.inference.close()
         await self.billing.close()
-        for store in (self.keys, self.registry, self.policies, self.contexts, self.spool):
+        for store in (self.keys, self.registry, self.policies, self.contexts, self.spool, self.job_store):
             store.close()

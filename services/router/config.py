@@ -43,11 +43,18 @@ class RouterConfig:
     # Replica health checks / load reports interval; a replica failing 3 checks in a row is ejected.
     health_interval_s: float = 1.0
     retry_max_attempts: int = 3
+    # Batch jobs: items running at once router-wide, how often the runner looks at jobs and budgets,
+    # and how long batch traffic waits for an unreachable billing (bounded by the call's deadline).
+    batch_concurrency: int = 4
+    batch_poll_s: float = 0.5
+    batch_billing_wait_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.cache_max_entries < 0 or self.cache_max_bytes < 0 or self.cache_ttl_s < 0:
             raise ValueError("cache bounds must be >= 0")
         if self.default_max_tokens < 1:
             raise ValueError("default_max_tokens must be >= 1")
+        if self.batch_concurrency < 1 or self.batch_poll_s <= 0:
+            raise ValueError("batch_concurrency must be >= 1 and batch_poll_s > 0")
         if self.max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")

@@ -12,6 +12,7 @@ from autoglm.router.v1 import admin_service_pb2 as admin_pb2
 from autoglm.router.v1 import router_service_pb2 as pb2
 from services.common.errors import InvalidInput
 from services.router.auth.api_keys import ApiKeyRecord, NewApiKey
+from services.router.jobs.model import ItemResult, ItemSpec, Job, NewJob
 from services.router.policy import Policy
 from services.router.registry import CanaryPolicy, ModelEntry
 from services.router.types import (
@@ -163,3 +164,27 @@ def policy_to_proto(value: Policy) -> admin_pb2.Policy:
     return admin_pb2.Policy(name=value.name, blocked_terms=list(value.blocked_terms),
                             max_prompt_tokens=value.max_prompt_tokens, max_tokens_cap=value.max_tokens_cap,
                             normalize_cache_keys=value.normalize_cache_keys)
+
+
+def new_job(req: pb2.SubmitBatchRequest) -> NewJob:
+    deadline = req.deadline.ToDatetime(tzinfo=UTC) if req.HasField("deadline") else None
+    items = tuple(ItemSpec(i.custom_id, i.prompt, messages(i.messages), sampling(i.sampling)) for i in req.items)
+    return NewJob(model=req.model, items=items, deadline=deadline, tags=dict(req.tags),
+                  idempotency_key=req.idempotency_key)
+
+
+def batch_result(value: ItemResult) -> pb2.BatchResult:
+    return pb2.BatchResult(
+        custom_id=value.custom_id, text=value.text, finish_reason=int(value.finish_reason),  # type: ignore[arg-type]
+        usage=usage(value.usage), error_code=value.error_code, error_message=value.error_message,
+    )
+
+
+def job(value: Job) -> pb2.Job:
+    return pb2.Job(
+        job_id=value.job_id, state=int(value.state), model=value.model,  # type: ignore[arg-type]
+        create_time=timestamp(value.create_time), deadline=timestamp(value.deadline),
+        end_time=timestamp(value.end_time), total_items=value.total_items, completed_items=value.completed_items,
+        failed_items=value.failed_items, results=[batch_result(r) for r in value.results], usage=usage(value.usage),
+        cost=money(value.cost), tags=value.tags,
+    )

@@ -168,6 +168,10 @@ class Gateway:
     def callable_models(self, principal: Principal) -> list[ModelEntry]:
         return [m for m in self.registry.models() if principal.may_call(m.name)]
 
+    def check_model(self, principal: Principal, spec: str) -> None:
+        """Raises unless this principal may call this (existing) model."""
+        self._resolve(principal, spec)
+
     def _resolve(self, principal: Principal, spec: str) -> tuple[ModelEntry, VersionEntry]:
         name, pinned = split_model(spec)
         if not principal.may_call(name):
@@ -258,7 +262,7 @@ class Gateway:
                 request_id=ctx.request_id, tenant_id=principal.tenant_id, api_key_id=principal.key_id,
                 model=plan.model.name, model_version=plan.version.version, traffic_class=plan.traffic_class,
                 max_prompt_tokens=plan.prompt_bound, max_completion_tokens=plan.max_tokens, tags=plan.tags,
-            ))
+            ), deadline=ctx.deadline)
         except BaseException:
             await self.limiter.settle(admission, principal.tokens_per_minute, 0)
             raise

@@ -4,7 +4,8 @@
 id, so a retry can never count twice). When billing is unreachable, CORE and INTERACTIVE traffic
 continues for `grace_s` seconds from the first failure with an offline hold, and its usage goes to the
 durable spool, replayed in order by `replay_forever` once billing answers again. BATCH traffic waits
-(`Unavailable`), and so does everything once the grace period is over.
+for billing to come back — retrying with backoff until the call's deadline (or `batch_wait_s`) — and then
+fails with `BillingUnavailable`; so does everything once the grace period is over.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ from services.router.types import Money, TrafficClass
 log = structlog.get_logger(__name__)
 
 OFFLINE_HOLD = "offline"
+# Batch calls give up this long before their deadline, so the caller gets a precise reason.
+DEADLINE_MARGIN_S = 0.1
+
+
+class BillingUnavailable(Unavailable):
+    """Billing cannot be reached and this request may not go on without it."""
+
+    reason = "BILLING_UNAVAILABLE"
 
 
 class Meter:
@@ -32,7 +41,9 @@ class Meter:
         spool: UsageSpool,
         grace_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        batch_wait_s: float = 300.0,
     ) -> None:
+        self._batch_wait_s = batch_wait_s
         self._billing = billing
         self._spool = spool
         self._grace_s = grace_s
@@ -55,21 +66,35 @@ class Meter:
             self._down_since = self._clock()
             log.warning("billing_unreachable", grace_s=self._grace_s)
 
-    async def reserve(self, request: HoldRequest) -> Hold:
-        try:
-            hold = await self._billing.reserve(request)
-        except Unavailable:
-            self._mark_down()
-            assert self._down_since is not None
-            if request.traffic_class == TrafficClass.BATCH:
-                raise Unavailable("billing is unreachable; batch traffic waits until it returns") from None
-            if self._clock() - self._down_since > self._grace_s:
-                raise Unavailable(
-                    f"billing has been unreachable for more than {self._grace_s:.0f} s; requests wait until it returns"
-                ) from None
-            return Hold(hold_id=OFFLINE_HOLD, offline=True)
-        self._mark_up()
-        return hold
+    async def reserve(self, request: HoldRequest, deadline: float | None = None) -> Hold:
+        waited_since: float | None = None
+        delay = 0.05
+        while True:
+            try:
+                hold = await self._billing.reserve(request)
+            except Unavailable:
+                self._mark_down()
+                assert self._down_since is not None
+                now = self._clock()
+                if request.traffic_class != TrafficClass.BATCH:
+                    if now - self._down_since > self._grace_s:
+                        raise BillingUnavailable(
+                            f"billing has been unreachable for more than {self._grace_s:.0f} s; requests wait"
+                            " until it returns") from None
+                    return Hold(hold_id=OFFLINE_HOLD, offline=True)
+                waited_since = now if waited_since is None else waited_since
+                give_up = waited_since + self._batch_wait_s
+                if deadline is not None:
+                    give_up = min(give_up, deadline - DEADLINE_MARGIN_S)
+                if now + delay >= give_up:
+                    raise BillingUnavailable(
+                        f"billing is unreachable; batch traffic waited {now - waited_since:.1f} s for it to return"
+                        " and the call's deadline is near; retry later") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            self._mark_up()
+            return hold
 
     async def settle(self, hold: Hold, usage: UsageRecord) -> Money | None:
         """Send the usage event; None when it went to the spool (cost not known yet)."""

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import grpc
 
 from autoglm.router.v1 import admin_service_pb2, admin_service_pb2_grpc, router_service_pb2, router_service_pb2_grpc
+from services.common.error_mapping import status_code_for
 from services.common.grpc_server import RunningServer, start_server
 from services.router.app import RouterApp
 from services.router.config import RouterConfig
@@ -14,7 +15,7 @@ from services.router.servicer import AdminServicer, RouterServicer
 
 
 async def build_server(config: RouterConfig) -> RunningServer:
-    app = RouterApp(config)
+    app = RouterApp(config, status_name=lambda error: status_code_for(error).name)
     await app.start()
 
     def register(server: grpc.aio.Server) -> Sequence[str]:

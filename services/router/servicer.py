@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -11,10 +12,10 @@ from autoglm.router.v1 import admin_service_pb2 as admin_pb2
 from autoglm.router.v1 import admin_service_pb2_grpc as admin_grpc
 from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as pb2_grpc
-from services.common.errors import NotImplementedYet
 from services.common.tracing import current_request_id, current_trace_id
 from services.router import convert
 from services.router.app import RouterApp
+from services.router.jobs.model import JobState
 from services.router.tasks import LengthUnit, OutputFormat, TaskKind, TaskSpec
 from services.router.types import GenerationRequest, Principal, RequestContext, Summary, TrafficClass
 
@@ -36,7 +37,9 @@ class RouterServicer(pb2_grpc.RouterServiceServicer):
         merged = {**convert.parse_tags(metadata.get("x-autoglm-tags", "")), **tags}
         # A trace id even when no tracer is installed: from traceparent, else a new one.
         trace_id = current_trace_id() or uuid.uuid4().hex
-        return RequestContext(current_request_id() or uuid.uuid4().hex, trace_id, principal, merged)
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        return RequestContext(current_request_id() or uuid.uuid4().hex, trace_id, principal, merged, deadline)
 
     async def Generate(
         self, request: pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -93,22 +96,22 @@ class RouterServicer(pb2_grpc.RouterServiceServicer):
     async def SubmitBatch(
         self, request: pb2.SubmitBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb2.SubmitBatchResponse:
-        raise NotImplementedYet("RouterService.SubmitBatch is not available in this build: batch jobs are not"
-                                " implemented yet")
+        job = self._app.jobs.submit(self._principal(context), convert.new_job(request))
+        return pb2.SubmitBatchResponse(job=convert.job(job))
 
     async def GetJob(self, request: pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> pb2.GetJobResponse:
-        raise NotImplementedYet("RouterService.GetJob is not available in this build: batch jobs are not"
-                                " implemented yet")
+        return pb2.GetJobResponse(job=convert.job(self._app.jobs.get(self._principal(context), request.job_id)))
 
     async def ListJobs(self, request: pb2.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb2.ListJobsResponse:
-        raise NotImplementedYet("RouterService.ListJobs is not available in this build: batch jobs are not"
-                                " implemented yet")
+        jobs, token = self._app.jobs.list(self._principal(context), JobState(request.state), request.page_size,
+                                          request.page_token)
+        return pb2.ListJobsResponse(jobs=[convert.job(j) for j in jobs], next_page_token=token)
 
     async def CancelJob(
         self, request: pb2.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> pb2.CancelJobResponse:
-        raise NotImplementedYet("RouterService.CancelJob is not available in this build: batch jobs are not"
-                                " implemented yet")
+        job = await self._app.jobs.cancel(self._principal(context), request.job_id)
+        return pb2.CancelJobResponse(job=convert.job(job))
 
 
 class AdminServicer(admin_grpc.AdminServiceServicer):

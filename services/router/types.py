@@ -151,3 +151,5 @@ class RequestContext:
     trace_id: str
     principal: Principal
     tags: dict[str, str] = field(default_factory=dict)
+    # When the caller stops waiting (time.monotonic() seconds); None: no deadline.
+    deadline: float | None = None

@@ -70,8 +70,8 @@ async def test_outage_spools_in_order_and_replays_exactly_once(tmp_path: Path) -
         offline = await meter.reserve(hold_request(rid))
         assert offline.offline
         assert await meter.settle(offline, usage(rid)) is None
-    with pytest.raises(Unavailable, match="batch"):
-        await meter.reserve(hold_request("b1", TrafficClass.BATCH))
+    with pytest.raises(Unavailable, match="batch"):  # batch waits, but this call's deadline has come
+        await meter.reserve(hold_request("b1", TrafficClass.BATCH), deadline=now[0])
     now[0] = 61
     with pytest.raises(Unavailable, match="more than 60"):
         await meter.reserve(hold_request("r4"))
@@ -82,3 +82,30 @@ async def test_outage_spools_in_order_and_replays_exactly_once(tmp_path: Path) -
     assert await meter.replay_once() == 3
     assert billing.recorded == ["r0", "r1", "r2", "r3"]
     assert await meter.replay_once() == 0
+
+
+async def test_batch_reserve_waits_for_billing_to_come_back_instead_of_failing(tmp_path: Path) -> None:
+    billing = Billing()
+    billing.up = False
+    attempts = []
+    reserve = billing.reserve
+
+    async def flaky(request: HoldRequest) -> Hold:
+        attempts.append(request.request_id)
+        billing.up = len(attempts) >= 3  # back on the third try
+        return await reserve(request)
+
+    billing.reserve = flaky  # type: ignore[method-assign]
+    meter = Meter(billing, UsageSpool(tmp_path / "spool.db"), grace_s=60)
+    hold = await meter.reserve(hold_request("b1", TrafficClass.BATCH))
+    assert hold.hold_id == "h-b1" and not hold.offline and len(attempts) == 3
+    assert not meter.billing_down
+
+
+async def test_batch_reserve_gives_up_before_its_deadline(tmp_path: Path) -> None:
+    billing = Billing()
+    billing.up = False
+    now = [100.0]
+    meter = Meter(billing, UsageSpool(tmp_path / "spool.db"), grace_s=60, clock=lambda: now[0])
+    with pytest.raises(Unavailable, match="batch traffic waited"):
+        await meter.reserve(hold_request("b1", TrafficClass.BATCH), deadline=100.05)

@@ -1,0 +1,1 @@
+"""Asynchronous batch jobs: durable storage, the public operations, and the background runner."""
