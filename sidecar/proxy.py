@@ -44,6 +44,10 @@ FAILURE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE
                            grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
 
 
+# Services every server offers; on an outbound listener with one peer they are routed to that peer.
+INFRA_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
 @dataclass
 class Plan:
     """Everything a call to one method needs, resolved once per method and policy version."""
@@ -122,6 +126,9 @@ class Proxy(grpc.GenericRpcHandler):
             cluster = self.clusters.get("local")
         else:
             target = policy.cluster_for(method) or ""
+            if not target and method.startswith(INFRA_PREFIXES) and len(self.clusters) == 1:
+                # Health and reflection belong to no one service: with a single peer they go to it.
+                target = next(iter(self.clusters))
             cluster = self.clusters.get(target)
         limiter = TokenBucket(route.rate_limit.rps, route.rate_limit.burst) if route.rate_limit else None
         retry_on = frozenset(getattr(grpc.StatusCode, c) for c in route.retries.retry_on)
@@ -303,7 +310,7 @@ class Proxy(grpc.GenericRpcHandler):
 
     @staticmethod
     def _upstream_failure(err: grpc.aio.AioRpcError) -> ProxyFailure:
-        return ProxyFailure(err.code(), err.details() or "", err.trailing_metadata())
+        return ProxyFailure(err.code(), err.details() or "", tuple(err.trailing_metadata() or ()))
 
     # --- unary → unary: the fast path -------------------------------------------------------------
     def _unary(self, method: str) -> Callable[..., Any]:

@@ -32,3 +32,21 @@ async def wait_serving(address: str, deadline_s: float, is_alive: object = None)
             return
         await asyncio.sleep(0.2)
     raise TimeoutError(f"{address} did not report SERVING within {deadline_s:.0f}s")
+
+
+async def wait_listening(address: str, deadline_s: float, is_alive: object = None) -> None:
+    """Poll until a TCP connect to `address` succeeds (for listeners that only speak mTLS)."""
+    host, _, port = address.rpartition(":")
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if callable(is_alive) and not is_alive():
+            raise RuntimeError(f"process listening on {address} exited before it was ready")
+        try:
+            _reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 1.0)
+        except (OSError, TimeoutError):
+            await asyncio.sleep(0.2)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+    raise TimeoutError(f"{address} did not accept connections within {deadline_s:.0f}s")

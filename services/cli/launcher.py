@@ -1,10 +1,12 @@
-"""`autoglm up`: start billing, inference replicas and the router as child processes, in order,
-wait for each to be healthy, print a banner, restart children that die (with backoff), and on
-Ctrl-C / SIGTERM stop everything in reverse order."""
+"""`autoglm up`: start billing, inference replicas and the router — each behind its sidecar — as
+child processes in dependency order, wait for each to be ready, print a banner, restart children
+that die (with backoff, logged), and on Ctrl-C / SIGTERM stop everything in reverse order."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 import os
 import signal
 import sys
@@ -17,22 +19,29 @@ import structlog
 from autoglm.billing.v1 import billing_service_pb2, billing_service_pb2_grpc
 from autoglm.common.v1 import money_pb2
 from autoglm.router.v1 import admin_service_pb2, admin_service_pb2_grpc
-from services.cli.health_probe import wait_serving
+from services.cli.health_probe import wait_listening, wait_serving
 from services.cli.mesh_config import MeshConfig
+from services.cli.topology import ProcessSpec, Topology, plan
 
 log = structlog.get_logger(__name__)
+
+# Every child carries this variable (the mesh's data dir), so tools can find the mesh's processes.
+MESH_ENV = "AUTOGLM_MESH"
 
 
 @dataclass
 class Child:
-    name: str
-    argv: list[str]
-    address: str
+    spec: ProcessSpec
     log_path: Path
+    mesh_id: str
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
     stopping: bool = False
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     def alive(self) -> bool:
         return self.process is not None and self.process.returncode is None
@@ -41,11 +50,17 @@ class Child:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         handle = self.log_path.open("ab")
         self.process = await asyncio.create_subprocess_exec(
-            *self.argv, stdout=handle, stderr=handle, stdin=asyncio.subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            *self.spec.argv, stdout=handle, stderr=handle, stdin=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", MESH_ENV: self.mesh_id},
         )
         handle.close()
-        log.info("child_started", child=self.name, pid=self.process.pid, address=self.address)
+        log.info("child_started", child=self.name, pid=self.process.pid, ready=self.spec.ready_address)
+
+    async def wait_ready(self, deadline_s: float) -> None:
+        if self.spec.ready_kind == "tcp":
+            await wait_listening(self.spec.ready_address, deadline_s, self.alive)
+        else:
+            await wait_serving(self.spec.ready_address, deadline_s, self.alive)
 
     async def stop(self, grace: float) -> None:
         self.stopping = True
@@ -64,42 +79,46 @@ class Child:
         log.info("child_stopped", child=self.name, pid=self.process.pid, returncode=self.process.returncode)
 
 
-def service_argv(module: str, port: int, config: Path | None, metrics_port: int, *extra: str) -> list[str]:
-    argv = [sys.executable, "-m", module, "--port", str(port)]
-    if metrics_port:
-        argv += ["--metrics-port", str(metrics_port)]
-    if config:
-        argv += ["--config", str(config)]
-    return [*argv, *extra]
+async def supervise(child: Child, backoff_max: float = 30.0) -> None:
+    """Restart `child` whenever it exits unexpectedly, with exponential backoff (reset after a healthy minute)."""
+    loop = asyncio.get_running_loop()
+    delay = 0.5
+    while not child.stopping:
+        assert child.process is not None
+        began = loop.time()
+        code = await child.process.wait()
+        if child.stopping:
+            return
+        if loop.time() - began > 60:
+            delay = 0.5
+        child.restarts += 1
+        log.warning("child_exited_restarting", child=child.name, returncode=code, restart=child.restarts,
+                    backoff_s=delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, backoff_max)
+        if not child.stopping:
+            await child.start()
 
 
-def plan_children(mesh: MeshConfig, config_path: Path | None) -> list[Child]:
-    logs = mesh.data_dir / "logs"
-    children = [
-        Child("billing", service_argv("services.billing", mesh.billing_port, config_path, mesh.billing_metrics_port),
-              f"127.0.0.1:{mesh.billing_port}", logs / "billing.log"),
-    ]
-    for index in range(mesh.inference_replicas):
-        port = mesh.inference_base_port + index
-        children.append(
-            Child(f"inference-{index}",
-                  service_argv("services.inference", port, config_path,
-                               mesh.inference_metrics_port + index if mesh.inference_metrics_port else 0, "--replica-id", f"inference-{index}"),
-                  f"127.0.0.1:{port}", logs / f"inference-{index}.log")
-        )
-    inference = ",".join(c.address for c in children if c.name.startswith("inference"))
-    children.append(
-        Child("router", service_argv("services.router", mesh.router_port, config_path, mesh.router_metrics_port,
-                                     "--inference", inference, "--billing", children[0].address,
-                                     "--data-dir", str(mesh.data_dir / "router")),
-              f"127.0.0.1:{mesh.router_port}", logs / "router.log")
-    )
-    return children
+def ensure_certificates(mesh: MeshConfig) -> None:
+    """Make the mesh CA and one certificate per service on first run; re-issue any expiring within a day."""
+    from sidecar import certs
+
+    directory = mesh.data_dir / "certs"
+    if not (directory / "ca.pem").exists():
+        certs.init_ca(directory)
+        log.info("ca_created", dir=str(directory))
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    for service in ("router", "inference", "billing"):
+        pem = directory / f"{service}.pem"
+        if not pem.exists() or certs.not_valid_after(pem.read_bytes()) < soon:
+            certs.issue_to(directory, service, ttl=dt.timedelta(days=7))
+            log.info("certificate_issued", service=service)
 
 
-async def seed_prices(mesh: MeshConfig) -> None:
+async def seed_prices(mesh: MeshConfig, billing: str) -> None:
     """Create the mesh file's seed prices for models that have no price yet (first start)."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{mesh.billing_port}") as channel:
+    async with grpc.aio.insecure_channel(billing) as channel:
         stub = billing_service_pb2_grpc.BillingServiceStub(channel)
         for seed in mesh.seed_prices:
             existing = await stub.ListPrices(billing_service_pb2.ListPricesRequest(model=seed["model"]), timeout=10)
@@ -109,7 +128,8 @@ async def seed_prices(mesh: MeshConfig) -> None:
             await stub.CreatePrice(billing_service_pb2.CreatePriceRequest(
                 price=billing_service_pb2.Price(
                     model=seed["model"],
-                    input_per_million=money_pb2.Money(currency_code=currency, micros=int(seed["input_per_million_micros"])),
+                    input_per_million=money_pb2.Money(currency_code=currency,
+                                                      micros=int(seed["input_per_million_micros"])),
                     output_per_million=money_pb2.Money(currency_code=currency,
                                                        micros=int(seed["output_per_million_micros"])),
                 ),
@@ -118,10 +138,10 @@ async def seed_prices(mesh: MeshConfig) -> None:
             log.info("price_seeded", model=seed["model"])
 
 
-async def create_demo_key(mesh: MeshConfig) -> str:
+async def create_demo_key(mesh: MeshConfig, router: str) -> str:
     """Create a fresh demo API key through AdminService and keep it in `<data_dir>/demo_api_key` (0600)."""
     token = (mesh.data_dir / "router" / "admin_token").read_text().strip()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{mesh.router_port}") as channel:
+    async with grpc.aio.insecure_channel(router) as channel:
         reply = await admin_service_pb2_grpc.AdminServiceStub(channel).CreateApiKey(
             admin_service_pb2.CreateApiKeyRequest(tenant_id="demo", name="demo key created by autoglm up"),
             metadata=(("authorization", f"Bearer {token}"),), timeout=10,
@@ -132,44 +152,40 @@ async def create_demo_key(mesh: MeshConfig) -> str:
     return str(reply.secret)
 
 
-async def supervise(child: Child, backoff_max: float = 30.0) -> None:
-    """Restart `child` whenever it exits unexpectedly, with exponential backoff."""
-    delay = 0.5
-    while not child.stopping:
-        assert child.process is not None
-        code = await child.process.wait()
-        if child.stopping:
-            return
-        child.restarts += 1
-        log.warning("child_exited_restarting", child=child.name, returncode=code, restart=child.restarts,
-                    backoff_s=delay)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, backoff_max)
-        await child.start()
+def write_endpoint(mesh: MeshConfig, top: Topology) -> Path:
+    """`<data_dir>/endpoint.json`: how clients reach the router (address, TLS, CA), read by `autoglm chat`."""
+    path = mesh.data_dir / "endpoint.json"
+    path.write_text(json.dumps({
+        "router": top.router_public, "tls": top.tls, "ca_cert": str(top.ca_cert.resolve()) if top.ca_cert else "",
+        "billing": f"127.0.0.1:{mesh.billing_port}", "sidecar": top.sidecar,
+    }, indent=2) + "\n")
+    return path
 
 
-def banner(mesh: MeshConfig, children: list[Child], demo_key: str) -> str:
+def banner(mesh: MeshConfig, top: Topology, demo_key: str) -> str:
+    transport = f"-cacert {top.ca_cert}" if top.tls else "-plaintext"
+    replicas = [f"127.0.0.1:{mesh.inference_base_port + i}" for i in range(mesh.inference_replicas)]
     lines = [
         "",
         "Open-AutoGLM mesh is up",
-        f"  router     127.0.0.1:{mesh.router_port}   (public gRPC: RouterService, AdminService)",
+        f"  router     {top.router_public}   (public gRPC: RouterService, AdminService"
+        f"{'; TLS, CA ' + str(top.ca_cert) if top.tls else '; plaintext'})",
         f"  billing    127.0.0.1:{mesh.billing_port}",
-    ]
-    lines += [f"  {c.name:<10} {c.address}" for c in children if c.name.startswith("inference")]
-    lines += [
+        f"  inference  {', '.join(replicas)}",
+        f"  sidecars   {top.sidecar}{' (mTLS between services, certificates in ' + str(mesh.data_dir / 'certs') + ')' if top.tls else ''}",
         f"  data dir   {mesh.data_dir}",
         f"  logs       {mesh.data_dir / 'logs'}/*.log",
-        f"  metrics    http://127.0.0.1:{{{mesh.router_metrics_port},{mesh.billing_metrics_port},"
-        f"{mesh.inference_metrics_port}..}}/metrics" if mesh.router_metrics_port else "  metrics    disabled",
+        f"  metrics    http://127.0.0.1:{mesh.router_metrics_port}/metrics (router), :{mesh.billing_metrics_port} "
+        f"(billing), :{mesh.inference_metrics_port}+i (inference)" if mesh.router_metrics_port else "  metrics    off",
         "",
         f"Demo API key (also in {mesh.data_dir / 'demo_api_key'}):",
         f"  {demo_key}",
         "",
         "Try it:",
-        f"  grpcurl -plaintext -H 'authorization: Bearer {demo_key}' \\",
+        f"  grpcurl {transport} -H 'authorization: Bearer {demo_key}' \\",
         "    -d '{\"model\": \"smollm2-135m-instruct\", \"prompt\": \"Write a haiku about the sea.\"}' \\",
-        f"    127.0.0.1:{mesh.router_port} autoglm.router.v1.RouterService/Generate",
-        f"  grpcurl -plaintext 127.0.0.1:{mesh.router_port} list",
+        f"    {top.router_public} autoglm.router.v1.RouterService/Generate",
+        f"  grpcurl {transport} {top.router_public} list",
         "  .venv/bin/autoglm chat",
         "",
         "Ctrl-C stops everything.",
@@ -177,8 +193,15 @@ def banner(mesh: MeshConfig, children: list[Child], demo_key: str) -> str:
     return "\n".join(lines)
 
 
-async def run_mesh(mesh: MeshConfig, config_path: Path | None, ready_timeout_s: float = 600.0) -> None:
-    children = plan_children(mesh, config_path)
+async def run_mesh(mesh: MeshConfig, config_path: Path | None, sidecar: str = "python",
+                   ready_timeout_s: float = 600.0) -> None:
+    mesh.data_dir.mkdir(parents=True, exist_ok=True)
+    if sidecar != "none":
+        ensure_certificates(mesh)
+    top = plan(mesh, config_path, sidecar)
+    mesh_id = str(mesh.data_dir.resolve())
+    children = [Child(spec, mesh.data_dir / "logs" / f"{spec.name}.log", mesh_id) for spec in top.specs]
+    by_name = {c.name: c for c in children}
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -188,7 +211,7 @@ async def run_mesh(mesh: MeshConfig, config_path: Path | None, ready_timeout_s: 
         for child in children:
             await child.start()
             started.append(child)
-            waiter = asyncio.create_task(wait_serving(child.address, ready_timeout_s, child.alive))
+            waiter = asyncio.create_task(child.wait_ready(ready_timeout_s))
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
@@ -203,9 +226,10 @@ async def run_mesh(mesh: MeshConfig, config_path: Path | None, ready_timeout_s: 
                                  + "\n".join(tail)) from None
             child.watcher = asyncio.create_task(supervise(child))
             if child.name == "billing":
-                await seed_prices(mesh)
-        demo_key = await create_demo_key(mesh)
-        print(banner(mesh, children, demo_key), flush=True)
+                await seed_prices(mesh, child.spec.ready_address)
+        write_endpoint(mesh, top)
+        demo_key = await create_demo_key(mesh, by_name["router"].spec.ready_address)
+        print(banner(mesh, top, demo_key), flush=True)
         await stop.wait()
     finally:
         print("stopping the mesh...", file=sys.stderr, flush=True)

@@ -24,7 +24,7 @@ def _up(args: argparse.Namespace) -> int:
 
     configure_logging("launcher", args.log_level, json=False)
     mesh = MeshConfig.load(args.config)
-    asyncio.run(run_mesh(mesh, args.config))
+    asyncio.run(run_mesh(mesh, args.config, args.sidecar))
     return 0
 
 
@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start billing, inference and the router (with sidecars) in the foreground")
     up.add_argument("--config", type=Path, default=None, help="mesh YAML (default: built-in defaults)")
+    up.add_argument("--sidecar", choices=["python", "envoy", "none"], default="python",
+                    help="sidecar in front of each service (default python: mTLS between services)")
     up.set_defaults(func=_up)
 
     model = sub.add_parser("model", help="model tools")

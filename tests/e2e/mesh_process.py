@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -32,18 +33,34 @@ class Mesh:
     billing: str
     inference: list[str]
     output: list[str]
+    data_dir: Path
+    tls: bool = False
+    ca_cert: str = ""
+
+    def transport(self) -> list[str]:
+        """grpcurl flags to reach the router's public port."""
+        return ["-cacert", self.ca_cert] if self.tls else ["-plaintext"]
+
+    def mesh_tls(self, service: str) -> list[str]:
+        """grpcurl flags to reach another service's sidecar with `service`'s mesh identity."""
+        if not self.tls:
+            return ["-plaintext"]
+        certs = self.data_dir / "certs"
+        return ["-cacert", str(certs / "ca.pem"), "-cert", str(certs / f"{service}.pem"),
+                "-key", str(certs / f"{service}.key")]
 
     def descendants(self) -> list[int]:
-        """PIDs of every process whose command line names this mesh's config file."""
+        """PIDs of every process the launcher started for this mesh (they carry AUTOGLM_MESH=<data dir>)."""
+        marker = f"AUTOGLM_MESH={self.data_dir.resolve()}".encode()
         pids = []
         for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
                 continue
             try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                environ = (entry / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if str(self.config) in cmdline and int(entry.name) != os.getpid():
+            if marker in environ:
                 pids.append(int(entry.name))
         return pids
 
@@ -94,10 +111,13 @@ def start_mesh(tmp: Path, processes: list, timeout_s: float = 600, replicas: int
     if ready:
         output.append(os.read(proc.stdout.fileno(), 65536).decode(errors="replace"))
     base = doc["inference"]["port"]
+    data_dir = Path(doc["mesh"]["data_dir"])
+    endpoint = json.loads((data_dir / "endpoint.json").read_text())
     return Mesh(
         process=proc, config=config, router=f"127.0.0.1:{doc['router']['port']}",
         billing=f"127.0.0.1:{doc['billing']['port']}",
-        inference=[f"127.0.0.1:{base + i}" for i in range(replicas)], output=output,
+        inference=[f"127.0.0.1:{base + i}" for i in range(replicas)], output=output, data_dir=data_dir,
+        tls=bool(endpoint["tls"]), ca_cert=endpoint["ca_cert"],
     )
 
 

@@ -17,10 +17,11 @@ def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_mesh_comes_up_answers_grpcurl_and_stops_cleanly(tmp_path, processes) -> None:
     mesh = start_mesh(tmp_path, processes)
+    assert mesh.tls, "make run puts sidecars with mTLS in front of every service by default"
     banner = "".join(mesh.output)
     assert mesh.router in banner and "grpcurl" in banner
 
-    listed = grpcurl("-plaintext", mesh.router, "list")
+    listed = grpcurl(*mesh.transport(), mesh.router, "list")
     assert listed.returncode == 0, listed.stderr
     services = set(listed.stdout.split())
     assert {
@@ -30,13 +31,14 @@ def test_mesh_comes_up_answers_grpcurl_and_stops_cleanly(tmp_path, processes) ->
         "grpc.reflection.v1alpha.ServerReflection",
     } <= services
 
-    described = grpcurl("-plaintext", mesh.router, "describe", "autoglm.router.v1.RouterService")
+    described = grpcurl(*mesh.transport(), mesh.router, "describe", "autoglm.router.v1.RouterService")
     assert described.returncode == 0, described.stderr
     # Proto comments reach users through reflection.
     assert "Streams the answer as text deltas" in described.stdout
 
-    for address in [mesh.router, mesh.billing, *mesh.inference]:
-        health = grpcurl("-plaintext", "-d", '{"service": ""}', address, "grpc.health.v1.Health/Check")
+    for address, flags in [(mesh.router, mesh.transport()), (mesh.billing, mesh.mesh_tls("router")),
+                           *[(a, mesh.mesh_tls("router")) for a in mesh.inference]]:
+        health = grpcurl(*flags, "-d", '{"service": ""}', address, "grpc.health.v1.Health/Check")
         assert health.returncode == 0, health.stderr
         assert '"status": "SERVING"' in health.stdout, address
 

@@ -1,0 +1,134 @@
+"""Which processes `autoglm up` starts, on which ports, and in which order.
+
+Public addresses never change with the sidecar mode: the router's port from the mesh file is what
+clients dial, billing's and each inference replica's ports are what peers and operators dial.
+
+- `--sidecar none`: each service listens on its public port in plaintext.
+- `--sidecar python` (default) / `envoy`: each service listens on a free loopback port; its sidecar
+  owns the public port (mTLS between services; the router's public port is TLS, no client cert).
+  The router reaches billing through its sidecar's outbound listener, and each inference replica
+  through an outbound listener of its own, so the router still balances across replicas itself.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.cli.mesh_config import MeshConfig
+
+POLICY = Path(__file__).resolve().parents[2] / "deploy" / "policy" / "mesh-policy.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ProcessSpec:
+    name: str
+    argv: list[str]
+    # Where readiness is checked, and how: "grpc" = standard health over plaintext, "tcp" = accepts.
+    ready_address: str
+    ready_kind: str = "grpc"
+    public_address: str = ""
+
+
+@dataclass
+class Topology:
+    sidecar: str
+    specs: list[ProcessSpec] = field(default_factory=list)
+    router_public: str = ""
+    tls: bool = False
+    ca_cert: Path | None = None
+
+
+def _service(module: str, port: int, config: Path | None, metrics_port: int, *extra: str) -> list[str]:
+    argv = [sys.executable, "-m", module, "--port", str(port)]
+    if metrics_port:
+        argv += ["--metrics-port", str(metrics_port)]
+    if config:
+        argv += ["--config", str(config)]
+    return [*argv, *extra]
+
+
+def _envoy_sidecar(name: str, service: str, certs: Path, upstream: str, inbound: int, outbound: int,
+                   peers: dict[str, list[str]], out_dir: Path) -> list[str]:
+    from sidecar.envoy_render import EnvoyPorts, render_to_file
+
+    path = render_to_file(POLICY, service, out_dir / f"{name}.yaml", certs_dir=certs.resolve(), upstream=upstream,
+                          peers=peers, ports=EnvoyPorts(inbound=inbound, outbound=None if outbound < 0 else outbound,
+                                                        admin=free_port()))
+    envoy = str(Path(sys.executable).parent / "envoy")
+    return [envoy, "-c", str(path), "--use-dynamic-base-id", "--log-level", "warn", "--concurrency", "1"]
+
+
+def _python_sidecar(service: str, certs: Path, upstream: str, inbound: int, outbound: int,
+                    peers: dict[str, list[str]]) -> list[str]:
+    argv = [sys.executable, "-m", "sidecar", "--policy", str(POLICY), "--service", service, "--certs", str(certs),
+            "--upstream", upstream, "--inbound-port", str(inbound), "--outbound-port", str(outbound),
+            "--metrics-port", "-1"]
+    for name, addresses in peers.items():
+        argv += ["--peer", f"{name}={','.join(addresses)}"]
+    return argv
+
+
+def plan(mesh: MeshConfig, config: Path | None, sidecar: str) -> Topology:
+    top = Topology(sidecar=sidecar, router_public=f"127.0.0.1:{mesh.router_port}")
+    replicas = [mesh.inference_base_port + i for i in range(mesh.inference_replicas)]
+    metrics = [mesh.inference_metrics_port + i if mesh.inference_metrics_port else 0 for i in range(len(replicas))]
+    router_data = ["--data-dir", str(mesh.data_dir / "router")]
+    if sidecar == "none":
+        top.specs.append(ProcessSpec("billing", _service("services.billing", mesh.billing_port, config,
+                                                         mesh.billing_metrics_port), f"127.0.0.1:{mesh.billing_port}"))
+        for i, port in enumerate(replicas):
+            top.specs.append(ProcessSpec(f"inference-{i}", _service(
+                "services.inference", port, config, metrics[i], "--replica-id", f"inference-{i}"), f"127.0.0.1:{port}"))
+        top.specs.append(ProcessSpec("router", _service(
+            "services.router", mesh.router_port, config, mesh.router_metrics_port,
+            "--inference", ",".join(f"127.0.0.1:{p}" for p in replicas),
+            "--billing", f"127.0.0.1:{mesh.billing_port}", *router_data), top.router_public))
+        return top
+
+    certs = mesh.data_dir / "certs"
+    top.tls, top.ca_cert = True, certs / "ca.pem"
+
+    def sidecar_argv(name: str, service: str, upstream: str, inbound: int, outbound: int,
+                     peers: dict[str, list[str]]) -> list[str]:
+        if sidecar == "envoy":
+            return _envoy_sidecar(name, service, certs, upstream, inbound, outbound, peers, mesh.data_dir / "envoy")
+        return _python_sidecar(service, certs, upstream, inbound, outbound, peers)
+
+    billing_internal = free_port()
+    top.specs.append(ProcessSpec("billing", _service("services.billing", billing_internal, config,
+                                                     mesh.billing_metrics_port), f"127.0.0.1:{billing_internal}"))
+    top.specs.append(ProcessSpec("billing-sidecar", sidecar_argv(
+        "billing-sidecar", "billing", f"127.0.0.1:{billing_internal}", mesh.billing_port, -1, {}),
+        f"127.0.0.1:{mesh.billing_port}", "tcp"))
+    replica_outbound: list[int] = []
+    for i, port in enumerate(replicas):
+        internal = free_port()
+        top.specs.append(ProcessSpec(f"inference-{i}", _service(
+            "services.inference", internal, config, metrics[i], "--replica-id", f"inference-{i}"),
+            f"127.0.0.1:{internal}"))
+        top.specs.append(ProcessSpec(f"inference-{i}-sidecar", sidecar_argv(
+            f"inference-{i}-sidecar", "inference", f"127.0.0.1:{internal}", port, -1, {}), f"127.0.0.1:{port}", "tcp"))
+        replica_outbound.append(free_port())
+    router_internal, billing_outbound = free_port(), free_port()
+    top.specs.append(ProcessSpec("router-sidecar", sidecar_argv(
+        "router-sidecar", "router", f"127.0.0.1:{router_internal}", mesh.router_port, billing_outbound,
+        {"billing": [f"127.0.0.1:{mesh.billing_port}"]}), f"127.0.0.1:{billing_outbound}", "tcp"))
+    for i, (port, outbound) in enumerate(zip(replicas, replica_outbound, strict=True)):
+        # One outbound listener per replica, so the router keeps balancing and ejecting per replica.
+        top.specs.append(ProcessSpec(f"router-to-inference-{i}", sidecar_argv(
+            f"router-to-inference-{i}", "router", f"127.0.0.1:{router_internal}", 0, outbound,
+            {"inference": [f"127.0.0.1:{port}"]}), f"127.0.0.1:{outbound}", "tcp"))
+    top.specs.append(ProcessSpec("router", _service(
+        "services.router", router_internal, config, mesh.router_metrics_port,
+        "--inference", ",".join(f"127.0.0.1:{p}" for p in replica_outbound),
+        "--billing", f"127.0.0.1:{billing_outbound}", *router_data), f"127.0.0.1:{router_internal}"))
+    return top
