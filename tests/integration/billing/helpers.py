@@ -30,8 +30,10 @@ def price_request(model: str = "smollm2", effective: float = 1_000_000_000, **kw
 
 def usage(event_id: str, prompt: int = 100, completion: int = 50, tenant: str = "acme", key: str = "k1",
           model: str = "smollm2", end: float | None = None, **extra: object) -> pb2.UsageEvent:
+    fields: dict[str, object] = {"status": pb2.USAGE_STATUS_COMPLETED}
+    fields.update(extra)
     event = pb2.UsageEvent(event_id=event_id, tenant_id=tenant, api_key_id=key, model=model, prompt_tokens=prompt,
-                           completion_tokens=completion, status=pb2.USAGE_STATUS_COMPLETED, **extra)  # type: ignore[arg-type]
+                           completion_tokens=completion, **fields)  # type: ignore[arg-type]
     if end is not None:
         event.end_time.CopyFrom(ts(end))
     return event

@@ -1,0 +1,63 @@
+"""Alert levels over a scripted month: 80/100/120 % fire once each, in order; a watcher that disconnects
+and resumes from its cursor misses none and sees none twice; a new period and a raised limit re-arm them."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+
+from autoglm.billing.v1 import billing_service_pb2 as pb2
+from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
+from services.billing.config import BillingConfig
+from services.billing.server import build_server
+from services.common.config import ServerSettings
+from tests.conftest import channel
+from tests.integration.billing.helpers import price_request, tenant_budget, usage
+
+DAY = 86_400
+MARCH = datetime(2026, 3, 1, tzinfo=UTC).timestamp()
+APRIL = datetime(2026, 4, 1, tzinfo=UTC).timestamp()
+
+
+async def test_a_month_of_usage_fires_each_level_once_and_a_resumed_watcher_misses_nothing(serve, tmp_path: Path) -> None:
+    now = [int(MARCH * 1e6)]
+    config = BillingConfig(server=ServerSettings(port=0), database=f"sqlite:///{tmp_path / 'b.db'}")
+    running = await serve(build_server(config, clock=lambda: now[0]))
+    async with channel(running) as chan:
+        stub = pb2_grpc.BillingServiceStub(chan)
+        await stub.CreatePrice(price_request())
+        budget = (await stub.CreateBudget(tenant_budget("acme", tokens=3000))).budget
+
+        async def day(n: int, tokens: int = 100, base: float = MARCH) -> None:
+            now[0] = int((base + n * DAY + 3600) * 1e6)
+            await stub.RecordUsage(pb2.RecordUsageRequest(event=usage(f"{base}-{n}", prompt=tokens, completion=0)))
+
+        first_watch = stub.WatchAlerts(pb2.WatchAlertsRequest(cursor="0", tenant_id="acme"))
+        for n in range(24):  # 2,400 tokens: 80 % on day 24
+            await day(n)
+        warning = await asyncio.wait_for(first_watch.read(), 10)
+        first_watch.cancel()  # the watcher disconnects...
+        for n in range(24, 31):  # ...while 100 % (day 30) and then 120 % (day 31, 400 tokens) are crossed
+            await day(n, 100 if n < 30 else 700)
+        resumed = stub.WatchAlerts(pb2.WatchAlertsRequest(cursor=warning.cursor, tenant_id="acme"))
+        critical = await asyncio.wait_for(resumed.read(), 10)
+        emergency = await asyncio.wait_for(resumed.read(), 10)
+        await day(0, 2400, base=APRIL)  # a new month re-arms WARNING
+        april = await asyncio.wait_for(resumed.read(), 10)
+        await stub.UpdateBudget(pb2.UpdateBudgetRequest(budget=pb2.Budget(budget_id=budget.budget_id, tokens=3200)))
+        await day(1, 160, base=APRIL)  # a raised limit re-arms: 2560/3200 = 80 %
+        raised = await asyncio.wait_for(resumed.read(), 10)
+        resumed.cancel()
+        everything = stub.WatchAlerts(pb2.WatchAlertsRequest(cursor="0"))
+        history = [await asyncio.wait_for(everything.read(), 10) for _ in range(5)]
+        everything.cancel()
+    march = [warning, critical, emergency]
+    assert [a.level for a in march] == [pb2.ALERT_LEVEL_WARNING, pb2.ALERT_LEVEL_CRITICAL, pb2.ALERT_LEVEL_EMERGENCY]
+    assert [a.utilization_permille for a in march] == [800, 1000, 1233]
+    assert all(a.period_start.seconds == int(MARCH) for a in march)
+    assert (april.level, april.period_start.seconds, april.utilization_permille) == (
+        pb2.ALERT_LEVEL_WARNING, int(APRIL), 800)
+    assert (raised.level, raised.utilization_permille) == (pb2.ALERT_LEVEL_WARNING, 800)
+    assert [a.cursor for a in history] == [a.cursor for a in [*march, april, raised]]
+    assert len({a.cursor for a in history}) == 5
