@@ -15,3 +15,8 @@ envoy-configs: $(VENV)/.installed
 
 bench-sidecar: $(VENV)/.installed
 	$(PY) -m bench.sidecar.run --out bench/results/sidecar.json
+
+# Kubernetes + Istio manifests rendered from the policy (tests/e2e/test_deploy_manifests.py fails on drift).
+.PHONY: deploy-manifests
+deploy-manifests: $(VENV)/.installed
+	$(PY) -m sidecar.deploy_render --policy $(SIDECAR_POLICY) --k8s deploy/k8s --istio deploy/istio

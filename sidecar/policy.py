@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +86,8 @@ class ServicePolicy:
     retry_budget: RetryBudget = RetryBudget()
     circuit_breaker: BreakerPolicy = BreakerPolicy()
     outlier: OutlierPolicy = OutlierPolicy()
+    # Deployed versions and the share of traffic (percent) each gets in a mesh (Istio canary weights).
+    versions: tuple[tuple[str, int], ...] = (("v1", 100),)
 
 
 @dataclass(frozen=True)
@@ -267,6 +270,25 @@ def _outlier(r: _Reader | None) -> OutlierPolicy:
     )
 
 
+def _versions(s: _Reader) -> tuple[tuple[str, int], ...]:
+    raw = s.data.get("versions")
+    if raw is None:
+        return (("v1", 100),)
+    if not isinstance(raw, dict) or not raw:
+        raise PolicyError(f"{s.at('versions')}: expected a mapping of version label → traffic percent, got {raw!r}")
+    versions: list[tuple[str, int]] = []
+    for name, weight in raw.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name):
+            raise PolicyError(f"{s.at('versions')}: version label {name!r} must be a DNS label (e.g. v1, v2-canary)")
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 100:
+            raise PolicyError(f"{s.at('versions')}.{name}: expected a percent 0..100, got {weight!r}")
+        versions.append((name, weight))
+    total = sum(w for _, w in versions)
+    if total != 100:
+        raise PolicyError(f"{s.at('versions')}: the weights must add up to 100, got {total}")
+    return tuple(versions)
+
+
 def _codes(r: _Reader, key: str) -> tuple[str, ...]:
     codes = tuple(c.upper() for c in r.strings(key, ["UNAVAILABLE"]))
     for i, code in enumerate(codes):
@@ -328,7 +350,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     services: dict[str, ServicePolicy] = {}
     for name, raw in services_raw.items():
         s = _Reader(raw, f"services.{name}", ["grpc_services", "public", "max_concurrent", "retry_budget",
-                                               "circuit_breaker", "outlier"])
+                                               "circuit_breaker", "outlier", "versions"])
         services[str(name)] = ServicePolicy(
             name=str(name),
             grpc_services=s.strings("grpc_services"),
@@ -340,6 +362,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
                                                                   "half_open_probes"])),
             outlier=_outlier(s.child("outlier", ["consecutive_failures", "base_ejection_s",
                                                  "max_ejection_percent"])),
+            versions=_versions(s),
         )
     routes_raw = root.data.get("routes", [])
     if not isinstance(routes_raw, list):

@@ -26,7 +26,7 @@ POLICY = ROOT / "deploy/policy/mesh-policy.yaml"
 K8S = ROOT / "deploy/k8s"
 ISTIO = ROOT / "deploy/istio"
 K8S_VERSION = "1.30.0"
-ISTIO_MODELS = {
+ISTIO_MODELS: dict[str, Any] = {
     "DestinationRule": istio_networking.DestinationRule,
     "VirtualService": istio_networking.VirtualService,
     "PeerAuthentication": istio_security.PeerAuthentication,
@@ -197,7 +197,7 @@ def istio_allows(policies: dict[str, dict[str, Any]], source: str, target: str, 
         for rule in authz["spec"].get("rules", []):
             principals = [p for f in rule["from"] for p in f["source"]["principals"]]
             paths = [p for t in rule["to"] for p in t["operation"]["paths"]]
-            if principal in principals and any(fnmatch.fnmatchcase(method, p) if p.endswith("*") or
+            if any(fnmatch.fnmatchcase(principal, p) for p in principals) and any(fnmatch.fnmatchcase(method, p) if p.endswith("*") or
                                                p.startswith("*") else method == p for p in paths):
                 return True
     return False

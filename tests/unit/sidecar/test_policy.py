@@ -50,3 +50,21 @@ def test_retry_budget_ratio_above_one_is_refused() -> None:
                            "inference: {grpc_services: [x.Y], retry_budget: {ratio: 1.5}}")
     with pytest.raises(PolicyError, match=r"services.inference.retry_budget.ratio: must be >= 0.0 and <= 1.0"):
         parse_policy(text)
+
+
+@pytest.mark.parametrize(("versions", "message"), [
+    ("{v1: 90, v2: 20}", "services.inference.versions: the weights must add up to 100, got 110"),
+    ("{v1: ninety, v2: 10}", "services.inference.versions.v1: expected a percent 0..100"),
+    ("{V_1: 100}", "services.inference.versions: version label 'V_1' must be a DNS label"),
+])
+def test_canary_versions_must_be_labels_with_weights_adding_to_100(versions: str, message: str) -> None:
+    text = MINIMAL.replace("inference: {grpc_services: [autoglm.inference.v1.InferenceService]}",
+                           f"inference: {{grpc_services: [x.Y], versions: {versions}}}")
+    with pytest.raises(PolicyError) as err:
+        parse_policy(text)
+    assert message in str(err.value)
+
+
+def test_versions_default_to_one_stable_version_and_the_shipped_policy_has_a_canary() -> None:
+    assert parse_policy(MINIMAL).services["router"].versions == (("v1", 100),)
+    assert load_policy(ROOT / "deploy/policy/mesh-policy.yaml").services["inference"].versions == (("v1", 90), ("v2", 10))
