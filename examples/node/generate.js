@@ -1,21 +1,26 @@
 #!/usr/bin/env node
 // Streams an answer from RouterService/Generate, built only from ../../protos.
 //
-//   AUTOGLM_API_KEY=ag_... node generate.js "Write a haiku about the sea" [--target 127.0.0.1:50051] [--max-tokens 64]
+//   AUTOGLM_API_KEY=ag_... node generate.js "Write a haiku about the sea" \
+//       [--target 127.0.0.1:50051] [--ca-cert ../../.autoglm/certs/ca.pem] [--max-tokens 64]
+//
+// Without --ca-cert the channel is plaintext (a mesh started with `autoglm up --sidecar none`).
 //
 // Prints the text as it arrives, then one JSON line with usage, cost and finish reason.
 'use strict';
 
+const fs = require('fs');
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
 function parseArgs(argv) {
-  const args = { target: '127.0.0.1:50051', maxTokens: 64, model: 'smollm2-135m-instruct', prompt: '' };
+  const args = { target: '127.0.0.1:50051', maxTokens: 64, model: 'smollm2-135m-instruct', prompt: '', caCert: '' };
   for (let i = 0; i < argv.length; i += 1) {
     if (argv[i] === '--target') args.target = argv[++i];
     else if (argv[i] === '--max-tokens') args.maxTokens = Number(argv[++i]);
     else if (argv[i] === '--model') args.model = argv[++i];
+    else if (argv[i] === '--ca-cert') args.caCert = argv[++i];
     else args.prompt = argv[i];
   }
   return args;
@@ -37,7 +42,10 @@ function main() {
     defaults: true,
   });
   const proto = grpc.loadPackageDefinition(definition);
-  const client = new proto.autoglm.router.v1.RouterService(args.target, grpc.credentials.createInsecure());
+  const credentials = args.caCert
+    ? grpc.credentials.createSsl(fs.readFileSync(args.caCert))
+    : grpc.credentials.createInsecure();
+  const client = new proto.autoglm.router.v1.RouterService(args.target, credentials);
   const metadata = new grpc.Metadata();
   metadata.set('authorization', `Bearer ${apiKey}`);
 

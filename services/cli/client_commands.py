@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 
+from services.cli.endpoint import load_endpoint
 from services.client import GLMClient
 
 
@@ -29,13 +30,27 @@ def resolve_api_key(args: argparse.Namespace) -> str:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--router", default="127.0.0.1:50051", help="router address (default 127.0.0.1:50051)")
+    parser.add_argument("--router", default=None, help="router address (default: the local mesh's, else 127.0.0.1:50051)")
+    parser.add_argument("--ca-cert", default=None, help="CA of the router's TLS certificate (default: the local mesh's)")
+    parser.add_argument("--plaintext", action="store_true", help="connect without TLS")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--data-dir", default=".autoglm", help="mesh data dir holding the demo key")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
+
+
+def open_client(args: argparse.Namespace) -> GLMClient:
+    endpoint = load_endpoint(args.data_dir)
+    router = args.router or endpoint.router
+    credentials = None
+    if not args.plaintext:
+        if args.ca_cert:
+            credentials = grpc.ssl_channel_credentials(root_certificates=Path(args.ca_cert).read_bytes())
+        elif args.router in (None, endpoint.router):
+            credentials = endpoint.router_credentials()
+    return GLMClient(resolve_api_key(args), router, credentials=credentials, model=args.model)
 
 
 def _stream(client: GLMClient, prompt: str, args: argparse.Namespace, context_id: str = "") -> int:
@@ -62,7 +77,7 @@ def _stream(client: GLMClient, prompt: str, args: argparse.Namespace, context_id
 
 def _generate(args: argparse.Namespace) -> int:
     prompt = " ".join(args.prompt) if args.prompt else sys.stdin.read()
-    with GLMClient(resolve_api_key(args), args.router, model=args.model) as client:
+    with open_client(args) as client:
         return _stream(client, prompt, args, args.context_id)
 
 
@@ -70,7 +85,7 @@ def _chat(args: argparse.Namespace) -> int:
     context_id = args.context_id or f"chat-{uuid.uuid4().hex[:12]}"
     print(f"chatting with {args.model} (context {context_id}); an empty line or Ctrl-D ends", file=sys.stderr)
     status = 0
-    with GLMClient(resolve_api_key(args), args.router, model=args.model) as client:
+    with open_client(args) as client:
         while True:
             try:
                 if sys.stdin.isatty():

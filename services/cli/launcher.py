@@ -158,6 +158,7 @@ def write_endpoint(mesh: MeshConfig, top: Topology) -> Path:
     path.write_text(json.dumps({
         "router": top.router_public, "tls": top.tls, "ca_cert": str(top.ca_cert.resolve()) if top.ca_cert else "",
         "billing": f"127.0.0.1:{mesh.billing_port}", "sidecar": top.sidecar,
+        "billing_operator": next(s.ready_address for s in top.specs if s.name == "billing"),
     }, indent=2) + "\n")
     return path
 

@@ -4,6 +4,7 @@
   autoglm model build [PATH]          build (or reuse) an INT8 ONNX model from a GGUF file or HF folder
   autoglm chat | generate             talk to the router
   autoglm keys create|list|revoke     manage API keys
+  autoglm usage [--since 7d --by model]   tokens and cost from the ledger
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from services.cli.client_commands import add_client_commands
 from services.cli.keys_commands import add_keys_commands
+from services.cli.usage_commands import add_usage_commands
 from services.common.logging import configure_logging
 
 
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_client_commands(sub)
     add_keys_commands(sub)
+    add_usage_commands(sub)
     return parser
 
 

@@ -31,7 +31,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 
 
 def demo_key(mesh: Mesh) -> str:
-    return (mesh.config.parent / "data" / "demo_api_key").read_text().strip()
+    return (mesh.data_dir / "demo_api_key").read_text().strip()
 
 
 def test_node_example_streams_an_answer_with_usage(mesh: Mesh) -> None:
@@ -40,7 +40,7 @@ def test_node_example_streams_an_answer_with_usage(mesh: Mesh) -> None:
     assert (ROOT / "examples/node/node_modules/@grpc/grpc-js").exists(), "run `make node-example`"
     result = subprocess.run(
         [node, "generate.js", "What is the capital of France? Answer in one word.", "--target", mesh.router,
-         "--max-tokens", "12"],
+         "--max-tokens", "12", *(["--ca-cert", mesh.ca_cert] if mesh.tls else [])],
         cwd=ROOT / "examples/node", capture_output=True, text=True, timeout=120,
         env={**os.environ, "AUTOGLM_API_KEY": demo_key(mesh)},
     )
@@ -57,21 +57,22 @@ def test_node_example_streams_an_answer_with_usage(mesh: Mesh) -> None:
 def test_chat_remembers_the_first_turn_and_usage_shows_both(mesh: Mesh, tmp_path: Path) -> None:
     turns = "My name is Ada and I like tea.\nWhat is my name?\n"
     result = subprocess.run(
-        [tool("autoglm"), "chat", "--router", mesh.router, "--api-key", demo_key(mesh), "--max-tokens", "24",
-         "--temperature", "0", "--context-id", "e2e-chat"],
+        [tool("autoglm"), "chat", "--data-dir", str(mesh.data_dir), "--max-tokens", "24", "--temperature", "0",
+         "--context-id", "e2e-chat"],
         input=turns, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    answers = result.stdout.strip().split("\n")
-    assert "Ada" in result.stdout.split("\n", 1)[-1] or "Ada" in answers[-1], result.stdout
     footers = [line for line in result.stderr.splitlines() if "completion tokens" in line]
     assert len(footers) == 2, result.stderr
-    # The second turn's prompt includes the first turn, so it is longer.
-    first_prompt, second_prompt = (int(f.split()[0].lstrip("[")) for f in footers)
-    assert second_prompt > first_prompt
+    # "[P prompt + C completion tokens, ...]": the second turn's prompt carries the whole first exchange
+    # (question and answer) before the new question, so the model sees the first turn.
+    (first_prompt, first_completion), (second_prompt, _) = (
+        (int(f.split()[0].lstrip("[")), int(f.split()[3])) for f in footers
+    )
+    assert second_prompt > first_prompt + first_completion
 
     usage = subprocess.run(
-        [tool("autoglm"), "usage", "--billing", mesh.billing, "--since", "1h", "--format", "json"],
+        [tool("autoglm"), "usage", "--data-dir", str(mesh.data_dir), "--since", "1h", "--format", "json"],
         capture_output=True, text=True, timeout=60,
     )
     assert usage.returncode == 0, usage.stderr
