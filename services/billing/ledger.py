@@ -40,6 +40,9 @@ def ingest(tx: Tx, catalog: Catalog, fired: FiredCache, event: UsageEvent, curre
             return Ingested(seen)
         raise
     cost = pricing.cost_micros(price, event.prompt_tokens, event.completion_tokens, event.cached)
+    # Budgets are locked before the event row is inserted, everywhere, so that no two transactions can each
+    # hold one and wait for the other (PostgreSQL; a no-op on SQLite).
+    tx.lock_budgets([b.budget_id for b in snap.applicable(event.tenant_id, event.api_key_id, event.tags)])
     row = tx.one(
         "INSERT INTO events (event_id, tenant_id, api_key_id, model, model_version, tags_json, prompt_tokens,"
         " completion_tokens, cached, request_id, trace_id, start_us, end_us, status, traffic_class, cost_micros,"
@@ -55,6 +58,13 @@ def ingest(tx: Tx, catalog: Catalog, fired: FiredCache, event: UsageEvent, curre
         return Ingested(seen)
     level, raised = budgets.add_spend(tx, snap, fired, event, cost, now_us)
     return Ingested(Recorded(event.event_id, cost, duplicate=False, level=level), raised)
+
+
+def lock_all(tx: Tx, catalog: Catalog, events: list[UsageEvent]) -> None:
+    """Lock, in one go and in id order, every budget a batch of events will touch."""
+    snap = catalog.current(tx)
+    ids = {b.budget_id for e in events for b in snap.applicable(e.tenant_id, e.api_key_id, e.tags)}
+    tx.lock_budgets(sorted(ids))
 
 
 def totals(tx: Tx) -> tuple[int, int, int, int]:

@@ -95,13 +95,20 @@ class Billing:
                 continue
             fns.append(self._ingest_fn(prepared, now))
             slots.append(index)
+        # Events are inserted in id order after every budget of the batch is locked, so concurrent batches
+        # with overlapping ids (retries, duplicates) wait for each other instead of deadlocking.
+        order = sorted(range(len(fns)), key=lambda i: events[slots[i]].event_id)
+        prepared_events = [events[i] for i in slots]
+        results = await self.store.write_many(
+            [lambda tx: ledger.lock_all(tx, self.catalog, prepared_events), *(fns[i] for i in order)])
         raised: list[Alert] = []
-        for index, result in zip(slots, await self.store.write_many(fns), strict=True):
-            if isinstance(result, DomainError):
-                outcomes[index] = result
-            else:
+        for position, result in zip(order, results[1:], strict=True):
+            index = slots[position]
+            if isinstance(result, ledger.Ingested):
                 outcomes[index] = result.recorded
                 raised += result.alerts
+            elif isinstance(result, DomainError):
+                outcomes[index] = result
         self._after_commit(raised)
         return [o for o in outcomes if o is not None]
 

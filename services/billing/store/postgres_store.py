@@ -41,6 +41,7 @@ class PostgresTx:
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._conn = conn
         self.memo: dict[str, Any] = {}
+        self._locked: set[str] = set()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         return self._conn.execute(_sql(sql), params).rowcount  # type: ignore[arg-type]
@@ -52,8 +53,9 @@ class PostgresTx:
         return list(self._conn.execute(_sql(sql), params).fetchall())  # type: ignore[arg-type]
 
     def lock_budgets(self, budget_ids: Sequence[str]) -> None:
-        if budget_ids:
-            ids = sorted(set(budget_ids))
+        ids = sorted(set(budget_ids) - self._locked)
+        if ids:
+            self._locked.update(ids)
             self._conn.execute("SELECT budget_id FROM budgets WHERE budget_id = ANY(%s) ORDER BY budget_id FOR UPDATE",
                                (ids,))
 
