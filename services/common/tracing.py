@@ -9,6 +9,8 @@ trace and request id to the next hop.
 from __future__ import annotations
 
 import contextvars
+import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -24,13 +26,16 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from services.common.error_mapping import wrap_handler
 
 REQUEST_ID_HEADER = "x-request-id"
+_log = structlog.get_logger("autoglm.rpc")
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 
 def configure_tracing(
     service: str, otlp_endpoint: str = "", exporter: SpanExporter | None = None
 ) -> TracerProvider:
-    """Install a TracerProvider for this process. `exporter` (e.g. an in-memory one in tests) wins over OTLP."""
+    """Install a TracerProvider for this process. `exporter` (e.g. an in-memory one in tests) wins over OTLP;
+    with no endpoint given, the standard OTEL_EXPORTER_OTLP_ENDPOINT variable is honoured."""
+    otlp_endpoint = otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -98,12 +103,15 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
             structlog.contextvars.bind_contextvars(
                 trace_id=format(span.get_span_context().trace_id, "032x"), request_id=request_id, rpc=method
             )
-            return (span, ctx_token), tokens
+            return (span, ctx_token, time.perf_counter()), tokens
 
         def leave(state: tuple[Any, Any], tokens: list[contextvars.Token[Any]], context: grpc.aio.ServicerContext,
                   error: BaseException | None) -> None:
-            span, ctx_token = state
+            span, ctx_token, started = state
             code = context.code() if hasattr(context, "code") else None
+            status = code.name if isinstance(code, grpc.StatusCode) else (
+                "CANCELLED" if type(error).__name__ == "CancelledError" else ("UNKNOWN" if error else "OK"))
+            _log.info("rpc", status=status, duration_ms=round((time.perf_counter() - started) * 1000, 3))
             if error is not None or (code not in (None, grpc.StatusCode.OK)):
                 span.set_status(Status(StatusCode.ERROR, str(code or type(error).__name__)))
             if code is not None:

@@ -1,0 +1,66 @@
+"""One trace id spans every hop of a Generate call through the real mesh — client → router sidecar →
+router → inference sidecar → inference, and router → billing sidecar → billing — in the OpenTelemetry
+spans every process exports and in every process's JSON log lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import grpc
+import pytest
+
+from autoglm.common.v1 import generation_pb2
+from autoglm.router.v1 import router_service_pb2, router_service_pb2_grpc
+from tests.e2e.mesh_process import start_mesh, stop_mesh
+from tests.e2e.otlp_collector import start_collector
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+@pytest.fixture
+def otlp_env(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    def apply(port: int) -> None:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"127.0.0.1:{port}")
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
+
+    return apply
+
+
+async def test_one_trace_id_spans_every_hop(tmp_path, processes: list[subprocess.Popen[bytes]], otlp_env) -> None:
+    server, collector, port = await start_collector()
+    try:
+        otlp_env(port)
+        mesh = start_mesh(tmp_path, processes)
+        key = (mesh.data_dir / "demo_api_key").read_text().strip()
+        credentials = grpc.ssl_channel_credentials(open(mesh.ca_cert, "rb").read()) if mesh.tls else None
+        channel = grpc.aio.secure_channel(mesh.router, credentials) if credentials else \
+            grpc.aio.insecure_channel(mesh.router)
+        async with channel:
+            stub = router_service_pb2_grpc.RouterServiceStub(channel)
+            request = router_service_pb2.GenerateRequest(
+                model="smollm2-135m-instruct", prompt="Say hello.",
+                sampling=generation_pb2.SamplingParams(max_tokens=4),
+                cache_policy=router_service_pb2.CACHE_POLICY_BYPASS)
+            metadata = (("authorization", f"Bearer {key}"),
+                        ("traceparent", f"00-{TRACE_ID}-00f067aa0ba902b7-01"))
+            messages = [m async for m in stub.Generate(request, metadata=metadata, timeout=120)]
+        assert messages[-1].summary.trace_id == TRACE_ID
+
+        expected = {"sidecar-router", "router", "sidecar-inference", "inference", "sidecar-billing", "billing"}
+        seen = await collector.wait_for(TRACE_ID, expected, timeout_s=30)
+        assert expected <= set(seen), seen
+        assert "autoglm.router.v1.RouterService/Generate" in seen["router"]
+        assert "autoglm.inference.v1.InferenceService/Generate" in seen["inference"]
+        assert any(name.startswith("autoglm.billing.v1.BillingService/") for name in seen["billing"])
+
+        assert stop_mesh(mesh) == 0
+        logs = mesh.data_dir / "logs"
+        for name in ("router-sidecar", "router", "inference-0-sidecar", "inference-0", "billing-sidecar", "billing"):
+            lines = [json.loads(line) for line in (logs / f"{name}.log").read_text().splitlines()
+                     if line.startswith("{")]
+            assert any(line.get("trace_id") == TRACE_ID for line in lines), f"{name}.log has no line of the trace"
+    finally:
+        await server.stop(0)
+        os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
