@@ -105,7 +105,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
             )
             return (span, ctx_token, time.perf_counter()), tokens
 
-        def leave(state: tuple[Any, Any], tokens: list[contextvars.Token[Any]], context: grpc.aio.ServicerContext,
+        def leave(state: tuple[Any, Any, float], tokens: list[contextvars.Token[Any]], context: grpc.aio.ServicerContext,
                   error: BaseException | None) -> None:
             span, ctx_token, started = state
             code = context.code() if hasattr(context, "code") else None
