@@ -8,11 +8,17 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import IO
 
 from services.common.logging import configure_logging
 from services.common.tracing import configure_tracing
 from sidecar.policy import PolicyError
 from sidecar.runtime import SidecarConfig, build_sidecar
+
+try:
+    import uvloop as _uvloop
+except ImportError:  # optional: the default asyncio loop works too
+    _uvloop = None  # type: ignore[assignment]
 
 
 def parse_peer(value: str) -> tuple[str, list[str]]:
@@ -41,12 +47,19 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO")
 
 
+def buffered_stderr() -> IO[str]:
+    """A block-buffered text stream on fd 2 (sys.stderr itself is line-buffered: one syscall per line)."""
+    return open(sys.stderr.fileno(), "w", buffering=1 << 16, encoding="utf-8", closefd=False)
+
+
 async def run(args: argparse.Namespace) -> int:
     config = SidecarConfig(
         policy_path=args.policy, service=args.service, certs_dir=args.certs, upstream=args.upstream,
         peers=dict(args.peer), host=args.host, inbound_port=args.inbound_port,
         outbound_port=None if args.outbound_port < 0 else args.outbound_port, admin_port=args.admin_port,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port, access_log=not args.no_access_log)
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port, access_log=not args.no_access_log,
+        # Access-log lines skip structlog's processor chain: one json.dumps into a buffered stderr.
+        access_log_stream=buffered_stderr())
     running = await build_sidecar(config)
     # One machine-readable line on stdout with the bound ports, for launchers and tests.
     print(json.dumps({"sidecar": args.service, **running.ports()}), flush=True)
@@ -72,7 +85,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     configure_logging(f"sidecar-{args.service}", args.log_level)
     configure_tracing(f"sidecar-{args.service}", args.otlp_endpoint)
     try:
-        return asyncio.run(run(args))
+        # libuv's event loop (uvloop) costs less CPU per proxied call than the default selector loop.
+        with asyncio.Runner(loop_factory=_uvloop.new_event_loop if _uvloop is not None else None) as runner:
+            return runner.run(run(args))
     except (PolicyError, FileNotFoundError) as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 2

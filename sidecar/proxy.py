@@ -61,6 +61,11 @@ class Plan:
     limiter: TokenBucket | None
     label_requests: Callable[[str], Any]
     latency: Any
+    span_name: str
+    span_kind: SpanKind
+    span_attributes: dict[str, Any]
+    public: bool  # inbound to a public service: no authorization
+    allowed_peers: dict[str, bool]
 
 
 class ProxyFailure(Exception):
@@ -145,7 +150,12 @@ class Proxy(grpc.GenericRpcHandler):
         found = self._plans[method] = Plan(
             method=method, kind=call_type(method), route=route, cluster=cluster, target=target,
             retry_on=retry_on, limiter=limiter, label_requests=label_requests,
-            latency=self.metrics.latency.labels(direction, method))
+            latency=self.metrics.latency.labels(direction, method),
+            span_name=f"sidecar.{direction} {method.lstrip('/')}",
+            span_kind=SpanKind.SERVER if self.inbound else SpanKind.CLIENT,
+            span_attributes={"rpc.system": "grpc", "rpc.method": method, "sidecar.service": self.local_service},
+            public=self.local_service in policy.services and policy.services[self.local_service].public,
+            allowed_peers={})
         return found
 
     # --- grpc.GenericRpcHandler -------------------------------------------------------------------
@@ -181,10 +191,15 @@ class Proxy(grpc.GenericRpcHandler):
         """Authorization, cluster presence, rate and concurrency limits; raises ProxyFailure."""
         if self.inbound:
             state.peer = self._peer_identity(context)
-            service_policy = self.policy.services.get(self.local_service)
-            if service_policy is None or not service_policy.public:
-                source = self.policy.service_of_identity(state.peer) if state.peer else None
-                if not self.policy.allowed(source, self.local_service, plan.method):
+            if not plan.public:
+                # Decisions are cached per plan (i.e. per method and policy version) and caller identity.
+                allowed = plan.allowed_peers.get(state.peer)
+                if allowed is None:
+                    source = self.policy.service_of_identity(state.peer) if state.peer else None
+                    allowed = self.policy.allowed(source, self.local_service, plan.method)
+                    if len(plan.allowed_peers) < 1024:
+                        plan.allowed_peers[state.peer] = allowed
+                if not allowed:
                     self.metrics.denied.labels(state.peer or "none", plan.method).inc()
                     who = state.peer or "a caller without a mesh identity"
                     raise ProxyFailure(grpc.StatusCode.PERMISSION_DENIED,
@@ -201,36 +216,49 @@ class Proxy(grpc.GenericRpcHandler):
                                f"{plan.cluster.name}: {plan.cluster.max_concurrent} calls already in flight "
                                f"(concurrency limit); retry later")
 
+    def _exporting(self) -> bool:
+        """Does any span processor take spans? An SDK provider without processors (no exporter configured)
+        drops every span, so the proxy then makes the traceparent itself and skips the span."""
+        provider = trace.get_tracer_provider()
+        processors = getattr(getattr(provider, "_active_span_processor", None), "_span_processors", None)
+        return processors is None or bool(processors)
+
     def _outgoing(self, context: grpc.aio.ServicerContext, state: CallState, plan: Plan) -> list[Any]:
-        """Forwarded metadata with trace context and request id; opens the call's span."""
+        """Forwarded metadata with trace context and request id; opens the call's span (when spans go anywhere)."""
         incoming = Incoming(context.invocation_metadata())
         metadata = incoming.forward
         parent = parse_traceparent(incoming.traceparent) if incoming.traceparent else None
-        otel_parent = None
-        if parent is not None:
-            trace_state = TraceState.from_header([incoming.tracestate]) if incoming.tracestate else None
-            otel_parent = trace.set_span_in_context(NonRecordingSpan(SpanContext(
-                trace_id=int(parent[0], 16), span_id=int(parent[1], 16), is_remote=True,
-                trace_flags=TraceFlags(int(parent[2], 16)), trace_state=trace_state)))
-        span = self._tracer.start_span(
-            f"sidecar.{self.direction} {plan.method.lstrip('/')}", context=otel_parent,
-            kind=SpanKind.SERVER if self.inbound else SpanKind.CLIENT,
-            attributes={"rpc.system": "grpc", "rpc.method": plan.method, "sidecar.service": self.local_service})
-        ctx = span.get_span_context()
-        if ctx.is_valid:
-            state.trace_id = format(ctx.trace_id, "032x")
-            metadata.append((TRACEPARENT, f"00-{state.trace_id}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"))
-        elif parent is not None:
-            state.trace_id = parent[0]
-            metadata.append((TRACEPARENT, incoming.traceparent))
+        if not self._exporting():
+            if parent is not None:
+                state.trace_id = parent[0]
+                metadata.append((TRACEPARENT, f"00-{parent[0]}-{new_span_id()}-{parent[2]}"))
+            else:
+                state.trace_id = new_trace_id()
+                metadata.append((TRACEPARENT, f"00-{state.trace_id}-{new_span_id()}-01"))
         else:
-            state.trace_id = new_trace_id()
-            metadata.append((TRACEPARENT, f"00-{state.trace_id}-{new_span_id()}-01"))
+            otel_parent = None
+            if parent is not None:
+                trace_state = TraceState.from_header([incoming.tracestate]) if incoming.tracestate else None
+                otel_parent = trace.set_span_in_context(NonRecordingSpan(SpanContext(
+                    trace_id=int(parent[0], 16), span_id=int(parent[1], 16), is_remote=True,
+                    trace_flags=TraceFlags(int(parent[2], 16)), trace_state=trace_state)))
+            span = self._tracer.start_span(plan.span_name, context=otel_parent, kind=plan.span_kind,
+                                           attributes=plan.span_attributes)
+            ctx = span.get_span_context()
+            if ctx.is_valid:
+                state.trace_id = format(ctx.trace_id, "032x")
+                metadata.append((TRACEPARENT, f"00-{state.trace_id}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"))
+            elif parent is not None:
+                state.trace_id = parent[0]
+                metadata.append((TRACEPARENT, incoming.traceparent))
+            else:
+                state.trace_id = new_trace_id()
+                metadata.append((TRACEPARENT, f"00-{state.trace_id}-{new_span_id()}-01"))
+            state.span = span
         if incoming.tracestate:
             metadata.append((TRACESTATE, incoming.tracestate))
         state.request_id = incoming.request_id or new_trace_id()
         metadata.append((REQUEST_ID, state.request_id))
-        state.span = span
         return metadata
 
     def _deadline(self, context: grpc.aio.ServicerContext, route: Route) -> float | None:

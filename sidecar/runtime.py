@@ -9,13 +9,13 @@ import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grpc
 import structlog
 
 from autoglm.sidecar.v1 import sidecar_admin_service_pb2_grpc as admin_grpc
-from sidecar.access_log import AccessLog
+from sidecar.access_log import FLUSH_INTERVAL_S, AccessLog
 from sidecar.admin import SidecarAdminServicer
 from sidecar.certs import CertFiles
 from sidecar.metrics import SidecarMetrics
@@ -47,6 +47,8 @@ class SidecarConfig:
     metrics_port: int | None = 0  # None: no metrics endpoint
     access_log: bool = True
     watch_interval_s: float = 1.0
+    # Where access-log lines go: None = through structlog; a text stream = the cheap buffered sink.
+    access_log_stream: IO[str] | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -101,9 +103,19 @@ class RunningSidecar:
     _client_version: int = 0
 
     async def _watch(self) -> None:
+        next_check = 0.0
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.config.watch_interval_s)
-            self.check_files()
+            await asyncio.sleep(min(self.config.watch_interval_s, FLUSH_INTERVAL_S))
+            self.flush_access_logs()
+            if loop.time() >= next_check:
+                next_check = loop.time() + self.config.watch_interval_s
+                self.check_files()
+
+    def flush_access_logs(self) -> None:
+        for proxy in (self.inbound, self.outbound):
+            if proxy is not None:
+                proxy.access_log.flush()
 
     async def stop(self, grace: float = 5.0) -> None:
         if self._watch_task:
@@ -111,6 +123,7 @@ class RunningSidecar:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch_task
         await asyncio.gather(*(server.stop(grace) for server in self._servers))
+        self.flush_access_logs()
         for cluster in self._clusters:
             await cluster.close()
         self._metrics.stop()
@@ -193,7 +206,8 @@ async def build_sidecar(config: SidecarConfig) -> RunningSidecar:
         clusters.append(peers[name])
 
     inbound = Proxy(direction="inbound", service=config.service, policy=policy, clusters={"local": local},
-                    metrics=metrics, access_log=AccessLog(config.service, "inbound", config.access_log))
+                    metrics=metrics,
+                    access_log=AccessLog(config.service, "inbound", config.access_log, config.access_log_stream))
     servers: list[grpc.aio.Server] = []
     in_server = grpc.aio.server(handlers=[inbound], options=list(SERVER_OPTIONS))
     public = policy.services[config.service].public
@@ -205,7 +219,8 @@ async def build_sidecar(config: SidecarConfig) -> RunningSidecar:
     outbound_port: int | None = None
     if config.outbound_port is not None:
         outbound = Proxy(direction="outbound", service=config.service, policy=policy, clusters=peers,
-                         metrics=metrics, access_log=AccessLog(config.service, "outbound", config.access_log))
+                         metrics=metrics,
+                         access_log=AccessLog(config.service, "outbound", config.access_log, config.access_log_stream))
         out_server = grpc.aio.server(handlers=[outbound], options=list(SERVER_OPTIONS))
         outbound_port = out_server.add_insecure_port(f"{config.host}:{config.outbound_port}")
         servers.append(out_server)

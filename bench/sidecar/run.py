@@ -168,7 +168,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-async def run(out: Path, scale: float) -> dict[str, Any]:
+async def run(out: Path, scale: float, only: str = "") -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-sidecar-"))
     pki = work / "certs"
     certs.init_ca(pki)
@@ -210,6 +210,10 @@ async def run(out: Path, scale: float) -> dict[str, Any]:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=(pki / "ca.pem").read_bytes(), private_key=(pki / "router.key").read_bytes(),
             certificate_chain=(pki / "router.pem").read_bytes())
+        if only == "python":  # profiling aid: load the Python sidecar only, print its PID, write nothing
+            print(f"python sidecar pid {python_sidecar.pid}", flush=True)
+            await measure("python", f"127.0.0.1:{py_port}", credentials, python_sidecar.pid, scale)
+            return {}
         results = {
             "direct": await measure("direct", upstream_addr, None, None, scale),
             "python": await measure("python", f"127.0.0.1:{py_port}", credentials, python_sidecar.pid, scale),
@@ -236,7 +240,7 @@ async def run(out: Path, scale: float) -> dict[str, Any]:
     cpu_msg_ratio = figures["python_cpu_us_per_streamed_message"] / max(
         figures["envoy_cpu_us_per_streamed_message"],
         tick_us / (results["envoy"]["stream_100"]["count"] * STREAM_MESSAGES))
-    doc = {
+    doc: dict[str, Any] = {
         "benchmark": "sidecar",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "setup": "client --mTLS--> proxy inbound listener (authz, access log) --plaintext--> upstream process; "
@@ -273,8 +277,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/sidecar.json")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the number of calls (0.1 for a smoke run)")
+    parser.add_argument("--only", choices=["python"], default="",
+                        help="load only the Python sidecar and write no results (for profiling it)")
     args = parser.parse_args()
-    asyncio.run(run(args.out, args.scale))
+    asyncio.run(run(args.out, args.scale, args.only))
     return 0
 
 
