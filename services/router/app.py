@@ -104,7 +104,9 @@ class RouterApp:
             for version in model.versions:
                 self.monitor.watch(version.replicas)
         self.registry.on_change.append(self._watch_model)
+        await self.meter.refresh_prices()
         self._tasks.append(asyncio.create_task(self.meter.replay_forever()))
+        self._tasks.append(asyncio.create_task(self.meter.refresh_prices_forever()))
         self._tasks.append(asyncio.create_task(self.runner.run_forever()))
 
     async def _budget_level(self, principal: Principal, tags: dict[str, str]) -> AlertLevel:
@@ -174,6 +176,7 @@ class RouterApp:
 
     async def close(self) -> None:
         await self.runner.close()
+        await self.gateway.drain()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -49,6 +49,7 @@ from services.router.types import (
 )
 
 log = structlog.get_logger("router.access")
+NO_HOLD = Hold(hold_id="")
 MAX_TAGS = 16
 MAX_TAG_LENGTH = 64
 # Upper bound of what a chat template adds: per message, and once (e.g. a default system prompt).
@@ -257,19 +258,26 @@ class Gateway:
             principal.key_id, principal.requests_per_minute, principal.tokens_per_minute,
             plan.prompt_bound + plan.max_tokens,
         )
+        hit = self.cache.get(plan.cache_key) if plan.cache_key is not None else None
         try:
-            hold = await self.meter.reserve(HoldRequest(
-                request_id=ctx.request_id, tenant_id=principal.tenant_id, api_key_id=principal.key_id,
-                model=plan.model.name, model_version=plan.version.version, traffic_class=plan.traffic_class,
-                max_prompt_tokens=plan.prompt_bound, max_completion_tokens=plan.max_tokens, tags=plan.tags,
-            ), deadline=ctx.deadline)
+            if hit is not None and self.meter.may_skip_hold(principal.tenant_id) and self.meter.local_cost(
+                    _usage_record(ctx, plan, hit.model, hit.model_version, Usage(hit.prompt_tokens,
+                                  hit.completion_tokens, cached=True), UsageStatus.COMPLETED, start_wall,
+                                  start_wall)) is not None:
+                hold = NO_HOLD  # a cache hit priced locally: its usage is recorded without a hold
+            else:
+                hold = await self.meter.reserve(HoldRequest(
+                    request_id=ctx.request_id, tenant_id=principal.tenant_id, api_key_id=principal.key_id,
+                    model=plan.model.name, model_version=plan.version.version, traffic_class=plan.traffic_class,
+                    max_prompt_tokens=plan.prompt_bound, max_completion_tokens=plan.max_tokens, tags=plan.tags,
+                ), deadline=ctx.deadline)
         except BaseException:
             await self.limiter.settle(admission, principal.tokens_per_minute, 0)
             raise
         progress = Progress()
         try:
             async with self.gate.slot(plan.traffic_class):
-                async for chunk in self._answer(ctx, plan, progress):
+                async for chunk in self._answer(ctx, plan, progress, hit):
                     if chunk.finish_reason != FinishReason.UNSPECIFIED:
                         progress.final = chunk
                     if chunk.delta or chunk.tokens:
@@ -287,10 +295,11 @@ class Gateway:
             raise
         yield await self._finish(ctx, plan, hold, admission, progress, UsageStatus.COMPLETED, started, start_wall)
 
-    def _answer(self, ctx: RequestContext, plan: Plan, progress: Progress) -> AsyncIterator[Chunk]:
+    def _answer(
+        self, ctx: RequestContext, plan: Plan, progress: Progress, hit: CachedAnswer | None
+    ) -> AsyncIterator[Chunk]:
         if plan.cache_key is None:
             return self._generation(ctx.request_id, plan)
-        hit = self.cache.get(plan.cache_key)
         if hit is not None:
             progress.cached = True
             return _replay(hit)
@@ -375,19 +384,17 @@ class Gateway:
         if status == UsageStatus.COMPLETED and finish == FinishReason.ERROR:
             status = UsageStatus.FAILED
         principal = ctx.principal
-        record = UsageRecord(
-            event_id=ctx.request_id, tenant_id=principal.tenant_id, api_key_id=principal.key_id,
-            model=answered_model, model_version=answered_version, prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens, status=status, traffic_class=plan.traffic_class,
-            request_id=ctx.request_id, trace_id=ctx.trace_id, start_time=start_wall, end_time=self._wallclock(),
-            cached=usage.cached, tags=plan.tags,
-        )
-        cost: Money | None = None
-        try:
-            cost = await self.meter.settle(hold, record)
-        except DomainError as exc:
-            log.error("usage_settle_failed", reason=exc.reason, message=exc.message, event_id=record.event_id)
+        record = _usage_record(ctx, plan, answered_model, answered_version, usage, status, start_wall,
+                               self._wallclock())
         await self.limiter.settle(admission, principal.tokens_per_minute, usage.total_tokens)
+        ttft = int(((progress.first_token_at or self._clock()) - started) * 1000)
+        latency_ms = int((self._clock() - started) * 1000)
+        local = None if hold.offline else self.meter.local_cost(record)
+        if local is not None:
+            # The cost is known now: answer at once, settle (and log) right after the last message.
+            self._spawn(self._settle(hold, record, local, ttft, latency_ms, error))
+        else:
+            local = await self._settle(hold, record, None, ttft, latency_ms, error)
         if status == UsageStatus.COMPLETED:
             if plan.cache_key is not None and not progress.cached and finish != FinishReason.ERROR:
                 self.cache.put(plan.cache_key, CachedAnswer(progress.text, finish, usage.prompt_tokens,
@@ -395,17 +402,43 @@ class Gateway:
             if plan.context_id:
                 self.contexts.append(principal.tenant_id, plan.context_id,
                                      (*plan.new_turn, Message(Role.ASSISTANT, progress.text)))
-        ttft = int(((progress.first_token_at or self._clock()) - started) * 1000)
+        return Summary(finish, Usage(usage.prompt_tokens, usage.completion_tokens, usage.cached), local,
+                       answered_model, answered_version, ctx.trace_id, ttft)
+
+    async def _settle(
+        self, hold: Hold, record: UsageRecord, expected: Money | None, ttft_ms: int, latency_ms: int,
+        error: BaseException | None,
+    ) -> Money:
+        """Send the one usage event and write the access-log line; returns the cost billing computed (or
+        the expected one when billing could not say)."""
+        cost: Money | None = None
+        try:
+            cost = await self.meter.settle(hold, record)
+        except DomainError as exc:
+            log.error("usage_settle_failed", reason=exc.reason, message=exc.message, event_id=record.event_id)
+        if cost is None:
+            cost = expected
+        elif expected is not None and cost != expected:
+            log.warning("price_book_stale", event_id=record.event_id, expected_micros=expected.micros,
+                        billed_micros=cost.micros)
+            self._spawn(self.meter.refresh_prices())
+        elif expected is None:
+            self._spawn(self.meter.refresh_prices(min_interval_s=1.0))  # priced in billing, unknown here
         cost = cost or Money()
         log.info(
-            "access", tenant=principal.tenant_id, api_key=principal.key_id, model=answered_model,
-            version=answered_version, traffic_class=plan.traffic_class.name, prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens, cached=usage.cached, cost_micros=cost.micros,
-            currency=cost.currency_code, ttft_ms=ttft, latency_ms=int((self._clock() - started) * 1000),
-            status=status.name, error=getattr(error, "reason", type(error).__name__ if error else None),
-            trace_id=ctx.trace_id, request_id=ctx.request_id, tags=plan.tags,
+            "access", tenant=record.tenant_id, api_key=record.api_key_id, model=record.model,
+            version=record.model_version, traffic_class=record.traffic_class.name, prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens, cached=record.cached, cost_micros=cost.micros,
+            currency=cost.currency_code, ttft_ms=ttft_ms, latency_ms=latency_ms, status=record.status.name,
+            error=getattr(error, "reason", type(error).__name__ if error else None),
+            trace_id=record.trace_id, request_id=record.request_id, tags=record.tags,
         )
-        return Summary(finish, usage, cost, answered_model, answered_version, ctx.trace_id, ttft)
+        return cost
+
+    async def drain(self) -> None:
+        """Wait for background settlements (at shutdown, before the billing channel closes)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
 
     async def _exact_prompt(self, plan: Plan) -> int:
         try:
@@ -431,6 +464,19 @@ class Gateway:
                 parts.append(item.delta)
         assert summary is not None
         return "".join(parts), summary
+
+
+def _usage_record(
+    ctx: RequestContext, plan: Plan, model: str, version: str, usage: Usage, status: UsageStatus,
+    start: datetime, end: datetime,
+) -> UsageRecord:
+    principal = ctx.principal
+    return UsageRecord(
+        event_id=ctx.request_id, tenant_id=principal.tenant_id, api_key_id=principal.key_id, model=model,
+        model_version=version, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+        status=status, traffic_class=plan.traffic_class, request_id=ctx.request_id, trace_id=ctx.trace_id,
+        start_time=start, end_time=end, cached=usage.cached, tags=plan.tags,
+    )
 
 
 async def _replay(answer: CachedAnswer) -> AsyncIterator[Chunk]:

@@ -16,8 +16,9 @@ from collections.abc import Callable
 
 import structlog
 
-from services.common.errors import FailedPrecondition, NotFound, Unavailable
+from services.common.errors import BudgetExceeded, DomainError, FailedPrecondition, NotFound, Unavailable
 from services.router.ports import AlertLevel, BillingPort, Hold, HoldRequest, UsageRecord
+from services.router.prices import PriceBook
 from services.router.spool import UsageSpool
 from services.router.types import Money, TrafficClass
 
@@ -44,6 +45,9 @@ class Meter:
         batch_wait_s: float = 300.0,
     ) -> None:
         self._batch_wait_s = batch_wait_s
+        self.prices = PriceBook()
+        self._levels: dict[str, AlertLevel] = {}
+        self._prices_loaded_at: float | None = None
         self._billing = billing
         self._spool = spool
         self._grace_s = grace_s
@@ -93,8 +97,37 @@ class Meter:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
+            except BudgetExceeded:
+                self._levels[request.tenant_id] = AlertLevel.CRITICAL
+                raise
             self._mark_up()
+            self._levels[request.tenant_id] = hold.level
             return hold
+
+    def may_skip_hold(self, tenant_id: str) -> bool:
+        """A cache hit may go without a hold when billing last said this tenant is below CRITICAL."""
+        level = self._levels.get(tenant_id)
+        return level is not None and level < AlertLevel.CRITICAL and not self.billing_down
+
+    def local_cost(self, usage: UsageRecord) -> Money | None:
+        return self.prices.cost(usage.model, usage.model_version, usage.end_time, usage.prompt_tokens,
+                                usage.completion_tokens, usage.cached)
+
+    async def refresh_prices(self, min_interval_s: float = 0.0) -> None:
+        """Reload the price table from billing (at most once per `min_interval_s`)."""
+        now = self._clock()
+        if self._prices_loaded_at is not None and now - self._prices_loaded_at < min_interval_s:
+            return
+        self._prices_loaded_at = now
+        try:
+            self.prices.replace(await self._billing.list_prices())
+        except DomainError as exc:
+            log.warning("price_refresh_failed", reason=exc.reason)
+
+    async def refresh_prices_forever(self, interval_s: float = 5.0) -> None:
+        while True:
+            await self.refresh_prices()
+            await asyncio.sleep(interval_s)
 
     async def settle(self, hold: Hold, usage: UsageRecord) -> Money | None:
         """Send the usage event; None when it went to the spool (cost not known yet)."""
@@ -103,7 +136,10 @@ class Meter:
             self._wake.set()
             return None
         try:
-            cost = await self._billing.settle(hold.hold_id, usage)
+            if not hold.hold_id:  # no hold was taken (a cache hit): record the usage directly
+                cost = await self._billing.record(usage)
+            else:
+                cost = await self._billing.settle(hold.hold_id, usage)
         except Unavailable:
             self._mark_down()
             self._spool.append(usage)

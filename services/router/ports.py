@@ -13,6 +13,7 @@ from datetime import datetime
 from enum import IntEnum
 from typing import Protocol
 
+from services.router.prices import Price
 from services.router.types import Chunk, Message, Money, Sampling, TrafficClass, UsageStatus
 
 
@@ -113,3 +114,5 @@ class BillingPort(Protocol):
     async def check_budget(
         self, tenant_id: str, api_key_id: str, tags: dict[str, str], traffic_class: TrafficClass
     ) -> tuple[bool, AlertLevel]: ...
+
+    async def list_prices(self) -> list[Price]: ...
