@@ -164,6 +164,10 @@ async def main(out: Path, plot_path: Path) -> None:
              "anchor": f"Reserve p99 at 1 caller in the same run: {sqlite['latency'][0]['Reserve_p99_ms']} ms"},
         ],
     }
+    write_results(out, plot_path, doc, measured)
+
+
+def write_results(out: Path, plot_path: Path, doc: dict[str, Any], measured: list[dict[str, Any]]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     plot(measured, plot_path)

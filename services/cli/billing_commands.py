@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -95,7 +95,7 @@ def _report(args: argparse.Namespace) -> int:
     now = time.time()
     start = parse_since(args.since, now)
     group = [DIMENSIONS[d] for d in args.by]
-    request = pb2.GetUsageReportRequest(group_by=group, tag_key=args.tag_key, granularity=GRANULARITIES[args.granularity],
+    request = pb2.GetUsageReportRequest(group_by=cast(Any, group), tag_key=args.tag_key, granularity=cast(Any, GRANULARITIES[args.granularity]),
                                         tenant_id=args.tenant, top_n=args.top)
     request.start_time.FromMicroseconds(int(start * 1e6))
     request.end_time.FromMicroseconds(int(now * 1e6) + 1)
@@ -127,7 +127,7 @@ def _scope(args: argparse.Namespace) -> pb2.BudgetScope:
 
 def _budget_set(args: argparse.Namespace) -> int:
     rolling = re.fullmatch(r"rolling(\d+)d?", args.period)
-    period = pb2.BudgetPeriod(kind=pb2.PERIOD_KIND_ROLLING_DAYS if rolling else PERIODS.get(args.period, 0),
+    period = pb2.BudgetPeriod(kind=cast(Any, pb2.PERIOD_KIND_ROLLING_DAYS if rolling else PERIODS.get(args.period, 0)),
                               rolling_days=int(rolling[1]) if rolling else 0, time_zone=args.tz)
     budget = pb2.Budget(budget_id=args.id or "", scope=_scope(args), period=period, tokens=args.tokens or 0,
                         enforcement=pb2.ENFORCEMENT_SOFT if args.soft else pb2.ENFORCEMENT_HARD,

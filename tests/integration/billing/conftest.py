@@ -79,7 +79,7 @@ def postgres() -> Iterator[PgServer]:
         _wait_ready(server, proc, root)
         yield server
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # fast shutdown
+        os.killpg(proc.pid, signal.SIGQUIT)  # immediate shutdown: a throwaway cluster
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -21,6 +21,20 @@ from tests.integration.billing.procs import start_billing, wait_port
 UNIQUE, DUPLICATES, STREAMS = 7_000, 3_000, 8
 
 
+class Acks:
+    """Acknowledgements received so far; `reached` is set once `threshold` of them arrived."""
+
+    def __init__(self, threshold: int) -> None:
+        self.count = 0
+        self.threshold = threshold
+        self.reached = asyncio.Event()
+
+    def add(self) -> None:
+        self.count += 1
+        if self.count >= self.threshold:
+            self.reached.set()
+
+
 class Cluster:
     """One billing process that the test kills and restarts; lanes wait for the current address."""
 
@@ -44,7 +58,7 @@ class Cluster:
         self.proc.wait()
 
 
-async def _stream_lane(cluster: Cluster, todo: list[pb2.UsageEvent], acked: list[int]) -> None:
+async def _stream_lane(cluster: Cluster, todo: list[pb2.UsageEvent], acked: Acks) -> None:
     pending = list(todo)
     while pending:
         await cluster.ready.wait()
@@ -55,7 +69,7 @@ async def _stream_lane(cluster: Cluster, todo: list[pb2.UsageEvent], acked: list
                 async for ack in call:
                     assert not ack.error_code, ack.error_message
                     done.add(ack.event_id)
-                    acked[0] += 1
+                    acked.add()
             except grpc.aio.AioRpcError as err:
                 assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
                                       grpc.StatusCode.INTERNAL), err
@@ -69,14 +83,14 @@ async def _stream_lane(cluster: Cluster, todo: list[pb2.UsageEvent], acked: list
         pending = remaining
 
 
-async def _unary_lane(cluster: Cluster, todo: list[pb2.UsageEvent], acked: list[int]) -> None:
+async def _unary_lane(cluster: Cluster, todo: list[pb2.UsageEvent], acked: Acks) -> None:
     for event in todo:
         while True:
             await cluster.ready.wait()
             try:
                 async with grpc.aio.insecure_channel(cluster.address) as chan:
                     await pb2_grpc.BillingServiceStub(chan).RecordUsage(pb2.RecordUsageRequest(event=event), timeout=30)
-                acked[0] += 1
+                acked.add()
                 break
             except grpc.aio.AioRpcError as err:
                 assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), err
@@ -98,13 +112,12 @@ async def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(databas
     await cluster.start("first")
     async with grpc.aio.insecure_channel(cluster.address) as chan:
         await pb2_grpc.BillingServiceStub(chan).CreatePrice(price_request())
-    acked = [0]
+    acked = Acks(3_000)
     work = [asyncio.create_task(_stream_lane(cluster, lane, acked)) for lane in lanes]
     work.append(asyncio.create_task(_unary_lane(cluster, unary, acked)))
-    while acked[0] < 3_000:
-        await asyncio.sleep(0.005)
+    await acked.reached.wait()
     cluster.kill()
-    killed_at = acked[0]
+    killed_at = acked.count
     await cluster.start("second")
     await asyncio.wait_for(asyncio.gather(*work), 240)
 
