@@ -12,7 +12,7 @@ from pathlib import Path
 
 from services.billing.config import DEFAULT_PORT, BillingConfig
 from services.billing.server import build_server
-from services.common.config import ServerSettings, apply_overrides, load_section
+from services.common.config import LAUNCHER_KEYS, ServerSettings, apply_overrides, load_section
 from services.common.grpc_server import RunningServer
 from services.common.service_main import run_service
 
@@ -24,7 +24,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from(settings: ServerSettings, args: argparse.Namespace) -> BillingConfig:
-    section = {k: v for k, v in load_section(args.config, "billing").items() if k != "port"}
+    section = {k: v for k, v in load_section(args.config, "billing").items() if k not in LAUNCHER_KEYS}
     data_dir = Path(load_section(args.config, "mesh").get("data_dir", ".autoglm"))
     if args.data_dir is not None:
         data_dir = args.data_dir
