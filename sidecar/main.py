@@ -12,6 +12,7 @@ from typing import IO
 
 from services.common.logging import configure_logging
 from services.common.tracing import configure_tracing
+from sidecar.handshake_log import HandshakeLog, capture_handshake_failures
 from sidecar.policy import PolicyError
 from sidecar.runtime import SidecarConfig, build_sidecar
 
@@ -45,6 +46,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-access-log", action="store_true", help="do not log one line per call")
     parser.add_argument("--otlp-endpoint", default="", help="send spans to this OTLP/gRPC collector")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--no-handshake-log", action="store_true",
+                        help="do not turn grpc's refused-TLS-handshake lines into tls_handshake_failed events")
 
 
 def buffered_stderr() -> IO[str]:
@@ -52,7 +55,7 @@ def buffered_stderr() -> IO[str]:
     return open(sys.stderr.fileno(), "w", buffering=1 << 16, encoding="utf-8", closefd=False)
 
 
-async def run(args: argparse.Namespace) -> int:
+async def run(args: argparse.Namespace, handshakes: HandshakeLog | None = None) -> int:
     config = SidecarConfig(
         policy_path=args.policy, service=args.service, certs_dir=args.certs, upstream=args.upstream,
         peers=dict(args.peer), host=args.host, inbound_port=args.inbound_port,
@@ -61,6 +64,8 @@ async def run(args: argparse.Namespace) -> int:
         # Access-log lines skip structlog's processor chain: one json.dumps into a buffered stderr.
         access_log_stream=buffered_stderr())
     running = await build_sidecar(config)
+    if handshakes is not None:
+        handshakes.on_refused = running.count_refused_handshake
     # One machine-readable line on stdout with the bound ports, for launchers and tests.
     print(json.dumps({"sidecar": args.service, **running.ports()}), flush=True)
     stop = asyncio.Event()
@@ -82,12 +87,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    handshakes = None if args.no_handshake_log else capture_handshake_failures(args.service)
     configure_logging(f"sidecar-{args.service}", args.log_level)
     configure_tracing(f"sidecar-{args.service}", args.otlp_endpoint)
     try:
         # libuv's event loop (uvloop) costs less CPU per proxied call than the default selector loop.
         with asyncio.Runner(loop_factory=_uvloop.new_event_loop if _uvloop is not None else None) as runner:
-            return runner.run(run(args))
+            return runner.run(run(args, handshakes))
     except (PolicyError, FileNotFoundError) as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 2
+    finally:
+        sys.stderr.flush()
+        if handshakes is not None:
+            handshakes.close()

@@ -27,6 +27,8 @@ class SidecarMetrics:
         self.ejections = Counter("sidecar_outlier_ejections", "Endpoints ejected by outlier detection",
                                  ["cluster", "endpoint"], registry=self.registry)
         self.denied = Counter("sidecar_authz_denied", "Calls refused by authorization", ["peer", "method"], registry=self.registry)
+        self.handshake_failures = Counter("sidecar_tls_handshake_failures", "TLS handshakes grpc refused, by reason",
+                                          ["reason"], registry=self.registry)
         self.service = service
         self._server: Any = None
 

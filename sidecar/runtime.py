@@ -112,6 +112,9 @@ class RunningSidecar:
                 next_check = loop.time() + self.config.watch_interval_s
                 self.check_files()
 
+    def count_refused_handshake(self, reason: str) -> None:
+        self._metrics.handshake_failures.labels(reason).inc()
+
     def flush_access_logs(self) -> None:
         for proxy in (self.inbound, self.outbound):
             if proxy is not None:
