@@ -40,6 +40,8 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     OutlierDetection,
 )
 from envoy_data_plane.envoy.config.core.v3 import (
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
     Address,
     DataSource,
     Http2ProtocolOptions,
@@ -69,8 +71,10 @@ from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
     HttpConnectionManagerCodecType,
+    HttpConnectionManagerTracing,
     HttpFilter,
 )
+from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
@@ -229,13 +233,25 @@ def _access_log() -> list[EnvoyAccessLog]:
     return [EnvoyAccessLog(name="envoy.access_loggers.stdout", typed_config=PbAny.pack(StdoutAccessLog(log_format=fmt)))]
 
 
-def _hcm(name: str, routes: list[Route], http_filters: list[HttpFilter]) -> Filter:
+OTLP_CLUSTER = "otel_collector"
+DEFAULT_OTLP_ENDPOINT = "127.0.0.1:4317"  # the standard OTLP/gRPC port of a local collector
+
+
+def _hcm(name: str, routes: list[Route], http_filters: list[HttpFilter], service: str = "") -> Filter:
     manager = HttpConnectionManager(
         stat_prefix=name, codec_type=HttpConnectionManagerCodecType.AUTO,
         http2_protocol_options=Http2ProtocolOptions(),
         route_config=RouteConfiguration(name=name, virtual_hosts=[VirtualHost(name=name, domains=["*"], routes=routes)]),
         http_filters=[*http_filters, HttpFilter(name="envoy.filters.http.router", typed_config=PbAny.pack(Router()))],
-        access_log=_access_log(), generate_request_id=True)
+        access_log=_access_log(), generate_request_id=True,
+        # W3C trace context: the OpenTelemetry tracer continues an incoming `traceparent` or starts a trace
+        # at this edge, and sends `traceparent` (its own span as the parent) to the upstream. Spans go to the
+        # OTLP collector cluster (Envoy drops them when none listens; the context propagates regardless).
+        tracing=HttpConnectionManagerTracing(provider=TracingHttp(
+            name="envoy.tracers.opentelemetry",
+            typed_config=PbAny.pack(OpenTelemetryConfig(
+                service_name=f"sidecar-{service or name}",
+                grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=OTLP_CLUSTER)))))))
     return Filter(name="envoy.filters.network.http_connection_manager", typed_config=PbAny.pack(manager))
 
 
@@ -274,7 +290,8 @@ def _cluster(name: str, addresses: Sequence[str], policy: Policy | None, service
 
 
 def render_bootstrap(policy: Policy, service: str, *, certs_dir: Path, upstream: str,
-                     peers: Mapping[str, Sequence[str]], ports: EnvoyPorts, host: str = "127.0.0.1") -> dict[str, Any]:
+                     peers: Mapping[str, Sequence[str]], ports: EnvoyPorts, host: str = "127.0.0.1",
+                     otlp_endpoint: str = DEFAULT_OTLP_ENDPOINT) -> dict[str, Any]:
     """The Envoy bootstrap for `service`'s sidecar, as the JSON-shaped dict Envoy reads."""
     if service not in policy.services:
         raise PolicyError(f"services: no entry for {service!r} (known: {', '.join(policy.services)})")
@@ -298,9 +315,10 @@ def render_bootstrap(policy: Policy, service: str, *, certs_dir: Path, upstream:
     listeners = [Listener(
         name="inbound", address=_socket(f"{host}:{ports.inbound}"),
         filter_chains=[FilterChain(
-            filters=[_hcm("inbound", inbound_routes, inbound_filters)],
+            filters=[_hcm("inbound", inbound_routes, inbound_filters, service)],
             transport_socket=TransportSocket(name="envoy.transport_sockets.tls", typed_config=PbAny.pack(downstream)))])]
-    clusters = [_cluster("local", [upstream], None, None, None)]
+    clusters = [_cluster("local", [upstream], None, None, None),
+                _cluster(OTLP_CLUSTER, [otlp_endpoint], None, None, None)]
     if ports.outbound is not None and peers:
         outbound_routes: list[Route] = []
         for peer, addresses in peers.items():
@@ -312,7 +330,7 @@ def render_bootstrap(policy: Policy, service: str, *, certs_dir: Path, upstream:
             clusters.append(_cluster(peer, addresses, policy, peer, TransportSocket(
                 name="envoy.transport_sockets.tls", typed_config=PbAny.pack(upstream_tls))))
         listeners.append(Listener(name="outbound", address=_socket(f"{host}:{ports.outbound}"),
-                                  filter_chains=[FilterChain(filters=[_hcm("outbound", outbound_routes, [])])]))
+                                  filter_chains=[FilterChain(filters=[_hcm("outbound", outbound_routes, [], service)])]))
     bootstrap = Bootstrap(
         node=None,
         admin=Admin(address=_socket(f"127.0.0.1:{ports.admin}")),
@@ -331,9 +349,10 @@ def _fix_keys(value: Any) -> Any:
 
 
 def render_to_file(policy_path: Path, service: str, output: Path, *, certs_dir: Path, upstream: str,
-                   peers: Mapping[str, Sequence[str]], ports: EnvoyPorts) -> Path:
+                   peers: Mapping[str, Sequence[str]], ports: EnvoyPorts,
+                   otlp_endpoint: str = DEFAULT_OTLP_ENDPOINT) -> Path:
     doc = render_bootstrap(load_policy(policy_path), service, certs_dir=certs_dir, upstream=upstream, peers=peers,
-                           ports=ports)
+                           ports=ports, otlp_endpoint=otlp_endpoint)
     output.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# Envoy v3 bootstrap for the {service} sidecar, rendered from {policy_path} by "
               f"`autoglm sidecar render-envoy`. Do not edit: re-render.\n")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from autoglm.inference.v1 import inference_service_pb2 as pb
+from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from sidecar import certs
 from sidecar.envoy_render import EnvoyPorts, render_to_file
 from sidecar.runtime import RunningSidecar
@@ -28,6 +30,7 @@ from tests.integration.sidecar.test_sidecar_proxy import (  # noqa: F401  (colle
     test_router_identity_is_allowed_directly_over_mtls,
     test_server_stream_passes_every_message_in_order,
     test_trace_context_and_b3_are_propagated,
+    test_trace_context_is_injected_when_missing,
     test_unary_call_crosses_both_sidecars_with_the_answer_intact,
     test_upstream_errors_reach_the_caller_with_code_and_message,
 )
@@ -176,3 +179,18 @@ async def test_grpcurl_works_through_the_sidecar_with_client_certificates(
     finally:
         for running in reversed(started):
             await running.stop(grace=0)
+
+
+async def test_a_trace_started_at_the_envoy_edge_reaches_the_upstream_as_one_trace(mesh: Mesh) -> None:
+    """No trace context from the caller: the router's Envoy starts the trace, the inference Envoy continues it,
+    and the inference service sees a W3C traceparent of that trace whose parent is the inference Envoy's span."""
+    async with mesh.router_outbound() as chan:
+        for _ in range(2):
+            await pb_grpc.InferenceServiceStub(chan).CountTokens(pb.CountTokensRequest(prompt="a"), timeout=5)
+    first, second = mesh.inference.record.metadata[:2]
+    version, trace_id, parent_span, flags = first["traceparent"].split("-")
+    assert (version, len(trace_id), len(parent_span), flags) == ("00", 32, 16, "01")
+    assert int(trace_id, 16) and int(parent_span, 16)
+    assert second["traceparent"].split("-")[1] != trace_id  # a new trace per call without context
+    assert mesh.inference.record.trace_ids[0] == trace_id  # the service's own span joined that trace
+    assert first["x-request-id"] and first["x-request-id"] != second["x-request-id"]
