@@ -12,6 +12,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from autoglm.billing.v1 import billing_service_pb2 as billing_pb2
 from autoglm.common.v1 import generation_pb2
+from autoglm.inference.v1 import inference_service_pb2 as inf_pb2
+from autoglm.inference.v1 import inference_service_pb2_grpc as inf_grpc
 from autoglm.router.v1 import admin_service_pb2 as admin_pb2
 from autoglm.router.v1 import router_service_pb2 as pb2
 from tests.integration.router.conftest import ADMIN_TOKEN, MODEL, Mesh
@@ -93,8 +95,11 @@ async def test_credentials_are_checked(mesh: Mesh) -> None:
     assert not_admin.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_cancelled_stream_is_billed_once_with_the_tokens_received(mesh: Mesh) -> None:
+async def test_cancelled_stream_stops_the_sequence_and_is_billed_once_with_the_tokens_received(mesh: Mesh) -> None:
     secret, _ = await mesh.create_key("acme")
+    inference = inf_grpc.InferenceServiceStub(grpc.aio.insecure_channel(mesh.inference.address))
+    loads = inference.WatchLoad(inf_pb2.WatchLoadRequest(interval_ms=50), timeout=60)
+    before = await loads.read()
     call = mesh.router_stub.Generate(
         pb2.GenerateRequest(model=MODEL, prompt="Write a long story about a dragon.",
                             sampling=generation_pb2.SamplingParams(temperature=0.0, max_tokens=200)),
@@ -105,6 +110,13 @@ async def test_cancelled_stream_is_billed_once_with_the_tokens_received(mesh: Me
         if received >= 5:
             break
     call.cancel()
+    # The replica drops the sequence: its cancelled counter rises and no sequence stays active.
+    while True:
+        load = await loads.read()
+        if load.cancelled_total > before.cancelled_total and load.active_sequences == 0:
+            break
+    loads.cancel()
+    assert load.cancelled_total == before.cancelled_total + 1 and load.active_sequences == 0
     for _ in range(200):
         report = await usage_rows(mesh, "acme")
         if report.total.requests:
@@ -113,4 +125,5 @@ async def test_cancelled_stream_is_billed_once_with_the_tokens_received(mesh: Me
     assert report.total.requests == 1
     [row] = report.rows
     assert row.group["status"].lower() == "cancelled"
-    assert received <= row.completion_tokens < 200
+    # Billed for what was generated: the tokens received plus at most the few in flight when it stopped.
+    assert received <= row.completion_tokens <= received + 4
