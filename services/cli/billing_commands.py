@@ -29,6 +29,7 @@ import grpc
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
 from autoglm.common.v1 import money_pb2
+from services.cli.endpoint import load_endpoint
 
 DEFAULT_BILLING = "127.0.0.1:50061"
 DIMENSIONS = {"tenant": 1, "api_key": 2, "key": 2, "model": 3, "version": 4, "model_version": 4, "tag": 5,
@@ -85,6 +86,7 @@ async def _call(address: str, fn: Callable[[pb2_grpc.BillingServiceStub], Any]) 
 
 def _run(args: argparse.Namespace, fn: Callable[[pb2_grpc.BillingServiceStub], Any]) -> Any:
     try:
+        args.billing = args.billing or load_endpoint(args.data_dir).billing
         return asyncio.run(_call(args.billing, fn))
     except grpc.aio.AioRpcError as err:
         print(f"billing at {args.billing}: {err.code().name}: {err.details()}", file=sys.stderr)
@@ -186,7 +188,9 @@ def _price_list(args: argparse.Namespace) -> int:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--billing", default=DEFAULT_BILLING, help=f"billing address (default {DEFAULT_BILLING})")
+    parser.add_argument("--billing", default=None,
+                        help=f"billing address (default: the local mesh's operator address, else {DEFAULT_BILLING})")
+    parser.add_argument("--data-dir", default=".autoglm", help="mesh data dir holding endpoint.json")
     parser.add_argument("--format", choices=["table", "csv", "json"], default="table")
     parser.add_argument("--actor", default="cli", help="who you are, for the audit log")
     parser.add_argument("--currency", default="USD")

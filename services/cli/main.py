@@ -5,6 +5,9 @@
   autoglm chat | generate             talk to the router
   autoglm keys create|list|revoke     manage API keys
   autoglm usage [--since 7d --by model]   tokens and cost from the ledger
+  autoglm billing report | budget set|list | price set|list
+  autoglm certs init|issue            the mesh CA and per-service identities
+  autoglm sidecar run|render-envoy    run a sidecar, or render the policy as an Envoy bootstrap
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ import asyncio
 import sys
 from pathlib import Path
 
+from services.cli.billing_commands import add_billing_commands
+from services.cli.certs_commands import add_certs_commands
 from services.cli.client_commands import add_client_commands
 from services.cli.keys_commands import add_keys_commands
+from services.cli.sidecar_commands import add_sidecar_commands
 from services.cli.usage_commands import add_usage_commands
 from services.common.logging import configure_logging
 
@@ -64,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_commands(sub)
     add_keys_commands(sub)
     add_usage_commands(sub)
+    add_billing_commands(sub)
+    add_certs_commands(sub)
+    add_sidecar_commands(sub)
     return parser
 
 

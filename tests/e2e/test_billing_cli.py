@@ -63,4 +63,4 @@ def test_commands_register_on_a_parser() -> None:
     parser = argparse.ArgumentParser()
     add_billing_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["billing", "report", "--by", "model", "--since", "7d"])
-    assert (args.by, args.since, args.billing) == (["model"], "7d", "127.0.0.1:50061")
+    assert (args.by, args.since, args.billing) == (["model"], "7d", None)  # None: the local mesh's endpoint

@@ -1,17 +1,17 @@
-"""Every service starts on port 0 through the shared fixture, answers health and reflection,
-maps unbuilt RPCs to UNIMPLEMENTED with a message naming what is missing, and drains on stop."""
+"""Every service starts on port 0 through the shared fixture, answers health and reflection, and drains
+on stop (health NOT_SERVING first, then the port closes)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from autoglm.router.v1 import router_service_pb2, router_service_pb2_grpc
 from services.billing.config import BillingConfig
 from services.billing.server import build_server as build_billing
 from services.common.config import ServerSettings
@@ -24,23 +24,26 @@ from tests.conftest import channel
 
 EPHEMERAL = ServerSettings(port=0)
 
-BUILDERS: dict[str, tuple[Callable[[], Awaitable[RunningServer]], list[str]]] = {
+BUILDERS: dict[str, tuple[Callable[[Path], Awaitable[RunningServer]], list[str]]] = {
     "router": (
-        lambda: build_router(RouterConfig(server=EPHEMERAL)),
+        lambda tmp: build_router(RouterConfig(server=EPHEMERAL, data_dir=tmp / "router")),
         ["autoglm.router.v1.RouterService", "autoglm.router.v1.AdminService"],
     ),
-    "billing": (lambda: build_billing(BillingConfig(server=EPHEMERAL)), ["autoglm.billing.v1.BillingService"]),
+    "billing": (
+        lambda tmp: build_billing(BillingConfig(server=EPHEMERAL, data_dir=tmp)),
+        ["autoglm.billing.v1.BillingService"],
+    ),
     "inference": (
-        lambda: build_inference(InferenceConfig(server=EPHEMERAL)),
+        lambda tmp: build_inference(InferenceConfig(server=EPHEMERAL)),
         ["autoglm.inference.v1.InferenceService"],
     ),
 }
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
-async def test_health_reports_serving_for_each_service(serve, name: str) -> None:
+async def test_health_reports_serving_for_each_service(serve, tmp_path: Path, name: str) -> None:
     build, services = BUILDERS[name]
-    running = await serve(build())
+    running = await serve(build(tmp_path))
     assert running.port > 0
     async with channel(running) as chan:
         stub = health_pb2_grpc.HealthStub(chan)
@@ -53,9 +56,9 @@ async def test_health_reports_serving_for_each_service(serve, name: str) -> None
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
-async def test_reflection_lists_services_health_and_reflection(serve, name: str) -> None:
+async def test_reflection_lists_services_health_and_reflection(serve, tmp_path: Path, name: str) -> None:
     build, services = BUILDERS[name]
-    running = await serve(build())
+    running = await serve(build(tmp_path))
     async with channel(running) as chan:
         stub = reflection_pb2_grpc.ServerReflectionStub(chan)
         call = stub.ServerReflectionInfo()
@@ -68,19 +71,8 @@ async def test_reflection_lists_services_health_and_reflection(serve, name: str)
     assert "grpc.reflection.v1alpha.ServerReflection" in listed
 
 
-async def test_unbuilt_rpc_answers_unimplemented_naming_what_is_missing(serve) -> None:
-    running = await serve(build_router(RouterConfig(server=EPHEMERAL)))
-    async with channel(running) as chan:
-        stub = router_service_pb2_grpc.RouterServiceStub(chan)
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.SubmitBatch(router_service_pb2.SubmitBatchRequest(model="m"), timeout=5)
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "SubmitBatch" in err.value.details()
-    assert "not implemented yet" in err.value.details()
-
-
-async def test_graceful_stop_turns_health_not_serving_then_closes(serve) -> None:
-    running = await serve(build_billing(BillingConfig(server=EPHEMERAL)))
+async def test_graceful_stop_turns_health_not_serving_then_closes(serve, tmp_path: Path) -> None:
+    running = await serve(build_billing(BillingConfig(server=EPHEMERAL, data_dir=tmp_path)))
     async with channel(running) as chan:
         stub = health_pb2_grpc.HealthStub(chan)
         watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
