@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,25 +28,35 @@ def backoff_delay(attempt: int, settings: RetrySettings, rng: random.Random) -> 
 
 
 class RetryBudget:
-    def __init__(self, settings: RetrySettings, clock: Callable[[], float] = time.monotonic) -> None:
+    """Retries allowed within a sliding window: `budget_floor_per_s` × window plus `budget_ratio` × the
+    requests seen in the window (Finagle-style). A burst of failures (a replica dying with many streams
+    that had no token yet) can fail over, while a dependency that keeps failing gets at most
+    `ratio` extra traffic once the floor is spent."""
+
+    def __init__(self, settings: RetrySettings, clock: Callable[[], float] = time.monotonic,
+                 window_s: float = 10.0) -> None:
         self._settings = settings
         self._clock = clock
-        self._tokens = settings.budget_floor_per_s
-        self._stamp = clock()
+        self._window_s = window_s
+        self._requests: deque[float] = deque()
+        self._retries: deque[float] = deque()
 
-    def _refill(self) -> None:
-        now = self._clock()
-        cap = max(self._settings.budget_floor_per_s, 10.0)
-        self._tokens = min(cap, self._tokens + (now - self._stamp) * self._settings.budget_floor_per_s)
-        self._stamp = now
+    def _trim(self, now: float) -> None:
+        horizon = now - self._window_s
+        for stamps in (self._requests, self._retries):
+            while stamps and stamps[0] < horizon:
+                stamps.popleft()
 
     def on_request(self) -> None:
-        self._refill()
-        self._tokens = min(self._tokens + self._settings.budget_ratio, 1e6)
+        now = self._clock()
+        self._trim(now)
+        self._requests.append(now)
 
     def try_spend(self) -> bool:
-        self._refill()
-        if self._tokens >= 1:
-            self._tokens -= 1
+        now = self._clock()
+        self._trim(now)
+        allowed = self._settings.budget_floor_per_s * self._window_s + self._settings.budget_ratio * len(self._requests)
+        if len(self._retries) < allowed:
+            self._retries.append(now)
             return True
         return False
