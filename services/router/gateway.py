@@ -337,7 +337,8 @@ class Gateway:
                 except Unavailable as exc:
                     if not tried:  # a version with no healthy replica counts as failing
                         self.canary.record(model.name, version.version, False, 0.0)
-                    last = exc
+                    if not isinstance(last, QueueFull):  # "every replica is full" says more than "none left"
+                        last = exc
                     break
                 tried.add(address)
                 started = self._clock()
@@ -359,7 +360,8 @@ class Gateway:
                             " are billed, retry the request"
                         ) from exc
                     last = exc
-                    self.balancer.health_check(address, ok=False)
+                    if isinstance(exc, Unavailable):  # a full queue is overload, not ill health
+                        self.balancer.health_check(address, ok=False)
                     attempt += 1
                     if not self._retry_budget.try_spend():
                         raise last from None

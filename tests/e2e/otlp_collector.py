@@ -26,7 +26,7 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
     spans: list[CollectedSpan] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,  # noqa: N802
+    async def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,
                      context: grpc.aio.ServicerContext) -> trace_service_pb2.ExportTraceServiceResponse:
         for resource_spans in request.resource_spans:
             service = next((a.value.string_value for a in resource_spans.resource.attributes

@@ -8,11 +8,11 @@ import json
 import os
 import subprocess
 
-import grpc
 import pytest
 
 from autoglm.common.v1 import generation_pb2
 from autoglm.router.v1 import router_service_pb2, router_service_pb2_grpc
+from tests.e2e.mesh_client import router_channel
 from tests.e2e.mesh_process import start_mesh, stop_mesh
 from tests.e2e.otlp_collector import start_collector
 
@@ -34,10 +34,7 @@ async def test_one_trace_id_spans_every_hop(tmp_path, processes: list[subprocess
         otlp_env(port)
         mesh = start_mesh(tmp_path, processes)
         key = (mesh.data_dir / "demo_api_key").read_text().strip()
-        credentials = grpc.ssl_channel_credentials(open(mesh.ca_cert, "rb").read()) if mesh.tls else None
-        channel = grpc.aio.secure_channel(mesh.router, credentials) if credentials else \
-            grpc.aio.insecure_channel(mesh.router)
-        async with channel:
+        async with router_channel(mesh) as channel:
             stub = router_service_pb2_grpc.RouterServiceStub(channel)
             request = router_service_pb2.GenerateRequest(
                 model="smollm2-135m-instruct", prompt="Say hello.",
