@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 import structlog
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 from autoglm.common.v1 import error_details_pb2 as autoglm_error_details_pb2
@@ -105,10 +106,52 @@ def _is_abort(error: BaseException) -> bool:
     return isinstance(error, asyncio.CancelledError) or type(error).__name__ == "AbortError"
 
 
+class Undecodable:
+    """Stands in for a request message whose bytes did not parse; the behaviour wrapper answers
+    INVALID_ARGUMENT instead of letting grpc answer UNKNOWN with the parser's exception text."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+    def error(self) -> errors.InvalidInput:
+        return errors.InvalidInput(f"the request is not a valid {self.type_name} message (malformed protobuf bytes)",
+                                   reason="MALFORMED_REQUEST")
+
+
+def safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+    owner = getattr(deserialize, "__self__", None)
+    type_name = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "request")
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            return Undecodable(type_name)
+
+    return parse
+
+
+async def _checked_iterator(iterator: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for message in iterator:
+        if isinstance(message, Undecodable):
+            raise message.error()
+        yield message
+
+
+def _checked(request_or_iterator: Any) -> Any:
+    if isinstance(request_or_iterator, Undecodable):
+        raise request_or_iterator.error()
+    if hasattr(request_or_iterator, "__aiter__"):
+        return _checked_iterator(request_or_iterator)
+    return request_or_iterator
+
+
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await behavior(request_or_iterator, context)
+            return await behavior(_checked(request_or_iterator), context)
         except BaseException as error:
             if _is_abort(error):
                 raise
@@ -120,7 +163,7 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaita
 def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
     async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for item in behavior(request_or_iterator, context):
+            async for item in behavior(_checked(request_or_iterator), context):
                 yield item
         except BaseException as error:
             if _is_abort(error) or isinstance(error, GeneratorExit):
@@ -130,8 +173,10 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., A
     return wrapper
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler, wrap_unary: Callable[..., Any], wrap_stream: Callable[..., Any]) -> grpc.RpcMethodHandler:
-    """Return `handler` with its behaviour wrapped, keeping its call type and (de)serializers.
+def wrap_handler(handler: grpc.RpcMethodHandler, wrap_unary: Callable[..., Any], wrap_stream: Callable[..., Any],
+                 safe_requests: bool = False) -> grpc.RpcMethodHandler:
+    """Return `handler` with its behaviour wrapped, keeping its call type and (de)serializers (with
+    `safe_requests`, a request that does not parse reaches the wrappers as `Undecodable`).
 
     Streaming behaviours written as coroutines that call `context.write()` (the health service's
     Watch, for one) are wrapped with `wrap_unary`, async generators with `wrap_stream`.
@@ -140,17 +185,19 @@ def wrap_handler(handler: grpc.RpcMethodHandler, wrap_unary: Callable[..., Any],
     def stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
         return wrap_stream(behavior) if inspect.isasyncgenfunction(behavior) else wrap_unary(behavior)
 
+    deserializer = safe_deserializer(handler.request_deserializer) if safe_requests else handler.request_deserializer
+
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            wrap_unary(handler.unary_unary), deserializer, handler.response_serializer
         )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
-            wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+            wrap_unary(handler.stream_unary), deserializer, handler.response_serializer
         )
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            stream(handler.unary_stream), deserializer, handler.response_serializer
         )
     return grpc.stream_stream_rpc_method_handler(
         stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
@@ -168,4 +215,6 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        return wrap_handler(handler, _wrap_unary, _wrap_stream)
+        if handler_call_details.method.startswith("/grpc."):
+            return wrap_handler(handler, _wrap_unary, _wrap_stream)
+        return wrap_handler(handler, _wrap_unary, _wrap_stream, safe_requests=True)

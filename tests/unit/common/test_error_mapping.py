@@ -79,3 +79,31 @@ async def test_error_reaches_caller_as_its_status(serve, error: Exception, code:
         retry = error_details_pb2.RetryInfo()
         assert rpc_status.from_call(unary_err.value).details[1].Unpack(retry)
         assert retry.retry_delay.ToMilliseconds() == 1500
+
+
+async def test_malformed_request_bytes_get_invalid_argument_not_a_parser_trace(serve) -> None:
+    from autoglm.router.v1 import router_service_pb2
+
+    seen: list[object] = []
+
+    async def complete(request: router_service_pb2.CompleteRequest, context: grpc.aio.ServicerContext) -> bytes:
+        seen.append(request)
+        return b""
+
+    def register(server: grpc.aio.Server) -> Sequence[str]:
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Parser", {
+            "Complete": grpc.unary_unary_rpc_method_handler(
+                complete, request_deserializer=router_service_pb2.CompleteRequest.FromString),
+        }),))
+        return []
+
+    running = await serve(start_server("test", register))
+    async with grpc.aio.insecure_channel(running.address) as chan:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await chan.unary_unary("/test.Parser/Complete")(b"\x0a\xff\xff\xff", timeout=5)
+        assert await chan.unary_unary("/test.Parser/Complete")(
+            router_service_pb2.CompleteRequest(prompt="hi").SerializeToString(), timeout=5) == b""
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "autoglm.router.v1.CompleteRequest" in err.value.details()
+    assert "DecodeError" not in err.value.details()
+    assert len(seen) == 1
