@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import IntEnum
+from typing import TypeVar
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -26,6 +28,18 @@ from services.router.types import (
     TrafficClass,
     Usage,
 )
+
+E = TypeVar("E", bound=IntEnum)
+
+
+def enum_value(kind: type[E], value: int, field: str) -> E:
+    """`kind(value)`, or INVALID_ARGUMENT naming the field and the accepted values (a client built from
+    a newer proto, or a fuzzer, may send numbers this build does not know)."""
+    try:
+        return kind(value)
+    except ValueError:
+        accepted = ", ".join(f"{m.value} ({m.name})" for m in kind)
+        raise InvalidInput(f"{field}: {value} is not a known value; accepted: {accepted}", field=field) from None
 
 
 def parse_tags(header: str) -> dict[str, str]:
@@ -53,15 +67,15 @@ def sampling(params: generation_pb2.SamplingParams) -> Sampling:
 
 
 def messages(items: object) -> tuple[Message, ...]:
-    return tuple(Message(Role(m.role), m.content) for m in items)  # type: ignore[attr-defined]
+    return tuple(Message(enum_value(Role, m.role, "messages.role"), m.content) for m in items)  # type: ignore[attr-defined]
 
 
 def generation_request(req: pb2.GenerateRequest | pb2.CompleteRequest) -> GenerationRequest:
     options = getattr(req, "stream_options", None)
     return GenerationRequest(
         model=req.model, prompt=req.prompt, messages=messages(req.messages), sampling=sampling(req.sampling),
-        context_id=req.context_id, tags=dict(req.tags), traffic_class=TrafficClass(req.traffic_class),
-        cache_policy=CachePolicy(req.cache_policy), raw_prompt=req.raw_prompt,
+        context_id=req.context_id, tags=dict(req.tags), traffic_class=enum_value(TrafficClass, req.traffic_class, "traffic_class"),
+        cache_policy=enum_value(CachePolicy, req.cache_policy, "cache_policy"), raw_prompt=req.raw_prompt,
         coalesce_ms=options.coalesce_ms if options is not None else 0,
         coalesce_tokens=options.coalesce_tokens if options is not None else 0,
     )

@@ -63,13 +63,13 @@ class RouterServicer(pb2_grpc.RouterServiceServicer):
     async def RunTask(self, request: pb2.RunTaskRequest, context: grpc.aio.ServicerContext) -> pb2.RunTaskResponse:
         ctx = self._context(context, dict(request.tags))
         spec = TaskSpec(
-            kind=TaskKind(request.kind), content=request.content, length_unit=LengthUnit(request.target_length.unit),
-            length_value=request.target_length.value, output_format=OutputFormat(request.output_format),
+            kind=convert.enum_value(TaskKind, request.kind, "kind"), content=request.content, length_unit=convert.enum_value(LengthUnit, request.target_length.unit, "target_length.unit"),
+            length_value=request.target_length.value, output_format=convert.enum_value(OutputFormat, request.output_format, "output_format"),
             target_language=request.target_language, labels=tuple(request.labels), fields=tuple(request.fields),
             style=request.style,
         )
         text, summary = await self._app.run_task(ctx, request.model, spec, convert.sampling(request.sampling),
-                                                 TrafficClass(request.traffic_class))
+                                                 convert.enum_value(TrafficClass, request.traffic_class, "traffic_class"))
         return pb2.RunTaskResponse(
             id=ctx.request_id, output=text, finish_reason=int(summary.finish_reason),  # type: ignore[arg-type]
             usage=convert.usage(summary.usage), cost=convert.money(summary.cost), model=summary.model,
@@ -103,7 +103,7 @@ class RouterServicer(pb2_grpc.RouterServiceServicer):
         return pb2.GetJobResponse(job=convert.job(self._app.jobs.get(self._principal(context), request.job_id)))
 
     async def ListJobs(self, request: pb2.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb2.ListJobsResponse:
-        jobs, token = self._app.jobs.list(self._principal(context), JobState(request.state), request.page_size,
+        jobs, token = self._app.jobs.list(self._principal(context), convert.enum_value(JobState, request.state, "state"), request.page_size,
                                           request.page_token)
         return pb2.ListJobsResponse(jobs=[convert.job(j) for j in jobs], next_page_token=token)
 
