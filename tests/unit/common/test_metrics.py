@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import urllib.request
 from collections.abc import Sequence
 
@@ -35,7 +36,7 @@ async def test_rpc_outcomes_are_counted_on_the_metrics_endpoint(serve) -> None:
         with pytest.raises(grpc.aio.AioRpcError):
             await chan.unary_unary("/test.Metered/Fail")(b"", timeout=5)
 
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
     assert 'autoglm_rpc_handled_total{code="OK",method="/test.Metered/Ok",service="metered"} 3.0' in body
     assert 'autoglm_rpc_handled_total{code="INVALID_ARGUMENT",method="/test.Metered/Fail",service="metered"} 1.0' in body
     assert 'autoglm_rpc_duration_seconds_count{method="/test.Metered/Ok",service="metered"} 3.0' in body
