@@ -33,9 +33,12 @@ from services.inference.modelbuild.quantize import QuantConfig
 log = structlog.get_logger(__name__)
 
 # Bump when the graph, quantization or file layout changes: it is part of the cache path.
-RECIPE = "int8w-gqa-b32-v2"
+RECIPE = "int8w-sq-gqa-b32-v3"
 MODEL_FILE = "model.onnx"
+# accuracy_level 4: int8 activations per row and block (the fast CPU kernel; per-row, so rows of
+# a batch stay independent). Smoothing (alpha) keeps that activation rounding small.
 QUANT = QuantConfig(bits=8, block_size=32, symmetric=True, accuracy_level=4)
+SMOOTHING_ALPHA = 0.5
 SESSION_DEFAULTS = {"intra_op_num_threads": 2, "inter_op_num_threads": 1,
                     "graph_optimization_level": "ORT_ENABLE_ALL"}
 VERSIONED_PACKAGES = ("torch", "transformers", "optimum", "onnx", "onnxruntime", "numpy", "tokenizers",
@@ -91,15 +94,20 @@ def _build_into(out: Path, resolved: source.ModelSource, name: str, version: str
                 progress: Progress) -> Manifest:
     from services.inference.modelbuild.export import load_checkpoint, write_fp32_onnx, write_tokenizer_files
     from services.inference.modelbuild.quantize import quantize_weights
+    from services.inference.modelbuild.smoothing import CALIBRATION_TEXTS, collect_input_maxima, smooth
 
     started = time.perf_counter()
     progress(f"load: {resolved.path} with transformers (float32)")
     checkpoint = load_checkpoint(resolved)
+    progress(f"calibrate: activation ranges on {len(CALIBRATION_TEXTS)} texts, smoothing alpha {SMOOTHING_ALPHA}")
+    maxima = collect_input_maxima(checkpoint.model, checkpoint.tokenizer, CALIBRATION_TEXTS)
+    smoothed = smooth(checkpoint.weights, checkpoint.dims, maxima, SMOOTHING_ALPHA)
     progress("export: writing the fp32 ONNX decoder with KV-cache")
     fp32_dir = out / "fp32"
-    fp32_path = write_fp32_onnx(checkpoint, fp32_dir)
+    fp32_path = write_fp32_onnx(checkpoint, fp32_dir, smoothed)
     files = write_tokenizer_files(checkpoint, out)
-    progress(f"quantize: INT8 weight-only MatMulNBits (block {QUANT.block_size})")
+    progress(f"quantize: INT8 MatMulNBits (weights per block of {QUANT.block_size}, accuracy level "
+             f"{QUANT.accuracy_level})")
     quantize_weights(fp32_path, out / MODEL_FILE, QUANT)
     shutil.rmtree(fp32_dir)
     dims = checkpoint.dims
@@ -108,8 +116,9 @@ def _build_into(out: Path, resolved: source.ModelSource, name: str, version: str
         version=version,
         source=SourceInfo(origin=resolved.identity.origin, path=str(resolved.path),
                           sha256=resolved.identity.sha256, kind=resolved.kind),
-        precision="int8-weight-only",
+        precision="int8",
         quantization={**QUANT.describe(), "untied_lm_head": True,
+                      "smoothing": {"alpha": SMOOTHING_ALPHA, "calibration_texts": len(CALIBRATION_TEXTS)},
                       "float32": ["embeddings", "norms", "attention", "kv-cache"]},
         opset={"ai.onnx": ONNX_OPSET, "com.microsoft": 1},
         model_file=MODEL_FILE,

@@ -38,6 +38,7 @@ class LoadedCheckpoint:
     chat_template: str | None
     special: SpecialTokens
     model_type: str
+    model: Any  # the transformers model, for calibration
 
 
 def load_checkpoint(source: ModelSource) -> LoadedCheckpoint:
@@ -83,7 +84,7 @@ def load_checkpoint(source: ModelSource) -> LoadedCheckpoint:
     log.info("load.done", model_type=config.model_type, layers=dims.num_layers, vocab=dims.vocab_size)
     return LoadedCheckpoint(dims=dims, weights=weights, tokenizer=tokenizer,
                             chat_template=getattr(tokenizer, "chat_template", None),
-                            special=special, model_type=config.model_type)
+                            special=special, model_type=config.model_type, model=model)
 
 
 def _rope_parameters(config: Any) -> dict[str, Any]:
@@ -131,9 +132,9 @@ def _special_tokens(tokenizer: Any, config: Any) -> SpecialTokens:
     return SpecialTokens(bos_id=bos_id, eos_ids=eos_ids, pad_id=eos_ids[0])
 
 
-def write_fp32_onnx(checkpoint: LoadedCheckpoint, out_dir: Path) -> Path:
+def write_fp32_onnx(checkpoint: LoadedCheckpoint, out_dir: Path, weights: LlamaWeights | None = None) -> Path:
     """Write the fp32 decoder graph (external data) to out_dir/model.onnx."""
-    model = build_llama_graph(checkpoint.dims, checkpoint.weights)
+    model = build_llama_graph(checkpoint.dims, weights or checkpoint.weights)
     path = save_onnx(model, out_dir / "model.onnx")
     log.info("export.done", path=str(path), nodes=len(model.graph.node))
     return path

@@ -100,9 +100,16 @@ class OnnxCausalLM:
         return out
 
     def perplexity(self, tokens: list[int]) -> float:
-        """exp(mean NLL) of tokens[1:], fed one token at a time through the KV-cache."""
+        return self.score(tokens)[0]
+
+    def score(self, tokens: list[int]) -> tuple[float, list[int]]:
+        """Teacher-forced pass over tokens, one token at a time through the KV-cache.
+
+        Returns exp(mean NLL) of tokens[1:] and the argmax prediction at every position.
+        """
         past = self.empty_past(1)
         nll = 0.0
+        top1: list[int] = []
         for i in range(len(tokens) - 1):
             ids = np.array([[tokens[i]]], dtype=np.int64)
             logits, past = self.forward(ids, np.ones((1, i + 1), dtype=np.int64), past)
@@ -110,7 +117,8 @@ class OnnxCausalLM:
             top = row.max()
             log_z = top + math.log(np.exp(row - top).sum())
             nll += log_z - row[tokens[i + 1]]
-        return math.exp(nll / (len(tokens) - 1))
+            top1.append(int(row.argmax()))
+        return math.exp(nll / (len(tokens) - 1)), top1
 
 
 def right_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -130,3 +138,58 @@ def length_mask(lengths: np.ndarray, width: int) -> np.ndarray:
 
 def past_len(past: dict[str, np.ndarray]) -> int:
     return int(next(iter(past.values())).shape[2])
+
+
+class StaticCacheDecoder:
+    """Greedy decoding with preallocated KV buffers shared between past and present (IOBinding).
+
+    GroupQueryAttention writes each step's keys/values in place when a present output is bound
+    to the same buffer as its past input, so nothing is copied per step. Buffers have room for
+    `max_length` tokens; attention_mask still has width = the longest row so far.
+    """
+
+    def __init__(self, lm: OnnxCausalLM, batch: int, max_length: int) -> None:
+        self.lm = lm
+        shape = (batch, lm.kv_heads, max_length, lm.head_dim)
+        self.buffers = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32))
+                        for name in lm.past_names}
+        self.max_length = max_length
+
+    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        binding = self.lm.session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        binding.bind_output("logits")  # first bound output = first of get_outputs()
+        for past, present in zip(self.lm.past_names, self.lm.present_names, strict=True):
+            binding.bind_ortvalue_input(past, self.buffers[past])
+            binding.bind_ortvalue_output(present, self.buffers[past])
+        self.lm.session.run_with_iobinding(binding)
+        logits: np.ndarray = binding.get_outputs()[0].numpy()
+        return logits[:, -1, :]
+
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
+               eos_ids: tuple[int, ...] = (), timings: StepTimings | None = None) -> list[list[int]]:
+        if max(len(p) for p in prompts) + max_new_tokens > self.max_length:
+            raise ValueError("prompt + new tokens exceed the KV buffer")
+        start = time.perf_counter()
+        ids, mask = right_pad(prompts, pad_id)
+        logits = self._run(ids, mask)
+        if timings is not None:
+            timings.first_token_s = time.perf_counter() - start
+        lengths = mask.sum(axis=1).astype(np.int64)
+        out: list[list[int]] = [[] for _ in prompts]
+        done = np.zeros(len(prompts), dtype=bool)
+        for step in range(max_new_tokens):
+            tokens = logits.argmax(axis=-1).astype(np.int64)
+            for row, token in enumerate(tokens):
+                if not done[row]:
+                    out[row].append(int(token))
+                    done[row] = int(token) in eos_ids
+            if done.all() or step == max_new_tokens - 1:
+                break
+            tick = time.perf_counter()
+            lengths = lengths + 1
+            logits = self._run(tokens[:, None], length_mask(lengths, int(lengths.max())))
+            if timings is not None:
+                timings.decode_s.append(time.perf_counter() - tick)
+        return out

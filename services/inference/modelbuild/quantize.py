@@ -1,9 +1,11 @@
-"""INT8 weight-only quantization (MatMulNBits, bits=8, symmetric, per block).
+"""INT8 quantization of the projection weights as MatMulNBits (bits=8, symmetric, per block).
 
-Only MatMuls with a constant weight are touched: the q/k/v, o, gate/up, down projections and
-the untied lm_head. Activations stay float32, so every row of a batch is computed on its own
-(no per-tensor activation scale shared across rows) and the model is batch-invariant.
-Embeddings, norms and attention stay float32.
+Only MatMuls with a constant weight are touched: the fused q/k/v, o, fused gate/up, down
+projections and the untied lm_head. Embeddings, norms, attention and the KV-cache stay float32.
+With accuracy_level 4, ONNX Runtime's CPU kernel also rounds each input row to int8 per block at
+run time (a scale per row and block, never per tensor), so every row of a batch is still computed
+on its own and the model stays batch-invariant; accuracy_level None keeps float activations but
+has no fast 8-bit CPU kernel (about 5 tok/s).
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ class QuantConfig:
     bits: int = 8
     block_size: int = 32
     symmetric: bool = True
-    # None: ORT picks (fp32 activations). 4 would quantize activations per block to int8.
+    # None: float activations (slow for 8 bits on CPU); 4: int8 activations per row and block.
     accuracy_level: int | None = None
 
     def describe(self) -> dict[str, object]:
-        return {"method": "MatMulNBits weight-only", **asdict(self)}
+        return {"method": "MatMulNBits", **asdict(self)}
 
 
 def quantize_weights(fp32_path: Path, out_path: Path, config: QuantConfig) -> Path:

@@ -32,7 +32,7 @@ def fake_model_dir(directory: Path, name: str = "tiny", version: str = "v1") -> 
     manifest = Manifest(
         name=name, version=version,
         source=SourceInfo(origin="/src/tiny.gguf", path="/src/tiny.gguf", sha256="ab" * 32, kind="gguf"),
-        precision="int8-weight-only", quantization={"bits": 8}, opset={"ai.onnx": 21},
+        precision="int8", quantization={"bits": 8}, opset={"ai.onnx": 21},
         model_file="model.onnx", inputs=["input_ids", "attention_mask"], outputs=["logits"],
         logits="last token", kv=KvLayout(
             num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32",
