@@ -25,7 +25,6 @@ from services.billing.model import (
     PeriodKind,
     ReserveRequest,
     TrafficClass,
-    UsageEvent,
     Verdict,
 )
 from services.billing.store.base import Tx
@@ -68,15 +67,21 @@ def effective_limit(tx: Tx, budget: Budget, at_us: int) -> tuple[int, int]:
 
 def state(tx: Tx, budget: Budget, at_us: int, now_us: int, *, with_holds: bool = True) -> BudgetState:
     start, end = periods.bounds(budget.period, at_us)
-    if budget.period.kind == PeriodKind.ROLLING_DAYS:
-        row = tx.one("SELECT COALESCE(SUM(spent_micros), 0), COALESCE(SUM(spent_tokens), 0) FROM budget_usage"
-                     " WHERE budget_id = ? AND bucket_us >= ? AND bucket_us < ?", (budget.budget_id, start, end))
+    book = tx.book
+    if book is not None:
+        spent_micros, spent_tokens = book.spent(tx, budget.budget_id, start, end)
     else:
-        row = tx.one("SELECT spent_micros, spent_tokens FROM budget_usage WHERE budget_id = ? AND bucket_us = ?",
-                     (budget.budget_id, start))
-    spent_micros, spent_tokens = (int(row[0]), int(row[1])) if row else (0, 0)
+        if budget.period.kind == PeriodKind.ROLLING_DAYS:
+            row = tx.one("SELECT COALESCE(SUM(spent_micros), 0), COALESCE(SUM(spent_tokens), 0) FROM budget_usage"
+                         " WHERE budget_id = ? AND bucket_us >= ? AND bucket_us < ?", (budget.budget_id, start, end))
+        else:
+            row = tx.one("SELECT spent_micros, spent_tokens FROM budget_usage WHERE budget_id = ? AND bucket_us = ?",
+                         (budget.budget_id, start))
+        spent_micros, spent_tokens = (int(row[0]), int(row[1])) if row else (0, 0)
     held_micros = held_tokens = 0
-    if with_holds:
+    if with_holds and book is not None:
+        held_micros, held_tokens = book.held(tx, budget.budget_id, now_us)
+    elif with_holds:
         held = tx.one("SELECT COALESCE(SUM(amount_micros), 0), COALESCE(SUM(tokens), 0) FROM hold_budgets"
                       " WHERE budget_id = ? AND expire_us > ?", (budget.budget_id, now_us))
         held_micros, held_tokens = (int(held[0]), int(held[1])) if held else (0, 0)
@@ -85,29 +90,47 @@ def state(tx: Tx, budget: Budget, at_us: int, now_us: int, *, with_holds: bool =
                        limit_tokens)
 
 
-def add_spend(tx: Tx, snap: Snapshot, fired: alerts.FiredCache, event: UsageEvent, cost: int,
-              now_us: int) -> tuple[Level, list[Alert]]:
-    """Count an ingested event against every budget it falls under; raise the alert levels it crosses."""
-    budgets = snap.applicable(event.tenant_id, event.api_key_id, event.tags)
-    if not budgets:
-        return Level.NONE, []
-    tx.lock_budgets([b.budget_id for b in budgets])
-    top, raised = Level.NONE, []
-    for budget in budgets:
-        bucket = periods.bucket_start(budget.period, event.end_us)
-        limit_micros, limit_tokens = effective_limit(tx, budget, event.end_us)
+@dataclass
+class SpendDelta:
+    """What a batch of new events adds to one bucket of one budget."""
+
+    budget: Budget
+    bucket_us: int
+    micros: int = 0
+    tokens: int = 0
+    last_us: int = 0  # the latest event time counted in the bucket: its period is the one checked
+
+
+@dataclass
+class SpendOutcome:
+    levels: dict[tuple[str, int], Level]  # (budget id, bucket) -> level after the batch
+    alerts: list[Alert]
+    states: list[BudgetState]
+
+
+def add_spend(tx: Tx, fired: alerts.FiredCache, deltas: list[SpendDelta], now_us: int) -> SpendOutcome:
+    """Count a batch's spend: one upsert per budget bucket, then raise the alert levels crossed.
+
+    The caller has locked every budget involved (`tx.lock_budgets`, in id order) before inserting events.
+    """
+    out = SpendOutcome({}, [], [])
+    for d in sorted(deltas, key=lambda d: (d.budget.budget_id, d.bucket_us)):
+        limit_micros, limit_tokens = effective_limit(tx, d.budget, d.last_us)
         tx.execute(
             "INSERT INTO budget_usage (budget_id, bucket_us, spent_micros, spent_tokens, limit_micros, limit_tokens)"
             " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (budget_id, bucket_us) DO UPDATE SET"
             " spent_micros = budget_usage.spent_micros + excluded.spent_micros,"
             " spent_tokens = budget_usage.spent_tokens + excluded.spent_tokens",
-            (budget.budget_id, bucket, cost, event.tokens, limit_micros, limit_tokens))
-        current = state(tx, budget, event.end_us, now_us, with_holds=False)
-        top = max(top, current.level)
+            (d.budget.budget_id, d.bucket_us, d.micros, d.tokens, limit_micros, limit_tokens))
+        if tx.book is not None:
+            tx.book.add_spend(d.budget.budget_id, d.bucket_us, d.micros, d.tokens)
+        current = state(tx, d.budget, d.last_us, now_us, with_holds=False)
+        out.levels[(d.budget.budget_id, d.bucket_us)] = current.level
+        out.states.append(current)
         if current.level > Level.NONE:
-            raised += alerts.fire(tx, fired, budget, current.period_start_us, current.level, current.permille,
-                                  now_us)
-    return top, raised
+            out.alerts += alerts.fire(tx, fired, d.budget, current.period_start_us, current.level, current.permille,
+                                      now_us)
+    return out
 
 
 def _class(traffic: TrafficClass) -> TrafficClass:
@@ -168,9 +191,12 @@ def reserve(tx: Tx, snap: Snapshot, req: ReserveRequest, amount: int, now_us: in
     tx.execute("INSERT INTO holds (hold_id, request_id, tenant_id, amount_micros, tokens, expire_us, state, level,"
                " create_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                (hold_id, req.request_id, req.tenant_id, amount, tokens, expire, OPEN, int(level), now_us))
-    for budget in budgets:
-        tx.execute("INSERT INTO hold_budgets (hold_id, budget_id, amount_micros, tokens, expire_us)"
-                   " VALUES (?, ?, ?, ?, ?)", (hold_id, budget.budget_id, amount, tokens, expire))
+    if budgets:
+        tx.executemany("INSERT INTO hold_budgets (hold_id, budget_id, amount_micros, tokens, expire_us)"
+                       " VALUES (?, ?, ?, ?, ?)", [(hold_id, b.budget_id, amount, tokens, expire) for b in budgets])
+    if tx.book is not None:
+        for budget in budgets:
+            tx.book.add_hold(budget.budget_id, hold_id, amount, tokens, expire)
     return Hold(hold_id, amount, tokens, expire, level)
 
 
@@ -188,6 +214,8 @@ def close_hold(tx: Tx, snap: Snapshot, hold_id: str, new_state: int, now_us: int
     changed = tx.execute("UPDATE holds SET state = ? WHERE hold_id = ? AND state = ? AND expire_us > ?",
                          (new_state, hold_id, OPEN, now_us))
     tx.execute("DELETE FROM hold_budgets WHERE hold_id = ?", (hold_id,))
+    if tx.book is not None:
+        tx.book.drop_hold([r[0] for r in rows], hold_id)
     return changed > 0
 
 

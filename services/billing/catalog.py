@@ -60,7 +60,7 @@ def budget_to_row(b: Budget) -> tuple[Any, ...]:
 
 def bump_version(tx: Tx) -> None:
     tx.execute("UPDATE catalog_version SET version = version + 1 WHERE id = 1")
-    tx.memo.clear()
+    tx.changed_catalog()
 
 
 @dataclass

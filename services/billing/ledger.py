@@ -9,62 +9,160 @@ tokens it reports.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from services.billing import budgets, pricing
+from services.billing import budgets, periods, pricing
 from services.billing.alerts import FiredCache
-from services.billing.catalog import Catalog
-from services.billing.model import Alert, Level, Recorded, UsageEvent
+from services.billing.catalog import Catalog, Snapshot
+from services.billing.model import Alert, Budget, BudgetState, Level, Recorded, UsageEvent
 from services.billing.store.base import Tx
 from services.common.errors import DomainError
 
+EVENT_COLUMNS = ("event_id, tenant_id, api_key_id, model, model_version, tags_json, prompt_tokens, completion_tokens,"
+                 " cached, request_id, trace_id, start_us, end_us, status, traffic_class, cost_micros, currency,"
+                 " recorded_us")
+ROWS_PER_INSERT = 400  # 18 parameters a row: well under SQLite's and PostgreSQL's parameter limits
 
-@dataclass(frozen=True)
+
+@dataclass
 class Ingested:
-    recorded: Recorded
+    """A batch's outcome, in the order of its events, and what it changed (for alerts and metrics)."""
+
+    outcomes: list[Recorded | DomainError]
     alerts: list[Alert] = field(default_factory=list)
+    states: list[BudgetState] = field(default_factory=list)
+    new: list[tuple[UsageEvent, int]] = field(default_factory=list)  # (event, cost) of each first-time event
+
+    def single(self) -> Recorded:
+        """The one event's result; its DomainError is raised."""
+        outcome = self.outcomes[0]
+        if isinstance(outcome, DomainError):
+            raise outcome
+        return outcome
 
 
-def previous(tx: Tx, event_id: str) -> Recorded | None:
-    row = tx.one("SELECT cost_micros FROM events WHERE event_id = ?", (event_id,))
-    return Recorded(event_id, int(row[0]), duplicate=True) if row else None
+class Ingester:
+    """Set-based ingestion of a batch of events in the caller's transaction.
+
+    Per batch: prices come from the in-memory table (memoised per model and effective-time interval);
+    every budget touched is locked once, in id order; the events are inserted with multi-row
+    `INSERT ... ON CONFLICT (event_id) DO NOTHING RETURNING event_id` in id order (so concurrent batches
+    that share ids wait for each other instead of deadlocking); the ids it did not return were recorded
+    before and answer with their first result; spend is summed per budget bucket in Python and written
+    with one upsert per bucket. A repeat of an id inside the batch answers with the first occurrence.
+    """
+
+    def __init__(self, catalog: Catalog, fired: FiredCache, currency: str) -> None:
+        self.catalog = catalog
+        self.fired = fired
+        self.currency = currency
+        self.buckets = periods.BucketCache()
+
+    def ingest(self, tx: Tx, events: Sequence[UsageEvent], now_us: int) -> Ingested:
+        snap = self.catalog.current(tx)
+        outcomes: list[Recorded | DomainError | None] = [None] * len(events)
+        first: dict[str, int] = {}
+        priced: list[tuple[int, int]] = []  # (index, cost)
+        unpriced: list[int] = []
+        for index, event in enumerate(events):
+            if event.event_id in first:
+                continue
+            first[event.event_id] = index
+            price = snap.prices.lookup(event.model, event.model_version, event.end_us)
+            if price is None:
+                unpriced.append(index)
+            else:
+                priced.append((index, pricing.cost_micros(price, event.prompt_tokens, event.completion_tokens,
+                                                          event.cached)))
+        applicable = _ApplicableCache(snap)
+        tx.lock_budgets(sorted({b.budget_id for i, _ in priced for b in applicable(events[i])}))
+        inserted = self._insert(tx, events, sorted(priced, key=lambda p: events[p[0]].event_id), now_us)
+        seen = previous(tx, [events[i].event_id for i, _ in priced if events[i].event_id not in inserted]
+                        + [events[i].event_id for i in unpriced])
+        result = Ingested([])
+        deltas: dict[tuple[str, int], budgets.SpendDelta] = {}
+        for index, cost in priced:
+            event = events[index]
+            if event.event_id not in inserted:
+                outcomes[index] = Recorded(event.event_id, seen[event.event_id], duplicate=True)
+                continue
+            result.new.append((event, cost))
+            for budget in applicable(event):
+                bucket = self.buckets.start(budget.period, event.end_us)
+                delta = deltas.get((budget.budget_id, bucket))
+                if delta is None:
+                    delta = deltas[(budget.budget_id, bucket)] = budgets.SpendDelta(budget, bucket)
+                delta.micros += cost
+                delta.tokens += event.tokens
+                delta.last_us = max(delta.last_us, event.end_us)
+        for index in unpriced:
+            event = events[index]
+            if event.event_id in seen:  # a retry of an event recorded before its price changed
+                outcomes[index] = Recorded(event.event_id, seen[event.event_id], duplicate=True)
+                continue
+            try:
+                snap.prices.require(event.model, event.model_version, event.end_us)
+            except DomainError as error:
+                outcomes[index] = error
+        spend = budgets.add_spend(tx, self.fired, list(deltas.values()), now_us)
+        result.alerts, result.states = spend.alerts, spend.states
+        for event, cost in result.new:
+            level = max((spend.levels[(b.budget_id, self.buckets.start(b.period, event.end_us))]
+                         for b in applicable(event)), default=Level.NONE)
+            outcomes[first[event.event_id]] = Recorded(event.event_id, cost, duplicate=False, level=level)
+        for index, event in enumerate(events):
+            if outcomes[index] is None:  # a repeat inside the batch: the first occurrence's result
+                original = outcomes[first[event.event_id]]
+                outcomes[index] = original if isinstance(original, DomainError) else \
+                    Recorded(event.event_id, original.cost_micros, duplicate=True)  # type: ignore[union-attr]
+        result.outcomes = [o for o in outcomes if o is not None]
+        return result
+
+    def _insert(self, tx: Tx, events: Sequence[UsageEvent], rows: list[tuple[int, int]], now_us: int) -> set[str]:
+        inserted: set[str] = set()
+        for chunk_start in range(0, len(rows), ROWS_PER_INSERT):
+            chunk = rows[chunk_start:chunk_start + ROWS_PER_INSERT]
+            params: list[object] = []
+            for index, cost in chunk:
+                e = events[index]
+                params += (e.event_id, e.tenant_id, e.api_key_id, e.model, e.model_version,
+                           json.dumps(e.tags, sort_keys=True) if e.tags else "{}", e.prompt_tokens,
+                           e.completion_tokens, int(e.cached), e.request_id, e.trace_id, e.start_us, e.end_us,
+                           int(e.status), int(e.traffic_class), cost, self.currency, now_us)
+            values = ", ".join([_ROW_MARKS] * len(chunk))
+            inserted.update(r[0] for r in tx.all(f"INSERT INTO events ({EVENT_COLUMNS}) VALUES {values}"
+                                                 " ON CONFLICT (event_id) DO NOTHING RETURNING event_id", params))
+        return inserted
 
 
-def ingest(tx: Tx, catalog: Catalog, fired: FiredCache, event: UsageEvent, currency: str, now_us: int) -> Ingested:
-    snap = catalog.current(tx)
-    try:
-        price = snap.prices.require(event.model, event.model_version, event.end_us)
-    except DomainError:
-        seen = previous(tx, event.event_id)  # a retry of an event recorded before the price changed
-        if seen is not None:
-            return Ingested(seen)
-        raise
-    cost = pricing.cost_micros(price, event.prompt_tokens, event.completion_tokens, event.cached)
-    # Budgets are locked before the event row is inserted, everywhere, so that no two transactions can each
-    # hold one and wait for the other (PostgreSQL; a no-op on SQLite).
-    tx.lock_budgets([b.budget_id for b in snap.applicable(event.tenant_id, event.api_key_id, event.tags)])
-    row = tx.one(
-        "INSERT INTO events (event_id, tenant_id, api_key_id, model, model_version, tags_json, prompt_tokens,"
-        " completion_tokens, cached, request_id, trace_id, start_us, end_us, status, traffic_class, cost_micros,"
-        " currency, recorded_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (event_id) DO NOTHING RETURNING seq",
-        (event.event_id, event.tenant_id, event.api_key_id, event.model, event.model_version,
-         json.dumps(event.tags, sort_keys=True), event.prompt_tokens, event.completion_tokens, int(event.cached),
-         event.request_id, event.trace_id, event.start_us, event.end_us, int(event.status),
-         int(event.traffic_class), cost, currency, now_us))
-    if row is None:
-        seen = previous(tx, event.event_id)
-        assert seen is not None
-        return Ingested(seen)
-    level, raised = budgets.add_spend(tx, snap, fired, event, cost, now_us)
-    return Ingested(Recorded(event.event_id, cost, duplicate=False, level=level), raised)
+_ROW_MARKS = "(" + ", ".join("?" * 18) + ")"
 
 
-def lock_all(tx: Tx, catalog: Catalog, events: list[UsageEvent]) -> None:
-    """Lock, in one go and in id order, every budget a batch of events will touch."""
-    snap = catalog.current(tx)
-    ids = {b.budget_id for e in events for b in snap.applicable(e.tenant_id, e.api_key_id, e.tags)}
-    tx.lock_budgets(sorted(ids))
+class _ApplicableCache:
+    """The budgets an event counts against, computed once per (tenant, key, tags) in a batch."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        self.snap = snap
+        self._memo: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[Budget]] = {}
+
+    def __call__(self, event: UsageEvent) -> list[Budget]:
+        key = (event.tenant_id, event.api_key_id, tuple(sorted(event.tags.items())) if event.tags else ())
+        found = self._memo.get(key)
+        if found is None:
+            found = self._memo[key] = self.snap.applicable(event.tenant_id, event.api_key_id, event.tags)
+        return found
+
+
+def previous(tx: Tx, event_ids: list[str]) -> dict[str, int]:
+    """The recorded cost of each of these ids that is already in the ledger."""
+    found: dict[str, int] = {}
+    for start in range(0, len(event_ids), ROWS_PER_INSERT):
+        chunk = event_ids[start:start + ROWS_PER_INSERT]
+        marks = ", ".join("?" * len(chunk))
+        for event_id, cost in tx.all(f"SELECT event_id, cost_micros FROM events WHERE event_id IN ({marks})", chunk):
+            found[event_id] = int(cost)
+    return found
 
 
 def totals(tx: Tx) -> tuple[int, int, int, int]:
@@ -75,4 +173,4 @@ def totals(tx: Tx) -> tuple[int, int, int, int]:
     return int(row[0]), int(row[1]), int(row[2]), int(row[3])
 
 
-__all__ = ["Ingested", "Level", "ingest", "totals"]
+__all__ = ["Ingested", "Ingester", "totals"]

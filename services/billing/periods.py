@@ -75,3 +75,25 @@ def previous_starts(period: Period, t_us: int, count: int) -> list[int]:
     tz = zone(period.time_zone)
     start = _calendar_start(period.kind, _local_date(t_us, tz))
     return [_local_midnight(_step(period.kind, start, -n), tz) for n in range(1, count + 1)]
+
+
+def bucket_span(period: Period, t_us: int) -> tuple[int, int]:
+    """[start, end) of the bucket that spend at `t_us` is counted in (a local day for rolling budgets)."""
+    if period.kind != PeriodKind.ROLLING_DAYS:
+        return bounds(period, t_us)
+    tz = zone(period.time_zone)
+    day = _local_date(t_us, tz)
+    return _local_midnight(day, tz), _local_midnight(day + timedelta(days=1), tz)
+
+
+class BucketCache:
+    """`bucket_start` without the time-zone arithmetic for instants inside the bucket last asked for."""
+
+    def __init__(self) -> None:
+        self._last: dict[Period, tuple[int, int]] = {}
+
+    def start(self, period: Period, t_us: int) -> int:
+        span = self._last.get(period)
+        if span is None or not span[0] <= t_us < span[1]:
+            span = self._last[period] = bucket_span(period, t_us)
+        return span[0]

@@ -32,6 +32,24 @@ class PriceTable:
         for price in sorted(prices, key=lambda p: (p.effective_us, p.price_id)):
             self._by_key.setdefault((price.model, price.model_version), []).append(price)
         self._times = {key: [p.effective_us for p in ps] for key, ps in self._by_key.items()}
+        # (model, version) -> [start, end) of the last answer and the price in force there (None: unpriced).
+        self._memo: dict[tuple[str, str], tuple[int, int, Price | None]] = {}
+
+    def lookup(self, model: str, version: str, at_us: int) -> Price | None:
+        """`in_force`, memoised: the answer is constant between two effective times of the model's prices,
+        so repeated lookups inside that interval cost one dict access. A table is rebuilt on every price
+        change (see `catalog`), which invalidates the memo with it."""
+        key = (model, version)
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] <= at_us < hit[1]:
+            return hit[2]
+        points = sorted({*self._times.get(key, ()), *self._times.get((model, ""), ())})
+        index = bisect_right(points, at_us)
+        start = points[index - 1] if index > 0 else -(2**63)
+        end = points[index] if index < len(points) else 2**63
+        price = self.in_force(model, version, at_us)
+        self._memo[key] = (start, end, price)
+        return price
 
     def in_force(self, model: str, version: str, at_us: int) -> Price | None:
         for key in ((model, version), (model, "")) if version else ((model, ""),):
@@ -43,7 +61,7 @@ class PriceTable:
         return None
 
     def require(self, model: str, version: str, at_us: int) -> Price:
-        price = self.in_force(model, version, at_us)
+        price = self.lookup(model, version, at_us)
         if price is None:
             known = sorted({m for m, _ in self._by_key})
             hint = f" (priced models: {', '.join(known[:10])})" if known else " (the price table is empty)"

@@ -53,6 +53,7 @@ class Billing:
         self.clock = clock
         self.catalog = Catalog()
         self.fired = alerts.FiredCache()
+        self.ingester = ledger.Ingester(self.catalog, self.fired, config.currency)
         self.hub = alerts.AlertHub()
         self.webhooks = webhooks or WebhookSender(config.webhook_attempts, config.webhook_backoff_s,
                                                   config.webhook_timeout_s)
@@ -72,47 +73,34 @@ class Billing:
         check_event(event, now, self.config.max_future_skew_s, prefix)
         return event
 
-    def _ingest_fn(self, event: UsageEvent, now: int) -> Callable[[Tx], ledger.Ingested]:
-        return lambda tx: ledger.ingest(tx, self.catalog, self.fired, event, self.config.currency, now)
-
     async def record(self, event: UsageEvent) -> Recorded:
         now = self.clock()
         event = self._prepare(event, now)
-        ingested = await self.store.write(self._ingest_fn(event, now))
-        self._after_commit(ingested.alerts)
-        return ingested.recorded
+        ingested = await self.store.write(lambda tx: self.ingester.ingest(tx, [event], now))
+        self._after_commit(ingested)
+        return ingested.single()
 
     async def record_many(self, events: Sequence[UsageEvent]) -> list[Recorded | DomainError]:
-        """Record a batch in one commit; each event is accepted or rejected on its own."""
+        """Record a batch in one transaction (one durable commit); each event is accepted or rejected on its own."""
         now = self.clock()
         outcomes: list[Recorded | DomainError | None] = [None] * len(events)
-        fns, slots = [], []
+        prepared: list[UsageEvent] = []
+        slots: list[int] = []
         for index, event in enumerate(events):
             try:
-                prepared = self._prepare(event, now)
+                prepared.append(self._prepare(event, now))
+                slots.append(index)
             except DomainError as error:
                 outcomes[index] = error
-                continue
-            fns.append(self._ingest_fn(prepared, now))
-            slots.append(index)
-        # Events are inserted in id order after every budget of the batch is locked, so concurrent batches
-        # with overlapping ids (retries, duplicates) wait for each other instead of deadlocking.
-        order = sorted(range(len(fns)), key=lambda i: events[slots[i]].event_id)
-        prepared_events = [events[i] for i in slots]
-        results = await self.store.write_many(
-            [lambda tx: ledger.lock_all(tx, self.catalog, prepared_events), *(fns[i] for i in order)])
-        raised: list[Alert] = []
-        for position, result in zip(order, results[1:], strict=True):
-            index = slots[position]
-            if isinstance(result, ledger.Ingested):
-                outcomes[index] = result.recorded
-                raised += result.alerts
-            elif isinstance(result, DomainError):
-                outcomes[index] = result
-        self._after_commit(raised)
+        if prepared:
+            ingested = await self.store.write(lambda tx: self.ingester.ingest(tx, prepared, now))
+            for index, outcome in zip(slots, ingested.outcomes, strict=True):
+                outcomes[index] = outcome
+            self._after_commit(ingested)
         return [o for o in outcomes if o is not None]
 
-    def _after_commit(self, raised: list[Alert]) -> None:
+    def _after_commit(self, ingested: ledger.Ingested) -> None:
+        raised = ingested.alerts
         if not raised:
             return
         self.hub.notify()
@@ -156,13 +144,14 @@ class Billing:
 
         def unit(tx: Tx) -> ledger.Ingested:
             budgets.check_settle_tenant(tx, hold_id, event.tenant_id)
-            ingested = ledger.ingest(tx, self.catalog, self.fired, event, self.config.currency, now)
+            ingested = self.ingester.ingest(tx, [event], now)
+            ingested.single()  # an unpriced event: raise, so the hold stays open and nothing is written
             budgets.close_hold(tx, self.catalog.current(tx), hold_id, budgets.SETTLED, now)
             return ingested
 
         ingested = await self.store.write(unit)
-        self._after_commit(ingested.alerts)
-        return ingested.recorded
+        self._after_commit(ingested)
+        return ingested.single()
 
     async def release(self, hold_id: str) -> bool:
         check_text(hold_id, "hold_id", required=True, limit=128)

@@ -21,8 +21,10 @@ from services.common.error_mapping import status_code_for
 from services.common.errors import DomainError
 
 
-async def _batches(requests: AsyncIterator[pb2.StreamUsageRequest], limit: int) -> AsyncIterator[list[pb2.UsageEvent]]:
-    """Group what the client has already sent into batches (one commit each) without waiting for more."""
+async def _batches(requests: AsyncIterator[pb2.StreamUsageRequest],
+                   limit: int) -> AsyncIterator[list[pb2.StreamUsageRequest]]:
+    """Group the requests the client has already sent (up to `limit` events) into one commit, without
+    waiting for more: the stream is read ahead while the previous batch commits."""
     queue: asyncio.Queue[pb2.StreamUsageRequest | None] = asyncio.Queue(maxsize=limit * 2)
 
     async def pump() -> None:
@@ -39,17 +41,28 @@ async def _batches(requests: AsyncIterator[pb2.StreamUsageRequest], limit: int) 
             first = await queue.get()
             if first is None:
                 break
-            batch = [first.event]
-            while len(batch) < limit and not queue.empty():
+            batch, size = [first], _size(first)
+            while size < limit and not queue.empty():
                 item = queue.get_nowait()
                 if item is None:
                     done = True
                     break
-                batch.append(item.event)
+                batch.append(item)
+                size += _size(item)
             yield batch
         await reader
     finally:
         reader.cancel()
+
+
+def _size(request: pb2.StreamUsageRequest) -> int:
+    return len(request.events) + 1
+
+
+def _events(request: pb2.StreamUsageRequest) -> list[pb2.UsageEvent]:
+    if not request.events:
+        return [request.event]
+    return [request.event, *request.events] if request.HasField("event") else list(request.events)
 
 
 def _ack(event_id: str, outcome: Recorded | DomainError, currency: str) -> pb2.StreamUsageResponse:
@@ -73,18 +86,29 @@ class BillingServicer(pb2_grpc.BillingServiceServicer):
 
     async def StreamUsage(self, request_iterator: AsyncIterator[pb2.StreamUsageRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[pb2.StreamUsageResponse]:
         async for batch in _batches(request_iterator, self.max_batch):
-            events: list[UsageEvent] = []
-            outcomes: list[tuple[str, Recorded | DomainError]] = []
-            for message in batch:
-                try:
-                    events.append(convert.event(message))
-                except DomainError as error:
-                    outcomes.append((message.event_id, error))
-            recorded = await self.billing.record_many(events)
-            for event, outcome in zip(events, recorded, strict=True):
-                outcomes.append((event.event_id, outcome))
-            for event_id, result in outcomes:
-                yield _ack(event_id, result, self.currency)
+            messages = [_events(request) for request in batch]
+            acks = iter(await self._record([e for events in messages for e in events]))
+            for request, events in zip(batch, messages, strict=True):
+                if request.events:
+                    yield pb2.StreamUsageResponse(acks=[next(acks) for _ in events])
+                else:
+                    yield next(acks)
+
+    async def _record(self, messages: list[pb2.UsageEvent]) -> list[pb2.StreamUsageResponse]:
+        """Acks for a batch of events, in order: converted, recorded in one commit, or refused one by one."""
+        outcomes: list[Recorded | DomainError | None] = [None] * len(messages)
+        events: list[UsageEvent] = []
+        slots: list[int] = []
+        for index, message in enumerate(messages):
+            try:
+                events.append(convert.event(message))
+                slots.append(index)
+            except DomainError as error:
+                outcomes[index] = error
+        for index, outcome in zip(slots, await self.billing.record_many(events), strict=True):
+            outcomes[index] = outcome
+        return [_ack(m.event_id, o, self.currency) for m, o in zip(messages, outcomes, strict=True)
+                if o is not None]
 
     async def Reserve(self, request: pb2.ReserveRequest, context: grpc.aio.ServicerContext) -> pb2.ReserveResponse:
         hold = await self.billing.reserve(convert.reserve_request(request))

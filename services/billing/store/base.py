@@ -16,9 +16,12 @@ lock because all of its writes go through one writer thread inside `BEGIN IMMEDI
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from services.common.errors import DomainError
+
+if TYPE_CHECKING:
+    from services.billing.book import Book
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
@@ -28,16 +31,24 @@ class Tx(Protocol):
     dialect: str
     # Per-transaction memo (e.g. the catalogue version read once per transaction).
     memo: dict[str, Any]
+    # The writer's authoritative in-memory book of spend and holds (SQLite writer only; None elsewhere).
+    book: Book | None
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         """Run a statement; returns the number of rows it changed."""
         ...
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None: ...
 
     def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
 
     def lock_budgets(self, budget_ids: Sequence[str]) -> None: ...
+
+    def changed_catalog(self) -> None:
+        """Prices or budgets changed in this transaction: drop what was derived from them."""
+        ...
 
 
 class Store(Protocol):

@@ -21,6 +21,7 @@ import psycopg
 import structlog
 from psycopg import errors as pg_errors
 
+from services.billing.book import Book
 from services.billing.store.base import Row
 from services.billing.store.migrations import migrate
 from services.common.errors import DomainError
@@ -41,10 +42,18 @@ class PostgresTx:
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._conn = conn
         self.memo: dict[str, Any] = {}
+        self.book: Book | None = None  # several processes may write: budget state is always read from the locked rows
         self._locked: set[str] = set()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         return self._conn.execute(_sql(sql), params).rowcount  # type: ignore[arg-type]
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self._conn.cursor() as cur:
+            cur.executemany(_sql(sql), rows)  # type: ignore[arg-type]
+
+    def changed_catalog(self) -> None:
+        self.memo.clear()
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         return self._conn.execute(_sql(sql), params).fetchone()  # type: ignore[arg-type]

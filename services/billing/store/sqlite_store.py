@@ -8,11 +8,17 @@ transaction — each in its own savepoint, so one failing unit rolls back alone 
 and only then answers their callers. Because there is a single writer, a Reserve's check of spend + holds
 and its insert of the new hold cannot interleave with another write: no budget can be overshot.
 Reads use a second connection in their own thread (WAL lets them run beside the writer).
+
+One process per database file: the store holds an exclusive lock on `<file>.lock` while open, so the
+writer's in-memory book of budget spend and holds (see `book`) is the only writer's view and therefore
+authoritative. Several billing processes need PostgreSQL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import queue
 import sqlite3
 import threading
@@ -24,6 +30,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from services.billing.book import Book
 from services.billing.store.base import Row
 from services.billing.store.migrations import migrate
 from services.common.errors import DomainError
@@ -35,12 +42,21 @@ T = TypeVar("T")
 class SqliteTx:
     dialect = "sqlite"
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, book: Book | None = None) -> None:
         self._conn = conn
         self.memo: dict[str, Any] = {}
+        self.book = book
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         return self._conn.execute(sql, params).rowcount
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._conn.executemany(sql, rows)
+
+    def changed_catalog(self) -> None:
+        self.memo.clear()
+        if self.book is not None:
+            self.book.clear()
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         row: Row | None = self._conn.execute(sql, params).fetchone()
@@ -82,10 +98,23 @@ class SqliteStore:
         self._writer: threading.Thread | None = None
         self._reader_conn: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
+        self._lock_fd: int | None = None
+        self.book = Book()
         self.commits = 0
+
+    def _lock_file(self) -> None:
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(f"another billing process already uses {self.path}; one process per SQLite "
+                               "database (use PostgreSQL to run several)") from None
+        self._lock_fd = fd
 
     async def open(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file()
         conn = _connect(self.path, self.synchronous)
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -134,6 +163,9 @@ class SqliteStore:
         if self._reader_conn is not None:
             self._reader_conn.close()
             self._reader_conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     async def _submit(self, fns: Sequence[Callable[[SqliteTx], Any]], many: bool) -> list[Any]:
         if self._writer is None:
@@ -145,7 +177,7 @@ class SqliteStore:
 
     # --- the writer thread -------------------------------------------------------------------
     def _write_loop(self, conn: sqlite3.Connection) -> None:
-        tx = SqliteTx(conn)
+        tx = SqliteTx(conn, self.book)
         while True:
             first = self._queue.get()
             if first is None:
@@ -178,6 +210,7 @@ class SqliteStore:
             self.commits += 1
         except BaseException as error:  # the commit failed: nothing of this batch is durable
             log.error("billing_commit_failed", exc_info=error)
+            self.book.clear()
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             for work in batch:
@@ -185,12 +218,12 @@ class SqliteStore:
         for work in batch:
             work.loop.call_soon_threadsafe(_resolve, work.future, work.results)
 
-    @staticmethod
-    def _run_unit(conn: sqlite3.Connection, tx: SqliteTx, fn: Callable[[SqliteTx], Any]) -> Any:
+    def _run_unit(self, conn: sqlite3.Connection, tx: SqliteTx, fn: Callable[[SqliteTx], Any]) -> Any:
         conn.execute("SAVEPOINT unit")
         try:
             result = fn(tx)
         except Exception as error:
+            self.book.clear()  # the unit may have changed the book before it failed
             conn.execute("ROLLBACK TO unit")
             conn.execute("RELEASE unit")
             if not isinstance(error, DomainError):

@@ -58,18 +58,26 @@ class Cluster:
         self.proc.wait()
 
 
-async def _stream_lane(cluster: Cluster, todo: list[pb2.UsageEvent], acked: Acks) -> None:
+def _requests(pending: list[pb2.UsageEvent], batch: int) -> list[pb2.StreamUsageRequest]:
+    if batch == 1:
+        return [pb2.StreamUsageRequest(event=e) for e in pending]
+    return [pb2.StreamUsageRequest(events=pending[i:i + batch]) for i in range(0, len(pending), batch)]
+
+
+async def _stream_lane(cluster: Cluster, todo: list[pb2.UsageEvent], acked: Acks, batch: int) -> None:
+    """Sends one event per message (batch 1) or client-side batches of `batch` events per message."""
     pending = list(todo)
     while pending:
         await cluster.ready.wait()
         async with grpc.aio.insecure_channel(cluster.address) as chan:
-            call = pb2_grpc.BillingServiceStub(chan).StreamUsage(pb2.StreamUsageRequest(event=e) for e in pending)
+            call = pb2_grpc.BillingServiceStub(chan).StreamUsage(iter(_requests(pending, batch)))
             done: set[str] = set()
             try:
-                async for ack in call:
-                    assert not ack.error_code, ack.error_message
-                    done.add(ack.event_id)
-                    acked.add()
+                async for reply in call:
+                    for ack in reply.acks or [reply]:
+                        assert not ack.error_code, ack.error_message
+                        done.add(ack.event_id)
+                        acked.add()
             except grpc.aio.AioRpcError as err:
                 assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
                                       grpc.StatusCode.INTERNAL), err
@@ -113,7 +121,7 @@ async def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(databas
     async with grpc.aio.insecure_channel(cluster.address) as chan:
         await pb2_grpc.BillingServiceStub(chan).CreatePrice(price_request())
     acked = Acks(3_000)
-    work = [asyncio.create_task(_stream_lane(cluster, lane, acked)) for lane in lanes]
+    work = [asyncio.create_task(_stream_lane(cluster, lane, acked, 1 if n % 2 else 25)) for n, lane in enumerate(lanes)]
     work.append(asyncio.create_task(_unary_lane(cluster, unary, acked)))
     await acked.reached.wait()
     cluster.kill()

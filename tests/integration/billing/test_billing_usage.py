@@ -93,3 +93,25 @@ async def test_stream_acks_every_event_after_commit_and_rejects_bad_ones_alone(b
     assert acks[-1].duplicate and not acks[7].duplicate
     assert report.total.requests == 200
     assert report.total.cost.micros == sum(expected_cost(i, 2 * i) for i in range(200))
+
+
+async def test_batched_stream_messages_get_one_ack_per_event_in_order(billing) -> None:
+    async with channel(billing) as chan:
+        stub = pb2_grpc.BillingServiceStub(chan)
+        await stub.CreatePrice(price_request())
+        events = [usage(f"b{i}", prompt=i, completion=1) for i in range(300)]
+        requests = [pb2.StreamUsageRequest(events=[*events[:120], usage("b3", prompt=99), usage("bad", model="x")]),
+                    pb2.StreamUsageRequest(event=events[120]),  # a single event between two batches
+                    pb2.StreamUsageRequest(events=[*events[121:], events[0]])]
+        replies = [r async for r in stub.StreamUsage(iter(requests))]
+        report = await stub.GetUsageReport(pb2.GetUsageReportRequest(
+            start_time={"seconds": 0}, end_time={"seconds": int(time.time()) + 60}))
+    assert [len(r.acks) for r in replies] == [122, 0, 180]
+    assert replies[1].event_id == "b120" and not replies[1].duplicate
+    first, last = replies[0].acks, replies[2].acks
+    assert [a.event_id for a in first] == [f"b{i}" for i in range(120)] + ["b3", "bad"]
+    assert first[120].duplicate and first[120].cost.micros == first[3].cost.micros == expected_cost(3, 1)
+    assert (first[121].error_code, "has no price" in first[121].error_message) == ("FAILED_PRECONDITION", True)
+    assert last[-1].duplicate and not any(a.duplicate for a in last[:-1])
+    assert report.total.requests == 300
+    assert report.total.prompt_tokens == sum(range(300))

@@ -155,24 +155,28 @@ class RecordUsageResponse(_message.Message):
     def __init__(self, event_id: _Optional[str] = ..., duplicate: _Optional[bool] = ..., cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...
 
 class StreamUsageRequest(_message.Message):
-    __slots__ = ("event",)
+    __slots__ = ("event", "events")
     EVENT_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
     event: UsageEvent
-    def __init__(self, event: _Optional[_Union[UsageEvent, _Mapping]] = ...) -> None: ...
+    events: _containers.RepeatedCompositeFieldContainer[UsageEvent]
+    def __init__(self, event: _Optional[_Union[UsageEvent, _Mapping]] = ..., events: _Optional[_Iterable[_Union[UsageEvent, _Mapping]]] = ...) -> None: ...
 
 class StreamUsageResponse(_message.Message):
-    __slots__ = ("event_id", "duplicate", "cost", "error_code", "error_message")
+    __slots__ = ("event_id", "duplicate", "cost", "error_code", "error_message", "acks")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ACKS_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     duplicate: bool
     cost: _money_pb2.Money
     error_code: str
     error_message: str
-    def __init__(self, event_id: _Optional[str] = ..., duplicate: _Optional[bool] = ..., cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ...) -> None: ...
+    acks: _containers.RepeatedCompositeFieldContainer[StreamUsageResponse]
+    def __init__(self, event_id: _Optional[str] = ..., duplicate: _Optional[bool] = ..., cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., acks: _Optional[_Iterable[_Union[StreamUsageResponse, _Mapping]]] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("tenant_id", "api_key_id", "tags", "model", "model_version", "traffic_class", "max_prompt_tokens", "max_completion_tokens", "ttl_seconds", "request_id")
