@@ -27,7 +27,18 @@ import grpc
 from autoglm.common.v1 import generation_pb2
 from autoglm.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from autoglm.router.v1 import router_service_pb2, router_service_pb2_grpc
+from tests.e2e.mesh_client import router_channel
 from tests.e2e.mesh_process import start_mesh, stop_mesh
+
+
+def load_endpoint_inference(mesh) -> str:  # type: ignore[no-untyped-def]
+    """The first inference replica's own loopback address (the launcher logs it as the child's ready address)."""
+    for pid, role in processes_of(mesh).items():
+        if role == "inference-0":
+            text = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            port = text[text.index(b"--port") + 1].decode()
+            return f"127.0.0.1:{port}"
+    raise LookupError("inference-0 not found")
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 PROMPTS = [
@@ -68,20 +79,26 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def processes_of(config: Path) -> dict[int, str]:
+def processes_of(mesh) -> dict[int, str]:  # type: ignore[no-untyped-def]
+    """The mesh's processes (they carry AUTOGLM_MESH) named by role: service, sidecar or envoy."""
     found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in mesh.descendants():
         try:
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
         text = b" ".join(cmd).decode(errors="replace")
-        if str(config) in text:
-            role = next((part.decode() for part in cmd if part.startswith((b"services.", b"sidecar"))), "launcher")
-            rid = text.split("--replica-id ")[-1].split()[0] if "--replica-id" in text else ""
-            found[int(entry.name)] = f"{role}{'-' + rid if rid else ''}"
+        if "services." in text:
+            role = text.split("-m ")[1].split()[0].removeprefix("services.")
+            if "--replica-id" in text:
+                role = text.split("--replica-id ")[1].split()[0]
+        elif "-m sidecar" in text:
+            role = "sidecar-" + text.split("--service ")[1].split()[0]
+        elif "envoy" in text:
+            role = "envoy"
+        else:
+            role = "launcher"
+        found[pid] = role
     return found
 
 
@@ -124,8 +141,8 @@ async def drive(make_call, clients: int, duration_s: float, stats: LoadStats) ->
     stats.tokens_per_second_timeline = sorted(second_tokens.items())
 
 
-def router_caller(address: str, key: str, max_tokens: int):  # type: ignore[no-untyped-def]
-    channel = grpc.aio.insecure_channel(address)
+def router_caller(mesh, key: str, max_tokens: int):  # type: ignore[no-untyped-def]
+    channel = router_channel(mesh)
     stub = router_service_pb2_grpc.RouterServiceStub(channel)
     metadata = (("authorization", f"Bearer {key}"),)
 
@@ -180,12 +197,12 @@ async def run_mesh_load(args: argparse.Namespace, tmp: Path) -> tuple[dict, dict
     extra = {"inference": {"max_batch_size": args.max_batch, "queue_capacity": max(256, args.clients * 2)}}
     mesh = start_mesh(tmp / "mesh", procs, extra_args=tuple(args.up_args.split()), extra_config=extra)
     try:
-        key = (mesh.config.parent / "data" / "demo_api_key").read_text().strip()
-        pids = processes_of(mesh.config)
+        key = (mesh.data_dir / "demo_api_key").read_text().strip()
+        pids = processes_of(mesh)
         memory: dict[str, list[tuple[float, int]]] = {}
         stop = asyncio.Event()
         sampler = asyncio.create_task(sample_memory(pids, stop, memory))
-        channel, call = router_caller(mesh.router, key, args.max_tokens)
+        channel, call = router_caller(mesh, key, args.max_tokens)
         stats = LoadStats()
         await drive(call, args.clients, args.duration, stats)
         stop.set()
@@ -193,11 +210,12 @@ async def run_mesh_load(args: argparse.Namespace, tmp: Path) -> tuple[dict, dict
         await channel.close()
         mesh_result = summarize(stats, args.duration, memory)
 
-        # Anchor: the same load straight at the first inference replica of the same mesh.
+        # Anchor: the same load straight at the first inference replica of the same mesh (its own
+        # loopback port, behind no sidecar and no router).
         memory_direct: dict[str, list[tuple[float, int]]] = {}
         stop = asyncio.Event()
         sampler = asyncio.create_task(sample_memory(pids, stop, memory_direct))
-        channel, call = inference_caller(mesh.inference[0], args.max_tokens)
+        channel, call = inference_caller(load_endpoint_inference(mesh), args.max_tokens)
         direct = LoadStats()
         await drive(call, args.clients, args.duration, direct)
         stop.set()

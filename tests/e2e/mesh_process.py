@@ -78,6 +78,7 @@ def write_config(tmp: Path, replicas: int = 1, extra: dict | None = None) -> tup
     doc["inference"].update({"port": base, "replicas": replicas, "metrics_port": 0})
     for key, value in (extra or {}).items():
         doc.setdefault(key, {}).update(value)
+    tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "mesh.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path, doc

@@ -4,8 +4,13 @@ commands work against the router, every service reports SERVING, and Ctrl-C leav
 from __future__ import annotations
 
 import json
+import os
+import select
 import shlex
+import signal
 import subprocess
+import time
+from pathlib import Path
 
 from tests.conftest import tool
 from tests.e2e.mesh_process import start_mesh, stop_mesh
@@ -60,7 +65,33 @@ def test_mesh_comes_up_answers_grpcurl_and_stops_cleanly(tmp_path, processes) ->
     assert summary["usage"]["completionTokens"] >= 3
     assert summary["finishReason"] in {"FINISH_REASON_STOP", "FINISH_REASON_LENGTH"}
 
+    # A child that dies is restarted (with backoff) and the restart is logged; the service comes back.
+    billing_pid = next(pid for pid in mesh.descendants()
+                       if b"services.billing" in Path(f"/proc/{pid}/cmdline").read_bytes())
+    os.kill(billing_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:
+        restarted = [pid for pid in mesh.descendants()
+                     if b"services.billing" in Path(f"/proc/{pid}/cmdline").read_bytes() and pid != billing_pid]
+        health = grpcurl(*mesh.mesh_tls("router"), "-d", '{"service": ""}', mesh.billing, "grpc.health.v1.Health/Check")
+        if restarted and '"status": "SERVING"' in health.stdout:
+            break
+        assert time.monotonic() < deadline, "billing was not restarted"
+        select.select([], [], [], 0.25)  # pace the polling of the process table
+    assert "child_exited_restarting" in "".join(mesh.output) + read_available(mesh)
+
     children = mesh.descendants()
     assert len(children) >= 3, children
     assert stop_mesh(mesh) == 0
     assert mesh.descendants() == []
+
+
+def read_available(mesh) -> str:  # type: ignore[no-untyped-def]
+    """Whatever the launcher printed since the banner (non-blocking)."""
+    chunks = []
+    while select.select([mesh.process.stdout], [], [], 0.5)[0]:
+        chunk = os.read(mesh.process.stdout.fileno(), 65536)
+        if not chunk:
+            break
+        chunks.append(chunk.decode(errors="replace"))
+    return "".join(chunks)
