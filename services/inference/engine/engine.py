@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+from services.inference.engine.metrics import EngineMetrics
 from services.inference.engine.model import LoadedModel
 from services.inference.engine.sampling import Sampler
 from services.inference.engine.scheduler import Scheduler, SchedulerSettings
@@ -21,13 +22,16 @@ class Engine:
         self.model = model
         self.settings = settings
         self.replica_id = replica_id
-        self.scheduler = Scheduler(model.runner, model.spec, settings)
+        self.metrics = EngineMetrics(replica_id, self.load_report)
+        self.scheduler = Scheduler(model.runner, model.spec, settings, self.metrics)
         self._eos = frozenset(model.manifest.tokens.eos)
 
     async def start(self) -> None:
         self.scheduler.start()
+        self.metrics.start()
 
     async def stop(self) -> None:
+        self.metrics.stop()
         await self.scheduler.stop()
 
     # ---- token counting -------------------------------------------------------------------
@@ -79,14 +83,34 @@ class Engine:
 
 
 async def coalesce(events: asyncio.Queue[Delta], stream: StreamSettings) -> AsyncIterator[Delta]:
-    """Merge deltas so that at most one goes out per `coalesce_ms` and per `coalesce_tokens` tokens."""
+    """Merge deltas so that at most one goes out per `coalesce_ms` and per `coalesce_tokens` tokens.
+
+    Without either setting, a consumer that keeps up gets one message per token, and one that falls
+    behind (a slow client or proxy, a busy event loop) gets everything already generated in one
+    message instead of a backlog of single tokens (never more than `coalesce_tokens` when set).
+    """
+    timed = stream.coalesce_ms > 0 or stream.coalesce_tokens > 1
     while True:
         delta = await events.get()
-        if delta.finish_reason is None and (stream.coalesce_ms > 0 or stream.coalesce_tokens > 1):
-            delta = await _gather(events, delta, stream)
+        if delta.finish_reason is None:
+            delta = await _gather(events, delta, stream) if timed else _drain(events, delta, stream.coalesce_tokens)
         yield delta
         if delta.finish_reason is not None:
             return
+
+
+def _drain(events: asyncio.Queue[Delta], first: Delta, limit: int) -> Delta:
+    """`first` merged with the deltas already waiting (up to `limit` tokens when > 0)."""
+    if events.empty():
+        return first
+    text, ids = [first.text], list(first.token_ids)
+    while not events.empty() and (limit <= 0 or len(ids) < limit):
+        delta = events.get_nowait()
+        text.append(delta.text)
+        ids.extend(delta.token_ids)
+        if delta.finish_reason is not None:
+            return Delta("".join(text), tuple(ids), delta.finish_reason, delta.usage)
+    return Delta("".join(text), tuple(ids))
 
 
 async def _gather(events: asyncio.Queue[Delta], first: Delta, stream: StreamSettings) -> Delta:

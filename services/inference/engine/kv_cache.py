@@ -56,6 +56,7 @@ class DecodeBatch:
         self.buffers: list[np.ndarray] = []  # host copy (the live one on CPU)
         self._values: list[ort.OrtValue] = []  # what the session binds, views of `buffers` on CPU
         self._bound_rows = -1
+        self.epoch = 0  # changes whenever the bound cache values change (a binding must be rebuilt)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -123,6 +124,7 @@ class DecodeBatch:
             self._values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(b[:rows]), self.device, 0)
                             for b in self.buffers]
         self._bound_rows = rows
+        self.epoch += 1
 
     def _to_host(self) -> None:
         """CUDA: bring the live cache back before restructuring (join, leave, growth)."""

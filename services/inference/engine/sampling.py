@@ -34,6 +34,11 @@ class Sampler:
         seed = params.seed if params.seed is not None else secrets.randbits(64)
         self._rng = np.random.default_rng(seed)
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy without a penalty: the argmax of the raw logits (float32 argmax = float64 argmax)."""
+        return self.params.greedy and self.params.repetition_penalty == 1.0
+
     def choose(self, logits: np.ndarray, seen: Iterable[int] = ()) -> int:
         """Pick the next token from one row of logits; `seen` = prompt and generated ids."""
         params = self.params

@@ -1,12 +1,13 @@
 """Continuous batching.
 
-One asyncio task drives the loop; every model step runs on a single worker thread so the event loop
-stays free. Before each step the loop drops cancelled sequences, admits waiting ones by priority
+One long-lived decode thread runs the loop, so the event loop never sits between two model steps.
+Before each step the thread drops cancelled sequences, admits waiting ones by priority
 (core > interactive > batch) up to `max_batch_size`, and plans the step: one decode row per running
 sequence plus prompt chunks (fixed `prefill_chunk` boundaries, each prefilled on its own so the
 cache never depends on the batch) while `max_batched_tokens` allows, at least one chunk per step.
 A sequence whose prompt is done joins the decode batch at the next step; a finished one leaves
-within the step that finished it.
+within the step that finished it. The step's deltas for all sequences reach the event loop in one
+hand-off (`call_soon_threadsafe`), and each sequence's consumer reads them from its queue.
 """
 
 from __future__ import annotations
@@ -14,18 +15,20 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
+import onnxruntime as ort
 import structlog
 
 from services.common.errors import NotReady, QueueFull
 from services.inference.engine.kv_cache import DecodeBatch, KvSpec
 from services.inference.engine.sequence import Phase, Sequence
-from services.inference.engine.session import ModelRunner
+from services.inference.engine.session import DecodeBinding, ModelRunner
 from services.inference.engine.types import Delta
 
 log = structlog.get_logger(__name__)
@@ -69,41 +72,64 @@ class Counters:
         return (n1 - n0) / (now - t0) if now > t0 else 0.0
 
 
+class StepObserver(Protocol):
+    """Told about each step from the decode thread (metrics)."""
+
+    def first_token(self, seconds: float) -> None: ...
+
+    def decode_step(self, rows: int) -> None: ...
+
+
+class _NoObserver:
+    def first_token(self, seconds: float) -> None:
+        pass
+
+    def decode_step(self, rows: int) -> None:
+        pass
+
+
 class Scheduler:
-    def __init__(self, runner: ModelRunner, spec: KvSpec, settings: SchedulerSettings) -> None:
+    def __init__(self, runner: ModelRunner, spec: KvSpec, settings: SchedulerSettings,
+                 observer: StepObserver | None = None) -> None:
         self.runner = runner
         self.spec = spec
         self.settings = settings
         self.counters = Counters()
+        self._observer = observer or _NoObserver()
         self._waiting: list[tuple[int, int, Sequence]] = []
         self._order = itertools.count()
-        self._running: list[Sequence] = []
+        self._running: list[Sequence] = []  # owned by the decode thread
         self._groups: list[DecodeBatch] = []
         self._where: dict[int, DecodeBatch] = {}
-        self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference-step")
-        self._task: asyncio.Task[None] | None = None
+        self._by_id: dict[int, Sequence] = {}
+        self._bindings: dict[DecodeBatch, tuple[int, DecodeBinding]] = {}
+        self._wake = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="inference-scheduler")
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._run, name="inference-decode", daemon=True)
+            self._thread.start()
 
     async def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
         for seq in [*self._running, *(s for _, _, s in self._waiting)]:
-            seq.events.put_nowait(seq.fail())
-        self._executor.shutdown(wait=True)
+            if not seq.finished:
+                seq.events.put_nowait(seq.fail())
+        self._running, self._waiting = [], []
 
-    # ---- what the engine calls --------------------------------------------------------------
+    # ---- what the engine calls (event loop thread) -------------------------------------------
     @property
     def running(self) -> bool:
-        return self._task is not None and not self._stopping
+        return self._thread is not None and not self._stopping
 
     @property
     def queue_depth(self) -> int:
@@ -114,50 +140,66 @@ class Scheduler:
         return len(self._running)
 
     def submit(self, seq: Sequence) -> None:
-        if self._stopping or self._task is None:
-            raise NotReady("the inference engine is not running; retry on another replica")
-        if len(self._waiting) >= self.settings.queue_capacity:
-            raise QueueFull(
-                f"the admission queue is full ({self.settings.queue_capacity} requests waiting, "
-                f"{len(self._running)} running); retry later or on another replica", retry_after_s=0.5)
-        heapq.heappush(self._waiting, (int(seq.traffic_class), next(self._order), seq))
-        self._wake.set()
+        with self._wake:
+            if self._stopping or self._thread is None:
+                raise NotReady("the inference engine is not running; retry on another replica")
+            if len(self._waiting) >= self.settings.queue_capacity:
+                raise QueueFull(
+                    f"the admission queue is full ({self.settings.queue_capacity} requests waiting, "
+                    f"{len(self._running)} running); retry later or on another replica", retry_after_s=0.5)
+            seq.submitted_at = time.monotonic()
+            heapq.heappush(self._waiting, (int(seq.traffic_class), next(self._order), seq))
+            self._wake.notify()
 
     def cancel(self, seq: Sequence) -> None:
-        """Mark for removal; the loop drops it before the next step and frees its cache."""
-        if seq.finished or seq.cancelled:
-            return
-        seq.cancelled = True
-        if seq.phase is Phase.WAITING:
-            self._waiting = [entry for entry in self._waiting if entry[2] is not seq]
-            heapq.heapify(self._waiting)
-            self.counters.cancelled_total += 1
-        self._wake.set()
+        """Mark for removal; the decode thread drops it before its next step and frees its cache."""
+        with self._wake:
+            if seq.finished or seq.cancelled:
+                return
+            seq.cancelled = True
+            if seq.phase is Phase.WAITING:
+                self._waiting = [entry for entry in self._waiting if entry[2] is not seq]
+                heapq.heapify(self._waiting)
+                self.counters.cancelled_total += 1
+            self._wake.notify()
 
-    # ---- the loop ------------------------------------------------------------------------------
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while not self._stopping:
-            plan = self._plan()
-            if not (plan.leaving or plan.decode or plan.prefill):
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            try:
-                events = await loop.run_in_executor(self._executor, self._step, plan)
-            except Exception:
-                log.exception("inference_step_failed")
-                events = [(seq, seq.fail()) for seq in [*plan.decode, *(s for s, _ in plan.prefill)]]
-                for seq, _ in events:
-                    self._drop(seq)
-            for seq, delta in events:
-                seq.events.put_nowait(delta)
+    # ---- the loop (decode thread) ---------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not (self._running or self._waiting):
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                plan = self._plan()
+            events = self._execute(plan)
             self._running = [s for s in self._running if not s.finished]
+            if events and not self._publish_soon(events):
+                return
+
+    def _publish_soon(self, events: list[tuple[Sequence, Delta]]) -> bool:
+        """Hand one step's deltas to the event loop in a single call; False once the loop is gone."""
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(_publish, events)
+        except RuntimeError:  # the event loop closed under us (interpreter shutdown)
+            return False
+        return True
+
+    def _execute(self, plan: StepPlan) -> list[tuple[Sequence, Delta]]:
+        try:
+            return self._step(plan)
+        except Exception:
+            log.exception("inference_step_failed")
+            failed = [(seq, seq.fail()) for seq in [*plan.decode, *(s for s, _ in plan.prefill)]]
+            for seq, _ in failed:
+                self._drop(seq)
+            return failed
 
     def _plan(self) -> StepPlan:
         plan = StepPlan()
         for seq in self._running:
-            if seq.cancelled:
+            if seq.cancelled and not seq.finished:
                 plan.leaving.append(seq)
                 self.counters.cancelled_total += 1
         self._running = [s for s in self._running if not s.cancelled]
@@ -179,41 +221,48 @@ class Scheduler:
             budget -= size
         return plan
 
-    # ---- one step, on the worker thread -----------------------------------------------------
+    # ---- one step -------------------------------------------------------------------------------
     def _step(self, plan: StepPlan) -> list[tuple[Sequence, Delta]]:
         events: list[tuple[Sequence, Delta]] = []
         for seq in plan.leaving:
             self._drop(seq)
-        for group in self._groups:
-            members = [s for s in plan.decode if self._where.get(s.seq_id) is group]
-            if members:
-                events += self._decode(group, members)
+        for group in list(self._groups):
+            if len(group):
+                events += self._decode(group)
         for seq, size in plan.prefill:
             delta = self._prefill(seq, size)
             if delta is not None:
                 events.append((seq, delta))
-        generated = sum(1 for _ in events)
-        self.counters.generated_total += generated
+                self._observer.first_token(time.monotonic() - seq.submitted_at)
+        self.counters.generated_total += len(events)
         self.counters.steps += 1
         self.counters.recent.append((time.monotonic(), self.counters.generated_total))
         self.counters.kv_tokens = sum(g.tokens for g in self._groups) + sum(
             s.kv[0].shape[2] for s in self._running if s.kv is not None)
         return events
 
-    def _decode(self, group: DecodeBatch, members: list[Sequence]) -> list[tuple[Sequence, Delta]]:
-        by_key = {s.seq_id: s for s in members}
-        rows = [by_key[k] for k in group.keys]  # type: ignore[index]
+    def _decode(self, group: DecodeBatch) -> list[tuple[Sequence, Delta]]:
+        """One model call for every row of `group` (all of them are decoding: leavers left first,
+        joiners join after this)."""
+        rows: list[Sequence] = [self._by_id[k] for k in group.keys]  # type: ignore[index]
         mask, cache = group.step_inputs()
-        ids = np.array([[s.next_token] for s in rows], dtype=np.int64)
-        logits = self.runner.decode(ids, mask, cache)
+        ids = np.fromiter((s.next_token for s in rows), dtype=np.int64, count=len(rows)).reshape(-1, 1)
+        logits = self._binding(group, cache).run(ids, mask)
         group.advance()
+        self._observer.decode_step(len(rows))
         events = []
-        for row, seq in enumerate(rows):
-            delta = seq.choose(logits[row])
-            events.append((seq, delta))
+        for seq, token in zip(rows, choose_tokens(rows, logits), strict=True):
+            events.append((seq, seq.accept(token)))
             if seq.finished:
                 self._drop(seq)
         return events
+
+    def _binding(self, group: DecodeBatch, cache: list[ort.OrtValue]) -> DecodeBinding:
+        epoch, binding = self._bindings.get(group, (-1, None))  # type: ignore[arg-type]
+        if binding is None or epoch != group.epoch:
+            binding = self.runner.decode_binding(cache, len(group))
+            self._bindings[group] = (group.epoch, binding)
+        return binding
 
     def _prefill(self, seq: Sequence, size: int) -> Delta | None:
         start = seq.prefilled
@@ -229,6 +278,7 @@ class Scheduler:
             group = self._group_with_room()
             group.add(seq.seq_id, seq.kv)
             self._where[seq.seq_id] = group
+            self._by_id[seq.seq_id] = seq
             seq.kv = None
             seq.phase = Phase.DECODE
         return delta
@@ -243,12 +293,27 @@ class Scheduler:
 
     def _drop(self, seq: Sequence) -> None:
         seq.kv = None
+        self._by_id.pop(seq.seq_id, None)
         group = self._where.pop(seq.seq_id, None)
         if group is not None:
             group.remove(seq.seq_id)
             if not len(group):
                 self._groups.remove(group)
+                self._bindings.pop(group, None)
 
     def kv_bytes(self) -> int:
         return self.counters.kv_tokens * self.spec.bytes_per_token
 
+
+def choose_tokens(rows: list[Sequence], logits: np.ndarray) -> list[int]:
+    """Next token of every row: plain greedy rows by one argmax over the batch (the same result as
+    row by row, so batch invariance holds), the others through their own sampler."""
+    if all(s.sampler.plain_greedy for s in rows):
+        return logits.argmax(axis=1).tolist()  # type: ignore[no-any-return]
+    return [int(logits[i].argmax()) if s.sampler.plain_greedy else s.sample(logits[i])
+            for i, s in enumerate(rows)]
+
+
+def _publish(events: list[tuple[Sequence, Delta]]) -> None:
+    for seq, delta in events:
+        seq.events.put_nowait(delta)

@@ -42,6 +42,7 @@ class Sequence:
     next_token: int = -1  # sampled, not yet in the cache
     finish_reason: FinishReason | None = None
     cancelled: bool = False
+    submitted_at: float = 0.0  # time.monotonic() when admitted to the queue
     events: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue)
 
     @classmethod
@@ -61,8 +62,11 @@ class Sequence:
 
     def choose(self, logits: np.ndarray) -> Delta:
         """Sample the next token from this sequence's logits row and turn it into a delta."""
+        return self.accept(self.sample(logits))
+
+    def sample(self, logits: np.ndarray) -> int:
         seen = itertools.chain(self.prompt_ids, self.generated) if self.sampler.params.repetition_penalty != 1.0 else ()
-        return self.accept(self.sampler.choose(logits, seen))
+        return self.sampler.choose(logits, seen)
 
     def accept(self, token: int) -> Delta:
         self.generated.append(token)

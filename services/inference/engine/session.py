@@ -44,6 +44,9 @@ def default_threads() -> int:
 class SessionSettings:
     provider: str = "auto"
     intra_op_threads: int = 0  # 0 = one per available core
+    # Worker threads busy-wait for work between kernels. Off by default: on a small CPU that also
+    # runs the event loop and gRPC, spinning threads steal the cycles streaming needs.
+    allow_spinning: bool = False
 
 
 def create_session(model_path: Path, settings: SessionSettings) -> tuple[ort.InferenceSession, str]:
@@ -52,7 +55,8 @@ def create_session(model_path: Path, settings: SessionSettings) -> tuple[ort.Inf
     options.intra_op_num_threads = settings.intra_op_threads or default_threads()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
     providers: list[str] = [CUDA, CPU] if provider == CUDA else [CPU]
     session = ort.InferenceSession(str(model_path), options, providers=providers)
     return session, session.get_providers()[0]
@@ -92,6 +96,7 @@ class ModelRunner:
         self.provider = provider
         self.device = "cuda" if provider == CUDA else "cpu"
         self._outputs = [io.logits, *io.present]
+        self.vocab_size = _vocab_size(session, io.logits)
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                 past: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -112,16 +117,40 @@ class ModelRunner:
         logits, *presents = binding.copy_outputs_to_cpu()
         return logits.reshape(logits.shape[0], -1), presents
 
-    def decode(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-               cache: Sequence[ort.OrtValue]) -> np.ndarray:
-        """One decode step; `cache` (host or device OrtValues) is bound as past AND present."""
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(self.io.input_ids, input_ids)
-        binding.bind_cpu_input(self.io.attention_mask, attention_mask)
-        for past, present, value in zip(self.io.past, self.io.present, cache, strict=True):
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
-        binding.bind_output(self.io.logits, "cpu")
-        self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[-1].numpy()
+    def decode_binding(self, cache: Sequence[ort.OrtValue], rows: int) -> DecodeBinding:
+        """An IOBinding for `rows` decode rows over `cache`, reused step after step until the batch's
+        rows or buffers change."""
+        return DecodeBinding(self, cache, rows)
+
+
+class DecodeBinding:
+    """The cache is bound once as past AND present (the step writes its new column in place); the
+    logits go into one preallocated host buffer; each step only rebinds input ids and the mask."""
+
+    def __init__(self, runner: ModelRunner, cache: Sequence[ort.OrtValue], rows: int) -> None:
+        io = runner.io
+        self._runner = runner
+        self._binding = runner.session.io_binding()
+        for past, present, value in zip(io.past, io.present, cache, strict=True):
+            self._binding.bind_ortvalue_input(past, value)
+            self._binding.bind_ortvalue_output(present, value)
+        self._logits: np.ndarray | None = None
+        if runner.device == "cpu" and runner.vocab_size is not None:
+            self._logits = np.empty((rows, 1, runner.vocab_size), dtype=np.float32)
+            self._binding.bind_ortvalue_output(io.logits, ort.OrtValue.ortvalue_from_numpy(self._logits))
+        else:
+            self._binding.bind_output(io.logits, "cpu")
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """One decode step: logits [rows, vocab], valid until the next step of this binding."""
+        io = self._runner.io
+        self._binding.bind_cpu_input(io.input_ids, input_ids)
+        self._binding.bind_cpu_input(io.attention_mask, attention_mask)
+        self._runner.session.run_with_iobinding(self._binding)
+        logits = self._logits if self._logits is not None else self._binding.get_outputs()[-1].numpy()
         return logits.reshape(logits.shape[0], -1)
+
+
+def _vocab_size(session: ort.InferenceSession, logits: str) -> int | None:
+    shape = next(o.shape for o in session.get_outputs() if o.name == logits)
+    return shape[-1] if shape and isinstance(shape[-1], int) else None

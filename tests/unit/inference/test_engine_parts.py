@@ -3,16 +3,26 @@ selection, request validation and the decode batch buffer."""
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
 from services.common.errors import FailedPrecondition, InvalidInput
 from services.inference.engine.detokenize import IncrementalDetokenizer
+from services.inference.engine.engine import coalesce
 from services.inference.engine.kv_cache import DecodeBatch, KvSpec
 from services.inference.engine.sampling import Sampler, SamplingParams, apply_repetition_penalty
 from services.inference.engine.session import CPU, CUDA, choose_provider
 from services.inference.engine.stop import StopMatcher
-from services.inference.engine.types import GenerationRequest, SamplingRequest
+from services.inference.engine.types import (
+    Delta,
+    FinishReason,
+    GenerationRequest,
+    SamplingRequest,
+    StreamSettings,
+    Usage,
+)
 from services.inference.engine.validation import ModelDefaults, resolve_max_tokens, resolve_sampling
 
 
@@ -107,3 +117,27 @@ def test_decode_batch_keeps_each_rows_cache_through_joins_and_leaves() -> None:
     batch.remove("b")
     batch.remove("c")
     assert len(batch) == 0 and batch.allocated_bytes == 0
+
+
+async def test_a_consumer_that_falls_behind_gets_the_backlog_in_one_message() -> None:
+    events: asyncio.Queue[Delta] = asyncio.Queue()
+    pieces = ["Once", " upon", " a", " time"]
+    for i, text in enumerate(pieces):
+        events.put_nowait(Delta(text, (i,)))
+    events.put_nowait(Delta(".", (4,), FinishReason.LENGTH, Usage(3, 5)))
+    messages = [m async for m in coalesce(events, StreamSettings())]
+    assert [(m.text, m.token_ids) for m in messages] == [("Once upon a time.", (0, 1, 2, 3, 4))]
+    assert messages[0].finish_reason is FinishReason.LENGTH and messages[0].usage == Usage(3, 5)
+
+
+async def test_a_consumer_that_keeps_up_gets_every_token_and_limits_still_apply() -> None:
+    events: asyncio.Queue[Delta] = asyncio.Queue()
+    stream = coalesce(events, StreamSettings())
+    for i in range(3):
+        events.put_nowait(Delta(f"t{i}", (i,)))
+        assert (await anext(stream)).token_ids == (i,)
+    capped: asyncio.Queue[Delta] = asyncio.Queue()
+    for i in range(5):
+        capped.put_nowait(Delta(f"t{i}", (i,), FinishReason.STOP if i == 4 else None))
+    sizes = [len(m.token_ids) async for m in coalesce(capped, StreamSettings(coalesce_tokens=1))]
+    assert sizes == [1, 1, 1, 1, 1]

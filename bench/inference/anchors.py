@@ -1,0 +1,164 @@
+"""The benchmark's anchors on the same model and CPU: llama.cpp (llama-cpp-python on the GGUF) and
+onnxruntime-genai's Generator on an INT8 model from its own builder.
+
+The genai builder needs a Hugging Face folder; it is exported once from the GGUF with transformers
+(eos/pad set to <|im_end|>, which this GGUF misreports) into the bench cache, then built once with
+`python -m onnxruntime_genai.models.builder -p int8 -e cpu`. Every run measures: greedy, the same
+~108-token prompt, 128 new tokens, TTFT and decode tokens/s at batch 1, aggregate at batch 16.
+Failures are returned as {"error": reason} so the results file says exactly why an anchor is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CHATML_END = "<|im_end|>"
+REPEATS = 3
+
+
+def bench_cache(environ: dict[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    return Path(env.get("AUTOGLM_BENCH_CACHE", Path.home() / ".cache" / "autoglm" / "bench")).expanduser()
+
+
+# ---- llama.cpp --------------------------------------------------------------------------------------
+def bench_llama_cpp(gguf: Path, prompt_ids: list[int], new_tokens: int, threads: int) -> dict[str, Any]:
+    try:
+        from llama_cpp import Llama
+    except ImportError as err:
+        return {"error": f"llama-cpp-python not installed ({err}); `make bench-inference-deps` installs it"}
+    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                verbose=False)
+    tokens = llm.tokenize(_detok_llama(llm, prompt_ids), add_bos=False, special=True)
+    _llama_run(llm, tokens, 4)
+    ttfts, decodes = [], []
+    for _ in range(REPEATS):
+        first, total, count = _llama_run(llm, tokens, new_tokens)
+        ttfts.append(first)
+        decodes.append((count - 1) / (total - first))
+    return {"prompt_tokens": len(tokens), "threads": threads, "ttft_ms": statistics.median(ttfts) * 1000,
+            "batch1_decode_tok_s": statistics.median(decodes), "runs": REPEATS,
+            "version": _version("llama_cpp")}
+
+
+def _detok_llama(llm: Any, ids: list[int]) -> bytes:
+    return bytes(llm.detokenize(ids, special=True))
+
+
+def _llama_run(llm: Any, tokens: list[int], new_tokens: int) -> tuple[float, float, int]:
+    """Greedy generation token by token: (seconds to first token, seconds total, tokens)."""
+    llm.reset()
+    start = time.perf_counter()
+    first, count = 0.0, 0
+    for _token in llm.generate(tokens, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        if not first:
+            first = time.perf_counter() - start
+        count += 1
+        if count >= new_tokens:
+            break
+    return first, time.perf_counter() - start, count
+
+
+# ---- onnxruntime-genai ---------------------------------------------------------------------------------
+def hf_folder(gguf: Path, cache: Path) -> Path:
+    """A Hugging Face folder exported from the GGUF (once): model + tokenizer, eos/pad = <|im_end|>."""
+    folder = cache / f"hf-{gguf.stem}"
+    if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
+        return folder
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF weights are dequantized on load, but the model stays marked "quantized with gguf",
+    # which save_pretrained refuses: copy them into a plain model of the same config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    end = tokenizer.convert_tokens_to_ids(CHATML_END)
+    tokenizer.eos_token = tokenizer.pad_token = CHATML_END
+    model.config.eos_token_id = model.config.pad_token_id = end
+    if model.generation_config is not None:
+        model.generation_config.eos_token_id = model.generation_config.pad_token_id = end
+    partial = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(str(partial))
+    tokenizer.save_pretrained(str(partial))
+    partial.rename(folder)
+    return folder
+
+
+def genai_model(gguf: Path, cache: Path) -> Path:
+    """onnxruntime-genai's own INT8 CPU model, built once by its builder from the exported folder."""
+    out = cache / f"genai-int8-cpu-{gguf.stem}"
+    if (out / "genai_config.json").is_file():
+        return out
+    source = hf_folder(gguf, cache)
+    partial = out.with_name(out.name + ".partial")
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(partial),
+           "-p", "int8", "-e", "cpu", "-c", str(cache / "genai-build-tmp")]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not (partial / "genai_config.json").is_file():
+        raise RuntimeError(f"onnxruntime-genai builder failed ({done.returncode}): {done.stderr.strip()[-1500:]}")
+    partial.rename(out)
+    return out
+
+
+def bench_genai(gguf: Path, prompt_ids: list[int], new_tokens: int, batch: int) -> dict[str, Any]:
+    try:
+        import onnxruntime_genai as og
+    except ImportError as err:
+        return {"error": f"onnxruntime-genai not installed ({err}); `make bench-inference-deps` installs it"}
+    try:
+        folder = genai_model(gguf, bench_cache())
+    except Exception as err:
+        return {"error": f"could not build the onnxruntime-genai model: {type(err).__name__}: {err}"}
+    model = og.Model(str(folder))
+    _genai_run(og, model, [prompt_ids], 4)
+    ttfts, decodes, aggregates = [], [], []
+    for _ in range(REPEATS):
+        first, total, count = _genai_run(og, model, [prompt_ids], new_tokens)
+        ttfts.append(first)
+        decodes.append((count - 1) / (total - first))
+    for _ in range(REPEATS):
+        _first, total, count = _genai_run(og, model, [prompt_ids] * batch, new_tokens)
+        aggregates.append(count / total)
+    return {"prompt_tokens": len(prompt_ids), "ttft_ms": statistics.median(ttfts) * 1000,
+            "batch1_decode_tok_s": statistics.median(decodes), f"batch{batch}_aggregate_tok_s":
+            statistics.median(aggregates), "runs": REPEATS, "model": str(folder),
+            "version": _version("onnxruntime_genai")}
+
+
+def _genai_run(og: Any, model: Any, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, int]:
+    """Greedy: (seconds to first token, seconds total, tokens over all rows)."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompts[0]) + new_tokens, batch_size=len(prompts))
+    start = time.perf_counter()
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompts)
+    first, count = 0.0, 0
+    while not generator.is_done():
+        generator.generate_next_token()
+        if not first:
+            first = time.perf_counter() - start
+        count += len(prompts)
+    return first, time.perf_counter() - start, count
+
+
+def _version(module: str) -> str:
+    try:
+        return str(__import__(module).__version__)
+    except Exception:
+        return "unknown"
+
+
+if __name__ == "__main__":  # `python -m bench.inference.anchors GGUF`: build the genai model ahead of a run
+    print(genai_model(Path(sys.argv[1]), bench_cache()))
