@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 from services.common.errors import DomainError, InvalidInput, PermissionDenied, QueueFull, Unavailable
+from services.router import metrics
 from services.router.admission import PriorityGate
 from services.router.balancer import Balancer
 from services.router.cache import CachedAnswer, ResponseCache, cache_key
@@ -427,6 +428,7 @@ class Gateway:
         elif expected is None:
             self._spawn(self.meter.refresh_prices(min_interval_s=1.0))  # priced in billing, unknown here
         cost = cost or Money()
+        metrics.observe(record, cost, ttft_ms, latency_ms)
         log.info(
             "access", tenant=record.tenant_id, api_key=record.api_key_id, model=record.model,
             version=record.model_version, traffic_class=record.traffic_class.name, prompt_tokens=record.prompt_tokens,
