@@ -201,7 +201,6 @@ class Scheduler:
         for seq in self._running:
             if seq.cancelled and not seq.finished:
                 plan.leaving.append(seq)
-                self.counters.cancelled_total += 1
         self._running = [s for s in self._running if not s.cancelled]
         while self._waiting and len(self._running) < self.settings.max_batch_size:
             _, _, seq = heapq.heappop(self._waiting)
@@ -239,6 +238,7 @@ class Scheduler:
         self.counters.recent.append((time.monotonic(), self.counters.generated_total))
         self.counters.kv_tokens = sum(g.tokens for g in self._groups) + sum(
             s.kv[0].shape[2] for s in self._running if s.kv is not None)
+        self.counters.cancelled_total += len(plan.leaving)  # counted once their cache is gone
         return events
 
     def _decode(self, group: DecodeBatch) -> list[tuple[Sequence, Delta]]:
