@@ -6,6 +6,17 @@ alert):
 - a hold is refused when spend + open holds + the hold would pass the limit (every traffic class);
 - at CRITICAL (>= 100 % by default) BATCH traffic is refused; at EMERGENCY (>= 120 %) everything but CORE.
 Callers that do not name a traffic class count as INTERACTIVE.
+
+Where Reserve decides, and why its answer waits for a durable commit:
+- SQLite: in memory. The writer's book (`book.Book`) holds each budget's period spend and open holds, so
+  the check of spend + holds + the new hold reads no table; the hold rows are then written in the same unit
+  and committed with whatever else the writer batched at that moment (one fsync for the whole group).
+- PostgreSQL: from the budget rows locked `FOR UPDATE` (several processes may share the database).
+- The reply is sent only after that commit. Acknowledging a hold before it is durable would NOT be safe,
+  although "a hold lost in a crash only frees budget" sounds harmless: the caller that received the lost
+  hold still runs its request and spends up to the held amount, while the restarted ledger has already
+  handed that same headroom to other callers — spend would end above the limit by up to the lost holds.
+  So the fsync stays on Reserve's path; group commit amortises it across concurrent callers.
 """
 
 from __future__ import annotations

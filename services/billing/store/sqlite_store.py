@@ -24,6 +24,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +38,7 @@ from services.common.errors import DomainError
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+READERS = 4
 
 
 class SqliteTx:
@@ -96,8 +98,11 @@ class SqliteStore:
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
-        self._reader_conn: sqlite3.Connection | None = None
-        self._read_lock = threading.Lock()
+        # Readers: a few threads, each with its own connection (WAL lets them read beside the writer).
+        self._readers: ThreadPoolExecutor | None = None
+        self._reader_local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._reader_conns_lock = threading.Lock()
         self._lock_fd: int | None = None
         self.book = Book()
         self.commits = 0
@@ -128,7 +133,7 @@ class SqliteStore:
         self._writer = threading.Thread(target=self._write_loop, args=(conn,), name="billing-sqlite-writer",
                                         daemon=True)
         self._writer.start()
-        self._reader_conn = _connect(self.path, self.synchronous)
+        self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="billing-sqlite-reader")
 
     async def write(self, fn: Callable[[SqliteTx], T]) -> T:
         result = (await self._submit([fn], many=False))[0]
@@ -144,25 +149,34 @@ class SqliteStore:
         return results
 
     async def read(self, fn: Callable[[SqliteTx], T]) -> T:
-        return await asyncio.to_thread(self._read, fn)
+        if self._readers is None:
+            raise RuntimeError("store is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._readers, self._read, fn)
 
     def _read(self, fn: Callable[[SqliteTx], T]) -> T:
-        assert self._reader_conn is not None, "store is not open"
-        with self._read_lock:
-            self._reader_conn.execute("BEGIN")
-            try:
-                return fn(SqliteTx(self._reader_conn))
-            finally:
-                self._reader_conn.execute("ROLLBACK")
+        conn: sqlite3.Connection | None = getattr(self._reader_local, "conn", None)
+        if conn is None:
+            conn = self._reader_local.conn = _connect(self.path, self.synchronous)
+            with self._reader_conns_lock:
+                self._reader_conns.append(conn)
+        conn.execute("BEGIN")
+        try:
+            return fn(SqliteTx(conn))
+        finally:
+            conn.execute("ROLLBACK")
 
     async def close(self) -> None:
         if self._writer is not None:
             self._queue.put(None)
             await asyncio.to_thread(self._writer.join)
             self._writer = None
-        if self._reader_conn is not None:
-            self._reader_conn.close()
-            self._reader_conn = None
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
+            self._readers = None
+        with self._reader_conns_lock:
+            for conn in self._reader_conns:
+                conn.close()
+            self._reader_conns.clear()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
