@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import replace
+from typing import Any
 
 from services.billing import admin
 from services.billing.alerts import FiredCache
@@ -32,10 +33,10 @@ class Ledger:
         admin.create_price(self.tx, Price("p", "m", "", 1_000_000, 1_000_000, None, 1), "ops", 1)
 
     def budget(self, budget_id: str, *, micros: int = 0, tokens: int = 0, period: PeriodKind = PeriodKind.MONTHLY,
-               scope: Scope | None = None, **kw: object) -> Budget:
-        budget = Budget(budget_id, scope or Scope(ScopeKind.TENANT, "acme"), Period(period, int(kw.pop("days", 0))),
+               scope: Scope | None = None, days: int = 0, create_us: int | None = None, **kw: Any) -> Budget:
+        budget = Budget(budget_id, scope or Scope(ScopeKind.TENANT, "acme"), Period(period, days),
                         amount_micros=micros, tokens=tokens)
-        return admin.create_budget(self.tx, replace(budget, **kw), "ops", int(kw.get("create_us", self.now)))
+        return admin.create_budget(self.tx, replace(budget, **kw), "ops", self.now if create_us is None else create_us)
 
     def record(self, event_id: str, tokens: int, *, at: int | None = None, key: str = "k1",
                tags: dict[str, str] | None = None, model: str = "m") -> Ingested:
