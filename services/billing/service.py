@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import structlog
 
-from services.billing import admin, alerts, audit, budgets, ledger, pricing, reports
+from services.billing import admin, alerts, audit, budgets, ledger, metrics, pricing, reports
 from services.billing.catalog import Catalog
 from services.billing.config import BillingConfig
 from services.billing.model import (
@@ -75,7 +75,11 @@ class Billing:
 
     async def record(self, event: UsageEvent) -> Recorded:
         now = self.clock()
-        event = self._prepare(event, now)
+        try:
+            event = self._prepare(event, now)
+        except DomainError:
+            metrics.EVENTS.labels("rejected").inc()
+            raise
         ingested = await self.store.write(lambda tx: self.ingester.ingest(tx, [event], now))
         self._after_commit(ingested)
         return ingested.single()
@@ -92,6 +96,7 @@ class Billing:
                 slots.append(index)
             except DomainError as error:
                 outcomes[index] = error
+                metrics.EVENTS.labels("rejected").inc()
         if prepared:
             ingested = await self.store.write(lambda tx: self.ingester.ingest(tx, prepared, now))
             for index, outcome in zip(slots, ingested.outcomes, strict=True):
@@ -100,6 +105,8 @@ class Billing:
         return [o for o in outcomes if o is not None]
 
     def _after_commit(self, ingested: ledger.Ingested) -> None:
+        metrics.observe_events(ingested.outcomes, ingested.new, self.config.currency)
+        metrics.observe_budgets(ingested.states)
         raised = ingested.alerts
         if not raised:
             return
@@ -167,8 +174,10 @@ class Billing:
         check_text(tenant_id, "tenant_id", required=True)
         check_tags(tags, "tags")
         now = self.clock()
-        return await self.store.read(lambda tx: budgets.check(tx, self.catalog.current(tx), tenant_id, api_key_id,
-                                                             tags, TrafficClass(traffic_class), now))
+        verdict = await self.store.read(lambda tx: budgets.check(tx, self.catalog.current(tx), tenant_id, api_key_id,
+                                                                tags, TrafficClass(traffic_class), now))
+        metrics.observe_budgets(verdict.states)
+        return verdict
 
     async def purge_expired_holds(self) -> int:
         now = self.clock()
@@ -212,12 +221,16 @@ class Billing:
     async def delete_budget(self, budget_id: str, actor: str) -> None:
         check_text(budget_id, "budget_id", required=True)
         now = self.clock()
+        old = await self.store.read(lambda tx: admin.get_budget(tx, budget_id))
         await self.store.write(lambda tx: admin.delete_budget(tx, budget_id, actor, now))
+        metrics.forget_budget(budget_id, old.scope.tenant_id)
 
     async def budget_state(self, budget_id: str) -> BudgetState:
         check_text(budget_id, "budget_id", required=True)
         now = self.clock()
-        return await self.store.read(lambda tx: budgets.state(tx, admin.get_budget(tx, budget_id), now, now))
+        state = await self.store.read(lambda tx: budgets.state(tx, admin.get_budget(tx, budget_id), now, now))
+        metrics.observe_budgets([state])
+        return state
 
     async def list_budget_states(self, tenant_id: str) -> list[BudgetState]:
         now = self.clock()

@@ -8,6 +8,7 @@ import asyncio
 import os
 import random
 import signal
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -42,7 +43,7 @@ class Cluster:
         self.database, self.workdir, self.processes = database, workdir, processes
         self.address = ""
         self.ready = asyncio.Event()
-        self.proc = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     async def start(self, name: str) -> None:
         proc, port_file = start_billing(self.database, self.workdir, name)
