@@ -33,7 +33,7 @@ from services.inference.modelbuild.quantize import QuantConfig
 log = structlog.get_logger(__name__)
 
 # Bump when the graph, quantization or file layout changes: it is part of the cache path.
-RECIPE = "int8w-sq-gqa-b32-v3"
+RECIPE = "int8-sq-gqa-b32-v4"
 MODEL_FILE = "model.onnx"
 # accuracy_level 4: int8 activations per row and block (the fast CPU kernel; per-row, so rows of
 # a batch stay independent). Smoothing (alpha) keeps that activation rounding small.
