@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx
 import structlog
 
+from services.inference.modelbuild.errors import ModelBuildError
 from services.inference.modelbuild.onnx_io import save_onnx
 
 log = structlog.get_logger(__name__)
@@ -35,7 +36,11 @@ class QuantConfig:
 
 
 def quantize_weights(fp32_path: Path, out_path: Path, config: QuantConfig) -> Path:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as err:  # the quantizer needs onnx-ir, part of the model-build extra
+        raise ModelBuildError(f"onnxruntime's MatMulNBits quantizer cannot load ({err}); "
+                              "install the model-build extra (onnx-ir)") from err
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
