@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModelBuildError as err:
         print(f"model build failed: {err}", file=sys.stderr)
         return 1
+    except ImportError as err:
+        print(f"model build failed: {err}; install the project's model-build extra", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("model build interrupted", file=sys.stderr)
         return 130
