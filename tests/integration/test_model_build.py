@@ -19,7 +19,7 @@ from services.inference.modelbuild.build import BuildResult, build
 from services.inference.modelbuild.chat_template import render_chat
 from services.inference.modelbuild.hashing import sha256_file
 from services.inference.modelbuild.manifest import MANIFEST_NAME, Manifest, load_manifest
-from services.inference.modelbuild.ort_runner import OnnxCausalLM, length_mask, past_len
+from services.inference.modelbuild.ort_runner import OnnxCausalLM, StaticCacheDecoder, length_mask, past_len
 from services.inference.modelbuild.record_golden import prefix_match
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -189,3 +189,14 @@ def test_rows_of_different_lengths_decode_together(lm: OnnxCausalLM, manifest: M
         tokens = logits.argmax(-1)
         joined.append(int(tokens[1]))
     assert joined == alone
+
+
+def test_static_shared_kv_buffers_decode_like_growing_ones(lm: OnnxCausalLM, manifest: Manifest,
+                                                           tokenizer: Tokenizer) -> None:
+    """Past and present bound to one preallocated buffer (in-place cache) give the same tokens."""
+    prompts = [chat(tokenizer, manifest, text) for text in BATCH_PROMPTS]
+    growing = lm.greedy(prompts, 12, manifest.tokens.pad)
+    decoder = StaticCacheDecoder(lm, batch=len(prompts), max_length=128)
+    assert decoder.greedy(prompts, 12, manifest.tokens.pad) == growing
+    # The buffers are reused: a second, shorter request overwrites the first one's cache.
+    assert decoder.greedy(prompts[::-1], 12, manifest.tokens.pad) == growing[::-1]

@@ -154,15 +154,17 @@ class StaticCacheDecoder:
         self.buffers = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32))
                         for name in lm.past_names}
         self.max_length = max_length
+        self.binding = lm.session.io_binding()
+        self.binding.bind_output("logits")  # first bound output = first of get_outputs()
+        for past, present in zip(lm.past_names, lm.present_names, strict=True):
+            self.binding.bind_ortvalue_input(past, self.buffers[past])
+            self.binding.bind_ortvalue_output(present, self.buffers[past])
 
     def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        binding = self.lm.session.io_binding()
+        # Cache buffers stay bound across steps; only the token ids and the mask change.
+        binding = self.binding
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", attention_mask)
-        binding.bind_output("logits")  # first bound output = first of get_outputs()
-        for past, present in zip(self.lm.past_names, self.lm.present_names, strict=True):
-            binding.bind_ortvalue_input(past, self.buffers[past])
-            binding.bind_ortvalue_output(present, self.buffers[past])
         self.lm.session.run_with_iobinding(binding)
         logits: np.ndarray = binding.get_outputs()[0].numpy()
         return logits[:, -1, :]
