@@ -18,7 +18,7 @@ import pytest
 
 from autoglm.router.v1 import router_service_pb2_grpc
 from sidecar import certs
-from tests.e2e.mesh_client import create_key, generate_request, router_channel, stream, usage_totals
+from tests.e2e.mesh_client import Totals, create_key, generate_request, router_channel, stream, usage_totals
 from tests.e2e.mesh_process import Mesh, start_mesh, stop_mesh
 
 pytestmark = pytest.mark.slow
@@ -45,6 +45,20 @@ async def wait_until(predicate, timeout_s: float, what: str) -> None:  # type: i
         if loop.time() > end:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.25)
+
+
+async def settled_totals(mesh: Mesh, tenant: str, expected_requests: int) -> Totals:
+    """Billing's totals once `expected_requests` events arrived (the router settles right after the last
+    message), or whatever is there after 30 s — the assertions then say what is missing."""
+
+    async def arrived() -> bool:
+        return (await usage_totals(mesh, tenant)).requests >= expected_requests
+
+    try:
+        await wait_until(arrived, 30, f"{expected_requests} usage events for {tenant}")
+    except AssertionError:
+        pass
+    return await usage_totals(mesh, tenant)
 
 
 async def test_sigkill_inference_replica_mid_stream_loses_no_usage(tmp_path, processes) -> None:
@@ -78,7 +92,7 @@ async def test_sigkill_inference_replica_mid_stream_loses_no_usage(tmp_path, pro
     for outcome in outcomes:
         if outcome.code == grpc.StatusCode.OK:
             assert outcome.summary_completion_tokens == outcome.tokens
-    totals = await usage_totals(mesh, "drill-kill")
+    totals = await settled_totals(mesh, "drill-kill", len(outcomes))
     assert totals.requests == len(outcomes)
     assert totals.completion_tokens == sum(o.tokens for o in outcomes)
     assert stop_mesh(mesh) == 0
@@ -151,7 +165,7 @@ async def test_expired_service_certificate_fails_calls_cleanly_until_renewed(tmp
     assert set(o.code for o in outcomes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
     failed = [o for o in outcomes if o.code != grpc.StatusCode.OK]
     assert failed and all(o.tokens == 0 for o in failed)
-    totals = await usage_totals(mesh, "drill-cert")
+    totals = await settled_totals(mesh, "drill-cert", len(outcomes))
     assert totals.requests == len(outcomes)
     assert totals.completion_tokens == sum(o.tokens for o in outcomes)
     assert stop_mesh(mesh) == 0
@@ -171,7 +185,7 @@ async def test_full_inference_queue_answers_resource_exhausted_and_nothing_hangs
     codes = Counter(o.code for o in outcomes)
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
     assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] >= 1 and codes[grpc.StatusCode.OK] >= 1
-    totals = await usage_totals(mesh, "drill-queue")
+    totals = await settled_totals(mesh, "drill-queue", len(outcomes))
     assert totals.requests == len(outcomes)
     assert totals.completion_tokens == sum(o.tokens for o in outcomes)
     assert stop_mesh(mesh) == 0
