@@ -17,6 +17,7 @@ import structlog
 from autoglm.sidecar.v1 import sidecar_admin_service_pb2_grpc as admin_grpc
 from sidecar.access_log import FLUSH_INTERVAL_S, AccessLog
 from sidecar.admin import SidecarAdminServicer
+from sidecar.breaker import BreakerState
 from sidecar.certs import CertFiles
 from sidecar.metrics import SidecarMetrics
 from sidecar.policy import Policy, PolicyError, PolicyWatcher
@@ -206,6 +207,7 @@ async def build_sidecar(config: SidecarConfig) -> RunningSidecar:
             raise PolicyError(f"--peer {name}: not a service of the mesh policy ({', '.join(policy.services)})")
         peers[name] = Cluster(name, list(addresses), functools.partial(_peer_channel, peer_factory, peer=name),
                               policy.services[name], resilience=True, on_breaker_change=metrics.breaker_changed)
+        metrics.breaker_changed(name, BreakerState.CLOSED)  # every peer's breaker has a series from the start
         clusters.append(peers[name])
 
     inbound = Proxy(direction="inbound", service=config.service, policy=policy, clusters={"local": local},

@@ -159,6 +159,7 @@ def write_endpoint(mesh: MeshConfig, top: Topology) -> Path:
         "router": top.router_public, "tls": top.tls, "ca_cert": str(top.ca_cert.resolve()) if top.ca_cert else "",
         "billing": f"127.0.0.1:{mesh.billing_port}", "sidecar": top.sidecar,
         "billing_operator": next(s.ready_address for s in top.specs if s.name == "billing"),
+        "metrics": {s.name: s.metrics_url for s in top.specs if s.metrics_url},
     }, indent=2) + "\n")
     return path
 
@@ -177,7 +178,8 @@ def banner(mesh: MeshConfig, top: Topology, demo_key: str) -> str:
         f"  data dir   {mesh.data_dir}",
         f"  logs       {mesh.data_dir / 'logs'}/*.log",
         f"  metrics    http://127.0.0.1:{mesh.router_metrics_port}/metrics (router), :{mesh.billing_metrics_port} "
-        f"(billing), :{mesh.inference_metrics_port}+i (inference)" if mesh.router_metrics_port else "  metrics    off",
+        f"(billing), :{mesh.inference_metrics_port}+i (inference); sidecars' in {mesh.data_dir / 'endpoint.json'}"
+        if mesh.router_metrics_port else "  metrics    off",
         "",
         f"Demo API key (also in {mesh.data_dir / 'demo_api_key'}):",
         f"  {demo_key}",

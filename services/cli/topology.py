@@ -36,6 +36,8 @@ class ProcessSpec:
     ready_address: str
     ready_kind: str = "grpc"
     public_address: str = ""
+    # Prometheus endpoint of the process ("" when metrics are off).
+    metrics_url: str = ""
 
 
 @dataclass
@@ -57,21 +59,21 @@ def _service(module: str, port: int, config: Path | None, metrics_port: int, *ex
 
 
 def _envoy_sidecar(name: str, service: str, certs: Path, upstream: str, inbound: int, outbound: int,
-                   peers: dict[str, list[str]], out_dir: Path) -> list[str]:
+                   peers: dict[str, list[str]], out_dir: Path, admin: int) -> list[str]:
     from sidecar.envoy_render import EnvoyPorts, render_to_file
 
     path = render_to_file(POLICY, service, out_dir / f"{name}.yaml", certs_dir=certs.resolve(), upstream=upstream,
                           peers=peers, ports=EnvoyPorts(inbound=inbound, outbound=None if outbound < 0 else outbound,
-                                                        admin=free_port()))
+                                                        admin=admin))
     envoy = str(Path(sys.executable).parent / "envoy")
     return [envoy, "-c", str(path), "--use-dynamic-base-id", "--log-level", "warn", "--concurrency", "1"]
 
 
 def _python_sidecar(service: str, certs: Path, upstream: str, inbound: int, outbound: int,
-                    peers: dict[str, list[str]]) -> list[str]:
+                    peers: dict[str, list[str]], metrics_port: int = -1) -> list[str]:
     argv = [sys.executable, "-m", "sidecar", "--policy", str(POLICY), "--service", service, "--certs", str(certs),
             "--upstream", upstream, "--inbound-port", str(inbound), "--outbound-port", str(outbound),
-            "--metrics-port", "-1"]
+            "--metrics-port", str(metrics_port)]
     for name, addresses in peers.items():
         argv += ["--peer", f"{name}={','.join(addresses)}"]
     return argv
@@ -82,6 +84,7 @@ def plan(mesh: MeshConfig, config: Path | None, sidecar: str) -> Topology:
     replicas = [mesh.inference_base_port + i for i in range(mesh.inference_replicas)]
     metrics = [mesh.inference_metrics_port + i if mesh.inference_metrics_port else 0 for i in range(len(replicas))]
     router_data = ["--data-dir", str(mesh.data_dir / "router")]
+    metrics_on = bool(mesh.router_metrics_port)
     if sidecar == "none":
         top.specs.append(ProcessSpec("billing", _service("services.billing", mesh.billing_port, config,
                                                          mesh.billing_metrics_port), f"127.0.0.1:{mesh.billing_port}"))
@@ -92,16 +95,25 @@ def plan(mesh: MeshConfig, config: Path | None, sidecar: str) -> Topology:
             "services.router", mesh.router_port, config, mesh.router_metrics_port,
             "--inference", ",".join(f"127.0.0.1:{p}" for p in replicas),
             "--billing", f"127.0.0.1:{mesh.billing_port}", *router_data), top.router_public))
+        _attach_metrics(top, mesh, {})
         return top
 
     certs = mesh.data_dir / "certs"
     top.tls, top.ca_cert = True, certs / "ca.pem"
 
+    sidecar_metrics: dict[str, str] = {}
+
     def sidecar_argv(name: str, service: str, upstream: str, inbound: int, outbound: int,
                      peers: dict[str, list[str]]) -> list[str]:
-        if sidecar == "envoy":
-            return _envoy_sidecar(name, service, certs, upstream, inbound, outbound, peers, mesh.data_dir / "envoy")
-        return _python_sidecar(service, certs, upstream, inbound, outbound, peers)
+        port = free_port()
+        if sidecar == "envoy":  # Envoy's admin listener serves /stats/prometheus
+            sidecar_metrics[name] = f"http://127.0.0.1:{port}/stats/prometheus"
+            return _envoy_sidecar(name, service, certs, upstream, inbound, outbound, peers, mesh.data_dir / "envoy",
+                                  port)
+        if not metrics_on:
+            return _python_sidecar(service, certs, upstream, inbound, outbound, peers)
+        sidecar_metrics[name] = f"http://127.0.0.1:{port}/metrics"
+        return _python_sidecar(service, certs, upstream, inbound, outbound, peers, port)
 
     billing_internal = free_port()
     top.specs.append(ProcessSpec("billing", _service("services.billing", billing_internal, config,
@@ -131,4 +143,16 @@ def plan(mesh: MeshConfig, config: Path | None, sidecar: str) -> Topology:
         "services.router", router_internal, config, mesh.router_metrics_port,
         "--inference", ",".join(f"127.0.0.1:{p}" for p in replica_outbound),
         "--billing", f"127.0.0.1:{billing_outbound}", *router_data), f"127.0.0.1:{router_internal}"))
+    _attach_metrics(top, mesh, sidecar_metrics)
     return top
+
+
+def _attach_metrics(top: Topology, mesh: MeshConfig, sidecars: dict[str, str]) -> None:
+    services = {"billing": mesh.billing_metrics_port, "router": mesh.router_metrics_port}
+    services.update({f"inference-{i}": mesh.inference_metrics_port + i if mesh.inference_metrics_port else 0
+                     for i in range(mesh.inference_replicas)})
+    for spec in top.specs:
+        if spec.name in sidecars:
+            spec.metrics_url = sidecars[spec.name]
+        elif services.get(spec.name):
+            spec.metrics_url = f"http://127.0.0.1:{services[spec.name]}/metrics"
