@@ -1,9 +1,11 @@
 # Inference engine benchmark (writes bench/results/inference.json and .png).
 .PHONY: bench-inference bench-inference-deps
 
-# The llama.cpp anchor is a bench-only install (compiles llama.cpp, about 8 minutes, once).
+# The anchors are bench-only installs: llama-cpp-python compiles llama.cpp (about 8 minutes, once);
+# onnxruntime-genai's model is built on first use from the GGUF into ~/.cache/autoglm/bench.
 bench-inference-deps: $(VENV)/.installed
 	@$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON" $(VENV)/bin/pip install "llama-cpp-python>=0.3,<0.4"
+	@$(PY) -c "import onnxruntime_genai" 2>/dev/null || $(VENV)/bin/pip install "onnxruntime-genai>=0.18,<1"
 
 bench-inference: bench-inference-deps
 	$(PY) -m bench.inference.bench_inference

@@ -20,6 +20,7 @@ from typing import Any
 
 CHATML_END = "<|im_end|>"
 REPEATS = 3
+_loaded: dict[tuple[str, str, int], Any] = {}  # runner, path, threads -> loaded model (once per process)
 
 
 def bench_cache(environ: dict[str, str] | None = None) -> Path:
@@ -28,22 +29,26 @@ def bench_cache(environ: dict[str, str] | None = None) -> Path:
 
 
 # ---- llama.cpp --------------------------------------------------------------------------------------
-def bench_llama_cpp(gguf: Path, prompt_ids: list[int], new_tokens: int, threads: int) -> dict[str, Any]:
+def bench_llama_cpp(gguf: Path, prompt_ids: list[int], new_tokens: int, threads: int,
+                    repeats: int = REPEATS) -> dict[str, Any]:
     try:
         from llama_cpp import Llama
     except ImportError as err:
         return {"error": f"llama-cpp-python not installed ({err}); `make bench-inference-deps` installs it"}
-    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                verbose=False)
+    key = ("llama", str(gguf), threads)
+    if key not in _loaded:
+        _loaded[key] = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
+                             n_batch=512, verbose=False)
+    llm = _loaded[key]
     tokens = llm.tokenize(_detok_llama(llm, prompt_ids), add_bos=False, special=True)
     _llama_run(llm, tokens, 4)
     ttfts, decodes = [], []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         first, total, count = _llama_run(llm, tokens, new_tokens)
         ttfts.append(first)
         decodes.append((count - 1) / (total - first))
     return {"prompt_tokens": len(tokens), "threads": threads, "ttft_ms": statistics.median(ttfts) * 1000,
-            "batch1_decode_tok_s": statistics.median(decodes), "runs": REPEATS,
+            "batch1_decode_tok_s": statistics.median(decodes), "runs": repeats,
             "version": _version("llama_cpp")}
 
 
@@ -112,7 +117,8 @@ def genai_model(gguf: Path, cache: Path) -> Path:
     return out
 
 
-def bench_genai(gguf: Path, prompt_ids: list[int], new_tokens: int, batch: int) -> dict[str, Any]:
+def bench_genai(gguf: Path, prompt_ids: list[int], new_tokens: int, batch: int,
+                repeats: int = REPEATS) -> dict[str, Any]:
     try:
         import onnxruntime_genai as og
     except ImportError as err:
@@ -121,19 +127,22 @@ def bench_genai(gguf: Path, prompt_ids: list[int], new_tokens: int, batch: int) 
         folder = genai_model(gguf, bench_cache())
     except Exception as err:
         return {"error": f"could not build the onnxruntime-genai model: {type(err).__name__}: {err}"}
-    model = og.Model(str(folder))
+    key = ("genai", str(folder), 0)
+    if key not in _loaded:
+        _loaded[key] = og.Model(str(folder))
+    model = _loaded[key]
     _genai_run(og, model, [prompt_ids], 4)
     ttfts, decodes, aggregates = [], [], []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         first, total, count = _genai_run(og, model, [prompt_ids], new_tokens)
         ttfts.append(first)
         decodes.append((count - 1) / (total - first))
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         _first, total, count = _genai_run(og, model, [prompt_ids] * batch, new_tokens)
         aggregates.append(count / total)
     return {"prompt_tokens": len(prompt_ids), "ttft_ms": statistics.median(ttfts) * 1000,
             "batch1_decode_tok_s": statistics.median(decodes), f"batch{batch}_aggregate_tok_s":
-            statistics.median(aggregates), "runs": REPEATS, "model": str(folder),
+            statistics.median(aggregates), "runs": repeats, "model": str(folder),
             "version": _version("onnxruntime_genai")}
 
 

@@ -1,6 +1,10 @@
-"""`make bench-inference`: TTFT, batch-1 decode, aggregate tokens/s at 1/4/8/16/32 streams (engine
-in-process and through the gRPC service), RSS with 32 active sequences of 512 tokens, and the
-llama.cpp anchor on the same GGUF in the same run. Writes bench/results/inference.{json,png}."""
+"""`make bench-inference`: TTFT, batch-1 decode, aggregate tokens/s at 1/4/8/16/32 streams (the engine
+in-process and the gRPC service in its own process, as a user runs it), RSS of the service with 32
+active sequences of 512 tokens, and in the same run the anchors on the same model and CPU:
+llama.cpp (llama-cpp-python on the GGUF) and onnxruntime-genai's Generator on its builder's INT8
+model. Runners take turns round by round so that load from other work on the machine spreads
+evenly over them; every figure is the median of its rounds. Writes bench/results/inference.{json,png}.
+"""
 
 from __future__ import annotations
 
@@ -8,215 +12,296 @@ import asyncio
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import grpc
+import onnxruntime
+import yaml
 
 from autoglm.common.v1 import generation_pb2
 from autoglm.inference.v1 import inference_service_pb2 as pb2
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb2_grpc
+from bench.inference.anchors import bench_genai, bench_llama_cpp
 from services.common.config import ServerSettings
 from services.inference.config import InferenceConfig
 from services.inference.engine.engine import Engine
 from services.inference.engine.model import LoadedModel, load_model
+from services.inference.engine.session import default_threads
 from services.inference.engine.types import GenerationRequest, SamplingRequest
-from services.inference.server import build_server
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "bench" / "results"
 STREAMS = (1, 4, 8, 16, 32)
+PROMPT_TOKENS = 108
 NEW_TOKENS = 128
-AGG_TOKENS = 48
+ROUNDS = 3
+RSS_PROMPT, RSS_STREAMS, RSS_NEW = 500, 32, 12  # 32 sequences of 512 tokens
 SENTENCE = "The history of the river valley shows how farmers, traders and builders shaped the land. "
 ISSUE_TABLE = {"llama.cpp": {"ttft_ms": 250, "batch1_tok_s": 150},
                "onnxruntime-genai": {"ttft_ms": 79, "batch1_tok_s": 166, "batch16_tok_s": 648}}
+# (seconds to first token, seconds in all, tokens)
+Stream = Callable[[str, int], Awaitable[tuple[float, float, int]]]
 
 
-def prompt_of(model: LoadedModel, tokens: int, salt: int = 0) -> str:
+def prompt_ids(model: LoadedModel, tokens: int, salt: int = 0) -> list[int]:
     text = f"Story {salt}. "
     while len(model.encode(text)) < tokens:
         text += SENTENCE
-    ids = model.encode(text)[:tokens]
-    return model.decode(ids)
+    return model.encode(text)[:tokens]
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+def prompt_of(model: LoadedModel, tokens: int, salt: int = 0) -> str:
+    return model.decode(prompt_ids(model, tokens, salt))
+
+
+def engine_stream(engine: Engine) -> Stream:
+    async def run(prompt: str, max_tokens: int) -> tuple[float, float, int]:
+        start, first, tokens = time.perf_counter(), 0.0, 0
+        request = GenerationRequest(prompt=prompt, sampling=SamplingRequest(max_tokens=max_tokens))
+        async for delta in engine.generate(request):
+            if not first:
+                first = time.perf_counter() - start
+            tokens += len(delta.token_ids)
+        return first, time.perf_counter() - start, tokens
+    return run
+
+
+def grpc_stream(stub: pb2_grpc.InferenceServiceStub) -> Stream:
+    async def run(prompt: str, max_tokens: int) -> tuple[float, float, int]:
+        start, first, tokens = time.perf_counter(), 0.0, 0
+        req = pb2.GenerateRequest(prompt=prompt, sampling=generation_pb2.SamplingParams(max_tokens=max_tokens))
+        async for message in stub.Generate(req, timeout=600):
+            if not first:
+                first = time.perf_counter() - start
+            tokens += len(message.token_ids)
+        return first, time.perf_counter() - start, tokens
+    return run
+
+
+async def single(run: Stream, prompt: str) -> dict[str, float]:
+    first, total, tokens = await run(prompt, NEW_TOKENS)
+    return {"ttft_ms": first * 1000, "decode_tok_s": (tokens - 1) / (total - first), "tokens": tokens}
+
+
+async def aggregate(run: Stream, prompts: list[str]) -> float:
+    """Tokens/s over all streams, from the first request to the last token (prefill included)."""
+    start = time.perf_counter()
+    results = await asyncio.gather(*(run(p, NEW_TOKENS) for p in prompts))
+    return sum(r[2] for r in results) / (time.perf_counter() - start)
+
+
+class Service:
+    """`python -m services.inference` in its own process, as the launcher starts a replica."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="bench-inference-")
+        path = Path(self._dir.name) / "mesh.yaml"
+        path.write_text(yaml.safe_dump({"inference": config}))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.inference", "--port", "0", "--config", str(path),
+             "--replica-id", "bench"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        assert self.proc.stdout is not None
+        self.address = ""
+        for raw in self.proc.stdout:
+            if found := re.search(r"listening on (\S+:\d+)", raw.decode()):
+                self.address = found.group(1)
+                break
+        if not self.address:
+            raise RuntimeError(f"the inference service did not start (exit {self.proc.wait()})")
+
+    def rss_mb(self) -> float:
+        return _status_mb(self.proc.pid, "VmRSS")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._dir.cleanup()
+
+
+def _status_mb(pid: int, key: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) / 1024
     return 0.0
 
 
-async def engine_stream(engine: Engine, prompt: str, max_tokens: int) -> tuple[float, float, int]:
-    """(seconds to first token, seconds total, tokens)."""
-    start = time.perf_counter()
-    first = 0.0
-    tokens = 0
-    request = GenerationRequest(prompt=prompt, sampling=SamplingRequest(max_tokens=max_tokens))
-    async for delta in engine.generate(request):
-        if not first:
-            first = time.perf_counter() - start
-        tokens += len(delta.token_ids)
-    return first, time.perf_counter() - start, tokens
+async def watch_peak_rss(service: Service, stub: pb2_grpc.InferenceServiceStub, active: int) -> float:
+    """Largest service RSS seen in WatchLoad reports (every 50 ms) while `active` sequences run."""
+    peak = 0.0
+    async for report in stub.WatchLoad(pb2.WatchLoadRequest(interval_ms=50)):
+        if report.active_sequences >= active:
+            peak = max(peak, service.rss_mb())
+        elif peak:
+            return peak
+    return peak
 
 
-async def grpc_stream(stub: pb2_grpc.InferenceServiceStub, prompt: str, max_tokens: int) -> tuple[float, float, int]:
-    start = time.perf_counter()
-    first = 0.0
-    tokens = 0
-    req = pb2.GenerateRequest(prompt=prompt, sampling=generation_pb2.SamplingParams(max_tokens=max_tokens))
-    async for message in stub.Generate(req, timeout=600):
-        if not first:
-            first = time.perf_counter() - start
-        tokens += len(message.token_ids)
-    return first, time.perf_counter() - start, tokens
-
-
-async def aggregate(run: Any, prompts: list[str], max_tokens: int) -> float:
-    start = time.perf_counter()
-    results = await asyncio.gather(*(run(p, max_tokens) for p in prompts))
-    return sum(r[2] for r in results) / (time.perf_counter() - start)
-
-
-async def bench_ours(model: LoadedModel, config: InferenceConfig) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    engine = Engine(model, replace(config, max_batch_size=32, decode_rows=16).scheduler)
+async def bench(model: LoadedModel, threads: int) -> dict[str, Any]:
+    gguf = Path(model.manifest.source.path)
+    ids = prompt_ids(model, PROMPT_TOKENS)
+    prompt = model.decode(ids)
+    many = [prompt_of(model, PROMPT_TOKENS, salt) for salt in range(max(STREAMS))]
+    settings = {"max_batch_size": 32, "decode_rows": 32, "max_batched_tokens": 512, "intra_op_threads": threads}
+    config = replace(InferenceConfig(server=ServerSettings(port=0)), max_batch_size=32, decode_rows=32,
+                     max_batched_tokens=512, intra_op_threads=threads)
+    engine = Engine(model, config.scheduler, "bench-in-process")
     await engine.start()
-    prompt100 = prompt_of(model, 100)
-    run = lambda p, n: engine_stream(engine, p, n)  # noqa: E731
-    await run(prompt100, 4)  # warm-up
-    ttfts, decodes = [], []
-    for _ in range(3):
-        first, total, tokens = await run(prompt100, NEW_TOKENS)
-        ttfts.append(first)
-        decodes.append((tokens - 1) / (total - first))
-    out["engine_ttft_ms"] = statistics.median(ttfts) * 1000
-    out["engine_batch1_decode_tok_s"] = statistics.median(decodes)
-    out["engine_aggregate_tok_s"] = {n: await aggregate(run, [prompt_of(model, 100, i) for i in range(n)], AGG_TOKENS)
-                                     for n in STREAMS}
-    await engine.stop()
-
-    running = await build_server(replace(config, max_batch_size=32), model)
+    service = Service({**settings, "model_dir": str(model.directory)})
+    rounds: dict[str, list[Any]] = {k: [] for k in ("engine", "grpc", "llama", "genai", "engine16", "grpc16")}
     try:
-        async with grpc.aio.insecure_channel(running.address) as channel:
+        async with grpc.aio.insecure_channel(service.address) as channel:
             stub = pb2_grpc.InferenceServiceStub(channel)
-            grun = lambda p, n: grpc_stream(stub, p, n)  # noqa: E731
-            await grun(prompt100, 4)
-            ttfts, decodes = [], []
-            for _ in range(3):
-                first, total, tokens = await grun(prompt100, NEW_TOKENS)
-                ttfts.append(first)
-                decodes.append((tokens - 1) / (total - first))
-            out["grpc_ttft_ms"] = statistics.median(ttfts) * 1000
-            out["grpc_batch1_decode_tok_s"] = statistics.median(decodes)
-            out["grpc_aggregate_tok_s"] = {
-                n: await aggregate(grun, [prompt_of(model, 100, i) for i in range(n)], AGG_TOKENS) for n in STREAMS}
+            local, remote = engine_stream(engine), grpc_stream(stub)
+            await local(prompt, 4)
+            await remote(prompt, 4)
+            for round_no in range(ROUNDS):
+                print(f"round {round_no + 1}/{ROUNDS}", file=sys.stderr, flush=True)
+                rounds["engine"].append(await single(local, prompt))
+                rounds["grpc"].append(await single(remote, prompt))
+                rounds["llama"].append(bench_llama_cpp(gguf, ids, NEW_TOKENS, threads, repeats=1))
+                rounds["genai"].append(bench_genai(gguf, ids, NEW_TOKENS, 16, repeats=1))
+                rounds["engine16"].append(await aggregate(local, many[:16]))
+                rounds["grpc16"].append(await aggregate(remote, many[:16]))
+            sweep = {"engine": {n: await aggregate(local, many[:n]) for n in STREAMS},
+                     "grpc": {n: await aggregate(remote, many[:n]) for n in STREAMS}}
+            for path, key in (("engine", "engine16"), ("grpc", "grpc16")):
+                sweep[path][16] = statistics.median([*rounds[key], sweep[path][16]])
+            long_prompts = [prompt_of(model, RSS_PROMPT, salt) for salt in range(RSS_STREAMS)]
+            idle_rss = service.rss_mb()
+            watcher = asyncio.create_task(watch_peak_rss(service, stub, RSS_STREAMS))
+            await asyncio.gather(*(remote(p, RSS_NEW) for p in long_prompts))
+            peak_rss = await asyncio.wait_for(watcher, 30)
     finally:
-        await running.stop(0)
-
-    engine = Engine(model, replace(config, max_batch_size=32, decode_rows=16).scheduler)
-    await engine.start()
-    peak = rss_mb()
-    long_prompts = [prompt_of(model, 500, i) for i in range(32)]
-    tasks = [asyncio.create_task(engine_stream(engine, p, 12)) for p in long_prompts]
-    while not all(t.done() for t in tasks):
-        report = engine.load_report()
-        if report.active_sequences == 32:
-            peak = max(peak, rss_mb())
-        await asyncio.sleep(0.05)
-    out["rss_mb_32x512"] = peak
-    out["kv_bytes_per_token"] = model.spec.bytes_per_token
-    await engine.stop()
-    return out
+        await engine.stop()
+        service.stop()
+    return {"rounds": rounds, "sweep": sweep, "idle_rss_mb": idle_rss, "rss_mb_32x512": peak_rss,
+            "settings": settings}
 
 
-def bench_llama_cpp(gguf: Path, prompt: str) -> dict[str, Any]:
-    try:
-        from llama_cpp import Llama
-    except ImportError as err:
-        return {"error": f"llama-cpp-python not installed ({err}); `make bench-inference` installs the bench extra"}
-    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=os.cpu_count() or 2, verbose=False)
-    tokens = llm.tokenize(prompt.encode())
-    llm(prompt, max_tokens=4)
-    ttfts, decodes = [], []
-    for _ in range(3):
-        llm.reset()
-        start = time.perf_counter()
-        first = 0.0
-        count = 0
-        for _chunk in llm(prompt, max_tokens=NEW_TOKENS, temperature=0.0, stream=True):
-            if not first:
-                first = time.perf_counter() - start
-            count += 1
-        ttfts.append(first)
-        decodes.append((count - 1) / (time.perf_counter() - start - first))
-    return {"prompt_tokens": len(tokens), "ttft_ms": statistics.median(ttfts) * 1000,
-            "batch1_decode_tok_s": statistics.median(decodes)}
+def med(items: list[dict[str, Any]], key: str) -> float | None:
+    values = [item[key] for item in items if key in item]
+    return statistics.median(values) if values else None
+
+
+def anchor_summary(items: list[dict[str, Any]]) -> dict[str, Any]:
+    errors = [item["error"] for item in items if "error" in item]
+    if errors:
+        return {"error": errors[0]}
+    summary = {k: v for k, v in items[0].items() if not isinstance(v, float)}
+    for key in items[0]:
+        if isinstance(items[0][key], float):
+            summary[key] = med(items, key)
+    summary["rounds"] = len(items)
+    return summary
 
 
 def target(name: str, measured: float | None, goal: float, better: str, anchor: str) -> dict[str, Any]:
     return {"name": name, "measured": measured, "target": goal, "better": better, "anchor": anchor}
 
 
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
 def main() -> None:
-    config = InferenceConfig(server=ServerSettings(port=0))
+    threads = int(os.environ.get("BENCH_THREADS", "0")) or default_threads()
+    config = InferenceConfig(server=ServerSettings(port=0), intra_op_threads=threads)
     model = load_model(None, config.session)
-    ours = asyncio.run(bench_ours(model, config))
-    llama = bench_llama_cpp(Path(model.manifest.source.path), prompt_of(model, 100))
-    genai = {"error": "onnxruntime-genai is not installed here: its builder needs a Hugging Face folder with "
-                      "config.json (this machine has no hub access) and was not built in this run"}
-    ratio = lambda a, b: (a / b) if a and b else None  # noqa: E731
+    load = os.getloadavg()
+    out = asyncio.run(bench(model, threads))
+    rounds, sweep = out["rounds"], out["sweep"]
+    llama, genai = anchor_summary(rounds["llama"]), anchor_summary(rounds["genai"])
+    engine_ttft, grpc_ttft = med(rounds["engine"], "ttft_ms"), med(rounds["grpc"], "ttft_ms")
+    engine_b1, grpc_b1 = med(rounds["engine"], "decode_tok_s"), med(rounds["grpc"], "decode_tok_s")
+    grpc16 = sweep["grpc"][16]
+    why_llama = llama.get("error", "llama.cpp (llama-cpp-python, same GGUF, same threads), same run")
+    why_genai = genai.get("error", "onnxruntime-genai Generator on its builder's INT8 model, same run")
     targets = [
-        target("batch-1 decode / llama.cpp", ratio(ours["grpc_batch1_decode_tok_s"], llama.get("batch1_decode_tok_s")),
-               1.3, "higher", "llama.cpp (llama-cpp-python) on the same GGUF, same run"),
-        target("batch-1 decode / onnxruntime-genai", None, 1.0, "higher", "onnxruntime-genai: " + genai["error"]),
-        target("16-stream aggregate gRPC / onnxruntime-genai batch 16", None, 1.0, "higher",
-               "onnxruntime-genai: " + genai["error"]),
-        target("TTFT / llama.cpp TTFT", ratio(ours["grpc_ttft_ms"], llama.get("ttft_ms")), 0.5, "lower",
-               "llama.cpp (llama-cpp-python) on the same GGUF, same run"),
-        target("gRPC 1 stream / engine in-process", ratio(ours["grpc_aggregate_tok_s"][1],
-                                                          ours["engine_aggregate_tok_s"][1]),
-               0.95, "higher", "the same engine in-process, same run"),
-        target("RSS MB with 32 active sequences of 512 tokens", ours["rss_mb_32x512"], 1536, "lower", "absolute"),
+        target("batch-1 decode (gRPC) / llama.cpp", ratio(grpc_b1, llama.get("batch1_decode_tok_s")), 1.3,
+               "higher", why_llama),
+        target("batch-1 decode (gRPC) / onnxruntime-genai", ratio(grpc_b1, genai.get("batch1_decode_tok_s")), 1.0,
+               "higher", why_genai),
+        target("16-stream aggregate through gRPC / onnxruntime-genai batch 16",
+               ratio(grpc16, genai.get("batch16_aggregate_tok_s")), 1.0, "higher", why_genai),
+        target("TTFT (gRPC) / llama.cpp TTFT", ratio(grpc_ttft, llama.get("ttft_ms")), 0.5, "lower", why_llama),
+        target("gRPC 1 stream / engine in-process (batch-1 decode)", ratio(grpc_b1, engine_b1), 0.95, "higher",
+               "the same engine in-process, same run"),
+        target("RSS MB of the service with 32 active sequences of 512 tokens", out["rss_mb_32x512"], 1536, "lower",
+               "absolute"),
     ]
     results = {
-        "engine_ttft_ms": {"value": ours["engine_ttft_ms"], "unit": "ms", "prompt_tokens": 100},
-        "grpc_ttft_ms": {"value": ours["grpc_ttft_ms"], "unit": "ms", "prompt_tokens": 100},
-        "engine_batch1_decode": {"value": ours["engine_batch1_decode_tok_s"], "unit": "tokens/s"},
-        "grpc_batch1_decode": {"value": ours["grpc_batch1_decode_tok_s"], "unit": "tokens/s"},
-        "engine_aggregate": {"value": ours["engine_aggregate_tok_s"], "unit": "tokens/s by concurrent streams"},
-        "grpc_aggregate": {"value": ours["grpc_aggregate_tok_s"], "unit": "tokens/s by concurrent streams"},
-        "rss_32x512": {"value": ours["rss_mb_32x512"], "unit": "MB"},
-        "kv_bytes_per_token": {"value": ours["kv_bytes_per_token"], "unit": "bytes"},
-        "llama_cpp": llama, "onnxruntime_genai": genai,
+        "engine_ttft_ms": {"value": engine_ttft, "unit": "ms", "prompt_tokens": PROMPT_TOKENS},
+        "grpc_ttft_ms": {"value": grpc_ttft, "unit": "ms", "prompt_tokens": PROMPT_TOKENS},
+        "engine_batch1_decode": {"value": engine_b1, "unit": "tokens/s"},
+        "grpc_batch1_decode": {"value": grpc_b1, "unit": "tokens/s"},
+        "engine_aggregate": {"value": sweep["engine"], "unit": "tokens/s by concurrent streams (prefill included)"},
+        "grpc_aggregate": {"value": sweep["grpc"], "unit": "tokens/s by concurrent streams (prefill included)"},
+        "service_rss_idle": {"value": out["idle_rss_mb"], "unit": "MB"},
+        "service_rss_32x512": {"value": out["rss_mb_32x512"], "unit": "MB"},
+        "kv_bytes_per_token": {"value": model.spec.bytes_per_token, "unit": "bytes"},
+        "llama_cpp": {**llama, "unit": "ttft_ms: ms, *_tok_s: tokens/s"},
+        "onnxruntime_genai": {**genai, "unit": "ttft_ms: ms, *_tok_s: tokens/s"},
+        "rounds": rounds,
         "issue_reference_figures": ISSUE_TABLE,
     }
-    document = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                            "provider": model.provider, "model": f"{model.manifest.name}/{model.manifest.version}"},
-                "settings": {"new_tokens": NEW_TOKENS, "aggregate_new_tokens": AGG_TOKENS},
-                "results": results, "targets": targets}
+    document = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+                    "provider": model.provider, "model": f"{model.manifest.name}/{model.manifest.version}",
+                    "load_average_at_start": [round(x, 2) for x in load],
+                    "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "settings": {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "rounds": ROUNDS, "greedy": True,
+                     "threads": threads, "service": out["settings"]},
+        "results": results, "targets": targets}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "inference.json").write_text(json.dumps(document, indent=2) + "\n")
-    plot(ours, RESULTS / "inference.png")
-    print(json.dumps(document, indent=2))
+    plot(document, RESULTS / "inference.png")
+    print(json.dumps({"results": {k: v for k, v in results.items() if k != "rounds"}, "targets": targets}, indent=2))
 
 
-def plot(ours: dict[str, Any], path: Path) -> None:
+def plot(document: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("engine_aggregate_tok_s", "engine in-process"), ("grpc_aggregate_tok_s", "gRPC service")):
-        ax.plot(list(ours[key]), list(ours[key].values()), marker="o", label=label)
-    ax.set_xlabel("concurrent streams")
-    ax.set_ylabel("aggregate tokens/s")
-    ax.set_title("Inference aggregate throughput (CPU)")
-    ax.legend()
+    results = document["results"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, label in (("engine_aggregate", "engine in-process"), ("grpc_aggregate", "gRPC service")):
+        series = results[key]["value"]
+        left.plot([int(n) for n in series], list(series.values()), marker="o", label=label)
+    genai16 = results["onnxruntime_genai"].get("batch16_aggregate_tok_s")
+    if genai16:
+        left.axhline(genai16, color="grey", linestyle="--", label="onnxruntime-genai batch 16")
+    left.set_xlabel("concurrent streams")
+    left.set_ylabel("aggregate tokens/s")
+    left.set_title("Aggregate throughput (CPU, greedy, 128 new tokens)")
+    left.legend()
+    names = ["engine", "gRPC", "llama.cpp", "ort-genai"]
+    decode = [results["engine_batch1_decode"]["value"], results["grpc_batch1_decode"]["value"],
+              results["llama_cpp"].get("batch1_decode_tok_s") or 0,
+              results["onnxruntime_genai"].get("batch1_decode_tok_s") or 0]
+    ttft = [results["engine_ttft_ms"]["value"], results["grpc_ttft_ms"]["value"],
+            results["llama_cpp"].get("ttft_ms") or 0, results["onnxruntime_genai"].get("ttft_ms") or 0]
+    xs = range(len(names))
+    right.bar([x - 0.2 for x in xs], decode, width=0.4, label="batch-1 decode tokens/s")
+    right.bar([x + 0.2 for x in xs], ttft, width=0.4, label=f"TTFT ms ({PROMPT_TOKENS}-token prompt)")
+    right.set_xticks(list(xs), names)
+    right.set_title("Batch 1, same run")
+    right.legend()
     fig.tight_layout()
     fig.savefig(path)
 

@@ -27,6 +27,8 @@ class InferenceConfig:
     queue_capacity: int = 128
     decode_rows: int = 16
     intra_op_threads: int = 0  # 0 = one per core
+    # ONNX Runtime worker threads busy-wait between kernels (faster small steps, burns idle CPU).
+    allow_spinning: bool = True
     provider: str = "auto"  # auto | cuda | cpu
     verify_model: bool = False  # re-hash the model files at start
 
@@ -45,7 +47,8 @@ class InferenceConfig:
 
     @property
     def session(self) -> SessionSettings:
-        return SessionSettings(provider=self.provider, intra_op_threads=self.intra_op_threads)
+        return SessionSettings(provider=self.provider, intra_op_threads=self.intra_op_threads,
+                               allow_spinning=self.allow_spinning)
 
 
 def replica_overrides(section: dict[str, Any]) -> dict[str, Any]:
