@@ -329,6 +329,11 @@ def render_bootstrap(policy: Policy, service: str, *, certs_dir: Path, upstream:
                 common_tls_context=_common_tls(certs_dir, service, None, policy.spiffe_id(peer)), sni=peer)
             clusters.append(_cluster(peer, addresses, policy, peer, TransportSocket(
                 name="envoy.transport_sockets.tls", typed_config=PbAny.pack(upstream_tls))))
+        if len(peers) == 1:  # health and reflection belong to no one service: with one peer they go to it
+            only = next(iter(peers))
+            for infra in ("/grpc.health.v1.Health/", "/grpc.reflection."):
+                outbound_routes.append(Route(name=f"infra:{infra}", match=RouteMatch(prefix=infra),
+                                             route=RouteAction(cluster=only, timeout=_seconds(10))))
         listeners.append(Listener(name="outbound", address=_socket(f"{host}:{ports.outbound}"),
                                   filter_chains=[FilterChain(filters=[_hcm("outbound", outbound_routes, [], service)])]))
     bootstrap = Bootstrap(

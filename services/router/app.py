@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -138,13 +139,45 @@ class RouterApp:
                 continue
             by_model.setdefault((info.name, info.version), []).append(address)
             windows[info.name] = info.context_window
+        previous = self._load_bootstrap()
         for (name, version), replicas in by_model.items():
-            if name in self.registry:
-                if not self.registry.get(name).context_window:
-                    self.registry.set_context_window(name, windows[name])
+            if name not in self.registry:
+                self.registry.register(name, version, tuple(replicas), context_window=windows[name],
+                                       actor="router.bootstrap")
+                log.info("model_registered_from_inference", model=name, version=version, replicas=replicas)
                 continue
-            self.registry.register(name, version, tuple(replicas), context_window=windows[name], actor="router.bootstrap")
-            log.info("model_registered_from_inference", model=name, version=version, replicas=replicas)
+            if not self.registry.get(name).context_window:
+                self.registry.set_context_window(name, windows[name])
+            earlier = previous.get(name, {})
+            known = {v.version for v in self.registry.get(name).versions}
+            if not earlier and version in known:
+                continue  # registered by an operator: leave it as they set it
+            # Bootstrapped on an earlier start: the configured replicas are the truth now (ports change
+            # between starts, and a rebuilt model is a new version that takes over from the one it replaces).
+            self.registry.register(name, version, tuple(replicas), context_window=windows[name],
+                                   actor="router.bootstrap")
+            stale = [v for v in self.registry.get(name).versions if v.version != version
+                     and v.version in earlier and set(v.replicas) <= set(earlier[v.version])]
+            if stale:
+                self.registry.promote(name, version, actor="router.bootstrap")
+            log.info("model_replicas_refreshed_from_inference", model=name, version=version, replicas=replicas,
+                     replaced_versions=[v.version for v in stale])
+        served: dict[str, dict[str, list[str]]] = {}
+        for (name, version), replicas in by_model.items():
+            served.setdefault(name, {})[version] = replicas
+        self._save_bootstrap(served)
+
+    def _bootstrap_path(self) -> Path:
+        return Path(self.config.data_dir) / "bootstrap_replicas.json"
+
+    def _load_bootstrap(self) -> dict[str, dict[str, list[str]]]:
+        path = self._bootstrap_path()
+        return dict(json.loads(path.read_text())) if path.exists() else {}
+
+    def _save_bootstrap(self, served: dict[str, dict[str, list[str]]]) -> None:
+        self._bootstrap_path().write_text(json.dumps(served, indent=2) + "\n")
+
+
 
     async def register(
         self, name: str, version: str, replicas: tuple[str, ...], fallbacks: tuple[str, ...], canary: CanaryPolicy
