@@ -21,10 +21,9 @@ def scrape() -> str:
 
 
 def value(body: str, name: str, **labels: str) -> float:
-    for line in body.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    """Sum of every series of `name` whose labels include `labels`."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+               if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
 
 
 async def test_requests_tokens_spend_and_ttft_are_exported(mesh: Mesh) -> None:
