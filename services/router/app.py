@@ -29,7 +29,8 @@ from services.router.inference_client import GrpcInference
 from services.router.jobs.runner import BatchRunner, RunnerSettings
 from services.router.jobs.service import Jobs
 from services.router.jobs.store import JobStore
-from services.router.limits.token_bucket import InMemoryBuckets, RateLimiter
+from services.router.limits.backends import rate_limit_backend
+from services.router.limits.token_bucket import RateLimiter
 from services.router.metering import Meter
 from services.router.policy import PolicyStore
 from services.router.ports import AlertLevel
@@ -82,9 +83,10 @@ class RouterApp:
         self.monitor = ReplicaMonitor(self.balancer, self.inference, config.health_interval_s)
         self.meter = Meter(self.billing, self.spool, grace_s=config.billing_grace_s,
                            batch_wait_s=config.batch_billing_wait_s)
+        self.limiter = RateLimiter(rate_limit_backend(config.rate_limit_redis_url))
         self.gateway = Gateway(
             registry=self.registry, balancer=self.balancer, inference=self.inference, meter=self.meter,
-            limiter=RateLimiter(InMemoryBuckets()),
+            limiter=self.limiter,
             cache=ResponseCache(config.cache_max_entries, config.cache_max_bytes, config.cache_ttl_s),
             contexts=self.contexts, policies=self.policies, canary=CanaryMonitor(self.registry),
             gate=PriorityGate(config.max_concurrent),
@@ -217,5 +219,6 @@ class RouterApp:
         await self.monitor.close()
         await self.inference.close()
         await self.billing.close()
+        await self.limiter.close()
         for store in (self.keys, self.registry, self.policies, self.contexts, self.spool, self.job_store):
             store.close()

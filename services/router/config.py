@@ -48,6 +48,9 @@ class RouterConfig:
     batch_concurrency: int = 4
     batch_poll_s: float = 0.5
     batch_billing_wait_s: float = 300.0
+    # Redis holding the per-key rate-limit buckets, shared by router replicas (redis://host:port/db,
+    # rediss://, unix:///path.sock); empty: in-process buckets. Redis unreachable: requests pass (fail open).
+    rate_limit_redis_url: str = ""
 
     def __post_init__(self) -> None:
         if self.cache_max_entries < 0 or self.cache_max_bytes < 0 or self.cache_ttl_s < 0:

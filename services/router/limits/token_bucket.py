@@ -6,7 +6,8 @@ A request takes 1 request and `prompt + max_tokens` tokens up front (`admit`); w
 delay after which the same request would pass, carried to the caller as google.rpc.RetryInfo.
 
 `RateLimiterBackend` is the storage interface; `InMemoryBuckets` is the embedded default.
-(A Redis backend sharing buckets across router replicas is not built yet.)
+`services.router.limits.redis_buckets.RedisBuckets` shares the buckets across router replicas
+(`rate_limit_redis_url` in the router config).
 """
 
 from __future__ import annotations
@@ -50,6 +51,28 @@ class RateLimiterBackend(Protocol):
 
     async def settle(self, admission: Admission, tpm: int, actual_tokens: int) -> None: ...
 
+    async def close(self) -> None: ...
+
+
+def check_fits(tpm: int, tokens: int) -> None:
+    """A request that could never pass the tokens/min limit is invalid, not rate limited."""
+    if tpm and tokens > tpm:
+        raise InvalidInput(
+            f"this request may use {tokens} tokens (prompt + max_tokens) but the key allows {tpm} per minute;"
+            " lower max_tokens or shorten the prompt",
+            field="sampling.max_tokens",
+        )
+
+
+def refusal(waits: list[tuple[float, str]]) -> RateLimited:
+    """The refusal for the longest of the waits (seconds, the limit in words)."""
+    delay, limit = max(waits)
+    return RateLimited(
+        f"rate limit of this API key reached ({limit}); retry in {delay:.2f} s",
+        retry_after_s=delay,
+        metadata={"limit": limit, "retry_after_ms": str(int(delay * 1000))},
+    )
+
 
 class InMemoryBuckets:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -67,12 +90,7 @@ class InMemoryBuckets:
         return bucket
 
     async def admit(self, key_id: str, rpm: int, tpm: int, tokens: int) -> Admission:
-        if tpm and tokens > tpm:
-            raise InvalidInput(
-                f"this request may use {tokens} tokens (prompt + max_tokens) but the key allows {tpm} per minute;"
-                " lower max_tokens or shorten the prompt",
-                field="sampling.max_tokens",
-            )
+        check_fits(tpm, tokens)
         async with self._lock:
             now = self._clock()
             waits: list[tuple[float, str]] = []
@@ -83,12 +101,7 @@ class InMemoryBuckets:
             if token_bucket is not None and token_bucket.level < tokens:
                 waits.append((token_bucket.wait_for(tokens), f"{tpm} tokens per minute"))
             if waits:
-                delay, limit = max(waits)
-                raise RateLimited(
-                    f"rate limit of this API key reached ({limit}); retry in {delay:.2f} s",
-                    retry_after_s=delay,
-                    metadata={"limit": limit, "retry_after_ms": str(int(delay * 1000))},
-                )
+                raise refusal(waits)
             if requests is not None:
                 requests.level -= 1
             if token_bucket is not None:
@@ -102,6 +115,9 @@ class InMemoryBuckets:
             bucket = self._bucket(admission.key_id, "tpm", tpm, self._clock())
             # Give back what was admitted but not used; an overshoot makes the level go below zero.
             bucket.level = min(bucket.capacity, bucket.level + admission.admitted_tokens - actual_tokens)
+
+    async def close(self) -> None:
+        return None
 
 
 class RateLimiter:
@@ -118,3 +134,6 @@ class RateLimiter:
     async def settle(self, admission: Admission, tpm: int, actual_tokens: int) -> None:
         if tpm and admission.admitted_tokens:
             await self._backend.settle(admission, tpm, actual_tokens)
+
+    async def close(self) -> None:
+        await self._backend.close()
