@@ -10,6 +10,7 @@ Failures are returned as {"error": reason} so the results file says exactly why 
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -169,5 +170,31 @@ def _version(module: str) -> str:
         return "unknown"
 
 
-if __name__ == "__main__":  # `python -m bench.inference.anchors GGUF`: build the genai model ahead of a run
-    print(genai_model(Path(sys.argv[1]), bench_cache()))
+def run_isolated(runner: str, gguf: Path, prompt_ids: list[int], new_tokens: int, threads: int,
+                 batch: int = 16) -> dict[str, Any]:
+    """One measurement of an anchor in its own process, so that no runner's thread pools or memory
+    share a process with another's."""
+    cmd = [sys.executable, "-m", "bench.inference.anchors", runner, str(gguf), ",".join(map(str, prompt_ids)),
+           str(new_tokens), str(threads), str(batch)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[2])
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        return {"error": f"{runner} anchor exited {done.returncode}: {done.stderr.strip()[-1000:]}"}
+    return dict(json.loads(lines[-1]))
+
+
+def _main(argv: list[str]) -> None:
+    if argv[0] == "build":  # python -m bench.inference.anchors build GGUF: the genai model ahead of a run
+        print(genai_model(Path(argv[1]), bench_cache()))
+        return
+    runner, gguf, ids, new_tokens, threads, batch = argv[0], Path(argv[1]), argv[2], *map(int, argv[3:6])
+    prompt = [int(x) for x in ids.split(",")]
+    if runner == "llama":
+        result = bench_llama_cpp(gguf, prompt, new_tokens, threads, repeats=1)
+    else:
+        result = bench_genai(gguf, prompt, new_tokens, batch, repeats=1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
