@@ -204,7 +204,8 @@ def plot(results: list[dict[str, Any]], anchor: dict[str, Any], path: Path) -> N
     left.axhline(20_000, color="green", linestyle="--", label="target 20,000/s")
     left.axhline(LAGO_EVENTS_PER_S, color="grey", linestyle=":", label="Lago claim 15,000/s")
     left.set_title("StreamUsage, one stream, durable commits")
-    left.set_ylabel("events / s")
+    left.set_ylabel("events / s (log)")
+    left.set_yscale("log")
     left.legend(fontsize=7)
     for r in results:
         xs2 = [row["callers"] for row in r["latency"]]
