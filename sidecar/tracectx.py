@@ -4,6 +4,7 @@ sent them, make them when it did not, and pass B3 and everything else through un
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Sequence
 
 TRACEPARENT = "traceparent"
@@ -19,12 +20,17 @@ HOP_BY_HOP = frozenset({
 })
 
 
+# Trace and request ids need to be unique, not secret: a PRNG seeded from the OS makes them without a
+# getrandom() syscall per id (a proxied call without trace context needs three).
+_ids = random.Random(os.urandom(32))
+
+
 def new_trace_id() -> str:
-    return os.urandom(16).hex()
+    return f"{_ids.getrandbits(128) or 1:032x}"
 
 
 def new_span_id() -> str:
-    return os.urandom(8).hex()
+    return f"{_ids.getrandbits(64) or 1:016x}"
 
 
 def parse_traceparent(value: str) -> tuple[str, str, str] | None:
