@@ -3,7 +3,8 @@
 Each proxy is its own process in front of the same upstream process, on its inbound mTLS listener
 (client certificate: router, upstream service: inference), with its access log on. Measured: unary
 calls at concurrency 1 and 32 and streams of 100 messages; latency p50/p99 and, for the proxies, CPU
-time per call and per streamed message read from /proc/<pid>/stat before and after each phase.
+time per call and per streamed message (all threads' on-CPU time from /proc/<pid>/task/*/schedstat)
+before and after each phase; three rounds, medians.
 Writes bench/results/sidecar.json and sidecar.png.
 """
 
@@ -37,11 +38,33 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 TICK = os.sysconf("SC_CLK_TCK")
 STREAM_MESSAGES = 100
+ROUNDS = 3  # every figure is the median over rounds; ratios and added latencies are paired within a round
+
+
+def merge_rounds(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per proxy and phase: the median of each figure over the rounds (counts are per round)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for proxy, phases in rounds[0].items():
+        merged[proxy] = {}
+        for phase, first in phases.items():
+            entry: dict[str, Any] = {}
+            for key, value in first.items():
+                values = [r[proxy][phase][key] for r in rounds]
+                entry[key] = statistics.median(values) if isinstance(value, float) else value
+            entry["rounds"] = len(rounds)
+            merged[proxy][phase] = entry
+    return merged
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime (fields 14, 15)
+    """On-CPU time of every thread of `pid` in nanosecond resolution (schedstat), else utime+stime in ticks
+    (a 10 ms tick is ~14 % of Envoy's CPU for a whole stream phase)."""
+    try:
+        return sum(int((task / "schedstat").read_text().split()[0])
+                   for task in Path(f"/proc/{pid}/task").iterdir()) / 1e9
+    except (OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime (fields 14, 15)
 
 
 def free_port() -> int:
@@ -214,17 +237,28 @@ async def run(out: Path, scale: float, only: str = "") -> dict[str, Any]:
             print(f"python sidecar pid {python_sidecar.pid}", flush=True)
             await measure("python", f"127.0.0.1:{py_port}", credentials, python_sidecar.pid, scale)
             return {}
-        results = {
-            "direct": await measure("direct", upstream_addr, None, None, scale),
-            "python": await measure("python", f"127.0.0.1:{py_port}", credentials, python_sidecar.pid, scale),
-            "envoy": await measure("envoy", f"127.0.0.1:{envoy_ports.inbound}", credentials, envoy.pid, scale),
-        }
+        rounds: list[dict[str, dict[str, Any]]] = []
+        for number in range(1, ROUNDS + 1):  # direct, Python, Envoy back to back in every round
+            print(f"round {number}/{ROUNDS}", flush=True)
+            rounds.append({
+                "direct": await measure("direct", upstream_addr, None, None, scale),
+                "python": await measure("python", f"127.0.0.1:{py_port}", credentials, python_sidecar.pid, scale),
+                "envoy": await measure("envoy", f"127.0.0.1:{envoy_ports.inbound}", credentials, envoy.pid,
+                                       scale),
+            })
     finally:
         for proc in reversed(procs):
             stop(proc)
 
+    results = merge_rounds(rounds)
+    tick_us = 1e6 / TICK  # /proc CPU times count in ticks: never divide by less than one tick's worth
+
+    def per_round(value: Any) -> float:
+        """The median over rounds of a figure computed within each round (paired: same machine state)."""
+        return statistics.median(value(r) for r in rounds)
+
     def added(proxy: str, phase: str, key: str) -> float:
-        return results[proxy][phase][key] - results["direct"][phase][key]
+        return per_round(lambda r: r[proxy][phase][key] - r["direct"][phase][key])
 
     figures: dict[str, Any] = {}
     for proxy in ("python", "envoy"):
@@ -234,34 +268,44 @@ async def run(out: Path, scale: float, only: str = "") -> dict[str, Any]:
         figures[f"{proxy}_cpu_us_per_unary_call_c1"] = results[proxy]["unary_c1"]["proxy_cpu_us_per_unit"]
         figures[f"{proxy}_cpu_us_per_unary_call_c32"] = results[proxy]["unary_c32"]["proxy_cpu_us_per_unit"]
         figures[f"{proxy}_cpu_us_per_streamed_message"] = results[proxy]["stream_100"]["proxy_cpu_us_per_unit"]
-    tick_us = 1e6 / TICK  # /proc CPU times count in ticks: never divide by less than one tick's worth
-    cpu_call_ratio = figures["python_cpu_us_per_unary_call_c32"] / max(
-        figures["envoy_cpu_us_per_unary_call_c32"], tick_us / results["envoy"]["unary_c32"]["count"])
-    cpu_msg_ratio = figures["python_cpu_us_per_streamed_message"] / max(
-        figures["envoy_cpu_us_per_streamed_message"],
-        tick_us / (results["envoy"]["stream_100"]["count"] * STREAM_MESSAGES))
+    cpu_call_ratio = per_round(lambda r: r["python"]["unary_c32"]["proxy_cpu_us_per_unit"] / max(
+        r["envoy"]["unary_c32"]["proxy_cpu_us_per_unit"], tick_us / r["envoy"]["unary_c32"]["count"]))
+    cpu_msg_ratio = per_round(lambda r: r["python"]["stream_100"]["proxy_cpu_us_per_unit"] / max(
+        r["envoy"]["stream_100"]["proxy_cpu_us_per_unit"], tick_us / (r["envoy"]["stream_100"]["count"]
+                                                                     * STREAM_MESSAGES)))
+    figures["python_over_envoy_cpu_per_unary_call_c32_per_round"] = [
+        r["python"]["unary_c32"]["proxy_cpu_us_per_unit"] / r["envoy"]["unary_c32"]["proxy_cpu_us_per_unit"]
+        for r in rounds]
+    figures["python_over_envoy_cpu_per_streamed_message_per_round"] = [
+        r["python"]["stream_100"]["proxy_cpu_us_per_unit"] / r["envoy"]["stream_100"]["proxy_cpu_us_per_unit"]
+        for r in rounds]
     doc: dict[str, Any] = {
         "benchmark": "sidecar",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "setup": "client --mTLS--> proxy inbound listener (authz, access log) --plaintext--> upstream process; "
-                 "direct = client --plaintext--> upstream. Envoy --concurrency 1.",
+                 "direct = client --plaintext--> upstream. Envoy --concurrency 1. "
+                 f"{ROUNDS} rounds of direct, Python, Envoy back to back; medians over rounds.",
         "results": {
             "raw": {proxy: {phase: {k: v for k, v in data.items()} for phase, data in phases.items()}
                     for proxy, phases in results.items()},
             "figures": figures,
+            "rounds": rounds,
             "units": {"*_ms": "milliseconds", "*_us_*": "microseconds of proxy CPU (user+system)",
                       "throughput_per_s": "calls or messages per second"},
         },
         "targets": [
             {"name": "python sidecar added p50 latency, unary, concurrency 1 (ms)",
              "measured": figures["python_unary_c1_added_p50_ms"], "target": 0.5, "better": "lower",
-             "anchor": f"direct p50 {results['direct']['unary_c1']['p50_ms']:.3f} ms in the same run"},
+             "anchor": f"direct p50 {results['direct']['unary_c1']['p50_ms']:.3f} ms in the same run "
+                       f"(median over {ROUNDS} rounds of the per-round difference)"},
             {"name": "python sidecar CPU per unary call as a multiple of Envoy's (concurrency 32)",
              "measured": cpu_call_ratio, "target": 2.0, "better": "lower",
-             "anchor": f"Envoy {figures['envoy_cpu_us_per_unary_call_c32']:.1f} us/call in the same run"},
+             "anchor": f"Envoy {figures['envoy_cpu_us_per_unary_call_c32']:.1f} us/call in the same run "
+                       f"(median over {ROUNDS} rounds of the per-round ratio)"},
             {"name": "python sidecar CPU per streamed message as a multiple of Envoy's",
              "measured": cpu_msg_ratio, "target": 3.0, "better": "lower",
-             "anchor": f"Envoy {figures['envoy_cpu_us_per_streamed_message']:.1f} us/message in the same run"},
+             "anchor": f"Envoy {figures['envoy_cpu_us_per_streamed_message']:.1f} us/message in the same run "
+                       f"(median over {ROUNDS} rounds of the per-round ratio)"},
         ],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
