@@ -87,7 +87,9 @@ async def run(args: argparse.Namespace, handshakes: HandshakeLog | None = None) 
     if handshakes is not None:
         handshakes.on_refused = running.count_refused_handshake
     # One machine-readable line on stdout with the bound ports, for launchers and tests.
-    print(json.dumps({"sidecar": args.service, **running.ports()}), flush=True)
+    # One write, newline included: other threads write log lines to the same file.
+    sys.stdout.write(json.dumps({"sidecar": args.service, **running.ports()}) + "\n")
+    sys.stdout.flush()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 
 from services.common.config import ServerSettings, add_server_arguments, server_settings_from_args
@@ -34,9 +35,11 @@ def run_service(
     async def main() -> None:
         if settings.metrics_port is not None:
             metrics_port = start_metrics_endpoint(settings.metrics_port, settings.host)
-            print(f"{name} metrics on http://{settings.host}:{metrics_port}/metrics", flush=True)
+            sys.stdout.write(f"{name} metrics on http://{settings.host}:{metrics_port}/metrics\n")
+            sys.stdout.flush()
         running = await build(settings, args)
-        print(f"{name} listening on {settings.host}:{running.port}", flush=True)
+        sys.stdout.write(f"{name} listening on {settings.host}:{running.port}\n")  # one write: see logging.py
+        sys.stdout.flush()
         await serve_until_signal(running, settings.shutdown_grace_s)
 
     asyncio.run(main())

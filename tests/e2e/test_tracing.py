@@ -55,6 +55,7 @@ async def test_one_trace_id_spans_every_hop(tmp_path, processes: list[subprocess
         assert stop_mesh(mesh) == 0
         logs = mesh.data_dir / "logs"
         for name in ("router-sidecar", "router", "inference-0-sidecar", "inference-0", "billing-sidecar", "billing"):
+            # Every line that starts a JSON record is exactly one record (no interleaving between threads).
             lines = [json.loads(line) for line in (logs / f"{name}.log").read_text().splitlines()
                      if line.startswith("{")]
             assert any(line.get("trace_id") == TRACE_ID for line in lines), f"{name}.log has no line of the trace"
