@@ -30,6 +30,15 @@ log = structlog.get_logger(__name__)
 MESH_ENV = "AUTOGLM_MESH"
 
 
+def _terminate_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGTERM if the launcher dies (even by SIGKILL), so a
+    crashed launcher leaves no orphaned service behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @dataclass
 class Child:
     spec: ProcessSpec
@@ -55,6 +64,7 @@ class Child:
             env={**os.environ, "PYTHONUNBUFFERED": "1", MESH_ENV: self.mesh_id},
             # Own process group: a terminal's Ctrl-C reaches only the launcher, which stops children in order.
             start_new_session=True,
+            preexec_fn=_terminate_with_parent,
         )
         handle.close()
         log.info("child_started", child=self.name, pid=self.process.pid, ready=self.spec.ready_address)

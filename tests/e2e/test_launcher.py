@@ -126,3 +126,15 @@ def test_the_mesh_runs_unchanged_with_envoy_as_every_sidecar(tmp_path, processes
     assert '"completionTokens": 4' in streamed.stdout or '"finishReason": "FINISH_REASON_STOP"' in streamed.stdout
     assert stop_mesh(mesh) == 0
     assert mesh.descendants() == []
+
+
+def test_a_killed_launcher_leaves_no_orphans(tmp_path, processes) -> None:
+    """Even SIGKILL of `autoglm up` itself takes every child down with it (parent-death signal)."""
+    mesh = start_mesh(tmp_path, processes)
+    assert len(mesh.descendants()) >= 7
+    os.kill(mesh.process.pid, signal.SIGKILL)
+    mesh.process.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while mesh.descendants() and time.monotonic() < deadline:
+        select.select([], [], [], 0.25)  # pace the polling of the process table
+    assert mesh.descendants() == []
