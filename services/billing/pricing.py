@@ -1,9 +1,5 @@
-"""Cost of usage from a price table, in integer micro-units.
-
-Rounding rule: the exact cost is (prompt x input_price + completion x output_price) / 1,000,000 micro-units
-(prices are per million tokens); it is rounded ONCE, on that total, half up (x.5 micro-units → x+1). Cached
-events use the cached price for both kinds of tokens when the model has one. No float is ever involved.
-"""
+"""Cost of usage from a price table, in integer micro-units: the price in force at the event's time,
+through the mesh's one cost formula and rounding rule (`services.common.pricing`)."""
 
 from __future__ import annotations
 
@@ -12,16 +8,12 @@ from collections.abc import Iterable
 
 from services.billing.model import Price
 from services.common.errors import FailedPrecondition
-
-MILLION = 1_000_000
+from services.common.pricing import usage_cost_micros
 
 
 def cost_micros(price: Price, prompt_tokens: int, completion_tokens: int, cached: bool = False) -> int:
-    if cached and price.cached_per_million is not None:
-        numerator = (prompt_tokens + completion_tokens) * price.cached_per_million
-    else:
-        numerator = prompt_tokens * price.input_per_million + completion_tokens * price.output_per_million
-    return (numerator + MILLION // 2) // MILLION
+    return usage_cost_micros(prompt_tokens, completion_tokens, price.input_per_million, price.output_per_million,
+                             price.cached_per_million, cached)
 
 
 class PriceTable:

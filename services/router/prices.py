@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from services.common.pricing import usage_cost_micros
 from services.router.types import Money
 
-MILLION = 1_000_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MICROSECOND = timedelta(microseconds=1)
 
@@ -35,11 +35,8 @@ class Price:
 
 
 def cost_micros(price: Price, prompt_tokens: int, completion_tokens: int, cached: bool = False) -> int:
-    if cached and price.cached_per_million is not None:
-        numerator = (prompt_tokens + completion_tokens) * price.cached_per_million
-    else:
-        numerator = prompt_tokens * price.input_per_million + completion_tokens * price.output_per_million
-    return (numerator + MILLION // 2) // MILLION
+    return usage_cost_micros(prompt_tokens, completion_tokens, price.input_per_million, price.output_per_million,
+                             price.cached_per_million, cached)
 
 
 class PriceBook:
