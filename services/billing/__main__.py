@@ -7,6 +7,10 @@ Settings come from the `billing:` section of `--config` (any BillingConfig field
 
 from __future__ import annotations
 
+from services.common.grpc_engine import default_to_iomgr
+
+default_to_iomgr()  # before grpc loads: see services/common/grpc_engine.py
+
 import argparse
 from pathlib import Path
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from services.common.config import ServerSettings, add_server_arguments, server_settings_from_args
+from services.common.grpc_engine import prefer_iomgr_polling
 from services.common.grpc_server import RunningServer, serve_until_signal
 from services.common.logging import configure_logging
 from services.common.metrics import start_metrics_endpoint
@@ -23,6 +24,7 @@ def run_service(
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
     argv: list[str] | None = None,
 ) -> None:
+    prefer_iomgr_polling()  # a no-op when the entry module chose before grpc loaded
     parser = argparse.ArgumentParser(prog=f"python -m services.{name}", description=f"Run the {name} service.")
     add_server_arguments(parser, default_port)
     if add_arguments:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from services.common.grpc_engine import default_to_iomgr
+
+default_to_iomgr()  # before grpc loads: see services/common/grpc_engine.py
+
 import argparse
 import sys
 from dataclasses import replace

@@ -27,6 +27,13 @@ class PriorityGate:
     def waiting(self) -> int:
         return sum(1 for _, _, f in self._waiters if not f.done())
 
+    def try_acquire(self) -> bool:
+        """Take a slot only if one is free now and nobody waits for one."""
+        if self._in_use < self._capacity and not self.waiting:
+            self._in_use += 1
+            return True
+        return False
+
     async def acquire(self, traffic_class: TrafficClass) -> None:
         if self._in_use < self._capacity and not self.waiting:
             self._in_use += 1

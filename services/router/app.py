@@ -82,7 +82,8 @@ class RouterApp:
         self.balancer = Balancer()
         self.monitor = ReplicaMonitor(self.balancer, self.inference, config.health_interval_s)
         self.meter = Meter(self.billing, self.spool, grace_s=config.billing_grace_s,
-                           batch_wait_s=config.batch_billing_wait_s)
+                           batch_wait_s=config.batch_billing_wait_s,
+                           max_early_starts_per_tenant=config.early_starts_per_tenant)
         self.limiter = RateLimiter(rate_limit_backend(config.rate_limit_redis_url))
         self.gateway = Gateway(
             registry=self.registry, balancer=self.balancer, inference=self.inference, meter=self.meter,

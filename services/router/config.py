@@ -51,6 +51,10 @@ class RouterConfig:
     # Redis holding the per-key rate-limit buckets, shared by router replicas (redis://host:port/db,
     # rediss://, unix:///path.sock); empty: in-process buckets. Redis unreachable: requests pass (fail open).
     rate_limit_redis_url: str = ""
+    # Requests per tenant whose generation may start while their budget hold is still on the way (only
+    # for tenants billing last placed below every alert threshold; nothing is sent before the hold is
+    # granted). 0: always wait for the hold first.
+    early_starts_per_tenant: int = 8
 
     def __post_init__(self) -> None:
         if self.cache_max_entries < 0 or self.cache_max_bytes < 0 or self.cache_ttl_s < 0:
@@ -59,5 +63,7 @@ class RouterConfig:
             raise ValueError("default_max_tokens must be >= 1")
         if self.batch_concurrency < 1 or self.batch_poll_s <= 0:
             raise ValueError("batch_concurrency must be >= 1 and batch_poll_s > 0")
+        if self.early_starts_per_tenant < 0:
+            raise ValueError("early_starts_per_tenant must be >= 0")
         if self.max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")

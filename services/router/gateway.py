@@ -260,6 +260,14 @@ class Gateway:
             plan.prompt_bound + plan.max_tokens,
         )
         hit = self.cache.get(plan.cache_key) if plan.cache_key is not None else None
+        progress = Progress()
+        # Overlap the hold's round trip with the prompt prefill when billing says the tenant has room:
+        # the generation starts now, but nothing is sent on before the hold is granted.
+        early: _EarlyStart | None = None
+        if (hit is None and self.meter.may_start_before_hold(principal.tenant_id, plan.traffic_class)
+                and self.gate.try_acquire()):
+            early = _EarlyStart(self._answer(ctx, plan, progress, hit))
+            await asyncio.sleep(0)  # let the generation's call leave before the hold's
         try:
             if hit is not None and self.meter.may_skip_hold(principal.tenant_id) and self.meter.local_cost(
                     _usage_record(ctx, plan, hit.model, hit.model_version, Usage(hit.prompt_tokens,
@@ -267,18 +275,26 @@ class Gateway:
                                   start_wall)) is not None:
                 hold = NO_HOLD  # a cache hit priced locally: its usage is recorded without a hold
             else:
-                hold = await self.meter.reserve(HoldRequest(
+                reserve = self.meter.reserve_early if early is not None else self.meter.reserve
+                hold = await reserve(HoldRequest(
                     request_id=ctx.request_id, tenant_id=principal.tenant_id, api_key_id=principal.key_id,
                     model=plan.model.name, model_version=plan.version.version, traffic_class=plan.traffic_class,
                     max_prompt_tokens=plan.prompt_bound, max_completion_tokens=plan.max_tokens, tags=plan.tags,
                 ), deadline=ctx.deadline)
         except BaseException:
+            if early is not None:
+                await asyncio.shield(early.aclose())  # refused: the generation stops, nothing was sent
+                self.gate.release()
             await self.limiter.settle(admission, principal.tokens_per_minute, 0)
             raise
-        progress = Progress()
         try:
-            async with self.gate.slot(plan.traffic_class):
-                async for chunk in self._answer(ctx, plan, progress, hit):
+            slot_held = early is not None
+            try:
+                if not slot_held:
+                    await self.gate.acquire(plan.traffic_class)
+                    slot_held = True
+                stream = early if early is not None else self._answer(ctx, plan, progress, hit)
+                async for chunk in stream:
                     if chunk.finish_reason != FinishReason.UNSPECIFIED:
                         progress.final = chunk
                     if chunk.delta or chunk.tokens:
@@ -287,6 +303,11 @@ class Gateway:
                         progress.parts.append(chunk.delta)
                         progress.tokens += chunk.tokens
                         yield Chunk(delta=chunk.delta, tokens=chunk.tokens)
+            finally:
+                if early is not None:
+                    await asyncio.shield(early.aclose())
+                if slot_held:
+                    self.gate.release()
         except BaseException as exc:
             cancelled = isinstance(exc, asyncio.CancelledError | GeneratorExit)
             status = UsageStatus.CANCELLED if cancelled else UsageStatus.FAILED
@@ -468,6 +489,41 @@ class Gateway:
                 parts.append(item.delta)
         assert summary is not None
         return "".join(parts), summary
+
+
+class _EarlyStart:
+    """A chunk stream whose first chunk is already being fetched (so the generation starts now)."""
+
+    def __init__(self, source: AsyncIterator[Chunk]) -> None:
+        self._source = source
+        self._first: asyncio.Task[Chunk] | None = asyncio.ensure_future(self._pull())
+        self._closed = False
+
+    async def _pull(self) -> Chunk:
+        return await anext(self._source)
+
+    def __aiter__(self) -> _EarlyStart:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return await first
+        return await anext(self._source)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._first is not None:
+            first, self._first = self._first, None
+            first.cancel()
+            await asyncio.wait([first])
+            if not first.cancelled():
+                first.exception()  # retrieved: a failure nobody will read is not an error to report
+        aclose = getattr(self._source, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def _usage_record(

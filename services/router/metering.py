@@ -6,6 +6,12 @@ continues for `grace_s` seconds from the first failure with an offline hold, and
 durable spool, replayed in order by `replay_forever` once billing answers again. BATCH traffic waits
 for billing to come back — retrying with backoff until the call's deadline (or `batch_wait_s`) — and then
 fails with `BillingUnavailable`; so does everything once the grace period is over.
+
+`may_start_before_hold` lets the gateway overlap the hold's round trip with the start of the generation
+(prompt prefill) for tenants billing last placed below every alert threshold: nothing reaches the caller
+before the hold is granted, and a refused hold cancels the generation. At most
+`max_early_starts_per_tenant` such requests wait for their holds at once, so a tenant that runs into its
+budget wastes at most that many prompt prefills.
 """
 
 from __future__ import annotations
@@ -43,8 +49,11 @@ class Meter:
         grace_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         batch_wait_s: float = 300.0,
+        max_early_starts_per_tenant: int = 8,
     ) -> None:
         self._batch_wait_s = batch_wait_s
+        self._max_early = max_early_starts_per_tenant
+        self._early: dict[str, int] = {}
         self.prices = PriceBook()
         self._levels: dict[str, AlertLevel] = {}
         self._prices_loaded_at: float | None = None
@@ -103,6 +112,26 @@ class Meter:
             self._mark_up()
             self._levels[request.tenant_id] = hold.level
             return hold
+
+    def may_start_before_hold(self, tenant_id: str, traffic_class: TrafficClass) -> bool:
+        """Whether a generation may start while its hold is still on the way (see the module docstring)."""
+        return (
+            self._max_early > 0 and traffic_class != TrafficClass.BATCH and not self.billing_down
+            and self._levels.get(tenant_id) == AlertLevel.NONE and self._early.get(tenant_id, 0) < self._max_early
+        )
+
+    async def reserve_early(self, request: HoldRequest, deadline: float | None = None) -> Hold:
+        """`reserve`, counted against the tenant's early-start allowance while it is outstanding."""
+        tenant = request.tenant_id
+        self._early[tenant] = self._early.get(tenant, 0) + 1
+        try:
+            return await self.reserve(request, deadline)
+        finally:
+            left = self._early[tenant] - 1
+            if left:
+                self._early[tenant] = left
+            else:
+                del self._early[tenant]
 
     def may_skip_hold(self, tenant_id: str) -> bool:
         """A cache hit may go without a hold when billing last said this tenant is below CRITICAL."""

@@ -1,4 +1,4 @@
-"""The sidecar process runs grpc on the iomgr polling path unless the operator chose GRPC_EXPERIMENTS."""
+"""Every service and sidecar process runs grpc on the iomgr polling path unless the operator chose GRPC_EXPERIMENTS."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sidecar.main import IOMGR_EXPERIMENTS
+from services.common.grpc_engine import IOMGR_EXPERIMENTS
 
 ROOT = Path(__file__).resolve().parents[3]
 # grpc is already loaded when the sidecar's CLI entry runs (`autoglm sidecar run`): it must re-execute.
-PROBE = ("import os, grpc; from sidecar.main import prefer_iomgr_polling; prefer_iomgr_polling(); "
+PROBE = ("import os, grpc; from services.common.grpc_engine import prefer_iomgr_polling; prefer_iomgr_polling(); "
          "print(os.getpid(), os.environ['GRPC_EXPERIMENTS'])")
 
 
