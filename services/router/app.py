@@ -37,7 +37,7 @@ from services.router.ports import AlertLevel
 from services.router.registry import CanaryPolicy, ModelEntry, Registry
 from services.router.replica_monitor import ReplicaMonitor
 from services.router.retry import RetrySettings
-from services.router.spool import UsageSpool
+from services.router.spool import SettlementJournal, UsageSpool
 from services.router.tasks import TaskSpec, render_task
 from services.router.types import (
     GenerationRequest,
@@ -77,13 +77,14 @@ class RouterApp:
         self.policies = PolicyStore(data / "policies.db")
         self.contexts = ContextStore(data / "contexts.db")
         self.spool = UsageSpool(data / "usage_spool.db")
+        self.journal = SettlementJournal(data / "usage_journal.db")
         self.inference = GrpcInference()
         self.billing = GrpcBilling(config.billing_target or DEFAULT_BILLING_TARGET, timeout_s=config.billing_timeout_s)
         self.balancer = Balancer()
         self.monitor = ReplicaMonitor(self.balancer, self.inference, config.health_interval_s)
         self.meter = Meter(self.billing, self.spool, grace_s=config.billing_grace_s,
                            batch_wait_s=config.batch_billing_wait_s,
-                           max_early_starts_per_tenant=config.early_starts_per_tenant)
+                           max_early_starts_per_tenant=config.early_starts_per_tenant, journal=self.journal)
         self.limiter = RateLimiter(rate_limit_backend(config.rate_limit_redis_url))
         self.gateway = Gateway(
             registry=self.registry, balancer=self.balancer, inference=self.inference, meter=self.meter,
@@ -109,6 +110,7 @@ class RouterApp:
                 self.monitor.watch(version.replicas)
         self.registry.on_change.append(self._watch_model)
         await self.meter.refresh_prices()
+        self.meter.recover_journal()
         self._tasks.append(asyncio.create_task(self.meter.replay_forever()))
         self._tasks.append(asyncio.create_task(self.meter.refresh_prices_forever()))
         self._tasks.append(asyncio.create_task(self.runner.run_forever()))
@@ -221,5 +223,5 @@ class RouterApp:
         await self.inference.close()
         await self.billing.close()
         await self.limiter.close()
-        for store in (self.keys, self.registry, self.policies, self.contexts, self.spool, self.job_store):
+        for store in (self.keys, self.registry, self.policies, self.contexts, self.spool, self.journal, self.job_store):
             store.close()

@@ -415,8 +415,10 @@ class Gateway:
         latency_ms = int((self._clock() - started) * 1000)
         local = None if hold.offline else self.meter.local_cost(record)
         if local is not None:
-            # The cost is known now: answer at once, settle (and log) right after the last message.
-            self._spawn(self._settle(hold, record, local, ttft, latency_ms, error))
+            # The cost is known now: answer at once, settle (and log) right after the last message. The
+            # event is journaled first, so a router that dies before settling replays it at its next start.
+            self.meter.note_answered(record)
+            self._spawn(self._settle(hold, record, local, ttft, latency_ms, error, journaled=True))
         else:
             local = await self._settle(hold, record, None, ttft, latency_ms, error)
         if status == UsageStatus.COMPLETED:
@@ -431,7 +433,7 @@ class Gateway:
 
     async def _settle(
         self, hold: Hold, record: UsageRecord, expected: Money | None, ttft_ms: int, latency_ms: int,
-        error: BaseException | None,
+        error: BaseException | None, journaled: bool = False,
     ) -> Money:
         """Send the one usage event and write the access-log line; returns the cost billing computed (or
         the expected one when billing could not say)."""
@@ -440,6 +442,8 @@ class Gateway:
             cost = await self.meter.settle(hold, record)
         except DomainError as exc:
             log.error("usage_settle_failed", reason=exc.reason, message=exc.message, event_id=record.event_id)
+        if journaled:  # billing or the spool has it now (or billing refused it for good: logged above)
+            self.meter.note_settled(record)
         if cost is None:
             cost = expected
         elif expected is not None and cost != expected:

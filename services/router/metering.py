@@ -25,7 +25,7 @@ import structlog
 from services.common.errors import BudgetExceeded, DomainError, FailedPrecondition, NotFound, Unavailable
 from services.router.ports import AlertLevel, BillingPort, Hold, HoldRequest, UsageRecord
 from services.router.prices import PriceBook
-from services.router.spool import UsageSpool
+from services.router.spool import SettlementJournal, UsageSpool
 from services.router.types import Money, TrafficClass
 
 log = structlog.get_logger(__name__)
@@ -50,7 +50,9 @@ class Meter:
         clock: Callable[[], float] = time.monotonic,
         batch_wait_s: float = 300.0,
         max_early_starts_per_tenant: int = 8,
+        journal: SettlementJournal | None = None,
     ) -> None:
+        self.journal = journal
         self._batch_wait_s = batch_wait_s
         self._max_early = max_early_starts_per_tenant
         self._early: dict[str, int] = {}
@@ -157,6 +159,21 @@ class Meter:
         while True:
             await self.refresh_prices()
             await asyncio.sleep(interval_s)
+
+    def recover_journal(self) -> None:
+        """At start: events an earlier run answered but never settled go to the spool (replayed in order)."""
+        if self.journal is not None and (moved := self.journal.recover(self._spool)):
+            log.warning("unsettled_usage_recovered", events=moved)
+            self._wake.set()
+
+    def note_answered(self, usage: UsageRecord) -> None:
+        """Before the caller is answered with a cost not yet settled: keep the event durably until it is."""
+        if self.journal is not None:
+            self.journal.write(usage)
+
+    def note_settled(self, usage: UsageRecord) -> None:
+        if self.journal is not None:
+            self.journal.clear(usage.event_id)
 
     async def settle(self, hold: Hold, usage: UsageRecord) -> Money | None:
         """Send the usage event; None when it went to the spool (cost not known yet)."""

@@ -78,3 +78,44 @@ class UsageSpool:
 
     def close(self) -> None:
         self._conn.close()
+
+
+class SettlementJournal:
+    """Usage events answered to the caller but not yet handed to billing or to the spool.
+
+    The router answers as soon as the cost is known and settles just after; an event is written here
+    before the answer and removed once billing has it (or the spool does), so a router killed in between
+    loses nothing: at its next start `recover` moves what is left to the spool, which replays it through
+    billing's idempotent RecordUsage (a hold left behind simply expires). WAL with synchronous=NORMAL: a
+    commit survives the process dying (it is in the OS), at the cost of one write, no fsync, per request.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._conn = connect(path)
+        self._conn.execute("CREATE TABLE IF NOT EXISTS unsettled (event_id TEXT PRIMARY KEY, body TEXT NOT NULL)")
+        self._lock = threading.Lock()
+
+    def write(self, usage: UsageRecord) -> None:
+        with self._lock:
+            self._conn.execute("INSERT OR REPLACE INTO unsettled (event_id, body) VALUES (?, ?)",
+                               (usage.event_id, _encode(usage)))
+
+    def clear(self, event_id: str) -> None:
+        with self._lock:
+            self._conn.execute("DELETE FROM unsettled WHERE event_id = ?", (event_id,))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM unsettled").fetchone()[0])
+
+    def recover(self, spool: UsageSpool) -> int:
+        """Move every event left by an earlier run to the spool; returns how many."""
+        with self._lock:
+            rows = self._conn.execute("SELECT event_id, body FROM unsettled ORDER BY rowid").fetchall()
+        for row in rows:
+            spool.append(_decode(row["body"]))  # durable (synchronous=FULL) before it leaves the journal
+            self.clear(row["event_id"])
+        return len(rows)
+
+    def close(self) -> None:
+        self._conn.close()

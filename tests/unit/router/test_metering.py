@@ -3,6 +3,7 @@ replayed in order; batch waits; settlement always sends exactly one event per re
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from services.common.errors import Unavailable
 from services.router.metering import Meter
 from services.router.ports import AlertLevel, Hold, HoldRequest, UsageRecord
-from services.router.spool import UsageSpool
+from services.router.spool import SettlementJournal, UsageSpool
 from services.router.types import Money, TrafficClass, UsageStatus
 
 
@@ -109,3 +110,49 @@ async def test_batch_reserve_gives_up_before_its_deadline(tmp_path: Path) -> Non
     meter = Meter(billing, UsageSpool(tmp_path / "spool.db"), grace_s=60, clock=lambda: now[0])
     with pytest.raises(Unavailable, match="batch traffic waited"):
         await meter.reserve(hold_request("b1", TrafficClass.BATCH), deadline=100.05)
+
+
+async def test_events_answered_but_not_settled_are_replayed_once_after_a_restart(tmp_path: Path) -> None:
+    billing = Billing()
+    first = Meter(billing, UsageSpool(tmp_path / "spool.db"), journal=SettlementJournal(tmp_path / "journal.db"))
+    first.note_answered(usage("settled"))
+    first.note_settled(usage("settled"))
+    first.note_answered(usage("lost-a"))
+    first.note_answered(usage("lost-b"))  # the process dies here: neither was settled
+    # The next start (new connections to the same files) sends both, in order, and each only once.
+    spool = UsageSpool(tmp_path / "spool.db")
+    journal = SettlementJournal(tmp_path / "journal.db")
+    second = Meter(billing, spool, journal=journal)
+    second.recover_journal()
+    assert len(journal) == 0 and len(spool) == 2
+    await second.replay_once()
+    second.recover_journal()
+    await second.replay_once()
+    assert billing.recorded == ["lost-a", "lost-b"]
+
+
+async def test_early_starts_are_for_tenants_below_every_threshold_and_bounded(tmp_path: Path) -> None:
+    billing = Billing()
+    meter = Meter(billing, UsageSpool(tmp_path / "spool.db"), max_early_starts_per_tenant=2)
+    assert not meter.may_start_before_hold("acme", TrafficClass.INTERACTIVE)  # billing has not spoken yet
+    await meter.reserve(hold_request("r0"))
+    assert meter.may_start_before_hold("acme", TrafficClass.INTERACTIVE)
+    assert not meter.may_start_before_hold("acme", TrafficClass.BATCH)
+    gate, both_asked = asyncio.Event(), asyncio.Event()
+    asked: list[str] = []
+    original = billing.reserve
+
+    async def slow(request: HoldRequest) -> Hold:
+        asked.append(request.request_id)
+        if len(asked) == 2:
+            both_asked.set()
+        await gate.wait()
+        return await original(request)
+
+    billing.reserve = slow  # type: ignore[method-assign]
+    waiting = [asyncio.create_task(meter.reserve_early(hold_request(f"r{i}"))) for i in (1, 2)]
+    await both_asked.wait()
+    assert not meter.may_start_before_hold("acme", TrafficClass.INTERACTIVE)  # two holds on the way already
+    gate.set()
+    await asyncio.gather(*waiting)
+    assert meter.may_start_before_hold("acme", TrafficClass.INTERACTIVE)
