@@ -320,12 +320,20 @@ class Gateway:
     def _answer(
         self, ctx: RequestContext, plan: Plan, progress: Progress, hit: CachedAnswer | None
     ) -> AsyncIterator[Chunk]:
-        if plan.cache_key is None:
+        key = plan.cache_key
+        if key is None:
             return self._generation(ctx.request_id, plan)
+        if hit is None and not self.flights.in_flight(key):
+            hit = self.cache.get(key)  # an identical request may have finished while this one waited for its hold
         if hit is not None:
             progress.cached = True
             return _replay(hit)
-        stream, leader = self.flights.join(plan.cache_key, lambda: self._generation(ctx.request_id, plan))
+
+        def remember(chunks: list[Chunk]) -> None:
+            if (answer := _answer_of(chunks)) is not None:
+                self.cache.put(key, answer)
+
+        stream, leader = self.flights.join(key, lambda: self._generation(ctx.request_id, plan), remember)
         progress.cached = not leader
         return stream
 
@@ -422,9 +430,6 @@ class Gateway:
         else:
             local = await self._settle(hold, record, None, ttft, latency_ms, error)
         if status == UsageStatus.COMPLETED:
-            if plan.cache_key is not None and not progress.cached and finish != FinishReason.ERROR:
-                self.cache.put(plan.cache_key, CachedAnswer(progress.text, finish, usage.prompt_tokens,
-                                                            usage.completion_tokens, answered_model, answered_version))
             if plan.context_id:
                 self.contexts.append(principal.tenant_id, plan.context_id,
                                      (*plan.new_turn, Message(Role.ASSISTANT, progress.text)))
@@ -493,6 +498,16 @@ class Gateway:
                 parts.append(item.delta)
         assert summary is not None
         return "".join(parts), summary
+
+
+def _answer_of(chunks: list[Chunk]) -> CachedAnswer | None:
+    """What the cache keeps of a generation that ended well (None when it did not)."""
+    final = chunks[-1] if chunks else None
+    if final is None or final.usage is None or final.finish_reason in (FinishReason.UNSPECIFIED, FinishReason.ERROR,
+                                                                       FinishReason.CANCELLED):
+        return None
+    return CachedAnswer("".join(c.delta for c in chunks), final.finish_reason, final.usage.prompt_tokens,
+                        final.usage.completion_tokens, final.model, final.model_version)
 
 
 class _EarlyStart:

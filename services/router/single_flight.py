@@ -3,6 +3,8 @@
 The first caller for a key starts the generation as a task owned by the flight (not by the caller);
 every caller — including ones joining midway — reads the whole stream from the start. When the last
 caller leaves before the end, the generation is cancelled, so nobody keeps a model busy for nothing.
+`on_complete` sees every item of a generation that ended well, in the same step that retires the flight,
+so a cache filled there never leaves a moment when a key is neither in flight nor cached.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ class SingleFlight(Generic[T]):
     def in_flight(self, key: str) -> bool:
         return key in self._flights
 
-    def join(self, key: str, start: Callable[[], AsyncIterator[T]]) -> tuple[AsyncIterator[T], bool]:
+    def join(
+        self, key: str, start: Callable[[], AsyncIterator[T]],
+        on_complete: Callable[[list[T]], None] | None = None,
+    ) -> tuple[AsyncIterator[T], bool]:
         """A stream of the flight for `key` (started with `start()` if none runs) and whether this caller led it."""
         flight = self._flights.get(key)
         leader = flight is None
@@ -41,15 +46,19 @@ class SingleFlight(Generic[T]):
             flight = Flight()
             self._flights[key] = flight
             self.generations += 1
-            flight.task = asyncio.create_task(self._run(key, flight, start()))
+            flight.task = asyncio.create_task(self._run(key, flight, start(), on_complete))
         flight.subscribers += 1
         return self._follow(key, flight), leader
 
-    async def _run(self, key: str, flight: Flight[T], source: AsyncIterator[T]) -> None:
+    async def _run(
+        self, key: str, flight: Flight[T], source: AsyncIterator[T], on_complete: Callable[[list[T]], None] | None
+    ) -> None:
         try:
             async for item in source:
                 flight.items.append(item)
                 flight.changed.set()
+            if on_complete is not None:
+                on_complete(flight.items)
         except asyncio.CancelledError:
             flight.error = asyncio.CancelledError()
         except BaseException as exc:  # delivered to every subscriber, which re-raises it
