@@ -34,13 +34,15 @@ def messages_to_proto(messages: tuple[Message, ...]) -> list[generation_pb2.Chat
 class GrpcInference:
     def __init__(self, timeout_s: float = 600.0) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, pb2_grpc.InferenceServiceStub] = {}
         self._timeout_s = timeout_s
 
     def stub(self, address: str) -> pb2_grpc.InferenceServiceStub:
-        channel = self._channels.get(address)
-        if channel is None:
+        stub = self._stubs.get(address)
+        if stub is None:
             channel = self._channels[address] = grpc.aio.insecure_channel(address, options=RECONNECT_OPTIONS)
-        return pb2_grpc.InferenceServiceStub(channel)
+            stub = self._stubs[address] = pb2_grpc.InferenceServiceStub(channel)
+        return stub
 
     def channel(self, address: str) -> grpc.aio.Channel:
         self.stub(address)
@@ -95,3 +97,4 @@ class GrpcInference:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+        self._stubs.clear()

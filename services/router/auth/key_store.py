@@ -6,6 +6,7 @@ import json
 import re
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -41,6 +42,10 @@ def _ts(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
+FOUND_TTL_S = 1.0
+FOUND_MAX = 10_000
+
+
 class KeyStore:
     def __init__(self, path: Path, pepper: bytes, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._conn = connect(path)
@@ -48,6 +53,8 @@ class KeyStore:
         self._pepper = pepper
         self._clock = clock
         self._lock = threading.Lock()
+        # Lookups by secret hash, kept FOUND_TTL_S (this process's revokes clear it at once).
+        self._found: dict[str, tuple[float, ApiKeyRecord | None]] = {}
 
     def close(self) -> None:
         self._conn.close()
@@ -90,12 +97,21 @@ class KeyStore:
         return record, secret
 
     def find_by_secret(self, secret: str) -> ApiKeyRecord | None:
-        """The key whose secret this is (valid or not), or None."""
+        """The key whose secret this is (valid or not), or None. Answers come from memory for up to
+        FOUND_TTL_S, so a change made to the key file by another process shows within that time."""
+        digest = keyed_hash(self._pepper, secret)
+        now = time.monotonic()
+        found = self._found.get(digest)
+        if found is not None and now - found[0] < FOUND_TTL_S:
+            return found[1]
         with self._lock:
-            row = self._conn.execute(
-                "SELECT * FROM api_keys WHERE secret_hash = ?", (keyed_hash(self._pepper, secret),)
-            ).fetchone()
-        return self._record(row) if row else None
+            row = self._conn.execute("SELECT * FROM api_keys WHERE secret_hash = ?", (digest,)).fetchone()
+        record = self._record(row) if row else None
+        if record is not None:  # unknown secrets are not remembered: nobody can fill memory with guesses
+            if len(self._found) >= FOUND_MAX:
+                self._found.clear()
+            self._found[digest] = (now, record)
+        return record
 
     def get(self, key_id: str) -> ApiKeyRecord:
         with self._lock:
@@ -114,6 +130,7 @@ class KeyStore:
 
     def revoke(self, key_id: str) -> ApiKeyRecord:
         """Revoke a key (idempotent: revoking twice keeps the first revoke time)."""
+        self._found.clear()
         with self._lock:
             self._conn.execute(
                 "UPDATE api_keys SET revoke_time = COALESCE(revoke_time, ?) WHERE key_id = ?",
