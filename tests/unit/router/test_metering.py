@@ -114,14 +114,14 @@ async def test_batch_reserve_gives_up_before_its_deadline(tmp_path: Path) -> Non
 
 async def test_events_answered_but_not_settled_are_replayed_once_after_a_restart(tmp_path: Path) -> None:
     billing = Billing()
-    first = Meter(billing, UsageSpool(tmp_path / "spool.db"), journal=SettlementJournal(tmp_path / "journal.db"))
+    first = Meter(billing, UsageSpool(tmp_path / "spool.db"), journal=SettlementJournal(tmp_path / "journal.log"))
     first.note_answered(usage("settled"))
     first.note_settled(usage("settled"))
     first.note_answered(usage("lost-a"))
     first.note_answered(usage("lost-b"))  # the process dies here: neither was settled
     # The next start (new connections to the same files) sends both, in order, and each only once.
     spool = UsageSpool(tmp_path / "spool.db")
-    journal = SettlementJournal(tmp_path / "journal.db")
+    journal = SettlementJournal(tmp_path / "journal.log")
     second = Meter(billing, spool, journal=journal)
     second.recover_journal()
     assert len(journal) == 0 and len(spool) == 2
@@ -156,3 +156,19 @@ async def test_early_starts_are_for_tenants_below_every_threshold_and_bounded(tm
     gate.set()
     await asyncio.gather(*waiting)
     assert meter.may_start_before_hold("acme", TrafficClass.INTERACTIVE)
+
+
+async def test_the_journal_starts_over_when_nothing_is_outstanding(tmp_path: Path) -> None:
+    billing = Billing()
+    path = tmp_path / "journal.log"
+    meter = Meter(billing, UsageSpool(tmp_path / "spool.db"), journal=SettlementJournal(path, rewind_bytes=1024))
+    for i in range(50):
+        meter.note_answered(usage(f"done-{i}"))
+        meter.note_settled(usage(f"done-{i}"))
+    assert path.stat().st_size < 2048  # 50 events of ~400 bytes each were written and forgotten
+    meter.note_answered(usage("lost"))
+    spool = UsageSpool(tmp_path / "spool.db")
+    after_restart = Meter(billing, spool, journal=SettlementJournal(path))
+    after_restart.recover_journal()
+    await after_restart.replay_once()
+    assert billing.recorded == ["lost"] and path.stat().st_size == 0
