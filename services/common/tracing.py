@@ -8,6 +8,7 @@ trace and request id to the next hop.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import os
 import time
@@ -72,6 +73,15 @@ def _metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
+def _defer(callback: Callable[[], None]) -> None:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        callback()
+        return
+    loop.call_soon(callback, context=contextvars.copy_context())
+
+
 class TracingInterceptor(grpc.aio.ServerInterceptor):
     """Outermost server interceptor: one span per call, trace and request ids bound for logging."""
 
@@ -108,15 +118,24 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         def leave(state: tuple[Any, Any, float], tokens: list[contextvars.Token[Any]], context: grpc.aio.ServicerContext,
                   error: BaseException | None) -> None:
             span, ctx_token, started = state
+            duration_ms = round((time.perf_counter() - started) * 1000, 3)
             code = context.code() if hasattr(context, "code") else None
             status = code.name if isinstance(code, grpc.StatusCode) else (
                 "CANCELLED" if type(error).__name__ == "CancelledError" else ("UNKNOWN" if error else "OK"))
-            _log.info("rpc", status=status, duration_ms=round((time.perf_counter() - started) * 1000, 3))
-            if error is not None or (code not in (None, grpc.StatusCode.OK)):
-                span.set_status(Status(StatusCode.ERROR, str(code or type(error).__name__)))
-            if code is not None:
-                span.set_attribute("rpc.grpc.status_code", code.value[0] if isinstance(code, grpc.StatusCode) else code)
-            span.end()
+            failed = error is not None or (code not in (None, grpc.StatusCode.OK))
+
+            def record() -> None:
+                _log.info("rpc", status=status, duration_ms=duration_ms)
+                if failed:
+                    span.set_status(Status(StatusCode.ERROR, str(code or type(error).__name__)))
+                if code is not None:
+                    span.set_attribute("rpc.grpc.status_code",
+                                       code.value[0] if isinstance(code, grpc.StatusCode) else code)
+                span.end()
+
+            # The log line and the span's end run just after the answer has been handed to grpc (in a copy
+            # of this context, so the line still carries the trace and request ids).
+            _defer(record)
             ctx_token.__exit__(None, None, None)
             for token in tokens:
                 request_id_var.reset(token)
