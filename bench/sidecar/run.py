@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 TICK = os.sysconf("SC_CLK_TCK")
 STREAM_MESSAGES = 100
-ROUNDS = 3  # every figure is the median over rounds; ratios and added latencies are paired within a round
+ROUNDS = 7  # every figure is the median over rounds; ratios and added latencies are paired within a round
 
 
 def merge_rounds(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
