@@ -7,6 +7,11 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 
+try:
+    import uvloop as _uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency on every platform but Windows
+    _uvloop = None  # type: ignore[assignment]
+
 from services.common.config import ServerSettings, add_server_arguments, server_settings_from_args
 from services.common.grpc_engine import prefer_iomgr_polling
 from services.common.grpc_server import RunningServer, serve_until_signal
@@ -44,4 +49,6 @@ def run_service(
         sys.stdout.flush()
         await serve_until_signal(running, settings.shutdown_grace_s)
 
-    asyncio.run(main())
+    # libuv's event loop (uvloop, where installed) costs less CPU per call than the default selector loop.
+    with asyncio.Runner(loop_factory=_uvloop.new_event_loop if _uvloop is not None else None) as runner:
+        runner.run(main())

@@ -100,6 +100,8 @@ class SettlementJournal:
         self._rewind_bytes = rewind_bytes
 
     def _append(self, line: str) -> None:
+        if self._fd < 0:
+            raise RuntimeError("the settlement journal is closed")
         data = line.encode()
         os.write(self._fd, data)
         self._size += len(data)
@@ -110,6 +112,8 @@ class SettlementJournal:
 
     def clear(self, event_id: str) -> None:
         self._outstanding.discard(event_id)
+        if self._fd < 0:
+            return  # closed at shutdown: the event stays in the file and is recovered at the next start
         if not self._outstanding and self._size >= self._rewind_bytes:
             os.ftruncate(self._fd, 0)  # nothing is outstanding: start over
             self._size = 0
@@ -142,4 +146,6 @@ class SettlementJournal:
         return len(answered)
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -73,24 +73,30 @@ class EnvoySidecar:
 
 def start_envoy(policy: Path, service: str, pki: Path, upstream: str, peers: dict[str, list[str]], workdir: Path,  # noqa: F811
                 processes: list[subprocess.Popen[bytes]]) -> EnvoySidecar:
-    ports = EnvoyPorts(inbound=free_port(), outbound=free_port() if peers else None, admin=free_port())
-    config = render_to_file(policy, service, workdir / f"envoy-{service}.yaml", certs_dir=pki, upstream=upstream,
-                            peers=peers, ports=ports)
-    log = (workdir / f"envoy-{service}.log").open("wb")
-    proc = subprocess.Popen([tool("envoy"), "-c", str(config), "--disable-hot-restart", "-l", "warning",
-                             "--concurrency", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    processes.append(proc)
-    sidecar = EnvoySidecar(service, ports, proc, config)
-    deadline = time.monotonic() + 20
-    while True:
-        assert proc.poll() is None, (workdir / f"envoy-{service}.log").read_text()[-2000:]
-        try:
-            if sidecar.admin("/ready").strip() == "LIVE":
-                return sidecar
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "envoy did not become ready"
-        time.sleep(0.05)
+    log_path = workdir / f"envoy-{service}.log"
+    for attempt in range(3):
+        # Ports are picked free, then bound by Envoy: another process may take one in between.
+        ports = EnvoyPorts(inbound=free_port(), outbound=free_port() if peers else None, admin=free_port())
+        config = render_to_file(policy, service, workdir / f"envoy-{service}.yaml", certs_dir=pki, upstream=upstream,
+                                peers=peers, ports=ports)
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen([tool("envoy"), "-c", str(config), "--disable-hot-restart", "-l", "warning",
+                                     "--concurrency", "1"], stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        processes.append(proc)
+        sidecar = EnvoySidecar(service, ports, proc, config)
+        deadline = time.monotonic() + 20
+        while proc.poll() is None:
+            try:
+                if sidecar.admin("/ready").strip() == "LIVE":
+                    return sidecar
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "envoy did not become ready"
+            time.sleep(0.05)
+        output = log_path.read_text()
+        assert "Address already in use" in output and attempt < 2, output[-2000:]
+    raise AssertionError("unreachable")
 
 
 class EnvoyMesh(Mesh):
