@@ -262,11 +262,13 @@ class Gateway:
         hit = self.cache.get(plan.cache_key) if plan.cache_key is not None else None
         progress = Progress()
         # Overlap the hold's round trip with the prompt prefill when billing says the tenant has room:
-        # the generation starts now, but nothing is sent on before the hold is granted.
+        # the generation's call is sent now, but not one reply is read before the hold is granted (so a
+        # replica failing meanwhile is retried like any failure before the first token).
         early: _EarlyStart | None = None
+        go = asyncio.Event()
         if (hit is None and self.meter.may_start_before_hold(principal.tenant_id, plan.traffic_class)
                 and self.gate.try_acquire()):
-            early = _EarlyStart(self._answer(ctx, plan, progress, hit))
+            early = _EarlyStart(self._answer(ctx, plan, progress, hit, go))
             await asyncio.sleep(0)  # let the generation's call leave before the hold's
         try:
             if hit is not None and self.meter.may_skip_hold(principal.tenant_id) and self.meter.local_cost(
@@ -283,10 +285,12 @@ class Gateway:
                 ), deadline=ctx.deadline)
         except BaseException:
             if early is not None:
-                await asyncio.shield(early.aclose())  # refused: the generation stops, nothing was sent
+                go.set()  # a generation shared with identical requests goes on for them
+                await asyncio.shield(early.aclose())  # refused: this caller's generation stops, nothing was sent
                 self.gate.release()
             await self.limiter.settle(admission, principal.tokens_per_minute, 0)
             raise
+        go.set()
         try:
             slot_held = early is not None
             try:
@@ -318,11 +322,12 @@ class Gateway:
         yield await self._finish(ctx, plan, hold, admission, progress, UsageStatus.COMPLETED, started, start_wall)
 
     def _answer(
-        self, ctx: RequestContext, plan: Plan, progress: Progress, hit: CachedAnswer | None
+        self, ctx: RequestContext, plan: Plan, progress: Progress, hit: CachedAnswer | None,
+        go: asyncio.Event | None = None,
     ) -> AsyncIterator[Chunk]:
         key = plan.cache_key
         if key is None:
-            return self._generation(ctx.request_id, plan)
+            return self._generation(ctx.request_id, plan, go)
         if hit is None and not self.flights.in_flight(key):
             hit = self.cache.get(key)  # an identical request may have finished while this one waited for its hold
         if hit is not None:
@@ -333,7 +338,7 @@ class Gateway:
             if (answer := _answer_of(chunks)) is not None:
                 self.cache.put(key, answer)
 
-        stream, leader = self.flights.join(key, lambda: self._generation(ctx.request_id, plan), remember)
+        stream, leader = self.flights.join(key, lambda: self._generation(ctx.request_id, plan, go), remember)
         progress.cached = not leader
         return stream
 
@@ -347,7 +352,7 @@ class Gateway:
                 candidates.append((self.registry.get(name), self.registry.pick_version(name)))
         return candidates
 
-    async def _generation(self, request_id: str, plan: Plan) -> AsyncIterator[Chunk]:
+    async def _generation(self, request_id: str, plan: Plan, go: asyncio.Event | None = None) -> AsyncIterator[Chunk]:
         """One generation with retries (before the first token only) across replicas and fallback models."""
         self._retry_budget.on_request()
         settings = self.settings.retry
@@ -375,7 +380,7 @@ class Gateway:
                 delivered = 0
                 try:
                     with self.balancer.track(address):
-                        async for chunk in self.inference.generate(address, call):
+                        async for chunk in self.inference.generate(address, call, go):
                             if chunk.finish_reason != FinishReason.UNSPECIFIED:
                                 chunk = replace(chunk, model=model.name, model_version=version.version)
                             delivered += chunk.tokens

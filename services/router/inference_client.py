@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -48,7 +49,9 @@ class GrpcInference:
         self.stub(address)
         return self._channels[address]
 
-    async def generate(self, address: str, call: InferenceCall) -> AsyncIterator[Chunk]:
+    async def generate(
+        self, address: str, call: InferenceCall, ready: asyncio.Event | None = None
+    ) -> AsyncIterator[Chunk]:
         request = pb2.GenerateRequest(
             request_id=call.request_id, prompt=call.prompt, messages=messages_to_proto(call.messages),
             sampling=sampling_to_proto(call.sampling), traffic_class=int(call.traffic_class),  # type: ignore[arg-type]
@@ -57,6 +60,8 @@ class GrpcInference:
         )
         stream = self.stub(address).Generate(request, metadata=outgoing_metadata(), timeout=self._timeout_s)
         try:
+            if ready is not None:
+                await ready.wait()  # the request is on its way; its replies wait for the go-ahead
             async for reply in stream:
                 usage = None
                 if reply.HasField("usage"):

@@ -7,6 +7,7 @@ errors into domain errors: `Unavailable` when a peer cannot be reached (safe to 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -52,7 +53,9 @@ class LoadReport:
 
 
 class InferencePort(Protocol):
-    def generate(self, address: str, call: InferenceCall) -> AsyncIterator[Chunk]: ...
+    def generate(self, address: str, call: InferenceCall, ready: asyncio.Event | None = None) -> AsyncIterator[Chunk]:
+        """Stream a generation. With `ready`, the call is sent at once but no reply is read before it is set."""
+        ...
 
     async def count_tokens(self, address: str, prompt: str, messages: tuple[Message, ...]) -> tuple[int, int]:
         """(token count, context window)."""

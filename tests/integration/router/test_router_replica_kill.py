@@ -41,10 +41,7 @@ async def test_killing_a_replica_mid_stream_retries_unstarted_streams_and_bills_
         # Route through a router that knows both replicas (the fixture's own replica is left out).
         router = await serve(build_router(RouterConfig(
             server=EPHEMERAL, inference_targets=tuple(a for _, a in replicas), billing_target=mesh.billing.address,
-            data_dir=tmp_path / "router2", admin_token=ADMIN_TOKEN,
-            # The streams are classed by what the client had received when the replica died; a generation
-            # started before its hold may hold a first token in the router then, which would blur that line.
-            early_starts_per_tenant=0)))
+            data_dir=tmp_path / "router2", admin_token=ADMIN_TOKEN)))
         channel = grpc.aio.insecure_channel(router.address)
         routed = Mesh(mesh.billing, mesh.inference, router, channel, mesh.billing_channel, tmp_path / "router2")
         secret, _ = await routed.create_key("crash")
