@@ -516,7 +516,8 @@ def _answer_of(chunks: list[Chunk]) -> CachedAnswer | None:
 
 
 class _EarlyStart:
-    """A chunk stream whose first chunk is already being fetched (so the generation starts now)."""
+    """A chunk stream pulled from at once, so its generation's call goes out now (its first reply is read
+    only once the gateway's `go` event is set)."""
 
     def __init__(self, source: AsyncIterator[Chunk]) -> None:
         self._source = source
