@@ -77,7 +77,7 @@ class RouterApp:
         self.policies = PolicyStore(data / "policies.db")
         self.contexts = ContextStore(data / "contexts.db")
         self.spool = UsageSpool(data / "usage_spool.db")
-        self.journal = SettlementJournal(data / "usage_journal.log")
+        self.journal = SettlementJournal(data / "usage_journal.bin")
         self.inference = GrpcInference()
         self.billing = GrpcBilling(config.billing_target or DEFAULT_BILLING_TARGET, timeout_s=config.billing_timeout_s)
         self.balancer = Balancer()

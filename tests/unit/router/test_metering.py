@@ -114,14 +114,14 @@ async def test_batch_reserve_gives_up_before_its_deadline(tmp_path: Path) -> Non
 
 async def test_events_answered_but_not_settled_are_replayed_once_after_a_restart(tmp_path: Path) -> None:
     billing = Billing()
-    first = Meter(billing, UsageSpool(tmp_path / "spool.db"), journal=SettlementJournal(tmp_path / "journal.log"))
+    first = Meter(billing, UsageSpool(tmp_path / "spool.db"), journal=SettlementJournal(tmp_path / "journal.bin"))
     first.note_answered(usage("settled"))
     first.note_settled(usage("settled"))
     first.note_answered(usage("lost-a"))
     first.note_answered(usage("lost-b"))  # the process dies here: neither was settled
     # The next start (new connections to the same files) sends both, in order, and each only once.
     spool = UsageSpool(tmp_path / "spool.db")
-    journal = SettlementJournal(tmp_path / "journal.log")
+    journal = SettlementJournal(tmp_path / "journal.bin")
     second = Meter(billing, spool, journal=journal)
     second.recover_journal()
     assert len(journal) == 0 and len(spool) == 2
@@ -158,17 +158,22 @@ async def test_early_starts_are_for_tenants_below_every_threshold_and_bounded(tm
     assert meter.may_start_before_hold("acme", TrafficClass.INTERACTIVE)
 
 
-async def test_the_journal_starts_over_when_nothing_is_outstanding(tmp_path: Path) -> None:
+async def test_the_journal_starts_over_when_nothing_is_outstanding_and_grows_when_it_must(tmp_path: Path) -> None:
     billing = Billing()
-    path = tmp_path / "journal.log"
-    meter = Meter(billing, UsageSpool(tmp_path / "spool.db"), journal=SettlementJournal(path, rewind_bytes=1024))
-    for i in range(50):
+    path = tmp_path / "journal.bin"
+    meter = Meter(billing, UsageSpool(tmp_path / "spool.db"), journal=SettlementJournal(path, capacity=4096))
+    for i in range(50):  # ~20 KB of events through a 4 KB file
         meter.note_answered(usage(f"done-{i}"))
         meter.note_settled(usage(f"done-{i}"))
-    assert path.stat().st_size < 2048  # 50 events of ~400 bytes each were written and forgotten
-    meter.note_answered(usage("lost"))
+    files = [tmp_path / "journal.bin.0", tmp_path / "journal.bin.1"]
+    assert [f.stat().st_size for f in files] == [4096, 4096]
+    for i in range(30):  # ~12 KB outstanding at once: the file must grow to keep them
+        meter.note_answered(usage(f"lost-{i}"))
+    meter.note_settled(usage("lost-3"))
+    assert max(f.stat().st_size for f in files) > 4096
     spool = UsageSpool(tmp_path / "spool.db")
-    after_restart = Meter(billing, spool, journal=SettlementJournal(path))
+    after_restart = Meter(billing, spool, journal=SettlementJournal(path, capacity=4096))
     after_restart.recover_journal()
     await after_restart.replay_once()
-    assert billing.recorded == ["lost"] and path.stat().st_size == 0
+    assert billing.recorded == [f"lost-{i}" for i in range(30) if i != 3]
+    assert after_restart.journal is not None and len(after_restart.journal) == 0
