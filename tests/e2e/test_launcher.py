@@ -97,16 +97,21 @@ def read_available(mesh) -> str:  # type: ignore[no-untyped-def]
     return "".join(chunks)
 
 
+def grpcurl_generate(mesh) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    """grpcurl Generate through the mesh's router with the demo key the launcher wrote."""
+    key = (mesh.data_dir / "demo_api_key").read_text().strip()
+    return subprocess.run(
+        [tool("grpcurl"), *mesh.transport(), "-H", f"authorization: Bearer {key}", "-d",
+         '{"model": "smollm2-135m-instruct", "prompt": "Say hi.", "sampling": {"max_tokens": 4}}',
+         mesh.router, "autoglm.router.v1.RouterService/Generate"], capture_output=True, text=True, timeout=120)
+
+
 def test_a_second_start_on_the_same_data_dir_serves_again(tmp_path, processes) -> None:
     """`make run` twice: ports of internal listeners change between starts, the registry follows."""
     first = start_mesh(tmp_path, processes)
     assert stop_mesh(first) == 0
     second = start_mesh(tmp_path, processes)  # fresh free ports, the same data dir
-    key = (second.data_dir / "demo_api_key").read_text().strip()
-    streamed = subprocess.run(
-        [tool("grpcurl"), *second.transport(), "-H", f"authorization: Bearer {key}", "-d",
-         '{"model": "smollm2-135m-instruct", "prompt": "Say hi.", "sampling": {"max_tokens": 4}}',
-         second.router, "autoglm.router.v1.RouterService/Generate"], capture_output=True, text=True, timeout=120)
+    streamed = grpcurl_generate(second)
     assert streamed.returncode == 0, streamed.stderr
     assert '"finishReason"' in streamed.stdout
     assert stop_mesh(second) == 0
@@ -117,11 +122,7 @@ def test_the_mesh_runs_unchanged_with_envoy_as_every_sidecar(tmp_path, processes
     mesh = start_mesh(tmp_path, processes, extra_args=("--sidecar", "envoy"))
     assert mesh.tls
     assert any(b"envoy" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in mesh.descendants())
-    key = (mesh.data_dir / "demo_api_key").read_text().strip()
-    streamed = subprocess.run(
-        [tool("grpcurl"), *mesh.transport(), "-H", f"authorization: Bearer {key}", "-d",
-         '{"model": "smollm2-135m-instruct", "prompt": "Say hi.", "sampling": {"max_tokens": 4}}',
-         mesh.router, "autoglm.router.v1.RouterService/Generate"], capture_output=True, text=True, timeout=120)
+    streamed = grpcurl_generate(mesh)
     assert streamed.returncode == 0, streamed.stderr
     assert '"completionTokens": 4' in streamed.stdout or '"finishReason": "FINISH_REASON_STOP"' in streamed.stdout
     assert stop_mesh(mesh) == 0

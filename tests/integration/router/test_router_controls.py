@@ -16,7 +16,7 @@ from autoglm.router.v1 import admin_service_pb2 as admin_pb2
 from autoglm.router.v1 import router_service_pb2 as pb2
 from services.router.registry import Registry
 from tests.integration.router.conftest import ADMIN_TOKEN, MODEL, Mesh
-from tests.integration.router.test_router_vertical import bearer, usage_rows
+from tests.integration.router.test_router_vertical import bearer, settled_rows
 
 ADMIN = [("authorization", f"Bearer {ADMIN_TOKEN}")]
 
@@ -69,11 +69,7 @@ async def test_identical_concurrent_requests_run_one_generation_and_repeats_hit_
         mesh.router_stub.Complete(burst, metadata=bearer(secret), timeout=120) for _ in range(100)])
     assert len({r.choices[0].text for r in replies}) == 1
     assert sum(1 for r in replies if not r.usage.cached) == 1
-    for _ in range(200):  # settled just after each answer
-        report = await usage_rows(mesh, "acme")
-        if report.total.requests >= 123:
-            break
-        await asyncio.sleep(0.05)
+    report = await settled_rows(mesh, "acme", at_least=123)
     assert report.total.requests == 123 and report.total.cached_requests == 119
 
 

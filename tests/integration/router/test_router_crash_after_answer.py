@@ -4,7 +4,6 @@ request exactly once: the event was journaled before the answer and is replayed 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as router_grpc
 from tests.integration.router.conftest import ADMIN_TOKEN, MODEL
 from tests.integration.router.service_process import drain, start_service, stop
-from tests.integration.router.test_router_vertical import bearer, usage_rows
+from tests.integration.router.test_router_vertical import bearer, settled_rows
 
 
 class BillingOnly:
@@ -75,11 +74,7 @@ async def test_a_router_killed_between_answer_and_settle_bills_the_request_once(
         await channel.close()
 
         start_router(tmp_path, inference, billing, processes)  # same data dir
-        for _ in range(400):
-            report = await usage_rows(BillingOnly(billing_stub), "killed")  # type: ignore[arg-type]
-            if report.total.requests:
-                break
-            await asyncio.sleep(0.05)
+        report = await settled_rows(BillingOnly(billing_stub), "killed", tries=400)  # type: ignore[arg-type]
         assert report.total.requests == 1
         [row] = report.rows
         assert row.completion_tokens == received

@@ -25,6 +25,17 @@ def bearer(secret: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {secret}")]
 
 
+async def settled_rows(mesh: Mesh, tenant: str, at_least: int = 1, tries: int = 200
+                       ) -> billing_pb2.GetUsageReportResponse:
+    """The usage report once billing holds `at_least` requests (the router settles just after answering)."""
+    for _ in range(tries):
+        report = await usage_rows(mesh, tenant)
+        if report.total.requests >= at_least:
+            break
+        await asyncio.sleep(0.05)
+    return report
+
+
 async def usage_rows(mesh: Mesh, tenant: str) -> billing_pb2.GetUsageReportResponse:
     start, end = Timestamp(), Timestamp()
     start.FromDatetime(datetime.now(UTC) - timedelta(hours=1))
@@ -117,11 +128,7 @@ async def test_cancelled_stream_stops_the_sequence_and_is_billed_once_with_the_t
             break
     loads.cancel()
     assert load.cancelled_total == before.cancelled_total + 1 and load.active_sequences == 0
-    for _ in range(200):
-        report = await usage_rows(mesh, "acme")
-        if report.total.requests:
-            break
-        await asyncio.sleep(0.05)
+    report = await settled_rows(mesh, "acme")
     assert report.total.requests == 1
     [row] = report.rows
     assert row.group["status"].lower() == "cancelled"
