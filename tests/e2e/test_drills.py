@@ -221,8 +221,12 @@ async def test_clients_that_never_read_do_not_grow_memory_without_bound(tmp_path
             peaks.append({pid: rss_mib(pid) for pid in pids})
             for call in calls:
                 call.cancel()
-    growth = {pid: peaks[1][pid] - peaks[0][pid] for pid in pids}
-    assert max(growth.values()) < 48, growth
+    # A process may move by its allocator's slack between two equal waves (the inference replica's ONNX
+    # Runtime arena and numpy buffers swing by tens of MiB on a ~600 MiB process); what must not happen
+    # is growth beyond that, which is what buffering unread streams would add.
+    over = {pid: (round(peaks[0][pid]), round(peaks[1][pid])) for pid in pids
+            if peaks[1][pid] - peaks[0][pid] >= max(48.0, 0.10 * peaks[0][pid])}
+    assert not over, f"RSS MiB (first wave, second wave) grew past the allocator's slack: {over}"
     totals = await usage_totals(mesh, "drill-slow")
     assert totals.requests == 80
     assert stop_mesh(mesh) == 0
