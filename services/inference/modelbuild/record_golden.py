@@ -23,8 +23,11 @@ from services.inference.modelbuild.ort_runner import OnnxCausalLM
 
 DATA = Path(__file__).resolve().parents[3] / "tests" / "data"
 NEW_TOKENS = 16
-# fp32 top-2 logit gap below which the next greedy token is a coin toss for any quantized model.
-NEAR_TIE = 0.1
+# fp32 top-2 logit gap below which the next greedy token may go either way for the INT8 model. Teacher-forced
+# on prose.txt, INT8's top-1 differs from fp32's at 42 of 1,140 positions, at fp32 gaps of up to 0.40, and
+# its logits move by up to ~1.0 against fp32's: which side of a gap under ~0.4 wins also depends on the CPU's
+# int8 kernels (VNNI or AMX), so the rule counts gaps under 0.5 as ties.
+NEAR_TIE = 0.5
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about rain.",
