@@ -213,8 +213,11 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        if handler_call_details.method.startswith("/grpc."):
+        return handler if handler is None else self.wrap(handler_call_details.method, handler)
+
+    @staticmethod
+    def wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """`handler` of `method` answering domain errors and unparsable requests with their statuses."""
+        if method.startswith("/grpc."):
             return wrap_handler(handler, _wrap_unary, _wrap_stream)
         return wrap_handler(handler, _wrap_unary, _wrap_stream, safe_requests=True)

@@ -1,7 +1,10 @@
 """The one way every service builds and runs its grpc.aio server.
 
-`start_server()` binds (port 0 in tests), adds the standard health service, server reflection and
-the interceptors (tracing outermost, then error mapping), and starts serving. `serve_until_signal()`
+`start_server()` binds (port 0 in tests), adds the standard health service and server reflection,
+wraps every method handler in tracing (outermost), metrics and error mapping (innermost), and starts
+serving. The wrapping is done once per method as the services register, not per call: grpc.aio runs
+server interceptors as a chain of coroutines on every call, which cost a tenth of a millisecond
+of the router's added latency. `serve_until_signal()`
 waits for SIGTERM/SIGINT, flips health to NOT_SERVING, drains in-flight calls for `grace` seconds
 and stops.
 """
@@ -12,6 +15,7 @@ import asyncio
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import grpc
 import structlog
@@ -26,6 +30,55 @@ log = structlog.get_logger(__name__)
 
 # Registers servicers on the server and returns the full names of the services it added.
 Registrar = Callable[[grpc.aio.Server], Sequence[str]]
+# Wraps one method's handler (method is "/package.Service/Method").
+HandlerWrapper = Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]
+
+
+class _WrappedGenericHandler(grpc.GenericRpcHandler):
+    """A generic handler whose handlers come out wrapped, each wrapped once per method."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, wrap: HandlerWrapper) -> None:
+        self._inner = inner
+        self._wrap = wrap
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        known = self._wrapped.get(method)
+        if known is None or known[0] is not handler:  # a handler made per call is wrapped per call
+            known = self._wrapped[method] = (handler, self._wrap(method, handler))
+        return known[1]
+
+
+class _Registration:
+    """The server as `register` sees it: every handler a servicer adds is wrapped before grpc gets it."""
+
+    def __init__(self, server: grpc.aio.Server, wrap: HandlerWrapper) -> None:
+        self._server = server
+        self._wrap = wrap
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_WrappedGenericHandler(h, self._wrap) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: self._wrap(f"/{service}/{name}", handler) for name, handler in handlers.items()})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+def standard_wrapper(name: str) -> HandlerWrapper:
+    """Tracing outermost, then metrics, then error mapping around the servicer's own behaviour."""
+    tracing, metrics, errors = TracingInterceptor(name), MetricsInterceptor(name), ErrorMappingInterceptor()
+
+    def wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        return tracing.wrap(method, metrics.wrap(method, errors.wrap(method, handler)))
+
+    return wrap
 
 DEFAULT_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
@@ -79,15 +132,15 @@ async def start_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     options: Sequence[tuple[str, int]] = DEFAULT_OPTIONS,
 ) -> RunningServer:
-    """Build, bind and start a server. Port 0 picks a free port; the bound one is returned."""
-    server = grpc.aio.server(
-        interceptors=[TracingInterceptor(name), MetricsInterceptor(name), ErrorMappingInterceptor(), *interceptors],
-        options=list(options),
-    )
-    services = list(register(server))
+    """Build, bind and start a server. Port 0 picks a free port; the bound one is returned. Extra
+    `interceptors` run per call, outside the standard wrapping (none of the services needs one)."""
+    server = grpc.aio.server(interceptors=list(interceptors) or None, options=list(options))
+    registration = cast(grpc.aio.Server, _Registration(server, standard_wrapper(name)))
+    services = list(register(registration))
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    enable_documented_reflection([*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registration)
+    enable_documented_reflection([*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
+                                 registration)
     address = f"{host}:{port}"
     bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:

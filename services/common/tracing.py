@@ -94,9 +94,10 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
+        return handler if handler is None else self.wrap(handler_call_details.method, handler)
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """`handler` of `method` with a span, bound ids and the `rpc` log line around every call."""
         if method.startswith(("/grpc.health.", "/grpc.reflection.")):
             return handler
         tracer = trace.get_tracer("autoglm")

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+import structlog
 from google.protobuf.message import Message as ProtoMessage
 
 from autoglm.common.v1 import generation_pb2
@@ -17,6 +18,8 @@ from services.router.billing_client import RECONNECT_OPTIONS
 from services.router.grpc_errors import inference_error
 from services.router.ports import InferenceCall, LoadReport, ModelInfo
 from services.router.types import Chunk, FinishReason, Message, Sampling, Usage
+
+log = structlog.get_logger(__name__)
 
 
 def sampling_to_proto(sampling: Sampling) -> generation_pb2.SamplingParams:
@@ -37,6 +40,7 @@ class GrpcInference:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, pb2_grpc.InferenceServiceStub] = {}
         self._timeout_s = timeout_s
+        self._closing: set[asyncio.Task[None]] = set()  # finished streams whose status is still on its way
 
     def stub(self, address: str) -> pb2_grpc.InferenceServiceStub:
         stub = self._stubs.get(address)
@@ -59,6 +63,7 @@ class GrpcInference:
                                                         coalesce_tokens=call.coalesce_tokens),
         )
         stream = self.stub(address).Generate(request, metadata=outgoing_metadata(), timeout=self._timeout_s)
+        finished = False
         try:
             if ready is not None:
                 await ready.wait()  # the request is on its way; its replies wait for the go-ahead
@@ -66,12 +71,35 @@ class GrpcInference:
                 usage = None
                 if reply.HasField("usage"):
                     usage = Usage(reply.usage.prompt_tokens, reply.usage.completion_tokens)
-                yield Chunk(delta=reply.delta, tokens=len(reply.token_ids),
-                            finish_reason=FinishReason(reply.finish_reason), usage=usage)
+                finish = FinishReason(reply.finish_reason)
+                yield Chunk(delta=reply.delta, tokens=len(reply.token_ids), finish_reason=finish, usage=usage)
+                if finish != FinishReason.UNSPECIFIED:
+                    # The message with the finish reason is the generation's last: the caller is answered
+                    # now, and the call's closing status is collected in the background.
+                    finished = True
+                    return
         except grpc.aio.AioRpcError as exc:
             raise inference_error(exc, address) from None
         finally:
-            stream.cancel()
+            if finished and not stream.done():
+                self._collect_status(stream, address)
+            else:
+                stream.cancel()
+
+    def _collect_status(self, stream: grpc.aio.UnaryStreamCall, address: str) -> None:
+        async def collect() -> None:
+            try:
+                code = await stream.code()
+            except asyncio.CancelledError:
+                stream.cancel()
+                raise
+            if code != grpc.StatusCode.OK:
+                log.warning("inference_stream_closed_badly", replica=address, code=code.name,
+                            details=await stream.details())
+
+        task = asyncio.ensure_future(collect())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def count_tokens(self, address: str, prompt: str, messages: tuple[Message, ...]) -> tuple[int, int]:
         reply = await self._unary(address, "CountTokens",
@@ -99,6 +127,9 @@ class GrpcInference:
             stream.cancel()
 
     async def close(self) -> None:
+        for task in list(self._closing):
+            task.cancel()
+        await asyncio.gather(*self._closing, return_exceptions=True)
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
