@@ -7,6 +7,7 @@ from enum import IntEnum
 from typing import TypeVar
 
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from autoglm.common.v1 import generation_pb2, money_pb2
@@ -16,7 +17,7 @@ from services.common.errors import InvalidInput
 from services.router.auth.api_keys import ApiKeyRecord, NewApiKey
 from services.router.jobs.model import ItemResult, ItemSpec, Job, NewJob
 from services.router.policy import Policy
-from services.router.registry import CanaryPolicy, ModelEntry
+from services.router.registry import AuditEvent, CanaryPolicy, ModelEntry
 from services.router.types import (
     CachePolicy,
     GenerationRequest,
@@ -202,3 +203,10 @@ def job(value: Job) -> pb2.Job:
         failed_items=value.failed_items, results=[batch_result(r) for r in value.results], usage=usage(value.usage),
         cost=money(value.cost), tags=value.tags,
     )
+
+
+def audit_event(event: AuditEvent) -> admin_pb2.AuditEvent:
+    details = Struct()
+    details.update(event.details)
+    return admin_pb2.AuditEvent(sequence=event.sequence, time=timestamp(event.time), actor=event.actor,
+                                action=event.action, target=event.target, details=details)

@@ -65,6 +65,10 @@ class ModelEntry:
         return max(self.versions, key=lambda v: (v.weight_permille, v.stable))
 
 
+AUDIT_PAGE_DEFAULT = 100
+AUDIT_PAGE_MAX = 1000
+
+
 @dataclass(frozen=True)
 class AuditEvent:
     time: datetime
@@ -72,6 +76,7 @@ class AuditEvent:
     action: str
     target: str
     details: dict[str, object]
+    sequence: int = 0  # increases with every event
 
 
 def split_model(spec: str) -> tuple[str, str]:
@@ -135,15 +140,36 @@ class Registry:
                 return entry
         return weighted[-1]
 
-    def audit_events(self, action: str = "") -> list[AuditEvent]:
+    def audit_events(self, action: str = "", limit: int = -1, before: int | None = None) -> list[AuditEvent]:
+        """Audit events, newest first: of `action` (all when empty), older than sequence `before`, at most
+        `limit` (-1: all)."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT * FROM audit WHERE (? = '' OR action = ?) ORDER BY seq DESC", (action, action)
+                "SELECT * FROM audit WHERE (? = '' OR action = ?) AND (? IS NULL OR seq < ?) ORDER BY seq DESC LIMIT ?",
+                (action, action, before, before, limit),
             ).fetchall()
         return [
-            AuditEvent(datetime.fromisoformat(r["time"]), r["actor"], r["action"], r["target"], json.loads(r["details"]))
+            AuditEvent(datetime.fromisoformat(r["time"]), r["actor"], r["action"], r["target"], json.loads(r["details"]),
+                       r["seq"])
             for r in rows
         ]
+
+    def audit_page(self, action: str, page_size: int, page_token: str) -> tuple[list[AuditEvent], str]:
+        """One page of the audit log, newest first, and the token of the next page ("" when none)."""
+        if page_size < 0:
+            raise InvalidInput(f"page_size must be 0 (the default, {AUDIT_PAGE_DEFAULT}) or positive, got {page_size}",
+                               field="page_size")
+        size = min(page_size or AUDIT_PAGE_DEFAULT, AUDIT_PAGE_MAX)
+        before: int | None = None
+        if page_token:
+            if not page_token.isdigit() or int(page_token) < 1:
+                raise InvalidInput("page_token is not one this router handed out; pass a response's "
+                                   "next_page_token unchanged, or none for the newest events", field="page_token")
+            before = int(page_token)
+        events = self.audit_events(action, size + 1, before)
+        if len(events) > size:
+            return events[:size], str(events[size - 1].sequence)
+        return events, ""
 
     # --- writes ----------------------------------------------------------------------------------
     def register(

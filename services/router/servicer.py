@@ -191,6 +191,14 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         self._admin(context)
         return admin_pb2.GetPolicyResponse(policy=convert.policy_to_proto(self._app.policies.for_tenant(request.tenant_id)))
 
+    async def ListAuditEvents(
+        self, request: admin_pb2.ListAuditEventsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListAuditEventsResponse:
+        self._admin(context)
+        events, next_token = self._app.registry.audit_page(request.action, request.page_size, request.page_token)
+        return admin_pb2.ListAuditEventsResponse(events=[convert.audit_event(e) for e in events],
+                                                 next_page_token=next_token)
+
     def _record(self, name: str) -> admin_pb2.ModelRecord:
         model = self._app.registry.get(name)
         return convert.model_record(model, self._app.healthy_replicas(model))

@@ -14,7 +14,6 @@ from google.rpc import error_details_pb2, status_pb2
 from autoglm.common.v1 import generation_pb2
 from autoglm.router.v1 import admin_service_pb2 as admin_pb2
 from autoglm.router.v1 import router_service_pb2 as pb2
-from services.router.registry import Registry
 from tests.integration.router.conftest import ADMIN_TOKEN, MODEL, Mesh
 from tests.integration.router.test_router_vertical import bearer, settled_rows
 
@@ -99,8 +98,14 @@ async def test_failing_canary_is_rolled_back_and_callers_still_get_answers(mesh:
     model = (await mesh.admin.GetModel(admin_pb2.GetModelRequest(model=MODEL), metadata=ADMIN, timeout=10)).model
     weights = {v.version: v.weight_permille for v in model.versions}
     assert weights == {stable: 1000, "canary": 0}
-    [event] = Registry(mesh.data_dir / "registry.db").audit_events("model.rollback")
-    assert event.actor == "router.canary" and "canary" in str(event.details["reason"])
+    audit = await mesh.admin.ListAuditEvents(admin_pb2.ListAuditEventsRequest(action="model.rollback"),
+                                             metadata=ADMIN, timeout=10)
+    [event] = audit.events
+    assert event.actor == "router.canary" and event.target == f"model/{MODEL}"
+    assert "canary" in event.details["reason"] and not audit.next_page_token
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await mesh.admin.ListAuditEvents(admin_pb2.ListAuditEventsRequest(page_token="x"), metadata=ADMIN, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in refused.value.details()
 
 
 async def test_policy_blocks_without_echoing_terms(mesh: Mesh) -> None:

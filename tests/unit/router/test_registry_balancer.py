@@ -48,6 +48,24 @@ def test_canary_breaking_its_error_limit_is_rolled_back_with_an_audit_event(tmp_
         registry.rollback("m", "again")
 
 
+def test_audit_log_pages_newest_first_and_refuses_foreign_tokens(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "r.db")
+    registry.register("m", "v1", ("127.0.0.1:1",))
+    registry.register("m", "v2", ("127.0.0.1:2",))
+    registry.set_split("m", {"v1": 900, "v2": 100})
+    registry.promote("m", "v2")
+    first, token = registry.audit_page("", 2, "")
+    assert [e.action for e in first] == ["model.promote", "model.split"] and token
+    rest, last = registry.audit_page("", 2, token)
+    assert [(e.action, e.target) for e in rest] == [("model.register", "model/m@v2"), ("model.register", "model/m@v1")]
+    assert last == "" and first[0].sequence > first[1].sequence > rest[0].sequence > rest[1].sequence
+    assert [e.target for e in registry.audit_page("model.register", 0, "")[0]] == ["model/m@v2", "model/m@v1"]
+    with pytest.raises(InvalidInput, match="next_page_token"):
+        registry.audit_page("", 2, "not-a-token")
+    with pytest.raises(InvalidInput, match="page_size"):
+        registry.audit_page("", -1, "")
+
+
 def test_slow_canary_is_rolled_back_and_healthy_one_is_not(tmp_path: Path) -> None:
     registry = Registry(tmp_path / "r.db")
     registry.register("m", "v1", ("127.0.0.1:1",))

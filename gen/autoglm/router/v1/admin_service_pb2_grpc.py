@@ -86,6 +86,11 @@ class AdminServiceStub:
                 request_serializer=autoglm_dot_router_dot_v1_dot_admin__service__pb2.GetPolicyRequest.SerializeToString,
                 response_deserializer=autoglm_dot_router_dot_v1_dot_admin__service__pb2.GetPolicyResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/autoglm.router.v1.AdminService/ListAuditEvents',
+                request_serializer=autoglm_dot_router_dot_v1_dot_admin__service__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=autoglm_dot_router_dot_v1_dot_admin__service__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -163,6 +168,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """Lists the router's audit log, newest first: model registrations, traffic splits, promotions and
+        rollbacks (an automatic canary rollback names the numbers that triggered it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -215,6 +228,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetPolicy,
                     request_deserializer=autoglm_dot_router_dot_v1_dot_admin__service__pb2.GetPolicyRequest.FromString,
                     response_serializer=autoglm_dot_router_dot_v1_dot_admin__service__pb2.GetPolicyResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=autoglm_dot_router_dot_v1_dot_admin__service__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=autoglm_dot_router_dot_v1_dot_admin__service__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -489,6 +507,33 @@ class AdminService:
             '/autoglm.router.v1.AdminService/GetPolicy',
             autoglm_dot_router_dot_v1_dot_admin__service__pb2.GetPolicyRequest.SerializeToString,
             autoglm_dot_router_dot_v1_dot_admin__service__pb2.GetPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.router.v1.AdminService/ListAuditEvents',
+            autoglm_dot_router_dot_v1_dot_admin__service__pb2.ListAuditEventsRequest.SerializeToString,
+            autoglm_dot_router_dot_v1_dot_admin__service__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
