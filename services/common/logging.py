@@ -1,6 +1,6 @@
 """structlog configured once per process: JSON lines on stderr, context variables merged in.
 
-The tracing interceptor binds `trace_id`, `request_id` and `rpc` into structlog's context
+The tracing wrapper binds `trace_id`, `request_id` and `rpc` into structlog's context
 variables for the duration of each call, so every line a call logs carries them.
 """
 
