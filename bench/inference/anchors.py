@@ -37,7 +37,19 @@ def bench_llama_cpp(gguf: Path, prompt_ids: list[int], new_tokens: int, threads:
     except ImportError as err:
         return {"error": f"llama-cpp-python not installed ({err}); `make bench-inference-deps` installs it"}
     key = ("llama", str(gguf), threads)
+    plain = os.environ.get(NO_EXTRA_BUFFERS) == "1"
     if key not in _loaded:
+        if plain:  # the weights stay in llama.cpp's plain CPU buffers (no AMX or repacked layouts)
+            import llama_cpp.llama_cpp as native
+
+            defaults = native.llama_model_default_params
+
+            def without_extra_buffers() -> Any:
+                params = defaults()
+                params.use_extra_bufts = False
+                return params
+
+            native.llama_model_default_params = without_extra_buffers  # type: ignore[assignment]
         _loaded[key] = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
                              n_batch=512, verbose=False)
     llm = _loaded[key]
@@ -50,7 +62,7 @@ def bench_llama_cpp(gguf: Path, prompt_ids: list[int], new_tokens: int, threads:
         decodes.append((count - 1) / (total - first))
     return {"prompt_tokens": len(tokens), "threads": threads, "ttft_ms": statistics.median(ttfts) * 1000,
             "batch1_decode_tok_s": statistics.median(decodes), "runs": repeats,
-            "version": _version("llama_cpp")}
+            "version": _version("llama_cpp"), "extra_buffer_types": "off" if plain else "default"}
 
 
 def _detok_llama(llm: Any, ids: list[int]) -> bytes:
@@ -176,11 +188,23 @@ def run_isolated(runner: str, gguf: Path, prompt_ids: list[int], new_tokens: int
     share a process with another's."""
     cmd = [sys.executable, "-m", "bench.inference.anchors", runner, str(gguf), ",".join(map(str, prompt_ids)),
            str(new_tokens), str(threads), str(batch)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[2])
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, **_anchor_env.get(runner, {})}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=root, env=env)
+    if runner == "llama" and done.returncode < 0 and runner not in _anchor_env:
+        # llama.cpp built for this CPU may pick its AMX buffer type, which dies with a signal on some
+        # machines (SIGSEGV on the first token, seen on a 2-core Sapphire Rapids guest): from then on this
+        # run measures it with its plain CPU buffers, and says so in the result.
+        _anchor_env[runner] = {NO_EXTRA_BUFFERS: "1"}
+        return run_isolated(runner, gguf, prompt_ids, new_tokens, threads, batch)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         return {"error": f"{runner} anchor exited {done.returncode}: {done.stderr.strip()[-1000:]}"}
     return dict(json.loads(lines[-1]))
+
+
+NO_EXTRA_BUFFERS = "AUTOGLM_BENCH_LLAMA_NO_EXTRA_BUFFERS"
+_anchor_env: dict[str, dict[str, str]] = {}  # per runner: environment that worked in this run
 
 
 def _main(argv: list[str]) -> None:

@@ -278,6 +278,9 @@ def main() -> None:
     engine_b1, grpc_b1 = med(rounds["engine"], "decode_tok_s"), med(rounds["grpc"], "decode_tok_s")
     grpc16 = sweep["grpc"][16]
     why_llama = llama.get("error", "llama.cpp (llama-cpp-python, same GGUF, same threads), same run")
+    if llama.get("extra_buffer_types") == "off":
+        why_llama += ("; its AMX/repacked weight buffers crashed (signal) on this CPU, so it ran with plain "
+                      "CPU buffers")
     why_genai = genai.get("error", "onnxruntime-genai Generator on its builder's INT8 model, same run")
     ours_b1 = [r["decode_tok_s"] for r in rounds["grpc"]]
     targets = [

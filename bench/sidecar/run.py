@@ -131,7 +131,7 @@ async def phase_stream(stub: pb_grpc.InferenceServiceStub, streams: int) -> list
 
 
 async def measure(name: str, address: str, credentials: grpc.ChannelCredentials | None, pid: int | None,
-                  scale: float) -> dict[str, Any]:
+                  scale: float, streams: bool = True) -> dict[str, Any]:
     options = [("grpc.ssl_target_name_override", "inference")]
     channel = (grpc.aio.secure_channel(address, credentials, options=options) if credentials
                else grpc.aio.insecure_channel(address))
@@ -139,10 +139,12 @@ async def measure(name: str, address: str, credentials: grpc.ChannelCredentials 
     async with channel:
         stub = pb_grpc.InferenceServiceStub(channel)
         await phase_unary(stub, 1, 200)  # warm-up: connections, caches
-        await phase_stream(stub, 3)
+        if streams:
+            await phase_stream(stub, 3)
         phases = [("unary_c1", lambda: phase_unary(stub, 1, int(1500 * scale)), 1),
-                  ("unary_c32", lambda: phase_unary(stub, 32, int(3200 * scale)), 1),
-                  ("stream_100", lambda: phase_stream(stub, int(60 * scale)), STREAM_MESSAGES)]
+                  ("unary_c32", lambda: phase_unary(stub, 32, int(3200 * scale)), 1)]
+        if streams:
+            phases.append(("stream_100", lambda: phase_stream(stub, int(60 * scale)), STREAM_MESSAGES))
         for phase, run, per in phases:
             cpu0 = cpu_seconds(pid) if pid else 0.0
             t0 = time.perf_counter()
@@ -214,6 +216,10 @@ async def run(out: Path, scale: float, only: str = "") -> dict[str, Any]:
                                 "--outbound-port", "-1", "--admin-port", str(py_admin), "--metrics-port", "-1"],
                                work / "python-sidecar.log", cwd=ROOT)
         procs.append(python_sidecar)
+        floor_port = free_port()
+        floor = start([sys.executable, "-m", "bench.sidecar.floor_proxy", str(pki), str(floor_port), upstream_addr],
+                      work / "floor-proxy.log", cwd=ROOT)
+        procs.append(floor)
         envoy_ports = EnvoyPorts(inbound=free_port(), outbound=None, admin=free_port())
         config = render_to_file(policy, "inference", work / "envoy.yaml", certs_dir=pki, upstream=upstream_addr,
                                 peers={}, ports=envoy_ports)
@@ -221,6 +227,7 @@ async def run(out: Path, scale: float, only: str = "") -> dict[str, Any]:
                        "-l", "error"], work / "envoy.log")
         procs.append(envoy)
         wait_port(py_port)
+        wait_port(floor_port)
         wait_port(envoy_ports.inbound)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -245,6 +252,8 @@ async def run(out: Path, scale: float, only: str = "") -> dict[str, Any]:
                 "python": await measure("python", f"127.0.0.1:{py_port}", credentials, python_sidecar.pid, scale),
                 "envoy": await measure("envoy", f"127.0.0.1:{envoy_ports.inbound}", credentials, envoy.pid,
                                        scale),
+                "floor": await measure("floor", f"127.0.0.1:{floor_port}", credentials, floor.pid, scale,
+                                       streams=False),
             })
     finally:
         for proc in reversed(procs):
@@ -268,6 +277,12 @@ async def run(out: Path, scale: float, only: str = "") -> dict[str, Any]:
         figures[f"{proxy}_cpu_us_per_unary_call_c1"] = results[proxy]["unary_c1"]["proxy_cpu_us_per_unit"]
         figures[f"{proxy}_cpu_us_per_unary_call_c32"] = results[proxy]["unary_c32"]["proxy_cpu_us_per_unit"]
         figures[f"{proxy}_cpu_us_per_streamed_message"] = results[proxy]["stream_100"]["proxy_cpu_us_per_unit"]
+    figures["floor_unary_c1_added_p50_ms"] = added("floor", "unary_c1", "p50_ms")
+    figures["floor_cpu_us_per_unary_call_c32"] = results["floor"]["unary_c32"]["proxy_cpu_us_per_unit"]
+    figures["floor_over_envoy_cpu_per_unary_call_c32"] = per_round(
+        lambda r: r["floor"]["unary_c32"]["proxy_cpu_us_per_unit"] / r["envoy"]["unary_c32"]["proxy_cpu_us_per_unit"])
+    figures["python_over_floor_cpu_per_unary_call_c32"] = per_round(
+        lambda r: r["python"]["unary_c32"]["proxy_cpu_us_per_unit"] / r["floor"]["unary_c32"]["proxy_cpu_us_per_unit"])
     cpu_call_ratio = per_round(lambda r: r["python"]["unary_c32"]["proxy_cpu_us_per_unit"] / max(
         r["envoy"]["unary_c32"]["proxy_cpu_us_per_unit"], tick_us / r["envoy"]["unary_c32"]["count"]))
     cpu_msg_ratio = per_round(lambda r: r["python"]["stream_100"]["proxy_cpu_us_per_unit"] / max(
@@ -284,7 +299,9 @@ async def run(out: Path, scale: float, only: str = "") -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "setup": "client --mTLS--> proxy inbound listener (authz, access log) --plaintext--> upstream process; "
                  "direct = client --plaintext--> upstream. Envoy --concurrency 1. "
-                 f"{ROUNDS} rounds of direct, Python, Envoy back to back; medians over rounds.",
+                 f"{ROUNDS} rounds of direct, Python, Envoy and the grpc.aio floor back to back; medians over rounds. "
+                 "floor = bench/sidecar/floor_proxy.py, a bare grpc.aio forwarder of unary calls (mTLS in, no "
+                 "policy, tracing, logging or metrics): what any grpc.aio proxy pays per call.",
         "results": {
             "raw": {proxy: {phase: {k: v for k, v in data.items()} for phase, data in phases.items()}
                     for proxy, phases in results.items()},
@@ -301,7 +318,9 @@ async def run(out: Path, scale: float, only: str = "") -> dict[str, Any]:
             {"name": "python sidecar CPU per unary call as a multiple of Envoy's (concurrency 32)",
              "measured": cpu_call_ratio, "target": 2.0, "better": "lower",
              "anchor": f"Envoy {figures['envoy_cpu_us_per_unary_call_c32']:.1f} us/call in the same run "
-                       f"(median over {ROUNDS} rounds of the per-round ratio)"},
+                       f"(median over {ROUNDS} rounds of the per-round ratio); a bare grpc.aio forwarder "
+                       f"{figures['floor_cpu_us_per_unary_call_c32']:.1f} us/call = "
+                       f"{figures['floor_over_envoy_cpu_per_unary_call_c32']:.2f}x Envoy"},
             {"name": "python sidecar CPU per streamed message as a multiple of Envoy's",
              "measured": cpu_msg_ratio, "target": 3.0, "better": "lower",
              "anchor": f"Envoy {figures['envoy_cpu_us_per_streamed_message']:.1f} us/message in the same run "
