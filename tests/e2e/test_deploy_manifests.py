@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import fnmatch
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,23 @@ def test_committed_manifests_are_what_the_policy_renders_to() -> None:
     assert not stale, f"out of date with the policy (run `make deploy-manifests`): {stale}"
     extra = {p for d in (K8S, ISTIO) for p in d.glob("*.yaml")} - set(files)
     assert not extra, f"manifests the renderer does not produce: {sorted(map(str, extra))}"
+
+
+def test_committed_envoy_configs_are_what_make_envoy_configs_renders(tmp_path: Path) -> None:
+    """deploy/envoy/*.yaml are examples for operators: re-rendered the way `make envoy-configs` does, they
+    must come out byte for byte the same (a new RPC, say, needs its route there too)."""
+    makefile = (ROOT / "mk/sidecar.mk").read_text()
+    recipe = makefile.split("envoy-configs: $(VENV)/.installed\n", 1)[1].split("\n\n", 1)[0]
+    commands = [line.strip() for line in recipe.replace("\\\n", " ").splitlines() if line.strip()]
+    assert len(commands) == 3, recipe
+    for command in commands:
+        args = command.replace("$(PY)", sys.executable).replace("$(SIDECAR_POLICY)", "deploy/policy/mesh-policy.yaml")
+        args = args.replace("$(ENVOY_CERTS)", ".autoglm/certs").split()
+        committed = ROOT / args[args.index("-o") + 1]
+        args[args.index("-o") + 1] = str(tmp_path / committed.name)
+        subprocess.run(args, cwd=ROOT, check=True, capture_output=True)
+        assert (tmp_path / committed.name).read_text() == committed.read_text(), \
+            f"{committed.relative_to(ROOT)} is out of date with the policy and protos: run `make envoy-configs`"
 
 
 def test_every_kubernetes_manifest_is_valid_against_the_kubernetes_schema() -> None:
