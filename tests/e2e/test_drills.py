@@ -38,6 +38,9 @@ def child_pid(mesh: Mesh, name: str) -> int:
     raise LookupError(name)
 
 
+WAVES = 3  # of 40 never-read streams each in the memory drill
+
+
 async def wait_until(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout_s
@@ -200,15 +203,16 @@ def rss_mib(pid: int) -> float:
 
 async def test_clients_that_never_read_do_not_grow_memory_without_bound(tmp_path, processes) -> None:
     """Expected: streams whose clients read one message and then never again are held by HTTP/2 flow
-    control; generation finishes and is billed once each; a second wave of such clients does not grow any
-    process of the mesh further (memory is bounded, not proportional to unread streams over time)."""
+    control; generation finishes and is billed once each; a third wave of such clients does not grow any
+    process of the mesh past what the first two reached (memory is bounded, not proportional to unread
+    streams over time)."""
     mesh = start_mesh(tmp_path, processes)
     key = await create_key(mesh, "drill-slow")
     pids = mesh.descendants()
     peaks: list[dict[int, float]] = []
     async with router_channel(mesh) as channel:
         stub = router_service_pb2_grpc.RouterServiceStub(channel)
-        for wave in range(2):
+        for wave in range(WAVES):
             calls = [stub.Generate(generate_request(f"Tell a very long tale number {i}.", 128, seed=i),
                                    metadata=(("authorization", f"Bearer {key}"),), timeout=300) for i in range(40)]
             for call in calls:  # each client reads one message, then never again
@@ -221,12 +225,13 @@ async def test_clients_that_never_read_do_not_grow_memory_without_bound(tmp_path
             peaks.append({pid: rss_mib(pid) for pid in pids})
             for call in calls:
                 call.cancel()
-    # A process may move by its allocator's slack between two equal waves (the inference replica's ONNX
-    # Runtime arena and numpy buffers swing by tens of MiB on a ~600 MiB process); what must not happen
-    # is growth beyond that, which is what buffering unread streams would add.
-    over = {pid: (round(peaks[0][pid]), round(peaks[1][pid])) for pid in pids
-            if peaks[1][pid] - peaks[0][pid] >= max(48.0, 0.10 * peaks[0][pid])}
-    assert not over, f"RSS MiB (first wave, second wave) grew past the allocator's slack: {over}"
+    # The first waves take each process to its allocators' high-water marks (the inference replica's ONNX
+    # Runtime arena grows with the largest batch shapes it has seen, which depends on timing: 499 → 569 MiB
+    # between two equal waves in one run). The last wave may move by allocator slack (10 % of the process,
+    # at least 48 MiB); growth beyond that is what buffering unread streams would add.
+    over = {pid: [round(p[pid]) for p in peaks] for pid in pids
+            if peaks[-1][pid] - max(p[pid] for p in peaks[:-1]) >= max(48.0, 0.10 * peaks[-1][pid])}
+    assert not over, f"RSS MiB after each wave grew past the earlier waves' high-water mark: {over}"
     totals = await usage_totals(mesh, "drill-slow")
-    assert totals.requests == 80
+    assert totals.requests == 40 * WAVES
     assert stop_mesh(mesh) == 0
