@@ -162,7 +162,7 @@ class Registry:
         size = min(page_size or AUDIT_PAGE_DEFAULT, AUDIT_PAGE_MAX)
         before: int | None = None
         if page_token:
-            if not page_token.isdigit() or int(page_token) < 1:
+            if not (page_token.isascii() and page_token.isdigit() and len(page_token) <= 18) or int(page_token) < 1:
                 raise InvalidInput("page_token is not one this router handed out; pass a response's "
                                    "next_page_token unchanged, or none for the newest events", field="page_token")
             before = int(page_token)

@@ -60,8 +60,9 @@ def test_audit_log_pages_newest_first_and_refuses_foreign_tokens(tmp_path: Path)
     assert [(e.action, e.target) for e in rest] == [("model.register", "model/m@v2"), ("model.register", "model/m@v1")]
     assert last == "" and first[0].sequence > first[1].sequence > rest[0].sequence > rest[1].sequence
     assert [e.target for e in registry.audit_page("model.register", 0, "")[0]] == ["model/m@v2", "model/m@v1"]
-    with pytest.raises(InvalidInput, match="next_page_token"):
-        registry.audit_page("", 2, "not-a-token")
+    for foreign in ("not-a-token", "0", "²", "9" * 30):
+        with pytest.raises(InvalidInput, match="next_page_token"):
+            registry.audit_page("", 2, foreign)
     with pytest.raises(InvalidInput, match="page_size"):
         registry.audit_page("", -1, "")
 
