@@ -1,4 +1,4 @@
-"""One table from domain errors to gRPC status codes, and the server interceptor that applies it.
+"""One table from domain errors to gRPC status codes, and the handler wrapper that applies it.
 
 | domain error        | status              | notes                                         |
 |---------------------|---------------------|-----------------------------------------------|
@@ -204,16 +204,8 @@ def wrap_handler(handler: grpc.RpcMethodHandler, wrap_unary: Callable[..., Any],
     )
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain errors raised by servicers to statuses (see the table above)."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        return handler if handler is None else self.wrap(handler_call_details.method, handler)
+class ErrorMapping:
+    """Innermost handler wrapper: maps domain errors raised by servicers to statuses (see the table above)."""
 
     @staticmethod
     def wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

@@ -21,10 +21,10 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.common.error_mapping import ErrorMappingInterceptor
-from services.common.metrics import MetricsInterceptor
+from services.common.error_mapping import ErrorMapping
+from services.common.metrics import RpcMetrics
 from services.common.reflection import enable_documented_reflection
-from services.common.tracing import TracingInterceptor
+from services.common.tracing import Tracing
 
 log = structlog.get_logger(__name__)
 
@@ -73,7 +73,7 @@ class _Registration:
 
 def standard_wrapper(name: str) -> HandlerWrapper:
     """Tracing outermost, then metrics, then error mapping around the servicer's own behaviour."""
-    tracing, metrics, errors = TracingInterceptor(name), MetricsInterceptor(name), ErrorMappingInterceptor()
+    tracing, metrics, errors = Tracing(name), RpcMetrics(name), ErrorMapping()
 
     def wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         return tracing.wrap(method, metrics.wrap(method, errors.wrap(method, handler)))
@@ -130,12 +130,10 @@ async def start_server(
     host: str = "127.0.0.1",
     port: int = 0,
     credentials: grpc.ServerCredentials | None = None,
-    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     options: Sequence[tuple[str, int]] = DEFAULT_OPTIONS,
 ) -> RunningServer:
-    """Build, bind and start a server. Port 0 picks a free port; the bound one is returned. Extra
-    `interceptors` run per call, outside the standard wrapping (none of the services needs one)."""
-    server = grpc.aio.server(interceptors=list(interceptors) or None, options=list(options))
+    """Build, bind and start a server. Port 0 picks a free port; the bound one is returned."""
+    server = grpc.aio.server(options=list(options))
     registration = cast(grpc.aio.Server, _Registration(server, standard_wrapper(name)))
     services = list(register(registration))
     health_servicer = health.aio.HealthServicer()

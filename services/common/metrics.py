@@ -38,17 +38,11 @@ def _code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> 
     return "OK"
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class RpcMetrics:
+    """Handler wrapper: per-RPC counters and latency."""
+
     def __init__(self, service: str) -> None:
         self._service = service
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        return handler if handler is None else self.wrap(handler_call_details.method, handler)
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """`handler` of `method` counted and timed on every call."""

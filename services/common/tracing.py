@@ -82,19 +82,11 @@ def _defer(callback: Callable[[], None]) -> None:
     loop.call_soon(callback, context=contextvars.copy_context())
 
 
-class TracingInterceptor(grpc.aio.ServerInterceptor):
-    """Outermost server interceptor: one span per call, trace and request ids bound for logging."""
+class Tracing:
+    """Outermost handler wrapper: one span per call, trace and request ids bound for logging."""
 
     def __init__(self, service: str) -> None:
         self._service = service
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        return handler if handler is None else self.wrap(handler_call_details.method, handler)
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """`handler` of `method` with a span, bound ids and the `rpc` log line around every call."""
