@@ -2,16 +2,22 @@
 
 Everything runs for real on 127.0.0.1, each service in its own process so that no two share an event loop
 or the GIL: billing (SQLite), one inference replica with the bundled SmolLM2 INT8 model, and the router; the
-client is this process. The router's added latency is the median, over interleaved pairs, of (the same
+client is this process. The router's added latency is the median, over interleaved rounds, of (the same
 request through the router) - (that request sent to the inference replica directly), both from this client,
-so the client's own cost cancels out. Writes bench/results/router.json and router.png.
+so the client's own cost cancels out. The same rounds also time a floor (bench/router/floor_relay.py: a bare
+grpc.aio relay of Complete to Generate with none of the router's work), which separates what the router itself
+adds from what any grpc.aio hop in the path costs on this machine. Writes bench/results/router.json and
+router.png.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +40,7 @@ from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as router_grpc
 from services.common.logging import configure_logging
 from tests.integration.router.conftest import ADMIN_TOKEN, MODEL
-from tests.integration.router.service_process import drain, start_service, stop
+from tests.integration.router.service_process import ROOT, drain, start_service, stop
 
 OUT = Path(__file__).resolve().parents[1] / "results"
 N_LATENCY = 200
@@ -58,7 +64,9 @@ async def main() -> None:
             stop(processes)
     targets = [
         {"name": "router added latency p50", "measured": results["added_latency_p50_ms"], "target": 2.0,
-         "better": "lower", "anchor": "inference Generate called directly, same request, interleaved pairs in alternating order, same run"},
+         "better": "lower", "anchor": "inference Generate called directly, same request, interleaved rounds in rotating order, same"
+                                      f" run; a bare grpc.aio relay (the floor) added {results['floor_added_latency_p50_ms']:.2f} ms"
+                                      " in the same rounds"},
         {"name": "cache hit p50", "measured": results["cache_hit_p50_ms"], "target": 2.0, "better": "lower",
          "anchor": "end-to-end Complete through the router, same run"},
         {"name": "single-flight generations for 100 identical concurrent requests",
@@ -70,8 +78,8 @@ async def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "router.json").write_text(json.dumps({"results": results, "targets": targets}, indent=2) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].boxplot([series["direct"], series["router"], series["cache_hit"]], showfliers=False)
-    axes[0].set_xticks([1, 2, 3], ["inference direct", "via router", "router cache hit"])
+    axes[0].boxplot([series["direct"], series["floor"], series["router"], series["cache_hit"]], showfliers=False)
+    axes[0].set_xticks([1, 2, 3, 4], ["inference\ndirect", "bare grpc.aio\nrelay", "via router", "router\ncache hit"])
     axes[0].set_ylabel("latency (ms), max_tokens=1")
     axes[0].set_title("Router overhead")
     times, cumulative = series["tpm_t"], series["tpm_tokens"]
@@ -89,12 +97,28 @@ async def main() -> None:
 class ProcessMesh:
     """Addresses and stubs of the three service processes."""
 
-    def __init__(self, router: str, inference: str, billing: str) -> None:
+    def __init__(self, router: str, inference: str, billing: str, floor: str) -> None:
         self.channel = grpc.aio.insecure_channel(router)
         self.router_stub = router_grpc.RouterServiceStub(self.channel)
+        self.floor_stub = router_grpc.RouterServiceStub(grpc.aio.insecure_channel(floor))
         self.admin = admin_grpc.AdminServiceStub(self.channel)
         self.inference_address = inference
         self.billing_stub = billing_grpc.BillingServiceStub(grpc.aio.insecure_channel(billing))
+
+
+def start_floor(inference: str, processes: list) -> str:  # type: ignore[type-arg]
+    """Start bench/router/floor_relay.py in front of `inference`; returns its address."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "bench.router.floor_relay", str(port), inference],
+                            cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    processes.append(proc)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != b"ready":
+        raise RuntimeError("the floor relay did not start")
+    drain(proc)
+    return f"127.0.0.1:{port}"
 
 
 async def start_processes(tmp: Path, processes: list) -> ProcessMesh:  # type: ignore[type-arg]
@@ -106,7 +130,7 @@ async def start_processes(tmp: Path, processes: list) -> ProcessMesh:  # type: i
                                                    billing], processes)
     for proc in (billing_proc, inference_proc, router_proc):
         drain(proc)
-    mesh = ProcessMesh(router, inference, billing)
+    mesh = ProcessMesh(router, inference, billing, start_floor(inference, processes))
     await mesh.billing_stub.CreatePrice(billing_pb2.CreatePriceRequest(price=billing_pb2.Price(
         model=MODEL, input_per_million=money_pb2.Money(currency_code="USD", micros=1_000_000),
         output_per_million=money_pb2.Money(currency_code="USD", micros=2_000_000)), actor="bench"), timeout=10)
@@ -133,19 +157,28 @@ async def run(mesh: ProcessMesh) -> tuple[dict[str, float], dict[str, list[float
                                                             cache_policy=policy), metadata=auth)
         return (time.perf_counter() - start) * 1000
 
+    async def floored() -> float:
+        start = time.perf_counter()
+        await mesh.floor_stub.Complete(pb2.CompleteRequest(model=MODEL, messages=[message], sampling=one))
+        return (time.perf_counter() - start) * 1000
+
+    async def router_call() -> float:
+        return await routed(pb2.CACHE_POLICY_BYPASS)
+
+    calls = {"direct": direct, "router": router_call, "floor": floored}
     for _ in range(10):  # warm-up
-        await direct()
-        await routed(pb2.CACHE_POLICY_BYPASS)
-    direct_ms, router_ms = [], []
-    for i in range(N_LATENCY):  # interleaved so drift hits both equally; the order alternates so that the
-        # router's work after answering (the usage event) precedes a direct call as often as a routed one
-        if i % 2:
-            direct_ms.append(await direct())
-            router_ms.append(await routed(pb2.CACHE_POLICY_BYPASS))
-        else:
-            router_ms.append(await routed(pb2.CACHE_POLICY_BYPASS))
-            direct_ms.append(await direct())
+        for call in calls.values():
+            await call()
+    timed: dict[str, list[float]] = {name: [] for name in calls}
+    orders = list(itertools.permutations(calls))
+    for i in range(N_LATENCY):  # rounds, so drift hits all three alike; the order rotates so that each
+        # one's work after answering (the router's usage event) precedes each of the others equally often
+        for name in orders[i % len(orders)]:
+            timed[name].append(await calls[name]())
+    direct_ms, router_ms, floor_ms = timed["direct"], timed["router"], timed["floor"]
     added_ms = [r - d for r, d in zip(router_ms, direct_ms, strict=True)]
+    floor_added_ms = [f - d for f, d in zip(floor_ms, direct_ms, strict=True)]
+    over_floor_ms = [r - f for r, f in zip(router_ms, floor_ms, strict=True)]
     await routed(pb2.CACHE_POLICY_UNSPECIFIED)
     hit_ms = [await routed(pb2.CACHE_POLICY_UNSPECIFIED) for _ in range(N_LATENCY)]
 
@@ -184,7 +217,11 @@ async def run(mesh: ProcessMesh) -> tuple[dict[str, float], dict[str, list[float
         "direct_p50_ms": statistics.median(direct_ms), "direct_p99_ms": pct(direct_ms, 0.99),
         "router_p50_ms": statistics.median(router_ms), "router_p99_ms": pct(router_ms, 0.99),
         "added_latency_p50_ms": statistics.median(added_ms), "added_latency_p99_ms": pct(added_ms, 0.99),
-        "latency_pairs": len(added_ms),
+        "latency_rounds": len(added_ms),
+        "floor_p50_ms": statistics.median(floor_ms),
+        "floor_added_latency_p50_ms": statistics.median(floor_added_ms),
+        "floor_added_latency_p99_ms": pct(floor_added_ms, 0.99),
+        "router_over_floor_p50_ms": statistics.median(over_floor_ms),
         "cache_hit_p50_ms": statistics.median(hit_ms), "cache_hit_p99_ms": pct(hit_ms, 0.99),
         "single_flight_requests": 100, "single_flight_generations": generations,
         "tpm_configured_tokens_per_min": TPM, "tpm_measured_tokens_per_min": measured_tpm,
@@ -192,7 +229,7 @@ async def run(mesh: ProcessMesh) -> tuple[dict[str, float], dict[str, list[float
     }
     results = {k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}
     print(json.dumps(results, indent=2), file=sys.stderr)
-    return results, {"direct": direct_ms, "router": router_ms, "cache_hit": hit_ms, "tpm_t": tpm_t,
+    return results, {"direct": direct_ms, "router": router_ms, "floor": floor_ms, "cache_hit": hit_ms, "tpm_t": tpm_t,
                      "tpm_tokens": [float(t) for t in tpm_tokens]}
 
 

@@ -269,7 +269,10 @@ class Gateway:
         if (hit is None and self.meter.may_start_before_hold(principal.tenant_id, plan.traffic_class)
                 and self.gate.try_acquire()):
             early = _EarlyStart(self._answer(ctx, plan, progress, hit, go))
-            await asyncio.sleep(0)  # let the generation's call leave before the hold's
+            # Two turns of the loop: the first runs the generation up to its call, the second sends that
+            # call's request, so it leaves before the hold's request is even built.
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
         try:
             if hit is not None and self.meter.may_skip_hold(principal.tenant_id) and self.meter.local_cost(
                     _usage_record(ctx, plan, hit.model, hit.model_version, Usage(hit.prompt_tokens,
@@ -308,7 +311,7 @@ class Gateway:
                         progress.tokens += chunk.tokens
                         yield Chunk(delta=chunk.delta, tokens=chunk.tokens)
             finally:
-                if early is not None:
+                if early is not None and not early.finished:
                     await asyncio.shield(early.aclose())
                 if slot_held:
                     self.gate.release()
@@ -523,6 +526,7 @@ class _EarlyStart:
         self._source = source
         self._first: asyncio.Task[Chunk] | None = asyncio.ensure_future(self._pull())
         self._closed = False
+        self.finished = False  # the source ran to its end: nothing is left to close
 
     async def _pull(self) -> Chunk:
         return await anext(self._source)
@@ -531,10 +535,14 @@ class _EarlyStart:
         return self
 
     async def __anext__(self) -> Chunk:
-        if self._first is not None:
-            first, self._first = self._first, None
-            return await first
-        return await anext(self._source)
+        try:
+            if self._first is not None:
+                first, self._first = self._first, None
+                return await first
+            return await anext(self._source)
+        except StopAsyncIteration:
+            self.finished = True
+            raise
 
     async def aclose(self) -> None:
         if self._closed:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from services.common.errors import InvalidInput, NotFound
-from services.router.auth.api_keys import ApiKeyRecord, NewApiKey, keyed_hash, new_secret, prefix_of
+from services.router.auth.api_keys import ApiKeyRecord, KeyedHasher, NewApiKey, new_secret, prefix_of
 from services.router.sqlite_util import connect
 from services.router.types import TrafficClass
 
@@ -50,7 +50,7 @@ class KeyStore:
     def __init__(self, path: Path, pepper: bytes, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._conn = connect(path)
         self._conn.executescript(_SCHEMA)
-        self._pepper = pepper
+        self._hash = KeyedHasher(pepper)
         self._clock = clock
         self._lock = threading.Lock()
         # Lookups by secret hash, kept FOUND_TTL_S (this process's revokes clear it at once).
@@ -88,7 +88,7 @@ class KeyStore:
             self._conn.execute(
                 "INSERT INTO api_keys VALUES (?,?,?,?,?,?,?,?,?,?,NULL,?)",
                 (
-                    record.key_id, keyed_hash(self._pepper, secret), record.prefix, record.tenant_id, record.name,
+                    record.key_id, self._hash(secret), record.prefix, record.tenant_id, record.name,
                     json.dumps(list(record.allowed_models)), record.requests_per_minute, record.tokens_per_minute,
                     int(record.traffic_class), now.isoformat(),
                     record.expire_time.isoformat() if record.expire_time else None,
@@ -99,7 +99,7 @@ class KeyStore:
     def find_by_secret(self, secret: str) -> ApiKeyRecord | None:
         """The key whose secret this is (valid or not), or None. Answers come from memory for up to
         FOUND_TTL_S, so a change made to the key file by another process shows within that time."""
-        digest = keyed_hash(self._pepper, secret)
+        digest = self._hash(secret)
         now = time.monotonic()
         found = self._found.get(digest)
         if found is not None and now - found[0] < FOUND_TTL_S:
