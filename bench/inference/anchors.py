@@ -1,5 +1,6 @@
-"""The benchmark's anchors on the same model and CPU: llama.cpp (llama-cpp-python on the GGUF) and
-onnxruntime-genai's Generator on an INT8 model from its own builder.
+"""The benchmark's anchors on the same model and CPU: llama.cpp (llama-cpp-python on the GGUF, and on the
+same weights requantized to its 8-bit Q8_0 by its own quantizer) and onnxruntime-genai's Generator on an
+INT8 model from its own builder.
 
 The genai builder needs a Hugging Face folder; it is exported once from the GGUF with transformers
 (eos/pad set to <|im_end|>, which this GGUF misreports) into the bench cache, then built once with
@@ -63,6 +64,29 @@ def bench_llama_cpp(gguf: Path, prompt_ids: list[int], new_tokens: int, threads:
     return {"prompt_tokens": len(tokens), "threads": threads, "ttft_ms": statistics.median(ttfts) * 1000,
             "batch1_decode_tok_s": statistics.median(decodes), "runs": repeats,
             "version": _version("llama_cpp"), "extra_buffer_types": "off" if plain else "default"}
+
+
+def llama_int8_gguf(gguf: Path, cache: Path) -> Path:
+    """The same weights as llama.cpp's own 8-bit format (Q8_0), requantized once from the GGUF with
+    llama.cpp's quantizer: the anchor at the precision this engine runs (INT8), beside the 4-bit original.
+    Q8_0 holds every Q4_1 weight value (a 4-bit code times its block's scale, plus its minimum) to within
+    8-bit rounding, so no weight the original has is lost."""
+    target = cache / f"{gguf.stem.split('.')[0]}.Q8_0-from-{gguf.stem.split('.')[-1]}.gguf"
+    if target.is_file():
+        return target
+    import ctypes
+
+    import llama_cpp
+
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.allow_requantize = True
+    if llama_cpp.llama_model_quantize(str(gguf).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not requantize {gguf.name} to Q8_0")
+    partial.replace(target)
+    return target
 
 
 def _detok_llama(llm: Any, ids: list[int]) -> bytes:

@@ -30,7 +30,7 @@ import yaml
 from autoglm.common.v1 import generation_pb2
 from autoglm.inference.v1 import inference_service_pb2 as pb2
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb2_grpc
-from bench.inference.anchors import bench_cache, genai_model, run_isolated
+from bench.inference.anchors import bench_cache, genai_model, llama_int8_gguf, run_isolated
 from services.common.config import ServerSettings
 from services.inference.config import InferenceConfig
 from services.inference.engine.engine import Engine
@@ -173,6 +173,11 @@ async def bench(model: LoadedModel, threads: int) -> dict[str, Any]:
         genai_model(gguf, bench_cache())  # built once, before anything is timed
     except Exception as err:  # the genai rounds report the reason
         print(f"onnxruntime-genai model: {err}", file=sys.stderr)
+    try:
+        int8_gguf: Path | None = llama_int8_gguf(gguf, bench_cache())
+    except Exception as err:  # its rounds report that it is missing
+        print(f"llama.cpp Q8_0 model: {err}", file=sys.stderr)
+        int8_gguf = None
     ids = prompt_ids(model, PROMPT_TOKENS)
     prompt = model.decode(ids)
     many = [prompt_of(model, PROMPT_TOKENS, salt) for salt in range(max(STREAMS))]
@@ -182,8 +187,8 @@ async def bench(model: LoadedModel, threads: int) -> dict[str, Any]:
     engine = Engine(model, config.scheduler, "bench-in-process")
     await engine.start()
     service = Service({**settings, "model_dir": str(model.directory)})
-    rounds: dict[str, list[Any]] = {k: [] for k in ("engine", "grpc", "llama", "genai", "engine16", "grpc16",
-                                                     "engine_pairs", "grpc_pairs")}
+    rounds: dict[str, list[Any]] = {k: [] for k in ("engine", "grpc", "llama", "llama_int8", "genai", "engine16",
+                                                     "grpc16", "engine_pairs", "grpc_pairs")}
     try:
         async with grpc.aio.insecure_channel(service.address) as channel:
             stub = pb2_grpc.InferenceServiceStub(channel)
@@ -195,6 +200,8 @@ async def bench(model: LoadedModel, threads: int) -> dict[str, Any]:
                 rounds["engine"].append(await single(local, prompt))
                 rounds["grpc"].append(await single(remote, prompt))
                 rounds["llama"].append(run_isolated("llama", gguf, ids, NEW_TOKENS, threads))
+                rounds["llama_int8"].append(run_isolated("llama", int8_gguf, ids, NEW_TOKENS, threads) if int8_gguf
+                                            else {"error": "llama.cpp could not build the Q8_0 model"})
                 rounds["genai"].append(run_isolated("genai", gguf, ids, NEW_TOKENS, threads, batch=16))
                 rounds["engine16"].append(await aggregate(local, many[:16]))
                 rounds["grpc16"].append(await aggregate(remote, many[:16]))
@@ -274,6 +281,7 @@ def main() -> None:
     out = asyncio.run(bench(model, threads))
     rounds, sweep = out["rounds"], out["sweep"]
     llama, genai = anchor_summary(rounds["llama"]), anchor_summary(rounds["genai"])
+    llama_int8 = anchor_summary(rounds["llama_int8"])
     engine_ttft, grpc_ttft = med(rounds["engine"], "ttft_ms"), med(rounds["grpc"], "ttft_ms")
     engine_b1, grpc_b1 = med(rounds["engine"], "decode_tok_s"), med(rounds["grpc"], "decode_tok_s")
     grpc16 = sweep["grpc"][16]
@@ -281,6 +289,10 @@ def main() -> None:
     if llama.get("extra_buffer_types") == "off":
         why_llama += ("; its AMX/repacked weight buffers crashed (signal) on this CPU, so it ran with plain "
                       "CPU buffers")
+    int8_ratio = paired([r["decode_tok_s"] for r in rounds["grpc"]], rounds["llama_int8"], "batch1_decode_tok_s")
+    if int8_ratio is not None:
+        why_llama += (f"; llama.cpp on the same weights at 8 bits (requantized to Q8_0, the precision this engine "
+                      f"runs) decoded {llama_int8['batch1_decode_tok_s']:.1f} tok/s: ours / that = {int8_ratio:.2f}")
     why_genai = genai.get("error", "onnxruntime-genai Generator on its builder's INT8 model, same run")
     ours_b1 = [r["decode_tok_s"] for r in rounds["grpc"]]
     targets = [
@@ -301,6 +313,7 @@ def main() -> None:
     ]
     ratios_of_medians = {
         "batch1_grpc_over_llama_cpp": ratio(grpc_b1, llama.get("batch1_decode_tok_s")),
+        "batch1_grpc_over_llama_cpp_q8_0": ratio(grpc_b1, llama_int8.get("batch1_decode_tok_s")),
         "batch1_grpc_over_genai": ratio(grpc_b1, genai.get("batch1_decode_tok_s")),
         "grpc16_over_genai16": ratio(grpc16, genai.get("batch16_aggregate_tok_s")),
         "ttft_grpc_over_llama_cpp": ratio(grpc_ttft, llama.get("ttft_ms")),
@@ -317,6 +330,10 @@ def main() -> None:
         "service_rss_32x512": {"value": out["rss_mb_32x512"], "unit": "MB"},
         "kv_bytes_per_token": {"value": model.spec.bytes_per_token, "unit": "bytes"},
         "llama_cpp": {**llama, "unit": "ttft_ms: ms, *_tok_s: tokens/s"},
+        "llama_cpp_q8_0": {**llama_int8, "unit": "ttft_ms: ms, *_tok_s: tokens/s",
+                           "model": "the same GGUF requantized to Q8_0 by llama.cpp (8-bit, as this engine's INT8)"},
+        "batch1_grpc_over_llama_cpp_q8_0_paired": {
+            "value": paired(ours_b1, rounds["llama_int8"], "batch1_decode_tok_s"), "unit": "ratio (median over rounds)"},
         "onnxruntime_genai": {**genai, "unit": "ttft_ms: ms, *_tok_s: tokens/s"},
         "ratios_of_medians": {"value": ratios_of_medians, "unit": "ratio"},
         "best_of_rounds": best_of(rounds),
@@ -357,12 +374,12 @@ def plot(document: dict[str, Any], path: Path) -> None:
     left.set_ylabel("aggregate tokens/s")
     left.set_title("Aggregate throughput (CPU, greedy, 128 new tokens)")
     left.legend()
-    names = ["engine", "gRPC", "llama.cpp", "ort-genai"]
+    names = ["engine", "gRPC", "llama.cpp\nQ4_1", "llama.cpp\nQ8_0", "ort-genai"]
+    anchors = [results["llama_cpp"], results["llama_cpp_q8_0"], results["onnxruntime_genai"]]
     decode = [results["engine_batch1_decode"]["value"], results["grpc_batch1_decode"]["value"],
-              results["llama_cpp"].get("batch1_decode_tok_s") or 0,
-              results["onnxruntime_genai"].get("batch1_decode_tok_s") or 0]
+              *[anchor.get("batch1_decode_tok_s") or 0 for anchor in anchors]]
     ttft = [results["engine_ttft_ms"]["value"], results["grpc_ttft_ms"]["value"],
-            results["llama_cpp"].get("ttft_ms") or 0, results["onnxruntime_genai"].get("ttft_ms") or 0]
+            *[anchor.get("ttft_ms") or 0 for anchor in anchors]]
     xs = range(len(names))
     right.bar([x - 0.2 for x in xs], decode, width=0.4, label="batch-1 decode tokens/s")
     right.bar([x + 0.2 for x in xs], ttft, width=0.4, label=f"TTFT ms ({PROMPT_TOKENS}-token prompt)")

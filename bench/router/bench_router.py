@@ -43,7 +43,7 @@ from tests.integration.router.conftest import ADMIN_TOKEN, MODEL
 from tests.integration.router.service_process import ROOT, drain, start_service, stop
 
 OUT = Path(__file__).resolve().parents[1] / "results"
-N_LATENCY = 200
+N_LATENCY = 300
 TPM = 3000
 LIMIT_WINDOW_S = 60.0
 
