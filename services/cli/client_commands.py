@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from services.cli.endpoint import load_endpoint
+from services.cli.endpoint import router_target
 from services.client import GLMClient
 
 
@@ -42,14 +42,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def open_client(args: argparse.Namespace) -> GLMClient:
-    endpoint = load_endpoint(args.data_dir)
-    router = args.router or endpoint.router
-    credentials = None
-    if not args.plaintext:
-        if args.ca_cert:
-            credentials = grpc.ssl_channel_credentials(root_certificates=Path(args.ca_cert).read_bytes())
-        elif args.router in (None, endpoint.router):
-            credentials = endpoint.router_credentials()
+    router, credentials = router_target(args.data_dir, args.router, args.ca_cert, args.plaintext)
     return GLMClient(resolve_api_key(args), router, credentials=credentials, model=args.model)
 
 

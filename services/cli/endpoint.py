@@ -26,6 +26,21 @@ class Endpoint:
         return grpc.ssl_channel_credentials(root_certificates=Path(self.ca_cert).read_bytes())
 
 
+def router_target(data_dir: Path | str, router: str | None, ca_cert: str | None,
+                  plaintext: bool) -> tuple[str, grpc.ChannelCredentials | None]:
+    """The router address and channel credentials a client command uses: the local mesh's (TLS with its
+    CA) unless told otherwise; `--ca-cert` for another router's TLS, `--plaintext` for none."""
+    endpoint = load_endpoint(data_dir)
+    address = router or endpoint.router
+    if plaintext:
+        return address, None
+    if ca_cert:
+        return address, grpc.ssl_channel_credentials(root_certificates=Path(ca_cert).read_bytes())
+    if router in (None, endpoint.router):
+        return address, endpoint.router_credentials()
+    return address, None
+
+
 def load_endpoint(data_dir: Path | str = DEFAULT_DATA_DIR) -> Endpoint:
     path = Path(data_dir) / "endpoint.json"
     if not path.exists():

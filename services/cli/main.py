@@ -17,10 +17,10 @@ import asyncio
 import sys
 from pathlib import Path
 
+from services.cli.admin_commands import add_admin_commands
 from services.cli.billing_commands import add_billing_commands
 from services.cli.certs_commands import add_certs_commands
 from services.cli.client_commands import add_client_commands
-from services.cli.keys_commands import add_keys_commands
 from services.cli.sidecar_commands import add_sidecar_commands
 from services.cli.usage_commands import add_usage_commands
 from services.common.logging import configure_logging
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=_model_build)
 
     add_client_commands(sub)
-    add_keys_commands(sub)
+    add_admin_commands(sub)
     add_usage_commands(sub)
     add_billing_commands(sub)
     add_certs_commands(sub)

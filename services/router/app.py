@@ -14,7 +14,7 @@ import structlog
 
 from services.common.errors import DomainError, InvalidInput, NotFound, Unauthenticated
 from services.router.admission import PriorityGate
-from services.router.auth.api_keys import load_or_create_secret_file
+from services.router.auth.api_keys import ApiKeyRecord, NewApiKey, load_or_create_secret_file
 from services.router.auth.authenticator import Authenticator
 from services.router.auth.jwt import JwtSettings, JwtVerifier
 from services.router.auth.key_store import KeyStore
@@ -32,7 +32,7 @@ from services.router.jobs.store import JobStore
 from services.router.limits.backends import rate_limit_backend
 from services.router.limits.token_bucket import RateLimiter
 from services.router.metering import Meter
-from services.router.policy import PolicyStore
+from services.router.policy import Policy, PolicyStore
 from services.router.ports import AlertLevel
 from services.router.registry import CanaryPolicy, ModelEntry, Registry
 from services.router.replica_monitor import ReplicaMonitor
@@ -114,6 +114,33 @@ class RouterApp:
         self._tasks.append(asyncio.create_task(self.meter.replay_forever()))
         self._tasks.append(asyncio.create_task(self.meter.refresh_prices_forever()))
         self._tasks.append(asyncio.create_task(self.runner.run_forever()))
+
+    # --- credential and policy changes, each recorded in the audit log -------------------------------
+    def create_key(self, spec: NewApiKey, actor: str = "admin") -> tuple[ApiKeyRecord, str]:
+        record, secret = self.keys.create(spec)
+        self.registry.audit(actor, "key.create", f"key/{record.key_id}", {
+            "prefix": record.prefix, "tenant_id": record.tenant_id, "name": record.name,
+            "allowed_models": list(record.allowed_models), "requests_per_minute": record.requests_per_minute,
+            "tokens_per_minute": record.tokens_per_minute, "traffic_class": record.traffic_class.name.lower(),
+        })
+        return record, secret
+
+    def revoke_key(self, key_id: str, actor: str = "admin") -> ApiKeyRecord:
+        already = self.keys.get(key_id).revoke_time is not None
+        record = self.keys.revoke(key_id)
+        if not already:  # revoking twice changes nothing, and is not recorded twice
+            self.registry.audit(actor, "key.revoke", f"key/{key_id}",
+                                {"prefix": record.prefix, "tenant_id": record.tenant_id})
+        return record
+
+    def set_policy(self, tenant_id: str, policy: Policy, actor: str = "admin") -> Policy:
+        stored = self.policies.set(tenant_id, policy)
+        # The blocked terms are a secret list: the log says how many, never which.
+        self.registry.audit(actor, "policy.set", f"tenant/{tenant_id or '*'}", {
+            "blocked_terms": len(stored.blocked_terms), "max_prompt_tokens": stored.max_prompt_tokens,
+            "max_tokens_cap": stored.max_tokens_cap, "normalize_cache_keys": stored.normalize_cache_keys,
+        })
+        return stored
 
     async def _budget_level(self, principal: Principal, tags: dict[str, str]) -> AlertLevel:
         return await self.meter.check_level(principal.tenant_id, principal.key_id, tags)

@@ -211,7 +211,7 @@ class Registry:
                 context_window=context_window or existing.context_window,
             )
         self._save(model)
-        self._audit(actor, "model.register", f"model/{name}@{version}", {"replicas": list(replicas)})
+        self.audit(actor, "model.register", f"model/{name}@{version}", {"replicas": list(replicas)})
         return model
 
     def set_context_window(self, name: str, context_window: int) -> None:
@@ -230,7 +230,7 @@ class Registry:
         versions = tuple(replace(v, weight_permille=weights.get(v.version, 0)) for v in model.versions)
         model = replace(model, versions=versions)
         self._save(model)
-        self._audit(actor, "model.split", f"model/{name}", {"weights": weights})
+        self.audit(actor, "model.split", f"model/{name}", {"weights": weights})
         return model
 
     def promote(self, name: str, version: str, actor: str = "admin") -> ModelEntry:
@@ -242,7 +242,7 @@ class Registry:
         )
         model = replace(model, versions=versions)
         self._save(model)
-        self._audit(actor, "model.promote", f"model/{name}@{version}", {})
+        self.audit(actor, "model.promote", f"model/{name}@{version}", {})
         return model
 
     def rollback(self, name: str, reason: str, actor: str = "admin") -> ModelEntry:
@@ -254,7 +254,7 @@ class Registry:
         versions = tuple(replace(v, weight_permille=1000 if v is stable else 0) for v in model.versions)
         model = replace(model, versions=versions)
         self._save(model)
-        self._audit(
+        self.audit(
             actor, "model.rollback", f"model/{name}", {"reason": reason, "to": stable.version, "previous": previous}
         )
         return model
@@ -269,7 +269,8 @@ class Registry:
         for callback in self.on_change:
             callback(model)
 
-    def _audit(self, actor: str, action: str, target: str, details: dict[str, object]) -> None:
+    def audit(self, actor: str, action: str, target: str, details: dict[str, object]) -> None:
+        """Append one event to the audit log (ListAuditEvents)."""
         with self._lock:
             self._conn.execute(
                 "INSERT INTO audit (time, actor, action, target, details) VALUES (?,?,?,?,?)",

@@ -125,7 +125,7 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         self, request: admin_pb2.CreateApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CreateApiKeyResponse:
         self._admin(context)
-        record, secret = self._app.keys.create(convert.new_api_key(request))
+        record, secret = self._app.create_key(convert.new_api_key(request))
         return admin_pb2.CreateApiKeyResponse(api_key=convert.api_key(record), secret=secret)
 
     async def ListApiKeys(
@@ -139,7 +139,7 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         self, request: admin_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RevokeApiKeyResponse:
         self._admin(context)
-        return admin_pb2.RevokeApiKeyResponse(api_key=convert.api_key(self._app.keys.revoke(request.key_id)))
+        return admin_pb2.RevokeApiKeyResponse(api_key=convert.api_key(self._app.revoke_key(request.key_id)))
 
     async def RegisterModelVersion(
         self, request: admin_pb2.RegisterModelVersionRequest, context: grpc.aio.ServicerContext
@@ -182,7 +182,7 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         self, request: admin_pb2.SetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.SetPolicyResponse:
         self._admin(context)
-        stored = self._app.policies.set(request.tenant_id, convert.policy_from_proto(request.policy))
+        stored = self._app.set_policy(request.tenant_id, convert.policy_from_proto(request.policy))
         return admin_pb2.SetPolicyResponse(policy=convert.policy_to_proto(stored))
 
     async def GetPolicy(

@@ -139,3 +139,47 @@ def test_a_killed_launcher_leaves_no_orphans(tmp_path, processes) -> None:
     while mesh.descendants() and time.monotonic() < deadline:
         select.select([], [], [], 0.25)  # pace the polling of the process table
     assert mesh.descendants() == []
+
+
+def test_operator_manages_keys_and_reads_the_audit_log_with_the_cli(tmp_path, processes) -> None:
+    """`autoglm keys` and `autoglm audit` against the mesh `make run` starts (TLS edge, its own CA)."""
+    mesh = start_mesh(tmp_path, processes)
+
+    def autoglm(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([tool("autoglm"), *argv[:1], "--data-dir", str(mesh.data_dir), *argv[1:]],
+                              capture_output=True, text=True, timeout=60)
+
+    created = autoglm("keys", "create", "--tenant", "acme", "--name", "ci", "--tpm", "5000")
+    assert created.returncode == 0, created.stderr
+    reply = json.loads(created.stdout)
+    secret, key_id, prefix = reply["secret"], reply["api_key"]["key_id"], reply["api_key"]["prefix"]
+
+    def complete(key: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [tool("grpcurl"), *mesh.transport(), "-H", f"authorization: Bearer {key}", "-d",
+             '{"model": "smollm2-135m-instruct", "prompt": "Say hi.", "sampling": {"max_tokens": 2}}',
+             mesh.router, "autoglm.router.v1.RouterService/Complete"], capture_output=True, text=True, timeout=120)
+
+    assert complete(secret).returncode == 0
+    listed = autoglm("keys", "list", "--tenant", "acme")
+    assert listed.returncode == 0, listed.stderr
+    assert [k["key_id"] for k in json.loads(listed.stdout)["api_keys"]] == [key_id]
+    assert secret not in listed.stdout
+
+    revoked = autoglm("keys", "revoke", key_id)
+    assert revoked.returncode == 0, revoked.stderr
+    refused = complete(secret)
+    assert refused.returncode != 0 and "Unauthenticated" in refused.stderr and "revoked" in refused.stderr
+
+    audit = autoglm("audit", "--format", "json")
+    assert audit.returncode == 0, audit.stderr
+    events = json.loads(audit.stdout)
+    actions = [e["action"] for e in events]
+    assert actions[:2] == ["key.revoke", "key.create"]  # newest first
+    assert "model.register" in actions  # the bundled model, registered at start
+    assert events[1]["details"]["prefix"] == prefix and events[1]["target"] == f"key/{key_id}"
+    assert secret not in audit.stdout
+    only = autoglm("audit", "--action", "key.revoke")
+    assert only.returncode == 0 and only.stdout.count("key.revoke") == 1 and "key.create" not in only.stdout
+
+    assert stop_mesh(mesh) == 0

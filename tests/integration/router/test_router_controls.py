@@ -122,6 +122,12 @@ async def test_policy_blocks_without_echoing_terms(mesh: Mesh) -> None:
         await mesh.router_stub.Complete(pb2.CompleteRequest(model=MODEL, prompt="Hi", sampling=greedy(9)),
                                         metadata=bearer(secret), timeout=10)
     assert capped.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # The change is in the audit log, which counts the blocked terms but never lists them.
+    [event] = (await mesh.admin.ListAuditEvents(admin_pb2.ListAuditEventsRequest(action="policy.set"),
+                                                metadata=ADMIN, timeout=10)).events
+    assert (event.actor, event.target) == ("admin", "tenant/acme")
+    assert event.details["blocked_terms"] == 1 and event.details["max_tokens_cap"] == 8
+    assert "launch" not in str(event).lower()
 
 
 async def test_context_conversation_is_replayed_on_the_next_turn(mesh: Mesh) -> None:

@@ -1,0 +1,140 @@
+"""`autoglm keys create|list|revoke` and `autoglm audit` — the router's AdminService from a shell.
+
+They reach the local mesh's router (TLS with its CA, from `<data dir>/endpoint.json`) unless told
+otherwise. The admin token comes from --admin-token, $AUTOGLM_ADMIN_TOKEN, or the router's data dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from autoglm.router.v1 import admin_service_pb2 as admin_pb2
+from autoglm.router.v1 import admin_service_pb2_grpc as admin_grpc
+from services.cli.endpoint import router_target
+
+_CLASSES = {"core": 1, "interactive": 2, "batch": 3}
+AUDIT_PAGE = 100
+
+
+def _token(args: argparse.Namespace) -> str:
+    if args.admin_token:
+        return str(args.admin_token)
+    if os.environ.get("AUTOGLM_ADMIN_TOKEN"):
+        return os.environ["AUTOGLM_ADMIN_TOKEN"]
+    path = Path(args.data_dir) / "router" / "admin_token"
+    if path.exists():
+        return path.read_text().strip()
+    raise SystemExit(f"no admin token: pass --admin-token, set AUTOGLM_ADMIN_TOKEN, or run the router ({path})")
+
+
+async def _with_admin(args: argparse.Namespace,
+                      call: Callable[[admin_grpc.AdminServiceStub, list[tuple[str, str]]], Awaitable[Any]]) -> Any:
+    address, credentials = router_target(args.data_dir, args.router, args.ca_cert, args.plaintext)
+    metadata = [("authorization", f"Bearer {_token(args)}")]
+    channel = (grpc.aio.secure_channel(address, credentials) if credentials is not None
+               else grpc.aio.insecure_channel(address))
+    async with channel:
+        return await call(admin_grpc.AdminServiceStub(channel), metadata)
+
+
+async def _keys(args: argparse.Namespace) -> dict[str, object]:
+    async def call(stub: admin_grpc.AdminServiceStub, metadata: list[tuple[str, str]]) -> Any:
+        if args.keys_command == "create":
+            return await stub.CreateApiKey(admin_pb2.CreateApiKeyRequest(
+                tenant_id=args.tenant, name=args.name, allowed_models=args.model or [],
+                limits=admin_pb2.KeyLimits(requests_per_minute=args.rpm, tokens_per_minute=args.tpm),
+                traffic_class=_CLASSES[args.traffic_class],  # type: ignore[arg-type]
+            ), metadata=metadata, timeout=10)
+        if args.keys_command == "list":
+            return await stub.ListApiKeys(admin_pb2.ListApiKeysRequest(
+                tenant_id=args.tenant or "", include_revoked=args.include_revoked), metadata=metadata, timeout=10)
+        return await stub.RevokeApiKey(admin_pb2.RevokeApiKeyRequest(key_id=args.key_id),
+                                       metadata=metadata, timeout=10)
+
+    return MessageToDict(await _with_admin(args, call), preserving_proto_field_name=True)
+
+
+async def _audit(args: argparse.Namespace) -> list[dict[str, object]]:
+    """Newest first, following page tokens until --limit events (0: all of them)."""
+    async def call(stub: admin_grpc.AdminServiceStub, metadata: list[tuple[str, str]]) -> list[dict[str, object]]:
+        events: list[dict[str, object]] = []
+        token = ""
+        while True:
+            want = AUDIT_PAGE if not args.limit else min(AUDIT_PAGE, args.limit - len(events))
+            page = await stub.ListAuditEvents(admin_pb2.ListAuditEventsRequest(
+                action=args.action, page_size=want, page_token=token), metadata=metadata, timeout=10)
+            events += [MessageToDict(e, preserving_proto_field_name=True) for e in page.events]
+            token = page.next_page_token
+            if not token or (args.limit and len(events) >= args.limit):
+                return events
+
+    result: list[dict[str, object]] = await _with_admin(args, call)
+    return result
+
+
+def _text(events: list[dict[str, object]]) -> str:
+    lines = []
+    for event in events:
+        details = json.dumps(event.get("details", {}), sort_keys=True, separators=(",", ":"))
+        lines.append(f"{event.get('time', '')}  {event.get('actor', '')}  {event.get('action', '')}  "
+                     f"{event.get('target', '')}  {details}")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        if args.command == "audit":
+            events = asyncio.run(_audit(args))
+            print(json.dumps(events, indent=2) if args.format == "json" else _text(events))
+        else:
+            print(json.dumps(asyncio.run(_keys(args)), indent=2))
+    except grpc.aio.AioRpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_router_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--router", default=None, help="router host:port (default: the local mesh's)")
+    parser.add_argument("--ca-cert", default=None, help="CA of the router's TLS certificate (default: the local mesh's)")
+    parser.add_argument("--plaintext", action="store_true", help="connect without TLS")
+    parser.add_argument("--admin-token", default="", help="admin token (default: $AUTOGLM_ADMIN_TOKEN or data dir)")
+    parser.add_argument("--data-dir", default=".autoglm", help="mesh data dir (endpoint.json, router/admin_token)")
+
+
+def add_admin_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    keys = subparsers.add_parser("keys", help="create, list and revoke API keys (router AdminService)")
+    _add_router_options(keys)
+    sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = sub.add_parser("create", help="create a key; its secret is printed once")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--name", default="")
+    create.add_argument("--model", action="append", help="allowed model (repeatable; default: all)")
+    create.add_argument("--rpm", type=int, default=0, help="requests per minute (0 = no limit)")
+    create.add_argument("--tpm", type=int, default=0, help="tokens per minute (0 = no limit)")
+    create.add_argument("--traffic-class", choices=sorted(_CLASSES), default="interactive")
+    listing = sub.add_parser("list", help="list keys (never secrets)")
+    listing.add_argument("--tenant", default="")
+    listing.add_argument("--include-revoked", action="store_true")
+    revoke = sub.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+    keys.set_defaults(func=_run)
+
+    audit = subparsers.add_parser(
+        "audit", help="the router's audit log, newest first: keys created and revoked, policies, model "
+                      "registrations, traffic splits, promotions and rollbacks (automatic ones with their reason)")
+    _add_router_options(audit)
+    audit.add_argument("--action", default="", help="only this action, e.g. model.rollback or key.revoke")
+    audit.add_argument("--limit", type=int, default=50, help="at most this many events (0 = all)")
+    audit.add_argument("--format", choices=["text", "json"], default="text")
+    audit.set_defaults(func=_run)
