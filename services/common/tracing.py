@@ -2,8 +2,9 @@
 
 Servers: `Tracing` wraps every handler: it extracts `traceparent`/`tracestate` from the incoming
 metadata (or starts a new trace), opens one server span per call (only its ids when no processor
-collects spans), and binds trace_id / request_id into the structlog context. Clients: `outgoing_metadata()` returns the metadata that carries the current
-trace and request id to the next hop.
+collects spans), and binds trace_id / request_id into the structlog context. Clients:
+`outgoing_metadata()` returns the metadata that carries the current trace and request id to the
+next hop.
 """
 
 from __future__ import annotations
