@@ -35,6 +35,8 @@ def router_target(data_dir: Path | str, router: str | None, ca_cert: str | None,
     if plaintext:
         return address, None
     if ca_cert:
+        if not Path(ca_cert).is_file():
+            raise SystemExit(f"--ca-cert {ca_cert}: no such file (the router's CA certificate, PEM)")
         return address, grpc.ssl_channel_credentials(root_certificates=Path(ca_cert).read_bytes())
     if router in (None, endpoint.router):
         return address, endpoint.router_credentials()
