@@ -1,9 +1,17 @@
 """Render the Kubernetes manifests of the three services from the mesh policy (`make deploy-manifests`).
 
 Per service: a ServiceAccount (its mesh identity `sa/<service>`), a Service whose port is named `grpc`
-with `appProtocol: grpc`, one Deployment per `versions` entry (labels `app`/`version`, gRPC health probes
-on the service port, Istio sidecar injection) and a HorizontalPodAutoscaler per Deployment. Plus a
-ConfigMap holding the policy file itself, mounted read-only at /etc/autoglm/policy in every pod.
+with `appProtocol: grpc`, one workload per `versions` entry (labels `app`/`version`, gRPC health probes
+on the service port, Istio sidecar injection) and, for stateless services, a HorizontalPodAutoscaler per
+workload. Plus a ConfigMap holding the policy file itself, mounted read-only at /etc/autoglm/policy in
+every pod.
+
+Billing keeps its ledger in PostgreSQL and inference keeps nothing, so they run as Deployments that
+scale. The router keeps its state in SQLite files in its data dir: API keys (and the pepper and admin
+token they depend on), the model registry and audit log, policies, conversations, batch jobs, and the
+usage spool and settlement journal that make sure no usage event is lost. Two router pods with separate
+files would each know only the keys created through them, and a pod's spool would vanish with it. So
+the router runs as a StatefulSet of one replica whose data dir is a persistent volume.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import yaml
 from sidecar.policy import Policy
 
 IMAGE = "open-autoglm:0.1.0"
+DATA_GROUP = 10001
 POLICY_CONFIGMAP = "autoglm-mesh-policy"
 POLICY_MOUNT = "/etc/autoglm/policy"
 HEADER = ("# Rendered from {policy} by `make deploy-manifests` (sidecar/k8s_render.py): do not edit by hand.\n"
@@ -35,13 +44,15 @@ class Workload:
     max_replicas: int
     startup_s: int  # how long the first health check may take (model load)
     env: tuple[dict[str, Any], ...] = ()
+    data_volume: str = ""  # a persistent volume of this size for the data dir: a one-replica StatefulSet
 
 
 WORKLOADS = {
     "router": Workload(
-        port=50051, metrics_port=9101, cpu="500m", memory="512Mi", min_replicas=2, max_replicas=10, startup_s=30,
+        port=50051, metrics_port=9101, cpu="500m", memory="512Mi", min_replicas=1, max_replicas=1, startup_s=30,
         args=("--inference", "inference.{namespace}.svc.cluster.local:50071",
-              "--billing", "billing.{namespace}.svc.cluster.local:50061", "--data-dir", "/var/lib/autoglm/router")),
+              "--billing", "billing.{namespace}.svc.cluster.local:50061", "--data-dir", "/var/lib/autoglm/router"),
+        data_volume="2Gi"),
     "inference": Workload(
         port=50071, metrics_port=9110, cpu="2", memory="3Gi", min_replicas=1, max_replicas=8, startup_s=300,
         args=()),  # the image carries a built model in its model cache (`make model`)
@@ -100,25 +111,32 @@ def deployment(policy: Policy, name: str, version: str) -> dict[str, Any]:
                          {"name": "data", "mountPath": "/var/lib/autoglm"}],
         "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
     }
+    volumes: list[dict[str, Any]] = [{"name": "policy", "configMap": {"name": POLICY_CONFIGMAP}}]
+    spec: dict[str, Any] = {"replicas": w.min_replicas, "selector": {"matchLabels": labels}}
+    if w.data_volume:
+        spec["serviceName"] = name
+    else:
+        volumes.append({"name": "data", "emptyDir": {}})
+    spec["template"] = {
+        "metadata": {"labels": {**labels, "sidecar.istio.io/inject": "true"},
+                     "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(w.metrics_port)}},
+        "spec": {"serviceAccountName": name, "terminationGracePeriodSeconds": 30, "containers": [container],
+                 "volumes": volumes},
+    }
+    if w.data_volume:
+        # The volume is group-writable by this group, which every container of the pod is given.
+        spec["template"]["spec"]["securityContext"] = {"fsGroup": DATA_GROUP}
+    if w.data_volume:
+        # The data dir outlives the pod: keys, registry, conversations, jobs and the usage spool survive
+        # restarts, rescheduling and upgrades.
+        spec["volumeClaimTemplates"] = [{
+            "metadata": {"name": "data", "labels": labels},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": w.data_volume}}},
+        }]
     return {
-        "apiVersion": "apps/v1", "kind": "Deployment",
+        "apiVersion": "apps/v1", "kind": "StatefulSet" if w.data_volume else "Deployment",
         "metadata": {"name": f"{name}-{version}", "namespace": policy.namespace, "labels": labels},
-        "spec": {
-            "replicas": w.min_replicas,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": {**labels, "sidecar.istio.io/inject": "true"},
-                             "annotations": {"prometheus.io/scrape": "true",
-                                             "prometheus.io/port": str(w.metrics_port)}},
-                "spec": {
-                    "serviceAccountName": name,
-                    "terminationGracePeriodSeconds": 30,
-                    "containers": [container],
-                    "volumes": [{"name": "policy", "configMap": {"name": POLICY_CONFIGMAP}},
-                                {"name": "data", "emptyDir": {}}],
-                },
-            },
-        },
+        "spec": spec,
     }
 
 
@@ -149,7 +167,9 @@ def render(policy: Policy) -> dict[str, list[dict[str, Any]]]:
             raise ValueError(f"the mesh policy has no service {name!r}")
         docs = [service_account(policy, name), service(policy, name)]
         for version, _weight in policy.services[name].versions:
-            docs += [deployment(policy, name, version), autoscaler(policy, name, version)]
+            docs.append(deployment(policy, name, version))
+            if not WORKLOADS[name].data_volume:
+                docs.append(autoscaler(policy, name, version))
         files[f"{name}.yaml"] = docs
     return files
 
@@ -157,8 +177,14 @@ def render(policy: Policy) -> dict[str, list[dict[str, Any]]]:
 def render_files(policy: Policy, policy_label: str) -> dict[str, str]:
     out = {}
     for file_name, docs in render(policy).items():
-        intent = ("The mesh policy file, mounted in every pod." if file_name == "policy-configmap.yaml" else
-                  f"The {file_name[:-5]} service: ServiceAccount, Service, Deployment and HPA per version.")
+        service_name = file_name[:-5]
+        if file_name == "policy-configmap.yaml":
+            intent = "The mesh policy file, mounted in every pod."
+        elif service_name in WORKLOADS and WORKLOADS[service_name].data_volume:
+            intent = (f"The {service_name} service: ServiceAccount, Service, and per version a StatefulSet of one "
+                      "replica whose data dir is a persistent volume (see sidecar/k8s_render.py).")
+        else:
+            intent = f"The {service_name} service: ServiceAccount, Service, Deployment and HPA per version."
         out[file_name] = HEADER.format(policy=policy_label, intent=intent) + dump_documents(docs)
     return out
 

@@ -87,8 +87,8 @@ def test_committed_envoy_configs_are_what_make_envoy_configs_renders(tmp_path: P
 
 def test_every_kubernetes_manifest_is_valid_against_the_kubernetes_schema() -> None:
     docs = documents(K8S)
-    assert {d["kind"] for _, d in docs} >= {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap",
-                                             "ServiceAccount"}
+    assert {d["kind"] for _, d in docs} >= {"Deployment", "StatefulSet", "Service", "HorizontalPodAutoscaler",
+                                             "ConfigMap", "ServiceAccount"}
     for name, doc in docs:
         try:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -136,7 +136,7 @@ def test_the_istio_check_rejects_a_misspelt_or_mistyped_field() -> None:
 
 def test_services_deployments_and_autoscalers_follow_the_mesh_conventions(policy: Policy) -> None:
     services = of_kind(K8S, "Service")
-    deployments = of_kind(K8S, "Deployment")
+    workloads = {**of_kind(K8S, "Deployment"), **of_kind(K8S, "StatefulSet")}
     autoscalers = of_kind(K8S, "HorizontalPodAutoscaler")
     accounts = of_kind(K8S, "ServiceAccount")
     for name in ("router", "inference", "billing"):
@@ -144,7 +144,7 @@ def test_services_deployments_and_autoscalers_follow_the_mesh_conventions(policy
         assert port["name"] == "grpc" and port["appProtocol"] == "grpc"
         assert name in accounts  # the Istio identity cluster.local/ns/<ns>/sa/<name>
         for version, _weight in policy.services[name].versions:
-            deployment = deployments[f"{name}-{version}"]
+            deployment = workloads[f"{name}-{version}"]
             template = deployment["spec"]["template"]
             assert template["metadata"]["labels"]["app"] == name
             assert template["metadata"]["labels"]["version"] == version
@@ -154,10 +154,31 @@ def test_services_deployments_and_autoscalers_follow_the_mesh_conventions(policy
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 assert container[probe]["grpc"] == {"port": grpc_port}, (name, probe)
             assert services[name]["spec"]["port" + "s"][0]["port"] == grpc_port
+            if deployment["kind"] == "StatefulSet":
+                continue  # one replica that keeps its state: see the next test
             target = autoscalers[f"{name}-{version}"]["spec"]["scaleTargetRef"]
             assert target == {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"{name}-{version}"}
     configmap = of_kind(K8S, "ConfigMap")["autoglm-mesh-policy"]
     assert configmap["data"]["mesh-policy.yaml"] == POLICY.read_text()
+
+
+def test_the_router_keeps_its_state_on_one_persistent_volume(policy: Policy) -> None:
+    """API keys, registry, conversations, jobs and the usage spool live in the router's data dir: one replica
+    whose data dir is a persistent volume, never an emptyDir shared by nobody, and no autoscaler."""
+    for version, _weight in policy.services["router"].versions:
+        router = of_kind(K8S, "StatefulSet")[f"router-{version}"]
+        spec = router["spec"]
+        assert spec["replicas"] == 1 and spec["serviceName"] == "router"
+        (claim,) = spec["volumeClaimTemplates"]
+        assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+        pod = spec["template"]["spec"]
+        (container,) = pod["containers"]
+        data_dir = container["args"][container["args"].index("--data-dir") + 1]
+        mount = next(m for m in container["volumeMounts"] if m["name"] == claim["metadata"]["name"])
+        assert data_dir.startswith(mount["mountPath"] + "/")
+        assert claim["metadata"]["name"] not in {v["name"] for v in pod["volumes"]}  # not shadowed by a pod volume
+        assert "fsGroup" in pod["securityContext"]
+        assert f"router-{version}" not in of_kind(K8S, "HorizontalPodAutoscaler")
 
 
 # --- Istio values equal the policy's -------------------------------------------------------------
