@@ -73,13 +73,24 @@ async def _audit(args: argparse.Namespace) -> list[dict[str, object]]:
             want = AUDIT_PAGE if not args.limit else min(AUDIT_PAGE, args.limit - len(events))
             page = await stub.ListAuditEvents(admin_pb2.ListAuditEventsRequest(
                 action=args.action, page_size=want, page_token=token), metadata=metadata, timeout=10)
-            events += [MessageToDict(e, preserving_proto_field_name=True) for e in page.events]
+            events += [_whole_numbers(MessageToDict(e, preserving_proto_field_name=True)) for e in page.events]
             token = page.next_page_token
             if not token or (args.limit and len(events) >= args.limit):
                 return events
 
     result: list[dict[str, object]] = await _with_admin(args, call)
     return result
+
+
+def _whole_numbers(value: Any) -> Any:
+    """Struct numbers arrive as doubles: a limit of 600 reads 600, not 600.0."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value
 
 
 def _text(events: list[dict[str, object]]) -> str:

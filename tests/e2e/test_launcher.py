@@ -178,6 +178,7 @@ def test_operator_manages_keys_and_reads_the_audit_log_with_the_cli(tmp_path, pr
     assert actions[:2] == ["key.revoke", "key.create"]  # newest first
     assert "model.register" in actions  # the bundled model, registered at start
     assert events[1]["details"]["prefix"] == prefix and events[1]["target"] == f"key/{key_id}"
+    assert events[1]["details"]["tokens_per_minute"] == 5000 and "5000.0" not in audit.stdout
     assert secret not in audit.stdout
     only = autoglm("audit", "--action", "key.revoke")
     assert only.returncode == 0 and only.stdout.count("key.revoke") == 1 and "key.create" not in only.stdout
