@@ -151,17 +151,36 @@ async def seed_prices(mesh: MeshConfig, billing: str) -> None:
             log.info("price_seeded", model=seed["model"])
 
 
+DEMO_TENANT = "demo"
+
+
 async def create_demo_key(mesh: MeshConfig, router: str) -> str:
-    """Create a fresh demo API key through AdminService and keep it in `<data_dir>/demo_api_key` (0600)."""
+    """Create a fresh demo API key through AdminService and keep it in `<data_dir>/demo_api_key` (0600).
+    The previous start's demo key (the one that file held) is revoked, so only the key the banner shows
+    works; both changes are in the router's audit log."""
     token = (mesh.data_dir / "router" / "admin_token").read_text().strip()
-    async with grpc.aio.insecure_channel(router) as channel:
-        reply = await admin_service_pb2_grpc.AdminServiceStub(channel).CreateApiKey(
-            admin_service_pb2.CreateApiKeyRequest(tenant_id="demo", name="demo key created by autoglm up"),
-            metadata=(("authorization", f"Bearer {token}"),), timeout=10,
-        )
+    metadata = (("authorization", f"Bearer {token}"),)
     path = mesh.data_dir / "demo_api_key"
-    path.touch(mode=0o600)
-    path.write_text(reply.secret + "\n")
+    previous = path.read_text().strip() if path.exists() else ""
+    async with grpc.aio.insecure_channel(router) as channel:
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        reply = await admin.CreateApiKey(
+            admin_service_pb2.CreateApiKeyRequest(tenant_id=DEMO_TENANT, name="demo key created by autoglm up"),
+            metadata=metadata, timeout=10,
+        )
+        path.touch(mode=0o600)
+        path.write_text(reply.secret + "\n")
+        if previous:
+            try:
+                keys = await admin.ListApiKeys(admin_service_pb2.ListApiKeysRequest(tenant_id=DEMO_TENANT),
+                                               metadata=metadata, timeout=10)
+                for key in keys.api_keys:
+                    if previous.startswith(key.prefix + "_") and key.key_id != reply.api_key.key_id:
+                        await admin.RevokeApiKey(admin_service_pb2.RevokeApiKeyRequest(key_id=key.key_id),
+                                                 metadata=metadata, timeout=10)
+                        log.info("previous_demo_key_revoked", key_id=key.key_id, prefix=key.prefix)
+            except grpc.aio.AioRpcError as exc:  # the mesh still starts; the old key stays valid, and says so
+                log.warning("previous_demo_key_not_revoked", code=exc.code().name, details=exc.details())
     return str(reply.secret)
 
 
@@ -197,7 +216,7 @@ def banner(mesh: MeshConfig, top: Topology, demo_key: str) -> str:
         f"(billing), :{mesh.inference_metrics_port}+i (inference); sidecars' in {mesh.data_dir / 'endpoint.json'}"
         if mesh.router_metrics_port else "  metrics    off",
         "",
-        f"Demo API key (also in {mesh.data_dir / 'demo_api_key'}):",
+        f"Demo API key (also in {mesh.data_dir / 'demo_api_key'}; the previous start's is revoked):",
         f"  {demo_key}",
         "",
         "Try it:",

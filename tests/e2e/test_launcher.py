@@ -107,13 +107,20 @@ def grpcurl_generate(mesh) -> subprocess.CompletedProcess[str]:  # type: ignore[
 
 
 def test_a_second_start_on_the_same_data_dir_serves_again(tmp_path, processes) -> None:
-    """`make run` twice: ports of internal listeners change between starts, the registry follows."""
+    """`make run` twice: ports of internal listeners change between starts, the registry follows; the
+    first start's demo key is revoked when the second makes a new one."""
     first = start_mesh(tmp_path, processes)
+    first_key = (first.data_dir / "demo_api_key").read_text().strip()
     assert stop_mesh(first) == 0
     second = start_mesh(tmp_path, processes)  # fresh free ports, the same data dir
     streamed = grpcurl_generate(second)
     assert streamed.returncode == 0, streamed.stderr
     assert '"finishReason"' in streamed.stdout
+    second_key = (second.data_dir / "demo_api_key").read_text().strip()
+    assert second_key != first_key
+    (second.data_dir / "demo_api_key").write_text(first_key + "\n")
+    refused = grpcurl_generate(second)
+    assert refused.returncode != 0 and "revoked" in refused.stderr
     assert stop_mesh(second) == 0
 
 
