@@ -15,6 +15,7 @@
 | DeadlineExceeded    | DEADLINE_EXCEEDED   |                                               |
 | Cancelled           | CANCELLED           |                                               |
 | NotImplementedYet   | UNIMPLEMENTED       |                                               |
+| Internal            | INTERNAL            | a fault inside the mesh; generic message      |
 | anything else       | INTERNAL            | generic message; the exception is logged      |
 
 Every error status carries an `autoglm.common.v1.ErrorDetail` (reason, field, metadata) in
@@ -51,6 +52,7 @@ STATUS_TABLE: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Cancelled: grpc.StatusCode.CANCELLED,
     errors.NotImplementedYet: grpc.StatusCode.UNIMPLEMENTED,
+    errors.Internal: grpc.StatusCode.INTERNAL,
 }
 
 INTERNAL_MESSAGE = "internal error; the server logged the details under this call's trace id"

@@ -95,6 +95,11 @@ class Unavailable(DomainError):
     reason = "UNAVAILABLE"
 
 
+class PeerUnreachable(Unavailable):
+    """A call to a peer service failed in transport (refused or reset connection, no answer in time): the
+    peer may not even have seen it. The only peer failure that counts as "the peer is down"."""
+
+
 class NotReady(Unavailable):
     reason = "NOT_READY"
 
@@ -105,6 +110,13 @@ class DeadlineExceeded(DomainError):
 
 class Cancelled(DomainError):
     reason = "CANCELLED"
+
+
+class Internal(DomainError):
+    """Something inside the mesh failed that the caller did not cause (a peer's unexpected answer, a mesh
+    policy refusing one service's call to another). The message stays generic; the detail is logged."""
+
+    reason = "INTERNAL"
 
 
 class NotImplementedYet(DomainError):

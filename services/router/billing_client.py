@@ -7,8 +7,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
+from services.common.peer_errors import billing_error
 from services.common.tracing import outgoing_metadata
-from services.router.grpc_errors import billing_error
 from services.router.ports import AlertLevel, Hold, HoldRequest, UsageRecord
 from services.router.prices import Price
 from services.router.types import Money, TrafficClass

@@ -1,11 +1,27 @@
 """Budget holds around every request, and what happens when billing cannot be reached.
 
 `reserve` holds the request's maximum cost; `settle` sends exactly one usage event (event id = request
-id, so a retry can never count twice). When billing is unreachable, CORE and INTERACTIVE traffic
-continues for `grace_s` seconds from the first failure with an offline hold, and its usage goes to the
-durable spool, replayed in order by `replay_forever` once billing answers again. BATCH traffic waits
-for billing to come back — retrying with backoff until the call's deadline (or `batch_wait_s`) — and then
-fails with `BillingUnavailable`; so does everything once the grace period is over.
+id, so a retry can never count twice).
+
+Billing fails closed. Only a transport failure (`PeerUnreachable`: refused or reset connection, no
+answer in time — see `services/common/peer_errors.py`) counts as "billing is down"; any other error
+billing (or its sidecar) answers refuses the request with that error's status. While billing is down:
+
+- CORE and INTERACTIVE requests get an offline hold — no budget check — only for tenants billing last
+  placed below CRITICAL; a tenant last seen at CRITICAL or above, or not seen by this router yet, is
+  refused with `BillingUnavailable`. Their usage goes to the durable spool, replayed in order by
+  `replay_forever` once billing answers again.
+- BATCH requests wait for billing to come back, retrying with backoff until the call's deadline (or
+  `batch_wait_s`), then fail with `BillingUnavailable`.
+- The outage starts at its first transport failure, and the grace window (`grace_s`) is measured from
+  there: once it has passed, every request is refused with `BillingUnavailable`. The outage ends only at
+  a successful call made at least `recovery_s` after its latest transport failure; a call that succeeds
+  sooner (billing flapping) does not end it, so a lucky call never restarts the grace window.
+
+Settlement never loses or doubles an event: a transport failure spools it; a hold billing no longer
+knows (NOT_FOUND / FAILED_PRECONDITION) is settled by recording the event by its id instead; any other
+refusal spools it too (logged). A spooled event billing refuses on replay stays in the spool, deferred by
+`refused_retry_s`, instead of blocking the events behind it or being dropped.
 
 `may_start_before_hold` lets the gateway overlap the hold's round trip with the start of the generation
 (prompt prefill) for tenants billing last placed below every alert threshold: nothing reaches the caller
@@ -22,7 +38,14 @@ from collections.abc import Callable
 
 import structlog
 
-from services.common.errors import BudgetExceeded, DomainError, FailedPrecondition, NotFound, Unavailable
+from services.common.errors import (
+    BudgetExceeded,
+    DomainError,
+    FailedPrecondition,
+    NotFound,
+    PeerUnreachable,
+    Unavailable,
+)
 from services.router.ports import AlertLevel, BillingPort, Hold, HoldRequest, UsageRecord
 from services.router.prices import PriceBook
 from services.router.spool import SettlementJournal, UsageSpool
@@ -51,7 +74,11 @@ class Meter:
         batch_wait_s: float = 300.0,
         max_early_starts_per_tenant: int = 8,
         journal: SettlementJournal | None = None,
+        recovery_s: float = 10.0,
+        refused_retry_s: float = 60.0,
     ) -> None:
+        if refused_retry_s <= 0:
+            raise ValueError("refused_retry_s must be > 0")
         self.journal = journal
         self._batch_wait_s = batch_wait_s
         self._max_early = max_early_starts_per_tenant
@@ -62,24 +89,52 @@ class Meter:
         self._billing = billing
         self._spool = spool
         self._grace_s = grace_s
+        self._recovery_s = recovery_s
+        self._refused_retry_s = refused_retry_s
         self._clock = clock
-        self._down_since: float | None = None
+        self._outage_since: float | None = None  # the current outage's first transport failure
+        self._last_failure: float | None = None  # its latest one
+        self._failing = False  # the latest call to billing failed in transport
         self._wake = asyncio.Event()
 
     @property
     def billing_down(self) -> bool:
-        return self._down_since is not None
+        """In an outage: from its first transport failure until billing has recovered (module docstring)."""
+        return self._outage_since is not None
 
-    def _mark_up(self) -> None:
-        if self._down_since is not None:
-            log.info("billing_reachable_again", spooled=len(self._spool))
-            self._down_since = None
+    def _answered(self) -> None:
+        """Billing answered a call: the outage ends if its latest failure is `recovery_s` old."""
+        was_failing, self._failing = self._failing, False
+        if self._outage_since is not None and self._last_failure is not None:
+            if self._clock() - self._last_failure >= self._recovery_s:
+                log.info("billing_reachable_again", spooled=len(self._spool),
+                         outage_s=round(self._clock() - self._outage_since, 3))
+                self._outage_since = self._last_failure = None
+        if was_failing:
             self._wake.set()
 
-    def _mark_down(self) -> None:
-        if self._down_since is None:
-            self._down_since = self._clock()
+    def _unreachable(self) -> None:
+        now = self._clock()
+        self._failing = True
+        self._last_failure = now
+        if self._outage_since is None:
+            self._outage_since = now
             log.warning("billing_unreachable", grace_s=self._grace_s)
+
+    def _offline_hold(self, request: HoldRequest, now: float) -> Hold:
+        """An offline hold for a CORE or INTERACTIVE request while billing is down, or BillingUnavailable."""
+        assert self._outage_since is not None
+        if now - self._outage_since > self._grace_s:
+            raise BillingUnavailable(
+                f"billing has been unreachable for more than {self._grace_s:.0f} s; requests wait until it returns")
+        level = self._levels.get(request.tenant_id)
+        if level is None:
+            raise BillingUnavailable("billing is unreachable and this router has not seen this tenant's budget "
+                                     "state yet; requests wait until billing returns, retry later")
+        if level >= AlertLevel.CRITICAL:
+            raise BillingUnavailable(f"billing is unreachable and this tenant's budget was last at {level.name}; "
+                                     "requests wait until billing returns, retry later")
+        return Hold(hold_id=OFFLINE_HOLD, level=level, offline=True)
 
     async def reserve(self, request: HoldRequest, deadline: float | None = None) -> Hold:
         waited_since: float | None = None
@@ -87,16 +142,11 @@ class Meter:
         while True:
             try:
                 hold = await self._billing.reserve(request)
-            except Unavailable:
-                self._mark_down()
-                assert self._down_since is not None
+            except PeerUnreachable:
+                self._unreachable()
                 now = self._clock()
                 if request.traffic_class != TrafficClass.BATCH:
-                    if now - self._down_since > self._grace_s:
-                        raise BillingUnavailable(
-                            f"billing has been unreachable for more than {self._grace_s:.0f} s; requests wait"
-                            " until it returns") from None
-                    return Hold(hold_id=OFFLINE_HOLD, offline=True)
+                    return self._offline_hold(request, now)
                 waited_since = now if waited_since is None else waited_since
                 give_up = waited_since + self._batch_wait_s
                 if deadline is not None:
@@ -109,9 +159,10 @@ class Meter:
                 delay = min(delay * 2, 1.0)
                 continue
             except BudgetExceeded:
+                self._answered()
                 self._levels[request.tenant_id] = AlertLevel.CRITICAL
                 raise
-            self._mark_up()
+            self._answered()
             self._levels[request.tenant_id] = hold.level
             return hold
 
@@ -176,39 +227,67 @@ class Meter:
             self.journal.clear(usage.event_id)
 
     async def settle(self, hold: Hold, usage: UsageRecord) -> Money | None:
-        """Send the usage event; None when it went to the spool (cost not known yet)."""
-        if hold.offline or self.billing_down:
-            self._spool.append(usage)
-            self._wake.set()
+        """Send the usage event; None when it went to the spool (cost not known yet). Never raises for what
+        billing answers: an event billing did not acknowledge is in the spool when this returns."""
+        if hold.offline or self._failing:
+            self._spool_usage(usage)
             return None
         try:
-            if not hold.hold_id:  # no hold was taken (a cache hit): record the usage directly
-                cost = await self._billing.record(usage)
-            else:
-                cost = await self._billing.settle(hold.hold_id, usage)
-        except Unavailable:
-            self._mark_down()
-            self._spool.append(usage)
+            cost = await self._send(hold, usage)
+        except PeerUnreachable:
+            self._unreachable()
+            self._spool_usage(usage)
             return None
+        except DomainError as exc:
+            # Billing may or may not have it: the spool replays it by its event id, which billing counts once.
+            log.error("usage_settle_refused", event_id=usage.event_id, reason=exc.reason, message=exc.message)
+            self._spool_usage(usage)
+            return None
+        self._answered()
+        return cost
+
+    async def _send(self, hold: Hold, usage: UsageRecord) -> Money:
+        if not hold.hold_id:  # no hold was taken (a cache hit): record the usage directly
+            return await self._billing.record(usage)
+        try:
+            return await self._billing.settle(hold.hold_id, usage)
         except (NotFound, FailedPrecondition):
             # The hold expired or was already closed: the usage still counts, once, by its event id.
-            cost = await self._billing.record(usage)
-        self._mark_up()
-        return cost
+            return await self._billing.record(usage)
+
+    def _spool_usage(self, usage: UsageRecord) -> None:
+        self._spool.append(usage)
+        self._wake.set()
 
     async def check_level(self, tenant_id: str, key_id: str, tags: dict[str, str]) -> AlertLevel:
         _, level = await self._billing.check_budget(tenant_id, key_id, tags, TrafficClass.BATCH)
         return level
 
     async def replay_once(self) -> int:
-        try:
-            sent = await self._spool.replay(self._billing.record)
-        except Unavailable:
-            self._mark_down()
-            return 0
+        """Send the spool's ready events in order; stop at a transport failure. An event billing refuses is
+        kept, deferred by `refused_retry_s`. Returns how many billing acknowledged."""
+        sent = 0
+        while batch := self._spool.ready():
+            for seq, usage in batch:
+                try:
+                    await self._billing.record(usage)
+                except PeerUnreachable:
+                    self._unreachable()
+                    return self._replayed(sent)
+                except DomainError as exc:
+                    log.error("spooled_usage_refused", event_id=usage.event_id, reason=exc.reason,
+                              message=exc.message, retry_in_s=self._refused_retry_s)
+                    self._spool.defer(seq, self._refused_retry_s)
+                    continue
+                self._spool.remove(seq)
+                sent += 1
+                self._answered()
+        return self._replayed(sent)
+
+    @staticmethod
+    def _replayed(sent: int) -> int:
         if sent:
             log.info("usage_spool_replayed", events=sent)
-        self._mark_up()
         return sent
 
     async def replay_forever(self, interval_s: float = 1.0) -> None:

@@ -1,8 +1,10 @@
 """What the router needs from inference and billing, as plain interfaces.
 
-The gRPC adapters (`inference_client.py`, `billing_client.py`) implement them and turn transport
-errors into domain errors: `Unavailable` when a peer cannot be reached (safe to retry elsewhere),
-`QueueFull` when a replica's admission queue is full, `BudgetExceeded` when billing refuses a hold.
+The gRPC adapters (`inference_client.py`, `billing_client.py`) implement them and turn failed calls
+into domain errors through the one table in `services/common/peer_errors.py`: `PeerUnreachable` when a
+peer cannot be reached (the only failure that counts as "down"; safe to retry elsewhere), `QueueFull`
+when a replica's admission queue is full, `BudgetExceeded` when billing refuses a hold, `Internal` for
+anything the table does not name.
 """
 
 from __future__ import annotations

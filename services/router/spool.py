@@ -1,8 +1,10 @@
 """A durable, ordered queue of usage events that could not reach billing.
 
-Events are appended to SQLite before the caller is answered; `replay` sends them in insertion order
-through `record` (billing's idempotent RecordUsage, keyed by event id) and deletes each one only after
-billing acknowledged it, so a crash between the two re-sends an event that billing then ignores.
+Events are appended to SQLite before the caller is answered; the meter sends `ready` ones in insertion
+order through billing's idempotent RecordUsage (keyed by event id) and `remove`s each one only after
+billing acknowledged it, so a crash between the two re-sends an event that billing then ignores. An
+event billing refuses (rather than fails to hear) is never dropped: `defer` keeps it, out of the queue's
+way, until a later retry.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import json
 import mmap
 import os
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -39,13 +42,17 @@ def _decode(text: str) -> UsageRecord:
 
 
 class UsageSpool:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock  # wall-clock seconds: a deferral outlives a restart
         self._conn = connect(path)
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute(
             "CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
-            " event_id TEXT NOT NULL UNIQUE, body TEXT NOT NULL)"
+            " event_id TEXT NOT NULL UNIQUE, body TEXT NOT NULL, not_before REAL NOT NULL DEFAULT 0)"
         )
+        columns = {row["name"] for row in self._conn.execute("PRAGMA table_info(spool)")}
+        if "not_before" not in columns:  # a spool written before deferrals existed
+            self._conn.execute("ALTER TABLE spool ADD COLUMN not_before REAL NOT NULL DEFAULT 0")
         self._lock = threading.Lock()
 
     def append(self, usage: UsageRecord) -> None:
@@ -54,9 +61,11 @@ class UsageSpool:
                 "INSERT OR IGNORE INTO spool (event_id, body) VALUES (?, ?)", (usage.event_id, _encode(usage))
             )
 
-    def pending(self, limit: int = 100) -> list[tuple[int, UsageRecord]]:
+    def ready(self, limit: int = 100) -> list[tuple[int, UsageRecord]]:
+        """The oldest events not deferred into the future, in insertion order."""
         with self._lock:
-            rows = self._conn.execute("SELECT seq, body FROM spool ORDER BY seq LIMIT ?", (limit,)).fetchall()
+            rows = self._conn.execute("SELECT seq, body FROM spool WHERE not_before <= ? ORDER BY seq LIMIT ?",
+                                      (self._clock(), limit)).fetchall()
         return [(row["seq"], _decode(row["body"])) for row in rows]
 
     def __len__(self) -> int:
@@ -67,15 +76,12 @@ class UsageSpool:
         with self._lock:
             self._conn.execute("DELETE FROM spool WHERE seq = ?", (seq,))
 
-    async def replay(self, record: Callable[[UsageRecord], Awaitable[object]]) -> int:
-        """Send pending events in order; stop at the first failure (it propagates). Returns how many were sent."""
-        sent = 0
-        while batch := self.pending():
-            for seq, usage in batch:
-                await record(usage)
-                self.remove(seq)
-                sent += 1
-        return sent
+    def defer(self, seq: int, delay_s: float) -> None:
+        """Keep the event, but leave it out of `ready` for `delay_s` (> 0) seconds."""
+        if delay_s <= 0:
+            raise ValueError("a deferral must be > 0 s")
+        with self._lock:
+            self._conn.execute("UPDATE spool SET not_before = ? WHERE seq = ?", (self._clock() + delay_s, seq))
 
     def close(self) -> None:
         self._conn.close()

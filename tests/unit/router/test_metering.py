@@ -1,5 +1,7 @@
 """Billing outages: interactive traffic continues within the grace period with usage spooled durably and
-replayed in order; batch waits; settlement always sends exactly one event per request."""
+replayed in order; batch waits; settlement always sends exactly one event per request. Billing fails
+closed: only transport failures count as an outage, tenants at CRITICAL get no offline hold, and the
+grace window runs from the outage's first failure."""
 
 from __future__ import annotations
 
@@ -7,10 +9,20 @@ import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
 import pytest
 
-from services.common.errors import Unavailable
-from services.router.metering import Meter
+from services.common.errors import (
+    BudgetExceeded,
+    DomainError,
+    FailedPrecondition,
+    Internal,
+    NotFound,
+    PeerUnreachable,
+    Unavailable,
+)
+from services.common.peer_errors import billing_error
+from services.router.metering import BillingUnavailable, Meter
 from services.router.ports import AlertLevel, Hold, HoldRequest, UsageRecord
 from services.router.spool import SettlementJournal, UsageSpool
 from services.router.types import Money, TrafficClass, UsageStatus
@@ -22,17 +34,21 @@ class Billing:
     def __init__(self) -> None:
         self.up = True
         self.recorded: list[str] = []
+        self.levels: dict[str, AlertLevel] = {}  # what reserve reports per tenant (NONE when absent)
+        self.failures: dict[str, list[DomainError]] = {}  # per method: errors raised by the next calls
 
-    def _check(self) -> None:
+    def _check(self, method: str = "") -> None:
         if not self.up:
-            raise Unavailable("down")
+            raise PeerUnreachable("down")
+        if self.failures.get(method):
+            raise self.failures[method].pop(0)
 
     async def reserve(self, request: HoldRequest) -> Hold:
-        self._check()
-        return Hold(hold_id=f"h-{request.request_id}")
+        self._check("reserve")
+        return Hold(hold_id=f"h-{request.request_id}", level=self.levels.get(request.tenant_id, AlertLevel.NONE))
 
     async def settle(self, hold_id: str, usage: UsageRecord) -> Money:
-        self._check()
+        self._check("settle")
         self.recorded.append(usage.event_id)
         return Money("USD", 10)
 
@@ -40,7 +56,7 @@ class Billing:
         self._check()
 
     async def record(self, usage: UsageRecord) -> Money:
-        self._check()
+        self._check("record")
         if usage.event_id not in self.recorded:
             self.recorded.append(usage.event_id)
         return Money("USD", 10)
@@ -50,8 +66,13 @@ class Billing:
         return True, AlertLevel.NONE
 
 
-def hold_request(rid: str, cls: TrafficClass = TrafficClass.INTERACTIVE) -> HoldRequest:
-    return HoldRequest(rid, "acme", "k", "m", "v", cls, 10, 10)
+def hold_request(rid: str, cls: TrafficClass = TrafficClass.INTERACTIVE, tenant: str = "acme") -> HoldRequest:
+    return HoldRequest(rid, tenant, "k", "m", "v", cls, 10, 10)
+
+
+def answered(code: grpc.StatusCode, details: str) -> DomainError:
+    """What the billing adapter raises when billing (or its sidecar) answers `code` without an ErrorDetail."""
+    return billing_error(grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details))
 
 
 def usage(rid: str) -> UsageRecord:
@@ -100,7 +121,7 @@ async def test_batch_reserve_waits_for_billing_to_come_back_instead_of_failing(t
     meter = Meter(billing, UsageSpool(tmp_path / "spool.db"), grace_s=60)
     hold = await meter.reserve(hold_request("b1", TrafficClass.BATCH))
     assert hold.hold_id == "h-b1" and not hold.offline and len(attempts) == 3
-    assert not meter.billing_down
+    assert meter.billing_down  # one answer so soon after the failures does not end the outage
 
 
 async def test_batch_reserve_gives_up_before_its_deadline(tmp_path: Path) -> None:
@@ -177,3 +198,144 @@ async def test_the_journal_starts_over_when_nothing_is_outstanding_and_grows_whe
     await after_restart.replay_once()
     assert billing.recorded == [f"lost-{i}" for i in range(30) if i != 3]
     assert after_restart.journal is not None and len(after_restart.journal) == 0
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAUTHENTICATED,
+                                  grpc.StatusCode.DATA_LOSS, grpc.StatusCode.PERMISSION_DENIED,
+                                  grpc.StatusCode.UNIMPLEMENTED])
+async def test_a_billing_error_that_is_not_a_transport_failure_refuses_instead_of_an_offline_hold(
+        tmp_path: Path, code: grpc.StatusCode) -> None:
+    billing = Billing()
+    spool = UsageSpool(tmp_path / "spool.db")
+    meter = Meter(billing, spool, grace_s=60)
+    await meter.reserve(hold_request("r0"))  # the tenant is known, below every threshold
+    billing.failures["reserve"] = [answered(code, "spiffe://autoglm.local/ns/default/sa/router may not call "
+                                                  "/autoglm.billing.v1.BillingService/Reserve on billing")]
+    with pytest.raises(DomainError) as refused:
+        await meter.reserve(hold_request("r1"))
+    assert isinstance(refused.value, Internal) and not isinstance(refused.value, Unavailable | BudgetExceeded)
+    assert "spiffe://" not in refused.value.message and "BillingService" not in refused.value.message
+    assert not meter.billing_down and len(spool) == 0
+    assert not (await meter.reserve(hold_request("r2"))).offline  # the next call goes to billing again
+
+
+async def test_transport_failures_are_the_outage_that_grants_offline_holds(tmp_path: Path) -> None:
+    billing = Billing()
+    meter = Meter(billing, UsageSpool(tmp_path / "spool.db"), grace_s=60)
+    await meter.reserve(hold_request("r0"))
+    for code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        billing.failures["reserve"] = [answered(code, "connection refused")]
+        assert (await meter.reserve(hold_request(f"r-{code.name}"))).offline
+    assert meter.billing_down
+
+
+@pytest.mark.parametrize("level", [AlertLevel.CRITICAL, AlertLevel.EMERGENCY])
+async def test_a_tenant_last_seen_at_critical_or_above_gets_no_offline_hold(tmp_path: Path, level: AlertLevel) -> None:
+    billing = Billing()
+    billing.levels = {"hot": level}
+    meter = Meter(billing, UsageSpool(tmp_path / "spool.db"), grace_s=60)
+    for tenant in ("hot", "cool"):
+        await meter.reserve(hold_request(f"{tenant}-0", tenant=tenant))
+    billing.up = False
+    with pytest.raises(BillingUnavailable, match=level.name):
+        await meter.reserve(hold_request("hot-1", tenant="hot"))
+    assert (await meter.reserve(hold_request("cool-1", tenant="cool"))).offline
+    with pytest.raises(BillingUnavailable, match="not seen"):  # no budget state at all: no offline hold either
+        await meter.reserve(hold_request("new-1", tenant="new"))
+
+
+async def test_a_tenant_refused_for_its_budget_gets_no_offline_hold_when_billing_goes_down(tmp_path: Path) -> None:
+    billing = Billing()
+    meter = Meter(billing, UsageSpool(tmp_path / "spool.db"), grace_s=60)
+    await meter.reserve(hold_request("r0"))
+    billing.failures["reserve"] = [BudgetExceeded("monthly budget exhausted")]
+    with pytest.raises(BudgetExceeded):
+        await meter.reserve(hold_request("r1"))
+    billing.up = False
+    with pytest.raises(BillingUnavailable):
+        await meter.reserve(hold_request("r2"))
+
+
+async def test_the_grace_window_runs_from_the_first_failure_and_a_lucky_call_does_not_reset_it(
+        tmp_path: Path) -> None:
+    billing = Billing()
+    now = [0.0]
+    meter = Meter(billing, UsageSpool(tmp_path / "spool.db"), grace_s=60, recovery_s=10, clock=lambda: now[0])
+    await meter.reserve(hold_request("r0"))
+    billing.up = False
+    assert (await meter.reserve(hold_request("r1"))).offline  # t=0: the outage starts
+    for t in range(4, 60, 5):  # billing flaps: one call answered, the next one fails again
+        now[0] = t
+        billing.up = True
+        assert not (await meter.reserve(hold_request(f"lucky-{t}"))).offline
+        billing.up = False
+        now[0] = t + 1
+        assert (await meter.reserve(hold_request(f"r-{t}"))).offline
+    assert meter.billing_down
+    now[0] = 61.0
+    with pytest.raises(BillingUnavailable, match="more than 60"):
+        await meter.reserve(hold_request("r-late"))
+
+
+async def test_the_outage_ends_at_a_call_answered_a_quiet_period_after_its_last_failure(tmp_path: Path) -> None:
+    billing = Billing()
+    now = [0.0]
+    meter = Meter(billing, UsageSpool(tmp_path / "spool.db"), grace_s=60, recovery_s=10, clock=lambda: now[0])
+    await meter.reserve(hold_request("r0"))
+    billing.up = False
+    assert (await meter.reserve(hold_request("r1"))).offline
+    billing.up = True
+    now[0] = 9.0
+    await meter.reserve(hold_request("r2"))
+    assert meter.billing_down  # answered 9 s after the last failure: not yet
+    now[0] = 10.0
+    await meter.reserve(hold_request("r3"))
+    assert not meter.billing_down
+    billing.up = False
+    now[0] = 100.0  # a new outage, with a grace window of its own
+    assert (await meter.reserve(hold_request("r4"))).offline
+    now[0] = 159.0
+    assert (await meter.reserve(hold_request("r5"))).offline
+
+
+async def test_a_settlement_billing_refuses_is_spooled_once_and_never_blocks_or_loses_others(tmp_path: Path) -> None:
+    billing = Billing()
+    wall = [1000.0]
+    spool = UsageSpool(tmp_path / "spool.db", clock=lambda: wall[0])
+    meter = Meter(billing, spool, grace_s=60, refused_retry_s=30)
+    holds = {rid: await meter.reserve(hold_request(rid)) for rid in ("a", "b", "c")}
+    billing.failures["settle"] = [Internal("billing broke"), FailedPrecondition("hold expired")]
+    billing.failures["record"] = [PeerUnreachable("gone")]
+    assert await meter.settle(holds["a"], usage("a")) is None  # refused: kept in the spool
+    assert await meter.settle(holds["b"], usage("b")) is None  # hold closed, then record not heard: kept
+    assert len(spool) == 2 and billing.recorded == []
+    assert await meter.settle(holds["c"], usage("c")) is None  # billing was just unreachable: straight to the spool
+    billing.failures["record"] = [Internal("still broken")]  # the first replayed event is refused again
+    assert await meter.replay_once() == 2  # ...and waits, while the events behind it go through
+    assert billing.recorded == ["b", "c"] and len(spool) == 1
+    assert await meter.replay_once() == 0  # deferred: not retried at once
+    wall[0] += 30
+    assert await meter.replay_once() == 1
+    assert billing.recorded == ["b", "c", "a"] and len(spool) == 0
+
+
+async def test_an_expired_hold_is_settled_by_recording_the_event_once(tmp_path: Path) -> None:
+    billing = Billing()
+    meter = Meter(billing, UsageSpool(tmp_path / "spool.db"))
+    hold = await meter.reserve(hold_request("r0"))
+    billing.failures["settle"] = [NotFound("hold does not exist")]
+    assert await meter.settle(hold, usage("r0")) == Money("USD", 10)
+    assert billing.recorded == ["r0"]
+
+
+async def test_a_deferred_event_stays_deferred_across_a_restart(tmp_path: Path) -> None:
+    wall = [1000.0]
+    first = UsageSpool(tmp_path / "spool.db", clock=lambda: wall[0])
+    first.append(usage("x"))
+    (seq, _), = first.ready()
+    first.defer(seq, 30)
+    first.close()
+    again = UsageSpool(tmp_path / "spool.db", clock=lambda: wall[0])
+    assert len(again) == 1 and again.ready() == []
+    wall[0] += 30
+    assert [u.event_id for _, u in again.ready()] == ["x"]
