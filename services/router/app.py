@@ -83,7 +83,7 @@ class RouterApp:
         self.balancer = Balancer()
         self.monitor = ReplicaMonitor(self.balancer, self.inference, config.health_interval_s)
         self.meter = Meter(self.billing, self.spool, grace_s=config.billing_grace_s,
-                           batch_wait_s=config.batch_billing_wait_s,
+                           recovery_s=config.billing_recovery_s, batch_wait_s=config.batch_billing_wait_s,
                            max_early_starts_per_tenant=config.early_starts_per_tenant, journal=self.journal)
         self.limiter = RateLimiter(rate_limit_backend(config.rate_limit_redis_url))
         self.gateway = Gateway(

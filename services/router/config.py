@@ -35,8 +35,12 @@ class RouterConfig:
     cache_ttl_s: float = 3600.0
     # max_tokens when a request does not set it.
     default_max_tokens: int = 256
-    # Seconds core/interactive traffic continues while billing is unreachable (usage spooled).
+    # Seconds core/interactive traffic continues while billing is unreachable (usage spooled), counted
+    # from the outage's first transport failure; only for tenants billing last placed below CRITICAL.
     billing_grace_s: float = 300.0
+    # An outage ends at the first call billing answers this many seconds after the outage's latest
+    # transport failure (an answer sooner, billing flapping, does not restart the grace window).
+    billing_recovery_s: float = 10.0
     billing_timeout_s: float = 3.0
     # Generations running at once through this router; beyond, waiters are admitted by traffic class.
     max_concurrent: int = 512
@@ -65,5 +69,7 @@ class RouterConfig:
             raise ValueError("batch_concurrency must be >= 1 and batch_poll_s > 0")
         if self.early_starts_per_tenant < 0:
             raise ValueError("early_starts_per_tenant must be >= 0")
+        if self.billing_grace_s < 0 or self.billing_recovery_s < 0:
+            raise ValueError("billing_grace_s and billing_recovery_s must be >= 0")
         if self.max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
