@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from services.common.errors import DomainError, InvalidInput, PermissionDenied, QueueFull, Unavailable
+from services.common.errors import DomainError, Internal, InvalidInput, PermissionDenied, QueueFull, Unavailable
 from services.router import metrics
 from services.router.admission import PriorityGate
 from services.router.balancer import Balancer
@@ -361,7 +361,8 @@ class Gateway:
         settings = self.settings.retry
         last: DomainError = Unavailable("no inference replica could serve the request")
         attempt = 0
-        for model, version in self._candidates(plan):
+        candidates = self._candidates(plan)
+        for index, (model, version) in enumerate(candidates):
             call = InferenceCall(
                 request_id=request_id, prompt=plan.prompt if plan.raw_prompt else "",
                 messages=() if plan.raw_prompt else plan.messages, sampling=plan.sampling_max,  # type: ignore[arg-type]
@@ -375,7 +376,7 @@ class Gateway:
                 except Unavailable as exc:
                     if not tried:  # a version with no healthy replica counts as failing
                         self.canary.record(model.name, version.version, False, 0.0)
-                    if not isinstance(last, QueueFull):  # "every replica is full" says more than "none left"
+                    if not isinstance(last, QueueFull | Internal):  # each says more than "no replica left"
                         last = exc
                     break
                 tried.add(address)
@@ -404,6 +405,16 @@ class Gateway:
                     if not self._retry_budget.try_spend():
                         raise last from None
                     await asyncio.sleep(backoff_delay(attempt, settings, self._rng))
+                except Internal as exc:
+                    # The replica answered with a fault of its own, not a transport failure: another replica of
+                    # this version would likely fail the same way, so it is not retried there. It counts against
+                    # the version, and before the first token the request moves on to the next candidate (a
+                    # canary falls back to stable) as the retry budget allows.
+                    self.canary.record(model.name, version.version, False, self._clock() - started)
+                    if delivered or index == len(candidates) - 1 or not self._retry_budget.try_spend():
+                        raise
+                    last = exc
+                    break
         raise last
 
     async def _finish(
