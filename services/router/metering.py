@@ -141,8 +141,11 @@ class Meter:
         return level is not None and level < AlertLevel.CRITICAL and not self.billing_down
 
     def local_cost(self, usage: UsageRecord) -> Money | None:
-        """The cost billing will charge for this usage (the same table and formula,
-        `services.common.pricing`), or None when no price is known here."""
+        """The cost billing will charge for this usage (billing's price table from ListPrices, priced with
+        the same lookup and formula, `services.common.pricing`), or None when no price is known here.
+        The table is refreshed every few seconds: a price that billing puts in force at once is quoted
+        from the next refresh on; until then billing's answer differs, which is logged and triggers a
+        refresh."""
         price = self.prices.lookup(usage.model, usage.model_version, micros_since_epoch(usage.end_time))
         if price is None:
             return None
