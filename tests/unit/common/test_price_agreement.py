@@ -55,7 +55,7 @@ class BillingPrices:
         return [price_from_proto(p) for p in billing_pb2.ListPricesResponse.FromString(reply.SerializeToString()).prices]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(schedule, usage)
 def test_the_routers_quote_is_billings_charge(tmp_path: Path, prices, use) -> None:
     ledger, model = Ledger(), next(MODELS)
