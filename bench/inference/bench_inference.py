@@ -32,11 +32,12 @@ from autoglm.inference.v1 import inference_service_pb2 as pb2
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb2_grpc
 from bench.inference.anchors import bench_cache, genai_model, llama_int8_gguf, run_isolated
 from services.common.config import ServerSettings
+from services.common.generation import Sampling
 from services.inference.config import InferenceConfig
 from services.inference.engine.engine import Engine
 from services.inference.engine.model import LoadedModel, load_model
 from services.inference.engine.session import default_threads
-from services.inference.engine.types import GenerationRequest, SamplingRequest
+from services.inference.engine.types import GenerationRequest
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
@@ -70,7 +71,7 @@ def prompt_of(model: LoadedModel, tokens: int, salt: int = 0) -> str:
 def engine_stream(engine: Engine) -> Stream:
     async def run(prompt: str, max_tokens: int) -> tuple[float, float, int]:
         start, first, tokens = time.perf_counter(), 0.0, 0
-        request = GenerationRequest(prompt=prompt, sampling=SamplingRequest(max_tokens=max_tokens))
+        request = GenerationRequest(prompt=prompt, sampling=Sampling(max_tokens=max_tokens))
         async for delta in engine.generate(request):
             if not first:
                 first = time.perf_counter() - start

@@ -15,10 +15,11 @@ from services.billing.catalog import (
     bump_version,
     price_from_row,
 )
-from services.billing.model import Budget, Enforcement, PeriodKind, Price, ScopeKind, Thresholds
+from services.billing.model import Budget, Enforcement, PeriodKind, ScopeKind, Thresholds
 from services.billing.store.base import Tx
 from services.billing.validation import check_text
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
+from services.common.pricing import Price
 
 MAX_PRICE = 10**12  # one million currency units per million tokens
 

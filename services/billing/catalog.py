@@ -18,13 +18,12 @@ from services.billing.model import (
     Enforcement,
     Period,
     PeriodKind,
-    Price,
     Scope,
     ScopeKind,
     Thresholds,
 )
-from services.billing.pricing import PriceTable
 from services.billing.store.base import Row, Tx
+from services.common.pricing import Price, PriceTable
 
 PRICE_COLUMNS = "price_id, model, model_version, input_micros, output_micros, cached_micros, effective_us, currency"
 BUDGET_COLUMNS = (

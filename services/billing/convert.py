@@ -67,24 +67,6 @@ def reserve_request(r: pb2.ReserveRequest) -> m.ReserveRequest:
                             ttl_s=r.ttl_seconds, request_id=r.request_id)
 
 
-def price(p: pb2.Price) -> m.Price:
-    currency = p.input_per_million.currency_code or p.output_per_million.currency_code
-    return m.Price(price_id=p.price_id, model=p.model, model_version=p.model_version,
-                   input_per_million=p.input_per_million.micros, output_per_million=p.output_per_million.micros,
-                   cached_per_million=p.cached_per_million.micros if p.HasField("cached_per_million") else None,
-                   effective_us=to_us(p.effective_time) if p.HasField("effective_time") else 0,
-                   currency=currency or "USD")
-
-
-def price_pb(p: m.Price) -> pb2.Price:
-    out = pb2.Price(price_id=p.price_id, model=p.model, model_version=p.model_version,
-                    input_per_million=money(p.input_per_million, p.currency),
-                    output_per_million=money(p.output_per_million, p.currency), effective_time=ts(p.effective_us))
-    if p.cached_per_million is not None:
-        out.cached_per_million.CopyFrom(money(p.cached_per_million, p.currency))
-    return out
-
-
 def budget(b: pb2.Budget) -> tuple[m.Budget, str]:
     """The budget and the currency its amounts were given in."""
     auto = None

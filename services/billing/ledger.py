@@ -2,8 +2,9 @@
 
 The event row and its effect on budgets are written in the same transaction, so a crash leaves either
 both or neither. A repeated event id returns the first result and writes nothing. Priced with the price in
-force at the event's end time (see `pricing` for the rounding rule); a cancelled request is billed for the
-tokens it reports.
+force at the event's end time, through the mesh's one price table and cost formula
+(`services.common.pricing`, which the router quotes with); a cancelled request is billed for the tokens it
+reports.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from services.billing import budgets, periods, pricing
+from services.billing import budgets, periods
 from services.billing.alerts import FiredCache
 from services.billing.catalog import Catalog, Snapshot
 from services.billing.model import Alert, Budget, BudgetState, Level, Recorded, UsageEvent
 from services.billing.store.base import Tx
 from services.common.errors import DomainError
+from services.common.pricing import cost_micros
 
 EVENT_COLUMNS = ("event_id, tenant_id, api_key_id, model, model_version, tags_json, prompt_tokens, completion_tokens,"
                  " cached, request_id, trace_id, start_us, end_us, status, traffic_class, cost_micros, currency,"
@@ -73,7 +75,7 @@ class Ingester:
             if price is None:
                 unpriced.append(index)
             else:
-                priced.append((index, pricing.cost_micros(price, event.prompt_tokens, event.completion_tokens,
+                priced.append((index, cost_micros(price, event.prompt_tokens, event.completion_tokens,
                                                           event.cached)))
         applicable = _ApplicableCache(snap)
         tx.lock_budgets(sorted({b.budget_id for i, _ in priced for b in applicable(events[i])}))

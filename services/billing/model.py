@@ -1,5 +1,6 @@
 """Plain dataclasses of the ledger. Times are integer microseconds since the Unix epoch (UTC);
-money is integer micro-units of the ledger's currency; nothing here is a float."""
+money is integer micro-units of the ledger's currency; nothing here is a float. Prices are the mesh's
+shared ones (`services.common.pricing`), which the router quotes with."""
 
 from __future__ import annotations
 
@@ -89,18 +90,6 @@ class Rejected:
     event_id: str
     code: str
     message: str
-
-
-@dataclass(frozen=True)
-class Price:
-    price_id: str
-    model: str
-    model_version: str
-    input_per_million: int
-    output_per_million: int
-    cached_per_million: int | None
-    effective_us: int
-    currency: str = "USD"
 
 
 @dataclass(frozen=True)

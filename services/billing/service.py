@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import structlog
 
-from services.billing import admin, alerts, audit, budgets, ledger, metrics, pricing, reports
+from services.billing import admin, alerts, audit, budgets, ledger, metrics, reports
 from services.billing.catalog import Catalog
 from services.billing.config import BillingConfig
 from services.billing.model import (
@@ -24,7 +24,6 @@ from services.billing.model import (
     Budget,
     BudgetState,
     Hold,
-    Price,
     Recorded,
     ReserveRequest,
     Thresholds,
@@ -36,6 +35,7 @@ from services.billing.store.base import Store, Tx
 from services.billing.validation import check_event, check_tags, check_text, check_tokens
 from services.billing.webhooks import WebhookSender
 from services.common.errors import BudgetExceeded, DomainError, FailedPrecondition, InvalidInput
+from services.common.pricing import Price, cost_micros
 
 log = structlog.get_logger(__name__)
 Clock = Callable[[], int]
@@ -135,7 +135,7 @@ class Billing:
         def unit(tx: Tx) -> Hold | budgets.Denied:
             snap = self.catalog.current(tx)
             price = snap.prices.require(req.model, req.model_version, now)
-            amount = pricing.cost_micros(price, req.max_prompt_tokens, req.max_completion_tokens)
+            amount = cost_micros(price, req.max_prompt_tokens, req.max_completion_tokens)
             return budgets.reserve(tx, snap, req, amount, now, ttl, actor)
 
         outcome = await self.store.write(unit)

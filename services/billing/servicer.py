@@ -19,6 +19,7 @@ from services.billing.model import Recorded, UsageEvent
 from services.billing.service import Billing
 from services.common.error_mapping import status_code_for
 from services.common.errors import DomainError
+from services.common.price_convert import price_from_proto, price_to_proto
 
 
 async def _batches(requests: AsyncIterator[pb2.StreamUsageRequest],
@@ -152,12 +153,12 @@ class BillingServicer(pb2_grpc.BillingServiceServicer):
         return pb2.DeleteBudgetResponse()
 
     async def CreatePrice(self, request: pb2.CreatePriceRequest, context: grpc.aio.ServicerContext) -> pb2.CreatePriceResponse:
-        price = await self.billing.create_price(convert.price(request.price), request.actor)
-        return pb2.CreatePriceResponse(price=convert.price_pb(price))
+        price = await self.billing.create_price(price_from_proto(request.price), request.actor)
+        return pb2.CreatePriceResponse(price=price_to_proto(price))
 
     async def ListPrices(self, request: pb2.ListPricesRequest, context: grpc.aio.ServicerContext) -> pb2.ListPricesResponse:
         prices = await self.billing.list_prices(request.model)
-        return pb2.ListPricesResponse(prices=[convert.price_pb(p) for p in prices])
+        return pb2.ListPricesResponse(prices=[price_to_proto(p) for p in prices])
 
     async def DeletePrice(self, request: pb2.DeletePriceRequest, context: grpc.aio.ServicerContext) -> pb2.DeletePriceResponse:
         await self.billing.delete_price(request.price_id, request.actor)

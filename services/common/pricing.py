@@ -1,20 +1,100 @@
-"""The one cost formula of the mesh, in integer micro-units (billing charges with it; the router quotes
-with it, so the cost in a stream's last message is exactly what billing records).
+"""Prices and the cost of usage, defined once for the mesh: billing charges with this module and the
+router quotes with it, so the cost in a stream's last message is exactly what billing records.
 
-The exact cost is (prompt x input_price + completion x output_price) / 1,000,000 micro-units (prices are
-per million tokens), rounded ONCE on that total, half up. Cached usage is priced at the cached price for
-both kinds of tokens when the model has one. No float is ever involved.
+- `Price`: a model's (or one version's) price per million tokens in integer micro-units, in force from
+  `effective_us` (microseconds since the Unix epoch, UTC) until the next price of the same key.
+- `PriceTable.lookup(model, version, at_us)`: the price in force at that time — the (model, version)
+  price if one is in force, else the model-wide one (version ""), else None.
+- `cost_micros`: (prompt x input + completion x output) / 1,000,000, rounded ONCE on that total, half up;
+  cached usage is priced at the cached price for both kinds of tokens when the price has one. No float
+  is ever involved.
+- `micros_since_epoch`: a `datetime` as the integer microseconds a protobuf Timestamp carries it, which is
+  how billing sees the event's end time.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from services.common.errors import FailedPrecondition
+
 MILLION = 1_000_000
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MICROSECOND = timedelta(microseconds=1)
 
 
-def usage_cost_micros(prompt_tokens: int, completion_tokens: int, input_per_million: int, output_per_million: int,
-                      cached_per_million: int | None = None, cached: bool = False) -> int:
-    if cached and cached_per_million is not None:
-        numerator = (prompt_tokens + completion_tokens) * cached_per_million
+@dataclass(frozen=True)
+class Price:
+    price_id: str
+    model: str
+    model_version: str
+    input_per_million: int
+    output_per_million: int
+    cached_per_million: int | None
+    effective_us: int
+    currency: str = "USD"
+
+
+def cost_micros(price: Price, prompt_tokens: int, completion_tokens: int, cached: bool = False) -> int:
+    if cached and price.cached_per_million is not None:
+        numerator = (prompt_tokens + completion_tokens) * price.cached_per_million
     else:
-        numerator = prompt_tokens * input_per_million + completion_tokens * output_per_million
+        numerator = prompt_tokens * price.input_per_million + completion_tokens * price.output_per_million
     return (numerator + MILLION // 2) // MILLION
+
+
+def micros_since_epoch(at: datetime) -> int:
+    """Exact; a naive datetime is taken as UTC, as protobuf's `Timestamp.FromDatetime` takes it."""
+    return ((at if at.tzinfo is not None else at.replace(tzinfo=UTC)) - EPOCH) // MICROSECOND
+
+
+class PriceTable:
+    """Prices by (model, version), each list sorted by effective time; lookups pick the one in force.
+    A table is immutable: a price change builds a new one."""
+
+    def __init__(self, prices: Iterable[Price] = ()) -> None:
+        self._by_key: dict[tuple[str, str], list[Price]] = {}
+        for price in sorted(prices, key=lambda p: (p.effective_us, p.price_id)):
+            self._by_key.setdefault((price.model, price.model_version), []).append(price)
+        self._times = {key: [p.effective_us for p in ps] for key, ps in self._by_key.items()}
+        # (model, version) -> [start, end) of the last answer and the price in force there (None: unpriced).
+        self._memo: dict[tuple[str, str], tuple[int, int, Price | None]] = {}
+
+    def lookup(self, model: str, version: str, at_us: int) -> Price | None:
+        """`in_force`, memoised: the answer is constant between two effective times of the model's prices,
+        so repeated lookups inside that interval cost one dict access."""
+        key = (model, version)
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] <= at_us < hit[1]:
+            return hit[2]
+        points = sorted({*self._times.get(key, ()), *self._times.get((model, ""), ())})
+        index = bisect_right(points, at_us)
+        start = points[index - 1] if index > 0 else -(2**63)
+        end = points[index] if index < len(points) else 2**63
+        price = self.in_force(model, version, at_us)
+        self._memo[key] = (start, end, price)
+        return price
+
+    def in_force(self, model: str, version: str, at_us: int) -> Price | None:
+        for key in ((model, version), (model, "")) if version else ((model, ""),):
+            prices = self._by_key.get(key)
+            if prices:
+                index = bisect_right(self._times[key], at_us)
+                if index > 0:
+                    return prices[index - 1]
+        return None
+
+    def require(self, model: str, version: str, at_us: int) -> Price:
+        price = self.lookup(model, version, at_us)
+        if price is None:
+            known = sorted({m for m, _ in self._by_key})
+            hint = f" (priced models: {', '.join(known[:10])})" if known else " (the price table is empty)"
+            raise FailedPrecondition(
+                f"model {model!r}{' version ' + repr(version) if version else ''} has no price in force at the "
+                f"event's time{hint}; add one with `autoglm price set` or CreatePrice",
+                reason="UNPRICED_MODEL", field="event.model",
+            )
+        return price

@@ -9,21 +9,18 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from autoglm.common.v1 import generation_pb2
 from autoglm.inference.v1 import inference_service_pb2 as pb2
 from services.common.errors import InvalidInput
+from services.common.generation import ChatMessage, Role, Sampling
 from services.inference.engine.types import (
-    ChatMessage,
     Delta,
     FinishReason,
     GenerationRequest,
     LoadReport,
     ModelInfo,
-    Role,
-    SamplingRequest,
     StreamSettings,
     TrafficClass,
 )
 
-_ROLES = {generation_pb2.CHAT_ROLE_SYSTEM: Role.SYSTEM, generation_pb2.CHAT_ROLE_USER: Role.USER,
-          generation_pb2.CHAT_ROLE_ASSISTANT: Role.ASSISTANT}
+_ROLES = {int(role) for role in Role if role != Role.UNSPECIFIED}
 _CLASSES = {generation_pb2.TRAFFIC_CLASS_CORE: TrafficClass.CORE,
             generation_pb2.TRAFFIC_CLASS_INTERACTIVE: TrafficClass.INTERACTIVE,
             generation_pb2.TRAFFIC_CLASS_BATCH: TrafficClass.BATCH,
@@ -39,13 +36,13 @@ def messages(items: Iterable[generation_pb2.ChatMessage]) -> tuple[ChatMessage, 
     for index, message in enumerate(items):
         if message.role not in _ROLES:
             raise InvalidInput(f"messages[{index}].role must be SYSTEM, USER or ASSISTANT", field=f"messages[{index}].role")
-        out.append(ChatMessage(_ROLES[message.role], message.content))
+        out.append(ChatMessage(Role(message.role), message.content))
     return tuple(out)
 
 
 def generation_request(request: pb2.GenerateRequest) -> GenerationRequest:
     s = request.sampling
-    sampling = SamplingRequest(
+    sampling = Sampling(
         temperature=s.temperature if s.HasField("temperature") else None,
         top_p=s.top_p if s.HasField("top_p") else None,
         top_k=s.top_k if s.HasField("top_k") else None,

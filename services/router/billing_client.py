@@ -8,9 +8,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
 from services.common.peer_errors import billing_error
+from services.common.price_convert import price_from_proto
+from services.common.pricing import Price
 from services.common.tracing import outgoing_metadata
 from services.router.ports import AlertLevel, Hold, HoldRequest, UsageRecord
-from services.router.prices import Price
 from services.router.types import Money, TrafficClass
 
 # Reconnect quickly after an outage instead of gRPC's default backoff of up to two minutes.
@@ -96,14 +97,7 @@ class GrpcBilling:
                                                 timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise billing_error(exc) from None
-        return [
-            Price(model=p.model, model_version=p.model_version, input_per_million=p.input_per_million.micros,
-                  output_per_million=p.output_per_million.micros,
-                  cached_per_million=p.cached_per_million.micros if p.HasField("cached_per_million") else None,
-                  effective_us=p.effective_time.seconds * 1_000_000 + p.effective_time.nanos // 1000,
-                  currency_code=p.input_per_million.currency_code or "USD")
-            for p in reply.prices
-        ]
+        return [price_from_proto(p) for p in reply.prices]
 
     async def close(self) -> None:
         await self._channel.close()

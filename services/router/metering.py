@@ -46,8 +46,8 @@ from services.common.errors import (
     PeerUnreachable,
     Unavailable,
 )
+from services.common.pricing import PriceTable, cost_micros, micros_since_epoch
 from services.router.ports import AlertLevel, BillingPort, Hold, HoldRequest, UsageRecord
-from services.router.prices import PriceBook
 from services.router.spool import SettlementJournal, UsageSpool
 from services.router.types import Money, TrafficClass
 
@@ -83,7 +83,7 @@ class Meter:
         self._batch_wait_s = batch_wait_s
         self._max_early = max_early_starts_per_tenant
         self._early: dict[str, int] = {}
-        self.prices = PriceBook()
+        self.prices = PriceTable()
         self._levels: dict[str, AlertLevel] = {}
         self._prices_loaded_at: float | None = None
         self._billing = billing
@@ -192,8 +192,15 @@ class Meter:
         return level is not None and level < AlertLevel.CRITICAL and not self.billing_down
 
     def local_cost(self, usage: UsageRecord) -> Money | None:
-        return self.prices.cost(usage.model, usage.model_version, usage.end_time, usage.prompt_tokens,
-                                usage.completion_tokens, usage.cached)
+        """The cost billing will charge for this usage (billing's price table from ListPrices, priced with
+        the same lookup and formula, `services.common.pricing`), or None when no price is known here.
+        The table is refreshed every few seconds: a price that billing puts in force at once is quoted
+        from the next refresh on; until then billing's answer differs, which is logged and triggers a
+        refresh."""
+        price = self.prices.lookup(usage.model, usage.model_version, micros_since_epoch(usage.end_time))
+        if price is None:
+            return None
+        return Money(price.currency, cost_micros(price, usage.prompt_tokens, usage.completion_tokens, usage.cached))
 
     async def refresh_prices(self, min_interval_s: float = 0.0) -> None:
         """Reload the price table from billing (at most once per `min_interval_s`)."""
@@ -202,7 +209,7 @@ class Meter:
             return
         self._prices_loaded_at = now
         try:
-            self.prices.replace(await self._billing.list_prices())
+            self.prices = PriceTable(await self._billing.list_prices())
         except DomainError as exc:
             log.warning("price_refresh_failed", reason=exc.reason)
 

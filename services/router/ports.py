@@ -16,7 +16,7 @@ from datetime import datetime
 from enum import IntEnum
 from typing import Protocol
 
-from services.router.prices import Price
+from services.common.pricing import Price
 from services.router.types import Chunk, Message, Money, Sampling, TrafficClass, UsageStatus
 
 

@@ -1,12 +1,23 @@
 """Plain data the router's domain modules exchange (no grpc, no protobuf).
 
 Enum values mirror the proto enums of `autoglm.common.v1` so conversions at the edge are `int(...)`.
+Chat messages and sampling parameters are the mesh's shared ones (`services.common.generation`, also
+what the inference engine takes); `Message` is the router's name for a chat message.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
+
+from services.common.generation import ChatMessage, Role, Sampling
+
+__all__ = [
+    "CachePolicy", "ChatMessage", "Chunk", "FinishReason", "GenerationRequest", "Message", "Money", "Principal",
+    "RequestContext", "Role", "Sampling", "Summary", "TrafficClass", "Usage", "UsageStatus",
+]
+
+Message = ChatMessage
 
 
 class TrafficClass(IntEnum):
@@ -24,13 +35,6 @@ class FinishReason(IntEnum):
     ERROR = 4
 
 
-class Role(IntEnum):
-    UNSPECIFIED = 0
-    SYSTEM = 1
-    USER = 2
-    ASSISTANT = 3
-
-
 class CachePolicy(IntEnum):
     DEFAULT = 0
     BYPASS = 1
@@ -42,30 +46,6 @@ class UsageStatus(IntEnum):
     COMPLETED = 1
     CANCELLED = 2
     FAILED = 3
-
-
-@dataclass(frozen=True)
-class Message:
-    role: Role
-    content: str
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Sampling parameters; None means "the model's default"."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    max_tokens: int | None = None
-
-    @property
-    def deterministic(self) -> bool:
-        """Greedy decoding (temperature 0 or unset) or a fixed seed gives the same text every time."""
-        return self.seed is not None or not self.temperature
 
 
 @dataclass(frozen=True)

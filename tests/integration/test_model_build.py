@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from services.inference.chat_template import ChatTemplate
 from services.inference.modelbuild.build import BuildResult, build
-from services.inference.modelbuild.chat_template import render_chat
 from services.inference.modelbuild.hashing import sha256_file
 from services.inference.modelbuild.manifest import MANIFEST_NAME, Manifest, load_manifest
 from services.inference.modelbuild.ort_runner import OnnxCausalLM, StaticCacheDecoder, length_mask, past_len
-from services.inference.modelbuild.record_golden import prefix_match
+from services.inference.modelbuild.record_golden import chat_ids, prefix_match
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,9 +59,7 @@ def tokenizer(built: BuildResult, manifest: Manifest) -> Tokenizer:
 
 
 def chat(tokenizer: Tokenizer, manifest: Manifest, text: str) -> list[int]:
-    assert manifest.chat_template is not None
-    rendered = render_chat(manifest.chat_template, [{"role": "user", "content": text}])
-    return list(tokenizer.encode(rendered, add_special_tokens=False).ids)
+    return chat_ids(ChatTemplate.for_model(manifest, tokenizer), tokenizer, text)
 
 
 def test_manifest_verifies_and_every_file_hashes(built: BuildResult, manifest: Manifest) -> None:

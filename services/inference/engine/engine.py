@@ -6,12 +6,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+from services.common.generation import ChatMessage
 from services.inference.engine.metrics import EngineMetrics
 from services.inference.engine.model import LoadedModel
 from services.inference.engine.sampling import Sampler
 from services.inference.engine.scheduler import Scheduler, SchedulerSettings
 from services.inference.engine.sequence import Sequence
-from services.inference.engine.types import ChatMessage, Delta, GenerationRequest, LoadReport, ModelInfo, StreamSettings
+from services.inference.engine.types import Delta, GenerationRequest, LoadReport, ModelInfo, StreamSettings
 from services.inference.engine.validation import check_input, resolve_max_tokens, resolve_sampling
 
 PRECISIONS = {"int8": "INT8", "fp32": "FP32", "fp16": "FP16", "int4": "INT4"}

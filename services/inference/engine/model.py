@@ -68,17 +68,13 @@ def load_model(directory: Path | None, session: SessionSettings, verify: bool = 
     ort_session, provider = create_session(directory / manifest.model_file, session)
     io = ModelIO.from_session(ort_session, manifest.kv.past_names(), manifest.kv.present_names())
     tokenizer = Tokenizer.from_file(str(directory / manifest.tokenizer_file))
-    vocab = tokenizer.get_vocab()
-    by_id = {v: k for k, v in vocab.items()}
-    bos = by_id.get(manifest.tokens.bos) if manifest.tokens.bos is not None else ""
-    eos = by_id.get(manifest.tokens.eos[0], "") if manifest.tokens.eos else ""
     return LoadedModel(
         directory=directory,
         manifest=manifest,
         manifest_sha256=sha256_file(directory / MANIFEST_NAME),
         runner=ModelRunner(ort_session, io, provider),
         tokenizer=tokenizer,
-        template=ChatTemplate(manifest.chat_template, bos_token=bos or "", eos_token=eos),
+        template=ChatTemplate.for_model(manifest, tokenizer),
         defaults=_defaults(directory / manifest.generation_config_file),
         spec=KvSpec(tensors=len(io.past), kv_heads=manifest.kv.num_kv_heads, head_dim=manifest.kv.head_dim,
                     dtype=np.dtype(manifest.kv.dtype)),

@@ -1,9 +1,15 @@
-"""Plain dataclasses the engine takes and returns; the servicer converts protobuf to and from these."""
+"""Plain dataclasses the engine takes and returns; the servicer converts protobuf to and from these.
+
+Chat messages and sampling parameters are the mesh's shared ones (`services.common.generation`), the
+same types the router builds its requests from.
+"""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+
+from services.common.generation import ChatMessage, Sampling
 
 
 class TrafficClass(enum.IntEnum):
@@ -21,31 +27,6 @@ class FinishReason(enum.Enum):
     ERROR = "error"
 
 
-class Role(enum.Enum):
-    SYSTEM = "system"
-    USER = "user"
-    ASSISTANT = "assistant"
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    role: Role
-    content: str
-
-
-@dataclass(frozen=True)
-class SamplingRequest:
-    """Sampling settings as the caller sent them; None = not set (the model's default applies)."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    max_tokens: int | None = None
-
-
 @dataclass(frozen=True)
 class StreamSettings:
     """Coalesce deltas: send at most one message per `coalesce_ms` / up to `coalesce_tokens` tokens."""
@@ -59,7 +40,7 @@ class GenerationRequest:
     request_id: str = ""
     prompt: str = ""
     messages: tuple[ChatMessage, ...] = ()
-    sampling: SamplingRequest = field(default_factory=SamplingRequest)
+    sampling: Sampling = field(default_factory=Sampling)
     traffic_class: TrafficClass = TrafficClass.INTERACTIVE
     stream: StreamSettings = field(default_factory=StreamSettings)
 

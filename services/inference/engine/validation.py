@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.errors import InvalidInput
+from services.common.generation import Sampling
 from services.inference.engine.sampling import SamplingParams
-from services.inference.engine.types import GenerationRequest, SamplingRequest
+from services.inference.engine.types import GenerationRequest
 
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_BYTES = 64
@@ -32,7 +33,7 @@ def check_input(prompt: str, messages: tuple[object, ...]) -> None:
         )
 
 
-def resolve_sampling(sampling: SamplingRequest, defaults: ModelDefaults) -> SamplingParams:
+def resolve_sampling(sampling: Sampling, defaults: ModelDefaults) -> SamplingParams:
     """Ranges from the contract: temperature 0 or (0, 2], top_p (0, 1], top_k >= 0, penalty [1, 2]."""
     temperature = sampling.temperature
     if temperature is None:

@@ -2,7 +2,9 @@
 
     python -m services.inference.modelbuild.record_golden [--int8-dir DIR]
 
-For each chat prompt: the fp32 model's first 16 greedy tokens (ids and text). Also the fp32
+For each chat prompt: its ids as serving renders and tokenizes it (the serving chat template,
+`services.inference.chat_template`, with the model's special tokens), and the fp32 model's first 16
+greedy tokens (ids and text). Also the fp32
 perplexity on tests/data/prose.txt. With the INT8 build (default: build or reuse it), records how
 many prompts the INT8 model reproduces exactly, and the divergence rule the tests enforce.
 """
@@ -17,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from services.inference.modelbuild.chat_template import render_chat
+from services.common.generation import ChatMessage, Role
+from services.inference.chat_template import ChatTemplate
 from services.inference.modelbuild.manifest import load_manifest
 from services.inference.modelbuild.ort_runner import OnnxCausalLM
 
@@ -44,8 +47,9 @@ PROMPTS = [
 ]
 
 
-def chat_ids(tokenizer: Tokenizer, template: str, prompt: str) -> list[int]:
-    text = render_chat(template, [{"role": "user", "content": prompt}])
+def chat_ids(template: ChatTemplate, tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """A one-turn chat prompt's ids, rendered and tokenized exactly as serving does."""
+    text = template.render([ChatMessage(Role.USER, prompt)])
     return list(tokenizer.encode(text, add_special_tokens=False).ids)
 
 
@@ -82,8 +86,8 @@ def main() -> None:
     int8_dir = args.int8_dir or build(None).path
     manifest = load_manifest(int8_dir)
     tokenizer = Tokenizer.from_file(str(int8_dir / manifest.tokenizer_file))
-    assert manifest.chat_template is not None
-    prompts = [chat_ids(tokenizer, manifest.chat_template, p) for p in PROMPTS]
+    template = ChatTemplate.for_model(manifest, tokenizer)
+    prompts = [chat_ids(template, tokenizer, p) for p in PROMPTS]
     eos = tuple(manifest.tokens.eos)
     prose_ids = list(tokenizer.encode((DATA / "prose.txt").read_text(encoding="utf-8")).ids)
 

@@ -11,9 +11,10 @@ from services.billing.alerts import FiredCache
 from services.billing.book import Book
 from services.billing.catalog import Catalog
 from services.billing.ledger import Ingested, Ingester
-from services.billing.model import Budget, Period, PeriodKind, Price, Scope, ScopeKind, UsageEvent
+from services.billing.model import Budget, Period, PeriodKind, Scope, ScopeKind, UsageEvent
 from services.billing.store.migrations import migrate
 from services.billing.store.sqlite_store import SqliteTx
+from services.common.pricing import Price
 
 US = 1_000_000
 T0 = 1_767_225_600 * US  # 2026-01-01T00:00:00Z, a Thursday

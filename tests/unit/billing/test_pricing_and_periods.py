@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.billing import periods
-from services.billing.model import Period, PeriodKind, Price
-from services.billing.pricing import PriceTable, cost_micros
+from services.billing.model import Period, PeriodKind
 from services.common.errors import FailedPrecondition, InvalidInput
+from services.common.pricing import Price, PriceTable, cost_micros
 
 
 def price(inp: int, out: int, cached: int | None = None, at: int = 0, version: str = "") -> Price:

@@ -9,20 +9,14 @@ import numpy as np
 import pytest
 
 from services.common.errors import FailedPrecondition, InvalidInput
+from services.common.generation import Sampling
 from services.inference.engine.detokenize import IncrementalDetokenizer
 from services.inference.engine.engine import coalesce
 from services.inference.engine.kv_cache import DecodeBatch, KvSpec
 from services.inference.engine.sampling import Sampler, SamplingParams, apply_repetition_penalty
 from services.inference.engine.session import CPU, CUDA, choose_provider
 from services.inference.engine.stop import StopMatcher
-from services.inference.engine.types import (
-    Delta,
-    FinishReason,
-    GenerationRequest,
-    SamplingRequest,
-    StreamSettings,
-    Usage,
-)
+from services.inference.engine.types import Delta, FinishReason, GenerationRequest, StreamSettings, Usage
 from services.inference.engine.validation import ModelDefaults, resolve_max_tokens, resolve_sampling
 
 
@@ -77,9 +71,9 @@ def test_provider_selection_prefers_cuda_only_when_available() -> None:
 
 
 @pytest.mark.parametrize(("sampling", "field"), [
-    (SamplingRequest(temperature=-0.1), "temperature"), (SamplingRequest(top_p=1.5), "top_p"),
-    (SamplingRequest(top_k=-1), "top_k"), (SamplingRequest(repetition_penalty=2.5), "repetition_penalty"),
-    (SamplingRequest(stop=("x",) * 9), "stop"), (SamplingRequest(stop=("",)), "stop"),
+    (Sampling(temperature=-0.1), "temperature"), (Sampling(top_p=1.5), "top_p"),
+    (Sampling(top_k=-1), "top_k"), (Sampling(repetition_penalty=2.5), "repetition_penalty"),
+    (Sampling(stop=("x",) * 9), "stop"), (Sampling(stop=("",)), "stop"),
 ])
 def test_out_of_range_sampling_is_rejected_naming_the_field(sampling, field) -> None:
     with pytest.raises(InvalidInput) as err:
@@ -88,9 +82,9 @@ def test_out_of_range_sampling_is_rejected_naming_the_field(sampling, field) -> 
 
 
 def test_defaults_greedy_without_seed_and_context_window_check() -> None:
-    assert resolve_sampling(SamplingRequest(), ModelDefaults()).greedy
-    assert not resolve_sampling(SamplingRequest(seed=5), ModelDefaults(temperature=0.7)).greedy
-    request = GenerationRequest(prompt="x", sampling=SamplingRequest(max_tokens=100))
+    assert resolve_sampling(Sampling(), ModelDefaults()).greedy
+    assert not resolve_sampling(Sampling(seed=5), ModelDefaults(temperature=0.7)).greedy
+    request = GenerationRequest(prompt="x", sampling=Sampling(max_tokens=100))
     assert resolve_max_tokens(request, 20, 120, ModelDefaults()) == 100
     with pytest.raises(InvalidInput, match=r"prompt \(21 tokens\) \+ max_tokens \(100\) = 121 exceeds .* 120"):
         resolve_max_tokens(request, 21, 120, ModelDefaults())
