@@ -18,6 +18,7 @@ from services.billing.catalog import (
 from services.billing.model import Budget, Enforcement, PeriodKind, Price, ScopeKind, Thresholds
 from services.billing.store.base import Tx
 from services.billing.validation import check_text
+from services.billing.webhooks import WebhookPolicy
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
 
 MAX_PRICE = 10**12  # one million currency units per million tokens
@@ -118,8 +119,8 @@ def check_budget(b: Budget, currency: str, amount_currency: str) -> Budget:
     if not 0 < t.warning <= t.critical <= t.emergency <= 10_000:
         raise InvalidInput("thresholds must satisfy 0 < warning <= critical <= emergency <= 10000 (percent)",
                            field="budget.thresholds")
-    if b.webhook_url and not b.webhook_url.startswith(("http://", "https://")):
-        raise InvalidInput("budget.webhook_url must be an http:// or https:// URL", field="budget.webhook_url")
+    if b.webhook_url:
+        WebhookPolicy.parse(b.webhook_url)  # where it may point is checked by the service (it resolves the host)
     if b.enforcement == Enforcement.UNSPECIFIED:
         b = dataclasses.replace(b, enforcement=Enforcement.HARD)
     return b

@@ -36,10 +36,16 @@ class BillingConfig:
     anomaly_window_s: int = 10
     # An hour whose spend exceeds this multiple (per-mille) of the key's mean hourly spend is anomalous.
     anomaly_hourly_factor_permille: int = 3000
-    # Webhook delivery of alerts.
+    # Webhook delivery of alerts: attempts with backoff; each attempt gets `webhook_connect_timeout_s` to
+    # connect and `webhook_timeout_s` for the exchange, and reads at most `webhook_max_response_bytes`.
     webhook_attempts: int = 5
     webhook_backoff_s: float = 0.5
     webhook_timeout_s: float = 5.0
+    webhook_connect_timeout_s: float = 3.0
+    webhook_max_response_bytes: int = 65536
+    # Webhooks go only to public addresses; these host names, addresses or networks (e.g. `127.0.0.1`,
+    # `10.0.0.0/8`, `hooks.internal`) are allowed besides.
+    webhook_allow: tuple[str, ...] = ()
     # Most events committed in one transaction (StreamUsage batching, group commit of unary calls).
     max_batch: int = 1024
     # SQLite `synchronous` setting: FULL (fsync before every acknowledged commit) or NORMAL.
@@ -48,6 +54,12 @@ class BillingConfig:
     postgres_pool_size: int = 8
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "webhook_allow", tuple(str(entry) for entry in self.webhook_allow or ()))
+        if any(not entry.strip() for entry in self.webhook_allow):
+            raise ValueError("webhook_allow entries must be host names, addresses or networks, not empty")
+        if self.webhook_timeout_s <= 0 or self.webhook_connect_timeout_s <= 0 or self.webhook_max_response_bytes < 1:
+            raise ValueError("webhook_timeout_s and webhook_connect_timeout_s must be > 0 and "
+                             "webhook_max_response_bytes >= 1")
         if not (0 < self.warning_percent <= self.critical_percent <= self.emergency_percent):
             raise ValueError("thresholds must satisfy 0 < warning <= critical <= emergency")
         if self.hold_ttl_s <= 0 or self.max_hold_ttl_s < self.hold_ttl_s:

@@ -34,7 +34,7 @@ from services.billing.model import (
 )
 from services.billing.store.base import Store, Tx
 from services.billing.validation import check_event, check_tags, check_text, check_tokens
-from services.billing.webhooks import WebhookSender
+from services.billing.webhooks import WebhookPolicy, WebhookSender
 from services.common.errors import BudgetExceeded, DomainError, FailedPrecondition, InvalidInput
 
 log = structlog.get_logger(__name__)
@@ -55,8 +55,9 @@ class Billing:
         self.fired = alerts.FiredCache()
         self.ingester = ledger.Ingester(self.catalog, self.fired, config.currency)
         self.hub = alerts.AlertHub()
-        self.webhooks = webhooks or WebhookSender(config.webhook_attempts, config.webhook_backoff_s,
-                                                  config.webhook_timeout_s)
+        self.webhooks = webhooks or WebhookSender(
+            WebhookPolicy(config.webhook_allow), config.webhook_attempts, config.webhook_backoff_s,
+            config.webhook_timeout_s, config.webhook_connect_timeout_s, config.webhook_max_response_bytes)
         self.default_thresholds = Thresholds(config.warning_percent, config.critical_percent,
                                              config.emergency_percent)
         self.anomaly_rule = reports.AnomalyRule(config.anomaly_max_requests, config.anomaly_window_s,
@@ -202,6 +203,8 @@ class Billing:
         budget = replace(budget, thresholds=admin.with_default_thresholds(budget.thresholds, self.default_thresholds))
         budget = admin.check_budget(budget, self.config.currency, currency)
         check_text(budget.budget_id, "budget.budget_id", required=False, limit=64)
+        if budget.webhook_url:
+            await self.webhooks.policy.check(budget.webhook_url)
         now = self.clock()
         return await self.store.write(lambda tx: admin.create_budget(tx, budget, actor, now))
 
@@ -216,6 +219,8 @@ class Billing:
         merged = replace(changes, scope=current.scope, period=current.period,
                          thresholds=admin.with_default_thresholds(changes.thresholds, self.default_thresholds))
         merged = admin.check_budget(merged, self.config.currency, currency)
+        if merged.webhook_url and merged.webhook_url != current.webhook_url:
+            await self.webhooks.policy.check(merged.webhook_url)
         return await self.store.write(lambda tx: admin.update_budget(tx, merged, actor, now))
 
     async def delete_budget(self, budget_id: str, actor: str) -> None:
