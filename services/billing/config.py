@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.billing.operators import TOKEN_FILE
 from services.common.config import ServerSettings
 
 DEFAULT_PORT = 50061
@@ -52,9 +53,19 @@ class BillingConfig:
     sqlite_synchronous: str = "FULL"
     # PostgreSQL connections of this process.
     postgres_pool_size: int = 8
+    # Budgets, prices, reports, alerts and the audit log need an operator (services/billing/operators.py):
+    # the bearer token `operator_token` (empty: `<data_dir>/billing_operator_token`, made on first start),
+    # or, with `trust_forwarded_identity` (only where nothing but billing's sidecar reaches its port), a
+    # mesh identity in `operator_identities` as the sidecar forwards it in `x-forwarded-client-cert`.
+    operator_token: str = ""
+    operator_identities: tuple[str, ...] = ()
+    trust_forwarded_identity: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "webhook_allow", tuple(str(entry) for entry in self.webhook_allow or ()))
+        object.__setattr__(self, "operator_identities", tuple(str(i) for i in self.operator_identities or ()))
+        if self.operator_token and len(self.operator_token) < 16:
+            raise ValueError("operator_token must be at least 16 characters (or empty: a random one is made)")
         if any(not entry.strip() for entry in self.webhook_allow):
             raise ValueError("webhook_allow entries must be host names, addresses or networks, not empty")
         if self.webhook_timeout_s <= 0 or self.webhook_connect_timeout_s <= 0 or self.webhook_max_response_bytes < 1:
@@ -70,6 +81,10 @@ class BillingConfig:
             raise ValueError(f"currency must be an ISO 4217 code like USD, got {self.currency!r}")
         if not (self.database == "" or self.database.startswith(("sqlite:///", "postgresql://", "postgres://"))):
             raise ValueError(f"database must be sqlite:///PATH or postgresql://..., got {self.database!r}")
+
+    @property
+    def operator_token_path(self) -> Path:
+        return self.data_dir / TOKEN_FILE
 
     @property
     def dsn(self) -> str:

@@ -24,8 +24,7 @@ from services.billing.config import BillingConfig
 from services.billing.server import build_server
 from services.common.config import ServerSettings
 from services.common.grpc_server import RunningServer
-from tests.conftest import channel
-from tests.integration.billing.helpers import price_request, tenant_budget, usage
+from tests.integration.billing.helpers import OPERATOR_TOKEN, operator, price_request, tenant_budget, usage
 
 BACKOFF_S = 0.05
 
@@ -74,13 +73,14 @@ def hooks(request: pytest.FixtureRequest) -> Iterator[Hooks]:
 
 async def _billing_with_hook(serve, tmp_path: Path) -> RunningServer:  # type: ignore[no-untyped-def]
     config = BillingConfig(server=ServerSettings(port=0), database=f"sqlite:///{tmp_path / 'b.db'}",
+                           operator_token=OPERATOR_TOKEN,
                            webhook_backoff_s=BACKOFF_S, webhook_attempts=5, webhook_allow=("127.0.0.1",))
     return await serve(build_server(config))
 
 
 async def test_crossing_eighty_percent_posts_one_json_alert(serve, tmp_path: Path, hooks: Hooks) -> None:
     running = await _billing_with_hook(serve, tmp_path)
-    async with channel(running) as chan:
+    async with operator(running) as chan:
         stub = pb2_grpc.BillingServiceStub(chan)
         await stub.CreatePrice(price_request())
         budget = tenant_budget("acme", tokens=1000)
@@ -102,7 +102,7 @@ async def test_crossing_eighty_percent_posts_one_json_alert(serve, tmp_path: Pat
 async def test_failing_endpoint_is_retried_with_backoff_then_delivered_once(serve, tmp_path: Path,
                                                                             hooks: Hooks) -> None:
     running = await _billing_with_hook(serve, tmp_path)
-    async with channel(running) as chan:
+    async with operator(running) as chan:
         stub = pb2_grpc.BillingServiceStub(chan)
         await stub.CreatePrice(price_request())
         budget = tenant_budget("acme", tokens=1000)
@@ -132,9 +132,10 @@ async def test_failing_endpoint_is_retried_with_backoff_then_delivered_once(serv
 ])
 async def test_webhook_to_a_private_address_or_other_scheme_is_refused_at_creation(
         serve, tmp_path: Path, url: str, message: str) -> None:
-    config = BillingConfig(server=ServerSettings(port=0), database=f"sqlite:///{tmp_path / 'b.db'}")
+    config = BillingConfig(server=ServerSettings(port=0), database=f"sqlite:///{tmp_path / 'b.db'}",
+                           operator_token=OPERATOR_TOKEN)
     running = await serve(build_server(config))
-    async with channel(running) as chan:
+    async with operator(running) as chan:
         stub = pb2_grpc.BillingServiceStub(chan)
         budget = tenant_budget("acme", tokens=1000)
         budget.budget.webhook_url = url
