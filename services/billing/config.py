@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.billing.operators import TOKEN_FILE
+from services.billing.operators import TOKEN_FILE, load_or_create_token
 from services.common.config import ServerSettings
 
 DEFAULT_PORT = 50061
@@ -54,10 +54,12 @@ class BillingConfig:
     # PostgreSQL connections of this process.
     postgres_pool_size: int = 8
     # Budgets, prices, reports, alerts and the audit log need an operator (services/billing/operators.py):
-    # the bearer token `operator_token` (empty: `<data_dir>/billing_operator_token`, made on first start),
+    # the bearer token `operator_token`, else the one in `operator_token_file` (e.g. a mounted secret,
+    # shared by every billing replica), else `<data_dir>/billing_operator_token` (made on first start),
     # or, with `trust_forwarded_identity` (only where nothing but billing's sidecar reaches its port), a
     # mesh identity in `operator_identities` as the sidecar forwards it in `x-forwarded-client-cert`.
     operator_token: str = ""
+    operator_token_file: str = ""
     operator_identities: tuple[str, ...] = ()
     trust_forwarded_identity: bool = False
 
@@ -82,9 +84,16 @@ class BillingConfig:
         if not (self.database == "" or self.database.startswith(("sqlite:///", "postgresql://", "postgres://"))):
             raise ValueError(f"database must be sqlite:///PATH or postgresql://..., got {self.database!r}")
 
-    @property
-    def operator_token_path(self) -> Path:
-        return self.data_dir / TOKEN_FILE
+    def operator_token_value(self) -> str:
+        """The operator token: configured, read from `operator_token_file`, or made in the data dir."""
+        if self.operator_token:
+            return self.operator_token
+        if self.operator_token_file:
+            token = Path(self.operator_token_file).read_text().strip()
+            if len(token) < 16:
+                raise ValueError(f"{self.operator_token_file}: the operator token must be at least 16 characters")
+            return token
+        return load_or_create_token(self.data_dir / TOKEN_FILE)
 
     @property
     def dsn(self) -> str:

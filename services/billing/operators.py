@@ -2,7 +2,8 @@
 
 An operator is either
 - a caller presenting `authorization: Bearer <operator token>` (compared in constant time). The token is
-  billing's `operator_token` setting, else `<data_dir>/billing_operator_token`, made (mode 0600) on first
+  billing's `operator_token` setting, else the content of `operator_token_file` (a mounted secret that
+  every billing replica shares), else `<data_dir>/billing_operator_token`, made (mode 0600) on first
   start; `autoglm budget|price|billing|usage` read it from there. Its audit actor is `operator-token`.
 - a mesh identity named in `operator_identities`, as forwarded by billing's sidecar in the
   `x-forwarded-client-cert` header (Envoy's format, `By=...;URI=spiffe://...`, the sidecar's own element

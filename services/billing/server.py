@@ -10,7 +10,7 @@ import grpc
 
 from autoglm.billing.v1 import billing_service_pb2, billing_service_pb2_grpc
 from services.billing.config import BillingConfig
-from services.billing.operators import OperatorAuth, load_or_create_token
+from services.billing.operators import OperatorAuth
 from services.billing.service import Billing, Clock, run_hold_janitor, wall_clock
 from services.billing.servicer import BillingServicer
 from services.billing.store import open_store
@@ -18,7 +18,7 @@ from services.common.grpc_server import RunningServer, start_server
 
 
 async def build_server(config: BillingConfig, clock: Clock = wall_clock) -> RunningServer:
-    operators = OperatorAuth(config.operator_token or load_or_create_token(config.operator_token_path),
+    operators = OperatorAuth(config.operator_token_value(),
                              frozenset(config.operator_identities), config.trust_forwarded_identity)
     store = open_store(config.dsn, sqlite_synchronous=config.sqlite_synchronous,
                        pool_size=config.postgres_pool_size, max_batch=config.max_batch)

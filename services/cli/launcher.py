@@ -133,8 +133,10 @@ def ensure_certificates(mesh: MeshConfig) -> None:
 
 async def seed_prices(mesh: MeshConfig, billing: str) -> None:
     """Create the mesh file's seed prices for models that have no price yet (first start), as an operator
-    (billing's operator token: the mesh file's `billing.operator_token`, else the one billing made)."""
-    token = mesh.billing_operator_token or (mesh.data_dir / TOKEN_FILE).read_text().strip()
+    (billing's operator token: the mesh file's `billing.operator_token` or `operator_token_file`, else the
+    one billing made in the data dir)."""
+    token_file = Path(mesh.billing_operator_token_file) if mesh.billing_operator_token_file else mesh.data_dir / TOKEN_FILE
+    token = mesh.billing_operator_token or token_file.read_text().strip()
     async with operator_channel(billing, token) as channel:
         stub = billing_service_pb2_grpc.BillingServiceStub(channel)
         for seed in mesh.seed_prices:

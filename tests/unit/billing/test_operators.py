@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from services.billing.config import BillingConfig
 from services.billing.operators import OperatorAuth, forwarded_uri, load_or_create_token
 from services.common.errors import PermissionDenied, Unauthenticated
 
@@ -55,3 +56,18 @@ def test_token_file_is_private_from_creation_and_stable(tmp_path: Path) -> None:
     assert load_or_create_token(path) == first
     with pytest.raises(ValueError):
         OperatorAuth("")
+
+
+def test_the_token_comes_from_the_setting_the_token_file_or_the_data_dir(tmp_path: Path) -> None:
+    assert BillingConfig(operator_token="x" * 20, data_dir=tmp_path).operator_token_value() == "x" * 20
+    (tmp_path / "secret").write_text("from-a-mounted-secret\n")
+    shared = BillingConfig(operator_token_file=str(tmp_path / "secret"), data_dir=tmp_path / "d")
+    assert shared.operator_token_value() == "from-a-mounted-secret"
+    assert not (tmp_path / "d" / "billing_operator_token").exists()
+    made = BillingConfig(data_dir=tmp_path / "d").operator_token_value()
+    assert (tmp_path / "d" / "billing_operator_token").read_text().strip() == made
+    (tmp_path / "short").write_text("short")
+    with pytest.raises(ValueError, match="at least 16"):
+        BillingConfig(operator_token_file=str(tmp_path / "short")).operator_token_value()
+    with pytest.raises(ValueError, match="at least 16"):
+        BillingConfig(operator_token="short")
