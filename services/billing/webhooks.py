@@ -22,7 +22,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
 import structlog
@@ -76,7 +76,8 @@ class WebhookTarget:
 class WebhookPolicy:
     """Which webhook URLs billing may post to (see the module docstring)."""
 
-    def __init__(self, allow: Sequence[str] = (), resolver: Resolver = system_resolver) -> None:
+    def __init__(self, allow: Sequence[str] = (), resolver: Resolver = system_resolver,
+                 resolve_timeout_s: float = 5.0) -> None:
         self._hosts: set[str] = set()
         self._networks: list[IpNetwork] = []
         for entry in allow:
@@ -85,6 +86,7 @@ class WebhookPolicy:
             except ValueError:
                 self._hosts.add(entry.lower().rstrip("."))
         self._resolver = resolver
+        self._resolve_timeout_s = resolve_timeout_s
 
     @staticmethod
     def parse(url: str, field: str = "budget.webhook_url") -> tuple[str, str, int]:
@@ -114,8 +116,9 @@ class WebhookPolicy:
             addresses = [str(literal)]
         else:
             try:
-                addresses = await self._resolver(host, port)
-            except (OSError, UnicodeError) as exc:
+                async with asyncio.timeout(self._resolve_timeout_s):
+                    addresses = await self._resolver(host, port)
+            except (OSError, UnicodeError, TimeoutError) as exc:
                 raise InvalidInput(f"{field} host {host[:100]!r} does not resolve", field=field) from exc
             if not addresses:
                 raise InvalidInput(f"{field} host {host[:100]!r} does not resolve", field=field)
@@ -178,7 +181,9 @@ class WebhookSender:
     async def _post(self, target: WebhookTarget, body: bytes) -> int:
         headers = {"Host": target.host_header, "Content-Type": "application/json"}
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-        async with self._client.stream("POST", target.pinned_url, content=body, headers=headers,
+        parts = urlsplit(target.url)  # credentials in the URL become basic auth (the pinned URL has none)
+        auth = (unquote(parts.username), unquote(parts.password or "")) if parts.username else None
+        async with self._client.stream("POST", target.pinned_url, content=body, headers=headers, auth=auth,
                                        extensions=extensions) as response:
             read = 0
             async for chunk in response.aiter_raw():  # the answer is not used: read a bounded part of it

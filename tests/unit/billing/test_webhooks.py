@@ -93,12 +93,18 @@ async def test_private_targets_need_the_allow_list() -> None:
         await WebhookPolicy().check("http://[::ffff:169.254.169.254]/")
 
 
-async def test_a_host_that_does_not_resolve_is_refused() -> None:
+async def test_a_host_that_does_not_resolve_in_time_is_refused() -> None:
     async def fail(host: str, port: int) -> list[str]:
         raise OSError("Name or service not known")
 
+    async def hang(host: str, port: int) -> list[str]:
+        await asyncio.Event().wait()
+        return []
+
     with pytest.raises(InvalidInput, match="does not resolve"):
         await WebhookPolicy(resolver=fail).check("https://nowhere.example/")
+    with pytest.raises(InvalidInput, match="does not resolve"):
+        await asyncio.wait_for(WebhookPolicy(resolver=hang, resolve_timeout_s=0.1).check("https://slow.example/"), 10)
 
 
 async def test_a_name_that_resolves_to_loopback_at_delivery_is_never_posted(endpoint: Endpoint) -> None:
@@ -117,13 +123,14 @@ async def test_delivery_connects_to_the_checked_address_with_the_url_host(endpoi
     policy = WebhookPolicy(["hooks.test"], resolver=resolving(["127.0.0.1"]))
     sender = WebhookSender(policy, attempts=1)
     try:
-        assert await sender.deliver(f"http://hooks.test:{endpoint.port}/alerts?x=1", {"level": "WARNING"})
+        assert await sender.deliver(f"http://ops:s%40fe@hooks.test:{endpoint.port}/alerts?x=1", {"level": "WARNING"})
     finally:
         await sender.close()
     [request] = endpoint.requests
     assert request.startswith(b"POST /alerts?x=1 HTTP/1.1\r\n")
     assert f"host: hooks.test:{endpoint.port}\r\n".encode() in request.lower()
     assert request.endswith(b'{"level": "WARNING"}')
+    assert b"\r\nAuthorization: Basic b3BzOnNAZmU=\r\n" in request  # ops:s@fe
 
 
 async def test_an_endpoint_that_trickles_its_answer_is_given_up_on_in_time() -> None:
