@@ -30,8 +30,8 @@ import grpc
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
 from services.common.logging import configure_logging
-from tests.integration.billing.helpers import price_request, tenant_budget, usage
-from tests.integration.billing.procs import start_billing, wait_port
+from tests.integration.billing.helpers import operator, price_request, tenant_budget, usage
+from tests.integration.billing.procs import operator_token, start_billing, wait_port
 
 EVENTS = 20_000
 BATCH = 250  # events per message in the client-batched stream
@@ -171,10 +171,11 @@ async def bench_database(name: str, dsn: str, workdir: Path) -> dict[str, Any]:
     proc, port_file = start_billing(dsn, workdir, f"billing-{name}")
     server = Process(proc, wait_port(proc, port_file))
     try:
+        async with operator(server.address, operator_token(workdir)) as admin:
+            await pb2_grpc.BillingServiceStub(admin).CreatePrice(price_request())
+            await pb2_grpc.BillingServiceStub(admin).CreateBudget(tenant_budget("bench", micros=10**15))
         async with grpc.aio.insecure_channel(server.address) as chan:
             stub = pb2_grpc.BillingServiceStub(chan)
-            await stub.CreatePrice(price_request())
-            await stub.CreateBudget(tenant_budget("bench", micros=10**15))
             await stream_rate(stub, f"{name}-warm", BATCH, runs=1)
             single = await stream_rate(stub, f"{name}-single")
             batched = await stream_rate(stub, f"{name}-batched", BATCH)

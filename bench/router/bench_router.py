@@ -38,6 +38,7 @@ from autoglm.router.v1 import admin_service_pb2 as admin_pb2
 from autoglm.router.v1 import admin_service_pb2_grpc as admin_grpc
 from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as router_grpc
+from services.cli.endpoint import billing_token, operator_channel
 from services.common.logging import configure_logging
 from tests.integration.router.conftest import ADMIN_TOKEN, MODEL
 from tests.integration.router.service_process import ROOT, drain, start_service, stop
@@ -103,7 +104,7 @@ class ProcessMesh:
         self.floor_stub = router_grpc.RouterServiceStub(grpc.aio.insecure_channel(floor))
         self.admin = admin_grpc.AdminServiceStub(self.channel)
         self.inference_address = inference
-        self.billing_stub = billing_grpc.BillingServiceStub(grpc.aio.insecure_channel(billing))
+        self.billing = billing
 
 
 def start_floor(inference: str, processes: list) -> str:  # type: ignore[type-arg]
@@ -131,9 +132,10 @@ async def start_processes(tmp: Path, processes: list) -> ProcessMesh:  # type: i
     for proc in (billing_proc, inference_proc, router_proc):
         drain(proc)
     mesh = ProcessMesh(router, inference, billing, start_floor(inference, processes))
-    await mesh.billing_stub.CreatePrice(billing_pb2.CreatePriceRequest(price=billing_pb2.Price(
-        model=MODEL, input_per_million=money_pb2.Money(currency_code="USD", micros=1_000_000),
-        output_per_million=money_pb2.Money(currency_code="USD", micros=2_000_000)), actor="bench"), timeout=10)
+    async with operator_channel(billing, billing_token(tmp / "billing")) as operator:
+        await billing_grpc.BillingServiceStub(operator).CreatePrice(billing_pb2.CreatePriceRequest(price=billing_pb2.Price(
+            model=MODEL, input_per_million=money_pb2.Money(currency_code="USD", micros=1_000_000),
+            output_per_million=money_pb2.Money(currency_code="USD", micros=2_000_000)), actor="bench"), timeout=10)
     return mesh
 
 

@@ -18,6 +18,7 @@ from services.billing.catalog import (
 from services.billing.model import Budget, Enforcement, PeriodKind, ScopeKind, Thresholds
 from services.billing.store.base import Tx
 from services.billing.validation import check_text
+from services.billing.webhooks import WebhookPolicy
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
 from services.common.pricing import Price
 
@@ -38,7 +39,7 @@ def check_price(price: Price, currency: str) -> None:
                                field=f"price.{name}")
 
 
-def create_price(tx: Tx, price: Price, actor: str, now_us: int) -> Price:
+def create_price(tx: Tx, price: Price, actor: str, now_us: int, claimed: str = "") -> Price:
     stored = dataclasses.replace(price, price_id=price.price_id or uuid.uuid4().hex[:12],
                                  effective_us=price.effective_us or now_us)
     if tx.one("SELECT 1 FROM prices WHERE model = ? AND model_version = ? AND effective_us = ?",
@@ -49,7 +50,8 @@ def create_price(tx: Tx, price: Price, actor: str, now_us: int) -> Price:
                (stored.price_id, stored.model, stored.model_version, stored.input_per_million,
                 stored.output_per_million, stored.cached_per_million, stored.effective_us, stored.currency, now_us))
     bump_version(tx)
-    audit.record(tx, now_us, actor, "price.create", f"price/{stored.price_id}", {"new": dataclasses.asdict(stored)})
+    audit.record(tx, now_us, actor, "price.create", f"price/{stored.price_id}", {"new": dataclasses.asdict(stored)},
+                 claimed)
     return stored
 
 
@@ -60,7 +62,7 @@ def list_prices(tx: Tx, model: str) -> list[Price]:
     return [price_from_row(r) for r in rows]
 
 
-def delete_price(tx: Tx, price_id: str, actor: str, now_us: int) -> None:
+def delete_price(tx: Tx, price_id: str, actor: str, now_us: int, claimed: str = "") -> None:
     row = tx.one(f"SELECT {PRICE_COLUMNS} FROM prices WHERE price_id = ?", (price_id,))
     if row is None:
         raise NotFound(f"price {price_id[:80]!r} does not exist; list prices with `autoglm price list`",
@@ -71,7 +73,7 @@ def delete_price(tx: Tx, price_id: str, actor: str, now_us: int) -> None:
                                  "deleted; add a newer price instead", field="price_id")
     tx.execute("DELETE FROM prices WHERE price_id = ?", (price_id,))
     bump_version(tx)
-    audit.record(tx, now_us, actor, "price.delete", f"price/{price_id}", {"old": dataclasses.asdict(price)})
+    audit.record(tx, now_us, actor, "price.delete", f"price/{price_id}", {"old": dataclasses.asdict(price)}, claimed)
 
 
 def check_budget(b: Budget, currency: str, amount_currency: str) -> Budget:
@@ -119,8 +121,8 @@ def check_budget(b: Budget, currency: str, amount_currency: str) -> Budget:
     if not 0 < t.warning <= t.critical <= t.emergency <= 10_000:
         raise InvalidInput("thresholds must satisfy 0 < warning <= critical <= emergency <= 10000 (percent)",
                            field="budget.thresholds")
-    if b.webhook_url and not b.webhook_url.startswith(("http://", "https://")):
-        raise InvalidInput("budget.webhook_url must be an http:// or https:// URL", field="budget.webhook_url")
+    if b.webhook_url:
+        WebhookPolicy.parse(b.webhook_url)  # where it may point is checked by the service (it resolves the host)
     if b.enforcement == Enforcement.UNSPECIFIED:
         b = dataclasses.replace(b, enforcement=Enforcement.HARD)
     return b
@@ -138,18 +140,18 @@ def get_budget(tx: Tx, budget_id: str) -> Budget:
     return budget_from_row(row)
 
 
-def create_budget(tx: Tx, budget: Budget, actor: str, now_us: int) -> Budget:
+def create_budget(tx: Tx, budget: Budget, actor: str, now_us: int, claimed: str = "") -> Budget:
     stored = dataclasses.replace(budget, budget_id=budget.budget_id or uuid.uuid4().hex[:12], create_us=now_us,
                                  update_us=now_us, generation=0)
     if tx.one("SELECT 1 FROM budgets WHERE budget_id = ?", (stored.budget_id,)):
         raise AlreadyExists(f"budget {stored.budget_id!r} already exists; update it instead", field="budget.budget_id")
     tx.execute(f"INSERT INTO budgets ({BUDGET_COLUMNS}) VALUES ({', '.join('?' * 20)})", budget_to_row(stored))
     bump_version(tx)
-    audit.record(tx, now_us, actor, "budget.create", f"budget/{stored.budget_id}", {"new": _plain(stored)})
+    audit.record(tx, now_us, actor, "budget.create", f"budget/{stored.budget_id}", {"new": _plain(stored)}, claimed)
     return stored
 
 
-def update_budget(tx: Tx, changes: Budget, actor: str, now_us: int) -> Budget:
+def update_budget(tx: Tx, changes: Budget, actor: str, now_us: int, claimed: str = "") -> Budget:
     old = get_budget(tx, changes.budget_id)
     tx.lock_budgets([old.budget_id])
     new = dataclasses.replace(old, amount_micros=changes.amount_micros, tokens=changes.tokens,
@@ -166,18 +168,19 @@ def update_budget(tx: Tx, changes: Budget, actor: str, now_us: int) -> Budget:
     tx.execute(f"UPDATE budgets SET ({BUDGET_COLUMNS}) = ({', '.join('?' * 20)}) WHERE budget_id = ?",
                (*budget_to_row(new), new.budget_id))
     bump_version(tx)
-    audit.record(tx, now_us, actor, "budget.update", f"budget/{new.budget_id}", {"old": _plain(old), "new": _plain(new)})
+    audit.record(tx, now_us, actor, "budget.update", f"budget/{new.budget_id}", {"old": _plain(old), "new": _plain(new)},
+                 claimed)
     return new
 
 
-def delete_budget(tx: Tx, budget_id: str, actor: str, now_us: int) -> None:
+def delete_budget(tx: Tx, budget_id: str, actor: str, now_us: int, claimed: str = "") -> None:
     old = get_budget(tx, budget_id)
     tx.lock_budgets([budget_id])
     for table in ("budget_usage", "hold_budgets"):
         tx.execute(f"DELETE FROM {table} WHERE budget_id = ?", (budget_id,))
     tx.execute("DELETE FROM budgets WHERE budget_id = ?", (budget_id,))
     bump_version(tx)
-    audit.record(tx, now_us, actor, "budget.delete", f"budget/{budget_id}", {"old": _plain(old)})
+    audit.record(tx, now_us, actor, "budget.delete", f"budget/{budget_id}", {"old": _plain(old)}, claimed)
 
 
 def _plain(b: Budget) -> dict[str, Any]:

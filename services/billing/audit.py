@@ -12,7 +12,12 @@ from services.common.errors import InvalidInput
 MAX_PAGE = 1000
 
 
-def record(tx: Tx, now_us: int, actor: str, action: str, target: str, details: dict[str, Any]) -> None:
+def record(tx: Tx, now_us: int, actor: str, action: str, target: str, details: dict[str, Any],
+           claimed: str = "") -> None:
+    """`actor` is who made the change as billing identified them; `claimed` is a name the caller gave itself
+    (kept beside it as `claimed_actor`, never as the actor)."""
+    if claimed and claimed != actor:
+        details = {**details, "claimed_actor": claimed[:200]}
     tx.execute("INSERT INTO audit (time_us, actor, action, target, details_json) VALUES (?, ?, ?, ?, ?)",
                (now_us, actor or "anonymous", action, target, json.dumps(details, sort_keys=True, default=str)))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.billing.operators import TOKEN_FILE, load_or_create_token
 from services.common.config import ServerSettings
 
 DEFAULT_PORT = 50061
@@ -36,18 +37,42 @@ class BillingConfig:
     anomaly_window_s: int = 10
     # An hour whose spend exceeds this multiple (per-mille) of the key's mean hourly spend is anomalous.
     anomaly_hourly_factor_permille: int = 3000
-    # Webhook delivery of alerts.
+    # Webhook delivery of alerts: attempts with backoff; each attempt gets `webhook_connect_timeout_s` to
+    # connect and `webhook_timeout_s` for the exchange, and reads at most `webhook_max_response_bytes`.
     webhook_attempts: int = 5
     webhook_backoff_s: float = 0.5
     webhook_timeout_s: float = 5.0
+    webhook_connect_timeout_s: float = 3.0
+    webhook_max_response_bytes: int = 65536
+    # Webhooks go only to public addresses; these host names, addresses or networks (e.g. `127.0.0.1`,
+    # `10.0.0.0/8`, `hooks.internal`) are allowed besides.
+    webhook_allow: tuple[str, ...] = ()
     # Most events committed in one transaction (StreamUsage batching, group commit of unary calls).
     max_batch: int = 1024
     # SQLite `synchronous` setting: FULL (fsync before every acknowledged commit) or NORMAL.
     sqlite_synchronous: str = "FULL"
     # PostgreSQL connections of this process.
     postgres_pool_size: int = 8
+    # Budgets, prices, reports, alerts and the audit log need an operator (services/billing/operators.py):
+    # the bearer token `operator_token`, else the one in `operator_token_file` (e.g. a mounted secret,
+    # shared by every billing replica), else `<data_dir>/billing_operator_token` (made on first start),
+    # or, with `trust_forwarded_identity` (only where nothing but billing's sidecar reaches its port), a
+    # mesh identity in `operator_identities` as the sidecar forwards it in `x-forwarded-client-cert`.
+    operator_token: str = ""
+    operator_token_file: str = ""
+    operator_identities: tuple[str, ...] = ()
+    trust_forwarded_identity: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "webhook_allow", tuple(str(entry) for entry in self.webhook_allow or ()))
+        object.__setattr__(self, "operator_identities", tuple(str(i) for i in self.operator_identities or ()))
+        if self.operator_token and len(self.operator_token) < 16:
+            raise ValueError("operator_token must be at least 16 characters (or empty: a random one is made)")
+        if any(not entry.strip() for entry in self.webhook_allow):
+            raise ValueError("webhook_allow entries must be host names, addresses or networks, not empty")
+        if self.webhook_timeout_s <= 0 or self.webhook_connect_timeout_s <= 0 or self.webhook_max_response_bytes < 1:
+            raise ValueError("webhook_timeout_s and webhook_connect_timeout_s must be > 0 and "
+                             "webhook_max_response_bytes >= 1")
         if not (0 < self.warning_percent <= self.critical_percent <= self.emergency_percent):
             raise ValueError("thresholds must satisfy 0 < warning <= critical <= emergency")
         if self.hold_ttl_s <= 0 or self.max_hold_ttl_s < self.hold_ttl_s:
@@ -58,6 +83,17 @@ class BillingConfig:
             raise ValueError(f"currency must be an ISO 4217 code like USD, got {self.currency!r}")
         if not (self.database == "" or self.database.startswith(("sqlite:///", "postgresql://", "postgres://"))):
             raise ValueError(f"database must be sqlite:///PATH or postgresql://..., got {self.database!r}")
+
+    def operator_token_value(self) -> str:
+        """The operator token: configured, read from `operator_token_file`, or made in the data dir."""
+        if self.operator_token:
+            return self.operator_token
+        if self.operator_token_file:
+            token = Path(self.operator_token_file).read_text().strip()
+            if len(token) < 16:
+                raise ValueError(f"{self.operator_token_file}: the operator token must be at least 16 characters")
+            return token
+        return load_or_create_token(self.data_dir / TOKEN_FILE)
 
     @property
     def dsn(self) -> str:

@@ -10,6 +10,7 @@ import grpc
 
 from autoglm.billing.v1 import billing_service_pb2, billing_service_pb2_grpc
 from services.billing.config import BillingConfig
+from services.billing.operators import OperatorAuth
 from services.billing.service import Billing, Clock, run_hold_janitor, wall_clock
 from services.billing.servicer import BillingServicer
 from services.billing.store import open_store
@@ -17,13 +18,15 @@ from services.common.grpc_server import RunningServer, start_server
 
 
 async def build_server(config: BillingConfig, clock: Clock = wall_clock) -> RunningServer:
+    operators = OperatorAuth(config.operator_token_value(),
+                             frozenset(config.operator_identities), config.trust_forwarded_identity)
     store = open_store(config.dsn, sqlite_synchronous=config.sqlite_synchronous,
                        pool_size=config.postgres_pool_size, max_batch=config.max_batch)
     await store.open()
     billing = Billing(store, config, clock)
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
-        billing_service_pb2_grpc.add_BillingServiceServicer_to_server(BillingServicer(billing), server)
+        billing_service_pb2_grpc.add_BillingServiceServicer_to_server(BillingServicer(billing, operators), server)
         return [billing_service_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name]
 
     try:

@@ -33,7 +33,7 @@ from services.billing.model import (
 )
 from services.billing.store.base import Store, Tx
 from services.billing.validation import check_event, check_tags, check_text, check_tokens
-from services.billing.webhooks import WebhookSender
+from services.billing.webhooks import WebhookPolicy, WebhookSender
 from services.common.errors import BudgetExceeded, DomainError, FailedPrecondition, InvalidInput
 from services.common.pricing import Price, cost_micros
 
@@ -55,8 +55,9 @@ class Billing:
         self.fired = alerts.FiredCache()
         self.ingester = ledger.Ingester(self.catalog, self.fired, config.currency)
         self.hub = alerts.AlertHub()
-        self.webhooks = webhooks or WebhookSender(config.webhook_attempts, config.webhook_backoff_s,
-                                                  config.webhook_timeout_s)
+        self.webhooks = webhooks or WebhookSender(
+            WebhookPolicy(config.webhook_allow), config.webhook_attempts, config.webhook_backoff_s,
+            config.webhook_timeout_s, config.webhook_connect_timeout_s, config.webhook_max_response_bytes)
         self.default_thresholds = Thresholds(config.warning_percent, config.critical_percent,
                                              config.emergency_percent)
         self.anomaly_rule = reports.AnomalyRule(config.anomaly_max_requests, config.anomaly_window_s,
@@ -184,28 +185,30 @@ class Billing:
         return await self.store.write(lambda tx: tx.execute("DELETE FROM hold_budgets WHERE expire_us <= ?", (now,)))
 
     # --- prices -----------------------------------------------------------------------------------
-    async def create_price(self, price: Price, actor: str) -> Price:
+    async def create_price(self, price: Price, actor: str, claimed: str = "") -> Price:
         admin.check_price(price, self.config.currency)
         now = self.clock()
-        return await self.store.write(lambda tx: admin.create_price(tx, price, actor, now))
+        return await self.store.write(lambda tx: admin.create_price(tx, price, actor, now, claimed))
 
     async def list_prices(self, model: str) -> list[Price]:
         return await self.store.read(lambda tx: admin.list_prices(tx, model))
 
-    async def delete_price(self, price_id: str, actor: str) -> None:
+    async def delete_price(self, price_id: str, actor: str, claimed: str = "") -> None:
         check_text(price_id, "price_id", required=True)
         now = self.clock()
-        await self.store.write(lambda tx: admin.delete_price(tx, price_id, actor, now))
+        await self.store.write(lambda tx: admin.delete_price(tx, price_id, actor, now, claimed))
 
     # --- budgets ----------------------------------------------------------------------------------
-    async def create_budget(self, budget: Budget, actor: str, currency: str = "") -> Budget:
+    async def create_budget(self, budget: Budget, actor: str, currency: str = "", claimed: str = "") -> Budget:
         budget = replace(budget, thresholds=admin.with_default_thresholds(budget.thresholds, self.default_thresholds))
         budget = admin.check_budget(budget, self.config.currency, currency)
         check_text(budget.budget_id, "budget.budget_id", required=False, limit=64)
+        if budget.webhook_url:
+            await self.webhooks.policy.check(budget.webhook_url)
         now = self.clock()
-        return await self.store.write(lambda tx: admin.create_budget(tx, budget, actor, now))
+        return await self.store.write(lambda tx: admin.create_budget(tx, budget, actor, now, claimed))
 
-    async def update_budget(self, changes: Budget, actor: str, currency: str = "") -> Budget:
+    async def update_budget(self, changes: Budget, actor: str, currency: str = "", claimed: str = "") -> Budget:
         check_text(changes.budget_id, "budget.budget_id", required=True)
         now = self.clock()
         current = await self.store.read(lambda tx: admin.get_budget(tx, changes.budget_id))
@@ -216,13 +219,15 @@ class Billing:
         merged = replace(changes, scope=current.scope, period=current.period,
                          thresholds=admin.with_default_thresholds(changes.thresholds, self.default_thresholds))
         merged = admin.check_budget(merged, self.config.currency, currency)
-        return await self.store.write(lambda tx: admin.update_budget(tx, merged, actor, now))
+        if merged.webhook_url and merged.webhook_url != current.webhook_url:
+            await self.webhooks.policy.check(merged.webhook_url)
+        return await self.store.write(lambda tx: admin.update_budget(tx, merged, actor, now, claimed))
 
-    async def delete_budget(self, budget_id: str, actor: str) -> None:
+    async def delete_budget(self, budget_id: str, actor: str, claimed: str = "") -> None:
         check_text(budget_id, "budget_id", required=True)
         now = self.clock()
         old = await self.store.read(lambda tx: admin.get_budget(tx, budget_id))
-        await self.store.write(lambda tx: admin.delete_budget(tx, budget_id, actor, now))
+        await self.store.write(lambda tx: admin.delete_budget(tx, budget_id, actor, now, claimed))
         metrics.forget_budget(budget_id, old.scope.tenant_id)
 
     async def budget_state(self, budget_id: str) -> BudgetState:

@@ -2,13 +2,16 @@
 
 Status codes (through the shared error table): bad input → INVALID_ARGUMENT; an unpriced model, a hold of
 another tenant, a price already in force → FAILED_PRECONDITION; unknown budget/price/hold → NOT_FOUND;
-a hard budget that cannot cover a hold → RESOURCE_EXHAUSTED with reason BUDGET_EXCEEDED.
+a hard budget that cannot cover a hold → RESOURCE_EXHAUSTED with reason BUDGET_EXCEEDED. Budgets, prices
+(but the read-only ListPrices), reports, alerts and the audit log need an operator (see `operators.py`):
+none → UNAUTHENTICATED, a mesh identity that is not an operator → PERMISSION_DENIED.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import grpc
 
@@ -16,6 +19,7 @@ from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
 from services.billing import convert
 from services.billing.model import Recorded, UsageEvent
+from services.billing.operators import Operator, OperatorAuth
 from services.billing.service import Billing
 from services.common.error_mapping import status_code_for
 from services.common.errors import DomainError
@@ -75,8 +79,9 @@ def _ack(event_id: str, outcome: Recorded | DomainError, currency: str) -> pb2.S
 
 
 class BillingServicer(pb2_grpc.BillingServiceServicer):
-    def __init__(self, billing: Billing) -> None:
+    def __init__(self, billing: Billing, operators: OperatorAuth) -> None:
         self.billing = billing
+        self.operators = operators
         self.currency = billing.config.currency
         self.max_batch = billing.config.max_batch
 
@@ -130,30 +135,39 @@ class BillingServicer(pb2_grpc.BillingServiceServicer):
         return pb2.CheckBudgetResponse(allowed=verdict.allowed, level=convert.level_pb(verdict.level), reason=verdict.reason,
                                        budgets=[convert.status_pb(s, self.currency) for s in verdict.states])
 
+    def _operator(self, context: grpc.aio.ServicerContext) -> Operator:
+        return self.operators.operator(dict(cast(Any, context.invocation_metadata()) or ()))
+
     async def CreateBudget(self, request: pb2.CreateBudgetRequest, context: grpc.aio.ServicerContext) -> pb2.CreateBudgetResponse:
+        operator = self._operator(context)
         budget, currency = convert.budget(request.budget)
-        created = await self.billing.create_budget(budget, request.actor, currency)
+        created = await self.billing.create_budget(budget, operator.actor, currency, claimed=request.actor)
         return pb2.CreateBudgetResponse(budget=convert.budget_pb(created, self.currency))
 
     async def GetBudget(self, request: pb2.GetBudgetRequest, context: grpc.aio.ServicerContext) -> pb2.GetBudgetResponse:
+        self._operator(context)
         state = await self.billing.budget_state(request.budget_id)
         return pb2.GetBudgetResponse(status=convert.status_pb(state, self.currency))
 
     async def ListBudgets(self, request: pb2.ListBudgetsRequest, context: grpc.aio.ServicerContext) -> pb2.ListBudgetsResponse:
+        self._operator(context)
         states = await self.billing.list_budget_states(request.tenant_id)
         return pb2.ListBudgetsResponse(budgets=[convert.status_pb(s, self.currency) for s in states])
 
     async def UpdateBudget(self, request: pb2.UpdateBudgetRequest, context: grpc.aio.ServicerContext) -> pb2.UpdateBudgetResponse:
+        operator = self._operator(context)
         budget, currency = convert.budget(request.budget)
-        updated = await self.billing.update_budget(budget, request.actor, currency)
+        updated = await self.billing.update_budget(budget, operator.actor, currency, claimed=request.actor)
         return pb2.UpdateBudgetResponse(budget=convert.budget_pb(updated, self.currency))
 
     async def DeleteBudget(self, request: pb2.DeleteBudgetRequest, context: grpc.aio.ServicerContext) -> pb2.DeleteBudgetResponse:
-        await self.billing.delete_budget(request.budget_id, request.actor)
+        operator = self._operator(context)
+        await self.billing.delete_budget(request.budget_id, operator.actor, claimed=request.actor)
         return pb2.DeleteBudgetResponse()
 
     async def CreatePrice(self, request: pb2.CreatePriceRequest, context: grpc.aio.ServicerContext) -> pb2.CreatePriceResponse:
-        price = await self.billing.create_price(price_from_proto(request.price), request.actor)
+        operator = self._operator(context)
+        price = await self.billing.create_price(price_from_proto(request.price), operator.actor, claimed=request.actor)
         return pb2.CreatePriceResponse(price=price_to_proto(price))
 
     async def ListPrices(self, request: pb2.ListPricesRequest, context: grpc.aio.ServicerContext) -> pb2.ListPricesResponse:
@@ -161,19 +175,23 @@ class BillingServicer(pb2_grpc.BillingServiceServicer):
         return pb2.ListPricesResponse(prices=[price_to_proto(p) for p in prices])
 
     async def DeletePrice(self, request: pb2.DeletePriceRequest, context: grpc.aio.ServicerContext) -> pb2.DeletePriceResponse:
-        await self.billing.delete_price(request.price_id, request.actor)
+        operator = self._operator(context)
+        await self.billing.delete_price(request.price_id, operator.actor, claimed=request.actor)
         return pb2.DeletePriceResponse()
 
     async def WatchAlerts(self, request: pb2.WatchAlertsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb2.WatchAlertsResponse]:
+        self._operator(context)
         async for alert in self.billing.watch_alerts(request.cursor, request.tenant_id):
             yield convert.alert_pb(alert)
 
     async def GetUsageReport(self, request: pb2.GetUsageReportRequest, context: grpc.aio.ServicerContext) -> pb2.GetUsageReportResponse:
+        self._operator(context)
         rows, total = await self.billing.report(convert.report_query(request))
         return pb2.GetUsageReportResponse(rows=[convert.report_row_pb(r, self.currency) for r in rows],
                                           total=convert.report_row_pb(total, self.currency))
 
     async def ListAuditEvents(self, request: pb2.ListAuditEventsRequest, context: grpc.aio.ServicerContext) -> pb2.ListAuditEventsResponse:
+        self._operator(context)
         events, token = await self.billing.audit_events(convert.to_us(request.start_time),
                                                         convert.to_us(request.end_time), request.action,
                                                         request.page_size, request.page_token)

@@ -7,6 +7,8 @@
   autoglm price list [MODEL]
 
 Amounts on the command line are decimal currency units (e.g. 2.5 = 2,500,000 micro-units), parsed exactly.
+Every command sends billing's operator token (--operator-token, $AUTOGLM_BILLING_TOKEN, or
+`<data dir>/billing_operator_token`, which billing makes on first start).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import grpc
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
 from autoglm.common.v1 import money_pb2
-from services.cli.endpoint import load_endpoint
+from services.cli.endpoint import billing_token, load_endpoint, operator_channel
 
 DEFAULT_BILLING = "127.0.0.1:50061"
 DIMENSIONS = {"tenant": 1, "api_key": 2, "key": 2, "model": 3, "version": 4, "model_version": 4, "tag": 5,
@@ -79,15 +81,15 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], fmt: str) -> st
     return "\n".join(lines)
 
 
-async def _call(address: str, fn: Callable[[pb2_grpc.BillingServiceStub], Any]) -> Any:
-    async with grpc.aio.insecure_channel(address) as chan:
+async def _call(address: str, token: str, fn: Callable[[pb2_grpc.BillingServiceStub], Any]) -> Any:
+    async with operator_channel(address, token) as chan:
         return await fn(pb2_grpc.BillingServiceStub(chan))
 
 
 def _run(args: argparse.Namespace, fn: Callable[[pb2_grpc.BillingServiceStub], Any]) -> Any:
     try:
         args.billing = args.billing or load_endpoint(args.data_dir).billing
-        return asyncio.run(_call(args.billing, fn))
+        return asyncio.run(_call(args.billing, billing_token(args.data_dir, args.operator_token), fn))
     except grpc.aio.AioRpcError as err:
         print(f"billing at {args.billing}: {err.code().name}: {err.details()}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -190,9 +192,13 @@ def _price_list(args: argparse.Namespace) -> int:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--billing", default=None,
                         help=f"billing address (default: the local mesh's operator address, else {DEFAULT_BILLING})")
-    parser.add_argument("--data-dir", default=".autoglm", help="mesh data dir holding endpoint.json")
+    parser.add_argument("--data-dir", default=".autoglm",
+                        help="mesh data dir holding endpoint.json and billing_operator_token")
+    parser.add_argument("--operator-token", default=None,
+                        help="billing's operator token (default: $AUTOGLM_BILLING_TOKEN, else the data dir's)")
     parser.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    parser.add_argument("--actor", default="cli", help="who you are, for the audit log")
+    parser.add_argument("--actor", default="cli",
+                        help="your name, kept in the audit log beside the operator identity that made the change")
     parser.add_argument("--currency", default="USD")
 
 

@@ -20,6 +20,8 @@ import structlog
 from autoglm.billing.v1 import billing_service_pb2, billing_service_pb2_grpc
 from autoglm.common.v1 import money_pb2
 from autoglm.router.v1 import admin_service_pb2, admin_service_pb2_grpc
+from services.billing.operators import TOKEN_FILE
+from services.cli.endpoint import operator_channel
 from services.cli.health_probe import wait_listening, wait_serving
 from services.cli.mesh_config import MeshConfig
 from services.cli.topology import ProcessSpec, Topology, plan
@@ -130,8 +132,12 @@ def ensure_certificates(mesh: MeshConfig) -> None:
 
 
 async def seed_prices(mesh: MeshConfig, billing: str) -> None:
-    """Create the mesh file's seed prices for models that have no price yet (first start)."""
-    async with grpc.aio.insecure_channel(billing) as channel:
+    """Create the mesh file's seed prices for models that have no price yet (first start), as an operator
+    (billing's operator token: the mesh file's `billing.operator_token` or `operator_token_file`, else the
+    one billing made in the data dir)."""
+    token_file = Path(mesh.billing_operator_token_file) if mesh.billing_operator_token_file else mesh.data_dir / TOKEN_FILE
+    token = mesh.billing_operator_token or token_file.read_text().strip()
+    async with operator_channel(billing, token) as channel:
         stub = billing_service_pb2_grpc.BillingServiceStub(channel)
         for seed in mesh.seed_prices:
             existing = await stub.ListPrices(billing_service_pb2.ListPricesRequest(model=seed["model"]), timeout=10)

@@ -24,6 +24,10 @@ class MeshConfig:
     inference_metrics_port: int = 9110
     # Prices created at start-up for models that have none yet: {model, currency, input/output micros per million}.
     seed_prices: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    # `billing.operator_token` / `operator_token_file` when the mesh file sets them (neither: billing makes
+    # <data_dir>/billing_operator_token).
+    billing_operator_token: str = ""
+    billing_operator_token_file: str = ""
 
     @classmethod
     def load(cls, path: Path | None) -> MeshConfig:
@@ -44,4 +48,6 @@ class MeshConfig:
             inference_replicas=int((doc.get("inference") or {}).get("replicas", cls.inference_replicas)),
             shutdown_grace_s=float(mesh.get("shutdown_grace_s", cls.shutdown_grace_s)),
             seed_prices=tuple(mesh.get("seed_prices") or ()),
+            billing_operator_token=str(billing.get("operator_token") or ""),
+            billing_operator_token_file=str(billing.get("operator_token_file") or ""),
         )

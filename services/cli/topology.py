@@ -84,10 +84,13 @@ def plan(mesh: MeshConfig, config: Path | None, sidecar: str) -> Topology:
     replicas = [mesh.inference_base_port + i for i in range(mesh.inference_replicas)]
     metrics = [mesh.inference_metrics_port + i if mesh.inference_metrics_port else 0 for i in range(len(replicas))]
     router_data = ["--data-dir", str(mesh.data_dir / "router")]
+    # Billing's ledger and operator token (read by `autoglm budget|price|billing|usage`) under the data dir.
+    billing_data = ["--data-dir", str(mesh.data_dir)]
     metrics_on = bool(mesh.router_metrics_port)
     if sidecar == "none":
         top.specs.append(ProcessSpec("billing", _service("services.billing", mesh.billing_port, config,
-                                                         mesh.billing_metrics_port), f"127.0.0.1:{mesh.billing_port}"))
+                                                         mesh.billing_metrics_port, *billing_data),
+                                     f"127.0.0.1:{mesh.billing_port}"))
         for i, port in enumerate(replicas):
             top.specs.append(ProcessSpec(f"inference-{i}", _service(
                 "services.inference", port, config, metrics[i], "--replica-id", f"inference-{i}"), f"127.0.0.1:{port}"))
@@ -117,7 +120,8 @@ def plan(mesh: MeshConfig, config: Path | None, sidecar: str) -> Topology:
 
     billing_internal = free_port()
     top.specs.append(ProcessSpec("billing", _service("services.billing", billing_internal, config,
-                                                     mesh.billing_metrics_port), f"127.0.0.1:{billing_internal}"))
+                                                     mesh.billing_metrics_port, *billing_data),
+                                 f"127.0.0.1:{billing_internal}"))
     top.specs.append(ProcessSpec("billing-sidecar", sidecar_argv(
         "billing-sidecar", "billing", f"127.0.0.1:{billing_internal}", mesh.billing_port, -1, {}),
         f"127.0.0.1:{mesh.billing_port}", "tcp"))

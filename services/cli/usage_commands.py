@@ -19,7 +19,7 @@ from google.protobuf import timestamp_pb2
 
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
-from services.cli.endpoint import load_endpoint
+from services.cli.endpoint import billing_token, load_endpoint, operator_channel
 
 DIMENSIONS = {
     "tenant": pb2.REPORT_DIMENSION_TENANT,
@@ -54,14 +54,15 @@ def _row(row: pb2.UsageReportRow) -> dict[str, Any]:
     }
 
 
-async def fetch_report(billing: str, since: dt.timedelta, by: list[str], tenant: str) -> dict[str, Any]:
+async def fetch_report(billing: str, since: dt.timedelta, by: list[str], tenant: str,
+                       token: str = "") -> dict[str, Any]:
     end = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)
     start_ts, end_ts = timestamp_pb2.Timestamp(), timestamp_pb2.Timestamp()
     start_ts.FromDatetime(end - since)
     end_ts.FromDatetime(end)
     request = pb2.GetUsageReportRequest(start_time=start_ts, end_time=end_ts,
                                         group_by=[DIMENSIONS[b] for b in by], tenant_id=tenant)
-    async with grpc.aio.insecure_channel(billing) as channel:
+    async with operator_channel(billing, token) as channel:
         reply = await pb2_grpc.BillingServiceStub(channel).GetUsageReport(request, timeout=30)
     return {"rows": [_row(r) for r in reply.rows], "total": _row(reply.total)}
 
@@ -79,7 +80,8 @@ def _usage(args: argparse.Namespace) -> int:
     billing = args.billing or load_endpoint(args.data_dir).billing
     by = args.by or ["model"]
     try:
-        report = asyncio.run(fetch_report(billing, args.since, by, args.tenant))
+        report = asyncio.run(fetch_report(billing, args.since, by, args.tenant,
+                                          billing_token(args.data_dir, args.operator_token)))
     except grpc.aio.AioRpcError as error:
         print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
@@ -94,5 +96,7 @@ def add_usage_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
     usage.add_argument("--tenant", default="", help="only this tenant")
     usage.add_argument("--format", choices=["table", "json"], default="table")
     usage.add_argument("--billing", default=None, help="billing address (default: the local mesh's)")
-    usage.add_argument("--data-dir", default=".autoglm")
+    usage.add_argument("--data-dir", default=".autoglm", help="mesh data dir (endpoint.json, billing_operator_token)")
+    usage.add_argument("--operator-token", default=None,
+                       help="billing's operator token (default: $AUTOGLM_BILLING_TOKEN, else the data dir's)")
     usage.set_defaults(func=_usage)

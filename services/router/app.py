@@ -69,7 +69,12 @@ class RouterApp:
             hs256_secret=config.jwt_hs256_secret.encode(),
             jwks_path=Path(config.jwt_jwks_path) if config.jwt_jwks_path else None,
             tenant_claim=config.jwt_tenant_claim, issuer=config.jwt_issuer, audience=config.jwt_audience,
+            leeway_s=config.jwt_leeway_s,
         )
+        if jwt_settings.enabled and not (config.jwt_issuer and config.jwt_audience):
+            log.warning("jwt_without_issuer_or_audience",
+                        hint="set router.jwt_issuer and router.jwt_audience: without them any token signed by a "
+                             "trusted key, whatever it was issued for, is accepted")
         self.authenticator = Authenticator(
             self.keys, admin_token_of(config), JwtVerifier(jwt_settings) if jwt_settings.enabled else None
         )

@@ -23,12 +23,15 @@ class RouterConfig:
     data_dir: Path = Path(".autoglm/router")
     # Bearer token for AdminService; empty: read (or create on first start) `<data_dir>/admin_token`.
     admin_token: str = ""
-    # JWT: an HS256 shared secret and/or a JWKS file with RS256/ES256 public keys; the tenant claim.
+    # JWT: an HS256 shared secret (at least 32 bytes) and/or a JWKS file with RS256/ES256 public keys
+    # (re-read when it changes: rotate keys without a restart); the tenant claim. Tokens must carry `exp`;
+    # `iss` / `aud` are required and checked when set here (recommended). Clock skew allowed: leeway.
     jwt_hs256_secret: str = ""
     jwt_jwks_path: str = ""
     jwt_tenant_claim: str = "tenant"
     jwt_issuer: str = ""
     jwt_audience: str = ""
+    jwt_leeway_s: float = 30.0
     # Response cache bounds.
     cache_max_entries: int = 10_000
     cache_max_bytes: int = 64 * 1024 * 1024
@@ -73,3 +76,7 @@ class RouterConfig:
             raise ValueError("billing_grace_s and billing_recovery_s must be >= 0")
         if self.max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
+        if self.jwt_hs256_secret and len(self.jwt_hs256_secret.encode()) < 32:
+            raise ValueError("jwt_hs256_secret must be at least 32 bytes (RFC 7518 3.2)")
+        if not 0 <= self.jwt_leeway_s <= 300:
+            raise ValueError("jwt_leeway_s must be 0 to 300 seconds")

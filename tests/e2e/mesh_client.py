@@ -11,7 +11,7 @@ from google.protobuf import timestamp_pb2
 from autoglm.billing.v1 import billing_service_pb2, billing_service_pb2_grpc
 from autoglm.common.v1 import generation_pb2
 from autoglm.router.v1 import admin_service_pb2, admin_service_pb2_grpc, router_service_pb2, router_service_pb2_grpc
-from services.cli.endpoint import load_endpoint
+from services.cli.endpoint import billing_token, load_endpoint, operator_channel
 from tests.e2e.mesh_process import Mesh
 
 MODEL = "smollm2-135m-instruct"
@@ -77,7 +77,7 @@ async def usage_totals(mesh: Mesh, tenant: str) -> Totals:
     start_ts, end_ts = timestamp_pb2.Timestamp(), timestamp_pb2.Timestamp()
     start_ts.FromDatetime(end - dt.timedelta(hours=2))
     end_ts.FromDatetime(end)
-    async with grpc.aio.insecure_channel(billing) as channel:
+    async with operator_channel(billing, billing_token(mesh.data_dir)) as channel:
         stub = billing_service_pb2_grpc.BillingServiceStub(channel)
         reply = await stub.GetUsageReport(billing_service_pb2.GetUsageReportRequest(
             start_time=start_ts, end_time=end_ts, tenant_id=tenant,

@@ -11,7 +11,7 @@ import urllib.request
 from autoglm.billing.v1 import billing_service_pb2, billing_service_pb2_grpc
 from autoglm.common.v1 import money_pb2
 from autoglm.router.v1 import router_service_pb2_grpc
-from services.cli.endpoint import load_endpoint
+from services.cli.endpoint import billing_token, load_endpoint, operator_channel
 from tests.conftest import ROOT
 from tests.e2e.mesh_client import create_key, generate_request, router_channel, stream
 from tests.e2e.mesh_process import free_port, start_mesh, stop_mesh
@@ -46,7 +46,7 @@ async def test_dashboard_queries_only_metrics_the_mesh_exports(tmp_path, process
                                generate_request("Say hi.", 4))
     assert outcome.tokens > 0
     # A budget so utilisation and alert level have a series.
-    async with __import__("grpc").aio.insecure_channel(load_endpoint(mesh.data_dir).billing) as chan:
+    async with operator_channel(load_endpoint(mesh.data_dir).billing, billing_token(mesh.data_dir)) as chan:
         await billing_service_pb2_grpc.BillingServiceStub(chan).CreateBudget(billing_service_pb2.CreateBudgetRequest(
             budget=billing_service_pb2.Budget(
                 scope=billing_service_pb2.BudgetScope(kind=billing_service_pb2.SCOPE_KIND_TENANT, tenant_id="observed"),

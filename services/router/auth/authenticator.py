@@ -1,6 +1,6 @@
 """Turns the `authorization` metadata into a Principal (API key or JWT), or refuses.
 
-UNAUTHENTICATED: no credentials, unknown / revoked / expired key, invalid JWT.
+UNAUTHENTICATED: no credentials, unknown / revoked / expired key, invalid JWT (see auth/jwt.py).
 The admin token guards AdminService; it is compared in constant time.
 """
 
@@ -9,11 +9,10 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
 
 from services.common.errors import Unauthenticated
 from services.router.auth.api_keys import looks_like_api_key
-from services.router.auth.jwt import JwtVerifier, looks_like_jwt
+from services.router.auth.jwt import JwtClaims, JwtVerifier, looks_like_jwt
 from services.router.auth.key_store import KeyStore
 from services.router.types import Principal, TrafficClass
 
@@ -51,9 +50,10 @@ class Authenticator:
             if not record.is_valid_at(self._clock()):
                 raise Unauthenticated(f"API key {record.prefix}… has expired; create a new one")
             return record.principal()
-        if self._jwt is not None and looks_like_jwt(token):
-            claims = self._jwt.verify(token)
-            return _jwt_principal(claims, self._jwt.tenant_of(claims))
+        if looks_like_jwt(token):
+            if self._jwt is None:
+                raise Unauthenticated("JWT bearer tokens are not enabled on this router; use an API key")
+            return _jwt_principal(self._jwt.claims_of(self._jwt.verify(token)))
         raise Unauthenticated("unknown API key")
 
     def authenticate_admin(self, authorization: str) -> None:
@@ -62,15 +62,12 @@ class Authenticator:
             raise Unauthenticated("AdminService needs 'authorization: Bearer <admin token>' (see the data dir)")
 
 
-def _jwt_principal(claims: dict[str, Any], tenant: str) -> Principal:
-    models = claims.get("models") or ()
-    traffic = _CLASS_NAMES.get(str(claims.get("traffic_class", "interactive")).lower(), TrafficClass.INTERACTIVE)
-    subject = str(claims.get("sub") or "jwt")
+def _jwt_principal(claims: JwtClaims) -> Principal:
     return Principal(
-        tenant_id=tenant,
-        key_id=f"jwt:{subject}",
-        traffic_class=traffic,
-        allowed_models=tuple(str(m) for m in models) if isinstance(models, list) else (),
-        requests_per_minute=int(claims.get("rpm") or 0),
-        tokens_per_minute=int(claims.get("tpm") or 0),
+        tenant_id=claims.tenant,
+        key_id=f"jwt:{claims.subject}",
+        traffic_class=_CLASS_NAMES[claims.traffic_class],
+        allowed_models=claims.models,
+        requests_per_minute=claims.requests_per_minute,
+        tokens_per_minute=claims.tokens_per_minute,
     )

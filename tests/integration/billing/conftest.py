@@ -27,6 +27,7 @@ from services.billing.config import BillingConfig
 from services.billing.server import build_server
 from services.common.config import ServerSettings
 from services.common.grpc_server import RunningServer
+from tests.integration.billing.helpers import OPERATOR_TOKEN
 
 
 def _pg_bin() -> Path | None:
@@ -122,4 +123,5 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 async def billing(serve, database: str) -> AsyncIterator[RunningServer]:
-    yield await serve(build_server(BillingConfig(server=ServerSettings(port=0), database=database)))
+    yield await serve(build_server(BillingConfig(server=ServerSettings(port=0), database=database,
+                                                 operator_token=OPERATOR_TOKEN)))

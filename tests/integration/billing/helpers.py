@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import grpc
 from google.protobuf import timestamp_pb2
 
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.common.v1 import money_pb2
+from services.cli.endpoint import operator_channel
+from services.common.grpc_server import RunningServer
+
+# The operator token the in-process billing servers of the tests are configured with.
+OPERATOR_TOKEN = "billing-operator-token-of-the-tests"
+
+
+def operator(running: RunningServer | str, token: str = OPERATOR_TOKEN) -> grpc.aio.Channel:
+    """A channel to billing that sends the operator token on every call."""
+    return operator_channel(running if isinstance(running, str) else running.address, token)
+
 
 # 2 USD per million prompt tokens, 6 USD per million completion tokens.
 INPUT_PRICE = 2_000_000

@@ -17,9 +17,14 @@ def start_billing(database: str, workdir: Path, name: str) -> tuple[subprocess.P
     log = (workdir / f"{name}.log").open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.billing", "--port", "0", "--port-file", str(port_file),
-         "--database", database, "--log-level", "WARNING"],
+         "--database", database, "--data-dir", str(workdir), "--log-level", "WARNING"],
         cwd=ROOT, stdout=log, stderr=log, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return proc, port_file
+
+
+def operator_token(workdir: Path) -> str:
+    """The operator token a billing process started in `workdir` made (in its data dir)."""
+    return (workdir / "billing_operator_token").read_text().strip()
 
 
 def wait_port(proc: subprocess.Popen[bytes], port_file: Path, timeout: float = 30) -> str:

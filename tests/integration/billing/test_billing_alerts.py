@@ -12,8 +12,7 @@ from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
 from services.billing.config import BillingConfig
 from services.billing.server import build_server
 from services.common.config import ServerSettings
-from tests.conftest import channel
-from tests.integration.billing.helpers import price_request, tenant_budget, usage
+from tests.integration.billing.helpers import OPERATOR_TOKEN, operator, price_request, tenant_budget, usage
 
 DAY = 86_400
 MARCH = datetime(2026, 3, 1, tzinfo=UTC).timestamp()
@@ -22,9 +21,10 @@ APRIL = datetime(2026, 4, 1, tzinfo=UTC).timestamp()
 
 async def test_a_month_of_usage_fires_each_level_once_and_a_resumed_watcher_misses_nothing(serve, tmp_path: Path) -> None:
     now = [int(MARCH * 1e6)]
-    config = BillingConfig(server=ServerSettings(port=0), database=f"sqlite:///{tmp_path / 'b.db'}")
+    config = BillingConfig(server=ServerSettings(port=0), database=f"sqlite:///{tmp_path / 'b.db'}",
+                           operator_token=OPERATOR_TOKEN)
     running = await serve(build_server(config, clock=lambda: now[0]))
-    async with channel(running) as chan:
+    async with operator(running) as chan:
         stub = pb2_grpc.BillingServiceStub(chan)
         await stub.CreatePrice(price_request())
         budget = (await stub.CreateBudget(tenant_budget("acme", tokens=3000))).budget

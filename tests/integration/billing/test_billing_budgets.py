@@ -15,9 +15,15 @@ from autoglm.common.v1 import generation_pb2
 from services.billing.config import BillingConfig
 from services.billing.server import build_server
 from services.common.config import ServerSettings
-from tests.conftest import channel
-from tests.integration.billing.helpers import expected_cost, price_request, tenant_budget, usage
-from tests.integration.billing.procs import start_billing, wait_port
+from tests.integration.billing.helpers import (
+    OPERATOR_TOKEN,
+    expected_cost,
+    operator,
+    price_request,
+    tenant_budget,
+    usage,
+)
+from tests.integration.billing.procs import operator_token, start_billing, wait_port
 
 HOLD = expected_cost(100, 100)  # the most one reserved request can cost
 
@@ -41,7 +47,7 @@ async def _settle_all(stub: pb2_grpc.BillingServiceStub, holds: list[pb2.Reserve
 
 
 async def test_thousand_concurrent_reserves_grant_exactly_what_the_budget_covers(billing) -> None:
-    async with channel(billing) as chan:
+    async with operator(billing) as chan:
         stub = pb2_grpc.BillingServiceStub(chan)
         await stub.CreatePrice(price_request())
         created = await stub.CreateBudget(tenant_budget("acme", micros=100 * HOLD))
@@ -66,7 +72,8 @@ async def test_two_processes_on_one_postgres_cannot_overshoot(postgres, tmp_path
     second = start_billing(dsn, tmp_path, "b")
     processes.append(second[0])
     address_b = wait_port(*second)
-    async with grpc.aio.insecure_channel(address_a) as chan_a, grpc.aio.insecure_channel(address_b) as chan_b:
+    token = operator_token(tmp_path)
+    async with operator(address_a, token) as chan_a, operator(address_b, token) as chan_b:
         stubs = [pb2_grpc.BillingServiceStub(chan_a), pb2_grpc.BillingServiceStub(chan_b)]
         await stubs[0].CreatePrice(price_request())
         created = await stubs[1].CreateBudget(tenant_budget("acme", micros=100 * HOLD))
@@ -81,9 +88,10 @@ async def test_two_processes_on_one_postgres_cannot_overshoot(postgres, tmp_path
 
 async def test_release_and_expiry_give_the_hold_back(serve, tmp_path: Path) -> None:
     now = [1_750_000_000 * 1_000_000]
-    config = BillingConfig(server=ServerSettings(port=0), database=f"sqlite:///{tmp_path / 'b.db'}")
+    config = BillingConfig(server=ServerSettings(port=0), database=f"sqlite:///{tmp_path / 'b.db'}",
+                           operator_token=OPERATOR_TOKEN)
     running = await serve(build_server(config, clock=lambda: now[0]))
-    async with channel(running) as chan:
+    async with operator(running) as chan:
         stub = pb2_grpc.BillingServiceStub(chan)
         await stub.CreatePrice(price_request())
         await stub.CreateBudget(tenant_budget("acme", micros=HOLD))
@@ -107,7 +115,7 @@ async def test_release_and_expiry_give_the_hold_back(serve, tmp_path: Path) -> N
 
 async def test_levels_pause_batch_at_critical_and_all_but_core_at_emergency(billing) -> None:
     classes = {c: generation_pb2.TrafficClass.Value(f"TRAFFIC_CLASS_{c}") for c in ("CORE", "INTERACTIVE", "BATCH")}
-    async with channel(billing) as chan:
+    async with operator(billing) as chan:
         stub = pb2_grpc.BillingServiceStub(chan)
         await stub.CreatePrice(price_request())
         await stub.CreateBudget(tenant_budget("acme", tokens=1000))
@@ -131,7 +139,7 @@ async def test_levels_pause_batch_at_critical_and_all_but_core_at_emergency(bill
 
 
 async def test_soft_budget_alerts_but_never_denies(billing) -> None:
-    async with channel(billing) as chan:
+    async with operator(billing) as chan:
         stub = pb2_grpc.BillingServiceStub(chan)
         await stub.CreatePrice(price_request())
         await stub.CreateBudget(tenant_budget("acme", micros=HOLD, enforcement=pb2.ENFORCEMENT_SOFT))

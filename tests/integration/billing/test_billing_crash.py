@@ -16,8 +16,8 @@ import pytest
 
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
-from tests.integration.billing.helpers import expected_cost, price_request, usage
-from tests.integration.billing.procs import start_billing, wait_port
+from tests.integration.billing.helpers import expected_cost, operator, price_request, usage
+from tests.integration.billing.procs import operator_token, start_billing, wait_port
 
 UNIQUE, DUPLICATES, STREAMS = 7_000, 3_000, 8
 
@@ -119,7 +119,7 @@ async def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(databas
 
     cluster = Cluster(database, tmp_path, processes)
     await cluster.start("first")
-    async with grpc.aio.insecure_channel(cluster.address) as chan:
+    async with operator(cluster.address, operator_token(tmp_path)) as chan:
         await pb2_grpc.BillingServiceStub(chan).CreatePrice(price_request())
     acked = Acks(3_000)
     work = [asyncio.create_task(_stream_lane(cluster, lane, acked, 1 if n % 2 else 25)) for n, lane in enumerate(lanes)]
@@ -130,7 +130,7 @@ async def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(databas
     await cluster.start("second")
     await asyncio.wait_for(asyncio.gather(*work), 240)
 
-    async with grpc.aio.insecure_channel(cluster.address) as chan:
+    async with operator(cluster.address, operator_token(tmp_path)) as chan:
         stub = pb2_grpc.BillingServiceStub(chan)
         report = await stub.GetUsageReport(pb2.GetUsageReportRequest(
             start_time={"seconds": 0}, end_time={"seconds": 4_000_000_000}))

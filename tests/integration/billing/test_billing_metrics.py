@@ -14,8 +14,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
-from tests.conftest import channel
-from tests.integration.billing.helpers import expected_cost, price_request, tenant_budget, usage
+from tests.integration.billing.helpers import (
+    expected_cost,
+    operator,
+    price_request,
+    tenant_budget,
+    usage,
+)
 
 
 @pytest.fixture
@@ -42,7 +47,7 @@ def events(sample: dict[tuple[str, tuple[tuple[str, str], ...]], float], result:
 async def test_metrics_endpoint_shows_spend_events_utilisation_and_level(billing, metrics_url: str) -> None:
     tenant = f"t{uuid.uuid4().hex[:8]}"
     before = await scrape(metrics_url)
-    async with channel(billing) as chan:
+    async with operator(billing) as chan:
         stub = pb2_grpc.BillingServiceStub(chan)
         await stub.CreatePrice(price_request())
         created = await stub.CreateBudget(tenant_budget(tenant, tokens=1000))

@@ -10,12 +10,11 @@ import pytest
 
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
-from tests.conftest import channel
-from tests.integration.billing.helpers import expected_cost, price_request, usage
+from tests.integration.billing.helpers import expected_cost, operator, price_request, usage
 
 
 async def test_recorded_event_is_priced_and_a_retry_returns_the_first_result(billing) -> None:
-    async with channel(billing) as chan:
+    async with operator(billing) as chan:
         stub = pb2_grpc.BillingServiceStub(chan)
         await stub.CreatePrice(price_request())
         first = await stub.RecordUsage(pb2.RecordUsageRequest(event=usage("e1", prompt=1234, completion=567)))
@@ -28,7 +27,7 @@ async def test_recorded_event_is_priced_and_a_retry_returns_the_first_result(bil
 
 
 async def test_price_in_force_at_the_event_time_is_used(billing) -> None:
-    async with channel(billing) as chan:
+    async with operator(billing) as chan:
         stub = pb2_grpc.BillingServiceStub(chan)
         await stub.CreatePrice(price_request(effective=1_700_000_000, input=1_000_000, output=1_000_000))
         await stub.CreatePrice(price_request(effective=1_700_100_000, input=3_000_000, output=3_000_000))
@@ -53,7 +52,7 @@ BAD_EVENTS = {
 @pytest.mark.parametrize("case", sorted(BAD_EVENTS))
 async def test_bad_event_is_refused_with_an_actionable_message_and_nothing_written(billing, case: str) -> None:
     event, code, words = BAD_EVENTS[case]
-    async with channel(billing) as chan:
+    async with operator(billing) as chan:
         stub = pb2_grpc.BillingServiceStub(chan)
         await stub.CreatePrice(price_request())
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -66,7 +65,7 @@ async def test_bad_event_is_refused_with_an_actionable_message_and_nothing_writt
 
 
 async def test_unknown_budget_scope_is_invalid_argument(billing) -> None:
-    async with channel(billing) as chan:
+    async with operator(billing) as chan:
         stub = pb2_grpc.BillingServiceStub(chan)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.CreateBudget(pb2.CreateBudgetRequest(budget=pb2.Budget(
@@ -78,7 +77,7 @@ async def test_unknown_budget_scope_is_invalid_argument(billing) -> None:
 
 
 async def test_stream_acks_every_event_after_commit_and_rejects_bad_ones_alone(billing) -> None:
-    async with channel(billing) as chan:
+    async with operator(billing) as chan:
         stub = pb2_grpc.BillingServiceStub(chan)
         await stub.CreatePrice(price_request())
         events = [usage(f"s{i}", prompt=i, completion=2 * i) for i in range(200)]
@@ -96,7 +95,7 @@ async def test_stream_acks_every_event_after_commit_and_rejects_bad_ones_alone(b
 
 
 async def test_batched_stream_messages_get_one_ack_per_event_in_order(billing) -> None:
-    async with channel(billing) as chan:
+    async with operator(billing) as chan:
         stub = pb2_grpc.BillingServiceStub(chan)
         await stub.CreatePrice(price_request())
         events = [usage(f"b{i}", prompt=i, completion=1) for i in range(300)]

@@ -1,5 +1,6 @@
-"""Webhook delivery of budget alerts to a real HTTP server on 127.0.0.1: one JSON POST per alert; a failing
-endpoint is retried with backoff until it answers 2xx, and then not again."""
+"""Webhook delivery of budget alerts to a real HTTP server on 127.0.0.1 (named in billing's webhook_allow):
+one JSON POST per alert; a failing endpoint is retried with backoff until it answers 2xx, and then not
+again. Without the allow-list, a budget whose webhook points at a loopback or private address is refused."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from autoglm.billing.v1 import billing_service_pb2 as pb2
@@ -22,8 +24,7 @@ from services.billing.config import BillingConfig
 from services.billing.server import build_server
 from services.common.config import ServerSettings
 from services.common.grpc_server import RunningServer
-from tests.conftest import channel
-from tests.integration.billing.helpers import price_request, tenant_budget, usage
+from tests.integration.billing.helpers import OPERATOR_TOKEN, operator, price_request, tenant_budget, usage
 
 BACKOFF_S = 0.05
 
@@ -72,13 +73,14 @@ def hooks(request: pytest.FixtureRequest) -> Iterator[Hooks]:
 
 async def _billing_with_hook(serve, tmp_path: Path) -> RunningServer:  # type: ignore[no-untyped-def]
     config = BillingConfig(server=ServerSettings(port=0), database=f"sqlite:///{tmp_path / 'b.db'}",
-                           webhook_backoff_s=BACKOFF_S, webhook_attempts=5)
+                           operator_token=OPERATOR_TOKEN,
+                           webhook_backoff_s=BACKOFF_S, webhook_attempts=5, webhook_allow=("127.0.0.1",))
     return await serve(build_server(config))
 
 
 async def test_crossing_eighty_percent_posts_one_json_alert(serve, tmp_path: Path, hooks: Hooks) -> None:
     running = await _billing_with_hook(serve, tmp_path)
-    async with channel(running) as chan:
+    async with operator(running) as chan:
         stub = pb2_grpc.BillingServiceStub(chan)
         await stub.CreatePrice(price_request())
         budget = tenant_budget("acme", tokens=1000)
@@ -100,7 +102,7 @@ async def test_crossing_eighty_percent_posts_one_json_alert(serve, tmp_path: Pat
 async def test_failing_endpoint_is_retried_with_backoff_then_delivered_once(serve, tmp_path: Path,
                                                                             hooks: Hooks) -> None:
     running = await _billing_with_hook(serve, tmp_path)
-    async with channel(running) as chan:
+    async with operator(running) as chan:
         stub = pb2_grpc.BillingServiceStub(chan)
         await stub.CreatePrice(price_request())
         budget = tenant_budget("acme", tokens=1000)
@@ -115,3 +117,36 @@ async def test_failing_endpoint_is_retried_with_backoff_then_delivered_once(serv
     gaps = [later[0] - earlier[0] for earlier, later in itertools.pairwise(attempts)]
     assert gaps[0] >= BACKOFF_S and gaps[1] >= 2 * BACKOFF_S  # exponential backoff between attempts
     assert after[2]["level"] == "CRITICAL"  # delivered once: no further WARNING attempt came before this
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("http://127.0.0.1:9/alerts", "resolves to 127.0.0.1, a loopback, private"),
+    ("http://localhost:9/alerts", "non-public address"),
+    ("http://169.254.169.254/latest/meta-data", "resolves to 169.254.169.254"),
+    ("http://[::1]/x", "resolves to ::1"),
+    ("http://10.1.2.3/x", "resolves to 10.1.2.3"),
+    ("http://0.0.0.0:80/", "resolves to 0.0.0.0"),
+    ("ftp://hooks.example/x", "must be an http:// or https:// URL"),
+    ("file:///etc/passwd", "must be an http:// or https:// URL"),
+    ("http://hooks.example:99999/", "not a valid URL"),
+])
+async def test_webhook_to_a_private_address_or_other_scheme_is_refused_at_creation(
+        serve, tmp_path: Path, url: str, message: str) -> None:
+    config = BillingConfig(server=ServerSettings(port=0), database=f"sqlite:///{tmp_path / 'b.db'}",
+                           operator_token=OPERATOR_TOKEN)
+    running = await serve(build_server(config))
+    async with operator(running) as chan:
+        stub = pb2_grpc.BillingServiceStub(chan)
+        budget = tenant_budget("acme", tokens=1000)
+        budget.budget.webhook_url = url
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.CreateBudget(budget)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "budget.webhook_url" in (caught.value.details() or "")
+        assert message in (caught.value.details() or "")
+        created = await stub.CreateBudget(tenant_budget("acme", tokens=1000))  # no webhook: fine
+        change = pb2.UpdateBudgetRequest(budget=pb2.Budget(budget_id=created.budget.budget_id, tokens=1000,
+                                                           webhook_url=url))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.UpdateBudget(change)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -17,6 +17,7 @@ from autoglm.router.v1 import admin_service_pb2_grpc as admin_grpc
 from autoglm.router.v1 import router_service_pb2_grpc as router_grpc
 from services.billing.config import BillingConfig
 from services.billing.server import build_server as build_billing
+from services.cli.endpoint import billing_token, operator_channel
 from services.common.config import ServerSettings
 from services.common.grpc_server import RunningServer
 from services.inference.config import InferenceConfig
@@ -72,7 +73,7 @@ async def start_mesh(serve, tmp_path: Path, model: LoadedModel, **router_overrid
         server=EPHEMERAL, inference_targets=(inference.address,), billing_target=billing.address,
         data_dir=tmp_path / "router", admin_token=ADMIN_TOKEN, **router_overrides,  # type: ignore[arg-type]
     )))
-    billing_channel = grpc.aio.insecure_channel(billing.address)
+    billing_channel = operator_channel(billing.address, billing_token(tmp_path / "billing"))
     await billing_grpc.BillingServiceStub(billing_channel).CreatePrice(
         billing_pb2.CreatePriceRequest(price=billing_pb2.Price(
             model=MODEL,

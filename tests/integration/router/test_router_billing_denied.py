@@ -18,6 +18,7 @@ from autoglm.common.v1 import error_details_pb2, generation_pb2, money_pb2
 from autoglm.router.v1 import router_service_pb2 as pb2
 from services.billing.config import BillingConfig
 from services.billing.server import build_server as build_billing
+from services.cli.endpoint import billing_token, operator_channel
 from services.inference.config import InferenceConfig
 from services.inference.engine.model import LoadedModel
 from services.inference.server import build_server as build_inference
@@ -73,7 +74,7 @@ async def start(serve, tmp_path: Path, model: LoadedModel, pki: Path, methods: l
     router = await serve(build_router(RouterConfig(
         server=EPHEMERAL, inference_targets=(inference.address,), billing_target=sidecars[1].outbound_address,
         data_dir=tmp_path / "router", admin_token=ADMIN_TOKEN)))
-    billing_channel = grpc.aio.insecure_channel(billing.address)
+    billing_channel = operator_channel(billing.address, billing_token(tmp_path / "billing"))
     await billing_grpc.BillingServiceStub(billing_channel).CreatePrice(billing_pb2.CreatePriceRequest(
         price=billing_pb2.Price(model=MODEL, input_per_million=money_pb2.Money(currency_code="USD", micros=1_000_000),
                                 output_per_million=money_pb2.Money(currency_code="USD", micros=2_000_000)),

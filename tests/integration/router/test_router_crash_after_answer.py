@@ -18,6 +18,7 @@ from autoglm.router.v1 import admin_service_pb2 as admin_pb2
 from autoglm.router.v1 import admin_service_pb2_grpc as admin_grpc
 from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as router_grpc
+from services.cli.endpoint import billing_token, operator_channel
 from tests.integration.router.conftest import ADMIN_TOKEN, MODEL
 from tests.integration.router.service_process import drain, start_service, stop
 from tests.integration.router.test_router_vertical import bearer, settled_rows
@@ -45,7 +46,7 @@ async def test_a_router_killed_between_answer_and_settle_bills_the_request_once(
         drain(billing_proc)
         inference_proc, inference = start_service("inference", ["--replica-id", "r1", "--threads", "1"], processes)
         drain(inference_proc)
-        billing_channel = grpc.aio.insecure_channel(billing)
+        billing_channel = operator_channel(billing, billing_token(tmp_path / "billing"))
         billing_stub = billing_grpc.BillingServiceStub(billing_channel)
         await billing_stub.CreatePrice(billing_pb2.CreatePriceRequest(price=billing_pb2.Price(
             model=MODEL, input_per_million=money_pb2.Money(currency_code="USD", micros=1_000_000),

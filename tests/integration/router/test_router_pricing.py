@@ -18,6 +18,7 @@ from autoglm.common.v1 import generation_pb2, money_pb2
 from autoglm.router.v1 import router_service_pb2 as pb2
 from services.billing.config import BillingConfig
 from services.billing.server import build_server as build_billing
+from services.cli.endpoint import billing_token, operator_channel
 from services.inference.config import InferenceConfig
 from services.inference.engine.model import LoadedModel
 from services.inference.server import build_server as build_inference
@@ -66,7 +67,7 @@ async def ledger_by_case(billing: billing_grpc.BillingServiceStub, want: int) ->
 async def test_the_cost_the_router_reports_is_the_cost_billing_records(serve, tmp_path: Path,
                                                                        loaded_model: LoadedModel) -> None:
     billing = await serve(build_billing(BillingConfig(server=EPHEMERAL, data_dir=tmp_path / "billing")))
-    billing_channel = grpc.aio.insecure_channel(billing.address)
+    billing_channel = operator_channel(billing.address, billing_token(tmp_path / "billing"))
     stub = billing_grpc.BillingServiceStub(billing_channel)
     version = loaded_model.manifest.version
     await stub.CreatePrice(price("", MODEL_WIDE), timeout=10)

@@ -28,6 +28,8 @@ if _version_not_supported:
 class BillingServiceStub:
     """The ledger of the mesh: usage events counted exactly once, prices, budgets with holds,
     alerts, reports and an audit log. Money is always integer micro-units.
+    Budgets, prices (but ListPrices), alerts, reports and the audit log need an operator: metadata
+    `authorization: Bearer <operator token>` (billing's data dir holds it), else UNAUTHENTICATED.
     """
 
     def __init__(self, channel):
@@ -126,6 +128,8 @@ class BillingServiceStub:
 class BillingServiceServicer:
     """The ledger of the mesh: usage events counted exactly once, prices, budgets with holds,
     alerts, reports and an audit log. Money is always integer micro-units.
+    Budgets, prices (but ListPrices), alerts, reports and the audit log need an operator: metadata
+    `authorization: Bearer <operator token>` (billing's data dir holds it), else UNAUTHENTICATED.
     """
 
     def RecordUsage(self, request, context):
@@ -347,6 +351,8 @@ def add_BillingServiceServicer_to_server(servicer, server):
 class BillingService:
     """The ledger of the mesh: usage events counted exactly once, prices, budgets with holds,
     alerts, reports and an audit log. Money is always integer micro-units.
+    Budgets, prices (but ListPrices), alerts, reports and the audit log need an operator: metadata
+    `authorization: Bearer <operator token>` (billing's data dir holds it), else UNAUTHENTICATED.
     """
 
     @staticmethod
