@@ -139,6 +139,7 @@ class RouterApp:
         self.registry.audit(actor, "policy.set", f"tenant/{tenant_id or '*'}", {
             "blocked_terms": len(stored.blocked_terms), "max_prompt_tokens": stored.max_prompt_tokens,
             "max_tokens_cap": stored.max_tokens_cap, "normalize_cache_keys": stored.normalize_cache_keys,
+            "shared_cache_models": list(stored.shared_cache_models),
         })
         return stored
 

@@ -172,13 +172,15 @@ def model_summary(model: ModelEntry, healthy: dict[str, int]) -> pb2.ModelSummar
 
 def policy_from_proto(value: admin_pb2.Policy) -> Policy:
     return Policy(name=value.name, blocked_terms=tuple(value.blocked_terms), max_prompt_tokens=value.max_prompt_tokens,
-                  max_tokens_cap=value.max_tokens_cap, normalize_cache_keys=value.normalize_cache_keys)
+                  max_tokens_cap=value.max_tokens_cap, normalize_cache_keys=value.normalize_cache_keys,
+                  shared_cache_models=tuple(value.shared_cache_models))
 
 
 def policy_to_proto(value: Policy) -> admin_pb2.Policy:
     return admin_pb2.Policy(name=value.name, blocked_terms=list(value.blocked_terms),
                             max_prompt_tokens=value.max_prompt_tokens, max_tokens_cap=value.max_tokens_cap,
-                            normalize_cache_keys=value.normalize_cache_keys)
+                            normalize_cache_keys=value.normalize_cache_keys,
+                            shared_cache_models=list(value.shared_cache_models))
 
 
 def new_job(req: pb2.SubmitBatchRequest) -> NewJob:

@@ -245,8 +245,9 @@ class Gateway:
         if req.cache_policy != CachePolicy.BYPASS and (
             resolved.deterministic or req.cache_policy == CachePolicy.ALLOW_SAMPLED
         ):
+            scope = None if policy.shares_cache_of(model.name) else principal.tenant_id
             key = cache_key(model.name, version.version, resolved, prompt, messages, req.raw_prompt,
-                            policy.normalize_cache_keys)
+                            policy.normalize_cache_keys, scope=scope)
         return Plan(model, version, policy, traffic, prompt, messages, req.raw_prompt, max_tokens, resolved, bound,
                     exact, key, req.context_id, new_turn, dict(ctx.tags), req)
 
