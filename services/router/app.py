@@ -13,6 +13,7 @@ from pathlib import Path
 import structlog
 
 from services.common.errors import DomainError, InvalidInput, NotFound, Unauthenticated
+from services.router import offload
 from services.router.admission import PriorityGate
 from services.router.auth.api_keys import ApiKeyRecord, NewApiKey, load_or_create_secret_file
 from services.router.auth.authenticator import Authenticator
@@ -26,6 +27,7 @@ from services.router.config import RouterConfig
 from services.router.contexts import ContextStore
 from services.router.gateway import Gateway, GatewaySettings, validate_tags
 from services.router.inference_client import GrpcInference
+from services.router.input_limits import InputLimits
 from services.router.jobs.runner import BatchRunner, RunnerSettings
 from services.router.jobs.service import Jobs
 from services.router.jobs.store import JobStore
@@ -61,6 +63,7 @@ def admin_token_of(config: RouterConfig) -> str:
 class RouterApp:
     def __init__(self, config: RouterConfig, status_name: Callable[[DomainError], str] = lambda e: e.reason) -> None:
         self.config = config
+        self.input_limits = InputLimits(config.max_prompt_bytes, config.max_request_bytes)
         data = Path(config.data_dir)
         data.mkdir(parents=True, exist_ok=True)
         pepper = load_or_create_secret_file(data / "key_pepper")
@@ -233,7 +236,7 @@ class RouterApp:
     async def run_task(
         self, ctx: RequestContext, model: str, spec: TaskSpec, sampling: Sampling, traffic: TrafficClass
     ) -> tuple[str, Summary]:
-        messages = render_task(spec)
+        messages = await offload.sized(len(spec.content), render_task, spec)
         if sampling.temperature is None:
             sampling = replace(sampling, temperature=0.0)
         request = GenerationRequest(model=model, messages=messages, sampling=sampling, tags=ctx.tags,

@@ -40,6 +40,10 @@ class RouterConfig:
     billing_timeout_s: float = 3.0
     # Generations running at once through this router; beyond, waiters are admitted by traffic class.
     max_concurrent: int = 512
+    # Size limits checked before any other work (services/router/input_limits.py): bytes of prompt text
+    # (prompt or message contents) and bytes of a whole request (tags, stop sequences... included).
+    max_prompt_bytes: int = 1024 * 1024
+    max_request_bytes: int = 2 * 1024 * 1024
     # Replica health checks / load reports interval; a replica failing 3 checks in a row is ejected.
     health_interval_s: float = 1.0
     retry_max_attempts: int = 3
@@ -67,3 +71,5 @@ class RouterConfig:
             raise ValueError("early_starts_per_tenant must be >= 0")
         if self.max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
+        if self.max_prompt_bytes < 1 or self.max_request_bytes < 1:
+            raise ValueError("max_prompt_bytes and max_request_bytes must be >= 1")

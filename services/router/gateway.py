@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from services.common.errors import DomainError, InvalidInput, PermissionDenied, QueueFull, Unavailable
-from services.router import metrics
+from services.router import metrics, offload
 from services.router.admission import PriorityGate
 from services.router.balancer import Balancer
 from services.router.cache import CachedAnswer, ResponseCache, cache_key
@@ -108,6 +108,10 @@ def prompt_token_bound(prompt: str, messages: tuple[Message, ...], raw: bool) ->
     if raw:
         return len(prompt.encode()) + 2
     return sum(len(m.content.encode()) + TEMPLATE_TOKENS_PER_MESSAGE for m in messages) + TEMPLATE_TOKENS_FIXED
+
+
+def _chars(prompt: str, messages: tuple[Message, ...]) -> int:
+    return len(prompt) + sum(len(m.content) for m in messages)
 
 
 def validate_tags(tags: dict[str, str]) -> None:
@@ -208,7 +212,8 @@ class Gateway:
         if sampling.max_tokens is not None and sampling.max_tokens < 1:
             raise InvalidInput("sampling.max_tokens must be >= 1", field="sampling.max_tokens")
         policy = self.policies.for_tenant(principal.tenant_id)
-        policy.check_text(prompt, new_turn)
+        size = _chars(prompt, new_turn)  # big inputs are matched, bounded and hashed off the event loop
+        await offload.sized(size, policy.check_text, prompt, new_turn)
         window = model.context_window
         max_tokens = sampling.max_tokens or self.settings.default_max_tokens
         if window:
@@ -216,8 +221,9 @@ class Gateway:
         policy.check_max_tokens(max_tokens)
         history = self.contexts.history(principal.tenant_id, req.context_id) if req.context_id else ()
         messages = history + new_turn
+        size += _chars("", history)
         exact: int | None = None
-        bound = prompt_token_bound(prompt, messages, req.raw_prompt)
+        bound = await offload.sized(size, prompt_token_bound, prompt, messages, req.raw_prompt)
         if req.context_id or policy.max_prompt_tokens or (window and bound + max_tokens > window):
             if req.raw_prompt:
                 exact, _ = await self._count(version, prompt, ())
@@ -246,8 +252,8 @@ class Gateway:
             resolved.deterministic or req.cache_policy == CachePolicy.ALLOW_SAMPLED
         ):
             scope = None if policy.shares_cache_of(model.name) else principal.tenant_id
-            key = cache_key(model.name, version.version, resolved, prompt, messages, req.raw_prompt,
-                            policy.normalize_cache_keys, scope=scope)
+            key = await offload.sized(size, cache_key, model.name, version.version, resolved, prompt, messages,
+                                      req.raw_prompt, policy.normalize_cache_keys, scope=scope)
         return Plan(model, version, policy, traffic, prompt, messages, req.raw_prompt, max_tokens, resolved, bound,
                     exact, key, req.context_id, new_turn, dict(ctx.tags), req)
 
