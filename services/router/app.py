@@ -8,6 +8,7 @@ import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import structlog
@@ -78,7 +79,8 @@ class RouterApp:
         )
         self.registry = Registry(data / "registry.db")
         self.policies = PolicyStore(data / "policies.db")
-        self.contexts = ContextStore(data / "contexts.db")
+        self.contexts = ContextStore(data / "contexts.db", config.context_max_messages, config.context_max_bytes,
+                                     config.context_retention_s)
         self.spool = UsageSpool(data / "usage_spool.db")
         self.journal = SettlementJournal(data / "usage_journal.bin")
         self.inference = GrpcInference()
@@ -94,7 +96,7 @@ class RouterApp:
             limiter=self.limiter,
             cache=ResponseCache(config.cache_max_entries, config.cache_max_bytes, config.cache_ttl_s),
             contexts=self.contexts, policies=self.policies, canary=CanaryMonitor(self.registry),
-            gate=PriorityGate(config.max_concurrent),
+            gate=PriorityGate(config.max_concurrent, config.max_queued, config.queue_retry_after_s),
             settings=GatewaySettings(default_max_tokens=config.default_max_tokens,
                                      retry=RetrySettings(max_attempts=config.retry_max_attempts)),
         )
@@ -105,6 +107,7 @@ class RouterApp:
         )
         self.jobs = Jobs(self.job_store, self.runner, self.gateway.check_model, validate_tags)
         self._tasks: list[asyncio.Task[None]] = []
+        self._purging: asyncio.Future[tuple[int, int]] | None = None
 
     async def start(self) -> None:
         await self.bootstrap_models()
@@ -117,6 +120,27 @@ class RouterApp:
         self._tasks.append(asyncio.create_task(self.meter.replay_forever()))
         self._tasks.append(asyncio.create_task(self.meter.refresh_prices_forever()))
         self._tasks.append(asyncio.create_task(self.runner.run_forever()))
+        self._tasks.append(asyncio.create_task(self.purge_forever()))
+
+    async def purge_expired(self) -> tuple[int, int]:
+        """Delete expired contexts and finished jobs past their retention (off the event loop)."""
+        contexts = await asyncio.to_thread(self.contexts.purge)
+        ended_before = datetime.now(UTC) - timedelta(seconds=self.config.job_retention_s)
+        jobs = await asyncio.to_thread(self.job_store.purge_finished, ended_before)
+        if contexts or jobs:
+            log.info("retention_purged", contexts=contexts, jobs=jobs)
+        return contexts, jobs
+
+    async def purge_forever(self) -> None:
+        """Purge at start, then every `retention_purge_interval_s`; a failure is logged and retried."""
+        while True:
+            # Shielded: a purge in progress on its thread finishes before close() closes the stores.
+            self._purging = asyncio.ensure_future(self.purge_expired())
+            try:
+                await asyncio.shield(self._purging)
+            except Exception:
+                log.exception("retention_purge_failed")
+            await asyncio.sleep(self.config.retention_purge_interval_s)
 
     # --- credential and policy changes, each recorded in the audit log -------------------------------
     def create_key(self, spec: NewApiKey, actor: str = "admin") -> tuple[ApiKeyRecord, str]:
@@ -250,6 +274,8 @@ class RouterApp:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._purging is not None:
+            await asyncio.wait([self._purging])
         await self.monitor.close()
         await self.inference.close()
         await self.billing.close()

@@ -96,6 +96,7 @@ class Progress:
     first_token_at: float | None = None
     final: Chunk | None = None
     cached: bool = False
+    admitted: bool = False  # a slot of the priority gate was granted (the request may have reached a model)
 
     @property
     def text(self) -> str:
@@ -262,6 +263,7 @@ class Gateway:
         started, start_wall = self._clock(), self._wallclock()
         plan = await self.plan(ctx, req)
         principal = ctx.principal
+        self.gate.check_room(plan.traffic_class)  # a full wait queue refuses before limits and holds are spent
         admission = await self.limiter.admit(
             principal.key_id, principal.requests_per_minute, principal.tokens_per_minute,
             plan.prompt_bound + plan.max_tokens,
@@ -301,12 +303,13 @@ class Gateway:
             await self.limiter.settle(admission, principal.tokens_per_minute, 0)
             raise
         go.set()
+        progress.admitted = early is not None
         try:
             slot_held = early is not None
             try:
                 if not slot_held:
                     await self.gate.acquire(plan.traffic_class)
-                    slot_held = True
+                    slot_held = progress.admitted = True
                 stream = early if early is not None else self._answer(ctx, plan, progress, hit)
                 async for chunk in stream:
                     if chunk.finish_reason != FinishReason.UNSPECIFIED:
@@ -423,6 +426,10 @@ class Gateway:
             finish = final.finish_reason
             answered_model = final.model or plan.model.name
             answered_version = final.model_version or plan.version.version
+        elif not progress.admitted:  # refused by the priority gate: nothing reached a model
+            usage = Usage(0, 0, cached=False)
+            finish = FinishReason.CANCELLED if status == UsageStatus.CANCELLED else FinishReason.ERROR
+            answered_model, answered_version = plan.model.name, plan.version.version
         else:
             prompt_tokens = plan.prompt_exact if plan.prompt_exact is not None else await self._exact_prompt(plan)
             usage = Usage(prompt_tokens, progress.tokens, cached=progress.cached)

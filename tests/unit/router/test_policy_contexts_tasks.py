@@ -109,3 +109,35 @@ def test_cache_sharing_is_an_explicit_opt_in_per_model(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput) as bad:
         store.set("acme", Policy(shared_cache_models=("",)))
     assert bad.value.field == "policy.shared_cache_models"
+
+
+def test_a_context_keeps_at_most_its_bounds_dropping_the_oldest_exchanges_first(tmp_path: Path) -> None:
+    store = ContextStore(tmp_path / "c.db", max_messages=6, max_bytes=910)
+    store.append("acme", "chat", (_m(Role.SYSTEM, "be brief"), _m(Role.USER, "q0"), _m(Role.ASSISTANT, "a0")))
+    for i in range(1, 50):
+        store.append("acme", "chat", (_m(Role.USER, f"q{i}"), _m(Role.ASSISTANT, f"a{i}")))
+    # 6 messages at most: the system message and the newest whole exchanges that fit.
+    assert [m.content for m in store.history("acme", "chat")] == ["be brief", "q48", "a48", "q49", "a49"]
+    # Bytes: a long exchange pushes older ones out; the newest one is kept even when it alone is over.
+    store.append("acme", "chat", (_m(Role.USER, "x" * 600), _m(Role.ASSISTANT, "y" * 300)))
+    assert [m.content[:1] for m in store.history("acme", "chat")] == ["b", "x", "y"]
+    store.append("acme", "chat", (_m(Role.USER, "z" * 2000), _m(Role.ASSISTANT, "ok")))
+    assert [m.content[:1] for m in store.history("acme", "chat")] == ["z", "o"]  # over alone: kept, system gone
+    assert store.history("acme", "other") == () and store.history("globex", "chat") == ()
+
+
+def test_idle_contexts_expire_and_are_purged(tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    store = ContextStore(tmp_path / "c.db", retention_s=3600, clock=lambda: now[0])
+    store.append("acme", "old", (_m(Role.USER, "q"), _m(Role.ASSISTANT, "a")))
+    now[0] += 3000
+    store.append("acme", "recent", (_m(Role.USER, "q"), _m(Role.ASSISTANT, "a")))
+    store.append("acme", "old", (_m(Role.USER, "q2"), _m(Role.ASSISTANT, "a2")))  # active again: kept whole
+    now[0] += 3000
+    assert len(store.history("acme", "old")) == 4 and store.purge() == 0
+    now[0] += 1000  # both idle for more than an hour
+    assert store.history("acme", "old") == ()  # expired: replays as empty before any purge
+    store.append("acme", "old", (_m(Role.USER, "fresh"), _m(Role.ASSISTANT, "start")))
+    assert [m.content for m in store.history("acme", "old")] == ["fresh", "start"]
+    assert store.purge() == 1 and store.history("acme", "recent") == ()
+    assert len(store.history("acme", "old")) == 2
