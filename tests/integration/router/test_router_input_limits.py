@@ -96,3 +96,20 @@ async def test_limits_above_the_default_receive_size_are_answered_by_the_router_
     finally:
         await mesh.channel.close()
         await mesh.billing_channel.close()
+
+
+async def test_huge_identifiers_get_their_own_status_not_a_dropped_stream(mesh: Mesh) -> None:
+    """A field echoed in an error message (a model name, a job id) must not push the status past gRPC's
+    trailer limit, which would turn it into RESOURCE_EXHAUSTED "Stream removed"."""
+    secret, _ = await mesh.create_key("acme")
+    stub = mesh.router_stub
+    for call, request in [
+        (stub.Complete, pb2.CompleteRequest(model="m" * 100_000, prompt="hi")),
+        (stub.CountTokens, pb2.CountTokensRequest(model="m" * 100_000, prompt="hi")),
+        (stub.SubmitBatch, pb2.SubmitBatchRequest(model="m" * 100_000, items=[pb2.BatchItem(prompt="hi")])),
+    ]:
+        error = await refused(call, request, bearer(secret))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), error.details())
+        assert "at most 256 characters" in (error.details() or "") and bad_field(error) == "model"
+    error = await refused(stub.GetJob, pb2.GetJobRequest(job_id="j" * 100_000), bearer(secret))
+    assert error.code() == grpc.StatusCode.NOT_FOUND, (error.code(), error.details())
