@@ -1,7 +1,7 @@
 """The request path of the router, from an authenticated caller to a finished, billed answer.
 
-  validate → policy → context replay (+ trimming) → pick version → rate limit (prompt + max_tokens)
-  → budget hold → priority admission → cache / single-flight / generation with retries and fallbacks
+  (size limits, checked by the servicer first) → validate → policy → context replay (+ trimming)
+  → pick version → room in the wait queue → rate limit (prompt + max_tokens) → budget hold → priority admission → cache / single-flight / generation with retries and fallbacks
   → one usage event (completed, cancelled with the tokens delivered, or failed) → access log line.
 
 Retries happen only before the first token reached the caller, so nobody ever sees duplicated text.
