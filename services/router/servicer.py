@@ -13,7 +13,7 @@ from autoglm.router.v1 import admin_service_pb2_grpc as admin_grpc
 from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as pb2_grpc
 from services.common.tracing import current_request_id, current_trace_id
-from services.router import convert
+from services.router import convert, offload
 from services.router.app import RouterApp
 from services.router.jobs.model import JobState
 from services.router.tasks import LengthUnit, OutputFormat, TaskKind, TaskSpec
@@ -188,7 +188,10 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         self, request: admin_pb2.SetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.SetPolicyResponse:
         self._admin(context)
-        stored = self._app.set_policy(request.tenant_id, convert.policy_from_proto(request.policy))
+        policy = convert.policy_from_proto(request.policy)
+        # Building the matcher of 10,000 long terms takes a while: off the event loop.
+        stored = await offload.sized(sum(map(len, policy.blocked_terms)), self._app.set_policy, request.tenant_id,
+                                     policy)
         return admin_pb2.SetPolicyResponse(policy=convert.policy_to_proto(stored))
 
     async def GetPolicy(

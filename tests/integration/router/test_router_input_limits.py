@@ -10,9 +10,10 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from autoglm.common.v1 import generation_pb2
+from autoglm.router.v1 import admin_service_pb2 as admin_pb2
 from autoglm.router.v1 import router_service_pb2 as pb2
 from services.inference.engine.model import LoadedModel
-from tests.integration.router.conftest import MODEL, Mesh, start_mesh
+from tests.integration.router.conftest import ADMIN_TOKEN, MODEL, Mesh, start_mesh
 from tests.integration.router.test_router_vertical import bearer
 
 BIG = "lorem ipsum " * 610_000  # 7.3 MB
@@ -113,3 +114,14 @@ async def test_huge_identifiers_get_their_own_status_not_a_dropped_stream(mesh: 
         assert "at most 256 characters" in (error.details() or "") and bad_field(error) == "model"
     error = await refused(stub.GetJob, pb2.GetJobRequest(job_id="j" * 100_000), bearer(secret))
     assert error.code() == grpc.StatusCode.NOT_FOUND, (error.code(), error.details())
+
+
+async def test_ten_thousand_blocked_terms_refuse_a_large_prompt_promptly(mesh: Mesh) -> None:
+    terms = [f"forbidden-{i:05d}-term" for i in range(10_000)]
+    await mesh.admin.SetPolicy(admin_pb2.SetPolicyRequest(policy=admin_pb2.Policy(name="house", blocked_terms=terms)),
+                               metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")], timeout=30)
+    secret, _ = await mesh.create_key("acme")
+    prompt = "plain words " * 80_000 + "FORBIDDEN-09999-TERM"  # ~960 KB, the term at the very end
+    error = await refused(mesh.router_stub.Complete, pb2.CompleteRequest(model=MODEL, prompt=prompt), bearer(secret))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED, (error.code(), error.details())
+    assert "house" in (error.details() or "") and "forbidden" not in (error.details() or "").lower()
