@@ -56,6 +56,18 @@ STATUS_TABLE: dict[type[errors.DomainError], grpc.StatusCode] = {
 }
 
 INTERNAL_MESSAGE = "internal error; the server logged the details under this call's trace id"
+# Longest message (UTF-8 bytes) a caller is sent. It travels in the trailers three times (grpc-message,
+# the Status in grpc-status-details-bin, its BadRequest), and gRPC drops a call whose trailers pass
+# 16 KiB ("Stream removed", RESOURCE_EXHAUSTED): a message echoing a huge input is cut, not the status.
+MAX_MESSAGE_BYTES = 1024
+
+
+def caller_message(message: str) -> str:
+    """`message`, cut to MAX_MESSAGE_BYTES (on a character boundary, marked with "…")."""
+    encoded = message.encode("utf-8", "replace")
+    if len(encoded) <= MAX_MESSAGE_BYTES:
+        return message
+    return encoded[:MAX_MESSAGE_BYTES - 3].decode("utf-8", "ignore") + "…"
 
 
 def status_code_for(error: errors.DomainError) -> grpc.StatusCode:
@@ -85,11 +97,12 @@ def rich_status(code: grpc.StatusCode, error: errors.DomainError) -> status_pb2.
         bad = any_pb2.Any()
         bad.Pack(
             error_details_pb2.BadRequest(
-                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)]
+                field_violations=[error_details_pb2.BadRequest.FieldViolation(
+                    field=error.field, description=caller_message(error.message))]
             )
         )
         details.append(bad)
-    return status_pb2.Status(code=code.value[0], message=error.message, details=details)
+    return status_pb2.Status(code=code.value[0], message=caller_message(error.message), details=details)
 
 
 async def abort_with(context: grpc.aio.ServicerContext, error: BaseException) -> None:
@@ -98,7 +111,7 @@ async def abort_with(context: grpc.aio.ServicerContext, error: BaseException) ->
         code = status_code_for(error)
         status = rich_status(code, error)
         trailing = (("grpc-status-details-bin", status.SerializeToString()),)
-        await context.abort(code, error.message, trailing_metadata=trailing)
+        await context.abort(code, status.message, trailing_metadata=trailing)
     log.error("unhandled_error", exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 

@@ -8,11 +8,13 @@ import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import structlog
 
 from services.common.errors import DomainError, InvalidInput, NotFound, Unauthenticated
+from services.router import offload
 from services.router.admission import PriorityGate
 from services.router.auth.api_keys import ApiKeyRecord, NewApiKey, load_or_create_secret_file
 from services.router.auth.authenticator import Authenticator
@@ -26,6 +28,7 @@ from services.router.config import RouterConfig
 from services.router.contexts import ContextStore
 from services.router.gateway import Gateway, GatewaySettings, validate_tags
 from services.router.inference_client import GrpcInference
+from services.router.input_limits import InputLimits
 from services.router.jobs.runner import BatchRunner, RunnerSettings
 from services.router.jobs.service import Jobs
 from services.router.jobs.store import JobStore
@@ -61,6 +64,7 @@ def admin_token_of(config: RouterConfig) -> str:
 class RouterApp:
     def __init__(self, config: RouterConfig, status_name: Callable[[DomainError], str] = lambda e: e.reason) -> None:
         self.config = config
+        self.input_limits = InputLimits(config.max_prompt_bytes, config.max_request_bytes)
         data = Path(config.data_dir)
         data.mkdir(parents=True, exist_ok=True)
         pepper = load_or_create_secret_file(data / "key_pepper")
@@ -80,7 +84,8 @@ class RouterApp:
         )
         self.registry = Registry(data / "registry.db")
         self.policies = PolicyStore(data / "policies.db")
-        self.contexts = ContextStore(data / "contexts.db")
+        self.contexts = ContextStore(data / "contexts.db", config.context_max_messages, config.context_max_bytes,
+                                     config.context_retention_s)
         self.spool = UsageSpool(data / "usage_spool.db")
         self.journal = SettlementJournal(data / "usage_journal.bin")
         self.inference = GrpcInference()
@@ -96,7 +101,7 @@ class RouterApp:
             limiter=self.limiter,
             cache=ResponseCache(config.cache_max_entries, config.cache_max_bytes, config.cache_ttl_s),
             contexts=self.contexts, policies=self.policies, canary=CanaryMonitor(self.registry),
-            gate=PriorityGate(config.max_concurrent),
+            gate=PriorityGate(config.max_concurrent, config.max_queued, config.queue_retry_after_s),
             settings=GatewaySettings(default_max_tokens=config.default_max_tokens,
                                      retry=RetrySettings(max_attempts=config.retry_max_attempts)),
         )
@@ -107,6 +112,7 @@ class RouterApp:
         )
         self.jobs = Jobs(self.job_store, self.runner, self.gateway.check_model, validate_tags)
         self._tasks: list[asyncio.Task[None]] = []
+        self._purging: asyncio.Future[tuple[int, int]] | None = None
 
     async def start(self) -> None:
         await self.bootstrap_models()
@@ -119,6 +125,27 @@ class RouterApp:
         self._tasks.append(asyncio.create_task(self.meter.replay_forever()))
         self._tasks.append(asyncio.create_task(self.meter.refresh_prices_forever()))
         self._tasks.append(asyncio.create_task(self.runner.run_forever()))
+        self._tasks.append(asyncio.create_task(self.purge_forever()))
+
+    async def purge_expired(self) -> tuple[int, int]:
+        """Delete expired contexts and finished jobs past their retention (off the event loop)."""
+        contexts = await asyncio.to_thread(self.contexts.purge)
+        ended_before = datetime.now(UTC) - timedelta(seconds=self.config.job_retention_s)
+        jobs = await asyncio.to_thread(self.job_store.purge_finished, ended_before)
+        if contexts or jobs:
+            log.info("retention_purged", contexts=contexts, jobs=jobs)
+        return contexts, jobs
+
+    async def purge_forever(self) -> None:
+        """Purge at start, then every `retention_purge_interval_s`; a failure is logged and retried."""
+        while True:
+            # Shielded: a purge in progress on its thread finishes before close() closes the stores.
+            self._purging = asyncio.ensure_future(self.purge_expired())
+            try:
+                await asyncio.shield(self._purging)
+            except Exception:
+                log.exception("retention_purge_failed")
+            await asyncio.sleep(self.config.retention_purge_interval_s)
 
     # --- credential and policy changes, each recorded in the audit log -------------------------------
     def create_key(self, spec: NewApiKey, actor: str = "admin") -> tuple[ApiKeyRecord, str]:
@@ -144,6 +171,7 @@ class RouterApp:
         self.registry.audit(actor, "policy.set", f"tenant/{tenant_id or '*'}", {
             "blocked_terms": len(stored.blocked_terms), "max_prompt_tokens": stored.max_prompt_tokens,
             "max_tokens_cap": stored.max_tokens_cap, "normalize_cache_keys": stored.normalize_cache_keys,
+            "shared_cache_models": list(stored.shared_cache_models),
         })
         return stored
 
@@ -237,7 +265,7 @@ class RouterApp:
     async def run_task(
         self, ctx: RequestContext, model: str, spec: TaskSpec, sampling: Sampling, traffic: TrafficClass
     ) -> tuple[str, Summary]:
-        messages = render_task(spec)
+        messages = await offload.sized(len(spec.content), render_task, spec)
         if sampling.temperature is None:
             sampling = replace(sampling, temperature=0.0)
         request = GenerationRequest(model=model, messages=messages, sampling=sampling, tags=ctx.tags,
@@ -251,6 +279,8 @@ class RouterApp:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._purging is not None:
+            await asyncio.wait([self._purging])
         await self.monitor.close()
         await self.inference.close()
         await self.billing.close()

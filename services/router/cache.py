@@ -2,8 +2,12 @@
 
 A key is the SHA-256 of the canonical JSON of everything that shapes the answer: model, the resolved
 version, every sampling parameter, raw-prompt mode and the full prompt or messages (after context
-replay). Only deterministic requests are cached unless the caller opts in. Normalisation that changes
-meaning (lower-casing, collapsing whitespace) is applied only when the tenant's policy asks for it.
+replay) — and the tenant, so one tenant's answer is never another's, and a cache hit or a shared
+in-flight generation (single-flight uses the same key) tells nothing about other tenants' prompts.
+The key is tenant-free (scope None) only for a model the tenant's policy explicitly shares
+(`Policy.shared_cache_models`); tenants sharing a model then share its entries. Only deterministic
+requests are cached unless the caller opts in. Normalisation that changes meaning (lower-casing,
+collapsing whitespace) is applied only when the tenant's policy asks for it, and is part of the key.
 """
 
 from __future__ import annotations
@@ -33,9 +37,14 @@ def cache_key(
     messages: tuple[Message, ...],
     raw_prompt: bool,
     normalise_text: bool = False,
+    *,
+    scope: str | None,
 ) -> str:
+    """`scope`: the tenant the entry belongs to, or None for an entry shared between tenants."""
     text = normalise if normalise_text else (lambda s: s)
     document = {
+        "scope": scope,
+        "normalised": normalise_text,
         "model": model,
         "version": version,
         "sampling": asdict(sampling),

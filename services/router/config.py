@@ -47,6 +47,26 @@ class RouterConfig:
     billing_timeout_s: float = 3.0
     # Generations running at once through this router; beyond, waiters are admitted by traffic class.
     max_concurrent: int = 512
+    # Requests that may wait for one of those slots. When the queue is full a request of a higher class
+    # takes the place of the newest waiter of the lowest class below it; the one left out (or a request
+    # finding no lower waiter) gets RESOURCE_EXHAUSTED (QUEUE_FULL) with a retry delay of
+    # queue_retry_after_s.
+    max_queued: int = 1024
+    queue_retry_after_s: float = 1.0
+    # Size limits checked before any other work (services/router/input_limits.py): bytes of prompt text
+    # (prompt or message contents) and bytes of a whole request (tags, stop sequences... included).
+    max_prompt_bytes: int = 1024 * 1024
+    max_request_bytes: int = 2 * 1024 * 1024
+    # Stored `context_id` conversations (services/router/contexts.py): at most this many messages and
+    # bytes of content kept per context (oldest exchanges dropped first), and a context idle this long
+    # is deleted.
+    context_max_messages: int = 200
+    context_max_bytes: int = 1024 * 1024
+    context_retention_s: float = 30 * 86400.0
+    # Finished batch jobs (and their results) are deleted this long after they ended.
+    job_retention_s: float = 7 * 86400.0
+    # How often expired contexts and jobs are purged.
+    retention_purge_interval_s: float = 3600.0
     # Replica health checks / load reports interval; a replica failing 3 checks in a row is ejected.
     health_interval_s: float = 1.0
     retry_max_attempts: int = 3
@@ -80,3 +100,11 @@ class RouterConfig:
             raise ValueError("jwt_hs256_secret must be at least 32 bytes (RFC 7518 3.2)")
         if not 0 <= self.jwt_leeway_s <= 300:
             raise ValueError("jwt_leeway_s must be 0 to 300 seconds")
+        if self.max_queued < 0 or self.queue_retry_after_s <= 0:
+            raise ValueError("max_queued must be >= 0 and queue_retry_after_s > 0")
+        if self.max_prompt_bytes < 1 or self.max_request_bytes < 1:
+            raise ValueError("max_prompt_bytes and max_request_bytes must be >= 1")
+        if self.context_max_messages < 2 or self.context_max_bytes < 1:
+            raise ValueError("context_max_messages must be >= 2 and context_max_bytes >= 1")
+        if self.context_retention_s <= 0 or self.job_retention_s <= 0 or self.retention_purge_interval_s <= 0:
+            raise ValueError("context_retention_s, job_retention_s and retention_purge_interval_s must be > 0")

@@ -71,6 +71,26 @@ def messages(items: object) -> tuple[Message, ...]:
     return tuple(Message(enum_value(Role, m.role, "messages.role"), m.content) for m in items)  # type: ignore[attr-defined]
 
 
+def prompt_texts(req: pb2.GenerateRequest | pb2.CompleteRequest | pb2.CountTokensRequest) -> list[tuple[str, str]]:
+    """(field, text) of every text of the request meant for the model, for the size limits."""
+    texts = [("prompt", req.prompt)]
+    texts.extend((f"messages[{i}].content", m.content) for i, m in enumerate(req.messages))
+    return texts
+
+
+def task_texts(req: pb2.RunTaskRequest) -> list[tuple[str, str]]:
+    texts = [("content", req.content), ("target_language", req.target_language), ("style", req.style)]
+    texts.extend((f"labels[{i}]", label) for i, label in enumerate(req.labels))
+    texts.extend((f"fields[{i}]", name) for i, name in enumerate(req.fields))
+    return texts
+
+
+def batch_item_texts(req: pb2.SubmitBatchRequest) -> list[list[tuple[str, str]]]:
+    return [[(f"items[{i}].prompt", item.prompt),
+             *((f"items[{i}].messages[{m}].content", message.content) for m, message in enumerate(item.messages))]
+            for i, item in enumerate(req.items)]
+
+
 def generation_request(req: pb2.GenerateRequest | pb2.CompleteRequest) -> GenerationRequest:
     options = getattr(req, "stream_options", None)
     return GenerationRequest(
@@ -172,13 +192,15 @@ def model_summary(model: ModelEntry, healthy: dict[str, int]) -> pb2.ModelSummar
 
 def policy_from_proto(value: admin_pb2.Policy) -> Policy:
     return Policy(name=value.name, blocked_terms=tuple(value.blocked_terms), max_prompt_tokens=value.max_prompt_tokens,
-                  max_tokens_cap=value.max_tokens_cap, normalize_cache_keys=value.normalize_cache_keys)
+                  max_tokens_cap=value.max_tokens_cap, normalize_cache_keys=value.normalize_cache_keys,
+                  shared_cache_models=tuple(value.shared_cache_models))
 
 
 def policy_to_proto(value: Policy) -> admin_pb2.Policy:
     return admin_pb2.Policy(name=value.name, blocked_terms=list(value.blocked_terms),
                             max_prompt_tokens=value.max_prompt_tokens, max_tokens_cap=value.max_tokens_cap,
-                            normalize_cache_keys=value.normalize_cache_keys)
+                            normalize_cache_keys=value.normalize_cache_keys,
+                            shared_cache_models=list(value.shared_cache_models))
 
 
 def new_job(req: pb2.SubmitBatchRequest) -> NewJob:

@@ -1,7 +1,7 @@
 """The request path of the router, from an authenticated caller to a finished, billed answer.
 
-  validate → policy → context replay (+ trimming) → pick version → rate limit (prompt + max_tokens)
-  → budget hold → priority admission → cache / single-flight / generation with retries and fallbacks
+  (size limits, checked by the servicer first) → validate → policy → context replay (+ trimming)
+  → pick version → room in the wait queue → rate limit (prompt + max_tokens) → budget hold → priority admission → cache / single-flight / generation with retries and fallbacks
   → one usage event (completed, cancelled with the tokens delivered, or failed) → access log line.
 
 Retries happen only before the first token reached the caller, so nobody ever sees duplicated text.
@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from services.common.errors import DomainError, Internal, InvalidInput, PermissionDenied, QueueFull, Unavailable
-from services.router import metrics
+from services.router import metrics, offload
 from services.router.admission import PriorityGate
 from services.router.balancer import Balancer
 from services.router.cache import CachedAnswer, ResponseCache, cache_key
@@ -96,6 +96,7 @@ class Progress:
     first_token_at: float | None = None
     final: Chunk | None = None
     cached: bool = False
+    admitted: bool = False  # a slot of the priority gate was granted (the request may have reached a model)
 
     @property
     def text(self) -> str:
@@ -108,6 +109,10 @@ def prompt_token_bound(prompt: str, messages: tuple[Message, ...], raw: bool) ->
     if raw:
         return len(prompt.encode()) + 2
     return sum(len(m.content.encode()) + TEMPLATE_TOKENS_PER_MESSAGE for m in messages) + TEMPLATE_TOKENS_FIXED
+
+
+def _chars(prompt: str, messages: tuple[Message, ...]) -> int:
+    return len(prompt) + sum(len(m.content) for m in messages)
 
 
 def validate_tags(tags: dict[str, str]) -> None:
@@ -208,7 +213,8 @@ class Gateway:
         if sampling.max_tokens is not None and sampling.max_tokens < 1:
             raise InvalidInput("sampling.max_tokens must be >= 1", field="sampling.max_tokens")
         policy = self.policies.for_tenant(principal.tenant_id)
-        policy.check_text(prompt, new_turn)
+        size = _chars(prompt, new_turn)  # big inputs are matched, bounded and hashed off the event loop
+        await offload.sized(size, policy.check_text, prompt, new_turn)
         window = model.context_window
         max_tokens = sampling.max_tokens or self.settings.default_max_tokens
         if window:
@@ -216,8 +222,9 @@ class Gateway:
         policy.check_max_tokens(max_tokens)
         history = self.contexts.history(principal.tenant_id, req.context_id) if req.context_id else ()
         messages = history + new_turn
+        size += _chars("", history)
         exact: int | None = None
-        bound = prompt_token_bound(prompt, messages, req.raw_prompt)
+        bound = await offload.sized(size, prompt_token_bound, prompt, messages, req.raw_prompt)
         if req.context_id or policy.max_prompt_tokens or (window and bound + max_tokens > window):
             if req.raw_prompt:
                 exact, _ = await self._count(version, prompt, ())
@@ -245,8 +252,9 @@ class Gateway:
         if req.cache_policy != CachePolicy.BYPASS and (
             resolved.deterministic or req.cache_policy == CachePolicy.ALLOW_SAMPLED
         ):
-            key = cache_key(model.name, version.version, resolved, prompt, messages, req.raw_prompt,
-                            policy.normalize_cache_keys)
+            scope = None if policy.shares_cache_of(model.name) else principal.tenant_id
+            key = await offload.sized(size, cache_key, model.name, version.version, resolved, prompt, messages,
+                                      req.raw_prompt, policy.normalize_cache_keys, scope=scope)
         return Plan(model, version, policy, traffic, prompt, messages, req.raw_prompt, max_tokens, resolved, bound,
                     exact, key, req.context_id, new_turn, dict(ctx.tags), req)
 
@@ -255,6 +263,7 @@ class Gateway:
         started, start_wall = self._clock(), self._wallclock()
         plan = await self.plan(ctx, req)
         principal = ctx.principal
+        self.gate.check_room(plan.traffic_class)  # a full wait queue refuses before limits and holds are spent
         admission = await self.limiter.admit(
             principal.key_id, principal.requests_per_minute, principal.tokens_per_minute,
             plan.prompt_bound + plan.max_tokens,
@@ -294,12 +303,13 @@ class Gateway:
             await self.limiter.settle(admission, principal.tokens_per_minute, 0)
             raise
         go.set()
+        progress.admitted = early is not None
         try:
             slot_held = early is not None
             try:
                 if not slot_held:
                     await self.gate.acquire(plan.traffic_class)
-                    slot_held = True
+                    slot_held = progress.admitted = True
                 stream = early if early is not None else self._answer(ctx, plan, progress, hit)
                 async for chunk in stream:
                     if chunk.finish_reason != FinishReason.UNSPECIFIED:
@@ -427,6 +437,10 @@ class Gateway:
             finish = final.finish_reason
             answered_model = final.model or plan.model.name
             answered_version = final.model_version or plan.version.version
+        elif not progress.admitted:  # refused by the priority gate: nothing reached a model
+            usage = Usage(0, 0, cached=False)
+            finish = FinishReason.CANCELLED if status == UsageStatus.CANCELLED else FinishReason.ERROR
+            answered_model, answered_version = plan.model.name, plan.version.version
         else:
             prompt_tokens = plan.prompt_exact if plan.prompt_exact is not None else await self._exact_prompt(plan)
             usage = Usage(prompt_tokens, progress.tokens, cached=progress.cached)

@@ -1,7 +1,18 @@
-"""Request policies: blocked terms, max prompt tokens, a max_tokens cap, cache-key normalisation.
+"""Request policies: blocked terms, max prompt tokens, a max_tokens cap, cache-key normalisation and
+which models' response cache the tenant shares with other tenants.
 
 A tenant's own policy replaces the global one (tenant "") when it exists. Refusals name the policy,
 never the blocked term list.
+
+Blocked terms match case-insensitively (both sides `str.lower()`), as substrings of the prompt or of
+one message (a term split across two messages does not match). All terms are found in one pass over
+the text with an Aho-Corasick automaton (pyahocorasick), built once when the policy is stored or
+loaded, so 10,000 terms cost about what one does.
+
+Response cache sharing: by default every tenant's cached answers and in-flight generations are its
+own (keyed by tenant), so no tenant can detect or receive another's generation. `shared_cache_models`
+opts a tenant in for the models it names: requests for those models are keyed without the tenant and
+shared with every other tenant whose policy names the same model.
 """
 
 from __future__ import annotations
@@ -9,11 +20,36 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
+
+import ahocorasick
 
 from services.common.errors import InvalidInput, PermissionDenied
 from services.router.sqlite_util import connect
 from services.router.types import Message
+
+MAX_BLOCKED_TERMS = 10_000
+
+
+class TermMatcher:
+    """Finds whether any of `terms` (lower-cased; empty ones ignored) occurs in a lower-cased text."""
+
+    def __init__(self, terms: tuple[str, ...]) -> None:
+        self._automaton = ahocorasick.Automaton()
+        needles = {term.lower() for term in terms if term}
+        for needle in needles:
+            self._automaton.add_word(needle, needle)
+        self._empty = not needles
+        if not self._empty:
+            self._automaton.make_automaton()
+
+    def found_in(self, text: str) -> bool:
+        if self._empty or not text:
+            return False
+        for _ in self._automaton.iter(text.lower()):
+            return True
+        return False
 
 
 @dataclass(frozen=True)
@@ -23,20 +59,29 @@ class Policy:
     max_prompt_tokens: int = 0
     max_tokens_cap: int = 0
     normalize_cache_keys: bool = False
+    # Models whose response cache (and single-flight) this tenant shares with other tenants that name
+    # them too. Empty: every answer this tenant gets is its own (the default).
+    shared_cache_models: tuple[str, ...] = ()
+
+    @cached_property
+    def matcher(self) -> TermMatcher:
+        return TermMatcher(self.blocked_terms)
+
+    def shares_cache_of(self, model: str) -> bool:
+        return model in self.shared_cache_models
 
     def check_text(self, prompt: str, messages: tuple[Message, ...]) -> None:
+        """Raises PERMISSION_DENIED when a blocked term occurs in the prompt or in one message. Linear in
+        the text's length whatever the number of terms; large inputs are best checked off the event loop."""
         if not self.blocked_terms:
             return
-        texts = [prompt, *(m.content for m in messages)]
-        lowered = [t.lower() for t in texts if t]
-        for term in self.blocked_terms:
-            needle = term.lower()
-            if needle and any(needle in text for text in lowered):
-                raise PermissionDenied(
-                    f"the prompt was refused by policy {self.name!r} (blocked content)",
-                    reason="POLICY_BLOCKED",
-                    metadata={"policy": self.name},
-                )
+        matcher = self.matcher
+        if matcher.found_in(prompt) or any(matcher.found_in(m.content) for m in messages):
+            raise PermissionDenied(
+                f"the prompt was refused by policy {self.name!r} (blocked content)",
+                reason="POLICY_BLOCKED",
+                metadata={"policy": self.name},
+            )
 
     def check_max_tokens(self, max_tokens: int) -> None:
         if self.max_tokens_cap and max_tokens > self.max_tokens_cap:
@@ -62,15 +107,19 @@ class PolicyStore:
         self._lock = threading.Lock()
         self._cache: dict[str, Policy] = {}
         for row in self._conn.execute("SELECT tenant_id, body FROM policies"):
-            self._cache[row["tenant_id"]] = _decode(row["body"])
+            self._cache[row["tenant_id"]] = _ready(_decode(row["body"]))
 
     def set(self, tenant_id: str, policy: Policy) -> Policy:
         if policy.max_prompt_tokens < 0 or policy.max_tokens_cap < 0:
             raise InvalidInput("max_prompt_tokens and max_tokens_cap must be >= 0 (0 = no limit)", field="policy")
-        if len(policy.blocked_terms) > 10_000:
-            raise InvalidInput("at most 10,000 blocked terms", field="policy.blocked_terms")
+        if len(policy.blocked_terms) > MAX_BLOCKED_TERMS:
+            raise InvalidInput(f"at most {MAX_BLOCKED_TERMS:,} blocked terms", field="policy.blocked_terms")
+        if any(not model for model in policy.shared_cache_models):
+            raise InvalidInput("shared_cache_models holds model names; an empty one is not",
+                               field="policy.shared_cache_models")
         if not policy.name:
             policy = Policy(**{**asdict(policy), "name": f"tenant:{tenant_id}" if tenant_id else "global"})
+        _ready(policy)  # the matcher is built here, on the admin call, not on the first request
         with self._lock:
             self._conn.execute(
                 "INSERT INTO policies VALUES (?, ?) ON CONFLICT(tenant_id) DO UPDATE SET body = excluded.body",
@@ -86,7 +135,13 @@ class PolicyStore:
         self._conn.close()
 
 
+def _ready(policy: Policy) -> Policy:
+    policy.matcher  # noqa: B018 - builds and caches the automaton
+    return policy
+
+
 def _decode(text: str) -> Policy:
     data = json.loads(text)
     data["blocked_terms"] = tuple(data["blocked_terms"])
+    data["shared_cache_models"] = tuple(data.get("shared_cache_models", ()))
     return Policy(**data)

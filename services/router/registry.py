@@ -79,8 +79,13 @@ class AuditEvent:
     sequence: int = 0  # increases with every event
 
 
+MAX_MODEL_SPEC = 256
+
+
 def split_model(spec: str) -> tuple[str, str]:
     """"name@version" → (name, version); version is "" when not pinned."""
+    if len(spec) > MAX_MODEL_SPEC:
+        raise InvalidInput(f"model is at most {MAX_MODEL_SPEC} characters ('name' or 'name@version')", field="model")
     name, _, version = spec.partition("@")
     if not name:
         raise InvalidInput("model is required, e.g. 'smollm2-135m-instruct' or 'name@version'", field="model")

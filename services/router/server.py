@@ -8,10 +8,20 @@ import grpc
 
 from autoglm.router.v1 import admin_service_pb2, admin_service_pb2_grpc, router_service_pb2, router_service_pb2_grpc
 from services.common.error_mapping import status_code_for
-from services.common.grpc_server import RunningServer, start_server
+from services.common.grpc_server import DEFAULT_OPTIONS, RunningServer, start_server
 from services.router.app import RouterApp
 from services.router.config import RouterConfig
 from services.router.servicer import AdminServicer, RouterServicer
+
+# Room above max_request_bytes for the other fields' framing, so the router's own size limits answer
+# (INVALID_ARGUMENT naming the limit) rather than gRPC's receive limit (RESOURCE_EXHAUSTED).
+RECEIVE_HEADROOM = 1024 * 1024
+
+
+def server_options(config: RouterConfig) -> list[tuple[str, int]]:
+    """The shared server options, with a receive limit of at least max_request_bytes + headroom."""
+    receive = max(dict(DEFAULT_OPTIONS)["grpc.max_receive_message_length"], config.max_request_bytes + RECEIVE_HEADROOM)
+    return [(k, receive if k == "grpc.max_receive_message_length" else v) for k, v in DEFAULT_OPTIONS]
 
 
 async def build_server(config: RouterConfig) -> RunningServer:
@@ -27,7 +37,8 @@ async def build_server(config: RouterConfig) -> RunningServer:
         ]
 
     try:
-        running = await start_server("router", register, host=config.server.host, port=config.server.port)
+        running = await start_server("router", register, host=config.server.host, port=config.server.port,
+                                     options=server_options(config))
     except BaseException:
         await app.close()
         raise

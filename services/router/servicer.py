@@ -13,7 +13,7 @@ from autoglm.router.v1 import admin_service_pb2_grpc as admin_grpc
 from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as pb2_grpc
 from services.common.tracing import current_request_id, current_trace_id
-from services.router import convert
+from services.router import convert, offload
 from services.router.app import RouterApp
 from services.router.jobs.model import JobState
 from services.router.tasks import LengthUnit, OutputFormat, TaskKind, TaskSpec
@@ -44,6 +44,7 @@ class RouterServicer(pb2_grpc.RouterServiceServicer):
     async def Generate(
         self, request: pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb2.GenerateResponse]:
+        self._app.input_limits.check(request.ByteSize(), convert.prompt_texts(request))  # before any other work
         ctx = self._context(context, dict(request.tags))
         async for item in self._app.gateway.generate(ctx, convert.generation_request(request)):
             if isinstance(item, Summary):
@@ -52,6 +53,7 @@ class RouterServicer(pb2_grpc.RouterServiceServicer):
                 yield pb2.GenerateResponse(id=ctx.request_id, delta=item.delta, delta_tokens=item.tokens)
 
     async def Complete(self, request: pb2.CompleteRequest, context: grpc.aio.ServicerContext) -> pb2.CompleteResponse:
+        self._app.input_limits.check(request.ByteSize(), convert.prompt_texts(request))
         ctx = self._context(context, dict(request.tags))
         text, summary = await self._app.gateway.complete(ctx, convert.generation_request(request))
         return pb2.CompleteResponse(
@@ -61,6 +63,7 @@ class RouterServicer(pb2_grpc.RouterServiceServicer):
         )
 
     async def RunTask(self, request: pb2.RunTaskRequest, context: grpc.aio.ServicerContext) -> pb2.RunTaskResponse:
+        self._app.input_limits.check(request.ByteSize(), convert.task_texts(request))
         ctx = self._context(context, dict(request.tags))
         spec = TaskSpec(
             kind=convert.enum_value(TaskKind, request.kind, "kind"), content=request.content, length_unit=convert.enum_value(LengthUnit, request.target_length.unit, "target_length.unit"),
@@ -79,6 +82,7 @@ class RouterServicer(pb2_grpc.RouterServiceServicer):
     async def CountTokens(
         self, request: pb2.CountTokensRequest, context: grpc.aio.ServicerContext
     ) -> pb2.CountTokensResponse:
+        self._app.input_limits.check(request.ByteSize(), convert.prompt_texts(request))
         count, window, model, version = await self._app.gateway.count_tokens(
             self._principal(context), request.model, request.prompt, convert.messages(request.messages),
             request.raw_prompt,
@@ -96,6 +100,8 @@ class RouterServicer(pb2_grpc.RouterServiceServicer):
     async def SubmitBatch(
         self, request: pb2.SubmitBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb2.SubmitBatchResponse:
+        for texts in convert.batch_item_texts(request):  # each item is one generation's prompt
+            self._app.input_limits.check_prompt(texts, what="a batch item's prompt")
         job = self._app.jobs.submit(self._principal(context), convert.new_job(request))
         return pb2.SubmitBatchResponse(job=convert.job(job))
 
@@ -182,7 +188,10 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         self, request: admin_pb2.SetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.SetPolicyResponse:
         self._admin(context)
-        stored = self._app.set_policy(request.tenant_id, convert.policy_from_proto(request.policy))
+        policy = convert.policy_from_proto(request.policy)
+        # Building the matcher of 10,000 long terms takes a while: off the event loop.
+        stored = await offload.sized(sum(map(len, policy.blocked_terms)), self._app.set_policy, request.tenant_id,
+                                     policy)
         return admin_pb2.SetPolicyResponse(policy=convert.policy_to_proto(stored))
 
     async def GetPolicy(

@@ -28,7 +28,9 @@ ACTIONABLE = {
 }
 
 text = st.one_of(st.text(max_size=40), st.text(min_size=2000, max_size=4000), st.just(""),
-                 st.just("\x00\ud7ff\ufffd"), st.sampled_from(["smollm2-135m-instruct", "no-such-model", "a@b@c"]))
+                 st.just("\x00\ud7ff\ufffd"), st.sampled_from(["smollm2-135m-instruct", "no-such-model", "a@b@c"]),
+                 # over the router's max_prompt_bytes (1 MiB), and far too long for any echoed identifier
+                 st.sampled_from(["x" * 1_100_000, "\u00e9" * 600_000]))
 ints = st.one_of(st.integers(-(2**31), 2**31 - 1), st.integers(-3, 8))
 floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.floats(-1, 3, width=32))
 

@@ -3,6 +3,10 @@
 An item is PENDING, RUNNING (claimed by the runner), or finished (SUCCEEDED / FAILED / CANCELLED).
 At start, `recover` puts RUNNING items back to PENDING: the runner re-runs them under the same request
 id, so billing (idempotent by event id) still counts each item once.
+
+Retention: `purge_finished` deletes finished jobs (SUCCEEDED / FAILED / CANCELLED) that ended before a
+cutoff, with their items and results; the router runs it periodically with `job_retention_s`. A purged
+job is NOT_FOUND, and its idempotency key may be used again.
 """
 
 from __future__ import annotations
@@ -180,6 +184,23 @@ class JobStore:
             rows = self._conn.execute("SELECT state, COUNT(*) AS n FROM items WHERE job_id = ? GROUP BY state",
                                       (job_id,)).fetchall()
         return {ItemState(row["state"]): row["n"] for row in rows}
+
+    def purge_finished(self, ended_before: datetime) -> int:
+        """Delete finished jobs that ended before `ended_before`; returns how many."""
+        finished = (int(JobState.SUCCEEDED), int(JobState.FAILED), int(JobState.CANCELLED))
+        with self._lock:
+            ids = [(row["job_id"],) for row in self._conn.execute(
+                "SELECT job_id FROM jobs WHERE state IN (?, ?, ?) AND end_us IS NOT NULL AND end_us < ?",
+                (*finished, _us(ended_before))).fetchall()]
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany("DELETE FROM items WHERE job_id = ?", ids)
+                self._conn.executemany("DELETE FROM jobs WHERE job_id = ?", ids)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return len(ids)
 
     def recover(self) -> int:
         """Items that were running when the router stopped go back to PENDING."""

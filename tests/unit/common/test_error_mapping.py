@@ -107,3 +107,22 @@ async def test_malformed_request_bytes_get_invalid_argument_not_a_parser_trace(s
     assert "autoglm.router.v1.CompleteRequest" in err.value.details()
     assert "DecodeError" not in err.value.details()
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize("echo", ["x" * 100_000, "é" * 50_000])
+async def test_a_message_echoing_a_huge_input_is_cut_and_the_status_survives(serve, echo: str) -> None:
+    error = errors.NotFound(f"no job {echo!r} for this tenant", field="job_id")
+
+    def register(server: grpc.aio.Server) -> Sequence[str]:
+        server.add_generic_rpc_handlers((_raising_handler(error),))
+        return []
+
+    running = await serve(start_server("test", register))
+    async with grpc.aio.insecure_channel(running.address) as chan:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await chan.unary_unary("/test.Raiser/Unary")(b"", timeout=5)
+    # Not "Stream removed (received metadata size exceeds hard limit)": the domain status, cut short.
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    details = caught.value.details() or ""
+    assert details.startswith("no job '") and details.endswith("…") and len(details.encode()) <= 1024
+    assert rpc_status.from_call(caught.value).message == details

@@ -17,19 +17,29 @@ def answer(text: str = "ok") -> CachedAnswer:
 
 
 def test_key_changes_with_every_part_of_the_request() -> None:
-    base = cache_key("m", "v1", Sampling(temperature=0, max_tokens=5), "", HI, False)
+    def key(*args: object, scope: str | None = "acme") -> str:
+        return cache_key(*args, scope=scope)  # type: ignore[arg-type]
+
+    base = key("m", "v1", Sampling(temperature=0, max_tokens=5), "", HI, False)
     variants = [
-        cache_key("m2", "v1", Sampling(temperature=0, max_tokens=5), "", HI, False),
-        cache_key("m", "v2", Sampling(temperature=0, max_tokens=5), "", HI, False),
-        cache_key("m", "v1", Sampling(temperature=0, max_tokens=6), "", HI, False),
-        cache_key("m", "v1", Sampling(temperature=0, max_tokens=5, stop=("x",)), "", HI, False),
-        cache_key("m", "v1", Sampling(temperature=0, max_tokens=5), "", (Message(Role.USER, "hello world"),), False),
-        cache_key("m", "v1", Sampling(temperature=0, max_tokens=5), "", (Message(Role.SYSTEM, "Hello  World"),), False),
+        key("m2", "v1", Sampling(temperature=0, max_tokens=5), "", HI, False),
+        key("m", "v2", Sampling(temperature=0, max_tokens=5), "", HI, False),
+        key("m", "v1", Sampling(temperature=0, max_tokens=6), "", HI, False),
+        key("m", "v1", Sampling(temperature=0, max_tokens=5, stop=("x",)), "", HI, False),
+        key("m", "v1", Sampling(temperature=0, max_tokens=5), "", (Message(Role.USER, "hello world"),), False),
+        key("m", "v1", Sampling(temperature=0, max_tokens=5), "", (Message(Role.SYSTEM, "Hello  World"),), False),
+        # Another tenant, and the shared (tenant-free) scope, never meet this tenant's entries.
+        key("m", "v1", Sampling(temperature=0, max_tokens=5), "", HI, False, scope="globex"),
+        key("m", "v1", Sampling(temperature=0, max_tokens=5), "", HI, False, scope=None),
+        key("m", "v1", Sampling(temperature=0, max_tokens=5), "", HI, False, scope=""),
     ]
-    assert len({base, *variants}) == 7
+    assert len({base, *variants}) == 10
     # Normalisation is opt-in: with it, case and whitespace no longer matter.
-    assert cache_key("m", "v1", Sampling(), "", HI, False, True) == cache_key(
+    assert key("m", "v1", Sampling(), "", HI, False, True) == key(
         "m", "v1", Sampling(), "", (Message(Role.USER, "hello world"),), False, True)
+    # A normalised key never equals the plain key of the normalised text.
+    assert key("m", "v1", Sampling(), "", HI, False, True) != key(
+        "m", "v1", Sampling(), "", (Message(Role.USER, "hello world"),), False)
 
 
 def test_lru_bound_and_ttl() -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services.common.errors import InvalidInput, RateLimited
+from services.common.errors import InvalidInput, QueueFull, RateLimited
 from services.router.admission import PriorityGate
 from services.router.limits.token_bucket import InMemoryBuckets, RateLimiter
 from services.router.types import TrafficClass
@@ -68,3 +68,46 @@ async def test_priority_gate_admits_core_before_interactive_before_batch() -> No
     await asyncio.gather(*tasks)
     assert order == ["core", "interactive", "batch"]
     assert gate.in_use == 0
+
+
+async def test_priority_gate_queue_is_bounded_and_refuses_with_a_retry_delay() -> None:
+    gate = PriorityGate(1, max_waiting=2, retry_after_s=2.5)
+    await gate.acquire(TrafficClass.INTERACTIVE)
+    admitted: list[str] = []
+
+    async def waiter(name: str, cls: TrafficClass) -> None:
+        await gate.acquire(cls)
+        admitted.append(name)
+        gate.release()
+
+    batch = [asyncio.create_task(waiter(f"batch{i}", TrafficClass.BATCH)) for i in range(2)]
+    await asyncio.sleep(0)
+    assert gate.waiting == 2
+    # Full: a request of the same (lowest) class is refused at once, before it waits.
+    with pytest.raises(QueueFull) as refused:
+        gate.check_room(TrafficClass.BATCH)
+    with pytest.raises(QueueFull) as refused:
+        await gate.acquire(TrafficClass.BATCH)
+    assert refused.value.retry_after_s == 2.5 and "queue is full" in refused.value.message
+    assert gate.waiting == 2
+    # A higher class takes the place of the newest lower-class waiter, which is refused.
+    gate.check_room(TrafficClass.CORE)
+    core = asyncio.create_task(waiter("core", TrafficClass.CORE))
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFull, match="higher traffic class"):
+        await batch[1]
+    assert gate.waiting == 2
+    gate.release()
+    await asyncio.gather(core, batch[0])
+    assert admitted == ["core", "batch0"] and gate.in_use == 0 and gate.waiting == 0
+
+
+async def test_a_waiter_that_gives_up_leaves_the_queue() -> None:
+    gate = PriorityGate(1, max_waiting=1)
+    await gate.acquire(TrafficClass.CORE)
+    for _ in range(100):  # waiters that time out never pile up behind a long-held slot
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(gate.acquire(TrafficClass.BATCH), 0.001)
+        assert gate.waiting == 0
+    gate.release()
+    assert gate.try_acquire()

@@ -223,18 +223,20 @@ class ModelRecord(_message.Message):
     def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionRecord, _Mapping]]] = ..., fallback_models: _Optional[_Iterable[str]] = ..., context_window: _Optional[int] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("blocked_terms", "max_prompt_tokens", "max_tokens_cap", "normalize_cache_keys", "name")
+    __slots__ = ("blocked_terms", "max_prompt_tokens", "max_tokens_cap", "normalize_cache_keys", "name", "shared_cache_models")
     BLOCKED_TERMS_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_CAP_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_CACHE_KEYS_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    SHARED_CACHE_MODELS_FIELD_NUMBER: _ClassVar[int]
     blocked_terms: _containers.RepeatedScalarFieldContainer[str]
     max_prompt_tokens: int
     max_tokens_cap: int
     normalize_cache_keys: bool
     name: str
-    def __init__(self, blocked_terms: _Optional[_Iterable[str]] = ..., max_prompt_tokens: _Optional[int] = ..., max_tokens_cap: _Optional[int] = ..., normalize_cache_keys: _Optional[bool] = ..., name: _Optional[str] = ...) -> None: ...
+    shared_cache_models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, blocked_terms: _Optional[_Iterable[str]] = ..., max_prompt_tokens: _Optional[int] = ..., max_tokens_cap: _Optional[int] = ..., normalize_cache_keys: _Optional[bool] = ..., name: _Optional[str] = ..., shared_cache_models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SetPolicyRequest(_message.Message):
     __slots__ = ("tenant_id", "policy")
