@@ -134,3 +134,30 @@ async def test_full_queue_answers_before_the_prompt_is_even_measured(inference) 
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # not the length's INVALID_ARGUMENT
     running.cancel()
     queued.cancel()
+
+
+async def test_tokenizing_a_large_prompt_does_not_stall_the_event_loop(inference) -> None:
+    stub = await inference()
+    large = "The history of the river valley shows how farmers shaped the land. " * 17_000  # ~1.1 MB
+    gaps: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def ticker(done: asyncio.Event) -> None:
+        last = loop.time()
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+            now = loop.time()
+            gaps.append(now - last)
+            last = now
+
+    done = asyncio.Event()
+    ticks = asyncio.ensure_future(ticker(done))
+    start = loop.time()
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # tokenized, then over the context window
+        await stub.Generate(request(large)).read()
+    took = loop.time() - start
+    done.set()
+    await ticks
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "context window" in err.value.details()
+    # the server shares this event loop: had it tokenized there, one gap would span the whole call
+    assert max(gaps) < took / 3, f"the event loop stalled {max(gaps):.2f} s of a {took:.2f} s call"
