@@ -158,8 +158,10 @@ class _HostMemory:
         self._row_bytes = spec.kv_heads * width * spec.head_dim * spec.dtype.itemsize
         self._rows = rows
         self._tensors = spec.tensors
-        # private (a shared anonymous map is shmem: MADV_DONTNEED would not free it)
-        self._map = mmap.mmap(-1, spec.tensors * rows * self._row_bytes, flags=mmap.MAP_PRIVATE)
+        # private (a shared anonymous map is shmem: MADV_DONTNEED would not free it), and not charged
+        # against overcommit up front: only written pages are ever used
+        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0)
+        self._map = mmap.mmap(-1, spec.tensors * rows * self._row_bytes, flags=flags)
         if hasattr(mmap, "MADV_NOHUGEPAGE"):  # a huge page would commit 2 MiB for one token's write
             self._map.madvise(mmap.MADV_NOHUGEPAGE)
         self.array = np.frombuffer(self._map, dtype=spec.dtype).reshape(
