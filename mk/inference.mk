@@ -1,5 +1,5 @@
 # Inference engine benchmark (writes bench/results/inference.json and .png).
-.PHONY: bench-inference bench-inference-deps
+.PHONY: bench-inference bench-inference-deps bench-inference-kv-rss
 
 # The anchors are bench-only installs: llama-cpp-python compiles llama.cpp (about 8 minutes, once);
 # onnxruntime-genai's model is built on first use from the GGUF into ~/.cache/autoglm/bench.
@@ -9,3 +9,7 @@ bench-inference-deps: $(VENV)/.installed
 
 bench-inference: bench-inference-deps
 	$(PY) -m bench.inference.bench_inference
+
+# Just the KV-memory figure (no anchors): peak RSS with 1 prompt of 7,000 tokens beside 15 of 100.
+bench-inference-kv-rss: $(VENV)/.installed
+	$(PY) -m bench.inference.bench_inference --only kv-rss

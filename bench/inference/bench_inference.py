@@ -1,6 +1,7 @@
 """`make bench-inference`: TTFT, batch-1 decode, aggregate tokens/s at 1/4/8/16/32 streams (the engine
 in-process and the gRPC service in its own process, as a user runs it), RSS of the service with 32
-active sequences of 512 tokens, and in the same run the anchors on the same model and CPU:
+active sequences of 512 tokens, its peak RSS with 1 sequence of 7,000 tokens beside 15 of 100
+(`--only kv-rss` measures just that, into bench/results/inference-kv-rss.json), and in the same run the anchors on the same model and CPU:
 llama.cpp (llama-cpp-python on the GGUF) and onnxruntime-genai's Generator on its builder's INT8
 model. Runners take turns round by round so that load from other work on the machine spreads
 evenly over them; every figure is the median of its rounds. Writes bench/results/inference.{json,png}.
@@ -8,6 +9,7 @@ evenly over them; every figure is the median of its rounds. Writes bench/results
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -50,6 +52,9 @@ ROUNDS = 5
 EXTRA_PAIRS = 10
 SWEEP_REPEATS = 3
 RSS_PROMPT, RSS_STREAMS, RSS_NEW = 500, 32, 12  # 32 sequences of 512 tokens
+KV_LONG, KV_SHORT, KV_SHORTS, KV_NEW = 7000, 100, 15, 32  # 1 long prompt beside 15 short ones
+KV_RSS_FACTOR = 1.3
+MIB = 1 << 20
 SENTENCE = "The history of the river valley shows how farmers, traders and builders shaped the land. "
 ISSUE_TABLE = {"llama.cpp": {"ttft_ms": 250, "batch1_tok_s": 150},
                "onnxruntime-genai": {"ttft_ms": 79, "batch1_tok_s": 166, "batch16_tok_s": 648}}
@@ -157,6 +162,58 @@ def _status_mb(pid: int, key: str) -> float:
     return 0.0
 
 
+def reset_peak_rss(pid: int) -> None:
+    """VmHWM restarts from the current RSS (Linux clear_refs)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def model_bytes(model: LoadedModel) -> int:
+    """The weights on disk (the graph and its external data)."""
+    return sum(p.stat().st_size for p in model.directory.glob(f"{model.manifest.model_file}*"))
+
+
+async def kv_rss(model: LoadedModel, threads: int) -> dict[str, Any]:
+    """Peak RSS of a replica (default settings) running 1 prompt of KV_LONG tokens beside KV_SHORTS
+    of KV_SHORT, all at once, KV_NEW new tokens each; KV bytes are the tokens they cached."""
+    long_prompt = prompt_of(model, KV_LONG, 0)
+    shorts = [prompt_of(model, KV_SHORT, salt) for salt in range(1, KV_SHORTS + 1)]
+    service = Service({"model_dir": str(model.directory), "intra_op_threads": threads})
+    try:
+        async with grpc.aio.insecure_channel(service.address) as channel:
+            stub = pb2_grpc.InferenceServiceStub(channel)
+            await grpc_stream(stub)(shorts[0], 4)
+            idle = service.rss_mb()
+            reset_peak_rss(service.proc.pid)
+            start = time.perf_counter()
+
+            async def usage(prompt: str) -> int:
+                req = pb2.GenerateRequest(prompt=prompt, sampling=generation_pb2.SamplingParams(max_tokens=KV_NEW))
+                messages = [m async for m in stub.Generate(req, timeout=1800)]
+                return messages[-1].usage.total_tokens
+
+            tokens = await asyncio.gather(usage(long_prompt), *(usage(p) for p in shorts))
+            seconds = time.perf_counter() - start
+            peak = _status_mb(service.proc.pid, "VmHWM")
+    finally:
+        service.stop()
+    kv = sum(tokens) * model.spec.bytes_per_token / MIB
+    weights = model_bytes(model) / MIB
+    return {"peak_rss_mb": peak, "idle_rss_mb": idle, "kv_mb": kv, "model_mb": weights, "tokens": sum(tokens),
+            "seconds": seconds, "target_mb": KV_RSS_FACTOR * (weights + kv)}
+
+
+def kv_rss_entries(out: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(results entry, target entry) of the kv-rss figure."""
+    result = {"value": out["peak_rss_mb"], "unit": "MB (MiB) peak RSS (VmHWM)",
+              "sequences": f"1 x {KV_LONG} + {KV_SHORTS} x {KV_SHORT} prompt tokens, {KV_NEW} new tokens each",
+              **{k: v for k, v in out.items() if k != "peak_rss_mb"}}
+    goal = target(f"peak RSS MB, 1 sequence of {KV_LONG} tokens beside {KV_SHORTS} of {KV_SHORT}",
+                  out["peak_rss_mb"], out["target_mb"], "lower",
+                  f"{KV_RSS_FACTOR} x (model weights {out['model_mb']:.0f} MiB + the sequences' KV-cache "
+                  f"{out['kv_mb']:.0f} MiB); the replica idles at {out['idle_rss_mb']:.0f} MiB")
+    return result, goal
+
+
 async def watch_peak_rss(service: Service, stub: pb2_grpc.InferenceServiceStub, active: int) -> float:
     """Largest service RSS seen in WatchLoad reports (every 50 ms) while `active` sequences run."""
     peak = 0.0
@@ -225,7 +282,7 @@ async def bench(model: LoadedModel, threads: int) -> dict[str, Any]:
         await engine.stop()
         service.stop()
     return {"rounds": rounds, "sweep": sweep, "idle_rss_mb": idle_rss, "rss_mb_32x512": peak_rss,
-            "settings": settings}
+            "settings": settings, "kv_rss": await kv_rss(model, threads)}
 
 
 def med(items: list[dict[str, Any]], key: str) -> float | None:
@@ -274,10 +331,34 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+def machine(model: LoadedModel, load: tuple[float, ...]) -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "provider": model.provider, "model": f"{model.manifest.name}/{model.manifest.version}",
+            "load_average_at_start": [round(x, 2) for x in load],
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
+
+
+def main_kv_rss(model: LoadedModel, threads: int) -> None:
+    """`--only kv-rss`: just that figure, into its own file (inference.json keeps the full run)."""
+    load = os.getloadavg()
+    result, goal = kv_rss_entries(asyncio.run(kv_rss(model, threads)))
+    document = {"machine": machine(model, load), "settings": {"threads": threads, "service": "default settings"},
+                "results": {"service_rss_kv_long_beside_short": result}, "targets": [goal]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "inference-kv-rss.json").write_text(json.dumps(document, indent=2) + "\n")
+    print(json.dumps(document, indent=2))
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["kv-rss"], help="measure one figure only")
+    args = parser.parse_args()
     threads = int(os.environ.get("BENCH_THREADS", "0")) or default_threads()
     config = InferenceConfig(server=ServerSettings(port=0), intra_op_threads=threads)
     model = load_model(None, config.session)
+    if args.only == "kv-rss":
+        main_kv_rss(model, threads)
+        return
     load = os.getloadavg()
     out = asyncio.run(bench(model, threads))
     rounds, sweep = out["rounds"], out["sweep"]
@@ -312,6 +393,8 @@ def main() -> None:
         target("RSS MB of the service with 32 active sequences of 512 tokens", out["rss_mb_32x512"], 1536, "lower",
                "absolute"),
     ]
+    kv_result, kv_target = kv_rss_entries(out["kv_rss"])
+    targets.append(kv_target)
     ratios_of_medians = {
         "batch1_grpc_over_llama_cpp": ratio(grpc_b1, llama.get("batch1_decode_tok_s")),
         "batch1_grpc_over_llama_cpp_q8_0": ratio(grpc_b1, llama_int8.get("batch1_decode_tok_s")),
@@ -329,6 +412,7 @@ def main() -> None:
         "grpc_aggregate": {"value": sweep["grpc"], "unit": "tokens/s by concurrent streams (prefill included)"},
         "service_rss_idle": {"value": out["idle_rss_mb"], "unit": "MB"},
         "service_rss_32x512": {"value": out["rss_mb_32x512"], "unit": "MB"},
+        "service_rss_kv_long_beside_short": kv_result,
         "kv_bytes_per_token": {"value": model.spec.bytes_per_token, "unit": "bytes"},
         "llama_cpp": {**llama, "unit": "ttft_ms: ms, *_tok_s: tokens/s"},
         "llama_cpp_q8_0": {**llama_int8, "unit": "ttft_ms: ms, *_tok_s: tokens/s",
@@ -342,10 +426,7 @@ def main() -> None:
         "issue_reference_figures": ISSUE_TABLE,
     }
     document = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-                    "provider": model.provider, "model": f"{model.manifest.name}/{model.manifest.version}",
-                    "load_average_at_start": [round(x, 2) for x in load],
-                    "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "machine": machine(model, load),
         "settings": {"ratios": "targets: median over rounds of the ratio within a round; results.ratios_of_medians "
                                "gives ratios of the medians",
                      "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "rounds": ROUNDS, "greedy": True,

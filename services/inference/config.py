@@ -26,6 +26,9 @@ class InferenceConfig:
     prefill_chunk: int = 128
     queue_capacity: int = 128
     decode_rows: int = 16
+    # KV cache (bytes) the admitted sequences may reserve (prompt + max_tokens each); 0 = a full batch
+    # of full-context sequences, capped at a quarter of the machine's (or cgroup's) memory.
+    kv_budget_bytes: int = 0
     intra_op_threads: int = 0  # 0 = one per core
     # ONNX Runtime worker threads busy-wait between kernels (faster small steps, burns idle CPU).
     allow_spinning: bool = True
@@ -43,7 +46,7 @@ class InferenceConfig:
     def scheduler(self) -> SchedulerSettings:
         return SchedulerSettings(max_batch_size=self.max_batch_size, max_batched_tokens=self.max_batched_tokens,
                                  prefill_chunk=self.prefill_chunk, queue_capacity=self.queue_capacity,
-                                 decode_rows=self.decode_rows)
+                                 decode_rows=self.decode_rows, kv_budget_bytes=self.kv_budget_bytes)
 
     @property
     def session(self) -> SessionSettings:

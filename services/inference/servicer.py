@@ -30,7 +30,7 @@ class InferenceServicer(pb2_grpc.InferenceServiceServicer):
     async def CountTokens(
         self, request: pb2.CountTokensRequest, context: grpc.aio.ServicerContext
     ) -> pb2.CountTokensResponse:
-        count = self.engine.count_tokens(request.prompt, convert.messages(request.messages))
+        count = await self.engine.count_tokens(request.prompt, convert.messages(request.messages))
         return pb2.CountTokensResponse(token_count=count, context_window=self.engine.model_info().context_window)
 
     async def GetModelInfo(

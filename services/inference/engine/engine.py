@@ -6,7 +6,9 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+from services.common.errors import InvalidInput
 from services.common.generation import ChatMessage
+from services.inference.engine.kv_budget import budget_tokens, default_kv_budget, fit_max_tokens
 from services.inference.engine.metrics import EngineMetrics
 from services.inference.engine.model import LoadedModel
 from services.inference.engine.sampling import Sampler
@@ -16,6 +18,9 @@ from services.inference.engine.types import Delta, GenerationRequest, LoadReport
 from services.inference.engine.validation import check_input, resolve_max_tokens, resolve_sampling
 
 PRECISIONS = {"int8": "INT8", "fp32": "FP32", "fp16": "FP16", "int4": "INT4"}
+# Inputs larger than this are rendered and tokenized on a worker thread (the tokenizer releases the
+# GIL), so one caller's huge prompt never stalls the event loop for the others.
+INLINE_TEXT_CHARS = 16 * 1024
 
 
 class Engine:
@@ -24,7 +29,10 @@ class Engine:
         self.settings = settings
         self.replica_id = replica_id
         self.metrics = EngineMetrics(replica_id, self.load_report)
-        self.scheduler = Scheduler(model.runner, model.spec, settings, self.metrics)
+        context = model.manifest.context_window
+        self.kv_budget = settings.kv_budget_bytes or default_kv_budget(model.spec, context, settings.max_batch_size)
+        self.scheduler = Scheduler(model.runner, model.spec, settings, max_width=context, kv_budget=self.kv_budget,
+                                   observer=self.metrics)
         self._eos = frozenset(model.manifest.tokens.eos)
 
     async def start(self) -> None:
@@ -41,8 +49,23 @@ class Engine:
         text = self.model.template.render(messages) if messages else prompt
         return self.model.encode(text)
 
-    def count_tokens(self, prompt: str, messages: tuple[ChatMessage, ...]) -> int:
+    async def count_tokens(self, prompt: str, messages: tuple[ChatMessage, ...]) -> int:
+        check_input(prompt, messages)
+        self._check_length_bound(prompt, messages, self.model.manifest.context_window)
+        if _text_size(prompt, messages) > INLINE_TEXT_CHARS:
+            return len(await asyncio.to_thread(self.prompt_ids, prompt, messages))
         return len(self.prompt_ids(prompt, messages))
+
+    def _check_length_bound(self, prompt: str, messages: tuple[ChatMessage, ...], limit: int) -> None:
+        """Before tokenizing: text of at least `limit` + 1 tokens (a token is at most `max_token_bytes`
+        bytes, a character at least one) is refused without the work."""
+        size = _text_size(prompt, messages)
+        at_least = size // self.model.max_token_bytes
+        if at_least > limit:
+            field = "messages" if messages else "prompt"
+            raise InvalidInput(
+                f"the {field} has {size} characters, so at least {at_least} tokens: more than this replica "
+                f"takes ({limit} tokens, its context window or KV budget); shorten it", field=field)
 
     # ---- generation -------------------------------------------------------------------------
     def prepare(self, request: GenerationRequest) -> Sequence:
@@ -51,11 +74,25 @@ class Engine:
         ids = self.prompt_ids(request.prompt, request.messages)
         max_tokens = resolve_max_tokens(request, len(ids), self.model.manifest.context_window,
                                         self.model.defaults)
+        max_tokens = fit_max_tokens(len(ids), max_tokens, request.sampling.max_tokens is not None,
+                                    self.model.spec, self.kv_budget)
         return Sequence.create(request.request_id, ids, max_tokens, Sampler(sampling), request.sampling.stop,
                                self.model.decode, self._eos, request.traffic_class)
 
+    async def admit(self, request: GenerationRequest) -> Sequence:
+        """Queue room and a length bound first, then sampling checks, then tokenizing (on a worker
+        thread for large inputs)."""
+        self.scheduler.check_room()
+        check_input(request.prompt, request.messages)
+        limit = min(self.model.manifest.context_window, budget_tokens(self.model.spec, self.kv_budget))
+        self._check_length_bound(request.prompt, request.messages, limit)
+        resolve_sampling(request.sampling, self.model.defaults)
+        if _text_size(request.prompt, request.messages) > INLINE_TEXT_CHARS:
+            return await asyncio.to_thread(self.prepare, request)
+        return self.prepare(request)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        seq = self.prepare(request)
+        seq = await self.admit(request)
         self.scheduler.submit(seq)
         try:
             async for delta in coalesce(seq.events, request.stream):
@@ -81,6 +118,11 @@ class Engine:
             kv_cache_bytes=scheduler.kv_bytes(), tokens_per_second=counters.tokens_per_second(),
             cancelled_total=counters.cancelled_total, generated_total=counters.generated_total,
             ready=scheduler.running)
+
+
+def _text_size(prompt: str, messages: tuple[ChatMessage, ...]) -> int:
+    """Characters of the caller's text (no more than its UTF-8 bytes; the template only adds)."""
+    return len(prompt) + sum(len(m.content) for m in messages)
 
 
 async def coalesce(events: asyncio.Queue[Delta], stream: StreamSettings) -> AsyncIterator[Delta]:

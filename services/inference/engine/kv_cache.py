@@ -1,25 +1,39 @@
-"""KV-cache storage: one sequence's cache during prefill, and the shared buffer decode steps use.
+"""KV-cache storage: slot batches whose memory follows the tokens written, not rows x the longest row.
 
-Layout (GroupQueryAttention, right padding): row b keeps its tokens at columns [0, len_b) of a
-buffer of `width` columns; the attention mask row holds len_b + 1 ones, so the step's new key is
-written in place at column len_b. The same buffer is bound as past and present (ONNX Runtime's
-shared past/present buffer), so a decode step copies no cache at all; attention for a row only
-reads its own len_b + 1 columns, which makes a row's result independent of its batch, bit for bit.
-Buffers grow in WIDTH_STEP columns and by powers of two in rows, and shrink when rows leave.
+Layout (GroupQueryAttention, right padding, one buffer bound as both past and present): a SlotBatch
+holds `rows` slots of one fixed `width`; each of the 2 x layers tensors is [rows, kv_heads, width,
+head_dim]. Slot b keeps its tokens at columns [0, len_b) and the step's mask row holds len_b + 1
+ones, so the new key is written in place at column len_b. A sequence takes a slot when it is
+admitted, its prompt chunks are prefilled straight into that slot (a batch-1 call bound to the slot
+alone) and it decodes there until it leaves: its cache is never copied, concatenated or regrown.
 
-On CUDA the buffer lives on the device between steps (an OrtValue); it is only brought back to the
-host when a sequence joins or leaves or the buffer grows.
+Memory: on the CPU a batch's buffers are one anonymous memory map without transparent huge pages,
+so the kernel commits a page only when a token is written into it. A batch's resident size is the
+sum of its slots' lengths (rounded up to a page per slot, head and tensor), whatever its rows and
+width; a freed slot's pages go back to the kernel at once (MADV_DONTNEED). Widths come in classes
+(powers of two from MIN_WIDTH up to the context window): a sequence goes to a batch of the class of
+its prompt + max_tokens, so short rows are not attended at a long row's width.
+
+Slots that are free or still prefilling ride along in a decode step as dummy rows: their logits are
+ignored, and the column they write lies at their length, where the next prompt chunk writes anyway.
+Attention for a row reads only its own len_b + 1 columns, so a row's tokens never depend on the
+batch, bit for bit.
+
+On CUDA the buffers are device memory of the batch's full size (allocated once per batch); steps
+bind device pointers into them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import mmap
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
-WIDTH_STEP = 128
+MIN_WIDTH = 256
+PAGE = mmap.PAGESIZE
 
 
 @dataclass(frozen=True)
@@ -35,114 +49,150 @@ class KvSpec:
     def bytes_per_token(self) -> int:
         return self.tensors * self.kv_heads * self.head_dim * self.dtype.itemsize
 
-    def empty(self, batch: int = 1, length: int = 0) -> list[np.ndarray]:
-        return [np.zeros((batch, self.kv_heads, length, self.head_dim), self.dtype) for _ in range(self.tensors)]
+    def bytes_for(self, tokens: int) -> int:
+        return tokens * self.bytes_per_token
 
 
-def width_for(max_len: int) -> int:
-    return WIDTH_STEP * ((max_len + 1) // WIDTH_STEP + 1)
+def width_class(tokens: int, max_width: int) -> int:
+    """Columns of the batch a sequence of at most `tokens` cached tokens goes to."""
+    width = MIN_WIDTH
+    while width < tokens:
+        width *= 2
+    return min(width, max_width)
 
 
-class DecodeBatch:
-    """Up to `capacity` sequences decoded together; rows are packed at the front of the buffers."""
+@dataclass(frozen=True)
+class SlotView:
+    """Where a run of slots lives: one address per tensor, and the shape bound at each."""
 
-    def __init__(self, spec: KvSpec, capacity: int, device: str = "cpu") -> None:
+    device: str
+    pointers: tuple[int, ...]
+    shape: tuple[int, int, int, int]
+    dtype: np.dtype
+
+
+class SlotBatch:
+    """`rows` slots decoded together; slots [0, bound) take part in each decode step."""
+
+    def __init__(self, spec: KvSpec, rows: int, width: int, device: str = "cpu") -> None:
         self.spec = spec
-        self.capacity = capacity
+        self.rows = rows
+        self.width = width
         self.device = device
-        self.keys: list[Hashable] = []
-        self.lens = np.zeros(0, dtype=np.int64)
-        self.width = 0
-        self.buffers: list[np.ndarray] = []  # host copy (the live one on CPU)
-        self._values: list[ort.OrtValue] = []  # what the session binds, views of `buffers` on CPU
-        self._bound_rows = -1
-        self.epoch = 0  # changes whenever the bound cache values change (a binding must be rebuilt)
+        self.keys: list[Hashable | None] = [None] * rows
+        self.lens = np.zeros(rows, dtype=np.int64)
+        self.decoding = np.zeros(rows, dtype=bool)
+        self.bound = 0
+        self.epoch = 0  # changes whenever `bound` changes (a decode binding must be rebuilt)
+        self.row_bytes = spec.kv_heads * width * spec.head_dim * spec.dtype.itemsize
+        self._memory = _HostMemory(spec, rows, width) if device == "cpu" else _DeviceMemory(spec, rows, width, device)
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return sum(key is not None for key in self.keys)
+
+    @property
+    def has_room(self) -> bool:
+        return None in self.keys
 
     @property
     def tokens(self) -> int:
         return int(self.lens.sum())
 
     @property
-    def allocated_bytes(self) -> int:
-        return sum(b.nbytes for b in self.buffers)
+    def reserved_bytes(self) -> int:
+        """Address space of the batch (on the CPU only the written pages are resident)."""
+        return self.spec.tensors * self.rows * self.row_bytes
 
-    def add(self, key: Hashable, kv: Sequence[np.ndarray]) -> None:
-        """Join with a prefilled cache (arrays of [1, kv_heads, n, head_dim])."""
-        if len(self.keys) >= self.capacity:
-            raise RuntimeError("decode batch is full")
-        self._to_host()
-        length = kv[0].shape[2]
-        self.keys.append(key)
-        self.lens = np.append(self.lens, length)
-        self._reshape(len(self.keys), max(self.width, width_for(int(self.lens.max()))))
-        row = len(self.keys) - 1
-        for buffer, part in zip(self.buffers, kv, strict=True):
-            buffer[row, :, :length] = part[0]
+    def take(self, key: Hashable) -> int:
+        """A free slot for `key` (the lowest one, so the bound rows stay few)."""
+        slot = self.keys.index(None)
+        self.keys[slot] = key
+        self.lens[slot] = 0
+        self.decoding[slot] = False
+        self._rebound()
+        return slot
 
-    def remove(self, key: Hashable) -> None:
-        """Leave at once; the last row moves into the freed slot; memory shrinks with the batch."""
-        self._to_host()
-        row = self.keys.index(key)
-        last = len(self.keys) - 1
-        if row != last:
-            length = int(self.lens[last])
-            for buffer in self.buffers:
-                buffer[row, :, :length] = buffer[last, :, :length]
-            self.keys[row] = self.keys[last]
-            self.lens[row] = self.lens[last]
-        self.keys.pop()
-        self.lens = self.lens[:last].copy()
-        if not self.keys:
-            self.buffers, self._values, self.width, self._bound_rows = [], [], 0, -1
-            return
-        needed = width_for(int(self.lens.max()))
-        self._reshape(last, needed if needed < self.width // 2 else self.width)
+    def release(self, slot: int) -> None:
+        """Free the slot at once; its memory goes back to the kernel."""
+        self.keys[slot] = None
+        self.lens[slot] = 0
+        self.decoding[slot] = False
+        self._memory.forget(slot)
+        self._rebound()
 
-    def step_inputs(self) -> tuple[np.ndarray, list[ort.OrtValue]]:
-        """attention_mask [B, width] (len_b + 1 ones per row) and the cache values to bind as past
-        and present for one decode step."""
-        rows = len(self.keys)
-        if int(self.lens.max()) + 1 > self.width:
-            self._to_host()
-            self._reshape(rows, width_for(int(self.lens.max())))
-        mask = (np.arange(self.width)[None, :] <= self.lens[:, None]).astype(np.int64)
-        if self._bound_rows != rows:
-            self._bind(rows)
-        return mask, self._values
+    def prefilled(self, slot: int, length: int, done: bool) -> None:
+        self.lens[slot] = length
+        self.decoding[slot] = done
+
+    def slot_view(self, slot: int) -> SlotView:
+        return self._view(slot, 1)
+
+    def step_view(self) -> SlotView:
+        return self._view(0, self.bound)
+
+    def step_mask(self) -> np.ndarray:
+        """attention_mask [bound, width]: len_b + 1 ones per row."""
+        return (np.arange(self.width)[None, :] <= self.lens[: self.bound, None]).astype(np.int64)
 
     def advance(self) -> None:
-        """The step wrote each row's new column in place."""
-        self.lens = self.lens + 1
+        """The step wrote each decoding row's new column in place."""
+        self.lens[: self.bound] += self.decoding[: self.bound]
 
-    def _bind(self, rows: int) -> None:
-        if self.device == "cpu":
-            self._values = [ort.OrtValue.ortvalue_from_numpy(b[:rows]) for b in self.buffers]
-        else:
-            self._values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(b[:rows]), self.device, 0)
-                            for b in self.buffers]
-        self._bound_rows = rows
-        self.epoch += 1
+    def _view(self, first: int, count: int) -> SlotView:
+        pointers = tuple(self._memory.address(t, first) for t in range(self.spec.tensors))
+        shape = (count, self.spec.kv_heads, self.width, self.spec.head_dim)
+        return SlotView(self.device, pointers, shape, self.spec.dtype)
 
-    def _to_host(self) -> None:
-        """CUDA: bring the live cache back before restructuring (join, leave, growth)."""
-        if self.device != "cpu" and self._values:
-            for buffer, value in zip(self.buffers, self._values, strict=True):
-                buffer[: self._bound_rows] = value.numpy()
-        self._bound_rows = -1
+    def _rebound(self) -> None:
+        used = [i for i, key in enumerate(self.keys) if key is not None]
+        bound = used[-1] + 1 if used else 0
+        if bound != self.bound:
+            self.bound = bound
+            self.epoch += 1
 
-    def _reshape(self, rows: int, width: int) -> None:
-        """Size buffers to the rows (a power of two) and width; copy only when the size changes."""
-        capacity = min(self.capacity, 1 << max(rows - 1, 0).bit_length())
-        have_rows = self.buffers[0].shape[0] if self.buffers else 0
-        self._bound_rows = -1
-        if self.buffers and width == self.width and capacity <= have_rows <= 2 * capacity:
+
+class _HostMemory:
+    """One anonymous map for every tensor of a batch: [tensors, rows, kv_heads, width, head_dim]."""
+
+    def __init__(self, spec: KvSpec, rows: int, width: int) -> None:
+        self._row_bytes = spec.kv_heads * width * spec.head_dim * spec.dtype.itemsize
+        self._rows = rows
+        self._tensors = spec.tensors
+        # private (a shared anonymous map is shmem: MADV_DONTNEED would not free it), and not charged
+        # against overcommit up front: only written pages are ever used
+        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0)
+        self._map = mmap.mmap(-1, spec.tensors * rows * self._row_bytes, flags=flags)
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):  # a huge page would commit 2 MiB for one token's write
+            self._map.madvise(mmap.MADV_NOHUGEPAGE)
+        self.array = np.frombuffer(self._map, dtype=spec.dtype).reshape(
+            spec.tensors, rows, spec.kv_heads, width, spec.head_dim)
+        self._base = self.array.ctypes.data
+
+    def address(self, tensor: int, slot: int) -> int:
+        return self._base + (tensor * self._rows + slot) * self._row_bytes
+
+    def forget(self, slot: int) -> None:
+        """Hand the slot's pages back (stale bytes at unaligned edges are never read)."""
+        if not hasattr(self._map, "madvise"):
             return
-        spec = self.spec
-        fresh = [np.zeros((capacity, spec.kv_heads, width, spec.head_dim), spec.dtype) for _ in range(spec.tensors)]
-        keep_rows, keep_cols = min(rows, have_rows), min(width, self.width)
-        for new, old in zip(fresh, self.buffers, strict=False):
-            new[:keep_rows, :, :keep_cols] = old[:keep_rows, :, :keep_cols]
-        self.buffers, self.width = fresh, width
+        for tensor in range(self._tensors):
+            start = (tensor * self._rows + slot) * self._row_bytes
+            first, last = -(-start // PAGE) * PAGE, (start + self._row_bytes) // PAGE * PAGE
+            if last > first:
+                self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+class _DeviceMemory:
+    def __init__(self, spec: KvSpec, rows: int, width: int, device: str) -> None:
+        self._row_bytes = spec.kv_heads * width * spec.head_dim * spec.dtype.itemsize
+        shape = (rows, spec.kv_heads, width, spec.head_dim)
+        # from host zeros (untouched calloc pages: no host memory) so free rows read zeros, not garbage
+        self._values = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, spec.dtype), device, 0)
+                        for _ in range(spec.tensors)]
+        self._rows = rows
+
+    def address(self, tensor: int, slot: int) -> int:
+        return int(self._values[tensor].data_ptr()) + slot * self._row_bytes
+
+    def forget(self, slot: int) -> None:
+        pass  # a slot's stale columns are never read: attention stops at each row's length

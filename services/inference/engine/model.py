@@ -23,6 +23,7 @@ from services.inference.modelbuild.errors import ManifestError
 from services.inference.modelbuild.hashing import sha256_file
 from services.inference.modelbuild.manifest import MANIFEST_NAME, Manifest, load_manifest
 
+NO_BOUND = 1 << 40
 BUILD_HINT = "run `make model` to build the bundled model, or pass --model-dir DIR of a built model"
 
 
@@ -45,6 +46,7 @@ class LoadedModel:
     template: ChatTemplate
     defaults: ModelDefaults
     spec: KvSpec
+    max_token_bytes: int = 1  # the longest token's text in UTF-8 bytes (a bound for length checks)
 
     @property
     def provider(self) -> str:
@@ -54,7 +56,9 @@ class LoadedModel:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        # encode_batch releases the GIL (encode does not), so a long text on a worker thread does
+        # not stall the event loop
+        return list(self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids)
 
 
 def load_model(directory: Path | None, session: SessionSettings, verify: bool = False) -> LoadedModel:
@@ -68,6 +72,12 @@ def load_model(directory: Path | None, session: SessionSettings, verify: bool = 
     ort_session, provider = create_session(directory / manifest.model_file, session)
     io = ModelIO.from_session(ort_session, manifest.kv.past_names(), manifest.kv.present_names())
     tokenizer = Tokenizer.from_file(str(directory / manifest.tokenizer_file))
+    # vocabulary strings are never shorter in UTF-8 than the bytes they stand for (byte-level and
+    # sentencepiece alphabets map one byte to one or more), so this bounds a token's text; a
+    # normalizer could shrink the text first, and then no bound is claimed
+    max_token_bytes = max(len(token.encode()) for token in tokenizer.get_vocab(with_added_tokens=True))
+    if tokenizer.normalizer is not None:
+        max_token_bytes = NO_BOUND
     return LoadedModel(
         directory=directory,
         manifest=manifest,
@@ -78,6 +88,7 @@ def load_model(directory: Path | None, session: SessionSettings, verify: bool = 
         defaults=_defaults(directory / manifest.generation_config_file),
         spec=KvSpec(tensors=len(io.past), kv_heads=manifest.kv.num_kv_heads, head_dim=manifest.kv.head_dim,
                     dtype=np.dtype(manifest.kv.dtype)),
+        max_token_bytes=max(1, max_token_bytes),
     )
 
 

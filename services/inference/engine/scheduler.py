@@ -2,11 +2,13 @@
 
 One long-lived decode thread runs the loop, so the event loop never sits between two model steps.
 Before each step the thread drops cancelled sequences, admits waiting ones by priority
-(core > interactive > batch) up to `max_batch_size`, and plans the step: one decode row per running
-sequence plus prompt chunks (fixed `prefill_chunk` boundaries, each prefilled on its own so the
-cache never depends on the batch) while `max_batched_tokens` allows, at least one chunk per step.
-A sequence whose prompt is done joins the decode batch at the next step; a finished one leaves
-within the step that finished it. The step's deltas for all sequences reach the event loop in one
+(core > interactive > batch) up to `max_batch_size` and while their KV reservations (prompt +
+max_tokens) fit `kv_budget` bytes — the head of the queue waits for room, the rest wait behind it —
+and plans the step: one decode row per running sequence plus prompt chunks (fixed `prefill_chunk`
+boundaries, each prefilled on its own, straight into the sequence's cache slot, so the cache never
+depends on the batch) while `max_batched_tokens` allows, at least one chunk per step. An admitted
+sequence takes a slot in a batch of its width class (kv_cache.py); its prompt done, it decodes at
+the next step; a finished one leaves within the step that finished it. The step's deltas for all sequences reach the event loop in one
 hand-off (`call_soon_threadsafe`), and each sequence's consumer reads them from its queue.
 """
 
@@ -22,11 +24,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-import onnxruntime as ort
 import structlog
 
 from services.common.errors import NotReady, QueueFull
-from services.inference.engine.kv_cache import DecodeBatch, KvSpec
+from services.inference.engine.kv_cache import KvSpec, SlotBatch, width_class
 from services.inference.engine.sequence import Phase, Sequence
 from services.inference.engine.session import DecodeBinding, ModelRunner
 from services.inference.engine.types import Delta
@@ -41,16 +42,20 @@ class SchedulerSettings:
     prefill_chunk: int = 128
     queue_capacity: int = 128
     decode_rows: int = 16  # rows per model call; larger batches run as several calls
+    kv_budget_bytes: int = 0  # KV cache all admitted sequences may reserve; 0 = derived from the machine
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batched_tokens", "prefill_chunk", "queue_capacity", "decode_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_budget_bytes < 0:
+            raise ValueError(f"kv_budget_bytes must be >= 0 (0 = derived from the machine), got {self.kv_budget_bytes}")
 
 
 @dataclass
 class StepPlan:
     leaving: list[Sequence] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)
     decode: list[Sequence] = field(default_factory=list)
     prefill: list[tuple[Sequence, int]] = field(default_factory=list)
 
@@ -89,20 +94,23 @@ class _NoObserver:
 
 
 class Scheduler:
-    def __init__(self, runner: ModelRunner, spec: KvSpec, settings: SchedulerSettings,
-                 observer: StepObserver | None = None) -> None:
+    def __init__(self, runner: ModelRunner, spec: KvSpec, settings: SchedulerSettings, *, max_width: int,
+                 kv_budget: int, observer: StepObserver | None = None) -> None:
         self.runner = runner
         self.spec = spec
         self.settings = settings
+        self.max_width = max_width  # the longest cache a model call may see (the context window)
+        self.kv_budget = kv_budget
+        self.reserved_bytes = 0  # the admitted sequences' reservations (decode thread)
         self.counters = Counters()
         self._observer = observer or _NoObserver()
         self._waiting: list[tuple[int, int, Sequence]] = []
         self._order = itertools.count()
         self._running: list[Sequence] = []  # owned by the decode thread
-        self._groups: list[DecodeBatch] = []
-        self._where: dict[int, DecodeBatch] = {}
+        self._groups: list[SlotBatch] = []
+        self._where: dict[int, tuple[SlotBatch, int]] = {}
         self._by_id: dict[int, Sequence] = {}
-        self._bindings: dict[DecodeBatch, tuple[int, DecodeBinding]] = {}
+        self._bindings: dict[SlotBatch, tuple[int, DecodeBinding]] = {}
         self._wake = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -139,14 +147,18 @@ class Scheduler:
     def active(self) -> int:
         return len(self._running)
 
+    def check_room(self) -> None:
+        """NotReady / QueueFull now, before a request costs any work (submit checks again)."""
+        if self._stopping or self._thread is None:
+            raise NotReady("the inference engine is not running; retry on another replica")
+        if len(self._waiting) >= self.settings.queue_capacity:
+            raise QueueFull(
+                f"the admission queue is full ({self.settings.queue_capacity} requests waiting, "
+                f"{len(self._running)} running); retry later or on another replica", retry_after_s=0.5)
+
     def submit(self, seq: Sequence) -> None:
         with self._wake:
-            if self._stopping or self._thread is None:
-                raise NotReady("the inference engine is not running; retry on another replica")
-            if len(self._waiting) >= self.settings.queue_capacity:
-                raise QueueFull(
-                    f"the admission queue is full ({self.settings.queue_capacity} requests waiting, "
-                    f"{len(self._running)} running); retry later or on another replica", retry_after_s=0.5)
+            self.check_room()
             seq.submitted_at = time.monotonic()
             heapq.heappush(self._waiting, (int(seq.traffic_class), next(self._order), seq))
             self._wake.notify()
@@ -191,7 +203,8 @@ class Scheduler:
             return self._step(plan)
         except Exception:
             log.exception("inference_step_failed")
-            failed = [(seq, seq.fail()) for seq in [*plan.decode, *(s for s, _ in plan.prefill)]]
+            involved = dict.fromkeys([*plan.admitted, *plan.decode, *(s for s, _ in plan.prefill)])
+            failed = [(seq, seq.fail()) for seq in involved if not seq.finished]
             for seq, _ in failed:
                 self._drop(seq)
             return failed
@@ -202,10 +215,16 @@ class Scheduler:
             if seq.cancelled and not seq.finished:
                 plan.leaving.append(seq)
         self._running = [s for s in self._running if not s.cancelled]
+        reserved = self.reserved_bytes - sum(self._reservation(s) for s in plan.leaving)
         while self._waiting and len(self._running) < self.settings.max_batch_size:
-            _, _, seq = heapq.heappop(self._waiting)
+            seq = self._waiting[0][2]
+            if reserved + self._reservation(seq) > self.kv_budget and self._running:
+                break  # waits for room; nothing behind it overtakes it
+            heapq.heappop(self._waiting)
+            reserved += self._reservation(seq)
             seq.phase = Phase.PREFILL
             self._running.append(seq)
+            plan.admitted.append(seq)
         plan.decode = [s for s in self._running if s.phase is Phase.DECODE]
         budget = self.settings.max_batched_tokens - len(plan.decode)
         chunk = min(self.settings.prefill_chunk, self.settings.max_batched_tokens)
@@ -225,81 +244,91 @@ class Scheduler:
         events: list[tuple[Sequence, Delta]] = []
         for seq in plan.leaving:
             self._drop(seq)
+        for seq in plan.admitted:
+            self._place(seq)
         for group in list(self._groups):
-            if len(group):
+            if group.decoding.any():
                 events += self._decode(group)
         for seq, size in plan.prefill:
             delta = self._prefill(seq, size)
             if delta is not None:
                 events.append((seq, delta))
                 self._observer.first_token(time.monotonic() - seq.submitted_at)
+                if seq.finished:
+                    self._drop(seq)
         self.counters.generated_total += len(events)
         self.counters.steps += 1
         self.counters.recent.append((time.monotonic(), self.counters.generated_total))
-        self.counters.kv_tokens = sum(g.tokens for g in self._groups) + sum(
-            s.kv[0].shape[2] for s in self._running if s.kv is not None)
+        self.counters.kv_tokens = sum(g.tokens for g in self._groups)
         self.counters.cancelled_total += len(plan.leaving)  # counted once their cache is gone
         return events
 
-    def _decode(self, group: DecodeBatch) -> list[tuple[Sequence, Delta]]:
-        """One model call for every row of `group` (all of them are decoding: leavers left first,
-        joiners join after this)."""
-        rows: list[Sequence] = [self._by_id[k] for k in group.keys]  # type: ignore[index]
-        mask, cache = group.step_inputs()
-        ids = np.fromiter((s.next_token for s in rows), dtype=np.int64, count=len(rows)).reshape(-1, 1)
-        logits = self._binding(group, cache).run(ids, mask)
+    def _decode(self, group: SlotBatch) -> list[tuple[Sequence, Delta]]:
+        """One model call over the batch's bound slots; free and prefilling slots ride along as
+        dummy rows whose logits are ignored (their written column is overwritten before it is read)."""
+        slots = np.flatnonzero(group.decoding[: group.bound])
+        rows: list[Sequence] = [self._by_id[group.keys[i]] for i in slots]  # type: ignore[index]
+        ids = np.zeros((group.bound, 1), dtype=np.int64)
+        ids[slots, 0] = [s.next_token for s in rows]
+        logits = self._binding(group).run(ids, group.step_mask())
         group.advance()
         self._observer.decode_step(len(rows))
         events = []
-        for seq, token in zip(rows, choose_tokens(rows, logits), strict=True):
+        for seq, token in zip(rows, choose_tokens(rows, logits[slots]), strict=True):
             events.append((seq, seq.accept(token)))
             if seq.finished:
                 self._drop(seq)
         return events
 
-    def _binding(self, group: DecodeBatch, cache: list[ort.OrtValue]) -> DecodeBinding:
+    def _binding(self, group: SlotBatch) -> DecodeBinding:
         epoch, binding = self._bindings.get(group, (-1, None))  # type: ignore[arg-type]
         if binding is None or epoch != group.epoch:
-            binding = self.runner.decode_binding(cache, len(group))
+            binding = self.runner.decode_binding(group.step_view())
             self._bindings[group] = (group.epoch, binding)
         return binding
 
     def _prefill(self, seq: Sequence, size: int) -> Delta | None:
+        group, slot = self._where[seq.seq_id]
         start = seq.prefilled
-        past = seq.kv if seq.kv is not None else self.spec.empty()
         ids = np.array([seq.prompt_ids[start : start + size]], dtype=np.int64)
-        mask = np.ones((1, start + size), dtype=np.int64)
-        logits, presents = self.runner.prefill(ids, mask, past)
-        seq.kv, seq.prefilled = presents, start + size
-        if seq.prefilled < len(seq.prompt_ids):
+        mask = np.zeros((1, group.width), dtype=np.int64)
+        mask[0, : start + size] = 1
+        logits = self.runner.prefill(ids, mask, group.slot_view(slot))
+        seq.prefilled = start + size
+        done = seq.prefilled == len(seq.prompt_ids)
+        group.prefilled(slot, seq.prefilled, done)
+        if not done:
             return None
-        delta = seq.choose(logits[0])
-        if not seq.finished:
-            group = self._group_with_room()
-            group.add(seq.seq_id, seq.kv)
-            self._where[seq.seq_id] = group
-            self._by_id[seq.seq_id] = seq
-            seq.kv = None
-            seq.phase = Phase.DECODE
-        return delta
+        seq.phase = Phase.DECODE
+        return seq.choose(logits[0])
 
-    def _group_with_room(self) -> DecodeBatch:
-        open_groups = [g for g in self._groups if len(g) < g.capacity]
+    def _place(self, seq: Sequence) -> None:
+        """A slot in the fullest batch of the sequence's width class (a new batch when none has room)."""
+        width = width_class(seq.reserved_tokens, self.max_width)
+        open_groups = [g for g in self._groups if g.width == width and g.has_room]
         if open_groups:
-            return min(open_groups, key=len)
-        group = DecodeBatch(self.spec, self.settings.decode_rows, self.runner.device)
-        self._groups.append(group)
-        return group
+            group = max(open_groups, key=len)
+        else:
+            group = SlotBatch(self.spec, self.settings.decode_rows, width, self.runner.device)
+            self._groups.append(group)
+        self._where[seq.seq_id] = (group, group.take(seq.seq_id))
+        self._by_id[seq.seq_id] = seq
+        self.reserved_bytes += self._reservation(seq)
 
     def _drop(self, seq: Sequence) -> None:
-        seq.kv = None
         self._by_id.pop(seq.seq_id, None)
-        group = self._where.pop(seq.seq_id, None)
-        if group is not None:
-            group.remove(seq.seq_id)
-            if not len(group):
-                self._groups.remove(group)
-                self._bindings.pop(group, None)
+        placed = self._where.pop(seq.seq_id, None)
+        if placed is None:
+            return
+        group, slot = placed
+        group.release(slot)
+        self.reserved_bytes -= self._reservation(seq)
+        if not len(group):
+            self._groups.remove(group)
+            self._bindings.pop(group, None)
+
+    def _reservation(self, seq: Sequence) -> int:
+        return self.spec.bytes_for(seq.reserved_tokens)
 
     def kv_bytes(self) -> int:
         return self.counters.kv_tokens * self.spec.bytes_per_token

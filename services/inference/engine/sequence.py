@@ -38,7 +38,6 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     phase: Phase = Phase.WAITING
     prefilled: int = 0
-    kv: list[np.ndarray] | None = None  # the cache while prefilling
     next_token: int = -1  # sampled, not yet in the cache
     finish_reason: FinishReason | None = None
     cancelled: bool = False
@@ -55,6 +54,11 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def reserved_tokens(self) -> int:
+        """The most tokens its cache can hold: what admission reserves for it."""
+        return len(self.prompt_ids) + self.max_tokens
 
     @property
     def usage(self) -> Usage:
@@ -91,5 +95,4 @@ class Sequence:
                 reason = FinishReason.STOP
         self.finish_reason = reason
         self.phase = Phase.FINISHED
-        self.kv = None
         return Delta(text, (self.generated[-1],) if self.generated else (), reason, self.usage)

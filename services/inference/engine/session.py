@@ -1,7 +1,7 @@
 """ONNX Runtime session factory and the model runner the scheduler calls once per step.
 
-CUDAExecutionProvider (with IOBinding; the batch KV-cache stays on the device between steps) is
-used when this onnxruntime build offers it, CPUExecutionProvider otherwise.
+CUDAExecutionProvider (with IOBinding; the KV-cache lives on the device) is used when this
+onnxruntime build offers it, CPUExecutionProvider otherwise.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from services.common.errors import FailedPrecondition
+from services.inference.engine.kv_cache import SlotView
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -88,53 +89,48 @@ class ModelIO:
 
 
 class ModelRunner:
-    """Forward passes: `prefill` over numpy arrays (the cache grows into new arrays) and `decode`
-    over a shared past/present buffer that the step updates in place."""
+    """Forward passes over the cache in place: the slots a call works on are bound as past AND
+    present (GroupQueryAttention's shared buffer), so the call writes its new columns into them."""
 
     def __init__(self, session: ort.InferenceSession, io: ModelIO, provider: str) -> None:
         self.session = session
         self.io = io
         self.provider = provider
         self.device = "cuda" if provider == CUDA else "cpu"
-        self._outputs = [io.logits, *io.present]
         self.vocab_size = _vocab_size(session, io.logits)
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-                past: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits of each row's last real token [batch, vocab] and the grown cache (host arrays)."""
-        if self.device == "cpu":
-            feed = {self.io.input_ids: input_ids, self.io.attention_mask: attention_mask}
-            feed.update(zip(self.io.past, past, strict=True))
-            logits, *presents = self.session.run(self._outputs, feed)
-            return logits.reshape(logits.shape[0], -1), presents
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, view: SlotView) -> np.ndarray:
+        """One prompt chunk of one sequence written into its slot; the logits of its last token [1, vocab]."""
         binding = self.session.io_binding()
         binding.bind_cpu_input(self.io.input_ids, input_ids)
         binding.bind_cpu_input(self.io.attention_mask, attention_mask)
-        for name, array in zip(self.io.past, past, strict=True):
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, self.device, 0))
-        for name in self._outputs:
-            binding.bind_output(name, self.device, 0)
+        bind_cache(binding, self.io, view)
+        binding.bind_output(self.io.logits, "cpu")
         self.session.run_with_iobinding(binding)
-        logits, *presents = binding.copy_outputs_to_cpu()
-        return logits.reshape(logits.shape[0], -1), presents
+        logits = binding.get_outputs()[-1].numpy()
+        return logits.reshape(logits.shape[0], -1)
 
-    def decode_binding(self, cache: Sequence[ort.OrtValue], rows: int) -> DecodeBinding:
-        """An IOBinding for `rows` decode rows over `cache`, reused step after step until the batch's
-        rows or buffers change."""
-        return DecodeBinding(self, cache, rows)
+    def decode_binding(self, view: SlotView) -> DecodeBinding:
+        """An IOBinding for the decode rows of `view`, reused step after step until they change."""
+        return DecodeBinding(self, view)
+
+
+def bind_cache(binding: ort.IOBinding, io: ModelIO, view: SlotView) -> None:
+    for past, present, pointer in zip(io.past, io.present, view.pointers, strict=True):
+        binding.bind_input(past, view.device, 0, view.dtype, list(view.shape), pointer)
+        binding.bind_output(present, view.device, 0, view.dtype, list(view.shape), pointer)
 
 
 class DecodeBinding:
     """The cache is bound once as past AND present (the step writes its new column in place); the
     logits go into one preallocated host buffer; each step only rebinds input ids and the mask."""
 
-    def __init__(self, runner: ModelRunner, cache: Sequence[ort.OrtValue], rows: int) -> None:
+    def __init__(self, runner: ModelRunner, view: SlotView) -> None:
         io = runner.io
+        rows = view.shape[0]
         self._runner = runner
         self._binding = runner.session.io_binding()
-        for past, present, value in zip(io.past, io.present, cache, strict=True):
-            self._binding.bind_ortvalue_input(past, value)
-            self._binding.bind_ortvalue_output(present, value)
+        bind_cache(self._binding, io, view)
         self._logits: np.ndarray | None = None
         if runner.device == "cpu" and runner.vocab_size is not None:
             self._logits = np.empty((rows, 1, runner.vocab_size), dtype=np.float32)

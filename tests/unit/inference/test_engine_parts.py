@@ -1,5 +1,5 @@
 """Domain modules of the engine on their own: sampling, stop sequences, detokenisation, provider
-selection, request validation and the decode batch buffer."""
+selection and request validation."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from services.common.errors import FailedPrecondition, InvalidInput
 from services.common.generation import Sampling
 from services.inference.engine.detokenize import IncrementalDetokenizer
 from services.inference.engine.engine import coalesce
-from services.inference.engine.kv_cache import DecodeBatch, KvSpec
 from services.inference.engine.sampling import Sampler, SamplingParams, apply_repetition_penalty
 from services.inference.engine.session import CPU, CUDA, choose_provider
 from services.inference.engine.stop import StopMatcher
@@ -90,27 +89,6 @@ def test_defaults_greedy_without_seed_and_context_window_check() -> None:
         resolve_max_tokens(request, 21, 120, ModelDefaults())
     unset = GenerationRequest(prompt="x")
     assert resolve_max_tokens(unset, 100, 120, ModelDefaults(max_new_tokens=256)) == 20
-
-
-def test_decode_batch_keeps_each_rows_cache_through_joins_and_leaves() -> None:
-    spec = KvSpec(tensors=2, kv_heads=1, head_dim=2, dtype=np.dtype(np.float32))
-
-    def cache(value: float, length: int) -> list[np.ndarray]:
-        return [np.full((1, 1, length, 2), value, np.float32) for _ in range(2)]
-
-    batch = DecodeBatch(spec, capacity=4)
-    batch.add("a", cache(1.0, 3))
-    batch.add("b", cache(2.0, 5))
-    batch.add("c", cache(3.0, 2))
-    mask, values = batch.step_inputs()
-    assert mask.sum(axis=1).tolist() == [4, 6, 3] and len(values) == 2
-    assert batch.tokens == 10 and batch.allocated_bytes > 0
-    batch.remove("a")
-    assert batch.keys == ["c", "b"] and batch.lens.tolist() == [2, 5]
-    assert (batch.buffers[0][0, 0, :2] == 3.0).all() and (batch.buffers[0][1, 0, :5] == 2.0).all()
-    batch.remove("b")
-    batch.remove("c")
-    assert len(batch) == 0 and batch.allocated_bytes == 0
 
 
 async def test_a_consumer_that_falls_behind_gets_the_backlog_in_one_message() -> None:
