@@ -55,6 +55,12 @@ class RouterConfig:
     # for tenants billing last placed below every alert threshold; nothing is sent before the hold is
     # granted). 0: always wait for the hold first.
     early_starts_per_tenant: int = 8
+    # The OpenAI-compatible HTTP API (services/router/http): its port (0: off), host (empty: the gRPC
+    # host) and TLS certificate + key in PEM (empty: plaintext). Same process, event loop and gateway.
+    http_port: int = 0
+    http_host: str = ""
+    http_tls_cert: str = ""
+    http_tls_key: str = ""
 
     def __post_init__(self) -> None:
         if self.cache_max_entries < 0 or self.cache_max_bytes < 0 or self.cache_ttl_s < 0:
@@ -67,3 +73,7 @@ class RouterConfig:
             raise ValueError("early_starts_per_tenant must be >= 0")
         if self.max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
+        if not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be 0..65535, got {self.http_port}")
+        if bool(self.http_tls_cert) != bool(self.http_tls_key):
+            raise ValueError("http_tls_cert and http_tls_key go together (both PEM files, or neither)")

@@ -1,4 +1,5 @@
-"""Builds the router's gRPC server."""
+"""Builds the router's gRPC server and, when `http_port` is set, its OpenAI-compatible HTTP API on the same
+event loop and gateway."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from services.common.error_mapping import status_code_for
 from services.common.grpc_server import RunningServer, start_server
 from services.router.app import RouterApp
 from services.router.config import RouterConfig
+from services.router.http.app import build_app
+from services.router.http.serve import start_http
 from services.router.servicer import AdminServicer, RouterServicer
 
 
@@ -31,5 +34,14 @@ async def build_server(config: RouterConfig) -> RunningServer:
     except BaseException:
         await app.close()
         raise
+    if config.http_port:
+        try:
+            http = await start_http(build_app(app), config.http_host or config.server.host, config.http_port,
+                                    config.http_tls_cert, config.http_tls_key, config.server.shutdown_grace_s)
+        except BaseException:
+            await running.server.stop(0)
+            await app.close()
+            raise
+        running.on_stop.append(http.stop)
     running.on_stop.append(app.close)
     return running
