@@ -29,19 +29,18 @@ async def build_server(config: RouterConfig) -> RunningServer:
             admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
         ]
 
+    http = None
     try:
-        running = await start_server("router", register, host=config.server.host, port=config.server.port)
-    except BaseException:
-        await app.close()
-        raise
-    if config.http_port:
-        try:
+        if config.http_port:  # bound before gRPC reports SERVING, so a ready router answers both
             http = await start_http(build_app(app), config.http_host or config.server.host, config.http_port,
                                     config.http_tls_cert, config.http_tls_key, config.server.shutdown_grace_s)
-        except BaseException:
-            await running.server.stop(0)
-            await app.close()
-            raise
+        running = await start_server("router", register, host=config.server.host, port=config.server.port)
+    except BaseException:
+        if http is not None:
+            await http.stop()
+        await app.close()
+        raise
+    if http is not None:
         running.on_stop.append(http.stop)
     running.on_stop.append(app.close)
     return running
