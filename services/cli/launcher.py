@@ -195,11 +195,28 @@ def write_endpoint(mesh: MeshConfig, top: Topology) -> Path:
     path = mesh.data_dir / "endpoint.json"
     path.write_text(json.dumps({
         "router": top.router_public, "tls": top.tls, "ca_cert": str(top.ca_cert.resolve()) if top.ca_cert else "",
-        "billing": f"127.0.0.1:{mesh.billing_port}", "sidecar": top.sidecar,
+        "billing": f"127.0.0.1:{mesh.billing_port}", "sidecar": top.sidecar, "openai_base_url": top.openai_base_url,
         "billing_operator": next(s.ready_address for s in top.specs if s.name == "billing"),
         "metrics": {s.name: s.metrics_url for s in top.specs if s.metrics_url},
     }, indent=2) + "\n")
     return path
+
+
+def openai_lines(top: Topology, demo_key: str) -> list[str]:
+    """The banner's OpenAI-compatible API part: a curl to paste, and the variables the openai SDKs read."""
+    if not top.openai_base_url:
+        return []
+    ca = f"--cacert {top.ca_cert} " if top.tls else ""
+    env = f"export OPENAI_BASE_URL={top.openai_base_url} OPENAI_API_KEY={demo_key}"
+    return [
+        "",
+        "OpenAI-compatible API (openai SDKs, LangChain, curl):",
+        f"  curl -N {ca}{top.openai_base_url}/chat/completions -H 'authorization: Bearer {demo_key}' \\",
+        "    -H 'content-type: application/json' -d '{\"model\": \"smollm2-135m-instruct\", \"stream\": true,"
+        " \"messages\": [{\"role\": \"user\", \"content\": \"Write a haiku about the sea.\"}]}'",
+        f"  {env}" + (f" SSL_CERT_FILE={top.ca_cert.resolve()}" if top.tls and top.ca_cert else ""),
+        "  .venv/bin/python examples/openai/chat.py",
+    ]
 
 
 def banner(mesh: MeshConfig, top: Topology, demo_key: str) -> str:
@@ -213,6 +230,8 @@ def banner(mesh: MeshConfig, top: Topology, demo_key: str) -> str:
         "Open-AutoGLM mesh is up",
         f"  router     {top.router_public}   (public gRPC: RouterService, AdminService"
         f"{'; TLS, CA ' + str(top.ca_cert) if top.tls else '; plaintext'})",
+        *([f"  openai     {top.openai_base_url}   (OpenAI-compatible HTTP API"
+           f"{'; TLS, same CA' if top.tls else '; plaintext'})"] if top.openai_base_url else []),
         f"  billing    127.0.0.1:{mesh.billing_port}",
         f"  inference  {', '.join(replicas)}",
         f"  sidecars   {top.sidecar}{' (mTLS between services, certificates in ' + str(mesh.data_dir / 'certs') + ')' if top.tls else ''}",
@@ -231,6 +250,7 @@ def banner(mesh: MeshConfig, top: Topology, demo_key: str) -> str:
         f"    {top.router_public} autoglm.router.v1.RouterService/Generate",
         f"  {grpcurl} {transport} {top.router_public} list",
         "  .venv/bin/autoglm chat",
+        *openai_lines(top, demo_key),
         "",
         "Ctrl-C stops everything.",
     ]

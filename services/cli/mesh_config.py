@@ -14,6 +14,8 @@ import yaml
 class MeshConfig:
     data_dir: Path = Path(".autoglm")
     router_port: int = 50051
+    # The router's OpenAI-compatible HTTP API (0: off).
+    router_http_port: int = 8443
     billing_port: int = 50061
     inference_base_port: int = 50071
     inference_replicas: int = 1
@@ -43,6 +45,7 @@ class MeshConfig:
             billing_metrics_port=int(billing.get("metrics_port", cls.billing_metrics_port)),
             inference_metrics_port=int(inference.get("metrics_port", cls.inference_metrics_port)),
             router_port=int((doc.get("router") or {}).get("port", cls.router_port)),
+            router_http_port=int(router.get("http_port", cls.router_http_port)),
             billing_port=int((doc.get("billing") or {}).get("port", cls.billing_port)),
             inference_base_port=int((doc.get("inference") or {}).get("port", cls.inference_base_port)),
             inference_replicas=int((doc.get("inference") or {}).get("replicas", cls.inference_replicas)),

@@ -4,6 +4,9 @@ Public addresses never change with the sidecar mode: the router's port from the 
 clients dial, billing's and each inference replica's ports are what peers and operators dial.
 
 - `--sidecar none`: each service listens on its public port in plaintext.
+- The router's OpenAI-compatible HTTP API (`router.http_port`) is served by the router process itself in
+  every mode: HTTPS with the router's mesh certificate behind a sidecar, plaintext with `none`. Envoy
+  does not front it yet.
 - `--sidecar python` (default) / `envoy`: each service listens on a free loopback port; its sidecar
   owns the public port (mTLS between services; the router's public port is TLS, no client cert).
   The router reaches billing through its sidecar's outbound listener, and each inference replica
@@ -47,6 +50,8 @@ class Topology:
     router_public: str = ""
     tls: bool = False
     ca_cert: Path | None = None
+    # The OpenAI-compatible HTTP API's base URL ("" when router.http_port is 0).
+    openai_base_url: str = ""
 
 
 def _service(module: str, port: int, config: Path | None, metrics_port: int, *extra: str) -> list[str]:
@@ -87,7 +92,11 @@ def plan(mesh: MeshConfig, config: Path | None, sidecar: str) -> Topology:
     # Billing's ledger and operator token (read by `autoglm budget|price|billing|usage`) under the data dir.
     billing_data = ["--data-dir", str(mesh.data_dir)]
     metrics_on = bool(mesh.router_metrics_port)
+    http_port = mesh.router_http_port
+    if http_port:
+        top.openai_base_url = f"{'http' if sidecar == 'none' else 'https'}://127.0.0.1:{http_port}/v1"
     if sidecar == "none":
+        router_data += ["--http-port", str(http_port)] if http_port else []
         top.specs.append(ProcessSpec("billing", _service("services.billing", mesh.billing_port, config,
                                                          mesh.billing_metrics_port, *billing_data),
                                      f"127.0.0.1:{mesh.billing_port}"))
@@ -103,6 +112,10 @@ def plan(mesh: MeshConfig, config: Path | None, sidecar: str) -> Topology:
 
     certs = mesh.data_dir / "certs"
     top.tls, top.ca_cert = True, certs / "ca.pem"
+    if http_port:
+        # The HTTPS port is served by the router itself (TLS with its mesh certificate), not by its sidecar.
+        router_data += ["--http-port", str(http_port), "--http-tls-cert", str(certs / "router.pem"),
+                        "--http-tls-key", str(certs / "router.key")]
 
     sidecar_metrics: dict[str, str] = {}
 

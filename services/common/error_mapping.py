@@ -1,4 +1,4 @@
-"""One table from domain errors to gRPC status codes, and the handler wrapper that applies it.
+"""The gRPC column of the one error table (`error_table.py`), and the handler wrapper that applies it.
 
 | domain error        | status              | notes                                         |
 |---------------------|---------------------|-----------------------------------------------|
@@ -37,22 +37,13 @@ from google.rpc import error_details_pb2, status_pb2
 
 from autoglm.common.v1 import error_details_pb2 as autoglm_error_details_pb2
 from services.common import errors
+from services.common.error_table import ERROR_TABLE
 
 log = structlog.get_logger(__name__)
 
+# The gRPC column of the one error table (services/common/error_table.py, which also holds the HTTP one).
 STATUS_TABLE: dict[type[errors.DomainError], grpc.StatusCode] = {
-    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.Cancelled: grpc.StatusCode.CANCELLED,
-    errors.NotImplementedYet: grpc.StatusCode.UNIMPLEMENTED,
-    errors.Internal: grpc.StatusCode.INTERNAL,
+    klass: grpc.StatusCode[row.grpc] for klass, row in ERROR_TABLE.items()
 }
 
 INTERNAL_MESSAGE = "internal error; the server logged the details under this call's trace id"

@@ -1,8 +1,9 @@
 """The domain exception hierarchy of the mesh.
 
-Domain modules raise these and never import grpc; `services.common.error_mapping` turns them into
-gRPC status codes in one table. Messages are written for the caller: they say what was wrong and
-what to do, and never carry internals (the full exception goes to the log only).
+Domain modules raise these and never import grpc; one table (`services.common.error_table`) turns them
+into gRPC status codes and HTTP statuses with OpenAI error bodies. Messages are written for the caller:
+they say what was wrong and what to do, and never carry internals (the full exception goes to the log
+only).
 """
 
 from __future__ import annotations

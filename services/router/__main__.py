@@ -1,4 +1,5 @@
-"""`python -m services.router --port P [--config FILE] [--inference A,B] [--billing H:P] [--data-dir D]`."""
+"""`python -m services.router --port P [--config FILE] [--inference A,B] [--billing H:P] [--data-dir D]
+[--http-port P [--http-tls-cert PEM --http-tls-key PEM]]`."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inference", default=None, help="comma-separated inference replicas host:port")
     parser.add_argument("--billing", default=None, help="billing host:port")
     parser.add_argument("--data-dir", type=Path, default=None, help="where the router keeps its SQLite files")
+    parser.add_argument("--http-port", type=int, default=None, help="OpenAI-compatible HTTP API port (0: off)")
+    parser.add_argument("--http-tls-cert", default=None, help="PEM certificate for HTTPS on --http-port")
+    parser.add_argument("--http-tls-key", default=None, help="PEM key of --http-tls-cert")
 
 
 def config_from(settings: ServerSettings, args: argparse.Namespace) -> RouterConfig:
@@ -44,6 +48,9 @@ def config_from(settings: ServerSettings, args: argparse.Namespace) -> RouterCon
         overrides["billing_target"] = args.billing
     elif not config.billing_target:
         overrides["billing_target"] = DEFAULT_BILLING
+    for flag in ("http_port", "http_tls_cert", "http_tls_key"):
+        if getattr(args, flag) is not None:
+            overrides[flag] = getattr(args, flag)
     if args.data_dir:
         overrides["data_dir"] = args.data_dir
     elif "data_dir" not in section and mesh.get("data_dir"):

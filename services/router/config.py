@@ -82,6 +82,12 @@ class RouterConfig:
     # for tenants billing last placed below every alert threshold; nothing is sent before the hold is
     # granted). 0: always wait for the hold first.
     early_starts_per_tenant: int = 8
+    # The OpenAI-compatible HTTP API (services/router/http): its port (0: off), host (empty: the gRPC
+    # host) and TLS certificate + key in PEM (empty: plaintext). Same process, event loop and gateway.
+    http_port: int = 0
+    http_host: str = ""
+    http_tls_cert: str = ""
+    http_tls_key: str = ""
 
     def __post_init__(self) -> None:
         if self.cache_max_entries < 0 or self.cache_max_bytes < 0 or self.cache_ttl_s < 0:
@@ -108,3 +114,7 @@ class RouterConfig:
             raise ValueError("context_max_messages must be >= 2 and context_max_bytes >= 1")
         if self.context_retention_s <= 0 or self.job_retention_s <= 0 or self.retention_purge_interval_s <= 0:
             raise ValueError("context_retention_s, job_retention_s and retention_purge_interval_s must be > 0")
+        if not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be 0..65535, got {self.http_port}")
+        if bool(self.http_tls_cert) != bool(self.http_tls_key):
+            raise ValueError("http_tls_cert and http_tls_key go together (both PEM files, or neither)")

@@ -1,4 +1,5 @@
-"""Builds the router's gRPC server."""
+"""Builds the router's gRPC server and, when `http_port` is set, its OpenAI-compatible HTTP API on the same
+event loop and gateway."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from services.common.error_mapping import status_code_for
 from services.common.grpc_server import DEFAULT_OPTIONS, RunningServer, start_server
 from services.router.app import RouterApp
 from services.router.config import RouterConfig
+from services.router.http.app import build_app
+from services.router.http.serve import start_http
 from services.router.servicer import AdminServicer, RouterServicer
 
 # Room above max_request_bytes for the other fields' framing, so the router's own size limits answer
@@ -36,11 +39,19 @@ async def build_server(config: RouterConfig) -> RunningServer:
             admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
         ]
 
+    http = None
     try:
+        if config.http_port:  # bound before gRPC reports SERVING, so a ready router answers both
+            http = await start_http(build_app(app), config.http_host or config.server.host, config.http_port,
+                                    config.http_tls_cert, config.http_tls_key, config.server.shutdown_grace_s)
         running = await start_server("router", register, host=config.server.host, port=config.server.port,
                                      options=server_options(config))
     except BaseException:
+        if http is not None:
+            await http.stop()
         await app.close()
         raise
+    if http is not None:
+        running.on_stop.append(http.stop)
     running.on_stop.append(app.close)
     return running

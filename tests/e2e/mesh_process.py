@@ -36,6 +36,8 @@ class Mesh:
     data_dir: Path
     tls: bool = False
     ca_cert: str = ""
+    # The OpenAI-compatible HTTP API, e.g. "https://127.0.0.1:PORT/v1".
+    openai_base_url: str = ""
 
     def transport(self) -> list[str]:
         """grpcurl flags to reach the router's public port."""
@@ -73,7 +75,7 @@ def write_config(tmp: Path, replicas: int = 1, extra: dict | None = None) -> tup
     # Start from the documented defaults (deploy/local/mesh.yaml) and move everything to free ports / tmp.
     doc = yaml.safe_load((ROOT / "deploy/local/mesh.yaml").read_text())
     doc["mesh"].update({"data_dir": str(tmp / "data"), "shutdown_grace_s": 10})
-    doc["router"].update({"port": router, "metrics_port": 0})
+    doc["router"].update({"port": router, "metrics_port": 0, "http_port": free_port()})
     doc["billing"].update({"port": billing, "metrics_port": 0})
     doc["inference"].update({"port": base, "replicas": replicas, "metrics_port": 0})
     for key, value in (extra or {}).items():
@@ -118,7 +120,7 @@ def start_mesh(tmp: Path, processes: list, timeout_s: float = 600, replicas: int
         process=proc, config=config, router=f"127.0.0.1:{doc['router']['port']}",
         billing=f"127.0.0.1:{doc['billing']['port']}",
         inference=[f"127.0.0.1:{base + i}" for i in range(replicas)], output=output, data_dir=data_dir,
-        tls=bool(endpoint["tls"]), ca_cert=endpoint["ca_cert"],
+        tls=bool(endpoint["tls"]), ca_cert=endpoint["ca_cert"], openai_base_url=endpoint.get("openai_base_url", ""),
     )
 
 

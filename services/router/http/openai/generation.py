@@ -1,0 +1,47 @@
+"""What chat completions and completions share: n generations through the gateway, answered as one JSON
+body or one SSE stream."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.responses import Response
+
+from services.router.http.cancellation import unless_disconnected
+from services.router.http.deps import Backend, header_tags, request_contexts
+from services.router.http.fanout import Fanout
+from services.router.http.openai import convert
+from services.router.http.openai.protocol import SamplingFields
+from services.router.http.sse import EventStream
+from services.router.types import Chunk, GenerationRequest, Principal, Summary
+
+
+async def answer(request: Request, backend: Backend, principal: Principal, body: SamplingFields,
+                 call: GenerationRequest, chat: bool) -> Response:
+    created = int(time.time())
+    contexts = request_contexts(principal, convert.tags(header_tags(request), body), body.n)
+    gateway = backend.gateway
+    streams: Fanout[Chunk | Summary] = Fanout([gateway.generate(ctx, call) for ctx in contexts])
+    request_id = contexts[0].request_id
+    try:
+        if body.stream:
+            # Validated, admitted and held before the first byte: a refusal is still an HTTP status.
+            await unless_disconnected(request, streams.started())
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            builder = convert.ChunkBuilder(chat, request_id, created, body.model, body.n, include_usage)
+            return EventStream(convert.stream_frames(aiter(streams), builder), on_close=streams.aclose)
+        answers = convert.Collected(body.n)
+
+        async def collect() -> None:
+            async for index, item in streams:
+                answers.add(index, item)
+
+        await unless_disconnected(request, collect())
+    except BaseException:
+        await streams.aclose()
+        raise
+    await streams.aclose()
+    result = (convert.chat_completion if chat else convert.text_completion)(request_id, created, answers)
+    return JSONResponse(result.model_dump(mode="json"))

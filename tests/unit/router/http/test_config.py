@@ -1,0 +1,33 @@
+"""The router's HTTP settings: from the mesh file's router section and the launcher's flags, validated."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from services.common.config import ServerSettings
+from services.router.__main__ import config_from
+from services.router.config import RouterConfig
+
+
+def args(config: Path | None, **flags: object) -> argparse.Namespace:
+    base: dict[str, object] = {"config": config, "inference": None, "billing": None, "data_dir": None,
+                               "http_port": None, "http_tls_cert": None, "http_tls_key": None}
+    return argparse.Namespace(**{**base, **flags})
+
+
+def test_the_port_comes_from_the_router_section_and_flags_win(tmp_path: Path) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text("router:\n  port: 50051\n  http_port: 9443\n")
+    assert config_from(ServerSettings(), args(path)).http_port == 9443
+    flagged = config_from(ServerSettings(), args(path, http_port=7000, http_tls_cert="c.pem", http_tls_key="c.key"))
+    assert (flagged.http_port, flagged.http_tls_cert, flagged.http_tls_key) == (7000, "c.pem", "c.key")
+    assert config_from(ServerSettings(), args(None)).http_port == 0  # off unless asked for
+
+
+@pytest.mark.parametrize("fields", [{"http_port": 70000}, {"http_port": -1}, {"http_tls_cert": "only.pem"}])
+def test_bad_http_settings_are_refused_at_start(fields: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="http_"):
+        RouterConfig(**fields)  # type: ignore[arg-type]
