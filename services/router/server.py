@@ -12,7 +12,7 @@ from services.common.error_mapping import status_code_for
 from services.common.grpc_server import DEFAULT_OPTIONS, RunningServer, start_server
 from services.router.app import RouterApp
 from services.router.config import RouterConfig
-from services.router.http.app import build_app
+from services.router.http.app import HttpSettings, build_app
 from services.router.http.serve import start_http
 from services.router.servicer import AdminServicer, RouterServicer
 
@@ -42,7 +42,7 @@ async def build_server(config: RouterConfig) -> RunningServer:
     http = None
     try:
         if config.http_port:  # bound before gRPC reports SERVING, so a ready router answers both
-            http = await start_http(build_app(app), config.http_host or config.server.host, config.http_port,
+            http = await start_http(build_app(app, HttpSettings(max_body_bytes=max(HttpSettings.max_body_bytes, config.max_request_bytes + RECEIVE_HEADROOM))), config.http_host or config.server.host, config.http_port,
                                     config.http_tls_cert, config.http_tls_key, config.server.shutdown_grace_s)
         running = await start_server("router", register, host=config.server.host, port=config.server.port,
                                      options=server_options(config))

@@ -11,6 +11,7 @@ from services.common.tracing import current_request_id, current_trace_id
 from services.router.auth.authenticator import Authenticator
 from services.router.convert import parse_tags
 from services.router.gateway import Gateway
+from services.router.input_limits import InputLimits
 from services.router.registry import ModelEntry
 from services.router.types import Principal, RequestContext
 
@@ -20,6 +21,7 @@ class Backend(Protocol):
 
     gateway: Gateway
     authenticator: Authenticator
+    input_limits: InputLimits
 
     def healthy_replicas(self, model: ModelEntry) -> dict[str, int]: ...
 

@@ -21,6 +21,9 @@ from services.router.types import Chunk, GenerationRequest, Principal, Summary
 async def answer(request: Request, backend: Backend, principal: Principal, body: SamplingFields,
                  call: GenerationRequest, chat: bool) -> Response:
     created = int(time.time())
+    # the same prompt cap as the gRPC transport, before any other work (the body limit bounds the rest)
+    backend.input_limits.check_prompt(
+        [("prompt", call.prompt)] + [(f"messages[{i}].content", m.content) for i, m in enumerate(call.messages)])
     contexts = request_contexts(principal, convert.tags(header_tags(request), body), body.n)
     gateway = backend.gateway
     streams: Fanout[Chunk | Summary] = Fanout([gateway.generate(ctx, call) for ctx in contexts])

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from services.common.errors import DomainError, Unauthenticated
 from services.router.gateway import Gateway
+from services.router.input_limits import InputLimits
 from services.router.registry import ModelEntry, VersionEntry
 from services.router.types import (
     Chunk,
@@ -113,9 +114,10 @@ def check_fake_matches_gateway() -> None:
 
 
 class FakeBackend:
-    def __init__(self, gateway: FakeGateway) -> None:
+    def __init__(self, gateway: FakeGateway, input_limits: InputLimits | None = None) -> None:
         self.gateway = gateway
         self.authenticator = FakeAuthenticator()
+        self.input_limits = input_limits or InputLimits()
 
     def healthy_replicas(self, model: ModelEntry) -> dict[str, int]:
         return {v.version: len(v.replicas) for v in model.versions}

@@ -17,6 +17,7 @@ from services.common import errors
 from services.common.error_table import ERROR_TABLE, INTERNAL_ROW, ErrorRow
 from services.common.grpc_server import start_server
 from services.router.http.app import build_app
+from services.router.input_limits import InputLimits
 from services.router.servicer import RouterServicer
 from tests.unit.router.http.fakes import KEY, FakeAuthenticator, FakeBackend, FakeGateway, check_fake_matches_gateway
 
@@ -36,6 +37,7 @@ CASES: dict[type[BaseException], BaseException] = {
     errors.DeadlineExceeded: errors.DeadlineExceeded("deadline passed"),
     errors.Cancelled: errors.Cancelled("cancelled"),
     errors.NotImplementedYet: errors.NotImplementedYet("not yet"),
+    errors.Internal: errors.Internal("an inference replica failed this request"),
     KeyError: KeyError("/internal/secret"),
 }
 ROWS: list[tuple[BaseException, ErrorRow]] = [
@@ -54,7 +56,7 @@ async def grpc_stub(serve):  # type: ignore[no-untyped-def]
     gateway = FakeGateway()
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
-        parts = SimpleNamespace(gateway=gateway, authenticator=FakeAuthenticator())
+        parts = SimpleNamespace(gateway=gateway, authenticator=FakeAuthenticator(), input_limits=InputLimits())
         pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(parts), server)  # type: ignore[arg-type]
         return []
 

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from services.router.http.app import HttpSettings, build_app
+from services.router.input_limits import InputLimits
 from services.router.types import Summary
 from tests.unit.router.http.fakes import KEY, FakeBackend, FakeGateway
 
@@ -149,3 +150,17 @@ async def test_a_body_sent_without_a_length_is_cut_off_at_the_limit(client: http
     answer = await client.post("/v1/chat/completions", content=body(),
                                headers={**AUTH, "content-type": "application/json"})
     assert answer.status_code == 413 and answer.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_a_prompt_over_the_routers_prompt_limit_is_refused_naming_it(gateway: FakeGateway) -> None:
+    app = build_app(FakeBackend(gateway, InputLimits(max_prompt_bytes=1000)))  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://router") as http:
+        chat = await http.post("/v1/chat/completions", headers=AUTH, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "x" * 600}, {"role": "user", "content": "y" * 600}]})
+        completion = await http.post("/v1/completions", headers=AUTH, json={"model": "tiny", "prompt": "z" * 1001})
+    for answer in (chat, completion):
+        assert answer.status_code == 400
+        error = answer.json()["error"]
+        assert "max_prompt_bytes" in error["message"] and "1,000" in error["message"]
+    assert chat.json()["error"]["param"] == "messages[0].content"
+    assert gateway.calls == []  # refused before the gateway did any work
