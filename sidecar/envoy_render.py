@@ -15,6 +15,10 @@ What maps to what:
   retries in flight, not per second); `outlier` → outlier_detection (consecutive gateway failures and
   local-origin failures, base ejection time, max ejection percent). Envoy has no consecutive-failure
   breaker; the outlier detector plays that part.
+- TLS on both listeners and every peer cluster: TLS 1.2 at least, TLS 1.3 preferred (`tls_params`). The
+  sidecar's own certificate comes through file-based SDS (`<certs>/<service>.sds.yaml`, written with the
+  certificate): Envoy watches the certificate directory and loads a renewed certificate and key for new
+  connections, without a restart; established connections and their streams carry on.
 """
 
 from __future__ import annotations
@@ -41,10 +45,14 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
 )
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
+    ApiVersion,
+    ConfigSource,
     DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
     Http2ProtocolOptions,
+    Node,
+    PathConfigSource,
     RuntimeFractionalPercent,
     SocketAddress,
     SubstitutionFormatString,
@@ -79,9 +87,11 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
     DownstreamTlsContext,
+    SdsSecretConfig,
     SubjectAltNameMatcher,
     SubjectAltNameMatcherSanType,
-    TlsCertificate,
+    TlsParameters,
+    TlsParametersTlsProtocol,
     UpstreamTlsContext,
 )
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
@@ -93,6 +103,7 @@ from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentD
 from envoy_data_plane.google.protobuf import Any as PbAny
 from envoy_data_plane.google.protobuf import Struct
 
+from sidecar.certs import sds_path
 from sidecar.methods import method_table
 from sidecar.policy import Policy, PolicyError, load_policy
 from sidecar.policy import Route as PolicyRoute
@@ -143,8 +154,11 @@ def _common_tls(certs_dir: Path, service: str, san_prefix: str | None, san_exact
         matchers.append(SubjectAltNameMatcher(san_type=SubjectAltNameMatcherSanType.URI,
                                               matcher=StringMatcher(prefix=san_prefix)))
     return CommonTlsContext(
-        tls_certificates=[TlsCertificate(certificate_chain=DataSource(filename=str(certs_dir / f"{service}.pem")),
-                                         private_key=DataSource(filename=str(certs_dir / f"{service}.key")))],
+        tls_params=TlsParameters(tls_minimum_protocol_version=TlsParametersTlsProtocol.TLSv1_2,
+                                 tls_maximum_protocol_version=TlsParametersTlsProtocol.TLSv1_3),
+        tls_certificate_sds_secret_configs=[SdsSecretConfig(name=service, sds_config=ConfigSource(
+            path_config_source=PathConfigSource(path=str(sds_path(certs_dir, service))),
+            resource_api_version=ApiVersion.V3))],
         validation_context=CertificateValidationContext(
             trusted_ca=DataSource(filename=str(certs_dir / "ca.pem")), match_typed_subject_alt_names=matchers),
         alpn_protocols=["h2"],
@@ -337,7 +351,7 @@ def render_bootstrap(policy: Policy, service: str, *, certs_dir: Path, upstream:
         listeners.append(Listener(name="outbound", address=_socket(f"{host}:{ports.outbound}"),
                                   filter_chains=[FilterChain(filters=[_hcm("outbound", outbound_routes, [], service)])]))
     bootstrap = Bootstrap(
-        node=None,
+        node=Node(id=f"{service}-sidecar", cluster=service),  # file-based SDS needs a node identity
         admin=Admin(address=_socket(f"127.0.0.1:{ports.admin}")),
         static_resources=BootstrapStaticResources(listeners=listeners, clusters=clusters),
     )

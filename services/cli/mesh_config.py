@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +19,18 @@ class MeshConfig:
     inference_base_port: int = 50071
     inference_replicas: int = 1
     shutdown_grace_s: float = 15.0
+    # Lifetime of the services' mTLS certificates; each is reissued after 2/3 of it while the mesh runs.
+    cert_lifetime_hours: float = 168.0
     # Prometheus /metrics ports (0 disables); inference replica i uses inference_metrics_port + i.
     router_metrics_port: int = 9101
     billing_metrics_port: int = 9102
     inference_metrics_port: int = 9110
     # Prices created at start-up for models that have none yet: {model, currency, input/output micros per million}.
     seed_prices: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+
+    @property
+    def cert_lifetime(self) -> dt.timedelta:
+        return dt.timedelta(hours=self.cert_lifetime_hours)
 
     @classmethod
     def load(cls, path: Path | None) -> MeshConfig:
@@ -43,5 +50,6 @@ class MeshConfig:
             inference_base_port=int((doc.get("inference") or {}).get("port", cls.inference_base_port)),
             inference_replicas=int((doc.get("inference") or {}).get("replicas", cls.inference_replicas)),
             shutdown_grace_s=float(mesh.get("shutdown_grace_s", cls.shutdown_grace_s)),
+            cert_lifetime_hours=float(mesh.get("cert_lifetime_hours", cls.cert_lifetime_hours)),
             seed_prices=tuple(mesh.get("seed_prices") or ()),
         )
