@@ -34,7 +34,7 @@ from sidecar.access_log import AccessLog
 from sidecar.methods import CallType, call_type
 from sidecar.metrics import SidecarMetrics
 from sidecar.policy import Policy, Route
-from sidecar.ratelimit import TokenBucket
+from sidecar.ratelimit import CallerBuckets, bearer_token, caller_key
 from sidecar.retry import backoff_delay
 from sidecar.tracectx import REQUEST_ID, TRACEPARENT, TRACESTATE, Incoming, new_span_id, new_trace_id, parse_traceparent
 from sidecar.upstream import Cluster
@@ -58,13 +58,14 @@ class Plan:
     cluster: Cluster | None
     target: str
     retry_on: frozenset[grpc.StatusCode]
-    limiter: TokenBucket | None
+    limiter: CallerBuckets | None  # per caller (see sidecar.ratelimit)
     label_requests: Callable[[str], Any]
     latency: Any
     span_name: str
     span_kind: SpanKind
     span_attributes: dict[str, Any]
     public: bool  # inbound to a public service: no authorization
+    require_bearer: bool  # inbound to a service that wants `authorization: Bearer <token>` on its own methods
     allowed_peers: dict[str, bool]
 
 
@@ -79,8 +80,8 @@ class ProxyFailure(Exception):
 class CallState:
     """Per-call bookkeeping, filled in as the call goes."""
 
-    __slots__ = ("attempts", "bytes_in", "bytes_out", "code", "details", "peer", "request_id", "span",
-                 "started", "trace_id", "upstream")
+    __slots__ = ("attempts", "authorization", "bytes_in", "bytes_out", "code", "details", "peer", "request_id",
+                 "span", "started", "trace_id", "upstream")
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
@@ -93,6 +94,7 @@ class CallState:
         self.trace_id = ""
         self.request_id = ""
         self.upstream = ""
+        self.authorization = ""
         self.span: Any = None
 
 
@@ -135,7 +137,11 @@ class Proxy(grpc.GenericRpcHandler):
                 # Health and reflection belong to no one service: with a single peer they go to it.
                 target = next(iter(self.clusters))
             cluster = self.clusters.get(target)
-        limiter = TokenBucket(route.rate_limit.rps, route.rate_limit.burst) if route.rate_limit else None
+        limit = route.rate_limit
+        limiter = CallerBuckets(limit.rps, limit.burst, limit.max_callers) if limit else None
+        own = policy.services.get(self.local_service)
+        require_bearer = bool(self.inbound and own is not None and own.require_bearer
+                              and method.lstrip("/").split("/", 1)[0] in own.grpc_services)
         retry_on = frozenset(getattr(grpc.StatusCode, c) for c in route.retries.retry_on)
         requests = self.metrics.requests
         direction = self.direction
@@ -154,8 +160,7 @@ class Proxy(grpc.GenericRpcHandler):
             span_name=f"sidecar.{direction} {method.lstrip('/')}",
             span_kind=SpanKind.SERVER if self.inbound else SpanKind.CLIENT,
             span_attributes={"rpc.system": "grpc", "rpc.method": method, "sidecar.service": self.local_service},
-            public=self.local_service in policy.services and policy.services[self.local_service].public,
-            allowed_peers={})
+            public=own is not None and own.public, require_bearer=require_bearer, allowed_peers={})
         return found
 
     # --- grpc.GenericRpcHandler -------------------------------------------------------------------
@@ -188,7 +193,8 @@ class Proxy(grpc.GenericRpcHandler):
         return ""
 
     def _admit(self, plan: Plan, context: grpc.aio.ServicerContext, state: CallState) -> None:
-        """Authorization, cluster presence, rate and concurrency limits; raises ProxyFailure."""
+        """Mesh authorization, the bearer check, cluster presence, the caller's rate limit and the concurrency
+        limit; raises ProxyFailure."""
         if self.inbound:
             state.peer = self._peer_identity(context)
             if not plan.public:
@@ -208,9 +214,16 @@ class Proxy(grpc.GenericRpcHandler):
             raise ProxyFailure(grpc.StatusCode.UNIMPLEMENTED,
                                f"the {self.local_service} sidecar has no route for {plan.method}: no service in the "
                                f"mesh policy lists {plan.method.lstrip('/').split('/', 1)[0]}")
-        if plan.limiter is not None and not plan.limiter.try_take():
-            raise ProxyFailure(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"rate limit of route {plan.route.name} exceeded; retry later")
+        if plan.require_bearer or plan.limiter is not None:
+            token = bearer_token(state.authorization) if state.authorization else None
+            if token is None and plan.require_bearer:
+                # Refused here, before the service spends anything on it (a flood of these costs it nothing).
+                raise ProxyFailure(grpc.StatusCode.UNAUTHENTICATED,
+                                   "missing or malformed credentials: send metadata "
+                                   "'authorization: Bearer <API key or JWT>'")
+            if plan.limiter is not None and not plan.limiter.try_take(caller_key(token, state.peer, context.peer())):
+                raise ProxyFailure(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"rate limit of route {plan.route.name} exceeded for this caller; retry later")
         if plan.cluster.active >= plan.cluster.max_concurrent:
             raise ProxyFailure(grpc.StatusCode.UNAVAILABLE,
                                f"{plan.cluster.name}: {plan.cluster.max_concurrent} calls already in flight "
@@ -258,6 +271,7 @@ class Proxy(grpc.GenericRpcHandler):
         if incoming.tracestate:
             metadata.append((TRACESTATE, incoming.tracestate))
         state.request_id = incoming.request_id or new_trace_id()
+        state.authorization = incoming.authorization
         metadata.append((REQUEST_ID, state.request_id))
         return metadata
 
