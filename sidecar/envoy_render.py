@@ -9,7 +9,9 @@ What maps to what:
 - every known method gets an exact-path route: `timeout_s` → max_stream_duration and
   grpc_timeout_header_max (the smaller of client deadline and route timeout wins); `retries` → retry_policy
   (gRPC retry_on, num_retries = max_attempts - 1, per_try_timeout, exponential back-off); `rate_limit` → a
-  local_ratelimit token bucket.
+  local_ratelimit token bucket (one per route: unlike the Python sidecar's, not per caller).
+- `require_bearer` → a route per own gRPC service, first, that answers a call whose `authorization` is not
+  `Bearer <token>` with a local 401 (gRPC UNAUTHENTICATED) before it reaches the service.
 - per cluster: `max_concurrent` → circuit_breakers max_requests/max_pending_requests; `retry_budget` →
   retry_budget (budget_percent = ratio × 100, min_retry_concurrency = min_per_s: Envoy's floor counts
   retries in flight, not per second); `outlier` → outlier_detection (consecutive gateway failures and
@@ -63,6 +65,8 @@ from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Liste
 from envoy_data_plane.envoy.config.rbac.v3 import Permission, Principal, Rbac, RbacAction
 from envoy_data_plane.envoy.config.rbac.v3 import Policy as RbacPolicy
 from envoy_data_plane.envoy.config.route.v3 import (
+    DirectResponseAction,
+    HeaderMatcher,
     RetryPolicy,
     RetryPolicyRetryBackOff,
     Route,
@@ -200,6 +204,25 @@ def _route(method_path: str, rule: PolicyRoute, cluster: str, *, retries: bool, 
     return route
 
 
+# RFC 6750 `b64token` after the scheme, as sidecar.ratelimit.bearer_token accepts it.
+BEARER_REGEX = r"[Bb][Ee][Aa][Rr][Ee][Rr] +[A-Za-z0-9\-._~+/]+=* *"  # (RE2 caps {n,m} at 1000: no length here)
+BEARER_REFUSAL = "missing or malformed credentials: send metadata 'authorization: Bearer <API key or JWT>'"
+
+
+def _bearer_refusals(policy: Policy, service: str) -> list[Route]:
+    """`require_bearer`: a call to the service's own methods whose `authorization` is missing or not
+    `Bearer <token>` is answered by Envoy itself: HTTP 401 as a gRPC local reply is UNAUTHENTICATED."""
+    def refusal(grpc_service: str) -> Route:
+        not_bearer = HeaderMatcher(name="authorization", invert_match=True, treat_missing_header_as_empty=True,
+                                   string_match=StringMatcher(safe_regex=RegexMatcher(regex=BEARER_REGEX)))
+        return Route(name=f"require-bearer:/{grpc_service}/",
+                     match=RouteMatch(prefix=f"/{grpc_service}/", headers=[not_bearer]),
+                     direct_response=DirectResponseAction(status=401, body=DataSource(inline_string=BEARER_REFUSAL)))
+
+    return [refusal(grpc_service)
+            for grpc_service in policy.services[service].grpc_services]
+
+
 def _routes_for(policy: Policy, service: str, cluster: str, *, retries: bool) -> list[Route]:
     routes = [_route(m, policy.route_for(m), cluster, retries=retries, exact=True) for m in _methods_of(policy, service)]
     for grpc_service in policy.services[service].grpc_services:  # methods the descriptors do not know
@@ -313,7 +336,8 @@ def render_bootstrap(policy: Policy, service: str, *, certs_dir: Path, upstream:
     inbound_filters: list[HttpFilter] = []
     if not own.public:
         inbound_filters.append(HttpFilter(name="envoy.filters.http.rbac", typed_config=PbAny.pack(_rbac(policy, service))))
-    inbound_routes = _routes_for(policy, service, "local", retries=False)
+    inbound_routes = _bearer_refusals(policy, service) if own.require_bearer else []
+    inbound_routes += _routes_for(policy, service, "local", retries=False)
     if any(policy.route_for(m).rate_limit for m in _methods_of(policy, service)):
         inbound_filters.append(_rate_limit_filter())
     for infra in ("/grpc.health.v1.Health/", "/grpc.reflection."):
