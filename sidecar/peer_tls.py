@@ -71,12 +71,11 @@ class _Pipe(asyncio.Protocol):
     """One side of a relayed connection: what it reads, the other side writes (with back-pressure)."""
 
     def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
+        self.transport: Any = None  # an asyncio.Transport (uvloop's do not subclass it)
         self.other: _Pipe | None = None
         self._held: list[bytes] = []  # read before the other side is attached (e.g. the peer's SETTINGS)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
     def attach(self, other: _Pipe) -> None:

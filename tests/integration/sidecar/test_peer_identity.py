@@ -3,6 +3,7 @@ at least and prefer 1.3."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from sidecar import certs
-from sidecar.peer_tls import ClientTls
+from sidecar.peer_tls import ClientTls, PeerConnector
 from sidecar.runtime import SidecarConfig, build_sidecar
 from tests.integration.sidecar.conftest import Mesh
 from tests.integration.sidecar.upstreams import FakeInference
@@ -81,3 +82,50 @@ def test_outbound_tls_context_sets_tls12_as_the_minimum(pki: Path) -> None:
     context = ClientTls(certs.CertFiles(pki, "router")).context()
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
     assert context.maximum_version == ssl.TLSVersion.MAXIMUM_SUPPORTED
+
+
+async def relay_round_trip(pki: Path, tmp_path: Path, server_cert: certs.KeyPair) -> tuple[bytes, int]:
+    """Bytes written to a PeerRelay's socket reach a TLS server holding `server_cert` and come back."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    (tmp_path / "s.pem").write_bytes(server_cert.cert_pem)
+    (tmp_path / "s.key").write_bytes(server_cert.key_pem)
+    ctx.load_cert_chain(tmp_path / "s.pem", tmp_path / "s.key")
+    ctx.load_verify_locations(cafile=str(pki / "ca.pem"))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.read(100))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=ctx)
+    port = server.sockets[0].getsockname()[1]
+    connector = PeerConnector(certs.CertFiles(pki, "router"), ())
+    try:
+        relay = connector.relay(f"127.0.0.1:{port}", "inference", "spiffe://autoglm.local/ns/default/sa/inference")
+        reader, writer = await asyncio.open_unix_connection(str(relay.path))
+        writer.write(b"ping")
+        await writer.drain()
+        try:
+            answer = await asyncio.wait_for(reader.read(100), 5)
+        except ConnectionResetError:  # refused: closed with our bytes unread
+            answer = b""
+        writer.close()
+        return answer, relay.refused
+    finally:
+        await connector.close()
+        server.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_relay_carries_bytes_to_the_right_peer_and_refuses_the_wrong_one(pki: Path, tmp_path: Path,
+                                                                             loop: str) -> None:
+    """On both event loops the sidecar runs on (uvloop in production)."""
+    import uvloop
+
+    ca = certs.read_pair(pki, "ca")
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        assert runner.run(relay_round_trip(pki, tmp_path, certs.read_pair(pki, "inference"))) == (b"ping", 0)
+        wrong = certs.issue(ca, "inference", namespace="elsewhere")
+        assert runner.run(relay_round_trip(pki, tmp_path, wrong)) == (b"", 1)
