@@ -5,16 +5,28 @@ Layout of a certificate directory (what `autoglm certs init|issue` writes and th
     ca.pem  ca.key                     the mesh CA (keep ca.key off the nodes in production)
     <service>.pem  <service>.key       a service identity: URI SAN spiffe://<td>/ns/<ns>/sa/<service>,
                                        DNS SANs <service> and localhost, IP SAN 127.0.0.1
+    <service>.bundle.pem  <service>.sds.yaml   the same pair for Envoy, read through file-based SDS
 
 `CertFiles` watches a service's files and hands out the current bytes, so a rotation (a new file
-written in place) is picked up by new handshakes without touching established connections.
+renamed into place) is picked up by new handshakes without touching established connections. A key and
+certificate that do not belong together (read between the two renames of a renewal) are not loaded: the
+previous pair stays in force until the next check.
+
+Renewal: a leaf certificate is due for renewal once less than a third of its lifetime is left
+(`renewal_due`); `renew_due` reissues those from the CA in the same directory. `autoglm up` runs that
+while the mesh runs, so certificates never expire under a running mesh.
+
+Private keys are written to a file created with mode 0600 (`tempfile.mkstemp`), then renamed into place:
+there is never a moment when the key bytes sit in a file others may read.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -102,9 +114,20 @@ def issue(ca: KeyPair, service: str, *, trust_domain: str = DEFAULT_TRUST_DOMAIN
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, mode)
+    """Write `data` to a new file created with mode 0600 (whatever the umask), set `mode` before any byte
+    is written, then rename it over `path`: a reader sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
     os.replace(tmp, path)
 
 
@@ -115,6 +138,42 @@ def write_pair(directory: Path, name: str, pair: KeyPair) -> tuple[Path, Path]:
     _write_atomic(key_path, pair.key_pem, 0o600)
     _write_atomic(cert_path, pair.cert_pem, 0o644)
     return cert_path, key_path
+
+
+def sds_path(directory: Path, service: str) -> Path:
+    return directory / f"{service}.sds.yaml"
+
+
+def bundle_path(directory: Path, service: str) -> Path:
+    return directory / f"{service}.bundle.pem"
+
+
+def write_sds(directory: Path, service: str, pair: KeyPair | None = None) -> Path:
+    """For Envoy: `<service>.bundle.pem` (certificate then key, 0600, replaced by one rename, so Envoy never
+    reads a key and certificate that do not belong together) and `<service>.sds.yaml`, the file-based SDS
+    resource naming it, with the directory as the watched one: Envoy reloads the pair when a renewal renames
+    the bundle into place."""
+    if pair is None:
+        pair = read_pair(directory, service)
+    bundle = bundle_path(directory, service)
+    if not bundle.exists() or bundle.read_bytes() != pair.cert_pem + pair.key_pem:
+        _write_atomic(bundle, pair.cert_pem + pair.key_pem, 0o600)
+    base = directory.resolve()
+    name = json.dumps(str(base / bundle.name))
+    text = (
+        "# Envoy file-based SDS: this service's certificate; reloaded when a file in the directory is renamed.\n"
+        "resources:\n"
+        '- "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret\n'
+        f"  name: {json.dumps(service)}\n"
+        "  tls_certificate:\n"
+        f"    certificate_chain: {{filename: {name}}}\n"
+        f"    private_key: {{filename: {name}}}\n"
+        f"    watched_directory: {{path: {json.dumps(str(base))}}}\n"
+    )
+    path = sds_path(directory, service)
+    if not path.exists() or path.read_text() != text:
+        _write_atomic(path, text.encode(), 0o644)
+    return path
 
 
 def read_pair(directory: Path, name: str) -> KeyPair:
@@ -137,9 +196,48 @@ def init_ca(directory: Path, force: bool = False) -> Path:
 def issue_to(directory: Path, service: str, *, trust_domain: str = DEFAULT_TRUST_DOMAIN,
              namespace: str = DEFAULT_NAMESPACE, ttl: dt.timedelta = DEFAULT_TTL) -> Path:
     ca = read_pair(directory, "ca")
-    cert_path, _ = write_pair(directory, service, issue(ca, service, trust_domain=trust_domain,
-                                                         namespace=namespace, ttl=ttl))
+    pair = issue(ca, service, trust_domain=trust_domain, namespace=namespace, ttl=ttl)
+    write_sds(directory, service, pair)
+    cert_path, _ = write_pair(directory, service, pair)
     return cert_path
+
+
+def renewal_due(cert_pem: bytes, lifetime: dt.timedelta, now: dt.datetime | None = None) -> bool:
+    """True once less than a third of `lifetime` is left before the certificate expires."""
+    now = now or dt.datetime.now(dt.UTC)
+    return not_valid_after(cert_pem) - now <= lifetime / 3
+
+
+def renew_due(directory: Path, services: tuple[str, ...] | list[str], lifetime: dt.timedelta, *,
+              trust_domain: str = DEFAULT_TRUST_DOMAIN, namespace: str = DEFAULT_NAMESPACE,
+              now: dt.datetime | None = None) -> list[str]:
+    """Issue a new certificate (and key) for every service whose certificate is missing or due; returns them."""
+    renewed = []
+    for service in services:
+        pem = directory / f"{service}.pem"
+        if not pem.exists() or renewal_due(pem.read_bytes(), lifetime, now):
+            issue_to(directory, service, trust_domain=trust_domain, namespace=namespace, ttl=lifetime)
+            renewed.append(service)
+    return renewed
+
+
+def next_renewal(directory: Path, services: tuple[str, ...] | list[str], lifetime: dt.timedelta) -> dt.datetime:
+    """When the first of `services`' certificates becomes due (now when one is missing)."""
+    due = []
+    for service in services:
+        pem = directory / f"{service}.pem"
+        if not pem.exists():
+            return dt.datetime.now(dt.UTC)
+        due.append(not_valid_after(pem.read_bytes()) - lifetime / 3)
+    return min(due)
+
+
+def pair_matches(pair: KeyPair) -> bool:
+    """Does the private key belong to the certificate?"""
+    cert = x509.load_pem_x509_certificate(pair.cert_pem)
+    key = serialization.load_pem_private_key(pair.key_pem, password=None)
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return bool(cert.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki))
 
 
 @lru_cache(maxsize=256)
@@ -186,6 +284,11 @@ class CertFiles:
             return False
         ca_pem = self._paths[0].read_bytes()
         pair = read_pair(self.directory, self.service)
+        if not pair_matches(pair):
+            if self.version == 0:
+                raise ValueError(f"{self._paths[2]} is not the key of {self._paths[1]}; reissue it with "
+                                 f"`autoglm certs issue {self.service}`")
+            return False  # caught between the renames of a renewal: the next check loads the pair
         self._stamp, self.ca_pem, self.pair = stamp, ca_pem, pair
         self.version += 1
         return True

@@ -9,12 +9,18 @@ What maps to what:
 - every known method gets an exact-path route: `timeout_s` → max_stream_duration and
   grpc_timeout_header_max (the smaller of client deadline and route timeout wins); `retries` → retry_policy
   (gRPC retry_on, num_retries = max_attempts - 1, per_try_timeout, exponential back-off); `rate_limit` → a
-  local_ratelimit token bucket.
+  local_ratelimit token bucket (one per route: unlike the Python sidecar's, not per caller).
+- `require_bearer` → a route per own gRPC service, first, that answers a call whose `authorization` is not
+  `Bearer <token>` with a local 401 (gRPC UNAUTHENTICATED) before it reaches the service.
 - per cluster: `max_concurrent` → circuit_breakers max_requests/max_pending_requests; `retry_budget` →
   retry_budget (budget_percent = ratio × 100, min_retry_concurrency = min_per_s: Envoy's floor counts
   retries in flight, not per second); `outlier` → outlier_detection (consecutive gateway failures and
   local-origin failures, base ejection time, max ejection percent). Envoy has no consecutive-failure
   breaker; the outlier detector plays that part.
+- TLS on both listeners and every peer cluster: TLS 1.2 at least, TLS 1.3 preferred (`tls_params`). The
+  sidecar's own certificate comes through file-based SDS (`<certs>/<service>.sds.yaml`, written with the
+  certificate): Envoy watches the certificate directory and loads a renewed certificate and key for new
+  connections, without a restart; established connections and their streams carry on.
 """
 
 from __future__ import annotations
@@ -41,10 +47,14 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
 )
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
+    ApiVersion,
+    ConfigSource,
     DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
     Http2ProtocolOptions,
+    Node,
+    PathConfigSource,
     RuntimeFractionalPercent,
     SocketAddress,
     SubstitutionFormatString,
@@ -55,6 +65,8 @@ from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Liste
 from envoy_data_plane.envoy.config.rbac.v3 import Permission, Principal, Rbac, RbacAction
 from envoy_data_plane.envoy.config.rbac.v3 import Policy as RbacPolicy
 from envoy_data_plane.envoy.config.route.v3 import (
+    DirectResponseAction,
+    HeaderMatcher,
     RetryPolicy,
     RetryPolicyRetryBackOff,
     Route,
@@ -79,9 +91,11 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
     DownstreamTlsContext,
+    SdsSecretConfig,
     SubjectAltNameMatcher,
     SubjectAltNameMatcherSanType,
-    TlsCertificate,
+    TlsParameters,
+    TlsParametersTlsProtocol,
     UpstreamTlsContext,
 )
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
@@ -93,6 +107,7 @@ from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentD
 from envoy_data_plane.google.protobuf import Any as PbAny
 from envoy_data_plane.google.protobuf import Struct
 
+from sidecar.certs import sds_path
 from sidecar.methods import method_table
 from sidecar.policy import Policy, PolicyError, load_policy
 from sidecar.policy import Route as PolicyRoute
@@ -143,8 +158,11 @@ def _common_tls(certs_dir: Path, service: str, san_prefix: str | None, san_exact
         matchers.append(SubjectAltNameMatcher(san_type=SubjectAltNameMatcherSanType.URI,
                                               matcher=StringMatcher(prefix=san_prefix)))
     return CommonTlsContext(
-        tls_certificates=[TlsCertificate(certificate_chain=DataSource(filename=str(certs_dir / f"{service}.pem")),
-                                         private_key=DataSource(filename=str(certs_dir / f"{service}.key")))],
+        tls_params=TlsParameters(tls_minimum_protocol_version=TlsParametersTlsProtocol.TLSv1_2,
+                                 tls_maximum_protocol_version=TlsParametersTlsProtocol.TLSv1_3),
+        tls_certificate_sds_secret_configs=[SdsSecretConfig(name=service, sds_config=ConfigSource(
+            path_config_source=PathConfigSource(path=str(sds_path(certs_dir, service))),
+            resource_api_version=ApiVersion.V3))],
         validation_context=CertificateValidationContext(
             trusted_ca=DataSource(filename=str(certs_dir / "ca.pem")), match_typed_subject_alt_names=matchers),
         alpn_protocols=["h2"],
@@ -184,6 +202,25 @@ def _route(method_path: str, rule: PolicyRoute, cluster: str, *, retries: bool, 
                 numerator=100, denominator=FractionalPercentDenominatorType.HUNDRED), runtime_key="rl_enforced"))
         route.typed_per_filter_config = {"envoy.filters.http.local_ratelimit": PbAny.pack(limit)}
     return route
+
+
+# RFC 6750 `b64token` after the scheme, as sidecar.ratelimit.bearer_token accepts it.
+BEARER_REGEX = r"[Bb][Ee][Aa][Rr][Ee][Rr] +[A-Za-z0-9\-._~+/]+=* *"  # (RE2 caps {n,m} at 1000: no length here)
+BEARER_REFUSAL = "missing or malformed credentials: send metadata 'authorization: Bearer <API key or JWT>'"
+
+
+def _bearer_refusals(policy: Policy, service: str) -> list[Route]:
+    """`require_bearer`: a call to the service's own methods whose `authorization` is missing or not
+    `Bearer <token>` is answered by Envoy itself: HTTP 401 as a gRPC local reply is UNAUTHENTICATED."""
+    def refusal(grpc_service: str) -> Route:
+        not_bearer = HeaderMatcher(name="authorization", invert_match=True, treat_missing_header_as_empty=True,
+                                   string_match=StringMatcher(safe_regex=RegexMatcher(regex=BEARER_REGEX)))
+        return Route(name=f"require-bearer:/{grpc_service}/",
+                     match=RouteMatch(prefix=f"/{grpc_service}/", headers=[not_bearer]),
+                     direct_response=DirectResponseAction(status=401, body=DataSource(inline_string=BEARER_REFUSAL)))
+
+    return [refusal(grpc_service)
+            for grpc_service in policy.services[service].grpc_services]
 
 
 def _routes_for(policy: Policy, service: str, cluster: str, *, retries: bool) -> list[Route]:
@@ -299,7 +336,8 @@ def render_bootstrap(policy: Policy, service: str, *, certs_dir: Path, upstream:
     inbound_filters: list[HttpFilter] = []
     if not own.public:
         inbound_filters.append(HttpFilter(name="envoy.filters.http.rbac", typed_config=PbAny.pack(_rbac(policy, service))))
-    inbound_routes = _routes_for(policy, service, "local", retries=False)
+    inbound_routes = _bearer_refusals(policy, service) if own.require_bearer else []
+    inbound_routes += _routes_for(policy, service, "local", retries=False)
     if any(policy.route_for(m).rate_limit for m in _methods_of(policy, service)):
         inbound_filters.append(_rate_limit_filter())
     for infra in ("/grpc.health.v1.Health/", "/grpc.reflection."):
@@ -337,7 +375,7 @@ def render_bootstrap(policy: Policy, service: str, *, certs_dir: Path, upstream:
         listeners.append(Listener(name="outbound", address=_socket(f"{host}:{ports.outbound}"),
                                   filter_chains=[FilterChain(filters=[_hcm("outbound", outbound_routes, [], service)])]))
     bootstrap = Bootstrap(
-        node=None,
+        node=Node(id=f"{service}-sidecar", cluster=service),  # file-based SDS needs a node identity
         admin=Admin(address=_socket(f"127.0.0.1:{ports.admin}")),
         static_resources=BootstrapStaticResources(listeners=listeners, clusters=clusters),
     )

@@ -12,6 +12,7 @@ and writes one access-log line, one span and the metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from sidecar.access_log import AccessLog
 from sidecar.methods import CallType, call_type
 from sidecar.metrics import SidecarMetrics
 from sidecar.policy import Policy, Route
-from sidecar.ratelimit import TokenBucket
+from sidecar.ratelimit import CallerBuckets, bearer_token, caller_key
 from sidecar.retry import backoff_delay
 from sidecar.tracectx import REQUEST_ID, TRACEPARENT, TRACESTATE, Incoming, new_span_id, new_trace_id, parse_traceparent
 from sidecar.upstream import Cluster
@@ -43,6 +44,9 @@ from sidecar.upstream import Cluster
 FAILURE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                            grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
 
+
+# Call kinds the proxy retries (their calls count in the retry budget's requests in flight).
+RETRIED_KINDS = frozenset({CallType.UNARY_UNARY, CallType.UNARY_STREAM})
 
 # Services every server offers; on an outbound listener with one peer they are routed to that peer.
 INFRA_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -58,13 +62,14 @@ class Plan:
     cluster: Cluster | None
     target: str
     retry_on: frozenset[grpc.StatusCode]
-    limiter: TokenBucket | None
+    limiter: CallerBuckets | None  # per caller (see sidecar.ratelimit)
     label_requests: Callable[[str], Any]
     latency: Any
     span_name: str
     span_kind: SpanKind
     span_attributes: dict[str, Any]
     public: bool  # inbound to a public service: no authorization
+    require_bearer: bool  # inbound to a service that wants `authorization: Bearer <token>` on its own methods
     allowed_peers: dict[str, bool]
 
 
@@ -79,8 +84,8 @@ class ProxyFailure(Exception):
 class CallState:
     """Per-call bookkeeping, filled in as the call goes."""
 
-    __slots__ = ("attempts", "bytes_in", "bytes_out", "code", "details", "peer", "request_id", "span",
-                 "started", "trace_id", "upstream")
+    __slots__ = ("attempts", "authorization", "bytes_in", "bytes_out", "call", "code", "details", "metadata", "peer",
+                 "request_id", "span", "started", "trace_id", "upstream")
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
@@ -93,7 +98,10 @@ class CallState:
         self.trace_id = ""
         self.request_id = ""
         self.upstream = ""
+        self.authorization = ""
         self.span: Any = None
+        self.metadata: list[Any] = []  # forwarded upstream
+        self.call: Any = None  # the upstream call in progress
 
 
 class Proxy(grpc.GenericRpcHandler):
@@ -135,7 +143,11 @@ class Proxy(grpc.GenericRpcHandler):
                 # Health and reflection belong to no one service: with a single peer they go to it.
                 target = next(iter(self.clusters))
             cluster = self.clusters.get(target)
-        limiter = TokenBucket(route.rate_limit.rps, route.rate_limit.burst) if route.rate_limit else None
+        limit = route.rate_limit
+        limiter = CallerBuckets(limit.rps, limit.burst, limit.max_callers) if limit else None
+        own = policy.services.get(self.local_service)
+        require_bearer = bool(self.inbound and own is not None and own.require_bearer
+                              and method.lstrip("/").split("/", 1)[0] in own.grpc_services)
         retry_on = frozenset(getattr(grpc.StatusCode, c) for c in route.retries.retry_on)
         requests = self.metrics.requests
         direction = self.direction
@@ -154,8 +166,7 @@ class Proxy(grpc.GenericRpcHandler):
             span_name=f"sidecar.{direction} {method.lstrip('/')}",
             span_kind=SpanKind.SERVER if self.inbound else SpanKind.CLIENT,
             span_attributes={"rpc.system": "grpc", "rpc.method": method, "sidecar.service": self.local_service},
-            public=self.local_service in policy.services and policy.services[self.local_service].public,
-            allowed_peers={})
+            public=own is not None and own.public, require_bearer=require_bearer, allowed_peers={})
         return found
 
     # --- grpc.GenericRpcHandler -------------------------------------------------------------------
@@ -188,7 +199,8 @@ class Proxy(grpc.GenericRpcHandler):
         return ""
 
     def _admit(self, plan: Plan, context: grpc.aio.ServicerContext, state: CallState) -> None:
-        """Authorization, cluster presence, rate and concurrency limits; raises ProxyFailure."""
+        """Mesh authorization, the bearer check, cluster presence, the caller's rate limit and the concurrency
+        limit; raises ProxyFailure."""
         if self.inbound:
             state.peer = self._peer_identity(context)
             if not plan.public:
@@ -208,9 +220,16 @@ class Proxy(grpc.GenericRpcHandler):
             raise ProxyFailure(grpc.StatusCode.UNIMPLEMENTED,
                                f"the {self.local_service} sidecar has no route for {plan.method}: no service in the "
                                f"mesh policy lists {plan.method.lstrip('/').split('/', 1)[0]}")
-        if plan.limiter is not None and not plan.limiter.try_take():
-            raise ProxyFailure(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"rate limit of route {plan.route.name} exceeded; retry later")
+        if plan.require_bearer or plan.limiter is not None:
+            token = bearer_token(state.authorization) if state.authorization else None
+            if token is None and plan.require_bearer:
+                # Refused here, before the service spends anything on it (a flood of these costs it nothing).
+                raise ProxyFailure(grpc.StatusCode.UNAUTHENTICATED,
+                                   "missing or malformed credentials: send metadata "
+                                   "'authorization: Bearer <API key or JWT>'")
+            if plan.limiter is not None and not plan.limiter.try_take(caller_key(token, state.peer, context.peer())):
+                raise ProxyFailure(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"rate limit of route {plan.route.name} exceeded for this caller; retry later")
         if plan.cluster.active >= plan.cluster.max_concurrent:
             raise ProxyFailure(grpc.StatusCode.UNAVAILABLE,
                                f"{plan.cluster.name}: {plan.cluster.max_concurrent} calls already in flight "
@@ -258,6 +277,7 @@ class Proxy(grpc.GenericRpcHandler):
         if incoming.tracestate:
             metadata.append((TRACESTATE, incoming.tracestate))
         state.request_id = incoming.request_id or new_trace_id()
+        state.authorization = incoming.authorization
         metadata.append((REQUEST_ID, state.request_id))
         return metadata
 
@@ -344,46 +364,59 @@ class Proxy(grpc.GenericRpcHandler):
     def _upstream_failure(err: grpc.aio.AioRpcError) -> ProxyFailure:
         return ProxyFailure(err.code(), err.details() or "", tuple(err.trailing_metadata() or ()))
 
-    # --- unary → unary: the fast path -------------------------------------------------------------
+    # --- the scope every call runs in ---------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _call_scope(self, plan: Plan, context: grpc.aio.ServicerContext, state: CallState
+                          ) -> AsyncIterator[Cluster]:
+        """What every kind of call shares, around the part that forwards it: trace context (and the span),
+        admission, the concurrency count and (for retried kinds) the retry budget's request count; a refusal
+        or upstream failure answered with its code; on the way out, the upstream call cancelled if still
+        running, the breaker fed, and the metrics, span and access-log line written."""
+        cluster = plan.cluster
+        counted = False
+        budget = None
+        try:
+            state.metadata = self._outgoing(context, state, plan)
+            self._admit(plan, context, state)
+            assert cluster is not None
+            cluster.active += 1
+            counted = True
+            if plan.kind in RETRIED_KINDS and cluster.budget is not None:
+                budget = cluster.budget
+                budget.request_started()
+            yield cluster
+        except ProxyFailure as failure:
+            await self._fail(context, state, failure)  # abort: raises grpc's abort exception
+        except (asyncio.CancelledError, GeneratorExit):
+            state.code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            call = state.call
+            if call is not None and not call.done():
+                call.cancel()
+            if counted:
+                assert cluster is not None
+                cluster.active -= 1
+            if budget is not None:
+                budget.request_finished()
+            self._breaker_outcome(cluster, state)
+            self._finish(plan, state)
+
+    # --- unary → unary: the fast path; retried while the route and the budget allow -------------------
     def _unary(self, method: str) -> Callable[..., Any]:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             plan = self._plans.get(method) or self.plan(method)
             state = CallState()
             state.bytes_in = len(request)
-            cluster = plan.cluster
-            counted = False
-            try:
-                metadata = self._outgoing(context, state, plan)
-                self._admit(plan, context, state)
-                assert cluster is not None
-                cluster.active += 1
-                counted = True
-                budget = cluster.budget
-                if budget is not None:
-                    budget.request_started()
-                try:
-                    response = await self._unary_attempts(plan, cluster, request, metadata, context, state)
-                finally:
-                    if budget is not None:
-                        budget.request_finished()
+            async with self._call_scope(plan, context, state) as cluster:
+                response = await self._unary_attempts(plan, cluster, request, context, state)
                 state.bytes_out = len(response)
                 return response
-            except ProxyFailure as failure:
-                await self._fail(context, state, failure)
-                raise  # unreachable: abort raises
-            except asyncio.CancelledError:
-                state.code = grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                if counted:
-                    assert cluster is not None
-                    cluster.active -= 1
-                self._breaker_outcome(cluster, state)
-                self._finish(plan, state)
+            raise AssertionError("unreachable: a refused call is aborted")
 
         return handle
 
-    async def _unary_attempts(self, plan: Plan, cluster: Cluster, request: bytes, metadata: list[Any],
+    async def _unary_attempts(self, plan: Plan, cluster: Cluster, request: bytes,
                               context: grpc.aio.ServicerContext, state: CallState) -> bytes:
         deadline = self._deadline(context, plan.route)
         retries = cluster.budget is not None
@@ -394,7 +427,7 @@ class Proxy(grpc.GenericRpcHandler):
                 attempt += 1
                 index = self._choose(cluster, state, attempt == 1)
                 call = cluster.endpoints[index].callable(plan.method, CallType.UNARY_UNARY)(
-                    request, timeout=self._attempt_timeout(plan, deadline, retries), metadata=metadata)
+                    request, timeout=self._attempt_timeout(plan, deadline, retries), metadata=state.metadata)
                 try:
                     response: bytes = await call
                     self._record(cluster, index, grpc.StatusCode.OK)
@@ -421,69 +454,46 @@ class Proxy(grpc.GenericRpcHandler):
                 assert cluster.budget is not None
                 cluster.budget.release()
 
-    # --- unary → stream ---------------------------------------------------------------------------
+    # --- unary → stream: retried only while no message has been delivered -----------------------------
     def _unary_stream(self, method: str) -> Callable[..., Any]:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             plan = self._plans.get(method) or self.plan(method)
             state = CallState()
             state.bytes_in = len(request)
-            cluster = plan.cluster
-            counted = False
-            holding = False
-            call = None
-            try:
-                metadata = self._outgoing(context, state, plan)
-                self._admit(plan, context, state)
-                assert cluster is not None
-                cluster.active += 1
-                counted = True
-                if cluster.budget is not None:
-                    cluster.budget.request_started()
+            async with self._call_scope(plan, context, state) as cluster:
                 deadline = self._deadline(context, plan.route)
                 retries = cluster.budget is not None
                 attempt = 0
-                holding = False
-                while True:
-                    attempt += 1
-                    index = self._choose(cluster, state, attempt == 1)
-                    call = cluster.endpoints[index].callable(method, CallType.UNARY_STREAM)(
-                        request, timeout=self._attempt_timeout(plan, deadline, retries), metadata=metadata)
-                    delivered = False
-                    try:
-                        async for message in call:
-                            delivered = True
-                            state.bytes_out += len(message)
-                            yield message
-                        self._record(cluster, index, grpc.StatusCode.OK)
-                        break
-                    except grpc.aio.AioRpcError as err:
-                        code = err.code()
-                        self._record(cluster, index, code)
-                        if holding:
-                            assert cluster.budget is not None
-                            cluster.budget.release()
-                            holding = False
-                        if delivered or not self._may_retry(plan, code, attempt, deadline):
-                            raise self._upstream_failure(err) from None
-                        holding = True
-                        await self._sleep(backoff_delay(attempt, plan.route.retries.backoff))
-            except ProxyFailure as failure:
-                await self._fail(context, state, failure)
-            except (asyncio.CancelledError, GeneratorExit):
-                state.code = grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                if call is not None and not call.done():
-                    call.cancel()
-                if counted:
-                    assert cluster is not None
-                    cluster.active -= 1
-                    if cluster.budget is not None:
-                        cluster.budget.request_finished()
-                        if holding:
-                            cluster.budget.release()
-                self._breaker_outcome(cluster, state)
-                self._finish(plan, state)
+                holding = False  # a retry holds a slot of the retry budget until its attempt has finished
+                try:
+                    while True:
+                        attempt += 1
+                        index = self._choose(cluster, state, attempt == 1)
+                        call = state.call = cluster.endpoints[index].callable(method, CallType.UNARY_STREAM)(
+                            request, timeout=self._attempt_timeout(plan, deadline, retries), metadata=state.metadata)
+                        delivered = False
+                        try:
+                            async for message in call:
+                                delivered = True
+                                state.bytes_out += len(message)
+                                yield message
+                            self._record(cluster, index, grpc.StatusCode.OK)
+                            break
+                        except grpc.aio.AioRpcError as err:
+                            code = err.code()
+                            self._record(cluster, index, code)
+                            if holding:
+                                assert cluster.budget is not None
+                                cluster.budget.release()
+                                holding = False
+                            if delivered or not self._may_retry(plan, code, attempt, deadline):
+                                raise self._upstream_failure(err) from None
+                            holding = True
+                            await self._sleep(backoff_delay(attempt, plan.route.retries.backoff))
+                finally:
+                    if holding:
+                        assert cluster.budget is not None
+                        cluster.budget.release()
 
         return handle
 
@@ -497,20 +507,12 @@ class Proxy(grpc.GenericRpcHandler):
         async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
             plan = self._plans.get(method) or self.plan(method)
             state = CallState()
-            cluster = plan.cluster
-            counted = False
-            call = None
-            try:
-                metadata = self._outgoing(context, state, plan)
-                self._admit(plan, context, state)
-                assert cluster is not None
-                cluster.active += 1
-                counted = True
+            async with self._call_scope(plan, context, state) as cluster:
                 deadline = self._deadline(context, plan.route)
                 index = self._choose(cluster, state, True)
-                call = cluster.endpoints[index].callable(method, CallType.STREAM_UNARY)(
+                call = state.call = cluster.endpoints[index].callable(method, CallType.STREAM_UNARY)(
                     self._count_in(requests, state), timeout=self._attempt_timeout(plan, deadline, False),
-                    metadata=metadata)
+                    metadata=state.metadata)
                 try:
                     response: bytes = await call
                 except grpc.aio.AioRpcError as err:
@@ -519,20 +521,7 @@ class Proxy(grpc.GenericRpcHandler):
                 self._record(cluster, index, grpc.StatusCode.OK)
                 state.bytes_out = len(response)
                 return response
-            except ProxyFailure as failure:
-                await self._fail(context, state, failure)
-                raise
-            except asyncio.CancelledError:
-                state.code = grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                if call is not None and not call.done():
-                    call.cancel()
-                if counted:
-                    assert cluster is not None
-                    cluster.active -= 1
-                self._breaker_outcome(cluster, state)
-                self._finish(plan, state)
+            raise AssertionError("unreachable: a refused call is aborted")
 
         return handle
 
@@ -541,20 +530,12 @@ class Proxy(grpc.GenericRpcHandler):
                          ) -> AsyncIterator[bytes]:
             plan = self._plans.get(method) or self.plan(method)
             state = CallState()
-            cluster = plan.cluster
-            counted = False
-            call = None
-            try:
-                metadata = self._outgoing(context, state, plan)
-                self._admit(plan, context, state)
-                assert cluster is not None
-                cluster.active += 1
-                counted = True
+            async with self._call_scope(plan, context, state) as cluster:
                 deadline = self._deadline(context, plan.route)
                 index = self._choose(cluster, state, True)
-                call = cluster.endpoints[index].callable(method, CallType.STREAM_STREAM)(
+                call = state.call = cluster.endpoints[index].callable(method, CallType.STREAM_STREAM)(
                     self._count_in(requests, state), timeout=self._attempt_timeout(plan, deadline, False),
-                    metadata=metadata)
+                    metadata=state.metadata)
                 try:
                     async for message in call:
                         state.bytes_out += len(message)
@@ -563,18 +544,5 @@ class Proxy(grpc.GenericRpcHandler):
                     self._record(cluster, index, err.code())
                     raise self._upstream_failure(err) from None
                 self._record(cluster, index, grpc.StatusCode.OK)
-            except ProxyFailure as failure:
-                await self._fail(context, state, failure)
-            except (asyncio.CancelledError, GeneratorExit):
-                state.code = grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                if call is not None and not call.done():
-                    call.cancel()
-                if counted:
-                    assert cluster is not None
-                    cluster.active -= 1
-                self._breaker_outcome(cluster, state)
-                self._finish(plan, state)
 
         return handle

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -20,6 +20,7 @@ from sidecar.admin import SidecarAdminServicer
 from sidecar.breaker import BreakerState
 from sidecar.certs import CertFiles
 from sidecar.metrics import SidecarMetrics
+from sidecar.peer_tls import PeerConnector
 from sidecar.policy import Policy, PolicyError, PolicyWatcher
 from sidecar.proxy import Proxy
 from sidecar.upstream import CHANNEL_OPTIONS, Cluster
@@ -66,6 +67,7 @@ class RunningSidecar:
     _servers: list[grpc.aio.Server]
     _clusters: list[Cluster]
     _metrics: SidecarMetrics
+    _connector: PeerConnector
     _watch_task: asyncio.Task[None] | None = None
 
     @property
@@ -94,11 +96,12 @@ class RunningSidecar:
             log.error("certificate_reload_failed", error=str(exc))
             return
         if self.certs.version != before or self._client_version != self.certs.version:
+            # New channels (so new TLS connections, with the new certificate) for new calls; calls in
+            # flight finish on the old ones.
             self._client_version = self.certs.version
-            factory = _peer_channel_factory(self.certs)
             for cluster in self._clusters:
                 if cluster.name != "local":
-                    cluster.rebuild_channels(functools.partial(_peer_channel, factory, peer=cluster.name))
+                    cluster.rebuild_channels(_peer_channels(self._connector, self.watcher.policy, cluster.name))
             log.info("certificates_reloaded", identity=self.certs.identity)
 
     _client_version: int = 0
@@ -130,6 +133,7 @@ class RunningSidecar:
         self.flush_access_logs()
         for cluster in self._clusters:
             await cluster.close()
+        await self._connector.close()
         self._metrics.stop()
         log.info("sidecar_stopped", service=self.config.service)
 
@@ -157,21 +161,9 @@ def _server_credentials(certs: CertFiles, require_client_cert: bool) -> grpc.Ser
                                                require_client_authentication=require_client_cert)
 
 
-def _peer_channel_factory(certs: CertFiles) -> Any:
-    def make(address: str, peer_service: str) -> grpc.aio.Channel:
-        credentials = grpc.ssl_channel_credentials(root_certificates=certs.ca_pem,
-                                                   private_key=certs.pair.key_pem,
-                                                   certificate_chain=certs.pair.cert_pem)
-        # The peer's certificate must carry its service name as a DNS SAN (besides its SPIFFE URI), so
-        # the hostname check pins the peer identity.
-        return grpc.aio.secure_channel(address, credentials,
-                                       options=[*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", peer_service)])
-
-    return make
-
-
-def _peer_channel(factory: Any, address: str, *, peer: str) -> grpc.aio.Channel:
-    return factory(address, peer)  # type: ignore[no-any-return]
+def _peer_channels(connector: PeerConnector, policy: Policy, peer: str) -> Callable[[str], grpc.aio.Channel]:
+    """Channels to `peer`'s endpoints over mTLS that accept only `peer`'s SPIFFE id (see sidecar.peer_tls)."""
+    return functools.partial(connector.channel, peer=peer, identity=policy.spiffe_id(peer))
 
 
 def _local_channel(address: str) -> grpc.aio.Channel:
@@ -200,12 +192,12 @@ async def build_sidecar(config: SidecarConfig) -> RunningSidecar:
     metrics = SidecarMetrics(config.service)
     local = Cluster("local", [config.upstream], _local_channel, policy.services[config.service], resilience=False)
     clusters = [local]
-    peer_factory = _peer_channel_factory(certs)
+    connector = PeerConnector(certs, CHANNEL_OPTIONS)
     peers: dict[str, Cluster] = {}
     for name, addresses in config.peers.items():
         if name not in policy.services:
             raise PolicyError(f"--peer {name}: not a service of the mesh policy ({', '.join(policy.services)})")
-        peers[name] = Cluster(name, list(addresses), functools.partial(_peer_channel, peer_factory, peer=name),
+        peers[name] = Cluster(name, list(addresses), _peer_channels(connector, policy, name),
                               policy.services[name], resilience=True, on_breaker_change=metrics.breaker_changed)
         metrics.breaker_changed(name, BreakerState.CLOSED)  # every peer's breaker has a series from the start
         clusters.append(peers[name])
@@ -241,7 +233,8 @@ async def build_sidecar(config: SidecarConfig) -> RunningSidecar:
     metrics_port = metrics.serve(config.metrics_port) if config.metrics_port is not None else None
     running = RunningSidecar(config=config, inbound_port=inbound_port, outbound_port=outbound_port,
                              admin_port=admin_port, metrics_port=metrics_port, inbound=inbound, outbound=outbound,
-                             watcher=watcher, certs=certs, _servers=servers, _clusters=clusters, _metrics=metrics)
+                             watcher=watcher, certs=certs, _servers=servers, _clusters=clusters, _metrics=metrics,
+                             _connector=connector)
     running._client_version = certs.version
     running._watch_task = asyncio.get_running_loop().create_task(running._watch())
     log.info("sidecar_started", service=config.service, identity=certs.identity, **running.ports())

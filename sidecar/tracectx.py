@@ -10,6 +10,7 @@ from collections.abc import Sequence
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 REQUEST_ID = "x-request-id"
+AUTHORIZATION = "authorization"
 
 # Never copied from the downstream call to the upstream one: HTTP/2 pseudo and hop-by-hop headers and
 # those grpc sets itself (the deadline travels as the upstream call's own timeout).
@@ -50,13 +51,14 @@ def parse_traceparent(value: str) -> tuple[str, str, str] | None:
 class Incoming:
     """What the proxy needs from one call's metadata, found in a single pass."""
 
-    __slots__ = ("forward", "request_id", "traceparent", "tracestate")
+    __slots__ = ("authorization", "forward", "request_id", "traceparent", "tracestate")
 
     def __init__(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> None:
         self.forward: list[tuple[str, str | bytes]] = []
         self.traceparent = ""
         self.tracestate = ""
         self.request_id = ""
+        self.authorization = ""  # forwarded too; read for the caller's rate-limit bucket and the bearer check
         for key, value in metadata or ():
             if key[0] == ":" or key in HOP_BY_HOP:
                 continue
@@ -66,5 +68,8 @@ class Incoming:
                 self.tracestate = value if isinstance(value, str) else ""
             elif key == REQUEST_ID:
                 self.request_id = value if isinstance(value, str) else ""
+            elif key == AUTHORIZATION:
+                self.authorization = value if isinstance(value, str) else ""
+                self.forward.append((key, value))
             else:
                 self.forward.append((key, value))

@@ -115,20 +115,42 @@ async def supervise(child: Child, backoff_max: float = 30.0) -> None:
             await child.start()
 
 
+MESH_SERVICES = ("router", "inference", "billing")
+
+
 def ensure_certificates(mesh: MeshConfig) -> None:
-    """Make the mesh CA and one certificate per service on first run; re-issue any expiring within a day."""
+    """Make the mesh CA and one certificate per service on first run; re-issue any past 2/3 of its lifetime."""
     from sidecar import certs
 
     directory = mesh.data_dir / "certs"
     if not (directory / "ca.pem").exists():
         certs.init_ca(directory)
         log.info("ca_created", dir=str(directory))
-    soon = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
-    for service in ("router", "inference", "billing"):
-        pem = directory / f"{service}.pem"
-        if not pem.exists() or certs.not_valid_after(pem.read_bytes()) < soon:
-            certs.issue_to(directory, service, ttl=dt.timedelta(days=7))
-            log.info("certificate_issued", service=service)
+    for service in certs.renew_due(directory, MESH_SERVICES, mesh.cert_lifetime):
+        log.info("certificate_issued", service=service)
+    for service in MESH_SERVICES:  # certificates made before Envoy read them through SDS have none yet
+        certs.write_sds(directory, service)
+
+
+async def renew_certificates(directory: Path, lifetime: dt.timedelta, services: tuple[str, ...] = MESH_SERVICES,
+                             max_sleep_s: float = 3600.0) -> None:
+    """While the mesh runs: reissue each service's certificate once 2/3 of its lifetime has passed. The files
+    are renamed into place; the Python sidecars use them for new connections (streams in flight carry on)
+    and Envoy reloads them through its file-based SDS watch."""
+    from sidecar import certs
+
+    while True:
+        wait = (certs.next_renewal(directory, services, lifetime) - dt.datetime.now(dt.UTC)).total_seconds()
+        await asyncio.sleep(min(max(wait, 0.0), max_sleep_s))
+        try:
+            renewed = certs.renew_due(directory, services, lifetime)
+        except (OSError, ValueError) as exc:  # e.g. the CA was moved away: say so, try again later
+            log.error("certificate_renewal_failed", error=str(exc))
+            await asyncio.sleep(min(lifetime.total_seconds() / 30, 60.0))
+            continue
+        for service in renewed:
+            log.info("certificate_renewed", service=service,
+                     valid_until=certs.not_valid_after((directory / f"{service}.pem").read_bytes()).isoformat())
 
 
 async def seed_prices(mesh: MeshConfig, billing: str) -> None:
@@ -260,8 +282,10 @@ def banner(mesh: MeshConfig, top: Topology, demo_key: str) -> str:
 async def run_mesh(mesh: MeshConfig, config_path: Path | None, sidecar: str = "python",
                    ready_timeout_s: float = 600.0) -> None:
     mesh.data_dir.mkdir(parents=True, exist_ok=True)
+    renewer: asyncio.Task[None] | None = None
     if sidecar != "none":
         ensure_certificates(mesh)
+        renewer = asyncio.create_task(renew_certificates(mesh.data_dir / "certs", mesh.cert_lifetime))
     top = plan(mesh, config_path, sidecar)
     mesh_id = str(mesh.data_dir.resolve())
     children = [Child(spec, mesh.data_dir / "logs" / f"{spec.name}.log", mesh_id) for spec in top.specs]
@@ -297,6 +321,8 @@ async def run_mesh(mesh: MeshConfig, config_path: Path | None, sidecar: str = "p
         await stop.wait()
     finally:
         print("stopping the mesh...", file=sys.stderr, flush=True)
+        if renewer is not None:
+            renewer.cancel()
         for child in started:  # no restarts from here on
             child.stopping = True
         for child in reversed(started):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ class MeshConfig:
     inference_base_port: int = 50071
     inference_replicas: int = 1
     shutdown_grace_s: float = 15.0
+    # Lifetime of the services' mTLS certificates; each is reissued after 2/3 of it while the mesh runs.
+    cert_lifetime_hours: float = 168.0
     # Prometheus /metrics ports (0 disables); inference replica i uses inference_metrics_port + i.
     router_metrics_port: int = 9101
     billing_metrics_port: int = 9102
@@ -30,6 +33,10 @@ class MeshConfig:
     # <data_dir>/billing_operator_token).
     billing_operator_token: str = ""
     billing_operator_token_file: str = ""
+
+    @property
+    def cert_lifetime(self) -> dt.timedelta:
+        return dt.timedelta(hours=self.cert_lifetime_hours)
 
     @classmethod
     def load(cls, path: Path | None) -> MeshConfig:
@@ -50,6 +57,7 @@ class MeshConfig:
             inference_base_port=int((doc.get("inference") or {}).get("port", cls.inference_base_port)),
             inference_replicas=int((doc.get("inference") or {}).get("replicas", cls.inference_replicas)),
             shutdown_grace_s=float(mesh.get("shutdown_grace_s", cls.shutdown_grace_s)),
+            cert_lifetime_hours=float(mesh.get("cert_lifetime_hours", cls.cert_lifetime_hours)),
             seed_prices=tuple(mesh.get("seed_prices") or ()),
             billing_operator_token=str(billing.get("operator_token") or ""),
             billing_operator_token_file=str(billing.get("operator_token_file") or ""),

@@ -6,6 +6,7 @@ through both kinds of sidecar with -cacert/-cert/-key; every rendered bootstrap 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
@@ -23,6 +25,11 @@ from sidecar.envoy_render import EnvoyPorts, render_to_file
 from sidecar.runtime import RunningSidecar
 from tests.conftest import ROOT, tool
 from tests.integration.sidecar.conftest import Mesh, pki, start_mesh, write_policy  # noqa: F401
+from tests.integration.sidecar.test_edge_limits import EDGE_POLICY
+from tests.integration.sidecar.test_sidecar_lifecycle import (
+    check_renewal_keeps_streams_and_reaches_new_connections,
+    short_lived_pki,
+)
 from tests.integration.sidecar.test_sidecar_proxy import (  # noqa: F401  (collected again here, on Envoy)
     test_bad_client_certificates_are_refused_at_the_handshake,
     test_bidirectional_stream_is_proxied_message_by_message,
@@ -200,3 +207,34 @@ async def test_a_trace_started_at_the_envoy_edge_reaches_the_upstream_as_one_tra
     assert second["traceparent"].split("-")[1] != trace_id  # a new trace per call without context
     assert mesh.inference.record.trace_ids[0] == trace_id  # the service's own span joined that trace
     assert first["x-request-id"] and first["x-request-id"] != second["x-request-id"]
+
+
+async def test_envoy_reloads_renewed_certificates_through_sds_without_dropping_a_stream(
+        pki: Path, tmp_path: Path, serve, processes) -> None:  # noqa: F811
+    lifetime = dt.timedelta(seconds=20)  # renewed 13 s after issue: three Envoys start well within that
+    own_pki = short_lived_pki(pki, tmp_path / "pki", lifetime)
+    mesh = await start_envoy_mesh(own_pki, write_policy(tmp_path / "policy.yaml", billing_timeout_s=60), serve, processes, tmp_path)
+    await check_renewal_keeps_streams_and_reaches_new_connections(mesh, own_pki, lifetime)
+
+
+@pytest.mark.parametrize("authorization", [None, "Basic dXNlcjpwYXNz", "Bearer a,b", "Bearer two words"])
+async def test_envoy_refuses_calls_without_a_bearer_token_like_the_python_edge(
+        pki: Path, tmp_path: Path, serve, processes, authorization: str | None) -> None:  # noqa: F811
+    fake = FakeInference()
+    upstream = await serve(start_fake_inference(fake))
+    (tmp_path / "policy.yaml").write_text(EDGE_POLICY)
+    envoy = await asyncio.get_running_loop().run_in_executor(
+        None, start_envoy, tmp_path / "policy.yaml", "inference", pki, upstream.address, {}, tmp_path, processes)
+    ca = (pki / "ca.pem").read_bytes()
+    async with grpc.aio.secure_channel(envoy.inbound_address, grpc.ssl_channel_credentials(ca),
+                                       options=[("grpc.ssl_target_name_override", "inference")]) as chan:
+        stub = pb_grpc.InferenceServiceStub(chan)
+        metadata = (("authorization", authorization),) if authorization is not None else ()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CountTokens(pb.CountTokensRequest(prompt="a"), metadata=metadata, timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "authorization: Bearer <API key or JWT>" in (err.value.details() or "")
+        assert fake.record.calls == 0
+        reply = await stub.CountTokens(pb.CountTokensRequest(prompt="a b"), timeout=5,
+                                       metadata=(("authorization", "Bearer ag_key_123"),))
+        assert reply.token_count == 2 and fake.record.calls == 1

@@ -42,7 +42,7 @@ routes:
     retries: {{retry_on: [UNAVAILABLE], max_attempts: 10, backoff: {{base_s: 0.001, max_s: 0.004}}}}
   - name: billing
     match: [autoglm.billing.v1.BillingService/*]
-    timeout_s: 5
+    timeout_s: {billing_timeout_s}
 authorization:
   default: deny
   allow:
@@ -51,9 +51,10 @@ authorization:
 """
 
 
-def write_policy(path: Path, *, timeout_s: float = 5.0, budget_ratio: float = 1.0, budget_floor: float = 10) -> Path:
+def write_policy(path: Path, *, timeout_s: float = 5.0, budget_ratio: float = 1.0, budget_floor: float = 10,
+                 billing_timeout_s: float = 5.0) -> Path:
     path.write_text(POLICY_TEMPLATE.format(timeout_s=timeout_s, budget_ratio=budget_ratio,
-                                           budget_floor=budget_floor))
+                                           budget_floor=budget_floor, billing_timeout_s=billing_timeout_s))
     return path
 
 

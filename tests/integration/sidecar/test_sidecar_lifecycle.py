@@ -4,6 +4,7 @@ stream in flight; the admin RPC shows the policy in force; one trace id crosses 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import shutil
 import socket
 import ssl
@@ -27,6 +28,7 @@ from autoglm.router.v1 import router_service_pb2 as router_pb
 from autoglm.router.v1 import router_service_pb2_grpc as router_grpc
 from autoglm.sidecar.v1 import sidecar_admin_service_pb2 as admin_pb
 from autoglm.sidecar.v1 import sidecar_admin_service_pb2_grpc as admin_grpc
+from services.cli.launcher import renew_certificates
 from services.common.grpc_server import start_server
 from services.common.tracing import outgoing_metadata
 from sidecar import certs
@@ -91,6 +93,74 @@ async def test_rotating_certificates_under_load_fails_no_call(tmp_path: Path, pk
         assert before != new
         assert set(codes) == {grpc.StatusCode.OK}, {c for c in codes if c != grpc.StatusCode.OK}
         assert mesh.router_sidecar.certs.version >= 2
+    finally:
+        for running in reversed(started):
+            await running.stop(grace=0)
+
+
+def serial_of(der: bytes) -> int:
+    from cryptography import x509
+
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+MESH_SERVICES = ("router", "inference", "billing")
+
+
+def short_lived_pki(pki: Path, directory: Path, lifetime: dt.timedelta) -> Path:
+    shutil.copytree(pki, directory)
+    for service in MESH_SERVICES:
+        certs.issue_to(directory, service, ttl=lifetime)
+    return directory
+
+
+async def check_renewal_keeps_streams_and_reaches_new_connections(mesh: Mesh, own_pki: Path,
+                                                                  lifetime: dt.timedelta) -> None:
+    """Run the launcher's renewal loop over `mesh`'s short-lived certificates: a stream opened before the
+    renewal carries on, a new connection is served the new certificate (another serial), a new call works."""
+    first = serial_of(served_certificate(mesh.billing_sidecar.inbound_address, own_pki))
+    renewer = None
+    try:
+        async with mesh.router_outbound() as chan:
+            stub = billing_grpc.BillingServiceStub(chan)
+            stream = stub.StreamUsage(timeout=60)
+            await stream.write(billing_pb.StreamUsageRequest(event=billing_pb.UsageEvent(event_id="before")))
+            assert (await stream.read()).event_id == "before"
+            router_version = mesh.router_sidecar.certs.version if mesh.kind == "python" else 0
+
+            renewer = asyncio.create_task(renew_certificates(own_pki, lifetime, MESH_SERVICES))
+            deadline = time.monotonic() + 20
+            while serial_of(served_certificate(mesh.billing_sidecar.inbound_address, own_pki)) == first:
+                assert time.monotonic() < deadline, "the certificate was never renewed"
+                assert not renewer.done(), renewer
+                await asyncio.sleep(0.05)
+            renewed = certs.read_pair(own_pki, "billing").cert_pem
+            assert certs.not_valid_after(renewed) - dt.datetime.now(dt.UTC) > lifetime / 3
+
+            await stream.write(billing_pb.StreamUsageRequest(event=billing_pb.UsageEvent(event_id="after")))
+            assert (await stream.read()).event_id == "after"  # the stream opened before the renewal carries on
+            while mesh.kind == "python" and mesh.router_sidecar.certs.version == router_version:
+                assert time.monotonic() < deadline, "the router sidecar never loaded its renewed certificate"
+                await asyncio.sleep(0.05)
+            fresh = stub.StreamUsage(timeout=10)  # a new call, on a new connection with the new certificates
+            await fresh.write(billing_pb.StreamUsageRequest(event=billing_pb.UsageEvent(event_id="new")))
+            assert (await fresh.read()).event_id == "new"
+            await fresh.done_writing()
+            await stream.done_writing()
+            assert await stream.read() == grpc.aio.EOF
+    finally:
+        if renewer is not None:
+            renewer.cancel()
+
+
+async def test_certificates_renewed_at_two_thirds_of_their_lifetime_keep_streams_and_reach_new_connections(
+        tmp_path: Path, pki: Path, serve) -> None:
+    lifetime = dt.timedelta(seconds=6)  # renewed 4 s after issue
+    own_pki = short_lived_pki(pki, tmp_path / "pki", lifetime)
+    started: list[RunningSidecar] = []
+    try:
+        mesh = await start_mesh(own_pki, write_policy(tmp_path / "p.yaml", billing_timeout_s=60), serve, started)
+        await check_renewal_keeps_streams_and_reaches_new_connections(mesh, own_pki, lifetime)
     finally:
         for running in reversed(started):
             await running.stop(grace=0)

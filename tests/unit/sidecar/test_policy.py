@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from sidecar.policy import PolicyError, load_policy, parse_policy
+from sidecar.policy import PolicyError, PolicyWatcher, load_policy, parse_policy
 
 ROOT = Path(__file__).resolve().parents[3]
 MINIMAL = """
@@ -68,3 +69,58 @@ def test_canary_versions_must_be_labels_with_weights_adding_to_100(versions: str
 def test_versions_default_to_one_stable_version_and_the_shipped_policy_has_a_canary() -> None:
     assert parse_policy(MINIMAL).services["router"].versions == (("v1", 100),)
     assert load_policy(ROOT / "deploy/policy/mesh-policy.yaml").services["inference"].versions == (("v1", 90), ("v2", 10))
+
+
+def test_the_watcher_reloads_on_a_content_change_even_when_the_mtime_is_the_same(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(MINIMAL)
+    seen: list[str] = []
+    watcher = PolicyWatcher(path, on_change=lambda p: seen.append(p.sha256))
+    stamp = path.stat().st_mtime_ns
+    path.write_text(MINIMAL.replace("router: {grpc_services", "router: {public: true, grpc_services"))
+    os.utime(path, ns=(stamp, stamp))
+    assert path.stat().st_mtime_ns == stamp
+    assert watcher.check()
+    assert watcher.policy.services["router"].public and seen == [watcher.policy.sha256]
+    assert not watcher.check()  # same content: nothing to do
+
+
+def test_an_invalid_edit_is_reported_once_and_the_policy_in_force_stays(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(MINIMAL)
+    errors: list[str] = []
+    watcher = PolicyWatcher(path, on_error=lambda exc: errors.append(str(exc)))
+    before = watcher.policy
+    path.write_text(MINIMAL + "routes:\n  - {match: [a.B/*], timeout_s: soon}\n")
+    assert not watcher.check() and not watcher.check()
+    assert watcher.policy is before
+    assert errors == [f"{path}: routes[0].timeout_s: expected a number, got 'soon'"]
+
+
+@pytest.mark.parametrize(("snippet", "message"), [
+    ("routes: {a: 1}", "routes: expected a list, got dict"),
+    ("routes:\n  - [1]", "routes[0]: expected a mapping, got list"),
+    ("routes:\n  - {name: x}", "routes[0].match: required"),
+    ("routes:\n  - {match: [a.B/*], rate_limit: {rps: 0}}", "routes[0].rate_limit.rps: must be > 0.0, got 0"),
+    ("routes:\n  - {match: [a.B/*], rate_limit: {rps: 5, max_callers: 0}}",
+     "routes[0].rate_limit.max_callers: must be >= 1, got 0"),
+    ("routes:\n  - {match: [a.B/*], retries: {backoff: {base_s: 1, max_s: 0.5}}}",
+     "routes[0].retries.backoff.max_s: must be >= base_s (1.0), got 0.5"),
+    ("routes:\n  - {match: [a.B/*], retries: {max_attempts: '3'}}",
+     "routes[0].retries.max_attempts: expected an integer, got '3'"),
+    ("authorization: {default: allow}", "authorization.default: only 'deny' is supported"),
+    ("version: 2", "version: only version 1 is understood"),
+    ("trust_domain: ''", "trust_domain: expected a non-empty string, got ''"),
+    ("colour: red", "<root>: unknown key(s) colour; expected some of version, trust_domain"),
+])
+def test_more_invalid_policies_name_the_yaml_path(snippet: str, message: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        parse_policy(MINIMAL + snippet)
+    assert message in str(err.value)
+
+
+def test_rate_limits_are_per_caller_with_a_bounded_table_and_burst_defaults_to_rps() -> None:
+    policy = parse_policy(MINIMAL + "routes:\n  - {match: [a.B/*], rate_limit: {rps: 7.5}}\n")
+    limit = policy.routes[0].rate_limit
+    assert limit is not None and (limit.rps, limit.burst, limit.max_callers) == (7.5, 7, 10_000)
+    assert policy.routes[0].name == "route-0" and policy.routes[0].retries.max_attempts == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sidecar.breaker import BreakerState, CircuitBreaker
 from sidecar.outlier import OutlierDetector
 from sidecar.policy import Backoff, BreakerPolicy, OutlierPolicy, RetryBudget
-from sidecar.ratelimit import TokenBucket
+from sidecar.ratelimit import CallerBuckets, TokenBucket, address_of, bearer_token, caller_key
 from sidecar.retry import RetryBudgetState, backoff_delay
 
 
@@ -84,3 +84,27 @@ def test_token_bucket_allows_a_burst_then_the_rate() -> None:
     assert [bucket.try_take() for _ in range(4)] == [True, True, True, False]
     clock.now += 0.5
     assert bucket.try_take() and not bucket.try_take()
+
+
+def test_caller_buckets_are_separate_and_the_table_is_bounded() -> None:
+    now = [0.0]
+    buckets = CallerBuckets(rate=1.0, burst=2, max_callers=3, clock=lambda: now[0])
+    assert [buckets.try_take("a") for _ in range(3)] == [True, True, False]
+    assert buckets.try_take("b")  # a's flood leaves b alone
+    for caller in ("c", "d", "e"):
+        buckets.try_take(caller)
+    assert len(buckets) == 3  # least recently used (a, b) dropped
+    now[0] = 1.0
+    assert buckets.try_take("a")
+
+
+def test_callers_are_keyed_by_token_hash_identity_or_address_without_port() -> None:
+    assert bearer_token("Bearer ag_abc_def") == "ag_abc_def"
+    assert bearer_token("bearer  eyJ.a-b_c.d ") == "eyJ.a-b_c.d"
+    assert [bearer_token(v) for v in ("", "Bearer", "Basic x", "Bearer a b", "Bearer a%b", "Bearer " + "a" * 5000)] \
+        == [None] * 6
+    key = caller_key("ag_abc_def", "", "ipv4:1.2.3.4:5")
+    assert key.startswith("bearer:") and "ag_abc" not in key  # the token itself is never kept
+    assert caller_key(None, "spiffe://td/ns/n/sa/router", "ipv4:1.2.3.4:5") == "id:spiffe://td/ns/n/sa/router"
+    assert caller_key(None, "", "ipv4:10.0.0.7:5123") == caller_key(None, "", "ipv4:10.0.0.7:6000") == "addr:ipv4:10.0.0.7"
+    assert address_of("ipv6:[::1]:443") == "ipv6:[::1]"
