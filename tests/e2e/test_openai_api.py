@@ -13,7 +13,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-import grpc
 import httpx
 import openai
 import pytest
@@ -21,7 +20,7 @@ import pytest
 from autoglm.billing.v1 import billing_service_pb2, billing_service_pb2_grpc
 from autoglm.common.v1 import generation_pb2, money_pb2
 from autoglm.router.v1 import admin_service_pb2, admin_service_pb2_grpc, router_service_pb2, router_service_pb2_grpc
-from services.cli.endpoint import load_endpoint
+from services.cli.endpoint import billing_token, load_endpoint, operator_channel
 from tests.conftest import ROOT
 from tests.e2e.mesh_client import MODEL, Totals, create_key, router_channel, usage_totals
 from tests.e2e.mesh_process import Mesh, start_mesh, stop_mesh
@@ -205,7 +204,7 @@ async def test_every_http_answer_is_one_usage_event_and_a_dropped_stream_is_bill
 
 async def test_a_spent_budget_is_insufficient_quota_and_the_sdk_does_not_retry_it(mesh: Mesh) -> None:
     billing = load_endpoint(mesh.data_dir).billing
-    async with grpc.aio.insecure_channel(billing) as channel:
+    async with operator_channel(billing, billing_token(mesh.data_dir)) as channel:
         await billing_service_pb2_grpc.BillingServiceStub(channel).CreateBudget(
             billing_service_pb2.CreateBudgetRequest(budget=billing_service_pb2.Budget(
                 scope=billing_service_pb2.BudgetScope(kind=billing_service_pb2.SCOPE_KIND_TENANT, tenant_id="broke"),
