@@ -12,7 +12,7 @@ import pytest
 from services.common.errors import Unavailable
 from services.router.metering import Meter
 from services.router.ports import AlertLevel, Hold, HoldRequest, UsageRecord
-from services.router.spool import SettlementJournal, UsageSpool
+from services.router.spool import SettlementJournal, UsageSpool, unsettled_events
 from services.router.types import Money, TrafficClass, UsageStatus
 
 
@@ -177,3 +177,18 @@ async def test_the_journal_starts_over_when_nothing_is_outstanding_and_grows_whe
     await after_restart.replay_once()
     assert billing.recorded == [f"lost-{i}" for i in range(30) if i != 3]
     assert after_restart.journal is not None and len(after_restart.journal) == 0
+
+
+def test_unsettled_events_counts_what_the_journal_holds_answered_across_both_files(tmp_path: Path) -> None:
+    path = tmp_path / "journal.bin"
+    assert unsettled_events(path) == 0  # no journal yet
+    journal = SettlementJournal(path, capacity=4096)
+    for i in range(30):  # more than one 4 KB file holds: outstanding records are copied across
+        journal.write(usage(f"ev-{i}"))
+    assert unsettled_events(path) == 30
+    for i in range(29):
+        journal.clear(f"ev-{i}")
+    assert unsettled_events(path) == 1
+    journal.clear("ev-29")
+    assert unsettled_events(path) == 0
+    journal.close()
