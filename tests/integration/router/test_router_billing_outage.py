@@ -15,6 +15,7 @@ from services.billing.server import build_server as build_billing
 from services.common.config import ServerSettings
 from tests.integration.router.conftest import MODEL, Mesh
 from tests.integration.router.test_router_vertical import bearer, settled_rows
+from tests.settlement import router_backlog
 
 
 async def test_usage_is_spooled_while_billing_is_down_and_replayed_exactly(mesh: Mesh, serve, tmp_path) -> None:
@@ -30,6 +31,7 @@ async def test_usage_is_spooled_while_billing_is_down_and_replayed_exactly(mesh:
     await mesh.billing.stop(grace=0)
     served += await asyncio.gather(*[
         mesh.router_stub.Complete(request(i), metadata=bearer(secret), timeout=60) for i in range(1, 9)])
+    assert router_backlog(mesh.data_dir) >= 8  # their usage waits in the router's spool
     with pytest.raises(grpc.aio.AioRpcError) as gave_up:  # batch waits for billing, up to its deadline
         await mesh.router_stub.Complete(request(98), metadata=bearer(batch_secret), timeout=1.0)
     assert gave_up.value.code() == grpc.StatusCode.UNAVAILABLE and "batch" in gave_up.value.details()
