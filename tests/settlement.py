@@ -27,12 +27,12 @@ SETTLE_TIMEOUT_S = 60.0
 def router_backlog(data_dir: Path) -> int:
     """Usage events a router (by its data dir) still has to hand to billing: its spool plus the events
     its settlement journal holds answered but not settled."""
-    pending = unsettled_events(data_dir / "usage_journal.bin")
     spool = data_dir / "usage_spool.db"
-    if spool.exists():
-        with closing(sqlite3.connect(spool, timeout=10)) as conn:
-            pending += int(conn.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
-    return pending
+    if not spool.exists():  # a wrong path must not read as "nothing pending"
+        raise AssertionError(f"{data_dir} is not a router's data dir (no usage_spool.db)")
+    with closing(sqlite3.connect(spool, timeout=10)) as conn:
+        pending = int(conn.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
+    return pending + unsettled_events(data_dir / "usage_journal.bin")
 
 
 async def settled_usage(read: Callable[[], Awaitable[R]], count: Callable[[R], int], expected: int, what: str,

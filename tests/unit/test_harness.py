@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from tests.conftest import REQUIRE_REAL_SERVICES, require_real_component
-from tests.settlement import settled_usage
+from tests.settlement import router_backlog, settled_usage
 from tests.waiting import WaitTimeout, wait_until, wait_until_blocking
 
 pytest_plugins = ["pytester"]
@@ -81,3 +81,8 @@ async def test_the_settle_wait_fails_with_what_is_missing() -> None:
 
     with pytest.raises(AssertionError, match="billing holds 1 of 2 expected events"):
         await settled_usage(ledger, lambda n: n, 2, "two events", window_s=0.05, timeout_s=0.3, interval_s=0.02)
+
+
+def test_router_backlog_refuses_a_path_that_is_not_a_router_data_dir(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(AssertionError, match="not a router's data dir"):
+        router_backlog(tmp_path)
