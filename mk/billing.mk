@@ -11,7 +11,7 @@ ifeq ($(PG_INITDB),)
 		echo "installing postgresql for the billing tests"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	else \
-		echo "postgres-server: no PostgreSQL binaries and not root; the PostgreSQL billing tests will skip"; \
+		echo "postgres-server: no PostgreSQL binaries and not root; the PostgreSQL billing tests will skip (fail with AUTOGLM_REQUIRE_REAL_SERVICES=1, as .ci/run sets)"; \
 	fi
 else
 	@true

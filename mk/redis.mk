@@ -9,7 +9,7 @@ redis-server:
 		echo "installing redis-server for the router rate-limit tests"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	else \
-		echo "redis-server: not installed and not root; the Redis rate-limit tests will skip"; \
+		echo "redis-server: not installed and not root; the Redis rate-limit tests will skip (fail with AUTOGLM_REQUIRE_REAL_SERVICES=1, as .ci/run sets)"; \
 	fi
 
 TEST_PREREQS += redis-server

@@ -2,6 +2,10 @@
 
 `serve(build)` awaits a `build_server(...)` coroutine (which binds port 0), yields the running
 server, and stops it in `finally`. `channel(running)` opens a real grpc.aio channel to it.
+
+`require_real_component` is the one way a test depends on a real server binary (PostgreSQL, Redis): it
+skips when the binary is missing, unless `AUTOGLM_REQUIRE_REAL_SERVICES=1` (set by `.ci/run`), which
+turns the skip into a failure, so CI cannot pass without the real components.
 """
 
 from __future__ import annotations
@@ -22,7 +26,25 @@ from services.common.grpc_server import RunningServer
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
+REQUIRE_REAL_SERVICES = "AUTOGLM_REQUIRE_REAL_SERVICES"
+
 ServeFactory = Callable[[Awaitable[RunningServer]], Awaitable[RunningServer]]
+
+
+def real_services_required() -> bool:
+    """Whether a missing real component fails the run (AUTOGLM_REQUIRE_REAL_SERVICES set, not 0/false)."""
+    return os.environ.get(REQUIRE_REAL_SERVICES, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_real_component(available: bool, component: str, install_hint: str) -> None:
+    """Go on when `component` is available; otherwise skip the test, or fail it when real services are
+    required (see the module docstring). `install_hint` tells the reader how to get the component."""
+    if available:
+        return
+    message = f"{component} not found ({install_hint})"
+    if real_services_required():
+        pytest.fail(f"{message}; {REQUIRE_REAL_SERVICES}=1 requires it", pytrace=False)
+    pytest.skip(message)
 
 
 @pytest.fixture

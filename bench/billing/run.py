@@ -2,10 +2,14 @@
 1, 50 and 200 concurrent callers — on SQLite (synchronous=FULL) and on a local PostgreSQL (fsync on).
 
 Billing runs as its own process (`python -m services.billing`) on 127.0.0.1; callers are grpc.aio clients on
-one channel in this process. Anchors measured in the same run: a bare grpc.aio server of the same messages
-that does nothing (`bench.billing.noop_server`) — its StreamUsage echo rate and its unary call latency at the
-same concurrency — so each figure is also given as a ratio to what Python gRPC alone costs here.
+one channel in this process. The anchor is a BillingService that does nothing (`bench.billing.noop_server`)
+served exactly as billing is: its own process started the same way, the same grpc I/O path and event loop,
+the same server factory (`services/common/grpc_server.py`). Both run side by side and are measured in turn,
+interleaved (each measurement alternates which of the two goes first), so each figure is also given as a
+ratio to what billing's gRPC path alone costs here, under the same conditions.
 Writes bench/results/billing.json (every figure with units, targets with their anchor) and a PNG plot.
+
+    python -m bench.billing.run [--events 20000] [--calls 600] [--runs 3] [--no-postgres]
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
@@ -33,7 +39,10 @@ from services.common.logging import configure_logging
 from tests.integration.billing.helpers import operator, price_request, tenant_budget, usage
 from tests.integration.billing.procs import operator_token, start_billing, wait_port
 
-EVENTS = 20_000
+ROOT = Path(__file__).resolve().parents[2]
+
+EVENTS = 20_000  # per StreamUsage run (--events)
+CALLS = 600  # per concurrency level and server (--calls), split across the callers
 BATCH = 250  # events per message in the client-batched stream
 CONCURRENCY = (1, 50, 200)
 LAGO_EVENTS_PER_S = 15_000  # Lago's published ingestion claim (with a cluster)
@@ -44,21 +53,23 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def stream_requests(tag: str, batch: int) -> list[pb2.StreamUsageRequest]:
-    events = [usage(f"{tag}-{i}", prompt=100 + i % 50, completion=20, key=f"k{i % 20}") for i in range(EVENTS)]
+@dataclass(frozen=True)
+class Scale:
+    events: int = EVENTS
+    calls: int = CALLS
+    runs: int = 3
+
+
+def stream_requests(tag: str, batch: int, events: int) -> list[pb2.StreamUsageRequest]:
+    made = [usage(f"{tag}-{i}", prompt=100 + i % 50, completion=20, key=f"k{i % 20}") for i in range(events)]
     if batch == 1:
-        return [pb2.StreamUsageRequest(event=e) for e in events]
-    return [pb2.StreamUsageRequest(events=events[i:i + batch]) for i in range(0, EVENTS, batch)]
+        return [pb2.StreamUsageRequest(event=e) for e in made]
+    return [pb2.StreamUsageRequest(events=made[i:i + batch]) for i in range(0, events, batch)]
 
 
-async def stream_rate(stub: pb2_grpc.BillingServiceStub, tag: str, batch: int = 1, runs: int = 3) -> float:
-    """Median over `runs` of events/s over one StreamUsage, each from the first send to the last ack (each ack
-    follows its commit); every run sends new event ids."""
-    return statistics.median([await _stream_once(stub, f"{tag}-{run}", batch) for run in range(runs)])
-
-
-async def _stream_once(stub: pb2_grpc.BillingServiceStub, tag: str, batch: int) -> float:
-    requests = stream_requests(tag, batch)
+async def stream_once(stub: pb2_grpc.BillingServiceStub, tag: str, batch: int, events: int) -> float:
+    """Events/s over one StreamUsage, from the first send to the last ack (each ack follows its commit)."""
+    requests = stream_requests(tag, batch, events)
     start = time.perf_counter()
     acks = 0
     async for reply in stub.StreamUsage(iter(requests)):
@@ -66,21 +77,22 @@ async def _stream_once(stub: pb2_grpc.BillingServiceStub, tag: str, batch: int) 
             assert not ack.error_code, ack.error_message
             acks += 1
     elapsed = time.perf_counter() - start
-    assert acks == EVENTS
-    return EVENTS / elapsed
+    assert acks == events
+    return events / elapsed
 
 
 def summary(values: list[float]) -> tuple[float, float]:
     return round(statistics.median(values) * 1000, 3), round(pct(values, 0.99) * 1000, 3)
 
 
-def per_caller(callers: int) -> int:
-    return 300 if callers == 1 else max(20, 600 // callers)
+def per_caller(callers: int, calls: int) -> int:
+    """Steps per caller at a concurrency level: a single caller makes half the calls (they are serial)."""
+    return calls // 2 if callers == 1 else max(2, calls // callers)
 
 
-async def closed_loop(callers: int, step: Callable[[int, int], Awaitable[None]]) -> float:
+async def closed_loop(callers: int, count: int, step: Callable[[int, int], Awaitable[None]]) -> float:
     start = time.perf_counter()
-    await asyncio.gather(*(_caller(c, per_caller(callers), step) for c in range(callers)))
+    await asyncio.gather(*(_caller(c, count, step) for c in range(callers)))
     return time.perf_counter() - start
 
 
@@ -89,8 +101,9 @@ async def _caller(c: int, count: int, step: Callable[[int, int], Awaitable[None]
         await step(c, n)
 
 
-async def latencies(stub: pb2_grpc.BillingServiceStub, callers: int, tag: str) -> dict[str, Any]:
-    samples: dict[str, list[float]] = {"Reserve": [], "Settle": [], "CheckBudget": []}
+async def billing_round(stub: pb2_grpc.BillingServiceStub, callers: int, count: int, tag: str,
+                        samples: dict[str, list[float]]) -> float:
+    """One closed-loop round of Reserve -> Settle -> CheckBudget per step; returns its wall time."""
 
     async def step(c: int, n: int) -> None:
         key = f"{tag}-{c}-{n}"
@@ -108,25 +121,34 @@ async def latencies(stub: pb2_grpc.BillingServiceStub, callers: int, tag: str) -
         samples["Settle"].append(t2 - t1)
         samples["CheckBudget"].append(t3 - t2)
 
-    elapsed = await closed_loop(callers, step)
-    out: dict[str, Any] = {"callers": callers, "reserve_per_s": round(len(samples["Reserve"]) / elapsed, 1)}
-    for rpc, values in samples.items():
-        out[f"{rpc}_p50_ms"], out[f"{rpc}_p99_ms"] = summary(values)
-    return out
+    return await closed_loop(callers, count, step)
 
 
-async def noop_latency(stub: pb2_grpc.BillingServiceStub, callers: int) -> dict[str, Any]:
-    """The anchor: a no-op unary call (bare grpc.aio server) in the same closed loop, one call per step."""
-    values: list[float] = []
+async def noop_round(stub: pb2_grpc.BillingServiceStub, callers: int, count: int, tag: str,
+                     values: list[float]) -> float:
+    """The anchor's round: one no-op unary call per step, in the same closed loop."""
 
     async def step(c: int, n: int) -> None:
         t0 = time.perf_counter()
-        await stub.Reserve(pb2.ReserveRequest(tenant_id="bench", model="smollm2", request_id=f"{c}-{n}"))
+        await stub.Reserve(pb2.ReserveRequest(tenant_id="bench", model="smollm2", request_id=f"{tag}-{c}-{n}"))
         values.append(time.perf_counter() - t0)
 
-    elapsed = await closed_loop(callers, step)
-    p50, p99 = summary(values)
-    return {"callers": callers, "calls_per_s": round(len(values) / elapsed, 1), "noop_p50_ms": p50, "noop_p99_ms": p99}
+    return await closed_loop(callers, count, step)
+
+
+async def alternate(runs: int, first: Callable[[int], Awaitable[Any]], second: Callable[[int], Awaitable[Any]]
+                    ) -> tuple[list[Any], list[Any]]:
+    """`runs` interleaved measurements of both: ABBA order, so neither always runs on a warmer machine."""
+    a: list[Any] = []
+    b: list[Any] = []
+    for run in range(runs):
+        if run % 2 == 0:
+            a.append(await first(run))
+            b.append(await second(run))
+        else:
+            b.append(await second(run))
+            a.append(await first(run))
+    return a, b
 
 
 class Process:
@@ -145,45 +167,70 @@ class Process:
                 self.proc.wait()
 
 
-def start_noop(workdir: Path) -> Process:
-    port_file = workdir / "noop.port"
-    proc = subprocess.Popen([sys.executable, "-m", "bench.billing.noop_server", "--port-file", str(port_file)],
-                            start_new_session=True)
+def start_noop(workdir: Path, name: str) -> Process:
+    """The anchor, started the way `tests.integration.billing.procs.start_billing` starts billing."""
+    port_file = workdir / f"{name}.port"
+    port_file.unlink(missing_ok=True)
+    log = (workdir / f"{name}.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.billing.noop_server", "--port", "0", "--port-file", str(port_file),
+         "--log-level", "WARNING"],
+        cwd=ROOT, stdout=log, stderr=log, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return Process(proc, wait_port(proc, port_file))
 
 
-async def bench_anchor(workdir: Path) -> dict[str, Any]:
-    server = start_noop(workdir)
-    try:
-        async with grpc.aio.insecure_channel(server.address) as chan:
-            stub = pb2_grpc.BillingServiceStub(chan)
-            await stream_rate(stub, "warm", runs=1)
-            single = await stream_rate(stub, "single")
-            batched = await stream_rate(stub, "batched", BATCH)
-            table = [await noop_latency(stub, c) for c in CONCURRENCY]
-    finally:
-        server.stop()
-    return {"stream_events_per_s": round(single, 1), "stream_batched_events_per_s": round(batched, 1),
-            "latency": table}
-
-
-async def bench_database(name: str, dsn: str, workdir: Path) -> dict[str, Any]:
+async def bench_database(name: str, dsn: str, workdir: Path, scale: Scale) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Billing on `dsn` and the no-op anchor, measured in turn: (billing's figures, the anchor's)."""
     proc, port_file = start_billing(dsn, workdir, f"billing-{name}")
-    server = Process(proc, wait_port(proc, port_file))
+    servers = [Process(proc, wait_port(proc, port_file)), start_noop(workdir, f"noop-{name}")]
     try:
-        async with operator(server.address, operator_token(workdir)) as admin:
+        async with operator(servers[0].address, operator_token(workdir)) as admin:
             await pb2_grpc.BillingServiceStub(admin).CreatePrice(price_request())
             await pb2_grpc.BillingServiceStub(admin).CreateBudget(tenant_budget("bench", micros=10**15))
-        async with grpc.aio.insecure_channel(server.address) as chan:
-            stub = pb2_grpc.BillingServiceStub(chan)
-            await stream_rate(stub, f"{name}-warm", BATCH, runs=1)
-            single = await stream_rate(stub, f"{name}-single")
-            batched = await stream_rate(stub, f"{name}-batched", BATCH)
-            table = [await latencies(stub, c, f"{name}-{c}") for c in CONCURRENCY]
+        async with grpc.aio.insecure_channel(servers[0].address) as chan, \
+                grpc.aio.insecure_channel(servers[1].address) as noop_chan:
+            stub, noop = pb2_grpc.BillingServiceStub(chan), pb2_grpc.BillingServiceStub(noop_chan)
+            await stream_once(stub, f"{name}-warm", BATCH, scale.events)
+            await stream_once(noop, f"{name}-warm", BATCH, scale.events)
+            streams: dict[str, tuple[float, float]] = {}
+            for key, batch in (("stream_events_per_s", 1), ("stream_batched_events_per_s", BATCH)):
+                def billing_stream(run: int, key: str = key, batch: int = batch) -> Awaitable[float]:
+                    return stream_once(stub, f"{name}-{key}-{run}", batch, scale.events)
+
+                def noop_stream(run: int, key: str = key, batch: int = batch) -> Awaitable[float]:
+                    return stream_once(noop, f"{name}-{key}-{run}", batch, scale.events)
+
+                real, bare = await alternate(scale.runs, billing_stream, noop_stream)
+                streams[key] = (round(statistics.median(real), 1), round(statistics.median(bare), 1))
+            table, noop_table = [], []
+            for callers in CONCURRENCY:
+                count = max(1, per_caller(callers, scale.calls) // 2)  # per round; two rounds each
+                samples: dict[str, list[float]] = {"Reserve": [], "Settle": [], "CheckBudget": []}
+                values: list[float] = []
+
+                def billing_calls(run: int, callers: int = callers, count: int = count,
+                                  samples: dict[str, list[float]] = samples) -> Awaitable[float]:
+                    return billing_round(stub, callers, count, f"{name}-{callers}-{run}", samples)
+
+                def noop_calls(run: int, callers: int = callers, count: int = count,
+                               values: list[float] = values) -> Awaitable[float]:
+                    return noop_round(noop, callers, count, f"{name}-{callers}-{run}", values)
+
+                real_s, noop_s = await alternate(2, billing_calls, noop_calls)
+                row: dict[str, Any] = {"callers": callers,
+                                       "reserve_per_s": round(len(samples["Reserve"]) / sum(real_s), 1)}
+                for rpc, measured in samples.items():
+                    row[f"{rpc}_p50_ms"], row[f"{rpc}_p99_ms"] = summary(measured)
+                table.append(row)
+                p50, p99 = summary(values)
+                noop_table.append({"callers": callers, "calls_per_s": round(len(values) / sum(noop_s), 1),
+                                   "noop_p50_ms": p50, "noop_p99_ms": p99})
     finally:
-        server.stop()
-    return {"database": name, "stream_events_per_s": round(single, 1),
-            "stream_batched_events_per_s": round(batched, 1), "latency": table}
+        for server in servers:
+            server.stop()
+    result = {"database": name, "latency": table, **{k: v[0] for k, v in streams.items()}}
+    anchor = {"paired_with": name, "latency": noop_table, **{k: v[1] for k, v in streams.items()}}
+    return result, anchor
 
 
 def plot(results: list[dict[str, Any]], anchor: dict[str, Any], path: Path) -> None:
@@ -251,34 +298,46 @@ def targets(sqlite: dict[str, Any], anchor: dict[str, Any]) -> list[dict[str, An
     return rows
 
 
-async def main(out: Path, plot_path: Path) -> None:
+async def main(out: Path, plot_path: Path, scale: Scale, with_postgres: bool) -> None:
     configure_logging("bench", "WARNING")
     results: list[dict[str, Any]] = []
+    anchors: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-billing-") as tmp:
         workdir = Path(tmp)
-        anchor = await bench_anchor(workdir)
-        results.append(await bench_database("sqlite", f"sqlite:///{workdir / 'billing.sqlite3'}", workdir))
+        result, anchors["sqlite"] = await bench_database("sqlite", f"sqlite:///{workdir / 'billing.sqlite3'}",
+                                                         workdir, scale)
+        results.append(result)
         try:
+            if not with_postgres:
+                raise RuntimeError("--no-postgres")
             from tests.integration.billing.conftest import postgres
 
             gen = postgres.__wrapped__()  # type: ignore[attr-defined]
             server = next(gen)
             try:
-                results.append(await bench_database("postgres", server.create_database(), workdir))
+                result, anchors["postgres"] = await bench_database("postgres", server.create_database(), workdir,
+                                                                   scale)
+                results.append(result)
             finally:
                 next(gen, None)
-        except Exception as exc:  # report what ran; say why PostgreSQL did not
+        except (Exception, pytest.skip.Exception, pytest.fail.Exception) as exc:  # report what ran; say why not
             results.append({"database": "postgres", "skipped": str(exc)})
     measured = [r for r in results if "skipped" not in r]
+    anchor = anchors["sqlite"]
     doc = {
         "benchmark": "billing",
         "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
                     "platform": platform.platform(), "load_average_at_end": list(os.getloadavg())},
-        "method": "stream rates are the median of 3 runs of 20,000 events; billing in its own process (python -m services.billing) on 127.0.0.1; grpc.aio clients on one "
-                  "channel in the bench process; SQLite WAL synchronous=FULL with group commit; PostgreSQL 15 on a "
-                  "unix socket with fsync on; latency callers run Reserve -> Settle -> CheckBudget in a closed "
-                  "loop; anchor: a bare grpc.aio server of the same messages doing nothing, same client, same run",
+        "method": f"stream rates are the median of {scale.runs} runs of {scale.events} events; billing in its own "
+                  "process (python -m services.billing) on 127.0.0.1; grpc.aio clients on one channel per server in "
+                  "the bench process; SQLite WAL synchronous=FULL with group commit; PostgreSQL on a unix socket "
+                  "with fsync on; latency callers run Reserve -> Settle -> CheckBudget in a closed loop. Anchor: a "
+                  "BillingService doing nothing (bench.billing.noop_server), its own process started like billing, "
+                  "on the same event loop (uvloop via run_service), grpc I/O path (services.common.grpc_engine) and "
+                  "server factory (services.common.grpc_server.start_server); it runs beside billing and every "
+                  "measurement alternates between the two (ABBA order), same client, same run",
         "anchor_noop_grpc": anchor,
+        "anchors_by_database": anchors,
         "results": {r["database"]: r for r in results},
         "units": {"*_events_per_s": "events/s", "*_ms": "milliseconds", "reserve_per_s": "Reserve calls/s",
                   "calls_per_s": "calls/s", "targets[].measured": "as named (ms, events/s, or a ratio)"},
@@ -299,5 +358,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("bench/results/billing.json"))
     parser.add_argument("--plot", type=Path, default=Path("bench/results/billing.png"))
+    parser.add_argument("--events", type=int, default=EVENTS, help="events per StreamUsage run")
+    parser.add_argument("--calls", type=int, default=CALLS, help="calls per concurrency level and server")
+    parser.add_argument("--runs", type=int, default=3, help="interleaved StreamUsage runs per server")
+    parser.add_argument("--no-postgres", action="store_true", help="measure SQLite only")
     args = parser.parse_args()
-    asyncio.run(main(args.out, args.plot))
+    asyncio.run(main(args.out, args.plot, Scale(args.events, args.calls, args.runs), not args.no_postgres))

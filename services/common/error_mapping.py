@@ -206,7 +206,7 @@ def wrap_handler(handler: grpc.RpcMethodHandler, wrap_unary: Callable[..., Any],
             stream(handler.unary_stream), deserializer, handler.response_serializer
         )
     return grpc.stream_stream_rpc_method_handler(
-        stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+        stream(handler.stream_stream), deserializer, handler.response_serializer
     )
 
 

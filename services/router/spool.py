@@ -87,6 +87,17 @@ class UsageSpool:
         self._conn.close()
 
 
+def _records(view: bytes | mmap.mmap) -> Iterator[tuple[int, int, bytes]]:
+    """(offset, kind, body) of every complete record of one journal file's contents, in order."""
+    pos, size, header = 0, len(view), _MappedLog.HEADER
+    while pos + header <= size:
+        length = int.from_bytes(view[pos:pos + 4], "little")
+        if length == 0 or pos + header + length > size:
+            return
+        yield pos, view[pos + 4], view[pos + header:pos + header + length]
+        pos += header + length
+
+
 class _MappedLog:
     """One memory-mapped record file: a record is a 4-byte length, one kind byte and a body; the length
     is stored last, so a record cut short reads as the end."""
@@ -115,13 +126,7 @@ class _MappedLog:
 
     def records(self) -> Iterator[tuple[int, int, bytes]]:
         """(offset, kind, body) of every complete record, in order."""
-        view, pos, size = self.map, 0, len(self.map)
-        while pos + self.HEADER <= size:
-            length = int.from_bytes(view[pos:pos + 4], "little")
-            if length == 0 or pos + self.HEADER + length > size:
-                return
-            yield pos, view[pos + 4], view[pos + self.HEADER:pos + self.HEADER + length]
-            pos += self.HEADER + length
+        return _records(self.map)
 
     def fits(self, size: int) -> bool:
         return self.end + self.HEADER + size <= len(self.map)
@@ -232,3 +237,21 @@ class SettlementJournal:
             self._closed = True
             for log in self._logs:
                 log.close()
+
+
+def unsettled_events(path: Path) -> int:
+    """How many events the journal at `path` holds answered but not yet settled, read from its files
+    without mapping or changing them: for a check from outside the router (is settlement idle?)."""
+    found: set[str] = set()
+    for suffix in (".0", ".1"):
+        try:
+            contents = path.with_name(path.name + suffix).read_bytes()
+        except FileNotFoundError:
+            continue
+        for _, kind, body in _records(contents):
+            if kind == ANSWERED:
+                try:
+                    found.add(str(json.loads(body)["event_id"]))
+                except (ValueError, TypeError, KeyError):
+                    continue
+    return len(found)

@@ -10,7 +10,6 @@ import datetime as dt
 import json
 import socket
 import subprocess
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from tests.integration.sidecar.test_sidecar_resilience import (  # noqa: F401
     test_stream_that_delivered_a_message_is_never_retried,
 )
 from tests.integration.sidecar.upstreams import FakeBilling, FakeInference, start_fake_billing, start_fake_inference
+from tests.waiting import wait_until_blocking
 
 pytestmark = pytest.mark.slow
 
@@ -92,15 +92,18 @@ def start_envoy(policy: Path, service: str, pki: Path, upstream: str, peers: dic
                                     start_new_session=True)
         processes.append(proc)
         sidecar = EnvoySidecar(service, ports, proc, config)
-        deadline = time.monotonic() + 20
-        while proc.poll() is None:
+
+        def ready_or_exited(proc: subprocess.Popen[bytes] = proc, sidecar: EnvoySidecar = sidecar) -> bool:
+            if proc.poll() is not None:
+                return True  # a port taken meanwhile: retried below
             try:
-                if sidecar.admin("/ready").strip() == "LIVE":
-                    return sidecar
+                return sidecar.admin("/ready").strip() == "LIVE"
             except OSError:
-                pass
-            assert time.monotonic() < deadline, "envoy did not become ready"
-            time.sleep(0.05)
+                return False
+
+        wait_until_blocking(ready_or_exited, 20, f"envoy ({service}) to report LIVE on /ready")
+        if proc.poll() is None:
+            return sidecar
         output = log_path.read_text()
         assert "Address already in use" in output and attempt < 2, output[-2000:]
     raise AssertionError("unreachable")

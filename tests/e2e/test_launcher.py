@@ -9,11 +9,11 @@ import select
 import shlex
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 from tests.conftest import tool
 from tests.e2e.mesh_process import start_mesh, stop_mesh
+from tests.waiting import wait_until_blocking
 
 
 def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -69,15 +69,15 @@ def test_mesh_comes_up_answers_grpcurl_and_stops_cleanly(tmp_path, processes) ->
     billing_pid = next(pid for pid in mesh.descendants()
                        if b"services.billing" in Path(f"/proc/{pid}/cmdline").read_bytes())
     os.kill(billing_pid, signal.SIGKILL)
-    deadline = time.monotonic() + 60
-    while True:
+    def billing_restarted() -> bool:
         restarted = [pid for pid in mesh.descendants()
                      if b"services.billing" in Path(f"/proc/{pid}/cmdline").read_bytes() and pid != billing_pid]
+        if not restarted:
+            return False
         health = grpcurl(*mesh.mesh_tls("router"), "-d", '{"service": ""}', mesh.billing, "grpc.health.v1.Health/Check")
-        if restarted and '"status": "SERVING"' in health.stdout:
-            break
-        assert time.monotonic() < deadline, "billing was not restarted"
-        select.select([], [], [], 0.25)  # pace the polling of the process table
+        return '"status": "SERVING"' in health.stdout
+
+    wait_until_blocking(billing_restarted, 60, "billing to be restarted and serving", interval=0.25)
     assert "child_exited_restarting" in "".join(mesh.output) + read_available(mesh)
 
     children = mesh.descendants()
@@ -142,10 +142,8 @@ def test_a_killed_launcher_leaves_no_orphans(tmp_path, processes) -> None:
     assert len(mesh.descendants()) >= 7
     os.kill(mesh.process.pid, signal.SIGKILL)
     mesh.process.wait(timeout=10)
-    deadline = time.monotonic() + 30
-    while mesh.descendants() and time.monotonic() < deadline:
-        select.select([], [], [], 0.25)  # pace the polling of the process table
-    assert mesh.descendants() == []
+    wait_until_blocking(lambda: not mesh.descendants(), 30, "every child of the killed launcher to exit",
+                        interval=0.25)
 
 
 def test_operator_manages_keys_and_reads_the_audit_log_with_the_cli(tmp_path, processes) -> None:

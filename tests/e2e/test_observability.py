@@ -15,6 +15,7 @@ from services.cli.endpoint import billing_token, load_endpoint, operator_channel
 from tests.conftest import ROOT
 from tests.e2e.mesh_client import create_key, generate_request, router_channel, stream
 from tests.e2e.mesh_process import free_port, start_mesh, stop_mesh
+from tests.waiting import wait_until
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "autoglm-mesh.json"
 FUNCTIONS = {"sum", "by", "rate", "increase", "max", "histogram_quantile", "le"}
@@ -59,16 +60,20 @@ async def test_dashboard_queries_only_metrics_the_mesh_exports(tmp_path, process
     endpoints = json.loads((mesh.data_dir / "endpoint.json").read_text())["metrics"]
     assert {"router", "billing", "inference-0", "router-sidecar", "billing-sidecar", "inference-0-sidecar"} <= set(
         endpoints)
-    loop = asyncio.get_running_loop()
-    end = loop.time() + 30
-    while True:
+    missing: set[str] = set()
+
+    async def all_exported() -> bool:
+        nonlocal missing
         bodies = {name: await asyncio.to_thread(scrape, url) for name, url in endpoints.items()}
         exported = {line.split("{")[0].split(" ")[0] for body in bodies.values() for line in body.splitlines()
                     if line and not line.startswith("#")}
         exported |= {re.sub(r"_(bucket|count|sum|total)$", "", n) for n in exported}
         missing = {m for m in dashboard_metrics() if m not in exported and re.sub(r"_total$", "", m) not in exported}
-        if not missing or loop.time() > end:
-            break
-        await asyncio.sleep(0.5)  # budget gauges refresh on billing's next tick
+        return not missing
+
+    try:  # budget gauges refresh on billing's next tick
+        await wait_until(all_exported, 30, "every metric the dashboard queries to be exported", interval=0.5)
+    except AssertionError:
+        pass  # the assertion below names them
     assert not missing, f"the dashboard queries metrics nobody exports: {sorted(missing)}"
     assert stop_mesh(mesh) == 0

@@ -2,8 +2,9 @@
 
 PostgreSQL comes from Debian's `postgresql` package (`make postgres-server` installs it). The fixture runs
 `initdb` in a temp dir as the `postgres` (or `nobody`) user when the tests run as root, starts the server
-on a unix socket in that dir with TCP disabled, and stops it by PID at the end of the session. It skips
-with the reason when no PostgreSQL binaries can be found.
+on a unix socket in that dir with TCP disabled, and stops it by PID at the end of the session. When no
+PostgreSQL binaries can be found the PostgreSQL cases skip with the reason, or fail when
+AUTOGLM_REQUIRE_REAL_SERVICES=1 (as in CI: see `require_real_component`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from services.billing.config import BillingConfig
 from services.billing.server import build_server
 from services.common.config import ServerSettings
 from services.common.grpc_server import RunningServer
+from tests.conftest import require_real_component
 from tests.integration.billing.helpers import OPERATOR_TOKEN
+from tests.waiting import wait_until_blocking
 
 
 def _pg_bin() -> Path | None:
@@ -56,8 +59,9 @@ class PgServer:
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PgServer]:
     bindir = _pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries not found (install Debian's `postgresql`: make postgres-server)")
+    require_real_component(bindir is not None, "PostgreSQL server binaries",
+                           "install Debian's `postgresql`: make postgres-server")
+    assert bindir is not None
     root = Path(tempfile.mkdtemp(prefix="billing-pg-"))
     data, sock = root / "data", root / "sock"
     sock.mkdir()
@@ -98,18 +102,16 @@ def _user_exists(name: str) -> bool:
 
 
 def _wait_ready(server: PgServer, proc: subprocess.Popen[bytes], root: Path) -> None:
-    import time
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def accepting() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"postgres exited: {(root / 'postgres.log').read_text()[-2000:]}")
         try:
             psycopg.connect(server.dsn(), connect_timeout=1).close()
-            return
+            return True
         except psycopg.OperationalError:
-            time.sleep(0.1)
-    raise RuntimeError("postgres did not accept connections within 30 s")
+            return False
+
+    wait_until_blocking(accepting, 30, "postgres to accept connections", interval=0.1)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

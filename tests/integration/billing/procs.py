@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tests.conftest import ROOT
+from tests.waiting import wait_until_blocking
 
 
 def start_billing(database: str, workdir: Path, name: str) -> tuple[subprocess.Popen[bytes], Path]:
@@ -28,11 +28,10 @@ def operator_token(workdir: Path) -> str:
 
 
 def wait_port(proc: subprocess.Popen[bytes], port_file: Path, timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def written() -> bool:
         if proc.poll() is not None:
-            raise RuntimeError(f"billing exited with {proc.returncode} before serving")
-        if port_file.exists():
-            return f"127.0.0.1:{port_file.read_text().strip()}"
-        time.sleep(0.05)
-    raise TimeoutError("billing did not write its port file")
+            raise RuntimeError(f"the server exited with {proc.returncode} before serving")
+        return port_file.exists()
+
+    wait_until_blocking(written, timeout, f"the server to write its port file {port_file.name}")
+    return f"127.0.0.1:{port_file.read_text().strip()}"

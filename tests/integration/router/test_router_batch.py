@@ -4,7 +4,6 @@ router restart."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +20,8 @@ from services.inference.engine.model import LoadedModel
 from services.router.config import RouterConfig
 from services.router.server import build_server as build_router
 from tests.integration.router.conftest import ADMIN_TOKEN, EPHEMERAL, MODEL, Mesh, start_mesh
-from tests.integration.router.test_router_vertical import bearer, usage_rows
+from tests.integration.router.test_router_vertical import bearer, settled_rows
+from tests.waiting import wait_until
 
 WAIT_S = 90.0
 
@@ -38,27 +38,17 @@ def in_future(seconds: float) -> Timestamp:
 
 
 async def job_until(stub: router_grpc.RouterServiceStub, secret: str, job_id: str,
-                    done: Callable[[pb2.Job], bool]) -> pb2.Job:
-    """Poll GetJob until `done` holds (the runner works in the background)."""
-    deadline = asyncio.get_running_loop().time() + WAIT_S
-    while True:
+                    done: Callable[[pb2.Job], bool], what: str) -> pb2.Job:
+    """Poll GetJob until `done` holds (the runner works in the background); fails naming `what` after WAIT_S."""
+    async def reached() -> pb2.Job | None:
         job = (await stub.GetJob(pb2.GetJobRequest(job_id=job_id), metadata=bearer(secret), timeout=10)).job
-        if done(job) or asyncio.get_running_loop().time() > deadline:
-            return job
-        await asyncio.sleep(0.05)
+        return job if done(job) else None
+
+    return await wait_until(reached, WAIT_S, f"job {job_id}: {what}")
 
 
 def finished(job: pb2.Job) -> bool:
     return job.state in (pb2.JOB_STATE_SUCCEEDED, pb2.JOB_STATE_FAILED, pb2.JOB_STATE_CANCELLED)
-
-
-async def billed_requests(mesh: Mesh, tenant: str, expected: int) -> billing_pb2.GetUsageReportResponse:
-    for _ in range(100):
-        report = await usage_rows(mesh, tenant)
-        if report.total.requests >= expected:
-            break
-        await asyncio.sleep(0.05)
-    return report
 
 
 @pytest.fixture
@@ -76,14 +66,14 @@ async def test_batch_job_runs_every_item_once_billed_and_is_idempotent(mesh: Mes
     assert again.job_id == first.job_id and first.total_items == 4
     assert first.state in (pb2.JOB_STATE_QUEUED, pb2.JOB_STATE_RUNNING)
 
-    job = await job_until(mesh.router_stub, secret, first.job_id, finished)
+    job = await job_until(mesh.router_stub, secret, first.job_id, finished, "to finish")
     assert job.state == pb2.JOB_STATE_SUCCEEDED and job.completed_items == 4 and job.failed_items == 0
     assert [r.custom_id for r in job.results] == ["q0", "q1", "q2", "q3"]
     assert all(r.text and r.usage.completion_tokens >= 1 and not r.error_code for r in job.results)
     assert job.usage.completion_tokens == sum(r.usage.completion_tokens for r in job.results)
     assert job.end_time.seconds > 0 and job.tags["team"] == "etl"
 
-    report = await billed_requests(mesh, "batchco", 4)
+    report = await settled_rows(mesh, "batchco", 4)
     assert report.total.requests == 4
     assert report.total.completion_tokens == job.usage.completion_tokens
     assert job.cost.micros == report.total.cost.micros > 0
@@ -126,17 +116,18 @@ async def test_job_pauses_when_the_budget_is_critical_and_resumes_when_it_is_rai
     job = (await mesh.router_stub.SubmitBatch(pb2.SubmitBatchRequest(model=MODEL, items=items(4)),
                                               metadata=bearer(secret), timeout=10)).job
 
-    paused = await job_until(mesh.router_stub, secret, job.job_id, lambda j: j.state == pb2.JOB_STATE_PAUSED)
+    paused = await job_until(mesh.router_stub, secret, job.job_id, lambda j: j.state == pb2.JOB_STATE_PAUSED,
+                             "to pause")
     assert paused.state == pb2.JOB_STATE_PAUSED
     assert 1 <= paused.completed_items < 4  # the first item crossed 100 %, the rest wait
-    spent = await billed_requests(mesh, "thrifty", paused.completed_items)
+    spent = await settled_rows(mesh, "thrifty", paused.completed_items)
     assert spent.total.requests == paused.completed_items
 
     budget.amount.micros = 100_000_000
     await mesh.billing_stub.UpdateBudget(billing_pb2.UpdateBudgetRequest(budget=budget, actor="test"), timeout=10)
-    done = await job_until(mesh.router_stub, secret, job.job_id, finished)
+    done = await job_until(mesh.router_stub, secret, job.job_id, finished, "to finish")
     assert done.state == pb2.JOB_STATE_SUCCEEDED and done.completed_items == 4
-    report = await billed_requests(mesh, "thrifty", 4)
+    report = await settled_rows(mesh, "thrifty", 4)
     assert report.total.requests == 4
 
 
@@ -145,7 +136,7 @@ async def test_cancel_stops_pending_items_and_keeps_finished_ones(slow_mesh: Mes
     secret, _ = await mesh.create_key("batchco")
     job = (await mesh.router_stub.SubmitBatch(pb2.SubmitBatchRequest(model=MODEL, items=items(30)),
                                               metadata=bearer(secret), timeout=10)).job
-    await job_until(mesh.router_stub, secret, job.job_id, lambda j: j.completed_items >= 2)
+    await job_until(mesh.router_stub, secret, job.job_id, lambda j: j.completed_items >= 2, "2 items done")
     cancelled = (await mesh.router_stub.CancelJob(pb2.CancelJobRequest(job_id=job.job_id), metadata=bearer(secret),
                                                   timeout=30)).job
     assert cancelled.state == pb2.JOB_STATE_CANCELLED and cancelled.end_time.seconds > 0
@@ -153,7 +144,7 @@ async def test_cancel_stops_pending_items_and_keeps_finished_ones(slow_mesh: Mes
     stopped = [r for r in cancelled.results if r.error_code == "CANCELLED"]
     assert len(kept) == cancelled.completed_items >= 2 and all(r.text for r in kept)
     assert len(kept) + len(stopped) == 30
-    report = await billed_requests(mesh, "batchco", len(kept))
+    report = await settled_rows(mesh, "batchco", len(kept))
     by_status = {row.group["status"]: row.requests for row in report.rows}
     assert by_status.get("completed", by_status.get("COMPLETED", 0)) == len(kept)
     assert report.total.requests <= len(kept) + 1  # at most the one item in flight, billed as cancelled
@@ -167,7 +158,7 @@ async def test_deadline_passed_fails_the_remaining_items(slow_mesh: Mesh) -> Non
     job = (await mesh.router_stub.SubmitBatch(
         pb2.SubmitBatchRequest(model=MODEL, items=items(200, max_tokens=4), deadline=in_future(1.5)),
         metadata=bearer(secret), timeout=10)).job
-    done = await job_until(mesh.router_stub, secret, job.job_id, finished)
+    done = await job_until(mesh.router_stub, secret, job.job_id, finished, "to finish")
     assert done.state == pb2.JOB_STATE_FAILED
     expired = [r for r in done.results if r.error_code == "DEADLINE_EXCEEDED"]
     assert expired and done.failed_items == len(expired)
@@ -179,7 +170,7 @@ async def test_a_running_job_resumes_after_a_router_restart(serve, tmp_path: Pat
     secret, _ = await mesh.create_key("batchco")
     job = (await mesh.router_stub.SubmitBatch(pb2.SubmitBatchRequest(model=MODEL, items=items(6)),
                                               metadata=bearer(secret), timeout=10)).job
-    running = await job_until(mesh.router_stub, secret, job.job_id, lambda j: j.completed_items >= 1)
+    running = await job_until(mesh.router_stub, secret, job.job_id, lambda j: j.completed_items >= 1, "1 item done")
     assert running.state == pb2.JOB_STATE_RUNNING and running.completed_items < 6
     await mesh.channel.close()
     await mesh.router.stop(grace=0)
@@ -189,8 +180,8 @@ async def test_a_running_job_resumes_after_a_router_restart(serve, tmp_path: Pat
         data_dir=mesh.data_dir, admin_token=ADMIN_TOKEN, batch_concurrency=1, batch_poll_s=0.05)))
     async with grpc.aio.insecure_channel(router.address) as channel:
         stub = router_grpc.RouterServiceStub(channel)
-        done = await job_until(stub, secret, job.job_id, finished)
+        done = await job_until(stub, secret, job.job_id, finished, "to finish")
     assert done.state == pb2.JOB_STATE_SUCCEEDED and done.completed_items == 6
-    report = await billed_requests(mesh, "batchco", 6)
+    report = await settled_rows(mesh, "batchco", 6)
     assert report.total.requests == 6
     await mesh.billing_channel.close()

@@ -14,7 +14,8 @@ from services.billing.config import BillingConfig
 from services.billing.server import build_server as build_billing
 from services.common.config import ServerSettings
 from tests.integration.router.conftest import MODEL, Mesh
-from tests.integration.router.test_router_vertical import bearer, usage_rows
+from tests.integration.router.test_router_vertical import bearer, settled_rows
+from tests.settlement import router_backlog
 
 
 async def test_usage_is_spooled_while_billing_is_down_and_replayed_exactly(mesh: Mesh, serve, tmp_path) -> None:
@@ -30,6 +31,7 @@ async def test_usage_is_spooled_while_billing_is_down_and_replayed_exactly(mesh:
     await mesh.billing.stop(grace=0)
     served += await asyncio.gather(*[
         mesh.router_stub.Complete(request(i), metadata=bearer(secret), timeout=60) for i in range(1, 9)])
+    assert router_backlog(mesh.data_dir) >= 8  # their usage waits in the router's spool
     with pytest.raises(grpc.aio.AioRpcError) as gave_up:  # batch waits for billing, up to its deadline
         await mesh.router_stub.Complete(request(98), metadata=bearer(batch_secret), timeout=1.0)
     assert gave_up.value.code() == grpc.StatusCode.UNAVAILABLE and "batch" in gave_up.value.details()
@@ -40,11 +42,7 @@ async def test_usage_is_spooled_while_billing_is_down_and_replayed_exactly(mesh:
     assert not waiting.done()
     await serve(build_billing(BillingConfig(server=ServerSettings(port=port), data_dir=tmp_path / "billing")))
     served.append(await waiting)  # billing is back: the batch request runs
-    for _ in range(400):
-        report = await usage_rows(mesh, "acme")
-        if report.total.requests >= len(served):
-            break
-        await asyncio.sleep(0.05)
+    report = await settled_rows(mesh, "acme", len(served))  # the spool has replayed and stays empty
     assert report.total.requests == len(served)
     assert report.total.completion_tokens == sum(r.usage.completion_tokens for r in served)
     assert report.total.prompt_tokens == sum(r.usage.prompt_tokens for r in served)

@@ -11,7 +11,7 @@ from autoglm.billing.v1 import billing_service_pb2 as billing_pb2
 from autoglm.common.v1 import generation_pb2, money_pb2
 from autoglm.router.v1 import router_service_pb2 as pb2
 from tests.integration.router.conftest import MODEL, Mesh
-from tests.integration.router.test_router_vertical import bearer, usage_rows
+from tests.integration.router.test_router_vertical import bearer, settled_rows
 
 REQUESTS = 1000
 COVERED = 100
@@ -47,10 +47,6 @@ async def test_a_budget_for_100_requests_lets_at_most_100_of_1000_concurrent_sta
     assert set(refused) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert all(r.usage.completion_tokens == 1 for r in served)
 
-    for _ in range(200):
-        report = await usage_rows(mesh, "storm")
-        if report.total.requests >= len(served):
-            break
-        await asyncio.sleep(0.05)
+    report = await settled_rows(mesh, "storm", len(served))
     assert report.total.requests == len(served)  # refused requests never reached the ledger
     assert report.total.cost.micros == sum(r.cost.micros for r in served) <= budget

@@ -25,8 +25,11 @@ from tests.integration.router.test_router_vertical import bearer, settled_rows
 
 
 class BillingOnly:
-    def __init__(self, stub: billing_grpc.BillingServiceStub) -> None:
+    """What `settled_rows` needs of a mesh: billing's stub and the router's data dir."""
+
+    def __init__(self, stub: billing_grpc.BillingServiceStub, data_dir: Path) -> None:
         self.billing_stub = stub
+        self.data_dir = data_dir
 
 
 def start_router(tmp_path: Path, inference: str, billing: str, processes: list) -> tuple:  # type: ignore[type-arg]
@@ -75,7 +78,7 @@ async def test_a_router_killed_between_answer_and_settle_bills_the_request_once(
         await channel.close()
 
         start_router(tmp_path, inference, billing, processes)  # same data dir
-        report = await settled_rows(BillingOnly(billing_stub), "killed", tries=400)  # type: ignore[arg-type]
+        report = await settled_rows(BillingOnly(billing_stub, tmp_path / "router"), "killed")  # type: ignore[arg-type]
         assert report.total.requests == 1
         [row] = report.rows
         assert row.completion_tokens == received

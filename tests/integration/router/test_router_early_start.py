@@ -13,6 +13,7 @@ from autoglm.inference.v1 import inference_service_pb2_grpc as inf_grpc
 from autoglm.router.v1 import router_service_pb2 as pb2
 from tests.integration.router.conftest import MODEL, Mesh
 from tests.integration.router.test_router_vertical import bearer, settled_rows
+from tests.waiting import wait_until
 
 LONG = generation_pb2.SamplingParams(temperature=0.0, max_tokens=200)
 
@@ -24,11 +25,14 @@ async def test_a_refused_hold_stops_the_early_started_generation_and_sends_nothi
     async def load_after(cancelled_total: int) -> inf_pb2.WatchLoadResponse:
         """The replica's load, once it reports at least this many cancellations and no active sequence."""
         loads = inference.WatchLoad(inf_pb2.WatchLoadRequest(interval_ms=50), timeout=60)
+
+        async def idle() -> inf_pb2.WatchLoadResponse | None:
+            load = await loads.read()
+            return load if load.cancelled_total >= cancelled_total and load.active_sequences == 0 else None
+
         try:
-            while True:
-                load = await loads.read()
-                if load.cancelled_total >= cancelled_total and load.active_sequences == 0:
-                    return load
+            return await wait_until(idle, 30, f"the replica to count {cancelled_total} cancellations and idle",
+                                    interval=0)
         finally:
             loads.cancel()
 

@@ -11,6 +11,7 @@ from autoglm.router.v1 import router_service_pb2 as pb2
 from services.common.metrics import start_metrics_endpoint
 from tests.integration.router.conftest import MODEL, Mesh
 from tests.integration.router.test_router_vertical import GREEDY, bearer
+from tests.waiting import wait_until
 
 METRICS_PORT = start_metrics_endpoint(0)
 
@@ -33,14 +34,12 @@ async def test_requests_tokens_spend_and_ttft_are_exported(mesh: Mesh) -> None:
     replies = [r async for r in mesh.router_stub.Generate(request, metadata=bearer(secret), timeout=60)]
     usage, cost = replies[-1].summary.usage, replies[-1].summary.cost
     # The usage event (and with it the metrics) is settled right after the last message: wait for it.
-    loop = asyncio.get_running_loop()
-    end = loop.time() + 10
-    while True:
-        after = await asyncio.to_thread(scrape)
-        if value(after, "autoglm_router_requests_total", model=MODEL, status="COMPLETED") > value(
-                before, "autoglm_router_requests_total", model=MODEL, status="COMPLETED") or loop.time() > end:
-            break
-        await asyncio.sleep(0.05)
+    async def settled() -> str | None:
+        body = await asyncio.to_thread(scrape)
+        return body if value(body, "autoglm_router_requests_total", model=MODEL, status="COMPLETED") > value(
+            before, "autoglm_router_requests_total", model=MODEL, status="COMPLETED") else None
+
+    after = await wait_until(settled, 10, "the router to count the finished request")
 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)

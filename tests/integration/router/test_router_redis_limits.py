@@ -29,13 +29,19 @@ from services.common.errors import RateLimited
 from services.inference.engine.model import LoadedModel
 from services.router.limits.redis_buckets import RedisBuckets
 from services.router.limits.token_bucket import Admission, RateLimiter
+from tests.conftest import require_real_component
 from tests.integration.router.conftest import MODEL, start_mesh
 from tests.integration.router.test_router_controls import retry_delay_s
 from tests.integration.router.test_router_vertical import bearer
+from tests.waiting import wait_until_blocking
 
 REDIS_SERVER = shutil.which("redis-server")
-pytestmark = pytest.mark.skipif(
-    REDIS_SERVER is None, reason="redis-server not installed (`make redis-server`, or apt-get install redis-server)")
+
+
+@pytest.fixture(autouse=True)
+def _redis_installed() -> None:
+    require_real_component(REDIS_SERVER is not None, "redis-server",
+                           "`make redis-server`, or apt-get install redis-server")
 
 
 @dataclass
@@ -81,18 +87,15 @@ def redis_server() -> Iterator[RedisProcess]:
 def _wait_until_serving(server: RedisProcess, timeout_s: float = 10.0) -> None:
     import redis
 
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def serving() -> bool:
         if server.process.poll() is not None:
             raise RuntimeError(f"redis-server exited with {server.process.returncode}")
         try:
-            if server.socket.exists() and redis.Redis(unix_socket_path=str(server.socket)).ping():
-                return
+            return server.socket.exists() and bool(redis.Redis(unix_socket_path=str(server.socket)).ping())
         except RedisError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError("redis-server did not start serving")
-        time.sleep(0.02)
+            return False
+
+    wait_until_blocking(serving, timeout_s, "redis-server to answer PING on its socket", interval=0.02)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ cost arrive in the last message and in billing, exactly once per request."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -17,6 +16,8 @@ from autoglm.inference.v1 import inference_service_pb2_grpc as inf_grpc
 from autoglm.router.v1 import admin_service_pb2 as admin_pb2
 from autoglm.router.v1 import router_service_pb2 as pb2
 from tests.integration.router.conftest import ADMIN_TOKEN, MODEL, Mesh
+from tests.settlement import settled_usage
+from tests.waiting import wait_until
 
 GREEDY = generation_pb2.SamplingParams(temperature=0.0, max_tokens=6)
 
@@ -25,15 +26,11 @@ def bearer(secret: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {secret}")]
 
 
-async def settled_rows(mesh: Mesh, tenant: str, at_least: int = 1, tries: int = 200
-                       ) -> billing_pb2.GetUsageReportResponse:
-    """The usage report once billing holds `at_least` requests (the router settles just after answering)."""
-    for _ in range(tries):
-        report = await usage_rows(mesh, tenant)
-        if report.total.requests >= at_least:
-            break
-        await asyncio.sleep(0.05)
-    return report
+async def settled_rows(mesh: Mesh, tenant: str, expected: int = 1) -> billing_pb2.GetUsageReportResponse:
+    """The usage report once settlement is idle: billing holds at least `expected` requests, the router's
+    spool and journal are empty and nothing changed for a settle window (so a late duplicate is seen)."""
+    return await settled_usage(lambda: usage_rows(mesh, tenant), lambda r: r.total.requests, expected,
+                               f"{expected} usage events for {tenant}", routers=[mesh.data_dir])
 
 
 async def usage_rows(mesh: Mesh, tenant: str) -> billing_pb2.GetUsageReportResponse:
@@ -61,7 +58,7 @@ async def test_generate_streams_tokens_and_bills_usage_once(mesh: Mesh) -> None:
     expected = summary.usage.prompt_tokens * 1 + summary.usage.completion_tokens * 2
     assert summary.cost.micros == expected and summary.cost.currency_code == "USD"
     assert summary.model == MODEL and summary.model_version and len(summary.trace_id) == 32
-    report = await usage_rows(mesh, "acme")
+    report = await settled_rows(mesh, "acme")
     assert report.total.requests == 1
     assert report.total.completion_tokens == summary.usage.completion_tokens
     assert report.total.cost.micros == expected
@@ -122,10 +119,11 @@ async def test_cancelled_stream_stops_the_sequence_and_is_billed_once_with_the_t
             break
     call.cancel()
     # The replica drops the sequence: its cancelled counter rises and no sequence stays active.
-    while True:
+    async def dropped() -> inf_pb2.WatchLoadResponse | None:
         load = await loads.read()
-        if load.cancelled_total > before.cancelled_total and load.active_sequences == 0:
-            break
+        return load if load.cancelled_total > before.cancelled_total and load.active_sequences == 0 else None
+
+    load = await wait_until(dropped, 30, "the replica to drop the cancelled sequence", interval=0)
     loads.cancel()
     assert load.cancelled_total == before.cancelled_total + 1 and load.active_sequences == 0
     report = await settled_rows(mesh, "acme")

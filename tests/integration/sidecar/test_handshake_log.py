@@ -8,7 +8,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from sidecar.handshake_log import parse_failure
 from tests.conftest import ROOT
 from tests.integration.sidecar.conftest import client_credentials, mtls_channel, write_policy
 from tests.integration.sidecar.upstreams import FakeInference, start_fake_inference
+from tests.waiting import wait_until
 
 
 def test_grpc_handshake_lines_parse_to_the_openssl_reason() -> None:
@@ -54,10 +54,11 @@ async def test_refused_handshakes_are_logged_and_counted(pki: Path, tmp_path: Pa
              "--service", "inference", "--certs", str(pki), "--upstream", upstream.address,
              "--outbound-port", "-1"], cwd=ROOT, stdout=ports_out, stderr=out, start_new_session=True)
     processes.append(proc)
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "ports.json").read_text().strip():
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-        await asyncio.sleep(0.05)
+    def ports_written() -> bool:
+        assert proc.poll() is None, log.read_text()
+        return bool((tmp_path / "ports.json").read_text().strip())
+
+    await wait_until(ports_written, 30, "the sidecar to write its ports")
     ports = json.loads((tmp_path / "ports.json").read_text())
     address = f"127.0.0.1:{ports['inbound']}"
 
@@ -72,10 +73,9 @@ async def test_refused_handshakes_are_logged_and_counted(pki: Path, tmp_path: Pa
     def refused() -> list[dict[str, object]]:
         return [e for e in read_events(log) if e["event"] == "tls_handshake_failed"]
 
-    for _ in range(200):  # the lines come through the log pipe asynchronously: up to 10 s
-        if len({e["reason"] for e in refused()}) >= 2:
-            break
-        await asyncio.sleep(0.05)
+    # The lines come through the log pipe asynchronously.
+    await wait_until(lambda: len({e["reason"] for e in refused()}) >= 2, 10,
+                     "two kinds of tls_handshake_failed in the sidecar's log")
     events = refused()
     reasons = {str(e["reason"]) for e in events}
     assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reasons  # no client certificate

@@ -34,6 +34,7 @@ from services.common.tracing import outgoing_metadata
 from sidecar import certs
 from sidecar.runtime import RunningSidecar, SidecarConfig, build_sidecar
 from tests.integration.sidecar.conftest import Mesh, start_mesh, write_policy
+from tests.waiting import wait_until
 
 
 def served_certificate(address: str, pki: Path) -> bytes:
@@ -75,18 +76,14 @@ async def test_rotating_certificates_under_load_fails_no_call(tmp_path: Path, pk
             stub = inf_grpc.InferenceServiceStub(chan)
             workers = [asyncio.create_task(load(stub)) for _ in range(4)]
             stream = stub.Generate(inf_pb.GenerateRequest(prompt="x"), timeout=30)
-            while len(codes) < 50:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: len(codes) >= 50, 60, "50 calls through the sidecars", interval=0.01)
             for service in ("inference", "router"):
                 certs.issue_to(own_pki, service)
             new = pem_to_der((own_pki / "inference.pem").read_bytes())
-            deadline = time.monotonic() + 10
-            while served_certificate(mesh.inference_sidecar.inbound_address, own_pki) != new:
-                assert time.monotonic() < deadline, "the new certificate was never served"
-                await asyncio.sleep(0.05)
+            await wait_until(lambda: served_certificate(mesh.inference_sidecar.inbound_address, own_pki) == new, 10,
+                             "the inference sidecar to serve the renewed certificate")
             mark = len(codes)
-            while len(codes) < mark + 50:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: len(codes) >= mark + 50, 60, "50 more calls after the renewal", interval=0.01)
             stop.set()
             await asyncio.gather(*workers)
             assert [m.delta async for m in stream] == ["tok0 ", "tok1 ", "tok2 "]
@@ -178,10 +175,10 @@ async def test_policy_change_applies_to_new_calls_without_dropping_a_stream(mesh
         doc = yaml.safe_load(mesh.policy.read_text())
         doc["authorization"]["allow"] = [r for r in doc["authorization"]["allow"] if r["to"] != "billing"]
         mesh.policy.write_text(yaml.safe_dump(doc))
-        deadline = time.monotonic() + 10
-        while (await admin.GetConfig(admin_pb.GetConfigRequest(), timeout=5)).policy_sha256 == old.policy_sha256:
-            assert time.monotonic() < deadline, "the new policy was never loaded"
-            await asyncio.sleep(0.05)
+        async def reloaded() -> bool:
+            return (await admin.GetConfig(admin_pb.GetConfigRequest(), timeout=5)).policy_sha256 != old.policy_sha256
+
+        await wait_until(reloaded, 10, "the billing sidecar to load the edited policy")
 
         await stream.write(billing_pb.StreamUsageRequest(event=billing_pb.UsageEvent(event_id="after")))
         assert (await stream.read()).event_id == "after"  # the stream in flight carries on
@@ -201,10 +198,8 @@ async def test_invalid_policy_edit_is_rejected_and_the_old_one_stays(mesh: Mesh)
         assert "trust_domain: autoglm.local" in old.policy_yaml
         with capture_logs() as logs:
             mesh.policy.write_text(mesh.policy.read_text().replace("max_attempts: 10", "max_attempts: lots"))
-            deadline = time.monotonic() + 5
-            while not any(e["event"] == "policy_reload_rejected" for e in logs):
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.02)
+            await wait_until(lambda: any(e["event"] == "policy_reload_rejected" for e in logs), 5,
+                             "the sidecar to log policy_reload_rejected", interval=0.02)
         rejected = next(e for e in logs if e["event"] == "policy_reload_rejected")
         assert "max_attempts: expected an integer" in rejected["error"]
         assert (await admin.GetConfig(admin_pb.GetConfigRequest(), timeout=5)).policy_sha256 == old.policy_sha256

@@ -13,6 +13,7 @@ from autoglm.billing.v1 import billing_service_pb2_grpc as billing_grpc
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tests.integration.sidecar.conftest import Mesh
+from tests.waiting import wait_until
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -109,10 +110,8 @@ async def test_client_cancellation_cancels_the_upstream_call(mesh: Mesh) -> None
         call = pb_grpc.InferenceServiceStub(chan).Generate(pb.GenerateRequest(prompt="hi"), timeout=30)
         await asyncio.wait_for(mesh.inference.record.hanging.wait(), 5)
         call.cancel()
-        for _ in range(200):
-            if mesh.inference.record.cancelled:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: mesh.inference.record.cancelled, 5, "the upstream call to be cancelled",
+                         interval=0.01)
     assert mesh.inference.record.cancelled == 1
 
 

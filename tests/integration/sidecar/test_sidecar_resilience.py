@@ -16,6 +16,7 @@ from autoglm.sidecar.v1 import sidecar_admin_service_pb2 as admin_pb
 from autoglm.sidecar.v1 import sidecar_admin_service_pb2_grpc as admin_grpc
 from sidecar.runtime import RunningSidecar
 from tests.integration.sidecar.conftest import Mesh, start_mesh, write_policy
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -118,13 +119,10 @@ async def test_breaker_opens_on_a_hanging_upstream_and_a_probe_closes_it(slow_ro
         assert state[0].breaker_state == admin_pb.BREAKER_STATE_OPEN
 
         mesh.inference.behaviour.hang = False  # the upstream recovers
-        deadline = time.monotonic() + 5
-        code = grpc.StatusCode.UNAVAILABLE
-        while code != grpc.StatusCode.OK and time.monotonic() < deadline:
-            code = await _count(stub)
-            if code != grpc.StatusCode.OK:
-                await asyncio.sleep(0.05)
-        assert code == grpc.StatusCode.OK
+        async def probe_passed() -> bool:
+            return await _count(stub) == grpc.StatusCode.OK
+
+        await wait_until(probe_passed, 5, "a probe through the half-open breaker to succeed")
         state = (await admin.GetUpstreams(admin_pb.GetUpstreamsRequest(), timeout=5)).upstreams
         assert state[0].breaker_state == admin_pb.BREAKER_STATE_CLOSED
 
@@ -136,7 +134,8 @@ async def test_route_timeout_caps_a_longer_client_deadline(slow_route_mesh: Mesh
         started = time.monotonic()
         code = await _count(pb_grpc.InferenceServiceStub(chan), timeout=10)
         elapsed = time.monotonic() - started
-        await _wait_for(lambda: mesh.inference.record.cancelled >= 1)
+        await wait_until(lambda: mesh.inference.record.cancelled >= 1, 5, "the upstream call to be cancelled",
+                             interval=0.01)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert 0.25 < elapsed < 2.0
     assert mesh.inference.record.cancelled == 1  # the upstream call was cancelled
@@ -148,15 +147,11 @@ async def test_client_deadline_shorter_than_the_route_timeout_wins(mesh: Mesh) -
         started = time.monotonic()
         code = await _count(pb_grpc.InferenceServiceStub(chan), timeout=0.2)
         elapsed = time.monotonic() - started
-        await _wait_for(lambda: mesh.inference.record.cancelled >= 1)
+        await wait_until(lambda: mesh.inference.record.cancelled >= 1, 5, "the upstream call to be cancelled",
+                             interval=0.01)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert elapsed < 2.0  # the route allows 5 s: the client's 0.2 s won
     assert mesh.inference.record.cancelled == 1
     seen = mesh.inference.record.metadata[0]
     assert "grpc-timeout" not in seen  # the deadline travels as the call's own deadline, not copied metadata
 
-
-async def _wait_for(condition, limit: float = 5.0) -> None:
-    deadline = time.monotonic() + limit
-    while not condition() and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.01)

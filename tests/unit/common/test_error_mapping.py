@@ -126,3 +126,43 @@ async def test_a_message_echoing_a_huge_input_is_cut_and_the_status_survives(ser
     details = caught.value.details() or ""
     assert details.startswith("no job '") and details.endswith("…") and len(details.encode()) <= 1024
     assert rpc_status.from_call(caught.value).message == details
+
+
+async def test_malformed_bytes_in_a_request_stream_get_invalid_argument_on_every_streaming_kind(serve) -> None:
+    from autoglm.billing.v1 import billing_service_pb2
+
+    seen: list[str] = []
+
+    async def bidi(requests, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        async for request in requests:
+            seen.append(request.event.event_id)
+            yield b""
+
+    async def client_stream(requests, context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[no-untyped-def]
+        async for request in requests:
+            seen.append(request.event.event_id)
+        return b""
+
+    parse = billing_service_pb2.StreamUsageRequest.FromString
+
+    def register(server: grpc.aio.Server) -> Sequence[str]:
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Streams", {
+            "Bidi": grpc.stream_stream_rpc_method_handler(bidi, request_deserializer=parse),
+            "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream, request_deserializer=parse),
+        }),))
+        return []
+
+    good = billing_service_pb2.StreamUsageRequest(
+        event=billing_service_pb2.UsageEvent(event_id="ok")).SerializeToString()
+    running = await serve(start_server("test", register))
+    async with grpc.aio.insecure_channel(running.address) as chan:
+        with pytest.raises(grpc.aio.AioRpcError) as bidi_err:
+            async for _ in chan.stream_stream("/test.Streams/Bidi")(iter([good, b"\xff\xff\xff"]), timeout=5):
+                pass
+        with pytest.raises(grpc.aio.AioRpcError) as client_err:
+            await chan.stream_unary("/test.Streams/ClientStream")(iter([good, b"\x0a\xff\xff\xff"]), timeout=5)
+    for err in (bidi_err, client_err):
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+        assert "autoglm.billing.v1.StreamUsageRequest" in err.value.details()
+        assert "DecodeError" not in err.value.details()
+    assert seen == ["ok", "ok"]  # the messages before the garbage were served

@@ -24,7 +24,7 @@ from services.common.errors import (
 from services.common.peer_errors import billing_error
 from services.router.metering import BillingUnavailable, Meter
 from services.router.ports import AlertLevel, Hold, HoldRequest, UsageRecord
-from services.router.spool import SettlementJournal, UsageSpool
+from services.router.spool import SettlementJournal, UsageSpool, unsettled_events
 from services.router.types import Money, TrafficClass, UsageStatus
 
 
@@ -339,3 +339,18 @@ async def test_a_deferred_event_stays_deferred_across_a_restart(tmp_path: Path) 
     assert len(again) == 1 and again.ready() == []
     wall[0] += 30
     assert [u.event_id for _, u in again.ready()] == ["x"]
+
+
+def test_unsettled_events_counts_what_the_journal_holds_answered_across_both_files(tmp_path: Path) -> None:
+    path = tmp_path / "journal.bin"
+    assert unsettled_events(path) == 0  # no journal yet
+    journal = SettlementJournal(path, capacity=4096)
+    for i in range(30):  # more than one 4 KB file holds: outstanding records are copied across
+        journal.write(usage(f"ev-{i}"))
+    assert unsettled_events(path) == 30
+    for i in range(29):
+        journal.clear(f"ev-{i}")
+    assert unsettled_events(path) == 1
+    journal.clear("ev-29")
+    assert unsettled_events(path) == 0
+    journal.close()
