@@ -5,7 +5,6 @@ ledger for the usage events."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import ssl
@@ -24,6 +23,7 @@ from services.cli.endpoint import billing_token, load_endpoint, operator_channel
 from tests.conftest import ROOT
 from tests.e2e.mesh_client import MODEL, Totals, create_key, router_channel, usage_totals
 from tests.e2e.mesh_process import Mesh, start_mesh, stop_mesh
+from tests.settlement import settled_usage
 
 QUESTION = "What is the capital of France? Answer in one word."
 
@@ -58,14 +58,10 @@ def async_sdk(mesh: Mesh, key: str) -> openai.AsyncOpenAI:
 
 
 async def settled(mesh: Mesh, tenant: str, expected: int, timeout_s: float = 60) -> Totals:
-    """Billing's totals once `expected` events arrived (the router settles right after answering)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout_s
-    while True:  # billing is another process: its ledger is polled, with a deadline
-        totals = await usage_totals(mesh, tenant)
-        if totals.requests >= expected or loop.time() > end:
-            return totals
-        await asyncio.sleep(0.25)
+    """Billing's totals once settlement is idle (so a late duplicate would be seen, not missed)."""
+    return await settled_usage(lambda: usage_totals(mesh, tenant), lambda t: t.requests, expected,
+                               f"{expected} usage events for {tenant}", routers=[mesh.data_dir / "router"],
+                               timeout_s=timeout_s, interval_s=0.25)
 
 
 def test_the_banner_prints_the_base_url_curl_and_openai_variables(mesh: Mesh) -> None:
