@@ -3,7 +3,6 @@ conversations go on the periodic purge, without a restart."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from services.inference.engine.model import LoadedModel
 from tests.integration.router.conftest import MODEL, start_mesh
 from tests.integration.router.test_router_batch import finished, items, job_until
 from tests.integration.router.test_router_vertical import bearer
+from tests.waiting import wait_until
 
 WAIT_S = 60.0
 
@@ -33,24 +33,24 @@ async def test_finished_jobs_and_idle_contexts_are_purged_after_their_retention(
         stub = mesh.router_stub
         job = (await stub.SubmitBatch(pb2.SubmitBatchRequest(model=MODEL, items=items(1)), metadata=bearer(secret),
                                       timeout=10)).job
-        assert (await job_until(stub, secret, job.job_id, finished)).state == pb2.JOB_STATE_SUCCEEDED
+        assert (await job_until(stub, secret, job.job_id, finished, "finished")).state == pb2.JOB_STATE_SUCCEEDED
         turn = pb2.CompleteRequest(model=MODEL, prompt="My name is Ada.", context_id="chat",
                                    sampling=generation_pb2.SamplingParams(temperature=0.0, max_tokens=2))
         await stub.Complete(turn, metadata=bearer(secret), timeout=60)
         contexts_db = tmp_path / "router" / "contexts.db"
 
-        deadline = asyncio.get_running_loop().time() + WAIT_S
-        while True:
+
+        async def job_purged() -> bool:
             try:
                 await stub.GetJob(pb2.GetJobRequest(job_id=job.job_id), metadata=bearer(secret), timeout=10)
             except grpc.aio.AioRpcError as error:
                 assert error.code() == grpc.StatusCode.NOT_FOUND
-                break
-            assert asyncio.get_running_loop().time() < deadline, "the finished job was never purged"
-            await asyncio.sleep(0.1)
-        while stored_turns(contexts_db):
-            assert asyncio.get_running_loop().time() < deadline, "the idle context was never purged"
-            await asyncio.sleep(0.1)
+                return True
+            return False
+
+        await wait_until(job_purged, WAIT_S, "the finished job to be purged", interval=0.1)
+        await wait_until(lambda: stored_turns(contexts_db) == 0, WAIT_S, "the idle context to be purged",
+                         interval=0.1)
     finally:
         await mesh.channel.close()
         await mesh.billing_channel.close()
