@@ -241,11 +241,12 @@ class Gateway:
                 if sampling.max_tokens is not None:
                     raise InvalidInput(
                         f"the prompt ({exact} tokens) plus max_tokens ({max_tokens}) exceeds the context window"
-                        f" of {model.name} ({window} tokens)", field="sampling.max_tokens")
+                        f" of {model.name} ({window} tokens)", field="sampling.max_tokens",
+                        reason="CONTEXT_LENGTH_EXCEEDED")
                 max_tokens = window - exact
                 if max_tokens < 1:
                     raise InvalidInput(f"the prompt ({exact} tokens) fills the context window of {model.name}",
-                                       field="prompt")
+                                       field="prompt", reason="CONTEXT_LENGTH_EXCEEDED")
             bound = exact
         resolved = replace(sampling, max_tokens=max_tokens)
         key = None

@@ -142,6 +142,15 @@ def test_a_field_the_mesh_cannot_honour_is_a_bad_request_naming_it(mesh: Mesh) -
     assert caught.value.param == "tools" and caught.value.code == "unsupported_parameter"  # type: ignore[attr-defined]
 
 
+def test_a_prompt_plus_max_tokens_over_the_window_is_context_length_exceeded_with_both_numbers(mesh: Mesh) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk(mesh, demo_key(mesh)).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=8190)
+    error = caught.value
+    assert error.code == "context_length_exceeded" and error.param == "max_tokens"  # type: ignore[attr-defined]
+    assert "max_tokens (8190)" in error.message and "(8192 tokens)" in error.message, error.message
+
+
 async def test_async_client_streams_too(mesh: Mesh) -> None:
     async with async_sdk(mesh, demo_key(mesh)) as client:
         stream = await client.chat.completions.create(
