@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as router_grpc
 from services.cli.endpoint import billing_token, operator_channel
 from services.common.logging import configure_logging
+from services.common.ports import free_port
 from tests.integration.router.conftest import ADMIN_TOKEN, MODEL
 from tests.integration.router.service_process import ROOT, drain, start_service, stop
 
@@ -109,9 +109,7 @@ class ProcessMesh:
 
 def start_floor(inference: str, processes: list) -> str:  # type: ignore[type-arg]
     """Start bench/router/floor_relay.py in front of `inference`; returns its address."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bench.router.floor_relay", str(port), inference],
                             cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     processes.append(proc)

@@ -15,20 +15,14 @@ clients dial, billing's and each inference replica's ports are what peers and op
 
 from __future__ import annotations
 
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.cli.mesh_config import MeshConfig
+from services.common.ports import free_port, reserve
 
 POLICY = Path(__file__).resolve().parents[2] / "deploy" / "policy" / "mesh-policy.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -88,6 +82,9 @@ def plan(mesh: MeshConfig, config: Path | None, sidecar: str) -> Topology:
     top = Topology(sidecar=sidecar, router_public=f"127.0.0.1:{mesh.router_port}")
     replicas = [mesh.inference_base_port + i for i in range(mesh.inference_replicas)]
     metrics = [mesh.inference_metrics_port + i if mesh.inference_metrics_port else 0 for i in range(len(replicas))]
+    # The mesh file's ports are bound by the children; internal ports must never land on one of them.
+    reserve({mesh.router_port, mesh.router_http_port, mesh.billing_port, mesh.router_metrics_port,
+             mesh.billing_metrics_port, *replicas, *metrics})
     router_data = ["--data-dir", str(mesh.data_dir / "router")]
     # Billing's ledger and operator token (read by `autoglm budget|price|billing|usage`) under the data dir.
     billing_data = ["--data-dir", str(mesh.data_dir)]

@@ -87,6 +87,8 @@ DEFAULT_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # A second server on a taken port must fail to bind, not silently share the port's connections.
+    ("grpc.so_reuseport", 0),
 )
 
 

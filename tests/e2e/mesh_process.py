@@ -6,7 +6,6 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -14,15 +13,10 @@ from pathlib import Path
 
 import yaml
 
+from services.common.ports import free_port, free_ports
 from tests.conftest import ROOT, tool
 
 BANNER_LINE = "Open-AutoGLM mesh is up"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -69,9 +63,8 @@ class Mesh:
 
 def write_config(tmp: Path, replicas: int = 1, extra: dict | None = None) -> tuple[Path, dict]:
     router, billing = free_port(), free_port()
-    inference = [free_port() for _ in range(replicas)]
-    # Replicas listen on consecutive ports from the first one; find a free run.
-    base = inference[0]
+    # Replicas listen on consecutive ports from the first one: a free run.
+    base = free_ports(replicas, consecutive=True)[0]
     # Start from the documented defaults (deploy/local/mesh.yaml) and move everything to free ports / tmp.
     doc = yaml.safe_load((ROOT / "deploy/local/mesh.yaml").read_text())
     doc["mesh"].update({"data_dir": str(tmp / "data"), "shutdown_grace_s": 10})

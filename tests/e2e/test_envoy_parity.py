@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import socket
 import subprocess
 import urllib.request
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import pytest
 
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from services.common.ports import free_port
 from sidecar import certs
 from sidecar.envoy_render import EnvoyPorts, render_to_file
 from sidecar.runtime import RunningSidecar
@@ -50,12 +50,6 @@ from tests.integration.sidecar.upstreams import FakeBilling, FakeInference, star
 from tests.waiting import wait_until_blocking
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -4,7 +4,6 @@ through the real router, billing and model."""
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import grpc
 import pytest
@@ -14,6 +13,7 @@ from google.rpc import error_details_pb2, status_pb2
 from autoglm.common.v1 import generation_pb2
 from autoglm.router.v1 import admin_service_pb2 as admin_pb2
 from autoglm.router.v1 import router_service_pb2 as pb2
+from services.common.ports import free_port
 from tests.integration.router.conftest import ADMIN_TOKEN, MODEL, Mesh
 from tests.integration.router.test_router_vertical import bearer, settled_rows
 
@@ -73,9 +73,7 @@ async def test_identical_concurrent_requests_run_one_generation_and_repeats_hit_
 
 
 def _dead_address() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 async def test_failing_canary_is_rolled_back_and_callers_still_get_answers(mesh: Mesh) -> None:
