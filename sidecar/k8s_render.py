@@ -45,11 +45,15 @@ class Workload:
     startup_s: int  # how long the first health check may take (model load)
     env: tuple[dict[str, Any], ...] = ()
     data_volume: str = ""  # a persistent volume of this size for the data dir: a one-replica StatefulSet
+    # The OpenAI-compatible HTTP API (router only): plain HTTP in the pod, the Istio sidecar does mTLS and
+    # an ingress gateway terminates the clients' TLS, as for the gRPC port.
+    http_port: int = 0
 
 
 WORKLOADS = {
     "router": Workload(
         port=50051, metrics_port=9101, cpu="500m", memory="512Mi", min_replicas=1, max_replicas=1, startup_s=30,
+        http_port=8080,
         args=("--inference", "inference.{namespace}.svc.cluster.local:50071",
               "--billing", "billing.{namespace}.svc.cluster.local:50061", "--data-dir", "/var/lib/autoglm/router"),
         data_volume="2Gi"),
@@ -79,12 +83,14 @@ def service_account(policy: Policy, service: str) -> dict[str, Any]:
 
 def service(policy: Policy, name: str) -> dict[str, Any]:
     w = WORKLOADS[name]
+    ports = [{"name": "grpc", "appProtocol": "grpc", "port": w.port, "targetPort": "grpc", "protocol": "TCP"}]
+    if w.http_port:
+        ports.append({"name": "http", "appProtocol": "http", "port": w.http_port, "targetPort": "http",
+                      "protocol": "TCP"})
     return {
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": policy.namespace, "labels": _labels(name)},
-        "spec": {"selector": _labels(name),
-                 "ports": [{"name": "grpc", "appProtocol": "grpc", "port": w.port, "targetPort": "grpc",
-                            "protocol": "TCP"}]},
+        "spec": {"selector": _labels(name), "ports": ports},
     }
 
 
@@ -96,11 +102,13 @@ def deployment(policy: Policy, name: str, version: str) -> dict[str, Any]:
     w = WORKLOADS[name]
     labels = _labels(name, version)
     args = ["--host=0.0.0.0", f"--port={w.port}", f"--metrics-port={w.metrics_port}",
+            *([f"--http-port={w.http_port}"] if w.http_port else []),
             *(a.format(namespace=policy.namespace) for a in w.args)]
     container: dict[str, Any] = {
         "name": name, "image": IMAGE, "imagePullPolicy": "IfNotPresent",
         "command": ["python", "-m", f"services.{name}"], "args": args,
         "ports": [{"name": "grpc", "containerPort": w.port, "protocol": "TCP"},
+                  *([{"name": "http", "containerPort": w.http_port, "protocol": "TCP"}] if w.http_port else []),
                   {"name": "metrics", "containerPort": w.metrics_port, "protocol": "TCP"}],
         "env": [{"name": "AUTOGLM_LOG_LEVEL", "value": "INFO"}, *w.env],
         "resources": {"requests": {"cpu": w.cpu, "memory": w.memory}, "limits": {"memory": w.memory}},

@@ -140,8 +140,10 @@ def test_services_deployments_and_autoscalers_follow_the_mesh_conventions(policy
     autoscalers = of_kind(K8S, "HorizontalPodAutoscaler")
     accounts = of_kind(K8S, "ServiceAccount")
     for name in ("router", "inference", "billing"):
-        (port,) = services[name]["spec"]["ports"]
+        port = services[name]["spec"]["ports"][0]
         assert port["name"] == "grpc" and port["appProtocol"] == "grpc"
+        assert [p["name"] for p in services[name]["spec"]["ports"]] == (["grpc", "http"] if name == "router" else
+                                                                        ["grpc"])
         assert name in accounts  # the Istio identity cluster.local/ns/<ns>/sa/<name>
         for version, _weight in policy.services[name].versions:
             deployment = workloads[f"{name}-{version}"]
@@ -160,6 +162,17 @@ def test_services_deployments_and_autoscalers_follow_the_mesh_conventions(policy
             assert target == {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"{name}-{version}"}
     configmap = of_kind(K8S, "ConfigMap")["autoglm-mesh-policy"]
     assert configmap["data"]["mesh-policy.yaml"] == POLICY.read_text()
+
+
+def test_the_router_serves_the_openai_http_api_on_its_service(policy: Policy) -> None:
+    """In the cluster the OpenAI-compatible API is the router Service's `http` port, served by the router
+    process on all interfaces (the Istio sidecar does mTLS, as for gRPC)."""
+    (http,) = [p for p in of_kind(K8S, "Service")["router"]["spec"]["ports"] if p["name"] == "http"]
+    assert http["appProtocol"] == "http" and http["targetPort"] == "http"
+    for version, _weight in policy.services["router"].versions:
+        (container,) = of_kind(K8S, "StatefulSet")[f"router-{version}"]["spec"]["template"]["spec"]["containers"]
+        assert {"name": "http", "containerPort": http["port"], "protocol": "TCP"} in container["ports"]
+        assert f"--http-port={http['port']}" in container["args"] and "--host=0.0.0.0" in container["args"]
 
 
 def test_the_router_keeps_its_state_on_one_persistent_volume(policy: Policy) -> None:
