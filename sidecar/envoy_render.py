@@ -9,7 +9,9 @@ What maps to what:
 - every known method gets an exact-path route: `timeout_s` → max_stream_duration and
   grpc_timeout_header_max (the smaller of client deadline and route timeout wins); `retries` → retry_policy
   (gRPC retry_on, num_retries = max_attempts - 1, per_try_timeout, exponential back-off); `rate_limit` → a
-  local_ratelimit token bucket (one per route: unlike the Python sidecar's, not per caller).
+  local_ratelimit token bucket per caller, as the Python sidecar keeps: a wildcard descriptor on the
+  `authorization` header (one bucket per distinct bearer token, at most `max_callers` in Envoy's LRU);
+  calls without one share the route's default bucket; a refusal is RESOURCE_EXHAUSTED.
 - `require_bearer` → a route per own gRPC service, first, that answers a call whose `authorization` is not
   `Bearer <token>` with a local 401 (gRPC UNAUTHENTICATED) before it reaches the service.
 - per cluster: `max_concurrent` → circuit_breakers max_requests/max_pending_requests; `retry_budget` →
@@ -67,6 +69,9 @@ from envoy_data_plane.envoy.config.rbac.v3 import Policy as RbacPolicy
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
     HeaderMatcher,
+    RateLimit,
+    RateLimitAction,
+    RateLimitActionRequestHeaders,
     RetryPolicy,
     RetryPolicyRetryBackOff,
     Route,
@@ -78,6 +83,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
 )
 from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
+from envoy_data_plane.envoy.extensions.common.ratelimit.v3 import LocalRateLimitDescriptor, RateLimitDescriptorEntry
 from envoy_data_plane.envoy.extensions.filters.http.local_ratelimit.v3 import LocalRateLimit
 from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import Rbac as RbacFilter
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
@@ -192,16 +198,33 @@ def _route(method_path: str, rule: PolicyRoute, cluster: str, *, retries: bool, 
     match = RouteMatch(path=method_path) if exact else RouteMatch(prefix=method_path)
     route = Route(name=f"{rule.name}:{method_path}", match=match, route=action)
     if rule.rate_limit is not None:
+        bucket = _token_bucket(rule.rate_limit.rps, rule.rate_limit.burst)
         limit = LocalRateLimit(
             stat_prefix=f"ratelimit_{rule.name}",
-            token_bucket=TokenBucket(max_tokens=rule.rate_limit.burst, tokens_per_fill=max(1, int(rule.rate_limit.rps)),
-                                     fill_interval=_seconds(1)),
+            token_bucket=bucket,  # calls that carry no `authorization` header
+            descriptors=[LocalRateLimitDescriptor(entries=[RateLimitDescriptorEntry(key=CALLER_DESCRIPTOR)],
+                                                  token_bucket=bucket)],
+            rate_limits=[RateLimit(actions=[RateLimitAction(request_headers=RateLimitActionRequestHeaders(
+                header_name="authorization", descriptor_key=CALLER_DESCRIPTOR))])],
+            max_dynamic_descriptors=rule.rate_limit.max_callers,
+            always_consume_default_token_bucket=False,
+            rate_limited_as_resource_exhausted=True,
             filter_enabled=RuntimeFractionalPercent(default_value=FractionalPercent(
                 numerator=100, denominator=FractionalPercentDenominatorType.HUNDRED), runtime_key="rl_enabled"),
             filter_enforced=RuntimeFractionalPercent(default_value=FractionalPercent(
                 numerator=100, denominator=FractionalPercentDenominatorType.HUNDRED), runtime_key="rl_enforced"))
         route.typed_per_filter_config = {"envoy.filters.http.local_ratelimit": PbAny.pack(limit)}
     return route
+
+
+CALLER_DESCRIPTOR = "caller"
+
+
+def _token_bucket(rps: float, burst: int) -> TokenBucket:
+    """`rps` tokens a second, `burst` at most; a rate under one a second refills one token less often."""
+    if rps >= 1:
+        return TokenBucket(max_tokens=burst, tokens_per_fill=int(rps), fill_interval=_seconds(1))
+    return TokenBucket(max_tokens=burst, tokens_per_fill=1, fill_interval=_seconds(1 / rps))
 
 
 # RFC 6750 `b64token` after the scheme, as sidecar.ratelimit.bearer_token accepts it.

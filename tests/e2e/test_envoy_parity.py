@@ -24,7 +24,7 @@ from sidecar.envoy_render import EnvoyPorts, render_to_file
 from sidecar.runtime import RunningSidecar
 from tests.conftest import ROOT, tool
 from tests.integration.sidecar.conftest import Mesh, pki, start_mesh, write_policy  # noqa: F401
-from tests.integration.sidecar.test_edge_limits import EDGE_POLICY
+from tests.integration.sidecar.test_edge_limits import EDGE_POLICY, count
 from tests.integration.sidecar.test_sidecar_lifecycle import (
     check_renewal_keeps_streams_and_reaches_new_connections,
     short_lived_pki,
@@ -235,3 +235,22 @@ async def test_envoy_refuses_calls_without_a_bearer_token_like_the_python_edge(
         reply = await stub.CountTokens(pb.CountTokensRequest(prompt="a b"), timeout=5,
                                        metadata=(("authorization", "Bearer ag_key_123"),))
         assert reply.token_count == 2 and fake.record.calls == 1
+
+
+async def test_envoy_limits_each_caller_separately_like_the_python_edge(
+        pki: Path, tmp_path: Path, serve, processes) -> None:  # noqa: F811
+    fake = FakeInference()
+    upstream = await serve(start_fake_inference(fake))
+    (tmp_path / "policy.yaml").write_text(EDGE_POLICY)  # burst 3, then one call per 100 s, per caller
+    envoy = await asyncio.get_running_loop().run_in_executor(
+        None, start_envoy, tmp_path / "policy.yaml", "inference", pki, upstream.address, {}, tmp_path, processes)
+    ca = (pki / "ca.pem").read_bytes()
+    async with grpc.aio.secure_channel(envoy.inbound_address, grpc.ssl_channel_credentials(ca),
+                                       options=[("grpc.ssl_target_name_override", "inference")]) as chan:
+        stub = pb_grpc.InferenceServiceStub(chan)
+        flood = [await count(stub, "Bearer ag_flooder_key") for _ in range(10)]
+        assert flood[:3] == [grpc.StatusCode.OK] * 3
+        assert set(flood[3:]) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        # Another caller on the same connection, from the same address: its own bucket.
+        assert [await count(stub, "Bearer ag_quiet_key") for _ in range(3)] == [grpc.StatusCode.OK] * 3
+    assert fake.record.calls == 6
