@@ -32,6 +32,10 @@ class BillingConfig:
     emergency_percent: int = 120
     # Events stamped further than this in the future are refused (clock skew allowance).
     max_future_skew_s: int = 300
+    # An event is charged the price its router quoted when that price was in force at some moment of the
+    # last `quote_grace_s` before the event's end (routers refresh their price table every few seconds):
+    # a price put in force at once then reaches every caller's quote and charge alike within this window.
+    quote_grace_s: float = 15.0
     # Anomaly rule: more than `anomaly_max_requests` requests from one key within `anomaly_window_s`.
     anomaly_max_requests: int = 50
     anomaly_window_s: int = 10

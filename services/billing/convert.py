@@ -57,6 +57,7 @@ def event(e: pb2.UsageEvent) -> m.UsageEvent:
         end_us=to_us(e.end_time) if e.HasField("end_time") else 0,
         status=enum(m.Status, e.status, "event.status") if e.status else m.Status.COMPLETED,
         traffic_class=enum(m.TrafficClass, e.traffic_class, "event.traffic_class"),
+        quoted_price_id=e.quoted_price_id[:64],
     )
 
 

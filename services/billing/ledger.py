@@ -47,7 +47,8 @@ class Ingested:
 class Ingester:
     """Set-based ingestion of a batch of events in the caller's transaction.
 
-    Per batch: prices come from the in-memory table (memoised per model and effective-time interval);
+    Per batch: prices come from the in-memory table (memoised per model and effective-time interval;
+    the price the router quoted when it was in force within the quote grace, `PriceTable.charged`);
     every budget touched is locked once, in id order; the events are inserted with multi-row
     `INSERT ... ON CONFLICT (event_id) DO NOTHING RETURNING event_id` in id order (so concurrent batches
     that share ids wait for each other instead of deadlocking); the ids it did not return were recorded
@@ -55,8 +56,9 @@ class Ingester:
     with one upsert per bucket. A repeat of an id inside the batch answers with the first occurrence.
     """
 
-    def __init__(self, catalog: Catalog, fired: FiredCache, currency: str) -> None:
+    def __init__(self, catalog: Catalog, fired: FiredCache, currency: str, quote_grace_us: int = 15_000_000) -> None:
         self.catalog = catalog
+        self.quote_grace_us = quote_grace_us
         self.fired = fired
         self.currency = currency
         self.buckets = periods.BucketCache()
@@ -71,7 +73,8 @@ class Ingester:
             if event.event_id in first:
                 continue
             first[event.event_id] = index
-            price = snap.prices.lookup(event.model, event.model_version, event.end_us)
+            price = snap.prices.charged(event.model, event.model_version, event.end_us, event.quoted_price_id,
+                                        self.quote_grace_us)
             if price is None:
                 unpriced.append(index)
             else:

@@ -67,6 +67,7 @@ class UsageEvent:
     end_us: int = 0
     status: Status = Status.COMPLETED
     traffic_class: TrafficClass = TrafficClass.UNSPECIFIED
+    quoted_price_id: str = ""  # the price the router quoted the caller with ("" = none)
 
     @property
     def tokens(self) -> int:

@@ -53,7 +53,8 @@ class Billing:
         self.clock = clock
         self.catalog = Catalog()
         self.fired = alerts.FiredCache()
-        self.ingester = ledger.Ingester(self.catalog, self.fired, config.currency)
+        self.ingester = ledger.Ingester(self.catalog, self.fired, config.currency,
+                                       quote_grace_us=int(config.quote_grace_s * 1_000_000))
         self.hub = alerts.AlertHub()
         self.webhooks = webhooks or WebhookSender(
             WebhookPolicy(config.webhook_allow), config.webhook_attempts, config.webhook_backoff_s,

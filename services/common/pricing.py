@@ -87,6 +87,22 @@ class PriceTable:
                     return prices[index - 1]
         return None
 
+    def charged(self, model: str, version: str, at_us: int, quoted_id: str = "", grace_us: int = 0) -> Price | None:
+        """The price an event ending at `at_us` is charged: the one it was quoted with (`quoted_id`) when that
+        price was in force for this model and version at some moment of [at_us - grace_us, at_us] — a
+        router's table lags a price change by up to its refresh interval, and the caller was answered with
+        that quote — otherwise the price in force at `at_us`."""
+        in_force = self.lookup(model, version, at_us)
+        if not quoted_id or grace_us <= 0 or (in_force is not None and in_force.price_id == quoted_id):
+            return in_force
+        since = at_us - grace_us
+        changes = {t for key in ((model, version), (model, "")) for t in self._times.get(key, ()) if since < t <= at_us}
+        for moment in (since, *sorted(changes)):
+            then = self.in_force(model, version, moment)
+            if then is not None and then.price_id == quoted_id:
+                return then
+        return in_force
+
     def require(self, model: str, version: str, at_us: int) -> Price:
         price = self.lookup(model, version, at_us)
         if price is None:

@@ -123,7 +123,7 @@ class RouterApp:
         await self.meter.refresh_prices()
         self.meter.recover_journal()
         self._tasks.append(asyncio.create_task(self.meter.replay_forever()))
-        self._tasks.append(asyncio.create_task(self.meter.refresh_prices_forever()))
+        self._tasks.append(asyncio.create_task(self.meter.refresh_prices_forever(self.config.price_refresh_s)))
         self._tasks.append(asyncio.create_task(self.runner.run_forever()))
         self._tasks.append(asyncio.create_task(self.purge_forever()))
 

@@ -29,6 +29,7 @@ def usage_to_proto(usage: UsageRecord) -> pb2.UsageEvent:
         completion_tokens=usage.completion_tokens, cached=usage.cached, request_id=usage.request_id,
         trace_id=usage.trace_id, start_time=start, end_time=end, status=int(usage.status),  # type: ignore[arg-type]
         traffic_class=int(usage.traffic_class),  # type: ignore[arg-type]
+        quoted_price_id=usage.quoted_price_id,
     )
 
 

@@ -82,6 +82,9 @@ class RouterConfig:
     # for tenants billing last placed below every alert threshold; nothing is sent before the hold is
     # granted). 0: always wait for the hold first.
     early_starts_per_tenant: int = 8
+    # How often the price table the router quotes costs from is reloaded from billing. Billing charges a
+    # quoted price while it was in force within its `quote_grace_s`: keep this well under that.
+    price_refresh_s: float = 5.0
     # The OpenAI-compatible HTTP API (services/router/http): its port (0: off), host (empty: the gRPC
     # host) and TLS certificate + key in PEM (empty: plaintext). Same process, event loop and gateway.
     http_port: int = 0
@@ -96,6 +99,8 @@ class RouterConfig:
             raise ValueError("default_max_tokens must be >= 1")
         if self.batch_concurrency < 1 or self.batch_poll_s <= 0:
             raise ValueError("batch_concurrency must be >= 1 and batch_poll_s > 0")
+        if self.price_refresh_s <= 0:
+            raise ValueError("price_refresh_s must be > 0")
         if self.early_starts_per_tenant < 0:
             raise ValueError("early_starts_per_tenant must be >= 0")
         if self.billing_grace_s < 0 or self.billing_recovery_s < 0:

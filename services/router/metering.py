@@ -33,7 +33,9 @@ budget wastes at most that many prompt prefills.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import structlog
@@ -56,6 +58,7 @@ log = structlog.get_logger(__name__)
 OFFLINE_HOLD = "offline"
 # Batch calls give up this long before their deadline, so the caller gets a precise reason.
 DEADLINE_MARGIN_S = 0.1
+MAX_QUOTES = 100_000  # quotes kept for events not sent yet
 
 
 class BillingUnavailable(Unavailable):
@@ -96,6 +99,8 @@ class Meter:
         self._last_failure: float | None = None  # its latest one
         self._failing = False  # the latest call to billing failed in transport
         self._wake = asyncio.Event()
+        # event id -> the price its caller was quoted with, until the event is sent (bounded: oldest dropped).
+        self._quoted: OrderedDict[str, str] = OrderedDict()
 
     @property
     def billing_down(self) -> bool:
@@ -194,12 +199,16 @@ class Meter:
     def local_cost(self, usage: UsageRecord) -> Money | None:
         """The cost billing will charge for this usage (billing's price table from ListPrices, priced with
         the same lookup and formula, `services.common.pricing`), or None when no price is known here.
-        The table is refreshed every few seconds: a price that billing puts in force at once is quoted
-        from the next refresh on; until then billing's answer differs, which is logged and triggers a
-        refresh."""
+        The table is refreshed every few seconds, so a price that billing puts in force at once is quoted
+        from the next refresh on; the event names the price it was quoted with, and billing charges that
+        one while it was in force within its `quote_grace_s`, so the quote and the charge agree."""
         price = self.prices.lookup(usage.model, usage.model_version, micros_since_epoch(usage.end_time))
         if price is None:
             return None
+        self._quoted[usage.event_id] = price.price_id
+        self._quoted.move_to_end(usage.event_id)
+        while len(self._quoted) > MAX_QUOTES:
+            self._quoted.popitem(last=False)
         return Money(price.currency, cost_micros(price, usage.prompt_tokens, usage.completion_tokens, usage.cached))
 
     async def refresh_prices(self, min_interval_s: float = 0.0) -> None:
@@ -224,10 +233,14 @@ class Meter:
             log.warning("unsettled_usage_recovered", events=moved)
             self._wake.set()
 
+    def _with_quote(self, usage: UsageRecord) -> UsageRecord:
+        quoted = self._quoted.get(usage.event_id, "")
+        return dataclasses.replace(usage, quoted_price_id=quoted) if quoted and not usage.quoted_price_id else usage
+
     def note_answered(self, usage: UsageRecord) -> None:
         """Before the caller is answered with a cost not yet settled: keep the event durably until it is."""
         if self.journal is not None:
-            self.journal.write(usage)
+            self.journal.write(self._with_quote(usage))
 
     def note_settled(self, usage: UsageRecord) -> None:
         if self.journal is not None:
@@ -236,6 +249,8 @@ class Meter:
     async def settle(self, hold: Hold, usage: UsageRecord) -> Money | None:
         """Send the usage event; None when it went to the spool (cost not known yet). Never raises for what
         billing answers: an event billing did not acknowledge is in the spool when this returns."""
+        usage = self._with_quote(usage)
+        self._quoted.pop(usage.event_id, None)
         if hold.offline or self._failing:
             self._spool_usage(usage)
             return None

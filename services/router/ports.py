@@ -85,6 +85,8 @@ class UsageRecord:
     end_time: datetime
     cached: bool = False
     tags: dict[str, str] = field(default_factory=dict)
+    # The price the caller was quoted with (billing charges it while it was in force within its grace).
+    quoted_price_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -107,3 +107,35 @@ async def test_the_cost_the_router_reports_is_the_cost_billing_records(serve, tm
     finally:
         await mesh.channel.close()
         await billing_channel.close()
+
+
+async def test_a_price_put_in_force_at_once_is_charged_as_the_router_quoted_it(serve, tmp_path: Path,
+                                                                              loaded_model: LoadedModel) -> None:
+    """The router quotes from a table it refreshes every few seconds; a new price in force at once reaches
+    billing first. The event names the quoted price, and billing charges it (it was in force within the
+    quote grace): the caller's cost and the ledger's agree to the micro-unit."""
+    billing = await serve(build_billing(BillingConfig(server=EPHEMERAL, data_dir=tmp_path / "billing")))
+    billing_channel = operator_channel(billing.address, billing_token(tmp_path / "billing"))
+    stub = billing_grpc.BillingServiceStub(billing_channel)
+    await stub.CreatePrice(price("", MODEL_WIDE), timeout=10)
+    inference = await serve(build_inference(InferenceConfig(server=EPHEMERAL, intra_op_threads=1), model=loaded_model))
+    router = await serve(build_router(RouterConfig(
+        server=EPHEMERAL, inference_targets=(inference.address,), billing_target=billing.address,
+        data_dir=tmp_path / "router", admin_token=ADMIN_TOKEN, price_refresh_s=3600)))
+    mesh = Mesh(billing, inference, router, grpc.aio.insecure_channel(router.address), billing_channel,
+                tmp_path / "router")
+    try:
+        secret, _ = await mesh.create_key("acme")
+        await stub.CreatePrice(price("", (9_000_001, 9_000_003, None)), timeout=10)  # in force now
+        reply = await mesh.router_stub.Complete(pb2.CompleteRequest(
+            model=MODEL, prompt="Name a colour.", sampling=GREEDY, tags={"case": "changed"}),
+            metadata=[("authorization", f"Bearer {secret}")], timeout=60)
+        inp, out, _ = MODEL_WIDE
+        quoted = int(Fraction(reply.usage.prompt_tokens * inp + reply.usage.completion_tokens * out, 10**6)
+                     + Fraction(1, 2))
+        assert reply.cost.micros == quoted  # the router's table still has the old price
+        rows = await ledger_by_case(stub, want=1)
+        assert rows["changed"].cost.micros == reply.cost.micros
+    finally:
+        await mesh.channel.close()
+        await billing_channel.close()

@@ -96,3 +96,25 @@ def test_a_naive_end_time_is_quoted_as_billing_reads_it(tmp_path: Path) -> None:
     assert quote is not None and quote.micros == 10
     charged = ledger.ingester.ingest(ledger.tx, [convert.event(usage_to_proto(record))], T0).single()
     assert charged.cost_micros == quote.micros
+
+
+def test_an_event_is_charged_its_quoted_price_while_that_was_in_force_within_the_grace() -> None:
+    from services.common.pricing import Price, PriceTable
+
+    old = Price("old", "m", "", 1_000_000, 2_000_000, None, effective_us=0)
+    new = Price("new", "m", "", 5_000_000, 6_000_000, None, effective_us=100_000_000)
+    versioned = Price("ver", "m", "v2", 7_000_000, 8_000_000, None, effective_us=50_000_000)
+    table = PriceTable([old, new, versioned])
+    grace = 15_000_000
+    assert table.charged("m", "v1", 110_000_000, "old", grace) == old  # superseded 10 s before: still quoted
+    assert table.charged("m", "v1", 120_000_000, "old", grace) == new  # superseded 20 s before: past the grace
+    assert table.charged("m", "v1", 110_000_000, "new", grace) == new
+    assert table.charged("m", "v1", 110_000_000, "", grace) == new  # no quote: the price in force
+    assert table.charged("m", "v1", 110_000_000, "old", 0) == new  # no grace configured
+    assert table.charged("m", "v1", 110_000_000, "nonsense", grace) == new
+    # A price of another version was never this version's: it is never charged for it.
+    assert table.charged("m", "v1", 110_000_000, "ver", grace) == new
+    assert table.charged("m", "v2", 110_000_000, "ver", grace) == versioned
+    # v2's own price took over from the model-wide one at 50 s: the model-wide quote holds until 65 s.
+    assert table.charged("m", "v2", 60_000_000, "old", grace) == old
+    assert table.charged("m", "v2", 70_000_000, "old", grace) == versioned
