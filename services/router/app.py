@@ -68,7 +68,8 @@ class RouterApp:
         self.input_limits = InputLimits(config.max_prompt_bytes, config.max_request_bytes)
         data = Path(config.data_dir)
         data.mkdir(parents=True, exist_ok=True)
-        pepper = load_or_create_secret_file(data / "key_pepper")
+        pepper = load_or_create_secret_file(Path(config.key_pepper_path) if config.key_pepper_path
+                                            else data / "key_pepper")
         stores = open_stores(config.database, data, poll_s=config.store_poll_s)
         self.keys = KeyStore(stores.keys, pepper)
         jwt_settings = JwtSettings(

@@ -27,6 +27,9 @@ class RouterConfig:
     # within store_poll_s (at once on PostgreSQL, which notifies them; the poll catches up after an outage).
     database: str = ""
     store_poll_s: float = 0.25
+    # The secret API keys are hashed with; empty: `<data_dir>/key_pepper` (made on first start). Routers
+    # sharing a database must share it too (a router with another pepper refuses to start).
+    key_pepper_path: str = ""
     # Bearer token for AdminService; empty: read (or create on first start) `<data_dir>/admin_token`.
     admin_token: str = ""
     # JWT: an HS256 shared secret (at least 32 bytes) and/or a JWKS file with RS256/ES256 public keys

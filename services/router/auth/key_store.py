@@ -25,6 +25,7 @@ from services.router.store.migrations import KEYS
 from services.router.types import TrafficClass
 
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PEPPER_CHECK = "autoglm-router-key-pepper-check"
 _COLUMNS = ("key_id, secret_hash, prefix, tenant_id, name, allowed_models, requests_per_minute, tokens_per_minute,"
             " traffic_class, create_time, revoke_time, expire_time, version")
 
@@ -39,6 +40,7 @@ class KeyStore:
         self._store = open_store(f"sqlite:///{store}") if isinstance(store, Path) else store
         self._store.migrate("keys", KEYS)
         self._hash = KeyedHasher(pepper)
+        self._check_pepper()
         self._clock = clock
         self._lock = threading.Lock()
         self._by_hash: dict[str, ApiKeyRecord] = {}
@@ -54,6 +56,20 @@ class KeyStore:
 
     def close(self) -> None:
         self._store.close()
+
+    def _check_pepper(self) -> None:
+        """Refuse a pepper other than the one the stored keys were hashed with: none of them would match."""
+        fingerprint = self._hash(PEPPER_CHECK)
+
+        def unit(tx: Tx) -> str:
+            tx.execute("INSERT INTO key_pepper (id, fingerprint) VALUES (1, ?) ON CONFLICT (id) DO NOTHING",
+                       (fingerprint,))
+            row = tx.one("SELECT fingerprint FROM key_pepper WHERE id = 1")
+            return str(row["fingerprint"]) if row else fingerprint
+
+        if self._store.write(unit) != fingerprint:
+            raise RuntimeError("the API keys in this router's database were hashed with another key pepper: give "
+                               "every router on one database the same pepper (router.key_pepper_path)")
 
     def create(self, spec: NewApiKey) -> tuple[ApiKeyRecord, str]:
         """Store a new key and return it with its secret (the only time the secret exists)."""

@@ -36,6 +36,9 @@ KEYS: Sequence[Migration] = (
         "CREATE INDEX api_keys_version ON api_keys(version)",
         _counter("keys"),
     )),
+    (3, "which pepper the keys are hashed with", (
+        "CREATE TABLE key_pepper (id {int} PRIMARY KEY, fingerprint TEXT NOT NULL)",
+    )),
 )
 
 POLICIES: Sequence[Migration] = (

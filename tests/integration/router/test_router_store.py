@@ -122,7 +122,15 @@ def test_migrations_run_once_and_adopt_a_router_data_dir_from_before(tmp_path: P
     found = KeyStore(store, b"pepper").find_by_secret(secret)
     assert found is not None and found.key_id == record.key_id
     applied = store.read(lambda tx: tx.all("SELECT domain, version FROM router_migrations ORDER BY domain, version"))
-    assert [(r["domain"], r["version"]) for r in applied] == [("changes", 1), ("keys", 1), ("keys", 2)]
+    assert [(r["domain"], r["version"]) for r in applied] == [("changes", 1), ("keys", 1), ("keys", 2), ("keys", 3)]
+
+
+def test_a_router_with_another_key_pepper_refuses_to_start(database: str, stores: list[Store]) -> None:
+    store = open_store(database)
+    stores.append(store)
+    KeyStore(store, b"pepper").create(NewApiKey(tenant_id="acme"))
+    with pytest.raises(RuntimeError, match="same pepper"):
+        KeyStore(store, b"another pepper")
 
 
 class LoopThread:
