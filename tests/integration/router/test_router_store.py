@@ -133,6 +133,41 @@ def test_a_router_with_another_key_pepper_refuses_to_start(database: str, stores
         KeyStore(store, b"another pepper")
 
 
+class CountingStore:
+    """A real store that counts the units domain code runs on it."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.units = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def read(self, fn: Callable[..., T]) -> T:
+        self.units += 1
+        return self.inner.read(fn)
+
+    def write(self, fn: Callable[..., T]) -> T:
+        self.units += 1
+        return self.inner.write(fn)
+
+
+def test_known_keys_policies_and_routing_are_answered_from_memory(database: str, stores: list[Store]) -> None:
+    store = CountingStore(open_store(database))
+    stores.append(store.inner)
+    keys, policies, registry = KeyStore(store, b"pepper"), PolicyStore(store), Registry(store)  # type: ignore[arg-type]
+    _, secret = keys.create(NewApiKey(tenant_id="acme"))
+    policies.set("acme", Policy(max_tokens_cap=5))
+    registry.register("m", "v1", ("127.0.0.1:1",))
+    auth = Authenticator(keys, "admin")
+    before = store.units
+    for _ in range(100):
+        assert auth.authenticate(f"Bearer {secret}").tenant_id == "acme"
+        assert policies.for_tenant("acme").max_tokens_cap == 5
+        assert registry.pick_version("m").version == "v1" and registry.get("m").name == "m"
+    assert store.units == before
+
+
 class LoopThread:
     """Another router: its own event loop on its own thread."""
 
