@@ -4,7 +4,8 @@ Every key is held in memory, so an API-key request is answered without touching 
 (SQLite or PostgreSQL, services/router/store) is followed for changes made by other routers: a key
 created or revoked elsewhere is seen here within the store's `poll_s` (at once on PostgreSQL, which
 notifies). A secret not in memory is looked up once in the database (it may have been created on another
-router a moment ago); unknown secrets are not remembered, so nobody can fill memory with guesses.
+router a moment ago); unknown secrets are not remembered, so nobody can fill memory with guesses. While
+the database cannot be reached, keys in memory keep working and no other secret is looked up.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from services.common.errors import InvalidInput, NotFound
+from services.common.errors import InvalidInput, NotFound, Unavailable
 from services.router.auth.api_keys import ApiKeyRecord, KeyedHasher, NewApiKey, new_secret, prefix_of
 from services.router.store import Row, Store, Tx, open_store
 from services.router.store.migrations import KEYS
@@ -118,9 +119,13 @@ class KeyStore:
         """The key whose secret this is (valid or not), or None; from memory, kept current (see above)."""
         digest = self._hash(secret)
         record = self._by_hash.get(digest)
-        if record is not None:
-            return record
-        row = self._store.read(lambda tx: tx.one(f"SELECT {_COLUMNS} FROM api_keys WHERE secret_hash = ?", (digest,)))
+        if record is not None or not self._store.available:
+            return record  # the database away: only keys already in memory are known
+        try:
+            row = self._store.read(lambda tx: tx.one(f"SELECT {_COLUMNS} FROM api_keys WHERE secret_hash = ?",
+                                                     (digest,)))
+        except Unavailable:
+            return None
         if row is None:
             return None
         self._apply([row])

@@ -56,6 +56,11 @@ class Tx(Protocol):
 class Store(Protocol):
     dialect: str
 
+    @property
+    def available(self) -> bool:
+        """False while the watcher cannot reach the database (memory keeps serving what it holds)."""
+        ...
+
     def migrate(self, domain: str, migrations: Sequence[Migration]) -> None:
         """Apply `domain`'s pending migrations (each once, in order, in one transaction)."""
         ...

@@ -18,8 +18,9 @@ import psycopg
 import structlog
 from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
+from services.common.errors import Unavailable
 from services.router.store.base import Migration, Row
 from services.router.store.migrations import CHANGES, migrate
 from services.router.store.watcher import Watcher
@@ -75,7 +76,8 @@ def _configure(conn: psycopg.Connection[Any]) -> None:
 class PostgresStore:
     dialect = "postgres"
 
-    def __init__(self, dsn: str, *, pool_size: int = 8, poll_s: float = 0.25, connect_timeout_s: float = 30.0) -> None:
+    def __init__(self, dsn: str, *, pool_size: int = 8, poll_s: float = 0.25, connect_timeout_s: float = 30.0,
+                 wait_s: float = 2.0) -> None:
         self.dsn = dsn
         self._closed = False
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -83,7 +85,7 @@ class PostgresStore:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
                 conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
-            dsn, min_size=1, max_size=pool_size, open=False, configure=_configure,
+            dsn, min_size=1, max_size=pool_size, open=False, configure=_configure, timeout=wait_s,
             kwargs={"autocommit": True, "row_factory": dict_row}, name="router-store")
         self._pool.open(wait=True, timeout=connect_timeout_s)
         self._listener: psycopg.Connection[Any] | None = None
@@ -103,13 +105,17 @@ class PostgresStore:
         if self._closed:
             raise RuntimeError("the router store is closed")
         for attempt in range(8):
-            with self._pool.connection() as conn:
-                try:
-                    with conn.transaction():
-                        return fn(PostgresTx(conn))
-                except RETRIABLE:
-                    if attempt == 7:
-                        raise
+            try:
+                with self._pool.connection() as conn:
+                    try:
+                        with conn.transaction():
+                            return fn(PostgresTx(conn))
+                    except RETRIABLE:
+                        if attempt == 7:
+                            raise
+            except (PoolTimeout, psycopg.OperationalError) as error:
+                raise Unavailable("the router's database cannot be reached; try again shortly",
+                                  reason="DATABASE_UNAVAILABLE") from error
             time.sleep(0.002 * (2**attempt))
         raise AssertionError("unreachable")
 
@@ -125,6 +131,10 @@ class PostgresStore:
     async def awrite(self, fn: Callable[[PostgresTx], T]) -> T:
         return await asyncio.to_thread(self._run, fn)
 
+    @property
+    def available(self) -> bool:
+        return self._watcher.available
+
     def watch(self, domain: str, table: str, since: int, apply: Callable[[list[Row]], None]) -> None:
         self._watcher.add(domain, table, since, apply)
 
@@ -137,9 +147,9 @@ class PostgresStore:
                 return  # poll once more: a change may have committed before LISTEN
             for _ in self._listener.notifies(timeout=timeout, stop_after=1):
                 pass
-        except psycopg.Error:
-            log.warning("router_store_listen_failed", exc_info=True)
-            if self._listener is not None:
+        except psycopg.Error as error:
+            if self._listener is not None:  # it was listening: say so once (the watcher logs the outage)
+                log.warning("router_store_listen_lost", error=str(error))
                 self._listener.close()
             self._listener = None
             time.sleep(timeout)  # the database is away: retry at the polling pace

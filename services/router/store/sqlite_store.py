@@ -115,6 +115,10 @@ class SqliteStore:
     async def awrite(self, fn: Callable[[SqliteTx], T]) -> T:
         return await asyncio.to_thread(self.write, fn)
 
+    @property
+    def available(self) -> bool:
+        return self._watcher.available
+
     def watch(self, domain: str, table: str, since: int, apply: Callable[[list[Row]], None]) -> None:
         self._watcher.add(domain, table, since, apply)
 

@@ -35,6 +35,8 @@ class Watcher:
         self._stop = threading.Event()
         self._wait = wait or self._stop.wait
         self._watches: list[_Watch] = []
+        # Whether the last poll reached the database (True until one fails).
+        self.available = True
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"{name}-watcher", daemon=True)
 
@@ -61,8 +63,14 @@ class Watcher:
         while not self._stop.is_set():
             try:
                 self.poll()
-            except Exception:  # the database is away: keep serving from memory, try again next round
-                log.warning("router_store_poll_failed", exc_info=True)
+            except Exception as error:  # the database is away: keep serving from memory, try again next round
+                if self.available:
+                    log.warning("router_store_unreachable", error=str(error))
+                self.available = False
+            else:
+                if not self.available:
+                    log.info("router_store_reachable")
+                self.available = True
             self._wait(self._poll_s)
 
     def poll(self) -> None:

@@ -13,10 +13,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
+import psycopg
 import pytest
 
-from services.common.errors import Unauthenticated
-from services.router.auth.api_keys import NewApiKey
+from services.common.errors import Unauthenticated, Unavailable
+from services.router.auth.api_keys import NewApiKey, new_secret
 from services.router.auth.authenticator import Authenticator
 from services.router.auth.key_store import KeyStore
 from services.router.contexts import ContextStore
@@ -235,6 +236,43 @@ async def test_a_change_through_one_router_reaches_another_within_a_second(datab
         await wait_until(b_routes_by_the_new_split, PROPAGATION_S, "B to route by the split set through A")
         assert other.call(lambda: [m.name for m in b.changed][-1:]) == ["m"]  # B's watchers heard of it
     finally:
+        a.store.close()
+        other.call(b.store.close)
+        other.stop()
+
+
+async def test_while_postgres_is_unreachable_known_keys_serve_and_a_revocation_after_it_still_arrives(
+    postgres: PgServer,  # noqa: F811
+) -> None:
+    dsn = postgres.create_database()
+    name = dsn.split("@/")[1].split("?")[0]
+    other = LoopThread()
+    a = Router(dsn)
+    b = other.call(lambda: Router(dsn))
+    known, secret = a.keys.create(NewApiKey(tenant_id="acme"))
+    late, late_secret = other.call(lambda: b.keys.create(NewApiKey(tenant_id="acme")))
+    assert a.accepts(secret)
+
+    def outage(allowed: bool) -> None:
+        with psycopg.connect(postgres.dsn(), autocommit=True) as admin:
+            admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS {str(allowed).lower()}")
+            if not allowed:
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+
+    try:
+        outage(allowed=False)
+        await wait_until(lambda: not a.store.available, PROPAGATION_S * 5, "A to notice the database is away")
+        assert a.accepts(secret)  # from memory
+        assert not a.accepts(new_secret())  # a secret not in memory is refused
+        with pytest.raises(Unavailable):
+            a.keys.create(NewApiKey(tenant_id="acme"))
+        outage(allowed=True)
+        await wait_until(lambda: a.store.available, 30, "A to reach the database again")
+        other.call(lambda: b.keys.revoke(known.key_id))
+        await wait_until(lambda: not a.accepts(secret), PROPAGATION_S, "A to refuse the key revoked after the outage")
+        assert a.accepts(late_secret) and late.tenant_id == "acme"
+    finally:
+        outage(allowed=True)
         a.store.close()
         other.call(b.store.close)
         other.stop()
