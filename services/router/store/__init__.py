@@ -34,7 +34,8 @@ def open_store(database: str, *, poll_s: float = 0.25, pool_size: int = 8) -> St
 
 
 def open_stores(database: str, data_dir: Path, *, poll_s: float = 0.25) -> RouterStores:
-    """PostgreSQL when `database` names one; otherwise the SQLite files in `data_dir`."""
+    """The one database `database` names (every domain in it); when empty, a SQLite file per domain in
+    `data_dir`."""
     if database:
         shared = open_store(database, poll_s=poll_s)
         return RouterStores(shared, shared, shared, shared, shared)

@@ -20,6 +20,7 @@ from services.common.errors import Unauthenticated, Unavailable
 from services.router.auth.api_keys import NewApiKey, new_secret
 from services.router.auth.authenticator import Authenticator
 from services.router.auth.key_store import KeyStore
+from services.router.config import RouterConfig
 from services.router.contexts import ContextStore
 from services.router.jobs.model import ItemResult, ItemSpec, ItemState, JobState, NewJob
 from services.router.jobs.store import JobStore
@@ -276,3 +277,10 @@ async def test_while_postgres_is_unreachable_known_keys_serve_and_a_revocation_a
         a.store.close()
         other.call(b.store.close)
         other.stop()
+
+
+@pytest.mark.parametrize("fields", [{"database": "mysql://db/autoglm"}, {"database": "keys.db"},
+                                    {"store_poll_s": 0}, {"store_poll_s": 5}])
+def test_a_database_or_poll_setting_the_router_cannot_use_is_refused_at_start(fields: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=r"database|store_poll_s"):
+        RouterConfig(**fields)  # type: ignore[arg-type]
