@@ -41,6 +41,7 @@ from services.router.registry import CanaryPolicy, ModelEntry, Registry
 from services.router.replica_monitor import ReplicaMonitor
 from services.router.retry import RetrySettings
 from services.router.spool import SettlementJournal, UsageSpool
+from services.router.store import open_stores
 from services.router.tasks import TaskSpec, render_task
 from services.router.types import (
     GenerationRequest,
@@ -67,8 +68,10 @@ class RouterApp:
         self.input_limits = InputLimits(config.max_prompt_bytes, config.max_request_bytes)
         data = Path(config.data_dir)
         data.mkdir(parents=True, exist_ok=True)
-        pepper = load_or_create_secret_file(data / "key_pepper")
-        self.keys = KeyStore(data / "keys.db", pepper)
+        pepper = load_or_create_secret_file(Path(config.key_pepper_path) if config.key_pepper_path
+                                            else data / "key_pepper")
+        stores = open_stores(config.database, data, poll_s=config.store_poll_s)
+        self.keys = KeyStore(stores.keys, pepper)
         jwt_settings = JwtSettings(
             hs256_secret=config.jwt_hs256_secret.encode(),
             jwks_path=Path(config.jwt_jwks_path) if config.jwt_jwks_path else None,
@@ -82,9 +85,9 @@ class RouterApp:
         self.authenticator = Authenticator(
             self.keys, admin_token_of(config), JwtVerifier(jwt_settings) if jwt_settings.enabled else None
         )
-        self.registry = Registry(data / "registry.db")
-        self.policies = PolicyStore(data / "policies.db")
-        self.contexts = ContextStore(data / "contexts.db", config.context_max_messages, config.context_max_bytes,
+        self.registry = Registry(stores.registry)
+        self.policies = PolicyStore(stores.policies)
+        self.contexts = ContextStore(stores.contexts, config.context_max_messages, config.context_max_bytes,
                                      config.context_retention_s)
         self.spool = UsageSpool(data / "usage_spool.db")
         self.journal = SettlementJournal(data / "usage_journal.bin")
@@ -105,7 +108,7 @@ class RouterApp:
             settings=GatewaySettings(default_max_tokens=config.default_max_tokens,
                                      retry=RetrySettings(max_attempts=config.retry_max_attempts)),
         )
-        self.job_store = JobStore(data / "jobs.db")
+        self.job_store = JobStore(stores.jobs)
         self.runner = BatchRunner(
             self.job_store, self._run_batch_item, self._budget_level, status_name,
             RunnerSettings(concurrency=config.batch_concurrency, poll_s=config.batch_poll_s),

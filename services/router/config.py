@@ -21,6 +21,16 @@ class RouterConfig:
     billing_target: str = ""
     # SQLite files, the key pepper and the admin token live here.
     data_dir: Path = Path(".autoglm/router")
+    # Where keys, policies, the model registry and audit log, conversations and batch jobs live: empty, SQLite
+    # files in data_dir (one router); `postgresql://user:pass@host/db` to share them between routers
+    # (`sqlite:///PATH`, one file, shares them between router processes on one host). Each
+    # router keeps keys, policies and the registry in memory and follows the other routers' changes, seen
+    # within store_poll_s (at once on PostgreSQL, which notifies them; the poll catches up after an outage).
+    database: str = ""
+    store_poll_s: float = 0.25
+    # The secret API keys are hashed with; empty: `<data_dir>/key_pepper` (made on first start). Routers
+    # sharing a database must share it too (a router with another pepper refuses to start).
+    key_pepper_path: str = ""
     # Bearer token for AdminService; empty: read (or create on first start) `<data_dir>/admin_token`.
     admin_token: str = ""
     # JWT: an HS256 shared secret (at least 32 bytes) and/or a JWKS file with RS256/ES256 public keys
@@ -119,6 +129,11 @@ class RouterConfig:
             raise ValueError("context_max_messages must be >= 2 and context_max_bytes >= 1")
         if self.context_retention_s <= 0 or self.job_retention_s <= 0 or self.retention_purge_interval_s <= 0:
             raise ValueError("context_retention_s, job_retention_s and retention_purge_interval_s must be > 0")
+        if self.database and not self.database.startswith(("postgresql://", "postgres://", "sqlite:///")):
+            raise ValueError("router.database is a postgresql://... or sqlite:///PATH URL (leave it empty for the "
+                             "SQLite files in data_dir)")
+        if not 0 < self.store_poll_s <= 1:
+            raise ValueError("store_poll_s must be > 0 and at most 1 (changes reach every router within it)")
         if not 0 <= self.http_port <= 65535:
             raise ValueError(f"http_port must be 0..65535, got {self.http_port}")
         if bool(self.http_tls_cert) != bool(self.http_tls_key):

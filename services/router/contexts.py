@@ -1,4 +1,5 @@
-"""`context_id` conversations: turns stored durably in SQLite per tenant, replayed on the next turn.
+"""`context_id` conversations: turns stored durably per tenant in the router store (SQLite or PostgreSQL,
+services/router/store), replayed on the next turn by whichever router serves it.
 
 Trimming rule (when the replayed conversation plus max_tokens does not fit the model's context window):
 system messages are always kept; the oldest whole exchanges (a user turn and the answers that followed
@@ -16,13 +17,14 @@ Retention rule (what is stored, so a conversation never grows without end):
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from services.common.errors import InvalidInput
-from services.router.sqlite_util import connect
+from services.router.store import Store, Tx, open_store
+from services.router.store.migrations import CONTEXTS
 from services.router.types import Message, Role
 
 MAX_CONTEXT_ID = 128
@@ -34,7 +36,7 @@ DEFAULT_RETENTION_S = 30 * 86400.0
 class ContextStore:
     def __init__(
         self,
-        path: Path,
+        store: Store | Path,
         max_messages: int = DEFAULT_MAX_MESSAGES,
         max_bytes: int = DEFAULT_MAX_BYTES,
         retention_s: float = DEFAULT_RETENTION_S,
@@ -44,20 +46,8 @@ class ContextStore:
         self._max_bytes = max_bytes
         self._retention_s = retention_s
         self._clock = clock
-        self._conn = connect(path)
-        self._conn.execute(
-            "CREATE TABLE IF NOT EXISTS turns (tenant_id TEXT, context_id TEXT, seq INTEGER PRIMARY KEY AUTOINCREMENT,"
-            " role INTEGER, content TEXT)"
-        )
-        columns = {row["name"] for row in self._conn.execute("PRAGMA table_info(turns)")}
-        if "at_us" not in columns:  # a store from before retention: its turns count as written now
-            self._conn.execute("ALTER TABLE turns ADD COLUMN at_us INTEGER NOT NULL DEFAULT 0")
-            self._conn.execute("UPDATE turns SET at_us = ?", (self._now_us(),))
-        if "size" not in columns:
-            self._conn.execute("ALTER TABLE turns ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
-            self._conn.execute("UPDATE turns SET size = length(CAST(content AS BLOB))")
-        self._conn.execute("CREATE INDEX IF NOT EXISTS turns_ctx ON turns(tenant_id, context_id, seq)")
-        self._lock = threading.Lock()
+        self._store = open_store(f"sqlite:///{store}") if isinstance(store, Path) else store
+        self._store.migrate("contexts", CONTEXTS)
 
     @staticmethod
     def validate(context_id: str) -> None:
@@ -71,40 +61,46 @@ class ContextStore:
         return int((self._clock() - self._retention_s) * 1_000_000)
 
     def history(self, tenant_id: str, context_id: str) -> tuple[Message, ...]:
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT role, content, at_us FROM turns WHERE tenant_id = ? AND context_id = ? ORDER BY seq",
-                (tenant_id, context_id),
-            ).fetchall()
+        rows = self._store.read(lambda tx: tx.all(
+            "SELECT role, content, at_us FROM turns WHERE tenant_id = ? AND context_id = ? ORDER BY seq",
+            (tenant_id, context_id)))
         if not rows or rows[-1]["at_us"] < self._cutoff_us():
             return ()  # none, or expired (purge deletes it)
         return tuple(Message(Role(r["role"]), r["content"]) for r in rows)
 
+    async def ahistory(self, tenant_id: str, context_id: str) -> tuple[Message, ...]:
+        """`history`, read on a worker thread (the event loop does not wait on the database)."""
+        return await asyncio.to_thread(self.history, tenant_id, context_id)
+
     def append(self, tenant_id: str, context_id: str, messages: tuple[Message, ...]) -> None:
         """Store a finished turn, then trim the context by the retention rule above."""
         now = self._now_us()
-        with self._lock:
-            self._conn.execute("BEGIN")
-            try:
-                last = self._conn.execute("SELECT MAX(at_us) AS last FROM turns WHERE tenant_id = ? AND context_id = ?",
-                                          (tenant_id, context_id)).fetchone()["last"]
-                if last is not None and last < self._cutoff_us():
-                    # an expired context starts afresh: its old turns must not come back with this one
-                    self._conn.execute("DELETE FROM turns WHERE tenant_id = ? AND context_id = ?",
-                                       (tenant_id, context_id))
-                self._conn.executemany(
-                    "INSERT INTO turns (tenant_id, context_id, role, content, at_us, size) VALUES (?,?,?,?,?,?)",
-                    [(tenant_id, context_id, int(m.role), m.content, now, len(m.content.encode())) for m in messages],
-                )
-                rows = self._conn.execute(
-                    "SELECT seq, role, size FROM turns WHERE tenant_id = ? AND context_id = ? ORDER BY seq",
-                    (tenant_id, context_id)).fetchall()
-                drop = self._over_bounds([(r["seq"], Role(r["role"]), r["size"]) for r in rows])
-                self._conn.executemany("DELETE FROM turns WHERE seq = ?", [(seq,) for seq in drop])
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+
+        def unit(tx: Tx) -> None:
+            # The context's turns are locked first (PostgreSQL), so two routers appending to one context
+            # at once trim it one after the other.
+            tx.all("SELECT seq FROM turns WHERE tenant_id = ? AND context_id = ?" + _FOR_UPDATE[tx.dialect],
+                   (tenant_id, context_id))
+            last = tx.one("SELECT MAX(at_us) AS last FROM turns WHERE tenant_id = ? AND context_id = ?",
+                          (tenant_id, context_id))
+            if last is not None and last["last"] is not None and last["last"] < self._cutoff_us():
+                # an expired context starts afresh: its old turns must not come back with this one
+                tx.execute("DELETE FROM turns WHERE tenant_id = ? AND context_id = ?", (tenant_id, context_id))
+            tx.executemany(
+                "INSERT INTO turns (tenant_id, context_id, role, content, at_us, size) VALUES (?,?,?,?,?,?)",
+                [(tenant_id, context_id, int(m.role), m.content, now, len(m.content.encode())) for m in messages],
+            )
+            rows = tx.all("SELECT seq, role, size FROM turns WHERE tenant_id = ? AND context_id = ? ORDER BY seq",
+                          (tenant_id, context_id))
+            drop = self._over_bounds([(r["seq"], Role(r["role"]), r["size"]) for r in rows])
+            if drop:
+                tx.executemany("DELETE FROM turns WHERE seq = ?", [(seq,) for seq in drop])
+
+        self._store.write(unit)
+
+    async def aappend(self, tenant_id: str, context_id: str, messages: tuple[Message, ...]) -> None:
+        """`append`, written on a worker thread."""
+        await asyncio.to_thread(self.append, tenant_id, context_id, messages)
 
     def _over_bounds(self, rows: list[tuple[int, Role, int]]) -> list[int]:
         """Sequence numbers to delete so the context meets its bounds (the retention rule above)."""
@@ -134,18 +130,21 @@ class ContextStore:
 
     def purge(self) -> int:
         """Delete every expired context; returns how many."""
-        with self._lock:
-            expired = self._conn.execute(
-                "SELECT tenant_id, context_id FROM turns GROUP BY tenant_id, context_id HAVING MAX(at_us) < ?",
-                (self._cutoff_us(),)).fetchall()
-            self._conn.execute("BEGIN")
-            self._conn.executemany("DELETE FROM turns WHERE tenant_id = ? AND context_id = ?",
-                                   [(r["tenant_id"], r["context_id"]) for r in expired])
-            self._conn.execute("COMMIT")
-        return len(expired)
+        def unit(tx: Tx) -> int:
+            expired = tx.all("SELECT tenant_id, context_id FROM turns GROUP BY tenant_id, context_id"
+                             " HAVING MAX(at_us) < ?", (self._cutoff_us(),))
+            if expired:
+                tx.executemany("DELETE FROM turns WHERE tenant_id = ? AND context_id = ?",
+                               [(r["tenant_id"], r["context_id"]) for r in expired])
+            return len(expired)
+
+        return self._store.write(unit)
 
     def close(self) -> None:
-        self._conn.close()
+        self._store.close()
+
+
+_FOR_UPDATE = {"sqlite": "", "postgres": " FOR UPDATE"}
 
 
 def exchanges(history: tuple[Message, ...]) -> list[tuple[Message, ...]]:

@@ -13,12 +13,14 @@ Response cache sharing: by default every tenant's cached answers and in-flight g
 own (keyed by tenant), so no tenant can detect or receive another's generation. `shared_cache_models`
 opts a tenant in for the models it names: requests for those models are keyed without the tenant and
 shared with every other tenant whose policy names the same model.
+
+Policies are held in memory (a request never reads the database for one) and stored in the router store
+(services/router/store); a policy set on another router is seen here within the store's `poll_s`.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -26,7 +28,8 @@ from pathlib import Path
 import ahocorasick
 
 from services.common.errors import InvalidInput, PermissionDenied
-from services.router.sqlite_util import connect
+from services.router.store import Row, Store, Tx, open_store
+from services.router.store.migrations import POLICIES
 from services.router.types import Message
 
 MAX_BLOCKED_TERMS = 10_000
@@ -101,13 +104,19 @@ class Policy:
 
 
 class PolicyStore:
-    def __init__(self, path: Path) -> None:
-        self._conn = connect(path)
-        self._conn.execute("CREATE TABLE IF NOT EXISTS policies (tenant_id TEXT PRIMARY KEY, body TEXT NOT NULL)")
-        self._lock = threading.Lock()
+    def __init__(self, store: Store | Path) -> None:
+        self._store = open_store(f"sqlite:///{store}") if isinstance(store, Path) else store
+        self._store.migrate("policies", POLICIES)
         self._cache: dict[str, Policy] = {}
-        for row in self._conn.execute("SELECT tenant_id, body FROM policies"):
-            self._cache[row["tenant_id"]] = _ready(_decode(row["body"]))
+        self._versions: dict[str, int] = {}
+
+        def load(tx: Tx) -> tuple[int, list[Row]]:
+            counter = tx.one("SELECT version FROM router_changes WHERE domain = 'policies'")
+            return int(counter["version"]) if counter else 0, tx.all("SELECT tenant_id, body, version FROM policies")
+
+        since, rows = self._store.read(load)
+        self._apply(rows)
+        self._store.watch("policies", "policies", since, self._apply)
 
     def set(self, tenant_id: str, policy: Policy) -> Policy:
         if policy.max_prompt_tokens < 0 or policy.max_tokens_cap < 0:
@@ -120,19 +129,32 @@ class PolicyStore:
         if not policy.name:
             policy = Policy(**{**asdict(policy), "name": f"tenant:{tenant_id}" if tenant_id else "global"})
         _ready(policy)  # the matcher is built here, on the admin call, not on the first request
-        with self._lock:
-            self._conn.execute(
-                "INSERT INTO policies VALUES (?, ?) ON CONFLICT(tenant_id) DO UPDATE SET body = excluded.body",
-                (tenant_id, json.dumps(asdict(policy))),
-            )
-            self._cache[tenant_id] = policy
+        body = json.dumps(asdict(policy))
+
+        def upsert(tx: Tx) -> int:
+            version = tx.bump("policies")
+            tx.execute("INSERT INTO policies (tenant_id, body, version) VALUES (?, ?, ?) ON CONFLICT(tenant_id)"
+                       " DO UPDATE SET body = excluded.body, version = excluded.version", (tenant_id, body, version))
+            return version
+
+        self._remember(tenant_id, self._store.write(upsert), policy)
         return policy
 
     def for_tenant(self, tenant_id: str) -> Policy:
         return self._cache.get(tenant_id) or self._cache.get("") or Policy(name="global")
 
     def close(self) -> None:
-        self._conn.close()
+        self._store.close()
+
+    def _apply(self, rows: list[Row]) -> None:
+        for row in rows:
+            if int(row["version"]) >= self._versions.get(row["tenant_id"], -1):
+                self._remember(row["tenant_id"], int(row["version"]), _ready(_decode(row["body"])))
+
+    def _remember(self, tenant_id: str, version: int, policy: Policy) -> None:
+        if version >= self._versions.get(tenant_id, -1):
+            self._versions[tenant_id] = version
+            self._cache[tenant_id] = policy
 
 
 def _ready(policy: Policy) -> Policy:

@@ -2,7 +2,10 @@
 
 Rules: the first version registered for a model is its stable version with all the traffic; later
 versions join with weight 0 until `set_split` or `promote`. `rollback` sends all traffic back to the
-stable version and records an audit event. Everything is persisted in SQLite.
+stable version and records an audit event. Everything is persisted in the router store (SQLite or
+PostgreSQL, services/router/store); the models are held in memory, so routing never reads the database,
+and a change made on another router is seen here within the store's `poll_s` (its `on_change` callbacks
+run for it as for a local change).
 """
 
 from __future__ import annotations
@@ -10,14 +13,14 @@ from __future__ import annotations
 import json
 import random
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from services.common.errors import FailedPrecondition, InvalidInput, NotFound
-from services.router.sqlite_util import connect
+from services.router.store import Row, Store, Tx, open_store
+from services.router.store.migrations import REGISTRY
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.-]+:\d{1,5}$")
@@ -95,26 +98,25 @@ def split_model(spec: str) -> tuple[str, str]:
 class Registry:
     def __init__(
         self,
-        path: Path,
+        store: Store | Path,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: random.Random | None = None,
     ) -> None:
-        self._conn = connect(path)
-        self._conn.executescript(
-            """
-            CREATE TABLE IF NOT EXISTS models (name TEXT PRIMARY KEY, body TEXT NOT NULL);
-            CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT, actor TEXT,
-                action TEXT, target TEXT, details TEXT);
-            """
-        )
+        self._store = open_store(f"sqlite:///{store}") if isinstance(store, Path) else store
+        self._store.migrate("registry", REGISTRY)
         self._clock = clock
         self._rng = rng or random.Random()
-        self._lock = threading.Lock()
         self._models: dict[str, ModelEntry] = {}
-        for row in self._conn.execute("SELECT body FROM models"):
-            model = _decode(row["body"])
-            self._models[model.name] = model
+        self._versions: dict[str, int] = {}
         self.on_change: list[Callable[[ModelEntry], None]] = []
+
+        def load(tx: Tx) -> tuple[int, list[Row]]:
+            counter = tx.one("SELECT version FROM router_changes WHERE domain = 'models'")
+            return int(counter["version"]) if counter else 0, tx.all("SELECT name, body, version FROM models")
+
+        since, rows = self._store.read(load)
+        self._apply(rows)
+        self._store.watch("models", "models", since, self._apply)
 
     # --- reads -----------------------------------------------------------------------------------
     def get(self, name: str) -> ModelEntry:
@@ -148,11 +150,15 @@ class Registry:
     def audit_events(self, action: str = "", limit: int = -1, before: int | None = None) -> list[AuditEvent]:
         """Audit events, newest first: of `action` (all when empty), older than sequence `before`, at most
         `limit` (-1: all)."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT * FROM audit WHERE (? = '' OR action = ?) AND (? IS NULL OR seq < ?) ORDER BY seq DESC LIMIT ?",
-                (action, action, before, before, limit),
-            ).fetchall()
+        sql, args = "SELECT * FROM audit WHERE 1 = 1", list[object]()
+        if action:
+            sql, args = sql + " AND action = ?", [action]
+        if before is not None:
+            sql, args = sql + " AND seq < ?", [*args, before]
+        sql += " ORDER BY seq DESC"
+        if limit >= 0:
+            sql, args = sql + " LIMIT ?", [*args, limit]
+        rows = self._store.read(lambda tx: tx.all(sql, args))
         return [
             AuditEvent(datetime.fromisoformat(r["time"]), r["actor"], r["action"], r["target"], json.loads(r["details"]),
                        r["seq"])
@@ -265,25 +271,37 @@ class Registry:
         return model
 
     def _save(self, model: ModelEntry) -> None:
-        with self._lock:
-            self._conn.execute(
-                "INSERT INTO models (name, body) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET body = excluded.body",
-                (model.name, _encode(model)),
-            )
-            self._models[model.name] = model
+        body = _encode(model)
+
+        def upsert(tx: Tx) -> int:
+            version = tx.bump("models")
+            tx.execute("INSERT INTO models (name, body, version) VALUES (?, ?, ?) ON CONFLICT(name)"
+                       " DO UPDATE SET body = excluded.body, version = excluded.version", (model.name, body, version))
+            return version
+
+        self._remember(self._store.write(upsert), model)
+
+    def _apply(self, rows: list[Row]) -> None:
+        """Take models stored (here or by another router) into memory, unless memory holds a newer one."""
+        for row in rows:
+            self._remember(int(row["version"]), _decode(row["body"]))
+
+    def _remember(self, version: int, model: ModelEntry) -> None:
+        if version < self._versions.get(model.name, -1):
+            return
+        self._versions[model.name] = version
+        self._models[model.name] = model
         for callback in self.on_change:
             callback(model)
 
     def audit(self, actor: str, action: str, target: str, details: dict[str, object]) -> None:
         """Append one event to the audit log (ListAuditEvents)."""
-        with self._lock:
-            self._conn.execute(
-                "INSERT INTO audit (time, actor, action, target, details) VALUES (?,?,?,?,?)",
-                (self._clock().isoformat(), actor, action, target, json.dumps(details, sort_keys=True)),
-            )
+        row = (self._clock().isoformat(), actor, action, target, json.dumps(details, sort_keys=True))
+        self._store.write(lambda tx: tx.execute(
+            "INSERT INTO audit (time, actor, action, target, details) VALUES (?,?,?,?,?)", row))
 
     def close(self) -> None:
-        self._conn.close()
+        self._store.close()
 
 
 def _encode(model: ModelEntry) -> str:

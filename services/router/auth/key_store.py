@@ -1,63 +1,76 @@
-"""API keys in SQLite, stored only as keyed hashes. Create, look up by secret, list, revoke."""
+"""API keys, stored only as keyed hashes: create, look up by secret, list, revoke.
+
+Every key is held in memory, so an API-key request is answered without touching the database. The store
+(SQLite or PostgreSQL, services/router/store) is followed for changes made by other routers: a key
+created or revoked elsewhere is seen here within the store's `poll_s` (at once on PostgreSQL, which
+notifies). A secret not in memory is looked up once in the database (it may have been created on another
+router a moment ago); unknown secrets are not remembered, so nobody can fill memory with guesses. While
+the database cannot be reached, keys in memory keep working and no other secret is looked up.
+"""
 
 from __future__ import annotations
 
+import builtins
 import json
 import re
-import sqlite3
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from services.common.errors import InvalidInput, NotFound
+from services.common.errors import InvalidInput, NotFound, Unavailable
 from services.router.auth.api_keys import ApiKeyRecord, KeyedHasher, NewApiKey, new_secret, prefix_of
-from services.router.sqlite_util import connect
+from services.router.store import Row, Store, Tx, open_store
+from services.router.store.migrations import KEYS
 from services.router.types import TrafficClass
 
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_id TEXT PRIMARY KEY,
-    secret_hash TEXT NOT NULL UNIQUE,
-    prefix TEXT NOT NULL,
-    tenant_id TEXT NOT NULL,
-    name TEXT NOT NULL,
-    allowed_models TEXT NOT NULL,
-    requests_per_minute INTEGER NOT NULL,
-    tokens_per_minute INTEGER NOT NULL,
-    traffic_class INTEGER NOT NULL,
-    create_time TEXT NOT NULL,
-    revoke_time TEXT,
-    expire_time TEXT
-);
-CREATE INDEX IF NOT EXISTS api_keys_tenant ON api_keys(tenant_id);
-"""
+PEPPER_CHECK = "autoglm-router-key-pepper-check"
+_COLUMNS = ("key_id, secret_hash, prefix, tenant_id, name, allowed_models, requests_per_minute, tokens_per_minute,"
+            " traffic_class, create_time, revoke_time, expire_time, version")
 
 
 def _ts(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
-FOUND_TTL_S = 1.0
-FOUND_MAX = 10_000
-
-
 class KeyStore:
-    def __init__(self, path: Path, pepper: bytes, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
-        self._conn = connect(path)
-        self._conn.executescript(_SCHEMA)
+    def __init__(self, store: Store | Path, pepper: bytes,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self._store = open_store(f"sqlite:///{store}") if isinstance(store, Path) else store
+        self._store.migrate("keys", KEYS)
         self._hash = KeyedHasher(pepper)
+        self._check_pepper()
         self._clock = clock
         self._lock = threading.Lock()
-        # Lookups by secret hash, kept FOUND_TTL_S (this process's revokes clear it at once).
-        self._found: dict[str, tuple[float, ApiKeyRecord | None]] = {}
+        self._by_hash: dict[str, ApiKeyRecord] = {}
+        self._by_id: dict[str, tuple[int, str]] = {}  # key_id -> (version, secret hash)
+
+        def load(tx: Tx) -> tuple[int, list[Row]]:
+            counter = tx.one("SELECT version FROM router_changes WHERE domain = 'keys'")
+            return int(counter["version"]) if counter else 0, tx.all(f"SELECT {_COLUMNS} FROM api_keys")
+
+        since, rows = self._store.read(load)
+        self._apply(rows)
+        self._store.watch("keys", "api_keys", since, self._apply)
 
     def close(self) -> None:
-        self._conn.close()
+        self._store.close()
+
+    def _check_pepper(self) -> None:
+        """Refuse a pepper other than the one the stored keys were hashed with: none of them would match."""
+        fingerprint = self._hash(PEPPER_CHECK)
+
+        def unit(tx: Tx) -> str:
+            tx.execute("INSERT INTO key_pepper (id, fingerprint) VALUES (1, ?) ON CONFLICT (id) DO NOTHING",
+                       (fingerprint,))
+            row = tx.one("SELECT fingerprint FROM key_pepper WHERE id = 1")
+            return str(row["fingerprint"]) if row else fingerprint
+
+        if self._store.write(unit) != fingerprint:
+            raise RuntimeError("the API keys in this router's database were hashed with another key pepper: give "
+                               "every router on one database the same pepper (router.key_pepper_path)")
 
     def create(self, spec: NewApiKey) -> tuple[ApiKeyRecord, str]:
         """Store a new key and return it with its secret (the only time the secret exists)."""
@@ -84,62 +97,90 @@ class KeyStore:
             create_time=now,
             expire_time=spec.expire_time,
         )
-        with self._lock:
-            self._conn.execute(
-                "INSERT INTO api_keys VALUES (?,?,?,?,?,?,?,?,?,?,NULL,?)",
+        digest = self._hash(secret)
+
+        def insert(tx: Tx) -> int:
+            version = tx.bump("keys")
+            tx.execute(
+                f"INSERT INTO api_keys ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,NULL,?,?)",
                 (
-                    record.key_id, self._hash(secret), record.prefix, record.tenant_id, record.name,
+                    record.key_id, digest, record.prefix, record.tenant_id, record.name,
                     json.dumps(list(record.allowed_models)), record.requests_per_minute, record.tokens_per_minute,
                     int(record.traffic_class), now.isoformat(),
-                    record.expire_time.isoformat() if record.expire_time else None,
+                    record.expire_time.isoformat() if record.expire_time else None, version,
                 ),
             )
+            return version
+
+        self._remember(self._store.write(insert), digest, record)
         return record, secret
 
     def find_by_secret(self, secret: str) -> ApiKeyRecord | None:
-        """The key whose secret this is (valid or not), or None. Answers come from memory for up to
-        FOUND_TTL_S, so a change made to the key file by another process shows within that time."""
+        """The key whose secret this is (valid or not), or None; from memory, kept current (see above)."""
         digest = self._hash(secret)
-        now = time.monotonic()
-        found = self._found.get(digest)
-        if found is not None and now - found[0] < FOUND_TTL_S:
-            return found[1]
-        with self._lock:
-            row = self._conn.execute("SELECT * FROM api_keys WHERE secret_hash = ?", (digest,)).fetchone()
-        record = self._record(row) if row else None
-        if record is not None:  # unknown secrets are not remembered: nobody can fill memory with guesses
-            if len(self._found) >= FOUND_MAX:
-                self._found.clear()
-            self._found[digest] = (now, record)
-        return record
+        record = self._by_hash.get(digest)
+        if record is not None or not self._store.available:
+            return record  # the database away: only keys already in memory are known
+        try:
+            row = self._store.read(lambda tx: tx.one(f"SELECT {_COLUMNS} FROM api_keys WHERE secret_hash = ?",
+                                                     (digest,)))
+        except Unavailable:
+            return None
+        if row is None:
+            return None
+        self._apply([row])
+        return self._record(row)
 
     def get(self, key_id: str) -> ApiKeyRecord:
-        with self._lock:
-            row = self._conn.execute("SELECT * FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+        known = self._by_id.get(key_id)
+        record = self._by_hash.get(known[1]) if known else None
+        if record is not None:
+            return record
+        row = self._store.read(lambda tx: tx.one(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)))
         if row is None:
             raise NotFound(f"no API key with id {key_id!r}", field="key_id")
+        self._apply([row])
         return self._record(row)
 
     def list(self, tenant_id: str = "", include_revoked: bool = False) -> list[ApiKeyRecord]:
-        sql = "SELECT * FROM api_keys WHERE (? = '' OR tenant_id = ?)"
+        sql, args = f"SELECT {_COLUMNS} FROM api_keys WHERE 1 = 1", builtins.list[str]()
+        if tenant_id:
+            sql, args = sql + " AND tenant_id = ?", [tenant_id]
         if not include_revoked:
             sql += " AND revoke_time IS NULL"
-        with self._lock:
-            rows = self._conn.execute(sql + " ORDER BY create_time, key_id", (tenant_id, tenant_id)).fetchall()
+        rows = self._store.read(lambda tx: tx.all(sql + " ORDER BY create_time, key_id", args))
         return [self._record(row) for row in rows]
 
     def revoke(self, key_id: str) -> ApiKeyRecord:
         """Revoke a key (idempotent: revoking twice keeps the first revoke time)."""
-        self._found.clear()
+        def update(tx: Tx) -> Row | None:
+            row = tx.one("SELECT revoke_time FROM api_keys WHERE key_id = ?", (key_id,))
+            if row is not None and row["revoke_time"] is None:
+                tx.execute("UPDATE api_keys SET revoke_time = ?, version = ? WHERE key_id = ?",
+                           (self._clock().isoformat(), tx.bump("keys"), key_id))
+            return tx.one(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,))
+
+        row = self._store.write(update)
+        if row is None:
+            raise NotFound(f"no API key with id {key_id!r}", field="key_id")
+        self._apply([row])
+        return self._record(row)
+
+    def _apply(self, rows: builtins.list[Row]) -> None:
+        """Take these rows into memory, unless memory already holds a newer version of the key."""
+        for row in rows:
+            self._remember(int(row["version"]), row["secret_hash"], self._record(row))
+
+    def _remember(self, version: int, digest: str, record: ApiKeyRecord) -> None:
         with self._lock:
-            self._conn.execute(
-                "UPDATE api_keys SET revoke_time = COALESCE(revoke_time, ?) WHERE key_id = ?",
-                (self._clock().isoformat(), key_id),
-            )
-        return self.get(key_id)
+            known = self._by_id.get(record.key_id)
+            if known is not None and known[0] > version:
+                return
+            self._by_id[record.key_id] = (version, digest)
+            self._by_hash[digest] = record
 
     @staticmethod
-    def _record(row: sqlite3.Row) -> ApiKeyRecord:
+    def _record(row: Row) -> ApiKeyRecord:
         return ApiKeyRecord(
             key_id=row["key_id"],
             prefix=row["prefix"],

@@ -1,4 +1,5 @@
-"""Batch jobs and their items in the router's SQLite: they survive a restart.
+"""Batch jobs and their items in the router store (SQLite or PostgreSQL, services/router/store): they
+survive a restart.
 
 An item is PENDING, RUNNING (claimed by the runner), or finished (SUCCEEDED / FAILED / CANCELLED).
 At start, `recover` puts RUNNING items back to PENDING: the runner re-runs them under the same request
@@ -12,34 +13,16 @@ job is NOT_FOUND, and its idempotency key may be used again.
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from services.router.jobs.model import ClaimedItem, ItemResult, ItemSpec, ItemState, Job, JobState, NewJob
-from services.router.sqlite_util import connect
+from services.router.store import Row, Store, Tx, open_store
+from services.router.store.migrations import JOBS
 from services.router.types import FinishReason, Message, Money, Principal, Role, Sampling, TrafficClass, Usage
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, principal TEXT NOT NULL, model TEXT NOT NULL,
-    state INTEGER NOT NULL, create_us INTEGER NOT NULL, deadline_us INTEGER, end_us INTEGER,
-    tags TEXT NOT NULL, idempotency_key TEXT NOT NULL, total INTEGER NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (tenant_id, idempotency_key) WHERE idempotency_key != '';
-CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs (tenant_id, create_us);
-CREATE TABLE IF NOT EXISTS items (
-    job_id TEXT NOT NULL, idx INTEGER NOT NULL, custom_id TEXT NOT NULL, spec TEXT NOT NULL,
-    state INTEGER NOT NULL DEFAULT 0, text TEXT NOT NULL DEFAULT '', finish INTEGER NOT NULL DEFAULT 0,
-    prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,
-    cost_micros INTEGER NOT NULL DEFAULT 0, currency TEXT NOT NULL DEFAULT '',
-    error_code TEXT NOT NULL DEFAULT '', error_message TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (job_id, idx)
-);
-CREATE INDEX IF NOT EXISTS items_pending ON items (job_id, state, idx);
-"""
 ACTIVE = (int(JobState.QUEUED), int(JobState.RUNNING), int(JobState.PAUSED))
 
 
@@ -79,46 +62,41 @@ def _spec(custom_id: str, text: str) -> ItemSpec:
 
 
 class JobStore:
-    def __init__(self, path: Path) -> None:
-        self._conn = connect(path)
-        self._conn.executescript(SCHEMA)
-        self._lock = threading.Lock()
+    def __init__(self, store: Store | Path) -> None:
+        self._store = open_store(f"sqlite:///{store}") if isinstance(store, Path) else store
+        self._store.migrate("jobs", JOBS)
 
     def close(self) -> None:
-        self._conn.close()
+        self._store.close()
 
     def create(self, job_id: str, principal: Principal, new: NewJob, now: datetime) -> tuple[Job, bool]:
         """Store a new job; with an idempotency key already used by the tenant, return that job instead."""
-        with self._lock:
+        def unit(tx: Tx) -> tuple[Job, bool]:
             if new.idempotency_key:
-                row = self._conn.execute("SELECT job_id FROM jobs WHERE tenant_id = ? AND idempotency_key = ?",
-                                         (principal.tenant_id, new.idempotency_key)).fetchone()
+                row = tx.one("SELECT job_id FROM jobs WHERE tenant_id = ? AND idempotency_key = ?",
+                             (principal.tenant_id, new.idempotency_key))
                 if row is not None:
-                    existing = self._get(row["job_id"], with_results=False)
+                    existing = _get(tx, row["job_id"], with_results=False)
                     assert existing is not None
                     return existing, False
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._conn.execute(
-                    "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?)",
-                    (job_id, principal.tenant_id, _principal_json(principal), new.model, int(JobState.QUEUED),
-                     _us(now), _us(new.deadline), json.dumps(new.tags), new.idempotency_key, len(new.items)),
-                )
-                self._conn.executemany(
-                    "INSERT INTO items (job_id, idx, custom_id, spec) VALUES (?, ?, ?, ?)",
-                    [(job_id, i, item.custom_id, _spec_json(item)) for i, item in enumerate(new.items)],
-                )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            created = self._get(job_id, with_results=False)
-        assert created is not None
-        return created, True
+            tx.execute(
+                "INSERT INTO jobs (job_id, tenant_id, principal, model, state, create_us, deadline_us, end_us, tags,"
+                " idempotency_key, total) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?)",
+                (job_id, principal.tenant_id, _principal_json(principal), new.model, int(JobState.QUEUED),
+                 _us(now), _us(new.deadline), json.dumps(new.tags), new.idempotency_key, len(new.items)),
+            )
+            tx.executemany(
+                "INSERT INTO items (job_id, idx, custom_id, spec) VALUES (?, ?, ?, ?)",
+                [(job_id, i, item.custom_id, _spec_json(item)) for i, item in enumerate(new.items)],
+            )
+            created = _get(tx, job_id, with_results=False)
+            assert created is not None
+            return created, True
+
+        return self._store.write(unit)
 
     def get(self, job_id: str, with_results: bool = True) -> Job | None:
-        with self._lock:
-            return self._get(job_id, with_results)
+        return self._store.read(lambda tx: _get(tx, job_id, with_results))
 
     def page(self, tenant_id: str, state: JobState, offset: int, limit: int) -> list[Job]:
         query = "SELECT job_id FROM jobs WHERE tenant_id = ?"
@@ -127,119 +105,111 @@ class JobStore:
             query += " AND state = ?"
             args.append(int(state))
         query += " ORDER BY create_us DESC, job_id DESC LIMIT ? OFFSET ?"
-        with self._lock:
-            ids = [row["job_id"] for row in self._conn.execute(query, (*args, limit, offset)).fetchall()]
-            jobs = [self._get(job_id, with_results=False) for job_id in ids]
-        return [job for job in jobs if job is not None]
+        return self._store.read(lambda tx: _jobs(tx, tx.all(query, (*args, limit, offset))))
 
     def active(self) -> list[Job]:
         """Jobs that still have work, earliest deadline first (no deadline last), then oldest first."""
-        with self._lock:
-            ids = [row["job_id"] for row in self._conn.execute(
-                "SELECT job_id FROM jobs WHERE state IN (?, ?, ?)"
-                " ORDER BY deadline_us IS NULL, deadline_us, create_us, job_id", ACTIVE).fetchall()]
-            jobs = [self._get(job_id, with_results=False) for job_id in ids]
-        return [job for job in jobs if job is not None]
+        return self._store.read(lambda tx: _jobs(tx, tx.all(
+            "SELECT job_id FROM jobs WHERE state IN (?, ?, ?)"
+            " ORDER BY deadline_us IS NULL, deadline_us, create_us, job_id", ACTIVE)))
 
     def set_state(self, job_id: str, state: JobState, end_time: datetime | None = None) -> bool:
         """Move an unfinished job to `state`; a finished job never changes again. True when it moved."""
-        with self._lock:
-            return self._conn.execute(
-                "UPDATE jobs SET state = ?, end_us = ? WHERE job_id = ? AND state IN (?, ?, ?)",
-                (int(state), _us(end_time), job_id, *ACTIVE)).rowcount > 0
+        return self._store.write(lambda tx: tx.execute(
+            "UPDATE jobs SET state = ?, end_us = ? WHERE job_id = ? AND state IN (?, ?, ?)",
+            (int(state), _us(end_time), job_id, *ACTIVE))) > 0
 
     def claim(self, job_id: str, limit: int) -> list[ClaimedItem]:
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT idx, custom_id, spec FROM items WHERE job_id = ? AND state = ? ORDER BY idx LIMIT ?",
-                (job_id, int(ItemState.PENDING), limit)).fetchall()
-            self._conn.executemany("UPDATE items SET state = ? WHERE job_id = ? AND idx = ?",
-                                   [(int(ItemState.RUNNING), job_id, row["idx"]) for row in rows])
+        def unit(tx: Tx) -> list[Row]:
+            rows = tx.all("SELECT idx, custom_id, spec FROM items WHERE job_id = ? AND state = ? ORDER BY idx LIMIT ?",
+                          (job_id, int(ItemState.PENDING), limit))
+            if rows:
+                tx.executemany("UPDATE items SET state = ? WHERE job_id = ? AND idx = ?",
+                               [(int(ItemState.RUNNING), job_id, row["idx"]) for row in rows])
+            return rows
+
+        rows = self._store.write(unit)
         return [ClaimedItem(job_id, row["idx"], _spec(row["custom_id"], row["spec"])) for row in rows]
 
     def finish_item(self, job_id: str, index: int, result: ItemResult, currency: str = "") -> None:
-        with self._lock:
-            self._conn.execute(
-                "UPDATE items SET state = ?, text = ?, finish = ?, prompt_tokens = ?, completion_tokens = ?,"
-                " cost_micros = ?, currency = ?, error_code = ?, error_message = ? WHERE job_id = ? AND idx = ?",
-                (int(result.state), result.text, int(result.finish_reason), result.usage.prompt_tokens,
-                 result.usage.completion_tokens, result.cost_micros, currency, result.error_code,
-                 result.error_message, job_id, index),
-            )
+        self._store.write(lambda tx: tx.execute(
+            "UPDATE items SET state = ?, text = ?, finish = ?, prompt_tokens = ?, completion_tokens = ?,"
+            " cost_micros = ?, currency = ?, error_code = ?, error_message = ? WHERE job_id = ? AND idx = ?",
+            (int(result.state), result.text, int(result.finish_reason), result.usage.prompt_tokens,
+             result.usage.completion_tokens, result.cost_micros, currency, result.error_code,
+             result.error_message, job_id, index),
+        ))
 
     def requeue_item(self, job_id: str, index: int) -> None:
-        with self._lock:
-            self._conn.execute("UPDATE items SET state = ? WHERE job_id = ? AND idx = ? AND state = ?",
-                               (int(ItemState.PENDING), job_id, index, int(ItemState.RUNNING)))
+        self._store.write(lambda tx: tx.execute("UPDATE items SET state = ? WHERE job_id = ? AND idx = ? AND state = ?",
+                                                (int(ItemState.PENDING), job_id, index, int(ItemState.RUNNING))))
 
     def close_pending(self, job_id: str, state: ItemState, error_code: str, message: str) -> int:
-        with self._lock:
-            cursor = self._conn.execute(
-                "UPDATE items SET state = ?, error_code = ?, error_message = ? WHERE job_id = ? AND state = ?",
-                (int(state), error_code, message, job_id, int(ItemState.PENDING)))
-        return cursor.rowcount
+        return self._store.write(lambda tx: tx.execute(
+            "UPDATE items SET state = ?, error_code = ?, error_message = ? WHERE job_id = ? AND state = ?",
+            (int(state), error_code, message, job_id, int(ItemState.PENDING))))
 
     def counts(self, job_id: str) -> dict[ItemState, int]:
-        with self._lock:
-            rows = self._conn.execute("SELECT state, COUNT(*) AS n FROM items WHERE job_id = ? GROUP BY state",
-                                      (job_id,)).fetchall()
+        rows = self._store.read(lambda tx: tx.all(
+            "SELECT state, COUNT(*) AS n FROM items WHERE job_id = ? GROUP BY state", (job_id,)))
         return {ItemState(row["state"]): row["n"] for row in rows}
 
     def purge_finished(self, ended_before: datetime) -> int:
         """Delete finished jobs that ended before `ended_before`; returns how many."""
         finished = (int(JobState.SUCCEEDED), int(JobState.FAILED), int(JobState.CANCELLED))
-        with self._lock:
-            ids = [(row["job_id"],) for row in self._conn.execute(
+
+        def unit(tx: Tx) -> int:
+            ids = [(row["job_id"],) for row in tx.all(
                 "SELECT job_id FROM jobs WHERE state IN (?, ?, ?) AND end_us IS NOT NULL AND end_us < ?",
-                (*finished, _us(ended_before))).fetchall()]
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._conn.executemany("DELETE FROM items WHERE job_id = ?", ids)
-                self._conn.executemany("DELETE FROM jobs WHERE job_id = ?", ids)
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-        return len(ids)
+                (*finished, _us(ended_before)))]
+            if ids:
+                tx.executemany("DELETE FROM items WHERE job_id = ?", ids)
+                tx.executemany("DELETE FROM jobs WHERE job_id = ?", ids)
+            return len(ids)
+
+        return self._store.write(unit)
 
     def recover(self) -> int:
         """Items that were running when the router stopped go back to PENDING."""
-        with self._lock:
-            return self._conn.execute("UPDATE items SET state = ? WHERE state = ?",
-                                      (int(ItemState.PENDING), int(ItemState.RUNNING))).rowcount
+        return self._store.write(lambda tx: tx.execute("UPDATE items SET state = ? WHERE state = ?",
+                                                       (int(ItemState.PENDING), int(ItemState.RUNNING))))
 
-    def _get(self, job_id: str, with_results: bool) -> Job | None:
-        row = self._conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        if row is None:
-            return None
-        totals = self._conn.execute(
-            "SELECT state, COUNT(*) AS n, SUM(prompt_tokens) AS p, SUM(completion_tokens) AS c,"
-            " SUM(cost_micros) AS m, MAX(currency) AS cur FROM items WHERE job_id = ? GROUP BY state",
-            (job_id,)).fetchall()
-        by_state = {ItemState(t["state"]): t for t in totals}
-        prompt = sum(t["p"] or 0 for t in totals)
-        completion = sum(t["c"] or 0 for t in totals)
-        currency = max((t["cur"] or "" for t in totals), default="") or "USD"
-        results: tuple[ItemResult, ...] = ()
-        if with_results:
-            results = tuple(self._result(r) for r in self._conn.execute(
-                "SELECT * FROM items WHERE job_id = ? AND state >= ? ORDER BY idx",
-                (job_id, int(ItemState.SUCCEEDED))).fetchall())
-        return Job(
-            job_id=row["job_id"], principal=_principal(row["principal"]), model=row["model"],
-            state=JobState(row["state"]), create_time=_dt(row["create_us"]),  # type: ignore[arg-type]
-            deadline=_dt(row["deadline_us"]), end_time=_dt(row["end_us"]), tags=json.loads(row["tags"]),
-            total_items=row["total"],
-            completed_items=by_state[ItemState.SUCCEEDED]["n"] if ItemState.SUCCEEDED in by_state else 0,
-            failed_items=by_state[ItemState.FAILED]["n"] if ItemState.FAILED in by_state else 0,
-            usage=Usage(prompt, completion), cost=Money(currency, sum(t["m"] or 0 for t in totals)),
-            results=results,
-        )
 
-    @staticmethod
-    def _result(row: Any) -> ItemResult:
-        return ItemResult(
-            custom_id=row["custom_id"], state=ItemState(row["state"]), text=row["text"],
-            finish_reason=FinishReason(row["finish"]), usage=Usage(row["prompt_tokens"], row["completion_tokens"]),
-            cost_micros=row["cost_micros"], error_code=row["error_code"], error_message=row["error_message"],
-        )
+def _jobs(tx: Tx, rows: list[Row]) -> list[Job]:
+    jobs = [_get(tx, row["job_id"], with_results=False) for row in rows]
+    return [job for job in jobs if job is not None]
+
+
+def _get(tx: Tx, job_id: str, with_results: bool) -> Job | None:
+    row = tx.one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
+    if row is None:
+        return None
+    totals = tx.all(
+        "SELECT state, COUNT(*) AS n, SUM(prompt_tokens) AS p, SUM(completion_tokens) AS c,"
+        " SUM(cost_micros) AS m, MAX(currency) AS cur FROM items WHERE job_id = ? GROUP BY state", (job_id,))
+    by_state = {ItemState(t["state"]): t for t in totals}
+    prompt = sum(int(t["p"] or 0) for t in totals)
+    completion = sum(int(t["c"] or 0) for t in totals)
+    currency = max((t["cur"] or "" for t in totals), default="") or "USD"
+    results: tuple[ItemResult, ...] = ()
+    if with_results:
+        results = tuple(_result(r) for r in tx.all(
+            "SELECT * FROM items WHERE job_id = ? AND state >= ? ORDER BY idx", (job_id, int(ItemState.SUCCEEDED))))
+    return Job(
+        job_id=row["job_id"], principal=_principal(row["principal"]), model=row["model"],
+        state=JobState(row["state"]), create_time=_dt(row["create_us"]),  # type: ignore[arg-type]
+        deadline=_dt(row["deadline_us"]), end_time=_dt(row["end_us"]), tags=json.loads(row["tags"]),
+        total_items=row["total"],
+        completed_items=by_state[ItemState.SUCCEEDED]["n"] if ItemState.SUCCEEDED in by_state else 0,
+        failed_items=by_state[ItemState.FAILED]["n"] if ItemState.FAILED in by_state else 0,
+        usage=Usage(prompt, completion), cost=Money(currency, sum(int(t["m"] or 0) for t in totals)),
+        results=results,
+    )
+
+
+def _result(row: Any) -> ItemResult:
+    return ItemResult(
+        custom_id=row["custom_id"], state=ItemState(row["state"]), text=row["text"],
+        finish_reason=FinishReason(row["finish"]), usage=Usage(row["prompt_tokens"], row["completion_tokens"]),
+        cost_micros=row["cost_micros"], error_code=row["error_code"], error_message=row["error_message"],
+    )

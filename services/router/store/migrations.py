@@ -1,0 +1,137 @@
+"""Versioned schema migrations of the router's tables, per domain, one list for both databases (types
+differ only through {int} / {serial}).
+
+Each migration runs once, in order, inside one transaction, and is recorded in `router_migrations`.
+Version 1 of each domain is the schema routers had before migrations (`IF NOT EXISTS`, so an existing
+SQLite file is adopted as it is). Add a new migration at the end of its domain; never edit a shipped one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from services.router.store.base import TYPES, Migration, Step, Tx
+
+CHANGES: Sequence[Migration] = (
+    (1, "version counters of the cached domains",
+     ("CREATE TABLE IF NOT EXISTS router_changes (domain TEXT PRIMARY KEY, version {int} NOT NULL)",)),
+)
+
+
+def _counter(domain: str) -> str:
+    return f"INSERT INTO router_changes (domain, version) VALUES ('{domain}', 0) ON CONFLICT (domain) DO NOTHING"
+
+
+KEYS: Sequence[Migration] = (
+    (1, "api keys", (
+        """CREATE TABLE IF NOT EXISTS api_keys (
+            key_id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL,
+            tenant_id TEXT NOT NULL, name TEXT NOT NULL, allowed_models TEXT NOT NULL,
+            requests_per_minute {int} NOT NULL, tokens_per_minute {int} NOT NULL, traffic_class {int} NOT NULL,
+            create_time TEXT NOT NULL, revoke_time TEXT, expire_time TEXT)""",
+        "CREATE INDEX IF NOT EXISTS api_keys_tenant ON api_keys(tenant_id)",
+    )),
+    (2, "versioned keys, followed by every router", (
+        "ALTER TABLE api_keys ADD COLUMN version {int} NOT NULL DEFAULT 0",
+        "CREATE INDEX api_keys_version ON api_keys(version)",
+        _counter("keys"),
+    )),
+    (3, "which pepper the keys are hashed with", (
+        "CREATE TABLE key_pepper (id {int} PRIMARY KEY, fingerprint TEXT NOT NULL)",
+    )),
+)
+
+POLICIES: Sequence[Migration] = (
+    (1, "policies", ("CREATE TABLE IF NOT EXISTS policies (tenant_id TEXT PRIMARY KEY, body TEXT NOT NULL)",)),
+    (2, "versioned policies, followed by every router", (
+        "ALTER TABLE policies ADD COLUMN version {int} NOT NULL DEFAULT 0",
+        _counter("policies"),
+    )),
+)
+
+REGISTRY: Sequence[Migration] = (
+    (1, "models and the audit log", (
+        "CREATE TABLE IF NOT EXISTS models (name TEXT PRIMARY KEY, body TEXT NOT NULL)",
+        """CREATE TABLE IF NOT EXISTS audit (seq {serial}, time TEXT, actor TEXT, action TEXT, target TEXT,
+            details TEXT)""",
+    )),
+    (2, "versioned models, followed by every router", (
+        "ALTER TABLE models ADD COLUMN version {int} NOT NULL DEFAULT 0",
+        _counter("models"),
+    )),
+)
+
+
+def _turn_columns(tx: Tx) -> None:
+    """A store from before retention gets `at_us` (its turns count as written now) and `size`."""
+    columns = tx.columns("turns")
+    if "at_us" not in columns:
+        tx.execute("ALTER TABLE turns ADD COLUMN at_us {int} NOT NULL DEFAULT 0".format(**TYPES[tx.dialect]))
+        tx.execute("UPDATE turns SET at_us = ?", (_now_us(),))
+    if "size" not in columns:
+        tx.execute("ALTER TABLE turns ADD COLUMN size {int} NOT NULL DEFAULT 0".format(**TYPES[tx.dialect]))
+        tx.execute("UPDATE turns SET size = length(CAST(content AS BLOB))" if tx.dialect == "sqlite"
+                   else "UPDATE turns SET size = octet_length(content)")
+
+
+def _now_us() -> int:
+    import time
+
+    return int(time.time() * 1_000_000)
+
+
+CONTEXTS: Sequence[Migration] = (
+    (1, "conversation turns", (
+        """CREATE TABLE IF NOT EXISTS turns (tenant_id TEXT, context_id TEXT, seq {serial}, role {int},
+            content TEXT)""",
+    )),
+    (2, "turn time and size, for retention", (
+        _turn_columns,
+        "CREATE INDEX IF NOT EXISTS turns_ctx ON turns(tenant_id, context_id, seq)",
+    )),
+)
+
+JOBS: Sequence[Migration] = (
+    (1, "batch jobs and their items", (
+        """CREATE TABLE IF NOT EXISTS jobs (
+            job_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, principal TEXT NOT NULL, model TEXT NOT NULL,
+            state {int} NOT NULL, create_us {int} NOT NULL, deadline_us {int}, end_us {int},
+            tags TEXT NOT NULL, idempotency_key TEXT NOT NULL, total {int} NOT NULL)""",
+        "CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (tenant_id, idempotency_key)"
+        " WHERE idempotency_key != ''",
+        "CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs (tenant_id, create_us)",
+        """CREATE TABLE IF NOT EXISTS items (
+            job_id TEXT NOT NULL, idx {int} NOT NULL, custom_id TEXT NOT NULL, spec TEXT NOT NULL,
+            state {int} NOT NULL DEFAULT 0, text TEXT NOT NULL DEFAULT '', finish {int} NOT NULL DEFAULT 0,
+            prompt_tokens {int} NOT NULL DEFAULT 0, completion_tokens {int} NOT NULL DEFAULT 0,
+            cost_micros {int} NOT NULL DEFAULT 0, currency TEXT NOT NULL DEFAULT '',
+            error_code TEXT NOT NULL DEFAULT '', error_message TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (job_id, idx))""",
+        "CREATE INDEX IF NOT EXISTS items_pending ON items (job_id, state, idx)",
+    )),
+)
+
+
+def migrate(tx: Tx, domain: str, migrations: Sequence[Migration], now_us: int) -> list[int]:
+    """Apply `domain`'s pending migrations inside the caller's transaction; returns the versions applied."""
+    types = TYPES[tx.dialect]
+    tx.execute(f"CREATE TABLE IF NOT EXISTS router_migrations (domain TEXT NOT NULL, version {types['int']} NOT NULL,"
+               f" name TEXT NOT NULL, applied_us {types['int']} NOT NULL, PRIMARY KEY (domain, version))")
+    applied = {int(r["version"]) for r in tx.all("SELECT version FROM router_migrations WHERE domain = ?", (domain,))}
+    done = []
+    for version, name, steps in migrations:
+        if version in applied:
+            continue
+        for step in steps:
+            _run(tx, step)
+        tx.execute("INSERT INTO router_migrations (domain, version, name, applied_us) VALUES (?, ?, ?, ?)",
+                   (domain, version, name, now_us))
+        done.append(version)
+    return done
+
+
+def _run(tx: Tx, step: Step) -> None:
+    if callable(step):
+        step(tx)
+    else:
+        tx.execute(step.format(**TYPES[tx.dialect]))
