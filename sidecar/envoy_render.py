@@ -3,7 +3,8 @@
 What maps to what:
 - inbound listener (mTLS, client certificate required unless the service is `public`) → cluster `local`;
   an RBAC filter allows exactly the policy's `authorization.allow` rules (principal = the caller's SPIFFE
-  URI SAN, permission = the method path), default deny.
+  URI SAN, permission = the method path), default deny. `x-forwarded-client-cert` is SANITIZE_SET: a
+  caller's copy is dropped and the service gets `By=<own id>;Hash=…;URI=<verified peer id>`.
 - outbound listener (plaintext, loopback) → one cluster per peer, originating mTLS with the sidecar's own
   certificate and checking the peer's SPIFFE URI SAN.
 - every known method gets an exact-path route: `timeout_s` → max_stream_duration and
@@ -443,7 +444,8 @@ def render_bootstrap(policy: Policy, service: str, *, certs_dir: Path, upstream:
     listeners = [Listener(
         name="inbound", address=_socket(f"{host}:{ports.inbound}"),
         filter_chains=[FilterChain(
-            filters=[_hcm_filter(_hcm("inbound", inbound_routes, inbound_filters, service))],
+            filters=[_hcm_filter(_hcm("inbound", inbound_routes, inbound_filters, service,
+                                             forward_identity=True))],
             transport_socket=TransportSocket(name="envoy.transport_sockets.tls", typed_config=PbAny.pack(downstream)))])]
     clusters = [_cluster("local", [upstream], None, None, None),
                 _cluster(OTLP_CLUSTER, [otlp_endpoint], None, None, None)]

@@ -30,6 +30,7 @@ from tests.integration.sidecar.test_sidecar_lifecycle import (
     short_lived_pki,
 )
 from tests.integration.sidecar.test_sidecar_proxy import (  # noqa: F401  (collected again here, on Envoy)
+    test_a_caller_supplied_client_identity_never_reaches_the_service_and_the_verified_one_does,
     test_bad_client_certificates_are_refused_at_the_handshake,
     test_bidirectional_stream_is_proxied_message_by_message,
     test_identity_the_policy_does_not_allow_gets_permission_denied,
