@@ -3,7 +3,8 @@
 What maps to what:
 - inbound listener (mTLS, client certificate required unless the service is `public`) → cluster `local`;
   an RBAC filter allows exactly the policy's `authorization.allow` rules (principal = the caller's SPIFFE
-  URI SAN, permission = the method path), default deny.
+  URI SAN, permission = the method path), default deny. `x-forwarded-client-cert` is SANITIZE_SET: a
+  caller's copy is dropped and the service gets `By=<own id>;Hash=…;URI=<verified peer id>`.
 - outbound listener (plaintext, loopback) → one cluster per peer, originating mTLS with the sidecar's own
   certificate and checking the peer's SPIFFE URI SAN.
 - every known method gets an exact-path route: `timeout_s` → max_stream_duration and
@@ -19,7 +20,12 @@ What maps to what:
   retries in flight, not per second); `outlier` → outlier_detection (consecutive gateway failures and
   local-origin failures, base ejection time, max ejection percent). Envoy has no consecutive-failure
   breaker; the outlier detector plays that part.
-- TLS on both listeners and every peer cluster: TLS 1.2 at least, TLS 1.3 preferred (`tls_params`). The
+- `ports.http` + `http_upstream` (the router's OpenAI-compatible API): a public HTTPS listener (the
+  service's certificate, no client certificate, HTTP/1.1 or h2) → cluster `local_http`, plain HTTP/1.1 to
+  the service; no route timeout, a long stream idle timeout, no buffering filter, the caller's
+  `x-request-id` kept, and with `require_bearer` a `/v1/` call without `Bearer <token>` answered with a
+  local 401 in OpenAI's error shape.
+- TLS on every listener and peer cluster: TLS 1.2 at least, TLS 1.3 preferred (`tls_params`). The
   sidecar's own certificate comes through file-based SDS (`<certs>/<service>.sds.yaml`, written with the
   certificate): Envoy watches the certificate directory and loads a renewed certificate and key for new
   connections, without a restart; established connections and their streams carry on.
@@ -28,6 +34,7 @@ What maps to what:
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +61,8 @@ from envoy_data_plane.envoy.config.core.v3 import (
     DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
+    HeaderValue,
+    HeaderValueOption,
     Http2ProtocolOptions,
     Node,
     PathConfigSource,
@@ -90,6 +99,9 @@ from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
     HttpConnectionManagerCodecType,
+    HttpConnectionManagerForwardClientCertDetails,
+    HttpConnectionManagerServerHeaderTransformation,
+    HttpConnectionManagerSetCurrentClientCertDetails,
     HttpConnectionManagerTracing,
     HttpFilter,
 )
@@ -134,6 +146,8 @@ class EnvoyPorts:
     inbound: int
     outbound: int | None
     admin: int
+    # The public HTTPS port of an HTTP service behind this sidecar (the router's OpenAI-compatible API).
+    http: int | None = None
 
 
 def _seconds(value: float) -> dt.timedelta:
@@ -288,8 +302,8 @@ def _authenticated(spiffe: str) -> Any:
     return PrincipalAuthenticated(principal_name=StringMatcher(exact=spiffe))
 
 
-def _access_log() -> list[EnvoyAccessLog]:
-    fmt = SubstitutionFormatString(json_format=Struct.from_dict(ACCESS_LOG_FORMAT))
+def _access_log(fields: Mapping[str, str] = ACCESS_LOG_FORMAT) -> list[EnvoyAccessLog]:
+    fmt = SubstitutionFormatString(json_format=Struct.from_dict(dict(fields)))
     return [EnvoyAccessLog(name="envoy.access_loggers.stdout", typed_config=PbAny.pack(StdoutAccessLog(log_format=fmt)))]
 
 
@@ -297,12 +311,14 @@ OTLP_CLUSTER = "otel_collector"
 DEFAULT_OTLP_ENDPOINT = "127.0.0.1:4317"  # the standard OTLP/gRPC port of a local collector
 
 
-def _hcm(name: str, routes: list[Route], http_filters: list[HttpFilter], service: str = "") -> Filter:
+def _hcm(name: str, routes: list[Route], http_filters: list[HttpFilter], service: str = "", *,
+         forward_identity: bool = False, router: Router | None = None) -> HttpConnectionManager:
     manager = HttpConnectionManager(
         stat_prefix=name, codec_type=HttpConnectionManagerCodecType.AUTO,
         http2_protocol_options=Http2ProtocolOptions(),
         route_config=RouteConfiguration(name=name, virtual_hosts=[VirtualHost(name=name, domains=["*"], routes=routes)]),
-        http_filters=[*http_filters, HttpFilter(name="envoy.filters.http.router", typed_config=PbAny.pack(Router()))],
+        http_filters=[*http_filters, HttpFilter(name="envoy.filters.http.router",
+                                                typed_config=PbAny.pack(router or Router()))],
         access_log=_access_log(), generate_request_id=True,
         # W3C trace context: the OpenTelemetry tracer continues an incoming `traceparent` or starts a trace
         # at this edge, and sends `traceparent` (its own span as the parent) to the upstream. Spans go to the
@@ -312,7 +328,70 @@ def _hcm(name: str, routes: list[Route], http_filters: list[HttpFilter], service
             typed_config=PbAny.pack(OpenTelemetryConfig(
                 service_name=f"sidecar-{service or name}",
                 grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=OTLP_CLUSTER)))))))
+    if forward_identity:
+        # Any x-forwarded-client-cert a caller sent is dropped; the upstream gets one naming the verified
+        # peer's SPIFFE URI (none without a client certificate), so the service may trust it.
+        manager.forward_client_cert_details = HttpConnectionManagerForwardClientCertDetails.SANITIZE_SET
+        manager.set_current_client_cert_details = HttpConnectionManagerSetCurrentClientCertDetails(uri=True)
+    return manager
+
+
+def _hcm_filter(manager: HttpConnectionManager) -> Filter:
     return Filter(name="envoy.filters.network.http_connection_manager", typed_config=PbAny.pack(manager))
+
+
+HTTP_CLUSTER = "local_http"
+# No byte may flow for a while in a streamed generation's prefill, and none at all until a non-streamed
+# one ends: an idle stream is cut only after this long (Envoy's default is 5 minutes).
+HTTP_STREAM_IDLE_TIMEOUT_S = 3600.0
+HTTP_OPEN_PATHS = ("/health", "/ready")  # liveness and readiness need no credentials
+HTTP_BEARER_REFUSAL = json.dumps({"error": {
+    "message": "missing or malformed credentials: send the header 'authorization: Bearer <API key or JWT>'",
+    "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
+HTTP_ACCESS_LOG_FORMAT = {
+    "method": "%REQ(:METHOD)%", "path": "%REQ(:PATH)%", "status": "%RESPONSE_CODE%", "duration_ms": "%DURATION%",
+    "bytes_in": "%BYTES_RECEIVED%", "bytes_out": "%BYTES_SENT%", "peer": "%DOWNSTREAM_REMOTE_ADDRESS%",
+    "traceparent": "%REQ(TRACEPARENT)%", "request_id": "%REQ(X-REQUEST-ID)%", "upstream": "%UPSTREAM_HOST%",
+    "flags": "%RESPONSE_FLAGS%",
+}
+
+
+def _http_edge(policy: Policy, service: str, certs_dir: Path, address: str) -> Listener:
+    """The public HTTPS listener in front of the service's HTTP API (the router's OpenAI-compatible API):
+    TLS with the service's certificate (file SDS, renewed like the gRPC listener's), no client certificate,
+    HTTP/1.1 or h2 from clients, plain HTTP/1.1 to the service. Streams pass through unbuffered (no buffer
+    or compression filter; the router filter forwards each chunk as it comes), with no route timeout and
+    a long idle timeout; a client that goes away resets the upstream request, so the service sees the
+    disconnect. `require_bearer` answers a call to `/v1/...` without `Bearer <token>` with Envoy's own 401
+    in OpenAI's error shape."""
+    routes: list[Route] = []
+    if policy.services[service].require_bearer:
+        not_bearer = HeaderMatcher(name="authorization", invert_match=True, treat_missing_header_as_empty=True,
+                                   string_match=StringMatcher(safe_regex=RegexMatcher(regex=BEARER_REGEX)))
+        routes.append(Route(
+            name="require-bearer:/v1/", match=RouteMatch(prefix="/v1/", headers=[not_bearer]),
+            direct_response=DirectResponseAction(status=401, body=DataSource(inline_string=HTTP_BEARER_REFUSAL)),
+            response_headers_to_add=[HeaderValueOption(header=HeaderValue(key="content-type",
+                                                                            value="application/json"))]))
+    # timeout 0: no route timeout (a generation takes as long as it takes; the router bounds it).
+    routes.append(Route(name="http", match=RouteMatch(prefix="/"),
+                        route=RouteAction(cluster=HTTP_CLUSTER, timeout=_seconds(0))))
+    manager = _hcm("http", routes, [], service, router=Router(suppress_envoy_headers=True))
+    manager.codec_type = HttpConnectionManagerCodecType.AUTO
+    manager.stream_idle_timeout = _seconds(HTTP_STREAM_IDLE_TIMEOUT_S)
+    manager.request_timeout = _seconds(0)
+    manager.use_remote_address = True  # x-forwarded-for is the real client; clients' x-envoy-* are dropped
+    manager.preserve_external_request_id = True  # a caller's x-request-id is kept (the router checks it)
+    manager.server_header_transformation = HttpConnectionManagerServerHeaderTransformation.PASS_THROUGH
+    manager.forward_client_cert_details = HttpConnectionManagerForwardClientCertDetails.SANITIZE
+    manager.access_log = _access_log(HTTP_ACCESS_LOG_FORMAT)
+    tls = _common_tls(certs_dir, service, None, None)
+    tls.validation_context = None  # clients of the public API present no certificate
+    tls.alpn_protocols = ["h2", "http/1.1"]
+    downstream = DownstreamTlsContext(common_tls_context=tls, require_client_certificate=False)
+    return Listener(name="http", address=_socket(address), filter_chains=[FilterChain(
+        filters=[_hcm_filter(manager)],
+        transport_socket=TransportSocket(name="envoy.transport_sockets.tls", typed_config=PbAny.pack(downstream)))])
 
 
 def _rate_limit_filter() -> HttpFilter:
@@ -349,10 +428,22 @@ def _cluster(name: str, addresses: Sequence[str], policy: Policy | None, service
     return cluster
 
 
+def _http_cluster(address: str) -> Cluster:
+    """The service's HTTP port: plain HTTP/1.1 on loopback, one connection per request in flight."""
+    return Cluster(
+        name=HTTP_CLUSTER, type=ClusterDiscoveryType.STATIC, connect_timeout=_seconds(1),
+        lb_policy=ClusterLbPolicy.ROUND_ROBIN,
+        load_assignment=ClusterLoadAssignment(cluster_name=HTTP_CLUSTER, endpoints=[LocalityLbEndpoints(
+            lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_socket(address)))])]))
+
+
 def render_bootstrap(policy: Policy, service: str, *, certs_dir: Path, upstream: str,
                      peers: Mapping[str, Sequence[str]], ports: EnvoyPorts, host: str = "127.0.0.1",
-                     otlp_endpoint: str = DEFAULT_OTLP_ENDPOINT) -> dict[str, Any]:
-    """The Envoy bootstrap for `service`'s sidecar, as the JSON-shaped dict Envoy reads."""
+                     otlp_endpoint: str = DEFAULT_OTLP_ENDPOINT, http_upstream: str = "") -> dict[str, Any]:
+    """The Envoy bootstrap for `service`'s sidecar, as the JSON-shaped dict Envoy reads. With `ports.http`
+    and `http_upstream` (the service's plain HTTP address) it also fronts the service's HTTP API."""
+    if (ports.http is None) != (not http_upstream):
+        raise ValueError("an HTTP listener needs both its port and the service's HTTP address (http_upstream)")
     if service not in policy.services:
         raise PolicyError(f"services: no entry for {service!r} (known: {', '.join(policy.services)})")
     own = policy.services[service]
@@ -376,10 +467,14 @@ def render_bootstrap(policy: Policy, service: str, *, certs_dir: Path, upstream:
     listeners = [Listener(
         name="inbound", address=_socket(f"{host}:{ports.inbound}"),
         filter_chains=[FilterChain(
-            filters=[_hcm("inbound", inbound_routes, inbound_filters, service)],
+            filters=[_hcm_filter(_hcm("inbound", inbound_routes, inbound_filters, service,
+                                             forward_identity=True))],
             transport_socket=TransportSocket(name="envoy.transport_sockets.tls", typed_config=PbAny.pack(downstream)))])]
     clusters = [_cluster("local", [upstream], None, None, None),
                 _cluster(OTLP_CLUSTER, [otlp_endpoint], None, None, None)]
+    if ports.http is not None:
+        listeners.append(_http_edge(policy, service, certs_dir, f"{host}:{ports.http}"))
+        clusters.append(_http_cluster(http_upstream))
     if ports.outbound is not None and peers:
         outbound_routes: list[Route] = []
         for peer, addresses in peers.items():
@@ -396,7 +491,8 @@ def render_bootstrap(policy: Policy, service: str, *, certs_dir: Path, upstream:
                 outbound_routes.append(Route(name=f"infra:{infra}", match=RouteMatch(prefix=infra),
                                              route=RouteAction(cluster=only, timeout=_seconds(10))))
         listeners.append(Listener(name="outbound", address=_socket(f"{host}:{ports.outbound}"),
-                                  filter_chains=[FilterChain(filters=[_hcm("outbound", outbound_routes, [], service)])]))
+                                  filter_chains=[FilterChain(filters=[_hcm_filter(_hcm("outbound", outbound_routes, [],
+                                                                                         service))])]))
     bootstrap = Bootstrap(
         node=Node(id=f"{service}-sidecar", cluster=service),  # file-based SDS needs a node identity
         admin=Admin(address=_socket(f"127.0.0.1:{ports.admin}")),
@@ -416,9 +512,9 @@ def _fix_keys(value: Any) -> Any:
 
 def render_to_file(policy_path: Path, service: str, output: Path, *, certs_dir: Path, upstream: str,
                    peers: Mapping[str, Sequence[str]], ports: EnvoyPorts,
-                   otlp_endpoint: str = DEFAULT_OTLP_ENDPOINT) -> Path:
+                   otlp_endpoint: str = DEFAULT_OTLP_ENDPOINT, http_upstream: str = "") -> Path:
     doc = render_bootstrap(load_policy(policy_path), service, certs_dir=certs_dir, upstream=upstream, peers=peers,
-                           ports=ports, otlp_endpoint=otlp_endpoint)
+                           ports=ports, otlp_endpoint=otlp_endpoint, http_upstream=http_upstream)
     output.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# Envoy v3 bootstrap for the {service} sidecar, rendered from {policy_path} by "
               f"`autoglm sidecar render-envoy`. Do not edit: re-render.\n")

@@ -4,7 +4,8 @@ outbound: plaintext from the local service to its peers' sidecars over mTLS).
 
 Per call it resolves a precomputed plan (route, cluster, call type), checks authorization (inbound),
 the rate and concurrency limits, sets the upstream deadline to the smaller of the caller's deadline and
-the route timeout, injects or propagates trace context, forwards, retries what the route allows
+the route timeout, injects or propagates trace context, sets `x-forwarded-client-cert` to the verified
+peer identity (inbound; a caller's own copy is never forwarded), forwards, retries what the route allows
 (outbound; never a stream that has delivered a message), feeds the breaker and outlier detector,
 and writes one access-log line, one span and the metrics.
 """
@@ -37,7 +38,16 @@ from sidecar.metrics import SidecarMetrics
 from sidecar.policy import Policy, Route
 from sidecar.ratelimit import CallerBuckets, bearer_token, caller_key
 from sidecar.retry import backoff_delay
-from sidecar.tracectx import REQUEST_ID, TRACEPARENT, TRACESTATE, Incoming, new_span_id, new_trace_id, parse_traceparent
+from sidecar.tracectx import (
+    FORWARDED_CLIENT_CERT,
+    REQUEST_ID,
+    TRACEPARENT,
+    TRACESTATE,
+    Incoming,
+    new_span_id,
+    new_trace_id,
+    parse_traceparent,
+)
 from sidecar.upstream import Cluster
 
 # Status codes that count as the upstream failing (breaker, outlier detection).
@@ -119,11 +129,13 @@ class Proxy(grpc.GenericRpcHandler):
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._plans: dict[str, Plan] = {}
         self.policy = policy
+        self._own_identity = policy.spiffe_id(service)  # `By=` of the x-forwarded-client-cert it sets
 
     # --- policy -----------------------------------------------------------------------------------
     def set_policy(self, policy: Policy) -> None:
         """New calls use `policy`; calls in flight keep the plan they started with."""
         self.policy = policy
+        self._own_identity = policy.spiffe_id(self.local_service)
         self._plans = {}
         for name, cluster in self.clusters.items():
             cluster.update_policy(policy.services.get(name))
@@ -202,7 +214,6 @@ class Proxy(grpc.GenericRpcHandler):
         """Mesh authorization, the bearer check, cluster presence, the caller's rate limit and the concurrency
         limit; raises ProxyFailure."""
         if self.inbound:
-            state.peer = self._peer_identity(context)
             if not plan.public:
                 # Decisions are cached per plan (i.e. per method and policy version) and caller identity.
                 allowed = plan.allowed_peers.get(state.peer)
@@ -279,6 +290,12 @@ class Proxy(grpc.GenericRpcHandler):
         state.request_id = incoming.request_id or new_trace_id()
         state.authorization = incoming.authorization
         metadata.append((REQUEST_ID, state.request_id))
+        if self.inbound:
+            # The caller's own copy was dropped (tracectx): the service may trust this one, as Envoy's
+            # SANITIZE_SET makes it (no header at all for a caller without a client certificate).
+            state.peer = self._peer_identity(context)
+            if state.peer:
+                metadata.append((FORWARDED_CLIENT_CERT, f"By={self._own_identity};URI={state.peer}"))
         return metadata
 
     def _deadline(self, context: grpc.aio.ServicerContext, route: Route) -> float | None:

@@ -1,5 +1,7 @@
 """Trace context at the proxy: keep W3C `traceparent`/`tracestate` and `x-request-id` when the caller
-sent them, make them when it did not, and pass B3 and everything else through untouched."""
+sent them, make them when it did not, and pass B3 and everything else through untouched, except an
+`x-forwarded-client-cert` the caller sent: never forwarded (the inbound proxy sets its own, naming the
+verified peer)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 REQUEST_ID = "x-request-id"
 AUTHORIZATION = "authorization"
+# Envoy's header for the verified client identity (`By=<this sidecar>;URI=<peer SPIFFE id>`).
+FORWARDED_CLIENT_CERT = "x-forwarded-client-cert"
 
 # Never copied from the downstream call to the upstream one: HTTP/2 pseudo and hop-by-hop headers and
 # those grpc sets itself (the deadline travels as the upstream call's own timeout).
@@ -18,6 +22,7 @@ HOP_BY_HOP = frozenset({
     "te", "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host",
     "content-type", "user-agent", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding",
     "grpc-message-type", "content-length",
+    FORWARDED_CLIENT_CERT,  # only the proxy's own, from the verified peer certificate, may reach the service
 })
 
 

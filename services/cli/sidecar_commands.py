@@ -21,7 +21,9 @@ def _render(args: argparse.Namespace) -> int:
     try:
         render_to_file(args.policy, args.service, args.output, certs_dir=args.certs,
                        upstream=args.upstream, peers=dict(args.peer),
-                       ports=EnvoyPorts(inbound=args.inbound_port, outbound=None if args.outbound_port < 0 else args.outbound_port, admin=args.admin_port))
+                       ports=EnvoyPorts(inbound=args.inbound_port, outbound=None if args.outbound_port < 0 else args.outbound_port, admin=args.admin_port,
+                                        http=None if args.http_port < 0 else args.http_port),
+                       http_upstream=args.http_upstream if args.http_port >= 0 else "")
     except (PolicyError, ValueError) as exc:
         print(f"autoglm sidecar render-envoy: {exc}", file=sys.stderr)
         return 2
@@ -49,6 +51,9 @@ def add_sidecar_commands(subparsers: Any) -> None:
     render.add_argument("--inbound-port", type=int, default=15443)
     render.add_argument("--outbound-port", type=int, default=15001, help="-1: no outbound listener")
     render.add_argument("--admin-port", type=int, default=15000)
+    render.add_argument("--http-port", type=int, default=-1,
+                        help="public HTTPS port fronting the service's HTTP API (the router's OpenAI API); -1: none")
+    render.add_argument("--http-upstream", default="127.0.0.1:8080", help="the service's plain HTTP address")
     render.set_defaults(func=_render)
 
 

@@ -4,9 +4,12 @@ Public addresses never change with the sidecar mode: the router's port from the 
 clients dial, billing's and each inference replica's ports are what peers and operators dial.
 
 - `--sidecar none`: each service listens on its public port in plaintext.
-- The router's OpenAI-compatible HTTP API (`router.http_port`) is served by the router process itself in
-  every mode: HTTPS with the router's mesh certificate behind a sidecar, plaintext with `none`. Envoy
-  does not front it yet.
+- The router's OpenAI-compatible HTTP API (`router.http_port`): with `none` the router serves it in
+  plaintext; with `python` the router serves HTTPS on it itself, with its mesh certificate (reloaded when
+  the launcher renews it); with `envoy` the router's Envoy owns the port (TLS with the same certificate
+  through file SDS, the bearer check, SSE streamed unbuffered) and forwards plain HTTP/1.1 to the
+  router's HTTP server on a free loopback port. The Python sidecar speaks only gRPC, so it does not
+  front the HTTP API: the router's own uvicorn server is the HTTPS edge in that mode.
 - `--sidecar python` (default) / `envoy`: each service listens on a free loopback port; its sidecar
   owns the public port (mTLS between services; the router's public port is TLS, no client cert).
   The router reaches billing through its sidecar's outbound listener, and each inference replica
@@ -58,12 +61,15 @@ def _service(module: str, port: int, config: Path | None, metrics_port: int, *ex
 
 
 def _envoy_sidecar(name: str, service: str, certs: Path, upstream: str, inbound: int, outbound: int,
-                   peers: dict[str, list[str]], out_dir: Path, admin: int) -> list[str]:
+                   peers: dict[str, list[str]], out_dir: Path, admin: int, http: tuple[int, str] | None = None
+                   ) -> list[str]:
+    """`http`: (public HTTPS port, the service's plain HTTP address) when this Envoy fronts an HTTP API."""
     from sidecar.envoy_render import EnvoyPorts, render_to_file
 
     path = render_to_file(POLICY, service, out_dir / f"{name}.yaml", certs_dir=certs.resolve(), upstream=upstream,
                           peers=peers, ports=EnvoyPorts(inbound=inbound, outbound=None if outbound < 0 else outbound,
-                                                        admin=admin))
+                                                        admin=admin, http=http[0] if http else None),
+                          http_upstream=http[1] if http else "")
     envoy = str(Path(sys.executable).parent / "envoy")
     return [envoy, "-c", str(path), "--use-dynamic-base-id", "--log-level", "warn", "--concurrency", "1"]
 
@@ -109,20 +115,24 @@ def plan(mesh: MeshConfig, config: Path | None, sidecar: str) -> Topology:
 
     certs = mesh.data_dir / "certs"
     top.tls, top.ca_cert = True, certs / "ca.pem"
-    if http_port:
-        # The HTTPS port is served by the router itself (TLS with its mesh certificate), not by its sidecar.
+    router_http: tuple[int, str] | None = None  # (public port, the router's plain HTTP address) for Envoy
+    if http_port and sidecar == "envoy":
+        internal_http = free_port()
+        router_data += ["--http-port", str(internal_http)]
+        router_http = (http_port, f"127.0.0.1:{internal_http}")
+    elif http_port:  # the Python sidecar fronts gRPC only: the router serves HTTPS with its mesh certificate
         router_data += ["--http-port", str(http_port), "--http-tls-cert", str(certs / "router.pem"),
                         "--http-tls-key", str(certs / "router.key")]
 
     sidecar_metrics: dict[str, str] = {}
 
     def sidecar_argv(name: str, service: str, upstream: str, inbound: int, outbound: int,
-                     peers: dict[str, list[str]]) -> list[str]:
+                     peers: dict[str, list[str]], http: tuple[int, str] | None = None) -> list[str]:
         port = free_port()
         if sidecar == "envoy":  # Envoy's admin listener serves /stats/prometheus
             sidecar_metrics[name] = f"http://127.0.0.1:{port}/stats/prometheus"
             return _envoy_sidecar(name, service, certs, upstream, inbound, outbound, peers, mesh.data_dir / "envoy",
-                                  port)
+                                  port, http)
         if not metrics_on:
             return _python_sidecar(service, certs, upstream, inbound, outbound, peers)
         sidecar_metrics[name] = f"http://127.0.0.1:{port}/metrics"
@@ -147,7 +157,7 @@ def plan(mesh: MeshConfig, config: Path | None, sidecar: str) -> Topology:
     router_internal, billing_outbound = free_port(), free_port()
     top.specs.append(ProcessSpec("router-sidecar", sidecar_argv(
         "router-sidecar", "router", f"127.0.0.1:{router_internal}", mesh.router_port, billing_outbound,
-        {"billing": [f"127.0.0.1:{mesh.billing_port}"]}), f"127.0.0.1:{billing_outbound}", "tcp"))
+        {"billing": [f"127.0.0.1:{mesh.billing_port}"]}, router_http), f"127.0.0.1:{billing_outbound}", "tcp"))
     for i, (port, outbound) in enumerate(zip(replicas, replica_outbound, strict=True)):
         # One outbound listener per replica, so the router keeps balancing and ejecting per replica.
         top.specs.append(ProcessSpec(f"router-to-inference-{i}", sidecar_argv(

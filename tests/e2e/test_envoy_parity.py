@@ -30,6 +30,7 @@ from tests.integration.sidecar.test_sidecar_lifecycle import (
     short_lived_pki,
 )
 from tests.integration.sidecar.test_sidecar_proxy import (  # noqa: F401  (collected again here, on Envoy)
+    test_a_caller_supplied_client_identity_never_reaches_the_service_and_the_verified_one_does,
     test_bad_client_certificates_are_refused_at_the_handshake,
     test_bidirectional_stream_is_proxied_message_by_message,
     test_identity_the_policy_does_not_allow_gets_permission_denied,
@@ -146,7 +147,9 @@ def test_every_rendered_bootstrap_passes_envoy_validate(tmp_path: Path, service:
     certs.issue_to(tmp_path / "certs", service)
     config = render_to_file(ROOT / "deploy/policy/mesh-policy.yaml", service, tmp_path / f"{service}.yaml",
                             certs_dir=tmp_path / "certs", upstream="127.0.0.1:50051", peers=peers,
-                            ports=EnvoyPorts(15443, 15001 if peers else None, 15000))
+                            ports=EnvoyPorts(15443, 15001 if peers else None, 15000,
+                                             http=18443 if service == "router" else None),
+                            http_upstream="127.0.0.1:18080" if service == "router" else "")
     result = subprocess.run([tool("envoy"), "--mode", "validate", "-c", str(config)], capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

@@ -12,6 +12,7 @@ from autoglm.billing.v1 import billing_service_pb2 as billing_pb
 from autoglm.billing.v1 import billing_service_pb2_grpc as billing_grpc
 from autoglm.inference.v1 import inference_service_pb2 as pb
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from services.billing.operators import forwarded_uri
 from tests.integration.sidecar.conftest import Mesh
 from tests.waiting import wait_until
 
@@ -93,6 +94,27 @@ async def test_trace_context_and_b3_are_propagated(mesh: Mesh) -> None:
     assert seen["x-b3-traceid"] == "80f198ee56343ba864fe8b2a57d3eff7"
     assert seen["x-tenant"] == "acme"
     assert mesh.inference.record.trace_ids[0] == "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+FORGED_IDENTITY = "By=spiffe://autoglm.local/ns/default/sa/inference;URI=spiffe://autoglm.local/ns/default/sa/billing"
+
+
+async def test_a_caller_supplied_client_identity_never_reaches_the_service_and_the_verified_one_does(
+        mesh: Mesh) -> None:
+    """The inbound sidecar drops any `x-forwarded-client-cert` a caller sent and sets its own, naming the
+    peer its mTLS handshake verified, so a service (billing's `trust_forwarded_identity`) may trust it."""
+    forged = (("x-forwarded-client-cert", FORGED_IDENTITY),)
+    async with mesh.router_outbound() as chan:  # the router itself claims to be billing
+        await pb_grpc.InferenceServiceStub(chan).CountTokens(pb.CountTokensRequest(prompt="a"), timeout=5,
+                                                              metadata=forged)
+    async with mesh.inference_inbound("router") as chan:  # a peer with the router's certificate claims it
+        await pb_grpc.InferenceServiceStub(chan).CountTokens(pb.CountTokensRequest(prompt="a"), timeout=5,
+                                                              metadata=forged)
+    assert len(mesh.inference.record.forwarded_certs) == 2
+    for values in mesh.inference.record.forwarded_certs:
+        assert len(values) == 1 and "sa/billing" not in values[0], values
+        assert forwarded_uri(values[0]) == "spiffe://autoglm.local/ns/default/sa/router"
+        assert values[0].startswith("By=spiffe://autoglm.local/ns/default/sa/inference;")
 
 
 async def test_upstream_errors_reach_the_caller_with_code_and_message(mesh: Mesh) -> None:

@@ -34,6 +34,8 @@ class Record:
     failures: int = 0
     cancelled: int = 0
     metadata: list[dict[str, str]] = field(default_factory=list)
+    # Every x-forwarded-client-cert value each call carried (a repeated header would show twice).
+    forwarded_certs: list[list[str]] = field(default_factory=list)
     trace_ids: list[str] = field(default_factory=list)
     hanging: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -46,6 +48,8 @@ class FakeInference(pb_grpc.InferenceServiceServicer):
     async def _enter(self, context: grpc.aio.ServicerContext) -> None:
         self.record.calls += 1
         self.record.metadata.append({k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)})
+        self.record.forwarded_certs.append([str(v) for k, v in context.invocation_metadata() or ()
+                                            if k == "x-forwarded-client-cert"])
         self.record.trace_ids.append(current_trace_id())
         if self.behaviour.hang:
             self.record.hanging.set()
