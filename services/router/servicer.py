@@ -13,7 +13,7 @@ from autoglm.router.v1 import admin_service_pb2_grpc as admin_grpc
 from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as pb2_grpc
 from services.common.tracing import current_request_id, current_trace_id
-from services.router import convert, offload
+from services.router import convert, offload, rpc_auth
 from services.router.app import RouterApp
 from services.router.jobs.model import JobState
 from services.router.tasks import LengthUnit, OutputFormat, TaskKind, TaskSpec
@@ -29,11 +29,13 @@ class RouterServicer(pb2_grpc.RouterServiceServicer):
         self._app = app
 
     def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
-        return self._app.authenticator.authenticate(_metadata(context).get("authorization", ""))
+        """The caller, as the server's auth table authenticated it (asked for after the size checks)."""
+        return rpc_auth.principal(
+            lambda: self._app.authenticator.authenticate(_metadata(context).get("authorization", "")))
 
     def _context(self, context: grpc.aio.ServicerContext, tags: dict[str, str]) -> RequestContext:
         metadata = _metadata(context)
-        principal = self._app.authenticator.authenticate(metadata.get("authorization", ""))
+        principal = self._principal(context)
         merged = {**convert.parse_tags(metadata.get("x-autoglm-tags", "")), **tags}
         # A trace id even when no tracer is installed: from traceparent, else a new one.
         trace_id = current_trace_id() or uuid.uuid4().hex
@@ -124,33 +126,26 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
     def __init__(self, app: RouterApp) -> None:
         self._app = app
 
-    def _admin(self, context: grpc.aio.ServicerContext) -> None:
-        self._app.authenticator.authenticate_admin(_metadata(context).get("authorization", ""))
-
     async def CreateApiKey(
         self, request: admin_pb2.CreateApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CreateApiKeyResponse:
-        self._admin(context)
         record, secret = self._app.create_key(convert.new_api_key(request))
         return admin_pb2.CreateApiKeyResponse(api_key=convert.api_key(record), secret=secret)
 
     async def ListApiKeys(
         self, request: admin_pb2.ListApiKeysRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListApiKeysResponse:
-        self._admin(context)
         records = self._app.keys.list(request.tenant_id, request.include_revoked)
         return admin_pb2.ListApiKeysResponse(api_keys=[convert.api_key(r) for r in records])
 
     async def RevokeApiKey(
         self, request: admin_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RevokeApiKeyResponse:
-        self._admin(context)
         return admin_pb2.RevokeApiKeyResponse(api_key=convert.api_key(self._app.revoke_key(request.key_id)))
 
     async def RegisterModelVersion(
         self, request: admin_pb2.RegisterModelVersionRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RegisterModelVersionResponse:
-        self._admin(context)
         model = await self._app.register(
             request.model, request.version, tuple(r.address for r in request.replicas),
             tuple(request.fallback_models), convert.canary_policy(request.canary_policy),
@@ -160,34 +155,29 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
     async def SetTrafficSplit(
         self, request: admin_pb2.SetTrafficSplitRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.SetTrafficSplitResponse:
-        self._admin(context)
         self._app.registry.set_split(request.model, {w.version: w.weight_permille for w in request.weights})
         return admin_pb2.SetTrafficSplitResponse(model=self._record(request.model))
 
     async def PromoteVersion(
         self, request: admin_pb2.PromoteVersionRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.PromoteVersionResponse:
-        self._admin(context)
         self._app.registry.promote(request.model, request.version)
         return admin_pb2.PromoteVersionResponse(model=self._record(request.model))
 
     async def RollbackVersion(
         self, request: admin_pb2.RollbackVersionRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RollbackVersionResponse:
-        self._admin(context)
         self._app.registry.rollback(request.model, request.reason or "manual rollback")
         return admin_pb2.RollbackVersionResponse(model=self._record(request.model))
 
     async def GetModel(
         self, request: admin_pb2.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetModelResponse:
-        self._admin(context)
         return admin_pb2.GetModelResponse(model=self._record(request.model))
 
     async def SetPolicy(
         self, request: admin_pb2.SetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.SetPolicyResponse:
-        self._admin(context)
         policy = convert.policy_from_proto(request.policy)
         # Building the matcher of 10,000 long terms takes a while: off the event loop.
         stored = await offload.sized(sum(map(len, policy.blocked_terms)), self._app.set_policy, request.tenant_id,
@@ -197,13 +187,11 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
     async def GetPolicy(
         self, request: admin_pb2.GetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetPolicyResponse:
-        self._admin(context)
         return admin_pb2.GetPolicyResponse(policy=convert.policy_to_proto(self._app.policies.for_tenant(request.tenant_id)))
 
     async def ListAuditEvents(
         self, request: admin_pb2.ListAuditEventsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListAuditEventsResponse:
-        self._admin(context)
         events, next_token = self._app.registry.audit_page(request.action, request.page_size, request.page_token)
         return admin_pb2.ListAuditEventsResponse(events=[convert.audit_event(e) for e in events],
                                                  next_page_token=next_token)
