@@ -53,7 +53,7 @@ async def build_server(config: RouterConfig) -> RunningServer:
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
         router_service_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(app), server)
-        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(app), server)
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(app.admin), server)
         return [service.full_name for service in SERVED]
 
     http = None
