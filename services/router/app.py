@@ -7,14 +7,12 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import structlog
 
 from services.common.errors import DomainError, NotFound, Unauthenticated
-from services.router import offload
 from services.router.admin import Admin
 from services.router.admission import PriorityGate
 from services.router.auth.api_keys import load_or_create_secret_file
@@ -42,14 +40,11 @@ from services.router.registry import ModelEntry, Registry
 from services.router.replica_monitor import ReplicaMonitor
 from services.router.retry import RetrySettings
 from services.router.spool import SettlementJournal, UsageSpool
-from services.router.tasks import TaskSpec, render_task
 from services.router.types import (
     GenerationRequest,
     Principal,
     RequestContext,
-    Sampling,
     Summary,
-    TrafficClass,
 )
 
 log = structlog.get_logger(__name__)
@@ -219,17 +214,7 @@ class RouterApp:
 
 
     def healthy_replicas(self, model: ModelEntry) -> dict[str, int]:
-        return {v.version: len(self.balancer.healthy(v.replicas)) for v in model.versions}
-
-    async def run_task(
-        self, ctx: RequestContext, model: str, spec: TaskSpec, sampling: Sampling, traffic: TrafficClass
-    ) -> tuple[str, Summary]:
-        messages = await offload.sized(len(spec.content), render_task, spec)
-        if sampling.temperature is None:
-            sampling = replace(sampling, temperature=0.0)
-        request = GenerationRequest(model=model, messages=messages, sampling=sampling, tags=ctx.tags,
-                                    traffic_class=traffic)
-        return await self.gateway.complete(ctx, request)
+        return self.gateway.healthy_replicas(model)
 
     async def close(self) -> None:
         await self.runner.close()

@@ -26,7 +26,7 @@ from services.router.jobs.model import JobState
 from services.router.jobs.service import Jobs
 from services.router.registry import ModelEntry
 from services.router.tasks import LengthUnit, OutputFormat, TaskKind, TaskSpec
-from services.router.types import GenerationRequest, Principal, RequestContext, Sampling, Summary, TrafficClass
+from services.router.types import GenerationRequest, Principal, RequestContext, Summary, TrafficClass
 
 
 class RouterPorts(Protocol):
@@ -38,9 +38,6 @@ class RouterPorts(Protocol):
     jobs: Jobs
 
     def healthy_replicas(self, model: ModelEntry) -> dict[str, int]: ...
-
-    async def run_task(self, ctx: RequestContext, model: str, spec: TaskSpec, sampling: Sampling,
-                       traffic: TrafficClass) -> tuple[str, Summary]: ...
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -96,8 +93,9 @@ class RouterServicer(pb2_grpc.RouterServiceServicer):
             target_language=request.target_language, labels=tuple(request.labels), fields=tuple(request.fields),
             style=request.style,
         )
-        text, summary = await self._app.run_task(ctx, request.model, spec, convert.sampling(request.sampling),
-                                                 convert.enum_value(TrafficClass, request.traffic_class, "traffic_class"))
+        text, summary = await self._app.gateway.run_task(
+            ctx, request.model, spec, convert.sampling(request.sampling),
+            convert.enum_value(TrafficClass, request.traffic_class, "traffic_class"))
         return pb2.RunTaskResponse(
             id=ctx.request_id, output=text, finish_reason=int(summary.finish_reason),  # type: ignore[arg-type]
             usage=convert.usage(summary.usage), cost=convert.money(summary.cost), model=summary.model,
