@@ -1,5 +1,8 @@
-"""The router's parts wired together from a RouterConfig: stores under the data dir, peers, gateway,
-background tasks (replica monitoring, usage spool replay), and bootstrap of the bundled model."""
+"""The router's composition root: from a RouterConfig it builds the stores under the data dir, the peer
+clients (inference, billing) and the ports, and injects them into the gateway's rooms, the admin module
+(`admin`) and the jobs; it runs the background tasks (replica monitoring, usage spool replay, retention
+purges) and bootstraps the bundled model. Servicers get the parts they name (`servicer.RouterPorts`,
+`Admin`), never the stores behind them."""
 
 from __future__ import annotations
 
