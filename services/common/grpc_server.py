@@ -71,11 +71,14 @@ class _Registration:
         return getattr(self._server, name)
 
 
-def standard_wrapper(name: str) -> HandlerWrapper:
-    """Tracing outermost, then metrics, then error mapping around the servicer's own behaviour."""
+def standard_wrapper(name: str, inner: HandlerWrapper | None = None) -> HandlerWrapper:
+    """Tracing outermost, then metrics, then error mapping around the servicer's own behaviour (and
+    `inner`, a service's own wrapper such as its authentication, whose errors are mapped too)."""
     tracing, metrics, errors = Tracing(name), RpcMetrics(name), ErrorMapping()
 
     def wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if inner is not None:
+            handler = inner(method, handler)
         return tracing.wrap(method, metrics.wrap(method, errors.wrap(method, handler)))
 
     return wrap
@@ -133,10 +136,12 @@ async def start_server(
     port: int = 0,
     credentials: grpc.ServerCredentials | None = None,
     options: Sequence[tuple[str, int]] = DEFAULT_OPTIONS,
+    wrap: HandlerWrapper | None = None,
 ) -> RunningServer:
-    """Build, bind and start a server. Port 0 picks a free port; the bound one is returned."""
+    """Build, bind and start a server. Port 0 picks a free port; the bound one is returned. `wrap`
+    wraps every method's handler innermost (health and reflection's too)."""
     server = grpc.aio.server(options=list(options))
-    registration = cast(grpc.aio.Server, _Registration(server, standard_wrapper(name)))
+    registration = cast(grpc.aio.Server, _Registration(server, standard_wrapper(name, wrap)))
     services = list(register(registration))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registration)

@@ -1,5 +1,8 @@
-"""The router's parts wired together from a RouterConfig: stores under the data dir, peers, gateway,
-background tasks (replica monitoring, usage spool replay), and bootstrap of the bundled model."""
+"""The router's composition root: from a RouterConfig it builds the stores under the data dir, the peer
+clients (inference, billing) and the ports, and injects them into the gateway's rooms, the admin module
+(`admin`) and the jobs; it runs the background tasks (replica monitoring, usage spool replay, retention
+purges) and bootstraps the bundled model. Servicers get the parts they name (`servicer.RouterPorts`,
+`Admin`), never the stores behind them."""
 
 from __future__ import annotations
 
@@ -7,16 +10,15 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import structlog
 
-from services.common.errors import DomainError, InvalidInput, NotFound, Unauthenticated
-from services.router import offload
+from services.common.errors import DomainError, NotFound, Unauthenticated
+from services.router.admin import Admin
 from services.router.admission import PriorityGate
-from services.router.auth.api_keys import ApiKeyRecord, NewApiKey, load_or_create_secret_file
+from services.router.auth.api_keys import load_or_create_secret_file
 from services.router.auth.authenticator import Authenticator
 from services.router.auth.jwt import JwtSettings, JwtVerifier
 from services.router.auth.key_store import KeyStore
@@ -35,21 +37,18 @@ from services.router.jobs.store import JobStore
 from services.router.limits.backends import rate_limit_backend
 from services.router.limits.token_bucket import RateLimiter
 from services.router.metering import Meter
-from services.router.policy import Policy, PolicyStore
+from services.router.policy import PolicyStore
 from services.router.ports import AlertLevel
-from services.router.registry import CanaryPolicy, ModelEntry, Registry
+from services.router.registry import ModelEntry, Registry
 from services.router.replica_monitor import ReplicaMonitor
 from services.router.retry import RetrySettings
 from services.router.spool import SettlementJournal, UsageSpool
 from services.router.store import open_stores
-from services.router.tasks import TaskSpec, render_task
 from services.router.types import (
     GenerationRequest,
     Principal,
     RequestContext,
-    Sampling,
     Summary,
-    TrafficClass,
 )
 
 log = structlog.get_logger(__name__)
@@ -114,6 +113,7 @@ class RouterApp:
             RunnerSettings(concurrency=config.batch_concurrency, poll_s=config.batch_poll_s),
         )
         self.jobs = Jobs(self.job_store, self.runner, self.gateway.check_model, validate_tags)
+        self.admin = Admin(self.keys, self.registry, self.policies, self.inference, self.healthy_replicas)
         self._tasks: list[asyncio.Task[None]] = []
         self._purging: asyncio.Future[tuple[int, int]] | None = None
 
@@ -149,34 +149,6 @@ class RouterApp:
             except Exception:
                 log.exception("retention_purge_failed")
             await asyncio.sleep(self.config.retention_purge_interval_s)
-
-    # --- credential and policy changes, each recorded in the audit log -------------------------------
-    def create_key(self, spec: NewApiKey, actor: str = "admin") -> tuple[ApiKeyRecord, str]:
-        record, secret = self.keys.create(spec)
-        self.registry.audit(actor, "key.create", f"key/{record.key_id}", {
-            "prefix": record.prefix, "tenant_id": record.tenant_id, "name": record.name,
-            "allowed_models": list(record.allowed_models), "requests_per_minute": record.requests_per_minute,
-            "tokens_per_minute": record.tokens_per_minute, "traffic_class": record.traffic_class.name.lower(),
-        })
-        return record, secret
-
-    def revoke_key(self, key_id: str, actor: str = "admin") -> ApiKeyRecord:
-        already = self.keys.get(key_id).revoke_time is not None
-        record = self.keys.revoke(key_id)
-        if not already:  # revoking twice changes nothing, and is not recorded twice
-            self.registry.audit(actor, "key.revoke", f"key/{key_id}",
-                                {"prefix": record.prefix, "tenant_id": record.tenant_id})
-        return record
-
-    def set_policy(self, tenant_id: str, policy: Policy, actor: str = "admin") -> Policy:
-        stored = self.policies.set(tenant_id, policy)
-        # The blocked terms are a secret list: the log says how many, never which.
-        self.registry.audit(actor, "policy.set", f"tenant/{tenant_id or '*'}", {
-            "blocked_terms": len(stored.blocked_terms), "max_prompt_tokens": stored.max_prompt_tokens,
-            "max_tokens_cap": stored.max_tokens_cap, "normalize_cache_keys": stored.normalize_cache_keys,
-            "shared_cache_models": list(stored.shared_cache_models),
-        })
-        return stored
 
     async def _budget_level(self, principal: Principal, tags: dict[str, str]) -> AlertLevel:
         return await self.meter.check_level(principal.tenant_id, principal.key_id, tags)
@@ -247,33 +219,8 @@ class RouterApp:
 
 
 
-    async def register(
-        self, name: str, version: str, replicas: tuple[str, ...], fallbacks: tuple[str, ...], canary: CanaryPolicy
-    ) -> ModelEntry:
-        window = 0
-        for address in replicas:
-            try:
-                info = await self.inference.model_info(address)
-                window = info.context_window
-                break
-            except DomainError:
-                continue
-        if not name:
-            raise InvalidInput("model is required", field="model")
-        return self.registry.register(name, version, replicas, fallbacks, canary, context_window=window)
-
     def healthy_replicas(self, model: ModelEntry) -> dict[str, int]:
-        return {v.version: len(self.balancer.healthy(v.replicas)) for v in model.versions}
-
-    async def run_task(
-        self, ctx: RequestContext, model: str, spec: TaskSpec, sampling: Sampling, traffic: TrafficClass
-    ) -> tuple[str, Summary]:
-        messages = await offload.sized(len(spec.content), render_task, spec)
-        if sampling.temperature is None:
-            sampling = replace(sampling, temperature=0.0)
-        request = GenerationRequest(model=model, messages=messages, sampling=sampling, tags=ctx.tags,
-                                    traffic_class=traffic)
-        return await self.gateway.complete(ctx, request)
+        return self.gateway.healthy_replicas(model)
 
     async def close(self) -> None:
         await self.runner.close()

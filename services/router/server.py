@@ -1,11 +1,13 @@
 """Builds the router's gRPC server and, when `http_port` is set, its OpenAI-compatible HTTP API on the same
-event loop and gateway."""
+event loop and gateway. `RPC_AUTH` declares every method's authentication (see `rpc_auth.py`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import grpc
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from autoglm.router.v1 import admin_service_pb2, admin_service_pb2_grpc, router_service_pb2, router_service_pb2_grpc
 from services.common.error_mapping import status_code_for
@@ -14,7 +16,24 @@ from services.router.app import RouterApp
 from services.router.config import RouterConfig
 from services.router.http.app import HttpSettings, build_app
 from services.router.http.serve import start_http
+from services.router.rpc_auth import Auth, auth_wrapper, check_declared, declare, open_service
 from services.router.servicer import AdminServicer, RouterServicer
+
+ROUTER_SERVICE = router_service_pb2.DESCRIPTOR.services_by_name["RouterService"]
+ADMIN_SERVICE = admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"]
+SERVED = (ROUTER_SERVICE, ADMIN_SERVICE)
+KEY, ADMIN = Auth.API_KEY, Auth.ADMIN_TOKEN
+
+# Every method the router serves and who may call it: a method missing here keeps the server from starting.
+RPC_AUTH: dict[str, Auth] = {
+    **declare(ROUTER_SERVICE, Generate=KEY, Complete=KEY, RunTask=KEY, CountTokens=KEY, ListModels=KEY,
+              SubmitBatch=KEY, GetJob=KEY, ListJobs=KEY, CancelJob=KEY),
+    **declare(ADMIN_SERVICE, CreateApiKey=ADMIN, ListApiKeys=ADMIN, RevokeApiKey=ADMIN, RegisterModelVersion=ADMIN,
+              SetTrafficSplit=ADMIN, PromoteVersion=ADMIN, RollbackVersion=ADMIN, GetModel=ADMIN, SetPolicy=ADMIN,
+              GetPolicy=ADMIN, ListAuditEvents=ADMIN),
+    **open_service(health_pb2.DESCRIPTOR.services_by_name["Health"]),
+    **open_service(reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]),
+}
 
 # Room above max_request_bytes for the other fields' framing, so the router's own size limits answer
 # (INVALID_ARGUMENT naming the limit) rather than gRPC's receive limit (RESOURCE_EXHAUSTED).
@@ -28,16 +47,14 @@ def server_options(config: RouterConfig) -> list[tuple[str, int]]:
 
 
 async def build_server(config: RouterConfig) -> RunningServer:
+    check_declared(RPC_AUTH, SERVED)
     app = RouterApp(config, status_name=lambda error: status_code_for(error).name)
     await app.start()
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
         router_service_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(app), server)
-        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(app), server)
-        return [
-            router_service_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name,
-            admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
-        ]
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(app.admin), server)
+        return [service.full_name for service in SERVED]
 
     http = None
     try:
@@ -45,7 +62,7 @@ async def build_server(config: RouterConfig) -> RunningServer:
             http = await start_http(build_app(app, HttpSettings(max_body_bytes=max(HttpSettings.max_body_bytes, config.max_request_bytes + RECEIVE_HEADROOM))), config.http_host or config.server.host, config.http_port,
                                     config.http_tls_cert, config.http_tls_key, config.server.shutdown_grace_s)
         running = await start_server("router", register, host=config.server.host, port=config.server.port,
-                                     options=server_options(config))
+                                     options=server_options(config), wrap=auth_wrapper(RPC_AUTH, app.authenticator))
     except BaseException:
         if http is not None:
             await http.stop()

@@ -1,10 +1,14 @@
-"""gRPC servicers of the router: thin conversions between messages and the router's domain."""
+"""gRPC servicers of the router: thin conversions between messages and the router's domain.
+
+RouterServicer runs over `RouterPorts` (the gateway, jobs, tasks; RouterApp provides them), AdminServicer
+over `Admin`. Who may call which method is declared where the server is built (`server.RPC_AUTH`)."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import grpc
 
@@ -13,11 +17,27 @@ from autoglm.router.v1 import admin_service_pb2_grpc as admin_grpc
 from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as pb2_grpc
 from services.common.tracing import current_request_id, current_trace_id
-from services.router import convert, offload
-from services.router.app import RouterApp
+from services.router import convert, rpc_auth
+from services.router.admin import Admin
+from services.router.auth.authenticator import Authenticator
+from services.router.gateway import Gateway
+from services.router.input_limits import InputLimits
 from services.router.jobs.model import JobState
+from services.router.jobs.service import Jobs
+from services.router.registry import ModelEntry
 from services.router.tasks import LengthUnit, OutputFormat, TaskKind, TaskSpec
 from services.router.types import GenerationRequest, Principal, RequestContext, Summary, TrafficClass
+
+
+class RouterPorts(Protocol):
+    """What RouterService runs on."""
+
+    gateway: Gateway
+    authenticator: Authenticator
+    input_limits: InputLimits
+    jobs: Jobs
+
+    def healthy_replicas(self, model: ModelEntry) -> dict[str, int]: ...
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -25,15 +45,17 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
 
 
 class RouterServicer(pb2_grpc.RouterServiceServicer):
-    def __init__(self, app: RouterApp) -> None:
+    def __init__(self, app: RouterPorts) -> None:
         self._app = app
 
     def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
-        return self._app.authenticator.authenticate(_metadata(context).get("authorization", ""))
+        """The caller, as the server's auth table authenticated it (asked for after the size checks)."""
+        return rpc_auth.principal(
+            lambda: self._app.authenticator.authenticate(_metadata(context).get("authorization", "")))
 
     def _context(self, context: grpc.aio.ServicerContext, tags: dict[str, str]) -> RequestContext:
         metadata = _metadata(context)
-        principal = self._app.authenticator.authenticate(metadata.get("authorization", ""))
+        principal = self._principal(context)
         merged = {**convert.parse_tags(metadata.get("x-autoglm-tags", "")), **tags}
         # A trace id even when no tracer is installed: from traceparent, else a new one.
         trace_id = current_trace_id() or uuid.uuid4().hex
@@ -71,8 +93,9 @@ class RouterServicer(pb2_grpc.RouterServiceServicer):
             target_language=request.target_language, labels=tuple(request.labels), fields=tuple(request.fields),
             style=request.style,
         )
-        text, summary = await self._app.run_task(ctx, request.model, spec, convert.sampling(request.sampling),
-                                                 convert.enum_value(TrafficClass, request.traffic_class, "traffic_class"))
+        text, summary = await self._app.gateway.run_task(
+            ctx, request.model, spec, convert.sampling(request.sampling),
+            convert.enum_value(TrafficClass, request.traffic_class, "traffic_class"))
         return pb2.RunTaskResponse(
             id=ctx.request_id, output=text, finish_reason=int(summary.finish_reason),  # type: ignore[arg-type]
             usage=convert.usage(summary.usage), cost=convert.money(summary.cost), model=summary.model,
@@ -121,96 +144,79 @@ class RouterServicer(pb2_grpc.RouterServiceServicer):
 
 
 class AdminServicer(admin_grpc.AdminServiceServicer):
-    def __init__(self, app: RouterApp) -> None:
-        self._app = app
+    """A thin transport over `Admin` (the server's auth table has checked the admin token)."""
 
-    def _admin(self, context: grpc.aio.ServicerContext) -> None:
-        self._app.authenticator.authenticate_admin(_metadata(context).get("authorization", ""))
+    def __init__(self, admin: Admin) -> None:
+        self._admin = admin
 
     async def CreateApiKey(
         self, request: admin_pb2.CreateApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CreateApiKeyResponse:
-        self._admin(context)
-        record, secret = self._app.create_key(convert.new_api_key(request))
+        record, secret = self._admin.create_key(convert.new_api_key(request))
         return admin_pb2.CreateApiKeyResponse(api_key=convert.api_key(record), secret=secret)
 
     async def ListApiKeys(
         self, request: admin_pb2.ListApiKeysRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListApiKeysResponse:
-        self._admin(context)
-        records = self._app.keys.list(request.tenant_id, request.include_revoked)
+        records = self._admin.list_keys(request.tenant_id, request.include_revoked)
         return admin_pb2.ListApiKeysResponse(api_keys=[convert.api_key(r) for r in records])
 
     async def RevokeApiKey(
         self, request: admin_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RevokeApiKeyResponse:
-        self._admin(context)
-        return admin_pb2.RevokeApiKeyResponse(api_key=convert.api_key(self._app.revoke_key(request.key_id)))
+        return admin_pb2.RevokeApiKeyResponse(api_key=convert.api_key(self._admin.revoke_key(request.key_id)))
 
     async def RegisterModelVersion(
         self, request: admin_pb2.RegisterModelVersionRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RegisterModelVersionResponse:
-        self._admin(context)
-        model = await self._app.register(
+        model = await self._admin.register(
             request.model, request.version, tuple(r.address for r in request.replicas),
             tuple(request.fallback_models), convert.canary_policy(request.canary_policy),
         )
-        return admin_pb2.RegisterModelVersionResponse(model=self._record(model.name))
+        return admin_pb2.RegisterModelVersionResponse(model=self._record(self._admin.get_model(model.name)))
 
     async def SetTrafficSplit(
         self, request: admin_pb2.SetTrafficSplitRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.SetTrafficSplitResponse:
-        self._admin(context)
-        self._app.registry.set_split(request.model, {w.version: w.weight_permille for w in request.weights})
-        return admin_pb2.SetTrafficSplitResponse(model=self._record(request.model))
+        model = self._admin.set_split(request.model, {w.version: w.weight_permille for w in request.weights})
+        return admin_pb2.SetTrafficSplitResponse(model=self._record(model))
 
     async def PromoteVersion(
         self, request: admin_pb2.PromoteVersionRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.PromoteVersionResponse:
-        self._admin(context)
-        self._app.registry.promote(request.model, request.version)
-        return admin_pb2.PromoteVersionResponse(model=self._record(request.model))
+        return admin_pb2.PromoteVersionResponse(model=self._record(self._admin.promote(request.model, request.version)))
 
     async def RollbackVersion(
         self, request: admin_pb2.RollbackVersionRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RollbackVersionResponse:
-        self._admin(context)
-        self._app.registry.rollback(request.model, request.reason or "manual rollback")
-        return admin_pb2.RollbackVersionResponse(model=self._record(request.model))
+        model = self._admin.rollback(request.model, request.reason)
+        return admin_pb2.RollbackVersionResponse(model=self._record(model))
 
     async def GetModel(
         self, request: admin_pb2.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetModelResponse:
-        self._admin(context)
-        return admin_pb2.GetModelResponse(model=self._record(request.model))
+        return admin_pb2.GetModelResponse(model=self._record(self._admin.get_model(request.model)))
 
     async def SetPolicy(
         self, request: admin_pb2.SetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.SetPolicyResponse:
-        self._admin(context)
-        policy = convert.policy_from_proto(request.policy)
-        # Building the matcher of 10,000 long terms takes a while: off the event loop.
-        stored = await offload.sized(sum(map(len, policy.blocked_terms)), self._app.set_policy, request.tenant_id,
-                                     policy)
+        stored = await self._admin.set_policy_offloaded(request.tenant_id, convert.policy_from_proto(request.policy))
         return admin_pb2.SetPolicyResponse(policy=convert.policy_to_proto(stored))
 
     async def GetPolicy(
         self, request: admin_pb2.GetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetPolicyResponse:
-        self._admin(context)
-        return admin_pb2.GetPolicyResponse(policy=convert.policy_to_proto(self._app.policies.for_tenant(request.tenant_id)))
+        return admin_pb2.GetPolicyResponse(policy=convert.policy_to_proto(self._admin.get_policy(request.tenant_id)))
 
     async def ListAuditEvents(
         self, request: admin_pb2.ListAuditEventsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListAuditEventsResponse:
-        self._admin(context)
-        events, next_token = self._app.registry.audit_page(request.action, request.page_size, request.page_token)
+        events, next_token = self._admin.audit_page(request.action, request.page_size, request.page_token)
         return admin_pb2.ListAuditEventsResponse(events=[convert.audit_event(e) for e in events],
                                                  next_page_token=next_token)
 
-    def _record(self, name: str) -> admin_pb2.ModelRecord:
-        model = self._app.registry.get(name)
-        return convert.model_record(model, self._app.healthy_replicas(model))
+    def _record(self, model: ModelEntry) -> admin_pb2.ModelRecord:
+        return convert.model_record(model, self._admin.healthy_replicas(model))
 
 
 __all__ = ["AdminServicer", "GenerationRequest", "RouterServicer"]

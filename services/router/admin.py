@@ -1,0 +1,103 @@
+"""The router's operator operations, one place for every transport: API keys, tenant policies, the model
+registry (versions, traffic splits, promotion, rollback) and the audit log.
+
+Each change to credentials or policy is recorded in the audit log with its actor. Plain domain types in
+and out; the caller (AdminServicer today) has already checked the admin token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from services.common.errors import DomainError, InvalidInput
+from services.router import offload
+from services.router.auth.api_keys import ApiKeyRecord, NewApiKey
+from services.router.auth.key_store import KeyStore
+from services.router.policy import Policy, PolicyStore
+from services.router.ports import InferencePort
+from services.router.registry import AuditEvent, CanaryPolicy, ModelEntry, Registry
+
+
+class Admin:
+    def __init__(self, keys: KeyStore, registry: Registry, policies: PolicyStore, inference: InferencePort,
+                 healthy_replicas: Callable[[ModelEntry], dict[str, int]]) -> None:
+        self._keys = keys
+        self._registry = registry
+        self._policies = policies
+        self._inference = inference
+        self.healthy_replicas = healthy_replicas
+
+    # --- API keys ----------------------------------------------------------------------------------
+    def create_key(self, spec: NewApiKey, actor: str = "admin") -> tuple[ApiKeyRecord, str]:
+        record, secret = self._keys.create(spec)
+        self._registry.audit(actor, "key.create", f"key/{record.key_id}", {
+            "prefix": record.prefix, "tenant_id": record.tenant_id, "name": record.name,
+            "allowed_models": list(record.allowed_models), "requests_per_minute": record.requests_per_minute,
+            "tokens_per_minute": record.tokens_per_minute, "traffic_class": record.traffic_class.name.lower(),
+        })
+        return record, secret
+
+    def list_keys(self, tenant_id: str, include_revoked: bool) -> list[ApiKeyRecord]:
+        return self._keys.list(tenant_id, include_revoked)
+
+    def revoke_key(self, key_id: str, actor: str = "admin") -> ApiKeyRecord:
+        already = self._keys.get(key_id).revoke_time is not None
+        record = self._keys.revoke(key_id)
+        if not already:  # revoking twice changes nothing, and is not recorded twice
+            self._registry.audit(actor, "key.revoke", f"key/{key_id}",
+                                 {"prefix": record.prefix, "tenant_id": record.tenant_id})
+        return record
+
+    # --- policies ----------------------------------------------------------------------------------
+    def set_policy(self, tenant_id: str, policy: Policy, actor: str = "admin") -> Policy:
+        stored = self._policies.set(tenant_id, policy)
+        # The blocked terms are a secret list: the log says how many, never which.
+        self._registry.audit(actor, "policy.set", f"tenant/{tenant_id or '*'}", {
+            "blocked_terms": len(stored.blocked_terms), "max_prompt_tokens": stored.max_prompt_tokens,
+            "max_tokens_cap": stored.max_tokens_cap, "normalize_cache_keys": stored.normalize_cache_keys,
+            "shared_cache_models": list(stored.shared_cache_models),
+        })
+        return stored
+
+    async def set_policy_offloaded(self, tenant_id: str, policy: Policy, actor: str = "admin") -> Policy:
+        """`set_policy` off the event loop when the terms are many (building their matcher takes a while)."""
+        return await offload.sized(sum(map(len, policy.blocked_terms)), self.set_policy, tenant_id, policy, actor)
+
+    def get_policy(self, tenant_id: str) -> Policy:
+        return self._policies.for_tenant(tenant_id)
+
+    # --- the model registry ------------------------------------------------------------------------
+    async def register(
+        self, name: str, version: str, replicas: tuple[str, ...], fallbacks: tuple[str, ...], canary: CanaryPolicy
+    ) -> ModelEntry:
+        """Register a model version; its context window comes from the first replica that answers."""
+        window = 0
+        for address in replicas:
+            try:
+                info = await self._inference.model_info(address)
+                window = info.context_window
+                break
+            except DomainError:
+                continue
+        if not name:
+            raise InvalidInput("model is required", field="model")
+        return self._registry.register(name, version, replicas, fallbacks, canary, context_window=window)
+
+    def set_split(self, model: str, weights_permille: dict[str, int], actor: str = "admin") -> ModelEntry:
+        self._registry.set_split(model, weights_permille, actor=actor)
+        return self._registry.get(model)
+
+    def promote(self, model: str, version: str, actor: str = "admin") -> ModelEntry:
+        self._registry.promote(model, version, actor=actor)
+        return self._registry.get(model)
+
+    def rollback(self, model: str, reason: str, actor: str = "admin") -> ModelEntry:
+        self._registry.rollback(model, reason or "manual rollback", actor=actor)
+        return self._registry.get(model)
+
+    def get_model(self, model: str) -> ModelEntry:
+        return self._registry.get(model)
+
+    # --- the audit log -----------------------------------------------------------------------------
+    def audit_page(self, action: str, page_size: int, page_token: str) -> tuple[list[AuditEvent], str]:
+        return self._registry.audit_page(action, page_size, page_token)
