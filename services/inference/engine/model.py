@@ -40,7 +40,7 @@ def find_default_model(root: Path | None = None, precision: str = DEFAULT_PRECIS
             continue
     hint = BUILD_HINT if precision == DEFAULT_PRECISION else \
         f"run `autoglm model build --precision {precision}`, or pass --model-dir DIR of a built model"
-    raise FailedPrecondition(f"no built {precision} model found under {base}; {hint}")
+    raise FailedPrecondition(f"no built model found under {base} (precision {precision}); {hint}")
 
 
 @dataclass
@@ -79,7 +79,7 @@ def load_model(directory: Path | None, session: SessionSettings, verify: bool = 
     except ManifestError as err:
         raise FailedPrecondition(f"cannot load the model in {directory}: {err}; {BUILD_HINT}") from err
     if precision is not None and manifest.precision != precision:
-        raise FailedPrecondition(f"the model in {directory} is a {manifest.precision} build, but precision "
+        raise FailedPrecondition(f"the model in {directory} is an {manifest.precision} build, but precision "
                                  f"{precision} was asked for; pass that build's directory or leave precision unset")
     ort_session, provider = create_session(directory / manifest.model_file, session)
     io = ModelIO.from_session(ort_session, manifest.kv.past_names(), manifest.kv.present_names())
