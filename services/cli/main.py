@@ -1,7 +1,7 @@
 """`autoglm` — the command line of Open-AutoGLM.
 
   autoglm up [--config FILE]          start the whole mesh in the foreground
-  autoglm model build [PATH]          build (or reuse) an INT8 ONNX model from a GGUF file or HF folder
+  autoglm model build [PATH] [--precision int8|int4]   build (or reuse) an ONNX model from a GGUF or HF folder
   autoglm chat | generate             talk to the router
   autoglm keys create|list|revoke     manage API keys
   autoglm usage [--since 7d --by model]   tokens and cost from the ledger
@@ -43,7 +43,7 @@ def _model_build(args: argparse.Namespace) -> int:
         print(f"autoglm model build needs the model-build extra: pip install 'open-autoglm[model-build]' ({exc})",
               file=sys.stderr)
         return 2
-    path = build_model(args.path, args.cache_dir, args.force)
+    path = build_model(args.path, args.cache_dir, args.force, precision=args.precision)
     print(path)
     return 0
 
@@ -61,10 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="model tools")
     model_sub = model.add_subparsers(dest="model_command", required=True)
-    build = model_sub.add_parser("build", help="build an INT8 ONNX model with a KV-cache into the model cache")
+    build = model_sub.add_parser("build", help="build an INT8 (default) or INT4 ONNX model with a KV-cache into the "
+                                               "model cache")
     build.add_argument("path", nargs="?", default=None, help="GGUF file or Hugging Face folder (default: bundled SmolLM2)")
     build.add_argument("--cache-dir", type=Path, default=None)
     build.add_argument("--force", action="store_true", help="rebuild even if a valid cached build exists")
+    build.add_argument("--precision", choices=["int8", "int4"], default="int8",
+                       help="int8 (default) or int4: the GGUF's Q4_1 blocks as 4-bit MatMulNBits; both builds "
+                            "coexist in the cache")
     build.set_defaults(func=_model_build)
 
     add_client_commands(sub)

@@ -11,6 +11,7 @@ from services.inference.engine.scheduler import SchedulerSettings
 from services.inference.engine.session import PROVIDER_CHOICES, SessionSettings
 
 DEFAULT_PORT = 50071
+SERVED_PRECISIONS = ("int8", "int4")
 # Keys of the mesh file's `inference:` section that belong to the launcher, not to one replica.
 LAUNCHER_KEYS = frozenset({"port", "replicas", "host", "metrics_port"})
 
@@ -19,8 +20,11 @@ LAUNCHER_KEYS = frozenset({"port", "replicas", "host", "metrics_port"})
 class InferenceConfig:
     server: ServerSettings = field(default_factory=lambda: ServerSettings(port=DEFAULT_PORT))
     replica_id: str = "inference-0"
-    # A built model (manifest.json inside); None = the most recent build in the model cache.
+    # A built model (manifest.json inside); None = the most recent build of `precision` in the model cache.
     model_dir: Path | None = None
+    # Which build to serve: int8 | int4 (`autoglm model build --precision int4`). With model_dir set, the
+    # build there must be of this precision when one is given; None = int8 from the cache, or what model_dir holds.
+    precision: str | None = None
     max_batch_size: int = 16
     max_batched_tokens: int = 256
     prefill_chunk: int = 128
@@ -38,6 +42,8 @@ class InferenceConfig:
     def __post_init__(self) -> None:
         if self.provider not in PROVIDER_CHOICES:
             raise ValueError(f"provider must be one of {', '.join(PROVIDER_CHOICES)}, got {self.provider!r}")
+        if self.precision is not None and self.precision not in SERVED_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(SERVED_PRECISIONS)}, got {self.precision!r}")
         if self.intra_op_threads < 0:
             raise ValueError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
         self.scheduler  # noqa: B018 - validates the scheduler fields

@@ -16,7 +16,7 @@ from services.inference.servicer import InferenceServicer
 
 async def build_server(config: InferenceConfig, model: LoadedModel | None = None) -> RunningServer:
     """Serve `model` (loaded from `config.model_dir` when not given); the engine stops with the server."""
-    model = model if model is not None else load_model(config.model_dir, config.session, config.verify_model)
+    model = model if model is not None else load_model(config.model_dir, config.session, config.verify_model, config.precision)
     engine = Engine(model, config.scheduler, config.replica_id)
     await engine.start()
 

