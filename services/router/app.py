@@ -245,7 +245,8 @@ class RouterApp:
 
 
     async def register(
-        self, name: str, version: str, replicas: tuple[str, ...], fallbacks: tuple[str, ...], canary: CanaryPolicy
+        self, name: str, version: str, replicas: tuple[str, ...], fallbacks: tuple[str, ...], canary: CanaryPolicy,
+        default_sampling: Sampling | None = None,
     ) -> ModelEntry:
         window = 0
         for address in replicas:
@@ -257,7 +258,8 @@ class RouterApp:
                 continue
         if not name:
             raise InvalidInput("model is required", field="model")
-        return self.registry.register(name, version, replicas, fallbacks, canary, context_window=window)
+        return self.registry.register(name, version, replicas, fallbacks, canary, context_window=window,
+                                      default_sampling=default_sampling)
 
     def healthy_replicas(self, model: ModelEntry) -> dict[str, int]:
         return {v.version: len(self.balancer.healthy(v.replicas)) for v in model.versions}

@@ -32,6 +32,7 @@ from services.router.policy import Policy, PolicyStore
 from services.router.ports import Hold, HoldRequest, InferenceCall, InferencePort, UsageRecord
 from services.router.registry import ModelEntry, Registry, VersionEntry, split_model
 from services.router.retry import RetryBudget, RetrySettings, backoff_delay
+from services.router.sampling_defaults import apply_defaults
 from services.router.single_flight import SingleFlight
 from services.router.types import (
     CachePolicy,
@@ -209,7 +210,7 @@ class Gateway:
             raise InvalidInput("context_id needs chat messages; it cannot be combined with raw_prompt",
                                field="context_id")
         prompt, new_turn = _one_of(req.prompt, req.messages, req.raw_prompt)
-        sampling = req.sampling
+        sampling = apply_defaults(req.sampling, version.default_sampling)  # the version's, for unset fields
         if sampling.max_tokens is not None and sampling.max_tokens < 1:
             raise InvalidInput("sampling.max_tokens must be >= 1", field="sampling.max_tokens")
         policy = self.policies.for_tenant(principal.tenant_id)

@@ -115,6 +115,9 @@ def test_models_list_and_retrieve(mesh: Mesh) -> None:
     assert MODEL in [m.id for m in models.data]
     card = client.models.retrieve(MODEL)
     assert card.id == MODEL and (card.model_extra or {})["versions"][0]["healthy_replicas"] >= 1
+    # The default sampling `autoglm up` seeds for the bundled model (what unset fields get).
+    assert card.model_extra["versions"][0]["default_sampling"] == {
+        "temperature": 0.2, "top_p": 0.9, "top_k": None, "repetition_penalty": 1.1}
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("no-such-model")
     assert missing.value.code == "model_not_found"

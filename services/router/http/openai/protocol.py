@@ -327,11 +327,22 @@ class Completion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class DefaultSampling(BaseModel):
+    """What a request to this version gets for each of these fields it leaves unset (null: no default;
+    an explicit temperature 0 stays greedy)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+
+
 class ModelVersionCard(BaseModel):
     version: str
     weight_permille: int
     stable: bool
     healthy_replicas: int
+    default_sampling: DefaultSampling
 
 
 class ModelCard(BaseModel):
