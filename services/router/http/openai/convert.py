@@ -92,7 +92,8 @@ def usage_info(summaries: Sequence[Summary]) -> UsageInfo:
     completion = sum(s.usage.completion_tokens for s in summaries)
     currency = summaries[0].cost.currency_code if summaries else "USD"
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                     cost=Cost(currency=currency, micros=sum(s.cost.micros for s in summaries)))
+                     cost=Cost(currency=currency, micros=sum(s.cost.micros for s in summaries)),
+                     cached=bool(summaries) and all(s.usage.cached for s in summaries))
 
 
 @dataclass

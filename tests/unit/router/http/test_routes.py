@@ -41,7 +41,7 @@ async def test_chat_completion_wire_format(client: httpx.AsyncClient) -> None:
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello world"},
                                 "finish_reason": "stop", "logprobs": None}]
     assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4,
-                             "cost": {"currency": "USD", "micros": 20}}
+                             "cost": {"currency": "USD", "micros": 20}, "cached": False}
     assert (body["model"], body["model_version"]) == ("tiny", "v1")
 
 
