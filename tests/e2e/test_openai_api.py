@@ -277,3 +277,53 @@ def test_the_python_example_answers_and_streams(mesh: Mesh) -> None:
                           "SSL_CERT_FILE": mesh.ca_cert})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() and "completion tokens" in result.stderr and "streamed:" in result.stderr
+
+
+async def register_parity_model(mesh: Mesh, name: str) -> None:
+    """`name` with versions v1 and v2 on the bundled model's replica, and a price whose cached rate is 0."""
+    token = (mesh.data_dir / "router" / "admin_token").read_text().strip()
+    metadata = (("authorization", f"Bearer {token}"),)
+    async with router_channel(mesh) as channel:
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        bundled = (await admin.GetModel(admin_service_pb2.GetModelRequest(model=MODEL), metadata=metadata,
+                                        timeout=10)).model
+        for version in ("v1", "v2"):
+            await admin.RegisterModelVersion(admin_service_pb2.RegisterModelVersionRequest(
+                model=name, version=version, replicas=bundled.versions[0].replicas), metadata=metadata, timeout=30)
+        await admin.SetTrafficSplit(admin_service_pb2.SetTrafficSplitRequest(model=name, weights=[
+            admin_service_pb2.VersionWeight(version="v1", weight_permille=700),
+            admin_service_pb2.VersionWeight(version="v2", weight_permille=300)]), metadata=metadata, timeout=10)
+    billing = load_endpoint(mesh.data_dir).billing
+    usd = "USD"
+    async with operator_channel(billing, billing_token(mesh.data_dir)) as channel:
+        await billing_service_pb2_grpc.BillingServiceStub(channel).CreatePrice(billing_service_pb2.CreatePriceRequest(
+            price=billing_service_pb2.Price(
+                model=name, input_per_million=money_pb2.Money(currency_code=usd, micros=50_000),
+                output_per_million=money_pb2.Money(currency_code=usd, micros=100_000),
+                cached_per_million=money_pb2.Money(currency_code=usd, micros=0)), actor="test"), timeout=10)
+
+
+async def test_a_cached_answer_over_http_says_so_costs_nothing_and_is_one_ledger_event(mesh: Mesh) -> None:
+    await register_parity_model(mesh, "http-cache")
+    key = await create_key(mesh, "http-cache")
+    client = sdk(mesh, key)
+    asked = {"model": "http-cache@v1", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8,
+             "temperature": 0}
+    first, second = (client.chat.completions.create(**asked) for _ in range(2))  # type: ignore[call-overload]
+    assert first.usage is not None and second.usage is not None
+    assert (first.usage.model_extra or {})["cached"] is False and first.usage.model_extra["cost"]["micros"] > 0
+    assert (second.usage.model_extra or {})["cached"] is True and second.usage.model_extra["cost"]["micros"] == 0
+    assert second.choices[0].message.content == first.choices[0].message.content
+    assert (second.usage.prompt_tokens, second.usage.completion_tokens) == (
+        first.usage.prompt_tokens, first.usage.completion_tokens)
+    totals = await settled(mesh, "http-cache", 2)
+    assert totals.requests == 2 and totals.by_status == {"completed": 2}
+
+
+async def test_a_canary_split_routes_http_requests_by_weight(mesh: Mesh) -> None:
+    await register_parity_model(mesh, "http-canary")
+    client = sdk(mesh, demo_key(mesh))
+    versions = [(client.completions.create(model="http-canary", prompt=f"Count to {i}.", max_tokens=1,
+                                           temperature=0).model_extra or {})["model_version"] for i in range(60)]
+    # 300 per-mille to v2: 60 draws land 18 on average; below 6 or above 32 has odds under 1 in 10,000.
+    assert set(versions) == {"v1", "v2"} and 6 <= versions.count("v2") <= 32, versions
