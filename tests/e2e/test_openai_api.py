@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API as its users meet it: the official `openai` package (sync and async)
 against the whole mesh that `autoglm up` starts (HTTPS with the mesh CA, the real model), with curl-like
-raw requests where the wire itself is the point, the same request over gRPC for parity, and billing's
-ledger for the usage events."""
+raw requests where the wire itself is the point, the same request over gRPC for parity, the gRPC
+path's cache, limit, budget and canary scenarios over HTTP, billing's ledger for the usage events, and
+the replica's /metrics for when a hung-up stream's sequence ends."""
 
 from __future__ import annotations
 
@@ -15,15 +16,18 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+import yaml
 
 from autoglm.billing.v1 import billing_service_pb2, billing_service_pb2_grpc
 from autoglm.common.v1 import generation_pb2, money_pb2
 from autoglm.router.v1 import admin_service_pb2, admin_service_pb2_grpc, router_service_pb2, router_service_pb2_grpc
 from services.cli.endpoint import billing_token, load_endpoint, operator_channel
+from services.common.ports import free_ports
 from tests.conftest import ROOT
 from tests.e2e.mesh_client import MODEL, Totals, create_key, router_channel, usage_totals
 from tests.e2e.mesh_process import Mesh, start_mesh, stop_mesh
 from tests.settlement import settled_usage
+from tests.waiting import wait_until
 
 QUESTION = "What is the capital of France? Answer in one word."
 
@@ -31,7 +35,9 @@ QUESTION = "What is the capital of France? Answer in one word."
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     started: list[subprocess.Popen[bytes]] = []
-    running = start_mesh(tmp_path_factory.mktemp("mesh"), started)
+    # The replica's /metrics on, to see when it ends a sequence and how many tokens it generated.
+    running = start_mesh(tmp_path_factory.mktemp("mesh"), started,
+                         extra_config={"inference": {"metrics_port": free_ports(1)[0]}})
     try:
         yield running
     finally:
@@ -327,3 +333,43 @@ async def test_a_canary_split_routes_http_requests_by_weight(mesh: Mesh) -> None
                                            temperature=0).model_extra or {})["model_version"] for i in range(60)]
     # 300 per-mille to v2: 60 draws land 18 on average; below 6 or above 32 has odds under 1 in 10,000.
     assert set(versions) == {"v1", "v2"} and 6 <= versions.count("v2") <= 32, versions
+
+
+def replica_metrics(mesh: Mesh) -> dict[str, float]:
+    """The inference replica's engine gauges and counters, by name without the `autoglm_inference_` prefix."""
+    doc = yaml.safe_load(mesh.config.read_text())
+    text = httpx.get(f"http://127.0.0.1:{doc['inference']['metrics_port']}/metrics", timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("autoglm_inference_") and "{" in line:
+            name, value = line.split("{")[0].removeprefix("autoglm_inference_"), line.rsplit(" ", 1)[1]
+            values[name] = float(value)
+    return values
+
+
+async def test_a_client_closing_after_5_chunks_stops_its_sequence_within_one_step_billed_as_cancelled(
+        mesh: Mesh) -> None:
+    key = await create_key(mesh, "http-hangup")
+    before = replica_metrics(mesh)
+    with sdk(mesh, key).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Tell a long story about the sea."}], max_tokens=400,
+            temperature=0, stream=True, extra_body={"cache_policy": "bypass"}) as stream:
+        received = 0
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received += 1
+            if received == 5:
+                break
+
+    def ended() -> dict[str, float] | None:
+        now = replica_metrics(mesh)
+        done = now["active_sequences"] == 0 and now["cancelled_total"] == before["cancelled_total"] + 1
+        return now if done else None
+
+    after = await wait_until(ended, 30, "the replica ends the hung-up sequence")
+    generated = after["tokens_generated_total"] - before["tokens_generated_total"]
+    totals = await settled(mesh, "http-hangup", 1)
+    assert totals.by_status == {"cancelled": 1}
+    billed = totals.completion_tokens
+    # The tokens billed are those the router received; the replica generated at most one decode step more.
+    assert 5 <= billed <= generated <= billed + 1, (billed, generated)
