@@ -1,4 +1,4 @@
-"""`autoglm chat` and `autoglm generate`: talk to the router as a user would.
+"""`autoglm chat`, `autoglm generate` and `autoglm models`: talk to the router as a user would.
 
 The API key comes from --api-key, $AUTOGLM_API_KEY, or the demo key `autoglm up` writes into its
 data dir (`.autoglm/demo_api_key`).
@@ -7,6 +7,7 @@ data dir (`.autoglm/demo_api_key`).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import uuid
@@ -29,15 +30,20 @@ def resolve_api_key(args: argparse.Namespace) -> str:
     raise SystemExit("no API key: pass --api-key, set AUTOGLM_API_KEY, or start the mesh with `make run`")
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_connection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router", default=None, help="router address (default: the local mesh's, else 127.0.0.1:50051)")
     parser.add_argument("--ca-cert", default=None, help="CA of the router's TLS certificate (default: the local mesh's)")
     parser.add_argument("--plaintext", action="store_true", help="connect without TLS")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--data-dir", default=".autoglm", help="mesh data dir holding the demo key")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    _add_connection(parser)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="default: the model version's default sampling (autoglm models shows it)")
     parser.add_argument("--seed", type=int, default=None)
 
 
@@ -98,6 +104,27 @@ def _chat(args: argparse.Namespace) -> int:
     return status
 
 
+def _models(args: argparse.Namespace) -> int:
+    try:
+        with open_client(args) as client:
+            models = client.models()
+    except grpc.RpcError as error:
+        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    if args.format == "json":
+        print(json.dumps(models, indent=2))
+        return 0
+    for model in models:
+        print(f"{model['name']}  (context window {model['context_window']} tokens, "
+              f"default version {model['default_version']})")
+        for version in model["versions"]:  # type: ignore[attr-defined]
+            defaults = version.get("default_sampling") or {}
+            shown = ", ".join(f"{k} {v:g}" for k, v in defaults.items()) or "none (unset temperature is greedy)"
+            print(f"  {version['version']}  weight {version['weight_permille']}/1000  "
+                  f"healthy replicas {version['healthy_replicas']}  default sampling: {shown}")
+    return 0
+
+
 def add_client_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     chat = subparsers.add_parser("chat", help="interactive chat that remembers the conversation (context_id)")
     _add_common(chat)
@@ -109,3 +136,10 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:  # type
     generate.add_argument("--context-id", default="")
     generate.add_argument("prompt", nargs="*")
     generate.set_defaults(func=_generate)
+
+    models = subparsers.add_parser("models", help="the models your key may call: versions, traffic split and "
+                                                  "default sampling")
+    _add_connection(models)
+    models.set_defaults(model="")
+    models.add_argument("--format", choices=["text", "json"], default="text")
+    models.set_defaults(func=_models)

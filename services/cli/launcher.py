@@ -18,7 +18,7 @@ import grpc
 import structlog
 
 from autoglm.billing.v1 import billing_service_pb2, billing_service_pb2_grpc
-from autoglm.common.v1 import money_pb2
+from autoglm.common.v1 import generation_pb2, money_pb2
 from autoglm.router.v1 import admin_service_pb2, admin_service_pb2_grpc
 from services.billing.operators import TOKEN_FILE
 from services.cli.endpoint import operator_channel
@@ -179,6 +179,33 @@ async def seed_prices(mesh: MeshConfig, billing: str) -> None:
             log.info("price_seeded", model=seed["model"])
 
 
+async def seed_sampling(mesh: MeshConfig, router: str) -> None:
+    """Give each version of the mesh file's `seed_sampling` models that has no default sampling yet the
+    seeded one (the bundled model's card recommendation), through AdminService; an operator's own
+    defaults are left as they are."""
+    token = (mesh.data_dir / "router" / "admin_token").read_text().strip()
+    metadata = (("authorization", f"Bearer {token}"),)
+    async with grpc.aio.insecure_channel(router) as channel:
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        for seed in mesh.seed_sampling:
+            values = {k: v for k, v in seed.items() if k != "model"}
+            try:
+                record = (await admin.GetModel(admin_service_pb2.GetModelRequest(model=seed["model"]),
+                                               metadata=metadata, timeout=10)).model
+            except grpc.aio.AioRpcError as exc:
+                log.warning("sampling_not_seeded", model=seed["model"], code=exc.code().name, details=exc.details())
+                continue
+            for version in record.versions:
+                if version.default_sampling.ListFields():
+                    continue
+                await admin.RegisterModelVersion(admin_service_pb2.RegisterModelVersionRequest(
+                    model=record.name, version=version.version, replicas=version.replicas,
+                    fallback_models=record.fallback_models, canary_policy=version.canary_policy,
+                    default_sampling=generation_pb2.SamplingParams(**values),
+                ), metadata=metadata, timeout=10)
+                log.info("sampling_seeded", model=record.name, version=version.version, **values)
+
+
 DEMO_TENANT = "demo"
 
 
@@ -316,6 +343,7 @@ async def run_mesh(mesh: MeshConfig, config_path: Path | None, sidecar: str = "p
             if child.name == "billing":
                 await seed_prices(mesh, child.spec.ready_address)
         write_endpoint(mesh, top)
+        await seed_sampling(mesh, by_name["router"].spec.ready_address)
         demo_key = await create_demo_key(mesh, by_name["router"].spec.ready_address)
         print(banner(mesh, top, demo_key), flush=True)
         await stop.wait()

@@ -29,6 +29,9 @@ class MeshConfig:
     inference_metrics_port: int = 9110
     # Prices created at start-up for models that have none yet: {model, currency, input/output micros per million}.
     seed_prices: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    # Default sampling given at start-up to each version of these models that has none:
+    # {model, temperature, top_p, top_k, repetition_penalty} (any subset of the four).
+    seed_sampling: tuple[dict[str, Any], ...] = field(default_factory=tuple)
     # `billing.operator_token` / `operator_token_file` when the mesh file sets them (neither: billing makes
     # <data_dir>/billing_operator_token).
     billing_operator_token: str = ""
@@ -59,6 +62,7 @@ class MeshConfig:
             shutdown_grace_s=float(mesh.get("shutdown_grace_s", cls.shutdown_grace_s)),
             cert_lifetime_hours=float(mesh.get("cert_lifetime_hours", cls.cert_lifetime_hours)),
             seed_prices=tuple(mesh.get("seed_prices") or ()),
+            seed_sampling=tuple(mesh.get("seed_sampling") or ()),
             billing_operator_token=str(billing.get("operator_token") or ""),
             billing_operator_token_file=str(billing.get("operator_token_file") or ""),
         )

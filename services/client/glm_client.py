@@ -4,6 +4,7 @@
     print(client.complete("Name three colours.").text)
     for delta in client.generate("Tell me a story", max_tokens=64):
         print(delta.text, end="", flush=True)
+    client.models()                                   # versions, split and default sampling
 
 Streams are retried on UNAVAILABLE only before the first token arrived, so a caller never sees
 duplicated text. Synchronous API (plain grpc channel); safe to use from scripts and notebooks.
@@ -17,6 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.json_format import MessageToDict
 
 from autoglm.common.v1 import generation_pb2
 from autoglm.router.v1 import router_service_pb2 as pb2
@@ -172,6 +174,17 @@ class GLMClient:
         if summary is None:
             raise RuntimeError("the stream ended without a summary")
         return Completion(**{**summary.__dict__, "text": "".join(parts)})
+
+    def models(self) -> list[dict[str, object]]:
+        """The models this key may call: versions, traffic split, healthy replicas and each version's
+        default sampling (what a request gets for the sampling fields it leaves unset)."""
+        reply = self._stub.ListModels(pb2.ListModelsRequest(), metadata=self._metadata, timeout=self.timeout_s)
+        models = [MessageToDict(m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+                  for m in reply.models]
+        for model in models:
+            for version in model["versions"]:
+                version["default_sampling"].pop("stop", None)  # never defaulted
+        return models
 
 
 def _completion(message: pb2.GenerateResponse, text: str) -> Completion:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from services.common.errors import DomainError, InvalidInput
+from services.common.generation import Sampling
 from services.router import offload
 from services.router.auth.api_keys import ApiKeyRecord, NewApiKey
 from services.router.auth.key_store import KeyStore
@@ -68,7 +69,8 @@ class Admin:
 
     # --- the model registry ------------------------------------------------------------------------
     async def register(
-        self, name: str, version: str, replicas: tuple[str, ...], fallbacks: tuple[str, ...], canary: CanaryPolicy
+        self, name: str, version: str, replicas: tuple[str, ...], fallbacks: tuple[str, ...], canary: CanaryPolicy,
+        default_sampling: Sampling | None = None,
     ) -> ModelEntry:
         """Register a model version; its context window comes from the first replica that answers."""
         window = 0
@@ -81,7 +83,8 @@ class Admin:
                 continue
         if not name:
             raise InvalidInput("model is required", field="model")
-        return self._registry.register(name, version, replicas, fallbacks, canary, context_window=window)
+        return self._registry.register(name, version, replicas, fallbacks, canary, context_window=window,
+                                       default_sampling=default_sampling)
 
     def set_split(self, model: str, weights_permille: dict[str, int], actor: str = "admin") -> ModelEntry:
         self._registry.set_split(model, weights_permille, actor=actor)

@@ -101,6 +101,8 @@ class RouterConfig:
     http_host: str = ""
     http_tls_cert: str = ""
     http_tls_key: str = ""
+    # An HTTP request body not received in full this many seconds after the request began gets 408.
+    http_body_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.cache_max_entries < 0 or self.cache_max_bytes < 0 or self.cache_ttl_s < 0:
@@ -136,5 +138,7 @@ class RouterConfig:
             raise ValueError("store_poll_s must be > 0 and at most 1 (changes reach every router within it)")
         if not 0 <= self.http_port <= 65535:
             raise ValueError(f"http_port must be 0..65535, got {self.http_port}")
+        if self.http_body_timeout_s <= 0:
+            raise ValueError(f"http_body_timeout_s must be > 0, got {self.http_body_timeout_s}")
         if bool(self.http_tls_cert) != bool(self.http_tls_key):
             raise ValueError("http_tls_cert and http_tls_key go together (both PEM files, or neither)")

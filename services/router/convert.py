@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from enum import IntEnum
 from typing import TypeVar
@@ -15,6 +16,7 @@ from autoglm.router.v1 import admin_service_pb2 as admin_pb2
 from autoglm.router.v1 import router_service_pb2 as pb2
 from services.common.errors import InvalidInput
 from services.router.auth.api_keys import ApiKeyRecord, NewApiKey
+from services.router.inference_client import sampling_to_proto
 from services.router.jobs.model import ItemResult, ItemSpec, Job, NewJob
 from services.router.policy import Policy
 from services.router.registry import AuditEvent, CanaryPolicy, ModelEntry
@@ -148,6 +150,20 @@ def new_api_key(req: admin_pb2.CreateApiKeyRequest) -> NewApiKey:
     )
 
 
+def default_sampling(request: admin_pb2.RegisterModelVersionRequest) -> Sampling | None:
+    """The version's default sampling when the request sets it (floats read back at float32's precision,
+    so 0.2 stays 0.2)."""
+    if not request.HasField("default_sampling"):
+        return None
+    values = sampling(request.default_sampling)
+
+    def exact(value: float | None) -> float | None:
+        return None if value is None else float(f"{value:.7g}")
+
+    return replace(values, temperature=exact(values.temperature), top_p=exact(values.top_p),
+                   repetition_penalty=exact(values.repetition_penalty))
+
+
 def canary_policy(value: admin_pb2.CanaryPolicy) -> CanaryPolicy:
     default = CanaryPolicy()
     return CanaryPolicy(
@@ -176,6 +192,7 @@ def model_record(model: ModelEntry, healthy: dict[str, int]) -> admin_pb2.ModelR
                     max_error_permille=v.canary.max_error_permille, max_p99_latency=_duration(v.canary.max_p99_s),
                     window=_duration(v.canary.window_s), min_requests=v.canary.min_requests,
                 ),
+                default_sampling=sampling_to_proto(v.default_sampling),
             )
             for v in model.versions
         ],
@@ -186,7 +203,8 @@ def model_summary(model: ModelEntry, healthy: dict[str, int]) -> pb2.ModelSummar
     return pb2.ModelSummary(
         name=model.name, default_version=model.default_version.version, context_window=model.context_window,
         versions=[pb2.VersionSummary(version=v.version, weight_permille=v.weight_permille,
-                                     healthy_replicas=healthy.get(v.version, 0)) for v in model.versions],
+                                     healthy_replicas=healthy.get(v.version, 0),
+                                     default_sampling=sampling_to_proto(v.default_sampling)) for v in model.versions],
     )
 
 

@@ -1,8 +1,9 @@
 """The model registry: models → versions → replicas, traffic split in per-mille, canary state, audit log.
 
-Rules: the first version registered for a model is its stable version with all the traffic; later
-versions join with weight 0 until `set_split` or `promote`. `rollback` sends all traffic back to the
-stable version and records an audit event. Everything is persisted in the router store (SQLite or
+Each version may carry default sampling (`sampling_defaults.py`), kept when the version is registered
+again without any. Rules: the first version registered for a model is its stable version with all the
+traffic; later versions join with weight 0 until `set_split` or `promote`. `rollback` sends all
+traffic back to the stable version and records an audit event. Everything is persisted in the router store (SQLite or
 PostgreSQL, services/router/store); the models are held in memory, so routing never reads the database,
 and a change made on another router is seen here within the store's `poll_s` (its `on_change` callbacks
 run for it as for a local change).
@@ -19,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from services.common.errors import FailedPrecondition, InvalidInput, NotFound
+from services.common.generation import Sampling
+from services.router import sampling_defaults
 from services.router.store import Row, Store, Tx, open_store
 from services.router.store.migrations import REGISTRY
 
@@ -41,6 +44,8 @@ class VersionEntry:
     weight_permille: int = 0
     stable: bool = False
     canary: CanaryPolicy = field(default_factory=CanaryPolicy)
+    # Sampling for the fields a request leaves unset (only the defaultable ones are set).
+    default_sampling: Sampling = field(default_factory=Sampling)
 
 
 @dataclass(frozen=True)
@@ -192,7 +197,10 @@ class Registry:
         canary: CanaryPolicy | None = None,
         context_window: int = 0,
         actor: str = "admin",
+        default_sampling: Sampling | None = None,
     ) -> ModelEntry:
+        """Add a version, or update a registered one's replicas and canary policy (and its default sampling
+        when given; None keeps the version's own, none for a new version)."""
         if not _NAME.match(name) or "@" in name:
             raise InvalidInput("model name must be 1-128 letters, digits, '_', '.', ':' or '-'", field="model")
         if not _NAME.match(version):
@@ -202,19 +210,23 @@ class Registry:
         for address in replicas:
             if not _ADDRESS.match(address):
                 raise InvalidInput(f"replica address {address!r} is not host:port", field="replicas")
+        if default_sampling is not None:
+            sampling_defaults.check_defaults(default_sampling)
+        new_defaults = default_sampling or Sampling()
         existing = self._models.get(name)
         policy = canary or CanaryPolicy()
         if existing is None:
-            entry = VersionEntry(version, tuple(replicas), 1000, True, policy)
+            entry = VersionEntry(version, tuple(replicas), 1000, True, policy, new_defaults)
             model = ModelEntry(name, (entry,), tuple(fallback_models), context_window)
         else:
             versions = list(existing.versions)
             for index, current in enumerate(versions):
                 if current.version == version:
-                    versions[index] = replace(current, replicas=tuple(replicas), canary=policy)
+                    versions[index] = replace(current, replicas=tuple(replicas), canary=policy,
+                                              default_sampling=default_sampling or current.default_sampling)
                     break
             else:
-                versions.append(VersionEntry(version, tuple(replicas), 0, False, policy))
+                versions.append(VersionEntry(version, tuple(replicas), 0, False, policy, new_defaults))
             model = replace(
                 existing,
                 versions=tuple(versions),
@@ -222,7 +234,10 @@ class Registry:
                 context_window=context_window or existing.context_window,
             )
         self._save(model)
-        self.audit(actor, "model.register", f"model/{name}@{version}", {"replicas": list(replicas)})
+        details: dict[str, object] = {"replicas": list(replicas)}
+        if default_sampling is not None:
+            details["default_sampling"] = sampling_defaults.as_dict(default_sampling)
+        self.audit(actor, "model.register", f"model/{name}@{version}", details)
         return model
 
     def set_context_window(self, name: str, context_window: int) -> None:
@@ -317,6 +332,7 @@ def _encode(model: ModelEntry) -> str:
                     "weight_permille": v.weight_permille,
                     "stable": v.stable,
                     "canary": v.canary.__dict__,
+                    "default_sampling": sampling_defaults.as_dict(v.default_sampling),
                 }
                 for v in model.versions
             ],
@@ -328,7 +344,8 @@ def _decode(text: str) -> ModelEntry:
     data = json.loads(text)
     versions = tuple(
         VersionEntry(
-            v["version"], tuple(v["replicas"]), v["weight_permille"], v["stable"], CanaryPolicy(**v["canary"])
+            v["version"], tuple(v["replicas"]), v["weight_permille"], v["stable"], CanaryPolicy(**v["canary"]),
+            Sampling(**v.get("default_sampling", {})),
         )
         for v in data["versions"]
     )

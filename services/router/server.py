@@ -59,7 +59,7 @@ async def build_server(config: RouterConfig) -> RunningServer:
     http = None
     try:
         if config.http_port:  # bound before gRPC reports SERVING, so a ready router answers both
-            http = await start_http(build_app(app, HttpSettings(max_body_bytes=max(HttpSettings.max_body_bytes, config.max_request_bytes + RECEIVE_HEADROOM))), config.http_host or config.server.host, config.http_port,
+            http = await start_http(build_app(app, HttpSettings(max_body_bytes=max(HttpSettings.max_body_bytes, config.max_request_bytes + RECEIVE_HEADROOM), body_timeout_s=config.http_body_timeout_s)), config.http_host or config.server.host, config.http_port,
                                     config.http_tls_cert, config.http_tls_key, config.server.shutdown_grace_s)
         running = await start_server("router", register, host=config.server.host, port=config.server.port,
                                      options=server_options(config), wrap=auth_wrapper(RPC_AUTH, app.authenticator))

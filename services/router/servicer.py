@@ -172,6 +172,7 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         model = await self._admin.register(
             request.model, request.version, tuple(r.address for r in request.replicas),
             tuple(request.fallback_models), convert.canary_policy(request.canary_policy),
+            convert.default_sampling(request),
         )
         return admin_pb2.RegisterModelVersionResponse(model=self._record(self._admin.get_model(model.name)))
 

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API as its users meet it: the official `openai` package (sync and async)
 against the whole mesh that `autoglm up` starts (HTTPS with the mesh CA, the real model), with curl-like
-raw requests where the wire itself is the point, the same request over gRPC for parity, and billing's
-ledger for the usage events."""
+raw requests where the wire itself is the point, the same request over gRPC for parity, the gRPC
+path's cache, limit, budget and canary scenarios over HTTP, billing's ledger for the usage events, and
+the replica's /metrics for when a hung-up stream's sequence ends."""
 
 from __future__ import annotations
 
@@ -15,15 +16,18 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+import yaml
 
 from autoglm.billing.v1 import billing_service_pb2, billing_service_pb2_grpc
 from autoglm.common.v1 import generation_pb2, money_pb2
 from autoglm.router.v1 import admin_service_pb2, admin_service_pb2_grpc, router_service_pb2, router_service_pb2_grpc
 from services.cli.endpoint import billing_token, load_endpoint, operator_channel
+from services.common.ports import free_ports
 from tests.conftest import ROOT
 from tests.e2e.mesh_client import MODEL, Totals, create_key, router_channel, usage_totals
 from tests.e2e.mesh_process import Mesh, start_mesh, stop_mesh
 from tests.settlement import settled_usage
+from tests.waiting import wait_until
 
 QUESTION = "What is the capital of France? Answer in one word."
 
@@ -31,7 +35,9 @@ QUESTION = "What is the capital of France? Answer in one word."
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     started: list[subprocess.Popen[bytes]] = []
-    running = start_mesh(tmp_path_factory.mktemp("mesh"), started)
+    # The replica's /metrics on, to see when it ends a sequence and how many tokens it generated.
+    running = start_mesh(tmp_path_factory.mktemp("mesh"), started,
+                         extra_config={"inference": {"metrics_port": free_ports(1)[0]}})
     try:
         yield running
     finally:
@@ -115,6 +121,9 @@ def test_models_list_and_retrieve(mesh: Mesh) -> None:
     assert MODEL in [m.id for m in models.data]
     card = client.models.retrieve(MODEL)
     assert card.id == MODEL and (card.model_extra or {})["versions"][0]["healthy_replicas"] >= 1
+    # The default sampling `autoglm up` seeds for the bundled model (what unset fields get).
+    assert card.model_extra["versions"][0]["default_sampling"] == {
+        "temperature": 0.2, "top_p": 0.9, "top_k": None, "repetition_penalty": 1.1}
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("no-such-model")
     assert missing.value.code == "model_not_found"
@@ -274,3 +283,93 @@ def test_the_python_example_answers_and_streams(mesh: Mesh) -> None:
                           "SSL_CERT_FILE": mesh.ca_cert})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() and "completion tokens" in result.stderr and "streamed:" in result.stderr
+
+
+async def register_parity_model(mesh: Mesh, name: str) -> None:
+    """`name` with versions v1 and v2 on the bundled model's replica, and a price whose cached rate is 0."""
+    token = (mesh.data_dir / "router" / "admin_token").read_text().strip()
+    metadata = (("authorization", f"Bearer {token}"),)
+    async with router_channel(mesh) as channel:
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        bundled = (await admin.GetModel(admin_service_pb2.GetModelRequest(model=MODEL), metadata=metadata,
+                                        timeout=10)).model
+        for version in ("v1", "v2"):
+            await admin.RegisterModelVersion(admin_service_pb2.RegisterModelVersionRequest(
+                model=name, version=version, replicas=bundled.versions[0].replicas), metadata=metadata, timeout=30)
+        await admin.SetTrafficSplit(admin_service_pb2.SetTrafficSplitRequest(model=name, weights=[
+            admin_service_pb2.VersionWeight(version="v1", weight_permille=700),
+            admin_service_pb2.VersionWeight(version="v2", weight_permille=300)]), metadata=metadata, timeout=10)
+    billing = load_endpoint(mesh.data_dir).billing
+    usd = "USD"
+    async with operator_channel(billing, billing_token(mesh.data_dir)) as channel:
+        await billing_service_pb2_grpc.BillingServiceStub(channel).CreatePrice(billing_service_pb2.CreatePriceRequest(
+            price=billing_service_pb2.Price(
+                model=name, input_per_million=money_pb2.Money(currency_code=usd, micros=50_000),
+                output_per_million=money_pb2.Money(currency_code=usd, micros=100_000),
+                cached_per_million=money_pb2.Money(currency_code=usd, micros=0)), actor="test"), timeout=10)
+
+
+async def test_a_cached_answer_over_http_says_so_costs_nothing_and_is_one_ledger_event(mesh: Mesh) -> None:
+    await register_parity_model(mesh, "http-cache")
+    key = await create_key(mesh, "http-cache")
+    client = sdk(mesh, key)
+    asked = {"model": "http-cache@v1", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8,
+             "temperature": 0}
+    first, second = (client.chat.completions.create(**asked) for _ in range(2))  # type: ignore[call-overload]
+    assert first.usage is not None and second.usage is not None
+    assert (first.usage.model_extra or {})["cached"] is False and first.usage.model_extra["cost"]["micros"] > 0
+    assert (second.usage.model_extra or {})["cached"] is True and second.usage.model_extra["cost"]["micros"] == 0
+    assert second.choices[0].message.content == first.choices[0].message.content
+    assert (second.usage.prompt_tokens, second.usage.completion_tokens) == (
+        first.usage.prompt_tokens, first.usage.completion_tokens)
+    totals = await settled(mesh, "http-cache", 2)
+    assert totals.requests == 2 and totals.by_status == {"completed": 2}
+
+
+async def test_a_canary_split_routes_http_requests_by_weight(mesh: Mesh) -> None:
+    await register_parity_model(mesh, "http-canary")
+    client = sdk(mesh, demo_key(mesh))
+    versions = [(client.completions.create(model="http-canary", prompt=f"Count to {i}.", max_tokens=1,
+                                           temperature=0).model_extra or {})["model_version"] for i in range(60)]
+    # 300 per-mille to v2: 60 draws land 18 on average; below 6 or above 32 has odds under 1 in 10,000.
+    assert set(versions) == {"v1", "v2"} and 6 <= versions.count("v2") <= 32, versions
+
+
+def replica_metrics(mesh: Mesh) -> dict[str, float]:
+    """The inference replica's engine gauges and counters, by name without the `autoglm_inference_` prefix."""
+    doc = yaml.safe_load(mesh.config.read_text())
+    text = httpx.get(f"http://127.0.0.1:{doc['inference']['metrics_port']}/metrics", timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("autoglm_inference_") and "{" in line:
+            name, value = line.split("{")[0].removeprefix("autoglm_inference_"), line.rsplit(" ", 1)[1]
+            values[name] = float(value)
+    return values
+
+
+async def test_a_client_closing_after_5_chunks_stops_its_sequence_within_one_step_billed_as_cancelled(
+        mesh: Mesh) -> None:
+    key = await create_key(mesh, "http-hangup")
+    before = replica_metrics(mesh)
+    with sdk(mesh, key).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Tell a long story about the sea."}], max_tokens=400,
+            temperature=0, stream=True, extra_body={"cache_policy": "bypass"}) as stream:
+        received = 0
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received += 1
+            if received == 5:
+                break
+
+    def ended() -> dict[str, float] | None:
+        now = replica_metrics(mesh)
+        done = now["active_sequences"] == 0 and now["cancelled_total"] == before["cancelled_total"] + 1
+        return now if done else None
+
+    after = await wait_until(ended, 30, "the replica ends the hung-up sequence")
+    generated = after["tokens_generated_total"] - before["tokens_generated_total"]
+    totals = await settled(mesh, "http-hangup", 1)
+    assert totals.by_status == {"cancelled": 1}
+    billed = totals.completion_tokens
+    # The tokens billed are those the router received; the replica generated at most one decode step more.
+    assert 5 <= billed <= generated <= billed + 1, (billed, generated)

@@ -18,6 +18,7 @@ from services.router.contexts import ContextStore, fit_to_window
 from services.router.policy import Policy, PolicyStore
 from services.router.ports import InferencePort, UsageRecord
 from services.router.registry import ModelEntry, Registry, VersionEntry, split_model
+from services.router.sampling_defaults import apply_defaults
 from services.router.types import (
     CachePolicy,
     GenerationRequest,
@@ -171,7 +172,7 @@ class Planner:
             raise InvalidInput("context_id needs chat messages; it cannot be combined with raw_prompt",
                                field="context_id")
         prompt, new_turn = one_of(req.prompt, req.messages, req.raw_prompt)
-        sampling = req.sampling
+        sampling = apply_defaults(req.sampling, version.default_sampling)  # the version's, for unset fields
         if sampling.max_tokens is not None and sampling.max_tokens < 1:
             raise InvalidInput("sampling.max_tokens must be >= 1", field="sampling.max_tokens")
         policy = self._policies.for_tenant(principal.tenant_id)

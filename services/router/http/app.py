@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from services.common.errors import DomainError
 from services.router.http import errors
 from services.router.http.deps import Backend, backend
-from services.router.http.middleware import BodyLimit, RequestIds
+from services.router.http.middleware import BodyLimit, BodyTimeout, RequestIds
 from services.router.http.openai import chat, completions, models
 
 
@@ -27,6 +27,8 @@ class HttpSettings:
     title: str = "Open-AutoGLM OpenAI-compatible API"
     # Request bodies larger than this are refused with 413 before they are parsed.
     max_body_bytes: int = 4 * 1024 * 1024
+    # A body not received in full this long after its request began is refused with 408.
+    body_timeout_s: float = 30.0
 
 
 def build_app(parts: Backend, settings: HttpSettings | None = None) -> FastAPI:
@@ -43,6 +45,7 @@ def build_app(parts: Backend, settings: HttpSettings | None = None) -> FastAPI:
     app.add_exception_handler(HTTPException, errors.on_http_exception)
     app.add_exception_handler(Exception, errors.on_unexpected)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)
     app.add_middleware(RequestIds)  # outermost: every answer carries the ids
 
     @app.get("/health", include_in_schema=False)

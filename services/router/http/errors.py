@@ -87,6 +87,10 @@ def validation_parts(exc: RequestValidationError) -> tuple[int, dict[str, Any]]:
     return 400, error_body(message, "invalid_request_error", code, param)
 
 
+# OpenAI-style codes of the framework's own refusals (the body limits).
+HTTP_CODES = {408: "request_timeout", 413: "request_too_large"}
+
+
 def _dumps(body: dict[str, Any]) -> bytes:
     return json.dumps(body, ensure_ascii=False).encode()
 
@@ -108,10 +112,13 @@ async def on_http_exception(request: Request, exc: Exception) -> JSONResponse:
         message = f"no such endpoint: {request.method} {request.url.path}"
     elif exc.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"
+    elif exc.status_code == 400 and exc.detail == "There was an error parsing the body":  # FastAPI's own
+        message = "the request body could not be read as JSON (it is not UTF-8, or nested too deeply)"
+        return JSONResponse(error_body(message, "invalid_request_error", REASON_CODES["MALFORMED_REQUEST"], None), 400)
     else:
         message = str(exc.detail)
-    return JSONResponse(error_body(message, "invalid_request_error", None, None), exc.status_code,
-                        dict(exc.headers or {}))
+    return JSONResponse(error_body(message, "invalid_request_error", HTTP_CODES.get(exc.status_code), None),
+                        exc.status_code, dict(exc.headers or {}))
 
 
 async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

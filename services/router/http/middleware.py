@@ -3,10 +3,13 @@
 `traceparent` is continued when the caller sends one (else a trace starts here), `x-request-id` is kept
 when sent (else made); both go back as response headers and into every log line and the request's
 usage event, as on the gRPC side. An `http` log line records method, path, status and duration.
+`BodyLimit` refuses bodies over the size limit (413) and `BodyTimeout` bodies that do not arrive in full
+in time (408, the connection closed), so neither a huge nor a trickling client holds the router.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -105,3 +108,37 @@ class BodyLimit:
             await self.app(scope, counted, send)
             return
         await self.app(scope, receive, send)
+
+
+class BodyTimeout:
+    """A request body that has not arrived in full `timeout_s` after the request began is answered 408
+    (an OpenAI error body, `connection: close`), however slowly its bytes trickle in. Once the body is
+    complete, waiting on the connection (for the client's disconnect) is not limited."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        complete = False
+
+        async def timed() -> Message:
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise HTTPException(408, f"the request body did not arrive in full within {self.timeout_s:g} "
+                                         "seconds; send the whole body at once", {"connection": "close"}) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                complete = True
+            return message
+
+        await self.app(scope, timed, send)

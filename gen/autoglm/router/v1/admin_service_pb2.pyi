@@ -113,18 +113,20 @@ class CanaryPolicy(_message.Message):
     def __init__(self, max_error_permille: _Optional[int] = ..., max_p99_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., min_requests: _Optional[int] = ...) -> None: ...
 
 class RegisterModelVersionRequest(_message.Message):
-    __slots__ = ("model", "version", "replicas", "fallback_models", "canary_policy")
+    __slots__ = ("model", "version", "replicas", "fallback_models", "canary_policy", "default_sampling")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_MODELS_FIELD_NUMBER: _ClassVar[int]
     CANARY_POLICY_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_SAMPLING_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     replicas: _containers.RepeatedCompositeFieldContainer[Replica]
     fallback_models: _containers.RepeatedScalarFieldContainer[str]
     canary_policy: CanaryPolicy
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., fallback_models: _Optional[_Iterable[str]] = ..., canary_policy: _Optional[_Union[CanaryPolicy, _Mapping]] = ...) -> None: ...
+    default_sampling: _generation_pb2.SamplingParams
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., fallback_models: _Optional[_Iterable[str]] = ..., canary_policy: _Optional[_Union[CanaryPolicy, _Mapping]] = ..., default_sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class RegisterModelVersionResponse(_message.Message):
     __slots__ = ("model",)
@@ -195,20 +197,22 @@ class GetModelResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelRecord, _Mapping]] = ...) -> None: ...
 
 class VersionRecord(_message.Message):
-    __slots__ = ("version", "replicas", "weight_permille", "healthy_replicas", "canary_policy", "stable")
+    __slots__ = ("version", "replicas", "weight_permille", "healthy_replicas", "canary_policy", "stable", "default_sampling")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_PERMILLE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     CANARY_POLICY_FIELD_NUMBER: _ClassVar[int]
     STABLE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_SAMPLING_FIELD_NUMBER: _ClassVar[int]
     version: str
     replicas: _containers.RepeatedCompositeFieldContainer[Replica]
     weight_permille: int
     healthy_replicas: int
     canary_policy: CanaryPolicy
     stable: bool
-    def __init__(self, version: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., weight_permille: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., canary_policy: _Optional[_Union[CanaryPolicy, _Mapping]] = ..., stable: _Optional[bool] = ...) -> None: ...
+    default_sampling: _generation_pb2.SamplingParams
+    def __init__(self, version: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., weight_permille: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., canary_policy: _Optional[_Union[CanaryPolicy, _Mapping]] = ..., stable: _Optional[bool] = ..., default_sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class ModelRecord(_message.Message):
     __slots__ = ("name", "versions", "fallback_models", "context_window")

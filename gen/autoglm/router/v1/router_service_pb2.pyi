@@ -303,14 +303,16 @@ class ModelSummary(_message.Message):
     def __init__(self, name: _Optional[str] = ..., default_version: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionSummary, _Mapping]]] = ..., context_window: _Optional[int] = ...) -> None: ...
 
 class VersionSummary(_message.Message):
-    __slots__ = ("version", "weight_permille", "healthy_replicas")
+    __slots__ = ("version", "weight_permille", "healthy_replicas", "default_sampling")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_PERMILLE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_SAMPLING_FIELD_NUMBER: _ClassVar[int]
     version: str
     weight_permille: int
     healthy_replicas: int
-    def __init__(self, version: _Optional[str] = ..., weight_permille: _Optional[int] = ..., healthy_replicas: _Optional[int] = ...) -> None: ...
+    default_sampling: _generation_pb2.SamplingParams
+    def __init__(self, version: _Optional[str] = ..., weight_permille: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., default_sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class BatchItem(_message.Message):
     __slots__ = ("custom_id", "prompt", "messages", "sampling")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.errors import Unavailable
+from services.router import sampling_defaults
 from services.router.http import sse
 from services.router.http.errors import error_event
 from services.router.http.openai.protocol import (
@@ -20,6 +21,7 @@ from services.router.http.openai.protocol import (
     CompletionChoice,
     CompletionRequest,
     Cost,
+    DefaultSampling,
     FinishReasonName,
     ModelCard,
     ModelVersionCard,
@@ -90,7 +92,8 @@ def usage_info(summaries: Sequence[Summary]) -> UsageInfo:
     completion = sum(s.usage.completion_tokens for s in summaries)
     currency = summaries[0].cost.currency_code if summaries else "USD"
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                     cost=Cost(currency=currency, micros=sum(s.cost.micros for s in summaries)))
+                     cost=Cost(currency=currency, micros=sum(s.cost.micros for s in summaries)),
+                     cached=bool(summaries) and all(s.usage.cached for s in summaries))
 
 
 @dataclass
@@ -200,5 +203,8 @@ def model_card(model: ModelEntry, healthy: dict[str, int], created: int) -> Mode
         id=model.name, created=created, context_window=model.context_window,
         default_version=model.default_version.version,
         versions=[ModelVersionCard(version=v.version, weight_permille=v.weight_permille, stable=v.stable,
-                                   healthy_replicas=healthy.get(v.version, 0)) for v in model.versions],
+                                   healthy_replicas=healthy.get(v.version, 0),
+                                   default_sampling=DefaultSampling.model_validate(
+                                       sampling_defaults.as_dict(v.default_sampling)))
+                  for v in model.versions],
     )

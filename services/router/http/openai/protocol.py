@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_N = 4
@@ -72,8 +72,32 @@ class ChatMessage(WireModel):
         return "".join(texts)
 
 
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """The path of the first string holding a lone UTF-16 surrogate (JSON's "\\ud800", or the CESU bytes
+    Python's JSON decoder lets through): text no model, tokenizer or protobuf can carry."""
+    if isinstance(value, str):
+        return path if any("\ud800" <= ch <= "\udfff" for ch in value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and _lone_surrogate(key, path) is not None:
+            return path or "body"
+        found = _lone_surrogate(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key)
+        if found is not None:
+            return found
+    return None
+
+
 class SamplingFields(WireModel):
     """Fields chat completions and completions share."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _lone_surrogate(data, "")
+        if where is not None:
+            raise _invalid(f"{where} is not valid Unicode text (it holds a lone surrogate such as \\ud800); "
+                           "send UTF-8 text")
+        return data
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -264,6 +288,7 @@ class UsageInfo(BaseModel):
     completion_tokens: int
     total_tokens: int
     cost: Cost  # extension: what the request cost, in integer micro-units of `currency`
+    cached: bool = False  # extension: answered from the response cache (as gRPC's Usage.cached)
 
 
 FinishReasonName = Literal["stop", "length"]
@@ -327,11 +352,22 @@ class Completion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class DefaultSampling(BaseModel):
+    """What a request to this version gets for each of these fields it leaves unset (null: no default;
+    an explicit temperature 0 stays greedy)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+
+
 class ModelVersionCard(BaseModel):
     version: str
     weight_permille: int
     stable: bool
     healthy_replicas: int
+    default_sampling: DefaultSampling
 
 
 class ModelCard(BaseModel):

@@ -20,13 +20,16 @@ from services.router.types import (
     Money,
     Principal,
     RequestContext,
+    Sampling,
     Summary,
     Usage,
 )
 
 KEY = "agk_test_secret"
 PRINCIPAL = Principal(tenant_id="acme", key_id="k1")
-MODEL = ModelEntry("tiny", (VersionEntry("v1", ("127.0.0.1:1",), 1000, True),), context_window=2048)
+MODEL = ModelEntry("tiny", (VersionEntry("v1", ("127.0.0.1:1",), 1000, True,
+                                        default_sampling=Sampling(temperature=0.2, top_p=0.9)),),
+                   context_window=2048)
 
 
 class FakeAuthenticator:

@@ -58,3 +58,13 @@ def test_random_json_never_gets_a_500(body: object, path: str) -> None:
 @given(content=st.binary(max_size=64), path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
 def test_random_bytes_never_get_a_500(content: bytes, path: str) -> None:
     check(ask(path, content))
+
+
+def test_text_that_is_not_unicode_is_a_400_naming_where() -> None:
+    for content in (b'{"model": "tiny", "messages": [{"role": "user", "content": "\xed\xa0\x80"}]}',  # CESU bytes
+                    b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\udc00"}]}'):  # escaped
+        answer = ask("/v1/chat/completions", content)
+        check(answer)
+        assert answer.status_code == 400 and "messages[0].content is not valid Unicode" in answer.json()["error"]["message"]
+    answer = ask("/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe"}')
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json"

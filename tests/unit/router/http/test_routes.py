@@ -41,7 +41,7 @@ async def test_chat_completion_wire_format(client: httpx.AsyncClient) -> None:
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello world"},
                                 "finish_reason": "stop", "logprobs": None}]
     assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4,
-                             "cost": {"currency": "USD", "micros": 20}}
+                             "cost": {"currency": "USD", "micros": 20}, "cached": False}
     assert (body["model"], body["model_version"]) == ("tiny", "v1")
 
 
@@ -91,7 +91,9 @@ async def test_models_list_and_get(client: httpx.AsyncClient) -> None:
     listed = (await client.get("/v1/models", headers=AUTH)).json()
     assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == ["tiny"]
     card = (await client.get("/v1/models/tiny", headers=AUTH)).json()
-    assert card["versions"] == [{"version": "v1", "weight_permille": 1000, "stable": True, "healthy_replicas": 1}]
+    assert card["versions"] == [{"version": "v1", "weight_permille": 1000, "stable": True, "healthy_replicas": 1,
+                                 "default_sampling": {"temperature": 0.2, "top_p": 0.9, "top_k": None,
+                                                      "repetition_penalty": None}}]
     missing = await client.get("/v1/models/absent", headers=AUTH)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 

@@ -54,7 +54,7 @@ async def test_chat_stream_transcript_with_usage() -> None:
         chunk({}, "length", "v7"),
         {**base, "model_version": "v7", "choices": [],
          "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
-                   "cost": {"currency": "USD", "micros": 42}}},
+                   "cost": {"currency": "USD", "micros": 42}, "cached": False}},
         "[DONE]",
     ]
 
