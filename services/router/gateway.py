@@ -30,6 +30,7 @@ from services.router.limits.token_bucket import Admission, RateLimiter
 from services.router.metering import Meter
 from services.router.policy import Policy, PolicyStore
 from services.router.ports import Hold, HoldRequest, InferenceCall, InferencePort, UsageRecord
+from services.router.prompt_tokens import PromptTokens
 from services.router.registry import ModelEntry, Registry, VersionEntry, split_model
 from services.router.retry import RetryBudget, RetrySettings, backoff_delay
 from services.router.single_flight import SingleFlight
@@ -152,7 +153,9 @@ class Gateway:
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: random.Random | None = None,
+        prompt_tokens: PromptTokens | None = None,
     ) -> None:
+        self.prompt_tokens = prompt_tokens or PromptTokens(prompt_token_bound)
         self.registry = registry
         self.balancer = balancer
         self.inference = inference
@@ -224,7 +227,7 @@ class Gateway:
         messages = history + new_turn
         size += _chars("", history)
         exact: int | None = None
-        bound = await offload.sized(size, prompt_token_bound, prompt, messages, req.raw_prompt)
+        bound = await self.prompt_tokens.bound(model.name, version.version, size, prompt, messages, req.raw_prompt)
         if req.context_id or policy.max_prompt_tokens or (window and bound + max_tokens > window):
             if req.raw_prompt:
                 exact, _ = await self._count(version, prompt, ())
