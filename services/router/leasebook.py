@@ -111,7 +111,8 @@ class LeaseBook:
         return tenant_id, api_key_id, tuple(sorted(tags.items()))
 
     def admit(self, tenant_id: str, api_key_id: str, tags: dict[str, str], traffic: TrafficClass,
-              worst_micros: int, worst_tokens: int) -> Admitted | None:
+              worst_micros: int | None, worst_tokens: int) -> Admitted | None:
+        """`worst_micros` None: the money cost is not known here (no price yet): only token leases can admit."""
         key = self.key(tenant_id, api_key_id, tags)
         now = self.clock()
         caller = self._callers.get(key)
@@ -127,10 +128,11 @@ class LeaseBook:
             self._want(caller)
             return None
         taken: list[tuple[_Lease, int]] = []
+        worst: int | None
         for lease in leases:
             assert lease is not None
             worst = worst_tokens if lease.in_tokens else worst_micros
-            if lease.expire_at - now < self.min_lifetime_s or _refuses(lease.level, traffic) or \
+            if worst is None or lease.expire_at - now < self.min_lifetime_s or _refuses(lease.level, traffic) or \
                     lease.consumed + worst > lease.granted:
                 self._want(caller)
                 return None
@@ -139,7 +141,7 @@ class LeaseBook:
             lease.consumed += worst
             if lease.granted - lease.consumed < lease.last_grant * self.low_water:
                 self._want(caller)
-        return Admitted(key, tuple(lease.lease_id for lease, _ in taken), worst_micros, worst_tokens)
+        return Admitted(key, tuple(lease.lease_id for lease, _ in taken), worst_micros or 0, worst_tokens)
 
     def finish(self, admitted: Admitted, actual_micros: int, actual_tokens: int) -> None:
         """The request ended: it consumed its actual cost, not its worst case (never more than that)."""
