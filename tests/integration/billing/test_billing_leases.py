@@ -176,6 +176,15 @@ async def test_lease_calls_with_bad_input_name_the_field(billing) -> None:
         (lease,) = (await stub.AcquireLeases(acquire("a"))).leases
         with pytest.raises(grpc.aio.AioRpcError) as foreign:
             await stub.ReturnLease(pb2.ReturnLeaseRequest(lease_id=lease.lease_id, router_id="b"))
+        with pytest.raises(grpc.aio.AioRpcError) as negative:
+            await stub.AcquireLeases(acquire("a", {lease.lease_id: -1}))
+        await stub.CreatePrice(price_request())
+        with pytest.raises(grpc.aio.AioRpcError) as too_many:
+            await stub.RecordUsage(pb2.RecordUsageRequest(event=usage("e1", lease_ids=[f"l{i}" for i in range(17)])))
+        unknown_lease = await stub.RecordUsage(pb2.RecordUsageRequest(event=usage("e2", lease_ids=["nope"])))
+    assert negative.value.code() == too_many.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "consumed" in (negative.value.details() or "") and "lease_ids" in (too_many.value.details() or "")
+    assert not unknown_lease.duplicate  # recorded; the unknown lease is ignored
     assert no_router.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "router_id" in (no_router.value.details() or "")
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
