@@ -1,6 +1,7 @@
 """Router leases over real gRPC, on SQLite and PostgreSQL: grants never pass the limit with every other
 lease, hold and spend counted; events against a lease move its room to spend exactly; returned and
-expired leases give their room back; Reserve counts other routers' leases."""
+expired leases give their room back; Reserve counts other routers' leases; two billing processes on one
+PostgreSQL never lease the same room twice."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from tests.integration.billing.helpers import (
     tenant_budget,
     usage,
 )
+from tests.integration.billing.procs import operator_token, start_billing, wait_port
 
 HOLD = expected_cost(100, 100)  # the worst case of one request: 100 prompt + 100 completion tokens
 LIMIT = 100 * HOLD
@@ -189,3 +191,25 @@ async def test_lease_calls_with_bad_input_name_the_field(billing) -> None:
     assert "router_id" in (no_router.value.details() or "")
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
     assert foreign.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_routers_on_two_billing_processes_sharing_postgres_cannot_be_leased_the_same_room(
+        postgres, tmp_path: Path, processes) -> None:
+    dsn = postgres.create_database()
+    first = start_billing(dsn, tmp_path, "a")
+    processes.append(first[0])
+    address_a = wait_port(*first)  # the first one migrates the schema
+    second = start_billing(dsn, tmp_path, "b")
+    processes.append(second[0])
+    address_b = wait_port(*second)
+    token = operator_token(tmp_path)
+    async with operator(address_a, token) as chan_a, operator(address_b, token) as chan_b:
+        stubs = [pb2_grpc.BillingServiceStub(chan_a), pb2_grpc.BillingServiceStub(chan_b)]
+        await stubs[0].CreatePrice(price_request())
+        budget_id = (await stubs[1].CreateBudget(tenant_budget("acme", micros=LIMIT))).budget.budget_id
+        spent = await asyncio.gather(*(_router(stubs[n % 2], f"router-{n}", rounds=6) for n in range(12)),
+                                     *(_reserve_and_settle(stubs[i % 2], i) for i in range(60)))
+        state = await _status(stubs[0], budget_id)
+    assert state.spent_amount.micros == sum(spent) <= LIMIT
+    assert state.held_amount.micros == 0 and state.leased_amount.micros == 0
+    assert state.spent_amount.micros >= LIMIT - 13 * HOLD
