@@ -3,7 +3,8 @@
 Levels come from spend alone (holds are not spend). The verdict, for HARD budgets only (SOFT budgets only
 alert):
 - CheckBudget answers with the level policy only (what may start: batch jobs pause at CRITICAL);
-- a hold is refused when spend + open holds + the hold would pass the limit (every traffic class);
+- a hold is refused when spend + open holds + routers' outstanding leases (`leases`) + the hold would pass
+  the limit (every traffic class);
 - at CRITICAL (>= 100 % by default) BATCH traffic is refused; at EMERGENCY (>= 120 %) everything but CORE.
 Callers that do not name a traffic class count as INTERACTIVE.
 
@@ -42,6 +43,8 @@ from services.billing.store.base import Tx
 from services.common.errors import FailedPrecondition, NotFound
 
 OPEN, SETTLED, RELEASED = 0, 1, 2
+LEASE_OPEN, LEASE_RETURNED = 0, 1
+_LEASE_ROOM = "CASE WHEN granted > used THEN granted - used ELSE 0 END"
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,13 @@ def effective_limit(tx: Tx, budget: Budget, at_us: int) -> tuple[int, int]:
     return (int(row[0]), int(row[1])) if row else auto_limit(tx, budget, at_us)
 
 
+def leased(tx: Tx, budget_id: str, now_us: int) -> int:
+    """Room of the budget's router leases that have not expired at `now_us` (see `leases`)."""
+    row = tx.one(f"SELECT COALESCE(SUM({_LEASE_ROOM}), 0) FROM leases WHERE budget_id = ? AND expire_us > ?",
+                 (budget_id, now_us))
+    return int(row[0]) if row else 0
+
+
 def state(tx: Tx, budget: Budget, at_us: int, now_us: int, *, with_holds: bool = True) -> BudgetState:
     start, end = periods.bounds(budget.period, at_us)
     book = tx.book
@@ -96,9 +106,13 @@ def state(tx: Tx, budget: Budget, at_us: int, now_us: int, *, with_holds: bool =
         held = tx.one("SELECT COALESCE(SUM(amount_micros), 0), COALESCE(SUM(tokens), 0) FROM hold_budgets"
                       " WHERE budget_id = ? AND expire_us > ?", (budget.budget_id, now_us))
         held_micros, held_tokens = (int(held[0]), int(held[1])) if held else (0, 0)
+    leased_micros = leased_tokens = 0
+    if with_holds:
+        room = leased(tx, budget.budget_id, now_us)
+        leased_micros, leased_tokens = (0, room) if budget.in_tokens else (room, 0)
     limit_micros, limit_tokens = effective_limit(tx, budget, at_us)
     return BudgetState(budget, start, end, spent_micros, spent_tokens, held_micros, held_tokens, limit_micros,
-                       limit_tokens)
+                       limit_tokens, leased_micros, leased_tokens)
 
 
 @dataclass
@@ -187,10 +201,12 @@ def reserve(tx: Tx, snap: Snapshot, req: ReserveRequest, amount: int, now_us: in
     for st in states:
         reason = _policy_denial(st, req.traffic_class)
         wanted = tokens if st.budget.in_tokens else amount
-        if not reason and st.budget.enforcement == Enforcement.HARD and st.spent + st.held + wanted > st.limit:
+        if (not reason and st.budget.enforcement == Enforcement.HARD
+                and st.spent + st.held + st.leased + wanted > st.limit):
             unit = "tokens" if st.budget.in_tokens else "micro-units"
             reason = (f"budget {st.budget.budget_id} ({st.budget.scope.describe()}) cannot cover this request: "
-                      f"spent {st.spent} + held {st.held} + requested {wanted} > limit {st.limit} {unit}")
+                      f"spent {st.spent} + held {st.held} + leased {st.leased} + requested {wanted} > limit "
+                      f"{st.limit} {unit}")
         if reason:
             audit.record(tx, now_us, actor or req.api_key_id, "spend.denied", f"budget/{st.budget.budget_id}",
                          {"reason": reason, "tenant_id": req.tenant_id, "api_key_id": req.api_key_id,

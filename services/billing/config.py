@@ -26,6 +26,15 @@ class BillingConfig:
     # Seconds an unsettled hold lives when the caller names no TTL.
     hold_ttl_s: int = 300
     max_hold_ttl_s: int = 86_400
+    # Router leases (services/billing/leases.py): a lease lives `lease_ttl_s` after its last refresh (never
+    # past its budget's period); routers refresh about every `lease_refresh_s`. A refresh aims at the
+    # router's spend rate x `lease_refresh_s`, between `lease_floor_permille` and `lease_cap_permille` of
+    # the limit; the last `lease_edge_permille` of a limit is never leased (per-request Reserve only).
+    lease_ttl_s: int = 60
+    lease_refresh_s: int = 10
+    lease_floor_permille: int = 10
+    lease_cap_permille: int = 100
+    lease_edge_permille: int = 50
     # Alert thresholds (percent of the limit) for budgets that name none.
     warning_percent: int = 80
     critical_percent: int = 100
@@ -81,6 +90,13 @@ class BillingConfig:
             raise ValueError("thresholds must satisfy 0 < warning <= critical <= emergency")
         if self.hold_ttl_s <= 0 or self.max_hold_ttl_s < self.hold_ttl_s:
             raise ValueError("hold_ttl_s must be > 0 and <= max_hold_ttl_s")
+        if not 0 < self.lease_refresh_s < self.lease_ttl_s:
+            raise ValueError("lease_refresh_s must be > 0 and below lease_ttl_s (a lease is refreshed before it "
+                             "expires)")
+        if not 0 <= self.lease_floor_permille <= self.lease_cap_permille <= 1000 or \
+                not 0 <= self.lease_edge_permille <= 1000:
+            raise ValueError("lease shares must satisfy 0 <= lease_floor_permille <= lease_cap_permille <= 1000 "
+                             "and 0 <= lease_edge_permille <= 1000")
         if self.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError("sqlite_synchronous must be FULL, EXTRA or NORMAL")
         if len(self.currency) != 3 or not self.currency.isalpha() or not self.currency.isupper():

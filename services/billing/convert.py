@@ -58,7 +58,20 @@ def event(e: pb2.UsageEvent) -> m.UsageEvent:
         status=enum(m.Status, e.status, "event.status") if e.status else m.Status.COMPLETED,
         traffic_class=enum(m.TrafficClass, e.traffic_class, "event.traffic_class"),
         quoted_price_id=e.quoted_price_id[:64],
+        lease_ids=tuple(e.lease_ids),
     )
+
+
+def lease_request(r: pb2.AcquireLeasesRequest) -> m.LeaseRequest:
+    return m.LeaseRequest(router_id=r.router_id, tenant_id=r.tenant_id, api_key_id=r.api_key_id, tags=dict(r.tags),
+                          consumed={c.lease_id: c.consumed for c in r.consumed})
+
+
+def lease_pb(lease: m.Lease) -> pb2.Lease:
+    return pb2.Lease(lease_id=lease.lease_id, budget_id=lease.budget_id,
+                     unit=pb2.LEASE_UNIT_TOKENS if lease.in_tokens else pb2.LEASE_UNIT_MICROS,
+                     granted=lease.granted, used=lease.used, expire_time=ts(lease.expire_us),
+                     refresh_seconds=lease.refresh_s, level=level_pb(lease.level))
 
 
 def reserve_request(r: pb2.ReserveRequest) -> m.ReserveRequest:
@@ -119,6 +132,7 @@ def status_pb(s: m.BudgetState, currency: str) -> pb2.BudgetStatus:
         held_amount=money(s.held_micros, currency), held_tokens=s.held_tokens,
         effective_amount=money(s.limit_micros, currency), effective_tokens=s.limit_tokens,
         utilization_permille=s.permille, level=level_pb(s.level),
+        leased_amount=money(s.leased_micros, currency), leased_tokens=s.leased_tokens,
     )
 
 

@@ -4,7 +4,8 @@ The event row and its effect on budgets are written in the same transaction, so 
 both or neither. A repeated event id returns the first result and writes nothing. Priced with the price in
 force at the event's end time, through the mesh's one price table and cost formula
 (`services.common.pricing`, which the router quotes with); a cancelled request is billed for the tokens it
-reports.
+reports. An event that names the leases it was admitted against moves its cost from their room to committed
+spend in the same commit (`leases.record_usage`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from services.billing import budgets, periods
+from services.billing import budgets, leases, periods
 from services.billing.alerts import FiredCache
 from services.billing.catalog import Catalog, Snapshot
 from services.billing.model import Alert, Budget, BudgetState, Level, Recorded, UsageEvent
@@ -111,6 +112,8 @@ class Ingester:
             except DomainError as error:
                 outcomes[index] = error
         spend = budgets.add_spend(tx, self.fired, list(deltas.values()), now_us)
+        leases.record_usage(tx, [(lease_id, frozenset(b.budget_id for b in applicable(event)), cost, event.tokens)
+                                 for event, cost in result.new for lease_id in event.lease_ids])
         result.alerts, result.states = spend.alerts, spend.states
         for event, cost in result.new:
             level = max((spend.levels[(b.budget_id, self.buckets.start(b.period, event.end_us))]

@@ -4,7 +4,8 @@
 - `autoglm_billing_events_total{result}`: usage events by result: recorded, duplicate (an id seen before:
   nothing written) or rejected (bad input, unpriced model);
 - `autoglm_billing_budget_utilization_permille{budget_id,tenant}`: spend / limit of the current period, per mille;
-- `autoglm_billing_budget_alert_level{budget_id,tenant}`: 0 none, 1 warning, 2 critical, 3 emergency.
+- `autoglm_billing_budget_alert_level{budget_id,tenant}`: 0 none, 1 warning, 2 critical, 3 emergency;
+- `autoglm_billing_lease_calls_total{op}`: router lease calls (acquire, return) that billing answered.
 
 Updated after the commit that made them true, from what the ledger already computed (no extra queries).
 """
@@ -22,6 +23,7 @@ from services.common.errors import DomainError
 SPEND = Counter("autoglm_billing_spend_micros", "Cost of recorded usage, in micro-units of the currency",
                 ["tenant", "currency"])
 EVENTS = Counter("autoglm_billing_events", "Usage events by result: recorded, duplicate or rejected", ["result"])
+LEASES = Counter("autoglm_billing_lease_calls", "Router lease calls answered: acquire or return", ["op"])
 UTILIZATION = Gauge("autoglm_billing_budget_utilization_permille",
                     "Spend of the budget's current period over its limit, per mille", ["budget_id", "tenant"])
 LEVEL = Gauge("autoglm_billing_budget_alert_level",

@@ -68,6 +68,8 @@ class UsageEvent:
     status: Status = Status.COMPLETED
     traffic_class: TrafficClass = TrafficClass.UNSPECIFIED
     quoted_price_id: str = ""  # the price the router quoted the caller with ("" = none)
+    # The leases the request was admitted against (at most one per budget).
+    lease_ids: tuple[str, ...] = ()
 
     @property
     def tokens(self) -> int:
@@ -165,6 +167,9 @@ class BudgetState:
     held_tokens: int
     limit_micros: int
     limit_tokens: int
+    # Room of every router's outstanding leases (in the budget's own unit; the other unit is 0).
+    leased_micros: int = 0
+    leased_tokens: int = 0
 
     @property
     def spent(self) -> int:
@@ -173,6 +178,10 @@ class BudgetState:
     @property
     def held(self) -> int:
         return self.held_tokens if self.budget.in_tokens else self.held_micros
+
+    @property
+    def leased(self) -> int:
+        return self.leased_tokens if self.budget.in_tokens else self.leased_micros
 
     @property
     def limit(self) -> int:
@@ -213,6 +222,28 @@ class Hold:
     amount_micros: int
     tokens: int
     expire_us: int
+    level: Level
+
+
+@dataclass(frozen=True)
+class LeaseRequest:
+    router_id: str
+    tenant_id: str
+    api_key_id: str
+    tags: dict[str, str]
+    # lease id -> what the router consumed of it (cumulative, in the lease's unit)
+    consumed: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Lease:
+    lease_id: str
+    budget_id: str
+    in_tokens: bool
+    granted: int  # cumulative room granted since the lease opened
+    used: int  # recorded against it by events naming it
+    expire_us: int
+    refresh_s: int
     level: Level
 
 

@@ -12,7 +12,7 @@ An operator is either
   the identity.
 
 The usage path the router and inference use (RecordUsage, StreamUsage, Reserve, Settle, Release,
-CheckBudget) and the read-only price table (ListPrices, which the router quotes from) stay open to every
+AcquireLeases, ReturnLease, CheckBudget) and the read-only price table (ListPrices, which the router quotes from) stay open to every
 caller the mesh policy lets through. The audit log's actor is the operator's identity; a name the caller
 gives in a request's `actor` field is kept beside it (`claimed_actor`), never in its place.
 """

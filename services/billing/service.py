@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import structlog
 
-from services.billing import admin, alerts, audit, budgets, ledger, metrics, reports
+from services.billing import admin, alerts, audit, budgets, leases, ledger, metrics, reports
 from services.billing.catalog import Catalog
 from services.billing.config import BillingConfig
 from services.billing.model import (
@@ -24,6 +24,8 @@ from services.billing.model import (
     Budget,
     BudgetState,
     Hold,
+    Lease,
+    LeaseRequest,
     Recorded,
     ReserveRequest,
     Thresholds,
@@ -61,6 +63,9 @@ class Billing:
             config.webhook_timeout_s, config.webhook_connect_timeout_s, config.webhook_max_response_bytes)
         self.default_thresholds = Thresholds(config.warning_percent, config.critical_percent,
                                              config.emergency_percent)
+        self.lease_policy = leases.LeasePolicy(config.lease_ttl_s, config.lease_refresh_s,
+                                               config.lease_floor_permille, config.lease_cap_permille,
+                                               config.lease_edge_permille)
         self.anomaly_rule = reports.AnomalyRule(config.anomaly_max_requests, config.anomaly_window_s,
                                                 config.anomaly_hourly_factor_permille)
 
@@ -172,6 +177,32 @@ class Billing:
 
         return await self.store.write(unit)
 
+    # --- leases ---------------------------------------------------------------------------------
+    async def acquire_leases(self, req: LeaseRequest) -> list[Lease]:
+        check_text(req.router_id, "router_id", required=True, limit=128)
+        check_text(req.tenant_id, "tenant_id", required=True)
+        check_tags(req.tags, "tags")
+        for lease_id, consumed in req.consumed.items():
+            check_text(lease_id, "consumed.lease_id", required=True, limit=128)
+            if consumed < 0:
+                raise InvalidInput(f"consumed of lease {lease_id} is {consumed}; it cannot be negative",
+                                   field="consumed.consumed")
+        now = self.clock()
+        granted = await self.store.write(lambda tx: leases.acquire(tx, self.catalog.current(tx), self.lease_policy,
+                                                                   req, now))
+        metrics.LEASES.labels("acquire").inc()
+        return granted
+
+    async def return_lease(self, lease_id: str, router_id: str, consumed: int) -> bool:
+        check_text(lease_id, "lease_id", required=True, limit=128)
+        check_text(router_id, "router_id", required=True, limit=128)
+        if consumed < 0:
+            raise InvalidInput(f"consumed is {consumed}; it cannot be negative", field="consumed")
+        now = self.clock()
+        returned = await self.store.write(lambda tx: leases.return_lease(tx, lease_id, router_id, consumed, now))
+        metrics.LEASES.labels("return").inc()
+        return returned
+
     async def check(self, tenant_id: str, api_key_id: str, tags: dict[str, str], traffic_class: int) -> Verdict:
         check_text(tenant_id, "tenant_id", required=True)
         check_tags(tags, "tags")
@@ -183,7 +214,11 @@ class Billing:
 
     async def purge_expired_holds(self) -> int:
         now = self.clock()
-        return await self.store.write(lambda tx: tx.execute("DELETE FROM hold_budgets WHERE expire_us <= ?", (now,)))
+        def unit(tx: Tx) -> int:
+            leases.purge_expired(tx, now)
+            return tx.execute("DELETE FROM hold_budgets WHERE expire_us <= ?", (now,))
+
+        return await self.store.write(unit)
 
     # --- prices -----------------------------------------------------------------------------------
     async def create_price(self, price: Price, actor: str, claimed: str = "") -> Price:

@@ -2,7 +2,9 @@
 
 Status codes (through the shared error table): bad input → INVALID_ARGUMENT; an unpriced model, a hold of
 another tenant, a price already in force → FAILED_PRECONDITION; unknown budget/price/hold → NOT_FOUND;
-a hard budget that cannot cover a hold → RESOURCE_EXHAUSTED with reason BUDGET_EXCEEDED. Budgets, prices
+a hard budget that cannot cover a hold → RESOURCE_EXHAUSTED with reason BUDGET_EXCEEDED; a lease returned by
+another router → FAILED_PRECONDITION, an unknown lease → NOT_FOUND (AcquireLeases never refuses: near the
+limit it grants no room). Budgets, prices
 (but the read-only ListPrices), reports, alerts and the audit log need an operator (see `operators.py`):
 none → UNAUTHENTICATED, a mesh identity that is not an operator → PERMISSION_DENIED.
 """
@@ -128,6 +130,14 @@ class BillingServicer(pb2_grpc.BillingServiceServicer):
 
     async def Release(self, request: pb2.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb2.ReleaseResponse:
         return pb2.ReleaseResponse(released=await self.billing.release(request.hold_id))
+
+    async def AcquireLeases(self, request: pb2.AcquireLeasesRequest, context: grpc.aio.ServicerContext) -> pb2.AcquireLeasesResponse:
+        leases = await self.billing.acquire_leases(convert.lease_request(request))
+        return pb2.AcquireLeasesResponse(leases=[convert.lease_pb(lease) for lease in leases])
+
+    async def ReturnLease(self, request: pb2.ReturnLeaseRequest, context: grpc.aio.ServicerContext) -> pb2.ReturnLeaseResponse:
+        return pb2.ReturnLeaseResponse(returned=await self.billing.return_lease(request.lease_id, request.router_id,
+                                                                               request.consumed))
 
     async def CheckBudget(self, request: pb2.CheckBudgetRequest, context: grpc.aio.ServicerContext) -> pb2.CheckBudgetResponse:
         verdict = await self.billing.check(request.tenant_id, request.api_key_id, dict(request.tags),

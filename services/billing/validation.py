@@ -53,6 +53,11 @@ def check_event(event: UsageEvent, now_us: int, max_future_skew_s: int, prefix: 
     check_tokens(event.prompt_tokens, f"{prefix}.prompt_tokens")
     check_tokens(event.completion_tokens, f"{prefix}.completion_tokens")
     check_tags(event.tags, f"{prefix}.tags")
+    if len(event.lease_ids) > MAX_TAGS:
+        raise InvalidInput(f"{prefix}.lease_ids has {len(event.lease_ids)} ids; at most {MAX_TAGS} (one per budget) "
+                           "are allowed", field=f"{prefix}.lease_ids")
+    for lease_id in event.lease_ids:
+        check_text(lease_id, f"{prefix}.lease_ids", required=True, limit=MAX_ID)
     if event.end_us > now_us + max_future_skew_s * 1_000_000:
         raise InvalidInput(
             f"{prefix}.end_time is {(event.end_us - now_us) // 1_000_000} s in the future; at most "

@@ -155,12 +155,16 @@ def _budget_list(args: argparse.Namespace) -> int:
                  3: f"tag {b.scope.tag_key}={b.scope.tag_value}"}.get(b.scope.kind, "?")
         tokens = bool(st.effective_tokens)
         spent = str(st.spent_tokens) if tokens else format_money(st.spent_amount.micros)
+        held = str(st.held_tokens) if tokens else format_money(st.held_amount.micros)
+        leased = str(st.leased_tokens) if tokens else format_money(st.leased_amount.micros)
         limit = str(st.effective_tokens) if tokens else format_money(st.effective_amount.micros)
         rows.append([b.budget_id, scope, pb2.PeriodKind.Name(b.period.kind).removeprefix("PERIOD_KIND_").lower(),
-                     spent, limit, f"{st.utilization_permille / 10:.1f}%",
+                     spent, held, leased, limit, f"{st.utilization_permille / 10:.1f}%",
                      pb2.AlertLevel.Name(st.level).removeprefix("ALERT_LEVEL_").replace("UNSPECIFIED", "ok"),
                      pb2.Enforcement.Name(b.enforcement).removeprefix("ENFORCEMENT_").lower()])
-    print(table(["id", "scope", "period", "spent", "limit", "used", "level", "enforcement"], rows, args.format))
+    # held: open per-request holds; leased: the unused room of routers' leases (both count against the limit)
+    print(table(["id", "scope", "period", "spent", "held", "leased", "limit", "used", "level", "enforcement"], rows,
+                args.format))
     return 0
 
 

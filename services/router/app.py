@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,6 +35,7 @@ from services.router.input_limits import InputLimits
 from services.router.jobs.runner import BatchRunner, RunnerSettings
 from services.router.jobs.service import Jobs
 from services.router.jobs.store import JobStore
+from services.router.leasebook import LeaseBook
 from services.router.limits.backends import rate_limit_backend
 from services.router.limits.token_bucket import RateLimiter
 from services.router.metering import Meter
@@ -94,9 +96,12 @@ class RouterApp:
         self.billing = GrpcBilling(config.billing_target or DEFAULT_BILLING_TARGET, timeout_s=config.billing_timeout_s)
         self.balancer = Balancer()
         self.monitor = ReplicaMonitor(self.balancer, self.inference, config.health_interval_s)
+        # A router instance's leases die with it: a fresh id at each start (the old ones expire at billing).
+        self.leases = LeaseBook(self.billing, f"router-{uuid.uuid4().hex[:16]}") if config.billing_leases else None
         self.meter = Meter(self.billing, self.spool, grace_s=config.billing_grace_s,
                            recovery_s=config.billing_recovery_s, batch_wait_s=config.batch_billing_wait_s,
-                           max_early_starts_per_tenant=config.early_starts_per_tenant, journal=self.journal)
+                           max_early_starts_per_tenant=config.early_starts_per_tenant, journal=self.journal,
+                           leases=self.leases)
         self.limiter = RateLimiter(rate_limit_backend(config.rate_limit_redis_url))
         self.gateway = Gateway(
             registry=self.registry, balancer=self.balancer, inference=self.inference, meter=self.meter,
@@ -127,6 +132,8 @@ class RouterApp:
         self.meter.recover_journal()
         self._tasks.append(asyncio.create_task(self.meter.replay_forever()))
         self._tasks.append(asyncio.create_task(self.meter.refresh_prices_forever(self.config.price_refresh_s)))
+        if self.leases is not None:
+            self._tasks.append(asyncio.create_task(self.leases.refresh_forever()))
         self._tasks.append(asyncio.create_task(self.runner.run_forever()))
         self._tasks.append(asyncio.create_task(self.purge_forever()))
 
@@ -231,6 +238,8 @@ class RouterApp:
                 await task
         if self._purging is not None:
             await asyncio.wait([self._purging])
+        if self.leases is not None:
+            await self.leases.close()
         await self.monitor.close()
         await self.inference.close()
         await self.billing.close()

@@ -1,6 +1,8 @@
-"""gRPC adapter for billing: holds, settlement, usage records and budget checks."""
+"""gRPC adapter for billing: holds, leases, settlement, usage records and budget checks."""
 
 from __future__ import annotations
+
+import time
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -11,6 +13,7 @@ from services.common.peer_errors import billing_error
 from services.common.price_convert import price_from_proto
 from services.common.pricing import Price
 from services.common.tracing import outgoing_metadata
+from services.router.leasebook import LeaseGrant
 from services.router.ports import AlertLevel, Hold, HoldRequest, UsageRecord
 from services.router.types import Money, TrafficClass
 
@@ -30,6 +33,7 @@ def usage_to_proto(usage: UsageRecord) -> pb2.UsageEvent:
         trace_id=usage.trace_id, start_time=start, end_time=end, status=int(usage.status),  # type: ignore[arg-type]
         traffic_class=int(usage.traffic_class),  # type: ignore[arg-type]
         quoted_price_id=usage.quoted_price_id,
+        lease_ids=usage.lease_ids,
     )
 
 
@@ -55,6 +59,31 @@ class GrpcBilling:
         except grpc.aio.AioRpcError as exc:
             raise billing_error(exc) from None
         return Hold(hold_id=reply.hold_id, level=AlertLevel(reply.level))
+
+    async def acquire_leases(self, router_id: str, tenant_id: str, api_key_id: str, tags: dict[str, str],
+                             consumed: dict[str, int]) -> list[LeaseGrant]:
+        try:
+            reply = await self._stub.AcquireLeases(
+                pb2.AcquireLeasesRequest(router_id=router_id, tenant_id=tenant_id, api_key_id=api_key_id, tags=tags,
+                                         consumed=[pb2.LeaseConsumption(lease_id=lease_id, consumed=c)
+                                                   for lease_id, c in consumed.items()]),
+                metadata=outgoing_metadata(), timeout=self._timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise billing_error(exc) from None
+        now = time.time()
+        return [LeaseGrant(lease.lease_id, lease.budget_id, lease.unit == pb2.LEASE_UNIT_TOKENS, lease.granted,
+                           lease.expire_time.ToMicroseconds() / 1e6 - now, float(lease.refresh_seconds),
+                           AlertLevel(lease.level)) for lease in reply.leases]
+
+    async def return_lease(self, router_id: str, lease_id: str, consumed: int) -> bool:
+        try:
+            reply = await self._stub.ReturnLease(
+                pb2.ReturnLeaseRequest(lease_id=lease_id, router_id=router_id, consumed=consumed),
+                metadata=outgoing_metadata(), timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise billing_error(exc) from None
+        return reply.returned
 
     async def settle(self, hold_id: str, usage: UsageRecord) -> Money:
         try:

@@ -23,6 +23,13 @@ knows (NOT_FOUND / FAILED_PRECONDITION) is settled by recording the event by its
 refusal spools it too (logged). A spooled event billing refuses on replay stays in the spool, deferred by
 `refused_retry_s`, instead of blocking the events behind it or being dropped.
 
+With `billing_leases` on, `reserve` first tries this router's billing leases (`leasebook.LeaseBook`): a
+request whose worst case (priced locally, with billing's price table) every applicable lease covers is
+admitted in-process, with no billing call; its usage event names those leases and is recorded directly
+(RecordUsage), and the unused part of its worst case goes back to the leases. Anything the book cannot
+decide (unknown caller or price, a lease running out or near expiry, a level that refuses the traffic)
+takes the per-request Reserve below, unchanged.
+
 `may_start_before_hold` lets the gateway overlap the hold's round trip with the start of the generation
 (prompt prefill) for tenants billing last placed below every alert threshold: nothing reaches the caller
 before the hold is granted, and a refused hold cancels the generation. At most
@@ -37,6 +44,7 @@ import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 
 import structlog
 
@@ -49,6 +57,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.pricing import PriceTable, cost_micros, micros_since_epoch
+from services.router.leasebook import LeaseBook
 from services.router.ports import AlertLevel, BillingPort, Hold, HoldRequest, UsageRecord
 from services.router.spool import SettlementJournal, UsageSpool
 from services.router.types import Money, TrafficClass
@@ -79,9 +88,11 @@ class Meter:
         journal: SettlementJournal | None = None,
         recovery_s: float = 10.0,
         refused_retry_s: float = 60.0,
+        leases: LeaseBook | None = None,
     ) -> None:
         if refused_retry_s <= 0:
             raise ValueError("refused_retry_s must be > 0")
+        self.leases = leases
         self.journal = journal
         self._batch_wait_s = batch_wait_s
         self._max_early = max_early_starts_per_tenant
@@ -141,7 +152,22 @@ class Meter:
                                      "requests wait until billing returns, retry later")
         return Hold(hold_id=OFFLINE_HOLD, level=level, offline=True)
 
+    def _leased(self, request: HoldRequest) -> Hold | None:
+        """The request admitted against this router's leases, or None (then Reserve decides)."""
+        if self.leases is None:
+            return None
+        price = self.prices.lookup(request.model, request.model_version, time.time_ns() // 1000)
+        worst = None if price is None else cost_micros(price, request.max_prompt_tokens, request.max_completion_tokens)
+        admitted = self.leases.admit(request.tenant_id, request.api_key_id, request.tags, request.traffic_class,
+                                     worst, request.max_prompt_tokens + request.max_completion_tokens)
+        if admitted is None:
+            return None
+        return Hold(hold_id="", level=self._levels.get(request.tenant_id, AlertLevel.NONE), admitted=admitted)
+
     async def reserve(self, request: HoldRequest, deadline: float | None = None) -> Hold:
+        leased = self._leased(request)
+        if leased is not None:
+            return leased
         waited_since: float | None = None
         delay = 0.05
         while True:
@@ -249,6 +275,11 @@ class Meter:
     async def settle(self, hold: Hold, usage: UsageRecord) -> Money | None:
         """Send the usage event; None when it went to the spool (cost not known yet). Never raises for what
         billing answers: an event billing did not acknowledge is in the spool when this returns."""
+        if hold.admitted is not None and self.leases is not None:
+            local = self.local_cost(usage)
+            self.leases.finish(hold.admitted, local.micros if local is not None else hold.admitted.worst_micros,
+                               usage.prompt_tokens + usage.completion_tokens)
+            usage = replace(usage, lease_ids=hold.admitted.lease_ids)
         usage = self._with_quote(usage)
         self._quoted.pop(usage.event_id, None)
         if hold.offline or self._failing:

@@ -14,10 +14,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import IntEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from services.common.pricing import Price
 from services.router.types import Chunk, Message, Money, Sampling, TrafficClass, UsageStatus
+
+if TYPE_CHECKING:
+    from services.router.leasebook import Admitted
 
 
 class AlertLevel(IntEnum):
@@ -87,6 +90,8 @@ class UsageRecord:
     tags: dict[str, str] = field(default_factory=dict)
     # The price the caller was quoted with (billing charges it while it was in force within its grace).
     quoted_price_id: str = ""
+    # The billing leases the request was admitted against (router/leasebook.py).
+    lease_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,8 @@ class Hold:
     hold_id: str
     level: AlertLevel = AlertLevel.NONE
     offline: bool = False
+    # Set when admitted against this router's leases instead of a billing hold (hold_id is then empty).
+    admitted: Admitted | None = None
 
 
 class BillingPort(Protocol):

@@ -38,6 +38,7 @@ def _decode(text: str) -> UsageRecord:
     data["end_time"] = datetime.fromisoformat(data["end_time"])
     data["status"] = UsageStatus(data["status"])
     data["traffic_class"] = TrafficClass(data["traffic_class"])
+    data["lease_ids"] = tuple(data.get("lease_ids", ()))
     return UsageRecord(**data)
 
 

@@ -59,9 +59,17 @@ async def test_price_budget_and_report_commands(tmp_path: Path, processes) -> No
     lines = report.stdout.strip().splitlines()
     assert lines[0] == "api_key,requests,prompt_tokens,completion_tokens,cost,anomalous"
     assert lines[1:] == ["k1,2,2000,2000,0.017000,", "k2,1,1000,1000,0.008500,"]
+    assert autoglm(address, tmp_path, "budget", "set", "--tenant", "beta", "--amount", "1").returncode == 0
+    async with grpc.aio.insecure_channel(address) as chan:  # a router holds a lease and a request a hold
+        stub = pb2_grpc.BillingServiceStub(chan)
+        await stub.Reserve(pb2.ReserveRequest(tenant_id="beta", model="smollm2", max_prompt_tokens=1000,
+                                              max_completion_tokens=1000))
+        await stub.AcquireLeases(pb2.AcquireLeasesRequest(router_id="router-0", tenant_id="beta"))
     budgets = autoglm(address, tmp_path, "budget", "list", "--format", "json")
-    (row,) = json.loads(budgets.stdout)
-    assert (row["spent"], row["limit"], row["level"]) == ("0.025500", "0.010000", "EMERGENCY")
+    rows = {row["scope"]: row for row in json.loads(budgets.stdout)}
+    assert (rows["tenant acme"]["spent"], rows["tenant acme"]["limit"], rows["tenant acme"]["level"]) == \
+        ("0.025500", "0.010000", "EMERGENCY")
+    assert (rows["tenant beta"]["held"], rows["tenant beta"]["leased"]) == ("0.008500", "0.010000")
     bad = autoglm(address, tmp_path, "budget", "set", "--amount", "1")
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "tenant_id is required" in bad.stderr
 

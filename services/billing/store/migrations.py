@@ -66,6 +66,17 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
         "CREATE TABLE catalog_version (id {int} PRIMARY KEY, version {int} NOT NULL)",
         "INSERT INTO catalog_version (id, version) VALUES (1, 0)",
     )),
+    (2, "router leases", (
+        # One row per lease: `granted` (cumulative room) and `used` (recorded against it) in the budget's
+        # unit; it counts `granted - used` (at least 0) against its budget while open and not expired.
+        # `mark` / `mark_us`: the router's consumption at its last refresh, for its spend rate.
+        """CREATE TABLE leases (
+            lease_id TEXT PRIMARY KEY, router_id TEXT NOT NULL, budget_id TEXT NOT NULL,
+            in_tokens {int} NOT NULL, granted {int} NOT NULL, used {int} NOT NULL, expire_us {int} NOT NULL,
+            state {int} NOT NULL, mark {int} NOT NULL, mark_us {int} NOT NULL, create_us {int} NOT NULL)""",
+        "CREATE INDEX leases_budget ON leases (budget_id, expire_us)",
+        "CREATE INDEX leases_router ON leases (router_id, budget_id, expire_us)",
+    )),
 )
 
 

@@ -34,6 +34,7 @@ from services.router.limits.token_bucket import RateLimiter
 from services.router.metering import Meter
 from services.router.policy import PolicyStore
 from services.router.ports import InferencePort
+from services.router.prompt_tokens import PromptTokens
 from services.router.registry import ModelEntry, Registry
 from services.router.retry import RetrySettings
 from services.router.single_flight import SingleFlight
@@ -76,6 +77,7 @@ class Gateway:
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: random.Random | None = None,
+        prompt_tokens: PromptTokens | None = None,
     ) -> None:
         self.registry = registry
         self.balancer = balancer
@@ -91,7 +93,9 @@ class Gateway:
         self._clock = clock
         self._wallclock = wallclock
         self.flights: SingleFlight[Chunk] = SingleFlight()
-        self.planner = Planner(registry, balancer, inference, contexts, policies, self.settings.default_max_tokens)
+        self.planner = Planner(registry, balancer, inference, contexts, policies, self.settings.default_max_tokens,
+                               prompt_tokens)
+        self.prompt_tokens = self.planner.prompt_tokens
         self.admitter = Admitter(meter, limiter, cache, gate)
         self.dispatcher = Dispatcher(registry, balancer, inference, canary, cache, self.flights, self.settings.retry,
                                      clock, rng or random.Random())

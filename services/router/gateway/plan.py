@@ -17,6 +17,7 @@ from services.router.cache import cache_key
 from services.router.contexts import ContextStore, fit_to_window
 from services.router.policy import Policy, PolicyStore
 from services.router.ports import InferencePort, UsageRecord
+from services.router.prompt_tokens import PromptTokens
 from services.router.registry import ModelEntry, Registry, VersionEntry, split_model
 from services.router.sampling_defaults import apply_defaults
 from services.router.types import (
@@ -122,7 +123,9 @@ def usage_record(
 
 class Planner:
     def __init__(self, registry: Registry, balancer: Balancer, inference: InferencePort, contexts: ContextStore,
-                 policies: PolicyStore, default_max_tokens: int) -> None:
+                 policies: PolicyStore, default_max_tokens: int, prompt_tokens: PromptTokens | None = None) -> None:
+        # The prompt's token bound: the version's own tokenizer and chat template, the byte bound without one.
+        self.prompt_tokens = prompt_tokens or PromptTokens(prompt_token_bound)
         self._registry = registry
         self._balancer = balancer
         self._inference = inference
@@ -187,7 +190,7 @@ class Planner:
         messages = history + new_turn
         size += _chars("", history)
         exact: int | None = None
-        bound = await offload.sized(size, prompt_token_bound, prompt, messages, req.raw_prompt)
+        bound = await self.prompt_tokens.bound(model.name, version.version, size, prompt, messages, req.raw_prompt)
         if req.context_id or policy.max_prompt_tokens or (window and bound + max_tokens > window):
             if req.raw_prompt:
                 exact, _ = await self.count(version, prompt, ())

@@ -122,7 +122,7 @@ def test_reserve_counts_spend_and_open_holds_and_expired_holds_free_the_budget(w
     first = budgets.reserve(ledger.tx, snap, request(300), 300, ledger.now, 10, "ops")
     denied = budgets.reserve(ledger.tx, snap, request(300), 300, ledger.now, 10, "ops")
     assert isinstance(first, Hold)
-    assert isinstance(denied, budgets.Denied) and "spent 500 + held 300 + requested 300 > limit 1000" in denied.reason
+    assert isinstance(denied, budgets.Denied) and "spent 500 + held 300 + leased 0 + requested 300 > limit 1000" in denied.reason
     later = ledger.now + 11 * US  # the first hold expired
     assert not isinstance(budgets.reserve(ledger.tx, snap, request(300), 300, later, 10, "ops"), budgets.Denied)
     assert budgets.close_hold(ledger.tx, snap, first.hold_id, budgets.RELEASED, later) is False  # type: ignore[union-attr]

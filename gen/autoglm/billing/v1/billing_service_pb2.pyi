@@ -26,6 +26,12 @@ class AlertLevel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ALERT_LEVEL_CRITICAL: _ClassVar[AlertLevel]
     ALERT_LEVEL_EMERGENCY: _ClassVar[AlertLevel]
 
+class LeaseUnit(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LEASE_UNIT_UNSPECIFIED: _ClassVar[LeaseUnit]
+    LEASE_UNIT_MICROS: _ClassVar[LeaseUnit]
+    LEASE_UNIT_TOKENS: _ClassVar[LeaseUnit]
+
 class ScopeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SCOPE_KIND_UNSPECIFIED: _ClassVar[ScopeKind]
@@ -72,6 +78,9 @@ ALERT_LEVEL_UNSPECIFIED: AlertLevel
 ALERT_LEVEL_WARNING: AlertLevel
 ALERT_LEVEL_CRITICAL: AlertLevel
 ALERT_LEVEL_EMERGENCY: AlertLevel
+LEASE_UNIT_UNSPECIFIED: LeaseUnit
+LEASE_UNIT_MICROS: LeaseUnit
+LEASE_UNIT_TOKENS: LeaseUnit
 SCOPE_KIND_UNSPECIFIED: ScopeKind
 SCOPE_KIND_TENANT: ScopeKind
 SCOPE_KIND_API_KEY: ScopeKind
@@ -98,7 +107,7 @@ GRANULARITY_DAY: Granularity
 GRANULARITY_MONTH: Granularity
 
 class UsageEvent(_message.Message):
-    __slots__ = ("event_id", "tenant_id", "api_key_id", "model", "model_version", "tags", "prompt_tokens", "completion_tokens", "cached", "request_id", "trace_id", "start_time", "end_time", "status", "traffic_class", "quoted_price_id")
+    __slots__ = ("event_id", "tenant_id", "api_key_id", "model", "model_version", "tags", "prompt_tokens", "completion_tokens", "cached", "request_id", "trace_id", "start_time", "end_time", "status", "traffic_class", "quoted_price_id", "lease_ids")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +131,7 @@ class UsageEvent(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     TRAFFIC_CLASS_FIELD_NUMBER: _ClassVar[int]
     QUOTED_PRICE_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     tenant_id: str
     api_key_id: str
@@ -138,7 +148,8 @@ class UsageEvent(_message.Message):
     status: UsageStatus
     traffic_class: _generation_pb2.TrafficClass
     quoted_price_id: str
-    def __init__(self, event_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., api_key_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached: _Optional[bool] = ..., request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[UsageStatus, str]] = ..., traffic_class: _Optional[_Union[_generation_pb2.TrafficClass, str]] = ..., quoted_price_id: _Optional[str] = ...) -> None: ...
+    lease_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, event_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., api_key_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached: _Optional[bool] = ..., request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[UsageStatus, str]] = ..., traffic_class: _Optional[_Union[_generation_pb2.TrafficClass, str]] = ..., quoted_price_id: _Optional[str] = ..., lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RecordUsageRequest(_message.Message):
     __slots__ = ("event",)
@@ -253,6 +264,77 @@ class ReleaseResponse(_message.Message):
     released: bool
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
+class LeaseConsumption(_message.Message):
+    __slots__ = ("lease_id", "consumed")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    CONSUMED_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    consumed: int
+    def __init__(self, lease_id: _Optional[str] = ..., consumed: _Optional[int] = ...) -> None: ...
+
+class AcquireLeasesRequest(_message.Message):
+    __slots__ = ("router_id", "tenant_id", "api_key_id", "tags", "consumed")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    CONSUMED_FIELD_NUMBER: _ClassVar[int]
+    router_id: str
+    tenant_id: str
+    api_key_id: str
+    tags: _containers.ScalarMap[str, str]
+    consumed: _containers.RepeatedCompositeFieldContainer[LeaseConsumption]
+    def __init__(self, router_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., api_key_id: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., consumed: _Optional[_Iterable[_Union[LeaseConsumption, _Mapping]]] = ...) -> None: ...
+
+class Lease(_message.Message):
+    __slots__ = ("lease_id", "budget_id", "unit", "granted", "used", "expire_time", "refresh_seconds", "level")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_ID_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    budget_id: str
+    unit: LeaseUnit
+    granted: int
+    used: int
+    expire_time: _timestamp_pb2.Timestamp
+    refresh_seconds: int
+    level: AlertLevel
+    def __init__(self, lease_id: _Optional[str] = ..., budget_id: _Optional[str] = ..., unit: _Optional[_Union[LeaseUnit, str]] = ..., granted: _Optional[int] = ..., used: _Optional[int] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., refresh_seconds: _Optional[int] = ..., level: _Optional[_Union[AlertLevel, str]] = ...) -> None: ...
+
+class AcquireLeasesResponse(_message.Message):
+    __slots__ = ("leases",)
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    leases: _containers.RepeatedCompositeFieldContainer[Lease]
+    def __init__(self, leases: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ...) -> None: ...
+
+class ReturnLeaseRequest(_message.Message):
+    __slots__ = ("lease_id", "router_id", "consumed")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONSUMED_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    router_id: str
+    consumed: int
+    def __init__(self, lease_id: _Optional[str] = ..., router_id: _Optional[str] = ..., consumed: _Optional[int] = ...) -> None: ...
+
+class ReturnLeaseResponse(_message.Message):
+    __slots__ = ("returned",)
+    RETURNED_FIELD_NUMBER: _ClassVar[int]
+    returned: bool
+    def __init__(self, returned: _Optional[bool] = ...) -> None: ...
+
 class CheckBudgetRequest(_message.Message):
     __slots__ = ("tenant_id", "api_key_id", "tags", "traffic_class")
     class TagsEntry(_message.Message):
@@ -357,7 +439,7 @@ class Budget(_message.Message):
     def __init__(self, budget_id: _Optional[str] = ..., scope: _Optional[_Union[BudgetScope, _Mapping]] = ..., period: _Optional[_Union[BudgetPeriod, _Mapping]] = ..., amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., tokens: _Optional[int] = ..., enforcement: _Optional[_Union[Enforcement, str]] = ..., thresholds: _Optional[_Union[Thresholds, _Mapping]] = ..., auto: _Optional[_Union[AutoLimit, _Mapping]] = ..., webhook_url: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class BudgetStatus(_message.Message):
-    __slots__ = ("budget", "period_start", "period_end", "spent_amount", "spent_tokens", "held_amount", "held_tokens", "effective_amount", "effective_tokens", "utilization_permille", "level")
+    __slots__ = ("budget", "period_start", "period_end", "spent_amount", "spent_tokens", "held_amount", "held_tokens", "effective_amount", "effective_tokens", "utilization_permille", "level", "leased_amount", "leased_tokens")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     PERIOD_START_FIELD_NUMBER: _ClassVar[int]
     PERIOD_END_FIELD_NUMBER: _ClassVar[int]
@@ -369,6 +451,8 @@ class BudgetStatus(_message.Message):
     EFFECTIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     UTILIZATION_PERMILLE_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
+    LEASED_AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    LEASED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     budget: Budget
     period_start: _timestamp_pb2.Timestamp
     period_end: _timestamp_pb2.Timestamp
@@ -380,7 +464,9 @@ class BudgetStatus(_message.Message):
     effective_tokens: int
     utilization_permille: int
     level: AlertLevel
-    def __init__(self, budget: _Optional[_Union[Budget, _Mapping]] = ..., period_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., spent_tokens: _Optional[int] = ..., held_amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., held_tokens: _Optional[int] = ..., effective_amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., effective_tokens: _Optional[int] = ..., utilization_permille: _Optional[int] = ..., level: _Optional[_Union[AlertLevel, str]] = ...) -> None: ...
+    leased_amount: _money_pb2.Money
+    leased_tokens: int
+    def __init__(self, budget: _Optional[_Union[Budget, _Mapping]] = ..., period_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., spent_tokens: _Optional[int] = ..., held_amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., held_tokens: _Optional[int] = ..., effective_amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., effective_tokens: _Optional[int] = ..., utilization_permille: _Optional[int] = ..., level: _Optional[_Union[AlertLevel, str]] = ..., leased_amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., leased_tokens: _Optional[int] = ...) -> None: ...
 
 class CreateBudgetRequest(_message.Message):
     __slots__ = ("budget", "actor")

@@ -63,6 +63,16 @@ class BillingServiceStub:
                 request_serializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.AcquireLeases = channel.unary_unary(
+                '/autoglm.billing.v1.BillingService/AcquireLeases',
+                request_serializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.AcquireLeasesRequest.SerializeToString,
+                response_deserializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.AcquireLeasesResponse.FromString,
+                _registered_method=True)
+        self.ReturnLease = channel.unary_unary(
+                '/autoglm.billing.v1.BillingService/ReturnLease',
+                request_serializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReturnLeaseRequest.SerializeToString,
+                response_deserializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReturnLeaseResponse.FromString,
+                _registered_method=True)
         self.CheckBudget = channel.unary_unary(
                 '/autoglm.billing.v1.BillingService/CheckBudget',
                 request_serializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.CheckBudgetRequest.SerializeToString,
@@ -163,6 +173,22 @@ class BillingServiceServicer:
 
     def Release(self, request, context):
         """Releases a hold without usage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcquireLeases(self, request, context):
+        """Grants (or refreshes) a router's lease on every hard budget that applies to a caller: room the router
+        may spend without a call per request. A grant never exceeds the limit minus committed spend, open
+        holds and every other outstanding lease; near the limit it shrinks to nothing (then use Reserve).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReturnLease(self, request, context):
+        """Returns the unused part of a lease; the router admits nothing more against it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -279,6 +305,16 @@ def add_BillingServiceServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReleaseRequest.FromString,
                     response_serializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'AcquireLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireLeases,
+                    request_deserializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.AcquireLeasesRequest.FromString,
+                    response_serializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.AcquireLeasesResponse.SerializeToString,
+            ),
+            'ReturnLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReturnLease,
+                    request_deserializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReturnLeaseRequest.FromString,
+                    response_serializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReturnLeaseResponse.SerializeToString,
             ),
             'CheckBudget': grpc.unary_unary_rpc_method_handler(
                     servicer.CheckBudget,
@@ -480,6 +516,60 @@ class BillingService:
             '/autoglm.billing.v1.BillingService/Release',
             autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReleaseRequest.SerializeToString,
             autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.billing.v1.BillingService/AcquireLeases',
+            autoglm_dot_billing_dot_v1_dot_billing__service__pb2.AcquireLeasesRequest.SerializeToString,
+            autoglm_dot_billing_dot_v1_dot_billing__service__pb2.AcquireLeasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReturnLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.billing.v1.BillingService/ReturnLease',
+            autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReturnLeaseRequest.SerializeToString,
+            autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReturnLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,231 @@
+"""The router's book of billing leases: admit a request's worst case in-process, without a billing call.
+
+Billing grants this router a lease on each hard budget that applies to a caller (`AcquireLeases`, see
+`services/billing/leases.py`): cumulative room `granted`, in the budget's unit (micro-units or tokens),
+with an expiry. The book keeps, per budget, what this router has `consumed` of it: the worst case of the
+requests in flight plus the actual cost of those that ended. Rules that keep billing exact:
+
+- `admit` takes a request's worst case only when EVERY lease that applies to its caller has room for it
+  (`consumed + worst <= granted`), none of them expires within `min_lifetime_s`, and no budget's level
+  refuses its traffic class (BATCH at CRITICAL, all but CORE at EMERGENCY); otherwise it answers None and
+  the caller falls back to a per-request Reserve, which is exact at the edge and says why it refuses.
+- A caller the book knows nothing about yet is not admitted (None), and its leases are fetched in the
+  background; a caller with no hard budget at all is admitted with no lease (nothing can refuse it).
+- `finish` swaps the worst case for the actual cost when the request ends; the usage event names the
+  lease ids (`Admitted.lease_ids`) so billing moves its cost from each lease's room to committed spend.
+- `refresh_once` re-acquires the leases of callers whose room ran low (under `low_water` of the last
+  grant), whose refresh interval passed or that are new, reporting `consumed` (billing never grants less);
+  a caller idle for `idle_s` has its leases returned and is forgotten.
+
+What a caller's budgets are is learned at each refresh: a budget created since is seen within one refresh
+interval. No grpc here: the port (`LeasePort`) is the billing client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from services.common.errors import DomainError
+from services.router.ports import AlertLevel
+from services.router.types import TrafficClass
+
+log = structlog.get_logger(__name__)
+CallerKey = tuple[str, str, tuple[tuple[str, str], ...]]
+
+
+@dataclass(frozen=True)
+class LeaseGrant:
+    """One lease as billing answered it."""
+
+    lease_id: str
+    budget_id: str
+    in_tokens: bool
+    granted: int
+    expire_in_s: float
+    refresh_s: float
+    level: AlertLevel = AlertLevel.NONE
+
+
+class LeasePort(Protocol):
+    async def acquire_leases(self, router_id: str, tenant_id: str, api_key_id: str, tags: dict[str, str],
+                             consumed: dict[str, int]) -> list[LeaseGrant]: ...
+
+    async def return_lease(self, router_id: str, lease_id: str, consumed: int) -> bool: ...
+
+
+@dataclass
+class _Lease:
+    lease_id: str
+    budget_id: str
+    in_tokens: bool
+    granted: int
+    expire_at: float
+    level: AlertLevel
+    consumed: int = 0
+    last_grant: int = 0  # the room the latest refresh left (for the low-water mark)
+
+
+@dataclass
+class _Caller:
+    tenant_id: str
+    api_key_id: str
+    tags: dict[str, str]
+    budget_ids: tuple[str, ...] = ()
+    known: bool = False  # billing has told which budgets apply
+    refresh_at: float = 0.0
+    used_at: float = 0.0
+    wanted: bool = True  # refresh at the next pass
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request admitted against leases: what it took of each (to give back what it did not spend)."""
+
+    caller: CallerKey
+    lease_ids: tuple[str, ...]
+    worst_micros: int
+    worst_tokens: int
+
+
+@dataclass
+class LeaseBook:
+    port: LeasePort
+    router_id: str
+    clock: Callable[[], float] = time.monotonic
+    min_lifetime_s: float = 20.0
+    low_water: float = 0.25
+    idle_s: float = 120.0
+    default_refresh_s: float = 10.0
+    _callers: dict[CallerKey, _Caller] = field(default_factory=dict)
+    _leases: dict[str, _Lease] = field(default_factory=dict)  # budget id -> this router's lease on it
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @staticmethod
+    def key(tenant_id: str, api_key_id: str, tags: dict[str, str]) -> CallerKey:
+        return tenant_id, api_key_id, tuple(sorted(tags.items()))
+
+    def admit(self, tenant_id: str, api_key_id: str, tags: dict[str, str], traffic: TrafficClass,
+              worst_micros: int | None, worst_tokens: int) -> Admitted | None:
+        """`worst_micros` None: the money cost is not known here (no price yet): only token leases can admit."""
+        key = self.key(tenant_id, api_key_id, tags)
+        now = self.clock()
+        caller = self._callers.get(key)
+        if caller is None:
+            self._callers[key] = _Caller(tenant_id, api_key_id, dict(tags), used_at=now)
+            self._wake.set()
+            return None
+        caller.used_at = now
+        if not caller.known:
+            return None
+        leases = [self._leases.get(b) for b in caller.budget_ids]
+        if any(lease is None for lease in leases):
+            self._want(caller)
+            return None
+        taken: list[tuple[_Lease, int]] = []
+        worst: int | None
+        for lease in leases:
+            assert lease is not None
+            worst = worst_tokens if lease.in_tokens else worst_micros
+            if worst is None or lease.expire_at - now < self.min_lifetime_s or _refuses(lease.level, traffic) or \
+                    lease.consumed + worst > lease.granted:
+                self._want(caller)
+                return None
+            taken.append((lease, worst))
+        for lease, worst in taken:
+            lease.consumed += worst
+            if lease.granted - lease.consumed < lease.last_grant * self.low_water:
+                self._want(caller)
+        return Admitted(key, tuple(lease.lease_id for lease, _ in taken), worst_micros or 0, worst_tokens)
+
+    def finish(self, admitted: Admitted, actual_micros: int, actual_tokens: int) -> None:
+        """The request ended: it consumed its actual cost, not its worst case (never more than that)."""
+        for lease in self._leases.values():
+            if lease.lease_id in admitted.lease_ids:
+                worst, actual = ((admitted.worst_tokens, actual_tokens) if lease.in_tokens
+                                 else (admitted.worst_micros, actual_micros))
+                lease.consumed -= worst - min(actual, worst)
+
+    def room(self, budget_id: str) -> int:
+        lease = self._leases.get(budget_id)
+        return 0 if lease is None else lease.granted - lease.consumed
+
+    def _want(self, caller: _Caller) -> None:
+        if not caller.wanted:
+            caller.wanted = True
+            self._wake.set()
+
+    # --- refresh ----------------------------------------------------------------------------------
+    async def refresh_once(self) -> int:
+        """Refresh the callers that want it or are due; return the leases of idle ones. Returns how many
+        callers were refreshed."""
+        now = self.clock()
+        refreshed = 0
+        for key, caller in list(self._callers.items()):
+            if now - caller.used_at > self.idle_s:
+                await self._forget(key)
+            elif caller.wanted or now >= caller.refresh_at:
+                await self._refresh(caller)
+                refreshed += 1
+        return refreshed
+
+    async def _refresh(self, caller: _Caller) -> None:
+        consumed = {lease.lease_id: lease.consumed for b in caller.budget_ids if (lease := self._leases.get(b))}
+        caller.wanted = False
+        try:
+            grants = await self.port.acquire_leases(self.router_id, caller.tenant_id, caller.api_key_id,
+                                                    caller.tags, consumed)
+        except DomainError as exc:  # billing unreachable or refusing: per-request Reserve decides meanwhile
+            log.warning("lease_refresh_failed", tenant=caller.tenant_id, reason=exc.reason)
+            caller.refresh_at = self.clock() + min(self.default_refresh_s, 1.0)
+            return
+        now = self.clock()
+        for grant in grants:
+            lease = self._leases.get(grant.budget_id)
+            if lease is None or lease.lease_id != grant.lease_id:  # new, or the old one expired at billing
+                lease = self._leases[grant.budget_id] = _Lease(grant.lease_id, grant.budget_id, grant.in_tokens,
+                                                               grant.granted, 0.0, grant.level)
+            lease.granted = max(lease.granted, grant.granted)
+            lease.expire_at, lease.level = now + grant.expire_in_s, grant.level
+            lease.last_grant = lease.granted - lease.consumed
+        caller.budget_ids = tuple(sorted(g.budget_id for g in grants))
+        caller.known = True
+        caller.refresh_at = now + min((g.refresh_s for g in grants), default=self.default_refresh_s)
+
+    async def _forget(self, key: CallerKey) -> None:
+        caller = self._callers.pop(key)
+        still = {b for other in self._callers.values() for b in other.budget_ids}
+        for budget_id in caller.budget_ids:
+            lease = self._leases.get(budget_id)
+            if lease is None or budget_id in still:
+                continue
+            del self._leases[budget_id]
+            try:
+                await self.port.return_lease(self.router_id, lease.lease_id, lease.consumed)
+            except DomainError as exc:  # it expires at billing anyway
+                log.warning("lease_return_failed", budget_id=budget_id, reason=exc.reason)
+
+    async def close(self) -> None:
+        """Return every lease (at shutdown): billing keeps only what is still in flight."""
+        for key in list(self._callers):
+            await self._forget(key)
+
+    async def refresh_forever(self, tick_s: float = 1.0) -> None:
+        while True:
+            self._wake.clear()
+            await self.refresh_once()
+            try:
+                await asyncio.wait_for(self._wake.wait(), tick_s)
+            except TimeoutError:
+                pass
+
+
+def _refuses(level: AlertLevel, traffic: TrafficClass) -> bool:
+    cls = TrafficClass.INTERACTIVE if traffic == TrafficClass.UNSPECIFIED else traffic
+    return (level >= AlertLevel.EMERGENCY and cls != TrafficClass.CORE) or \
+        (level >= AlertLevel.CRITICAL and cls == TrafficClass.BATCH)
