@@ -85,6 +85,7 @@ class Plan:
     new_turn: tuple[Message, ...]
     tags: dict[str, str]
     request: GenerationRequest
+    tenant_id: str = ""  # the replica's prefix cache shares prompt blocks within one tenant only
 
 
 @dataclass
@@ -257,7 +258,7 @@ class Gateway:
             key = await offload.sized(size, cache_key, model.name, version.version, resolved, prompt, messages,
                                       req.raw_prompt, policy.normalize_cache_keys, scope=scope)
         return Plan(model, version, policy, traffic, prompt, messages, req.raw_prompt, max_tokens, resolved, bound,
-                    exact, key, req.context_id, new_turn, dict(ctx.tags), req)
+                    exact, key, req.context_id, new_turn, dict(ctx.tags), req, principal.tenant_id)
 
     # --- the request path --------------------------------------------------------------------------
     async def generate(self, ctx: RequestContext, req: GenerationRequest) -> AsyncIterator[Chunk | Summary]:
@@ -378,7 +379,7 @@ class Gateway:
                 request_id=request_id, prompt=plan.prompt if plan.raw_prompt else "",
                 messages=() if plan.raw_prompt else plan.messages, sampling=plan.sampling_max,  # type: ignore[arg-type]
                 traffic_class=plan.traffic_class, coalesce_ms=plan.request.coalesce_ms,
-                coalesce_tokens=plan.request.coalesce_tokens,
+                coalesce_tokens=plan.request.coalesce_tokens, tenant_id=plan.tenant_id,
             )
             tried: set[str] = set()
             for _ in range(settings.max_attempts):
