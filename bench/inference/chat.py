@@ -2,13 +2,17 @@
 bench/results/inference-chat.json): time to first token of each turn of a 10-turn conversation (user
 turns of ~40 tokens, answers of at most 64, greedy) through the gRPC service with and without its
 prefix cache, and the prompt tokens it computes for 16 concurrent requests sharing a 500-token
-system prompt (read from WatchLoad's prefill_tokens_total). The two services run one after the
-other, each on the same conversation (the answers are the same tokens either way).
+system prompt (read from WatchLoad's prefill_tokens_total). Both services run side by side and take
+turns conversation by conversation (REPEATS conversations each, the same ones for both: the answers
+are the same tokens either way), so load from other work spreads evenly; each turn's figure is the
+median over the conversations.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import statistics
 import time
 from typing import Any
 
@@ -19,7 +23,7 @@ from autoglm.inference.v1 import inference_service_pb2 as pb2
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb2_grpc
 from services.inference.engine.model import LoadedModel
 
-TURNS, USER_TOKENS, ANSWER_TOKENS = 10, 40, 64
+TURNS, USER_TOKENS, ANSWER_TOKENS, REPEATS = 10, 40, 64, 3
 SYSTEM_TOKENS, SHARED_STREAMS = 500, 16
 TURN10_OVER_TURN1, SHARED_PREFILL_FACTOR = 1.5, 1.2
 TOPICS = ["rivers", "glaciers", "volcanoes", "deserts", "forests", "islands", "canyons", "reefs"]
@@ -53,13 +57,13 @@ async def _ask(stub: pb2_grpc.InferenceServiceStub, messages: list[generation_pb
     return first, "".join(parts), prompt
 
 
-async def conversation(stub: pb2_grpc.InferenceServiceStub, model: LoadedModel) -> dict[str, Any]:
+async def conversation(stub: pb2_grpc.InferenceServiceStub, model: LoadedModel, salt: int) -> dict[str, Any]:
     """TTFT (ms) and prompt tokens of each turn; the prompt tokens the service computed in all."""
     before = await _report(stub)
     history: list[generation_pb2.ChatMessage] = []
     ttft, prompts = [], []
     for turn in range(TURNS):
-        history.append(generation_pb2.ChatMessage(role=USER, content=text_of(model, USER_TOKENS, f"turn {turn}")))
+        history.append(generation_pb2.ChatMessage(role=USER, content=text_of(model, USER_TOKENS, f"{salt}.{turn}")))
         first, answer, prompt = await _ask(stub, history, ANSWER_TOKENS)
         history.append(generation_pb2.ChatMessage(role=ASSISTANT, content=answer))
         ttft.append(first * 1000)
@@ -84,18 +88,28 @@ async def shared_system_prompt(stub: pb2_grpc.InferenceServiceStub, model: Loade
 
 
 async def chat_bench(model: LoadedModel, service_factory: Any, settings: dict[str, Any]) -> dict[str, Any]:
-    """Both measurements on a service with the prefix cache, then on one without."""
+    """Both measurements on a service with the prefix cache and on one without, taking turns."""
+    variants = {"cache": {}, "no_cache": {"prefix_cache": False}}
+    talks: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     out: dict[str, Any] = {}
-    for name, extra in (("cache", {}), ("no_cache", {"prefix_cache": False})):
-        service = service_factory({**settings, **extra})
-        try:
-            async with grpc.aio.insecure_channel(service.address) as channel:
-                stub = pb2_grpc.InferenceServiceStub(channel)
-                await _ask(stub, [generation_pb2.ChatMessage(role=USER, content="Hello")], 4)  # warm-up
-                out[name] = {"conversation": await conversation(stub, model),
-                             "shared_system_prompt": await shared_system_prompt(stub, model)}
-        finally:
-            service.stop()
+    async with contextlib.AsyncExitStack() as stack:
+        stubs = {}
+        for name, extra in variants.items():
+            service = service_factory({**settings, **extra})
+            stack.callback(service.stop)
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(service.address))
+            stubs[name] = pb2_grpc.InferenceServiceStub(channel)
+            await _ask(stubs[name], [generation_pb2.ChatMessage(role=USER, content="Hello")], 4)  # warm-up
+        for salt in range(REPEATS):
+            for name, stub in stubs.items():
+                talks[name].append(await conversation(stub, model, salt))
+        for name, stub in stubs.items():
+            runs = talks[name]
+            out[name] = {"conversation": {
+                "ttft_ms": [statistics.median(run["ttft_ms"][t] for run in runs) for t in range(TURNS)],
+                "ttft_ms_runs": [run["ttft_ms"] for run in runs], "prompt_tokens": runs[0]["prompt_tokens"],
+                "prefill_tokens": runs[0]["prefill_tokens"], "prefix_cache_hits": runs[0]["prefix_cache_hits"]},
+                "shared_system_prompt": await shared_system_prompt(stub, model)}
     return out
 
 
@@ -105,8 +119,10 @@ def chat_entries(out: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, An
     for name in ("cache", "no_cache"):
         talk, shared = out[name]["conversation"], out[name]["shared_system_prompt"]
         results[f"chat_ttft_by_turn_{name}"] = {
-            "value": talk["ttft_ms"], "unit": "ms per turn (1..10)", "prompt_tokens": talk["prompt_tokens"],
-            "prefill_tokens": talk["prefill_tokens"], "prefix_cache_hits": talk["prefix_cache_hits"],
+            "value": talk["ttft_ms"], "unit": f"ms per turn (1..10), median of {REPEATS} conversations",
+            "runs": talk["ttft_ms_runs"], "prompt_tokens": talk["prompt_tokens"],
+            "prefill_tokens_first_conversation": talk["prefill_tokens"],
+            "prefix_cache_hits_first_conversation": talk["prefix_cache_hits"],
             "turns": f"{TURNS} turns, user turns of {USER_TOKENS} tokens, answers of at most {ANSWER_TOKENS}"}
         results[f"shared_system_prompt_prefill_{name}"] = {
             "value": shared["prefill_tokens"], "unit": "prompt tokens computed", **shared,
