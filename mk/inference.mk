@@ -1,5 +1,5 @@
 # Inference engine benchmark (writes bench/results/inference.json and .png).
-.PHONY: bench-inference bench-inference-deps bench-inference-kv-rss
+.PHONY: bench-inference bench-inference-deps bench-inference-kv-rss bench-inference-chat
 
 # The anchors are bench-only installs: llama-cpp-python compiles llama.cpp (about 8 minutes, once);
 # onnxruntime-genai's model is built on first use from the GGUF into ~/.cache/autoglm/bench.
@@ -13,3 +13,8 @@ bench-inference: bench-inference-deps
 # Just the KV-memory figure (no anchors): peak RSS with 1 prompt of 7,000 tokens beside 15 of 100.
 bench-inference-kv-rss: $(VENV)/.installed
 	$(PY) -m bench.inference.bench_inference --only kv-rss
+
+# Just the chat figures (no anchors): TTFT by turn of a 10-turn conversation with and without the
+# prefix cache, and the prefill tokens of 16 requests sharing a 500-token system prompt.
+bench-inference-chat: $(VENV)/.installed
+	$(PY) -m bench.inference.bench_inference --only chat

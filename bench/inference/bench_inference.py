@@ -1,7 +1,8 @@
 """`make bench-inference`: TTFT, batch-1 decode, aggregate tokens/s at 1/4/8/16/32 streams (the engine
 in-process and the gRPC service in its own process, as a user runs it), RSS of the service with 32
 active sequences of 512 tokens, its peak RSS with 1 sequence of 7,000 tokens beside 15 of 100
-(`--only kv-rss` measures just that, into bench/results/inference-kv-rss.json), and in the same run the anchors on the same model and CPU:
+(`--only kv-rss` measures just that, into bench/results/inference-kv-rss.json), the chat figures of
+chat.py (`--only chat`, into bench/results/inference-chat.json), and in the same run the anchors on the same model and CPU:
 llama.cpp (llama-cpp-python on the GGUF) and onnxruntime-genai's Generator on its builder's INT8
 model. Runners take turns round by round so that load from other work on the machine spreads
 evenly over them; every figure is the median of its rounds. Writes bench/results/inference.{json,png}.
@@ -33,6 +34,7 @@ from autoglm.common.v1 import generation_pb2
 from autoglm.inference.v1 import inference_service_pb2 as pb2
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb2_grpc
 from bench.inference.anchors import bench_cache, genai_model, llama_int8_gguf, run_isolated
+from bench.inference.chat import chat_bench, chat_entries
 from services.common.config import ServerSettings
 from services.common.generation import Sampling
 from services.inference.config import InferenceConfig
@@ -282,7 +284,8 @@ async def bench(model: LoadedModel, threads: int) -> dict[str, Any]:
         await engine.stop()
         service.stop()
     return {"rounds": rounds, "sweep": sweep, "idle_rss_mb": idle_rss, "rss_mb_32x512": peak_rss,
-            "settings": settings, "kv_rss": await kv_rss(model, threads)}
+            "settings": settings, "kv_rss": await kv_rss(model, threads),
+            "chat": await chat_bench(model, Service, {"model_dir": str(model.directory), "intra_op_threads": threads})}
 
 
 def med(items: list[dict[str, Any]], key: str) -> float | None:
@@ -349,15 +352,31 @@ def main_kv_rss(model: LoadedModel, threads: int) -> None:
     print(json.dumps(document, indent=2))
 
 
+def main_chat(model: LoadedModel, threads: int) -> None:
+    """`--only chat`: the chat figures only, into their own file."""
+    load = os.getloadavg()
+    settings = {"model_dir": str(model.directory), "intra_op_threads": threads}
+    results, targets = chat_entries(asyncio.run(chat_bench(model, Service, settings)))
+    document = {"machine": machine(model, load), "settings": {"threads": threads, "service": "default settings",
+                                                              "greedy": True},
+                "results": results, "targets": targets}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "inference-chat.json").write_text(json.dumps(document, indent=2) + "\n")
+    print(json.dumps(document, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["kv-rss"], help="measure one figure only")
+    parser.add_argument("--only", choices=["kv-rss", "chat"], help="measure one group of figures only")
     args = parser.parse_args()
     threads = int(os.environ.get("BENCH_THREADS", "0")) or default_threads()
     config = InferenceConfig(server=ServerSettings(port=0), intra_op_threads=threads)
     model = load_model(None, config.session)
     if args.only == "kv-rss":
         main_kv_rss(model, threads)
+        return
+    if args.only == "chat":
+        main_chat(model, threads)
         return
     load = os.getloadavg()
     out = asyncio.run(bench(model, threads))
@@ -395,6 +414,8 @@ def main() -> None:
     ]
     kv_result, kv_target = kv_rss_entries(out["kv_rss"])
     targets.append(kv_target)
+    chat_results, chat_targets = chat_entries(out["chat"])
+    targets += chat_targets
     ratios_of_medians = {
         "batch1_grpc_over_llama_cpp": ratio(grpc_b1, llama.get("batch1_decode_tok_s")),
         "batch1_grpc_over_llama_cpp_q8_0": ratio(grpc_b1, llama_int8.get("batch1_decode_tok_s")),
@@ -424,6 +445,7 @@ def main() -> None:
         "best_of_rounds": best_of(rounds),
         "rounds": rounds,
         "issue_reference_figures": ISSUE_TABLE,
+        **chat_results,
     }
     document = {
         "machine": machine(model, load),

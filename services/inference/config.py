@@ -33,6 +33,11 @@ class InferenceConfig:
     # KV cache (bytes) the admitted sequences may reserve (prompt + max_tokens each); 0 = a full batch
     # of full-context sequences, capped at a quarter of the machine's (or cgroup's) memory.
     kv_budget_bytes: int = 0
+    # Prompt KV kept across requests (conversation turns, shared system prompts, retries), in blocks of
+    # prefix_block_tokens, at most prefix_cache_bytes and always inside kv_budget_bytes.
+    prefix_cache: bool = True
+    prefix_cache_bytes: int = 256 * 1024 * 1024
+    prefix_block_tokens: int = 8
     intra_op_threads: int = 0  # 0 = one per core
     # ONNX Runtime worker threads busy-wait between kernels (faster small steps, burns idle CPU).
     allow_spinning: bool = True
@@ -52,7 +57,9 @@ class InferenceConfig:
     def scheduler(self) -> SchedulerSettings:
         return SchedulerSettings(max_batch_size=self.max_batch_size, max_batched_tokens=self.max_batched_tokens,
                                  prefill_chunk=self.prefill_chunk, queue_capacity=self.queue_capacity,
-                                 decode_rows=self.decode_rows, kv_budget_bytes=self.kv_budget_bytes)
+                                 decode_rows=self.decode_rows, kv_budget_bytes=self.kv_budget_bytes,
+                                 prefix_cache=self.prefix_cache, prefix_cache_bytes=self.prefix_cache_bytes,
+                                 prefix_block_tokens=self.prefix_block_tokens)
 
     @property
     def session(self) -> SessionSettings:

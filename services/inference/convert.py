@@ -57,7 +57,7 @@ def generation_request(request: pb2.GenerateRequest) -> GenerationRequest:
     return GenerationRequest(
         request_id=request.request_id, prompt=request.prompt, messages=messages(request.messages),
         sampling=sampling, traffic_class=_CLASSES.get(request.traffic_class, TrafficClass.INTERACTIVE),
-        stream=StreamSettings(options.coalesce_ms, options.coalesce_tokens))
+        stream=StreamSettings(options.coalesce_ms, options.coalesce_tokens), tenant_id=request.tenant_id)
 
 
 def generate_response(delta: Delta) -> pb2.GenerateResponse:
@@ -86,4 +86,7 @@ def load_report(report: LoadReport) -> pb2.WatchLoadResponse:
         queue_capacity=report.queue_capacity, active_sequences=report.active_sequences,
         max_batch_size=report.max_batch_size, kv_cache_tokens=report.kv_cache_tokens,
         kv_cache_bytes=report.kv_cache_bytes, tokens_per_second=report.tokens_per_second,
-        cancelled_total=report.cancelled_total, ready=report.ready)
+        cancelled_total=report.cancelled_total, ready=report.ready,
+        prefill_tokens_total=report.prefill_tokens_total, prefix_cache_hits=report.prefix_cache_hits,
+        prefix_cache_misses=report.prefix_cache_misses, prefix_cache_blocks=report.prefix_cache_blocks,
+        prefix_cache_bytes=report.prefix_cache_bytes)

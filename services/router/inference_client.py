@@ -61,6 +61,7 @@ class GrpcInference:
             sampling=sampling_to_proto(call.sampling), traffic_class=int(call.traffic_class),  # type: ignore[arg-type]
             stream_options=generation_pb2.StreamOptions(coalesce_ms=call.coalesce_ms,
                                                         coalesce_tokens=call.coalesce_tokens),
+            tenant_id=call.tenant_id,
         )
         stream = self.stub(address).Generate(request, metadata=outgoing_metadata(), timeout=self._timeout_s)
         finished = False

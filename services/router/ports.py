@@ -39,6 +39,7 @@ class InferenceCall:
     traffic_class: TrafficClass = TrafficClass.INTERACTIVE
     coalesce_ms: int = 0
     coalesce_tokens: int = 0
+    tenant_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import structlog
+
 from services.common.errors import InvalidInput
 from services.common.generation import ChatMessage
 from services.inference.engine.kv_budget import budget_tokens, default_kv_budget, fit_max_tokens
 from services.inference.engine.metrics import EngineMetrics
 from services.inference.engine.model import LoadedModel
+from services.inference.engine.prefix_cache import PrefixCache, block_keys, chunking_is_exact, root_key
 from services.inference.engine.sampling import Sampler
 from services.inference.engine.scheduler import Scheduler, SchedulerSettings
 from services.inference.engine.sequence import Sequence
@@ -22,6 +25,8 @@ PRECISIONS = {"int8": "INT8", "fp32": "FP32", "fp16": "FP16", "int4": "INT4"}
 # GIL), so one caller's huge prompt never stalls the event loop for the others.
 INLINE_TEXT_CHARS = 16 * 1024
 
+log = structlog.get_logger(__name__)
+
 
 class Engine:
     def __init__(self, model: LoadedModel, settings: SchedulerSettings, replica_id: str = "inference-0") -> None:
@@ -31,9 +36,22 @@ class Engine:
         self.metrics = EngineMetrics(replica_id, self.load_report)
         context = model.manifest.context_window
         self.kv_budget = settings.kv_budget_bytes or default_kv_budget(model.spec, context, settings.max_batch_size)
+        self.prefix, block = self._prefix_cache()
         self.scheduler = Scheduler(model.runner, model.spec, settings, max_width=context, kv_budget=self.kv_budget,
-                                   observer=self.metrics)
+                                   observer=self.metrics, prefix=self.prefix, block=block)
         self._eos = frozenset(model.manifest.tokens.eos)
+
+    def _prefix_cache(self) -> tuple[PrefixCache | None, int]:
+        """The prefix cache and its block size: off when disabled or on a device (its slots are not
+        copied there); whole prefill chunks when this model's prefill is not exact across cuts."""
+        settings = self.settings
+        if not settings.prefix_cache or settings.prefix_cache_bytes == 0 or self.model.runner.device != "cpu":
+            return None, 0
+        block = settings.prefix_block_tokens
+        if block != settings.prefill_chunk and not chunking_is_exact(self.model.runner, self.model.spec, block):
+            log.warning("prefix_cache_whole_chunks", block=block, prefill_chunk=settings.prefill_chunk)
+            block = settings.prefill_chunk
+        return PrefixCache(settings.prefix_cache_bytes), block
 
     async def start(self) -> None:
         self.scheduler.start()
@@ -76,8 +94,12 @@ class Engine:
                                         self.model.defaults)
         max_tokens = fit_max_tokens(len(ids), max_tokens, request.sampling.max_tokens is not None,
                                     self.model.spec, self.kv_budget)
-        return Sequence.create(request.request_id, ids, max_tokens, Sampler(sampling), request.sampling.stop,
-                               self.model.decode, self._eos, request.traffic_class)
+        seq = Sequence.create(request.request_id, ids, max_tokens, Sampler(sampling), request.sampling.stop,
+                              self.model.decode, self._eos, request.traffic_class)
+        if self.prefix is not None:
+            root = root_key(self.model.manifest_sha256, request.tenant_id)
+            seq.prefix_keys = block_keys(root, ids, self.scheduler.block)
+        return seq
 
     async def admit(self, request: GenerationRequest) -> Sequence:
         """Queue room and a length bound first, then sampling checks, then tokenizing (on a worker
@@ -117,7 +139,15 @@ class Engine:
             max_batch_size=self.settings.max_batch_size, kv_cache_tokens=counters.kv_tokens,
             kv_cache_bytes=scheduler.kv_bytes(), tokens_per_second=counters.tokens_per_second(),
             cancelled_total=counters.cancelled_total, generated_total=counters.generated_total,
-            ready=scheduler.running)
+            ready=scheduler.running, prefill_tokens_total=counters.prefill_tokens_total,
+            **self._prefix_report())
+
+    def _prefix_report(self) -> dict[str, int]:
+        if self.prefix is None:
+            return {}
+        stats = self.prefix.stats
+        return {"prefix_cache_hits": stats.hits, "prefix_cache_misses": stats.misses,
+                "prefix_cache_blocks": stats.blocks, "prefix_cache_bytes": stats.bytes}
 
 
 def _text_size(prompt: str, messages: tuple[ChatMessage, ...]) -> int:

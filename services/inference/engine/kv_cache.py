@@ -124,6 +124,14 @@ class SlotBatch:
         self.lens[slot] = length
         self.decoding[slot] = done
 
+    def read_columns(self, slot: int, start: int, stop: int) -> np.ndarray:
+        """A copy of the slot's columns [start, stop): [tensors, kv_heads, stop - start, head_dim]."""
+        return self._memory.read(slot, start, stop)
+
+    def write_columns(self, slot: int, start: int, data: np.ndarray) -> None:
+        """Write `data` (as `read_columns` returns it) into the slot's columns from `start` on."""
+        self._memory.write(slot, start, data)
+
     def slot_view(self, slot: int) -> SlotView:
         return self._view(slot, 1)
 
@@ -171,6 +179,12 @@ class _HostMemory:
     def address(self, tensor: int, slot: int) -> int:
         return self._base + (tensor * self._rows + slot) * self._row_bytes
 
+    def read(self, slot: int, start: int, stop: int) -> np.ndarray:
+        return self.array[:, slot, :, start:stop, :].copy()
+
+    def write(self, slot: int, start: int, data: np.ndarray) -> None:
+        self.array[:, slot, :, start : start + data.shape[2], :] = data
+
     def forget(self, slot: int) -> None:
         """Hand the slot's pages back (stale bytes at unaligned edges are never read)."""
         if not hasattr(self._map, "madvise"):
@@ -193,6 +207,12 @@ class _DeviceMemory:
 
     def address(self, tensor: int, slot: int) -> int:
         return int(self._values[tensor].data_ptr()) + slot * self._row_bytes
+
+    def read(self, slot: int, start: int, stop: int) -> np.ndarray:
+        raise NotImplementedError("columns of device memory are not copied (no prefix cache on CUDA)")
+
+    def write(self, slot: int, start: int, data: np.ndarray) -> None:
+        raise NotImplementedError("columns of device memory are not copied (no prefix cache on CUDA)")
 
     def forget(self, slot: int) -> None:
         pass  # a slot's stale columns are never read: attention stops at each row's length

@@ -1,7 +1,7 @@
 """The engine's Prometheus metrics, in the default registry that `--metrics-port` serves.
 
 Histograms (time to first token, decode batch size) are observed by the decode thread as it steps;
-the live figures (queue depth, active sequences, KV-cache, tokens/s, totals) are read from every
+the live figures (queue depth, active sequences, KV-cache, prefix cache, tokens/s, totals) are read from every
 running engine's load report at scrape time, labelled by replica id.
 """
 
@@ -33,10 +33,16 @@ _GAUGES = (
      "active_sequences"),
     ("autoglm_inference_kv_cache_tokens", "Tokens held in the KV-cache", "kv_cache_tokens"),
     ("autoglm_inference_kv_cache_bytes", "Bytes of KV-cache in use", "kv_cache_bytes"),
+    ("autoglm_inference_prefix_cache_blocks", "Prompt blocks held by the prefix cache", "prefix_cache_blocks"),
+    ("autoglm_inference_prefix_cache_bytes", "Bytes held by the prefix cache", "prefix_cache_bytes"),
 )
 _COUNTERS = (
     ("autoglm_inference_tokens_generated", "Tokens generated", "generated_total"),
     ("autoglm_inference_cancelled", "Sequences cancelled (client cancel or deadline)", "cancelled_total"),
+    ("autoglm_inference_prefill_tokens", "Prompt tokens computed (not served from the prefix cache)",
+     "prefill_tokens_total"),
+    ("autoglm_inference_prefix_cache_hits", "Prompt blocks served from the prefix cache", "prefix_cache_hits"),
+    ("autoglm_inference_prefix_cache_misses", "Cacheable prompt blocks prefilled", "prefix_cache_misses"),
 )
 
 Report = Callable[[], LoadReport]

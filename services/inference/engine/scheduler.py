@@ -6,7 +6,10 @@ Before each step the thread drops cancelled sequences, admits waiting ones by pr
 max_tokens) fit `kv_budget` bytes — the head of the queue waits for room, the rest wait behind it —
 and plans the step: one decode row per running sequence plus prompt chunks (fixed `prefill_chunk`
 boundaries, each prefilled on its own, straight into the sequence's cache slot, so the cache never
-depends on the batch) while `max_batched_tokens` allows, at least one chunk per step. An admitted
+depends on the batch) while `max_batched_tokens` allows, at least one chunk per step. With the
+prefix cache (prefix_cache.py), a prefilling sequence first copies the cached blocks its prompt
+continues with into its slot; a block another sequence computes in this step is waited for, not
+computed twice; each block its own chunks complete is added to the cache. An admitted
 sequence takes a slot in a batch of its width class (kv_cache.py); its prompt done, it decodes at
 the next step; a finished one leaves within the step that finished it. The step's deltas for all sequences reach the event loop in one
 hand-off (`call_soon_threadsafe`), and each sequence's consumer reads them from its queue.
@@ -28,6 +31,7 @@ import structlog
 
 from services.common.errors import NotReady, QueueFull
 from services.inference.engine.kv_cache import KvSpec, SlotBatch, width_class
+from services.inference.engine.prefix_cache import Block, PrefixCache
 from services.inference.engine.sequence import Phase, Sequence
 from services.inference.engine.session import DecodeBinding, ModelRunner
 from services.inference.engine.types import Delta
@@ -43,11 +47,19 @@ class SchedulerSettings:
     queue_capacity: int = 128
     decode_rows: int = 16  # rows per model call; larger batches run as several calls
     kv_budget_bytes: int = 0  # KV cache all admitted sequences may reserve; 0 = derived from the machine
+    prefix_cache: bool = True  # keep prompt blocks for later requests with the same prefix
+    prefix_cache_bytes: int = 256 * 1024 * 1024  # at most this much, inside kv_budget_bytes
+    prefix_block_tokens: int = 8  # tokens per cached block; divides prefill_chunk
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batched_tokens", "prefill_chunk", "queue_capacity", "decode_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefix_block_tokens < 1 or self.prefill_chunk % self.prefix_block_tokens:
+            raise ValueError(f"prefix_block_tokens must divide prefill_chunk ({self.prefill_chunk}), "
+                             f"got {self.prefix_block_tokens}")
+        if self.prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be >= 0, got {self.prefix_cache_bytes}")
         if self.kv_budget_bytes < 0:
             raise ValueError(f"kv_budget_bytes must be >= 0 (0 = derived from the machine), got {self.kv_budget_bytes}")
 
@@ -58,6 +70,7 @@ class StepPlan:
     admitted: list[Sequence] = field(default_factory=list)
     decode: list[Sequence] = field(default_factory=list)
     prefill: list[tuple[Sequence, int]] = field(default_factory=list)
+    reuse: list[tuple[Sequence, list[Block]]] = field(default_factory=list)  # cached blocks to copy in
 
 
 @dataclass
@@ -66,6 +79,7 @@ class Counters:
     generated_total: int = 0
     kv_tokens: int = 0
     steps: int = 0
+    prefill_tokens_total: int = 0  # prompt tokens run through the model (cache hits not included)
     recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=256))
 
     def tokens_per_second(self, window_s: float = 2.0) -> float:
@@ -95,7 +109,8 @@ class _NoObserver:
 
 class Scheduler:
     def __init__(self, runner: ModelRunner, spec: KvSpec, settings: SchedulerSettings, *, max_width: int,
-                 kv_budget: int, observer: StepObserver | None = None) -> None:
+                 kv_budget: int, observer: StepObserver | None = None, prefix: PrefixCache | None = None,
+                 block: int = 0) -> None:
         self.runner = runner
         self.spec = spec
         self.settings = settings
@@ -104,6 +119,8 @@ class Scheduler:
         self.reserved_bytes = 0  # the admitted sequences' reservations (decode thread)
         self.counters = Counters()
         self._observer = observer or _NoObserver()
+        self.prefix = prefix
+        self.block = block  # tokens per prefix-cache block
         self._waiting: list[tuple[int, int, Sequence]] = []
         self._order = itertools.count()
         self._running: list[Sequence] = []  # owned by the decode thread
@@ -214,11 +231,12 @@ class Scheduler:
         for seq in self._running:
             if seq.cancelled and not seq.finished:
                 plan.leaving.append(seq)
+                self._unpin(seq)
         self._running = [s for s in self._running if not s.cancelled]
         reserved = self.reserved_bytes - sum(self._reservation(s) for s in plan.leaving)
         while self._waiting and len(self._running) < self.settings.max_batch_size:
             seq = self._waiting[0][2]
-            if reserved + self._reservation(seq) > self.kv_budget and self._running:
+            if not self._room(reserved + self._reservation(seq)) and self._running:
                 break  # waits for room; nothing behind it overtakes it
             heapq.heappop(self._waiting)
             reserved += self._reservation(seq)
@@ -228,16 +246,53 @@ class Scheduler:
         plan.decode = [s for s in self._running if s.phase is Phase.DECODE]
         budget = self.settings.max_batched_tokens - len(plan.decode)
         chunk = min(self.settings.prefill_chunk, self.settings.max_batched_tokens)
+        computing: set[bytes] = set()  # blocks this step's chunks complete
         for seq in self._running:
             if seq.phase is not Phase.PREFILL:
                 continue
-            start = seq.prefilled
+            start = seq.prefilled + self._block * len(self._reuse(seq, plan))
+            if self._cacheable(seq, start) and seq.prefix_keys[start // self._block] in computing:
+                continue  # another sequence computes its next block in this step
             size = min(chunk - start % chunk, len(seq.prompt_ids) - start)
             if plan.prefill and size > budget:
                 break
             plan.prefill.append((seq, size))
             budget -= size
+            if self._cacheable(seq, start):
+                computing.update(seq.prefix_keys[start // self._block : (start + size) // self._block])
         return plan
+
+    @property
+    def _block(self) -> int:
+        return self.block or self.settings.prefill_chunk
+
+    def _room(self, reserved: int) -> bool:
+        """Whether `reserved` bytes of sequences fit beside the pinned cache blocks (evicting others)."""
+        if self.prefix is None:
+            return reserved <= self.kv_budget
+        if reserved + self.prefix.pinned_bytes > self.kv_budget:
+            return False
+        self.prefix.evict_to(self.kv_budget - reserved)
+        return True
+
+    def _cacheable(self, seq: Sequence, start: int) -> bool:
+        """Whether the block at `start` is one the cache may give or take for `seq`."""
+        return (self.prefix is not None and start == self._block * len(seq.pinned)
+                and start // self._block < len(seq.prefix_keys))
+
+    def _reuse(self, seq: Sequence, plan: StepPlan) -> list[Block]:
+        """The cached blocks `seq` continues with from where its prefill stands, pinned for it."""
+        blocks: list[Block] = []
+        while self.prefix is not None and self._cacheable(seq, seq.prefilled + self._block * len(blocks)):
+            key = seq.prefix_keys[len(seq.pinned)]
+            found = self.prefix.take(key)
+            if found is None:
+                break
+            seq.pinned.append(key)
+            blocks.append(found)
+        if blocks:
+            plan.reuse.append((seq, blocks))
+        return blocks
 
     # ---- one step -------------------------------------------------------------------------------
     def _step(self, plan: StepPlan) -> list[tuple[Sequence, Delta]]:
@@ -249,6 +304,8 @@ class Scheduler:
         for group in list(self._groups):
             if group.decoding.any():
                 events += self._decode(group)
+        for seq, blocks in plan.reuse:  # after the decode: a dummy row's write at its length is overwritten
+            self._copy_in(seq, blocks)
         for seq, size in plan.prefill:
             delta = self._prefill(seq, size)
             if delta is not None:
@@ -294,13 +351,40 @@ class Scheduler:
         mask = np.zeros((1, group.width), dtype=np.int64)
         mask[0, : start + size] = 1
         logits = self.runner.prefill(ids, mask, group.slot_view(slot))
+        self.counters.prefill_tokens_total += size
         seq.prefilled = start + size
+        self._copy_out(seq, group, slot)
         done = seq.prefilled == len(seq.prompt_ids)
         group.prefilled(slot, seq.prefilled, done)
         if not done:
             return None
         seq.phase = Phase.DECODE
         return seq.choose(logits[0])
+
+    def _copy_in(self, seq: Sequence, blocks: list[Block]) -> None:
+        group, slot = self._where[seq.seq_id]
+        for block in blocks:
+            group.write_columns(slot, seq.prefilled, block.data)
+            seq.prefilled += self._block
+        group.prefilled(slot, seq.prefilled, False)
+
+    def _copy_out(self, seq: Sequence, group: SlotBatch, slot: int) -> None:
+        """Add the blocks the sequence's prefill completed to the cache (until one finds no room)."""
+        while self.prefix is not None and self._cacheable(seq, start := self._block * len(seq.pinned)):
+            if start + self._block > seq.prefilled:
+                return
+            key = seq.prefix_keys[len(seq.pinned)]
+            data = group.read_columns(slot, start, start + self._block)
+            if not self.prefix.add(key, data, self.kv_budget - self.reserved_bytes):
+                seq.prefix_keys = seq.prefix_keys[: len(seq.pinned)]  # no room: stop caching this prompt
+                return
+            seq.pinned.append(key)
+
+    def _unpin(self, seq: Sequence) -> None:
+        if self.prefix is not None:
+            for key in seq.pinned:
+                self.prefix.unpin(key)
+        seq.pinned = []
 
     def _place(self, seq: Sequence) -> None:
         """A slot in the fullest batch of the sequence's width class (a new batch when none has room)."""
@@ -316,6 +400,7 @@ class Scheduler:
         self.reserved_bytes += self._reservation(seq)
 
     def _drop(self, seq: Sequence) -> None:
+        self._unpin(seq)
         self._by_id.pop(seq.seq_id, None)
         placed = self._where.pop(seq.seq_id, None)
         if placed is None:

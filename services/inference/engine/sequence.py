@@ -43,6 +43,8 @@ class Sequence:
     cancelled: bool = False
     submitted_at: float = 0.0  # time.monotonic() when admitted to the queue
     events: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue)
+    prefix_keys: list[bytes] = field(default_factory=list)  # keys of its cacheable prompt blocks
+    pinned: list[bytes] = field(default_factory=list)  # blocks 0..n-1 it holds in the prefix cache
 
     @classmethod
     def create(cls, request_id: str, prompt_ids: list[int], max_tokens: int, sampler: Sampler,

@@ -43,6 +43,7 @@ class GenerationRequest:
     sampling: Sampling = field(default_factory=Sampling)
     traffic_class: TrafficClass = TrafficClass.INTERACTIVE
     stream: StreamSettings = field(default_factory=StreamSettings)
+    tenant_id: str = ""  # prefix-cache blocks are shared within one tenant only
 
 
 @dataclass(frozen=True)
@@ -91,3 +92,8 @@ class LoadReport:
     cancelled_total: int
     generated_total: int
     ready: bool
+    prefill_tokens_total: int = 0  # prompt tokens computed (not served from the prefix cache)
+    prefix_cache_hits: int = 0  # blocks served from the prefix cache
+    prefix_cache_misses: int = 0  # cacheable blocks prefilled
+    prefix_cache_blocks: int = 0
+    prefix_cache_bytes: int = 0

@@ -99,7 +99,7 @@ class Dispatcher:
                 request_id=request_id, prompt=plan.prompt if plan.raw_prompt else "",
                 messages=() if plan.raw_prompt else plan.messages, sampling=plan.sampling_max,  # type: ignore[arg-type]
                 traffic_class=plan.traffic_class, coalesce_ms=plan.request.coalesce_ms,
-                coalesce_tokens=plan.request.coalesce_tokens,
+                coalesce_tokens=plan.request.coalesce_tokens, tenant_id=plan.tenant_id,
             )
             tried: set[str] = set()
             for _ in range(settings.max_attempts):

@@ -59,6 +59,7 @@ class Plan:
     new_turn: tuple[Message, ...]
     tags: dict[str, str]
     request: GenerationRequest
+    tenant_id: str = ""  # the replica's prefix cache shares prompt blocks within one tenant only
 
 
 def prompt_token_bound(prompt: str, messages: tuple[Message, ...], raw: bool) -> int:
@@ -223,4 +224,4 @@ class Planner:
             key = await offload.sized(size, cache_key, model.name, version.version, resolved, prompt, messages,
                                       req.raw_prompt, policy.normalize_cache_keys, scope=scope)
         return Plan(model, version, policy, traffic, prompt, messages, req.raw_prompt, max_tokens, resolved, bound,
-                    exact, key, req.context_id, new_turn, dict(ctx.tags), req)
+                    exact, key, req.context_id, new_turn, dict(ctx.tags), req, principal.tenant_id)

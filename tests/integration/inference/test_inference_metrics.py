@@ -90,3 +90,23 @@ async def test_engine_metrics_follow_generation_and_cancellation(processes) -> N
         assert (freed["autoglm_inference_active_sequences"], freed["autoglm_inference_kv_cache_bytes"]) == (0, 0)
         assert freed["autoglm_inference_tokens_generated_total"] > after["autoglm_inference_tokens_generated_total"]
         assert freed["autoglm_inference_queue_capacity"] > 0 and freed["autoglm_inference_queue_depth"] == 0
+
+
+async def test_prefix_cache_metrics_count_hits_misses_blocks_and_prefill_tokens(processes) -> None:
+    address, url = await start_replica(processes)
+    prompt = "Here is a short story about a lighthouse keeper who finds a message in a bottle. " * 3
+    async with grpc.aio.insecure_channel(address) as chan:
+        stub = pb2_grpc.InferenceServiceStub(chan)
+        first = await generate(stub, request(prompt, max_tokens=2))
+        cold = await asyncio.to_thread(scrape, url)
+        await generate(stub, request(prompt, max_tokens=2))
+        warm = await asyncio.to_thread(scrape, url)
+    tokens = first.last.usage.prompt_tokens
+    blocks = (tokens - 2) // 8
+    assert cold["autoglm_inference_prefill_tokens_total"] == tokens
+    assert (cold["autoglm_inference_prefix_cache_misses_total"], cold["autoglm_inference_prefix_cache_hits_total"]) == (
+        blocks, 0)
+    assert cold["autoglm_inference_prefix_cache_blocks"] == blocks > 0
+    assert warm["autoglm_inference_prefix_cache_hits_total"] == blocks
+    assert warm["autoglm_inference_prefill_tokens_total"] == 2 * tokens - blocks * 8
+    assert warm["autoglm_inference_prefix_cache_bytes"] == cold["autoglm_inference_prefix_cache_bytes"] > 0

@@ -1,11 +1,16 @@
 """Tenants never see each other's generations: the response cache and single-flight are keyed by
-tenant, unless both tenants' policies explicitly share the model's cache."""
+tenant, unless both tenants' policies explicitly share the model's cache; a replica's prefix cache
+shares prompt blocks within one tenant only."""
 
 from __future__ import annotations
 
 import asyncio
 
+import grpc
+
 from autoglm.common.v1 import generation_pb2
+from autoglm.inference.v1 import inference_service_pb2 as inference_pb2
+from autoglm.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from autoglm.router.v1 import admin_service_pb2 as admin_pb2
 from autoglm.router.v1 import router_service_pb2 as pb2
 from tests.integration.router.conftest import ADMIN_TOKEN, MODEL, Mesh
@@ -66,3 +71,24 @@ async def test_tenants_whose_policies_share_the_model_share_cache_and_generation
         stub.Complete(ask("Name a fruit.", 12), metadata=bearer(globex), timeout=120))
     assert sorted(r.usage.cached for r in replies) == [False, True]
     assert replies[0].choices[0].text == replies[1].choices[0].text
+
+
+async def test_the_replicas_prefix_cache_is_shared_within_a_tenant_only(mesh: Mesh) -> None:
+    acme, _ = await mesh.create_key("acme")
+    globex, _ = await mesh.create_key("globex")
+    stub = mesh.router_stub
+
+    async def hits() -> int:
+        async with grpc.aio.insecure_channel(mesh.inference.address) as channel:
+            call = inference_grpc.InferenceServiceStub(channel).WatchLoad(inference_pb2.WatchLoadRequest(interval_ms=50))
+            report = await asyncio.wait_for(call.read(), 30)
+            call.cancel()
+            return int(report.prefix_cache_hits)
+
+    prompt = "A long note about the harbour, its boats, its tides and the people who work there. " * 6
+    await stub.Complete(ask(prompt, 3), metadata=bearer(acme), timeout=120)
+    before = await hits()
+    await stub.Complete(ask(prompt, 4), metadata=bearer(globex), timeout=120)  # another tenant: its own prefill
+    assert await hits() == before
+    await stub.Complete(ask(prompt, 5), metadata=bearer(acme), timeout=120)  # the same tenant: the cached blocks
+    assert await hits() > before

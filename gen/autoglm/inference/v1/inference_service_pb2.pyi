@@ -25,20 +25,22 @@ PRECISION_INT8: Precision
 PRECISION_INT4: Precision
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "messages", "sampling", "traffic_class", "stream_options")
+    __slots__ = ("request_id", "prompt", "messages", "sampling", "traffic_class", "stream_options", "tenant_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TRAFFIC_CLASS_FIELD_NUMBER: _ClassVar[int]
     STREAM_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[_generation_pb2.ChatMessage]
     sampling: _generation_pb2.SamplingParams
     traffic_class: _generation_pb2.TrafficClass
     stream_options: _generation_pb2.StreamOptions
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_generation_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., traffic_class: _Optional[_Union[_generation_pb2.TrafficClass, str]] = ..., stream_options: _Optional[_Union[_generation_pb2.StreamOptions, _Mapping]] = ...) -> None: ...
+    tenant_id: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_generation_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., traffic_class: _Optional[_Union[_generation_pb2.TrafficClass, str]] = ..., stream_options: _Optional[_Union[_generation_pb2.StreamOptions, _Mapping]] = ..., tenant_id: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "token_ids", "finish_reason", "usage")
@@ -101,7 +103,7 @@ class WatchLoadRequest(_message.Message):
     def __init__(self, interval_ms: _Optional[int] = ...) -> None: ...
 
 class WatchLoadResponse(_message.Message):
-    __slots__ = ("replica_id", "time", "queue_depth", "queue_capacity", "active_sequences", "max_batch_size", "kv_cache_tokens", "kv_cache_bytes", "tokens_per_second", "cancelled_total", "ready")
+    __slots__ = ("replica_id", "time", "queue_depth", "queue_capacity", "active_sequences", "max_batch_size", "kv_cache_tokens", "kv_cache_bytes", "tokens_per_second", "cancelled_total", "ready", "prefill_tokens_total", "prefix_cache_hits", "prefix_cache_misses", "prefix_cache_blocks", "prefix_cache_bytes")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +115,11 @@ class WatchLoadResponse(_message.Message):
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     time: _timestamp_pb2.Timestamp
     queue_depth: int
@@ -124,4 +131,9 @@ class WatchLoadResponse(_message.Message):
     tokens_per_second: float
     cancelled_total: int
     ready: bool
-    def __init__(self, replica_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., active_sequences: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., cancelled_total: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
+    prefill_tokens_total: int
+    prefix_cache_hits: int
+    prefix_cache_misses: int
+    prefix_cache_blocks: int
+    prefix_cache_bytes: int
+    def __init__(self, replica_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., active_sequences: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., cancelled_total: _Optional[int] = ..., ready: _Optional[bool] = ..., prefill_tokens_total: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_misses: _Optional[int] = ..., prefix_cache_blocks: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ...) -> None: ...
