@@ -371,5 +371,8 @@ async def test_a_client_closing_after_5_chunks_stops_its_sequence_within_one_ste
     totals = await settled(mesh, "http-hangup", 1)
     assert totals.by_status == {"cancelled": 1}
     billed = totals.completion_tokens
-    # The tokens billed are those the router received; the replica generated at most one decode step more.
-    assert 5 <= billed <= generated <= billed + 1, (billed, generated)
+    # The tokens billed are those the router received (a few may still have been on the wire from the
+    # replica when the router cancelled); once the cancel reached the replica, it ran at most the one step
+    # already under way.
+    assert 5 <= billed <= generated, (billed, generated)
+    assert after["steps_after_cancel_total"] - before.get("steps_after_cancel_total", 0) <= 1

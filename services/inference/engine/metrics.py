@@ -39,6 +39,8 @@ _GAUGES = (
 _COUNTERS = (
     ("autoglm_inference_tokens_generated", "Tokens generated", "generated_total"),
     ("autoglm_inference_cancelled", "Sequences cancelled (client cancel or deadline)", "cancelled_total"),
+    ("autoglm_inference_steps_after_cancel", "Model steps cancelled sequences ran after their cancel arrived "
+     "(the step under way when it arrived: at most one each)", "steps_after_cancel_total"),
     ("autoglm_inference_prefill_tokens", "Prompt tokens computed (not served from the prefix cache)",
      "prefill_tokens_total"),
     ("autoglm_inference_prefix_cache_hits", "Prompt blocks served from the prefix cache", "prefix_cache_hits"),

@@ -76,6 +76,8 @@ class StepPlan:
 @dataclass
 class Counters:
     cancelled_total: int = 0
+    # Model steps cancelled sequences ran after their cancel arrived (a step already under way: at most 1).
+    steps_after_cancel_total: int = 0
     generated_total: int = 0
     kv_tokens: int = 0
     steps: int = 0
@@ -186,6 +188,7 @@ class Scheduler:
             if seq.finished or seq.cancelled:
                 return
             seq.cancelled = True
+            seq.cancelled_at_step = self.counters.steps
             if seq.phase is Phase.WAITING:
                 self._waiting = [entry for entry in self._waiting if entry[2] is not seq]
                 heapq.heapify(self._waiting)
@@ -298,6 +301,7 @@ class Scheduler:
     def _step(self, plan: StepPlan) -> list[tuple[Sequence, Delta]]:
         events: list[tuple[Sequence, Delta]] = []
         for seq in plan.leaving:
+            self.counters.steps_after_cancel_total += max(0, self.counters.steps - seq.cancelled_at_step)
             self._drop(seq)
         for seq in plan.admitted:
             self._place(seq)

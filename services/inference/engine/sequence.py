@@ -41,6 +41,7 @@ class Sequence:
     next_token: int = -1  # sampled, not yet in the cache
     finish_reason: FinishReason | None = None
     cancelled: bool = False
+    cancelled_at_step: int = -1  # the scheduler's completed steps when the cancel arrived
     submitted_at: float = 0.0  # time.monotonic() when admitted to the queue
     events: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue)
     prefix_keys: list[bytes] = field(default_factory=list)  # keys of its cacheable prompt blocks

@@ -92,6 +92,7 @@ class LoadReport:
     cancelled_total: int
     generated_total: int
     ready: bool
+    steps_after_cancel_total: int = 0  # model steps cancelled sequences ran after their cancel arrived
     prefill_tokens_total: int = 0  # prompt tokens computed (not served from the prefix cache)
     prefix_cache_hits: int = 0  # blocks served from the prefix cache
     prefix_cache_misses: int = 0  # cacheable blocks prefilled
