@@ -71,6 +71,10 @@ TOPICS = ("a lighthouse keeper", "a lost dog", "a river town", "a young baker", 
           "a busy market", "a quiet library", "a fishing boat", "a winter garden", "a travelling circus",
           "a city bus driver", "a school robot", "a desert well", "a forest fire", "a painter's cat")
 HI = "Hi"
+# With --budget-min, the latency rounds stop after this share of it (never before MIN_LATENCY_ROUNDS), and
+# no stream round starts that would, at the pace so far, end after the rest.
+LATENCY_SHARE = 0.3
+MIN_LATENCY_ROUNDS = 30
 
 
 def prompts(round_no: int, count: int) -> list[str]:
@@ -149,7 +153,11 @@ async def latency(mesh: Mesh, llama_port: int, litellm_port: int, plan: dict[str
             await call()
     timed: dict[str, list[float]] = {name: [] for name in calls}
     orders = list(itertools.permutations(calls))
-    for i in range(plan["latency_rounds"]):  # rounds, so drift hits every path alike; the order rotates so
+    deadline = time.monotonic() + plan["budget_s"] * LATENCY_SHARE
+    for i in range(plan["latency_rounds"]):
+        if i >= MIN_LATENCY_ROUNDS and time.monotonic() > deadline:
+            print(f"latency: time budget spent after {i} rounds", file=sys.stderr, flush=True)
+            break  # rounds, so drift hits every path alike; the order rotates so
         # that each one's work after answering precedes each of the others equally often
         for name in orders[i * 7 % len(orders)]:
             start = time.perf_counter()
@@ -186,7 +194,12 @@ async def streams(mesh: Mesh, llama_port: int, plan: dict[str, Any]) -> dict[str
         await stream_round(pools[server][:2], bodies[server](8), ["Say hello.", "Say goodbye."])
     out: dict[str, dict[str, list[dict[str, Any]]]] = {server: {str(n): [] for n in plan["streams"]}
                                                        for server in pools}
+    started = time.monotonic()
     for round_no in range(plan["stream_rounds"]):
+        spent = time.monotonic() - started
+        if round_no and spent + spent / round_no > plan["budget_s"] * (1 - LATENCY_SHARE):
+            print(f"streams: time budget spent after {round_no} rounds", file=sys.stderr, flush=True)
+            break
         order = list(pools) if round_no % 2 == 0 else list(reversed(pools))
         for n in plan["streams"]:
             texts = prompts(round_no, n)
@@ -217,19 +230,36 @@ async def run(plan: dict[str, Any]) -> dict[str, Any]:
             stop(processes)
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke test: few rounds, written to the temp folder")
+    parser.add_argument("--latency-rounds", type=int, help="1-token latency rounds (default: 300, --quick 12)")
+    parser.add_argument("--stream-rounds", type=int, help="stream rounds (default: 5, --quick 1)")
+    parser.add_argument("--budget-min", type=float, default=0.0,
+                        help="stop starting rounds after about this many minutes (a busy machine); 0: no limit")
     parser.add_argument("--out", type=Path, default=None, help="where to write http.json and http.png")
     args = parser.parse_args()
     configure_logging("bench", "WARNING")
-    plan = QUICK if args.quick else FULL
+    plan = {**(QUICK if args.quick else FULL), "budget_s": args.budget_min * 60 or float("inf")}
+    for name in ("latency_rounds", "stream_rounds"):
+        if getattr(args, name):
+            plan[name] = getattr(args, name)
     out = args.out or (Path(tempfile.gettempdir()) / "autoglm-bench-http-quick" if args.quick else RESULTS)
     load = os.getloadavg()
     raw = asyncio.run(run(plan))
     gguf, buffers = raw.pop("gguf"), raw.pop("llama_buffers")
+    planned = {k: list(v) if isinstance(v, tuple) else v for k, v in plan.items() if k != "budget_s"}
     settings = {
-        "quick": args.quick, **{k: list(v) if isinstance(v, tuple) else v for k, v in plan.items()},
+        "quick": args.quick, **planned, "planned_rounds": {k: plan[k] for k in ("latency_rounds", "stream_rounds")},
+        "latency_rounds": len(raw["latency_ms"]["http_router"]),
+        "stream_rounds": len(raw["streams"]["ours"]["1"]), "budget_min": args.budget_min or None,
         "transport": "plaintext gRPC and HTTP alike (no TLS, no sidecars)",
         "client": "one keep-alive HTTP/1.1 connection per stream (asyncio + httptools) for every HTTP server; "
                   "grpc.aio for gRPC",
@@ -239,7 +269,9 @@ def main() -> None:
                           "EOS not suppressed (neither API offers it): tokens per stream are recorded and compared",
         "prompts_round_0": prompts(0, max(plan["streams"])),
         "inference": {"threads": LLAMA_THREADS, "scheduler": "defaults (max_batch_size 16)"},
-        "llama_server": {"n_threads": LLAMA_THREADS, "n_threads_batch": LLAMA_THREADS, "interrupt_requests": False,
+        "llama_server": {"command": f"python -m llama_cpp.server --model {gguf} --model_alias {LLAMA_ALIAS} "
+                                    f"--n_threads {LLAMA_THREADS} --n_threads_batch {LLAMA_THREADS} "
+                                    "--interrupt_requests False", "n_threads": LLAMA_THREADS, "n_threads_batch": LLAMA_THREADS, "interrupt_requests": False,
                          "weight_buffers": buffers if buffers == "default" else
                          "plain CPU buffers (bench/http/llama_server.py): its AMX/repacked buffers died with a signal "
                          "on this CPU"},
@@ -248,7 +280,7 @@ def main() -> None:
         "ratios": "targets: median over rounds of ours / anchor within a round (latency: ratio of p50 differences); "
                   "results.ratios_of_medians gives the ratios of the medians",
     }
-    machine = {"cpus": os.cpu_count(), "python": platform.python_version(),
+    machine = {"cpus": os.cpu_count(), "cpu": cpu_model(), "python": platform.python_version(),
                "load_average_at_start": [round(x, 2) for x in load],
                "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
     document = report.write(raw, settings, machine, out)
