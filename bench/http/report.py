@@ -35,16 +35,20 @@ def paired(ours: list[float], anchor: list[float]) -> float | None:
 
 def latency_results(latency: dict[str, list[float]]) -> dict[str, Any]:
     p50 = {name: statistics.median(values) for name, values in latency.items()}
-    http_minus_grpc = [h - g for h, g in zip(latency["http_router"], latency["grpc_router"], strict=True)]
+    def paired_median(a: str, b: str) -> float:
+        return statistics.median(x - y for x, y in zip(latency[a], latency[b], strict=True))
+
     return {
         "rounds": len(latency["http_router"]),
         "p50_ms": p50,
         "p99_ms": {name: pct(values, 0.99) for name, values in latency.items()},
         "http_added_over_grpc_p50_ms": p50["http_router"] - p50["grpc_router"],
-        "http_added_over_grpc_paired_median_ms": statistics.median(http_minus_grpc),
+        "http_added_over_grpc_paired_median_ms": paired_median("http_router", "grpc_router"),
         "ours_http_added_over_inference_p50_ms": p50["http_router"] - p50["grpc_direct"],
+        "ours_http_added_over_inference_paired_median_ms": paired_median("http_router", "grpc_direct"),
         "ours_grpc_added_over_inference_p50_ms": p50["grpc_router"] - p50["grpc_direct"],
         "litellm_added_over_llama_server_p50_ms": p50["litellm"] - p50["llama_direct"],
+        "litellm_added_over_llama_server_paired_median_ms": paired_median("litellm", "llama_direct"),
     }
 
 
@@ -78,6 +82,9 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
         "ttft_1_stream_ours_over_llama_server": per_round("median_ttft_ms", "1"),
         "ours_added_over_litellm_added": _ratio(latency["ours_http_added_over_inference_p50_ms"],
                                                 latency["litellm_added_over_llama_server_p50_ms"]),
+        "ours_added_over_litellm_added_paired_medians": _ratio(
+            latency["ours_http_added_over_inference_paired_median_ms"],
+            latency["litellm_added_over_llama_server_paired_median_ms"]),
     }
     of_medians = {
         f"aggregate_{many}_streams_ours_over_llama_server": _ratio(streams["ours"][many]["aggregate_tok_s"],
@@ -112,7 +119,10 @@ def targets(results: dict[str, Any], settings: dict[str, Any]) -> list[dict[str,
                    f"llama.cpp's server added {latency['litellm_added_over_llama_server_p50_ms']:.2f} ms p50 over "
                    f"calling that server directly; router HTTP added "
                    f"{latency['ours_http_added_over_inference_p50_ms']:.2f} ms over Generate on the inference "
-                   f"replica directly; 1-token chat completions, {rounds}"},
+                   f"replica directly; 1-token chat completions, {rounds}; with medians of the per-round "
+                   f"differences instead: ours {latency['ours_http_added_over_inference_paired_median_ms']:.2f} ms, "
+                   f"LiteLLM {latency['litellm_added_over_llama_server_paired_median_ms']:.2f} ms, ratio "
+                   f"{_fmt(ratios['ours_added_over_litellm_added_paired_medians'])}"},
         {"name": f"{many}-stream aggregate tokens/s, ours / llama.cpp server",
          "measured": ratios[f"aggregate_{many}_streams_ours_over_llama_server"], "target": 2.0, "better": "higher",
          "anchor": llama},
@@ -122,6 +132,10 @@ def targets(results: dict[str, Any], settings: dict[str, Any]) -> list[dict[str,
         {"name": "1-stream TTFT, ours / llama.cpp server", "measured": ratios["ttft_1_stream_ours_over_llama_server"],
          "target": 0.7, "better": "lower", "anchor": llama},
     ]
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _rounded(value: Any) -> Any:
@@ -154,10 +168,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.4))
     latency = results["latency"]
-    added = {"router HTTP\nover router gRPC": latency["http_added_over_grpc_p50_ms"],
-             "router HTTP\nover inference": latency["ours_http_added_over_inference_p50_ms"],
-             "LiteLLM over\nllama.cpp server": latency["litellm_added_over_llama_server_p50_ms"]}
-    left.bar(range(len(added)), list(added.values()), color=["tab:blue", "tab:blue", "tab:orange"])
+    added = {"router HTTP\nover router gRPC": ("http_added_over_grpc_p50_ms", "http_added_over_grpc_paired_median_ms"),
+             "router HTTP\nover inference": ("ours_http_added_over_inference_p50_ms",
+                                             "ours_http_added_over_inference_paired_median_ms"),
+             "LiteLLM over\nllama.cpp server": ("litellm_added_over_llama_server_p50_ms",
+                                                "litellm_added_over_llama_server_paired_median_ms")}
+    for offset, which, label in ((-0.2, 0, "p50 - p50"), (0.2, 1, "median of per-round differences")):
+        left.bar([x + offset for x in range(len(added))], [latency[keys[which]] for keys in added.values()],
+                 width=0.4, label=label)
+    left.legend()
     left.set_xticks(range(len(added)), list(added))
     left.axhline(0, color="black", linewidth=0.8)
     left.set_ylabel("added p50 (ms), 1-token chat completion")
@@ -170,13 +189,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
                    label=label)
         right.bar([x + offset for x in xs], [streams[server][n]["aggregate_tok_s"] for n in levels], width=0.4,
                   label=label)
-    for axis, title, unit in ((middle, "Median TTFT, streamed", "ms"),
+    for axis, title, unit in ((middle, "Median TTFT, streamed (log scale)", "ms"),
                               (right, "Aggregate tokens/s, streamed", "tokens/s")):
         axis.set_xticks(list(xs), [f"{n} stream{'s' if n != '1' else ''}" for n in levels])
         axis.set_ylabel(unit)
-        axis.set_yscale("log")
         axis.set_title(title)
         axis.legend()
+    middle.set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
