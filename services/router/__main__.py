@@ -1,5 +1,6 @@
 """`python -m services.router --port P [--config FILE] [--inference A,B] [--billing H:P] [--data-dir D]
-[--http-port P [--http-tls-cert PEM --http-tls-key PEM]]`."""
+[--http-port P [--http-tls-cert PEM --http-tls-key PEM]] [--database DSN] [--key-pepper-path F]
+[--admin-token-path F] [--rate-limit-redis-url URL]`."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, default=None, help="OpenAI-compatible HTTP API port (0: off)")
     parser.add_argument("--http-tls-cert", default=None, help="PEM certificate for HTTPS on --http-port")
     parser.add_argument("--http-tls-key", default=None, help="PEM key of --http-tls-cert")
+    parser.add_argument("--database", default=None, help="postgresql://... shared by router replicas (router.database)")
+    parser.add_argument("--key-pepper-path", default=None, help="file holding the API-key pepper (router.key_pepper_path)")
+    parser.add_argument("--admin-token-path", default=None, help="file holding the admin token (router.admin_token_path)")
+    parser.add_argument("--rate-limit-redis-url", default=None, help="Redis for rate limits shared by replicas")
 
 
 def config_from(settings: ServerSettings, args: argparse.Namespace) -> RouterConfig:
@@ -48,7 +53,8 @@ def config_from(settings: ServerSettings, args: argparse.Namespace) -> RouterCon
         overrides["billing_target"] = args.billing
     elif not config.billing_target:
         overrides["billing_target"] = DEFAULT_BILLING
-    for flag in ("http_port", "http_tls_cert", "http_tls_key"):
+    for flag in ("http_port", "http_tls_cert", "http_tls_key", "database", "key_pepper_path", "admin_token_path",
+                 "rate_limit_redis_url"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
     if args.data_dir:

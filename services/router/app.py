@@ -60,6 +60,13 @@ DEFAULT_BILLING_TARGET = "127.0.0.1:50061"
 def admin_token_of(config: RouterConfig) -> str:
     if config.admin_token:
         return config.admin_token
+    if config.admin_token_path:
+        path = Path(config.admin_token_path)
+        token = path.read_text().strip() if path.is_file() else ""
+        if not token:
+            raise ValueError(f"router.admin_token_path {path} is missing or empty: put the admin token there "
+                             "(or leave the setting empty to use <data_dir>/admin_token)")
+        return token
     return load_or_create_secret_file(config.data_dir / "admin_token", text=True).decode()
 
 
@@ -72,6 +79,7 @@ class RouterApp:
         pepper = load_or_create_secret_file(Path(config.key_pepper_path) if config.key_pepper_path
                                             else data / "key_pepper")
         stores = open_stores(config.database, data, poll_s=config.store_poll_s)
+        self._stores = stores
         self.keys = KeyStore(stores.keys, pepper)
         jwt_settings = JwtSettings(
             hs256_secret=config.jwt_hs256_secret.encode(),
@@ -228,6 +236,9 @@ class RouterApp:
 
     def healthy_replicas(self, model: ModelEntry) -> dict[str, int]:
         return self.gateway.healthy_replicas(model)
+
+    def store_available(self) -> bool:
+        return self._stores.available
 
     async def close(self) -> None:
         await self.runner.close()

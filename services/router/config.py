@@ -31,8 +31,11 @@ class RouterConfig:
     # The secret API keys are hashed with; empty: `<data_dir>/key_pepper` (made on first start). Routers
     # sharing a database must share it too (a router with another pepper refuses to start).
     key_pepper_path: str = ""
-    # Bearer token for AdminService; empty: read (or create on first start) `<data_dir>/admin_token`.
+    # Bearer token for AdminService; empty: read it from admin_token_path, else read (or create on first
+    # start) `<data_dir>/admin_token`.
     admin_token: str = ""
+    # A file holding the admin token (a mounted Secret, say); it must exist: the router never creates it.
+    admin_token_path: str = ""
     # JWT: an HS256 shared secret (at least 32 bytes) and/or a JWKS file with RS256/ES256 public keys
     # (re-read when it changes: rotate keys without a restart); the tenant claim. Tokens must carry `exp`;
     # `iss` / `aud` are required and checked when set here (recommended). Clock skew allowed: leeway.

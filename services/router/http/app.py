@@ -1,7 +1,7 @@
 """`build_app(backend, settings)`: the OpenAI-compatible HTTP API as an ASGI app over the router's gateway.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id},
-GET /health (liveness, open), GET /ready (a model with a healthy replica; open), /openapi.json and
+GET /health (liveness, open), GET /ready (the router's store reachable and a model with a healthy replica; open), /openapi.json and
 /docs. Errors are OpenAI error bodies with the one error table's statuses; never a traceback.
 """
 
@@ -55,6 +55,9 @@ def build_app(parts: Backend, settings: HttpSettings | None = None) -> FastAPI:
     @app.get("/ready", include_in_schema=False)
     async def ready(request: Request) -> JSONResponse:
         parts = backend(request)
+        if not parts.store_available():
+            return JSONResponse(errors.error_body("the router's database cannot be reached", "server_error",
+                                                  "service_unavailable", None), 503, {"retry-after": "1"})
         served = [m.name for m in parts.gateway.registry.models() if any(parts.healthy_replicas(m).values())]
         if served:
             return JSONResponse({"status": "ready", "models": served})

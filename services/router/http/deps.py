@@ -25,6 +25,8 @@ class Backend(Protocol):
 
     def healthy_replicas(self, model: ModelEntry) -> dict[str, int]: ...
 
+    def store_available(self) -> bool: ...
+
 
 def backend(request: Request) -> Backend:
     return request.app.state.backend  # type: ignore[no-any-return]

@@ -19,6 +19,11 @@ class RouterStores:
     contexts: Store
     jobs: Store
 
+    @property
+    def available(self) -> bool:
+        """False while any domain's database cannot be reached (readiness: `GET /ready`)."""
+        return all(store.available for store in (self.keys, self.policies, self.registry, self.contexts, self.jobs))
+
 
 def open_store(database: str, *, poll_s: float = 0.25, pool_size: int = 8) -> Store:
     """The store a URL names: `sqlite:///PATH` or `postgresql://...`."""

@@ -125,5 +125,8 @@ class FakeBackend:
     def healthy_replicas(self, model: ModelEntry) -> dict[str, int]:
         return {v.version: len(v.replicas) for v in model.versions}
 
+    def store_available(self) -> bool:
+        return True
+
 
 __all__ = ["KEY", "DomainError", "FakeBackend", "FakeGateway", "check_fake_matches_gateway"]
