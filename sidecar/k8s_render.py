@@ -1,17 +1,16 @@
 """Render the Kubernetes manifests of the three services from the mesh policy (`make deploy-manifests`).
 
 Per service: a ServiceAccount (its mesh identity `sa/<service>`), a Service whose port is named `grpc`
-with `appProtocol: grpc`, one workload per `versions` entry (labels `app`/`version`, gRPC health probes
-on the service port, Istio sidecar injection) and, for stateless services, a HorizontalPodAutoscaler per
-workload. Plus a ConfigMap holding the policy file itself, mounted read-only at /etc/autoglm/policy in
-every pod.
+with `appProtocol: grpc`, per `versions` entry a Deployment (labels `app`/`version`, gRPC health probes on
+the service port, Istio sidecar injection) and a HorizontalPodAutoscaler. Plus a ConfigMap holding the
+policy file itself, mounted read-only at /etc/autoglm/policy in every pod.
 
-Billing keeps its ledger in PostgreSQL and inference keeps nothing, so they run as Deployments that
-scale. The router keeps its state in SQLite files in its data dir: API keys (and the pepper and admin
-token they depend on), the model registry and audit log, policies, conversations, batch jobs, and the
-usage spool and settlement journal that make sure no usage event is lost. Two router pods with separate
-files would each know only the keys created through them, and a pod's spool would vanish with it. So
-the router runs as a StatefulSet of one replica whose data dir is a persistent volume.
+Every service scales: billing keeps its ledger in PostgreSQL, inference keeps nothing, and the router keeps
+keys, policies, the registry and audit log, conversations and batch jobs in one PostgreSQL shared by its
+replicas (`--database`, from the Secret `router-database`), its rate-limit buckets in Redis (the Secret
+`router-redis`), and the key pepper and admin token every replica must share in the Secret
+`router-secrets`, mounted as files. A router replica is ready (`GET /ready` on its HTTP port) only while
+its database answers, so a Service never sends traffic to a replica that cannot check a key.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ IMAGE = "open-autoglm:0.1.0"
 DATA_GROUP = 10001
 POLICY_CONFIGMAP = "autoglm-mesh-policy"
 POLICY_MOUNT = "/etc/autoglm/policy"
+SECRETS_MOUNT = "/etc/autoglm/secrets"
 HEADER = ("# Rendered from {policy} by `make deploy-manifests` (sidecar/k8s_render.py): do not edit by hand.\n"
           "# {intent}\n")
 
@@ -44,7 +44,8 @@ class Workload:
     max_replicas: int
     startup_s: int  # how long the first health check may take (model load)
     env: tuple[dict[str, Any], ...] = ()
-    data_volume: str = ""  # a persistent volume of this size for the data dir: a one-replica StatefulSet
+    # A Secret mounted read-only as files at SECRETS_MOUNT (the router's key pepper and admin token).
+    secret_volume: str = ""
     # The OpenAI-compatible HTTP API (router only): plain HTTP in the pod, the Istio sidecar does mTLS and
     # an ingress gateway terminates the clients' TLS, as for the gRPC port.
     http_port: int = 0
@@ -52,11 +53,17 @@ class Workload:
 
 WORKLOADS = {
     "router": Workload(
-        port=50051, metrics_port=9101, cpu="500m", memory="512Mi", min_replicas=1, max_replicas=1, startup_s=30,
+        port=50051, metrics_port=9101, cpu="500m", memory="512Mi", min_replicas=2, max_replicas=10, startup_s=30,
         http_port=8080,
+        # The data dir holds only the usage spool and settlement journal (events on their way to billing).
         args=("--inference", "inference.{namespace}.svc.cluster.local:50071",
-              "--billing", "billing.{namespace}.svc.cluster.local:50061", "--data-dir", "/var/lib/autoglm/router"),
-        data_volume="2Gi"),
+              "--billing", "billing.{namespace}.svc.cluster.local:50061", "--data-dir", "/var/lib/autoglm/router",
+              "--database", "$(ROUTER_DATABASE_URL)", "--rate-limit-redis-url", "$(ROUTER_REDIS_URL)",
+              "--key-pepper-path", SECRETS_MOUNT + "/key_pepper", "--admin-token-path", SECRETS_MOUNT + "/admin_token"),
+        env=({"name": "ROUTER_DATABASE_URL",
+              "valueFrom": {"secretKeyRef": {"name": "router-database", "key": "url"}}},
+             {"name": "ROUTER_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": "router-redis", "key": "url"}}}),
+        secret_volume="router-secrets"),
     "inference": Workload(
         port=50071, metrics_port=9110, cpu="2", memory="3Gi", min_replicas=1, max_replicas=8, startup_s=300,
         args=()),  # the image carries a built model in its model cache (`make model`)
@@ -113,36 +120,31 @@ def deployment(policy: Policy, name: str, version: str) -> dict[str, Any]:
         "env": [{"name": "AUTOGLM_LOG_LEVEL", "value": "INFO"}, *w.env],
         "resources": {"requests": {"cpu": w.cpu, "memory": w.memory}, "limits": {"memory": w.memory}},
         "startupProbe": _probe(w.port, 5, max(1, w.startup_s // 5)),
-        "readinessProbe": _probe(w.port, 5, 3),
+        # The router is ready only while its store answers (GET /ready), alive while it serves gRPC health.
+        "readinessProbe": ({"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3,
+                            "timeoutSeconds": 2} if w.http_port else _probe(w.port, 5, 3)),
         "livenessProbe": _probe(w.port, 10, 3),
         "volumeMounts": [{"name": "policy", "mountPath": POLICY_MOUNT, "readOnly": True},
                          {"name": "data", "mountPath": "/var/lib/autoglm"}],
         "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
     }
-    volumes: list[dict[str, Any]] = [{"name": "policy", "configMap": {"name": POLICY_CONFIGMAP}}]
+    volumes: list[dict[str, Any]] = [{"name": "policy", "configMap": {"name": POLICY_CONFIGMAP}},
+                                     {"name": "data", "emptyDir": {}}]
+    if w.secret_volume:
+        container["volumeMounts"].append({"name": "secrets", "mountPath": SECRETS_MOUNT, "readOnly": True})
+        volumes.append({"name": "secrets", "secret": {"secretName": w.secret_volume, "defaultMode": 0o440}})
     spec: dict[str, Any] = {"replicas": w.min_replicas, "selector": {"matchLabels": labels}}
-    if w.data_volume:
-        spec["serviceName"] = name
-    else:
-        volumes.append({"name": "data", "emptyDir": {}})
     spec["template"] = {
         "metadata": {"labels": {**labels, "sidecar.istio.io/inject": "true"},
                      "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(w.metrics_port)}},
         "spec": {"serviceAccountName": name, "terminationGracePeriodSeconds": 30, "containers": [container],
                  "volumes": volumes},
     }
-    if w.data_volume:
-        # The volume is group-writable by this group, which every container of the pod is given.
+    if w.secret_volume:
+        # The mounted secret files are group-readable by this group, which every container of the pod is given.
         spec["template"]["spec"]["securityContext"] = {"fsGroup": DATA_GROUP}
-    if w.data_volume:
-        # The data dir outlives the pod: keys, registry, conversations, jobs and the usage spool survive
-        # restarts, rescheduling and upgrades.
-        spec["volumeClaimTemplates"] = [{
-            "metadata": {"name": "data", "labels": labels},
-            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": w.data_volume}}},
-        }]
     return {
-        "apiVersion": "apps/v1", "kind": "StatefulSet" if w.data_volume else "Deployment",
+        "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": f"{name}-{version}", "namespace": policy.namespace, "labels": labels},
         "spec": spec,
     }
@@ -176,8 +178,7 @@ def render(policy: Policy) -> dict[str, list[dict[str, Any]]]:
         docs = [service_account(policy, name), service(policy, name)]
         for version, _weight in policy.services[name].versions:
             docs.append(deployment(policy, name, version))
-            if not WORKLOADS[name].data_volume:
-                docs.append(autoscaler(policy, name, version))
+            docs.append(autoscaler(policy, name, version))
         files[f"{name}.yaml"] = docs
     return files
 
@@ -188,9 +189,6 @@ def render_files(policy: Policy, policy_label: str) -> dict[str, str]:
         service_name = file_name[:-5]
         if file_name == "policy-configmap.yaml":
             intent = "The mesh policy file, mounted in every pod."
-        elif service_name in WORKLOADS and WORKLOADS[service_name].data_volume:
-            intent = (f"The {service_name} service: ServiceAccount, Service, and per version a StatefulSet of one "
-                      "replica whose data dir is a persistent volume (see sidecar/k8s_render.py).")
         else:
             intent = f"The {service_name} service: ServiceAccount, Service, Deployment and HPA per version."
         out[file_name] = HEADER.format(policy=policy_label, intent=intent) + dump_documents(docs)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import fnmatch
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import yaml
 from cloudcoil.models.istio.networking import v1 as istio_networking
 from cloudcoil.models.istio.security import v1 as istio_security
 
-from sidecar import istio_render
+from sidecar import istio_render, k8s_render
 from sidecar.deploy_render import rendered
 from sidecar.methods import method_table
 from sidecar.policy import Policy, load_policy
@@ -87,8 +88,8 @@ def test_committed_envoy_configs_are_what_make_envoy_configs_renders(tmp_path: P
 
 def test_every_kubernetes_manifest_is_valid_against_the_kubernetes_schema() -> None:
     docs = documents(K8S)
-    assert {d["kind"] for _, d in docs} >= {"Deployment", "StatefulSet", "Service", "HorizontalPodAutoscaler",
-                                             "ConfigMap", "ServiceAccount"}
+    assert {d["kind"] for _, d in docs} == {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap",
+                                            "ServiceAccount"}
     for name, doc in docs:
         try:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -136,7 +137,7 @@ def test_the_istio_check_rejects_a_misspelt_or_mistyped_field() -> None:
 
 def test_services_deployments_and_autoscalers_follow_the_mesh_conventions(policy: Policy) -> None:
     services = of_kind(K8S, "Service")
-    workloads = {**of_kind(K8S, "Deployment"), **of_kind(K8S, "StatefulSet")}
+    workloads = of_kind(K8S, "Deployment")
     autoscalers = of_kind(K8S, "HorizontalPodAutoscaler")
     accounts = of_kind(K8S, "ServiceAccount")
     for name in ("router", "inference", "billing"):
@@ -154,10 +155,10 @@ def test_services_deployments_and_autoscalers_follow_the_mesh_conventions(policy
             (container,) = template["spec"]["containers"]
             grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                if name == "router" and probe == "readinessProbe":
+                    continue  # ready only while its store answers: see test_the_router_scales_on_shared_state
                 assert container[probe]["grpc"] == {"port": grpc_port}, (name, probe)
             assert services[name]["spec"]["port" + "s"][0]["port"] == grpc_port
-            if deployment["kind"] == "StatefulSet":
-                continue  # one replica that keeps its state: see the next test
             target = autoscalers[f"{name}-{version}"]["spec"]["scaleTargetRef"]
             assert target == {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"{name}-{version}"}
     configmap = of_kind(K8S, "ConfigMap")["autoglm-mesh-policy"]
@@ -170,28 +171,64 @@ def test_the_router_serves_the_openai_http_api_on_its_service(policy: Policy) ->
     (http,) = [p for p in of_kind(K8S, "Service")["router"]["spec"]["ports"] if p["name"] == "http"]
     assert http["appProtocol"] == "http" and http["targetPort"] == "http"
     for version, _weight in policy.services["router"].versions:
-        (container,) = of_kind(K8S, "StatefulSet")[f"router-{version}"]["spec"]["template"]["spec"]["containers"]
+        (container,) = of_kind(K8S, "Deployment")[f"router-{version}"]["spec"]["template"]["spec"]["containers"]
         assert {"name": "http", "containerPort": http["port"], "protocol": "TCP"} in container["ports"]
         assert f"--http-port={http['port']}" in container["args"] and "--host=0.0.0.0" in container["args"]
 
 
-def test_the_router_keeps_its_state_on_one_persistent_volume(policy: Policy) -> None:
-    """API keys, registry, conversations, jobs and the usage spool live in the router's data dir: one replica
-    whose data dir is a persistent volume, never an emptyDir shared by nobody, and no autoscaler."""
+def test_the_router_scales_on_shared_state_from_secrets(policy: Policy) -> None:
+    """Keys, registry, conversations and jobs live in one PostgreSQL and rate limits in one Redis, both named
+    by Secrets, with the key pepper and admin token every replica shares mounted from a Secret: so the router
+    is a Deployment with an autoscaler from 2 to 10 replicas, ready only while its store answers."""
     for version, _weight in policy.services["router"].versions:
-        router = of_kind(K8S, "StatefulSet")[f"router-{version}"]
-        spec = router["spec"]
-        assert spec["replicas"] == 1 and spec["serviceName"] == "router"
-        (claim,) = spec["volumeClaimTemplates"]
-        assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
-        pod = spec["template"]["spec"]
+        router = of_kind(K8S, "Deployment")[f"router-{version}"]
+        hpa = of_kind(K8S, "HorizontalPodAutoscaler")[f"router-{version}"]["spec"]
+        assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 10) and router["spec"]["replicas"] == 2
+        pod = router["spec"]["template"]["spec"]
         (container,) = pod["containers"]
-        data_dir = container["args"][container["args"].index("--data-dir") + 1]
-        mount = next(m for m in container["volumeMounts"] if m["name"] == claim["metadata"]["name"])
-        assert data_dir.startswith(mount["mountPath"] + "/")
-        assert claim["metadata"]["name"] not in {v["name"] for v in pod["volumes"]}  # not shadowed by a pod volume
-        assert "fsGroup" in pod["securityContext"]
-        assert f"router-{version}" not in of_kind(K8S, "HorizontalPodAutoscaler")
+        args: list[str] = container["args"]
+        arg = dict(itertools.pairwise(args)).__getitem__  # the value after a flag
+
+        env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+        assert arg("--database") == "$(ROUTER_DATABASE_URL)" and env["ROUTER_DATABASE_URL"]["name"] == "router-database"
+        assert arg("--rate-limit-redis-url") == "$(ROUTER_REDIS_URL)" and env["ROUTER_REDIS_URL"]["name"] == "router-redis"
+        (secret,) = [v for v in pod["volumes"] if "secret" in v]
+        assert secret["secret"]["secretName"] == "router-secrets"
+        mount = next(m for m in container["volumeMounts"] if m["name"] == secret["name"])
+        assert mount["readOnly"] is True
+        assert arg("--key-pepper-path") == mount["mountPath"] + "/key_pepper"
+        assert arg("--admin-token-path") == mount["mountPath"] + "/admin_token"
+        assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+        assert pod["securityContext"]["fsGroup"] == container_user_group()
+
+
+def container_user_group() -> int:
+    """The uid/gid the Dockerfile's final stage runs as (the manifests' fsGroup must match it)."""
+    final = (ROOT / "Dockerfile").read_text().rsplit("\nFROM ", 1)[1]
+    (user,) = [line.split()[1] for line in final.splitlines() if line.startswith("USER ")]
+    uid, gid = user.split(":")
+    assert uid == gid
+    return int(gid)
+
+
+def test_the_dockerfile_builds_the_image_the_manifests_run_and_passes_hadolint() -> None:
+    """The image every manifest names is built by the repository's Dockerfile: multi-stage (the model built in
+    the first, only the runtime in the last), a non-root user, and clean under hadolint."""
+    dockerfile = ROOT / "Dockerfile"
+    images = {c["image"] for _, d in documents(K8S) if d["kind"] == "Deployment"
+              for c in d["spec"]["template"]["spec"]["containers"]}
+    assert images == {k8s_render.IMAGE}
+    text = dockerfile.read_text()
+    assert f"docker build -t {k8s_render.IMAGE} ." in text
+    stages = [line for line in text.splitlines() if line.startswith("FROM ")]
+    assert len(stages) >= 2 and "COPY --from=model /opt/autoglm/models" in text
+    assert container_user_group() != 0
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run([str(hadolint), "--no-color", str(dockerfile)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    broken = text.replace("USER 10001:10001\n", "") + "RUN apt-get install curl\n"
+    result = subprocess.run([str(hadolint), "--no-color", "-"], input=broken, capture_output=True, text=True)
+    assert result.returncode != 0 and "DL3008" in result.stdout  # the linter does look: unpinned apt packages
 
 
 # --- Istio values equal the policy's -------------------------------------------------------------

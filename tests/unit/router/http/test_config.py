@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 
 from services.common.config import ServerSettings
-from services.router.__main__ import config_from
+from services.router.__main__ import _add_arguments, config_from
+from services.router.app import admin_token_of
 from services.router.config import RouterConfig
 
 
 def args(config: Path | None, **flags: object) -> argparse.Namespace:
-    base: dict[str, object] = {"config": config, "inference": None, "billing": None, "data_dir": None,
-                               "http_port": None, "http_tls_cert": None, "http_tls_key": None}
+    parser = argparse.ArgumentParser()
+    _add_arguments(parser)
+    base: dict[str, object] = {**vars(parser.parse_args([])), "config": config}
     return argparse.Namespace(**{**base, **flags})
 
 
@@ -31,3 +33,17 @@ def test_the_port_comes_from_the_router_section_and_flags_win(tmp_path: Path) ->
 def test_bad_http_settings_are_refused_at_start(fields: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="http_"):
         RouterConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_shared_state_comes_from_flags_as_the_kubernetes_manifests_pass_it(tmp_path: Path) -> None:
+    token = tmp_path / "admin_token"
+    token.write_text("s3cret-admin\n")
+    config = config_from(ServerSettings(port=0), args(
+        None, database="postgresql://u@db/router", key_pepper_path=str(tmp_path / "pepper"),
+        admin_token_path=str(token), rate_limit_redis_url="redis://cache:6379/0"))
+    assert (config.database, config.key_pepper_path, config.rate_limit_redis_url) == (
+        "postgresql://u@db/router", str(tmp_path / "pepper"), "redis://cache:6379/0")
+
+    assert admin_token_of(config) == "s3cret-admin"
+    with pytest.raises(ValueError, match=r"admin_token_path .* is missing or empty"):
+        admin_token_of(RouterConfig(admin_token_path=str(tmp_path / "absent")))
