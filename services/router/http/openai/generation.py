@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from services.router.http.cancellation import unless_disconnected
@@ -47,4 +46,5 @@ async def answer(request: Request, backend: Backend, principal: Principal, body:
         raise
     await streams.aclose()
     result = (convert.chat_completion if chat else convert.text_completion)(request_id, created, answers)
-    return JSONResponse(result.model_dump(mode="json"))
+    # pydantic-core writes the JSON itself (no dict, then json.dumps)
+    return Response(result.model_dump_json(), media_type="application/json")
