@@ -146,7 +146,8 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RollbackVersion(self, request, context):
-        """Sends all traffic back to the previous stable version (also done automatically when a canary breaks its limits).
+        """Sends all traffic back to the previous stable version (also done automatically when a canary breaks its limits);
+        each version that had traffic besides it goes back to PENDING_APPROVAL with the reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
