@@ -107,8 +107,9 @@ class Gateway:
         return self.planner.callable_models(principal)
 
     def check_model(self, principal: Principal, spec: str) -> None:
-        """Raises unless this principal may call this (existing) model."""
-        self.planner.resolve(principal, spec)
+        """Raises unless this principal may call this (existing) model; a pinned version must serve
+        pinned requests (ACTIVE or DEPRECATED)."""
+        self.planner.check(principal, spec)
 
     def deprecation(self, spec: str) -> Deprecation | None:
         """The notice a request for `spec` carries when it pins a DEPRECATED version (None otherwise): the

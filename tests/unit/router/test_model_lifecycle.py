@@ -165,3 +165,21 @@ def test_versions_stored_before_states_are_active(tmp_path: Path) -> None:
     assert stored is not None and json.loads(stored["body"])["versions"][0]["state"] == "ACTIVE"
     registry.set_state("m", "v1", S.DEPRECATED, "ops", "the model is going away")
     assert [c.to_state for c in registry.history("m")] == [S.DEPRECATED]
+
+
+def test_a_model_without_an_active_version_still_exists_for_its_card_but_a_retired_pin_does_not_pass(
+        tmp_path: Path) -> None:
+    from services.router.balancer import Balancer
+    from services.router.contexts import ContextStore
+    from services.router.gateway.plan import Planner
+    from services.router.policy import PolicyStore
+    from services.router.types import Principal
+
+    registry = Registry(tmp_path / "r.db")
+    registry.register("m", "v1", ("127.0.0.1:1",), initial_state=S.DRAFT)
+    planner = Planner(registry, Balancer(), None, ContextStore(tmp_path / "c.db"),  # type: ignore[arg-type]
+                      PolicyStore(tmp_path / "p.db"), 16)
+    caller = Principal(tenant_id="acme", key_id="k")
+    planner.check(caller, "m")  # GET /v1/models/m shows it
+    with pytest.raises(FailedPrecondition, match="m@v1 is DRAFT"):
+        planner.check(caller, "m@v1")  # a batch job pinned to it is refused at submission
