@@ -1,6 +1,6 @@
 """Model version states on a shared PostgreSQL store.
 
-In process: many registries on one database racing to roll back the same failing canary roll it back
+On both backends: a store from before states is migrated with its versions ACTIVE. In process: many registries on one database racing to roll back the same failing canary roll it back
 once, with one audit event. As processes (two real routers on one PostgreSQL, real billing and an
 inference replica with the model): a split naming a non-ACTIVE version is refused with
 FAILED_PRECONDITION naming its state; a version moved to DEPRECATED through router A stops receiving
@@ -30,8 +30,10 @@ from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as router_grpc
 from services.cli.endpoint import billing_token, operator_channel
 from services.common.ports import free_port
-from services.router.registry import Registry
+from services.router.lifecycle import VersionState
+from services.router.registry import CanaryPolicy, Registry
 from services.router.store import Store, open_store
+from services.router.store.migrations import REGISTRY
 from tests.integration.billing.conftest import PgServer, postgres  # noqa: F401 - the session's PostgreSQL
 from tests.integration.router.conftest import ADMIN_TOKEN, MODEL
 from tests.integration.router.service_process import drain, start_service, stop
@@ -42,6 +44,40 @@ ADMIN = [("authorization", f"Bearer {ADMIN_TOKEN}")]
 PROPAGATION_S = 1.0  # a change made through one router reaches every other within this
 DEPRECATION_KEY = "autoglm-deprecation"
 RACERS = 6
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database of each kind."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'router.db'}"
+    server: PgServer = request.getfixturevalue("postgres")
+    return server.create_database()
+
+
+def test_versions_stored_before_states_are_migrated_as_active(database: str) -> None:
+    old = open_store(database)
+    old.migrate("registry", REGISTRY[:2])  # the schema before version states
+    body = {"name": "m", "fallback_models": [], "context_window": 0, "versions": [
+        {"version": "v1", "replicas": ["127.0.0.1:1"], "weight_permille": 900, "stable": True,
+         "canary": CanaryPolicy().__dict__},
+        {"version": "v2", "replicas": ["127.0.0.1:2"], "weight_permille": 100, "stable": False,
+         "canary": CanaryPolicy().__dict__}]}
+    old.write(lambda tx: tx.execute("INSERT INTO models (name, body, version) VALUES (?, ?, 1)",
+                                    ("m", json.dumps(body))))
+    old.close()
+    store = open_store(database)
+    try:
+        registry = Registry(store)
+        stored = store.read(lambda tx: tx.one("SELECT body FROM models WHERE name = 'm'"))
+        assert stored is not None
+        assert [v["state"] for v in json.loads(stored["body"])["versions"]] == ["ACTIVE", "ACTIVE"]
+        assert [v.state.name for v in registry.get("m").versions] == ["ACTIVE", "ACTIVE"]
+        registry.set_state("m", "v2", VersionState.DEPRECATED, "ops", "superseded")
+        assert registry.get("m").version("v1").weight_permille == 1000
+        assert [(c.version, c.to_state.name, c.actor) for c in registry.history("m")] == [("v2", "DEPRECATED", "ops")]
+    finally:
+        store.close()
 
 
 def test_registries_racing_to_roll_back_one_canary_roll_it_back_once(postgres: PgServer) -> None:  # noqa: F811
