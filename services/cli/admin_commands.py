@@ -1,4 +1,5 @@
-"""`autoglm keys create|list|revoke` and `autoglm audit` — the router's AdminService from a shell.
+"""`autoglm keys create|list|revoke`, `autoglm audit` and `autoglm models history|set-state` — the router's
+AdminService from a shell.
 
 They reach the local mesh's router (TLS with its CA, from `<data dir>/endpoint.json`) unless told
 otherwise. The admin token comes from --admin-token, $AUTOGLM_ADMIN_TOKEN, or the router's data dir.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import os
 import sys
@@ -20,6 +22,7 @@ from google.protobuf.json_format import MessageToDict
 
 from autoglm.router.v1 import admin_service_pb2 as admin_pb2
 from autoglm.router.v1 import admin_service_pb2_grpc as admin_grpc
+from autoglm.router.v1 import model_lifecycle_pb2 as lifecycle_pb2
 from services.cli.endpoint import router_target
 
 _CLASSES = {"core": 1, "interactive": 2, "batch": 3}
@@ -82,6 +85,46 @@ async def _audit(args: argparse.Namespace) -> list[dict[str, object]]:
     return result
 
 
+STATES = ("DRAFT", "PENDING_APPROVAL", "ACTIVE", "DEPRECATED", "RETIRED")
+_STATE_PREFIX = "VERSION_STATE_"
+
+
+async def _model_admin(args: argparse.Namespace) -> dict[str, object]:
+    """`history MODEL` reads the model (GetModel); `set-state MODEL@VERSION STATE` moves a version."""
+    async def call(stub: admin_grpc.AdminServiceStub, metadata: list[tuple[str, str]]) -> Any:
+        if args.models_command == "history":
+            return await stub.GetModel(admin_pb2.GetModelRequest(model=args.name), metadata=metadata, timeout=10)
+        name, sep, version = args.target.partition("@")
+        if not sep or not name or not version:
+            raise SystemExit(f"set-state needs MODEL@VERSION, got {args.target!r}")
+        return await stub.SetVersionState(admin_pb2.SetVersionStateRequest(
+            model=name, version=version, state=lifecycle_pb2.VersionState.Value(_STATE_PREFIX + args.state),
+            operator=args.operator, reason=args.reason), metadata=metadata, timeout=10)
+
+    reply = await _with_admin(args, call)
+    model: dict[str, object] = MessageToDict(reply.model, preserving_proto_field_name=True)
+    for version in model.get("versions", []):  # type: ignore[attr-defined]
+        version["state"] = version.get("state", "").removeprefix(_STATE_PREFIX)
+        for change in version.get("history", []):
+            change["to_state"] = change.get("to_state", "").removeprefix(_STATE_PREFIX)
+            change["from_state"] = change.get("from_state", "").removeprefix(_STATE_PREFIX)
+    return model
+
+
+def _model_text(model: dict[str, Any]) -> str:
+    lines = [str(model.get("name", ""))]
+    for version in model.get("versions", []):
+        stable = "  stable" if version.get("stable") else ""
+        lines.append(f"  {version['version']}  {version['state']}  weight {version.get('weight_permille', 0)}/1000"
+                     f"{stable}")
+        for change in version.get("history", []):
+            move = (f"{change['from_state']} -> {change['to_state']}" if change["from_state"]
+                    else f"registered {change['to_state']}")
+            lines.append(f"    {change.get('time', '')}  {move}  by {change.get('operator', '')}: "
+                         f"{change.get('reason', '')}")
+    return "\n".join(lines)
+
+
 def _whole_numbers(value: Any) -> Any:
     """Struct numbers arrive as doubles: a limit of 600 reads 600, not 600.0."""
     if isinstance(value, float) and value.is_integer():
@@ -107,6 +150,9 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "audit":
             events = asyncio.run(_audit(args))
             print(json.dumps(events, indent=2) if args.format == "json" else _text(events))
+        elif args.command == "models":
+            model = asyncio.run(_model_admin(args))
+            print(json.dumps(model, indent=2) if args.format == "json" else _model_text(model))
         else:
             print(json.dumps(asyncio.run(_keys(args)), indent=2))
     except grpc.aio.AioRpcError as exc:
@@ -149,3 +195,26 @@ def add_admin_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
     audit.add_argument("--limit", type=int, default=50, help="at most this many events (0 = all)")
     audit.add_argument("--format", choices=["text", "json"], default="text")
     audit.set_defaults(func=_run)
+
+
+def add_model_admin_commands(models: argparse.ArgumentParser) -> None:
+    """`autoglm models history|set-state` (with the admin token), under the user's `autoglm models`."""
+    sub = models.add_subparsers(dest="models_command", metavar="{history,set-state}")
+    history = sub.add_parser("history", help="a model's versions with their state, split and every move "
+                                             "(who, when, why); needs the admin token")
+    _add_router_options(history)
+    history.add_argument("name", help="the model")
+    history.add_argument("--format", choices=["text", "json"], default="text")
+    history.set_defaults(func=_run)
+    move = sub.add_parser(
+        "set-state", help="move a version: DRAFT -> PENDING_APPROVAL -> ACTIVE -> DEPRECATED -> RETIRED (also "
+                          "PENDING_APPROVAL -> DRAFT, ACTIVE -> PENDING_APPROVAL, DEPRECATED -> ACTIVE, and "
+                          "DRAFT or PENDING_APPROVAL -> RETIRED); needs the admin token")
+    _add_router_options(move)
+    move.add_argument("target", metavar="MODEL@VERSION")
+    move.add_argument("state", choices=STATES, type=str.upper)
+    move.add_argument("--reason", required=True, help="why (kept in the version's history and the audit log)")
+    move.add_argument("--operator", default=getpass.getuser(),
+                      help="who makes the move (default: your login name)")
+    move.add_argument("--format", choices=["text", "json"], default="text")
+    move.set_defaults(func=_run)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 
+from services.cli.admin_commands import add_model_admin_commands
 from services.cli.endpoint import router_target
 from services.client import GLMClient
 
@@ -120,7 +121,8 @@ def _models(args: argparse.Namespace) -> int:
         for version in model["versions"]:  # type: ignore[attr-defined]
             defaults = version.get("default_sampling") or {}
             shown = ", ".join(f"{k} {v:g}" for k, v in defaults.items()) or "none (unset temperature is greedy)"
-            print(f"  {version['version']}  weight {version['weight_permille']}/1000  "
+            state = str(version.get("state", "")).removeprefix("VERSION_STATE_")
+            print(f"  {version['version']}  {state}  weight {version['weight_permille']}/1000  "
                   f"healthy replicas {version['healthy_replicas']}  default sampling: {shown}")
     return 0
 
@@ -137,9 +139,10 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:  # type
     generate.add_argument("prompt", nargs="*")
     generate.set_defaults(func=_generate)
 
-    models = subparsers.add_parser("models", help="the models your key may call: versions, traffic split and "
-                                                  "default sampling")
+    models = subparsers.add_parser("models", help="the models your key may call: versions with their state, "
+                                                  "traffic split and default sampling")
     _add_connection(models)
     models.set_defaults(model="")
     models.add_argument("--format", choices=["text", "json"], default="text")
     models.set_defaults(func=_models)
+    add_model_admin_commands(models)

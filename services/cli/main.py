@@ -3,7 +3,8 @@
   autoglm up [--config FILE]          start the whole mesh in the foreground
   autoglm model build [PATH] [--precision int8|int4]   build (or reuse) an ONNX model from a GGUF or HF folder
   autoglm chat | generate             talk to the router
-  autoglm models                      the models your key may call, with their default sampling
+  autoglm models                      the models your key may call, with their state and default sampling
+  autoglm models history|set-state    a model's version states and moves; move a version (admin token)
   autoglm keys create|list|revoke     manage API keys
   autoglm usage [--since 7d --by model]   tokens and cost from the ledger
   autoglm billing report | budget set|list | price set|list

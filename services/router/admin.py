@@ -1,5 +1,5 @@
 """The router's operator operations, one place for every transport: API keys, tenant policies, the model
-registry (versions, traffic splits, promotion, rollback) and the audit log.
+registry (versions, their states, traffic splits, promotion, rollback) and the audit log.
 
 Each change to credentials or policy is recorded in the audit log with its actor. Plain domain types in
 and out; the caller (AdminServicer today) has already checked the admin token.
@@ -14,6 +14,7 @@ from services.common.generation import Sampling
 from services.router import offload
 from services.router.auth.api_keys import ApiKeyRecord, NewApiKey
 from services.router.auth.key_store import KeyStore
+from services.router.lifecycle import StateChange, VersionState
 from services.router.policy import Policy, PolicyStore
 from services.router.ports import InferencePort
 from services.router.registry import AuditEvent, CanaryPolicy, ModelEntry, Registry
@@ -70,9 +71,10 @@ class Admin:
     # --- the model registry ------------------------------------------------------------------------
     async def register(
         self, name: str, version: str, replicas: tuple[str, ...], fallbacks: tuple[str, ...], canary: CanaryPolicy,
-        default_sampling: Sampling | None = None,
+        default_sampling: Sampling | None = None, initial_state: VersionState | None = None,
     ) -> ModelEntry:
-        """Register a model version; its context window comes from the first replica that answers."""
+        """Register a model version (ACTIVE unless `initial_state` says otherwise); its context window comes
+        from the first replica that answers."""
         window = 0
         for address in replicas:
             try:
@@ -84,7 +86,7 @@ class Admin:
         if not name:
             raise InvalidInput("model is required", field="model")
         return self._registry.register(name, version, replicas, fallbacks, canary, context_window=window,
-                                       default_sampling=default_sampling)
+                                       default_sampling=default_sampling, initial_state=initial_state)
 
     def set_split(self, model: str, weights_permille: dict[str, int], actor: str = "admin") -> ModelEntry:
         self._registry.set_split(model, weights_permille, actor=actor)
@@ -98,8 +100,16 @@ class Admin:
         self._registry.rollback(model, reason or "manual rollback", actor=actor)
         return self._registry.get(model)
 
+    def set_state(self, model: str, version: str, state: VersionState, operator: str, reason: str) -> ModelEntry:
+        """Move a version through its life, by `operator` for `reason` (both recorded)."""
+        return self._registry.set_state(model, version, state, operator, reason)
+
     def get_model(self, model: str) -> ModelEntry:
         return self._registry.get(model)
+
+    def history(self, model: str) -> list[StateChange]:
+        """Every state move of the model's versions, oldest first."""
+        return self._registry.history(model)
 
     # --- the audit log -----------------------------------------------------------------------------
     def audit_page(self, action: str, page_size: int, page_token: str) -> tuple[list[AuditEvent], str]:

@@ -1,6 +1,10 @@
 """Automatic canary rollback: a non-stable version with traffic that breaks its error-ratio or p99
-latency limit over its window (once it has `min_requests` outcomes there) is rolled back, with an
-audit event naming the numbers."""
+latency limit over its window (once it has `min_requests` outcomes there) is rolled back: its traffic
+goes to the stable version and it goes back to PENDING_APPROVAL, with an audit event naming the numbers.
+
+Each router watches the outcomes it sees; the rollback itself is decided in the shared store
+(`Registry.rollback_canary`, under the model's lock), so when several routers find the same canary
+failing, one rolls it back and writes the one audit event, and the others find it done."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from collections.abc import Callable
 
 import structlog
 
+from services.router.lifecycle import VersionState
 from services.router.registry import Registry
 
 log = structlog.get_logger(__name__)
@@ -31,7 +36,7 @@ class CanaryMonitor:
             current = entry.version(version)
         except Exception:
             return False
-        if current.stable or current.weight_permille == 0:
+        if current.stable or current.weight_permille == 0 or current.state is not VersionState.ACTIVE:
             return False
         now = self._clock()
         window = self._outcomes.setdefault((model, version), deque())
@@ -52,7 +57,8 @@ class CanaryMonitor:
         if not breaches:
             return False
         reason = f"canary {version} over {len(window)} requests: " + "; ".join(breaches)
-        self._registry.rollback(model, reason, actor="router.canary")
         window.clear()
+        if not self._registry.rollback_canary(model, version, reason, actor="router.canary"):
+            return False  # another router rolled it back first
         log.warning("canary_rolled_back", model=model, version=version, reason=reason)
         return True

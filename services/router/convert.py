@@ -13,11 +13,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from autoglm.common.v1 import generation_pb2, money_pb2
 from autoglm.router.v1 import admin_service_pb2 as admin_pb2
+from autoglm.router.v1 import model_lifecycle_pb2
 from autoglm.router.v1 import router_service_pb2 as pb2
 from services.common.errors import InvalidInput
 from services.router.auth.api_keys import ApiKeyRecord, NewApiKey
 from services.router.inference_client import sampling_to_proto
 from services.router.jobs.model import ItemResult, ItemSpec, Job, NewJob
+from services.router.lifecycle import StateChange, VersionState
 from services.router.policy import Policy
 from services.router.registry import AuditEvent, CanaryPolicy, ModelEntry
 from services.router.types import (
@@ -181,7 +183,22 @@ def _duration(seconds: float) -> Duration:
     return duration
 
 
-def model_record(model: ModelEntry, healthy: dict[str, int]) -> admin_pb2.ModelRecord:
+def version_state(value: int, field: str) -> VersionState:
+    if value == 0:
+        accepted = ", ".join(s.name for s in VersionState)
+        raise InvalidInput(f"{field} is required: one of {accepted}", field=field)
+    return enum_value(VersionState, value, field)
+
+
+def state_change(change: StateChange) -> model_lifecycle_pb2.VersionStateChange:
+    return model_lifecycle_pb2.VersionStateChange(
+        time=timestamp(change.time), from_state=int(change.from_state or 0),  # type: ignore[arg-type]
+        to_state=int(change.to_state), operator=change.actor, reason=change.reason)  # type: ignore[arg-type]
+
+
+def model_record(model: ModelEntry, healthy: dict[str, int],
+                 history: list[StateChange] | None = None) -> admin_pb2.ModelRecord:
+    changes = history or []
     return admin_pb2.ModelRecord(
         name=model.name, fallback_models=list(model.fallback_models), context_window=model.context_window,
         versions=[
@@ -193,6 +210,8 @@ def model_record(model: ModelEntry, healthy: dict[str, int]) -> admin_pb2.ModelR
                     window=_duration(v.canary.window_s), min_requests=v.canary.min_requests,
                 ),
                 default_sampling=sampling_to_proto(v.default_sampling),
+                state=int(v.state),  # type: ignore[arg-type]
+                history=[state_change(c) for c in changes if c.version == v.version],
             )
             for v in model.versions
         ],
@@ -204,7 +223,9 @@ def model_summary(model: ModelEntry, healthy: dict[str, int]) -> pb2.ModelSummar
         name=model.name, default_version=model.default_version.version, context_window=model.context_window,
         versions=[pb2.VersionSummary(version=v.version, weight_permille=v.weight_permille,
                                      healthy_replicas=healthy.get(v.version, 0),
-                                     default_sampling=sampling_to_proto(v.default_sampling)) for v in model.versions],
+                                     default_sampling=sampling_to_proto(v.default_sampling),
+                                     state=int(v.state))  # type: ignore[arg-type]
+                  for v in model.versions],
     )
 
 

@@ -3,7 +3,15 @@
 Each version may carry default sampling (`sampling_defaults.py`), kept when the version is registered
 again without any. Rules: the first version registered for a model is its stable version with all the
 traffic; later versions join with weight 0 until `set_split` or `promote`. `rollback` sends all
-traffic back to the stable version and records an audit event. Everything is persisted in the router store (SQLite or
+traffic back to the stable version and records an audit event.
+
+Each version has a state (`lifecycle.py`: DRAFT, PENDING_APPROVAL, ACTIVE, DEPRECATED, RETIRED), ACTIVE
+unless registered otherwise: only ACTIVE versions take a split or are promoted, a version leaving ACTIVE
+gives its traffic to the stable version, and a rolled-back canary goes back to PENDING_APPROVAL. Every
+change reads the stored model and writes it back in one transaction holding the model's lock (a
+PostgreSQL advisory lock; SQLite's write lock), with its audit event and history rows: routers sharing a
+store never overwrite each other's changes, and a canary several routers see failing is rolled back
+once, audited once. Everything is persisted in the router store (SQLite or
 PostgreSQL, services/router/store); the models are held in memory, so routing never reads the database,
 and a change made on another router is seen here within the store's `poll_s` (its `on_change` callbacks
 run for it as for a local change).
@@ -18,15 +26,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 from services.common.errors import FailedPrecondition, InvalidInput, NotFound
 from services.common.generation import Sampling
-from services.router import sampling_defaults
+from services.router import lifecycle, sampling_defaults
+from services.router.lifecycle import StateChange, VersionState
 from services.router.store import Row, Store, Tx, open_store
 from services.router.store.migrations import REGISTRY
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.-]+:\d{1,5}$")
+REGISTRY_LOCK = 0x6D6F64  # PostgreSQL advisory lock space of model changes (second key: the model's name)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,9 @@ class VersionEntry:
     canary: CanaryPolicy = field(default_factory=CanaryPolicy)
     # Sampling for the fields a request leaves unset (only the defaultable ones are set).
     default_sampling: Sampling = field(default_factory=Sampling)
+    # Where the version is in its life (services/router/lifecycle.py), and since when (None: not recorded).
+    state: VersionState = VersionState.ACTIVE
+    state_time: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -138,13 +153,18 @@ class Registry:
         return name in self._models
 
     def pick_version(self, name: str, pinned: str = "") -> VersionEntry:
-        """The pinned version, or one drawn by the traffic split."""
+        """The pinned version (ACTIVE or DEPRECATED), or an ACTIVE one drawn by the traffic split; raises
+        FailedPrecondition naming the state of a version that may not serve the request."""
         model = self.get(name)
         if pinned:
-            return model.version(pinned)
-        weighted = [v for v in model.versions if v.weight_permille > 0]
+            entry = model.version(pinned)
+            lifecycle.refuse_unserved(f"{name}@{pinned}", entry.state, pinned=True)
+            return entry
+        weighted = [v for v in model.versions if v.weight_permille > 0 and v.state in lifecycle.SPLITTABLE]
         if not weighted:
-            return model.stable
+            stable = model.stable
+            lifecycle.refuse_unserved(f"{name}@{stable.version}", stable.state, pinned=False)
+            return stable
         draw = self._rng.randrange(sum(v.weight_permille for v in weighted))
         for entry in weighted:
             draw -= entry.weight_permille
@@ -198,9 +218,11 @@ class Registry:
         context_window: int = 0,
         actor: str = "admin",
         default_sampling: Sampling | None = None,
+        initial_state: VersionState | None = None,
     ) -> ModelEntry:
         """Add a version, or update a registered one's replicas and canary policy (and its default sampling
-        when given; None keeps the version's own, none for a new version)."""
+        when given; None keeps the version's own, none for a new version). A new version starts in
+        `initial_state` (None: ACTIVE, as versions always did); a registered one keeps its state."""
         if not _NAME.match(name) or "@" in name:
             raise InvalidInput("model name must be 1-128 letters, digits, '_', '.', ':' or '-'", field="model")
         if not _NAME.match(version):
@@ -212,89 +234,214 @@ class Registry:
                 raise InvalidInput(f"replica address {address!r} is not host:port", field="replicas")
         if default_sampling is not None:
             sampling_defaults.check_defaults(default_sampling)
+        if initial_state is not None:
+            lifecycle.check_initial(initial_state)
         new_defaults = default_sampling or Sampling()
-        existing = self._models.get(name)
         policy = canary or CanaryPolicy()
-        if existing is None:
-            entry = VersionEntry(version, tuple(replicas), 1000, True, policy, new_defaults)
-            model = ModelEntry(name, (entry,), tuple(fallback_models), context_window)
-        else:
-            versions = list(existing.versions)
-            for index, current in enumerate(versions):
-                if current.version == version:
-                    versions[index] = replace(current, replicas=tuple(replicas), canary=policy,
-                                              default_sampling=default_sampling or current.default_sampling)
-                    break
+        now = self._clock()
+
+        def change(existing: ModelEntry | None, tx: Tx) -> tuple[ModelEntry, ModelEntry]:
+            state = initial_state or VersionState.ACTIVE
+            if existing is None:
+                entry = VersionEntry(version, tuple(replicas), 1000 if state is VersionState.ACTIVE else 0, True,
+                                     policy, new_defaults, state, now)
+                model = ModelEntry(name, (entry,), tuple(fallback_models), context_window)
             else:
-                versions.append(VersionEntry(version, tuple(replicas), 0, False, policy, new_defaults))
-            model = replace(
-                existing,
-                versions=tuple(versions),
-                fallback_models=tuple(fallback_models) or existing.fallback_models,
-                context_window=context_window or existing.context_window,
-            )
-        self._save(model)
-        details: dict[str, object] = {"replicas": list(replicas)}
-        if default_sampling is not None:
-            details["default_sampling"] = sampling_defaults.as_dict(default_sampling)
-        self.audit(actor, "model.register", f"model/{name}@{version}", details)
-        return model
+                versions = list(existing.versions)
+                for index, current in enumerate(versions):
+                    if current.version == version:
+                        if initial_state is not None and initial_state is not current.state:
+                            raise FailedPrecondition(
+                                f"version {name}@{version} is already registered and {current.state.name}; "
+                                "registering it again keeps its state (move it with SetVersionState)",
+                                field="initial_state")
+                        state = current.state
+                        versions[index] = replace(current, replicas=tuple(replicas), canary=policy,
+                                                  default_sampling=default_sampling or current.default_sampling)
+                        break
+                else:
+                    versions.append(VersionEntry(version, tuple(replicas), 0, False, policy, new_defaults,
+                                                 state, now))
+                    if state is VersionState.ACTIVE:
+                        versions = list(_enter_active(tuple(versions), version))
+                model = replace(
+                    existing,
+                    versions=tuple(versions),
+                    fallback_models=tuple(fallback_models) or existing.fallback_models,
+                    context_window=context_window or existing.context_window,
+                )
+            details: dict[str, object] = {"replicas": list(replicas), "state": state.name}
+            if default_sampling is not None:
+                details["default_sampling"] = sampling_defaults.as_dict(default_sampling)
+            if existing is None or all(v.version != version for v in existing.versions):
+                self._history(tx, name, version, None, state, actor, "registered")
+            self._audit(tx, actor, "model.register", f"model/{name}@{version}", details)
+            return model, model
+
+        return self._change(name, change, must_exist=False)
 
     def set_context_window(self, name: str, context_window: int) -> None:
-        self._save(replace(self.get(name), context_window=context_window))
+        self._change(name, lambda model, tx: (replace(model, context_window=context_window), None))
 
     def set_split(self, name: str, weights: dict[str, int], actor: str = "admin") -> ModelEntry:
-        model = self.get(name)
-        for version, weight in weights.items():
-            model.version(version)
-            if not 0 <= weight <= 1000:
-                raise InvalidInput("each weight_permille must be within 0..1000", field="weights")
-        if sum(weights.values()) != 1000:
-            raise InvalidInput(
-                f"weights must sum to 1000 per-mille, got {sum(weights.values())}", field="weights"
-            )
-        versions = tuple(replace(v, weight_permille=weights.get(v.version, 0)) for v in model.versions)
-        model = replace(model, versions=versions)
-        self._save(model)
-        self.audit(actor, "model.split", f"model/{name}", {"weights": weights})
-        return model
+        def change(model: ModelEntry, tx: Tx) -> tuple[ModelEntry, ModelEntry]:
+            for version, weight in weights.items():
+                entry = model.version(version)
+                if entry.state not in lifecycle.SPLITTABLE:
+                    raise FailedPrecondition(
+                        f"version {name}@{version} is {entry.state.name}: only ACTIVE versions take a traffic "
+                        "split (move it to ACTIVE with SetVersionState first)", field="weights")
+                if not 0 <= weight <= 1000:
+                    raise InvalidInput("each weight_permille must be within 0..1000", field="weights")
+            if sum(weights.values()) != 1000:
+                raise InvalidInput(
+                    f"weights must sum to 1000 per-mille, got {sum(weights.values())}", field="weights"
+                )
+            versions = tuple(replace(v, weight_permille=weights.get(v.version, 0)) for v in model.versions)
+            self._audit(tx, actor, "model.split", f"model/{name}", {"weights": weights})
+            changed = replace(model, versions=versions)
+            return changed, changed
+
+        return self._change(name, change)
 
     def promote(self, name: str, version: str, actor: str = "admin") -> ModelEntry:
-        model = self.get(name)
-        model.version(version)
-        versions = tuple(
-            replace(v, weight_permille=1000 if v.version == version else 0, stable=v.version == version)
-            for v in model.versions
-        )
-        model = replace(model, versions=versions)
-        self._save(model)
-        self.audit(actor, "model.promote", f"model/{name}@{version}", {})
-        return model
+        def change(model: ModelEntry, tx: Tx) -> tuple[ModelEntry, ModelEntry]:
+            entry = model.version(version)
+            if entry.state is not VersionState.ACTIVE:
+                raise FailedPrecondition(f"version {name}@{version} is {entry.state.name}: only an ACTIVE version "
+                                         "is promoted (move it to ACTIVE with SetVersionState first)",
+                                         field="version")
+            versions = tuple(
+                replace(v, weight_permille=1000 if v.version == version else 0, stable=v.version == version)
+                for v in model.versions
+            )
+            self._audit(tx, actor, "model.promote", f"model/{name}@{version}", {})
+            changed = replace(model, versions=versions)
+            return changed, changed
+
+        return self._change(name, change)
 
     def rollback(self, name: str, reason: str, actor: str = "admin") -> ModelEntry:
-        model = self.get(name)
+        """All traffic back to the stable version; each canary that had traffic goes back to
+        PENDING_APPROVAL with `reason`. One audit event."""
+        def change(model: ModelEntry, tx: Tx) -> tuple[ModelEntry, ModelEntry]:
+            stable = model.stable
+            if stable.weight_permille == 1000:
+                raise FailedPrecondition(f"model {name!r} already sends all traffic to its stable version")
+            changed = self._roll_back(tx, model, [v.version for v in model.versions
+                                                  if v.weight_permille and not v.stable], reason, actor)
+            return changed, changed
+
+        return self._change(name, change)
+
+    def rollback_canary(self, name: str, version: str, reason: str, actor: str = "router.canary") -> bool:
+        """Roll back one failing canary, decided once however many routers ask at the same time: in the
+        store's transaction (locked per model), only while the version is still an ACTIVE canary with
+        traffic. True when this call rolled it back (and wrote the one audit event)."""
+        def change(model: ModelEntry, tx: Tx) -> tuple[ModelEntry | None, bool]:
+            entry = next((v for v in model.versions if v.version == version), None)
+            if entry is None or entry.stable or not entry.weight_permille or entry.state is not VersionState.ACTIVE:
+                return None, False  # another router (or an operator) got there first
+            return self._roll_back(tx, model, [version], reason, actor), True
+
+        return self._change(name, change)
+
+    def set_state(self, name: str, version: str, state: VersionState, actor: str, reason: str) -> ModelEntry:
+        """Move a version through its life (services/router/lifecycle.py): audited with who and why."""
+        lifecycle.check_operator(actor, reason)
+
+        def change(model: ModelEntry, tx: Tx) -> tuple[ModelEntry, ModelEntry]:
+            entry = model.version(version)
+            target = f"{name}@{version}"
+            lifecycle.check_move(target, entry.state, state)
+            versions = model.versions
+            if entry.state is VersionState.ACTIVE:
+                versions = _leave_active(name, versions, version)
+            versions = tuple(replace(v, state=state, state_time=self._clock()) if v.version == version else v
+                             for v in versions)
+            if state is VersionState.ACTIVE:
+                versions = _enter_active(versions, version)
+            self._history(tx, name, version, entry.state, state, actor, reason)
+            details: dict[str, object] = {"from": entry.state.name, "to": state.name, "reason": reason}
+            weights = {v.version: v.weight_permille for v in versions}
+            if weights != {v.version: v.weight_permille for v in model.versions}:
+                details["weights"] = weights
+            self._audit(tx, actor, "model.state", f"model/{target}", details)
+            changed = replace(model, versions=versions)
+            return changed, changed
+
+        return self._change(name, change)
+
+    def history(self, name: str) -> list[StateChange]:
+        """Every move of `name`'s versions, oldest first (their registration included)."""
+        rows = self._store.read(lambda tx: tx.all(
+            "SELECT * FROM model_version_history WHERE model = ? ORDER BY seq", (name,)))
+        return [StateChange(datetime.fromisoformat(r["time"]), r["model"], r["version"],
+                            VersionState[r["from_state"]] if r["from_state"] else None, VersionState[r["to_state"]],
+                            r["actor"], r["reason"]) for r in rows]
+
+    def deprecation(self, spec: str) -> lifecycle.Deprecation | None:
+        """The deprecation notice of a request for `spec` ("name@version"), when it pins a DEPRECATED version."""
+        name, _, pinned = spec.partition("@")
+        model = self._models.get(name)
+        entry = next((v for v in model.versions if v.version == pinned), None) if model and pinned else None
+        if entry is None or entry.state is not VersionState.DEPRECATED:
+            return None
+        return lifecycle.Deprecation(spec, entry.state_time)
+
+    def _roll_back(self, tx: Tx, model: ModelEntry, canaries: list[str], reason: str, actor: str) -> ModelEntry:
+        """Traffic of `canaries` to the stable version, each back to PENDING_APPROVAL; one audit event."""
         stable = model.stable
-        if stable.weight_permille == 1000:
-            raise FailedPrecondition(f"model {name!r} already sends all traffic to its stable version")
         previous = {v.version: v.weight_permille for v in model.versions}
-        versions = tuple(replace(v, weight_permille=1000 if v is stable else 0) for v in model.versions)
-        model = replace(model, versions=versions)
-        self._save(model)
-        self.audit(
-            actor, "model.rollback", f"model/{name}", {"reason": reason, "to": stable.version, "previous": previous}
-        )
-        return model
+        now = self._clock()
+        moved = VersionState.PENDING_APPROVAL
+        versions = tuple(
+            replace(v, weight_permille=v.weight_permille + sum(previous[c] for c in canaries)) if v is stable
+            else replace(v, weight_permille=0, state=moved, state_time=now) if v.version in canaries else v
+            for v in model.versions)
+        for version in canaries:
+            self._history(tx, model.name, version, VersionState.ACTIVE, moved, actor, reason)
+        self._audit(tx, actor, "model.rollback", f"model/{model.name}", {
+            "reason": reason, "to": stable.version, "previous": previous, "states": {c: moved.name for c in canaries}})
+        return replace(model, versions=versions)
 
-    def _save(self, model: ModelEntry) -> None:
-        body = _encode(model)
-
-        def upsert(tx: Tx) -> int:
+    def _change(self, name: str, change: Callable[[Any, Tx], tuple[ModelEntry | None, T]],
+                must_exist: bool = True) -> T:
+        """Read `name`'s stored model, change it and write it back (with the change's audit and history
+        rows) in one transaction that holds the model's lock: a change decided on another router a moment
+        ago is seen, never overwritten. `change` returns (None, result) to write nothing."""
+        def unit(tx: Tx) -> tuple[int, ModelEntry | None, T]:
+            if tx.dialect == "postgres":
+                tx.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (REGISTRY_LOCK, name))
+            row = tx.one("SELECT body FROM models WHERE name = ?", (name,))
+            current = _decode(row["body"]) if row else None
+            if current is None and must_exist:
+                known = ", ".join(sorted(self._models)) or "none registered"
+                raise NotFound(f"unknown model {name!r} (known: {known})", field="model")
+            model, result = change(current, tx)
+            if model is None:
+                return 0, None, result
             version = tx.bump("models")
             tx.execute("INSERT INTO models (name, body, version) VALUES (?, ?, ?) ON CONFLICT(name)"
-                       " DO UPDATE SET body = excluded.body, version = excluded.version", (model.name, body, version))
-            return version
+                       " DO UPDATE SET body = excluded.body, version = excluded.version",
+                       (model.name, _encode(model), version))
+            return version, model, result
 
-        self._remember(self._store.write(upsert), model)
+        version, model, result = self._store.write(unit)
+        if model is not None:
+            self._remember(version, model)
+        return result
+
+    def _history(self, tx: Tx, model: str, version: str, from_state: VersionState | None, to_state: VersionState,
+                 actor: str, reason: str) -> None:
+        tx.execute("INSERT INTO model_version_history (time, model, version, from_state, to_state, actor, reason)"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?)", (self._clock().isoformat(), model, version,
+                                                     from_state.name if from_state else "", to_state.name, actor,
+                                                     reason))
+
+    def _audit(self, tx: Tx, actor: str, action: str, target: str, details: dict[str, object]) -> None:
+        tx.execute("INSERT INTO audit (time, actor, action, target, details) VALUES (?,?,?,?,?)",
+                   (self._clock().isoformat(), actor, action, target, json.dumps(details, sort_keys=True)))
 
     def _apply(self, rows: list[Row]) -> None:
         """Take models stored (here or by another router) into memory, unless memory holds a newer one."""
@@ -311,9 +458,7 @@ class Registry:
 
     def audit(self, actor: str, action: str, target: str, details: dict[str, object]) -> None:
         """Append one event to the audit log (ListAuditEvents)."""
-        row = (self._clock().isoformat(), actor, action, target, json.dumps(details, sort_keys=True))
-        self._store.write(lambda tx: tx.execute(
-            "INSERT INTO audit (time, actor, action, target, details) VALUES (?,?,?,?,?)", row))
+        self._store.write(lambda tx: self._audit(tx, actor, action, target, details))
 
     def close(self) -> None:
         self._store.close()
@@ -333,6 +478,8 @@ def _encode(model: ModelEntry) -> str:
                     "stable": v.stable,
                     "canary": v.canary.__dict__,
                     "default_sampling": sampling_defaults.as_dict(v.default_sampling),
+                    "state": v.state.name,
+                    "state_time": v.state_time.isoformat() if v.state_time else None,
                 }
                 for v in model.versions
             ],
@@ -346,7 +493,32 @@ def _decode(text: str) -> ModelEntry:
         VersionEntry(
             v["version"], tuple(v["replicas"]), v["weight_permille"], v["stable"], CanaryPolicy(**v["canary"]),
             Sampling(**v.get("default_sampling", {})),
+            VersionState[v.get("state", "ACTIVE")],  # stored before versions had a life: ACTIVE
+            datetime.fromisoformat(v["state_time"]) if v.get("state_time") else None,
         )
         for v in data["versions"]
     )
     return ModelEntry(data["name"], versions, tuple(data["fallback_models"]), data["context_window"])
+
+
+def _enter_active(versions: tuple[VersionEntry, ...], version: str) -> tuple[VersionEntry, ...]:
+    """A version becoming ACTIVE joins with weight 0, unless no ACTIVE version carries traffic: then it is
+    the stable version with all of it."""
+    if any(v.weight_permille and v.state is VersionState.ACTIVE for v in versions if v.version != version):
+        return versions
+    return tuple(replace(v, weight_permille=1000 if v.version == version else 0, stable=v.version == version)
+                 for v in versions)
+
+
+def _leave_active(name: str, versions: tuple[VersionEntry, ...], version: str) -> tuple[VersionEntry, ...]:
+    """A version leaving ACTIVE gives its traffic to the stable version. The stable version itself may
+    leave only as the last ACTIVE one (the model then serves pinned requests only)."""
+    leaving = next(v for v in versions if v.version == version)
+    others = [v.version for v in versions if v.version != version and v.state is VersionState.ACTIVE]
+    if leaving.stable and others:
+        raise FailedPrecondition(f"version {name}@{version} is the stable version of model {name!r}: promote "
+                                 f"another ACTIVE version ({', '.join(others)}) first", field="version")
+    weight = leaving.weight_permille
+    return tuple(replace(v, weight_permille=0) if v is leaving
+                 else replace(v, weight_permille=v.weight_permille + weight) if v.stable else v
+                 for v in versions)

@@ -30,7 +30,7 @@ RPC_AUTH: dict[str, Auth] = {
               SubmitBatch=KEY, GetJob=KEY, ListJobs=KEY, CancelJob=KEY),
     **declare(ADMIN_SERVICE, CreateApiKey=ADMIN, ListApiKeys=ADMIN, RevokeApiKey=ADMIN, RegisterModelVersion=ADMIN,
               SetTrafficSplit=ADMIN, PromoteVersion=ADMIN, RollbackVersion=ADMIN, GetModel=ADMIN, SetPolicy=ADMIN,
-              GetPolicy=ADMIN, ListAuditEvents=ADMIN),
+              GetPolicy=ADMIN, ListAuditEvents=ADMIN, SetVersionState=ADMIN),
     **open_service(health_pb2.DESCRIPTOR.services_by_name["Health"]),
     **open_service(reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]),
 }

@@ -40,6 +40,9 @@ class RouterPorts(Protocol):
     def healthy_replicas(self, model: ModelEntry) -> dict[str, int]: ...
 
 
+DEPRECATION_KEY = "autoglm-deprecation"  # trailing metadata of a request pinned to a DEPRECATED version
+
+
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
@@ -63,11 +66,16 @@ class RouterServicer(pb2_grpc.RouterServiceServicer):
         deadline = time.monotonic() + remaining if remaining is not None else None
         return RequestContext(current_request_id() or uuid.uuid4().hex, trace_id, principal, merged, deadline)
 
+    def _deprecation(self, context: grpc.aio.ServicerContext, model: str) -> None:
+        if (notice := self._app.gateway.deprecation(model)) is not None:
+            context.set_trailing_metadata(((DEPRECATION_KEY, notice.notice),))
+
     async def Generate(
         self, request: pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb2.GenerateResponse]:
         self._app.input_limits.check(request.ByteSize(), convert.prompt_texts(request))  # before any other work
         ctx = self._context(context, dict(request.tags))
+        self._deprecation(context, request.model)
         async for item in self._app.gateway.generate(ctx, convert.generation_request(request)):
             if isinstance(item, Summary):
                 yield pb2.GenerateResponse(id=ctx.request_id, summary=convert.summary(item))
@@ -78,6 +86,7 @@ class RouterServicer(pb2_grpc.RouterServiceServicer):
         self._app.input_limits.check(request.ByteSize(), convert.prompt_texts(request))
         ctx = self._context(context, dict(request.tags))
         text, summary = await self._app.gateway.complete(ctx, convert.generation_request(request))
+        self._deprecation(context, request.model)
         return pb2.CompleteResponse(
             id=ctx.request_id, choices=[pb2.Choice(index=0, text=text, finish_reason=int(summary.finish_reason))],  # type: ignore[arg-type]
             usage=convert.usage(summary.usage), cost=convert.money(summary.cost), model=summary.model,
@@ -96,6 +105,7 @@ class RouterServicer(pb2_grpc.RouterServiceServicer):
         text, summary = await self._app.gateway.run_task(
             ctx, request.model, spec, convert.sampling(request.sampling),
             convert.enum_value(TrafficClass, request.traffic_class, "traffic_class"))
+        self._deprecation(context, request.model)
         return pb2.RunTaskResponse(
             id=ctx.request_id, output=text, finish_reason=int(summary.finish_reason),  # type: ignore[arg-type]
             usage=convert.usage(summary.usage), cost=convert.money(summary.cost), model=summary.model,
@@ -173,6 +183,8 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
             request.model, request.version, tuple(r.address for r in request.replicas),
             tuple(request.fallback_models), convert.canary_policy(request.canary_policy),
             convert.default_sampling(request),
+            convert.version_state(request.initial_state, "initial_state") if request.HasField("initial_state")
+            else None,
         )
         return admin_pb2.RegisterModelVersionResponse(model=self._record(self._admin.get_model(model.name)))
 
@@ -216,8 +228,15 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         return admin_pb2.ListAuditEventsResponse(events=[convert.audit_event(e) for e in events],
                                                  next_page_token=next_token)
 
+    async def SetVersionState(
+        self, request: admin_pb2.SetVersionStateRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.SetVersionStateResponse:
+        model = self._admin.set_state(request.model, request.version, convert.version_state(request.state, "state"),
+                                      request.operator, request.reason)
+        return admin_pb2.SetVersionStateResponse(model=self._record(model))
+
     def _record(self, model: ModelEntry) -> admin_pb2.ModelRecord:
-        return convert.model_record(model, self._admin.healthy_replicas(model))
+        return convert.model_record(model, self._admin.healthy_replicas(model), self._admin.history(model.name))
 
 
 __all__ = ["AdminServicer", "GenerationRequest", "RouterServicer"]

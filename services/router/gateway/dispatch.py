@@ -13,11 +13,12 @@ import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
-from services.common.errors import DomainError, Internal, QueueFull, Unavailable
+from services.common.errors import DomainError, FailedPrecondition, Internal, QueueFull, Unavailable
 from services.router.balancer import Balancer
 from services.router.cache import CachedAnswer, ResponseCache
 from services.router.canary import CanaryMonitor
 from services.router.gateway.plan import Plan
+from services.router.lifecycle import VersionState
 from services.router.ports import InferenceCall, InferencePort
 from services.router.registry import ModelEntry, Registry, VersionEntry
 from services.router.retry import RetryBudget, RetrySettings, backoff_delay
@@ -80,11 +81,15 @@ class Dispatcher:
     def _candidates(self, plan: Plan) -> list[tuple[ModelEntry, VersionEntry]]:
         candidates = [(plan.model, plan.version)]
         stable = plan.model.stable
-        if stable.version != plan.version.version and not plan.request.model.count("@"):
+        if (stable.version != plan.version.version and not plan.request.model.count("@")
+                and stable.state is VersionState.ACTIVE):
             candidates.append((plan.model, stable))  # a failing canary falls back to the stable version
         for name in plan.model.fallback_models:
             if name in self._registry and name != plan.model.name:
-                candidates.append((self._registry.get(name), self._registry.pick_version(name)))
+                try:
+                    candidates.append((self._registry.get(name), self._registry.pick_version(name)))
+                except FailedPrecondition:
+                    continue  # a fallback model with no ACTIVE version serves nobody
         return candidates
 
     async def _generation(self, request_id: str, plan: Plan, go: asyncio.Event | None = None) -> AsyncIterator[Chunk]:

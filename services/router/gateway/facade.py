@@ -30,6 +30,7 @@ from services.router.gateway.account import Accountant
 from services.router.gateway.admit import Admitter, EarlyStart
 from services.router.gateway.dispatch import Dispatcher, Progress
 from services.router.gateway.plan import Plan, Planner
+from services.router.lifecycle import Deprecation
 from services.router.limits.token_bucket import RateLimiter
 from services.router.metering import Meter
 from services.router.policy import PolicyStore
@@ -106,8 +107,14 @@ class Gateway:
         return self.planner.callable_models(principal)
 
     def check_model(self, principal: Principal, spec: str) -> None:
-        """Raises unless this principal may call this (existing) model."""
-        self.planner.resolve(principal, spec)
+        """Raises unless this principal may call this (existing) model; a pinned version must serve
+        pinned requests (ACTIVE or DEPRECATED)."""
+        self.planner.check(principal, spec)
+
+    def deprecation(self, spec: str) -> Deprecation | None:
+        """The notice a request for `spec` carries when it pins a DEPRECATED version (None otherwise): the
+        transports send it as gRPC trailing metadata and HTTP headers."""
+        return self.registry.deprecation(spec)
 
     def healthy_replicas(self, model: ModelEntry) -> dict[str, int]:
         """Healthy replicas per version of `model`."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from services.common.errors import DomainError, InvalidInput, PermissionDenied
-from services.router import offload
+from services.router import lifecycle, offload
 from services.router.balancer import Balancer
 from services.router.cache import cache_key
 from services.router.contexts import ContextStore, fit_to_window
@@ -144,6 +144,16 @@ class Planner:
             raise PermissionDenied(f"this API key may not call model {name!r}", field="model")
         model = self._registry.get(name)
         return model, self._registry.pick_version(name, pinned)
+
+    def check(self, principal: Principal, spec: str) -> None:
+        """Raises unless this principal may call this existing model (and the version it pins serves
+        pinned requests); a model with no ACTIVE version passes (its card still shows)."""
+        name, pinned = split_model(spec)
+        if not principal.may_call(name):
+            raise PermissionDenied(f"this API key may not call model {name!r}", field="model")
+        model = self._registry.get(name)
+        if pinned:
+            lifecycle.refuse_unserved(spec, model.version(pinned).state, pinned=True)
 
     async def count_tokens(
         self, principal: Principal, spec: str, prompt: str, messages: tuple[Message, ...], raw: bool

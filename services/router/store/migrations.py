@@ -8,6 +8,7 @@ SQLite file is adopted as it is). Add a new migration at the end of its domain; 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 from services.router.store.base import TYPES, Migration, Step, Tx
@@ -49,6 +50,15 @@ POLICIES: Sequence[Migration] = (
     )),
 )
 
+def _versions_active(tx: Tx) -> None:
+    """Every version stored before versions had a life serves as it did: ACTIVE."""
+    for row in tx.all("SELECT name, body FROM models"):
+        body = json.loads(row["body"])
+        for version in body["versions"]:
+            version.setdefault("state", "ACTIVE")
+        tx.execute("UPDATE models SET body = ? WHERE name = ?", (json.dumps(body), row["name"]))
+
+
 REGISTRY: Sequence[Migration] = (
     (1, "models and the audit log", (
         "CREATE TABLE IF NOT EXISTS models (name TEXT PRIMARY KEY, body TEXT NOT NULL)",
@@ -58,6 +68,13 @@ REGISTRY: Sequence[Migration] = (
     (2, "versioned models, followed by every router", (
         "ALTER TABLE models ADD COLUMN version {int} NOT NULL DEFAULT 0",
         _counter("models"),
+    )),
+    (3, "model version states (the versions registered before are ACTIVE) and their history", (
+        _versions_active,
+        """CREATE TABLE model_version_history (seq {serial}, time TEXT NOT NULL, model TEXT NOT NULL,
+            version TEXT NOT NULL, from_state TEXT NOT NULL, to_state TEXT NOT NULL, actor TEXT NOT NULL,
+            reason TEXT NOT NULL)""",
+        "CREATE INDEX model_version_history_model ON model_version_history(model, seq)",
     )),
 )
 

@@ -1,6 +1,7 @@
 import datetime
 
 from autoglm.common.v1 import generation_pb2 as _generation_pb2
+from autoglm.router.v1 import model_lifecycle_pb2 as _model_lifecycle_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -113,20 +114,22 @@ class CanaryPolicy(_message.Message):
     def __init__(self, max_error_permille: _Optional[int] = ..., max_p99_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., min_requests: _Optional[int] = ...) -> None: ...
 
 class RegisterModelVersionRequest(_message.Message):
-    __slots__ = ("model", "version", "replicas", "fallback_models", "canary_policy", "default_sampling")
+    __slots__ = ("model", "version", "replicas", "fallback_models", "canary_policy", "default_sampling", "initial_state")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_MODELS_FIELD_NUMBER: _ClassVar[int]
     CANARY_POLICY_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_STATE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     replicas: _containers.RepeatedCompositeFieldContainer[Replica]
     fallback_models: _containers.RepeatedScalarFieldContainer[str]
     canary_policy: CanaryPolicy
     default_sampling: _generation_pb2.SamplingParams
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., fallback_models: _Optional[_Iterable[str]] = ..., canary_policy: _Optional[_Union[CanaryPolicy, _Mapping]] = ..., default_sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    initial_state: _model_lifecycle_pb2.VersionState
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., fallback_models: _Optional[_Iterable[str]] = ..., canary_policy: _Optional[_Union[CanaryPolicy, _Mapping]] = ..., default_sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., initial_state: _Optional[_Union[_model_lifecycle_pb2.VersionState, str]] = ...) -> None: ...
 
 class RegisterModelVersionResponse(_message.Message):
     __slots__ = ("model",)
@@ -197,7 +200,7 @@ class GetModelResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelRecord, _Mapping]] = ...) -> None: ...
 
 class VersionRecord(_message.Message):
-    __slots__ = ("version", "replicas", "weight_permille", "healthy_replicas", "canary_policy", "stable", "default_sampling")
+    __slots__ = ("version", "replicas", "weight_permille", "healthy_replicas", "canary_policy", "stable", "default_sampling", "state", "history")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_PERMILLE_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +208,8 @@ class VersionRecord(_message.Message):
     CANARY_POLICY_FIELD_NUMBER: _ClassVar[int]
     STABLE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     version: str
     replicas: _containers.RepeatedCompositeFieldContainer[Replica]
     weight_permille: int
@@ -212,7 +217,9 @@ class VersionRecord(_message.Message):
     canary_policy: CanaryPolicy
     stable: bool
     default_sampling: _generation_pb2.SamplingParams
-    def __init__(self, version: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., weight_permille: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., canary_policy: _Optional[_Union[CanaryPolicy, _Mapping]] = ..., stable: _Optional[bool] = ..., default_sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    state: _model_lifecycle_pb2.VersionState
+    history: _containers.RepeatedCompositeFieldContainer[_model_lifecycle_pb2.VersionStateChange]
+    def __init__(self, version: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., weight_permille: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., canary_policy: _Optional[_Union[CanaryPolicy, _Mapping]] = ..., stable: _Optional[bool] = ..., default_sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., state: _Optional[_Union[_model_lifecycle_pb2.VersionState, str]] = ..., history: _Optional[_Iterable[_Union[_model_lifecycle_pb2.VersionStateChange, _Mapping]]] = ...) -> None: ...
 
 class ModelRecord(_message.Message):
     __slots__ = ("name", "versions", "fallback_models", "context_window")
@@ -301,3 +308,23 @@ class ListAuditEventsResponse(_message.Message):
     events: _containers.RepeatedCompositeFieldContainer[AuditEvent]
     next_page_token: str
     def __init__(self, events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class SetVersionStateRequest(_message.Message):
+    __slots__ = ("model", "version", "state", "operator", "reason")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    state: _model_lifecycle_pb2.VersionState
+    operator: str
+    reason: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[_Union[_model_lifecycle_pb2.VersionState, str]] = ..., operator: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetVersionStateResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRecord
+    def __init__(self, model: _Optional[_Union[ModelRecord, _Mapping]] = ...) -> None: ...

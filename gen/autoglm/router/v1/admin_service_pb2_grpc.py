@@ -91,6 +91,11 @@ class AdminServiceStub:
                 request_serializer=autoglm_dot_router_dot_v1_dot_admin__service__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=autoglm_dot_router_dot_v1_dot_admin__service__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.SetVersionState = channel.unary_unary(
+                '/autoglm.router.v1.AdminService/SetVersionState',
+                request_serializer=autoglm_dot_router_dot_v1_dot_admin__service__pb2.SetVersionStateRequest.SerializeToString,
+                response_deserializer=autoglm_dot_router_dot_v1_dot_admin__service__pb2.SetVersionStateResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -141,7 +146,8 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RollbackVersion(self, request, context):
-        """Sends all traffic back to the previous stable version (also done automatically when a canary breaks its limits).
+        """Sends all traffic back to the previous stable version (also done automatically when a canary breaks its limits);
+        each version that had traffic besides it goes back to PENDING_APPROVAL with the reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -171,6 +177,15 @@ class AdminServiceServicer:
     def ListAuditEvents(self, request, context):
         """Lists the router's audit log, newest first: model registrations, traffic splits, promotions and
         rollbacks (an automatic canary rollback names the numbers that triggered it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetVersionState(self, request, context):
+        """Moves a model version through its life (VersionState), by a named operator with a reason, recorded in
+        the version's history and the audit log ("model.state"). A version leaving ACTIVE gives its traffic
+        to the stable version. A move the state does not allow is FAILED_PRECONDITION naming the current state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -233,6 +248,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=autoglm_dot_router_dot_v1_dot_admin__service__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=autoglm_dot_router_dot_v1_dot_admin__service__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'SetVersionState': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetVersionState,
+                    request_deserializer=autoglm_dot_router_dot_v1_dot_admin__service__pb2.SetVersionStateRequest.FromString,
+                    response_serializer=autoglm_dot_router_dot_v1_dot_admin__service__pb2.SetVersionStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -534,6 +554,33 @@ class AdminService:
             '/autoglm.router.v1.AdminService/ListAuditEvents',
             autoglm_dot_router_dot_v1_dot_admin__service__pb2.ListAuditEventsRequest.SerializeToString,
             autoglm_dot_router_dot_v1_dot_admin__service__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetVersionState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.router.v1.AdminService/SetVersionState',
+            autoglm_dot_router_dot_v1_dot_admin__service__pb2.SetVersionStateRequest.SerializeToString,
+            autoglm_dot_router_dot_v1_dot_admin__service__pb2.SetVersionStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

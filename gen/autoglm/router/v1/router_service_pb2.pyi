@@ -2,6 +2,7 @@ import datetime
 
 from autoglm.common.v1 import generation_pb2 as _generation_pb2
 from autoglm.common.v1 import money_pb2 as _money_pb2
+from autoglm.router.v1 import model_lifecycle_pb2 as _model_lifecycle_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -303,16 +304,18 @@ class ModelSummary(_message.Message):
     def __init__(self, name: _Optional[str] = ..., default_version: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionSummary, _Mapping]]] = ..., context_window: _Optional[int] = ...) -> None: ...
 
 class VersionSummary(_message.Message):
-    __slots__ = ("version", "weight_permille", "healthy_replicas", "default_sampling")
+    __slots__ = ("version", "weight_permille", "healthy_replicas", "default_sampling", "state")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_PERMILLE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     version: str
     weight_permille: int
     healthy_replicas: int
     default_sampling: _generation_pb2.SamplingParams
-    def __init__(self, version: _Optional[str] = ..., weight_permille: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., default_sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    state: _model_lifecycle_pb2.VersionState
+    def __init__(self, version: _Optional[str] = ..., weight_permille: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., default_sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., state: _Optional[_Union[_model_lifecycle_pb2.VersionState, str]] = ...) -> None: ...
 
 class BatchItem(_message.Message):
     __slots__ = ("custom_id", "prompt", "messages", "sampling")

@@ -205,6 +205,7 @@ def model_card(model: ModelEntry, healthy: dict[str, int], created: int) -> Mode
         versions=[ModelVersionCard(version=v.version, weight_permille=v.weight_permille, stable=v.stable,
                                    healthy_replicas=healthy.get(v.version, 0),
                                    default_sampling=DefaultSampling.model_validate(
-                                       sampling_defaults.as_dict(v.default_sampling)))
+                                       sampling_defaults.as_dict(v.default_sampling)),
+                                   state=v.state.name)  # type: ignore[arg-type]
                   for v in model.versions],
     )

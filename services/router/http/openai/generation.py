@@ -14,6 +14,7 @@ from services.router.http.fanout import Fanout
 from services.router.http.openai import convert
 from services.router.http.openai.protocol import SamplingFields
 from services.router.http.sse import EventStream
+from services.router.lifecycle import Deprecation
 from services.router.types import Chunk, GenerationRequest, Principal, Summary
 
 
@@ -33,7 +34,8 @@ async def answer(request: Request, backend: Backend, principal: Principal, body:
             await unless_disconnected(request, streams.started())
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             builder = convert.ChunkBuilder(chat, request_id, created, body.model, body.n, include_usage)
-            return EventStream(convert.stream_frames(aiter(streams), builder), on_close=streams.aclose)
+            return deprecated(EventStream(convert.stream_frames(aiter(streams), builder), on_close=streams.aclose),
+                              gateway.deprecation(call.model))
         answers = convert.Collected(body.n)
 
         async def collect() -> None:
@@ -47,4 +49,15 @@ async def answer(request: Request, backend: Backend, principal: Principal, body:
     await streams.aclose()
     result = (convert.chat_completion if chat else convert.text_completion)(request_id, created, answers)
     # pydantic-core writes the JSON itself (no dict, then json.dumps)
-    return Response(result.model_dump_json(), media_type="application/json")
+    return deprecated(Response(result.model_dump_json(), media_type="application/json"),
+                      gateway.deprecation(call.model))
+
+
+def deprecated(response: Response, deprecation: Deprecation | None) -> Response:
+    """A request pinned to a DEPRECATED version says so: `Deprecation` (RFC 9745: `@<unix time>` of the
+    deprecation, `@0` when not recorded) and, saying what to call instead, `X-AutoGLM-Deprecation`."""
+    if deprecation is not None:
+        since = int(deprecation.since.timestamp()) if deprecation.since is not None else 0
+        response.headers["Deprecation"] = f"@{since}"
+        response.headers["X-AutoGLM-Deprecation"] = deprecation.notice
+    return response

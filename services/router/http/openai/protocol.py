@@ -368,6 +368,9 @@ class ModelVersionCard(BaseModel):
     stable: bool
     healthy_replicas: int
     default_sampling: DefaultSampling
+    # Where the version is in its life: ACTIVE takes unpinned traffic; DEPRECATED serves only requests
+    # pinned to it ("model@version"); DRAFT, PENDING_APPROVAL and RETIRED serve none.
+    state: Literal["DRAFT", "PENDING_APPROVAL", "ACTIVE", "DEPRECATED", "RETIRED"] = "ACTIVE"
 
 
 class ModelCard(BaseModel):

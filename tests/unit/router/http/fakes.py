@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from services.common.errors import DomainError, Unauthenticated
 from services.router.gateway import Gateway
 from services.router.input_limits import InputLimits
+from services.router.lifecycle import Deprecation
 from services.router.registry import ModelEntry, VersionEntry
 from services.router.types import (
     Chunk,
@@ -62,6 +63,10 @@ class FakeGateway:
     registry: FakeRegistry = field(default_factory=FakeRegistry)
     token_sent: asyncio.Event = field(default_factory=asyncio.Event)
     stream_closed: asyncio.Event = field(default_factory=asyncio.Event)
+    deprecated: Deprecation | None = None  # what deprecation() says of a pinned spec
+
+    def deprecation(self, spec: str) -> Deprecation | None:
+        return self.deprecated if "@" in spec else None
 
     def callable_models(self, principal: Principal) -> list[ModelEntry]:
         return [MODEL]
@@ -111,7 +116,7 @@ class FakeGateway:
 
 
 def check_fake_matches_gateway() -> None:
-    for name in ("generate", "complete", "callable_models", "check_model", "count_tokens"):
+    for name in ("generate", "complete", "callable_models", "check_model", "count_tokens", "deprecation"):
         real, fake = inspect.signature(getattr(Gateway, name)), inspect.signature(getattr(FakeGateway, name))
         assert list(real.parameters) == list(fake.parameters), name
 

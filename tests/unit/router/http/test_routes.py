@@ -93,7 +93,8 @@ async def test_models_list_and_get(client: httpx.AsyncClient) -> None:
     card = (await client.get("/v1/models/tiny", headers=AUTH)).json()
     assert card["versions"] == [{"version": "v1", "weight_permille": 1000, "stable": True, "healthy_replicas": 1,
                                  "default_sampling": {"temperature": 0.2, "top_p": 0.9, "top_k": None,
-                                                      "repetition_penalty": None}}]
+                                                      "repetition_penalty": None},
+                                 "state": "ACTIVE"}]
     missing = await client.get("/v1/models/absent", headers=AUTH)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
