@@ -115,7 +115,8 @@ class RouterApp:
         self.job_store = JobStore(stores.jobs)
         self.runner = BatchRunner(
             self.job_store, self._run_batch_item, self._budget_level, status_name,
-            RunnerSettings(concurrency=config.batch_concurrency, poll_s=config.batch_poll_s),
+            RunnerSettings(concurrency=config.batch_concurrency, poll_s=config.batch_poll_s,
+                           lease_s=config.batch_lease_s),
         )
         self.jobs = Jobs(self.job_store, self.runner, self.gateway.check_model, validate_tags)
         self.admin = Admin(self.keys, self.registry, self.policies, self.inference, self.healthy_replicas)

@@ -88,6 +88,9 @@ class RouterConfig:
     batch_concurrency: int = 4
     batch_poll_s: float = 0.5
     batch_billing_wait_s: float = 300.0
+    # Routers sharing router.database share the batch work: an item is claimed with a lease renewed every
+    # batch_lease_s / 3 while it runs; the items of a router that died are taken over once it expired.
+    batch_lease_s: float = 15.0
     # Redis holding the per-key rate-limit buckets, shared by router replicas (redis://host:port/db,
     # rediss://, unix:///path.sock); empty: in-process buckets. Redis unreachable: requests pass (fail open).
     rate_limit_redis_url: str = ""
@@ -114,6 +117,8 @@ class RouterConfig:
             raise ValueError("default_max_tokens must be >= 1")
         if self.batch_concurrency < 1 or self.batch_poll_s <= 0:
             raise ValueError("batch_concurrency must be >= 1 and batch_poll_s > 0")
+        if not 1 <= self.batch_lease_s <= 3600:
+            raise ValueError("batch_lease_s must be 1 to 3600 seconds")
         if self.price_refresh_s <= 0:
             raise ValueError("price_refresh_s must be > 0")
         if self.early_starts_per_tenant < 0:
