@@ -102,7 +102,8 @@ class RouterApp:
                            recovery_s=config.billing_recovery_s, batch_wait_s=config.batch_billing_wait_s,
                            max_early_starts_per_tenant=config.early_starts_per_tenant, journal=self.journal,
                            leases=self.leases)
-        self.limiter = RateLimiter(rate_limit_backend(config.rate_limit_redis_url))
+        self.limiter = RateLimiter(rate_limit_backend(config.rate_limit_redis_url,
+                                                      fail_open=config.rate_limit_redis_fail_open))
         self.gateway = Gateway(
             registry=self.registry, balancer=self.balancer, inference=self.inference, meter=self.meter,
             limiter=self.limiter,

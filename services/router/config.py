@@ -92,8 +92,10 @@ class RouterConfig:
     # batch_lease_s / 3 while it runs; the items of a router that died are taken over once it expired.
     batch_lease_s: float = 15.0
     # Redis holding the per-key rate-limit buckets, shared by router replicas (redis://host:port/db,
-    # rediss://, unix:///path.sock); empty: in-process buckets. Redis unreachable: requests pass (fail open).
+    # rediss://, unix:///path.sock); empty: in-process buckets. Redis unreachable: requests pass unchecked
+    # (fail open, the default) or, with rate_limit_redis_fail_open false, are refused with UNAVAILABLE.
     rate_limit_redis_url: str = ""
+    rate_limit_redis_fail_open: bool = True
     # Requests per tenant whose generation may start while their budget hold is still on the way (only
     # for tenants billing last placed below every alert threshold; nothing is sent before the hold is
     # granted). 0: always wait for the hold first.

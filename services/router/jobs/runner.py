@@ -13,7 +13,7 @@ that cannot renew for a whole lease stops all of its items, so two routers never
 An item runs through `execute` — the same gateway path as a normal request, at BATCH class, with the
 submitting key's identity — under the request id `<job_id>-<index>` (the usage event id), so a re-run
 after a router died is still one usage event; only the claim's holder commits the item's result, once.
-Transient refusals (budget, billing unreachable, rate limit, full queue) put the item back to PENDING;
+Transient refusals (budget, billing unreachable, rate limit or its store unreachable, full queue) put the item back to PENDING;
 other errors fail the item with the status code name.
 """
 
@@ -33,6 +33,7 @@ import structlog
 from services.common.errors import BudgetExceeded, DomainError, QueueFull, RateLimited
 from services.router.jobs.model import ClaimedItem, ItemResult, ItemState, Job, JobState
 from services.router.jobs.store import JobStore
+from services.router.limits.token_bucket import RateLimitUnavailable
 from services.router.metering import BillingUnavailable
 from services.router.ports import AlertLevel
 from services.router.types import (
@@ -48,7 +49,7 @@ log = structlog.get_logger(__name__)
 
 Execute = Callable[[RequestContext, GenerationRequest], Awaitable[tuple[str, Summary]]]
 LevelOf = Callable[[Principal, dict[str, str]], Awaitable[AlertLevel]]
-TRANSIENT = (BudgetExceeded, BillingUnavailable, RateLimited, QueueFull)
+TRANSIENT = (BudgetExceeded, BillingUnavailable, RateLimited, RateLimitUnavailable, QueueFull)
 T = TypeVar("T")
 
 
