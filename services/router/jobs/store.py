@@ -8,9 +8,10 @@ items to RUNNING with `claimed_by` = this store's `owner` (a router instance id,
 LOCKED`, so two routers claiming at once get disjoint items; SQLite's write lock serialises the claims).
 The runner renews its leases (`renew`) while its items run; an item whose lease expired (its router died
 or lost the database) is claimable again, by any router, and runs again under the same request id, so
-billing (idempotent by event id) still counts it once. A result is committed only by the lease's holder
-(`finish_item`, `requeue_item` check `claimed_by`), so an item has exactly one result even when a router
-that lost its lease finishes late. Leases are compared with the routers' wall clocks: keep them in sync
+billing (idempotent by event id) still counts it once; a router restarted on the same data dir releases
+its previous life's claims at once (`take_over_from_previous_life`). A result is committed only by the
+lease's holder (`finish_item`, `requeue_item` check `claimed_by`), so an item has exactly one result even
+when a router that lost its lease finishes late. Leases are compared with the routers' wall clocks: keep them in sync
 (NTP) to well within the lease.
 
 Retention: `purge_finished` deletes finished jobs (SUCCEEDED / FAILED / CANCELLED) that ended before a
@@ -191,6 +192,24 @@ class JobStore:
             "UPDATE items SET state = ?, claimed_by = '', lease_us = 0"
             " WHERE job_id = ? AND idx = ? AND state = ? AND claimed_by = ?",
             (int(ItemState.PENDING), job_id, index, int(ItemState.RUNNING), self.owner)))
+
+    def release(self, owner: str) -> int:
+        """Put the items `owner` still claims back to PENDING (the owner is known dead: a previous life of
+        this router). Returns how many."""
+        return self._store.write(lambda tx: tx.execute(
+            "UPDATE items SET state = ?, claimed_by = '', lease_us = 0 WHERE claimed_by = ? AND state = ?",
+            (int(ItemState.PENDING), owner, int(ItemState.RUNNING))))
+
+    def take_over_from_previous_life(self, marker: Path) -> int:
+        """At start: release the claims of the instance that last ran with this data dir (its id is in
+        `marker`), which died with them, so a restarted router re-runs its items at once instead of after
+        their lease; then record this instance's id there. Other routers' claims are left alone."""
+        previous = marker.read_text().strip() if marker.exists() else ""
+        released = self.release(previous) if previous and previous != self.owner else 0
+        staged = marker.with_name(marker.name + ".tmp")
+        staged.write_text(self.owner + "\n")
+        staged.replace(marker)
+        return released
 
     def close_running(self, job_id: str, state: ItemState, error_code: str, message: str, now: datetime) -> int:
         """Close the job's running items whose lease expired by `now` (their router is gone)."""

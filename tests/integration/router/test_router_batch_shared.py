@@ -1,16 +1,19 @@
 """Batch jobs on routers that share one PostgreSQL store, with real billing and the real model: a router
 started while another runs a job never runs one of its items a second time, and a job whose router is
 SIGKILLed mid-job is finished by the other router, each item with exactly one result and exactly one
-usage event in billing's ledger."""
+usage event in billing's ledger. And the embedded default: one SQLite router, SIGKILLed and restarted,
+re-runs its items at once."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import psycopg
+from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import REGISTRY
 
 from autoglm.billing.v1 import billing_service_pb2 as billing_pb2
@@ -174,3 +177,51 @@ async def test_a_job_whose_router_is_killed_mid_job_is_finished_by_another_and_b
 
 async def _ledger(dsn: str, tenant: str) -> list[tuple[str, int, int]]:
     return ledger(dsn, tenant)
+
+
+async def test_a_router_killed_mid_job_and_restarted_on_its_data_dir_reruns_its_items_at_once(
+    tmp_path: Path,
+) -> None:
+    """The embedded default (one router, SQLite in its data dir): a restart after a crash does not wait
+    for the dead instance's leases (an hour here) to run its items again."""
+    processes: list[subprocess.Popen[bytes]] = []
+    config = tmp_path / "router.yaml"
+    config.write_text(json.dumps({"router": {
+        "admin_token": ADMIN_TOKEN, "data_dir": str(tmp_path / "router"), "batch_concurrency": 1,
+        "batch_poll_s": 0.1, "batch_lease_s": 3600}}))
+    try:
+        billing_proc, billing = start_service("billing", ["--data-dir", str(tmp_path / "billing")], processes)
+        drain(billing_proc)
+        inference_proc, inference = start_service("inference", ["--replica-id", "r1", "--threads", "1"], processes)
+        drain(inference_proc)
+        await create_price(billing, tmp_path / "billing")
+        args = ["--config", str(config), "--inference", inference, "--billing", billing]
+        first, address = start_service("router", args, processes)
+        drain(first)
+        async with grpc.aio.insecure_channel(address) as channel:
+            secret = await create_key(channel, "batchco")
+            stub = router_grpc.RouterServiceStub(channel)
+            job = (await stub.SubmitBatch(pb2.SubmitBatchRequest(model=MODEL, items=items(4, max_tokens=24)),
+                                          metadata=bearer(secret), timeout=10)).job
+            await job_until(stub, secret, job.job_id, lambda j: j.completed_items >= 1, "1 item done")
+        first.kill()
+        first.wait(timeout=10)
+        second, address = start_service("router", args, processes)
+        drain(second)
+        async with grpc.aio.insecure_channel(address) as channel:
+            done = await job_until(router_grpc.RouterServiceStub(channel), secret, job.job_id, finished, "to finish")
+        assert done.state == pb2.JOB_STATE_SUCCEEDED and done.completed_items == 4
+        async with operator_channel(billing, billing_token(tmp_path / "billing")) as channel:
+            report = await settled_usage(lambda: _report(channel, "batchco"), lambda r: r.total.requests, 4,
+                                         "one usage event per item", routers=[tmp_path / "router"])
+        assert report.total.requests == 4 and report.total.completion_tokens == done.usage.completion_tokens
+    finally:
+        stop(processes)
+
+
+async def _report(channel: grpc.aio.Channel, tenant: str) -> billing_pb2.GetUsageReportResponse:
+    start, end = Timestamp(), Timestamp()
+    start.FromDatetime(datetime.now(UTC) - timedelta(hours=1))
+    end.FromDatetime(datetime.now(UTC) + timedelta(hours=1))
+    return await billing_grpc.BillingServiceStub(channel).GetUsageReport(
+        billing_pb2.GetUsageReportRequest(start_time=start, end_time=end, tenant_id=tenant), timeout=10)
