@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.errors import DomainError
+from services.common.errors import DomainError, Unavailable
 from services.router.jobs.model import ItemSpec, ItemState, JobState, NewJob
 from services.router.jobs.runner import BatchRunner, RunnerSettings
 from services.router.jobs.store import JobStore
@@ -123,3 +123,51 @@ async def test_a_job_cancelled_through_one_router_stops_the_item_running_on_the_
     assert [(r.custom_id, r.error_code) for r in cancelled.results] == [
         ("q0", "CANCELLED"), ("q1", "CANCELLED"), ("q2", "CANCELLED")]
     assert a.execute.cancelled == ["job_1-0"]
+
+
+class UnreachableRenewals(JobStore):
+    """The real store, except that renewals fail while `failing` (the database is away)."""
+
+    failing = False
+
+    def renew(self, until: datetime) -> dict[tuple[str, int], JobState]:
+        if self.failing:
+            raise Unavailable("the router's database cannot be reached; try again shortly")
+        return super().renew(until)
+
+
+def lease_us(store: JobStore) -> int:
+    row = store._store.read(lambda tx: tx.one("SELECT lease_us FROM items WHERE job_id = 'job_1' AND idx = 0"))
+    assert row is not None
+    return int(row["lease_us"])
+
+
+async def test_a_router_that_cannot_renew_for_a_whole_lease_stops_its_items(tmp_path: Path) -> None:
+    store = UnreachableRenewals(tmp_path / "jobs.db", owner="router-a")
+    execute = Scripted()
+
+    async def level(principal: Principal, tags: dict[str, str]) -> AlertLevel:
+        return AlertLevel.NONE
+
+    lease_s = 0.6  # renewals every 0.2 s
+    runner = BatchRunner(store, execute, level, lambda error: error.reason,
+                         RunnerSettings(concurrency=1, poll_s=0.05, lease_s=lease_s, shutdown_grace_s=0.1))
+    store.create("job_1", Principal("acme", "key"), NewJob("m", (ItemSpec("q0", "prompt 0"),)), T0)
+    worker = asyncio.create_task(runner.run_forever())
+    try:
+        await wait_until(lambda: execute.started == ["job_1-0"], 5, "the item to start")
+        first = lease_us(store)
+        # Renewals succeed: the lease moves on twice, and the item keeps running past its first lease.
+        await wait_until(lambda: lease_us(store) > first, 10 * lease_s, "a renewal")
+        second = lease_us(store)
+        await wait_until(lambda: lease_us(store) > second, 10 * lease_s, "another renewal")
+        assert execute.cancelled == [] and runner.running_items("job_1") == 1
+        store.failing = True
+        await wait_until(lambda: execute.cancelled == ["job_1-0"], 10 * lease_s,
+                         "the item to stop once its lease ran out unrenewed")
+        assert store.counts("job_1") == {ItemState.RUNNING: 1}  # nothing written: another router may run it
+    finally:
+        await runner.close()
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+        store.close()
