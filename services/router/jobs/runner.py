@@ -117,6 +117,7 @@ class BatchRunner:
 
     async def _renew_forever(self) -> None:
         held_until = self._clock() + self.settings.lease_s
+        failing = False
         while True:
             await asyncio.sleep(self.settings.lease_s / 3)
             if not self._running:
@@ -125,9 +126,16 @@ class BatchRunner:
             try:
                 held_until = await self.renew()
             except Exception as exc:  # the database is away: the leases run out unless a renewal succeeds
-                log.warning("batch_lease_renewal_failed", error=f"{type(exc).__name__}: {exc}")
-                if self._clock() >= held_until:
+                if not failing:
+                    log.warning("batch_lease_renewal_failed", error=f"{type(exc).__name__}: {exc}")
+                failing = True
+                if self._clock() >= held_until and self._generating:
+                    log.warning("batch_items_stopped_unrenewed", items=len(self._generating))
                     self._stop(list(self._generating), "lost")
+                continue
+            if failing:
+                log.info("batch_lease_renewal_recovered")
+            failing = False
 
     async def renew(self) -> float:
         """Renew this router's leases and stop the items it no longer holds; returns (monotonic) until
