@@ -86,6 +86,7 @@ class BatchRunner:
         self._stop_reason: dict[tuple[str, int], str] = {}
         self._wake = asyncio.Event()
         self._closing = False
+        self._heartbeat: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -101,7 +102,7 @@ class BatchRunner:
         return now + timedelta(seconds=self.settings.lease_s)
 
     async def run_forever(self) -> None:
-        heartbeat = asyncio.create_task(self._renew_forever())
+        self._heartbeat = asyncio.create_task(self._renew_forever())
         try:
             while not self._closing:
                 self._wake.clear()
@@ -112,8 +113,14 @@ class BatchRunner:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.settings.poll_s)
         finally:
-            heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            if not self._closing:  # cancelled from outside; otherwise `close` stops renewing once items ended
+                await self._stop_heartbeat()
+
+    async def _stop_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+            self._heartbeat = None
 
     async def _renew_forever(self) -> None:
         held_until = self._clock() + self.settings.lease_s
@@ -299,8 +306,9 @@ class BatchRunner:
         self._closing = True
         self._wake.set()
         tasks = list(self._running.values())
-        if tasks:
+        if tasks:  # their leases are still renewed meanwhile
             _, late = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_s)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+        await self._stop_heartbeat()
