@@ -13,8 +13,8 @@ that cannot renew for a whole lease stops all of its items, so two routers never
 An item runs through `execute` — the same gateway path as a normal request, at BATCH class, with the
 submitting key's identity — under the request id `<job_id>-<index>` (the usage event id), so a re-run
 after a router died is still one usage event; only the claim's holder commits the item's result, once.
-Transient refusals (budget, billing unreachable, rate limit or its store unreachable, full queue) put the item back to PENDING;
-other errors fail the item with the status code name.
+Transient refusals (budget, billing unreachable, rate limit or its store unreachable, full queue) put
+the item back to PENDING; other errors fail the item with the status code name.
 """
 
 from __future__ import annotations

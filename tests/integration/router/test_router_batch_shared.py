@@ -45,10 +45,10 @@ LEASE_S = 4.0  # short, so the takeover after a kill comes within the test's pat
 
 async def create_price(billing_address: str, billing_dir: Path) -> None:
     async with operator_channel(billing_address, billing_token(billing_dir)) as channel:
-        await billing_grpc.BillingServiceStub(channel).CreatePrice(billing_pb2.CreatePriceRequest(
-            price=billing_pb2.Price(model=MODEL, input_per_million=money_pb2.Money(currency_code="USD", micros=1_000_000),
-                                    output_per_million=money_pb2.Money(currency_code="USD", micros=2_000_000)),
-            actor="test"), timeout=10)
+        price = billing_pb2.Price(model=MODEL, input_per_million=money_pb2.Money(currency_code="USD", micros=1_000_000),
+                                  output_per_million=money_pb2.Money(currency_code="USD", micros=2_000_000))
+        await billing_grpc.BillingServiceStub(channel).CreatePrice(
+            billing_pb2.CreatePriceRequest(price=price, actor="test"), timeout=10)
 
 
 async def create_key(router: grpc.aio.Channel, tenant: str) -> str:
