@@ -5,6 +5,7 @@ it lost."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ import pytest
 from services.router.jobs.model import ItemResult, ItemSpec, ItemState, JobState, NewJob
 from services.router.jobs.store import JobStore
 from services.router.store import Store, open_store
+from services.router.store.migrations import JOBS
 from services.router.types import Principal, Usage
 from tests.integration.billing.conftest import PgServer, postgres  # noqa: F401 - the session's PostgreSQL
 
@@ -133,3 +135,25 @@ def test_routers_claiming_at_once_never_share_an_item(routers: list[JobStore]) -
     assert claimed["router-a"] and claimed["router-b"]
     assert set(attempts(a, job).values()) == {1}
     assert a.counts(job) == {ItemState.SUCCEEDED: 120}
+
+
+def test_items_left_running_by_a_router_from_before_claims_are_taken_over_after_the_upgrade(database: str) -> None:
+    store = open_store(database)
+    try:
+        store.migrate("jobs", JOBS[:1])  # the schema of routers before claims, mid-job
+        store.write(lambda tx: tx.execute(
+            "INSERT INTO jobs (job_id, tenant_id, principal, model, state, create_us, tags, idempotency_key, total)"
+            " VALUES ('job_1', 'acme', ?, 'm', ?, 0, '{}', '', 2)",
+            (json.dumps({"tenant_id": "acme", "key_id": "key", "allowed_models": [], "traffic_class": 0}),
+             int(JobState.RUNNING))))
+        store.write(lambda tx: tx.executemany(
+            "INSERT INTO items (job_id, idx, custom_id, spec, state) VALUES ('job_1', ?, ?, ?, ?)",
+            [(i, f"q{i}", json.dumps({"prompt": f"prompt {i}", "messages": [], "sampling": {"stop": []}}), state)
+             for i, state in ((0, int(ItemState.RUNNING)), (1, int(ItemState.PENDING)))]))
+        jobs = JobStore(store, owner="router-new")  # the upgraded router: migration 2 adds the claim columns
+        taken = jobs.claim("job_1", 5, T0, T0 + LEASE)
+        assert [(c.index, c.taken_over) for c in taken] == [(0, True), (1, False)]
+        applied = store.read(lambda tx: tx.all("SELECT version FROM router_migrations WHERE domain = 'jobs'"))
+        assert sorted(int(r["version"]) for r in applied) == [1, 2]
+    finally:
+        store.close()
