@@ -110,7 +110,8 @@ class RouterApp:
                            recovery_s=config.billing_recovery_s, batch_wait_s=config.batch_billing_wait_s,
                            max_early_starts_per_tenant=config.early_starts_per_tenant, journal=self.journal,
                            leases=self.leases)
-        self.limiter = RateLimiter(rate_limit_backend(config.rate_limit_redis_url))
+        self.limiter = RateLimiter(rate_limit_backend(config.rate_limit_redis_url,
+                                                      fail_open=config.rate_limit_redis_fail_open))
         self.gateway = Gateway(
             registry=self.registry, balancer=self.balancer, inference=self.inference, meter=self.meter,
             limiter=self.limiter,
@@ -123,7 +124,8 @@ class RouterApp:
         self.job_store = JobStore(stores.jobs)
         self.runner = BatchRunner(
             self.job_store, self._run_batch_item, self._budget_level, status_name,
-            RunnerSettings(concurrency=config.batch_concurrency, poll_s=config.batch_poll_s),
+            RunnerSettings(concurrency=config.batch_concurrency, poll_s=config.batch_poll_s,
+                           lease_s=config.batch_lease_s),
         )
         self.jobs = Jobs(self.job_store, self.runner, self.gateway.check_model, validate_tags)
         self.admin = Admin(self.keys, self.registry, self.policies, self.inference, self.healthy_replicas)
@@ -142,6 +144,10 @@ class RouterApp:
         self._tasks.append(asyncio.create_task(self.meter.refresh_prices_forever(self.config.price_refresh_s)))
         if self.leases is not None:
             self._tasks.append(asyncio.create_task(self.leases.refresh_forever()))
+        released = await asyncio.to_thread(self.job_store.take_over_from_previous_life,
+                                           Path(self.config.data_dir) / "batch_claimant")
+        if released:
+            log.info("batch_items_recovered", items=released)
         self._tasks.append(asyncio.create_task(self.runner.run_forever()))
         self._tasks.append(asyncio.create_task(self.purge_forever()))
 

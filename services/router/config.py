@@ -91,9 +91,14 @@ class RouterConfig:
     batch_concurrency: int = 4
     batch_poll_s: float = 0.5
     batch_billing_wait_s: float = 300.0
+    # Routers sharing router.database share the batch work: an item is claimed with a lease renewed every
+    # batch_lease_s / 3 while it runs; the items of a router that died are taken over once it expired.
+    batch_lease_s: float = 15.0
     # Redis holding the per-key rate-limit buckets, shared by router replicas (redis://host:port/db,
-    # rediss://, unix:///path.sock); empty: in-process buckets. Redis unreachable: requests pass (fail open).
+    # rediss://, unix:///path.sock); empty: in-process buckets. Redis unreachable: requests pass unchecked
+    # (fail open, the default) or, with rate_limit_redis_fail_open false, are refused with UNAVAILABLE.
     rate_limit_redis_url: str = ""
+    rate_limit_redis_fail_open: bool = True
     # Requests per tenant whose generation may start while their budget hold is still on the way (only
     # for tenants billing last placed below every alert threshold; nothing is sent before the hold is
     # granted). 0: always wait for the hold first.
@@ -117,6 +122,8 @@ class RouterConfig:
             raise ValueError("default_max_tokens must be >= 1")
         if self.batch_concurrency < 1 or self.batch_poll_s <= 0:
             raise ValueError("batch_concurrency must be >= 1 and batch_poll_s > 0")
+        if not 1 <= self.batch_lease_s <= 3600:
+            raise ValueError("batch_lease_s must be 1 to 3600 seconds")
         if self.price_refresh_s <= 0:
             raise ValueError("price_refresh_s must be > 0")
         if self.early_starts_per_tenant < 0:

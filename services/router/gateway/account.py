@@ -1,7 +1,8 @@
 """Account: what a request used, once it ended (completed, cancelled with the tokens delivered, or failed).
 
 The rate limiter is settled with the tokens used; one usage event is settled with billing (answered at
-once and settled right after, journaled first, when the router can price it locally); the access-log line
+once and settled right after, journaled first, when the router can price it locally; a batch item is
+settled before it answers); the access-log line
 and metrics are written; a completed turn of a stored conversation is appended to it.
 """
 
@@ -22,7 +23,17 @@ from services.router.gateway.plan import Plan, usage_record
 from services.router.limits.token_bucket import Admission, RateLimiter
 from services.router.metering import Meter
 from services.router.ports import Hold, UsageRecord
-from services.router.types import FinishReason, Message, Money, RequestContext, Role, Summary, Usage, UsageStatus
+from services.router.types import (
+    FinishReason,
+    Message,
+    Money,
+    RequestContext,
+    Role,
+    Summary,
+    TrafficClass,
+    Usage,
+    UsageStatus,
+)
 
 log = structlog.get_logger("router.access")
 
@@ -67,7 +78,12 @@ class Accountant:
         ttft = int(((progress.first_token_at or self._clock()) - started) * 1000)
         latency_ms = int((self._clock() - started) * 1000)
         local = None if hold.offline else self._meter.local_cost(record)
-        if local is not None:
+        if local is not None and plan.traffic_class == TrafficClass.BATCH:
+            # A batch item's result is committed after this returns: settle first, so a router that dies
+            # in between leaves an item that another router re-runs under the same event id, never one
+            # whose usage waits in this router's journal.
+            local = await self._settle(hold, record, local, ttft, latency_ms, error)
+        elif local is not None:
             # The cost is known now: answer at once, settle (and log) right after the last message. The
             # event is journaled first, so a router that dies before settling replays it at its next start.
             self._meter.note_answered(record)

@@ -86,8 +86,9 @@ class Job:
 
 @dataclass(frozen=True)
 class ClaimedItem:
-    """An item the runner is about to run."""
+    """An item the runner is about to run (`taken_over`: its previous claimant's lease had expired)."""
 
     job_id: str
     index: int
     spec: ItemSpec
+    taken_over: bool = False

@@ -1,9 +1,18 @@
 """Batch jobs and their items in the router store (SQLite or PostgreSQL, services/router/store): they
 survive a restart.
 
-An item is PENDING, RUNNING (claimed by the runner), or finished (SUCCEEDED / FAILED / CANCELLED).
-At start, `recover` puts RUNNING items back to PENDING: the runner re-runs them under the same request
-id, so billing (idempotent by event id) still counts each item once.
+An item is PENDING, RUNNING (claimed by one router's runner), or finished (SUCCEEDED / FAILED /
+CANCELLED). Several routers may share the store, so a claim is a lease on the item row: `claim` moves
+items to RUNNING with `claimed_by` = this store's `owner` (a router instance id, fresh at each start) and
+`lease_us` = the lease's expiry, in one transaction (on PostgreSQL the rows are taken `FOR UPDATE SKIP
+LOCKED`, so two routers claiming at once get disjoint items; SQLite's write lock serialises the claims).
+The runner renews its leases (`renew`) while its items run; an item whose lease expired (its router died
+or lost the database) is claimable again, by any router, and runs again under the same request id, so
+billing (idempotent by event id) still counts it once; a router restarted on the same data dir releases
+its previous life's claims at once (`take_over_from_previous_life`). A result is committed only by the
+lease's holder (`finish_item`, `requeue_item` check `claimed_by`), so an item has exactly one result even
+when a router that lost its lease finishes late. Leases are compared with the routers' wall clocks: keep them in sync
+(NTP) to well within the lease.
 
 Retention: `purge_finished` deletes finished jobs (SUCCEEDED / FAILED / CANCELLED) that ended before a
 cutoff, with their items and results; the router runs it periodically with `job_retention_s`. A purged
@@ -13,6 +22,7 @@ job is NOT_FOUND, and its idempotency key may be used again.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,9 +72,12 @@ def _spec(custom_id: str, text: str) -> ItemSpec:
 
 
 class JobStore:
-    def __init__(self, store: Store | Path) -> None:
+    def __init__(self, store: Store | Path, owner: str = "") -> None:
         self._store = open_store(f"sqlite:///{store}") if isinstance(store, Path) else store
         self._store.migrate("jobs", JOBS)
+        # The claimant id of this router instance: fresh at each start, so a restarted router never
+        # mistakes the leases of its previous life for live ones.
+        self.owner = owner or f"router-{uuid.uuid4().hex[:16]}"
 
     def close(self) -> None:
         self._store.close()
@@ -119,30 +132,91 @@ class JobStore:
             "UPDATE jobs SET state = ?, end_us = ? WHERE job_id = ? AND state IN (?, ?, ?)",
             (int(state), _us(end_time), job_id, *ACTIVE))) > 0
 
-    def claim(self, job_id: str, limit: int) -> list[ClaimedItem]:
+    def claim(self, job_id: str, limit: int, now: datetime, until: datetime) -> list[ClaimedItem]:
+        """Claim up to `limit` of the job's items for this router until `until`: pending ones, and running
+        ones whose lease expired by `now` (their router is gone), lowest index first."""
+        lock = " FOR UPDATE SKIP LOCKED" if self._store.dialect == "postgres" else ""
+
         def unit(tx: Tx) -> list[Row]:
-            rows = tx.all("SELECT idx, custom_id, spec FROM items WHERE job_id = ? AND state = ? ORDER BY idx LIMIT ?",
-                          (job_id, int(ItemState.PENDING), limit))
+            rows = tx.all(
+                "SELECT idx, custom_id, spec, state FROM items WHERE job_id = ?"
+                " AND (state = ? OR (state = ? AND lease_us <= ?)) ORDER BY idx LIMIT ?" + lock,
+                (job_id, int(ItemState.PENDING), int(ItemState.RUNNING), _us(now), limit))
             if rows:
-                tx.executemany("UPDATE items SET state = ? WHERE job_id = ? AND idx = ?",
-                               [(int(ItemState.RUNNING), job_id, row["idx"]) for row in rows])
+                tx.executemany(
+                    "UPDATE items SET state = ?, claimed_by = ?, lease_us = ?, attempts = attempts + 1"
+                    " WHERE job_id = ? AND idx = ?",
+                    [(int(ItemState.RUNNING), self.owner, _us(until), job_id, row["idx"]) for row in rows])
             return rows
 
         rows = self._store.write(unit)
-        return [ClaimedItem(job_id, row["idx"], _spec(row["custom_id"], row["spec"])) for row in rows]
+        return [ClaimedItem(job_id, row["idx"], _spec(row["custom_id"], row["spec"]),
+                            taken_over=row["state"] == int(ItemState.RUNNING)) for row in rows]
 
-    def finish_item(self, job_id: str, index: int, result: ItemResult, currency: str = "") -> None:
-        self._store.write(lambda tx: tx.execute(
+    def claimable(self, job_id: str, now: datetime) -> int:
+        """How many of the job's items `claim` would take now (pending, or running on an expired lease)."""
+        row = self._store.read(lambda tx: tx.one(
+            "SELECT COUNT(*) AS n FROM items WHERE job_id = ? AND (state = ? OR (state = ? AND lease_us <= ?))",
+            (job_id, int(ItemState.PENDING), int(ItemState.RUNNING), _us(now))))
+        return int(row["n"]) if row is not None else 0
+
+    def renew(self, until: datetime) -> dict[tuple[str, int], JobState]:
+        """Extend the leases this router still holds to `until`; returns each (job_id, index) it holds with
+        its job's state. An item missing from the answer is no longer this router's (taken over after its
+        lease expired, or closed); one whose job ended (cancelled, deadline passed through another router)
+        should stop."""
+        def unit(tx: Tx) -> dict[tuple[str, int], JobState]:
+            tx.execute("UPDATE items SET lease_us = ? WHERE claimed_by = ? AND state = ?",
+                       (_us(until), self.owner, int(ItemState.RUNNING)))
+            return {(row["job_id"], int(row["idx"])): JobState(row["state"]) for row in tx.all(
+                "SELECT items.job_id, items.idx, jobs.state FROM items JOIN jobs ON jobs.job_id = items.job_id"
+                " WHERE items.claimed_by = ? AND items.state = ?", (self.owner, int(ItemState.RUNNING)))}
+
+        return self._store.write(unit)
+
+    def finish_item(self, job_id: str, index: int, result: ItemResult, currency: str = "") -> bool:
+        """Commit the item's result, once: only while this router holds its claim. False when it does not
+        (another router took it over, or it was closed): the result is dropped."""
+        return self._store.write(lambda tx: tx.execute(
             "UPDATE items SET state = ?, text = ?, finish = ?, prompt_tokens = ?, completion_tokens = ?,"
-            " cost_micros = ?, currency = ?, error_code = ?, error_message = ? WHERE job_id = ? AND idx = ?",
+            " cost_micros = ?, currency = ?, error_code = ?, error_message = ?, lease_us = 0"
+            " WHERE job_id = ? AND idx = ? AND state = ? AND claimed_by = ?",
             (int(result.state), result.text, int(result.finish_reason), result.usage.prompt_tokens,
              result.usage.completion_tokens, result.cost_micros, currency, result.error_code,
-             result.error_message, job_id, index),
-        ))
+             result.error_message, job_id, index, int(ItemState.RUNNING), self.owner),
+        )) > 0
 
     def requeue_item(self, job_id: str, index: int) -> None:
-        self._store.write(lambda tx: tx.execute("UPDATE items SET state = ? WHERE job_id = ? AND idx = ? AND state = ?",
-                                                (int(ItemState.PENDING), job_id, index, int(ItemState.RUNNING))))
+        """Give a claimed item back (PENDING, unclaimed), if this router still holds it."""
+        self._store.write(lambda tx: tx.execute(
+            "UPDATE items SET state = ?, claimed_by = '', lease_us = 0"
+            " WHERE job_id = ? AND idx = ? AND state = ? AND claimed_by = ?",
+            (int(ItemState.PENDING), job_id, index, int(ItemState.RUNNING), self.owner)))
+
+    def release(self, owner: str) -> int:
+        """Put the items `owner` still claims back to PENDING (the owner is known dead: a previous life of
+        this router). Returns how many."""
+        return self._store.write(lambda tx: tx.execute(
+            "UPDATE items SET state = ?, claimed_by = '', lease_us = 0 WHERE claimed_by = ? AND state = ?",
+            (int(ItemState.PENDING), owner, int(ItemState.RUNNING))))
+
+    def take_over_from_previous_life(self, marker: Path) -> int:
+        """At start: release the claims of the instance that last ran with this data dir (its id is in
+        `marker`), which died with them, so a restarted router re-runs its items at once instead of after
+        their lease; then record this instance's id there. Other routers' claims are left alone."""
+        previous = marker.read_text().strip() if marker.exists() else ""
+        released = self.release(previous) if previous and previous != self.owner else 0
+        staged = marker.with_name(marker.name + ".tmp")
+        staged.write_text(self.owner + "\n")
+        staged.replace(marker)
+        return released
+
+    def close_running(self, job_id: str, state: ItemState, error_code: str, message: str, now: datetime) -> int:
+        """Close the job's running items whose lease expired by `now` (their router is gone)."""
+        return self._store.write(lambda tx: tx.execute(
+            "UPDATE items SET state = ?, error_code = ?, error_message = ?, lease_us = 0"
+            " WHERE job_id = ? AND state = ? AND lease_us <= ?",
+            (int(state), error_code, message, job_id, int(ItemState.RUNNING), _us(now))))
 
     def close_pending(self, job_id: str, state: ItemState, error_code: str, message: str) -> int:
         return self._store.write(lambda tx: tx.execute(
@@ -168,11 +242,6 @@ class JobStore:
             return len(ids)
 
         return self._store.write(unit)
-
-    def recover(self) -> int:
-        """Items that were running when the router stopped go back to PENDING."""
-        return self._store.write(lambda tx: tx.execute("UPDATE items SET state = ? WHERE state = ?",
-                                                       (int(ItemState.PENDING), int(ItemState.RUNNING))))
 
 
 def _jobs(tx: Tx, rows: list[Row]) -> list[Job]:

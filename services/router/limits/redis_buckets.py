@@ -15,13 +15,17 @@ full bucket, as in memory). The braces are a Redis Cluster hash tag: both bucket
 same slot. Each write sets a TTL of at least two minutes, longer while the bucket is still below
 capacity after that, so an idle key's buckets vanish exactly when a fresh bucket would be identical.
 
-Redis outage: FAIL OPEN. When Redis cannot be reached (or answers an error), the request is admitted
-without a rate limit, a warning is logged when the outage starts (and an info line when it ends), and
+Redis outage: FAIL OPEN by default (`fail_open`, the router's `rate_limit_redis_fail_open`). When
+Redis cannot be reached (or answers an error), the request is admitted without a rate limit, a warning
+is logged when the outage starts (and an info line when it ends), and
 `autoglm_router_rate_limit_fail_open_total{operation}` counts every affected call. This matches the
 router's handling of a billing outage for core and interactive traffic: a shared-state store being
 down does not take the public API down; budget holds and the concurrency gate still bound the spend
-and load. Calls time out after `timeout_s` (default 0.5 s) with one immediate retry, so an unreachable
-Redis adds at most about a second to a request.
+and load. With `fail_open=False` (FAIL CLOSED) an admission Redis cannot check is refused instead with
+`RateLimitUnavailable` (UNAVAILABLE, HTTP 503, retryable; batch items wait and retry), counted in
+`autoglm_router_rate_limit_fail_closed_total`; a settle that cannot reach Redis is dropped either way
+(the bucket keeps the tokens taken up front). Calls time out after `timeout_s` (default 0.5 s) with one
+immediate retry, so an unreachable Redis adds at most about a second to a request.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from services.router.limits.token_bucket import Admission, check_fits, refusal
+from services.router.limits.token_bucket import Admission, RateLimitUnavailable, check_fits, refusal
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +45,11 @@ FAIL_OPEN = Counter(
     "autoglm_router_rate_limit_fail_open_total",
     "Rate-limit calls let through unchecked because the Redis backend was unreachable",
     ["operation"],
+)
+
+FAIL_CLOSED = Counter(
+    "autoglm_router_rate_limit_fail_closed_total",
+    "Requests refused because the Redis rate-limit backend was unreachable (rate_limit_redis_fail_open: false)",
 )
 
 MIN_TTL_MS = 120_000
@@ -106,20 +115,21 @@ return 1
 class RedisBuckets:
     """`RateLimiterBackend` over Redis; build it with `from_url` (redis://, rediss:// or unix://)."""
 
-    def __init__(self, client: Redis, *, prefix: str = "autoglm:rl") -> None:
+    def __init__(self, client: Redis, *, prefix: str = "autoglm:rl", fail_open: bool = True) -> None:
         self._client = client
         self._prefix = prefix
+        self._fail_open = fail_open
         self._admit = client.register_script(_ADMIT)
         self._settle = client.register_script(_SETTLE)
         self._down = False
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float = 0.5) -> RedisBuckets:
+    def from_url(cls, url: str, *, timeout_s: float = 0.5, fail_open: bool = True) -> RedisBuckets:
         client = Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 1),  # one immediate retry: a pooled connection cut by a Redis restart
         )
-        return cls(client)
+        return cls(client, fail_open=fail_open)
 
     def _key(self, key_id: str, kind: str) -> str:
         return f"{self._prefix}:{{{key_id}}}:{kind}"
@@ -133,6 +143,11 @@ class RedisBuckets:
             )
         except (RedisError, OSError) as exc:
             self._failed("admit", exc)
+            if not self._fail_open:
+                FAIL_CLOSED.inc()
+                raise RateLimitUnavailable(
+                    "the rate-limit service cannot be reached, so this request cannot be checked against its "
+                    "key's limits; try again shortly") from exc
             # Nothing was taken, so nothing is settled later.
             return Admission(key_id=key_id, admitted_tokens=0)
         self._reachable()
@@ -163,11 +178,12 @@ class RedisBuckets:
         await self._client.aclose()
 
     def _failed(self, operation: str, exc: Exception) -> None:
-        FAIL_OPEN.labels(operation).inc()
+        if self._fail_open or operation != "admit":
+            FAIL_OPEN.labels(operation).inc()
         if not self._down:
             self._down = True
             log.warning("rate_limit_backend_unreachable", backend="redis", operation=operation,
-                        error=f"{type(exc).__name__}: {exc}", fail_open=True)
+                        error=f"{type(exc).__name__}: {exc}", fail_open=self._fail_open)
 
     def _reachable(self) -> None:
         if self._down:

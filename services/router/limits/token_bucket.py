@@ -18,7 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.common.errors import InvalidInput, RateLimited
+from services.common.errors import InvalidInput, RateLimited, Unavailable
+
+
+class RateLimitUnavailable(Unavailable):
+    """The shared rate-limit store cannot be reached and the router is set to fail closed: the request
+    is refused (UNAVAILABLE, retryable) instead of being admitted unchecked."""
+
+    reason = "RATE_LIMIT_UNAVAILABLE"
+    retry_after_s = 1.0  # google.rpc.RetryInfo / retry-after: about when a short outage is over
 
 
 @dataclass

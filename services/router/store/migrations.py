@@ -126,6 +126,12 @@ JOBS: Sequence[Migration] = (
             PRIMARY KEY (job_id, idx))""",
         "CREATE INDEX IF NOT EXISTS items_pending ON items (job_id, state, idx)",
     )),
+    (2, "item claims: the router running an item, until when its lease holds, and how often it was claimed", (
+        "ALTER TABLE items ADD COLUMN claimed_by TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE items ADD COLUMN lease_us {int} NOT NULL DEFAULT 0",
+        "ALTER TABLE items ADD COLUMN attempts {int} NOT NULL DEFAULT 0",
+        "CREATE INDEX items_claims ON items (claimed_by, state)",
+    )),
 )
 
 

@@ -28,7 +28,7 @@ from autoglm.router.v1 import router_service_pb2 as pb2
 from services.common.errors import RateLimited
 from services.inference.engine.model import LoadedModel
 from services.router.limits.redis_buckets import RedisBuckets
-from services.router.limits.token_bucket import Admission, RateLimiter
+from services.router.limits.token_bucket import Admission, RateLimiter, RateLimitUnavailable
 from tests.conftest import require_real_component
 from tests.integration.router.conftest import MODEL, start_mesh
 from tests.integration.router.test_router_controls import retry_delay_s
@@ -259,5 +259,48 @@ async def test_the_router_refuses_with_resource_exhausted_once_the_shared_limit_
         assert 0 < retry_delay_s(limited.value) <= 30
     finally:
         await other_replica.close()
+        await mesh.channel.close()
+        await mesh.billing_channel.close()
+
+
+async def test_a_redis_outage_refuses_admissions_when_set_to_fail_closed(redis_server: RedisProcess) -> None:
+    backend = RedisBuckets.from_url(redis_server.url, fail_open=False)
+    try:
+        limiter = RateLimiter(backend)
+        admission = await limiter.admit("k", 5, 600, 10)
+        before = REGISTRY.get_sample_value("autoglm_router_rate_limit_fail_closed_total") or 0.0
+        redis_server.stop()
+        started = time.monotonic()
+        with pytest.raises(RateLimitUnavailable) as refused:
+            await limiter.admit("k", 5, 600, 10)
+        assert time.monotonic() - started < 3.0
+        assert refused.value.reason == "RATE_LIMIT_UNAVAILABLE" and "try again" in refused.value.message
+        assert REGISTRY.get_sample_value("autoglm_router_rate_limit_fail_closed_total") == before + 1
+        await limiter.settle(admission, 600, 4)  # a request admitted before the outage still ends cleanly
+    finally:
+        await backend.close()
+
+
+@pytest.mark.parametrize("fail_open", [True, False], ids=["fail-open", "fail-closed"])
+async def test_the_router_follows_its_redis_failure_setting_when_redis_is_stopped(
+        serve, tmp_path: Path, loaded_model: LoadedModel, redis_server: RedisProcess, fail_open: bool) -> None:
+    mesh = await start_mesh(serve, tmp_path, loaded_model, rate_limit_redis_url=redis_server.url,
+                            rate_limit_redis_fail_open=fail_open)
+    try:
+        secret, _ = await mesh.create_key("acme", limits=admin_pb2.KeyLimits(requests_per_minute=100))
+        request = pb2.CompleteRequest(model=MODEL, prompt="Hi", sampling=greedy(2),
+                                      cache_policy=pb2.CACHE_POLICY_BYPASS)
+        await mesh.router_stub.Complete(request, metadata=bearer(secret), timeout=60)
+        redis_server.stop()
+        if fail_open:
+            reply = await mesh.router_stub.Complete(request, metadata=bearer(secret), timeout=60)
+            assert reply.usage.completion_tokens >= 1
+        else:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await mesh.router_stub.Complete(request, metadata=bearer(secret), timeout=60)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "rate-limit service cannot be reached" in (refused.value.details() or "")
+            assert 0 < retry_delay_s(refused.value) <= 5
+    finally:
         await mesh.channel.close()
         await mesh.billing_channel.close()

@@ -85,7 +85,7 @@ def test_keys_policies_models_contexts_and_jobs_are_kept(database: str, stores: 
     new = NewJob("m", (ItemSpec("a", "one"), ItemSpec("b", "two")), idempotency_key="k1")
     job, created = jobs.create("job_1", principal, new, datetime.now(UTC))
     assert created and jobs.create("job_2", principal, new, datetime.now(UTC)) == (job, False)
-    claimed = jobs.claim("job_1", 5)
+    claimed = jobs.claim("job_1", 5, datetime.now(UTC), datetime.now(UTC) + timedelta(seconds=30))
     assert [c.spec.custom_id for c in claimed] == ["a", "b"]
     jobs.finish_item("job_1", 0, ItemResult("a", ItemState.SUCCEEDED, "x", usage=Usage(3, 4), cost_micros=7), "USD")
     jobs.requeue_item("job_1", 1)
