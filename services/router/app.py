@@ -124,7 +124,7 @@ class RouterApp:
             RunnerSettings(concurrency=config.batch_concurrency, poll_s=config.batch_poll_s),
         )
         self.jobs = Jobs(self.job_store, self.runner, self.gateway.check_model, validate_tags)
-        budget = WorkflowBudget(self.registry, self.meter.prices, self.billing)
+        budget = WorkflowBudget(self.registry, lambda: self.meter.prices, self.billing)
         # Workflows share the jobs' store (its SQLite file, or the one PostgreSQL database).
         self.workflow_store = WorkflowStore(stores.jobs)
         self.workflow_runner = WorkflowRunner(

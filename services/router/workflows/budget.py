@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 
 from services.common.pricing import PriceTable, cost_micros
 from services.router.ports import BillingPort, HoldRequest
@@ -15,9 +16,9 @@ from services.router.types import Money, Principal, TrafficClass
 
 
 class WorkflowBudget:
-    def __init__(self, registry: Registry, prices: PriceTable, billing: BillingPort) -> None:
+    def __init__(self, registry: Registry, prices: Callable[[], PriceTable], billing: BillingPort) -> None:
         self._registry = registry
-        self._prices = prices
+        self._prices = prices  # the table in force (the router reloads it from billing)
         self._billing = billing
 
     def _version(self, spec: str) -> tuple[str, str]:
@@ -26,7 +27,7 @@ class WorkflowBudget:
 
     def quote(self, spec: str, prompt_tokens: int, completion_tokens: int) -> Money | None:
         name, version = self._version(spec)
-        price = self._prices.lookup(name, version, time.time_ns() // 1000)
+        price = self._prices().lookup(name, version, time.time_ns() // 1000)
         if price is None:
             return None
         return Money(price.currency, cost_micros(price, prompt_tokens, completion_tokens))

@@ -15,7 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import REGISTRY
 
 from autoglm.billing.v1 import billing_service_pb2 as billing_pb2
-from autoglm.common.v1 import generation_pb2
+from autoglm.common.v1 import generation_pb2, money_pb2
 from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as router_grpc
 from services.cli.main import main as autoglm
@@ -191,3 +191,88 @@ async def test_cancel_stops_the_running_generation_and_bills_what_it_delivered(m
         await stub.CancelWorkflow(pb2.CancelWorkflowRequest(workflow_id=submitted.workflow_id),
                                   metadata=bearer(secret), timeout=10)
     assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_a_failing_node_is_retried_then_fails_its_dependants_while_the_others_finish(mesh: Mesh) -> None:
+    secret, _ = await mesh.create_key("wfco")
+    retry = pb2.RetryPolicy(max_attempts=2)
+    retry.backoff.FromMilliseconds(50)
+    submitted = (await mesh.router_stub.SubmitWorkflow(pb2.SubmitWorkflowRequest(model=MODEL, nodes=[
+        node("too_long", "Say hi.", max_tokens=1_000_000, retry=retry),
+        node("after", "Shorten: {{nodes.too_long.output}}"),
+        node("after_after", "Again: {{nodes.after.output}}"),
+        node("fine", "Say one."),
+    ]), metadata=bearer(secret), timeout=10)).workflow
+    done = await workflow_until(mesh.router_stub, secret, submitted.workflow_id, finished, "to finish")
+    nodes = {n.id: n for n in done.nodes}
+    assert done.state == pb2.WORKFLOW_STATE_FAILED
+    failed = nodes["too_long"]
+    assert failed.state == pb2.NODE_STATE_FAILED and failed.attempt == 2 and failed.runs == 2
+    assert failed.error_code == "INVALID_ARGUMENT" and "context window" in failed.error_message
+    for blocked in ("after", "after_after"):
+        assert nodes[blocked].state == pb2.NODE_STATE_UPSTREAM_FAILED and nodes[blocked].runs == 0
+    assert "'too_long'" in nodes["after"].error_message and "'after'" in nodes["after_after"].error_message
+    assert nodes["fine"].state == pb2.NODE_STATE_SUCCEEDED and nodes["fine"].output
+
+
+async def test_dry_run_estimates_the_worst_case_and_require_budget_refuses_what_the_budget_cannot_hold(
+        serve, tmp_path: Path, loaded_model: LoadedModel) -> None:
+    mesh = await start_mesh(serve, tmp_path, loaded_model, price_refresh_s=0.1)
+    secret, _ = await mesh.create_key("planner")
+    request = pb2.SubmitWorkflowRequest(model=MODEL, dry_run=True, nodes=[
+        node("a", "Say one.", max_tokens=10), node("b", "Say two: {{nodes.a.output}}", max_tokens=20)])
+
+    async def priced() -> pb2.WorkflowEstimate | None:
+        reply = await mesh.router_stub.SubmitWorkflow(request, metadata=bearer(secret), timeout=10)
+        return reply.estimate if reply.estimate.HasField("cost") else None
+
+    worst = await wait_until(priced, 30, "the router to know the model's price")
+    assert worst.completion_tokens == 30
+    # b's prompt may hold all of a's answer: its bound counts a's max_tokens.
+    assert worst.prompt_tokens >= len("Say one.") + len("Say two: ") + 10
+    assert worst.cost.micros == worst.prompt_tokens * 1 + worst.completion_tokens * 2  # 1 and 2 USD per million
+    listed = await mesh.router_stub.ListWorkflows(pb2.ListWorkflowsRequest(), metadata=bearer(secret), timeout=10)
+    assert not listed.workflows  # a dry run stores nothing
+
+    await mesh.billing_stub.CreateBudget(billing_pb2.CreateBudgetRequest(budget=billing_pb2.Budget(
+        scope=billing_pb2.BudgetScope(kind=billing_pb2.SCOPE_KIND_TENANT, tenant_id="planner"),
+        period=billing_pb2.BudgetPeriod(kind=billing_pb2.PERIOD_KIND_DAILY),
+        amount=money_pb2.Money(currency_code="USD", micros=worst.cost.micros - 1),
+        enforcement=billing_pb2.ENFORCEMENT_HARD), actor="test"), timeout=10)
+    request.require_budget = True
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await mesh.router_stub.SubmitWorkflow(request, metadata=bearer(secret), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    request.require_budget = False
+    assert (await mesh.router_stub.SubmitWorkflow(request, metadata=bearer(secret), timeout=10)).estimate.cost.micros
+    await mesh.channel.close()
+    await mesh.billing_channel.close()
+
+
+async def test_a_batch_workflow_pauses_at_a_critical_budget_and_resumes_when_it_is_raised(
+        serve, tmp_path: Path, loaded_model: LoadedModel) -> None:
+    mesh = await start_mesh(serve, tmp_path, loaded_model, workflow_poll_s=0.05)
+    secret, _ = await mesh.create_key("thrifty")
+    budget = (await mesh.billing_stub.CreateBudget(billing_pb2.CreateBudgetRequest(budget=billing_pb2.Budget(
+        scope=billing_pb2.BudgetScope(kind=billing_pb2.SCOPE_KIND_TENANT, tenant_id="thrifty"),
+        period=billing_pb2.BudgetPeriod(kind=billing_pb2.PERIOD_KIND_DAILY),
+        amount=money_pb2.Money(currency_code="USD", micros=1), enforcement=billing_pb2.ENFORCEMENT_SOFT,
+    ), actor="test"), timeout=10)).budget
+    submitted = (await mesh.router_stub.SubmitWorkflow(pb2.SubmitWorkflowRequest(
+        model=MODEL, traffic_class=generation_pb2.TRAFFIC_CLASS_BATCH, nodes=[
+            node("a", "Say one."), node("b", "Say two.", depends_on=["a"]), node("c", "Say three.", depends_on=["b"])]),
+        metadata=bearer(secret), timeout=10)).workflow
+    paused = await workflow_until(mesh.router_stub, secret, submitted.workflow_id,
+                                  lambda w: w.state == pb2.WORKFLOW_STATE_PAUSED, "to pause")
+    done_before = [n.id for n in paused.nodes if n.state == pb2.NODE_STATE_SUCCEEDED]
+    assert 1 <= len(done_before) < 3  # the first node crossed 100 %, the rest wait
+    assert paused.nodes[2].state == pb2.NODE_STATE_WAITING
+
+    budget.amount.micros = 100_000_000
+    await mesh.billing_stub.UpdateBudget(billing_pb2.UpdateBudgetRequest(budget=budget, actor="test"), timeout=10)
+    done = await workflow_until(mesh.router_stub, secret, submitted.workflow_id, finished, "to finish")
+    assert done.state == pb2.WORKFLOW_STATE_SUCCEEDED
+    rows = await per_node_usage(mesh, "thrifty", 3)
+    assert {tag: row.requests for tag, row in rows.items()} == {"a": 1, "b": 1, "c": 1}
+    await mesh.channel.close()
+    await mesh.billing_channel.close()
