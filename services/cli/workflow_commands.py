@@ -27,6 +27,7 @@ from services.cli.endpoint import router_target
 
 ENUMS = {"kind": "TASK_KIND_", "output_format": "OUTPUT_FORMAT_", "traffic_class": "TRAFFIC_CLASS_",
          "role": "CHAT_ROLE_", "unit": "LENGTH_UNIT_", "state": "WORKFLOW_STATE_"}
+RECONNECTS = 30
 FINISHED = (pb2.WORKFLOW_STATE_SUCCEEDED, pb2.WORKFLOW_STATE_FAILED, pb2.WORKFLOW_STATE_CANCELLED)
 
 
@@ -96,6 +97,24 @@ def progress_line(nodes: dict[str, pb2.NodeStatus], reply: pb2.WatchWorkflowResp
             f"{reply.node.id} {_name(reply.node.state, pb2.NodeState, 'NODE_STATE_')}")
 
 
+def follow(stub: router_grpc.RouterServiceStub, workflow_id: str, metadata: list[tuple[str, str]],
+           show: Any, nodes: dict[str, pb2.NodeStatus], reconnects: int = RECONNECTS) -> None:
+    """Print each node change until the workflow ends; a lost connection (a router restarting, say: the
+    workflow goes on without it) is watched again once the router answers."""
+    while True:
+        try:
+            for change in stub.WatchWorkflow(pb2.WatchWorkflowRequest(workflow_id=workflow_id), metadata=metadata,
+                                             wait_for_ready=True):
+                nodes[change.node.id] = change.node
+                show(change)
+            return
+        except grpc.RpcError as error:
+            if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) or not reconnects:
+                raise
+            reconnects -= 1
+            print(f"(connection lost: {error.code().name}; watching again)", file=sys.stderr, flush=True)
+
+
 def _results(workflow: pb2.Workflow) -> None:
     for node in workflow.nodes:
         state = _name(node.state, pb2.NodeState, "NODE_STATE_")
@@ -135,11 +154,10 @@ def _run(args: argparse.Namespace) -> int:
         started = time.monotonic()
         nodes: dict[str, pb2.NodeStatus] = {}
         try:
-            for change in stub.WatchWorkflow(pb2.WatchWorkflowRequest(workflow_id=workflow_id), metadata=metadata):
-                nodes[change.node.id] = change.node
-                print(progress_line(nodes, change, time.monotonic() - started), flush=True)
+            follow(stub, workflow_id, metadata, lambda change: print(
+                progress_line(nodes, change, time.monotonic() - started), flush=True), nodes)
             final = stub.GetWorkflow(pb2.GetWorkflowRequest(workflow_id=workflow_id), metadata=metadata,
-                                     timeout=30).workflow
+                                     timeout=30, wait_for_ready=True).workflow
         except grpc.RpcError as error:
             print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1

@@ -1,0 +1,118 @@
+"""The workflow runner over a real SQLite store and a fake gateway call: request ids are per node attempt
+(the same after a crash, so billing counts a replay once), retries wait out their backoff, a failure
+stops only its dependants, and references are rendered from committed outputs."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from services.common.errors import DomainError, InvalidInput, Unavailable
+from services.router.ports import AlertLevel
+from services.router.store import open_store
+from services.router.types import FinishReason, Money, Principal, Summary, TrafficClass, Usage
+from services.router.workflows.model import NewWorkflow, NodeSpec, NodeState, RetryPolicy, WorkflowState
+from services.router.workflows.runner import NodeCall, WorkflowRunner, WorkflowSettings
+from services.router.workflows.store import WorkflowStore
+from services.router.workflows.validate import validate
+
+ACME = Principal("acme", "key-1")
+
+
+class Calls:
+    """A gateway stand-in: answers each node with a canned text, or raises what it is told to."""
+
+    def __init__(self, failures: dict[str, list[DomainError]] | None = None) -> None:
+        self.seen: list[NodeCall] = []
+        self.failures = failures or {}
+
+    async def __call__(self, call: NodeCall) -> tuple[str, Summary]:
+        self.seen.append(call)
+        pending = self.failures.get(call.spec.node_id)
+        if pending:
+            raise pending.pop(0)
+        text = f"<{call.spec.node_id}:{call.spec.prompt}>"
+        return text, Summary(FinishReason.STOP, Usage(3, 2), Money("USD", 7), "m", "v1", "t", 1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def none_level(principal: Principal, tags: dict[str, str]) -> AlertLevel:
+    return AlertLevel.NONE
+
+
+def setup(tmp_path: Path, calls: Calls, clock: Clock) -> tuple[WorkflowStore, WorkflowRunner]:
+    store = WorkflowStore(open_store(f"sqlite:///{tmp_path / 'wf.db'}"))
+    runner = WorkflowRunner(store, calls, none_level, lambda e: type(e).__name__, WorkflowSettings(), wallclock=clock)
+    return store, runner
+
+
+def submit(store: WorkflowStore, clock: Clock, *nodes: NodeSpec) -> str:
+    new = NewWorkflow(nodes=nodes, model="m", tags={"team": "t"})
+    store.create("wf1", ACME, new, validate(new), TrafficClass.INTERACTIVE, 4, clock())
+    return "wf1"
+
+
+async def settle(runner: WorkflowRunner, ticks: int = 6) -> None:
+    for _ in range(ticks):
+        await runner.tick()
+        running = list(runner._running.values())
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+
+
+async def test_request_ids_and_tags_name_the_node_attempt_and_outputs_flow_to_dependants(tmp_path: Path) -> None:
+    calls, clock = Calls(), Clock()
+    store, runner = setup(tmp_path, calls, clock)
+    submit(store, clock, NodeSpec("a", prompt="x"), NodeSpec("b", prompt="got {{nodes.a.output}}"))
+    await settle(runner)
+    workflow = store.get("wf1")
+    assert workflow is not None and workflow.state == WorkflowState.SUCCEEDED
+    assert [c.ctx.request_id for c in calls.seen] == ["wf1.a.1", "wf1.b.1"]
+    assert calls.seen[1].spec.prompt == "got <a:x>"
+    assert calls.seen[0].ctx.tags == {"team": "t", "workflow": "wf1", "workflow_node": "a"}
+    assert workflow.usage == Usage(6, 4) and workflow.cost == Money("USD", 14)
+
+
+async def test_a_node_running_at_a_crash_runs_again_under_the_same_request_id(tmp_path: Path) -> None:
+    calls, clock = Calls(), Clock()
+    store, runner = setup(tmp_path, calls, clock)
+    submit(store, clock, NodeSpec("a", prompt="x"), NodeSpec("b", prompt="y", depends_on=("a",)))
+    assert store.claim("wf1", "a", clock())  # a router took it, then died
+    assert store.recover() == 1
+    await settle(runner)
+    assert [c.ctx.request_id for c in calls.seen] == ["wf1.a.1", "wf1.b.1"]
+    workflow = store.get("wf1")
+    assert workflow is not None and workflow.node("a").runs == 2 and workflow.node("b").runs == 1
+
+
+async def test_retries_wait_their_backoff_then_fail_only_the_dependants(tmp_path: Path) -> None:
+    calls = Calls({"a": [Unavailable("busy"), Unavailable("busy")], "c": [InvalidInput("bad")]})
+    clock = Clock()
+    store, runner = setup(tmp_path, calls, clock)
+    submit(store, clock, NodeSpec("a", prompt="x", retry=RetryPolicy(3, 2.0)),
+           NodeSpec("b", prompt="{{nodes.a.output}}"), NodeSpec("c", prompt="z"),
+           NodeSpec("d", prompt="{{nodes.c.output}}"), NodeSpec("e", prompt="{{nodes.d.output}}"))
+    await settle(runner)
+    a = store.get("wf1").node("a")  # type: ignore[union-attr]
+    assert a.state == NodeState.WAITING and a.attempt == 2 and a.not_before == clock.now + timedelta(seconds=2)
+    clock.now += timedelta(seconds=2)
+    await settle(runner)
+    a = store.get("wf1").node("a")  # type: ignore[union-attr]
+    assert a.attempt == 3 and a.not_before == clock.now + timedelta(seconds=4)  # doubled
+    clock.now += timedelta(seconds=4)
+    await settle(runner)
+    workflow = store.get("wf1")
+    assert workflow is not None and workflow.state == WorkflowState.FAILED
+    states = {n.node_id: n.state for n in workflow.nodes}
+    assert states == {"a": NodeState.SUCCEEDED, "b": NodeState.SUCCEEDED, "c": NodeState.FAILED,
+                      "d": NodeState.UPSTREAM_FAILED, "e": NodeState.UPSTREAM_FAILED}
+    assert [c.ctx.request_id for c in calls.seen if c.spec.node_id == "a"] == ["wf1.a.1", "wf1.a.2", "wf1.a.3"]
+    assert workflow.node("c").error_code == "InvalidInput"
