@@ -131,7 +131,9 @@ class RouterApp:
             self.workflow_store, self._run_workflow_node, self._budget_level, status_name,
             WorkflowSettings(concurrency=config.workflow_concurrency,
                              default_max_concurrency=config.workflow_default_concurrency,
-                             max_nodes=config.workflow_max_nodes, poll_s=config.workflow_poll_s),
+                             max_nodes=config.workflow_max_nodes, poll_s=config.workflow_poll_s,
+                             retention_s=config.job_retention_s,
+                             purge_interval_s=config.retention_purge_interval_s),
         )
         self.workflows = Workflows(self.workflow_store, self.workflow_runner, self.gateway.check_model, validate_tags,
                                    effective_class, budget.quote, budget.cover, config.default_max_tokens)

@@ -107,7 +107,8 @@ class RouterConfig:
     # An HTTP request body not received in full this many seconds after the request began gets 408.
     http_body_timeout_s: float = 30.0
     # Workflows (services/router/workflows): nodes running at once router-wide, the cap of a workflow that
-    # sets none, the most nodes one workflow may have, and how often the runner looks at workflows.
+    # sets none, the most nodes one workflow may have, and how often the runner looks at workflows. Finished
+    # workflows are deleted job_retention_s after they ended.
     workflow_concurrency: int = 8
     workflow_default_concurrency: int = 4
     workflow_max_nodes: int = 64

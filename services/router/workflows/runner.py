@@ -62,6 +62,9 @@ class WorkflowSettings:
     max_nodes: int = 64
     poll_s: float = 0.5
     shutdown_grace_s: float = 10.0
+    # Finished workflows are deleted this long after they ended (checked every purge_interval_s).
+    retention_s: float = 7 * 86400.0
+    purge_interval_s: float = 3600.0
 
 
 @dataclass
@@ -124,14 +127,24 @@ class WorkflowRunner:
         recovered = self._store.recover()
         if recovered:
             log.info("workflow_nodes_recovered", nodes=recovered)
+        purged_at: float | None = None
         while not self._closing:
             self._wake.clear()
             try:
+                if purged_at is None or self._clock() - purged_at >= self.settings.purge_interval_s:
+                    purged_at = self._clock()
+                    self.purge()
                 await self.tick()
             except Exception:  # the worker must outlive one bad tick; the next one retries
                 log.exception("workflow_tick_failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.poll_s)
+
+    def purge(self) -> int:
+        purged = self._store.purge_finished(self._wallclock() - timedelta(seconds=self.settings.retention_s))
+        if purged:
+            log.info("workflows_purged", workflows=purged)
+        return purged
 
     async def tick(self) -> None:
         levels: dict[str, AlertLevel | None] = {}

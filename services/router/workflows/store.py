@@ -171,6 +171,21 @@ class WorkflowStore:
 
         return self._store.write(unit)
 
+    def purge_finished(self, ended_before: datetime) -> int:
+        """Delete finished workflows that ended before `ended_before`, with their nodes; returns how many."""
+        finished = (int(WorkflowState.SUCCEEDED), int(WorkflowState.FAILED), int(WorkflowState.CANCELLED))
+
+        def unit(tx: Tx) -> int:
+            ids = [(row["workflow_id"],) for row in tx.all(
+                "SELECT workflow_id FROM workflows WHERE state IN (?, ?, ?) AND end_us IS NOT NULL AND end_us < ?",
+                (*finished, _us(ended_before)))]
+            if ids:
+                tx.executemany("DELETE FROM workflow_nodes WHERE workflow_id = ?", ids)
+                tx.executemany("DELETE FROM workflows WHERE workflow_id = ?", ids)
+            return len(ids)
+
+        return self._store.write(unit)
+
     def recover(self) -> int:
         """Nodes that were running when the router stopped go back to WAITING."""
         return self._store.write(lambda tx: tx.execute(

@@ -116,3 +116,58 @@ async def test_retries_wait_their_backoff_then_fail_only_the_dependants(tmp_path
                       "d": NodeState.UPSTREAM_FAILED, "e": NodeState.UPSTREAM_FAILED}
     assert [c.ctx.request_id for c in calls.seen if c.spec.node_id == "a"] == ["wf1.a.1", "wf1.a.2", "wf1.a.3"]
     assert workflow.node("c").error_code == "InvalidInput"
+
+
+class Forever:
+    """A gateway call that never answers until cancelled (a generation still running)."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.cancelled = 0
+
+    async def __call__(self, call: NodeCall) -> tuple[str, Summary]:
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        raise AssertionError("unreachable")
+
+
+async def test_an_attempt_past_its_timeout_is_stopped_and_fails_the_node(tmp_path: Path) -> None:
+    forever, clock = Forever(), Clock()
+    store, runner = setup(tmp_path, forever, clock)  # type: ignore[arg-type]
+    submit(store, clock, NodeSpec("a", prompt="x", timeout_s=0.01))
+    await settle(runner)
+    workflow = store.get("wf1")
+    assert workflow is not None and workflow.state == WorkflowState.FAILED and forever.cancelled == 1
+    assert workflow.node("a").error_code == "DEADLINE_EXCEEDED" and "timeout" in workflow.node("a").error_message
+
+
+async def test_cancel_stops_running_nodes_and_skips_waiting_ones(tmp_path: Path) -> None:
+    forever, clock = Forever(), Clock()
+    store, runner = setup(tmp_path, forever, clock)  # type: ignore[arg-type]
+    submit(store, clock, NodeSpec("a", prompt="x"), NodeSpec("b", prompt="{{nodes.a.output}}"))
+    await runner.tick()
+    await forever.started.wait()
+    await runner.cancel(store.get("wf1"))  # type: ignore[arg-type]
+    workflow = store.get("wf1")
+    assert workflow is not None and workflow.state == WorkflowState.CANCELLED and forever.cancelled == 1
+    assert [n.state for n in workflow.nodes] == [NodeState.CANCELLED, NodeState.CANCELLED]
+    assert not runner._running
+
+
+async def test_a_passed_deadline_fails_what_is_left_and_finished_workflows_are_purged(tmp_path: Path) -> None:
+    calls, clock = Calls(), Clock()
+    store, runner = setup(tmp_path, calls, clock)
+    new = NewWorkflow(nodes=(NodeSpec("a", prompt="x"),), model="m", deadline=clock.now + timedelta(seconds=5))
+    store.create("wf1", ACME, new, validate(new), TrafficClass.INTERACTIVE, 4, clock())
+    clock.now += timedelta(seconds=6)
+    await settle(runner)
+    workflow = store.get("wf1")
+    assert workflow is not None and workflow.state == WorkflowState.FAILED and not calls.seen
+    assert workflow.node("a").error_code == "DEADLINE_EXCEEDED"
+    assert runner.purge() == 0  # within retention
+    clock.now += timedelta(seconds=runner.settings.retention_s + 1)
+    assert runner.purge() == 1 and store.get("wf1") is None
