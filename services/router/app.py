@@ -57,7 +57,7 @@ from services.router.types import (
 from services.router.workflows.budget import WorkflowBudget
 from services.router.workflows.runner import NodeCall, WorkflowRunner, WorkflowSettings
 from services.router.workflows.service import Workflows
-from services.router.workflows.store import WorkflowStore
+from services.router.workflows.store import WorkflowStore, owner_id
 
 log = structlog.get_logger(__name__)
 DEFAULT_BILLING_TARGET = "127.0.0.1:50061"
@@ -134,6 +134,7 @@ class RouterApp:
                              max_nodes=config.workflow_max_nodes, poll_s=config.workflow_poll_s,
                              retention_s=config.job_retention_s,
                              purge_interval_s=config.retention_purge_interval_s),
+            owner=owner_id(data),
         )
         self.workflows = Workflows(self.workflow_store, self.workflow_runner, self.gateway.check_model, validate_tags,
                                    effective_class, budget.quote, budget.cover, config.default_max_tokens)

@@ -129,6 +129,11 @@ WORKFLOWS: Sequence[Migration] = (
             currency TEXT NOT NULL DEFAULT '', error_code TEXT NOT NULL DEFAULT '',
             error_message TEXT NOT NULL DEFAULT '', PRIMARY KEY (workflow_id, node_id))""",
     )),
+    (2, "which router runs a node, and until when its claim holds", (
+        "ALTER TABLE workflow_nodes ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE workflow_nodes ADD COLUMN lease_us {int}",
+        "CREATE INDEX IF NOT EXISTS workflow_nodes_running ON workflow_nodes (state, lease_us)",
+    )),
 )
 
 

@@ -62,6 +62,9 @@ class WorkflowSettings:
     max_nodes: int = 64
     poll_s: float = 0.5
     shutdown_grace_s: float = 10.0
+    # A node's claim holds this long past the runner's last extension (every lease_s / 3); a node whose
+    # router died is run again by any router once its claim expired.
+    lease_s: float = 15.0
     # Finished workflows are deleted this long after they ended (checked every purge_interval_s).
     retention_s: float = 7 * 86400.0
     purge_interval_s: float = 3600.0
@@ -103,8 +106,10 @@ class WorkflowRunner:
         settings: WorkflowSettings | None = None,
         wallclock: Callable[[], datetime] = lambda: datetime.now(UTC),
         clock: Callable[[], float] = time.monotonic,
+        owner: str = "",
     ) -> None:
         self._store = store
+        self._owner = owner
         self._execute = execute
         self._level_of = level_of
         self._status_name = status_name
@@ -123,17 +128,30 @@ class WorkflowRunner:
     def _changed(self) -> None:
         self.changes.notify()
 
+    def keep_claims(self) -> None:
+        """Extend this router's claims, and take back for anyone the nodes whose claim expired."""
+        now = self._wallclock()
+        if self._running:
+            self._store.extend(self._owner, now + timedelta(seconds=self.settings.lease_s))
+        recovered = self._store.recover(now)  # another router's, after it stopped extending them
+        if recovered:
+            log.info("workflow_nodes_recovered", nodes=recovered)
+
     async def run_forever(self) -> None:
-        recovered = self._store.recover()
+        recovered = self._store.recover(self._wallclock(), self._owner)  # what this router ran before it stopped
         if recovered:
             log.info("workflow_nodes_recovered", nodes=recovered)
         purged_at: float | None = None
+        claims_at = self._clock()
         while not self._closing:
             self._wake.clear()
             try:
                 if purged_at is None or self._clock() - purged_at >= self.settings.purge_interval_s:
                     purged_at = self._clock()
                     self.purge()
+                if self._clock() - claims_at >= self.settings.lease_s / 3:
+                    claims_at = self._clock()
+                    self.keep_claims()
                 await self.tick()
             except Exception:  # the worker must outlive one bad tick; the next one retries
                 log.exception("workflow_tick_failed")
@@ -148,7 +166,9 @@ class WorkflowRunner:
 
     async def tick(self) -> None:
         levels: dict[str, AlertLevel | None] = {}
-        for workflow in self._store.active():
+        active = self._store.active()
+        await self._stop_ended({w.workflow_id for w in active})
+        for workflow in active:
             now = self._wallclock()
             if workflow.deadline is not None and workflow.deadline <= now:
                 await self._expire(workflow, now)
@@ -173,6 +193,11 @@ class WorkflowRunner:
                     continue
             self._start_ready(workflow, now)
 
+    async def _stop_ended(self, active: set[str]) -> None:
+        """Nodes this router runs for a workflow that ended elsewhere (cancelled through another router)."""
+        for workflow_id in {key[0] for key in self._running} - active:
+            await self._stop_nodes(workflow_id, "cancel")
+
     def _start_ready(self, workflow: Workflow, now: datetime) -> None:
         states = {n.node_id: n.state for n in workflow.nodes}
         cap = workflow.max_concurrency or self.settings.default_max_concurrency
@@ -186,7 +211,8 @@ class WorkflowRunner:
                 continue
             if not all(states[d] == NodeState.SUCCEEDED for d in node.spec.depends_on):
                 continue
-            if not self._store.claim(workflow.workflow_id, node.node_id, now):
+            until = now + timedelta(seconds=self.settings.lease_s)
+            if not self._store.claim(workflow.workflow_id, node.node_id, now, self._owner, until):
                 continue
             mine += 1
             started = True

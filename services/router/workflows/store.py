@@ -3,15 +3,20 @@ state, output and usage are committed in one transaction when it finishes, befor
 the nodes that depend on it, so a router that dies never loses a finished node.
 
 A node is WAITING, RUNNING (claimed by a runner: a conditional update, so two routers on one PostgreSQL
-never both start it) or finished. At start, `recover` puts RUNNING nodes back to WAITING with the same
-attempt: the re-run uses the same request id, so billing (idempotent by event id) counts it once.
+never both start it) or finished. A claim names its router (`owner`, kept in the router's data dir, so
+it is the same after a restart) and holds until `lease_us`, which the runner extends while the node
+runs. `recover` puts back to WAITING, with the same attempt, the nodes its own router was running when
+it stopped and those whose claim expired (another router died): the re-run uses the same request id,
+so billing (idempotent by event id) counts it once.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import asdict
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from services.router.store import Row, Store, Tx
@@ -123,12 +128,20 @@ class WorkflowStore:
             "UPDATE workflows SET state = ?, end_us = ? WHERE workflow_id = ? AND state IN (?, ?, ?)",
             (int(state), _us(end_time), workflow_id, *ACTIVE))) > 0
 
-    def claim(self, workflow_id: str, node_id: str, now: datetime) -> bool:
-        """WAITING -> RUNNING; False when another runner took it first or it is no longer waiting."""
+    def claim(self, workflow_id: str, node_id: str, now: datetime, owner: str = "",
+              until: datetime | None = None) -> bool:
+        """WAITING -> RUNNING for `owner` until `until`; False when another runner took it first or it is
+        no longer waiting."""
         return self._store.write(lambda tx: tx.execute(
-            "UPDATE workflow_nodes SET state = ?, runs = runs + 1, start_us = ?, end_us = NULL"
-            " WHERE workflow_id = ? AND node_id = ? AND state = ?",
-            (int(NodeState.RUNNING), _us(now), workflow_id, node_id, int(NodeState.WAITING)))) > 0
+            "UPDATE workflow_nodes SET state = ?, runs = runs + 1, start_us = ?, end_us = NULL, owner = ?,"
+            " lease_us = ? WHERE workflow_id = ? AND node_id = ? AND state = ?",
+            (int(NodeState.RUNNING), _us(now), owner, _us(until), workflow_id, node_id, int(NodeState.WAITING)))) > 0
+
+    def extend(self, owner: str, until: datetime) -> int:
+        """Extend the claims of every node `owner` is running."""
+        return self._store.write(lambda tx: tx.execute(
+            "UPDATE workflow_nodes SET lease_us = ? WHERE owner = ? AND state = ?",
+            (_us(until), owner, int(NodeState.RUNNING))))
 
     def finish(self, workflow_id: str, node_id: str, state: NodeState, now: datetime, *, output: str = "",
                fields: dict[str, str] | None = None, usage: Usage | None = None, cost: Money | None = None,
@@ -186,10 +199,23 @@ class WorkflowStore:
 
         return self._store.write(unit)
 
-    def recover(self) -> int:
-        """Nodes that were running when the router stopped go back to WAITING."""
+    def recover(self, now: datetime | None = None, owner: str | None = None) -> int:
+        """Running nodes whose claim expired before `now`, and those of `owner` (a router that stopped and
+        starts again), go back to WAITING; without `now`, every running node does."""
+        if now is None:
+            return self._store.write(lambda tx: tx.execute(
+                "UPDATE workflow_nodes SET state = ? WHERE state = ?", (int(NodeState.WAITING), int(NodeState.RUNNING))))
         return self._store.write(lambda tx: tx.execute(
-            "UPDATE workflow_nodes SET state = ? WHERE state = ?", (int(NodeState.WAITING), int(NodeState.RUNNING))))
+            "UPDATE workflow_nodes SET state = ? WHERE state = ? AND (lease_us IS NULL OR lease_us < ? OR owner = ?)",
+            (int(NodeState.WAITING), int(NodeState.RUNNING), _us(now), owner)))
+
+
+def owner_id(data_dir: Path) -> str:
+    """This router's name in node claims: kept in its data dir, so a restarted router knows its own."""
+    path = data_dir / "workflow_owner"
+    if not path.exists():
+        path.write_text(f"router-{uuid.uuid4().hex[:16]}\n")
+    return path.read_text().strip()
 
 
 def _many(tx: Tx, rows: list[Row]) -> list[Workflow]:

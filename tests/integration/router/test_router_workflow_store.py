@@ -1,6 +1,7 @@
 """Workflows in the router store on both backends (SQLite file, real PostgreSQL): a node's outcome is kept
-whole, a claim is taken once, a running node goes back to WAITING at recovery with its attempt, and the
-active list is by class, then earliest deadline."""
+whole, a claim is taken once, a running node goes back to WAITING at recovery with its attempt (its own
+router's at once, another router's once the claim expired), and the active list is by class, then
+earliest deadline."""
 
 from __future__ import annotations
 
@@ -74,3 +75,22 @@ def test_active_is_by_class_then_earliest_deadline(database: str, stores: list[S
         spec, nodes = new(deadline)
         workflows.create(wf_id, ACME, spec, nodes, cls, 1, NOW)
     assert [w.workflow_id for w in workflows.active()] == ["core", "soon", "late", "none", "batch"]
+
+
+def test_a_claim_is_recovered_by_its_own_router_at_once_and_by_others_once_it_expired(
+        database: str, stores: list[Store]) -> None:  # noqa: F811
+    store = open_store(database)
+    stores.append(store)
+    workflows = WorkflowStore(store)
+    spec, nodes = new()
+    workflows.create("wf_1", ACME, spec, nodes, TrafficClass.INTERACTIVE, 2, NOW)
+    assert workflows.claim("wf_1", "a", NOW, "router-1", NOW + timedelta(seconds=15))
+    assert workflows.recover(NOW + timedelta(seconds=10), "router-2") == 0  # router-1 still holds it
+    assert workflows.extend("router-1", NOW + timedelta(seconds=30)) == 1
+    assert workflows.recover(NOW + timedelta(seconds=20)) == 0
+    assert workflows.recover(NOW + timedelta(seconds=31)) == 1  # router-1 stopped extending it
+    assert workflows.claim("wf_1", "a", NOW, "router-2", NOW + timedelta(seconds=60))
+    assert workflows.recover(NOW) == 0
+    assert workflows.recover(NOW, "router-2") == 1  # router-2 restarted: its own nodes come back at once
+    found = workflows.get("wf_1")
+    assert found is not None and found.node("a").state == NodeState.WAITING and found.node("a").attempt == 1

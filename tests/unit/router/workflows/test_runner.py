@@ -50,7 +50,8 @@ async def none_level(principal: Principal, tags: dict[str, str]) -> AlertLevel:
 
 def setup(tmp_path: Path, calls: Calls, clock: Clock) -> tuple[WorkflowStore, WorkflowRunner]:
     store = WorkflowStore(open_store(f"sqlite:///{tmp_path / 'wf.db'}"))
-    runner = WorkflowRunner(store, calls, none_level, lambda e: type(e).__name__, WorkflowSettings(), wallclock=clock)
+    runner = WorkflowRunner(store, calls, none_level, lambda e: type(e).__name__, WorkflowSettings(), wallclock=clock,
+                            owner="here")
     return store, runner
 
 
@@ -171,3 +172,38 @@ async def test_a_passed_deadline_fails_what_is_left_and_finished_workflows_are_p
     assert runner.purge() == 0  # within retention
     clock.now += timedelta(seconds=runner.settings.retention_s + 1)
     assert runner.purge() == 1 and store.get("wf1") is None
+
+
+async def test_a_workflow_cancelled_through_another_router_stops_this_routers_nodes(tmp_path: Path) -> None:
+    forever, clock = Forever(), Clock()
+    store, here = setup(tmp_path, forever, clock)  # type: ignore[arg-type]
+    there = WorkflowRunner(store, Calls(), none_level, lambda e: type(e).__name__, wallclock=clock, owner="other")
+    submit(store, clock, NodeSpec("a", prompt="x"))
+    await here.tick()
+    await forever.started.wait()
+    await there.cancel(store.get("wf1"))  # type: ignore[arg-type]
+    await here.tick()
+    workflow = store.get("wf1")
+    assert workflow is not None and workflow.state == WorkflowState.CANCELLED and forever.cancelled == 1
+    assert workflow.node("a").state == NodeState.CANCELLED and not here._running
+
+
+async def test_keeping_claims_extends_this_routers_and_takes_back_only_expired_ones(tmp_path: Path) -> None:
+    forever, clock = Forever(), Clock()
+    store, here = setup(tmp_path, forever, clock)  # type: ignore[arg-type]
+    submit(store, clock, NodeSpec("a", prompt="x"), NodeSpec("b", prompt="y"))
+    assert store.claim("wf1", "b", clock(), "dead-router", clock.now + timedelta(seconds=1))
+    await here.tick()
+    await forever.started.wait()
+    clock.now += timedelta(seconds=here.settings.lease_s / 2)
+    here.keep_claims()  # a is this router's own: extended, not taken back; b's claim expired
+    workflow = store.get("wf1")
+    assert workflow is not None
+    assert (workflow.node("a").state, workflow.node("a").runs) == (NodeState.RUNNING, 1)
+    assert (workflow.node("b").state, workflow.node("b").runs) == (NodeState.WAITING, 1)
+    clock.now += timedelta(seconds=here.settings.lease_s * 0.9)
+    here.keep_claims()
+    assert store.get("wf1").node("a").state == NodeState.RUNNING  # type: ignore[union-attr]
+    for task in list(here._running.values()):
+        task.cancel()
+    await asyncio.gather(*here._running.values(), return_exceptions=True)
