@@ -133,7 +133,7 @@ class RouterApp:
                              default_max_concurrency=config.workflow_default_concurrency,
                              max_nodes=config.workflow_max_nodes, poll_s=config.workflow_poll_s,
                              retention_s=config.job_retention_s,
-                             purge_interval_s=config.retention_purge_interval_s),
+                             purge_interval_s=config.retention_purge_interval_s, lease_s=config.workflow_lease_s),
             owner=owner_id(data),
         )
         self.workflows = Workflows(self.workflow_store, self.workflow_runner, self.gateway.check_model, validate_tags,
