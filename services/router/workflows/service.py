@@ -9,7 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
-from services.common.errors import FailedPrecondition, InvalidInput, NotFound
+from services.common.errors import DomainError, FailedPrecondition, InvalidInput, NotFound
 from services.router.types import Money, Principal, TrafficClass
 from services.router.workflows.model import Estimate, NewWorkflow, NodeSpec, NodeStatus, Workflow, WorkflowState
 from services.router.workflows.runner import WorkflowRunner
@@ -72,8 +72,17 @@ class Workflows:
 
     async def submit(self, principal: Principal, new: NewWorkflow) -> tuple[Workflow | None, Estimate]:
         nodes = validate(new, self._runner.settings.max_nodes)
-        for model in dict.fromkeys(node.model or new.model for node in nodes):
-            self._check_model(principal, model)
+        checked: set[str] = set()
+        for index, node in enumerate(new.nodes):
+            model = node.model or new.model
+            if model in checked:
+                continue
+            try:
+                self._check_model(principal, model)
+            except DomainError as error:  # the same refusal, naming the field that chose the model
+                raise type(error)(error.message, reason=error.reason, metadata=error.metadata,
+                                  field=f"nodes[{index}].model" if node.model else "model") from None
+            checked.add(model)
         self._check_tags({**new.tags, "workflow": "w", "workflow_node": "n"})
         traffic = self._traffic_class(new.traffic_class, principal)
         if new.deadline is not None and new.deadline <= self._wallclock():

@@ -12,10 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_status import rpc_status
 from prometheus_client import REGISTRY
 
 from autoglm.billing.v1 import billing_service_pb2 as billing_pb2
-from autoglm.common.v1 import generation_pb2, money_pb2
+from autoglm.common.v1 import error_details_pb2, generation_pb2, money_pb2
 from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as router_grpc
 from services.cli.main import main as autoglm
@@ -129,8 +130,33 @@ async def test_a_cycle_and_an_unknown_reference_are_refused_naming_them(mesh: Me
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in refused.value.details()
     cycle = (await _refusal(mesh, secret, cases["cycle: "])).split("cycle: ")[1]
     assert set(cycle.split(" -> ")) == {"a", "b", "c"}
+    with pytest.raises(grpc.aio.AioRpcError) as unknown_model:
+        await mesh.router_stub.SubmitWorkflow(pb2.SubmitWorkflowRequest(model=MODEL, nodes=[
+            node("a", "x"), node("b", "y", model="no-such-model")]), metadata=bearer(secret), timeout=10)
+    assert unknown_model.value.code() == grpc.StatusCode.NOT_FOUND
+    assert detail_of(unknown_model.value).field == "nodes[1].model"
     listed = await mesh.router_stub.ListWorkflows(pb2.ListWorkflowsRequest(), metadata=bearer(secret), timeout=10)
     assert not listed.workflows  # nothing refused was stored
+
+    ok = (await mesh.router_stub.SubmitWorkflow(pb2.SubmitWorkflowRequest(model=MODEL, nodes=[node("a", "Hi.")]),
+                                                metadata=bearer(secret), timeout=10)).workflow
+    other, _ = await mesh.create_key("someone-else")
+    for call in (mesh.router_stub.GetWorkflow(pb2.GetWorkflowRequest(workflow_id=ok.workflow_id),
+                                              metadata=bearer(other), timeout=10),
+                 mesh.router_stub.CancelWorkflow(pb2.CancelWorkflowRequest(workflow_id=ok.workflow_id),
+                                                 metadata=bearer(other), timeout=10)):
+        with pytest.raises(grpc.aio.AioRpcError) as hidden:
+            await call
+        assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+    await workflow_until(mesh.router_stub, secret, ok.workflow_id, finished, "to finish")
+
+
+def detail_of(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorDetail:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    unpacked = error_details_pb2.ErrorDetail()
+    assert any(d.Unpack(unpacked) for d in status.details if d.Is(error_details_pb2.ErrorDetail.DESCRIPTOR))
+    return unpacked
 
 
 async def _refusal(mesh: Mesh, secret: str, request: pb2.SubmitWorkflowRequest) -> str:
