@@ -19,7 +19,7 @@ from services.router.workflows.validate import validate
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-TEMPLATE_TOKENS = 64  # a task's instructions and the chat template around its text
+TEMPLATE_TOKENS = 128  # a task's instructions, the system turn and the chat template around its text
 WATCH_POLL_S = 1.0  # also follows changes another router made
 
 Quote = Callable[[str, int, int], Money | None]

@@ -212,7 +212,8 @@ async def test_cancel_stops_the_running_generation_and_bills_what_it_delivered(m
     assert generated < 400
     rows = await per_node_usage(mesh, "wfcancel", 1)
     assert list(rows) == ["story"]
-    assert 5 <= rows["story"].completion_tokens <= generated
+    # Billed: the tokens the router had received when it cancelled (the replica may have made a few more).
+    assert 1 <= rows["story"].completion_tokens <= generated
     with pytest.raises(grpc.aio.AioRpcError) as again:
         await stub.CancelWorkflow(pb2.CancelWorkflowRequest(workflow_id=submitted.workflow_id),
                                   metadata=bearer(secret), timeout=10)
