@@ -10,6 +10,7 @@
   autoglm billing report | budget set|list | price set|list
   autoglm certs init|issue            the mesh CA and per-service identities
   autoglm sidecar run|render-envoy    run a sidecar, or render the policy as an Envoy bootstrap
+  autoglm workflow run FILE.yaml | show ID | list | cancel ID   DAGs of tasks and generations
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from services.cli.certs_commands import add_certs_commands
 from services.cli.client_commands import add_client_commands
 from services.cli.sidecar_commands import add_sidecar_commands
 from services.cli.usage_commands import add_usage_commands
+from services.cli.workflow_commands import add_workflow_commands
 from services.common.logging import configure_logging
 
 
@@ -79,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_billing_commands(sub)
     add_certs_commands(sub)
     add_sidecar_commands(sub)
+    add_workflow_commands(sub)
     return parser
 
 

@@ -30,6 +30,7 @@ from services.router.canary import CanaryMonitor
 from services.router.config import RouterConfig
 from services.router.contexts import ContextStore
 from services.router.gateway import Gateway, GatewaySettings, validate_tags
+from services.router.gateway.plan import effective_class
 from services.router.inference_client import GrpcInference
 from services.router.input_limits import InputLimits
 from services.router.jobs.runner import BatchRunner, RunnerSettings
@@ -46,12 +47,17 @@ from services.router.replica_monitor import ReplicaMonitor
 from services.router.retry import RetrySettings
 from services.router.spool import SettlementJournal, UsageSpool
 from services.router.store import open_stores
+from services.router.tasks import TaskKind, TaskSpec
 from services.router.types import (
     GenerationRequest,
     Principal,
     RequestContext,
     Summary,
 )
+from services.router.workflows.budget import WorkflowBudget
+from services.router.workflows.runner import NodeCall, WorkflowRunner, WorkflowSettings
+from services.router.workflows.service import Workflows
+from services.router.workflows.store import WorkflowStore, owner_id
 
 log = structlog.get_logger(__name__)
 DEFAULT_BILLING_TARGET = "127.0.0.1:50061"
@@ -128,6 +134,20 @@ class RouterApp:
                            lease_s=config.batch_lease_s),
         )
         self.jobs = Jobs(self.job_store, self.runner, self.gateway.check_model, validate_tags)
+        budget = WorkflowBudget(self.registry, lambda: self.meter.prices, self.billing)
+        # Workflows share the jobs' store (its SQLite file, or the one PostgreSQL database).
+        self.workflow_store = WorkflowStore(stores.jobs)
+        self.workflow_runner = WorkflowRunner(
+            self.workflow_store, self._run_workflow_node, self._budget_level, status_name,
+            WorkflowSettings(concurrency=config.workflow_concurrency,
+                             default_max_concurrency=config.workflow_default_concurrency,
+                             max_nodes=config.workflow_max_nodes, poll_s=config.workflow_poll_s,
+                             retention_s=config.job_retention_s,
+                             purge_interval_s=config.retention_purge_interval_s, lease_s=config.workflow_lease_s),
+            owner=owner_id(data),
+        )
+        self.workflows = Workflows(self.workflow_store, self.workflow_runner, self.gateway.check_model, validate_tags,
+                                   effective_class, budget.quote, budget.cover, config.default_max_tokens)
         self.admin = Admin(self.keys, self.registry, self.policies, self.inference, self.healthy_replicas)
         self._tasks: list[asyncio.Task[None]] = []
         self._purging: asyncio.Future[tuple[int, int]] | None = None
@@ -149,6 +169,7 @@ class RouterApp:
         if released:
             log.info("batch_items_recovered", items=released)
         self._tasks.append(asyncio.create_task(self.runner.run_forever()))
+        self._tasks.append(asyncio.create_task(self.workflow_runner.run_forever()))
         self._tasks.append(asyncio.create_task(self.purge_forever()))
 
     async def purge_expired(self) -> tuple[int, int]:
@@ -183,6 +204,27 @@ class RouterApp:
         if record is not None and record.revoke_time is not None:
             raise Unauthenticated(f"API key {record.prefix}… that submitted this job was revoked")
         return await self.gateway.complete(ctx, request)
+
+    async def _run_workflow_node(self, call: NodeCall) -> tuple[str, Summary]:
+        """A workflow node runs as its submitting key (refused once that key is revoked), through the gateway."""
+        spec = call.spec
+        if spec.kind == TaskKind.UNSPECIFIED:
+            request = GenerationRequest(model=call.model, prompt=spec.prompt, messages=spec.messages,
+                                        sampling=spec.sampling, tags=call.ctx.tags, traffic_class=call.traffic_class)
+            return await self._run_batch_item(call.ctx, request)
+        self._check_key(call.ctx.principal)
+        task = TaskSpec(kind=spec.kind, content=spec.content, length_unit=spec.length_unit,
+                        length_value=spec.length_value, output_format=spec.output_format,
+                        target_language=spec.target_language, labels=spec.labels, fields=spec.fields, style=spec.style)
+        return await self.gateway.run_task(call.ctx, call.model, task, spec.sampling, call.traffic_class)
+
+    def _check_key(self, principal: Principal) -> None:
+        try:
+            record = self.keys.get(principal.key_id)
+        except NotFound:
+            return  # a JWT principal: no stored key
+        if record.revoke_time is not None:
+            raise Unauthenticated(f"API key {record.prefix}… that submitted this work was revoked")
 
     def _watch_model(self, model: ModelEntry) -> None:
         for version in model.versions:
@@ -247,6 +289,7 @@ class RouterApp:
         return self._stores.available
 
     async def close(self) -> None:
+        await self.workflow_runner.close()
         await self.runner.close()
         await self.gateway.drain()
         for task in self._tasks:

@@ -114,6 +114,16 @@ class RouterConfig:
     http_tls_key: str = ""
     # An HTTP request body not received in full this many seconds after the request began gets 408.
     http_body_timeout_s: float = 30.0
+    # Workflows (services/router/workflows): nodes running at once router-wide, the cap of a workflow that
+    # sets none, the most nodes one workflow may have, and how often the runner looks at workflows. Finished
+    # workflows are deleted job_retention_s after they ended. A router's claim on a running node lasts
+    # workflow_lease_s past its last extension (every third of it): a node of a router that died runs
+    # again on another router sharing its database once the claim expired (at once when it restarts).
+    workflow_concurrency: int = 8
+    workflow_default_concurrency: int = 4
+    workflow_max_nodes: int = 64
+    workflow_poll_s: float = 0.5
+    workflow_lease_s: float = 15.0
 
     def __post_init__(self) -> None:
         if self.cache_max_entries < 0 or self.cache_max_bytes < 0 or self.cache_ttl_s < 0:
@@ -155,3 +165,7 @@ class RouterConfig:
             raise ValueError(f"http_body_timeout_s must be > 0, got {self.http_body_timeout_s}")
         if bool(self.http_tls_cert) != bool(self.http_tls_key):
             raise ValueError("http_tls_cert and http_tls_key go together (both PEM files, or neither)")
+        if min(self.workflow_concurrency, self.workflow_default_concurrency, self.workflow_max_nodes) < 1 \
+                or self.workflow_poll_s <= 0 or self.workflow_lease_s <= 0:
+            raise ValueError("workflow_concurrency, workflow_default_concurrency and workflow_max_nodes must be >= 1 "
+                             "and workflow_poll_s and workflow_lease_s > 0")

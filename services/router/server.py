@@ -27,7 +27,8 @@ KEY, ADMIN = Auth.API_KEY, Auth.ADMIN_TOKEN
 # Every method the router serves and who may call it: a method missing here keeps the server from starting.
 RPC_AUTH: dict[str, Auth] = {
     **declare(ROUTER_SERVICE, Generate=KEY, Complete=KEY, RunTask=KEY, CountTokens=KEY, ListModels=KEY,
-              SubmitBatch=KEY, GetJob=KEY, ListJobs=KEY, CancelJob=KEY),
+              SubmitBatch=KEY, GetJob=KEY, ListJobs=KEY, CancelJob=KEY, SubmitWorkflow=KEY, GetWorkflow=KEY,
+              ListWorkflows=KEY, CancelWorkflow=KEY, WatchWorkflow=KEY),
     **declare(ADMIN_SERVICE, CreateApiKey=ADMIN, ListApiKeys=ADMIN, RevokeApiKey=ADMIN, RegisterModelVersion=ADMIN,
               SetTrafficSplit=ADMIN, PromoteVersion=ADMIN, RollbackVersion=ADMIN, GetModel=ADMIN, SetPolicy=ADMIN,
               GetPolicy=ADMIN, ListAuditEvents=ADMIN, SetVersionState=ADMIN),

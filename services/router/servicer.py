@@ -17,7 +17,7 @@ from autoglm.router.v1 import admin_service_pb2_grpc as admin_grpc
 from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as pb2_grpc
 from services.common.tracing import current_request_id, current_trace_id
-from services.router import convert, rpc_auth
+from services.router import convert, rpc_auth, workflow_convert
 from services.router.admin import Admin
 from services.router.auth.authenticator import Authenticator
 from services.router.gateway import Gateway
@@ -27,6 +27,7 @@ from services.router.jobs.service import Jobs
 from services.router.registry import ModelEntry
 from services.router.tasks import LengthUnit, OutputFormat, TaskKind, TaskSpec
 from services.router.types import GenerationRequest, Principal, RequestContext, Summary, TrafficClass
+from services.router.workflows.service import Workflows
 
 
 class RouterPorts(Protocol):
@@ -36,6 +37,7 @@ class RouterPorts(Protocol):
     authenticator: Authenticator
     input_limits: InputLimits
     jobs: Jobs
+    workflows: Workflows
 
     def healthy_replicas(self, model: ModelEntry) -> dict[str, int]: ...
 
@@ -151,6 +153,44 @@ class RouterServicer(pb2_grpc.RouterServiceServicer):
     ) -> pb2.CancelJobResponse:
         job = await self._app.jobs.cancel(self._principal(context), request.job_id)
         return pb2.CancelJobResponse(job=convert.job(job))
+
+    async def SubmitWorkflow(
+        self, request: pb2.SubmitWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> pb2.SubmitWorkflowResponse:
+        self._app.input_limits.check(request.ByteSize(), workflow_convert.texts(request))
+        principal = self._principal(context)
+        submitted, worst = await self._app.workflows.submit(principal, workflow_convert.new_workflow(request))
+        return pb2.SubmitWorkflowResponse(
+            workflow=workflow_convert.workflow(submitted) if submitted is not None else None,
+            estimate=workflow_convert.estimate(worst))
+
+    async def GetWorkflow(
+        self, request: pb2.GetWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> pb2.GetWorkflowResponse:
+        found = self._app.workflows.get(self._principal(context), request.workflow_id)
+        return pb2.GetWorkflowResponse(workflow=workflow_convert.workflow(found))
+
+    async def ListWorkflows(
+        self, request: pb2.ListWorkflowsRequest, context: grpc.aio.ServicerContext
+    ) -> pb2.ListWorkflowsResponse:
+        found, token = self._app.workflows.list(self._principal(context), workflow_convert.state(request.state),
+                                                request.page_size, request.page_token)
+        return pb2.ListWorkflowsResponse(workflows=[workflow_convert.workflow(w, detail=False) for w in found],
+                                         next_page_token=token)
+
+    async def CancelWorkflow(
+        self, request: pb2.CancelWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> pb2.CancelWorkflowResponse:
+        cancelled = await self._app.workflows.cancel(self._principal(context), request.workflow_id)
+        return pb2.CancelWorkflowResponse(workflow=workflow_convert.workflow(cancelled))
+
+    async def WatchWorkflow(
+        self, request: pb2.WatchWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb2.WatchWorkflowResponse]:
+        async for node, current in self._app.workflows.watch(self._principal(context), request.workflow_id):
+            yield pb2.WatchWorkflowResponse(
+                node=workflow_convert.node_status(node), workflow_state=int(current.state),  # type: ignore[arg-type]
+                usage=convert.usage(current.usage), cost=convert.money(current.cost))
 
 
 class AdminServicer(admin_grpc.AdminServiceServicer):

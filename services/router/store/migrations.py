@@ -135,6 +135,31 @@ JOBS: Sequence[Migration] = (
 )
 
 
+WORKFLOWS: Sequence[Migration] = (
+    (1, "workflows and their nodes", (
+        """CREATE TABLE IF NOT EXISTS workflows (
+            workflow_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, principal TEXT NOT NULL, name TEXT NOT NULL,
+            model TEXT NOT NULL, state {int} NOT NULL, traffic_class {int} NOT NULL, create_us {int} NOT NULL,
+            deadline_us {int}, end_us {int}, tags TEXT NOT NULL, max_concurrency {int} NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS workflows_tenant ON workflows (tenant_id, create_us)",
+        "CREATE INDEX IF NOT EXISTS workflows_state ON workflows (state)",
+        """CREATE TABLE IF NOT EXISTS workflow_nodes (
+            workflow_id TEXT NOT NULL, node_id TEXT NOT NULL, position {int} NOT NULL, spec TEXT NOT NULL,
+            state {int} NOT NULL, attempt {int} NOT NULL DEFAULT 1, runs {int} NOT NULL DEFAULT 0,
+            not_before_us {int}, start_us {int}, end_us {int}, output TEXT NOT NULL DEFAULT '',
+            fields TEXT NOT NULL DEFAULT '{{}}', prompt_tokens {int} NOT NULL DEFAULT 0,
+            completion_tokens {int} NOT NULL DEFAULT 0, cost_micros {int} NOT NULL DEFAULT 0,
+            currency TEXT NOT NULL DEFAULT '', error_code TEXT NOT NULL DEFAULT '',
+            error_message TEXT NOT NULL DEFAULT '', PRIMARY KEY (workflow_id, node_id))""",
+    )),
+    (2, "which router runs a node, and until when its claim holds", (
+        "ALTER TABLE workflow_nodes ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE workflow_nodes ADD COLUMN lease_us {int}",
+        "CREATE INDEX IF NOT EXISTS workflow_nodes_running ON workflow_nodes (state, lease_us)",
+    )),
+)
+
+
 def migrate(tx: Tx, domain: str, migrations: Sequence[Migration], now_us: int) -> list[int]:
     """Apply `domain`'s pending migrations inside the caller's transaction; returns the versions applied."""
     types = TYPES[tx.dialect]

@@ -3,6 +3,7 @@ import datetime
 from autoglm.common.v1 import generation_pb2 as _generation_pb2
 from autoglm.common.v1 import money_pb2 as _money_pb2
 from autoglm.router.v1 import model_lifecycle_pb2 as _model_lifecycle_pb2
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -52,6 +53,26 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_SUCCEEDED: _ClassVar[JobState]
     JOB_STATE_FAILED: _ClassVar[JobState]
     JOB_STATE_CANCELLED: _ClassVar[JobState]
+
+class WorkflowState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WORKFLOW_STATE_UNSPECIFIED: _ClassVar[WorkflowState]
+    WORKFLOW_STATE_QUEUED: _ClassVar[WorkflowState]
+    WORKFLOW_STATE_RUNNING: _ClassVar[WorkflowState]
+    WORKFLOW_STATE_PAUSED: _ClassVar[WorkflowState]
+    WORKFLOW_STATE_SUCCEEDED: _ClassVar[WorkflowState]
+    WORKFLOW_STATE_FAILED: _ClassVar[WorkflowState]
+    WORKFLOW_STATE_CANCELLED: _ClassVar[WorkflowState]
+
+class NodeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NODE_STATE_UNSPECIFIED: _ClassVar[NodeState]
+    NODE_STATE_WAITING: _ClassVar[NodeState]
+    NODE_STATE_RUNNING: _ClassVar[NodeState]
+    NODE_STATE_SUCCEEDED: _ClassVar[NodeState]
+    NODE_STATE_FAILED: _ClassVar[NodeState]
+    NODE_STATE_UPSTREAM_FAILED: _ClassVar[NodeState]
+    NODE_STATE_CANCELLED: _ClassVar[NodeState]
 CACHE_POLICY_UNSPECIFIED: CachePolicy
 CACHE_POLICY_BYPASS: CachePolicy
 CACHE_POLICY_ALLOW_SAMPLED: CachePolicy
@@ -77,6 +98,20 @@ JOB_STATE_PAUSED: JobState
 JOB_STATE_SUCCEEDED: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
+WORKFLOW_STATE_UNSPECIFIED: WorkflowState
+WORKFLOW_STATE_QUEUED: WorkflowState
+WORKFLOW_STATE_RUNNING: WorkflowState
+WORKFLOW_STATE_PAUSED: WorkflowState
+WORKFLOW_STATE_SUCCEEDED: WorkflowState
+WORKFLOW_STATE_FAILED: WorkflowState
+WORKFLOW_STATE_CANCELLED: WorkflowState
+NODE_STATE_UNSPECIFIED: NodeState
+NODE_STATE_WAITING: NodeState
+NODE_STATE_RUNNING: NodeState
+NODE_STATE_SUCCEEDED: NodeState
+NODE_STATE_FAILED: NodeState
+NODE_STATE_UPSTREAM_FAILED: NodeState
+NODE_STATE_CANCELLED: NodeState
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "prompt", "messages", "sampling", "context_id", "tags", "traffic_class", "cache_policy", "raw_prompt", "stream_options")
@@ -450,3 +485,230 @@ class CancelJobResponse(_message.Message):
     JOB_FIELD_NUMBER: _ClassVar[int]
     job: Job
     def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class RetryPolicy(_message.Message):
+    __slots__ = ("max_attempts", "backoff")
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    BACKOFF_FIELD_NUMBER: _ClassVar[int]
+    max_attempts: int
+    backoff: _duration_pb2.Duration
+    def __init__(self, max_attempts: _Optional[int] = ..., backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class WorkflowNode(_message.Message):
+    __slots__ = ("id", "kind", "prompt", "messages", "content", "target_length", "output_format", "target_language", "labels", "fields", "style", "depends_on", "model", "sampling", "retry", "timeout")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    STYLE_FIELD_NUMBER: _ClassVar[int]
+    DEPENDS_ON_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: TaskKind
+    prompt: str
+    messages: _containers.RepeatedCompositeFieldContainer[_generation_pb2.ChatMessage]
+    content: str
+    target_length: TargetLength
+    output_format: OutputFormat
+    target_language: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    fields: _containers.RepeatedScalarFieldContainer[str]
+    style: str
+    depends_on: _containers.RepeatedScalarFieldContainer[str]
+    model: str
+    sampling: _generation_pb2.SamplingParams
+    retry: RetryPolicy
+    timeout: _duration_pb2.Duration
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_generation_pb2.ChatMessage, _Mapping]]] = ..., content: _Optional[str] = ..., target_length: _Optional[_Union[TargetLength, _Mapping]] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., target_language: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., fields: _Optional[_Iterable[str]] = ..., style: _Optional[str] = ..., depends_on: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., retry: _Optional[_Union[RetryPolicy, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class SubmitWorkflowRequest(_message.Message):
+    __slots__ = ("name", "model", "nodes", "traffic_class", "deadline", "tags", "max_concurrency", "dry_run", "require_budget")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_CLASS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model: str
+    nodes: _containers.RepeatedCompositeFieldContainer[WorkflowNode]
+    traffic_class: _generation_pb2.TrafficClass
+    deadline: _timestamp_pb2.Timestamp
+    tags: _containers.ScalarMap[str, str]
+    max_concurrency: int
+    dry_run: bool
+    require_budget: bool
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[WorkflowNode, _Mapping]]] = ..., traffic_class: _Optional[_Union[_generation_pb2.TrafficClass, str]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tags: _Optional[_Mapping[str, str]] = ..., max_concurrency: _Optional[int] = ..., dry_run: _Optional[bool] = ..., require_budget: _Optional[bool] = ...) -> None: ...
+
+class WorkflowEstimate(_message.Message):
+    __slots__ = ("prompt_tokens", "completion_tokens", "cost")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    completion_tokens: int
+    cost: _money_pb2.Money
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...
+
+class SubmitWorkflowResponse(_message.Message):
+    __slots__ = ("workflow", "estimate")
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    workflow: Workflow
+    estimate: WorkflowEstimate
+    def __init__(self, workflow: _Optional[_Union[Workflow, _Mapping]] = ..., estimate: _Optional[_Union[WorkflowEstimate, _Mapping]] = ...) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("id", "state", "kind", "depends_on", "attempt", "runs", "output", "fields", "usage", "cost", "error_code", "error_message", "start_time", "end_time")
+    class FieldsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DEPENDS_ON_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    state: NodeState
+    kind: TaskKind
+    depends_on: _containers.RepeatedScalarFieldContainer[str]
+    attempt: int
+    runs: int
+    output: str
+    fields: _containers.ScalarMap[str, str]
+    usage: _generation_pb2.Usage
+    cost: _money_pb2.Money
+    error_code: str
+    error_message: str
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., depends_on: _Optional[_Iterable[str]] = ..., attempt: _Optional[int] = ..., runs: _Optional[int] = ..., output: _Optional[str] = ..., fields: _Optional[_Mapping[str, str]] = ..., usage: _Optional[_Union[_generation_pb2.Usage, _Mapping]] = ..., cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Workflow(_message.Message):
+    __slots__ = ("workflow_id", "name", "state", "traffic_class", "create_time", "deadline", "end_time", "tags", "max_concurrency", "nodes", "usage", "cost", "mermaid")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_CLASS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    MERMAID_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    name: str
+    state: WorkflowState
+    traffic_class: _generation_pb2.TrafficClass
+    create_time: _timestamp_pb2.Timestamp
+    deadline: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    tags: _containers.ScalarMap[str, str]
+    max_concurrency: int
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
+    usage: _generation_pb2.Usage
+    cost: _money_pb2.Money
+    mermaid: str
+    def __init__(self, workflow_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[WorkflowState, str]] = ..., traffic_class: _Optional[_Union[_generation_pb2.TrafficClass, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tags: _Optional[_Mapping[str, str]] = ..., max_concurrency: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., usage: _Optional[_Union[_generation_pb2.Usage, _Mapping]] = ..., cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., mermaid: _Optional[str] = ...) -> None: ...
+
+class GetWorkflowRequest(_message.Message):
+    __slots__ = ("workflow_id",)
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    def __init__(self, workflow_id: _Optional[str] = ...) -> None: ...
+
+class GetWorkflowResponse(_message.Message):
+    __slots__ = ("workflow",)
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    workflow: Workflow
+    def __init__(self, workflow: _Optional[_Union[Workflow, _Mapping]] = ...) -> None: ...
+
+class ListWorkflowsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token", "state")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    state: WorkflowState
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[_Union[WorkflowState, str]] = ...) -> None: ...
+
+class ListWorkflowsResponse(_message.Message):
+    __slots__ = ("workflows", "next_page_token")
+    WORKFLOWS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    workflows: _containers.RepeatedCompositeFieldContainer[Workflow]
+    next_page_token: str
+    def __init__(self, workflows: _Optional[_Iterable[_Union[Workflow, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CancelWorkflowRequest(_message.Message):
+    __slots__ = ("workflow_id",)
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    def __init__(self, workflow_id: _Optional[str] = ...) -> None: ...
+
+class CancelWorkflowResponse(_message.Message):
+    __slots__ = ("workflow",)
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    workflow: Workflow
+    def __init__(self, workflow: _Optional[_Union[Workflow, _Mapping]] = ...) -> None: ...
+
+class WatchWorkflowRequest(_message.Message):
+    __slots__ = ("workflow_id",)
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    def __init__(self, workflow_id: _Optional[str] = ...) -> None: ...
+
+class WatchWorkflowResponse(_message.Message):
+    __slots__ = ("node", "workflow_state", "usage", "cost")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_STATE_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    node: NodeStatus
+    workflow_state: WorkflowState
+    usage: _generation_pb2.Usage
+    cost: _money_pb2.Money
+    def __init__(self, node: _Optional[_Union[NodeStatus, _Mapping]] = ..., workflow_state: _Optional[_Union[WorkflowState, str]] = ..., usage: _Optional[_Union[_generation_pb2.Usage, _Mapping]] = ..., cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ...) -> None: ...

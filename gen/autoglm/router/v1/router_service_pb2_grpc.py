@@ -82,6 +82,31 @@ class RouterServiceStub:
                 request_serializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
+        self.SubmitWorkflow = channel.unary_unary(
+                '/autoglm.router.v1.RouterService/SubmitWorkflow',
+                request_serializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.SubmitWorkflowRequest.SerializeToString,
+                response_deserializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.SubmitWorkflowResponse.FromString,
+                _registered_method=True)
+        self.GetWorkflow = channel.unary_unary(
+                '/autoglm.router.v1.RouterService/GetWorkflow',
+                request_serializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.GetWorkflowRequest.SerializeToString,
+                response_deserializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.GetWorkflowResponse.FromString,
+                _registered_method=True)
+        self.ListWorkflows = channel.unary_unary(
+                '/autoglm.router.v1.RouterService/ListWorkflows',
+                request_serializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.ListWorkflowsRequest.SerializeToString,
+                response_deserializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.ListWorkflowsResponse.FromString,
+                _registered_method=True)
+        self.CancelWorkflow = channel.unary_unary(
+                '/autoglm.router.v1.RouterService/CancelWorkflow',
+                request_serializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.CancelWorkflowRequest.SerializeToString,
+                response_deserializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.CancelWorkflowResponse.FromString,
+                _registered_method=True)
+        self.WatchWorkflow = channel.unary_stream(
+                '/autoglm.router.v1.RouterService/WatchWorkflow',
+                request_serializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.WatchWorkflowRequest.SerializeToString,
+                response_deserializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.WatchWorkflowResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -154,6 +179,45 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitWorkflow(self, request, context):
+        """Submits a workflow: a graph of nodes (RunTask kinds or generations) that may use earlier nodes'
+        outputs. Independent nodes run in parallel; every node is billed and rate-limited like a request of
+        its own, with the tags `workflow` and `workflow_node`. With `dry_run` nothing runs: the answer
+        carries the worst-case estimate only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWorkflow(self, request, context):
+        """Returns one workflow with each node's state and result, and its graph as Mermaid text.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWorkflows(self, request, context):
+        """Lists the caller's workflows, newest first (without node outputs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelWorkflow(self, request, context):
+        """Cancels a workflow: running nodes stop (billed for what they generated), waiting nodes never run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchWorkflow(self, request, context):
+        """Streams the workflow's node state changes: first every node as it is, then each change, until the
+        workflow ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -201,6 +265,31 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.CancelJobRequest.FromString,
                     response_serializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'SubmitWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitWorkflow,
+                    request_deserializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.SubmitWorkflowRequest.FromString,
+                    response_serializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.SubmitWorkflowResponse.SerializeToString,
+            ),
+            'GetWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWorkflow,
+                    request_deserializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.GetWorkflowRequest.FromString,
+                    response_serializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.GetWorkflowResponse.SerializeToString,
+            ),
+            'ListWorkflows': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkflows,
+                    request_deserializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.ListWorkflowsRequest.FromString,
+                    response_serializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.ListWorkflowsResponse.SerializeToString,
+            ),
+            'CancelWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelWorkflow,
+                    request_deserializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.CancelWorkflowRequest.FromString,
+                    response_serializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.CancelWorkflowResponse.SerializeToString,
+            ),
+            'WatchWorkflow': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchWorkflow,
+                    request_deserializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.WatchWorkflowRequest.FromString,
+                    response_serializer=autoglm_dot_router_dot_v1_dot_router__service__pb2.WatchWorkflowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -449,6 +538,141 @@ class RouterService:
             '/autoglm.router.v1.RouterService/CancelJob',
             autoglm_dot_router_dot_v1_dot_router__service__pb2.CancelJobRequest.SerializeToString,
             autoglm_dot_router_dot_v1_dot_router__service__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.router.v1.RouterService/SubmitWorkflow',
+            autoglm_dot_router_dot_v1_dot_router__service__pb2.SubmitWorkflowRequest.SerializeToString,
+            autoglm_dot_router_dot_v1_dot_router__service__pb2.SubmitWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.router.v1.RouterService/GetWorkflow',
+            autoglm_dot_router_dot_v1_dot_router__service__pb2.GetWorkflowRequest.SerializeToString,
+            autoglm_dot_router_dot_v1_dot_router__service__pb2.GetWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkflows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.router.v1.RouterService/ListWorkflows',
+            autoglm_dot_router_dot_v1_dot_router__service__pb2.ListWorkflowsRequest.SerializeToString,
+            autoglm_dot_router_dot_v1_dot_router__service__pb2.ListWorkflowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.router.v1.RouterService/CancelWorkflow',
+            autoglm_dot_router_dot_v1_dot_router__service__pb2.CancelWorkflowRequest.SerializeToString,
+            autoglm_dot_router_dot_v1_dot_router__service__pb2.CancelWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/autoglm.router.v1.RouterService/WatchWorkflow',
+            autoglm_dot_router_dot_v1_dot_router__service__pb2.WatchWorkflowRequest.SerializeToString,
+            autoglm_dot_router_dot_v1_dot_router__service__pb2.WatchWorkflowResponse.FromString,
             options,
             channel_credentials,
             insecure,
