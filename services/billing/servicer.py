@@ -80,6 +80,10 @@ def _ack(event_id: str, outcome: Recorded | DomainError, currency: str) -> pb2.S
                                    cost=convert.money(outcome.cost_micros, currency))
 
 
+def _rejection(index: int, error: DomainError) -> pb2.EngineUsageRejection:
+    return pb2.EngineUsageRejection(index=index, error_code=status_code_for(error).name, error_message=error.message)
+
+
 class BillingServicer(pb2_grpc.BillingServiceServicer):
     def __init__(self, billing: Billing, operators: OperatorAuth) -> None:
         self.billing = billing
@@ -117,6 +121,20 @@ class BillingServicer(pb2_grpc.BillingServiceServicer):
             outcomes[index] = outcome
         return [_ack(m.event_id, o, self.currency) for m, o in zip(messages, outcomes, strict=True)
                 if o is not None]
+
+    async def ReportEngineUsage(self, request: pb2.ReportEngineUsageRequest,
+                                context: grpc.aio.ServicerContext) -> pb2.ReportEngineUsageResponse:
+        records, slots, rejections = [], [], []
+        for index, message in enumerate(request.records):
+            try:
+                records.append(convert.engine_record(message, index))
+                slots.append(index)
+            except DomainError as error:
+                rejections.append(_rejection(index, error))
+        outcomes = await self.billing.report_engine_usage(records)
+        rejections += [_rejection(index, error) for index, error in zip(slots, outcomes, strict=True) if error]
+        return pb2.ReportEngineUsageResponse(accepted=len(request.records) - len(rejections),
+                                             rejections=sorted(rejections, key=lambda r: r.index))
 
     async def Reserve(self, request: pb2.ReserveRequest, context: grpc.aio.ServicerContext) -> pb2.ReserveResponse:
         hold = await self.billing.reserve(convert.reserve_request(request))
