@@ -249,6 +249,7 @@ class Billing:
         for index, record in enumerate(records):
             prefix = f"records[{index}]"
             try:
+                check_text(record.request_id, f"{prefix}.request_id", required=True, limit=128)
                 check_text(record.replica_id, f"{prefix}.replica_id", required=True, limit=128)
                 check_text(record.router_id, f"{prefix}.router_id", required=False, limit=128)
                 check_event(engine_usage.event_of(record), now, self.config.max_future_skew_s, prefix)
