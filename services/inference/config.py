@@ -13,7 +13,7 @@ from services.inference.engine.session import PROVIDER_CHOICES, SessionSettings
 DEFAULT_PORT = 50071
 SERVED_PRECISIONS = ("int8", "int4")
 # Keys of the mesh file's `inference:` section that belong to the launcher, not to one replica.
-LAUNCHER_KEYS = frozenset({"port", "replicas", "host", "metrics_port"})
+LAUNCHER_KEYS = frozenset({"port", "replicas", "host", "metrics_port", "engine_metering"})
 
 
 @dataclass(frozen=True)
