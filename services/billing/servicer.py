@@ -20,7 +20,7 @@ import grpc
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
 from services.billing import convert
-from services.billing.model import Recorded, UsageEvent
+from services.billing.model import EngineRecord, Recorded, UsageEvent
 from services.billing.operators import Operator, OperatorAuth
 from services.billing.service import Billing
 from services.common.error_mapping import status_code_for
@@ -124,7 +124,9 @@ class BillingServicer(pb2_grpc.BillingServiceServicer):
 
     async def ReportEngineUsage(self, request: pb2.ReportEngineUsageRequest,
                                 context: grpc.aio.ServicerContext) -> pb2.ReportEngineUsageResponse:
-        records, slots, rejections = [], [], []
+        records: list[EngineRecord] = []
+        slots: list[int] = []
+        rejections: list[pb2.EngineUsageRejection] = []
         for index, message in enumerate(request.records):
             try:
                 records.append(convert.engine_record(message, index))
@@ -133,8 +135,8 @@ class BillingServicer(pb2_grpc.BillingServiceServicer):
                 rejections.append(_rejection(index, error))
         outcomes = await self.billing.report_engine_usage(records)
         rejections += [_rejection(index, error) for index, error in zip(slots, outcomes, strict=True) if error]
-        return pb2.ReportEngineUsageResponse(accepted=len(request.records) - len(rejections),
-                                             rejections=sorted(rejections, key=lambda r: r.index))
+        rejections.sort(key=lambda r: r.index)
+        return pb2.ReportEngineUsageResponse(accepted=len(request.records) - len(rejections), rejections=rejections)
 
     async def Reserve(self, request: pb2.ReserveRequest, context: grpc.aio.ServicerContext) -> pb2.ReserveResponse:
         hold = await self.billing.reserve(convert.reserve_request(request))
