@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import grpc
 import pytest
 
 from autoglm.billing.v1 import billing_service_pb2 as pb2
@@ -67,3 +68,12 @@ async def test_records_reconcile_with_router_events_once_in_either_order(billing
 async def _engine_billed(stub: pb2_grpc.BillingServiceStub) -> dict[str, tuple[int, int]] | None:
     sources = await by_source(stub)
     return sources if "engine" in sources else None
+
+
+async def test_a_batch_of_more_than_1000_records_is_refused_naming_the_limit(billing) -> None:
+    async with operator(billing) as chan:
+        stub = pb2_grpc.BillingServiceStub(chan)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ReportEngineUsage(pb2.ReportEngineUsageRequest(records=[record(f"r{i}") for i in range(1001)]))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 1000" in (refused.value.details() or "")
