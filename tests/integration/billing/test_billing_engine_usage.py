@@ -8,6 +8,7 @@ import time
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
@@ -54,6 +55,7 @@ async def test_records_reconcile_with_router_events_once_in_either_order(billing
             record("", 1), record("future", end_time=ts(time.time() + 3600))]))
         await stub.RecordUsage(pb2.RecordUsageRequest(event=usage("after", prompt=100, completion=4)))
         sources = await wait_until(lambda: _engine_billed(stub), GRACE_S + 30, "the orphan record to be billed")
+        late_before = _late_router()
         late = await stub.RecordUsage(pb2.RecordUsageRequest(event=usage("orphan", prompt=100, completion=2)))
         final = await by_source(stub)
     assert answer.accepted == 5
@@ -63,6 +65,11 @@ async def test_records_reconcile_with_router_events_once_in_either_order(billing
     # One event per request: the routers' counts where they reported, the longest record of the orphan.
     assert sources == final == {"router": (2, 5 + 4), "engine": (1, 9)}
     assert (late.duplicate, late.cost.micros) == (True, expected_cost(100, 9))
+    assert _late_router() == late_before + 1  # counted in autoglm_billing_engine_records_total
+
+
+def _late_router() -> float:
+    return REGISTRY.get_sample_value("autoglm_billing_engine_records_total", {"outcome": "late_router"}) or 0.0
 
 
 async def _engine_billed(stub: pb2_grpc.BillingServiceStub) -> dict[str, tuple[int, int]] | None:
