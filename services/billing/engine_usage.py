@@ -15,6 +15,9 @@ id of the router's usage event:
   duplicate (its sender is answered with the engine bill's cost and stops retrying); the engine's counts
   stand and the late arrival is counted in `autoglm_billing_engine_records_total{outcome="late_router"}`.
 - A record billing cannot price (no price for the model) is REJECTED when it falls due and logged.
+- A record of a request billing refused a hold for (Reserve denied: the audit log's `spend.denied` names
+  the request id) is REFUSED, never billed: the router started the generation while the hold was on its
+  way and cancelled it when the hold was refused, so the caller was answered with the refusal.
 
 Counting the grace from the record's arrival keeps a router's spooled events (replayed once billing is back
 after an outage) ahead of the records its replicas buffered meanwhile.
@@ -33,7 +36,9 @@ from services.billing.model import EngineRecord, Source, Status, TrafficClass, U
 from services.billing.store.base import Tx
 from services.common.errors import DomainError
 
-PENDING, MATCHED, BILLED, SUPERSEDED, REJECTED = 0, 1, 2, 3, 4
+PENDING, MATCHED, BILLED, SUPERSEDED, REJECTED, REFUSED = 0, 1, 2, 3, 4, 5
+# How long before a record's start a Reserve refusal of its request is looked for (the hold comes first).
+REFUSAL_LOOKBACK_US = 300 * 1_000_000
 CHUNK = 400
 _COLUMNS = ("request_id, replica_id, tenant_id, api_key_id, model, model_version, tags_json, prompt_tokens,"
             " completion_tokens, status, traffic_class, start_us, end_us, router_id, trace_id, received_us, due_us,"
@@ -48,11 +53,12 @@ class Reconciled:
     matched: list[str] = field(default_factory=list)
     superseded: int = 0
     rejected: list[tuple[str, DomainError]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
     ingested: Ingested | None = None
 
     @property
     def requests(self) -> int:
-        return len(self.billed) + len(self.matched) + len(self.rejected)
+        return len(self.billed) + len(self.matched) + len(self.rejected) + len(self.refused)
 
 
 def _present(tx: Tx, event_ids: Sequence[str]) -> set[str]:
@@ -126,15 +132,22 @@ def reconcile(tx: Tx, ingester: Ingester, now_us: int, limit: int = 1000) -> Rec
                           [PENDING, *chunk]):
             pending[str(row[0])].append(_record(row))
     present = _present(tx, due)
+    unmatched = [request_id for request_id in due if request_id not in present]
+    since = min((r.start_us or r.end_us for request_id in unmatched for r in pending[request_id]), default=now_us)
+    denied = _refused(tx, set(unmatched), since - REFUSAL_LOOKBACK_US)
     chosen: list[EngineRecord] = []
     for request_id in due:
         if request_id in present:
             result.matched.append(request_id)
             continue
+        if request_id in denied:
+            result.refused.append(request_id)
+            continue
         records = pending[request_id]
         chosen.append(max(records, key=lambda r: (r.completion_tokens, r.end_us, r.replica_id)))
         result.superseded += len(records) - 1
     states: list[tuple[int, str, str]] = [(MATCHED, request_id, "") for request_id in result.matched]
+    states += [(REFUSED, request_id, "") for request_id in result.refused]
     if chosen:
         ingested = ingester.ingest(tx, [event_of(r) for r in chosen], now_us)
         result.ingested = ingested
@@ -162,6 +175,19 @@ def reconcile(tx: Tx, ingester: Ingester, now_us: int, limit: int = 1000) -> Rec
             tx.execute("UPDATE engine_records SET state = ? WHERE request_id = ? AND state = ?",
                        (state, request_id, PENDING))
     return result
+
+
+def _refused(tx: Tx, request_ids: set[str], since_us: int) -> set[str]:
+    """Which of these requests billing refused a hold for (Reserve denied) since `since_us`."""
+    if not request_ids:
+        return set()
+    found: set[str] = set()
+    for (details,) in tx.all("SELECT details_json FROM audit WHERE action = 'spend.denied' AND time_us >= ?",
+                             (since_us,)):
+        request_id = json.loads(str(details)).get("request_id", "")
+        if request_id in request_ids:
+            found.add(request_id)
+    return found
 
 
 def billed_by_engine(tx: Tx, event_ids: Sequence[str]) -> set[str]:

@@ -8,7 +8,8 @@
 - `autoglm_billing_lease_calls_total{op}`: router lease calls (acquire, return) that billing answered;
 - `autoglm_billing_engine_records_total{outcome}`: inference replicas' records of finished sequences:
   received, matched (the router's event came), billed (no router event: billed from the record),
-  superseded (another record of the request was billed), rejected, and late_router (a router event that
+  superseded (another record of the request was billed), rejected, refused (billing had refused the
+  request's hold: never billed), and late_router (a router event that
   came after its request was billed from a record: answered as a duplicate, not counted again).
 
 Updated after the commit that made them true, from what the ledger already computed (no extra queries).
@@ -30,7 +31,7 @@ EVENTS = Counter("autoglm_billing_events", "Usage events by result: recorded, du
 LEASES = Counter("autoglm_billing_lease_calls", "Router lease calls answered: acquire or return", ["op"])
 ENGINE_RECORDS = Counter("autoglm_billing_engine_records",
                          "Inference replicas' usage records by outcome: received, matched, billed, superseded, "
-                         "rejected, late_router", ["outcome"])
+                         "refused, rejected, late_router", ["outcome"])
 UTILIZATION = Gauge("autoglm_billing_budget_utilization_permille",
                     "Spend of the budget's current period over its limit, per mille", ["budget_id", "tenant"])
 LEVEL = Gauge("autoglm_billing_budget_alert_level",

@@ -273,13 +273,14 @@ class Billing:
         if result.ingested is not None:
             self._after_commit(result.ingested)
         for outcome, count in (("matched", len(result.matched)), ("billed", len(result.billed)),
-                               ("superseded", result.superseded), ("rejected", len(result.rejected))):
+                               ("superseded", result.superseded), ("rejected", len(result.rejected)),
+                               ("refused", len(result.refused))):
             if count:
                 metrics.ENGINE_RECORDS.labels(outcome).inc(count)
         if result.billed:
             log.info("engine_records_billed", count=len(result.billed), request_ids=result.billed[:10])
         for request_id, error in result.rejected:
-            log.error("engine_record_refused", request_id=request_id, reason=error.reason, message=error.message)
+            log.error("engine_record_unbillable", request_id=request_id, reason=error.reason, message=error.message)
         return result
 
     async def purge_engine_records(self) -> int:

@@ -4,9 +4,9 @@ marked as the engine's, duplicates and retries count once, and the grace (or the
 
 from __future__ import annotations
 
-from services.billing import engine_usage, leases, reports
+from services.billing import budgets, engine_usage, leases, reports
 from services.billing.engine_usage import BILLED, MATCHED, PENDING, SUPERSEDED
-from services.billing.model import EngineRecord, LeaseRequest, Status, UsageEvent
+from services.billing.model import EngineRecord, LeaseRequest, ReserveRequest, Status, TrafficClass, UsageEvent
 from tests.unit.billing.fakes import T0, US, Ledger
 
 GRACE = 30 * US
@@ -146,3 +146,17 @@ def test_settled_records_are_purged_after_the_retention_and_pending_ones_kept() 
     engine_usage.store(ledger.tx, [record("r3")], T0 + GRACE, GRACE)
     assert engine_usage.purge(ledger.tx, T0 + GRACE + 1) == 2
     assert states(ledger, "r3") == [PENDING]
+
+
+def test_a_record_of_a_request_whose_hold_billing_refused_is_never_billed() -> None:
+    ledger = Ledger()
+    ledger.budget("b1", micros=100)
+    snap = ledger.catalog.current(ledger.tx)
+    denied = budgets.reserve(ledger.tx, snap, ReserveRequest("acme", "k1", {}, "m", "v1", TrafficClass.INTERACTIVE,
+                                                             1_000, 1_000, request_id="r1"), 2_000, T0, 60, "")
+    assert isinstance(denied, budgets.Denied)  # the router had started early and cancelled the generation
+    engine_usage.store(ledger.tx, [record("r1"), record("r2")], T0, GRACE)
+    result = reconcile(ledger, T0 + GRACE)
+    assert (result.refused, result.billed) == (["r1"], ["r2"])
+    assert states(ledger, "r1") == [engine_usage.REFUSED]
+    assert [row[0] for row in ledger_rows(ledger)] == ["r2"]
