@@ -8,9 +8,11 @@ counted twice: the tenant holds exactly the events of the requests it made."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
+import subprocess
 import uuid
 from collections import Counter
 from contextlib import closing
@@ -21,6 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from autoglm.router.v1 import router_service_pb2_grpc
+from tests.conftest import tool
 from tests.e2e.mesh_client import StreamOutcome, create_key, generate_request, router_channel
 from tests.e2e.mesh_process import Mesh, start_mesh, stop_mesh
 from tests.settlement import settled_usage
@@ -146,6 +149,12 @@ async def test_sigkill_router_with_30_streams_each_request_has_exactly_one_usage
         elif outcome.code == grpc.StatusCode.OK:
             assert completion == outcome.tokens == outcome.summary_completion_tokens, request_id
     assert by_engine >= 1, "no interrupted request was billed from the replica's record"
+    report = await asyncio.to_thread(
+        subprocess.run, [tool("autoglm"), "usage", "--data-dir", str(mesh.data_dir), "--tenant", TENANT, "--by",
+                         "source", "--format", "json"], capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert {row["source"]: row["requests"] for row in json.loads(report.stdout)["rows"]} == \
+        {"engine": by_engine, "router": len(ids) - by_engine}
     print(f"\n{STREAMS} streams: {codes[grpc.StatusCode.OK] - 1} finished, {len(interrupted)} interrupted, "
           f"{by_engine} billed from replicas' records")
     assert stop_mesh(mesh) == 0
