@@ -3,7 +3,8 @@ SIGKILL the router with 30 streams in flight; the launcher restarts it (Python s
 requests ends with exactly one usage event — the router's for the streams it finished (journaled or
 settled), and for the interrupted ones, whose router died before it could send anything, the event billed
 from the replica's record, with the replica's token counts (source "engine" in the ledger). Nothing is
-counted twice: the tenant holds exactly the events of the requests it made."""
+counted twice: the tenant holds exactly the events of the requests it made. With router leases on a hard
+budget, the dead router's lease holds the records until it expired, then the grace."""
 
 from __future__ import annotations
 
@@ -60,12 +61,13 @@ def ledger(mesh: Mesh, request_ids: list[str]) -> dict[str, list[tuple[int, int,
     return found
 
 
-def engine_counts(mesh: Mesh, request_id: str) -> list[tuple[int, int, int]]:
-    """(prompt tokens, completion tokens, state) of the replicas' records of one request."""
+def engine_counts(mesh: Mesh, request_id: str) -> list[tuple[int, int, int, str, int]]:
+    """(prompt tokens, completion tokens, state, router id, due - arrival in µs) of the replicas' records
+    of one request."""
     path = mesh.data_dir / "billing.sqlite3"
     with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as conn:
-        return list(conn.execute("SELECT prompt_tokens, completion_tokens, state FROM engine_records"
-                                 " WHERE request_id = ?", (request_id,)))
+        return list(conn.execute("SELECT prompt_tokens, completion_tokens, state, router_id, due_us - received_us"
+                                 " FROM engine_records WHERE request_id = ?", (request_id,)))
 
 
 async def one_stream(stub: router_service_pb2_grpc.RouterServiceStub, key: str, request_id: str, i: int,
@@ -96,12 +98,25 @@ def _kill_time(received: Counter[str], started: asyncio.Event) -> None:
         started.set()
 
 
-@pytest.mark.parametrize("sidecar", ["python", "envoy"])
+GRACE_S = 20
+# With router.billing_leases and a hard budget: the dead router's lease (LEASE_TTL_S) holds its
+# requests' records before the grace starts.
+LEASE_CONFIG = {"router": {"billing_leases": True},
+                "billing": {"engine_grace_s": 5, "lease_ttl_s": 15, "lease_refresh_s": 3}}
+
+
+@pytest.mark.parametrize("sidecar, leases", [("python", False), ("envoy", False), ("python", True)])
 async def test_sigkill_router_with_30_streams_each_request_has_exactly_one_usage_event(tmp_path, processes,
-                                                                                     sidecar: str) -> None:
-    mesh = start_mesh(tmp_path, processes, extra_args=("--sidecar", sidecar),
-                      extra_config={"billing": {"engine_grace_s": 20}})
+                                                                                     sidecar: str,
+                                                                                     leases: bool) -> None:
+    config = LEASE_CONFIG if leases else {"billing": {"engine_grace_s": GRACE_S}}
+    mesh = start_mesh(tmp_path, processes, extra_args=("--sidecar", sidecar), extra_config=config)
     key = await create_key(mesh, TENANT)
+    if leases:
+        made = await asyncio.to_thread(
+            subprocess.run, [tool("autoglm"), "budget", "set", "--data-dir", str(mesh.data_dir), "--tenant", TENANT,
+                             "--amount", "100", "--period", "monthly"], capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
     first = router_pid(mesh)
     assert first is not None
     ids = [f"rk-{i}-{uuid.uuid4().hex[:12]}" for i in range(STREAMS)]
@@ -143,8 +158,13 @@ async def test_sigkill_router_with_30_streams_each_request_has_exactly_one_usage
         if source == ENGINE_SOURCE:  # the router died before its event: the replica's counts
             by_engine += 1
             assert outcome.code != grpc.StatusCode.OK, request_id
-            billed = [(p, c) for p, c, state in engine_counts(mesh, request_id) if state == 2]
-            assert billed == [(prompt, completion)], (request_id, billed)
+            billed = [row for row in engine_counts(mesh, request_id) if row[2] == 2]
+            assert [(p, c) for p, c, _, _, _ in billed] == [(prompt, completion)], (request_id, billed)
+            (_, _, _, router_id, wait_us), = billed
+            grace_us = config["billing"]["engine_grace_s"] * 1_000_000
+            assert router_id.startswith("router-") and wait_us >= grace_us  # the dead router's id, its grace
+            if leases:  # held until the dead router's lease expired, then the grace
+                assert wait_us > grace_us, (request_id, wait_us)
             assert completion >= outcome.tokens  # at least what reached the client
         elif outcome.code == grpc.StatusCode.OK:
             assert completion == outcome.tokens == outcome.summary_completion_tokens, request_id
