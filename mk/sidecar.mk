@@ -9,7 +9,8 @@ envoy-configs: $(VENV)/.installed
 		--certs $(ENVOY_CERTS) --upstream 127.0.0.1:50051 --inbound-port 15051 --outbound-port 15001 --admin-port 15000 \
 		--peer inference=127.0.0.1:15071 --peer billing=127.0.0.1:15061 --http-port 18443 --http-upstream 127.0.0.1:8080
 	$(PY) -m services.cli.sidecar_commands render-envoy --policy $(SIDECAR_POLICY) --service inference -o deploy/envoy/inference.yaml \
-		--certs $(ENVOY_CERTS) --upstream 127.0.0.1:50071 --inbound-port 15071 --outbound-port -1 --admin-port 15002
+		--certs $(ENVOY_CERTS) --upstream 127.0.0.1:50071 --inbound-port 15071 --outbound-port 15011 --admin-port 15002 \
+		--peer billing=127.0.0.1:15061
 	$(PY) -m services.cli.sidecar_commands render-envoy --policy $(SIDECAR_POLICY) --service billing -o deploy/envoy/billing.yaml \
 		--certs $(ENVOY_CERTS) --upstream 127.0.0.1:50061 --inbound-port 15061 --outbound-port -1 --admin-port 15003
 

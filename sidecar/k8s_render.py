@@ -66,7 +66,9 @@ WORKLOADS = {
         secret_volume="router-secrets"),
     "inference": Workload(
         port=50071, metrics_port=9110, cpu="2", memory="3Gi", min_replicas=1, max_replicas=8, startup_s=300,
-        args=()),  # the image carries a built model in its model cache (`make model`)
+        # The image carries a built model in its model cache (`make model`); finished sequences are
+        # reported to billing (engine-side metering; the policy allows ReportEngineUsage only).
+        args=("--billing", "billing.{namespace}.svc.cluster.local:50061")),
     "billing": Workload(
         port=50061, metrics_port=9102, cpu="500m", memory="512Mi", min_replicas=2, max_replicas=6, startup_s=30,
         # Several replicas share one ledger: PostgreSQL, its URL from the Secret `billing-database`.

@@ -35,6 +35,13 @@ class BillingConfig:
     lease_floor_permille: int = 10
     lease_cap_permille: int = 100
     lease_edge_permille: int = 50
+    # Engine-side metering (services/billing/engine_usage.py): a replica's record of a finished sequence is
+    # billed (source ENGINE) when no router event has come `engine_grace_s` after the latest of its end, its
+    # arrival and the expiry of the router's leases open then; due records are reconciled every
+    # `engine_reconcile_s`; settled records are kept `engine_retention_s`.
+    engine_grace_s: float = 30.0
+    engine_reconcile_s: float = 1.0
+    engine_retention_s: int = 7 * 86_400
     # Alert thresholds (percent of the limit) for budgets that name none.
     warning_percent: int = 80
     critical_percent: int = 100
@@ -97,6 +104,8 @@ class BillingConfig:
                 not 0 <= self.lease_edge_permille <= 1000:
             raise ValueError("lease shares must satisfy 0 <= lease_floor_permille <= lease_cap_permille <= 1000 "
                              "and 0 <= lease_edge_permille <= 1000")
+        if self.engine_grace_s < 0 or self.engine_reconcile_s <= 0 or self.engine_retention_s <= 0:
+            raise ValueError("engine_grace_s must be >= 0, engine_reconcile_s and engine_retention_s > 0")
         if self.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError("sqlite_synchronous must be FULL, EXTRA or NORMAL")
         if len(self.currency) != 3 or not self.currency.isalpha() or not self.currency.isupper():

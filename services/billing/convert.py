@@ -32,7 +32,7 @@ def _pb_enum(value: IntEnum) -> Any:
     return int(value)
 
 
-DIMENSION_NAMES = {1: "tenant", 2: "api_key", 3: "model", 4: "model_version", 5: "tag", 6: "status"}
+DIMENSION_NAMES = {1: "tenant", 2: "api_key", 3: "model", 4: "model_version", 5: "tag", 6: "status", 7: "source"}
 GRANULARITY_NAMES = {0: "", 1: "minute", 2: "hour", 3: "day", 4: "month"}
 
 
@@ -60,6 +60,18 @@ def event(e: pb2.UsageEvent) -> m.UsageEvent:
         quoted_price_id=e.quoted_price_id[:64],
         lease_ids=tuple(e.lease_ids),
     )
+
+
+def engine_record(r: pb2.EngineUsageRecord, index: int) -> m.EngineRecord:
+    prefix = f"records[{index}]"
+    return m.EngineRecord(
+        request_id=r.request_id, replica_id=r.replica_id, tenant_id=r.tenant_id, api_key_id=r.api_key_id,
+        model=r.model, model_version=r.model_version, tags=dict(r.tags), prompt_tokens=r.prompt_tokens,
+        completion_tokens=r.completion_tokens,
+        status=enum(m.Status, r.status, f"{prefix}.status") if r.status else m.Status.COMPLETED,
+        traffic_class=enum(m.TrafficClass, r.traffic_class, f"{prefix}.traffic_class"),
+        start_us=to_us(r.start_time) if r.HasField("start_time") else 0,
+        end_us=to_us(r.end_time) if r.HasField("end_time") else 0, router_id=r.router_id, trace_id=r.trace_id)
 
 
 def lease_request(r: pb2.AcquireLeasesRequest) -> m.LeaseRequest:

@@ -5,7 +5,12 @@
   nothing written) or rejected (bad input, unpriced model);
 - `autoglm_billing_budget_utilization_permille{budget_id,tenant}`: spend / limit of the current period, per mille;
 - `autoglm_billing_budget_alert_level{budget_id,tenant}`: 0 none, 1 warning, 2 critical, 3 emergency;
-- `autoglm_billing_lease_calls_total{op}`: router lease calls (acquire, return) that billing answered.
+- `autoglm_billing_lease_calls_total{op}`: router lease calls (acquire, return) that billing answered;
+- `autoglm_billing_engine_records_total{outcome}`: inference replicas' records of finished sequences:
+  received, matched (the router's event came), billed (no router event: billed from the record),
+  superseded (another record of the request was billed), rejected, refused (billing had refused the
+  request's hold: never billed), and late_router (a router event that
+  came after its request was billed from a record: answered as a duplicate, not counted again).
 
 Updated after the commit that made them true, from what the ledger already computed (no extra queries).
 """
@@ -24,6 +29,9 @@ SPEND = Counter("autoglm_billing_spend_micros", "Cost of recorded usage, in micr
                 ["tenant", "currency"])
 EVENTS = Counter("autoglm_billing_events", "Usage events by result: recorded, duplicate or rejected", ["result"])
 LEASES = Counter("autoglm_billing_lease_calls", "Router lease calls answered: acquire or return", ["op"])
+ENGINE_RECORDS = Counter("autoglm_billing_engine_records",
+                         "Inference replicas' usage records by outcome: received, matched, billed, superseded, "
+                         "refused, rejected, late_router", ["outcome"])
 UTILIZATION = Gauge("autoglm_billing_budget_utilization_permille",
                     "Spend of the budget's current period over its limit, per mille", ["budget_id", "tenant"])
 LEVEL = Gauge("autoglm_billing_budget_alert_level",

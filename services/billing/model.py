@@ -275,3 +275,32 @@ class AuditEvent:
     action: str
     target: str
     details_json: str
+
+
+class Source(enum.IntEnum):
+    """Who metered a ledger event."""
+
+    UNSPECIFIED = 0
+    ROUTER = 1  # the router's event: authoritative
+    ENGINE = 2  # an inference replica's record, billed because no router event came in time
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """One finished sequence as an inference replica reported it (ReportEngineUsage)."""
+
+    request_id: str
+    replica_id: str
+    tenant_id: str
+    api_key_id: str
+    model: str
+    model_version: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    status: Status = Status.COMPLETED
+    traffic_class: TrafficClass = TrafficClass.UNSPECIFIED
+    start_us: int = 0
+    end_us: int = 0
+    router_id: str = ""
+    trace_id: str = ""

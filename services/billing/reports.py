@@ -16,8 +16,10 @@ from services.billing.store.base import Tx
 from services.common.errors import InvalidInput
 
 US = 1_000_000
-DIMENSIONS = ("tenant", "api_key", "model", "model_version", "tag", "status")
+DIMENSIONS = ("tenant", "api_key", "model", "model_version", "tag", "status", "source")
 STATUS_NAMES = {0: "unspecified", 1: "completed", 2: "cancelled", 3: "failed"}
+# Who metered an event (services/billing/engine_usage.py): the router, or a replica's record billed instead.
+SOURCE_NAMES = {0: "router", 1: "router", 2: "engine"}
 GRANULARITY_US = {"minute": 60 * US, "hour": 3600 * US, "day": 86400 * US}
 HISTORY_US = 7 * 86400 * US
 
@@ -110,7 +112,7 @@ def anomalous_keys(tx: Tx, q: ReportQuery, rule: AnomalyRule,
 def build(tx: Tx, q: ReportQuery, rule: AnomalyRule) -> tuple[list[ReportRow], ReportRow]:
     check_query(q)
     sql = ("SELECT tenant_id, api_key_id, model, model_version, tags_json, status, prompt_tokens, completion_tokens,"
-           " cached, cost_micros, end_us FROM events WHERE end_us >= ? AND end_us < ?")
+           " cached, cost_micros, end_us, source FROM events WHERE end_us >= ? AND end_us < ?")
     params: list[object] = [q.start_us, q.end_us]
     if q.tenant_id:
         sql += " AND tenant_id = ?"
@@ -118,9 +120,11 @@ def build(tx: Tx, q: ReportQuery, rule: AnomalyRule) -> tuple[list[ReportRow], R
     rows: dict[tuple[int, tuple[str, ...]], ReportRow] = {}
     times: dict[str, list[int]] = defaultdict(list)
     hourly: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
-    for tenant, key, model, version, tags_json, status, prompt, completion, cached, cost, end_us in tx.all(sql, params):
+    for (tenant, key, model, version, tags_json, status, prompt, completion, cached, cost, end_us,
+         source) in tx.all(sql, params):
         values = {"tenant": tenant, "api_key": key, "model": model, "model_version": version,
-                  "status": STATUS_NAMES.get(int(status), str(status))}
+                  "status": STATUS_NAMES.get(int(status), str(status)),
+                  "source": SOURCE_NAMES.get(int(source), str(source))}
         if "tag" in q.group_by:
             values["tag"] = json.loads(tags_json).get(q.tag_key, "")
         group = {dim: values[dim] for dim in q.group_by}

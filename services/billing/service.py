@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import structlog
 
-from services.billing import admin, alerts, audit, budgets, leases, ledger, metrics, reports
+from services.billing import admin, alerts, audit, budgets, engine_usage, leases, ledger, metrics, reports
 from services.billing.catalog import Catalog
 from services.billing.config import BillingConfig
 from services.billing.model import (
@@ -23,6 +23,7 @@ from services.billing.model import (
     AuditEvent,
     Budget,
     BudgetState,
+    EngineRecord,
     Hold,
     Lease,
     LeaseRequest,
@@ -41,6 +42,9 @@ from services.common.pricing import Price, cost_micros
 
 log = structlog.get_logger(__name__)
 Clock = Callable[[], int]
+
+
+MAX_ENGINE_RECORDS = 1000
 
 
 def wall_clock() -> int:
@@ -89,6 +93,7 @@ class Billing:
             raise
         ingested = await self.store.write(lambda tx: self.ingester.ingest(tx, [event], now))
         self._after_commit(ingested)
+        await self._note_late(ingested.outcomes)
         return ingested.single()
 
     async def record_many(self, events: Sequence[UsageEvent]) -> list[Recorded | DomainError]:
@@ -109,7 +114,18 @@ class Billing:
             for index, outcome in zip(slots, ingested.outcomes, strict=True):
                 outcomes[index] = outcome
             self._after_commit(ingested)
+            await self._note_late(ingested.outcomes)
         return [o for o in outcomes if o is not None]
+
+    async def _note_late(self, outcomes: Sequence[Recorded | DomainError]) -> None:
+        """Count (and log) router events that came after their request was billed from an engine record."""
+        duplicates = [o.event_id for o in outcomes if isinstance(o, Recorded) and o.duplicate]
+        if not duplicates:
+            return
+        late = await self.store.read(lambda tx: engine_usage.billed_by_engine(tx, duplicates))
+        if late:
+            metrics.ENGINE_RECORDS.labels("late_router").inc(len(late))
+            log.warning("router_event_after_engine_bill", count=len(late), event_ids=sorted(late)[:10])
 
     def _after_commit(self, ingested: ledger.Ingested) -> None:
         metrics.observe_events(ingested.outcomes, ingested.new, self.config.currency)
@@ -165,6 +181,7 @@ class Billing:
 
         ingested = await self.store.write(unit)
         self._after_commit(ingested)
+        await self._note_late(ingested.outcomes)
         return ingested.single()
 
     async def release(self, hold_id: str) -> bool:
@@ -219,6 +236,56 @@ class Billing:
             return tx.execute("DELETE FROM hold_budgets WHERE expire_us <= ?", (now,))
 
         return await self.store.write(unit)
+
+    # --- engine records ----------------------------------------------------------------------------
+    async def report_engine_usage(self, records: Sequence[EngineRecord]) -> list[DomainError | None]:
+        """Keep a replica's batch of records in one commit; one outcome per record (None: kept)."""
+        if len(records) > MAX_ENGINE_RECORDS:
+            raise InvalidInput(f"records has {len(records)} entries; at most {MAX_ENGINE_RECORDS} per call",
+                               field="records")
+        now = self.clock()
+        outcomes: list[DomainError | None] = []
+        kept: list[EngineRecord] = []
+        for index, record in enumerate(records):
+            prefix = f"records[{index}]"
+            try:
+                check_text(record.request_id, f"{prefix}.request_id", required=True, limit=128)
+                check_text(record.replica_id, f"{prefix}.replica_id", required=True, limit=128)
+                check_text(record.router_id, f"{prefix}.router_id", required=False, limit=128)
+                check_event(engine_usage.event_of(record), now, self.config.max_future_skew_s, prefix)
+            except DomainError as error:
+                outcomes.append(error)
+                continue
+            outcomes.append(None)
+            kept.append(replace(record, end_us=record.end_us or now))
+        grace = int(self.config.engine_grace_s * 1_000_000)
+        if kept:
+            await self.store.write(lambda tx: engine_usage.store(tx, kept, now, grace))
+        metrics.ENGINE_RECORDS.labels("received").inc(len(kept))
+        if len(kept) < len(records):
+            metrics.ENGINE_RECORDS.labels("rejected").inc(len(records) - len(kept))
+        return outcomes
+
+    async def reconcile_engine_usage(self) -> engine_usage.Reconciled:
+        """Bill the due engine records no router event came for; mark the others matched."""
+        now = self.clock()
+        result = await self.store.write(lambda tx: engine_usage.reconcile(tx, self.ingester, now))
+        if result.ingested is not None:
+            self._after_commit(result.ingested)
+        for outcome, count in (("matched", len(result.matched)), ("billed", len(result.billed)),
+                               ("superseded", result.superseded), ("rejected", len(result.rejected)),
+                               ("refused", len(result.refused))):
+            if count:
+                metrics.ENGINE_RECORDS.labels(outcome).inc(count)
+        if result.billed:
+            log.info("engine_records_billed", count=len(result.billed), request_ids=result.billed[:10])
+        for request_id, error in result.rejected:
+            log.error("engine_record_unbillable", request_id=request_id, reason=error.reason, message=error.message)
+        return result
+
+    async def purge_engine_records(self) -> int:
+        before = self.clock() - self.config.engine_retention_s * 1_000_000
+        return await self.store.write(lambda tx: engine_usage.purge(tx, before))
 
     # --- prices -----------------------------------------------------------------------------------
     async def create_price(self, price: Price, actor: str, claimed: str = "") -> Price:
@@ -312,6 +379,22 @@ def alert_payload(alert: Alert) -> dict[str, object]:
     return {"cursor": str(alert.seq), "budget_id": alert.budget_id, "tenant_id": alert.tenant_id,
             "scope": alert.scope.describe(), "level": alert.level.name, "utilization_permille": alert.permille,
             "period_start_us": alert.period_start_us, "raise_time_us": alert.raise_us}
+
+
+async def run_engine_reconciler(billing: Billing) -> None:
+    """Reconcile due engine records every `engine_reconcile_s`; purge old settled ones hourly."""
+    every = billing.config.engine_reconcile_s
+    last_purge = time.monotonic()
+    while True:
+        await asyncio.sleep(every)
+        try:
+            while (await billing.reconcile_engine_usage()).requests >= 1000:
+                pass  # a backlog: go on at once
+            if time.monotonic() - last_purge > 3600:
+                last_purge = time.monotonic()
+                await billing.purge_engine_records()
+        except Exception:  # keep the reconciler alive; the error is logged
+            log.exception("engine_reconcile_failed")
 
 
 async def run_hold_janitor(billing: Billing, every_s: float = 60.0) -> None:

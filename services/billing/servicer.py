@@ -20,7 +20,7 @@ import grpc
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
 from services.billing import convert
-from services.billing.model import Recorded, UsageEvent
+from services.billing.model import EngineRecord, Recorded, UsageEvent
 from services.billing.operators import Operator, OperatorAuth
 from services.billing.service import Billing
 from services.common.error_mapping import status_code_for
@@ -80,6 +80,10 @@ def _ack(event_id: str, outcome: Recorded | DomainError, currency: str) -> pb2.S
                                    cost=convert.money(outcome.cost_micros, currency))
 
 
+def _rejection(index: int, error: DomainError) -> pb2.EngineUsageRejection:
+    return pb2.EngineUsageRejection(index=index, error_code=status_code_for(error).name, error_message=error.message)
+
+
 class BillingServicer(pb2_grpc.BillingServiceServicer):
     def __init__(self, billing: Billing, operators: OperatorAuth) -> None:
         self.billing = billing
@@ -117,6 +121,22 @@ class BillingServicer(pb2_grpc.BillingServiceServicer):
             outcomes[index] = outcome
         return [_ack(m.event_id, o, self.currency) for m, o in zip(messages, outcomes, strict=True)
                 if o is not None]
+
+    async def ReportEngineUsage(self, request: pb2.ReportEngineUsageRequest,
+                                context: grpc.aio.ServicerContext) -> pb2.ReportEngineUsageResponse:
+        records: list[EngineRecord] = []
+        slots: list[int] = []
+        rejections: list[pb2.EngineUsageRejection] = []
+        for index, message in enumerate(request.records):
+            try:
+                records.append(convert.engine_record(message, index))
+                slots.append(index)
+            except DomainError as error:
+                rejections.append(_rejection(index, error))
+        outcomes = await self.billing.report_engine_usage(records)
+        rejections += [_rejection(index, error) for index, error in zip(slots, outcomes, strict=True) if error]
+        rejections.sort(key=lambda r: r.index)
+        return pb2.ReportEngineUsageResponse(accepted=len(request.records) - len(rejections), rejections=rejections)
 
     async def Reserve(self, request: pb2.ReserveRequest, context: grpc.aio.ServicerContext) -> pb2.ReserveResponse:
         hold = await self.billing.reserve(convert.reserve_request(request))

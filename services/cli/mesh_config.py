@@ -36,6 +36,9 @@ class MeshConfig:
     # <data_dir>/billing_operator_token).
     billing_operator_token: str = ""
     billing_operator_token_file: str = ""
+    # `inference.engine_metering`: each replica reports its finished sequences to billing (through its
+    # sidecar's outbound listener), which bills the ones no router event came for.
+    engine_metering: bool = True
 
     @property
     def cert_lifetime(self) -> dt.timedelta:
@@ -65,4 +68,5 @@ class MeshConfig:
             seed_sampling=tuple(mesh.get("seed_sampling") or ()),
             billing_operator_token=str(billing.get("operator_token") or ""),
             billing_operator_token_file=str(billing.get("operator_token_file") or ""),
+            engine_metering=bool(inference.get("engine_metering", cls.engine_metering)),
         )

@@ -13,7 +13,9 @@ clients dial, billing's and each inference replica's ports are what peers and op
 - `--sidecar python` (default) / `envoy`: each service listens on a free loopback port; its sidecar
   owns the public port (mTLS between services; the router's public port is TLS, no client cert).
   The router reaches billing through its sidecar's outbound listener, and each inference replica
-  through an outbound listener of its own, so the router still balances across replicas itself.
+  through an outbound listener of its own, so the router still balances across replicas itself. Each
+  inference replica reaches billing (ReportEngineUsage only) through its own sidecar's outbound listener
+  (`inference.engine_metering`, on by default).
 """
 
 from __future__ import annotations
@@ -103,9 +105,11 @@ def plan(mesh: MeshConfig, config: Path | None, sidecar: str) -> Topology:
         top.specs.append(ProcessSpec("billing", _service("services.billing", mesh.billing_port, config,
                                                          mesh.billing_metrics_port, *billing_data),
                                      f"127.0.0.1:{mesh.billing_port}"))
+        metering = ["--billing", f"127.0.0.1:{mesh.billing_port}"] if mesh.engine_metering else []
         for i, port in enumerate(replicas):
             top.specs.append(ProcessSpec(f"inference-{i}", _service(
-                "services.inference", port, config, metrics[i], "--replica-id", f"inference-{i}"), f"127.0.0.1:{port}"))
+                "services.inference", port, config, metrics[i], "--replica-id", f"inference-{i}", *metering),
+                f"127.0.0.1:{port}"))
         top.specs.append(ProcessSpec("router", _service(
             "services.router", mesh.router_port, config, mesh.router_metrics_port,
             "--inference", ",".join(f"127.0.0.1:{p}" for p in replicas),
@@ -148,11 +152,19 @@ def plan(mesh: MeshConfig, config: Path | None, sidecar: str) -> Topology:
     replica_outbound: list[int] = []
     for i, port in enumerate(replicas):
         internal = free_port()
+        # Engine-side metering: the replica reaches billing through its sidecar's outbound listener (mTLS;
+        # the policy lets inference call BillingService/ReportEngineUsage only).
+        outbound, peers, metering = -1, {}, []
+        if mesh.engine_metering:
+            outbound = free_port()
+            peers = {"billing": [f"127.0.0.1:{mesh.billing_port}"]}
+            metering = ["--billing", f"127.0.0.1:{outbound}"]
         top.specs.append(ProcessSpec(f"inference-{i}", _service(
-            "services.inference", internal, config, metrics[i], "--replica-id", f"inference-{i}"),
+            "services.inference", internal, config, metrics[i], "--replica-id", f"inference-{i}", *metering),
             f"127.0.0.1:{internal}"))
         top.specs.append(ProcessSpec(f"inference-{i}-sidecar", sidecar_argv(
-            f"inference-{i}-sidecar", "inference", f"127.0.0.1:{internal}", port, -1, {}), f"127.0.0.1:{port}", "tcp"))
+            f"inference-{i}-sidecar", "inference", f"127.0.0.1:{internal}", port, outbound, peers),
+            f"127.0.0.1:{port}", "tcp"))
         replica_outbound.append(free_port())
     router_internal, billing_outbound = free_port(), free_port()
     top.specs.append(ProcessSpec("router-sidecar", sidecar_argv(

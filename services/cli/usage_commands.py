@@ -27,6 +27,7 @@ DIMENSIONS = {
     "model": pb2.REPORT_DIMENSION_MODEL,
     "version": pb2.REPORT_DIMENSION_MODEL_VERSION,
     "status": pb2.REPORT_DIMENSION_STATUS,
+    "source": pb2.REPORT_DIMENSION_SOURCE,
 }
 _SPAN = re.compile(r"^(\d+)([mhdw])$")
 _UNIT = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}

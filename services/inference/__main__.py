@@ -23,7 +23,8 @@ from services.inference.server import build_server
 def config_from_args(settings: ServerSettings, args: argparse.Namespace) -> InferenceConfig:
     config = apply_overrides(InferenceConfig(server=settings), replica_overrides(load_section(args.config, "inference")))
     flags = {"replica_id": args.replica_id, "model_dir": args.model_dir, "max_batch_size": args.max_batch_size,
-             "intra_op_threads": args.threads, "provider": args.provider, "precision": args.precision}
+             "intra_op_threads": args.threads, "provider": args.provider, "precision": args.precision,
+             "billing": args.billing}
     return replace(config, **{k: v for k, v in flags.items() if v is not None})
 
 
@@ -46,6 +47,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                              "the build there must be of this precision")
     parser.add_argument("--max-batch-size", type=int, default=None, help="sequences decoded together (16)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (0 = cores)")
+    parser.add_argument("--billing", default=None,
+                        help="billing's address (host:port) for engine-side metering of finished sequences "
+                             "(default: none, nothing is reported)")
     parser.add_argument("--provider", choices=["auto", "cuda", "cpu"], default=None,
                         help="execution provider (auto: CUDA when available)")
 

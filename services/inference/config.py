@@ -13,7 +13,7 @@ from services.inference.engine.session import PROVIDER_CHOICES, SessionSettings
 DEFAULT_PORT = 50071
 SERVED_PRECISIONS = ("int8", "int4")
 # Keys of the mesh file's `inference:` section that belong to the launcher, not to one replica.
-LAUNCHER_KEYS = frozenset({"port", "replicas", "host", "metrics_port"})
+LAUNCHER_KEYS = frozenset({"port", "replicas", "host", "metrics_port", "engine_metering"})
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,14 @@ class InferenceConfig:
     allow_spinning: bool = True
     provider: str = "auto"  # auto | cuda | cpu
     verify_model: bool = False  # re-hash the model files at start
+    # Engine-side metering (services/inference/usage_reporter.py): with a billing address (`--billing`;
+    # `autoglm up` gives the replica's sidecar's outbound listener), every finished sequence is reported to
+    # billing in batches of `usage_batch` (or what `usage_flush_s` gathered), off the decode path; at most
+    # `usage_buffer` records wait while billing is unreachable (then the oldest are dropped, counted).
+    billing: str = ""
+    usage_buffer: int = 100_000
+    usage_batch: int = 500
+    usage_flush_s: float = 0.5
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDER_CHOICES:
@@ -51,6 +59,8 @@ class InferenceConfig:
             raise ValueError(f"precision must be one of {', '.join(SERVED_PRECISIONS)}, got {self.precision!r}")
         if self.intra_op_threads < 0:
             raise ValueError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
+        if self.usage_buffer < 1 or not 1 <= self.usage_batch <= 1000 or self.usage_flush_s < 0:
+            raise ValueError("usage_buffer must be >= 1, usage_batch 1 to 1000 and usage_flush_s >= 0")
         self.scheduler  # noqa: B018 - validates the scheduler fields
 
     @property

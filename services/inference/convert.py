@@ -11,6 +11,7 @@ from autoglm.inference.v1 import inference_service_pb2 as pb2
 from services.common.errors import InvalidInput
 from services.common.generation import ChatMessage, Role, Sampling
 from services.inference.engine.types import (
+    Attribution,
     Delta,
     FinishReason,
     GenerationRequest,
@@ -57,7 +58,10 @@ def generation_request(request: pb2.GenerateRequest) -> GenerationRequest:
     return GenerationRequest(
         request_id=request.request_id, prompt=request.prompt, messages=messages(request.messages),
         sampling=sampling, traffic_class=_CLASSES.get(request.traffic_class, TrafficClass.INTERACTIVE),
-        stream=StreamSettings(options.coalesce_ms, options.coalesce_tokens), tenant_id=request.tenant_id)
+        stream=StreamSettings(options.coalesce_ms, options.coalesce_tokens), tenant_id=request.tenant_id,
+        attribution=Attribution(api_key_id=request.api_key_id, model=request.model,
+                                model_version=request.model_version, tags=tuple(sorted(request.tags.items())),
+                                router_id=request.router_id, trace_id=request.trace_id))
 
 
 def generate_response(delta: Delta) -> pb2.GenerateResponse:

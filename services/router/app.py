@@ -106,12 +106,14 @@ class RouterApp:
                                      config.context_retention_s)
         self.spool = UsageSpool(data / "usage_spool.db")
         self.journal = SettlementJournal(data / "usage_journal.bin")
-        self.inference = GrpcInference()
+        # A router instance's leases die with it: a fresh id at each start (the old ones expire at billing).
+        # Replicas report it with each finished sequence, so billing knows whose lease bounds its event.
+        self.router_id = f"router-{uuid.uuid4().hex[:16]}"
+        self.inference = GrpcInference(router_id=self.router_id)
         self.billing = GrpcBilling(config.billing_target or DEFAULT_BILLING_TARGET, timeout_s=config.billing_timeout_s)
         self.balancer = Balancer()
         self.monitor = ReplicaMonitor(self.balancer, self.inference, config.health_interval_s)
-        # A router instance's leases die with it: a fresh id at each start (the old ones expire at billing).
-        self.leases = LeaseBook(self.billing, f"router-{uuid.uuid4().hex[:16]}") if config.billing_leases else None
+        self.leases = LeaseBook(self.billing, self.router_id) if config.billing_leases else None
         self.meter = Meter(self.billing, self.spool, grace_s=config.billing_grace_s,
                            recovery_s=config.billing_recovery_s, batch_wait_s=config.batch_billing_wait_s,
                            max_early_starts_per_tenant=config.early_starts_per_tenant, journal=self.journal,

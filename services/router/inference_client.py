@@ -36,7 +36,8 @@ def messages_to_proto(messages: tuple[Message, ...]) -> list[generation_pb2.Chat
 
 
 class GrpcInference:
-    def __init__(self, timeout_s: float = 600.0) -> None:
+    def __init__(self, timeout_s: float = 600.0, router_id: str = "") -> None:
+        self._router_id = router_id  # sent with each generation: replicas report it to billing
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, pb2_grpc.InferenceServiceStub] = {}
         self._timeout_s = timeout_s
@@ -61,7 +62,8 @@ class GrpcInference:
             sampling=sampling_to_proto(call.sampling), traffic_class=int(call.traffic_class),  # type: ignore[arg-type]
             stream_options=generation_pb2.StreamOptions(coalesce_ms=call.coalesce_ms,
                                                         coalesce_tokens=call.coalesce_tokens),
-            tenant_id=call.tenant_id,
+            tenant_id=call.tenant_id, api_key_id=call.api_key_id, model=call.model, model_version=call.model_version,
+            tags=call.tags, router_id=self._router_id, trace_id=call.trace_id,
         )
         stream = self.stub(address).Generate(request, metadata=outgoing_metadata(), timeout=self._timeout_s)
         finished = False

@@ -40,6 +40,12 @@ class InferenceCall:
     coalesce_ms: int = 0
     coalesce_tokens: int = 0
     tenant_id: str = ""
+    # Billing attribution, reported by the replica with the finished sequence (engine-side metering).
+    api_key_id: str = ""
+    model: str = ""
+    model_version: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    trace_id: str = ""
 
 
 @dataclass(frozen=True)

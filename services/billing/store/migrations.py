@@ -77,6 +77,20 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
         "CREATE INDEX leases_budget ON leases (budget_id, expire_us)",
         "CREATE INDEX leases_router ON leases (router_id, budget_id, expire_us)",
     )),
+    (3, "engine usage records", (
+        # One row per finished sequence an inference replica reported (services/billing/engine_usage.py):
+        # billed as an event (source ENGINE) once `due_us` passed with no router event for the request.
+        """CREATE TABLE engine_records (
+            request_id TEXT NOT NULL, replica_id TEXT NOT NULL, tenant_id TEXT NOT NULL, api_key_id TEXT NOT NULL,
+            model TEXT NOT NULL, model_version TEXT NOT NULL, tags_json TEXT NOT NULL,
+            prompt_tokens {int} NOT NULL, completion_tokens {int} NOT NULL, status {int} NOT NULL,
+            traffic_class {int} NOT NULL, start_us {int} NOT NULL, end_us {int} NOT NULL, router_id TEXT NOT NULL,
+            trace_id TEXT NOT NULL, received_us {int} NOT NULL, due_us {int} NOT NULL, state {int} NOT NULL,
+            PRIMARY KEY (request_id, replica_id))""",
+        "CREATE INDEX engine_records_due ON engine_records (state, due_us)",
+        # Who metered each event: 1 the router (so are the events recorded before), 2 an engine record.
+        "ALTER TABLE events ADD COLUMN source {int} NOT NULL DEFAULT 1",
+    )),
 )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import structlog
 
@@ -17,7 +17,16 @@ from services.inference.engine.prefix_cache import PrefixCache, block_keys, chun
 from services.inference.engine.sampling import Sampler
 from services.inference.engine.scheduler import Scheduler, SchedulerSettings
 from services.inference.engine.sequence import Sequence
-from services.inference.engine.types import Delta, GenerationRequest, LoadReport, ModelInfo, StreamSettings
+from services.inference.engine.types import (
+    Delta,
+    FinishedSequence,
+    FinishReason,
+    GenerationRequest,
+    LoadReport,
+    ModelInfo,
+    SequenceStatus,
+    StreamSettings,
+)
 from services.inference.engine.validation import check_input, resolve_max_tokens, resolve_sampling
 
 PRECISIONS = {"int8": "INT8", "fp32": "FP32", "fp16": "FP16", "int4": "INT4"}
@@ -34,6 +43,8 @@ class Engine:
         self.settings = settings
         self.replica_id = replica_id
         self.metrics = EngineMetrics(replica_id, self.load_report)
+        # Called with every sequence that leaves the engine (engine-side metering); must not block.
+        self.on_finished: Callable[[FinishedSequence], None] | None = None
         context = model.manifest.context_window
         self.kv_budget = settings.kv_budget_bytes or default_kv_budget(model.spec, context, settings.max_batch_size)
         self.prefix, block = self._prefix_cache()
@@ -114,6 +125,7 @@ class Engine:
         return self.prepare(request)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        start_us = time.time_ns() // 1000
         seq = await self.admit(request)
         self.scheduler.submit(seq)
         try:
@@ -121,6 +133,10 @@ class Engine:
                 yield delta
         finally:
             self.scheduler.cancel(seq)
+            if self.on_finished is not None:  # a buffer append: nothing here waits for billing
+                self.on_finished(FinishedSequence(
+                    request, self.replica_id, len(seq.prompt_ids), len(seq.generated), _status(seq), start_us,
+                    time.time_ns() // 1000))
 
     # ---- reports ------------------------------------------------------------------------------
     def model_info(self) -> ModelInfo:
@@ -149,6 +165,12 @@ class Engine:
         stats = self.prefix.stats
         return {"prefix_cache_hits": stats.hits, "prefix_cache_misses": stats.misses,
                 "prefix_cache_blocks": stats.blocks, "prefix_cache_bytes": stats.bytes}
+
+
+def _status(seq: Sequence) -> SequenceStatus:
+    if seq.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
+        return SequenceStatus.COMPLETED
+    return SequenceStatus.FAILED if seq.finish_reason is FinishReason.ERROR else SequenceStatus.CANCELLED
 
 
 def _text_size(prompt: str, messages: tuple[ChatMessage, ...]) -> int:

@@ -36,6 +36,18 @@ class StreamSettings:
 
 
 @dataclass(frozen=True)
+class Attribution:
+    """Who a request is billed to, as the router named it; reported with the finished sequence."""
+
+    api_key_id: str = ""
+    model: str = ""
+    model_version: str = ""
+    tags: tuple[tuple[str, str], ...] = ()
+    router_id: str = ""
+    trace_id: str = ""
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     request_id: str = ""
     prompt: str = ""
@@ -44,6 +56,7 @@ class GenerationRequest:
     traffic_class: TrafficClass = TrafficClass.INTERACTIVE
     stream: StreamSettings = field(default_factory=StreamSettings)
     tenant_id: str = ""  # prefix-cache blocks are shared within one tenant only
+    attribution: Attribution = field(default_factory=Attribution)
 
 
 @dataclass(frozen=True)
@@ -98,3 +111,24 @@ class LoadReport:
     prefix_cache_misses: int = 0  # cacheable blocks prefilled
     prefix_cache_blocks: int = 0
     prefix_cache_bytes: int = 0
+
+
+class SequenceStatus(enum.IntEnum):
+    """How a sequence ended, as billing's usage statuses number them."""
+
+    COMPLETED = 1
+    CANCELLED = 2
+    FAILED = 3
+
+
+@dataclass(frozen=True)
+class FinishedSequence:
+    """A sequence that left the engine: what it used, for engine-side metering."""
+
+    request: GenerationRequest
+    replica_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    status: SequenceStatus
+    start_us: int  # wall clock, microseconds since the epoch
+    end_us: int

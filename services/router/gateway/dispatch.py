@@ -63,7 +63,7 @@ class Dispatcher:
     ) -> AsyncIterator[Chunk]:
         key = plan.cache_key
         if key is None:
-            return self._generation(ctx.request_id, plan, go)
+            return self._generation(ctx, plan, go)
         if hit is None and not self._flights.in_flight(key):
             hit = self._cache.get(key)  # an identical request may have finished while this one waited for its hold
         if hit is not None:
@@ -74,7 +74,7 @@ class Dispatcher:
             if (answer := _answer_of(chunks)) is not None:
                 self._cache.put(key, answer)
 
-        stream, leader = self._flights.join(key, lambda: self._generation(ctx.request_id, plan, go), remember)
+        stream, leader = self._flights.join(key, lambda: self._generation(ctx, plan, go), remember)
         progress.cached = not leader
         return stream
 
@@ -92,7 +92,8 @@ class Dispatcher:
                     continue  # a fallback model with no ACTIVE version serves nobody
         return candidates
 
-    async def _generation(self, request_id: str, plan: Plan, go: asyncio.Event | None = None) -> AsyncIterator[Chunk]:
+    async def _generation(self, ctx: RequestContext, plan: Plan, go: asyncio.Event | None = None
+                          ) -> AsyncIterator[Chunk]:
         """One generation with retries (before the first token only) across replicas and fallback models."""
         self._retry_budget.on_request()
         settings = self._retry
@@ -101,10 +102,12 @@ class Dispatcher:
         candidates = self._candidates(plan)
         for index, (model, version) in enumerate(candidates):
             call = InferenceCall(
-                request_id=request_id, prompt=plan.prompt if plan.raw_prompt else "",
+                request_id=ctx.request_id, prompt=plan.prompt if plan.raw_prompt else "",
                 messages=() if plan.raw_prompt else plan.messages, sampling=plan.sampling_max,  # type: ignore[arg-type]
                 traffic_class=plan.traffic_class, coalesce_ms=plan.request.coalesce_ms,
                 coalesce_tokens=plan.request.coalesce_tokens, tenant_id=plan.tenant_id,
+                api_key_id=ctx.principal.key_id, model=model.name, model_version=version.version, tags=plan.tags,
+                trace_id=ctx.trace_id,
             )
             tried: set[str] = set()
             for _ in range(settings.max_attempts):

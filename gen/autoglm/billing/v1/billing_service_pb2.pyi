@@ -62,6 +62,7 @@ class ReportDimension(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REPORT_DIMENSION_MODEL_VERSION: _ClassVar[ReportDimension]
     REPORT_DIMENSION_TAG: _ClassVar[ReportDimension]
     REPORT_DIMENSION_STATUS: _ClassVar[ReportDimension]
+    REPORT_DIMENSION_SOURCE: _ClassVar[ReportDimension]
 
 class Granularity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -100,6 +101,7 @@ REPORT_DIMENSION_MODEL: ReportDimension
 REPORT_DIMENSION_MODEL_VERSION: ReportDimension
 REPORT_DIMENSION_TAG: ReportDimension
 REPORT_DIMENSION_STATUS: ReportDimension
+REPORT_DIMENSION_SOURCE: ReportDimension
 GRANULARITY_UNSPECIFIED: Granularity
 GRANULARITY_MINUTE: Granularity
 GRANULARITY_HOUR: Granularity
@@ -704,3 +706,68 @@ class ListAuditEventsResponse(_message.Message):
     events: _containers.RepeatedCompositeFieldContainer[AuditEvent]
     next_page_token: str
     def __init__(self, events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class EngineUsageRecord(_message.Message):
+    __slots__ = ("request_id", "replica_id", "tenant_id", "api_key_id", "model", "model_version", "tags", "prompt_tokens", "completion_tokens", "status", "traffic_class", "start_time", "end_time", "router_id", "trace_id")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_CLASS_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    replica_id: str
+    tenant_id: str
+    api_key_id: str
+    model: str
+    model_version: str
+    tags: _containers.ScalarMap[str, str]
+    prompt_tokens: int
+    completion_tokens: int
+    status: UsageStatus
+    traffic_class: _generation_pb2.TrafficClass
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    router_id: str
+    trace_id: str
+    def __init__(self, request_id: _Optional[str] = ..., replica_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., api_key_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., status: _Optional[_Union[UsageStatus, str]] = ..., traffic_class: _Optional[_Union[_generation_pb2.TrafficClass, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., router_id: _Optional[str] = ..., trace_id: _Optional[str] = ...) -> None: ...
+
+class ReportEngineUsageRequest(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[EngineUsageRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[EngineUsageRecord, _Mapping]]] = ...) -> None: ...
+
+class EngineUsageRejection(_message.Message):
+    __slots__ = ("index", "error_code", "error_message")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    error_code: str
+    error_message: str
+    def __init__(self, index: _Optional[int] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ...) -> None: ...
+
+class ReportEngineUsageResponse(_message.Message):
+    __slots__ = ("accepted", "rejections")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    rejections: _containers.RepeatedCompositeFieldContainer[EngineUsageRejection]
+    def __init__(self, accepted: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[EngineUsageRejection, _Mapping]]] = ...) -> None: ...

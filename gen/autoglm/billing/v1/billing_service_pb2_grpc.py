@@ -133,6 +133,11 @@ class BillingServiceStub:
                 request_serializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.ReportEngineUsage = channel.unary_unary(
+                '/autoglm.billing.v1.BillingService/ReportEngineUsage',
+                request_serializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReportEngineUsageRequest.SerializeToString,
+                response_deserializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReportEngineUsageResponse.FromString,
+                _registered_method=True)
 
 
 class BillingServiceServicer:
@@ -278,6 +283,18 @@ class BillingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportEngineUsage(self, request, context):
+        """Inference replicas report each finished sequence, in batches; the batch is answered after its commit.
+        Billing keeps the records and reconciles them by request id: the router's usage event is authoritative;
+        a record no router event has come for once the router's lease (or, without one, `engine_grace_s`) has
+        run out is billed itself, as an event whose source is "engine" in the
+        ledger and in reports (REPORT_DIMENSION_SOURCE). Never both: a router event arriving after
+        that is answered as a duplicate of the engine's bill. Idempotent by (request id, replica id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BillingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -375,6 +392,11 @@ def add_BillingServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'ReportEngineUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportEngineUsage,
+                    request_deserializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReportEngineUsageRequest.FromString,
+                    response_serializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReportEngineUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -894,6 +916,33 @@ class BillingService:
             '/autoglm.billing.v1.BillingService/ListAuditEvents',
             autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ListAuditEventsRequest.SerializeToString,
             autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportEngineUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.billing.v1.BillingService/ReportEngineUsage',
+            autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReportEngineUsageRequest.SerializeToString,
+            autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReportEngineUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,31 +26,35 @@ from autoglm.common.v1 import generation_pb2 as autoglm_dot_common_dot_v1_dot_ge
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,autoglm/inference/v1/inference_service.proto\x12\x14\x61utoglm.inference.v1\x1a\"autoglm/common/v1/generation.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa1\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x30\n\x08messages\x18\x03 \x03(\x0b\x32\x1e.autoglm.common.v1.ChatMessage\x12\x33\n\x08sampling\x18\x04 \x01(\x0b\x32!.autoglm.common.v1.SamplingParams\x12\x36\n\rtraffic_class\x18\x05 \x01(\x0e\x32\x1f.autoglm.common.v1.TrafficClass\x12\x38\n\x0estream_options\x18\x06 \x01(\x0b\x32 .autoglm.common.v1.StreamOptions\x12\x11\n\ttenant_id\x18\x07 \x01(\t\"\x95\x01\n\x10GenerateResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x36\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1f.autoglm.common.v1.FinishReason\x12\'\n\x05usage\x18\x04 \x01(\x0b\x32\x18.autoglm.common.v1.Usage\"V\n\x12\x43ountTokensRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x30\n\x08messages\x18\x02 \x03(\x0b\x32\x1e.autoglm.common.v1.ChatMessage\"B\n\x13\x43ountTokensResponse\x12\x13\n\x0btoken_count\x18\x01 \x01(\x05\x12\x16\n\x0e\x63ontext_window\x18\x02 \x01(\x05\"\x15\n\x13GetModelInfoRequest\"\xf6\x01\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_window\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x32\n\tprecision\x18\x05 \x01(\x0e\x32\x1f.autoglm.inference.v1.Precision\x12\x1a\n\x12\x65xecution_provider\x18\x06 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x05\x12\x12\n\nreplica_id\x18\t \x01(\t\"\'\n\x10WatchLoadRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\x05\"\xb3\x03\n\x11WatchLoadResponse\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\x05\x12\x16\n\x0equeue_capacity\x18\x04 \x01(\x05\x12\x18\n\x10\x61\x63tive_sequences\x18\x05 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\x05\x12\x17\n\x0fkv_cache_tokens\x18\x07 \x01(\x03\x12\x16\n\x0ekv_cache_bytes\x18\x08 \x01(\x03\x12\x19\n\x11tokens_per_second\x18\t \x01(\x01\x12\x17\n\x0f\x63\x61ncelled_total\x18\n \x01(\x03\x12\r\n\x05ready\x18\x0b \x01(\x08\x12\x1c\n\x14prefill_tokens_total\x18\x0c \x01(\x03\x12\x19\n\x11prefix_cache_hits\x18\r \x01(\x03\x12\x1b\n\x13prefix_cache_misses\x18\x0e \x01(\x03\x12\x1b\n\x13prefix_cache_blocks\x18\x0f \x01(\x03\x12\x1a\n\x12prefix_cache_bytes\x18\x10 \x01(\x03*v\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_FP16\x10\x02\x12\x12\n\x0ePRECISION_INT8\x10\x03\x12\x12\n\x0ePRECISION_INT4\x10\x04\x32\x9a\x03\n\x10InferenceService\x12[\n\x08Generate\x12%.autoglm.inference.v1.GenerateRequest\x1a&.autoglm.inference.v1.GenerateResponse0\x01\x12\x62\n\x0b\x43ountTokens\x12(.autoglm.inference.v1.CountTokensRequest\x1a).autoglm.inference.v1.CountTokensResponse\x12\x65\n\x0cGetModelInfo\x12).autoglm.inference.v1.GetModelInfoRequest\x1a*.autoglm.inference.v1.GetModelInfoResponse\x12^\n\tWatchLoad\x12&.autoglm.inference.v1.WatchLoadRequest\x1a\'.autoglm.inference.v1.WatchLoadResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,autoglm/inference/v1/inference_service.proto\x12\x14\x61utoglm.inference.v1\x1a\"autoglm/common/v1/generation.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xec\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x30\n\x08messages\x18\x03 \x03(\x0b\x32\x1e.autoglm.common.v1.ChatMessage\x12\x33\n\x08sampling\x18\x04 \x01(\x0b\x32!.autoglm.common.v1.SamplingParams\x12\x36\n\rtraffic_class\x18\x05 \x01(\x0e\x32\x1f.autoglm.common.v1.TrafficClass\x12\x38\n\x0estream_options\x18\x06 \x01(\x0b\x32 .autoglm.common.v1.StreamOptions\x12\x11\n\ttenant_id\x18\x07 \x01(\t\x12\x12\n\napi_key_id\x18\x08 \x01(\t\x12\r\n\x05model\x18\t \x01(\t\x12\x15\n\rmodel_version\x18\n \x01(\t\x12=\n\x04tags\x18\x0b \x03(\x0b\x32/.autoglm.inference.v1.GenerateRequest.TagsEntry\x12\x11\n\trouter_id\x18\x0c \x01(\t\x12\x10\n\x08trace_id\x18\r \x01(\t\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x01\n\x10GenerateResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x36\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1f.autoglm.common.v1.FinishReason\x12\'\n\x05usage\x18\x04 \x01(\x0b\x32\x18.autoglm.common.v1.Usage\"V\n\x12\x43ountTokensRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x30\n\x08messages\x18\x02 \x03(\x0b\x32\x1e.autoglm.common.v1.ChatMessage\"B\n\x13\x43ountTokensResponse\x12\x13\n\x0btoken_count\x18\x01 \x01(\x05\x12\x16\n\x0e\x63ontext_window\x18\x02 \x01(\x05\"\x15\n\x13GetModelInfoRequest\"\xf6\x01\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_window\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x32\n\tprecision\x18\x05 \x01(\x0e\x32\x1f.autoglm.inference.v1.Precision\x12\x1a\n\x12\x65xecution_provider\x18\x06 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x05\x12\x12\n\nreplica_id\x18\t \x01(\t\"\'\n\x10WatchLoadRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\x05\"\xb3\x03\n\x11WatchLoadResponse\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\x05\x12\x16\n\x0equeue_capacity\x18\x04 \x01(\x05\x12\x18\n\x10\x61\x63tive_sequences\x18\x05 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\x05\x12\x17\n\x0fkv_cache_tokens\x18\x07 \x01(\x03\x12\x16\n\x0ekv_cache_bytes\x18\x08 \x01(\x03\x12\x19\n\x11tokens_per_second\x18\t \x01(\x01\x12\x17\n\x0f\x63\x61ncelled_total\x18\n \x01(\x03\x12\r\n\x05ready\x18\x0b \x01(\x08\x12\x1c\n\x14prefill_tokens_total\x18\x0c \x01(\x03\x12\x19\n\x11prefix_cache_hits\x18\r \x01(\x03\x12\x1b\n\x13prefix_cache_misses\x18\x0e \x01(\x03\x12\x1b\n\x13prefix_cache_blocks\x18\x0f \x01(\x03\x12\x1a\n\x12prefix_cache_bytes\x18\x10 \x01(\x03*v\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_FP16\x10\x02\x12\x12\n\x0ePRECISION_INT8\x10\x03\x12\x12\n\x0ePRECISION_INT4\x10\x04\x32\x9a\x03\n\x10InferenceService\x12[\n\x08Generate\x12%.autoglm.inference.v1.GenerateRequest\x1a&.autoglm.inference.v1.GenerateResponse0\x01\x12\x62\n\x0b\x43ountTokens\x12(.autoglm.inference.v1.CountTokensRequest\x1a).autoglm.inference.v1.CountTokensResponse\x12\x65\n\x0cGetModelInfo\x12).autoglm.inference.v1.GetModelInfoRequest\x1a*.autoglm.inference.v1.GetModelInfoResponse\x12^\n\tWatchLoad\x12&.autoglm.inference.v1.WatchLoadRequest\x1a\'.autoglm.inference.v1.WatchLoadResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'autoglm.inference.v1.inference_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRECISION']._serialized_start=1490
-  _globals['_PRECISION']._serialized_end=1608
+  _globals['_GENERATEREQUEST_TAGSENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_TAGSENTRY']._serialized_options = b'8\001'
+  _globals['_PRECISION']._serialized_start=1693
+  _globals['_PRECISION']._serialized_end=1811
   _globals['_GENERATEREQUEST']._serialized_start=140
-  _globals['_GENERATEREQUEST']._serialized_end=429
-  _globals['_GENERATERESPONSE']._serialized_start=432
-  _globals['_GENERATERESPONSE']._serialized_end=581
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=583
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=669
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=671
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=737
-  _globals['_GETMODELINFOREQUEST']._serialized_start=739
-  _globals['_GETMODELINFOREQUEST']._serialized_end=760
-  _globals['_GETMODELINFORESPONSE']._serialized_start=763
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1009
-  _globals['_WATCHLOADREQUEST']._serialized_start=1011
-  _globals['_WATCHLOADREQUEST']._serialized_end=1050
-  _globals['_WATCHLOADRESPONSE']._serialized_start=1053
-  _globals['_WATCHLOADRESPONSE']._serialized_end=1488
-  _globals['_INFERENCESERVICE']._serialized_start=1611
-  _globals['_INFERENCESERVICE']._serialized_end=2021
+  _globals['_GENERATEREQUEST']._serialized_end=632
+  _globals['_GENERATEREQUEST_TAGSENTRY']._serialized_start=589
+  _globals['_GENERATEREQUEST_TAGSENTRY']._serialized_end=632
+  _globals['_GENERATERESPONSE']._serialized_start=635
+  _globals['_GENERATERESPONSE']._serialized_end=784
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=786
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=872
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=874
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=940
+  _globals['_GETMODELINFOREQUEST']._serialized_start=942
+  _globals['_GETMODELINFOREQUEST']._serialized_end=963
+  _globals['_GETMODELINFORESPONSE']._serialized_start=966
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1212
+  _globals['_WATCHLOADREQUEST']._serialized_start=1214
+  _globals['_WATCHLOADREQUEST']._serialized_end=1253
+  _globals['_WATCHLOADRESPONSE']._serialized_start=1256
+  _globals['_WATCHLOADRESPONSE']._serialized_end=1691
+  _globals['_INFERENCESERVICE']._serialized_start=1814
+  _globals['_INFERENCESERVICE']._serialized_end=2224
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,14 @@ PRECISION_INT8: Precision
 PRECISION_INT4: Precision
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "messages", "sampling", "traffic_class", "stream_options", "tenant_id")
+    __slots__ = ("request_id", "prompt", "messages", "sampling", "traffic_class", "stream_options", "tenant_id", "api_key_id", "model", "model_version", "tags", "router_id", "trace_id")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +40,12 @@ class GenerateRequest(_message.Message):
     TRAFFIC_CLASS_FIELD_NUMBER: _ClassVar[int]
     STREAM_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[_generation_pb2.ChatMessage]
@@ -40,7 +53,13 @@ class GenerateRequest(_message.Message):
     traffic_class: _generation_pb2.TrafficClass
     stream_options: _generation_pb2.StreamOptions
     tenant_id: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_generation_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., traffic_class: _Optional[_Union[_generation_pb2.TrafficClass, str]] = ..., stream_options: _Optional[_Union[_generation_pb2.StreamOptions, _Mapping]] = ..., tenant_id: _Optional[str] = ...) -> None: ...
+    api_key_id: str
+    model: str
+    model_version: str
+    tags: _containers.ScalarMap[str, str]
+    router_id: str
+    trace_id: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_generation_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., traffic_class: _Optional[_Union[_generation_pb2.TrafficClass, str]] = ..., stream_options: _Optional[_Union[_generation_pb2.StreamOptions, _Mapping]] = ..., tenant_id: _Optional[str] = ..., api_key_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., router_id: _Optional[str] = ..., trace_id: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "token_ids", "finish_reason", "usage")
