@@ -174,12 +174,17 @@ def model_bytes(model: LoadedModel) -> int:
     return sum(p.stat().st_size for p in model.directory.glob(f"{model.manifest.model_file}*"))
 
 
-async def kv_rss(model: LoadedModel, threads: int) -> dict[str, Any]:
-    """Peak RSS of a replica (default settings) running 1 prompt of KV_LONG tokens beside KV_SHORTS
-    of KV_SHORT, all at once, KV_NEW new tokens each; KV bytes are the tokens they cached."""
+async def kv_rss(model: LoadedModel, threads: int, prefix_cache: bool = True) -> dict[str, Any]:
+    """Peak RSS of a replica (default settings, or with its prefix cache off) running 1 prompt of KV_LONG
+    tokens beside KV_SHORTS of KV_SHORT, all at once, KV_NEW new tokens each; KV bytes are the tokens they
+    cached. With the prefix cache on, its pool (up to `prefix_cache_bytes`) holds copies of their prompt
+    blocks on top: the figure says how much."""
     long_prompt = prompt_of(model, KV_LONG, 0)
     shorts = [prompt_of(model, KV_SHORT, salt) for salt in range(1, KV_SHORTS + 1)]
-    service = Service({"model_dir": str(model.directory), "intra_op_threads": threads})
+    config: dict[str, Any] = {"model_dir": str(model.directory), "intra_op_threads": threads}
+    if not prefix_cache:
+        config["prefix_cache"] = False
+    service = Service(config)
     try:
         async with grpc.aio.insecure_channel(service.address) as channel:
             stub = pb2_grpc.InferenceServiceStub(channel)
@@ -201,7 +206,7 @@ async def kv_rss(model: LoadedModel, threads: int) -> dict[str, Any]:
     kv = sum(tokens) * model.spec.bytes_per_token / MIB
     weights = model_bytes(model) / MIB
     return {"peak_rss_mb": peak, "idle_rss_mb": idle, "kv_mb": kv, "model_mb": weights, "tokens": sum(tokens),
-            "seconds": seconds, "target_mb": KV_RSS_FACTOR * (weights + kv)}
+            "seconds": seconds, "target_mb": KV_RSS_FACTOR * (weights + kv), "prefix_cache": prefix_cache}
 
 
 def kv_rss_entries(out: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -209,7 +214,8 @@ def kv_rss_entries(out: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     result = {"value": out["peak_rss_mb"], "unit": "MB (MiB) peak RSS (VmHWM)",
               "sequences": f"1 x {KV_LONG} + {KV_SHORTS} x {KV_SHORT} prompt tokens, {KV_NEW} new tokens each",
               **{k: v for k, v in out.items() if k != "peak_rss_mb"}}
-    goal = target(f"peak RSS MB, 1 sequence of {KV_LONG} tokens beside {KV_SHORTS} of {KV_SHORT}",
+    cache = "prefix cache on (default)" if out.get("prefix_cache", True) else "prefix cache off"
+    goal = target(f"peak RSS MB, 1 sequence of {KV_LONG} tokens beside {KV_SHORTS} of {KV_SHORT}, {cache}",
                   out["peak_rss_mb"], out["target_mb"], "lower",
                   f"{KV_RSS_FACTOR} x (model weights {out['model_mb']:.0f} MiB + the sequences' KV-cache "
                   f"{out['kv_mb']:.0f} MiB); the replica idles at {out['idle_rss_mb']:.0f} MiB")
@@ -344,9 +350,12 @@ def machine(model: LoadedModel, load: tuple[float, ...]) -> dict[str, Any]:
 def main_kv_rss(model: LoadedModel, threads: int) -> None:
     """`--only kv-rss`: just that figure, into its own file (inference.json keeps the full run)."""
     load = os.getloadavg()
-    result, goal = kv_rss_entries(asyncio.run(kv_rss(model, threads)))
-    document = {"machine": machine(model, load), "settings": {"threads": threads, "service": "default settings"},
-                "results": {"service_rss_kv_long_beside_short": result}, "targets": [goal]}
+    on, on_goal = kv_rss_entries(asyncio.run(kv_rss(model, threads)))
+    off, off_goal = kv_rss_entries(asyncio.run(kv_rss(model, threads, prefix_cache=False)))
+    document = {"machine": machine(model, load),
+                "settings": {"threads": threads, "service": "default settings; then the same with prefix_cache off"},
+                "results": {"service_rss_kv_long_beside_short": on, "service_rss_kv_long_beside_short_no_prefix_cache": off},
+                "targets": [on_goal, off_goal]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "inference-kv-rss.json").write_text(json.dumps(document, indent=2) + "\n")
     print(json.dumps(document, indent=2))
