@@ -1,5 +1,5 @@
 """`python -m services.router --port P [--config FILE] [--inference A,B] [--billing H:P] [--data-dir D]
-[--http-port P [--http-tls-cert PEM --http-tls-key PEM]]`."""
+[--shared-secrets-dir D] [--http-port P [--http-tls-cert PEM --http-tls-key PEM]]`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from services.common.config import ServerSettings, apply_overrides, load_section
 from services.common.grpc_server import RunningServer
 from services.common.service_main import run_service
+from services.router.auth.api_keys import load_or_create_secret_file
 from services.router.config import DEFAULT_PORT, RouterConfig
 from services.router.server import build_server
 
@@ -27,6 +28,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, default=None, help="OpenAI-compatible HTTP API port (0: off)")
     parser.add_argument("--http-tls-cert", default=None, help="PEM certificate for HTTPS on --http-port")
     parser.add_argument("--http-tls-key", default=None, help="PEM key of --http-tls-cert")
+    parser.add_argument("--shared-secrets-dir", type=Path, default=None,
+                        help="read admin_token and key_pepper here instead of the data dir, unless the config "
+                             "names them (router replicas of one mesh share the first router's)")
 
 
 def config_from(settings: ServerSettings, args: argparse.Namespace) -> RouterConfig:
@@ -55,6 +59,12 @@ def config_from(settings: ServerSettings, args: argparse.Namespace) -> RouterCon
         overrides["data_dir"] = args.data_dir
     elif "data_dir" not in section and mesh.get("data_dir"):
         overrides["data_dir"] = Path(str(mesh["data_dir"])).expanduser() / "router"
+    if args.shared_secrets_dir:
+        if not config.key_pepper_path:
+            overrides["key_pepper_path"] = str(args.shared_secrets_dir / "key_pepper")
+        if not config.admin_token:
+            overrides["admin_token"] = load_or_create_secret_file(args.shared_secrets_dir / "admin_token",
+                                                                  text=True).decode()
     return apply_overrides(config, overrides)
 
 
