@@ -16,7 +16,8 @@ clients dial, billing's and each inference replica's ports are what peers and op
   through an outbound listener of its own, so the router still balances across replicas itself.
 - `router.replicas: N` (N > 1; shared PostgreSQL and Redis, see MeshConfig): N router processes on
   loopback ports, each with outbound listeners of its own (billing, every inference replica) under the
-  router's identity. The router's public sidecar balances the public gRPC port across them by least
+  router's identity. The shared registry names inference replicas by their mesh addresses; each router
+  dials a replica through its own listener for it (`--inference-via`). The router's public sidecar balances the public gRPC port across them by least
   outstanding requests, skipping a router whose health check fails. The HTTPS port: Envoy balances it
   the same way (LEAST_REQUEST); with the Python sidecar each router serves HTTPS on an internal port and
   the sidecar passes TLS connections through to the router with the fewest open ones
@@ -211,9 +212,13 @@ def plan(mesh: MeshConfig, config: Path | None, sidecar: str) -> Topology:
             top.specs.append(ProcessSpec(name, sidecar_argv(
                 name, "router", router.address, 0, outbound, {"inference": [f"127.0.0.1:{port}"]}),
                 f"127.0.0.1:{outbound}", "tcp"))
+        if several:  # the shared registry names replicas by their mesh address; each router dials its own
+            inference = ["--inference", ",".join(f"127.0.0.1:{p}" for p in replicas), "--inference-via", ",".join(
+                f"127.0.0.1:{p}=127.0.0.1:{o}" for p, o in zip(replicas, router.inference_outbound, strict=True))]
+        else:
+            inference = ["--inference", ",".join(f"127.0.0.1:{p}" for p in router.inference_outbound)]
         top.specs.append(ProcessSpec(router.name, _service(
-            "services.router", router.port, config, router.metrics_port,
-            "--inference", ",".join(f"127.0.0.1:{p}" for p in router.inference_outbound),
+            "services.router", router.port, config, router.metrics_port, *inference,
             "--billing", f"127.0.0.1:{router.billing_outbound}", *router.argv), router.address))
         top.routers.append({"name": router.name, "grpc": router.address,
                             "http": f"127.0.0.1:{router.http_port}" if router.http_port else ""})

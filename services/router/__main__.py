@@ -1,5 +1,5 @@
-"""`python -m services.router --port P [--config FILE] [--inference A,B] [--billing H:P] [--data-dir D]
-[--shared-secrets-dir D] [--http-port P [--http-tls-cert PEM --http-tls-key PEM]]`."""
+"""`python -m services.router --port P [--config FILE] [--inference A,B] [--inference-via A=L,B=M]
+[--billing H:P] [--data-dir D] [--shared-secrets-dir D] [--http-port P [--http-tls-cert PEM --http-tls-key PEM]]`."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ DEFAULT_INFERENCE = "127.0.0.1:50071"
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inference", default=None, help="comma-separated inference replicas host:port")
+    parser.add_argument("--inference-via", default=None, metavar="ADDR=LOCAL[,ADDR=LOCAL]",
+                        help="dial inference replica ADDR (as --inference and the registry name it) through LOCAL, "
+                             "e.g. this router's own sidecar listener for it")
     parser.add_argument("--billing", default=None, help="billing host:port")
     parser.add_argument("--data-dir", type=Path, default=None, help="where the router keeps its SQLite files")
     parser.add_argument("--http-port", type=int, default=None, help="OpenAI-compatible HTTP API port (0: off)")
@@ -48,6 +51,9 @@ def config_from(settings: ServerSettings, args: argparse.Namespace) -> RouterCon
         overrides["inference_targets"] = tuple(a.strip() for a in args.inference.split(",") if a.strip())
     elif not config.inference_targets:
         overrides["inference_targets"] = (DEFAULT_INFERENCE,)
+    if args.inference_via:
+        pairs = [p.strip().partition("=") for p in args.inference_via.split(",") if p.strip()]
+        overrides["inference_dial"] = {name: local for name, _, local in pairs}
     if args.billing:
         overrides["billing_target"] = args.billing
     elif not config.billing_target:

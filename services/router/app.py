@@ -92,7 +92,7 @@ class RouterApp:
                                      config.context_retention_s)
         self.spool = UsageSpool(data / "usage_spool.db")
         self.journal = SettlementJournal(data / "usage_journal.bin")
-        self.inference = GrpcInference()
+        self.inference = GrpcInference(dial=config.inference_dial)
         self.billing = GrpcBilling(config.billing_target or DEFAULT_BILLING_TARGET, timeout_s=config.billing_timeout_s)
         self.balancer = Balancer()
         self.monitor = ReplicaMonitor(self.balancer, self.inference, config.health_interval_s)

@@ -92,8 +92,11 @@ def test_each_router_has_outbound_listeners_of_its_own(tmp_path: Path, sidecar: 
     seen: set[str] = set()
     for name in ("router", "router-1", "router-2"):
         argv = by_name[name].argv
-        billing, inference = flag(argv, "--billing"), flag(argv, "--inference").split(",")
-        assert len(inference) == 2
+        billing = flag(argv, "--billing")
+        # The registry's names for the replicas (their mesh addresses), each dialled through this router's own.
+        assert flag(argv, "--inference") == "127.0.0.1:50071,127.0.0.1:50072"
+        via = dict(pair.split("=") for pair in flag(argv, "--inference-via").split(","))
+        inference = [via["127.0.0.1:50071"], via["127.0.0.1:50072"]]
         prefix = "router" if name == "router" else name
         billing_listener = "router-sidecar" if name == "router" else f"{name}-to-billing"
         assert by_name[billing_listener].ready_address == billing
