@@ -45,6 +45,7 @@ class Routers:
     dsn: str
     direct: list[str]  # A, B, C: each router's own gRPC port (plaintext on loopback)
     admin_token: str
+    ca: bytes  # the mesh CA, for the public edge's TLS
 
     @property
     def admin(self) -> list[tuple[str, str]]:
@@ -91,7 +92,7 @@ def routers(postgres: PgServer, redis_url: str, tmp_path_factory: pytest.TempPat
         direct = [r["grpc"] for r in endpoint["routers"]]
         assert len(direct) == 3
         token = (mesh.data_dir / "router" / "admin_token").read_text().strip()
-        yield Routers(mesh, dsn, direct, token)
+        yield Routers(mesh, dsn, direct, token, Path(mesh.ca_cert).read_bytes())
     finally:
         stop_mesh(mesh)
 
@@ -101,8 +102,7 @@ async def stubs(routers: Routers) -> AsyncIterator[tuple[list[router_grpc.Router
                                                          list[admin_grpc.AdminServiceStub],
                                                          router_grpc.RouterServiceStub]]:
     channels = [grpc.aio.insecure_channel(a) for a in routers.direct]
-    ca = Path(routers.mesh.ca_cert).read_bytes()
-    edge = grpc.aio.secure_channel(routers.mesh.router, grpc.ssl_channel_credentials(root_certificates=ca),
+    edge = grpc.aio.secure_channel(routers.mesh.router, grpc.ssl_channel_credentials(root_certificates=routers.ca),
                                    options=[("grpc.ssl_target_name_override", "router")])
     try:
         yield ([router_grpc.RouterServiceStub(c) for c in channels], [admin_grpc.AdminServiceStub(c) for c in channels],
