@@ -32,13 +32,13 @@ def _up(args: argparse.Namespace) -> int:
     from services.cli.mesh_config import MeshConfig
     from services.cli.topology import check_sidecar
 
-    configure_logging("launcher", args.log_level, json=False)
     try:
         mesh = MeshConfig.load(args.config)
         check_sidecar(mesh, args.sidecar)
     except ValueError as exc:
         print(f"autoglm up: {exc}", file=sys.stderr)
         return 2
+    configure_logging("launcher", args.log_level, json=False)
     asyncio.run(run_mesh(mesh, args.config, args.sidecar))
     return 0
 

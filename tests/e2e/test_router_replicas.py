@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import tempfile
 import time
@@ -273,3 +274,39 @@ async def test_a_thousand_concurrent_requests_over_three_routers_never_overshoot
     assert 0 < admitted < 1000, counts
     assert status.spent_tokens <= limit, f"spent {status.spent_tokens} tokens of a hard budget of {limit}: {counts}"
     assert status.spent_tokens >= admitted  # every admitted request was billed
+
+
+def served_by(routers: Routers, request_ids: set[str]) -> dict[str, int]:
+    """How many of `request_ids` each router's access log shows."""
+    counts = {}
+    for name in ("router", "router-1", "router-2"):
+        log = (routers.mesh.data_dir / "logs" / f"{name}.log").read_text(errors="replace")
+        counts[name] = sum(1 for rid in request_ids if f'"request_id": "{rid}"' in log)
+    return counts
+
+
+async def test_the_public_grpc_and_https_ports_spread_calls_over_the_three_routers(routers: Routers, stubs) -> None:
+    import httpx
+
+    _, admin, edge = stubs
+    secret = await create_key(routers, admin[0], "shared-edge")
+    grpc_ids = {f"edge-grpc-{uuid}" for uuid in range(9)}
+    for rid in sorted(grpc_ids):
+        await edge.Complete(pb2.CompleteRequest(model=MODEL, prompt="Say hi.", sampling=GREEDY),
+                            metadata=[*bearer(secret), ("x-request-id", rid)], timeout=120)
+    http_ids = {f"edge-http-{uuid}" for uuid in range(9)}
+    context = ssl.create_default_context(cadata=routers.ca.decode())
+    context.check_hostname = False  # the mesh certificate names the router's SPIFFE id, not 127.0.0.1
+    for rid in sorted(http_ids):  # a connection each: the balancer places connections
+        async with httpx.AsyncClient(verify=context, timeout=120) as client:
+            reply = await client.post(f"{routers.mesh.openai_base_url}/completions", json={
+                "model": MODEL, "prompt": "Say hi.", "max_tokens": 4, "temperature": 0},
+                headers={"authorization": f"Bearer {secret}", "x-request-id": rid})
+        assert reply.status_code == 200, reply.text
+    for ids, what in ((grpc_ids, "gRPC"), (http_ids, "HTTPS")):
+        def logged(ids: set[str] = ids) -> dict[str, int] | None:
+            counts = served_by(routers, ids)
+            return counts if sum(counts.values()) == len(ids) else None
+
+        counts = await wait_until(logged, 10, f"every {what} call in a router's access log")
+        assert all(counts.values()), f"{what} calls through the edge reached only some routers: {counts}"
