@@ -5,6 +5,7 @@ all three through the public edge, which balances them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ from services.cli.endpoint import operator_channel
 from tests.conftest import require_real_component
 from tests.e2e.mesh_process import Mesh, start_mesh, stop_mesh
 from tests.integration.billing.conftest import PgServer, postgres  # noqa: F401 - the session's PostgreSQL
+from tests.settlement import settled_usage
 from tests.waiting import wait_until, wait_until_blocking
 
 MODEL = "smollm2-135m-instruct"
@@ -80,13 +82,12 @@ def redis_url() -> Iterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def routers(postgres: PgServer, redis_url: str, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
-            ) -> Iterator[Routers]:
+@contextlib.contextmanager
+def launch(postgres: PgServer, redis_url: str, tmp: Path, *extra_args: str) -> Iterator[Routers]:  # noqa: F811
     dsn = postgres.create_database()
     processes: list[subprocess.Popen[bytes]] = []
     # Two inference replicas and three routers share two cores: one ONNX thread each, no busy-waiting.
-    mesh = start_mesh(tmp_path_factory.mktemp("replicas"), processes, replicas=2, extra_config={
+    mesh = start_mesh(tmp, processes, replicas=2, extra_args=extra_args, extra_config={
         "router": {"replicas": 3, "database": dsn, "rate_limit_redis_url": redis_url},
         "inference": {"intra_op_threads": 1, "allow_spinning": False}})
     try:
@@ -97,6 +98,19 @@ def routers(postgres: PgServer, redis_url: str, tmp_path_factory: pytest.TempPat
         yield Routers(mesh, dsn, direct, token, Path(mesh.ca_cert).read_bytes())
     finally:
         stop_mesh(mesh)
+
+
+@pytest.fixture(scope="module")
+def routers(postgres: PgServer, redis_url: str, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
+            ) -> Iterator[Routers]:
+    with launch(postgres, redis_url, tmp_path_factory.mktemp("replicas")) as running:
+        yield running
+
+
+@pytest.fixture
+def envoy_routers(postgres: PgServer, redis_url: str, tmp_path: Path) -> Iterator[Routers]:  # noqa: F811
+    with launch(postgres, redis_url, tmp_path, "--sidecar", "envoy") as running:
+        yield running
 
 
 @pytest.fixture
@@ -264,16 +278,18 @@ async def test_a_thousand_concurrent_requests_over_three_routers_never_overshoot
         outcomes = await asyncio.gather(*(call(i) for i in range(1000)))
         admitted = outcomes.count("OK")
 
-        async def settled() -> billing_pb2.BudgetStatus | None:
-            status = (await billing.GetBudget(billing_pb2.GetBudgetRequest(budget_id=created.budget.budget_id),
-                                              timeout=10)).status
-            return status if status.held_tokens == 0 else None
+        async def read() -> billing_pb2.BudgetStatus:
+            return (await billing.GetBudget(billing_pb2.GetBudgetRequest(budget_id=created.budget.budget_id),
+                                            timeout=10)).status
 
-        status = await wait_until(settled, 60, "every hold of the budget to be settled")
+        # Every router's usage settled and billing's spend still. (A hold whose grant a router never got,
+        # billing being too slow under this load, stays held until its TTL: it only lowers the room.)
+        status = await settled_usage(read, lambda s: int(s.spent_tokens), admitted, "the budget's tenant",
+                                     [routers.mesh.data_dir / n for n in ("router", "router-1", "router-2")])
     counts = {name: outcomes.count(name) for name in sorted(set(outcomes))}
     assert 0 < admitted < 1000, counts
     assert status.spent_tokens <= limit, f"spent {status.spent_tokens} tokens of a hard budget of {limit}: {counts}"
-    assert status.spent_tokens >= admitted  # every admitted request was billed
+    assert status.spent_tokens + status.held_tokens <= limit, counts
 
 
 def served_by(routers: Routers, request_ids: set[str]) -> dict[str, int]:
@@ -310,3 +326,36 @@ async def test_the_public_grpc_and_https_ports_spread_calls_over_the_three_route
 
         counts = await wait_until(logged, 10, f"every {what} call in a router's access log")
         assert all(counts.values()), f"{what} calls through the edge reached only some routers: {counts}"
+
+
+async def test_with_envoy_as_the_edge_a_key_works_through_every_router_and_calls_spread_over_them(
+        envoy_routers: Routers) -> None:
+    routers, mesh = envoy_routers, envoy_routers.mesh
+    edge = grpc.aio.secure_channel(mesh.router, grpc.ssl_channel_credentials(root_certificates=routers.ca),
+                                   options=[("grpc.ssl_target_name_override", "router")])
+    async with grpc.aio.insecure_channel(routers.direct[0]) as a:
+        secret = await create_key(routers, admin_grpc.AdminServiceStub(a), "envoy-edge")
+    async with edge:
+        stub = router_grpc.RouterServiceStub(edge)
+        grpc_ids = {f"envoy-grpc-{i}" for i in range(9)}
+        # Concurrent: Envoy's least-request choice then has loads to compare.
+        await asyncio.gather(*(stub.Complete(pb2.CompleteRequest(model=MODEL, prompt="Say hi.", sampling=GREEDY),
+                                             metadata=[*bearer(secret), ("x-request-id", rid)], timeout=120)
+                               for rid in sorted(grpc_ids)))
+    import httpx
+
+    http_ids = {f"envoy-http-{i}" for i in range(9)}
+    context = ssl.create_default_context(cadata=routers.ca.decode())
+    context.check_hostname = False
+    async with httpx.AsyncClient(verify=context, timeout=120) as client:
+        replies = await asyncio.gather(*(client.post(f"{mesh.openai_base_url}/completions", json={
+            "model": MODEL, "prompt": "Say hi.", "max_tokens": 4, "temperature": 0},
+            headers={"authorization": f"Bearer {secret}", "x-request-id": rid}) for rid in sorted(http_ids)))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
+    for ids, what in ((grpc_ids, "gRPC"), (http_ids, "HTTPS")):
+        def logged(ids: set[str] = ids) -> dict[str, int] | None:
+            counts = served_by(routers, ids)
+            return counts if sum(counts.values()) == len(ids) else None
+
+        counts = await wait_until(logged, 10, f"every {what} call in a router's access log")
+        assert sum(1 for c in counts.values() if c) >= 2, f"Envoy sent every {what} call to one router: {counts}"
