@@ -10,11 +10,11 @@ until it serves again."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
+import structlog
 from grpc_health.v1 import health_pb2
 
 from sidecar.breaker import BreakerState, CircuitBreaker
@@ -22,6 +22,8 @@ from sidecar.methods import CallType
 from sidecar.outlier import OutlierDetector
 from sidecar.policy import ServicePolicy
 from sidecar.retry import RetryBudgetState
+
+log = structlog.get_logger("sidecar")
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
@@ -136,8 +138,10 @@ class Cluster:
 
     async def check_health_forever(self, interval_s: float = 0.5) -> None:
         while True:
-            with contextlib.suppress(Exception):  # a failed round leaves the verdicts; the next one retries
+            try:
                 await self.check_health(timeout_s=max(interval_s, 1.0))
+            except Exception as exc:  # a failed round leaves the verdicts; the next one retries
+                log.warning("health_check_round_failed", cluster=self.name, error=repr(exc))
             await asyncio.sleep(interval_s)
 
     def rebuild_channels(self, factory: ChannelFactory, grace: float = 60.0) -> None:
