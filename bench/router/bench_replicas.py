@@ -43,13 +43,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from autoglm.common.v1 import generation_pb2
+from autoglm.billing.v1 import billing_service_pb2 as billing_pb2
+from autoglm.billing.v1 import billing_service_pb2_grpc as billing_grpc
+from autoglm.common.v1 import generation_pb2, money_pb2
 from autoglm.inference.v1 import inference_service_pb2 as inf_pb2
 from autoglm.inference.v1 import inference_service_pb2_grpc as inf_grpc
 from autoglm.router.v1 import admin_service_pb2 as admin_pb2
 from autoglm.router.v1 import admin_service_pb2_grpc as admin_grpc
 from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as router_grpc
+from services.cli.endpoint import billing_token, operator_channel
 from services.common.logging import configure_logging
 from tests.integration.billing.conftest import PgServer, _pg_bin, _user_exists, _wait_ready
 from tests.integration.router.conftest import ADMIN_TOKEN, MODEL
@@ -213,6 +216,12 @@ async def main(rounds: int, seconds: float) -> None:
                     "inference", ["--replica-id", "bench-1", "--threads", "1"], processes)
                 drain(billing_proc)
                 drain(inference_proc)
+                async with operator_channel(billing, billing_token(tmp / "billing")) as operator:
+                    await billing_grpc.BillingServiceStub(operator).CreatePrice(billing_pb2.CreatePriceRequest(
+                        price=billing_pb2.Price(
+                            model=MODEL, input_per_million=money_pb2.Money(currency_code="USD", micros=1_000_000),
+                            output_per_million=money_pb2.Money(currency_code="USD", micros=2_000_000)),
+                        actor="bench"), timeout=10)
                 dsn = pg.create_database()
                 shared = {"database": dsn, "rate_limit_redis_url": redis_url}
                 _, sqlite_router = start_router(tmp, "sqlite", inference, billing, processes)
