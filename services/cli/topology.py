@@ -17,8 +17,9 @@ clients dial, billing's and each inference replica's ports are what peers and op
 - `router.replicas: N` (N > 1; shared PostgreSQL and Redis, see MeshConfig): N router processes on
   loopback ports, each with outbound listeners of its own (billing, every inference replica) under the
   router's identity. The shared registry names inference replicas by their mesh addresses; each router
-  dials a replica through its own listener for it (`--inference-via`). The router's public sidecar balances the public gRPC port across them by least
-  outstanding requests, skipping a router whose health check fails. The HTTPS port: Envoy balances it
+  dials a replica through its own listener for it (`--inference-via`). The router's public sidecar
+  balances the public gRPC port across them by least outstanding requests, skipping a router whose
+  health check fails. The HTTPS port: Envoy balances it
   the same way (LEAST_REQUEST); with the Python sidecar each router serves HTTPS on an internal port and
   the sidecar passes TLS connections through to the router with the fewest open ones
   (`sidecar/tcp_balancer.py`), so TLS, SSE and certificate renewal stay the router's as with one router.
