@@ -51,7 +51,8 @@ def config_from(settings: ServerSettings, args: argparse.Namespace) -> RouterCon
         overrides["inference_targets"] = tuple(a.strip() for a in args.inference.split(",") if a.strip())
     elif not config.inference_targets:
         overrides["inference_targets"] = (DEFAULT_INFERENCE,)
-    if args.inference_via:
+    # (getattr: callers that build the namespace themselves may leave the newer flags out)
+    if getattr(args, "inference_via", None):
         pairs = [p.strip().partition("=") for p in args.inference_via.split(",") if p.strip()]
         overrides["inference_dial"] = {name: local for name, _, local in pairs}
     if args.billing:
@@ -65,7 +66,7 @@ def config_from(settings: ServerSettings, args: argparse.Namespace) -> RouterCon
         overrides["data_dir"] = args.data_dir
     elif "data_dir" not in section and mesh.get("data_dir"):
         overrides["data_dir"] = Path(str(mesh["data_dir"])).expanduser() / "router"
-    if args.shared_secrets_dir:
+    if getattr(args, "shared_secrets_dir", None):
         if not config.key_pepper_path:
             overrides["key_pepper_path"] = str(args.shared_secrets_dir / "key_pepper")
         if not config.admin_token:
