@@ -282,14 +282,13 @@ async def test_a_thousand_concurrent_requests_over_three_routers_never_overshoot
             return (await billing.GetBudget(billing_pb2.GetBudgetRequest(budget_id=created.budget.budget_id),
                                             timeout=10)).status
 
-        # Every router's usage settled and billing's spend still. (A hold whose grant a router never got,
-        # billing being too slow under this load, stays held until its TTL: it only lowers the room.)
+        # Every router's usage settled and billing's spend still. (A hold whose request ended while billing
+        # was too slow to answer under this load stays held until its TTL: it only lowers the room.)
         status = await settled_usage(read, lambda s: int(s.spent_tokens), admitted, "the budget's tenant",
                                      [routers.mesh.data_dir / n for n in ("router", "router-1", "router-2")])
     counts = {name: outcomes.count(name) for name in sorted(set(outcomes))}
     assert 0 < admitted < 1000, counts
     assert status.spent_tokens <= limit, f"spent {status.spent_tokens} tokens of a hard budget of {limit}: {counts}"
-    assert status.spent_tokens + status.held_tokens <= limit, counts
 
 
 def served_by(routers: Routers, request_ids: set[str]) -> dict[str, int]:
