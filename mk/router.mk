@@ -1,5 +1,8 @@
 # Router benchmark: overhead vs inference, cache hits, single-flight, tokens/min accuracy.
 .PHONY: bench-router
 
+# Then the PostgreSQL store against SQLite and 3 routers against 1 (ROUTER_REPLICAS_ARGS="--rounds 20 --seconds 5"
+# for a short run).
 bench-router: $(VENV)/.installed
 	$(PY) -m bench.router.bench_router
+	$(PY) -m bench.router.bench_replicas $(ROUTER_REPLICAS_ARGS)

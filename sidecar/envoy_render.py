@@ -25,6 +25,10 @@ What maps to what:
   the service; no route timeout, a long stream idle timeout, no buffering filter, the caller's
   `x-request-id` kept, and with `require_bearer` a `/v1/` call without `Bearer <token>` answered with a
   local 401 in OpenAI's error shape.
+- several copies of the service (`upstream` / `http_upstream` comma-separated, e.g. `router.replicas`):
+  `local` and `local_http` become LEAST_REQUEST clusters over all of them (each call or HTTP request to
+  the copy with the fewest in flight), with an active health check (gRPC health for `local`, TCP connect
+  for `local_http`) that leaves a stopped or draining copy out until it serves again.
 - TLS on every listener and peer cluster: TLS 1.2 at least, TLS 1.3 preferred (`tls_params`). The
   sidecar's own certificate comes through file-based SDS (`<certs>/<service>.sds.yaml`, written with the
   certificate): Envoy watches the certificate directory and loads a renewed certificate and key for new
@@ -63,6 +67,9 @@ from envoy_data_plane.envoy.config.core.v3 import (
     GrpcServiceEnvoyGrpc,
     HeaderValue,
     HeaderValueOption,
+    HealthCheck,
+    HealthCheckGrpcHealthCheck,
+    HealthCheckTcpHealthCheck,
     Http2ProtocolOptions,
     Node,
     PathConfigSource,
@@ -428,20 +435,40 @@ def _cluster(name: str, addresses: Sequence[str], policy: Policy | None, service
     return cluster
 
 
-def _http_cluster(address: str) -> Cluster:
+def _http_cluster(addresses: Sequence[str]) -> Cluster:
     """The service's HTTP port: plain HTTP/1.1 on loopback, one connection per request in flight."""
-    return Cluster(
+    cluster = Cluster(
         name=HTTP_CLUSTER, type=ClusterDiscoveryType.STATIC, connect_timeout=_seconds(1),
         lb_policy=ClusterLbPolicy.ROUND_ROBIN,
         load_assignment=ClusterLoadAssignment(cluster_name=HTTP_CLUSTER, endpoints=[LocalityLbEndpoints(
-            lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_socket(address)))])]))
+            lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_socket(a))) for a in addresses])]))
+    if len(addresses) > 1:
+        _least_request(cluster, HealthCheck(tcp_health_check=HealthCheckTcpHealthCheck(), **_HEALTH_TIMING))
+    return cluster
+
+
+# Active health checks of the service's copies: every half second, one failure leaves a copy out, one
+# success brings it back.
+_HEALTH_TIMING: dict[str, Any] = {"timeout": _seconds(1), "interval": _seconds(0.5), "unhealthy_threshold": 1,
+                                  "healthy_threshold": 1}
+
+
+def _least_request(cluster: Cluster, check: HealthCheck) -> None:
+    """Several copies of the local service: the one with the fewest requests in flight, if healthy."""
+    cluster.lb_policy = ClusterLbPolicy.LEAST_REQUEST
+    cluster.health_checks = [check]
+
+
+def _split(addresses: str) -> list[str]:
+    return [a.strip() for a in addresses.split(",") if a.strip()]
 
 
 def render_bootstrap(policy: Policy, service: str, *, certs_dir: Path, upstream: str,
                      peers: Mapping[str, Sequence[str]], ports: EnvoyPorts, host: str = "127.0.0.1",
                      otlp_endpoint: str = DEFAULT_OTLP_ENDPOINT, http_upstream: str = "") -> dict[str, Any]:
     """The Envoy bootstrap for `service`'s sidecar, as the JSON-shaped dict Envoy reads. With `ports.http`
-    and `http_upstream` (the service's plain HTTP address) it also fronts the service's HTTP API."""
+    and `http_upstream` (the service's plain HTTP address) it also fronts the service's HTTP API. Either
+    address may name several copies of the service, comma-separated."""
     if (ports.http is None) != (not http_upstream):
         raise ValueError("an HTTP listener needs both its port and the service's HTTP address (http_upstream)")
     if service not in policy.services:
@@ -470,11 +497,13 @@ def render_bootstrap(policy: Policy, service: str, *, certs_dir: Path, upstream:
             filters=[_hcm_filter(_hcm("inbound", inbound_routes, inbound_filters, service,
                                              forward_identity=True))],
             transport_socket=TransportSocket(name="envoy.transport_sockets.tls", typed_config=PbAny.pack(downstream)))])]
-    clusters = [_cluster("local", [upstream], None, None, None),
-                _cluster(OTLP_CLUSTER, [otlp_endpoint], None, None, None)]
+    local = _cluster("local", _split(upstream), None, None, None)
+    if len(_split(upstream)) > 1:
+        _least_request(local, HealthCheck(grpc_health_check=HealthCheckGrpcHealthCheck(), **_HEALTH_TIMING))
+    clusters = [local, _cluster(OTLP_CLUSTER, [otlp_endpoint], None, None, None)]
     if ports.http is not None:
         listeners.append(_http_edge(policy, service, certs_dir, f"{host}:{ports.http}"))
-        clusters.append(_http_cluster(http_upstream))
+        clusters.append(_http_cluster(_split(http_upstream)))
     if ports.outbound is not None and peers:
         outbound_routes: list[Route] = []
         for peer, addresses in peers.items():

@@ -30,12 +30,22 @@ def parse_peer(value: str) -> tuple[str, list[str]]:
     return name, [a.strip() for a in addresses.split(",") if a.strip()]
 
 
+def parse_tcp_balance(value: str) -> tuple[int, list[str]]:
+    port, sep, addresses = value.partition("=")
+    backends = [a.strip() for a in addresses.split(",") if a.strip()]
+    if not sep or not port.isdigit() or not backends:
+        raise argparse.ArgumentTypeError(f"--tcp-balance expects PORT=HOST:PORT[,HOST:PORT...], got {value!r}")
+    return int(port), backends
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", type=Path, required=True, help="mesh policy YAML (hot-reloaded)")
     parser.add_argument("--service", required=True, help="the local service this sidecar fronts (router, ...)")
     parser.add_argument("--certs", type=Path, required=True,
                         help="directory with ca.pem and <service>.pem/.key (autoglm certs init/issue)")
-    parser.add_argument("--upstream", required=True, help="the local service's address, host:port or unix:/path")
+    parser.add_argument("--upstream", required=True,
+                        help="the local service's address, host:port or unix:/path; several copies of it "
+                             "comma-separated (each call to the healthy one with the fewest in flight)")
     parser.add_argument("--inbound-port", type=int, default=0, help="mTLS listener for peers (0: any free port)")
     parser.add_argument("--outbound-port", type=int, default=0,
                         help="plaintext loopback listener the local service calls its peers through (-1: none)")
@@ -43,6 +53,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on 127.0.0.1 (-1: off)")
     parser.add_argument("--peer", action="append", default=[], type=parse_peer, metavar="NAME=ADDR[,ADDR]",
                         help="a peer service's sidecar inbound address(es); repeat per peer")
+    parser.add_argument("--tcp-balance", action="append", default=[], type=parse_tcp_balance,
+                        metavar="PORT=ADDR[,ADDR]",
+                        help="pass TCP connections on PORT through to the address with the fewest open ones "
+                             "(TLS-passthrough, e.g. the routers' own HTTPS ports); repeatable")
     parser.add_argument("--host", default="127.0.0.1", help="address the inbound/outbound listeners bind")
     parser.add_argument("--no-access-log", action="store_true", help="do not log one line per call")
     parser.add_argument("--otlp-endpoint", default="", help="send spans to this OTLP/gRPC collector")
@@ -62,6 +76,7 @@ async def run(args: argparse.Namespace, handshakes: HandshakeLog | None = None) 
         peers=dict(args.peer), host=args.host, inbound_port=args.inbound_port,
         outbound_port=None if args.outbound_port < 0 else args.outbound_port, admin_port=args.admin_port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, access_log=not args.no_access_log,
+        tcp_balance=dict(args.tcp_balance),
         # Access-log lines skip structlog's processor chain: one json.dumps into a buffered stderr.
         access_log_stream=buffered_stderr())
     running = await build_sidecar(config)

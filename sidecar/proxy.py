@@ -83,6 +83,11 @@ class Plan:
     allowed_peers: dict[str, bool]
 
 
+def _never_reached(err: grpc.aio.AioRpcError) -> bool:
+    """grpc's own answer when no connection to the upstream could be made (so the call never left)."""
+    return err.code() is grpc.StatusCode.UNAVAILABLE and (err.details() or "").startswith("failed to connect")
+
+
 class ProxyFailure(Exception):
     """A call the proxy itself refuses or gives up on (answered with `code` and `details`)."""
 
@@ -94,8 +99,8 @@ class ProxyFailure(Exception):
 class CallState:
     """Per-call bookkeeping, filled in as the call goes."""
 
-    __slots__ = ("attempts", "authorization", "bytes_in", "bytes_out", "call", "code", "details", "metadata", "peer",
-                 "request_id", "span", "started", "trace_id", "upstream")
+    __slots__ = ("attempts", "authorization", "bytes_in", "bytes_out", "call", "code", "details", "held", "metadata",
+                 "peer", "request_id", "span", "started", "trace_id", "upstream")
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
@@ -112,6 +117,7 @@ class CallState:
         self.span: Any = None
         self.metadata: list[Any] = []  # forwarded upstream
         self.call: Any = None  # the upstream call in progress
+        self.held = -1  # the endpoint counted as serving this call (least-request clusters), -1: none
 
 
 class Proxy(grpc.GenericRpcHandler):
@@ -344,6 +350,11 @@ class Proxy(grpc.GenericRpcHandler):
             raise ProxyFailure(grpc.StatusCode.UNAVAILABLE,
                                f"circuit breaker for {cluster.name} is {breaker.state.value}: failing fast")
         index = cluster.pick()
+        if cluster.least_request:
+            if state.held >= 0:
+                cluster.release(state.held)
+            cluster.take(index)
+            state.held = index
         state.upstream = cluster.endpoints[index].address
         state.attempts += 1
         return index
@@ -353,6 +364,16 @@ class Proxy(grpc.GenericRpcHandler):
         """The call's final outcome feeds the breaker (only calls that reached an upstream)."""
         if cluster is not None and cluster.breaker is not None and state.attempts:
             cluster.breaker.record(state.code not in FAILURE_CODES)
+
+    @staticmethod
+    def _elsewhere(cluster: Cluster, err: grpc.aio.AioRpcError, index: int, attempt: int) -> bool:
+        """A copy of the local service that refuses connections (stopped, before its health check says
+        so) never saw the call: it goes to another copy (no retry budget, no back-off), and the refusing
+        copy is left out until its health check passes again."""
+        if not cluster.least_request or attempt >= len(cluster.endpoints) or not _never_reached(err):
+            return False
+        cluster.healthy[index] = False
+        return True
 
     def _may_retry(self, plan: Plan, code: grpc.StatusCode, attempt: int, deadline: float | None) -> bool:
         cluster = plan.cluster
@@ -414,6 +435,8 @@ class Proxy(grpc.GenericRpcHandler):
             if counted:
                 assert cluster is not None
                 cluster.active -= 1
+                if state.held >= 0:
+                    cluster.release(state.held)
             if budget is not None:
                 budget.request_finished()
             self._breaker_outcome(cluster, state)
@@ -456,6 +479,8 @@ class Proxy(grpc.GenericRpcHandler):
                         assert cluster.budget is not None
                         cluster.budget.release()
                         holding = False
+                    if self._elsewhere(cluster, err, index, attempt):
+                        continue
                     if not self._may_retry(plan, code, attempt, deadline):
                         if code is grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None \
                                 and deadline - time.monotonic() <= 0:
@@ -503,6 +528,8 @@ class Proxy(grpc.GenericRpcHandler):
                                 assert cluster.budget is not None
                                 cluster.budget.release()
                                 holding = False
+                            if not delivered and self._elsewhere(cluster, err, index, attempt):
+                                continue
                             if delivered or not self._may_retry(plan, code, attempt, deadline):
                                 raise self._upstream_failure(err) from None
                             holding = True

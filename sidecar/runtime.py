@@ -23,6 +23,7 @@ from sidecar.metrics import SidecarMetrics
 from sidecar.peer_tls import PeerConnector
 from sidecar.policy import Policy, PolicyError, PolicyWatcher
 from sidecar.proxy import Proxy
+from sidecar.tcp_balancer import TcpBalancer
 from sidecar.upstream import CHANNEL_OPTIONS, Cluster
 
 log = structlog.get_logger("sidecar")
@@ -40,7 +41,7 @@ class SidecarConfig:
     policy_path: Path
     service: str
     certs_dir: Path
-    upstream: str  # the local service, host:port or unix:/path
+    upstream: str  # the local service, host:port or unix:/path; several copies comma-separated
     peers: Mapping[str, Sequence[str]] = field(default_factory=dict)  # service → its sidecars' inbound addresses
     host: str = "127.0.0.1"
     inbound_port: int = 0
@@ -51,6 +52,15 @@ class SidecarConfig:
     watch_interval_s: float = 1.0
     # Where access-log lines go: None = through structlog; a text stream = the cheap buffered sink.
     access_log_stream: IO[str] | None = field(default=None, compare=False)
+    # TLS-passthrough TCP listeners: port → the backends it balances (least connections), e.g. the
+    # routers' own HTTPS ports behind one public port (see sidecar.tcp_balancer).
+    tcp_balance: Mapping[int, Sequence[str]] = field(default_factory=dict)
+    # How often a local service run as several copies is health-checked (see Cluster.least_request).
+    health_interval_s: float = 0.5
+
+    @property
+    def upstreams(self) -> list[str]:
+        return [a.strip() for a in self.upstream.split(",") if a.strip()]
 
 
 @dataclass
@@ -69,6 +79,8 @@ class RunningSidecar:
     _metrics: SidecarMetrics
     _connector: PeerConnector
     _watch_task: asyncio.Task[None] | None = None
+    balancers: dict[int, TcpBalancer] = field(default_factory=dict)  # bound port → balancer
+    _health_task: asyncio.Task[None] | None = None
 
     @property
     def inbound_address(self) -> str:
@@ -82,9 +94,12 @@ class RunningSidecar:
     def admin_address(self) -> str:
         return f"{self.config.host}:{self.admin_port}"
 
-    def ports(self) -> dict[str, int | None]:
-        return {"inbound": self.inbound_port, "outbound": self.outbound_port, "admin": self.admin_port,
-                "metrics": self.metrics_port}
+    def ports(self) -> dict[str, Any]:
+        ports: dict[str, Any] = {"inbound": self.inbound_port, "outbound": self.outbound_port,
+                                 "admin": self.admin_port, "metrics": self.metrics_port}
+        if self.balancers:
+            ports["tcp_balance"] = sorted(self.balancers)
+        return ports
 
     def check_files(self) -> None:
         """Reload the policy and the client certificates if their files changed."""
@@ -125,10 +140,12 @@ class RunningSidecar:
                 proxy.access_log.flush()
 
     async def stop(self, grace: float = 5.0) -> None:
-        if self._watch_task:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
+        for task in (self._watch_task, self._health_task):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await asyncio.gather(*(balancer.stop() for balancer in self.balancers.values()))
         await asyncio.gather(*(server.stop(grace) for server in self._servers))
         self.flush_access_logs()
         for cluster in self._clusters:
@@ -190,7 +207,8 @@ async def build_sidecar(config: SidecarConfig) -> RunningSidecar:
         raise PolicyError(f"{config.certs_dir / (config.service + '.pem')}: identity {certs.identity!r} is not "
                           f"{expected!r}; reissue it with `autoglm certs issue {config.service}`")
     metrics = SidecarMetrics(config.service)
-    local = Cluster("local", [config.upstream], _local_channel, policy.services[config.service], resilience=False)
+    local = Cluster("local", config.upstreams, _local_channel, policy.services[config.service], resilience=False,
+                    least_request=True)
     clusters = [local]
     connector = PeerConnector(certs, CHANNEL_OPTIONS)
     peers: dict[str, Cluster] = {}
@@ -230,12 +248,19 @@ async def build_sidecar(config: SidecarConfig) -> RunningSidecar:
     servers.append(admin_server)
     for server in servers:
         await server.start()
+    balancers: dict[int, TcpBalancer] = {}
+    for port, backends in config.tcp_balance.items():
+        balancer = TcpBalancer(backends)
+        balancers[await balancer.start(config.host, port)] = balancer
     metrics_port = metrics.serve(config.metrics_port) if config.metrics_port is not None else None
     running = RunningSidecar(config=config, inbound_port=inbound_port, outbound_port=outbound_port,
                              admin_port=admin_port, metrics_port=metrics_port, inbound=inbound, outbound=outbound,
                              watcher=watcher, certs=certs, _servers=servers, _clusters=clusters, _metrics=metrics,
-                             _connector=connector)
+                             _connector=connector, balancers=balancers)
     running._client_version = certs.version
+    if local.least_request:
+        running._health_task = asyncio.get_running_loop().create_task(
+            local.check_health_forever(config.health_interval_s))
     running._watch_task = asyncio.get_running_loop().create_task(running._watch())
     log.info("sidecar_started", service=config.service, identity=certs.identity, **running.ports())
     return running

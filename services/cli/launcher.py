@@ -247,6 +247,9 @@ def write_endpoint(mesh: MeshConfig, top: Topology) -> Path:
         "billing": f"127.0.0.1:{mesh.billing_port}", "sidecar": top.sidecar, "openai_base_url": top.openai_base_url,
         "billing_operator": next(s.ready_address for s in top.specs if s.name == "billing"),
         "metrics": {s.name: s.metrics_url for s in top.specs if s.metrics_url},
+        # Each router process behind the public edge, reached directly: its gRPC port (plaintext on
+        # loopback) and HTTP port (HTTPS with the Python sidecar, plain HTTP behind Envoy).
+        "routers": top.routers,
     }, indent=2) + "\n")
     return path
 
@@ -281,6 +284,8 @@ def banner(mesh: MeshConfig, top: Topology, demo_key: str) -> str:
         f"{'; TLS, CA ' + str(top.ca_cert) if top.tls else '; plaintext'})",
         *([f"  openai     {top.openai_base_url}   (OpenAI-compatible HTTP API"
            f"{'; TLS, same CA' if top.tls else '; plaintext'})"] if top.openai_base_url else []),
+        *([f"  routers    {len(top.routers)} behind the router's address (least outstanding requests): "
+           + ", ".join(r["grpc"] for r in top.routers)] if len(top.routers) > 1 else []),
         f"  billing    127.0.0.1:{mesh.billing_port}",
         f"  inference  {', '.join(replicas)}",
         f"  sidecars   {top.sidecar}{' (mTLS between services, certificates in ' + str(mesh.data_dir / 'certs') + ')' if top.tls else ''}",

@@ -33,9 +33,15 @@ from services.common.logging import configure_logging
 def _up(args: argparse.Namespace) -> int:
     from services.cli.launcher import run_mesh
     from services.cli.mesh_config import MeshConfig
+    from services.cli.topology import check_sidecar
 
+    try:
+        mesh = MeshConfig.load(args.config)
+        check_sidecar(mesh, args.sidecar)
+    except ValueError as exc:
+        print(f"autoglm up: {exc}", file=sys.stderr)
+        return 2
     configure_logging("launcher", args.log_level, json=False)
-    mesh = MeshConfig.load(args.config)
     asyncio.run(run_mesh(mesh, args.config, args.sidecar))
     return 0
 

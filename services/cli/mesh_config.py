@@ -39,6 +39,32 @@ class MeshConfig:
     # `inference.engine_metering`: each replica reports its finished sequences to billing (through its
     # sidecar's outbound listener), which bills the ones no router event came for.
     engine_metering: bool = True
+    # Router processes behind the one public address (`router.replicas`); more than one needs the shared
+    # state below: `router.database` (postgresql://) and `router.rate_limit_redis_url`.
+    router_replicas: int = 1
+    router_database: str = ""
+    router_rate_limit_redis_url: str = ""
+
+    def __post_init__(self) -> None:
+        self.check_router_replicas()
+
+    def check_router_replicas(self) -> None:
+        """Several routers must share keys, registry, conversations and jobs (PostgreSQL) and their rate
+        limits (Redis): without both they would each answer from state of their own."""
+        if self.router_replicas < 1:
+            raise ValueError(f"router.replicas is {self.router_replicas}: run at least 1 router")
+        if self.router_replicas == 1:
+            return
+        missing = []
+        if not self.router_database.startswith(("postgresql://", "postgres://")):
+            missing.append("router.database: postgresql://... (keys, models, policies, conversations and jobs "
+                           "every router shares)")
+        if not self.router_rate_limit_redis_url:
+            missing.append("router.rate_limit_redis_url: redis://... (per-key rate limits every router counts "
+                           "together)")
+        if missing:
+            raise ValueError(f"router.replicas is {self.router_replicas}, which needs " + " and ".join(missing)
+                             + "; set them in the mesh file, or set router.replicas: 1")
 
     @property
     def cert_lifetime(self) -> dt.timedelta:
@@ -69,4 +95,7 @@ class MeshConfig:
             billing_operator_token=str(billing.get("operator_token") or ""),
             billing_operator_token_file=str(billing.get("operator_token_file") or ""),
             engine_metering=bool(inference.get("engine_metering", cls.engine_metering)),
+            router_replicas=int(router.get("replicas", cls.router_replicas)),
+            router_database=str(router.get("database") or ""),
+            router_rate_limit_redis_url=str(router.get("rate_limit_redis_url") or ""),
         )

@@ -1,6 +1,6 @@
-"""`python -m services.router --port P [--config FILE] [--inference A,B] [--billing H:P] [--data-dir D]
-[--http-port P [--http-tls-cert PEM --http-tls-key PEM]] [--database DSN] [--key-pepper-path F]
-[--admin-token-path F] [--rate-limit-redis-url URL]`."""
+"""`python -m services.router --port P [--config FILE] [--inference A,B] [--inference-via A=L,B=M]
+[--billing H:P] [--data-dir D] [--shared-secrets-dir D] [--http-port P [--http-tls-cert PEM --http-tls-key PEM]]
+[--database DSN] [--key-pepper-path F] [--admin-token-path F] [--rate-limit-redis-url URL]`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from services.common.config import ServerSettings, apply_overrides, load_section
 from services.common.grpc_server import RunningServer
 from services.common.service_main import run_service
+from services.router.auth.api_keys import load_or_create_secret_file
 from services.router.config import DEFAULT_PORT, RouterConfig
 from services.router.server import build_server
 
@@ -23,6 +24,9 @@ DEFAULT_INFERENCE = "127.0.0.1:50071"
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inference", default=None, help="comma-separated inference replicas host:port")
+    parser.add_argument("--inference-via", default=None, metavar="ADDR=LOCAL[,ADDR=LOCAL]",
+                        help="dial inference replica ADDR (as --inference and the registry name it) through LOCAL, "
+                             "e.g. this router's own sidecar listener for it")
     parser.add_argument("--billing", default=None, help="billing host:port")
     parser.add_argument("--data-dir", type=Path, default=None, help="where the router keeps its SQLite files")
     parser.add_argument("--http-port", type=int, default=None, help="OpenAI-compatible HTTP API port (0: off)")
@@ -32,6 +36,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-pepper-path", default=None, help="file holding the API-key pepper (router.key_pepper_path)")
     parser.add_argument("--admin-token-path", default=None, help="file holding the admin token (router.admin_token_path)")
     parser.add_argument("--rate-limit-redis-url", default=None, help="Redis for rate limits shared by replicas")
+    parser.add_argument("--shared-secrets-dir", type=Path, default=None,
+                        help="read admin_token and key_pepper here instead of the data dir, unless the config "
+                             "names them (router replicas of one mesh share the first router's)")
 
 
 def config_from(settings: ServerSettings, args: argparse.Namespace) -> RouterConfig:
@@ -49,6 +56,10 @@ def config_from(settings: ServerSettings, args: argparse.Namespace) -> RouterCon
         overrides["inference_targets"] = tuple(a.strip() for a in args.inference.split(",") if a.strip())
     elif not config.inference_targets:
         overrides["inference_targets"] = (DEFAULT_INFERENCE,)
+    # (getattr: callers that build the namespace themselves may leave the newer flags out)
+    if getattr(args, "inference_via", None):
+        pairs = [p.strip().partition("=") for p in args.inference_via.split(",") if p.strip()]
+        overrides["inference_dial"] = {name: local for name, _, local in pairs}
     if args.billing:
         overrides["billing_target"] = args.billing
     elif not config.billing_target:
@@ -61,6 +72,12 @@ def config_from(settings: ServerSettings, args: argparse.Namespace) -> RouterCon
         overrides["data_dir"] = args.data_dir
     elif "data_dir" not in section and mesh.get("data_dir"):
         overrides["data_dir"] = Path(str(mesh["data_dir"])).expanduser() / "router"
+    if getattr(args, "shared_secrets_dir", None):
+        if not config.key_pepper_path:
+            overrides["key_pepper_path"] = str(args.shared_secrets_dir / "key_pepper")
+        if not config.admin_token:
+            overrides["admin_token"] = load_or_create_secret_file(args.shared_secrets_dir / "admin_token",
+                                                                  text=True).decode()
     return apply_overrides(config, overrides)
 
 

@@ -109,7 +109,7 @@ class RouterApp:
         # A router instance's leases die with it: a fresh id at each start (the old ones expire at billing).
         # Replicas report it with each finished sequence, so billing knows whose lease bounds its event.
         self.router_id = f"router-{uuid.uuid4().hex[:16]}"
-        self.inference = GrpcInference(router_id=self.router_id)
+        self.inference = GrpcInference(router_id=self.router_id, dial=config.inference_dial)
         self.billing = GrpcBilling(config.billing_target or DEFAULT_BILLING_TARGET, timeout_s=config.billing_timeout_s)
         self.balancer = Balancer()
         self.monitor = ReplicaMonitor(self.balancer, self.inference, config.health_interval_s)

@@ -17,6 +17,10 @@ class RouterConfig:
     # host:port of each inference replica (or of its sidecar's outbound listener). At start, a model
     # with no registry entry is registered from these replicas' GetModelInfo.
     inference_targets: tuple[str, ...] = ()
+    # Replica address → the address this router dials it through (its own sidecar's outbound listener for
+    # that replica). Routers sharing a registry name replicas by their mesh addresses and each reaches them
+    # through listeners of its own; unmapped addresses are dialled as they are.
+    inference_dial: dict[str, str] = field(default_factory=dict)
     # host:port of billing (or of the sidecar's outbound listener).
     billing_target: str = ""
     # SQLite files, the key pepper and the admin token live here.

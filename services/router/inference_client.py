@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import grpc
 import structlog
@@ -36,8 +36,13 @@ def messages_to_proto(messages: tuple[Message, ...]) -> list[generation_pb2.Chat
 
 
 class GrpcInference:
-    def __init__(self, timeout_s: float = 600.0, router_id: str = "") -> None:
+    """Replicas are named by their mesh address (what the shared registry stores); `dial` maps a name to
+    the address this router reaches it through (its own sidecar's outbound listener for that replica)."""
+
+    def __init__(self, timeout_s: float = 600.0, router_id: str = "",
+                 dial: Mapping[str, str] | None = None) -> None:
         self._router_id = router_id  # sent with each generation: replicas report it to billing
+        self._dial = dict(dial or {})
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, pb2_grpc.InferenceServiceStub] = {}
         self._timeout_s = timeout_s
@@ -46,7 +51,8 @@ class GrpcInference:
     def stub(self, address: str) -> pb2_grpc.InferenceServiceStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=RECONNECT_OPTIONS)
+            channel = self._channels[address] = grpc.aio.insecure_channel(self._dial.get(address, address),
+                                                                          options=RECONNECT_OPTIONS)
             stub = self._stubs[address] = pb2_grpc.InferenceServiceStub(channel)
         return stub
 
