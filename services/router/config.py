@@ -106,6 +106,18 @@ class RouterConfig:
     http_tls_key: str = ""
     # An HTTP request body not received in full this many seconds after the request began gets 408.
     http_body_timeout_s: float = 30.0
+    # The operator console (services/router/http/console) under /console/ on the HTTP API's port: signed in
+    # with the admin token (every page and change) or the operator-read token (every page, no change;
+    # empty and no file: nobody signs in read-only), a signed session cookie valid console_session_s.
+    console: bool = True
+    operator_read_token: str = ""
+    operator_read_token_file: str = ""
+    console_session_s: int = 8 * 3600
+    # Billing's operator token the console's Spend, Budgets and Audit pages call billing with; empty: read
+    # from this file at each call (`python -m services.router --config` defaults it from the mesh file:
+    # billing.operator_token / operator_token_file, else <mesh.data_dir>/billing_operator_token).
+    billing_operator_token: str = ""
+    billing_operator_token_file: str = ""
 
     def __post_init__(self) -> None:
         if self.cache_max_entries < 0 or self.cache_max_bytes < 0 or self.cache_ttl_s < 0:
@@ -145,3 +157,7 @@ class RouterConfig:
             raise ValueError(f"http_body_timeout_s must be > 0, got {self.http_body_timeout_s}")
         if bool(self.http_tls_cert) != bool(self.http_tls_key):
             raise ValueError("http_tls_cert and http_tls_key go together (both PEM files, or neither)")
+        if not 60 <= self.console_session_s <= 7 * 86400:
+            raise ValueError(f"console_session_s must be 60 to 604800 seconds, got {self.console_session_s}")
+        if self.operator_read_token and len(self.operator_read_token) < 16:
+            raise ValueError("operator_read_token must be at least 16 characters")

@@ -2,7 +2,7 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id},
 GET /health (liveness, open), GET /ready (a model with a healthy replica; open), /openapi.json and
-/docs. Errors are OpenAI error bodies with the one error table's statuses; never a traceback.
+/docs; with a `Console`, the operator console under /console/ (`console/routes.py`). Errors are OpenAI error bodies with the one error table's statuses; never a traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from starlette.exceptions import HTTPException
 
 from services.common.errors import DomainError
 from services.router.http import errors
+from services.router.http.console.routes import Console
+from services.router.http.console.routes import install as install_console
 from services.router.http.deps import Backend, backend
 from services.router.http.middleware import BodyLimit, BodyTimeout, RequestIds
 from services.router.http.openai import chat, completions, models
@@ -31,7 +33,7 @@ class HttpSettings:
     body_timeout_s: float = 30.0
 
 
-def build_app(parts: Backend, settings: HttpSettings | None = None) -> FastAPI:
+def build_app(parts: Backend, settings: HttpSettings | None = None, console: Console | None = None) -> FastAPI:
     settings = settings or HttpSettings()
     app = FastAPI(title=settings.title, version="1")
     app.state.backend = parts
@@ -40,6 +42,8 @@ def build_app(parts: Backend, settings: HttpSettings | None = None) -> FastAPI:
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(models.router)
+    if console is not None:
+        install_console(app, console)
     app.add_exception_handler(DomainError, errors.on_domain_error)
     app.add_exception_handler(RequestValidationError, errors.on_validation_error)
     app.add_exception_handler(HTTPException, errors.on_http_exception)
