@@ -53,14 +53,16 @@ function cell(row, text, className) {
 const PALETTE = ["#2f6fde", "#e07b39", "#2e9e4f", "#9b59b6", "#c0392b", "#16a085", "#d4ac0d", "#7f8c8d"];
 const charts = {};
 
-function draw(id, type, labels, datasets, stacked) {
+function draw(id, type, labels, datasets, stacked, money = false) {
   if (!window.Chart) return;
   const old = charts[id];
   if (old) { old.data.labels = labels; old.data.datasets = datasets; old.update("none"); return; }
   charts[id] = new window.Chart($("#" + id), {
     type, data: { labels, datasets },
     options: { animation: false, responsive: true, maintainAspectRatio: false,
-               scales: { x: { stacked }, y: { stacked, beginAtZero: true } },
+               scales: { x: { stacked },
+                         y: { stacked, beginAtZero: true,
+                              ticks: money ? { callback: (v) => Number(v).toFixed(6) } : {} } },
                plugins: { legend: { position: "bottom" } } },
   });
 }
@@ -89,7 +91,7 @@ async function loadSpend() {
     data: buckets.map((b) => data.rows.filter((r) => r.bucket === b && r.group === group)
       .reduce((sum, r) => sum + (field === "cost" ? Number(r.cost) : r.prompt_tokens + r.completion_tokens), 0)),
   }));
-  draw("cost-chart", "bar", buckets, series("cost"), true);
+  draw("cost-chart", "bar", buckets, series("cost"), true, true);
   draw("tokens-chart", "bar", buckets, series("tokens"), true);
   const rows = $("#spend-rows tbody");
   rows.replaceChildren();
