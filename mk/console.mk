@@ -13,3 +13,9 @@ chromium:
 	fi
 
 TEST_PREREQS += chromium
+
+# Console page latency (bench/results/console.json + console.png): every page and JSON endpoint with
+# 10,000 usage events in the ledger, against the 300 ms target.
+.PHONY: bench-console
+bench-console: $(VENV)/.installed
+	$(PY) -m bench.console.bench_console
