@@ -28,7 +28,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
-from services.cli.endpoint import load_endpoint
+from autoglm.common.v1 import money_pb2
+from services.cli.endpoint import billing_token, load_endpoint, operator_channel
 from tests.e2e.mesh_process import start_mesh, stop_mesh
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -59,8 +60,15 @@ def _event(rng: random.Random, now: datetime) -> pb2.UsageEvent:
                           status=pb2.USAGE_STATUS_COMPLETED, traffic_class=2, request_id=uuid.uuid4().hex)
 
 
-async def ingest(billing: str, events: int, seed: int = 7) -> int:
+async def ingest(billing: str, token: str, events: int, seed: int = 7) -> int:
     rng, now = random.Random(seed), datetime.now(UTC)
+    price = pb2.Price(model=MODEL, model_version="bench",
+                      input_per_million=money_pb2.Money(currency_code="USD", micros=50_000),
+                      output_per_million=money_pb2.Money(currency_code="USD", micros=100_000))
+    price.effective_time.FromDatetime(now - timedelta(days=2))  # in force for the events' past 20 hours
+    async with operator_channel(billing, token) as channel:
+        await pb2_grpc.BillingServiceStub(channel).CreatePrice(pb2.CreatePriceRequest(price=price, actor="bench"),
+                                                               timeout=30)
     batches = [pb2.StreamUsageRequest(events=[_event(rng, now) for _ in range(min(100, events - i))])
                for i in range(0, events, 100)]
 
@@ -71,7 +79,10 @@ async def ingest(billing: str, events: int, seed: int = 7) -> int:
     acked = 0
     async with grpc.aio.insecure_channel(billing) as channel:
         async for reply in pb2_grpc.BillingServiceStub(channel).StreamUsage(requests()):
-            acked += sum(1 for ack in reply.acks if not ack.error_code)
+            for ack in reply.acks:
+                if ack.error_code:
+                    raise SystemExit(f"billing refused a usage event: {ack.error_code}: {ack.error_message}")
+                acked += 1
     return acked
 
 
@@ -117,7 +128,8 @@ def main() -> None:
         mesh = start_mesh(Path(tmp), processes)
         try:
             started = time.perf_counter()
-            acked = asyncio.run(ingest(load_endpoint(mesh.data_dir).billing, args.events))
+            acked = asyncio.run(ingest(load_endpoint(mesh.data_dir).billing, billing_token(mesh.data_dir),
+                                       args.events))
             ingest_s = time.perf_counter() - started
             token = (mesh.data_dir / "router" / "admin_token").read_text().strip()
             timings = time_pages(mesh.openai_base_url.removesuffix("/v1"), mesh.ca_cert, token, args.loads)

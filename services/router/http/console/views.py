@@ -100,12 +100,32 @@ def billing_audit(event: dict[str, Any]) -> dict[str, Any]:
             "action": event.get("action", ""), "target": event.get("target", ""), "details": details}
 
 
-def spend_rows(report: dict[str, Any], dimension: str) -> list[dict[str, Any]]:
-    rows = []
+def _add(out: dict[str, Any], row: dict[str, Any]) -> None:
+    out["requests"] += int(row.get("requests") or 0)
+    out["prompt_tokens"] += int(row.get("prompt_tokens") or 0)
+    out["completion_tokens"] += int(row.get("completion_tokens") or 0)
+    out["cost_micros"] += int((row.get("cost") or {}).get("micros") or 0)
+    out["anomalous"] = out["anomalous"] or bool(row.get("anomalous"))
+
+
+def _empty(bucket: str, group: str) -> dict[str, Any]:
+    return {"bucket": bucket, "group": group, "requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
+            "cost_micros": 0, "anomalous": False}
+
+
+def spend(report: dict[str, Any], dimension: str, top: int = 10) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """From a report grouped by `dimension` (and maybe api_key) per bucket: the rows per bucket and
+    `dimension`, and the `top` keys by cost over the whole window."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    keys: dict[str, dict[str, Any]] = {}
     for row in report.get("rows", []):
-        rows.append({"bucket": when(row.get("bucket_start")) if row.get("bucket_start") else "",
-                     "group": row.get("group", {}).get(dimension, "") or "(none)",
-                     "requests": int(row.get("requests") or 0), "prompt_tokens": int(row.get("prompt_tokens") or 0),
-                     "completion_tokens": int(row.get("completion_tokens") or 0),
-                     "cost": money((row.get("cost") or {}).get("micros")), "anomalous": bool(row.get("anomalous"))})
-    return rows
+        group = row.get("group", {})
+        bucket = when(row.get("bucket_start")) if row.get("bucket_start") else ""
+        value, key = group.get(dimension, "") or "(none)", group.get("api_key", "") or "(none)"
+        _add(rows.setdefault((bucket, value), _empty(bucket, value)), row)
+        _add(keys.setdefault(key, _empty("", key)), row)
+    ordered = sorted(rows.values(), key=lambda r: (r["bucket"], r["group"]))
+    top_keys = sorted(keys.values(), key=lambda r: (-r["cost_micros"], r["group"]))[:top]
+    for out in (*ordered, *top_keys):
+        out["cost"] = money(out.pop("cost_micros"))
+    return ordered, top_keys
