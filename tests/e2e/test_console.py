@@ -311,7 +311,7 @@ def test_an_operator_runs_the_mesh_from_the_console(mesh: Mesh, browser: WebDriv
     shot(browser, "keys")
 
 
-def test_spend_downloads_as_csv(mesh: Mesh) -> None:
+def test_spend_downloads_as_csv_and_a_pages_error_is_a_page(mesh: Mesh) -> None:
     with http(mesh) as admin:
         signed_in(admin, admin_token(mesh))
         answer = admin.get("/console/api/spend.csv", params={"by": "model", "since": "24h", "granularity": "day"})
@@ -319,4 +319,7 @@ def test_spend_downloads_as_csv(mesh: Mesh) -> None:
         assert answer.text.splitlines()[0] == "bucket,model,requests,prompt_tokens,completion_tokens,cost,anomalous"
         bad = admin.get("/console/api/spend", params={"by": "colour"})
         assert bad.status_code == 400 and "by must be one of" in bad.json()["error"]["message"]
+        page = admin.get("/console/audit", params={"page_token": "not-a-token"})
+        assert page.status_code == 400 and page.headers["content-type"].startswith("text/html")
+        assert "page_token is not one this router handed out" in page.text, "a page's error is a page"
 

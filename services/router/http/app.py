@@ -42,12 +42,12 @@ def build_app(parts: Backend, settings: HttpSettings | None = None, console: Con
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(models.router)
-    if console is not None:
-        install_console(app, console)
     app.add_exception_handler(DomainError, errors.on_domain_error)
     app.add_exception_handler(RequestValidationError, errors.on_validation_error)
     app.add_exception_handler(HTTPException, errors.on_http_exception)
     app.add_exception_handler(Exception, errors.on_unexpected)
+    if console is not None:  # after the error handlers: its pages answer errors as a page
+        install_console(app, console)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)
     app.add_middleware(RequestIds)  # outermost: every answer carries the ids

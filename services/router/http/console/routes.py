@@ -16,10 +16,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from services.common.errors import InvalidInput, PermissionDenied, Unauthenticated
+from services.common.errors import DomainError, InvalidInput, PermissionDenied, Unauthenticated
 from services.router.admin import Admin
 from services.router.billing_operator import BillingOperator
 from services.router.gateway import Gateway
+from services.router.http import errors
 from services.router.http.console import forms, views
 from services.router.http.console.live import LiveSeries
 from services.router.http.console.session import COOKIE, CSRF_HEADER, Session, Sessions
@@ -288,3 +289,21 @@ def install(app: Any, console: Console) -> None:
         return RedirectResponse("/console/login", 303)
 
     app.add_exception_handler(SignIn, to_sign_in)
+    api_errors = app.exception_handlers[DomainError]
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        """A page's error as a page (its status, the message); the JSON endpoints answer the API's way."""
+        path = request.url.path
+        if not path.startswith("/console/") or path.startswith("/console/api/"):
+            return await api_errors(request, exc)  # type: ignore[no-any-return]
+        status, body, headers = errors.domain_error_parts(exc)
+        try:
+            session: Session | None = _console(request).sessions.session(request.cookies.get(COOKIE, ""))
+        except Unauthenticated:
+            session = None
+        answer = page(request, "error.html", session, message=body["error"]["message"])
+        answer.status_code = status
+        answer.headers.update(headers)
+        return answer
+
+    app.add_exception_handler(DomainError, on_error)
