@@ -141,6 +141,10 @@ def budget_row(browser: WebDriver, mesh: Mesh, budget_id: str) -> dict[str, str]
     return {"spent": cells[3], "limit": cells[5].split()[0], "level": cells[7]}
 
 
+def test_the_banner_names_the_console(mesh: Mesh) -> None:
+    assert f"console    {base(mesh)}/console/" in "".join(mesh.output)
+
+
 def test_changes_without_the_admin_session_are_refused(mesh: Mesh) -> None:
     with http(mesh) as anonymous:
         assert anonymous.get("/console/keys", follow_redirects=False).headers["location"] == "/console/login"
