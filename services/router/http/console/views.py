@@ -129,3 +129,13 @@ def spend(report: dict[str, Any], dimension: str, top: int = 10) -> tuple[list[d
     for out in (*ordered, *top_keys):
         out["cost"] = money(out.pop("cost_micros"))
     return ordered, top_keys
+
+
+def last_use(report: dict[str, Any]) -> dict[str, str]:
+    """Key id → the latest bucket (hour) it has usage in, from a report grouped by api_key per hour."""
+    latest: dict[str, str] = {}
+    for row in report.get("rows", []):
+        key, bucket = row.get("group", {}).get("api_key", ""), when(row.get("bucket_start"))
+        if key and bucket > latest.get(key, ""):
+            latest[key] = bucket
+    return latest

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.router.http.console.views import spend
+from services.router.http.console.views import last_use, spend
 
 
 def row(bucket: str, tenant: str, key: str, requests: int, micros: int, anomalous: bool = False) -> dict[str, object]:
@@ -22,3 +22,9 @@ def test_rows_add_up_per_bucket_and_tenant_and_keys_rank_by_cost_over_the_window
         ("2026-01-01 11:00:00", "beta", 1, "0.000050", False)]
     assert [(k["group"], k["requests"], k["prompt_tokens"], k["cost"], k["anomalous"]) for k in top] == [
         ("k2", 5, 50, "0.001000", True), ("k1", 2, 20, "0.000300", False)]
+
+
+def test_a_keys_last_use_is_its_latest_hour_with_usage() -> None:
+    report = {"rows": [row("2026-01-01T10:00:00Z", "acme", "k1", 1, 1), row("2026-01-01T12:00:00Z", "acme", "k1", 1, 1),
+                       row("2026-01-01T11:00:00Z", "acme", "k2", 1, 1)]}
+    assert last_use(report) == {"k1": "2026-01-01 12:00:00", "k2": "2026-01-01 11:00:00"}

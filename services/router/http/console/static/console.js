@@ -200,6 +200,19 @@ for (const form of $$(".split-form")) onSubmit(form, async () => {
   setTimeout(() => location.reload(), 600);
 });
 
+async function loadLastUse() {
+  const cells = $$(".last-use");
+  if (!cells.length) return;
+  try {
+    const latest = await api("GET", "/console/api/keys/last-use");
+    for (const td of cells) td.textContent = latest[td.dataset.key] || "not in 7 days";
+  } catch (error) {
+    for (const td of cells) td.textContent = "?";
+    say(error.message);
+  }
+}
+
 const page = document.body.dataset.page;
+if (page === "keys") loadLastUse();
 if (page === "spend") every(5, loadSpend);
 if (page === "live") loadLive().then((interval) => every(interval || 5, loadLive)).catch((e) => say(e.message));
