@@ -290,9 +290,12 @@ def test_an_operator_runs_the_mesh_from_the_console(mesh: Mesh, browser: WebDriv
     shot(browser, "models")
 
     # Revoke the key (its last use shows beside it); the next call is refused.
-    visit(browser, mesh, "/console/keys")
-    wait_until_blocking(lambda: unless_stale(lambda: browser.find_element(
-        By.CSS_SELECTOR, f'td.last-use[data-key="{key_id}"]').text[:2] == "20"), 30, "the key's last use")
+    def last_use() -> str:
+        visit(browser, mesh, "/console/keys")
+        cell = browser.find_element(By.CSS_SELECTOR, f'td.last-use[data-key="{key_id}"]')
+        return wait_until_blocking(lambda: cell.text != "…" and cell.text, 10, "the last-use column filled in")
+
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:00:00", last_use()), "the hour of the key's last use"
     browser.find_element(By.CSS_SELECTOR, f'.revoke[data-id="{key_id}"]').click()
     wait_until_blocking(lambda: unless_stale(lambda: "revoked" in (browser.find_element(
         By.CSS_SELECTOR, f'tr[data-key="{key_id}"]').get_attribute("class") or "")), 10, "the key shown revoked")
