@@ -22,7 +22,7 @@ help:
 	@echo "make check-gen  fail if gen/ is out of date"
 	@echo "make lint       buf lint, ruff, mypy"
 	@echo "make model      build (or reuse) the INT8 ONNX model in the cache"
-	@echo "make bench-<area>  run a benchmark (inference, billing, router, sidecar, mesh, http)"
+	@echo "make bench-<area>  run a benchmark (inference, billing, router, sidecar, mesh, http, console)"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -120,24 +120,33 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scope(args: argparse.Namespace) -> pb2.BudgetScope:
-    if args.tag:
-        key, _, value = args.tag.partition("=")
-        return pb2.BudgetScope(kind=pb2.SCOPE_KIND_TAG, tenant_id=args.tenant or "", tag_key=key, tag_value=value)
-    if args.key:
-        return pb2.BudgetScope(kind=pb2.SCOPE_KIND_API_KEY, tenant_id=args.tenant or "", api_key_id=args.key)
-    return pb2.BudgetScope(kind=pb2.SCOPE_KIND_TENANT, tenant_id=args.tenant or "")
+def budget_message(*, tenant: str, key: str = "", tag: str = "", amount: int | None = None, tokens: int | None = None,
+                   period: str = "monthly", tz: str = "UTC", soft: bool = False, webhook: str = "", budget_id: str = "",
+                   currency: str = "USD") -> pb2.Budget:
+    """The Budget `autoglm budget set` sends (the console's budget form sends the same)."""
+    if tag:
+        tag_key, _, tag_value = tag.partition("=")
+        scope = pb2.BudgetScope(kind=pb2.SCOPE_KIND_TAG, tenant_id=tenant, tag_key=tag_key, tag_value=tag_value)
+    elif key:
+        scope = pb2.BudgetScope(kind=pb2.SCOPE_KIND_API_KEY, tenant_id=tenant, api_key_id=key)
+    else:
+        scope = pb2.BudgetScope(kind=pb2.SCOPE_KIND_TENANT, tenant_id=tenant)
+    rolling = re.fullmatch(r"rolling(\d+)d?", period)
+    kind = pb2.PERIOD_KIND_ROLLING_DAYS if rolling else PERIODS.get(period, 0)
+    budget = pb2.Budget(budget_id=budget_id, scope=scope,
+                        period=pb2.BudgetPeriod(kind=cast(Any, kind), rolling_days=int(rolling[1]) if rolling else 0,
+                                                time_zone=tz),
+                        tokens=tokens or 0, enforcement=pb2.ENFORCEMENT_SOFT if soft else pb2.ENFORCEMENT_HARD,
+                        webhook_url=webhook)
+    if amount is not None:
+        budget.amount.CopyFrom(money_pb2.Money(currency_code=currency, micros=amount))
+    return budget
 
 
 def _budget_set(args: argparse.Namespace) -> int:
-    rolling = re.fullmatch(r"rolling(\d+)d?", args.period)
-    period = pb2.BudgetPeriod(kind=cast(Any, pb2.PERIOD_KIND_ROLLING_DAYS if rolling else PERIODS.get(args.period, 0)),
-                              rolling_days=int(rolling[1]) if rolling else 0, time_zone=args.tz)
-    budget = pb2.Budget(budget_id=args.id or "", scope=_scope(args), period=period, tokens=args.tokens or 0,
-                        enforcement=pb2.ENFORCEMENT_SOFT if args.soft else pb2.ENFORCEMENT_HARD,
-                        webhook_url=args.webhook or "")
-    if args.amount is not None:
-        budget.amount.CopyFrom(money_pb2.Money(currency_code=args.currency, micros=args.amount))
+    budget = budget_message(tenant=args.tenant or "", key=args.key, tag=args.tag, amount=args.amount,
+                            tokens=args.tokens, period=args.period, tz=args.tz, soft=args.soft,
+                            webhook=args.webhook or "", budget_id=args.id or "", currency=args.currency)
     if args.id and args.update:
         reply = _run(args, lambda stub: stub.UpdateBudget(pb2.UpdateBudgetRequest(budget=budget, actor=args.actor)))
     else:

@@ -286,6 +286,8 @@ def banner(mesh: MeshConfig, top: Topology, demo_key: str) -> str:
            f"{'; TLS, same CA' if top.tls else '; plaintext'})"] if top.openai_base_url else []),
         *([f"  routers    {len(top.routers)} behind the router's address (least outstanding requests): "
            + ", ".join(r["grpc"] for r in top.routers)] if len(top.routers) > 1 else []),
+        *([f"  console    {top.openai_base_url.removesuffix('/v1')}/console/   (operator console: sign in with "
+           f"{mesh.data_dir / 'router' / 'admin_token'})"] if top.openai_base_url else []),
         f"  billing    127.0.0.1:{mesh.billing_port}",
         f"  inference  {', '.join(replicas)}",
         f"  sidecars   {top.sidecar}{' (mTLS between services, certificates in ' + str(mesh.data_dir / 'certs') + ')' if top.tls else ''}",

@@ -11,6 +11,7 @@ default_to_iomgr()  # before grpc loads: see services/common/grpc_engine.py
 import argparse
 from pathlib import Path
 
+from services.billing.operators import TOKEN_FILE
 from services.common.config import ServerSettings, apply_overrides, load_section
 from services.common.grpc_server import RunningServer
 from services.common.service_main import run_service
@@ -78,6 +79,13 @@ def config_from(settings: ServerSettings, args: argparse.Namespace) -> RouterCon
         if not config.admin_token:
             overrides["admin_token"] = load_or_create_secret_file(args.shared_secrets_dir / "admin_token",
                                                                   text=True).decode()
+    if not config.billing_operator_token and not config.billing_operator_token_file:
+        billing = load_section(args.config, "billing")
+        if billing.get("operator_token"):
+            overrides["billing_operator_token"] = str(billing["operator_token"])
+        else:  # the file billing reads (or makes): its operator_token_file, else <mesh.data_dir>/...
+            overrides["billing_operator_token_file"] = str(billing.get("operator_token_file") or Path(
+                str(mesh.get("data_dir") or ".autoglm")).expanduser() / TOKEN_FILE)
     return apply_overrides(config, overrides)
 
 

@@ -25,6 +25,7 @@ from services.router.auth.jwt import JwtSettings, JwtVerifier
 from services.router.auth.key_store import KeyStore
 from services.router.balancer import Balancer
 from services.router.billing_client import GrpcBilling
+from services.router.billing_operator import BillingOperator
 from services.router.cache import ResponseCache
 from services.router.canary import CanaryMonitor
 from services.router.config import RouterConfig
@@ -151,6 +152,9 @@ class RouterApp:
         self.workflows = Workflows(self.workflow_store, self.workflow_runner, self.gateway.check_model, validate_tags,
                                    effective_class, budget.quote, budget.cover, config.default_max_tokens)
         self.admin = Admin(self.keys, self.registry, self.policies, self.inference, self.healthy_replicas)
+        self.billing_operator = BillingOperator(
+            config.billing_target or DEFAULT_BILLING_TARGET, config.billing_operator_token,
+            Path(config.billing_operator_token_file) if config.billing_operator_token_file else None)
         self._tasks: list[asyncio.Task[None]] = []
         self._purging: asyncio.Future[tuple[int, int]] | None = None
 
@@ -305,6 +309,7 @@ class RouterApp:
         await self.monitor.close()
         await self.inference.close()
         await self.billing.close()
+        await self.billing_operator.close()
         await self.limiter.close()
         for store in (self.keys, self.registry, self.policies, self.contexts, self.spool, self.journal, self.job_store):
             store.close()

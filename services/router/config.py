@@ -128,6 +128,18 @@ class RouterConfig:
     workflow_max_nodes: int = 64
     workflow_poll_s: float = 0.5
     workflow_lease_s: float = 15.0
+    # The operator console (services/router/http/console) under /console/ on the HTTP API's port: signed in
+    # with the admin token (every page and change) or the operator-read token (every page, no change;
+    # empty and no file: nobody signs in read-only), a signed session cookie valid console_session_s.
+    console: bool = True
+    operator_read_token: str = ""
+    operator_read_token_file: str = ""
+    console_session_s: int = 8 * 3600
+    # Billing's operator token the console's Spend, Budgets and Audit pages call billing with; empty: read
+    # from this file at each call (`python -m services.router --config` defaults it from the mesh file:
+    # billing.operator_token / operator_token_file, else <mesh.data_dir>/billing_operator_token).
+    billing_operator_token: str = ""
+    billing_operator_token_file: str = ""
 
     def __post_init__(self) -> None:
         if self.cache_max_entries < 0 or self.cache_max_bytes < 0 or self.cache_ttl_s < 0:
@@ -173,3 +185,7 @@ class RouterConfig:
                 or self.workflow_poll_s <= 0 or self.workflow_lease_s <= 0:
             raise ValueError("workflow_concurrency, workflow_default_concurrency and workflow_max_nodes must be >= 1 "
                              "and workflow_poll_s and workflow_lease_s > 0")
+        if not 60 <= self.console_session_s <= 7 * 86400:
+            raise ValueError(f"console_session_s must be 60 to 604800 seconds, got {self.console_session_s}")
+        if self.operator_read_token and len(self.operator_read_token) < 16:
+            raise ValueError("operator_read_token must be at least 16 characters")

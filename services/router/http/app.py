@@ -1,8 +1,9 @@
 """`build_app(backend, settings)`: the OpenAI-compatible HTTP API as an ASGI app over the router's gateway.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id},
-GET /health (liveness, open), GET /ready (the router's store reachable and a model with a healthy replica; open), /openapi.json and
-/docs. Errors are OpenAI error bodies with the one error table's statuses; never a traceback.
+GET /health (liveness, open), GET /ready (the router's store reachable and a model with a healthy replica;
+open), /openapi.json and /docs; with a `Console`, the operator console under /console/
+(`console/routes.py`). Errors are OpenAI error bodies with the one error table's statuses; never a traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from starlette.exceptions import HTTPException
 
 from services.common.errors import DomainError
 from services.router.http import errors
+from services.router.http.console.routes import Console
+from services.router.http.console.routes import install as install_console
 from services.router.http.deps import Backend, backend
 from services.router.http.middleware import BodyLimit, BodyTimeout, RequestIds
 from services.router.http.openai import chat, completions, models
@@ -31,7 +34,7 @@ class HttpSettings:
     body_timeout_s: float = 30.0
 
 
-def build_app(parts: Backend, settings: HttpSettings | None = None) -> FastAPI:
+def build_app(parts: Backend, settings: HttpSettings | None = None, console: Console | None = None) -> FastAPI:
     settings = settings or HttpSettings()
     # FastAPI's built-in telemetry off: RequestIds makes the one server span (ids as the gRPC side), and the
     # router's Prometheus metrics count requests; FastAPI's would add a span per dependency, endpoint and
@@ -48,6 +51,8 @@ def build_app(parts: Backend, settings: HttpSettings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, errors.on_validation_error)
     app.add_exception_handler(HTTPException, errors.on_http_exception)
     app.add_exception_handler(Exception, errors.on_unexpected)
+    if console is not None:  # after the error handlers: its pages answer errors as a page
+        install_console(app, console)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)
     app.add_middleware(RequestIds)  # outermost: every answer carries the ids

@@ -47,3 +47,21 @@ def test_shared_state_comes_from_flags_as_the_kubernetes_manifests_pass_it(tmp_p
     assert admin_token_of(config) == "s3cret-admin"
     with pytest.raises(ValueError, match=r"admin_token_path .* is missing or empty"):
         admin_token_of(RouterConfig(admin_token_path=str(tmp_path / "absent")))
+def test_the_console_finds_billings_operator_token_where_billing_keeps_it(tmp_path: Path) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(f"mesh:\n  data_dir: {tmp_path / 'data'}\nrouter:\n  port: 50051\n")
+    assert config_from(ServerSettings(), args(path)).billing_operator_token_file == str(
+        tmp_path / "data" / "billing_operator_token")
+    path.write_text("router:\n  port: 50051\nbilling:\n  operator_token_file: /run/secrets/billing\n")
+    assert config_from(ServerSettings(), args(path)).billing_operator_token_file == "/run/secrets/billing"
+    path.write_text("router:\n  port: 50051\nbilling:\n  operator_token: a-billing-operator-token\n")
+    assert config_from(ServerSettings(), args(path)).billing_operator_token == "a-billing-operator-token"
+    path.write_text("router:\n  port: 50051\n  billing_operator_token_file: /elsewhere\n")
+    assert config_from(ServerSettings(), args(path)).billing_operator_token_file == "/elsewhere"
+
+
+@pytest.mark.parametrize(("fields", "message"), [({"console_session_s": 10}, "console_session_s"),
+                                                 ({"operator_read_token": "short"}, "operator_read_token")])
+def test_bad_console_settings_are_refused_at_start(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RouterConfig(**fields)  # type: ignore[arg-type]

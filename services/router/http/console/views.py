@@ -1,0 +1,141 @@
+"""What the pages show, from the admin operations' and billing's answers: plain dicts for the templates
+and the JSON endpoints. Never a secret: keys are shown by id and prefix only."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from services.router.auth.api_keys import ApiKeyRecord
+from services.router.balancer import Balancer
+from services.router.registry import AuditEvent, ModelEntry
+
+LEVELS = {"ALERT_LEVEL_UNSPECIFIED": "OK", "ALERT_LEVEL_WARNING": "WARNING", "ALERT_LEVEL_CRITICAL": "CRITICAL",
+          "ALERT_LEVEL_EMERGENCY": "EMERGENCY"}
+
+
+def money(micros: Any) -> str:
+    return f"{Decimal(int(micros or 0)) / 1_000_000:.6f}"
+
+
+def when(value: datetime | str | None) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def key(record: ApiKeyRecord) -> dict[str, Any]:
+    return {"key_id": record.key_id, "prefix": record.prefix, "tenant_id": record.tenant_id, "name": record.name,
+            "models": ", ".join(record.allowed_models) or "all", "rpm": record.requests_per_minute or "none",
+            "tpm": record.tokens_per_minute or "none", "traffic_class": record.traffic_class.name.lower(),
+            "created": when(record.create_time), "revoked": when(record.revoke_time),
+            "expires": when(record.expire_time)}
+
+
+def budget(status: dict[str, Any]) -> dict[str, Any]:
+    b = status["budget"]
+    scope = b.get("scope", {})
+    kind = scope.get("kind", "")
+    target = {"SCOPE_KIND_TENANT": f"tenant {scope.get('tenant_id', '')}",
+              "SCOPE_KIND_API_KEY": f"key {scope.get('api_key_id', '')}",
+              "SCOPE_KIND_TAG": f"tag {scope.get('tag_key', '')}={scope.get('tag_value', '')}"}.get(kind, "?")
+    tokens = int(status.get("effective_tokens") or 0) > 0
+
+    def amount(name: str) -> str:
+        return str(int(status.get(f"{name}_tokens") or 0)) if tokens else money(
+            (status.get(f"{name}_amount") or {}).get("micros"))
+
+    period = b.get("period", {})
+    period_name = str(period.get("kind", "")).removeprefix("PERIOD_KIND_").lower()
+    if period_name == "rolling_days":
+        period_name = f"rolling{period.get('rolling_days', 0)}d"
+    return {"budget_id": b.get("budget_id", ""), "scope": target, "tenant": scope.get("tenant_id", ""),
+            "key": scope.get("api_key_id", ""),
+            "tag": f"{scope.get('tag_key')}={scope.get('tag_value', '')}" if scope.get("tag_key") else "",
+            "period": period_name, "unit": "tokens" if tokens else (b.get("amount") or {}).get("currency_code", "USD"),
+            "spent": amount("spent"), "held": amount("held"), "leased": amount("leased"), "limit": amount("effective"),
+            "amount": money((b.get("amount") or {}).get("micros")) if not tokens else "",
+            "tokens": str(int(b.get("tokens") or 0)) if tokens else "",
+            "used": f"{int(status.get('utilization_permille') or 0) / 10:.1f}%",
+            "level": LEVELS.get(str(status.get("level", "")), str(status.get("level", ""))),
+            "enforcement": str(b.get("enforcement", "")).removeprefix("ENFORCEMENT_").lower(),
+            "period_start": when(status.get("period_start")), "webhook": b.get("webhook_url", "")}
+
+
+def model(entry: ModelEntry, balancer: Balancer, healthy: dict[str, int],
+          rollbacks: list[AuditEvent]) -> dict[str, Any]:
+    versions = []
+    for v in entry.versions:
+        replicas = []
+        for address in v.replicas:
+            state = balancer.state(address)
+            replicas.append({"address": address, "healthy": not state.ejected, "in_flight": state.outstanding,
+                             "reported_load": state.reported_load, "failed_checks": state.failed_checks})
+        role = "stable" if v.stable else ("canary" if v.weight_permille else "idle")
+        versions.append({"version": v.version, "weight_permille": v.weight_permille, "role": role,
+                         "healthy": healthy.get(v.version, 0), "replicas": replicas,
+                         "canary": {"max_error_permille": v.canary.max_error_permille, "max_p99_s": v.canary.max_p99_s,
+                                    "window_s": v.canary.window_s, "min_requests": v.canary.min_requests}})
+    return {"name": entry.name, "context_window": entry.context_window, "fallbacks": ", ".join(entry.fallback_models),
+            "versions": versions,
+            "rollbacks": [{"time": when(e.time), "actor": e.actor, "reason": str(e.details.get("reason", "")),
+                           "to": str(e.details.get("to", ""))} for e in rollbacks if e.target == f"model/{entry.name}"]}
+
+
+def router_audit(event: AuditEvent) -> dict[str, Any]:
+    return {"time": when(event.time), "source": "router", "actor": event.actor, "action": event.action,
+            "target": event.target, "details": event.details}
+
+
+def billing_audit(event: dict[str, Any]) -> dict[str, Any]:
+    try:
+        details = json.loads(event.get("details_json") or "{}")
+    except ValueError:
+        details = {}
+    return {"time": when(event.get("time")), "source": "billing", "actor": event.get("actor", ""),
+            "action": event.get("action", ""), "target": event.get("target", ""), "details": details}
+
+
+def _add(out: dict[str, Any], row: dict[str, Any]) -> None:
+    out["requests"] += int(row.get("requests") or 0)
+    out["prompt_tokens"] += int(row.get("prompt_tokens") or 0)
+    out["completion_tokens"] += int(row.get("completion_tokens") or 0)
+    out["cost_micros"] += int((row.get("cost") or {}).get("micros") or 0)
+    out["anomalous"] = out["anomalous"] or bool(row.get("anomalous"))
+
+
+def _empty(bucket: str, group: str) -> dict[str, Any]:
+    return {"bucket": bucket, "group": group, "requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
+            "cost_micros": 0, "anomalous": False}
+
+
+def spend(report: dict[str, Any], dimension: str, top: int = 10) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """From a report grouped by `dimension` (and maybe api_key) per bucket: the rows per bucket and
+    `dimension`, and the `top` keys by cost over the whole window."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    keys: dict[str, dict[str, Any]] = {}
+    for row in report.get("rows", []):
+        group = row.get("group", {})
+        bucket = when(row.get("bucket_start")) if row.get("bucket_start") else ""
+        value, key = group.get(dimension, "") or "(none)", group.get("api_key", "") or "(none)"
+        _add(rows.setdefault((bucket, value), _empty(bucket, value)), row)
+        _add(keys.setdefault(key, _empty("", key)), row)
+    ordered = sorted(rows.values(), key=lambda r: (r["bucket"], r["group"]))
+    top_keys = sorted(keys.values(), key=lambda r: (-r["cost_micros"], r["group"]))[:top]
+    for out in (*ordered, *top_keys):
+        out["cost"] = money(out.pop("cost_micros"))
+    return ordered, top_keys
+
+
+def last_use(report: dict[str, Any]) -> dict[str, str]:
+    """Key id → the latest bucket (hour) it has usage in, from a report grouped by api_key per hour."""
+    latest: dict[str, str] = {}
+    for row in report.get("rows", []):
+        key, bucket = row.get("group", {}).get("api_key", ""), when(row.get("bucket_start"))
+        if key and bucket > latest.get(key, ""):
+            latest[key] = bucket
+    return latest

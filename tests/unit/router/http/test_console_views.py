@@ -1,0 +1,30 @@
+"""The Spend page's rows and top keys from billing's report rows."""
+
+from __future__ import annotations
+
+from services.router.http.console.views import last_use, spend
+
+
+def row(bucket: str, tenant: str, key: str, requests: int, micros: int, anomalous: bool = False) -> dict[str, object]:
+    return {"bucket_start": bucket, "group": {"tenant": tenant, "api_key": key}, "requests": str(requests),
+            "prompt_tokens": str(10 * requests), "completion_tokens": str(5 * requests),
+            "cost": {"currency_code": "USD", "micros": str(micros)}, "anomalous": anomalous}
+
+
+def test_rows_add_up_per_bucket_and_tenant_and_keys_rank_by_cost_over_the_window() -> None:
+    h1, h2 = "2026-01-01T10:00:00Z", "2026-01-01T11:00:00Z"
+    report = {"rows": [row(h1, "acme", "k1", 2, 300), row(h1, "acme", "k2", 1, 100), row(h2, "acme", "k2", 4, 900,
+                                                                                          anomalous=True),
+                       row(h2, "beta", "k3", 1, 50)]}
+    rows, top = spend(report, "tenant", top=2)
+    assert [(r["bucket"], r["group"], r["requests"], r["cost"], r["anomalous"]) for r in rows] == [
+        ("2026-01-01 10:00:00", "acme", 3, "0.000400", False), ("2026-01-01 11:00:00", "acme", 4, "0.000900", True),
+        ("2026-01-01 11:00:00", "beta", 1, "0.000050", False)]
+    assert [(k["group"], k["requests"], k["prompt_tokens"], k["cost"], k["anomalous"]) for k in top] == [
+        ("k2", 5, 50, "0.001000", True), ("k1", 2, 20, "0.000300", False)]
+
+
+def test_a_keys_last_use_is_its_latest_hour_with_usage() -> None:
+    report = {"rows": [row("2026-01-01T10:00:00Z", "acme", "k1", 1, 1), row("2026-01-01T12:00:00Z", "acme", "k1", 1, 1),
+                       row("2026-01-01T11:00:00Z", "acme", "k2", 1, 1)]}
+    assert last_use(report) == {"k1": "2026-01-01 12:00:00", "k2": "2026-01-01 11:00:00"}
