@@ -52,6 +52,7 @@ from services.router.types import (
     RequestContext,
     Summary,
 )
+from services.router.usage_stream import UsageStream
 
 log = structlog.get_logger(__name__)
 DEFAULT_BILLING_TARGET = "127.0.0.1:50061"
@@ -98,10 +99,12 @@ class RouterApp:
         self.monitor = ReplicaMonitor(self.balancer, self.inference, config.health_interval_s)
         # A router instance's leases die with it: a fresh id at each start (the old ones expire at billing).
         self.leases = LeaseBook(self.billing, f"router-{uuid.uuid4().hex[:16]}") if config.billing_leases else None
+        # With leases, usage events go to billing in batches over one StreamUsage stream.
+        self.usage_stream = UsageStream(self.billing) if config.billing_leases else None
         self.meter = Meter(self.billing, self.spool, grace_s=config.billing_grace_s,
                            recovery_s=config.billing_recovery_s, batch_wait_s=config.batch_billing_wait_s,
                            max_early_starts_per_tenant=config.early_starts_per_tenant, journal=self.journal,
-                           leases=self.leases)
+                           leases=self.leases, stream=self.usage_stream)
         self.limiter = RateLimiter(rate_limit_backend(config.rate_limit_redis_url))
         self.gateway = Gateway(
             registry=self.registry, balancer=self.balancer, inference=self.inference, meter=self.meter,
@@ -134,6 +137,8 @@ class RouterApp:
         self._tasks.append(asyncio.create_task(self.meter.refresh_prices_forever(self.config.price_refresh_s)))
         if self.leases is not None:
             self._tasks.append(asyncio.create_task(self.leases.refresh_forever()))
+        if self.usage_stream is not None:
+            self._tasks.append(asyncio.create_task(self.usage_stream.run_forever()))
         self._tasks.append(asyncio.create_task(self.runner.run_forever()))
         self._tasks.append(asyncio.create_task(self.purge_forever()))
 
@@ -231,6 +236,8 @@ class RouterApp:
 
     async def close(self) -> None:
         await self.runner.close()
+        if self.usage_stream is not None:  # what billing has not acked by then stays journaled
+            await self.usage_stream.close(self.config.billing_timeout_s)
         await self.gateway.drain()
         for task in self._tasks:
             task.cancel()

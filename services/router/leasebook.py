@@ -31,7 +31,7 @@ from typing import Protocol
 
 import structlog
 
-from services.common.errors import DomainError
+from services.common.errors import DomainError, PeerUnreachable
 from services.router.ports import AlertLevel
 from services.router.types import TrafficClass
 
@@ -102,6 +102,7 @@ class LeaseBook:
     low_water: float = 0.25
     idle_s: float = 120.0
     default_refresh_s: float = 10.0
+    reachable: Callable[[bool], None] | None = None  # told of each refresh's transport outcome (the meter)
     _callers: dict[CallerKey, _Caller] = field(default_factory=dict)
     _leases: dict[str, _Lease] = field(default_factory=dict)  # budget id -> this router's lease on it
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -151,6 +152,38 @@ class LeaseBook:
                                  else (admitted.worst_micros, actual_micros))
                 lease.consumed -= worst - min(actual, worst)
 
+    def shortfall(self, tenant_id: str, api_key_id: str, tags: dict[str, str], worst_micros: int | None,
+                  worst_tokens: int, traffic: TrafficClass = TrafficClass.INTERACTIVE) -> tuple[str, str] | None:
+        """Why the leases cannot admit this request: (budget id, reason) of the first of the caller's hard
+        budgets whose lease does not cover it; None when the book does not know the caller or none does."""
+        caller = self._callers.get(self.key(tenant_id, api_key_id, tags))
+        if caller is None or not caller.known:
+            return None
+        now = self.clock()
+        for budget_id in caller.budget_ids:
+            lease = self._leases.get(budget_id)
+            if lease is None:
+                return budget_id, "this router holds no lease on it"
+            worst = worst_tokens if lease.in_tokens else worst_micros
+            unit = "tokens" if lease.in_tokens else "micro-units"
+            left = lease.expire_at - now
+            if worst is None:
+                return budget_id, "this router does not know the model's price yet"
+            if left <= 0:
+                return budget_id, "the lease has expired"
+            if left < self.min_lifetime_s:
+                return budget_id, f"the lease expires in {left:.0f} s"
+            if _refuses(lease.level, traffic):
+                return budget_id, f"the budget was last at {lease.level.name}"
+            if lease.consumed + worst > lease.granted:
+                return budget_id, (f"the lease is used up: {max(lease.granted - lease.consumed, 0)} {unit} left, "
+                                   f"the request may cost up to {worst}")
+        return None
+
+    def leased(self) -> dict[str, tuple[int, int]]:
+        """Per budget id: (granted, consumed) of this router's lease, for metrics."""
+        return {b: (lease.granted, lease.consumed) for b, lease in self._leases.items()}
+
     def room(self, budget_id: str) -> int:
         lease = self._leases.get(budget_id)
         return 0 if lease is None else lease.granted - lease.consumed
@@ -183,7 +216,11 @@ class LeaseBook:
         except DomainError as exc:  # billing unreachable or refusing: per-request Reserve decides meanwhile
             log.warning("lease_refresh_failed", tenant=caller.tenant_id, reason=exc.reason)
             caller.refresh_at = self.clock() + min(self.default_refresh_s, 1.0)
+            if isinstance(exc, PeerUnreachable) and self.reachable is not None:
+                self.reachable(False)
             return
+        if self.reachable is not None:
+            self.reachable(True)
         now = self.clock()
         for grant in grants:
             lease = self._leases.get(grant.budget_id)
