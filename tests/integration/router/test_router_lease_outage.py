@@ -15,7 +15,9 @@ from services.billing.config import BillingConfig
 from services.billing.server import build_server as build_billing
 from services.common.config import ServerSettings
 from services.inference.engine.model import LoadedModel
-from tests.integration.router.conftest import start_mesh
+from services.router.config import RouterConfig
+from services.router.server import build_server as build_router
+from tests.integration.router.conftest import ADMIN_TOKEN, EPHEMERAL, start_mesh
 from tests.integration.router.test_router_leases import REQUEST, _budget, _ledger
 from tests.integration.router.test_router_vertical import bearer, settled_rows
 from tests.waiting import wait_until
@@ -62,3 +64,37 @@ async def test_billing_down_serves_within_leases_then_refuses_precisely_and_bill
         ((used,),) = conn.execute("SELECT SUM(used) FROM leases")
     assert events == len(served)
     assert used == sum(r.cost.micros for r in served[before_outage - 1:])  # each leased one moved to spend
+
+
+async def test_a_router_restarted_while_billing_is_down_replays_its_leased_usage_with_the_lease_ids(
+        serve, tmp_path: Path, loaded_model: LoadedModel) -> None:
+    mesh = await start_mesh(serve, tmp_path, loaded_model, billing_leases=True)
+    try:
+        await _budget(mesh, "restart", 41 * 2_000)
+        secret, _ = await mesh.create_key("restart")
+        served: list[pb2.CompleteResponse] = []
+
+        async def admitted_by_lease() -> bool:
+            before = _ledger(tmp_path, "SELECT COUNT(*) FROM holds")
+            served.append(await mesh.router_stub.Complete(REQUEST, metadata=bearer(secret), timeout=60))
+            return _ledger(tmp_path, "SELECT COUNT(*) FROM holds") == before
+
+        await wait_until(admitted_by_lease, 60, "a request admitted against the router's lease", interval=0.2)
+        first_leased = len(served) - 1
+        port = mesh.billing.port
+        await mesh.billing.stop(grace=0)
+        for _ in range(3):  # within the lease, billing down: their events wait, journaled
+            served.append(await mesh.router_stub.Complete(REQUEST, metadata=bearer(secret), timeout=60))
+        await mesh.router.stop(grace=1)  # the router goes away before billing acked them
+        await serve(build_router(RouterConfig(
+            server=EPHEMERAL, inference_targets=(mesh.inference.address,), billing_target=f"127.0.0.1:{port}",
+            data_dir=mesh.data_dir, admin_token=ADMIN_TOKEN, billing_leases=True)))
+        await serve(build_billing(BillingConfig(server=ServerSettings(port=port), data_dir=tmp_path / "billing")))
+        report = await settled_rows(mesh, "restart", len(served))
+    finally:
+        await mesh.channel.close()
+        await mesh.billing_channel.close()
+    assert report.total.requests == len(served)
+    assert report.total.cost.micros == sum(r.cost.micros for r in served)
+    ((used,),) = _ledger(tmp_path, "SELECT SUM(used) FROM leases")
+    assert used == sum(r.cost.micros for r in served[first_leased:])  # the replays moved their lease's room
