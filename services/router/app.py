@@ -17,6 +17,7 @@ from pathlib import Path
 import structlog
 
 from services.common.errors import DomainError, NotFound, Unauthenticated
+from services.router import metrics
 from services.router.admin import Admin
 from services.router.admission import PriorityGate
 from services.router.auth.api_keys import load_or_create_secret_file
@@ -101,6 +102,7 @@ class RouterApp:
         self.leases = LeaseBook(self.billing, f"router-{uuid.uuid4().hex[:16]}") if config.billing_leases else None
         # With leases, usage events go to billing in batches over one StreamUsage stream.
         self.usage_stream = UsageStream(self.billing) if config.billing_leases else None
+        metrics.watch_leases(self.leases, self.usage_stream)
         self.meter = Meter(self.billing, self.spool, grace_s=config.billing_grace_s,
                            recovery_s=config.billing_recovery_s, batch_wait_s=config.batch_billing_wait_s,
                            max_early_starts_per_tenant=config.early_starts_per_tenant, journal=self.journal,

@@ -68,6 +68,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.pricing import PriceTable, cost_micros, micros_since_epoch
+from services.router import metrics
 from services.router.leasebook import LeaseBook
 from services.router.ports import AlertLevel, BillingPort, Hold, HoldRequest, UsageRecord
 from services.router.spool import SettlementJournal, UsageSpool
@@ -203,6 +204,7 @@ class Meter:
             if self._clock() - self._outage_since > self._grace_s:
                 raise BillingUnavailable(f"billing has been unreachable for more than {self._grace_s:.0f} s; "
                                          "requests wait until it returns, retry later")
+        metrics.ADMISSIONS.labels("lease").inc()
         return Hold(hold_id="", level=self._levels.get(request.tenant_id, AlertLevel.NONE), admitted=admitted)
 
     def _worst_micros(self, request: HoldRequest) -> int | None:
@@ -219,6 +221,7 @@ class Meter:
                                       request.traffic_class)
         if short is not None:
             budget_id, why = short
+            metrics.ADMISSIONS.labels("refused_lease").inc()
             raise LeaseExhausted(
                 f"billing is unreachable and this router's lease on hard budget {budget_id} cannot cover this "
                 f"request ({why}); it is refused rather than served unbilled: retry once billing is back, or "
@@ -238,7 +241,9 @@ class Meter:
                 now = self._clock()
                 self._refuse_beyond_lease(request, self._worst_micros(request))
                 if request.traffic_class != TrafficClass.BATCH:
-                    return self._offline_hold(request, now)
+                    offline = self._offline_hold(request, now)
+                    metrics.ADMISSIONS.labels("offline").inc()
+                    return offline
                 waited_since = now if waited_since is None else waited_since
                 give_up = waited_since + self._batch_wait_s
                 if deadline is not None:
@@ -256,6 +261,7 @@ class Meter:
                 raise
             self._answered()
             self._levels[request.tenant_id] = hold.level
+            metrics.ADMISSIONS.labels("reserve").inc()
             return hold
 
     def may_start_before_hold(self, tenant_id: str, traffic_class: TrafficClass) -> bool:

@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 
 import grpc
+from prometheus_client import REGISTRY
 
 from autoglm.router.v1 import router_service_pb2 as pb2
 from services.billing.config import BillingConfig
@@ -38,6 +39,11 @@ async def test_billing_down_serves_within_leases_then_refuses_precisely_and_bill
 
         await wait_until(admitted_by_lease, 60, "a request admitted against the router's lease", interval=0.2)
         before_outage = len(served)
+        billing_leased = REGISTRY.get_sample_value("autoglm_billing_budget_leased",
+                                                   {"budget_id": budget_id, "tenant": "outage"})
+        assert billing_leased is not None and billing_leased > 0  # billing's metrics show the lease's room
+        refused_before = REGISTRY.get_sample_value("autoglm_router_budget_admissions_total",
+                                                   {"path": "refused_lease"}) or 0
         port = mesh.billing.port
         await mesh.billing.stop(grace=0)
         refused: grpc.aio.AioRpcError | None = None
@@ -52,6 +58,13 @@ async def test_billing_down_serves_within_leases_then_refuses_precisely_and_bill
         assert during_outage >= 1  # the lease served requests with billing down
         assert refused.code() == grpc.StatusCode.UNAVAILABLE
         assert f"lease on hard budget {budget_id}" in refused.details() and "used up" in refused.details()
+        # The router's metrics: its lease's room, the refusal, and the events waiting for billing's ack.
+        granted = REGISTRY.get_sample_value("autoglm_router_lease_granted", {"budget_id": budget_id})
+        consumed = REGISTRY.get_sample_value("autoglm_router_lease_consumed", {"budget_id": budget_id})
+        assert granted is not None and consumed is not None and 0 < consumed <= granted
+        assert REGISTRY.get_sample_value("autoglm_router_budget_admissions_total",
+                                         {"path": "refused_lease"}) == refused_before + 1
+        assert (REGISTRY.get_sample_value("autoglm_router_usage_unacked") or 0) >= during_outage
         await serve(build_billing(BillingConfig(server=ServerSettings(port=port), data_dir=tmp_path / "billing")))
         report = await settled_rows(mesh, "outage", len(served))
     finally:
