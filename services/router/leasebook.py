@@ -69,6 +69,7 @@ class _Lease:
     level: AlertLevel
     consumed: int = 0
     last_grant: int = 0  # the room the latest refresh left (for the low-water mark)
+    returned: bool = False  # given back (`return_unusable`): nothing more is admitted against it
 
 
 @dataclass
@@ -125,7 +126,7 @@ class LeaseBook:
         if not caller.known:
             return None
         leases = [self._leases.get(b) for b in caller.budget_ids]
-        if any(lease is None for lease in leases):
+        if any(lease is None or lease.returned for lease in leases):
             self._want(caller)
             return None
         taken: list[tuple[_Lease, int]] = []
@@ -179,6 +180,29 @@ class LeaseBook:
                 return budget_id, (f"the lease is used up: {max(lease.granted - lease.consumed, 0)} {unit} left, "
                                    f"the request may cost up to {worst}")
         return None
+
+    async def return_unusable(self, tenant_id: str, api_key_id: str, tags: dict[str, str], worst_micros: int | None,
+                              worst_tokens: int) -> bool:
+        """Billing refused this request's Reserve: give back the room of the caller's leases that cannot
+        cover it (too small, or a price not known here yet; keeping what is consumed), so that room counts for per-request Reserves at the edge instead
+        of sitting unused until the lease expires. True when some room went back (a Reserve may fit now)."""
+        caller = self._callers.get(self.key(tenant_id, api_key_id, tags))
+        if caller is None:
+            return False
+        given = False
+        for budget_id in caller.budget_ids:
+            lease = self._leases.get(budget_id)
+            worst = None if lease is None else (worst_tokens if lease.in_tokens else worst_micros)
+            if lease is None or lease.returned or lease.granted <= lease.consumed or \
+                    (worst is not None and lease.consumed + worst <= lease.granted):
+                continue  # no room to give, or room that covers it (the refusal is another budget's)
+            lease.returned = True
+            self._want(caller)
+            try:
+                given = await self.port.return_lease(self.router_id, lease.lease_id, lease.consumed) or given
+            except DomainError as exc:
+                log.warning("lease_return_failed", budget_id=budget_id, reason=exc.reason)
+        return given
 
     def leased(self) -> dict[str, tuple[int, int]]:
         """Per budget id: (granted, consumed) of this router's lease, for metrics."""

@@ -233,6 +233,7 @@ class Meter:
             return leased
         waited_since: float | None = None
         delay = 0.05
+        retried = False
         while True:
             try:
                 hold = await self._billing.reserve(request)
@@ -258,6 +259,11 @@ class Meter:
             except BudgetExceeded:
                 self._answered()
                 self._levels[request.tenant_id] = AlertLevel.CRITICAL
+                if self.leases is not None and not retried and await self.leases.return_unusable(
+                        request.tenant_id, request.api_key_id, request.tags, self._worst_micros(request),
+                        request.max_prompt_tokens + request.max_completion_tokens):
+                    retried = True  # this router's unusable lease room went back: the edge may fit it now
+                    continue
                 raise
             self._answered()
             self._levels[request.tenant_id] = hold.level

@@ -2,7 +2,8 @@
 a hard budget's lease are served; once the lease is used up or expires the budget's traffic is refused
 with LeaseExhausted naming the budget (never an offline hold, never served unbilled), at once while
 billing's latest call failed; callers under soft budgets only keep the grace window; leased usage and
-the spool's replays go through the usage stream, not a call per event."""
+the spool's replays go through the usage stream, not a call per event. At the edge, lease room too small
+for a request goes back when its Reserve is refused, so the Reserve can use it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from services.common.errors import BudgetExceeded
 from services.router.leasebook import LeaseBook, LeaseGrant
 from services.router.metering import BillingUnavailable, LeaseExhausted, Meter
 from services.router.ports import Hold, HoldRequest
@@ -29,6 +31,7 @@ class LeasedBilling(Billing):
         super().__init__()
         self.leases = leases
         self.reserves = 0
+        self.returned: list[tuple[str, int]] = []
 
     async def reserve(self, request: HoldRequest) -> Hold:
         self.reserves += 1
@@ -40,6 +43,7 @@ class LeasedBilling(Billing):
         return await self.leases.acquire_leases(router_id, tenant_id, api_key_id, tags, consumed)
 
     async def return_lease(self, router_id: str, lease_id: str, consumed: int) -> bool:
+        self.returned.append((lease_id, consumed))
         return True
 
 
@@ -120,3 +124,18 @@ async def test_leased_usage_and_spool_replays_go_through_the_usage_stream(tmp_pa
         await asyncio.gather(task, return_exceptions=True)
     assert billing.recorded == ["first"]  # nothing else took a call of its own
     assert ledger.messages == [["r1"], ["s1", "s2", "s3"]] and len(spool) == 0
+
+
+async def test_a_refused_reserve_gives_back_lease_room_too_small_for_the_request_and_tries_again(
+        tmp_path: Path) -> None:
+    billing, meter, _ = await leased_meter(tmp_path, {"tok-budget": True}, {"tok-budget": 30})
+    assert (await meter.reserve(request("r1"))).admitted is not None  # 20 of the lease's 30
+    # 10 left: not enough for a 20-token worst case, so Reserve; billing counts those 10 as leased and refuses.
+    billing.failures["reserve"] = [BudgetExceeded("budget tok-budget cannot cover this request")]
+    hold = await meter.reserve(request("r2"))
+    assert hold.hold_id == "h-r2"  # the room went back and the second Reserve was granted
+    assert billing.returned == [("lease-tok-budget", 20)]  # it keeps what r1 may still spend
+    billing.failures["reserve"] = [BudgetExceeded("budget tok-budget cannot cover this request")] * 2
+    with pytest.raises(BudgetExceeded):  # nothing left to give back: refused, once
+        await meter.reserve(request("r3"))
+    assert billing.returned == [("lease-tok-budget", 20)]
