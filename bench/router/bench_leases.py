@@ -5,8 +5,9 @@ inference replica with the bundled model, two routers on them (one with `billing
 Settle per request; one with it on: in-process admission against leases, usage batched over one
 StreamUsage stream) and the bare grpc.aio relay of bench/router/floor_relay.py. Measured in one run:
 
-- billing RPCs per 1,000 requests through each router (every BillingService RPC billing started while the
-  requests ran and settled, background refreshes and price reloads included);
+- billing RPCs per 1,000 requests through each router, by method (every BillingService RPC billing started
+  while the requests ran and settled, the router's background lease refreshes and price reloads included;
+  the other router is frozen meanwhile, so its background calls are not counted);
 - each router's added p50 over the bare relay, in interleaved rounds of the same call (max_tokens 1);
 - the issue's probe through the leasing router: 1,000 concurrent requests ("Say hi.", max_tokens 8) from one
   key against a hard budget worth 100 of their worst cases: overshoot and the share of the budget spent.
@@ -21,7 +22,10 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
+import signal
 import statistics
+import subprocess
 import tempfile
 import time
 import urllib.request
@@ -52,19 +56,22 @@ BILLING_METHODS = ("Reserve", "Settle", "Release", "RecordUsage", "StreamUsage",
 PRICE_IN, PRICE_OUT = 1_000_000, 2_000_000  # micro-units per million tokens: 1 and 2 micro-units per token
 
 
-def billing_rpcs(metrics_url: str) -> int:
+def billing_rpcs(metrics_url: str) -> dict[str, int]:
+    """RPCs billing started so far, by method."""
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    total = 0
+    counts: dict[str, int] = {}
     for line in text.splitlines():
-        if line.startswith("autoglm_rpc_started_total{") and "BillingService" in line and any(
-                f'method="{m}"' in line or f"/{m}\"" in line for m in BILLING_METHODS):
-            total += int(float(line.rsplit(" ", 1)[1]))
-    return total
+        if not line.startswith("autoglm_rpc_started_total{") or "BillingService" not in line:
+            continue
+        for m in BILLING_METHODS:
+            if f'/{m}"' in line:
+                counts[m] = counts.get(m, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return counts
 
 
 class Router:
-    def __init__(self, name: str, address: str, data_dir: Path) -> None:
-        self.name, self.data_dir = name, data_dir
+    def __init__(self, name: str, address: str, data_dir: Path, proc: subprocess.Popen[bytes]) -> None:
+        self.name, self.data_dir, self.proc = name, data_dir, proc
         self.channel = grpc.aio.insecure_channel(address)
         self.stub = router_grpc.RouterServiceStub(self.channel)
         self.admin = admin_grpc.AdminServiceStub(self.channel)
@@ -90,10 +97,22 @@ def complete(prompt: str, max_tokens: int) -> pb2.CompleteRequest:
                                                                                       max_tokens=max_tokens))
 
 
-async def rpcs_per_1000(router: Router, metrics_url: str, requests: int, concurrency: int = 16) -> dict[str, float]:
+async def rpcs_per_1000(router: Router, idle: Router, metrics_url: str, requests: int,
+                        concurrency: int = 16) -> dict[str, object]:
+    """Billing RPCs while `router` serves `requests` (the other router frozen meanwhile: its background
+    calls are not counted)."""
     auth = await router.key("bench")
     await router.stub.Complete(complete("Hi", 1), metadata=auth, timeout=60)  # the caller's leases are fetched
     await settled([router])
+    os.kill(idle.proc.pid, signal.SIGSTOP)
+    try:
+        return await _count(router, auth, metrics_url, requests, concurrency)
+    finally:
+        os.kill(idle.proc.pid, signal.SIGCONT)
+
+
+async def _count(router: Router, auth: list[tuple[str, str]], metrics_url: str, requests: int,
+                 concurrency: int) -> dict[str, object]:
     before = billing_rpcs(metrics_url)
     queue = list(range(requests))
 
@@ -106,9 +125,12 @@ async def rpcs_per_1000(router: Router, metrics_url: str, requests: int, concurr
     await asyncio.gather(*[worker() for _ in range(concurrency)])
     await settled([router])
     elapsed = time.monotonic() - started
-    rpcs = billing_rpcs(metrics_url) - before
-    return {"billing_rpcs": rpcs, "requests": requests, "per_1000": round(rpcs * 1000 / requests, 1),
-            "seconds": round(elapsed, 1)}
+    after = billing_rpcs(metrics_url)
+    by_method = {m: after.get(m, 0) - before.get(m, 0) for m in BILLING_METHODS if after.get(m, 0) > before.get(m, 0)}
+    rpcs = sum(by_method.values())
+    return {"billing_rpcs": rpcs, "by_method": by_method, "requests": requests,
+            "per_1000": round(rpcs * 1000 / requests, 1), "seconds": round(elapsed, 1),
+            "requests_per_s": round(requests / elapsed, 1)}
 
 
 async def added_p50(routers: list[Router], floor: router_grpc.RouterServiceStub, rounds: int) -> dict[str, float]:
@@ -197,7 +219,7 @@ async def main(rounds: int, requests: int, probe_requests: int) -> None:
                 proc, address = start_service("router", ["--config", str(config), "--inference", inference,
                                                          "--billing", billing], processes)
                 drain(proc)
-                routers.append(Router(name, address, tmp / name))
+                routers.append(Router(name, address, tmp / name, proc))
             for proc in (billing_proc, inference_proc):
                 drain(proc)
             floor = router_grpc.RouterServiceStub(grpc.aio.insecure_channel(start_floor(inference, processes)))
@@ -215,8 +237,8 @@ async def main(rounds: int, requests: int, probe_requests: int) -> None:
                     enforcement=billing_pb2.ENFORCEMENT_HARD), actor="bench"), timeout=10)
                 await asyncio.sleep(6)  # both routers' price tables hold the new price (they reload every 5 s)
                 results: dict[str, object] = {}
-                for router in routers:
-                    results[f"{router.name}_rpcs"] = await rpcs_per_1000(router, metrics_url, requests)
+                for router, idle in zip(routers, routers[::-1], strict=True):
+                    results[f"{router.name}_rpcs"] = await rpcs_per_1000(router, idle, metrics_url, requests)
                 results["latency"] = await added_p50(routers, floor, rounds)
                 results["probe"] = await probe(routers[1], operator, probe_requests)
         finally:
