@@ -69,15 +69,12 @@ def _target(policy: LeasePolicy, limit: int, consumed: int, mark: int, mark_us: 
 def acquire(tx: Tx, snap: Snapshot, policy: LeasePolicy, req: LeaseRequest, now_us: int,
             states: list[BudgetState] | None = None) -> list[Lease]:
     """Grant or refresh this router's lease on every hard budget that applies to the caller; `states`, when
-    given, receives the state of every budget that applies (hard ones after their grant): its highest level
-    tells the router which traffic it may admit in-process, and metrics show them."""
-    applicable = snap.applicable(req.tenant_id, req.api_key_id, req.tags)
-    budgets = [b for b in applicable if b.enforcement == Enforcement.HARD]
+    given, receives each budget's state after its grant (for metrics)."""
+    budgets = [b for b in snap.applicable(req.tenant_id, req.api_key_id, req.tags)
+               if b.enforcement == Enforcement.HARD]
     tx.lock_budgets([b.budget_id for b in budgets])
     sink: list[BudgetState] = [] if states is None else states
-    granted = [_grant(tx, policy, req, b, now_us, sink) for b in sorted(budgets, key=lambda b: b.budget_id)]
-    sink.extend(state(tx, b, now_us, now_us) for b in applicable if b.enforcement != Enforcement.HARD)
-    return granted
+    return [_grant(tx, policy, req, b, now_us, sink) for b in sorted(budgets, key=lambda b: b.budget_id)]
 
 
 def _grant(tx: Tx, policy: LeasePolicy, req: LeaseRequest, budget: Budget, now_us: int,

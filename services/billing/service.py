@@ -26,7 +26,6 @@ from services.billing.model import (
     Hold,
     Lease,
     LeaseRequest,
-    Level,
     Recorded,
     ReserveRequest,
     Thresholds,
@@ -179,8 +178,7 @@ class Billing:
         return await self.store.write(unit)
 
     # --- leases ---------------------------------------------------------------------------------
-    async def acquire_leases(self, req: LeaseRequest) -> tuple[list[Lease], Level]:
-        """The router's leases on the caller's hard budgets, and the highest level of all its budgets."""
+    async def acquire_leases(self, req: LeaseRequest) -> list[Lease]:
         check_text(req.router_id, "router_id", required=True, limit=128)
         check_text(req.tenant_id, "tenant_id", required=True)
         check_tags(req.tags, "tags")
@@ -195,7 +193,7 @@ class Billing:
                                                                    req, now, states))
         metrics.LEASES.labels("acquire").inc()
         metrics.observe_budgets(states)
-        return granted, max((st.level for st in states), default=Level.NONE)
+        return granted
 
     async def return_lease(self, lease_id: str, router_id: str, consumed: int) -> bool:
         check_text(lease_id, "lease_id", required=True, limit=128)

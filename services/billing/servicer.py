@@ -132,9 +132,8 @@ class BillingServicer(pb2_grpc.BillingServiceServicer):
         return pb2.ReleaseResponse(released=await self.billing.release(request.hold_id))
 
     async def AcquireLeases(self, request: pb2.AcquireLeasesRequest, context: grpc.aio.ServicerContext) -> pb2.AcquireLeasesResponse:
-        leases, level = await self.billing.acquire_leases(convert.lease_request(request))
-        return pb2.AcquireLeasesResponse(leases=[convert.lease_pb(lease) for lease in leases],
-                                         level=convert.level_pb(level))
+        leases = await self.billing.acquire_leases(convert.lease_request(request))
+        return pb2.AcquireLeasesResponse(leases=[convert.lease_pb(lease) for lease in leases])
 
     async def ReturnLease(self, request: pb2.ReturnLeaseRequest, context: grpc.aio.ServicerContext) -> pb2.ReturnLeaseResponse:
         return pb2.ReturnLeaseResponse(returned=await self.billing.return_lease(request.lease_id, request.router_id,

@@ -16,7 +16,7 @@ from services.common.peer_errors import Peer, PeerStatus, billing_error, domain_
 from services.common.price_convert import price_from_proto
 from services.common.pricing import Price
 from services.common.tracing import outgoing_metadata
-from services.router.leasebook import LeaseGrant, LeaseGrants
+from services.router.leasebook import LeaseGrant
 from services.router.ports import AlertLevel, Hold, HoldRequest, UsageRecord
 from services.router.types import Money, TrafficClass
 from services.router.usage_stream import Ack
@@ -105,7 +105,7 @@ class GrpcBilling:
         return GrpcUsageStream(self._stub.StreamUsage(metadata=outgoing_metadata()))
 
     async def acquire_leases(self, router_id: str, tenant_id: str, api_key_id: str, tags: dict[str, str],
-                             consumed: dict[str, int]) -> LeaseGrants:
+                             consumed: dict[str, int]) -> list[LeaseGrant]:
         try:
             reply = await self._stub.AcquireLeases(
                 pb2.AcquireLeasesRequest(router_id=router_id, tenant_id=tenant_id, api_key_id=api_key_id, tags=tags,
@@ -116,10 +116,9 @@ class GrpcBilling:
         except grpc.aio.AioRpcError as exc:
             raise billing_error(exc) from None
         now = time.time()
-        return LeaseGrants([LeaseGrant(lease.lease_id, lease.budget_id, lease.unit == pb2.LEASE_UNIT_TOKENS,
-                                       lease.granted, lease.expire_time.ToMicroseconds() / 1e6 - now,
-                                       float(lease.refresh_seconds), AlertLevel(lease.level))
-                            for lease in reply.leases], AlertLevel(reply.level))
+        return [LeaseGrant(lease.lease_id, lease.budget_id, lease.unit == pb2.LEASE_UNIT_TOKENS, lease.granted,
+                           lease.expire_time.ToMicroseconds() / 1e6 - now, float(lease.refresh_seconds),
+                           AlertLevel(lease.level)) for lease in reply.leases]
 
     async def return_lease(self, router_id: str, lease_id: str, consumed: int) -> bool:
         try:

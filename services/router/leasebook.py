@@ -7,8 +7,7 @@ requests in flight plus the actual cost of those that ended. Rules that keep bil
 
 - `admit` takes a request's worst case only when EVERY lease that applies to its caller has room for it
   (`consumed + worst <= granted`), none of them expires within `min_lifetime_s`, and no budget's level
-  refuses its traffic class (BATCH at CRITICAL, all but CORE at EMERGENCY; soft budgets' levels too, as
-  billing reported them at the latest refresh); otherwise it answers None and
+  refuses its traffic class (BATCH at CRITICAL, all but CORE at EMERGENCY); otherwise it answers None and
   the caller falls back to a per-request Reserve, which is exact at the edge and says why it refuses.
 - A caller the book knows nothing about yet is not admitted (None), and its leases are fetched in the
   background; a caller with no hard budget at all is admitted with no lease (nothing can refuse it).
@@ -53,18 +52,9 @@ class LeaseGrant:
     level: AlertLevel = AlertLevel.NONE
 
 
-@dataclass(frozen=True)
-class LeaseGrants:
-    """Billing's answer to AcquireLeases: a lease per hard budget of the caller, and the highest level of
-    all its budgets (soft ones included)."""
-
-    grants: list[LeaseGrant]
-    level: AlertLevel = AlertLevel.NONE
-
-
 class LeasePort(Protocol):
     async def acquire_leases(self, router_id: str, tenant_id: str, api_key_id: str, tags: dict[str, str],
-                             consumed: dict[str, int]) -> LeaseGrants: ...
+                             consumed: dict[str, int]) -> list[LeaseGrant]: ...
 
     async def return_lease(self, router_id: str, lease_id: str, consumed: int) -> bool: ...
 
@@ -92,7 +82,6 @@ class _Caller:
     refresh_at: float = 0.0
     used_at: float = 0.0
     wanted: bool = True  # refresh at the next pass
-    level: AlertLevel = AlertLevel.NONE  # the highest level of all its budgets, soft ones included
 
 
 @dataclass(frozen=True)
@@ -134,7 +123,7 @@ class LeaseBook:
             self._wake.set()
             return None
         caller.used_at = now
-        if not caller.known or _refuses(caller.level, traffic):  # a soft budget's level: Reserve says why
+        if not caller.known:
             return None
         leases = [self._leases.get(b) for b in caller.budget_ids]
         if any(lease is None or lease.returned for lease in leases):
@@ -246,7 +235,7 @@ class LeaseBook:
         consumed = {lease.lease_id: lease.consumed for b in caller.budget_ids if (lease := self._leases.get(b))}
         caller.wanted = False
         try:
-            answer = await self.port.acquire_leases(self.router_id, caller.tenant_id, caller.api_key_id,
+            grants = await self.port.acquire_leases(self.router_id, caller.tenant_id, caller.api_key_id,
                                                     caller.tags, consumed)
         except DomainError as exc:  # billing unreachable or refusing: per-request Reserve decides meanwhile
             log.warning("lease_refresh_failed", tenant=caller.tenant_id, reason=exc.reason)
@@ -257,8 +246,6 @@ class LeaseBook:
         if self.reachable is not None:
             self.reachable(True)
         now = self.clock()
-        grants = answer.grants
-        caller.level = answer.level
         for grant in grants:
             lease = self._leases.get(grant.budget_id)
             if lease is None or lease.lease_id != grant.lease_id:  # new, or the old one expired at billing

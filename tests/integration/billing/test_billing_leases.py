@@ -213,19 +213,3 @@ async def test_routers_on_two_billing_processes_sharing_postgres_cannot_be_lease
     assert state.spent_amount.micros == sum(spent) <= LIMIT
     assert state.held_amount.micros == 0 and state.leased_amount.micros == 0
     assert state.spent_amount.micros >= LIMIT - 13 * HOLD
-
-
-async def test_acquire_reports_the_highest_level_of_every_budget_soft_ones_included(billing) -> None:
-    async with operator(billing) as chan:
-        stub = pb2_grpc.BillingServiceStub(chan)
-        await stub.CreatePrice(price_request())
-        await stub.CreateBudget(tenant_budget("softy", micros=LIMIT))  # hard, far from its limit
-        await stub.CreateBudget(tenant_budget("softy", micros=HOLD, enforcement=pb2.ENFORCEMENT_SOFT))
-        before = await stub.AcquireLeases(acquire("router-soft", tenant="softy"), timeout=10)
-        for i in range(2):  # 2 x the soft budget's limit: 200 % used
-            await stub.RecordUsage(pb2.RecordUsageRequest(event=usage(f"soft-{i}", prompt=100, completion=100,
-                                                                      tenant="softy")))
-        after = await stub.AcquireLeases(acquire("router-soft", tenant="softy"), timeout=10)
-    assert before.level == pb2.ALERT_LEVEL_UNSPECIFIED
-    assert [lease.level for lease in after.leases] == [pb2.ALERT_LEVEL_UNSPECIFIED]  # the hard budget's own
-    assert after.level == pb2.ALERT_LEVEL_EMERGENCY  # the soft budget's: the router keeps non-CORE off its leases

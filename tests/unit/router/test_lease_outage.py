@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from services.common.errors import BudgetExceeded
-from services.router.leasebook import LeaseBook, LeaseGrants
+from services.router.leasebook import LeaseBook, LeaseGrant
 from services.router.metering import BillingUnavailable, LeaseExhausted, Meter
 from services.router.ports import Hold, HoldRequest
 from services.router.spool import UsageSpool
@@ -38,7 +38,7 @@ class LeasedBilling(Billing):
         return await super().reserve(request)
 
     async def acquire_leases(self, router_id: str, tenant_id: str, api_key_id: str, tags: dict[str, str],
-                             consumed: dict[str, int]) -> LeaseGrants:
+                             consumed: dict[str, int]) -> list[LeaseGrant]:
         self._check()
         return await self.leases.acquire_leases(router_id, tenant_id, api_key_id, tags, consumed)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.common.errors import PeerUnreachable
-from services.router.leasebook import LeaseBook, LeaseGrant, LeaseGrants
+from services.router.leasebook import LeaseBook, LeaseGrant
 from services.router.ports import AlertLevel
 from services.router.types import TrafficClass
 
@@ -23,14 +23,13 @@ class FakeBilling:
     room: dict[str, int]
     expire_in_s: float = 60.0
     level: AlertLevel = AlertLevel.NONE
-    caller_level: AlertLevel = AlertLevel.NONE  # the highest of all the caller's budgets (soft ones too)
     down: bool = False
     granted: dict[str, int] = field(default_factory=dict)
     reported: list[dict[str, int]] = field(default_factory=list)
     returned: list[tuple[str, int]] = field(default_factory=list)
 
     async def acquire_leases(self, router_id: str, tenant_id: str, api_key_id: str, tags: dict[str, str],
-                             consumed: dict[str, int]) -> LeaseGrants:
+                             consumed: dict[str, int]) -> list[LeaseGrant]:
         if self.down:
             raise PeerUnreachable("billing is unreachable")
         self.reported.append(dict(consumed))
@@ -39,7 +38,7 @@ class FakeBilling:
             self.granted[budget_id] = self.granted.get(budget_id, 0) + self.room[budget_id]
             grants.append(LeaseGrant(f"lease-{budget_id}", budget_id, in_tokens, self.granted[budget_id],
                                      self.expire_in_s, 10.0, self.level))
-        return LeaseGrants(grants, self.caller_level)
+        return grants
 
     async def return_lease(self, router_id: str, lease_id: str, consumed: int) -> bool:
         self.returned.append((lease_id, consumed))
@@ -139,17 +138,3 @@ async def test_idle_callers_return_their_leases_and_billing_failures_keep_the_cu
     await book.refresh_once()
     assert billing.returned == [("lease-money", 600)]
     assert book.room("money") == 0 and book.admit("acme", "k1", {}, INTERACTIVE, 1, 1) is None
-
-
-async def test_a_soft_budgets_level_keeps_the_traffic_it_refuses_off_the_leases() -> None:
-    billing = FakeBilling({}, {}, caller_level=AlertLevel.EMERGENCY)  # soft budgets only, one at EMERGENCY
-    clock = Clock()
-    book = LeaseBook(billing, "r1", clock=clock)
-    await known(book)
-    assert book.admit("acme", "k1", {}, INTERACTIVE, 1, 1) is None  # only CORE passes: Reserve says why
-    assert book.admit("acme", "k1", {}, TrafficClass.CORE, 1, 1) is not None
-    billing.caller_level = AlertLevel.CRITICAL
-    clock.now += 10  # the next refresh (its interval) brings the new level
-    await book.refresh_once()
-    assert book.admit("acme", "k1", {}, INTERACTIVE, 1, 1) is not None
-    assert book.admit("acme", "k1", {}, TrafficClass.BATCH, 1, 1) is None  # BATCH pauses at CRITICAL

@@ -314,12 +314,10 @@ class Lease(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., budget_id: _Optional[str] = ..., unit: _Optional[_Union[LeaseUnit, str]] = ..., granted: _Optional[int] = ..., used: _Optional[int] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., refresh_seconds: _Optional[int] = ..., level: _Optional[_Union[AlertLevel, str]] = ...) -> None: ...
 
 class AcquireLeasesResponse(_message.Message):
-    __slots__ = ("leases", "level")
+    __slots__ = ("leases",)
     LEASES_FIELD_NUMBER: _ClassVar[int]
-    LEVEL_FIELD_NUMBER: _ClassVar[int]
     leases: _containers.RepeatedCompositeFieldContainer[Lease]
-    level: AlertLevel
-    def __init__(self, leases: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ..., level: _Optional[_Union[AlertLevel, str]] = ...) -> None: ...
+    def __init__(self, leases: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ...) -> None: ...
 
 class ReturnLeaseRequest(_message.Message):
     __slots__ = ("lease_id", "router_id", "consumed")
