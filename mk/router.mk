@@ -6,3 +6,9 @@
 bench-router: $(VENV)/.installed
 	$(PY) -m bench.router.bench_router
 	$(PY) -m bench.router.bench_replicas $(ROUTER_REPLICAS_ARGS)
+
+# Billing leases against the per-request path: billing RPCs per 1,000 requests, added p50 over a bare relay,
+# and the 1,000-request budget probe (bench/results/router-leases.json).
+.PHONY: bench-router-leases
+bench-router-leases: $(VENV)/.installed
+	$(PY) -m bench.router.bench_leases

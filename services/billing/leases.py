@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from services.billing.budgets import LEASE_OPEN, LEASE_RETURNED, state
 from services.billing.catalog import Snapshot
-from services.billing.model import Budget, Enforcement, Lease, LeaseRequest
+from services.billing.model import Budget, BudgetState, Enforcement, Lease, LeaseRequest
 from services.billing.store.base import Tx
 from services.common.errors import FailedPrecondition, NotFound
 
@@ -66,15 +66,19 @@ def _target(policy: LeasePolicy, limit: int, consumed: int, mark: int, mark_us: 
     return min(max(rate * policy.refresh_s, floor), cap)
 
 
-def acquire(tx: Tx, snap: Snapshot, policy: LeasePolicy, req: LeaseRequest, now_us: int) -> list[Lease]:
-    """Grant or refresh this router's lease on every hard budget that applies to the caller."""
+def acquire(tx: Tx, snap: Snapshot, policy: LeasePolicy, req: LeaseRequest, now_us: int,
+            states: list[BudgetState] | None = None) -> list[Lease]:
+    """Grant or refresh this router's lease on every hard budget that applies to the caller; `states`, when
+    given, receives each budget's state after its grant (for metrics)."""
     budgets = [b for b in snap.applicable(req.tenant_id, req.api_key_id, req.tags)
                if b.enforcement == Enforcement.HARD]
     tx.lock_budgets([b.budget_id for b in budgets])
-    return [_grant(tx, policy, req, b, now_us) for b in sorted(budgets, key=lambda b: b.budget_id)]
+    sink: list[BudgetState] = [] if states is None else states
+    return [_grant(tx, policy, req, b, now_us, sink) for b in sorted(budgets, key=lambda b: b.budget_id)]
 
 
-def _grant(tx: Tx, policy: LeasePolicy, req: LeaseRequest, budget: Budget, now_us: int) -> Lease:
+def _grant(tx: Tx, policy: LeasePolicy, req: LeaseRequest, budget: Budget, now_us: int,
+           states: list[BudgetState]) -> Lease:
     st = state(tx, budget, now_us, now_us)  # spent, held and every lease's room, this router's included
     expire = min(now_us + policy.ttl_s * 1_000_000, st.period_end_us)
     current = _current(tx, req.router_id, budget.budget_id, now_us)
@@ -85,7 +89,10 @@ def _grant(tx: Tx, policy: LeasePolicy, req: LeaseRequest, budget: Budget, now_u
     consumed = min(max(req.consumed.get(lease_id, 0), used), granted)
     free = st.limit - st.spent - st.held - st.leased - st.limit * policy.edge_permille // 1000
     wanted = consumed + _target(policy, st.limit, consumed, mark, mark_us, now_us) - granted
-    granted += max(min(wanted, free), 0)
+    added = max(min(wanted, free), 0)
+    granted += added
+    states.append(replace(st, leased_tokens=st.leased_tokens + added) if budget.in_tokens
+                  else replace(st, leased_micros=st.leased_micros + added))
     if current is None:
         tx.execute("INSERT INTO leases (lease_id, router_id, budget_id, in_tokens, granted, used, expire_us, state,"
                    " mark, mark_us, create_us) VALUES (?, ?, ?, ?, ?, 0, ?, ?, 0, ?, ?)",

@@ -11,6 +11,9 @@
   superseded (another record of the request was billed), rejected, refused (billing had refused the
   request's hold: never billed), and late_router (a router event that
   came after its request was billed from a record: answered as a duplicate, not counted again).
+- `autoglm_billing_budget_held{budget_id,tenant}` and `autoglm_billing_budget_leased{budget_id,tenant}`: open
+  holds and the unused room of every router's leases, in the budget's unit (micro-units or tokens), as of
+  the latest check, reserve, lease grant or budget read (an event's commit does not recount them).
 
 Updated after the commit that made them true, from what the ledger already computed (no extra queries).
 """
@@ -38,6 +41,12 @@ LEVEL = Gauge("autoglm_billing_budget_alert_level",
               "Alert level of the budget's current period: 0 none, 1 warning, 2 critical, 3 emergency",
               ["budget_id", "tenant"])
 
+HELD = Gauge("autoglm_billing_budget_held", "Open holds on the budget, in its unit (micro-units or tokens)",
+             ["budget_id", "tenant"])
+LEASED = Gauge("autoglm_billing_budget_leased",
+               "Unused room of every router's leases on the budget, in its unit (micro-units or tokens)",
+               ["budget_id", "tenant"])
+
 
 def observe_events(outcomes: Iterable[Recorded | DomainError], new: Iterable[tuple[UsageEvent, int]],
                    currency: str) -> None:
@@ -57,15 +66,19 @@ def observe_events(outcomes: Iterable[Recorded | DomainError], new: Iterable[tup
         SPEND.labels(tenant, currency).inc(micros)
 
 
-def observe_budgets(states: Iterable[BudgetState]) -> None:
+def observe_budgets(states: Iterable[BudgetState], with_room: bool = True) -> None:
+    """`with_room` False: the states count spend only (an event's commit), so held and leased are left."""
     for st in states:
         labels = (st.budget.budget_id, st.budget.scope.tenant_id)
         UTILIZATION.labels(*labels).set(st.permille)
         LEVEL.labels(*labels).set(int(st.level))
+        if with_room:
+            HELD.labels(*labels).set(st.held)
+            LEASED.labels(*labels).set(st.leased)
 
 
 def forget_budget(budget_id: str, tenant_id: str) -> None:
-    for gauge in (UTILIZATION, LEVEL):
+    for gauge in (UTILIZATION, LEVEL, HELD, LEASED):
         try:
             gauge.remove(budget_id, tenant_id)
         except KeyError:

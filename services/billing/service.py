@@ -129,7 +129,7 @@ class Billing:
 
     def _after_commit(self, ingested: ledger.Ingested) -> None:
         metrics.observe_events(ingested.outcomes, ingested.new, self.config.currency)
-        metrics.observe_budgets(ingested.states)
+        metrics.observe_budgets(ingested.states, with_room=False)
         raised = ingested.alerts
         if not raised:
             return
@@ -205,9 +205,11 @@ class Billing:
                 raise InvalidInput(f"consumed of lease {lease_id} is {consumed}; it cannot be negative",
                                    field="consumed.consumed")
         now = self.clock()
+        states: list[BudgetState] = []
         granted = await self.store.write(lambda tx: leases.acquire(tx, self.catalog.current(tx), self.lease_policy,
-                                                                   req, now))
+                                                                   req, now, states))
         metrics.LEASES.labels("acquire").inc()
+        metrics.observe_budgets(states)
         return granted
 
     async def return_lease(self, lease_id: str, router_id: str, consumed: int) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 import structlog
 
 from services.common.errors import DomainError, NotFound, Unauthenticated
+from services.router import metrics
 from services.router.admin import Admin
 from services.router.admission import PriorityGate
 from services.router.auth.api_keys import load_or_create_secret_file
@@ -59,6 +60,7 @@ from services.router.workflows.budget import WorkflowBudget
 from services.router.workflows.runner import NodeCall, WorkflowRunner, WorkflowSettings
 from services.router.workflows.service import Workflows
 from services.router.workflows.store import WorkflowStore, owner_id
+from services.router.usage_stream import UsageStream
 
 log = structlog.get_logger(__name__)
 DEFAULT_BILLING_TARGET = "127.0.0.1:50061"
@@ -115,10 +117,13 @@ class RouterApp:
         self.balancer = Balancer()
         self.monitor = ReplicaMonitor(self.balancer, self.inference, config.health_interval_s)
         self.leases = LeaseBook(self.billing, self.router_id) if config.billing_leases else None
+        # With leases, usage events go to billing in batches over one StreamUsage stream.
+        self.usage_stream = UsageStream(self.billing) if config.billing_leases else None
+        metrics.watch_leases(self.leases, self.usage_stream)
         self.meter = Meter(self.billing, self.spool, grace_s=config.billing_grace_s,
                            recovery_s=config.billing_recovery_s, batch_wait_s=config.batch_billing_wait_s,
                            max_early_starts_per_tenant=config.early_starts_per_tenant, journal=self.journal,
-                           leases=self.leases)
+                           leases=self.leases, stream=self.usage_stream)
         self.limiter = RateLimiter(rate_limit_backend(config.rate_limit_redis_url,
                                                       fail_open=config.rate_limit_redis_fail_open))
         self.gateway = Gateway(
@@ -174,6 +179,8 @@ class RouterApp:
                                            Path(self.config.data_dir) / "batch_claimant")
         if released:
             log.info("batch_items_recovered", items=released)
+        if self.usage_stream is not None:
+            self._tasks.append(asyncio.create_task(self.usage_stream.run_forever()))
         self._tasks.append(asyncio.create_task(self.runner.run_forever()))
         self._tasks.append(asyncio.create_task(self.workflow_runner.run_forever()))
         self._tasks.append(asyncio.create_task(self.purge_forever()))
@@ -297,6 +304,8 @@ class RouterApp:
     async def close(self) -> None:
         await self.workflow_runner.close()
         await self.runner.close()
+        if self.usage_stream is not None:  # what billing has not acked by then stays journaled
+            await self.usage_stream.close(self.config.billing_timeout_s)
         await self.gateway.drain()
         for task in self._tasks:
             task.cancel()

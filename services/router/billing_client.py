@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Sequence
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
-from services.common.peer_errors import billing_error
+from services.common.errors import DomainError, PeerUnreachable
+from services.common.peer_errors import Peer, PeerStatus, billing_error, domain_error
 from services.common.price_convert import price_from_proto
 from services.common.pricing import Price
 from services.common.tracing import outgoing_metadata
 from services.router.leasebook import LeaseGrant
 from services.router.ports import AlertLevel, Hold, HoldRequest, UsageRecord
 from services.router.types import Money, TrafficClass
+from services.router.usage_stream import Ack
 
 # Reconnect quickly after an outage instead of gRPC's default backoff of up to two minutes.
 RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000),
@@ -35,6 +39,42 @@ def usage_to_proto(usage: UsageRecord) -> pb2.UsageEvent:
         quoted_price_id=usage.quoted_price_id,
         lease_ids=usage.lease_ids,
     )
+
+
+def _ack(ack: pb2.StreamUsageResponse) -> Ack:
+    if ack.error_code:
+        code = getattr(grpc.StatusCode, ack.error_code, grpc.StatusCode.UNKNOWN)
+        error: DomainError = domain_error(Peer.BILLING, PeerStatus(code, ack.error_message))
+        return ack.event_id, error
+    return ack.event_id, Money(ack.cost.currency_code or "USD", ack.cost.micros)
+
+
+class GrpcUsageStream:
+    """One StreamUsage call: batches of events out, their acks (after billing's commit) back."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+        self._call = call
+
+    async def send(self, events: Sequence[UsageRecord]) -> None:
+        try:
+            await self._call.write(pb2.StreamUsageRequest(events=[usage_to_proto(u) for u in events]))
+        except grpc.aio.AioRpcError as exc:
+            raise billing_error(exc) from None
+        except asyncio.InvalidStateError:  # the call ended: its read reports why
+            raise PeerUnreachable("the usage stream to billing ended") from None
+
+    async def receive(self) -> list[Ack] | None:
+        try:
+            reply = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise billing_error(exc) from None
+        if reply is grpc.aio.EOF:
+            return None
+        assert isinstance(reply, pb2.StreamUsageResponse)
+        return [_ack(a) for a in reply.acks] if reply.acks else [_ack(reply)]
+
+    async def close(self) -> None:
+        self._call.cancel()
 
 
 class GrpcBilling:
@@ -59,6 +99,10 @@ class GrpcBilling:
         except grpc.aio.AioRpcError as exc:
             raise billing_error(exc) from None
         return Hold(hold_id=reply.hold_id, level=AlertLevel(reply.level))
+
+    async def open_usage_stream(self) -> GrpcUsageStream:
+        """A long-lived StreamUsage call (no deadline): the router's batched usage events."""
+        return GrpcUsageStream(self._stub.StreamUsage(metadata=outgoing_metadata()))
 
     async def acquire_leases(self, router_id: str, tenant_id: str, api_key_id: str, tags: dict[str, str],
                              consumed: dict[str, int]) -> list[LeaseGrant]:

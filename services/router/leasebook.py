@@ -31,7 +31,7 @@ from typing import Protocol
 
 import structlog
 
-from services.common.errors import DomainError
+from services.common.errors import DomainError, PeerUnreachable
 from services.router.ports import AlertLevel
 from services.router.types import TrafficClass
 
@@ -69,6 +69,7 @@ class _Lease:
     level: AlertLevel
     consumed: int = 0
     last_grant: int = 0  # the room the latest refresh left (for the low-water mark)
+    returned: bool = False  # given back (`return_unusable`): nothing more is admitted against it
 
 
 @dataclass
@@ -102,6 +103,7 @@ class LeaseBook:
     low_water: float = 0.25
     idle_s: float = 120.0
     default_refresh_s: float = 10.0
+    reachable: Callable[[bool], None] | None = None  # told of each refresh's transport outcome (the meter)
     _callers: dict[CallerKey, _Caller] = field(default_factory=dict)
     _leases: dict[str, _Lease] = field(default_factory=dict)  # budget id -> this router's lease on it
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -124,7 +126,7 @@ class LeaseBook:
         if not caller.known:
             return None
         leases = [self._leases.get(b) for b in caller.budget_ids]
-        if any(lease is None for lease in leases):
+        if any(lease is None or lease.returned for lease in leases):
             self._want(caller)
             return None
         taken: list[tuple[_Lease, int]] = []
@@ -150,6 +152,61 @@ class LeaseBook:
                 worst, actual = ((admitted.worst_tokens, actual_tokens) if lease.in_tokens
                                  else (admitted.worst_micros, actual_micros))
                 lease.consumed -= worst - min(actual, worst)
+
+    def shortfall(self, tenant_id: str, api_key_id: str, tags: dict[str, str], worst_micros: int | None,
+                  worst_tokens: int, traffic: TrafficClass = TrafficClass.INTERACTIVE) -> tuple[str, str] | None:
+        """Why the leases cannot admit this request: (budget id, reason) of the first of the caller's hard
+        budgets whose lease does not cover it; None when the book does not know the caller or none does."""
+        caller = self._callers.get(self.key(tenant_id, api_key_id, tags))
+        if caller is None or not caller.known:
+            return None
+        now = self.clock()
+        for budget_id in caller.budget_ids:
+            lease = self._leases.get(budget_id)
+            if lease is None:
+                return budget_id, "this router holds no lease on it"
+            worst = worst_tokens if lease.in_tokens else worst_micros
+            unit = "tokens" if lease.in_tokens else "micro-units"
+            left = lease.expire_at - now
+            if worst is None:
+                return budget_id, "this router does not know the model's price yet"
+            if left <= 0:
+                return budget_id, "the lease has expired"
+            if left < self.min_lifetime_s:
+                return budget_id, f"the lease expires in {left:.0f} s"
+            if _refuses(lease.level, traffic):
+                return budget_id, f"the budget was last at {lease.level.name}"
+            if lease.consumed + worst > lease.granted:
+                return budget_id, (f"the lease is used up: {max(lease.granted - lease.consumed, 0)} {unit} left, "
+                                   f"the request may cost up to {worst}")
+        return None
+
+    async def return_unusable(self, tenant_id: str, api_key_id: str, tags: dict[str, str], worst_micros: int | None,
+                              worst_tokens: int) -> bool:
+        """Billing refused this request's Reserve: give back the room of the caller's leases that cannot
+        cover it (too small, or a price not known here yet; keeping what is consumed), so that room counts for per-request Reserves at the edge instead
+        of sitting unused until the lease expires. True when some room went back (a Reserve may fit now)."""
+        caller = self._callers.get(self.key(tenant_id, api_key_id, tags))
+        if caller is None:
+            return False
+        given = False
+        for budget_id in caller.budget_ids:
+            lease = self._leases.get(budget_id)
+            worst = None if lease is None else (worst_tokens if lease.in_tokens else worst_micros)
+            if lease is None or lease.returned or lease.granted <= lease.consumed or \
+                    (worst is not None and lease.consumed + worst <= lease.granted):
+                continue  # no room to give, or room that covers it (the refusal is another budget's)
+            lease.returned = True
+            self._want(caller)
+            try:
+                given = await self.port.return_lease(self.router_id, lease.lease_id, lease.consumed) or given
+            except DomainError as exc:
+                log.warning("lease_return_failed", budget_id=budget_id, reason=exc.reason)
+        return given
+
+    def leased(self) -> dict[str, tuple[int, int]]:
+        """Per budget id: (granted, consumed) of this router's lease, for metrics."""
+        return {b: (lease.granted, lease.consumed) for b, lease in self._leases.items()}
 
     def room(self, budget_id: str) -> int:
         lease = self._leases.get(budget_id)
@@ -183,7 +240,11 @@ class LeaseBook:
         except DomainError as exc:  # billing unreachable or refusing: per-request Reserve decides meanwhile
             log.warning("lease_refresh_failed", tenant=caller.tenant_id, reason=exc.reason)
             caller.refresh_at = self.clock() + min(self.default_refresh_s, 1.0)
+            if isinstance(exc, PeerUnreachable) and self.reachable is not None:
+                self.reachable(False)
             return
+        if self.reachable is not None:
+            self.reachable(True)
         now = self.clock()
         for grant in grants:
             lease = self._leases.get(grant.budget_id)

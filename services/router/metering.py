@@ -28,7 +28,17 @@ request whose worst case (priced locally, with billing's price table) every appl
 admitted in-process, with no billing call; its usage event names those leases and is recorded directly
 (RecordUsage), and the unused part of its worst case goes back to the leases. Anything the book cannot
 decide (unknown caller or price, a lease running out or near expiry, a level that refuses the traffic)
-takes the per-request Reserve below, unchanged.
+takes the per-request Reserve below, unchanged. With a usage stream (`usage_stream.UsageStream`), the
+events of leased requests, and the spool's replays, go to billing in batches over one StreamUsage
+stream instead of a RecordUsage call each; an event stays journaled until billing acked its commit.
+
+Billing outages with leases on: a request every lease covers is served as ever (its event waits in the
+stream's outbox and the journal until billing acks it). A caller with a hard budget whose lease cannot
+cover the request (used up, expiring, never granted) gets no offline hold: it is refused with
+`LeaseExhausted` (UNAVAILABLE, naming the budget and why) at once while billing's latest call failed in
+transport, else after its Reserve did — never served unbilled. A caller under soft budgets only (no lease
+needed) keeps the grace window: served for `grace_s` from the outage's first failure, then refused with
+`BillingUnavailable` until billing returns.
 
 `may_start_before_hold` lets the gateway overlap the hold's round trip with the start of the generation
 (prompt prefill) for tenants billing last placed below every alert threshold: nothing reaches the caller
@@ -41,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -57,10 +68,12 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.pricing import PriceTable, cost_micros, micros_since_epoch
+from services.router import metrics
 from services.router.leasebook import LeaseBook
 from services.router.ports import AlertLevel, BillingPort, Hold, HoldRequest, UsageRecord
 from services.router.spool import SettlementJournal, UsageSpool
 from services.router.types import Money, TrafficClass
+from services.router.usage_stream import UsageStream
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +89,13 @@ class BillingUnavailable(Unavailable):
     reason = "BILLING_UNAVAILABLE"
 
 
+class LeaseExhausted(BillingUnavailable):
+    """Billing is unreachable and this router's lease on one of the caller's hard budgets cannot cover the
+    request: it is refused rather than served unbilled."""
+
+    reason = "BUDGET_LEASE_EXHAUSTED"
+
+
 class Meter:
     def __init__(
         self,
@@ -89,10 +109,19 @@ class Meter:
         recovery_s: float = 10.0,
         refused_retry_s: float = 60.0,
         leases: LeaseBook | None = None,
+        stream: UsageStream | None = None,
+        replay_wait_s: float = 5.0,
     ) -> None:
         if refused_retry_s <= 0:
             raise ValueError("refused_retry_s must be > 0")
         self.leases = leases
+        self.stream = stream
+        self._replay_wait_s = replay_wait_s
+        self._replaying: set[int] = set()  # spool rows handed to the stream, not acked yet
+        if leases is not None:
+            leases.reachable = self._reachability
+        if stream is not None:
+            stream.reachable = self._reachability
         self.journal = journal
         self._batch_wait_s = batch_wait_s
         self._max_early = max_early_starts_per_tenant
@@ -129,6 +158,13 @@ class Meter:
         if was_failing:
             self._wake.set()
 
+    def _reachability(self, up: bool) -> None:
+        """What the lease refreshes and the usage stream learn of billing (see `_answered`)."""
+        if up:
+            self._answered()
+        else:
+            self._unreachable()
+
     def _unreachable(self) -> None:
         now = self._clock()
         self._failing = True
@@ -156,13 +192,40 @@ class Meter:
         """The request admitted against this router's leases, or None (then Reserve decides)."""
         if self.leases is None:
             return None
-        price = self.prices.lookup(request.model, request.model_version, time.time_ns() // 1000)
-        worst = None if price is None else cost_micros(price, request.max_prompt_tokens, request.max_completion_tokens)
+        worst = self._worst_micros(request)
         admitted = self.leases.admit(request.tenant_id, request.api_key_id, request.tags, request.traffic_class,
                                      worst, request.max_prompt_tokens + request.max_completion_tokens)
         if admitted is None:
+            if self._failing:  # billing's latest call failed: a hard budget's lease that cannot cover it refuses
+                self._refuse_beyond_lease(request, worst)
             return None
+        if not admitted.lease_ids and self.billing_down:  # soft budgets only: the grace window
+            assert self._outage_since is not None
+            if self._clock() - self._outage_since > self._grace_s:
+                raise BillingUnavailable(f"billing has been unreachable for more than {self._grace_s:.0f} s; "
+                                         "requests wait until it returns, retry later")
+        metrics.ADMISSIONS.labels("lease").inc()
         return Hold(hold_id="", level=self._levels.get(request.tenant_id, AlertLevel.NONE), admitted=admitted)
+
+    def _worst_micros(self, request: HoldRequest) -> int | None:
+        price = self.prices.lookup(request.model, request.model_version, time.time_ns() // 1000)
+        return None if price is None else cost_micros(price, request.max_prompt_tokens, request.max_completion_tokens)
+
+    def _refuse_beyond_lease(self, request: HoldRequest, worst_micros: int | None) -> None:
+        """Billing is unreachable: raise LeaseExhausted when one of the caller's hard budgets has no lease
+        that covers the request (the lease book knows the caller); else return (no hard budget known)."""
+        if self.leases is None:
+            return
+        short = self.leases.shortfall(request.tenant_id, request.api_key_id, request.tags, worst_micros,
+                                      request.max_prompt_tokens + request.max_completion_tokens,
+                                      request.traffic_class)
+        if short is not None:
+            budget_id, why = short
+            metrics.ADMISSIONS.labels("refused_lease").inc()
+            raise LeaseExhausted(
+                f"billing is unreachable and this router's lease on hard budget {budget_id} cannot cover this "
+                f"request ({why}); it is refused rather than served unbilled: retry once billing is back, or "
+                "ask for fewer max_tokens")
 
     async def reserve(self, request: HoldRequest, deadline: float | None = None) -> Hold:
         leased = self._leased(request)
@@ -170,14 +233,18 @@ class Meter:
             return leased
         waited_since: float | None = None
         delay = 0.05
+        retried = False
         while True:
             try:
                 hold = await self._billing.reserve(request)
             except PeerUnreachable:
                 self._unreachable()
                 now = self._clock()
+                self._refuse_beyond_lease(request, self._worst_micros(request))
                 if request.traffic_class != TrafficClass.BATCH:
-                    return self._offline_hold(request, now)
+                    offline = self._offline_hold(request, now)
+                    metrics.ADMISSIONS.labels("offline").inc()
+                    return offline
                 waited_since = now if waited_since is None else waited_since
                 give_up = waited_since + self._batch_wait_s
                 if deadline is not None:
@@ -192,9 +259,15 @@ class Meter:
             except BudgetExceeded:
                 self._answered()
                 self._levels[request.tenant_id] = AlertLevel.CRITICAL
+                if self.leases is not None and not retried and await self.leases.return_unusable(
+                        request.tenant_id, request.api_key_id, request.tags, self._worst_micros(request),
+                        request.max_prompt_tokens + request.max_completion_tokens):
+                    retried = True  # this router's unusable lease room went back: the edge may fit it now
+                    continue
                 raise
             self._answered()
             self._levels[request.tenant_id] = hold.level
+            metrics.ADMISSIONS.labels("reserve").inc()
             return hold
 
     def may_start_before_hold(self, tenant_id: str, traffic_class: TrafficClass) -> bool:
@@ -263,6 +336,14 @@ class Meter:
         quoted = self._quoted.get(usage.event_id, "")
         return dataclasses.replace(usage, quoted_price_id=quoted) if quoted and not usage.quoted_price_id else usage
 
+    @staticmethod
+    def with_leases(hold: Hold, usage: UsageRecord) -> UsageRecord:
+        """The event as billing must get it: naming the leases its request was admitted against (so a
+        journal or spool replay moves its cost from those leases to spend, as the live event does)."""
+        if hold.admitted is None or usage.lease_ids == hold.admitted.lease_ids:
+            return usage
+        return replace(usage, lease_ids=hold.admitted.lease_ids)
+
     def note_answered(self, usage: UsageRecord) -> None:
         """Before the caller is answered with a cost not yet settled: keep the event durably until it is."""
         if self.journal is not None:
@@ -275,13 +356,22 @@ class Meter:
     async def settle(self, hold: Hold, usage: UsageRecord) -> Money | None:
         """Send the usage event; None when it went to the spool (cost not known yet). Never raises for what
         billing answers: an event billing did not acknowledge is in the spool when this returns."""
+        local = None
         if hold.admitted is not None and self.leases is not None:
             local = self.local_cost(usage)
             self.leases.finish(hold.admitted, local.micros if local is not None else hold.admitted.worst_micros,
                                usage.prompt_tokens + usage.completion_tokens)
-            usage = replace(usage, lease_ids=hold.admitted.lease_ids)
+            usage = self.with_leases(hold, usage)
         usage = self._with_quote(usage)
         self._quoted.pop(usage.event_id, None)
+        if self.stream is not None and hold.admitted is not None and local is not None:
+            # Journaled by the caller: it waits in the stream's outbox (resent after a reconnect) until acked.
+            try:
+                return await self.stream.submit(usage)
+            except DomainError as exc:
+                log.error("usage_settle_refused", event_id=usage.event_id, reason=exc.reason, message=exc.message)
+                self._spool_usage(usage)
+                return None
         if hold.offline or self._failing:
             self._spool_usage(usage)
             return None
@@ -319,6 +409,8 @@ class Meter:
     async def replay_once(self) -> int:
         """Send the spool's ready events in order; stop at a transport failure. An event billing refuses is
         kept, deferred by `refused_retry_s`. Returns how many billing acknowledged."""
+        if self.stream is not None:
+            return self._replayed(await self._replay_streamed(self.stream))
         sent = 0
         while batch := self._spool.ready():
             for seq, usage in batch:
@@ -336,6 +428,40 @@ class Meter:
                 sent += 1
                 self._answered()
         return self._replayed(sent)
+
+    async def _replay_streamed(self, stream: UsageStream) -> int:
+        """The spool's ready events through the usage stream, in batches; each row leaves the spool once
+        billing acked it (deferred when refused). Waits at most `replay_wait_s` per batch: what is still
+        unacked then stays in the stream's outbox and finishes in the background."""
+        sent = 0
+        while batch := [(seq, u) for seq, u in self._spool.ready(500) if seq not in self._replaying]:
+            futures = {}
+            for seq, usage in batch:
+                self._replaying.add(seq)
+                futures[stream.submit(usage)] = seq
+            done, pending = await asyncio.wait(futures, timeout=self._replay_wait_s)
+            for future in done:
+                sent += self._replay_acked(futures[future], future)
+            for future in pending:
+                future.add_done_callback(functools.partial(self._replay_late, futures[future]))
+            if pending:
+                break
+        return sent
+
+    def _replay_late(self, seq: int, future: asyncio.Future[Money]) -> None:
+        self._replay_acked(seq, future)
+
+    def _replay_acked(self, seq: int, future: asyncio.Future[Money]) -> int:
+        self._replaying.discard(seq)
+        if future.cancelled():
+            return 0
+        if (exc := future.exception()) is not None:
+            reason = exc.reason if isinstance(exc, DomainError) else type(exc).__name__
+            log.error("spooled_usage_refused", seq=seq, reason=reason, retry_in_s=self._refused_retry_s)
+            self._spool.defer(seq, self._refused_retry_s)
+            return 0
+        self._spool.remove(seq)
+        return 1
 
     @staticmethod
     def _replayed(sent: int) -> int:

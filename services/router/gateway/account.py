@@ -72,8 +72,9 @@ class Accountant:
         if status == UsageStatus.COMPLETED and finish == FinishReason.ERROR:
             status = UsageStatus.FAILED
         principal = ctx.principal
-        record = usage_record(ctx, plan, answered_model, answered_version, usage, status, start_wall,
-                              self._wallclock())
+        # The event names the leases its request was admitted against, in the journal as on the wire.
+        record = self._meter.with_leases(hold, usage_record(ctx, plan, answered_model, answered_version, usage,
+                                                            status, start_wall, self._wallclock()))
         await self._limiter.settle(admission, principal.tokens_per_minute, usage.total_tokens)
         ttft = int(((progress.first_token_at or self._clock()) - started) * 1000)
         latency_ms = int((self._clock() - started) * 1000)
