@@ -56,11 +56,11 @@ from services.router.types import (
     RequestContext,
     Summary,
 )
+from services.router.usage_stream import UsageStream
 from services.router.workflows.budget import WorkflowBudget
 from services.router.workflows.runner import NodeCall, WorkflowRunner, WorkflowSettings
 from services.router.workflows.service import Workflows
 from services.router.workflows.store import WorkflowStore, owner_id
-from services.router.usage_stream import UsageStream
 
 log = structlog.get_logger(__name__)
 DEFAULT_BILLING_TARGET = "127.0.0.1:50061"
