@@ -1,8 +1,15 @@
 """Usage reports: requests, tokens and cost over [start, end), grouped by dimensions and time buckets.
 
+Whole hours are read from the hourly rollups (`usage_hours`, see `rollups`) and only the partial hours at
+the window's edges from the events, both summed in SQL and folded here, so a report costs about the number
+of rollup rows, not the number of events; the result is the same as a scan of the events (to the
+micro-unit). Minute buckets can only come from the events, so a minute-granularity report scans them.
+
 Anomalies are flagged per api key: more than `max_requests` requests within any `window_s` seconds, or an
 hour whose spend exceeds `hourly_factor_permille`/1000 x the key's mean hourly spend over the 7 days before
-the window (with at least 3 hours of history). A row is anomalous when any key counted in it is.
+the window (with at least 3 hours of history). A row is anomalous when any key counted in it is. Hourly
+spend comes from the rollups; a key's timestamps are read from the events only for the hours where its
+rollups allow a burst (more than `max_requests` requests in the hours one window can touch).
 """
 
 from __future__ import annotations
@@ -12,7 +19,8 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from services.billing.store.base import Tx
+from services.billing.rollups import HOUR_US
+from services.billing.store.base import Row, Tx
 from services.common.errors import InvalidInput
 
 US = 1_000_000
@@ -20,6 +28,10 @@ DIMENSIONS = ("tenant", "api_key", "model", "model_version", "tag", "status")
 STATUS_NAMES = {0: "unspecified", 1: "completed", 2: "cancelled", 3: "failed"}
 GRANULARITY_US = {"minute": 60 * US, "hour": 3600 * US, "day": 86400 * US}
 HISTORY_US = 7 * 86400 * US
+# Each dimension's column in both `events` and `usage_hours` (a tag is read from the tag set).
+COLUMNS = {"tenant": "tenant_id", "api_key": "api_key_id", "model": "model", "model_version": "model_version",
+           "tag": "tags_json", "status": "status"}
+Sums = list[int]  # requests, prompt tokens, completion tokens, cached requests, cost
 
 
 @dataclass(frozen=True)
@@ -78,8 +90,80 @@ def _bucket(t_us: int, q: ReportQuery) -> int:
     return t_us - t_us % size
 
 
-def anomalous_keys(tx: Tx, q: ReportQuery, rule: AnomalyRule,
-                   times: dict[str, list[int]], hourly: dict[str, dict[int, int]]) -> set[str]:
+def split(start_us: int, end_us: int, rollups: bool = True) -> tuple[list[tuple[int, int]], tuple[int, int] | None]:
+    """[start, end) as (the partial edge ranges read from events, the whole hours read from rollups or None)."""
+    first, last = -(-start_us // HOUR_US) * HOUR_US, end_us // HOUR_US * HOUR_US
+    if not rollups or first >= last:
+        return [(start_us, end_us)], None
+    return [(a, b) for a, b in ((start_us, first), (last, end_us)) if a < b], (first, last)
+
+
+def _sources(tx: Tx, start_us: int, end_us: int, tenant_id: str, columns: str, rollups: bool,
+             time_step_us: int = 0) -> list[Row]:
+    """Rows of (time, <columns>, requests, prompt, completion, cached, cost) over rollups and edge events.
+
+    Summed in SQL per `columns` (which both tables have) and, with `time_step_us` (an hour or a minute), per
+    end time rounded down to that step (rollup rows carry their hour); without it the time is 0.
+    """
+    edges, whole = split(start_us, end_us, rollups)
+    where = " AND tenant_id = ?" if tenant_id else ""
+    extra = [tenant_id] if tenant_id else []
+    out: list[Row] = []
+    if whole is not None:
+        hour = "hour_us" if time_step_us else "0"
+        grouped = f"hour_us, {columns}" if time_step_us else columns
+        out += tx.all(f"SELECT {hour}, {columns}, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens),"
+                      f" SUM(cached_requests), SUM(cost_micros) FROM usage_hours WHERE hour_us >= ? AND hour_us < ?"
+                      f"{where} GROUP BY {grouped}", [*whole, *extra])
+    bucket = f"end_us / {time_step_us} * {time_step_us}" if time_step_us else "0"
+    grouped = f"{bucket}, {columns}" if time_step_us else columns
+    for lo, hi in edges:
+        out += tx.all(f"SELECT {bucket}, {columns}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached),"
+                      f" SUM(cost_micros) FROM events WHERE end_us >= ? AND end_us < ?{where} GROUP BY {grouped}",
+                      [lo, hi, *extra])
+    return out
+
+
+def key_hours(tx: Tx, start_us: int, end_us: int, tenant_id: str, rollups: bool = True) -> dict[str, dict[int, Sums]]:
+    """Per api key, per hour of end time with events in [start, end): [requests, cost]."""
+    found: dict[str, dict[int, Sums]] = defaultdict(dict)
+    for hour, key, requests, _p, _c, _cached, cost in _sources(tx, start_us, end_us, tenant_id, "api_key_id",
+                                                               rollups, HOUR_US):
+        sums = found[str(key)].setdefault(int(hour), [0, 0])
+        sums[0] += int(requests)
+        sums[1] += int(cost)
+    return found
+
+
+def _bursting(tx: Tx, q: ReportQuery, rule: AnomalyRule, hours: dict[str, dict[int, Sums]]) -> set[str]:
+    """Keys with more than `max_requests` requests within `window_s` seconds inside the window.
+
+    A burst lies in the hours one window can touch, so only hours whose rollups hold more than
+    `max_requests` of the key's requests across that many hours are read from the events.
+    """
+    span = -(-rule.window_s * US // HOUR_US) + 1
+    ranges: list[tuple[int, int]] = []
+    candidates = set()
+    for key, by_hour in hours.items():
+        if sum(s[0] for s in by_hour.values()) <= rule.max_requests:
+            continue
+        for hour in by_hour:
+            if sum(by_hour.get(hour + i * HOUR_US, (0, 0))[0] for i in range(span)) > rule.max_requests:
+                candidates.add(key)
+                ranges.append((max(hour, q.start_us), min(hour + span * HOUR_US, q.end_us)))
+    merged: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    times: dict[str, list[int]] = defaultdict(list)
+    where = " AND tenant_id = ?" if q.tenant_id else ""
+    for lo, hi in merged:
+        for key, end_us in tx.all(f"SELECT api_key_id, end_us FROM events WHERE end_us >= ? AND end_us < ?{where}",
+                                  [lo, hi] + ([q.tenant_id] if q.tenant_id else [])):
+            if key in candidates:
+                times[key].append(int(end_us))
     flagged = set()
     window = rule.window_s * US
     for key, stamps in times.items():
@@ -91,52 +175,57 @@ def anomalous_keys(tx: Tx, q: ReportQuery, rule: AnomalyRule,
             if len(recent) > rule.max_requests:
                 flagged.add(key)
                 break
-    sql = ("SELECT api_key_id, end_us / 3600000000, SUM(cost_micros) FROM events WHERE end_us >= ? AND end_us < ?"
-           + (" AND tenant_id = ?" if q.tenant_id else "") + " GROUP BY api_key_id, end_us / 3600000000")
-    params = [q.start_us - HISTORY_US, q.start_us] + ([q.tenant_id] if q.tenant_id else [])
-    history: dict[str, list[int]] = defaultdict(list)
-    for key, _hour, spend in tx.all(sql, params):
-        history[key].append(int(spend))
-    for key, hours in hourly.items():
-        past = history.get(key, [])
+    return flagged
+
+
+def anomalous_keys(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True) -> set[str]:
+    hours = key_hours(tx, q.start_us, q.end_us, q.tenant_id, rollups)
+    flagged = _bursting(tx, q, rule, hours)
+    history = key_hours(tx, q.start_us - HISTORY_US, q.start_us, q.tenant_id, rollups)
+    for key, by_hour in hours.items():
+        past = history.get(key, {})
         if len(past) < 3:
             continue
-        mean = sum(past) // len(past)
-        if any(spend * 1000 > mean * rule.hourly_factor_permille for spend in hours.values()):
+        mean = sum(s[1] for s in past.values()) // len(past)
+        if any(s[1] * 1000 > mean * rule.hourly_factor_permille for s in by_hour.values()):
             flagged.add(key)
     return flagged
 
 
-def build(tx: Tx, q: ReportQuery, rule: AnomalyRule) -> tuple[list[ReportRow], ReportRow]:
+def build(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True) -> tuple[list[ReportRow], ReportRow]:
+    """The report; `rollups=False` scans the events alone (the reference the rollups are tested against)."""
     check_query(q)
-    sql = ("SELECT tenant_id, api_key_id, model, model_version, tags_json, status, prompt_tokens, completion_tokens,"
-           " cached, cost_micros, end_us FROM events WHERE end_us >= ? AND end_us < ?")
-    params: list[object] = [q.start_us, q.end_us]
-    if q.tenant_id:
-        sql += " AND tenant_id = ?"
-        params.append(q.tenant_id)
+    columns = ["api_key_id"] + [COLUMNS[d] for d in q.group_by if d != "api_key"]
+    minute = q.granularity == "minute"
+    step = (GRANULARITY_US["minute"] if minute else HOUR_US) if q.granularity else 0
+    found = _sources(tx, q.start_us, q.end_us, q.tenant_id, ", ".join(columns), rollups and not minute, step)
     rows: dict[tuple[int, tuple[str, ...]], ReportRow] = {}
-    times: dict[str, list[int]] = defaultdict(list)
-    hourly: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
-    for tenant, key, model, version, tags_json, status, prompt, completion, cached, cost, end_us in tx.all(sql, params):
-        values = {"tenant": tenant, "api_key": key, "model": model, "model_version": version,
-                  "status": STATUS_NAMES.get(int(status), str(status))}
-        if "tag" in q.group_by:
-            values["tag"] = json.loads(tags_json).get(q.tag_key, "")
-        group = {dim: values[dim] for dim in q.group_by}
-        ident = (_bucket(int(end_us), q), tuple(group[d] for d in q.group_by))
+    tag_sets: dict[str, str] = {}
+    for record in found:
+        values = dict(zip(columns, record[1:1 + len(columns)], strict=True))
+        group = {}
+        for dim in q.group_by:
+            value = values[COLUMNS[dim]]
+            if dim == "status":
+                value = STATUS_NAMES.get(int(value), str(value))
+            elif dim == "tag":
+                text = str(value)
+                if text not in tag_sets:
+                    tag_sets[text] = json.loads(text).get(q.tag_key, "")
+                value = tag_sets[text]
+            group[dim] = str(value)
+        ident = (_bucket(int(record[0]), q), tuple(group[d] for d in q.group_by))
         row = rows.get(ident)
         if row is None:
             row = rows[ident] = ReportRow(ident[0], group)
-        row.requests += 1
-        row.prompt_tokens += int(prompt)
-        row.completion_tokens += int(completion)
-        row.cost_micros += int(cost)
-        row.cached_requests += int(cached)
-        row.keys.add(key)
-        times[key].append(int(end_us))
-        hourly[key][int(end_us) // (3600 * US)] += int(cost)
-    flagged = anomalous_keys(tx, q, rule, times, hourly)
+        requests, prompt, completion, cached, cost = (int(v) for v in record[-5:])
+        row.requests += requests
+        row.prompt_tokens += prompt
+        row.completion_tokens += completion
+        row.cost_micros += cost
+        row.cached_requests += cached
+        row.keys.add(str(values["api_key_id"]))
+    flagged = anomalous_keys(tx, q, rule, rollups)
     result = sorted(rows.values(), key=lambda r: (r.bucket_start_us, tuple(r.group.values())))
     if q.top_n:
         by_group: dict[tuple[str, ...], int] = defaultdict(int)

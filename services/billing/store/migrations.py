@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from services.billing.rollups import BACKFILL
 from services.billing.store.base import Tx
 
 TYPES = {
@@ -76,6 +77,18 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
             state {int} NOT NULL, mark {int} NOT NULL, mark_us {int} NOT NULL, create_us {int} NOT NULL)""",
         "CREATE INDEX leases_budget ON leases (budget_id, expire_us)",
         "CREATE INDEX leases_router ON leases (router_id, budget_id, expire_us)",
+    )),
+    (3, "hourly usage rollups, backfilled from the events", (
+        # One row per hour of end time and (tenant, key, model, version, status, tag set): what reports
+        # read for whole hours (services/billing/rollups.py keeps it in step with `events`).
+        """CREATE TABLE usage_hours (
+            hour_us {int} NOT NULL, tenant_id TEXT NOT NULL, api_key_id TEXT NOT NULL, model TEXT NOT NULL,
+            model_version TEXT NOT NULL, status {int} NOT NULL, tags_json TEXT NOT NULL,
+            requests {int} NOT NULL, prompt_tokens {int} NOT NULL, completion_tokens {int} NOT NULL,
+            cached_requests {int} NOT NULL, cost_micros {int} NOT NULL,
+            PRIMARY KEY (hour_us, tenant_id, api_key_id, model, model_version, status, tags_json))""",
+        "CREATE INDEX usage_hours_tenant ON usage_hours (tenant_id, hour_us)",
+        BACKFILL,
     )),
 )
 
