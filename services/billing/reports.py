@@ -9,13 +9,15 @@ Anomalies are flagged per api key: more than `max_requests` requests within any 
 hour whose spend exceeds `hourly_factor_permille`/1000 x the key's mean hourly spend over the 7 days before
 the window (with at least 3 hours of history). A row is anomalous when any key counted in it is. Hourly
 spend comes from the rollups; a key's timestamps are read from the events only for the hours where its
-rollups allow a burst (more than `max_requests` requests in the hours one window can touch).
+rollups allow a burst (more than `max_requests` requests in the hours one window can touch), and for whole
+hours only once per process while their counts do not change (`BurstMemo`).
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict, deque
+from bisect import bisect_left
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -135,52 +137,93 @@ def key_hours(tx: Tx, start_us: int, end_us: int, tenant_id: str, rollups: bool 
     return found
 
 
-def _bursting(tx: Tx, q: ReportQuery, rule: AnomalyRule, hours: dict[str, dict[int, Sums]]) -> set[str]:
+class BurstMemo:
+    """Whether a key's events in [hour, hour + span hours) hold a burst, remembered with the hourly counts it
+    was decided from. The ledger only grows, so equal counts mean the same events and the answer stands; a
+    late event changes a count and the hours are read again. One per process, bounded."""
+
+    def __init__(self, limit: int = 1_000_000) -> None:
+        self.limit = limit
+        self._found: dict[tuple[str, str, int, int, int], tuple[tuple[int, ...], bool]] = {}
+
+    def get(self, ident: tuple[str, str, int, int, int], counts: tuple[int, ...]) -> bool | None:
+        found = self._found.get(ident)
+        return found[1] if found is not None and found[0] == counts else None
+
+    def put(self, ident: tuple[str, str, int, int, int], counts: tuple[int, ...], burst: bool) -> None:
+        if len(self._found) >= self.limit:
+            self._found.clear()
+        self._found[ident] = (counts, burst)
+
+
+def _has_burst(stamps: list[int], rule: AnomalyRule) -> bool:
+    """More than `max_requests` of these sorted times within `window_s` seconds."""
+    n, window = rule.max_requests, rule.window_s * US
+    return any(stamps[i] - stamps[i - n] < window for i in range(n, len(stamps)))
+
+
+def _bursting(tx: Tx, q: ReportQuery, rule: AnomalyRule, hours: dict[str, dict[int, Sums]],
+              memo: BurstMemo | None) -> set[str]:
     """Keys with more than `max_requests` requests within `window_s` seconds inside the window.
 
-    A burst lies in the hours one window can touch, so only hours whose rollups hold more than
-    `max_requests` of the key's requests across that many hours are read from the events.
+    A burst lies in the hours one window can touch, so only the hours whose rollups hold more than
+    `max_requests` of the key's requests across that many hours are read from the events; and of those,
+    the ones inside the window's whole hours only once per process while their counts stay the same (`memo`).
     """
     span = -(-rule.window_s * US // HOUR_US) + 1
-    ranges: list[tuple[int, int]] = []
-    candidates = set()
+    _edges, whole = split(q.start_us, q.end_us)
+    first, last = whole if whole is not None else (q.end_us, q.end_us)
+    flagged: set[str] = set()
+    todo: list[tuple[str, int, int, tuple[str, str, int, int, int] | None, tuple[int, ...]]] = []
     for key, by_hour in hours.items():
         if sum(s[0] for s in by_hour.values()) <= rule.max_requests:
             continue
-        for hour in by_hour:
-            if sum(by_hour.get(hour + i * HOUR_US, (0, 0))[0] for i in range(span)) > rule.max_requests:
-                candidates.add(key)
-                ranges.append((max(hour, q.start_us), min(hour + span * HOUR_US, q.end_us)))
+        for hour in sorted(by_hour):
+            counts = tuple(by_hour[hour + i * HOUR_US][0] if hour + i * HOUR_US in by_hour else 0
+                           for i in range(span))
+            if sum(counts) <= rule.max_requests:
+                continue
+            if first <= hour and hour + span * HOUR_US <= last:  # all inside whole hours: not clipped
+                ident = (q.tenant_id, key, hour, rule.max_requests, rule.window_s)
+                known = memo.get(ident, counts) if memo is not None else None
+                if known:
+                    flagged.add(key)
+                    break
+                if known is None:
+                    todo.append((key, hour, hour + span * HOUR_US, ident, counts))
+            else:
+                todo.append((key, max(hour, q.start_us), min(hour + span * HOUR_US, q.end_us), None, ()))
+    todo = [t for t in todo if t[0] not in flagged]
     merged: list[list[int]] = []
-    for lo, hi in sorted(ranges):
+    for lo, hi in sorted((t[1], t[2]) for t in todo):
         if merged and lo <= merged[-1][1]:
             merged[-1][1] = max(merged[-1][1], hi)
         else:
             merged.append([lo, hi])
+    wanted = {t[0] for t in todo}
     times: dict[str, list[int]] = defaultdict(list)
     where = " AND tenant_id = ?" if q.tenant_id else ""
     for lo, hi in merged:
         for key, end_us in tx.all(f"SELECT api_key_id, end_us FROM events WHERE end_us >= ? AND end_us < ?{where}",
                                   [lo, hi] + ([q.tenant_id] if q.tenant_id else [])):
-            if key in candidates:
+            if key in wanted:
                 times[key].append(int(end_us))
-    flagged = set()
-    window = rule.window_s * US
-    for key, stamps in times.items():
-        recent: deque[int] = deque()
-        for t in sorted(stamps):
-            recent.append(t)
-            while recent[0] <= t - window:
-                recent.popleft()
-            if len(recent) > rule.max_requests:
-                flagged.add(key)
-                break
+    for stamps in times.values():
+        stamps.sort()
+    for key, lo, hi, remembered_as, counts in todo:
+        stamps = times.get(key, [])
+        burst = _has_burst(stamps[bisect_left(stamps, lo):bisect_left(stamps, hi)], rule)
+        if remembered_as is not None and memo is not None:
+            memo.put(remembered_as, counts, burst)
+        if burst:
+            flagged.add(key)
     return flagged
 
 
-def anomalous_keys(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True) -> set[str]:
+def anomalous_keys(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True,
+                   memo: BurstMemo | None = None) -> set[str]:
     hours = key_hours(tx, q.start_us, q.end_us, q.tenant_id, rollups)
-    flagged = _bursting(tx, q, rule, hours)
+    flagged = _bursting(tx, q, rule, hours, memo)
     history = key_hours(tx, q.start_us - HISTORY_US, q.start_us, q.tenant_id, rollups)
     for key, by_hour in hours.items():
         past = history.get(key, {})
@@ -192,7 +235,8 @@ def anomalous_keys(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = Tr
     return flagged
 
 
-def build(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True) -> tuple[list[ReportRow], ReportRow]:
+def build(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True,
+          memo: BurstMemo | None = None) -> tuple[list[ReportRow], ReportRow]:
     """The report; `rollups=False` scans the events alone (the reference the rollups are tested against)."""
     check_query(q)
     columns = ["api_key_id"] + [COLUMNS[d] for d in q.group_by if d != "api_key"]
@@ -225,7 +269,7 @@ def build(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True) -> tu
         row.cost_micros += cost
         row.cached_requests += cached
         row.keys.add(str(values["api_key_id"]))
-    flagged = anomalous_keys(tx, q, rule, rollups)
+    flagged = anomalous_keys(tx, q, rule, rollups, memo)
     result = sorted(rows.values(), key=lambda r: (r.bucket_start_us, tuple(r.group.values())))
     if q.top_n:
         by_group: dict[tuple[str, ...], int] = defaultdict(int)

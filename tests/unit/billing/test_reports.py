@@ -126,6 +126,7 @@ def busy_ledger() -> Ledger:
 def test_reports_from_rollups_equal_a_scan_of_the_events(busy_ledger: Ledger, group_by: tuple[str, ...],
                                                           granularity: str) -> None:
     ledger = busy_ledger
+    memo = reports.BurstMemo()
     windows = [(T0 + 1, T0 + 30 * HOUR - 1), (T0 + 5 * HOUR - 2 * US, T0 + 9 * HOUR + 17), (T0, T0 + 24 * HOUR),
                (T0 + 5 * HOUR + 10, T0 + 5 * HOUR + 20 * US), (T0 + HOUR + 333, T0 + 2 * HOUR + 444)]
     for start, end in windows:
@@ -134,6 +135,8 @@ def test_reports_from_rollups_equal_a_scan_of_the_events(busy_ledger: Ledger, gr
             fast, fast_total = reports.build(ledger.tx, q, RULE)
             slow, slow_total = reports.build(ledger.tx, q, RULE, rollups=False)
             assert fast == slow and fast_total == slow_total, (start - T0, end - T0, top_n)
+            remembered = reports.build(ledger.tx, q, RULE, memo=memo), reports.build(ledger.tx, q, RULE, memo=memo)
+            assert remembered == ((slow, slow_total), (slow, slow_total))
     flagged = reports.anomalous_keys(ledger.tx, query(T0, T0 + 30 * HOUR), RULE)
     assert {"k1", "k2"} <= flagged
 
@@ -155,3 +158,28 @@ def test_the_burst_rule_reads_events_only_where_the_rollups_allow_a_burst() -> N
     ledger.tx.all = spy  # type: ignore[method-assign]
     assert reports.anomalous_keys(ledger.tx, query(T0, T0 + 24 * HOUR), RULE) == {"busy"}
     assert seen == [(T0 + 5 * HOUR, T0 + 7 * HOUR)]  # the hour of its events and the next
+
+
+def test_burst_answers_are_remembered_until_a_late_event_changes_the_hour() -> None:
+    ledger = Ledger()
+    for n in range(51):  # two groups 20 s apart: at most 26 within 10 s
+        add(ledger, f"b{n}", 1, T0 + 5 * HOUR + n * 100_000 + (20 * US if n > 25 else 0), key="busy")
+    memo = reports.BurstMemo()
+    seen: list[int] = []
+    original = ledger.tx.all
+
+    def spy(sql: str, params: Any = ()) -> Any:
+        if "SELECT api_key_id, end_us FROM events" in sql:
+            seen.append(params[0])
+        return original(sql, params)
+
+    ledger.tx.all = spy  # type: ignore[method-assign]
+    q = query(T0, T0 + 24 * HOUR)
+    assert reports.anomalous_keys(ledger.tx, q, RULE, memo=memo) == set()
+    assert reports.anomalous_keys(ledger.tx, q, RULE, memo=memo) == set()
+    assert seen == [T0 + 5 * HOUR]  # read once
+    for n in range(25):  # arrive later, between the two groups: 51 within 8 s
+        add(ledger, f"late{n}", 1, T0 + 5 * HOUR + 5 * US + n * 100_000, key="busy")
+    assert reports.anomalous_keys(ledger.tx, q, RULE, memo=memo) == {"busy"}
+    assert reports.anomalous_keys(ledger.tx, q, RULE, memo=memo) == {"busy"}
+    assert seen == [T0 + 5 * HOUR] * 2
