@@ -138,19 +138,19 @@ def key_hours(tx: Tx, start_us: int, end_us: int, tenant_id: str, rollups: bool 
 
 
 class BurstMemo:
-    """Whether a key's events in [hour, hour + span hours) hold a burst, remembered with the hourly counts it
+    """Whether a key's events in one range of whole hours hold a burst, remembered with the hourly counts it
     was decided from. The ledger only grows, so equal counts mean the same events and the answer stands; a
     late event changes a count and the hours are read again. One per process, bounded."""
 
     def __init__(self, limit: int = 1_000_000) -> None:
         self.limit = limit
-        self._found: dict[tuple[str, str, int, int, int], tuple[tuple[int, ...], bool]] = {}
+        self._found: dict[tuple[str, str, int, int, int, int], tuple[tuple[int, ...], bool]] = {}
 
-    def get(self, ident: tuple[str, str, int, int, int], counts: tuple[int, ...]) -> bool | None:
+    def get(self, ident: tuple[str, str, int, int, int, int], counts: tuple[int, ...]) -> bool | None:
         found = self._found.get(ident)
         return found[1] if found is not None and found[0] == counts else None
 
-    def put(self, ident: tuple[str, str, int, int, int], counts: tuple[int, ...], burst: bool) -> None:
+    def put(self, ident: tuple[str, str, int, int, int, int], counts: tuple[int, ...], burst: bool) -> None:
         if len(self._found) >= self.limit:
             self._found.clear()
         self._found[ident] = (counts, burst)
@@ -166,33 +166,45 @@ def _bursting(tx: Tx, q: ReportQuery, rule: AnomalyRule, hours: dict[str, dict[i
               memo: BurstMemo | None) -> set[str]:
     """Keys with more than `max_requests` requests within `window_s` seconds inside the window.
 
-    A burst lies in the hours one window can touch, so only the hours whose rollups hold more than
-    `max_requests` of the key's requests across that many hours are read from the events; and of those,
-    the ones inside the window's whole hours only once per process while their counts stay the same (`memo`).
+    A burst whose first request falls in hour h lies in [h, h + 1 h + window): only such ranges whose
+    rollups hold more than `max_requests` of the key's requests are read from the events. A burst inside
+    the window's whole hours is looked for once per process while those hours' counts stay the same
+    (`memo`); any other burst has a request in a partial edge hour, so it lies within one window of an edge,
+    and those few seconds and the edge hours are read every time.
     """
-    span = -(-rule.window_s * US // HOUR_US) + 1
+    window = rule.window_s * US
+
+    def count(by_hour: dict[int, Sums], lo: int, hi: int) -> tuple[int, ...]:
+        first_hour = lo - lo % HOUR_US
+        return tuple(by_hour[h][0] if h in by_hour else 0 for h in range(first_hour, hi, HOUR_US))
+
     _edges, whole = split(q.start_us, q.end_us)
-    first, last = whole if whole is not None else (q.end_us, q.end_us)
+    if whole is None:
+        ranges = [(q.start_us, q.end_us)]
+        first = last = q.end_us
+    else:
+        first, last = whole
+        ranges = [(q.start_us, min(first + window, q.end_us)), (max(last - window, q.start_us), q.end_us)]
     flagged: set[str] = set()
-    todo: list[tuple[str, int, int, tuple[str, str, int, int, int] | None, tuple[int, ...]]] = []
+    todo: list[tuple[str, int, int, tuple[str, str, int, int, int, int] | None, tuple[int, ...]]] = []
     for key, by_hour in hours.items():
         if sum(s[0] for s in by_hour.values()) <= rule.max_requests:
             continue
-        for hour in sorted(by_hour):
-            counts = tuple(by_hour[hour + i * HOUR_US][0] if hour + i * HOUR_US in by_hour else 0
-                           for i in range(span))
+        for lo, hi in ranges:  # near the edges: read every time
+            if lo < hi and sum(count(by_hour, lo, hi)) > rule.max_requests:
+                todo.append((key, lo, hi, None, ()))
+        for hour in sorted(h for h in by_hour if first <= h < last):
+            hi = min(hour + HOUR_US + window, last)
+            counts = count(by_hour, hour, hi)
             if sum(counts) <= rule.max_requests:
                 continue
-            if first <= hour and hour + span * HOUR_US <= last:  # all inside whole hours: not clipped
-                ident = (q.tenant_id, key, hour, rule.max_requests, rule.window_s)
-                known = memo.get(ident, counts) if memo is not None else None
-                if known:
-                    flagged.add(key)
-                    break
-                if known is None:
-                    todo.append((key, hour, hour + span * HOUR_US, ident, counts))
-            else:
-                todo.append((key, max(hour, q.start_us), min(hour + span * HOUR_US, q.end_us), None, ()))
+            ident = (q.tenant_id, key, hour, hi, rule.max_requests, rule.window_s)
+            known = memo.get(ident, counts) if memo is not None else None
+            if known:
+                flagged.add(key)
+                break
+            if known is None:
+                todo.append((key, hour, hi, ident, counts))
     todo = [t for t in todo if t[0] not in flagged]
     merged: list[list[int]] = []
     for lo, hi in sorted((t[1], t[2]) for t in todo):
@@ -220,16 +232,36 @@ def _bursting(tx: Tx, q: ReportQuery, rule: AnomalyRule, hours: dict[str, dict[i
     return flagged
 
 
+def _history(tx: Tx, start_us: int, end_us: int, tenant_id: str, rollups: bool) -> dict[str, list[int]]:
+    """Per api key over [start, end): [hours with events, total cost], summed in SQL."""
+    edges, whole = split(start_us, end_us, rollups)
+    where = " AND tenant_id = ?" if tenant_id else ""
+    extra = [tenant_id] if tenant_id else []
+    found: list[Row] = []
+    if whole is not None:
+        found += tx.all("SELECT api_key_id, COUNT(DISTINCT hour_us), SUM(cost_micros) FROM usage_hours"
+                        f" WHERE hour_us >= ? AND hour_us < ?{where} GROUP BY api_key_id", [*whole, *extra])
+    for lo, hi in edges:
+        found += tx.all(f"SELECT api_key_id, COUNT(DISTINCT end_us / {HOUR_US}), SUM(cost_micros) FROM events"
+                        f" WHERE end_us >= ? AND end_us < ?{where} GROUP BY api_key_id", [lo, hi, *extra])
+    out: dict[str, list[int]] = {}
+    for key, hours, cost in found:  # the sources' hours are disjoint: their counts add up
+        sums = out.setdefault(str(key), [0, 0])
+        sums[0] += int(hours)
+        sums[1] += int(cost)
+    return out
+
+
 def anomalous_keys(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True,
                    memo: BurstMemo | None = None) -> set[str]:
     hours = key_hours(tx, q.start_us, q.end_us, q.tenant_id, rollups)
     flagged = _bursting(tx, q, rule, hours, memo)
-    history = key_hours(tx, q.start_us - HISTORY_US, q.start_us, q.tenant_id, rollups)
+    history = _history(tx, q.start_us - HISTORY_US, q.start_us, q.tenant_id, rollups)
     for key, by_hour in hours.items():
-        past = history.get(key, {})
-        if len(past) < 3:
+        past_hours, past_cost = history.get(key, (0, 0))
+        if past_hours < 3:
             continue
-        mean = sum(s[1] for s in past.values()) // len(past)
+        mean = past_cost // past_hours
         if any(s[1] * 1000 > mean * rule.hourly_factor_permille for s in by_hour.values()):
             flagged.add(key)
     return flagged

@@ -43,9 +43,14 @@ def tags_json(tags: dict[str, str]) -> str:
 def add(tx: Tx, new: Sequence[tuple[UsageEvent, int]]) -> None:
     """Add these first-time (event, cost) pairs to their hours' rollups, in the caller's transaction."""
     sums: dict[tuple[int, str, str, str, str, int, str], list[int]] = {}
+    spelled: dict[tuple[tuple[str, str], ...], str] = {(): "{}"}  # a batch has few tag sets: spell each once
     for event, cost in new:
+        tag_set = tuple(sorted(event.tags.items())) if event.tags else ()
+        text = spelled.get(tag_set)
+        if text is None:
+            text = spelled[tag_set] = tags_json(event.tags)
         key = (event.end_us - event.end_us % HOUR_US, event.tenant_id, event.api_key_id, event.model,
-               event.model_version, int(event.status), tags_json(event.tags))
+               event.model_version, int(event.status), text)
         row = sums.get(key)
         if row is None:
             sums[key] = [1, event.prompt_tokens, event.completion_tokens, int(event.cached), cost]
