@@ -253,8 +253,10 @@ def _history(tx: Tx, start_us: int, end_us: int, tenant_id: str, rollups: bool) 
 
 
 def anomalous_keys(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True,
-                   memo: BurstMemo | None = None) -> set[str]:
-    hours = key_hours(tx, q.start_us, q.end_us, q.tenant_id, rollups)
+                   memo: BurstMemo | None = None, hours: dict[str, dict[int, Sums]] | None = None) -> set[str]:
+    """The keys flagged in the window; `hours` is `key_hours` of it when the caller has it already."""
+    if hours is None:
+        hours = key_hours(tx, q.start_us, q.end_us, q.tenant_id, rollups)
     flagged = _bursting(tx, q, rule, hours, memo)
     history = _history(tx, q.start_us - HISTORY_US, q.start_us, q.tenant_id, rollups)
     for key, by_hour in hours.items():
@@ -269,39 +271,55 @@ def anomalous_keys(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = Tr
 
 def build(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True,
           memo: BurstMemo | None = None) -> tuple[list[ReportRow], ReportRow]:
-    """The report; `rollups=False` scans the events alone (the reference the rollups are tested against)."""
+    """The report; `rollups=False` scans the events alone (the reference the rollups are tested against).
+
+    One pass over rollups and edge events per hour (a minute for minute buckets) and key gives both the
+    rows and each key's hours for the anomaly rules.
+    """
     check_query(q)
     columns = ["api_key_id"] + [COLUMNS[d] for d in q.group_by if d != "api_key"]
     minute = q.granularity == "minute"
-    step = (GRANULARITY_US["minute"] if minute else HOUR_US) if q.granularity else 0
-    found = _sources(tx, q.start_us, q.end_us, q.tenant_id, ", ".join(columns), rollups and not minute, step)
+    found = _sources(tx, q.start_us, q.end_us, q.tenant_id, ", ".join(columns), rollups and not minute,
+                     GRANULARITY_US["minute"] if minute else HOUR_US)
     rows: dict[tuple[int, tuple[str, ...]], ReportRow] = {}
+    hours: dict[str, dict[int, Sums]] = defaultdict(dict)
+    groups: dict[tuple[object, ...], tuple[str, dict[str, str]]] = {}
     tag_sets: dict[str, str] = {}
+    width = len(columns)
     for record in found:
-        values = dict(zip(columns, record[1:1 + len(columns)], strict=True))
-        group = {}
-        for dim in q.group_by:
-            value = values[COLUMNS[dim]]
-            if dim == "status":
-                value = STATUS_NAMES.get(int(value), str(value))
-            elif dim == "tag":
-                text = str(value)
-                if text not in tag_sets:
-                    tag_sets[text] = json.loads(text).get(q.tag_key, "")
-                value = tag_sets[text]
-            group[dim] = str(value)
-        ident = (_bucket(int(record[0]), q), tuple(group[d] for d in q.group_by))
+        dims = record[1:1 + width]
+        known = groups.get(dims)
+        if known is None:
+            values = dict(zip(columns, dims, strict=True))
+            group = {}
+            for dim in q.group_by:
+                value = values[COLUMNS[dim]]
+                if dim == "status":
+                    value = STATUS_NAMES.get(int(value), str(value))
+                elif dim == "tag":
+                    text = str(value)
+                    if text not in tag_sets:
+                        tag_sets[text] = json.loads(text).get(q.tag_key, "")
+                    value = tag_sets[text]
+                group[dim] = str(value)
+            known = groups[dims] = (str(values["api_key_id"]), group)
+        key, group = known
+        t = int(record[0])
+        ident = (_bucket(t, q), tuple(group.values()))
         row = rows.get(ident)
         if row is None:
-            row = rows[ident] = ReportRow(ident[0], group)
+            row = rows[ident] = ReportRow(ident[0], dict(group))
         requests, prompt, completion, cached, cost = (int(v) for v in record[-5:])
         row.requests += requests
         row.prompt_tokens += prompt
         row.completion_tokens += completion
         row.cost_micros += cost
         row.cached_requests += cached
-        row.keys.add(str(values["api_key_id"]))
-    flagged = anomalous_keys(tx, q, rule, rollups, memo)
+        row.keys.add(key)
+        sums = hours[key].setdefault(t - t % HOUR_US, [0, 0])
+        sums[0] += requests
+        sums[1] += cost
+    flagged = anomalous_keys(tx, q, rule, rollups, memo, hours)
     result = sorted(rows.values(), key=lambda r: (r.bucket_start_us, tuple(r.group.values())))
     if q.top_n:
         by_group: dict[tuple[str, ...], int] = defaultdict(int)
