@@ -195,7 +195,11 @@ def _bursting(tx: Tx, q: ReportQuery, rule: AnomalyRule, hours: dict[str, dict[i
                 todo.append((key, lo, hi, None, ()))
         for hour in sorted(h for h in by_hour if first <= h < last):
             hi = min(hour + HOUR_US + window, last)
-            counts = count(by_hour, hour, hi)
+            if window < HOUR_US:  # the usual rule: this hour and, unless it is the last, the next
+                after = by_hour.get(hour + HOUR_US) if hi > hour + HOUR_US else None
+                counts: tuple[int, ...] = (by_hour[hour][0],) if after is None else (by_hour[hour][0], after[0])
+            else:
+                counts = count(by_hour, hour, hi)
             if sum(counts) <= rule.max_requests:
                 continue
             ident = (q.tenant_id, key, hour, hi, rule.max_requests, rule.window_s)
@@ -283,7 +287,7 @@ def build(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True,
                      GRANULARITY_US["minute"] if minute else HOUR_US)
     rows: dict[tuple[int, tuple[str, ...]], ReportRow] = {}
     hours: dict[str, dict[int, Sums]] = defaultdict(dict)
-    groups: dict[tuple[object, ...], tuple[str, dict[str, str]]] = {}
+    groups: dict[tuple[object, ...], tuple[str, dict[str, str], tuple[str, ...]]] = {}
     tag_sets: dict[str, str] = {}
     width = len(columns)
     for record in found:
@@ -302,14 +306,15 @@ def build(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True,
                         tag_sets[text] = json.loads(text).get(q.tag_key, "")
                     value = tag_sets[text]
                 group[dim] = str(value)
-            known = groups[dims] = (str(values["api_key_id"]), group)
-        key, group = known
+            known = groups[dims] = (str(values["api_key_id"]), group, tuple(group.values()))
+        key, group, _ = known
         t = int(record[0])
-        ident = (_bucket(t, q), tuple(group.values()))
+        ident = (_bucket(t, q) if q.granularity else q.start_us, known[2])
         row = rows.get(ident)
         if row is None:
             row = rows[ident] = ReportRow(ident[0], dict(group))
-        requests, prompt, completion, cached, cost = (int(v) for v in record[-5:])
+        requests, cost = int(record[-5]), int(record[-1])
+        prompt, completion, cached = int(record[-4]), int(record[-3]), int(record[-2])
         row.requests += requests
         row.prompt_tokens += prompt
         row.completion_tokens += completion
