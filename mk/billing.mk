@@ -1,6 +1,7 @@
 # Billing: a PostgreSQL server for the billing tests, and the billing benchmark.
 #   make postgres-server   install Debian's postgresql when no server binaries exist (root only; else a no-op)
-#   make bench-billing     bench/results/billing.json + billing.png
+#   make bench-billing     bench/results/billing.json + billing.png, and billing-reports.json (report latency
+#                          at 1 M and 10 M events; BENCH_BILLING_SKIP_10M=1 skips the 10 M load)
 .PHONY: postgres-server bench-billing
 
 PG_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb) $(shell command -v initdb 2>/dev/null))
@@ -21,3 +22,4 @@ TEST_PREREQS += postgres-server
 
 bench-billing: $(VENV)/.installed postgres-server
 	$(PY) -m bench.billing.run --out bench/results/billing.json --plot bench/results/billing.png
+	$(PY) -m bench.billing.reports --out bench/results/billing-reports.json

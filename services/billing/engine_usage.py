@@ -114,7 +114,8 @@ def event_of(record: EngineRecord) -> UsageEvent:
                       model=record.model, model_version=record.model_version, tags=record.tags,
                       prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
                       request_id=record.request_id, trace_id=record.trace_id, start_us=record.start_us,
-                      end_us=record.end_us, status=record.status, traffic_class=record.traffic_class)
+                      end_us=record.end_us, status=record.status, traffic_class=record.traffic_class,
+                      source=Source.ENGINE)
 
 
 def reconcile(tx: Tx, ingester: Ingester, now_us: int, limit: int = 1000) -> Reconciled:

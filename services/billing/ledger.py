@@ -5,16 +5,16 @@ both or neither. A repeated event id returns the first result and writes nothing
 force at the event's end time, through the mesh's one price table and cost formula
 (`services.common.pricing`, which the router quotes with); a cancelled request is billed for the tokens it
 reports. An event that names the leases it was admitted against moves its cost from their room to committed
-spend in the same commit (`leases.record_usage`).
+spend in the same commit (`leases.record_usage`), and every first-time event is added to its hour's rollup
+(`rollups.add`) in that commit too, so reports read from the rollups see exactly the committed events.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from services.billing import budgets, leases, periods
+from services.billing import budgets, leases, periods, rollups
 from services.billing.alerts import FiredCache
 from services.billing.catalog import Catalog, Snapshot
 from services.billing.model import Alert, Budget, BudgetState, Level, Recorded, UsageEvent
@@ -24,8 +24,8 @@ from services.common.pricing import cost_micros
 
 EVENT_COLUMNS = ("event_id, tenant_id, api_key_id, model, model_version, tags_json, prompt_tokens, completion_tokens,"
                  " cached, request_id, trace_id, start_us, end_us, status, traffic_class, cost_micros, currency,"
-                 " recorded_us")
-ROWS_PER_INSERT = 400  # 18 parameters a row: well under SQLite's and PostgreSQL's parameter limits
+                 " recorded_us, source")
+ROWS_PER_INSERT = 400  # 19 parameters a row: well under SQLite's and PostgreSQL's parameter limits
 
 
 @dataclass
@@ -57,8 +57,10 @@ class Ingester:
     with one upsert per bucket. A repeat of an id inside the batch answers with the first occurrence.
     """
 
-    def __init__(self, catalog: Catalog, fired: FiredCache, currency: str, quote_grace_us: int = 15_000_000) -> None:
+    def __init__(self, catalog: Catalog, fired: FiredCache, currency: str, quote_grace_us: int = 15_000_000,
+                 *, keep_rollups: bool = True) -> None:
         self.catalog = catalog
+        self.keep_rollups = keep_rollups  # False only to measure what the rollups cost (bench/billing)
         self.quote_grace_us = quote_grace_us
         self.fired = fired
         self.currency = currency
@@ -114,6 +116,8 @@ class Ingester:
         spend = budgets.add_spend(tx, self.fired, list(deltas.values()), now_us)
         leases.record_usage(tx, [(lease_id, frozenset(b.budget_id for b in applicable(event)), cost, event.tokens)
                                  for event, cost in result.new for lease_id in event.lease_ids])
+        if self.keep_rollups and result.new:
+            rollups.add(tx, result.new)
         result.alerts, result.states = spend.alerts, spend.states
         for event, cost in result.new:
             level = max((spend.levels[(b.budget_id, self.buckets.start(b.period, event.end_us))]
@@ -135,16 +139,16 @@ class Ingester:
             for index, cost in chunk:
                 e = events[index]
                 params += (e.event_id, e.tenant_id, e.api_key_id, e.model, e.model_version,
-                           json.dumps(e.tags, sort_keys=True) if e.tags else "{}", e.prompt_tokens,
+                           rollups.tags_json(e.tags), e.prompt_tokens,
                            e.completion_tokens, int(e.cached), e.request_id, e.trace_id, e.start_us, e.end_us,
-                           int(e.status), int(e.traffic_class), cost, self.currency, now_us)
+                           int(e.status), int(e.traffic_class), cost, self.currency, now_us, int(e.source))
             values = ", ".join([_ROW_MARKS] * len(chunk))
             inserted.update(r[0] for r in tx.all(f"INSERT INTO events ({EVENT_COLUMNS}) VALUES {values}"
                                                  " ON CONFLICT (event_id) DO NOTHING RETURNING event_id", params))
         return inserted
 
 
-_ROW_MARKS = "(" + ", ".join("?" * 18) + ")"
+_ROW_MARKS = "(" + ", ".join("?" * 19) + ")"
 
 
 class _ApplicableCache:

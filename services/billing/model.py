@@ -50,6 +50,14 @@ class Enforcement(enum.IntEnum):
     SOFT = 2
 
 
+class Source(enum.IntEnum):
+    """Who metered a ledger event."""
+
+    UNSPECIFIED = 0
+    ROUTER = 1  # the router's event: authoritative
+    ENGINE = 2  # an inference replica's record, billed because no router event came in time
+
+
 @dataclass(frozen=True)
 class UsageEvent:
     event_id: str
@@ -70,6 +78,7 @@ class UsageEvent:
     quoted_price_id: str = ""  # the price the router quoted the caller with ("" = none)
     # The leases the request was admitted against (at most one per budget).
     lease_ids: tuple[str, ...] = ()
+    source: Source = Source.ROUTER  # who metered it (a replica's record billed instead: ENGINE)
 
     @property
     def tokens(self) -> int:
@@ -276,13 +285,6 @@ class AuditEvent:
     target: str
     details_json: str
 
-
-class Source(enum.IntEnum):
-    """Who metered a ledger event."""
-
-    UNSPECIFIED = 0
-    ROUTER = 1  # the router's event: authoritative
-    ENGINE = 2  # an inference replica's record, billed because no router event came in time
 
 
 @dataclass(frozen=True)

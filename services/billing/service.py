@@ -72,6 +72,7 @@ class Billing:
                                                config.lease_edge_permille)
         self.anomaly_rule = reports.AnomalyRule(config.anomaly_max_requests, config.anomaly_window_s,
                                                 config.anomaly_hourly_factor_permille)
+        self.burst_memo = reports.BurstMemo()
 
     async def close(self) -> None:
         await self.webhooks.close()
@@ -366,7 +367,7 @@ class Billing:
 
     async def report(self, query: reports.ReportQuery) -> tuple[list[reports.ReportRow], reports.ReportRow]:
         reports.check_query(query)
-        return await self.store.read(lambda tx: reports.build(tx, query, self.anomaly_rule))
+        return await self.store.read(lambda tx: reports.build(tx, query, self.anomaly_rule, memo=self.burst_memo))
 
     async def audit_events(self, start_us: int, end_us: int, action: str, page_size: int,
                            page_token: str) -> tuple[list[AuditEvent], str]:

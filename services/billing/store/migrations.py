@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from services.billing.rollups import BACKFILL
 from services.billing.store.base import Tx
 
 TYPES = {
-    "sqlite": {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "int": "INTEGER"},
-    "postgres": {"serial": "BIGSERIAL PRIMARY KEY", "int": "BIGINT"},
+    "sqlite": {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "int": "INTEGER", "clustered": " WITHOUT ROWID"},
+    "postgres": {"serial": "BIGSERIAL PRIMARY KEY", "int": "BIGINT", "clustered": ""},
 }
 
 MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
@@ -90,6 +91,18 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
         "CREATE INDEX engine_records_due ON engine_records (state, due_us)",
         # Who metered each event: 1 the router (so are the events recorded before), 2 an engine record.
         "ALTER TABLE events ADD COLUMN source {int} NOT NULL DEFAULT 1",
+    )),
+    (4, "hourly usage rollups, backfilled from the events", (
+        # One row per hour of end time and (tenant, key, model, version, status, tag set, source): what reports
+        # read for whole hours (services/billing/rollups.py keeps it in step with `events`). One B-tree on
+        # SQLite (WITHOUT ROWID) and no second index, so each event adds at most one index entry here.
+        """CREATE TABLE usage_hours (
+            hour_us {int} NOT NULL, tenant_id TEXT NOT NULL, api_key_id TEXT NOT NULL, model TEXT NOT NULL,
+            model_version TEXT NOT NULL, status {int} NOT NULL, tags_json TEXT NOT NULL, source {int} NOT NULL,
+            requests {int} NOT NULL, prompt_tokens {int} NOT NULL, completion_tokens {int} NOT NULL,
+            cached_requests {int} NOT NULL, cost_micros {int} NOT NULL,
+            PRIMARY KEY (hour_us, tenant_id, api_key_id, model, model_version, status, tags_json, source)){clustered}""",
+        BACKFILL,
     )),
 )
 

@@ -96,3 +96,90 @@ def test_an_hour_far_above_the_keys_own_history_is_anomalous() -> None:
 def test_bad_queries_say_what_to_fix(changes: dict[str, Any], words: str) -> None:
     with pytest.raises(InvalidInput, match=words):
         reports.check_query(query(**changes))
+
+
+def random_ledger(seed: int, events: int, hours: int) -> Ledger:
+    """Keys with bursts, quiet keys and spiky hours, over `hours` hours around T0 (history before it)."""
+    import random
+
+    rng = random.Random(seed)
+    ledger = Ledger()
+    statuses = (Status.COMPLETED, Status.CANCELLED, Status.FAILED)
+    for n in range(events):
+        at = T0 - 9 * 24 * HOUR + rng.randrange(0, (hours + 9 * 24) * HOUR)
+        add(ledger, f"r{n}", rng.randint(0, 900), at, key=f"k{rng.randint(0, 6)}", model=rng.choice(["m", "m"]),
+            status=rng.choice(statuses), tags=rng.choice([{}, {"team": "a"}, {"team": "b", "env": "x"}]))
+    for n in range(60):  # a burst across an hour boundary, and one big hour for another key
+        add(ledger, f"burst{n}", 1, T0 + 5 * HOUR - 4 * US + n * 100_000, key="k1")
+    add(ledger, "spike", 10**6, T0 + 7 * HOUR + 5, key="k2")
+    return ledger
+
+
+@pytest.fixture(scope="module")
+def busy_ledger() -> Ledger:
+    return random_ledger(3, 2000, 30)
+
+
+@pytest.mark.parametrize("granularity", ["", "minute", "hour", "day", "month"])
+@pytest.mark.parametrize("group_by", [("tenant",), ("model", "tenant"), ("tag",), ("api_key",), ("model_version",),
+                                      ("status",), ("api_key", "tag", "status")])
+def test_reports_from_rollups_equal_a_scan_of_the_events(busy_ledger: Ledger, group_by: tuple[str, ...],
+                                                          granularity: str) -> None:
+    ledger = busy_ledger
+    memo = reports.BurstMemo()
+    windows = [(T0 + 1, T0 + 30 * HOUR - 1), (T0 + 5 * HOUR - 2 * US, T0 + 9 * HOUR + 17), (T0, T0 + 24 * HOUR),
+               (T0 + 5 * HOUR + 10, T0 + 5 * HOUR + 20 * US), (T0 + HOUR + 333, T0 + 2 * HOUR + 444)]
+    for start, end in windows:
+        for top_n in (0, 2):
+            q = query(start, end, group_by=group_by, tag_key="team", granularity=granularity, top_n=top_n)
+            fast, fast_total = reports.build(ledger.tx, q, RULE)
+            slow, slow_total = reports.build(ledger.tx, q, RULE, rollups=False)
+            assert fast == slow and fast_total == slow_total, (start - T0, end - T0, top_n)
+            remembered = reports.build(ledger.tx, q, RULE, memo=memo), reports.build(ledger.tx, q, RULE, memo=memo)
+            assert remembered == ((slow, slow_total), (slow, slow_total))
+    flagged = reports.anomalous_keys(ledger.tx, query(T0, T0 + 30 * HOUR), RULE)
+    assert {"k1", "k2"} <= flagged
+
+
+def test_the_burst_rule_reads_events_only_where_the_rollups_allow_a_burst() -> None:
+    ledger = Ledger()
+    for n in range(51):
+        add(ledger, f"b{n}", 1, T0 + 5 * HOUR + n * 1000, key="busy")
+    for n in range(40):
+        add(ledger, f"q{n}", 1, T0 + n * HOUR // 2, key="quiet")
+    seen: list[tuple[int, int]] = []
+    original = ledger.tx.all
+
+    def spy(sql: str, params: Any = ()) -> Any:
+        if "SELECT api_key_id, end_us FROM events" in sql:
+            seen.append((params[0], params[1]))
+        return original(sql, params)
+
+    ledger.tx.all = spy  # type: ignore[method-assign]
+    assert reports.anomalous_keys(ledger.tx, query(T0, T0 + 24 * HOUR), RULE) == {"busy"}
+    assert seen == [(T0 + 5 * HOUR, T0 + 6 * HOUR + 10 * US)]  # the hour of its events and one window more
+
+
+def test_burst_answers_are_remembered_until_a_late_event_changes_the_hour() -> None:
+    ledger = Ledger()
+    for n in range(51):  # two groups 20 s apart: at most 26 within 10 s
+        add(ledger, f"b{n}", 1, T0 + 5 * HOUR + n * 100_000 + (20 * US if n > 25 else 0), key="busy")
+    memo = reports.BurstMemo()
+    seen: list[int] = []
+    original = ledger.tx.all
+
+    def spy(sql: str, params: Any = ()) -> Any:
+        if "SELECT api_key_id, end_us FROM events" in sql:
+            seen.append(params[0])
+        return original(sql, params)
+
+    ledger.tx.all = spy  # type: ignore[method-assign]
+    q = query(T0, T0 + 24 * HOUR)
+    assert reports.anomalous_keys(ledger.tx, q, RULE, memo=memo) == set()
+    assert reports.anomalous_keys(ledger.tx, q, RULE, memo=memo) == set()
+    assert seen == [T0 + 5 * HOUR]  # read once
+    for n in range(25):  # arrive later, between the two groups: 51 within 8 s
+        add(ledger, f"late{n}", 1, T0 + 5 * HOUR + 5 * US + n * 100_000, key="busy")
+    assert reports.anomalous_keys(ledger.tx, q, RULE, memo=memo) == {"busy"}
+    assert reports.anomalous_keys(ledger.tx, q, RULE, memo=memo) == {"busy"}
+    assert seen == [T0 + 5 * HOUR] * 2

@@ -1,0 +1,236 @@
+"""Hourly rollups over real gRPC, on SQLite and PostgreSQL: reports served from them equal a scan of the
+events to the micro-unit, every ingestion path keeps them in step (replays counted once), and the migration
+builds them from the events an older ledger already holds."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+
+from autoglm.billing.v1 import billing_service_pb2 as pb2
+from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
+from services.billing.config import BillingConfig
+from services.billing.server import build_server
+from services.billing.store import open_store
+from services.common.config import ServerSettings
+from tests.integration.billing.helpers import OPERATOR_TOKEN, operator, price_request, tenant_budget, ts, usage
+
+HOUR = 3600
+STATUSES = {pb2.USAGE_STATUS_COMPLETED: "completed", pb2.USAGE_STATUS_CANCELLED: "cancelled",
+            pb2.USAGE_STATUS_FAILED: "failed"}
+GROUPINGS = {  # the report's dimensions and the event field each reads
+    "tenant": [pb2.REPORT_DIMENSION_TENANT],
+    "model+tenant": [pb2.REPORT_DIMENSION_MODEL, pb2.REPORT_DIMENSION_TENANT],
+    "tag": [pb2.REPORT_DIMENSION_TAG],
+    "api_key": [pb2.REPORT_DIMENSION_API_KEY],
+    "model_version": [pb2.REPORT_DIMENSION_MODEL_VERSION],
+    "status": [pb2.REPORT_DIMENSION_STATUS],
+}
+NAMES = {pb2.REPORT_DIMENSION_TENANT: "tenant", pb2.REPORT_DIMENSION_MODEL: "model",
+         pb2.REPORT_DIMENSION_TAG: "tag", pb2.REPORT_DIMENSION_API_KEY: "api_key",
+         pb2.REPORT_DIMENSION_MODEL_VERSION: "model_version", pb2.REPORT_DIMENSION_STATUS: "status"}
+GRANULARITY = {pb2.GRANULARITY_UNSPECIFIED: 0, pb2.GRANULARITY_HOUR: HOUR, pb2.GRANULARITY_DAY: 86400}
+
+
+@dataclass
+class Sent:
+    event: pb2.UsageEvent
+    cost: int
+
+
+def random_events(rng: random.Random, count: int, since: float, hours: int) -> list[pb2.UsageEvent]:
+    events = []
+    for i in range(count):
+        tags = rng.choice([{}, {"team": "search"}, {"team": "ads"}, {"team": "ads", "env": "prod"}, {"env": "dev"}])
+        events.append(usage(f"ev{i}", prompt=rng.randint(0, 5000), completion=rng.randint(0, 3000),
+                            tenant=f"t{rng.randint(0, 3)}", key=f"k{rng.randint(0, 5)}", model=rng.choice(["m0", "m1"]),
+                            end=since + rng.uniform(0, hours * HOUR), model_version=rng.choice(["", "v1", "v2"]),
+                            status=rng.choice(list(STATUSES)), cached=rng.random() < 0.1, tags=tags))
+    return events
+
+
+async def ingest_by_every_path(stub: pb2_grpc.BillingServiceStub, events: list[pb2.UsageEvent],
+                               rng: random.Random) -> dict[str, Sent]:
+    """RecordUsage, batched and single StreamUsage, Reserve+Settle and lease-named events, with replays."""
+    await stub.CreateBudget(tenant_budget("t0", micros=10**15))
+    (lease,) = (await stub.AcquireLeases(pb2.AcquireLeasesRequest(router_id="r1", tenant_id="t0",
+                                                                  api_key_id="k0"))).leases
+    sent: dict[str, Sent] = {}
+    quarter = len(events) // 4
+    unary, streamed, settled, leased = (events[:quarter], events[quarter:2 * quarter],
+                                        events[2 * quarter:3 * quarter], events[3 * quarter:])
+    for event in unary:
+        sent[event.event_id] = Sent(event, (await stub.RecordUsage(pb2.RecordUsageRequest(event=event))).cost.micros)
+    requests = [pb2.StreamUsageRequest(events=streamed[i:i + 40]) for i in range(0, len(streamed), 40)]
+    requests.append(pb2.StreamUsageRequest(event=streamed[0]))  # a replay, one per message
+    replies = [reply async for reply in stub.StreamUsage(iter(requests))]
+    acks = [ack for reply in replies for ack in (reply.acks or [reply])]
+    for event, ack in zip(streamed, acks, strict=False):
+        assert not ack.error_code, ack.error_message
+        sent[event.event_id] = Sent(event, ack.cost.micros)
+    for event in settled:
+        hold = await stub.Reserve(pb2.ReserveRequest(tenant_id=event.tenant_id, api_key_id=event.api_key_id,
+                                                     model=event.model, max_prompt_tokens=event.prompt_tokens,
+                                                     max_completion_tokens=event.completion_tokens,
+                                                     request_id=f"req-{event.event_id}"))
+        reply = await stub.Settle(pb2.SettleRequest(hold_id=hold.hold_id, event=event))
+        sent[event.event_id] = Sent(event, reply.cost.micros)
+    for event in leased:
+        named = pb2.UsageEvent()
+        named.CopyFrom(event)
+        if named.tenant_id == "t0":
+            named.lease_ids.append(lease.lease_id)
+        reply = await stub.RecordUsage(pb2.RecordUsageRequest(event=named))
+        sent[event.event_id] = Sent(named, reply.cost.micros)
+    for event in rng.sample(events, len(events) // 10):  # replays with other numbers count for nothing
+        again = pb2.UsageEvent()
+        again.CopyFrom(event)
+        again.prompt_tokens += 1
+        assert (await stub.RecordUsage(pb2.RecordUsageRequest(event=again))).duplicate
+    return sent
+
+
+def expected(sent: dict[str, Sent], start: float, end: float, grouping: list[int], tag_key: str,
+             step: int) -> dict[tuple[int, tuple[tuple[str, str], ...]], tuple[int, int, int, int, int]]:
+    """The report a scan of the sent events gives: (bucket, group) -> requests, tokens, cached, cost."""
+    sums: dict[tuple[int, tuple[tuple[str, str], ...]], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+    lo, hi = int(start * 1_000_000), int(end * 1_000_000)
+    for item in sent.values():
+        e = item.event
+        end_us = e.end_time.ToMicroseconds()
+        if not lo <= end_us < hi:
+            continue
+        values = {"tenant": e.tenant_id, "model": e.model, "tag": e.tags.get(tag_key, ""), "api_key": e.api_key_id,
+                  "model_version": e.model_version, "status": STATUSES[e.status]}
+        bucket = end_us // 1_000_000 // step * step if step else int(start)
+        row = sums[(bucket, tuple(sorted((NAMES[d], values[NAMES[d]]) for d in grouping)))]
+        for i, value in enumerate((1, e.prompt_tokens, e.completion_tokens, int(e.cached), item.cost)):
+            row[i] += value
+    return {k: tuple(v) for k, v in sums.items()}  # type: ignore[misc]
+
+
+def reported(reply: pb2.GetUsageReportResponse) -> dict[tuple[int, tuple[tuple[str, str], ...]],
+                                                        tuple[int, int, int, int, int]]:
+    return {(row.bucket_start.seconds, tuple(sorted(row.group.items()))):
+            (row.requests, row.prompt_tokens, row.completion_tokens, row.cached_requests, row.cost.micros)
+            for row in reply.rows}
+
+
+async def test_reports_from_rollups_equal_a_scan_of_the_events_to_the_micro_unit(billing) -> None:
+    rng = random.Random(18)
+    now = time.time()
+    since = (now // HOUR - 60) * HOUR + 0.5
+    events = random_events(rng, 1200, since, 58)
+    async with operator(billing) as chan:
+        stub = pb2_grpc.BillingServiceStub(chan)
+        for model in ("m0", "m1"):
+            await stub.CreatePrice(price_request(model=model, effective=since - 86400, input=1_234_567,
+                                                 output=7_654_321))
+        sent = await ingest_by_every_path(stub, events, rng)
+        windows = [(since - 10, now + 60),  # everything
+                   (since + 7 * HOUR + 1234.567891, since + 50 * HOUR - 77.25),  # edges inside hours
+                   (since + 20 * HOUR - 0.5, since + 30 * HOUR - 0.5),  # edges on hour boundaries
+                   (since + 3 * HOUR + 10, since + 3 * HOUR + 2000)]  # inside one hour
+        for start, end in windows:
+            for name, grouping in GROUPINGS.items():
+                for granularity, step in GRANULARITY.items():
+                    reply = await stub.GetUsageReport(pb2.GetUsageReportRequest(
+                        start_time=ts(start), end_time=ts(end), group_by=grouping, tag_key="team",
+                        granularity=granularity))
+                    want = expected(sent, start, end, grouping, "team", step)
+                    assert reported(reply) == want, (name, granularity, start - since, end - since)
+                    assert reply.total.cost.micros == sum(v[4] for v in want.values())
+    assert sum(s.cost for s in sent.values()) > 0 and len(sent) == len(events)
+
+
+def ledger_rows(database: str, sql: str) -> list[tuple[object, ...]]:
+    if database.startswith("sqlite:///"):
+        with sqlite3.connect(database.removeprefix("sqlite:///")) as conn:
+            return [tuple(r) for r in conn.execute(sql).fetchall()]
+    with psycopg.connect(database) as conn:
+        return [tuple(int(v) if not isinstance(v, str) else v for v in r) for r in conn.execute(sql).fetchall()]
+
+
+ROLLUPS = ("SELECT hour_us, tenant_id, api_key_id, model, model_version, status, tags_json, source, requests,"
+           " prompt_tokens, completion_tokens, cached_requests, cost_micros FROM usage_hours"
+           " ORDER BY 1, 2, 3, 4, 5, 6, 7, 8")
+SCAN = ("SELECT end_us / 3600000000 * 3600000000, tenant_id, api_key_id, model, model_version, status, tags_json,"
+        " source, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached), SUM(cost_micros) FROM events"
+        " GROUP BY 1, 2, 3, 4, 5, 6, 7, 8 ORDER BY 1, 2, 3, 4, 5, 6, 7, 8")
+
+
+async def test_every_ingestion_path_adds_to_the_rollups_once_per_event(billing, database: str) -> None:
+    rng = random.Random(5)
+    since = (time.time() // HOUR - 6) * HOUR + 0.25
+    events = random_events(rng, 200, since, 5)
+    async with operator(billing) as chan:
+        stub = pb2_grpc.BillingServiceStub(chan)
+        for model in ("m0", "m1"):
+            await stub.CreatePrice(price_request(model=model, effective=since - 86400))
+        sent = await ingest_by_every_path(stub, events, rng)
+    rollups = ledger_rows(database, ROLLUPS)
+    assert rollups == ledger_rows(database, SCAN)
+    assert sum(int(r[8]) for r in rollups) == len(sent) == 200  # type: ignore[call-overload]
+    assert sum(int(r[12]) for r in rollups) == sum(s.cost for s in sent.values())  # type: ignore[call-overload]
+
+
+async def test_the_migration_builds_rollups_from_the_events_already_recorded(serve, database: str) -> None:
+    rng = random.Random(7)
+    since = (time.time() // HOUR - 30) * HOUR + 0.75
+    events = random_events(rng, 300, since, 28)
+    config = BillingConfig(server=ServerSettings(port=0), database=database, operator_token=OPERATOR_TOKEN)
+    running = await serve(build_server(config))
+    async with operator(running) as chan:
+        stub = pb2_grpc.BillingServiceStub(chan)
+        for model in ("m0", "m1"):
+            await stub.CreatePrice(price_request(model=model, effective=since - 86400))
+        sent = await ingest_by_every_path(stub, events, rng)
+    await running.stop(grace=0)
+    store = open_store(database)  # the ledger as it was before rollups existed
+    await store.open()
+    await store.write(lambda tx: (tx.execute("DROP TABLE usage_hours"),
+                                  tx.execute("DELETE FROM schema_migrations WHERE version = 4")))
+    await store.close()
+    running = await serve(build_server(config))  # migration 4 runs again
+    assert ledger_rows(database, ROLLUPS) == ledger_rows(database, SCAN)
+    start, end = since + 2 * HOUR + 99.5, since + 25 * HOUR + 1.5
+    async with operator(running) as chan:
+        reply = await pb2_grpc.BillingServiceStub(chan).GetUsageReport(pb2.GetUsageReportRequest(
+            start_time=ts(start), end_time=ts(end), group_by=GROUPINGS["model+tenant"],
+            granularity=pb2.GRANULARITY_HOUR))
+    assert reported(reply) == expected(sent, start, end, GROUPINGS["model+tenant"], "", HOUR)
+
+
+@pytest.mark.parametrize("grouping", ["tenant", "tag"])
+async def test_whole_hours_are_read_from_the_rollups(billing, database: str, grouping: str) -> None:
+    """Events of whole hours removed from the events table behind billing's back still count (the
+    rollups answer for them); those of the partial edge hours do not (the events answer for them)."""
+    rng = random.Random(11)
+    since = (time.time() // HOUR - 10) * HOUR
+    events = random_events(rng, 200, since, 8)
+    async with operator(billing) as chan:
+        stub = pb2_grpc.BillingServiceStub(chan)
+        for model in ("m0", "m1"):
+            await stub.CreatePrice(price_request(model=model, effective=since - 86400))
+        sent = await ingest_by_every_path(stub, events, rng)
+        ledger_write(database, "DELETE FROM events")
+        start, end = since + 1800, since + 6 * HOUR + 1800
+        reply = await stub.GetUsageReport(pb2.GetUsageReportRequest(
+            start_time=ts(start), end_time=ts(end), group_by=GROUPINGS[grouping], tag_key="team"))
+    whole = expected(sent, since + HOUR, since + 6 * HOUR, GROUPINGS[grouping], "team", 0)
+    assert {g: v for (_, g), v in reported(reply).items()} == {g: v for (_, g), v in whole.items()}
+
+
+def ledger_write(database: str, sql: str) -> None:
+    if database.startswith("sqlite:///"):
+        with sqlite3.connect(database.removeprefix("sqlite:///")) as conn:
+            conn.execute(sql)
+        return
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(sql)
