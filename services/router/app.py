@@ -94,7 +94,8 @@ class RouterApp:
         self.journal = SettlementJournal(data / "usage_journal.bin")
         self.inference = GrpcInference()
         self.billing = GrpcBilling(config.billing_target or DEFAULT_BILLING_TARGET, timeout_s=config.billing_timeout_s)
-        self.balancer = Balancer()
+        self.balancer = Balancer(
+            affinity_margin=None if config.affinity_load_margin < 0 else config.affinity_load_margin)
         self.monitor = ReplicaMonitor(self.balancer, self.inference, config.health_interval_s)
         # A router instance's leases die with it: a fresh id at each start (the old ones expire at billing).
         self.leases = LeaseBook(self.billing, f"router-{uuid.uuid4().hex[:16]}") if config.billing_leases else None

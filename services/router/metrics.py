@@ -1,9 +1,10 @@
 """Router metrics on the process's Prometheus registry (served on `--metrics-port`): requests by outcome,
-tokens and spend by tenant, time to first token, latency, cache hits."""
+tokens and spend by tenant, time to first token, latency, cache hits; each replica's reported load and how
+often prefix affinity chose the replica."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from services.router.ports import UsageRecord
 from services.router.types import Money
@@ -19,6 +20,12 @@ TTFT = Histogram("autoglm_router_time_to_first_token_seconds", "Time from reques
                  buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 LATENCY = Histogram("autoglm_router_request_duration_seconds", "Time from request to last token", ["model"],
                     buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+
+REPLICA_LOAD = Gauge("autoglm_router_replica_load", "Queued + active sequences a replica last reported (WatchLoad)",
+                     ["replica"])
+AFFINITY_PICKS = Counter("autoglm_router_affinity_picks_total",
+                         "Replica choices for a request with an affinity key: the preferred replica, or the "
+                         "least-loaded one because the preferred one was loaded past the margin", ["outcome"])
 
 
 def observe(record: UsageRecord, cost: Money, ttft_ms: int, latency_ms: int) -> None:
