@@ -14,7 +14,9 @@ bench-inference: bench-inference-deps
 bench-inference-kv-rss: $(VENV)/.installed
 	$(PY) -m bench.inference.bench_inference --only kv-rss
 
-# Just the chat figures (no anchors): TTFT by turn of a 10-turn conversation with and without the
-# prefix cache, and the prefill tokens of 16 requests sharing a 500-token system prompt.
+# Just the chat figures: TTFT by turn of a 10-turn conversation through the router with and without the
+# prefix cache, llama.cpp with its prompt cache on the same conversation, and the prefill tokens of 16
+# requests sharing a 500-token system prompt. BENCH_ARGS=--quick: a 3-turn smoke test into the temp folder.
 bench-inference-chat: $(VENV)/.installed
-	$(PY) -m bench.inference.bench_inference --only chat
+	@$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON" $(VENV)/bin/pip install "llama-cpp-python>=0.3,<0.4"
+	$(PY) -m bench.inference.bench_inference --only chat $(BENCH_ARGS)

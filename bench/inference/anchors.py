@@ -7,6 +7,8 @@ The genai builder needs a Hugging Face folder; it is exported once from the GGUF
 `python -m onnxruntime_genai.models.builder -p int8 -e cpu`. Every run measures: greedy, the same
 ~108-token prompt, 128 new tokens, TTFT and decode tokens/s at batch 1, aggregate at batch 16.
 Failures are returned as {"error": reason} so the results file says exactly why an anchor is missing.
+The chat anchor (`chat`, `run_isolated_chat`) holds a conversation in llama.cpp with its prompt cache
+(`LlamaRAMCache`): the given user turns, its own greedy answers in the history, TTFT per turn.
 """
 
 from __future__ import annotations
@@ -34,26 +36,11 @@ def bench_cache(environ: dict[str, str] | None = None) -> Path:
 def bench_llama_cpp(gguf: Path, prompt_ids: list[int], new_tokens: int, threads: int,
                     repeats: int = REPEATS) -> dict[str, Any]:
     try:
-        from llama_cpp import Llama
+        import llama_cpp  # noqa: F401
     except ImportError as err:
         return {"error": f"llama-cpp-python not installed ({err}); `make bench-inference-deps` installs it"}
-    key = ("llama", str(gguf), threads)
     plain = os.environ.get(NO_EXTRA_BUFFERS) == "1"
-    if key not in _loaded:
-        if plain:  # the weights stay in llama.cpp's plain CPU buffers (no AMX or repacked layouts)
-            import llama_cpp.llama_cpp as native
-
-            defaults = native.llama_model_default_params
-
-            def without_extra_buffers() -> Any:
-                params = defaults()
-                params.use_extra_bufts = False
-                return params
-
-            native.llama_model_default_params = without_extra_buffers  # type: ignore[assignment]
-        _loaded[key] = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
-                             n_batch=512, verbose=False)
-    llm = _loaded[key]
+    llm = _llama(gguf, threads)
     tokens = llm.tokenize(_detok_llama(llm, prompt_ids), add_bos=False, special=True)
     _llama_run(llm, tokens, 4)
     ttfts, decodes = [], []
@@ -64,6 +51,67 @@ def bench_llama_cpp(gguf: Path, prompt_ids: list[int], new_tokens: int, threads:
     return {"prompt_tokens": len(tokens), "threads": threads, "ttft_ms": statistics.median(ttfts) * 1000,
             "batch1_decode_tok_s": statistics.median(decodes), "runs": repeats,
             "version": _version("llama_cpp"), "extra_buffer_types": "off" if plain else "default"}
+
+
+def _llama(gguf: Path, threads: int, n_ctx: int = 1024) -> Any:
+    """The model loaded once per process, with llama.cpp's plain CPU buffers when NO_EXTRA_BUFFERS says so."""
+    from llama_cpp import Llama
+
+    key = ("llama", f"{gguf}:{n_ctx}", threads)
+    if key not in _loaded:
+        if os.environ.get(NO_EXTRA_BUFFERS) == "1":  # no AMX or repacked layouts
+            import llama_cpp.llama_cpp as native
+
+            defaults = native.llama_model_default_params
+
+            def without_extra_buffers() -> Any:
+                params = defaults()
+                params.use_extra_bufts = False
+                return params
+
+            native.llama_model_default_params = without_extra_buffers  # type: ignore[assignment]
+        _loaded[key] = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                             n_batch=512, verbose=False)
+    return _loaded[key]
+
+
+def bench_llama_chat(gguf: Path, turns: list[str], answer_tokens: int, threads: int) -> dict[str, Any]:
+    """One conversation through llama-cpp-python's chat API with LlamaRAMCache: TTFT (ms) of each turn
+    (to the first text) and the tokens in its context after each turn."""
+    try:
+        from llama_cpp import LlamaRAMCache
+    except ImportError as err:
+        return {"error": f"llama-cpp-python not installed ({err}); `make bench-inference-deps` installs it"}
+    llm = _llama(gguf, threads, n_ctx=4096)
+    llm.set_cache(LlamaRAMCache(capacity_bytes=1 << 30))
+
+    def ask(history: list[dict[str, str]], max_tokens: int) -> tuple[float, str]:
+        start, first, parts = time.perf_counter(), 0.0, []
+        for chunk in llm.create_chat_completion(messages=history, max_tokens=max_tokens, temperature=0.0, top_k=1,
+                                                top_p=1.0, repeat_penalty=1.0, stream=True):
+            delta = chunk["choices"][0]["delta"].get("content")
+            if delta:
+                first = first or time.perf_counter() - start
+                parts.append(delta)
+        return first, "".join(parts)
+
+    ask([{"role": "user", "content": "Hello"}], 4)  # warm-up, as the services get
+    history: list[dict[str, str]] = []
+    ttft, context = [], []
+    for text in turns:
+        history.append({"role": "user", "content": text})
+        first, answer = ask(history, answer_tokens)
+        history.append({"role": "assistant", "content": answer})
+        ttft.append(first * 1000)
+        context.append(llm.n_tokens)
+    return {"ttft_ms": ttft, "prompt_tokens": context, "threads": threads, "prompt_cache": "LlamaRAMCache (1 GiB)",
+            "version": _version("llama_cpp"),
+            "extra_buffer_types": "off" if os.environ.get(NO_EXTRA_BUFFERS) == "1" else "default"}
+
+
+def run_isolated_chat(gguf: Path, turns: list[str], answer_tokens: int, threads: int) -> dict[str, Any]:
+    """bench_llama_chat in its own process (retried with plain buffers on a crash, as run_isolated)."""
+    return run_isolated("llama-chat", gguf, [], answer_tokens, threads, extra=json.dumps(turns))
 
 
 def llama_int8_gguf(gguf: Path, cache: Path) -> Path:
@@ -207,20 +255,21 @@ def _version(module: str) -> str:
 
 
 def run_isolated(runner: str, gguf: Path, prompt_ids: list[int], new_tokens: int, threads: int,
-                 batch: int = 16) -> dict[str, Any]:
+                 batch: int = 16, extra: str = "") -> dict[str, Any]:
     """One measurement of an anchor in its own process, so that no runner's thread pools or memory
     share a process with another's."""
     cmd = [sys.executable, "-m", "bench.inference.anchors", runner, str(gguf), ",".join(map(str, prompt_ids)),
            str(new_tokens), str(threads), str(batch)]
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, **_anchor_env.get(runner, {})}
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=root, env=env)
-    if runner == "llama" and done.returncode < 0 and runner not in _anchor_env:
+    family = runner.split("-")[0]  # llama and llama-chat share what worked
+    env = {**os.environ, **_anchor_env.get(family, {})}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=root, env=env, input=extra)
+    if family == "llama" and done.returncode < 0 and family not in _anchor_env:
         # llama.cpp built for this CPU may pick its AMX buffer type, which dies with a signal on some
         # machines (SIGSEGV on the first token, seen on a 2-core Sapphire Rapids guest): from then on this
         # run measures it with its plain CPU buffers, and says so in the result.
-        _anchor_env[runner] = {NO_EXTRA_BUFFERS: "1"}
-        return run_isolated(runner, gguf, prompt_ids, new_tokens, threads, batch)
+        _anchor_env[family] = {NO_EXTRA_BUFFERS: "1"}
+        return run_isolated(runner, gguf, prompt_ids, new_tokens, threads, batch, extra)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         return {"error": f"{runner} anchor exited {done.returncode}: {done.stderr.strip()[-1000:]}"}
@@ -236,9 +285,11 @@ def _main(argv: list[str]) -> None:
         print(genai_model(Path(argv[1]), bench_cache()))
         return
     runner, gguf, ids, new_tokens, threads, batch = argv[0], Path(argv[1]), argv[2], *map(int, argv[3:6])
-    prompt = [int(x) for x in ids.split(",")]
+    prompt = [int(x) for x in ids.split(",") if x]
     if runner == "llama":
         result = bench_llama_cpp(gguf, prompt, new_tokens, threads, repeats=1)
+    elif runner == "llama-chat":  # the user turns come as JSON on stdin
+        result = bench_llama_chat(gguf, json.loads(sys.stdin.read()), new_tokens, threads)
     else:
         result = bench_genai(gguf, prompt, new_tokens, batch, repeats=1)
     print(json.dumps(result))

@@ -352,22 +352,27 @@ def main_kv_rss(model: LoadedModel, threads: int) -> None:
     print(json.dumps(document, indent=2))
 
 
-def main_chat(model: LoadedModel, threads: int) -> None:
-    """`--only chat`: the chat figures only, into their own file."""
+def main_chat(model: LoadedModel, threads: int, quick: bool = False) -> None:
+    """`--only chat`: the chat figures only, into their own file (`--quick`: 3 turns, 1 conversation,
+    into the temp folder: a smoke test, not a result)."""
     load = os.getloadavg()
     settings = {"model_dir": str(model.directory), "intra_op_threads": threads}
-    results, targets = chat_entries(asyncio.run(chat_bench(model, Service, settings)))
+    shape = {"turns": 3, "repeats": 1} if quick else {}
+    results, targets = chat_entries(asyncio.run(chat_bench(model, Service, settings, **shape)))
     document = {"machine": machine(model, load), "settings": {"threads": threads, "service": "default settings",
-                                                              "greedy": True},
+                                                              "greedy": True, "quick": quick},
                 "results": results, "targets": targets}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "inference-chat.json").write_text(json.dumps(document, indent=2) + "\n")
+    folder = Path(tempfile.gettempdir()) if quick else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "inference-chat.json").write_text(json.dumps(document, indent=2) + "\n")
     print(json.dumps(document, indent=2))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["kv-rss", "chat"], help="measure one group of figures only")
+    parser.add_argument("--quick", action="store_true",
+                        help="with --only chat: 3 turns of 1 conversation, written to the temp folder (a smoke test)")
     args = parser.parse_args()
     threads = int(os.environ.get("BENCH_THREADS", "0")) or default_threads()
     config = InferenceConfig(server=ServerSettings(port=0), intra_op_threads=threads)
@@ -376,7 +381,7 @@ def main() -> None:
         main_kv_rss(model, threads)
         return
     if args.only == "chat":
-        main_chat(model, threads)
+        main_chat(model, threads, args.quick)
         return
     load = os.getloadavg()
     out = asyncio.run(bench(model, threads))
