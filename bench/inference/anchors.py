@@ -1,11 +1,14 @@
 """The benchmark's anchors on the same model and CPU: llama.cpp (llama-cpp-python on the GGUF, and on the
 same weights requantized to its 8-bit Q8_0 by its own quantizer) and onnxruntime-genai's Generator on an
-INT8 model from its own builder.
+INT8 and INT4 models from its own builder.
 
 The genai builder needs a Hugging Face folder; it is exported once from the GGUF with transformers
 (eos/pad set to <|im_end|>, which this GGUF misreports) into the bench cache, then built once with
-`python -m onnxruntime_genai.models.builder -p int8 -e cpu`. Every run measures: greedy, the same
-~108-token prompt, 128 new tokens, TTFT and decode tokens/s at batch 1, aggregate at batch 16.
+`python -m onnxruntime_genai.models.builder -p int8|int4 -e cpu` with this engine's block size and
+accuracy level (GENAI_BUILD_OPTIONS, recorded), and run with the same intra-op threads, set in its
+genai_config.json. Every run measures: greedy, the same ~108-token prompt, 128 new tokens (genai's
+rows are held to exactly that many; llama.cpp's loop takes exactly that many), TTFT and decode
+tokens/s at batch 1, aggregate at batch 16 over the same 16 distinct prompts as ours.
 Failures are returned as {"error": reason} so the results file says exactly why an anchor is missing.
 The chat anchor (`chat`, `run_isolated_chat`) holds a conversation in llama.cpp with its prompt cache
 (`LlamaRAMCache`): the given user turns, its own greedy answers in the history, TTFT per turn.
@@ -43,13 +46,14 @@ def bench_llama_cpp(gguf: Path, prompt_ids: list[int], new_tokens: int, threads:
     llm = _llama(gguf, threads)
     tokens = llm.tokenize(_detok_llama(llm, prompt_ids), add_bos=False, special=True)
     _llama_run(llm, tokens, 4)
-    ttfts, decodes = [], []
+    ttfts, decodes, counts = [], [], set()
     for _ in range(repeats):
         first, total, count = _llama_run(llm, tokens, new_tokens)
         ttfts.append(first)
         decodes.append((count - 1) / (total - first))
+        counts.add(count)
     return {"prompt_tokens": len(tokens), "threads": threads, "ttft_ms": statistics.median(ttfts) * 1000,
-            "batch1_decode_tok_s": statistics.median(decodes), "runs": repeats,
+            "batch1_decode_tok_s": statistics.median(decodes), "runs": repeats, "new_tokens_per_row": sorted(counts),
             "version": _version("llama_cpp"), "extra_buffer_types": "off" if plain else "default"}
 
 
@@ -186,55 +190,89 @@ def hf_folder(gguf: Path, cache: Path) -> Path:
     return folder
 
 
-def genai_model(gguf: Path, cache: Path) -> Path:
-    """onnxruntime-genai's own INT8 CPU model, built once by its builder from the exported folder."""
-    out = cache / f"genai-int8-cpu-{gguf.stem}"
+# The builder's quantization options, the same as this engine's builds (block 32, accuracy level 4: int8
+# compute; the INT4 build with zero points, as ours carries the GGUF's Q4_1 minimums).
+GENAI_BUILD_OPTIONS = {
+    "int8": ["int4_block_size=32", "int4_accuracy_level=4"],
+    "int4": ["int4_block_size=32", "int4_accuracy_level=4", "int4_is_symmetric=false"],
+}
+
+
+def genai_model(gguf: Path, cache: Path, precision: str = "int8") -> Path:
+    """onnxruntime-genai's own CPU model at `precision`, built once by its builder from the exported
+    folder with GENAI_BUILD_OPTIONS (recorded in the folder as autoglm_build.json)."""
+    options = GENAI_BUILD_OPTIONS[precision]
+    out = cache / f"genai-{precision}-cpu-b32-acc4-{gguf.stem}"
     if (out / "genai_config.json").is_file():
         return out
     source = hf_folder(gguf, cache)
     partial = out.with_name(out.name + ".partial")
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(partial),
-           "-p", "int8", "-e", "cpu", "-c", str(cache / "genai-build-tmp")]
+           "-p", precision, "-e", "cpu", "-c", str(cache / "genai-build-tmp"), "--extra_options", *options]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not (partial / "genai_config.json").is_file():
         raise RuntimeError(f"onnxruntime-genai builder failed ({done.returncode}): {done.stderr.strip()[-1500:]}")
+    (partial / "autoglm_build.json").write_text(json.dumps({"command": cmd[1:], "precision": precision,
+                                                            "extra_options": options}))
     partial.rename(out)
     return out
 
 
-def bench_genai(gguf: Path, prompt_ids: list[int], new_tokens: int, batch: int,
-                repeats: int = REPEATS) -> dict[str, Any]:
+def _genai_threads(folder: Path, threads: int) -> dict[str, Any]:
+    """Set the decoder's intra-op threads in the model's genai_config.json; the session options in force."""
+    path = folder / "genai_config.json"
+    config = json.loads(path.read_text())
+    session = config["model"]["decoder"].setdefault("session_options", {})
+    if session.get("intra_op_num_threads") != threads:
+        session["intra_op_num_threads"] = threads
+        path.write_text(json.dumps(config, indent=4))
+    return dict(session)
+
+
+def bench_genai(gguf: Path, prompts: list[list[int]], new_tokens: int, batch: int, threads: int,
+                precision: str = "int8", repeats: int = REPEATS) -> dict[str, Any]:
+    """Batch 1 on prompts[0], batch `batch` on the first `batch` prompts (distinct, the same as ours);
+    every row decodes exactly `new_tokens` (min_length = max_length: EOS cannot end a row early)."""
     try:
         import onnxruntime_genai as og
     except ImportError as err:
         return {"error": f"onnxruntime-genai not installed ({err}); `make bench-inference-deps` installs it"}
     try:
-        folder = genai_model(gguf, bench_cache())
+        folder = genai_model(gguf, bench_cache(), precision)
     except Exception as err:
-        return {"error": f"could not build the onnxruntime-genai model: {type(err).__name__}: {err}"}
-    key = ("genai", str(folder), 0)
+        return {"error": f"could not build the onnxruntime-genai {precision} model: {type(err).__name__}: {err}"}
+    session = _genai_threads(folder, threads)
+    key = ("genai", str(folder), threads)
     if key not in _loaded:
         _loaded[key] = og.Model(str(folder))
     model = _loaded[key]
-    _genai_run(og, model, [prompt_ids], 4)
-    ttfts, decodes, aggregates = [], [], []
+    _genai_run(og, model, prompts[:1], 4)  # warm-up, as every runner gets
+    ttfts, decodes, aggregates, counts = [], [], [], set()
     for _ in range(repeats):
-        first, total, count = _genai_run(og, model, [prompt_ids], new_tokens)
+        first, total, count = _genai_run(og, model, prompts[:1], new_tokens)
         ttfts.append(first)
         decodes.append((count - 1) / (total - first))
+        counts.add(count)
+    rows = prompts[:batch]
     for _ in range(repeats):
-        _first, total, count = _genai_run(og, model, [prompt_ids] * batch, new_tokens)
+        _first, total, count = _genai_run(og, model, rows, new_tokens)
         aggregates.append(count / total)
-    return {"prompt_tokens": len(prompt_ids), "ttft_ms": statistics.median(ttfts) * 1000,
+        counts.add(count // len(rows))
+    build = folder / "autoglm_build.json"
+    return {"prompt_tokens": len(prompts[0]), "ttft_ms": statistics.median(ttfts) * 1000,
             "batch1_decode_tok_s": statistics.median(decodes), f"batch{batch}_aggregate_tok_s":
-            statistics.median(aggregates), "runs": repeats, "model": str(folder),
+            statistics.median(aggregates), "runs": repeats, "model": str(folder), "precision": precision,
+            "new_tokens_per_row": sorted(counts), f"batch{batch}_distinct_prompts": len({tuple(p) for p in rows}),
+            "session_options": session, "threads": threads,
+            "builder": json.loads(build.read_text()) if build.is_file() else "unknown (built before options were recorded)",
             "version": _version("onnxruntime_genai")}
 
 
 def _genai_run(og: Any, model: Any, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, int]:
-    """Greedy: (seconds to first token, seconds total, tokens over all rows)."""
+    """Greedy, exactly new_tokens per row: (seconds to first token, seconds total, tokens over all rows)."""
     params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompts[0]) + new_tokens, batch_size=len(prompts))
+    length = len(prompts[0]) + new_tokens
+    params.set_search_options(do_sample=False, max_length=length, min_length=length, batch_size=len(prompts))
     start = time.perf_counter()
     generator = og.Generator(model, params)
     generator.append_tokens(prompts)
@@ -281,8 +319,8 @@ _anchor_env: dict[str, dict[str, str]] = {}  # per runner: environment that work
 
 
 def _main(argv: list[str]) -> None:
-    if argv[0] == "build":  # python -m bench.inference.anchors build GGUF: the genai model ahead of a run
-        print(genai_model(Path(argv[1]), bench_cache()))
+    if argv[0] == "build":  # python -m bench.inference.anchors build GGUF [PRECISION]: a genai model ahead of a run
+        print(genai_model(Path(argv[1]), bench_cache(), *argv[2:3]))
         return
     runner, gguf, ids, new_tokens, threads, batch = argv[0], Path(argv[1]), argv[2], *map(int, argv[3:6])
     prompt = [int(x) for x in ids.split(",") if x]
@@ -290,8 +328,11 @@ def _main(argv: list[str]) -> None:
         result = bench_llama_cpp(gguf, prompt, new_tokens, threads, repeats=1)
     elif runner == "llama-chat":  # the user turns come as JSON on stdin
         result = bench_llama_chat(gguf, json.loads(sys.stdin.read()), new_tokens, threads)
-    else:
-        result = bench_genai(gguf, prompt, new_tokens, batch, repeats=1)
+    else:  # genai or genai-int4; the batch's prompts come as JSON on stdin (else the one prompt, repeated)
+        extra = sys.stdin.read()
+        prompts = json.loads(extra) if extra else [prompt] * batch
+        precision = runner.split("-")[1] if "-" in runner else "int8"
+        result = bench_genai(gguf, prompts, new_tokens, batch, threads, precision, repeats=1)
     print(json.dumps(result))
 
 
