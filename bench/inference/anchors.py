@@ -213,9 +213,24 @@ def genai_model(gguf: Path, cache: Path, precision: str = "int8") -> Path:
     if done.returncode != 0 or not (partial / "genai_config.json").is_file():
         raise RuntimeError(f"onnxruntime-genai builder failed ({done.returncode}): {done.stderr.strip()[-1500:]}")
     (partial / "autoglm_build.json").write_text(json.dumps({"command": cmd[1:], "precision": precision,
-                                                            "extra_options": options}))
+                                                            "extra_options": options,
+                                                            "matmulnbits": _matmulnbits(partial)}))
     partial.rename(out)
     return out
+
+
+def _matmulnbits(folder: Path) -> dict[str, int]:
+    """What the builder made: MatMulNBits nodes counted by "bits=B block_size=S accuracy_level=A"."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for path in folder.glob("*.onnx"):
+        for node in onnx.load(str(path), load_external_data=False).graph.node:
+            if node.op_type == "MatMulNBits":
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                key = " ".join(f"{k}={attrs.get(k)}" for k in ("bits", "block_size", "accuracy_level"))
+                counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def _genai_threads(folder: Path, threads: int) -> dict[str, Any]:

@@ -208,6 +208,8 @@ def chat_entries(out: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, An
             "turns": f"{turns} turns, user turns of {USER_TOKENS} tokens, answers of at most {ANSWER_TOKENS}"}
         results[f"shared_system_prompt_prefill_{name}"] = {
             "value": shared["prefill_tokens"], "unit": "prompt tokens computed", **shared,
+            "computed_per_request_beyond_the_first": (shared["prefill_tokens"] - shared["one_prompt_tokens"])
+            / (SHARED_STREAMS - 1),
             "requests": f"{SHARED_STREAMS} concurrent through the router, one {SYSTEM_TOKENS}-token system prompt + "
                         "a short question"}
     llama = out["llama_cpp"]
