@@ -3,8 +3,11 @@ in-process and the gRPC service in its own process, as a user runs it), RSS of t
 active sequences of 512 tokens, its peak RSS with 1 sequence of 7,000 tokens beside 15 of 100
 (`--only kv-rss` measures just that, into bench/results/inference-kv-rss.json), the chat figures of
 chat.py (`--only chat`, into bench/results/inference-chat.json), and in the same run the anchors on the same model and CPU:
-llama.cpp (llama-cpp-python on the GGUF) and onnxruntime-genai's Generator on its builder's INT8
-model. Runners take turns round by round so that load from other work on the machine spreads
+llama.cpp (llama-cpp-python on the GGUF as shipped, Q4_1, and requantized by llama.cpp to Q8_0) and
+onnxruntime-genai's Generator on its builder's INT8 and INT4 models (bench/inference/anchors.py: same
+block size, accuracy level and intra-op threads, the same 16 distinct prompts at batch 16, the same
+new tokens per row, recorded in `new_tokens_per_row`), beside this engine's INT8 and INT4 builds
+through gRPC. `--quick`: one round of the runners into the temp folder. Runners take turns round by round so that load from other work on the machine spreads
 evenly over them; every figure is the median of its rounds. Writes bench/results/inference.{json,png}.
 """
 
@@ -233,12 +236,14 @@ async def watch_peak_rss(service: Service, stub: pb2_grpc.InferenceServiceStub, 
     return peak
 
 
-async def bench(model: LoadedModel, threads: int) -> dict[str, Any]:
+async def bench(model: LoadedModel, threads: int, quick: bool = False) -> dict[str, Any]:
+    """Every figure; `quick`: one round of ours and the anchors only (a smoke test of the runners)."""
     gguf = Path(model.manifest.source.path)
-    try:
-        genai_model(gguf, bench_cache())  # built once, before anything is timed
-    except Exception as err:  # the genai rounds report the reason
-        print(f"onnxruntime-genai model: {err}", file=sys.stderr)
+    for precision in ("int8", "int4"):
+        try:
+            genai_model(gguf, bench_cache(), precision)  # built once, before anything is timed
+        except Exception as err:  # the genai rounds report the reason
+            print(f"onnxruntime-genai {precision} model: {err}", file=sys.stderr)
     try:
         int8_gguf: Path | None = llama_int8_gguf(gguf, bench_cache())
     except Exception as err:  # its rounds report that it is missing
@@ -247,30 +252,40 @@ async def bench(model: LoadedModel, threads: int) -> dict[str, Any]:
     ids = prompt_ids(model, PROMPT_TOKENS)
     prompt = model.decode(ids)
     many = [prompt_of(model, PROMPT_TOKENS, salt) for salt in range(max(STREAMS))]
+    sixteen = json.dumps([prompt_ids(model, PROMPT_TOKENS, salt) for salt in range(16)])  # = many[:16], as ids
     settings = {"max_batch_size": 32, "decode_rows": 32, "max_batched_tokens": 512, "intra_op_threads": threads}
     config = replace(InferenceConfig(server=ServerSettings(port=0)), max_batch_size=32, decode_rows=32,
                      max_batched_tokens=512, intra_op_threads=threads)
     engine = Engine(model, config.scheduler, "bench-in-process")
     await engine.start()
     service = Service({**settings, "model_dir": str(model.directory)})
-    rounds: dict[str, list[Any]] = {k: [] for k in ("engine", "grpc", "llama", "llama_int8", "genai", "engine16",
-                                                     "grpc16", "engine_pairs", "grpc_pairs")}
+    service4 = Service({**settings, "precision": "int4"})  # the INT4 build, for the INT4 comparison
+    rounds: dict[str, list[Any]] = {k: [] for k in ("engine", "grpc", "grpc_int4", "llama", "llama_int8", "genai",
+                                                     "genai_int4", "engine16", "grpc16", "grpc16_int4",
+                                                     "engine_pairs", "grpc_pairs")}
     try:
-        async with grpc.aio.insecure_channel(service.address) as channel:
+        async with grpc.aio.insecure_channel(service.address) as channel, \
+                grpc.aio.insecure_channel(service4.address) as channel4:
             stub = pb2_grpc.InferenceServiceStub(channel)
             local, remote = engine_stream(engine), grpc_stream(stub)
-            await local(prompt, 4)
-            await remote(prompt, 4)
-            for round_no in range(ROUNDS):
+            remote4 = grpc_stream(pb2_grpc.InferenceServiceStub(channel4))
+            for warm in (local, remote, remote4):  # the same 4-token warm-up every anchor process gets
+                await warm(prompt, 4)
+            for round_no in range(1 if quick else ROUNDS):
                 print(f"round {round_no + 1}/{ROUNDS}", file=sys.stderr, flush=True)
                 rounds["engine"].append(await single(local, prompt))
                 rounds["grpc"].append(await single(remote, prompt))
+                rounds["grpc_int4"].append(await single(remote4, prompt))
                 rounds["llama"].append(run_isolated("llama", gguf, ids, NEW_TOKENS, threads))
                 rounds["llama_int8"].append(run_isolated("llama", int8_gguf, ids, NEW_TOKENS, threads) if int8_gguf
                                             else {"error": "llama.cpp could not build the Q8_0 model"})
-                rounds["genai"].append(run_isolated("genai", gguf, ids, NEW_TOKENS, threads, batch=16))
+                rounds["genai"].append(run_isolated("genai", gguf, ids, NEW_TOKENS, threads, 16, sixteen))
+                rounds["genai_int4"].append(run_isolated("genai-int4", gguf, ids, NEW_TOKENS, threads, 16, sixteen))
                 rounds["engine16"].append(await aggregate(local, many[:16]))
                 rounds["grpc16"].append(await aggregate(remote, many[:16]))
+                rounds["grpc16_int4"].append(await aggregate(remote4, many[:16]))
+            if quick:
+                return {"rounds": rounds}
             for pair_no in range(EXTRA_PAIRS):
                 if pair_no % 2:
                     grpc_run = await single(remote, prompt)
@@ -289,9 +304,22 @@ async def bench(model: LoadedModel, threads: int) -> dict[str, Any]:
     finally:
         await engine.stop()
         service.stop()
+        service4.stop()
     return {"rounds": rounds, "sweep": sweep, "idle_rss_mb": idle_rss, "rss_mb_32x512": peak_rss,
             "settings": settings, "kv_rss": await kv_rss(model, threads),
             "chat": await chat_bench(model, Service, {"model_dir": str(model.directory), "intra_op_threads": threads})}
+
+
+def new_token_counts(rounds: dict[str, list[Any]]) -> dict[str, Any]:
+    """The new tokens each batch-1 runner decoded per request, and whether all decoded NEW_TOKENS (this
+    engine stops at EOS, the anchors are held to NEW_TOKENS: a shorter count of ours says so here)."""
+    seen: dict[str, list[int]] = {}
+    for runner in ("engine", "grpc", "grpc_int4"):
+        seen[runner] = sorted({r["tokens"] for r in rounds[runner]})
+    for runner in ("llama", "llama_int8", "genai", "genai_int4"):
+        seen[runner] = sorted({n for r in rounds[runner] for n in r.get("new_tokens_per_row", [])})
+    return {"value": seen, "unit": "new tokens per request, by runner", "expected": NEW_TOKENS,
+            "all_equal": all(counts == [NEW_TOKENS] for counts in seen.values())}
 
 
 def med(items: list[dict[str, Any]], key: str) -> float | None:
@@ -361,22 +389,28 @@ def main_kv_rss(model: LoadedModel, threads: int) -> None:
     print(json.dumps(document, indent=2))
 
 
-def main_chat(model: LoadedModel, threads: int) -> None:
-    """`--only chat`: the chat figures only, into their own file."""
+def main_chat(model: LoadedModel, threads: int, quick: bool = False) -> None:
+    """`--only chat`: the chat figures only, into their own file (`--quick`: 3 turns, 1 conversation,
+    into the temp folder: a smoke test, not a result)."""
     load = os.getloadavg()
     settings = {"model_dir": str(model.directory), "intra_op_threads": threads}
-    results, targets = chat_entries(asyncio.run(chat_bench(model, Service, settings)))
+    shape = {"turns": 3, "repeats": 1} if quick else {}
+    results, targets = chat_entries(asyncio.run(chat_bench(model, Service, settings, **shape)))
     document = {"machine": machine(model, load), "settings": {"threads": threads, "service": "default settings",
-                                                              "greedy": True},
+                                                              "greedy": True, "quick": quick},
                 "results": results, "targets": targets}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "inference-chat.json").write_text(json.dumps(document, indent=2) + "\n")
+    folder = Path(tempfile.gettempdir()) if quick else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "inference-chat.json").write_text(json.dumps(document, indent=2) + "\n")
     print(json.dumps(document, indent=2))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["kv-rss", "chat"], help="measure one group of figures only")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke test written to the temp folder: one round of ours and the anchors; with "
+                             "--only chat, 3 turns of 1 conversation")
     args = parser.parse_args()
     threads = int(os.environ.get("BENCH_THREADS", "0")) or default_threads()
     config = InferenceConfig(server=ServerSettings(port=0), intra_op_threads=threads)
@@ -385,7 +419,14 @@ def main() -> None:
         main_kv_rss(model, threads)
         return
     if args.only == "chat":
-        main_chat(model, threads)
+        main_chat(model, threads, args.quick)
+        return
+    if args.quick:
+        rounds = asyncio.run(bench(model, threads, quick=True))["rounds"]
+        summary = {"rounds": {k: v for k, v in rounds.items() if v}, "new_tokens_per_row": new_token_counts(rounds),
+                   "quick": True}
+        (Path(tempfile.gettempdir()) / "inference-quick.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(json.dumps(summary, indent=2))
         return
     load = os.getloadavg()
     out = asyncio.run(bench(model, threads))
@@ -403,15 +444,28 @@ def main() -> None:
     if int8_ratio is not None:
         why_llama += (f"; llama.cpp on the same weights at 8 bits (requantized to Q8_0, the precision this engine "
                       f"runs) decoded {llama_int8['batch1_decode_tok_s']:.1f} tok/s: ours / that = {int8_ratio:.2f}")
-    why_genai = genai.get("error", "onnxruntime-genai Generator on its builder's INT8 model, same run")
+    genai4 = anchor_summary(rounds["genai_int4"])
+    why_genai = genai.get("error", "onnxruntime-genai Generator on its builder's INT8 model (block 32, accuracy "
+                                   f"level 4), {threads} intra-op threads in its config, same run")
+    why_genai4 = genai4.get("error", "onnxruntime-genai on its builder's INT4 model (block 32, accuracy level 4, "
+                                     "zero points) against this engine's INT4 build, same run")
     ours_b1 = [r["decode_tok_s"] for r in rounds["grpc"]]
+    ours4_b1 = [r["decode_tok_s"] for r in rounds["grpc_int4"]]
+    counts = new_token_counts(rounds)
     targets = [
         target("batch-1 decode (gRPC) / llama.cpp", paired(ours_b1, rounds["llama"], "batch1_decode_tok_s"), 1.3,
                "higher", why_llama),
+        target("batch-1 decode INT8 (gRPC) / llama.cpp Q8_0", int8_ratio, 1.3, "higher",
+               llama_int8.get("error", "llama.cpp on the GGUF requantized to Q8_0 by its own quantizer, same run")),
+        target("batch-1 decode INT4 (gRPC) / onnxruntime-genai INT4",
+               paired(ours4_b1, rounds["genai_int4"], "batch1_decode_tok_s"), 1.0, "higher", why_genai4),
+        target("16-stream aggregate INT4 through gRPC / onnxruntime-genai INT4 batch 16",
+               paired(rounds["grpc16_int4"], rounds["genai_int4"], "batch16_aggregate_tok_s"), 1.2, "higher",
+               why_genai4),
         target("batch-1 decode (gRPC) / onnxruntime-genai", paired(ours_b1, rounds["genai"], "batch1_decode_tok_s"),
                1.0, "higher", why_genai),
         target("16-stream aggregate through gRPC / onnxruntime-genai batch 16",
-               paired(rounds["grpc16"], rounds["genai"], "batch16_aggregate_tok_s"), 1.0, "higher", why_genai),
+               paired(rounds["grpc16"], rounds["genai"], "batch16_aggregate_tok_s"), 1.2, "higher", why_genai),
         target("TTFT (gRPC) / llama.cpp TTFT", paired([r["ttft_ms"] for r in rounds["grpc"]], rounds["llama"], "ttft_ms"),
                0.5, "lower", why_llama),
         target("gRPC 1 stream / engine in-process (batch-1 decode)",
@@ -450,6 +504,12 @@ def main() -> None:
         "batch1_grpc_over_llama_cpp_q8_0_paired": {
             "value": paired(ours_b1, rounds["llama_int8"], "batch1_decode_tok_s"), "unit": "ratio (median over rounds)"},
         "onnxruntime_genai": {**genai, "unit": "ttft_ms: ms, *_tok_s: tokens/s"},
+        "onnxruntime_genai_int4": {**genai4, "unit": "ttft_ms: ms, *_tok_s: tokens/s"},
+        "grpc_int4_ttft_ms": {"value": med(rounds["grpc_int4"], "ttft_ms"), "unit": "ms", "prompt_tokens": PROMPT_TOKENS},
+        "grpc_int4_batch1_decode": {"value": med(rounds["grpc_int4"], "decode_tok_s"), "unit": "tokens/s"},
+        "grpc_int4_aggregate16": {"value": statistics.median(rounds["grpc16_int4"]),
+                                  "unit": "tokens/s, 16 streams, the same 16 distinct prompts as genai's batch"},
+        "new_tokens_per_row": counts,
         "ratios_of_medians": {"value": ratios_of_medians, "unit": "ratio"},
         "best_of_rounds": best_of(rounds),
         "rounds": rounds,

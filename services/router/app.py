@@ -114,7 +114,8 @@ class RouterApp:
         self.router_id = f"router-{uuid.uuid4().hex[:16]}"
         self.inference = GrpcInference(router_id=self.router_id, dial=config.inference_dial)
         self.billing = GrpcBilling(config.billing_target or DEFAULT_BILLING_TARGET, timeout_s=config.billing_timeout_s)
-        self.balancer = Balancer()
+        self.balancer = Balancer(
+            affinity_margin=None if config.affinity_load_margin < 0 else config.affinity_load_margin)
         self.monitor = ReplicaMonitor(self.balancer, self.inference, config.health_interval_s)
         self.leases = LeaseBook(self.billing, self.router_id) if config.billing_leases else None
         # With leases, usage events go to billing in batches over one StreamUsage stream.

@@ -89,6 +89,11 @@ class RouterConfig:
     retention_purge_interval_s: float = 3600.0
     # Replica health checks / load reports interval; a replica failing 3 checks in a row is ejected.
     health_interval_s: float = 1.0
+    # Prefix affinity: a conversation (context_id) or prompts sharing their leading characters go to the
+    # replica rendezvous hashing prefers for them (its prefix cache holds their blocks) unless its load
+    # (queued + active sequences) exceeds the least-loaded replica's by more than this; -1: always the
+    # least-loaded replica.
+    affinity_load_margin: int = 4
     retry_max_attempts: int = 3
     # Batch jobs: items running at once router-wide, how often the runner looks at jobs and budgets,
     # and how long batch traffic waits for an unreachable billing (bounded by the call's deadline).
@@ -156,6 +161,8 @@ class RouterConfig:
             raise ValueError("early_starts_per_tenant must be >= 0")
         if self.billing_grace_s < 0 or self.billing_recovery_s < 0:
             raise ValueError("billing_grace_s and billing_recovery_s must be >= 0")
+        if self.affinity_load_margin < -1:
+            raise ValueError("affinity_load_margin must be >= 0, or -1 to turn prefix affinity off")
         if self.max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
         if self.jwt_hs256_secret and len(self.jwt_hs256_secret.encode()) < 32:

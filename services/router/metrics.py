@@ -4,7 +4,8 @@ were admitted (`autoglm_router_budget_admissions_total{path}`: lease, reserve, o
 each lease's granted and consumed room per budget (`autoglm_router_lease_granted` /
 `autoglm_router_lease_consumed{budget_id}`, in the budget's unit) and the usage stream's unacked events and
 messages sent (`autoglm_router_usage_unacked`, `autoglm_router_usage_stream_messages_total`); those are
-read from the lease book and the stream when scraped, so the request path pays nothing for them."""
+read from the lease book and the stream when scraped, so the request path pays nothing for them; each
+replica's reported load and how often prefix affinity chose the replica."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -34,6 +35,12 @@ TTFT = Histogram("autoglm_router_time_to_first_token_seconds", "Time from reques
                  buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 LATENCY = Histogram("autoglm_router_request_duration_seconds", "Time from request to last token", ["model"],
                     buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+
+REPLICA_LOAD = Gauge("autoglm_router_replica_load", "Queued + active sequences a replica last reported (WatchLoad)",
+                     ["replica"])
+AFFINITY_PICKS = Counter("autoglm_router_affinity_picks_total",
+                         "Replica choices for a request with an affinity key: the preferred replica, or the "
+                         "least-loaded one because the preferred one was loaded past the margin", ["outcome"])
 
 
 def observe(record: UsageRecord, cost: Money, ttft_ms: int, latency_ms: int) -> None:

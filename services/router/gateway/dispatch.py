@@ -3,7 +3,10 @@ generation with retries and fallbacks.
 
 A generation tries the planned version's replicas (least loaded first), then the stable version when a
 canary fails, then the model's fallback models; it retries only before the first token reached the caller,
-so nobody ever sees duplicated text, and only as the retry budget allows.
+so nobody ever sees duplicated text, and only as the retry budget allows. Among a version's replicas it
+prefers the one its prefix affinity key ranks first (`affinity_key`: the tenant with the conversation's
+`context_id`, else with the prompt's leading characters), so a conversation's turns and a shared system
+prompt meet the prompt blocks that replica already holds, unless that replica is loaded past the margin.
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ class Dispatcher:
         last: DomainError = Unavailable("no inference replica could serve the request")
         attempt = 0
         candidates = self._candidates(plan)
+        affinity = affinity_key(plan)
         for index, (model, version) in enumerate(candidates):
             call = InferenceCall(
                 request_id=ctx.request_id, prompt=plan.prompt if plan.raw_prompt else "",
@@ -112,7 +116,7 @@ class Dispatcher:
             tried: set[str] = set()
             for _ in range(settings.max_attempts):
                 try:
-                    address = self._balancer.pick(version.replicas, frozenset(tried))
+                    address = self._balancer.pick(version.replicas, frozenset(tried), affinity)
                 except Unavailable as exc:
                     if not tried:  # a version with no healthy replica counts as failing
                         self._canary.record(model.name, version.version, False, 0.0)
@@ -156,6 +160,31 @@ class Dispatcher:
                     last = exc
                     break
         raise last
+
+
+AFFINITY_LEAD_CHARS = 128  # about 30 tokens, a few of the prefix cache's blocks
+
+
+def affinity_key(plan: Plan) -> str:
+    """What the replica choice keeps together so the prefix cache is met: a tenant's conversation
+    (`context_id`), else a tenant's prompts that begin with the same AFFINITY_LEAD_CHARS characters
+    (roles and contents in order: a shared system prompt, a conversation the client resends whole).
+    Empty, no preference, for a prompt shorter than that: it holds too few blocks to steer for."""
+    if plan.context_id:
+        return f"{plan.tenant_id}\x00context\x00{plan.context_id}"
+    if plan.raw_prompt:
+        lead = plan.prompt[:AFFINITY_LEAD_CHARS]
+    else:
+        parts, size = [], 0
+        for message in plan.messages:
+            parts.append(f"{int(message.role)}:{message.content}\x00")
+            size += len(parts[-1])
+            if size >= AFFINITY_LEAD_CHARS:
+                break
+        lead = "".join(parts)[:AFFINITY_LEAD_CHARS]
+    if len(lead) < AFFINITY_LEAD_CHARS:
+        return ""
+    return f"{plan.tenant_id}\x00prompt\x00{lead}"
 
 
 def _answer_of(chunks: list[Chunk]) -> CachedAnswer | None:
