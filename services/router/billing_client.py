@@ -9,13 +9,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
+from services.common.generation import TrafficClass
 from services.common.peer_errors import billing_error
 from services.common.price_convert import price_from_proto
 from services.common.pricing import Price
 from services.common.tracing import outgoing_metadata
+from services.common.usage import AlertLevel
 from services.router.leasebook import LeaseGrant
-from services.router.ports import AlertLevel, Hold, HoldRequest, UsageRecord
-from services.router.types import Money, TrafficClass
+from services.router.ports import Hold, HoldRequest, UsageRecord
+from services.router.types import Money
 
 # Reconnect quickly after an outage instead of gRPC's default backoff of up to two minutes.
 RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000),
