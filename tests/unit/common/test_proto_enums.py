@@ -44,3 +44,9 @@ def test_no_service_defines_its_own_copy_of_a_shared_type() -> None:
         own = {name for name, value in vars(module).items()
                if isinstance(value, type) and value.__module__ == module.__name__}
         assert not own & shared, (module.__name__, own & shared)
+
+
+def test_the_cli_names_each_traffic_class_with_its_proto_value() -> None:
+    from services.cli.admin_commands import _CLASSES
+
+    assert _CLASSES == {c.name.lower(): int(c) for c in TrafficClass if c != TrafficClass.UNSPECIFIED}
