@@ -35,18 +35,19 @@ import pytest
 
 from services.billing import reports, rollups
 from services.billing.config import BillingConfig
-from services.billing.model import Status, UsageEvent
+from services.billing.model import UsageEvent
 from services.billing.service import Billing
 from services.billing.store import Store, open_store
 from services.common.logging import configure_logging
 from services.common.pricing import Price
+from services.common.usage import UsageStatus
 
 US = 1_000_000
 DAY_US = 86_400 * US
 EVENTS_PER_DAY = 1_000_000  # the "about a day of a busy deployment"
 TENANTS, KEYS, TEAMS = 50, 1000, 8
 MODELS = ("smollm2", "qwen", "llama", "phi")
-STATUSES = (Status.COMPLETED,) * 47 + (Status.CANCELLED,) * 2 + (Status.FAILED,)
+STATUSES = (UsageStatus.COMPLETED,) * 47 + (UsageStatus.CANCELLED,) * 2 + (UsageStatus.FAILED,)
 LOAD_CHUNK = 50_000
 INGEST_EVENTS, INGEST_BATCH = 20_000, 250
 QUERIES = {"tenant": ("tenant",), "model+tenant": ("model", "tenant"), "tag": ("tag",)}

@@ -12,9 +12,10 @@ import asyncio
 import json
 import threading
 
-from services.billing.model import Alert, Budget, Level, Scope, ScopeKind
+from services.billing.model import Alert, Budget, Scope, ScopeKind
 from services.billing.store.base import Row, Tx
 from services.common.errors import InvalidInput
+from services.common.usage import AlertLevel
 
 ALERT_COLUMNS = "seq, budget_id, tenant_id, scope_json, level, period_start_us, permille, raise_us"
 
@@ -37,12 +38,12 @@ class FiredCache:
             self._keys.add(key)
 
 
-def fire(tx: Tx, fired: FiredCache, budget: Budget, period_start_us: int, level: Level, permille: int,
+def fire(tx: Tx, fired: FiredCache, budget: Budget, period_start_us: int, level: AlertLevel, permille: int,
          now_us: int) -> list[Alert]:
     """Insert every level up to `level` not yet raised in this period; returns the new alerts in order."""
     raised = []
     scope_json = json.dumps(budget.scope.__dict__ | {"kind": int(budget.scope.kind)})
-    for lvl in range(Level.WARNING, level + 1):
+    for lvl in range(AlertLevel.WARNING, level + 1):
         key = (budget.budget_id, period_start_us, budget.generation, lvl)
         if key in fired:
             continue
@@ -55,7 +56,7 @@ def fire(tx: Tx, fired: FiredCache, budget: Budget, period_start_us: int, level:
         if row is None:
             fired.add(key)
             continue
-        raised.append(Alert(int(row[0]), budget.budget_id, budget.scope, budget.scope.tenant_id, Level(lvl),
+        raised.append(Alert(int(row[0]), budget.budget_id, budget.scope, budget.scope.tenant_id, AlertLevel(lvl),
                             period_start_us, permille, now_us))
     return raised
 
@@ -63,7 +64,7 @@ def fire(tx: Tx, fired: FiredCache, budget: Budget, period_start_us: int, level:
 def _alert(r: Row) -> Alert:
     scope = json.loads(r[3])
     scope["kind"] = ScopeKind(scope["kind"])
-    return Alert(int(r[0]), r[1], Scope(**scope), r[2], Level(r[4]), int(r[5]), int(r[6]), int(r[7]))
+    return Alert(int(r[0]), r[1], Scope(**scope), r[2], AlertLevel(r[4]), int(r[5]), int(r[6]), int(r[7]))
 
 
 def parse_cursor(cursor: str) -> int:

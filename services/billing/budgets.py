@@ -33,14 +33,14 @@ from services.billing.model import (
     BudgetState,
     Enforcement,
     Hold,
-    Level,
     PeriodKind,
     ReserveRequest,
-    TrafficClass,
     Verdict,
 )
 from services.billing.store.base import Tx
 from services.common.errors import FailedPrecondition, NotFound
+from services.common.generation import TrafficClass
+from services.common.usage import AlertLevel
 
 OPEN, SETTLED, RELEASED = 0, 1, 2
 LEASE_OPEN, LEASE_RETURNED = 0, 1
@@ -51,7 +51,7 @@ _LEASE_ROOM = "CASE WHEN granted > used THEN granted - used ELSE 0 END"
 class Denied:
     reason: str
     budget_id: str
-    level: Level
+    level: AlertLevel
 
 
 def auto_limit(tx: Tx, budget: Budget, at_us: int) -> tuple[int, int]:
@@ -128,7 +128,7 @@ class SpendDelta:
 
 @dataclass
 class SpendOutcome:
-    levels: dict[tuple[str, int], Level]  # (budget id, bucket) -> level after the batch
+    levels: dict[tuple[str, int], AlertLevel]  # (budget id, bucket) -> level after the batch
     alerts: list[Alert]
     states: list[BudgetState]
 
@@ -152,7 +152,7 @@ def add_spend(tx: Tx, fired: alerts.FiredCache, deltas: list[SpendDelta], now_us
         current = state(tx, d.budget, d.last_us, now_us, with_holds=False)
         out.levels[(d.budget.budget_id, d.bucket_us)] = current.level
         out.states.append(current)
-        if current.level > Level.NONE:
+        if current.level > AlertLevel.NONE:
             out.alerts += alerts.fire(tx, fired, d.budget, current.period_start_us, current.level, current.permille,
                                       now_us)
     return out
@@ -166,10 +166,10 @@ def _policy_denial(st: BudgetState, traffic: TrafficClass) -> str:
     if st.budget.enforcement != Enforcement.HARD:
         return ""
     level, cls = st.level, _class(traffic)
-    if level >= Level.EMERGENCY and cls != TrafficClass.CORE:
+    if level >= AlertLevel.EMERGENCY and cls != TrafficClass.CORE:
         return (f"budget {st.budget.budget_id} ({st.budget.scope.describe()}) is at EMERGENCY level "
                 f"({st.permille / 10:.1f} % used): only CORE traffic may spend")
-    if level >= Level.CRITICAL and cls == TrafficClass.BATCH:
+    if level >= AlertLevel.CRITICAL and cls == TrafficClass.BATCH:
         return (f"budget {st.budget.budget_id} ({st.budget.scope.describe()}) is at CRITICAL level "
                 f"({st.permille / 10:.1f} % used): BATCH traffic is paused")
     return ""
@@ -178,7 +178,7 @@ def _policy_denial(st: BudgetState, traffic: TrafficClass) -> str:
 def check(tx: Tx, snap: Snapshot, tenant_id: str, api_key_id: str, tags: dict[str, str], traffic: TrafficClass,
           now_us: int) -> Verdict:
     states = [state(tx, b, now_us, now_us) for b in snap.applicable(tenant_id, api_key_id, tags)]
-    level = max((s.level for s in states), default=Level.NONE)
+    level = max((s.level for s in states), default=AlertLevel.NONE)
     for st in states:
         reason = _policy_denial(st, traffic)
         if reason:
@@ -192,12 +192,12 @@ def reserve(tx: Tx, snap: Snapshot, req: ReserveRequest, amount: int, now_us: in
         row = tx.one("SELECT hold_id, amount_micros, tokens, expire_us, level, state FROM holds"
                      " WHERE request_id = ?", (req.request_id,))
         if row is not None:
-            return Hold(row[0], int(row[1]), int(row[2]), int(row[3]), Level(row[4]))
+            return Hold(row[0], int(row[1]), int(row[2]), int(row[3]), AlertLevel(row[4]))
     budgets = snap.applicable(req.tenant_id, req.api_key_id, req.tags)
     tx.lock_budgets([b.budget_id for b in budgets])
     tokens = req.max_prompt_tokens + req.max_completion_tokens
     states = [state(tx, b, now_us, now_us) for b in budgets]
-    level = max((s.level for s in states), default=Level.NONE)
+    level = max((s.level for s in states), default=AlertLevel.NONE)
     for st in states:
         reason = _policy_denial(st, req.traffic_class)
         wanted = tokens if st.budget.in_tokens else amount

@@ -12,6 +12,8 @@ from autoglm.common.v1 import money_pb2
 from services.billing import model as m
 from services.billing.reports import ReportQuery, ReportRow
 from services.common.errors import InvalidInput
+from services.common.generation import TrafficClass
+from services.common.usage import AlertLevel, UsageStatus
 
 E = TypeVar("E", bound=IntEnum)
 
@@ -24,7 +26,7 @@ def enum(cls: type[E], value: int, field: str) -> E:
         raise InvalidInput(f"{field} has unknown value {value}; use one of {names}", field=field) from exc
 
 
-def level_pb(level: m.Level) -> pb2.AlertLevel:
+def level_pb(level: AlertLevel) -> pb2.AlertLevel:
     return cast(pb2.AlertLevel, int(level))
 
 
@@ -55,8 +57,8 @@ def event(e: pb2.UsageEvent) -> m.UsageEvent:
         completion_tokens=e.completion_tokens, cached=e.cached, request_id=e.request_id, trace_id=e.trace_id,
         start_us=to_us(e.start_time) if e.HasField("start_time") else 0,
         end_us=to_us(e.end_time) if e.HasField("end_time") else 0,
-        status=enum(m.Status, e.status, "event.status") if e.status else m.Status.COMPLETED,
-        traffic_class=enum(m.TrafficClass, e.traffic_class, "event.traffic_class"),
+        status=enum(UsageStatus, e.status, "event.status") if e.status else UsageStatus.COMPLETED,
+        traffic_class=enum(TrafficClass, e.traffic_class, "event.traffic_class"),
         quoted_price_id=e.quoted_price_id[:64],
         lease_ids=tuple(e.lease_ids),
     )
@@ -68,8 +70,8 @@ def engine_record(r: pb2.EngineUsageRecord, index: int) -> m.EngineRecord:
         request_id=r.request_id, replica_id=r.replica_id, tenant_id=r.tenant_id, api_key_id=r.api_key_id,
         model=r.model, model_version=r.model_version, tags=dict(r.tags), prompt_tokens=r.prompt_tokens,
         completion_tokens=r.completion_tokens,
-        status=enum(m.Status, r.status, f"{prefix}.status") if r.status else m.Status.COMPLETED,
-        traffic_class=enum(m.TrafficClass, r.traffic_class, f"{prefix}.traffic_class"),
+        status=enum(UsageStatus, r.status, f"{prefix}.status") if r.status else UsageStatus.COMPLETED,
+        traffic_class=enum(TrafficClass, r.traffic_class, f"{prefix}.traffic_class"),
         start_us=to_us(r.start_time) if r.HasField("start_time") else 0,
         end_us=to_us(r.end_time) if r.HasField("end_time") else 0, router_id=r.router_id, trace_id=r.trace_id)
 
@@ -88,7 +90,7 @@ def lease_pb(lease: m.Lease) -> pb2.Lease:
 
 def reserve_request(r: pb2.ReserveRequest) -> m.ReserveRequest:
     return m.ReserveRequest(tenant_id=r.tenant_id, api_key_id=r.api_key_id, tags=dict(r.tags), model=r.model,
-                            model_version=r.model_version, traffic_class=enum(m.TrafficClass, r.traffic_class, "traffic_class"),
+                            model_version=r.model_version, traffic_class=enum(TrafficClass, r.traffic_class, "traffic_class"),
                             max_prompt_tokens=r.max_prompt_tokens, max_completion_tokens=r.max_completion_tokens,
                             ttl_s=r.ttl_seconds, request_id=r.request_id)
 

@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 
 from services.billing.budgets import LEASE_OPEN
 from services.billing.ledger import Ingested, Ingester
-from services.billing.model import EngineRecord, Source, Status, TrafficClass, UsageEvent
+from services.billing.model import EngineRecord, Source, UsageEvent
 from services.billing.store.base import Tx
 from services.common.errors import DomainError
+from services.common.generation import TrafficClass
+from services.common.usage import UsageStatus
 
 PENDING, MATCHED, BILLED, SUPERSEDED, REJECTED, REFUSED = 0, 1, 2, 3, 4, 5
 # How long before a record's start a Reserve refusal of its request is looked for (the hold comes first).
@@ -104,7 +106,7 @@ def _record(row: Sequence[object]) -> EngineRecord:
      traffic, start_us, end_us, router_id, trace_id) = row[:15]
     return EngineRecord(str(request_id), str(replica_id), str(tenant_id), str(api_key_id), str(model), str(version),
                         json.loads(str(tags_json)), int(prompt), int(completion),  # type: ignore[call-overload]
-                        Status(int(status)), TrafficClass(int(traffic)),  # type: ignore[call-overload]
+                        UsageStatus(int(status)), TrafficClass(int(traffic)),  # type: ignore[call-overload]
                         int(start_us), int(end_us), str(router_id), str(trace_id))  # type: ignore[call-overload]
 
 

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from services.billing import budgets, leases, periods, rollups
 from services.billing.alerts import FiredCache
 from services.billing.catalog import Catalog, Snapshot
-from services.billing.model import Alert, Budget, BudgetState, Level, Recorded, UsageEvent
+from services.billing.model import Alert, Budget, BudgetState, Recorded, UsageEvent
 from services.billing.store.base import Tx
 from services.common.errors import DomainError
 from services.common.pricing import cost_micros
+from services.common.usage import AlertLevel
 
 EVENT_COLUMNS = ("event_id, tenant_id, api_key_id, model, model_version, tags_json, prompt_tokens, completion_tokens,"
                  " cached, request_id, trace_id, start_us, end_us, status, traffic_class, cost_micros, currency,"
@@ -121,7 +122,7 @@ class Ingester:
         result.alerts, result.states = spend.alerts, spend.states
         for event, cost in result.new:
             level = max((spend.levels[(b.budget_id, self.buckets.start(b.period, event.end_us))]
-                         for b in applicable(event)), default=Level.NONE)
+                         for b in applicable(event)), default=AlertLevel.NONE)
             outcomes[first[event.event_id]] = Recorded(event.event_id, cost, duplicate=False, level=level)
         for index, event in enumerate(events):
             if outcomes[index] is None:  # a repeat inside the batch: the first occurrence's result

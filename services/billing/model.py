@@ -1,32 +1,15 @@
 """Plain dataclasses of the ledger. Times are integer microseconds since the Unix epoch (UTC);
 money is integer micro-units of the ledger's currency; nothing here is a float. Prices are the mesh's
-shared ones (`services.common.pricing`), which the router quotes with."""
+shared ones (`services.common.pricing`), which the router quotes with; so are the traffic class
+(`services.common.generation`), the usage status and the alert level (`services.common.usage`)."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
 
-
-class Status(enum.IntEnum):
-    UNSPECIFIED = 0
-    COMPLETED = 1
-    CANCELLED = 2
-    FAILED = 3
-
-
-class TrafficClass(enum.IntEnum):
-    UNSPECIFIED = 0
-    CORE = 1
-    INTERACTIVE = 2
-    BATCH = 3
-
-
-class Level(enum.IntEnum):
-    NONE = 0
-    WARNING = 1
-    CRITICAL = 2
-    EMERGENCY = 3
+from services.common.generation import TrafficClass
+from services.common.usage import AlertLevel, UsageStatus
 
 
 class ScopeKind(enum.IntEnum):
@@ -73,7 +56,7 @@ class UsageEvent:
     trace_id: str = ""
     start_us: int = 0
     end_us: int = 0
-    status: Status = Status.COMPLETED
+    status: UsageStatus = UsageStatus.COMPLETED
     traffic_class: TrafficClass = TrafficClass.UNSPECIFIED
     quoted_price_id: str = ""  # the price the router quoted the caller with ("" = none)
     # The leases the request was admitted against (at most one per budget).
@@ -92,7 +75,7 @@ class Recorded:
     event_id: str
     cost_micros: int
     duplicate: bool
-    level: Level = Level.NONE
+    level: AlertLevel = AlertLevel.NONE
 
 
 @dataclass(frozen=True)
@@ -203,12 +186,12 @@ class BudgetState:
         return min(self.spent * 1000 // self.limit, 2**31 - 1)
 
     @property
-    def level(self) -> Level:
+    def level(self) -> AlertLevel:
         t = self.budget.thresholds
-        for level, percent in ((Level.EMERGENCY, t.emergency), (Level.CRITICAL, t.critical), (Level.WARNING, t.warning)):
+        for level, percent in ((AlertLevel.EMERGENCY, t.emergency), (AlertLevel.CRITICAL, t.critical), (AlertLevel.WARNING, t.warning)):
             if self.spent * 100 >= percent * self.limit and (self.limit > 0 or self.spent > 0):
                 return level
-        return Level.NONE
+        return AlertLevel.NONE
 
 
 @dataclass(frozen=True)
@@ -231,7 +214,7 @@ class Hold:
     amount_micros: int
     tokens: int
     expire_us: int
-    level: Level
+    level: AlertLevel
 
 
 @dataclass(frozen=True)
@@ -253,13 +236,13 @@ class Lease:
     used: int  # recorded against it by events naming it
     expire_us: int
     refresh_s: int
-    level: Level
+    level: AlertLevel
 
 
 @dataclass(frozen=True)
 class Verdict:
     allowed: bool
-    level: Level
+    level: AlertLevel
     reason: str
     states: list[BudgetState]
 
@@ -270,7 +253,7 @@ class Alert:
     budget_id: str
     scope: Scope
     tenant_id: str
-    level: Level
+    level: AlertLevel
     period_start_us: int
     permille: int
     raise_us: int
@@ -300,7 +283,7 @@ class EngineRecord:
     tags: dict[str, str] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    status: Status = Status.COMPLETED
+    status: UsageStatus = UsageStatus.COMPLETED
     traffic_class: TrafficClass = TrafficClass.UNSPECIFIED
     start_us: int = 0
     end_us: int = 0

@@ -30,7 +30,6 @@ from services.billing.model import (
     Recorded,
     ReserveRequest,
     Thresholds,
-    TrafficClass,
     UsageEvent,
     Verdict,
 )
@@ -38,6 +37,7 @@ from services.billing.store.base import Store, Tx
 from services.billing.validation import check_event, check_tags, check_text, check_tokens
 from services.billing.webhooks import WebhookPolicy, WebhookSender
 from services.common.errors import BudgetExceeded, DomainError, FailedPrecondition, InvalidInput
+from services.common.generation import TrafficClass
 from services.common.pricing import Price, cost_micros
 
 log = structlog.get_logger(__name__)

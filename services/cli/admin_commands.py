@@ -20,12 +20,14 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from autoglm.common.v1 import generation_pb2
 from autoglm.router.v1 import admin_service_pb2 as admin_pb2
 from autoglm.router.v1 import admin_service_pb2_grpc as admin_grpc
 from autoglm.router.v1 import model_lifecycle_pb2 as lifecycle_pb2
 from services.cli.endpoint import router_target
 
-_CLASSES = {"core": 1, "interactive": 2, "batch": 3}
+_CLASSES = {name.removeprefix("TRAFFIC_CLASS_").lower(): value
+            for name, value in generation_pb2.TrafficClass.items() if value}  # core, interactive, batch
 AUDIT_PAGE = 100
 
 

@@ -1,8 +1,11 @@
-"""Chat messages and sampling parameters, defined once for the router and the inference engine.
+"""Chat messages, sampling parameters, traffic classes and finish reasons, defined once for the router and
+the inference engine (billing takes the traffic class too).
 
-Plain data (no grpc, no protobuf); `Role` values mirror `autoglm.common.v1.ChatRole`, so a conversion at
-either edge is `int(...)`, and they are what the router persists for stored conversations and batch jobs.
-A chat template sees a role by its lower-case name (`template_name`), as Hugging Face templates expect.
+Plain data (no grpc, no protobuf); `Role`, `TrafficClass` and `FinishReason` values equal those of
+`autoglm.common.v1.ChatRole`, `TrafficClass` and `FinishReason` (tests/unit/common/test_proto_enums.py pins
+them), so a conversion at either edge is `int(...)`, and they are what the router persists for stored
+conversations and batch jobs. A chat template sees a role by its lower-case name (`template_name`), as
+Hugging Face templates expect.
 """
 
 from __future__ import annotations
@@ -21,6 +24,23 @@ class Role(IntEnum):
     def template_name(self) -> str:
         """The role as chat templates name it: "system", "user" or "assistant"."""
         return self.name.lower()
+
+
+class TrafficClass(IntEnum):
+    """How a request is scheduled; a lower value is admitted first (UNSPECIFIED: the key's own class)."""
+
+    UNSPECIFIED = 0
+    CORE = 1
+    INTERACTIVE = 2
+    BATCH = 3
+
+
+class FinishReason(IntEnum):
+    UNSPECIFIED = 0
+    STOP = 1
+    LENGTH = 2
+    CANCELLED = 3
+    ERROR = 4
 
 
 @dataclass(frozen=True)

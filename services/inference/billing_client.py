@@ -9,9 +9,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
+from services.common.generation import TrafficClass
 from services.common.peer_errors import billing_error
 from services.common.tracing import outgoing_metadata
-from services.inference.engine.types import FinishedSequence, TrafficClass
+from services.inference.engine.types import FinishedSequence
 
 # The engine's priorities → the mesh's traffic classes (autoglm.common.v1.TrafficClass).
 _CLASSES = {TrafficClass.CORE: 1, TrafficClass.INTERACTIVE: 2, TrafficClass.BATCH: 3}

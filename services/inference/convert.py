@@ -9,16 +9,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from autoglm.common.v1 import generation_pb2
 from autoglm.inference.v1 import inference_service_pb2 as pb2
 from services.common.errors import InvalidInput
-from services.common.generation import ChatMessage, Role, Sampling
+from services.common.generation import ChatMessage, Role, Sampling, TrafficClass
 from services.inference.engine.types import (
     Attribution,
     Delta,
-    FinishReason,
     GenerationRequest,
     LoadReport,
     ModelInfo,
     StreamSettings,
-    TrafficClass,
 )
 
 _ROLES = {int(role) for role in Role if role != Role.UNSPECIFIED}
@@ -26,10 +24,6 @@ _CLASSES = {generation_pb2.TRAFFIC_CLASS_CORE: TrafficClass.CORE,
             generation_pb2.TRAFFIC_CLASS_INTERACTIVE: TrafficClass.INTERACTIVE,
             generation_pb2.TRAFFIC_CLASS_BATCH: TrafficClass.BATCH,
             generation_pb2.TRAFFIC_CLASS_UNSPECIFIED: TrafficClass.INTERACTIVE}
-_FINISH = {FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
-           FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
-           FinishReason.CANCELLED: generation_pb2.FINISH_REASON_CANCELLED,
-           FinishReason.ERROR: generation_pb2.FINISH_REASON_ERROR}
 
 
 def messages(items: Iterable[generation_pb2.ChatMessage]) -> tuple[ChatMessage, ...]:
@@ -67,7 +61,7 @@ def generation_request(request: pb2.GenerateRequest) -> GenerationRequest:
 def generate_response(delta: Delta) -> pb2.GenerateResponse:
     response = pb2.GenerateResponse(delta=delta.text, token_ids=list(delta.token_ids))
     if delta.finish_reason is not None:
-        response.finish_reason = _FINISH[delta.finish_reason]
+        response.finish_reason = generation_pb2.FinishReason.ValueType(delta.finish_reason)
     if delta.usage is not None:
         response.usage.prompt_tokens = delta.usage.prompt_tokens
         response.usage.completion_tokens = delta.usage.completion_tokens

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from services.common.errors import QueueFull
-from services.router.types import TrafficClass
+from services.common.generation import TrafficClass
 
 
 class PriorityGate:

@@ -17,6 +17,7 @@ from pathlib import Path
 import structlog
 
 from services.common.errors import DomainError, NotFound, Unauthenticated
+from services.common.usage import AlertLevel
 from services.router import metrics
 from services.router.admin import Admin
 from services.router.admission import PriorityGate
@@ -43,7 +44,6 @@ from services.router.limits.backends import rate_limit_backend
 from services.router.limits.token_bucket import RateLimiter
 from services.router.metering import Meter
 from services.router.policy import PolicyStore
-from services.router.ports import AlertLevel
 from services.router.registry import ModelEntry, Registry
 from services.router.replica_monitor import ReplicaMonitor
 from services.router.retry import RetrySettings

@@ -12,13 +12,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
 from services.common.errors import DomainError, PeerUnreachable
+from services.common.generation import TrafficClass
 from services.common.peer_errors import Peer, PeerStatus, billing_error, domain_error
 from services.common.price_convert import price_from_proto
 from services.common.pricing import Price
 from services.common.tracing import outgoing_metadata
+from services.common.usage import AlertLevel
 from services.router.leasebook import LeaseGrant
-from services.router.ports import AlertLevel, Hold, HoldRequest, UsageRecord
-from services.router.types import Money, TrafficClass
+from services.router.ports import Hold, HoldRequest, UsageRecord
+from services.router.types import Money
 from services.router.usage_stream import Ack
 
 # Reconnect quickly after an outage instead of gRPC's default backoff of up to two minutes.

@@ -20,7 +20,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from services.router.types import FinishReason, Message, Sampling
+from services.common.generation import FinishReason
+from services.router.types import Message, Sampling
 
 _SPACES = re.compile(r"\s+")
 

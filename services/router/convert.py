@@ -16,6 +16,8 @@ from autoglm.router.v1 import admin_service_pb2 as admin_pb2
 from autoglm.router.v1 import model_lifecycle_pb2
 from autoglm.router.v1 import router_service_pb2 as pb2
 from services.common.errors import InvalidInput
+from services.common.generation import TrafficClass
+from services.common.usage import Usage
 from services.router.auth.api_keys import ApiKeyRecord, NewApiKey
 from services.router.inference_client import sampling_to_proto
 from services.router.jobs.model import ItemResult, ItemSpec, Job, NewJob
@@ -30,8 +32,6 @@ from services.router.types import (
     Role,
     Sampling,
     Summary,
-    TrafficClass,
-    Usage,
 )
 
 E = TypeVar("E", bound=IntEnum)

@@ -13,11 +13,13 @@ from autoglm.common.v1 import generation_pb2
 from autoglm.inference.v1 import inference_service_pb2 as pb2
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb2_grpc
 from services.common.errors import Unavailable
+from services.common.generation import FinishReason
 from services.common.peer_errors import inference_error
 from services.common.tracing import outgoing_metadata
+from services.common.usage import Usage
 from services.router.billing_client import RECONNECT_OPTIONS
 from services.router.ports import InferenceCall, LoadReport, ModelInfo
-from services.router.types import Chunk, FinishReason, Message, Sampling, Usage
+from services.router.types import Chunk, Message, Sampling
 
 log = structlog.get_logger(__name__)
 

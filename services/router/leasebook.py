@@ -32,8 +32,8 @@ from typing import Protocol
 import structlog
 
 from services.common.errors import DomainError, PeerUnreachable
-from services.router.ports import AlertLevel
-from services.router.types import TrafficClass
+from services.common.generation import TrafficClass
+from services.common.usage import AlertLevel
 
 log = structlog.get_logger(__name__)
 CallerKey = tuple[str, str, tuple[tuple[str, str], ...]]

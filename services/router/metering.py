@@ -67,12 +67,14 @@ from services.common.errors import (
     PeerUnreachable,
     Unavailable,
 )
+from services.common.generation import TrafficClass
 from services.common.pricing import PriceTable, cost_micros, micros_since_epoch
+from services.common.usage import AlertLevel
 from services.router import metrics
 from services.router.leasebook import LeaseBook
-from services.router.ports import AlertLevel, BillingPort, Hold, HoldRequest, UsageRecord
+from services.router.ports import BillingPort, Hold, HoldRequest, UsageRecord
 from services.router.spool import SettlementJournal, UsageSpool
-from services.router.types import Money, TrafficClass
+from services.router.types import Money
 from services.router.usage_stream import UsageStream
 
 log = structlog.get_logger(__name__)

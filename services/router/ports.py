@@ -13,21 +13,15 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import IntEnum
 from typing import TYPE_CHECKING, Protocol
 
+from services.common.generation import TrafficClass
 from services.common.pricing import Price
-from services.router.types import Chunk, Message, Money, Sampling, TrafficClass, UsageStatus
+from services.common.usage import AlertLevel, UsageStatus
+from services.router.types import Chunk, Message, Money, Sampling
 
 if TYPE_CHECKING:
     from services.router.leasebook import Admitted
-
-
-class AlertLevel(IntEnum):
-    NONE = 0
-    WARNING = 1
-    CRITICAL = 2
-    EMERGENCY = 3
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from autoglm.router.v1 import admin_service_pb2 as admin_pb2
 from autoglm.router.v1 import admin_service_pb2_grpc as admin_grpc
 from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as pb2_grpc
+from services.common.generation import TrafficClass
 from services.common.tracing import current_request_id, current_trace_id
 from services.router import convert, rpc_auth, workflow_convert
 from services.router.admin import Admin
@@ -26,7 +27,7 @@ from services.router.jobs.model import JobState
 from services.router.jobs.service import Jobs
 from services.router.registry import ModelEntry
 from services.router.tasks import LengthUnit, OutputFormat, TaskKind, TaskSpec
-from services.router.types import GenerationRequest, Principal, RequestContext, Summary, TrafficClass
+from services.router.types import GenerationRequest, Principal, RequestContext, Summary
 from services.router.workflows.service import Workflows
 
 

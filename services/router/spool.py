@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
+from services.common.generation import TrafficClass
+from services.common.usage import UsageStatus
 from services.router.ports import UsageRecord
 from services.router.sqlite_util import connect
-from services.router.types import TrafficClass, UsageStatus
 
 
 def _encode(usage: UsageRecord) -> str:

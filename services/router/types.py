@@ -1,8 +1,9 @@
 """Plain data the router's domain modules exchange (no grpc, no protobuf).
 
 Enum values mirror the proto enums of `autoglm.common.v1` so conversions at the edge are `int(...)`.
-Chat messages and sampling parameters are the mesh's shared ones (`services.common.generation`, also
-what the inference engine takes); `Message` is the router's name for a chat message.
+Chat messages, sampling parameters, traffic classes and finish reasons are the mesh's shared ones
+(`services.common.generation`, also what the inference engine takes), usage and its status those of
+`services.common.usage`; `Message` is the router's name for a chat message.
 """
 
 from __future__ import annotations
@@ -10,53 +11,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from services.common.generation import ChatMessage, Role, Sampling
+from services.common.generation import ChatMessage, FinishReason, Role, Sampling, TrafficClass
+from services.common.usage import Usage
 
 __all__ = [
-    "CachePolicy", "ChatMessage", "Chunk", "FinishReason", "GenerationRequest", "Message", "Money", "Principal",
-    "RequestContext", "Role", "Sampling", "Summary", "TrafficClass", "Usage", "UsageStatus",
+    "CachePolicy", "ChatMessage", "Chunk", "GenerationRequest", "Message", "Money", "Principal",
+    "RequestContext", "Role", "Sampling", "Summary",
 ]
 
 Message = ChatMessage
-
-
-class TrafficClass(IntEnum):
-    UNSPECIFIED = 0
-    CORE = 1
-    INTERACTIVE = 2
-    BATCH = 3
-
-
-class FinishReason(IntEnum):
-    UNSPECIFIED = 0
-    STOP = 1
-    LENGTH = 2
-    CANCELLED = 3
-    ERROR = 4
 
 
 class CachePolicy(IntEnum):
     DEFAULT = 0
     BYPASS = 1
     ALLOW_SAMPLED = 2
-
-
-class UsageStatus(IntEnum):
-    UNSPECIFIED = 0
-    COMPLETED = 1
-    CANCELLED = 2
-    FAILED = 3
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached: bool = False
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
 
 
 @dataclass(frozen=True)

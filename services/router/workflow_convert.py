@@ -6,9 +6,9 @@ from __future__ import annotations
 from datetime import UTC
 
 from autoglm.router.v1 import router_service_pb2 as pb2
+from services.common.generation import TrafficClass
 from services.router.convert import enum_value, messages, money, sampling, timestamp, usage
 from services.router.tasks import LengthUnit, OutputFormat, TaskKind
-from services.router.types import TrafficClass
 from services.router.workflows.mermaid import mermaid
 from services.router.workflows.model import (
     Estimate,

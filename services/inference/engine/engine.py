@@ -10,6 +10,7 @@ import structlog
 
 from services.common.errors import InvalidInput
 from services.common.generation import ChatMessage
+from services.common.usage import UsageStatus
 from services.inference.engine.kv_budget import budget_tokens, default_kv_budget, fit_max_tokens
 from services.inference.engine.metrics import EngineMetrics
 from services.inference.engine.model import LoadedModel
@@ -24,7 +25,6 @@ from services.inference.engine.types import (
     GenerationRequest,
     LoadReport,
     ModelInfo,
-    SequenceStatus,
     StreamSettings,
 )
 from services.inference.engine.validation import check_input, resolve_max_tokens, resolve_sampling
@@ -167,10 +167,10 @@ class Engine:
                 "prefix_cache_blocks": stats.blocks, "prefix_cache_bytes": stats.bytes}
 
 
-def _status(seq: Sequence) -> SequenceStatus:
+def _status(seq: Sequence) -> UsageStatus:
     if seq.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
-        return SequenceStatus.COMPLETED
-    return SequenceStatus.FAILED if seq.finish_reason is FinishReason.ERROR else SequenceStatus.CANCELLED
+        return UsageStatus.COMPLETED
+    return UsageStatus.FAILED if seq.finish_reason is FinishReason.ERROR else UsageStatus.CANCELLED
 
 
 def _text_size(prompt: str, messages: tuple[ChatMessage, ...]) -> int:

@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from services.common.generation import FinishReason, TrafficClass
+from services.common.usage import Usage
 from services.inference.engine.detokenize import Decode, IncrementalDetokenizer
 from services.inference.engine.sampling import Sampler
 from services.inference.engine.stop import StopMatcher
-from services.inference.engine.types import Delta, FinishReason, TrafficClass, Usage
+from services.inference.engine.types import Delta
 
 _ids = itertools.count(1)
 

@@ -1,30 +1,16 @@
 """Plain dataclasses the engine takes and returns; the servicer converts protobuf to and from these.
 
-Chat messages and sampling parameters are the mesh's shared ones (`services.common.generation`), the
-same types the router builds its requests from.
+Chat messages, sampling parameters, traffic classes and finish reasons are the mesh's shared ones
+(`services.common.generation`), usage that of `services.common.usage`: the same types the router builds
+its requests from and reads its answers into.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
-from services.common.generation import ChatMessage, Sampling
-
-
-class TrafficClass(enum.IntEnum):
-    """Admission priority: a lower value is admitted first."""
-
-    CORE = 0
-    INTERACTIVE = 1
-    BATCH = 2
-
-
-class FinishReason(enum.Enum):
-    STOP = "stop"
-    LENGTH = "length"
-    CANCELLED = "cancelled"
-    ERROR = "error"
+from services.common.generation import ChatMessage, FinishReason, Sampling, TrafficClass
+from services.common.usage import Usage, UsageStatus
 
 
 @dataclass(frozen=True)
@@ -57,16 +43,6 @@ class GenerationRequest:
     stream: StreamSettings = field(default_factory=StreamSettings)
     tenant_id: str = ""  # prefix-cache blocks are shared within one tenant only
     attribution: Attribution = field(default_factory=Attribution)
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
 
 
 @dataclass(frozen=True)
@@ -113,14 +89,6 @@ class LoadReport:
     prefix_cache_bytes: int = 0
 
 
-class SequenceStatus(enum.IntEnum):
-    """How a sequence ended, as billing's usage statuses number them."""
-
-    COMPLETED = 1
-    CANCELLED = 2
-    FAILED = 3
-
-
 @dataclass(frozen=True)
 class FinishedSequence:
     """A sequence that left the engine: what it used, for engine-side metering."""
@@ -129,6 +97,6 @@ class FinishedSequence:
     replica_id: str
     prompt_tokens: int
     completion_tokens: int
-    status: SequenceStatus
+    status: UsageStatus  # how it ended, as billing numbers usage statuses
     start_us: int  # wall clock, microseconds since the epoch
     end_us: int

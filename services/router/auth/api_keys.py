@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from services.router.types import Principal, TrafficClass
+from services.common.generation import TrafficClass
+from services.router.types import Principal
 
 SECRET_PREFIX = "ag_"
 PREFIX_LENGTH = len(SECRET_PREFIX) + 8

@@ -11,10 +11,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from services.common.errors import Unauthenticated
+from services.common.generation import TrafficClass
 from services.router.auth.api_keys import looks_like_api_key
 from services.router.auth.jwt import JwtClaims, JwtVerifier, looks_like_jwt
 from services.router.auth.key_store import KeyStore
-from services.router.types import Principal, TrafficClass
+from services.router.types import Principal
 
 _CLASS_NAMES = {"core": TrafficClass.CORE, "interactive": TrafficClass.INTERACTIVE, "batch": TrafficClass.BATCH}
 

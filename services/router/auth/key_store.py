@@ -20,10 +20,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from services.common.errors import InvalidInput, NotFound, Unavailable
+from services.common.generation import TrafficClass
 from services.router.auth.api_keys import ApiKeyRecord, KeyedHasher, NewApiKey, new_secret, prefix_of
 from services.router.store import Row, Store, Tx, open_store
 from services.router.store.migrations import KEYS
-from services.router.types import TrafficClass
 
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PEPPER_CHECK = "autoglm-router-key-pepper-check"

@@ -16,6 +16,8 @@ from typing import Any
 import structlog
 
 from services.common.errors import DomainError
+from services.common.generation import FinishReason, TrafficClass
+from services.common.usage import Usage, UsageStatus
 from services.router import metrics
 from services.router.contexts import ContextStore
 from services.router.gateway.dispatch import Progress
@@ -24,15 +26,11 @@ from services.router.limits.token_bucket import Admission, RateLimiter
 from services.router.metering import Meter
 from services.router.ports import Hold, UsageRecord
 from services.router.types import (
-    FinishReason,
     Message,
     Money,
     RequestContext,
     Role,
     Summary,
-    TrafficClass,
-    Usage,
-    UsageStatus,
 )
 
 log = structlog.get_logger("router.access")

@@ -12,13 +12,15 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime
 
+from services.common.generation import TrafficClass
+from services.common.usage import Usage, UsageStatus
 from services.router.admission import PriorityGate
 from services.router.cache import CachedAnswer, ResponseCache
 from services.router.gateway.plan import Plan, usage_record
 from services.router.limits.token_bucket import Admission, RateLimiter
 from services.router.metering import Meter
 from services.router.ports import Hold, HoldRequest
-from services.router.types import Chunk, Principal, RequestContext, TrafficClass, Usage, UsageStatus
+from services.router.types import Chunk, Principal, RequestContext
 
 NO_HOLD = Hold(hold_id="")
 

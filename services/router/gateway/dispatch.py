@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 from services.common.errors import DomainError, FailedPrecondition, Internal, QueueFull, Unavailable
+from services.common.generation import FinishReason
+from services.common.usage import Usage
 from services.router.balancer import Balancer
 from services.router.cache import CachedAnswer, ResponseCache
 from services.router.canary import CanaryMonitor
@@ -26,7 +28,7 @@ from services.router.ports import InferenceCall, InferencePort
 from services.router.registry import ModelEntry, Registry, VersionEntry
 from services.router.retry import RetryBudget, RetrySettings, backoff_delay
 from services.router.single_flight import SingleFlight
-from services.router.types import Chunk, FinishReason, RequestContext, Usage
+from services.router.types import Chunk, RequestContext
 
 
 @dataclass

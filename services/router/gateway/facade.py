@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
+from services.common.generation import FinishReason, TrafficClass
+from services.common.usage import UsageStatus
 from services.router import offload
 from services.router.admission import PriorityGate
 from services.router.balancer import Balancer
@@ -42,15 +44,12 @@ from services.router.single_flight import SingleFlight
 from services.router.tasks import TaskSpec, render_task
 from services.router.types import (
     Chunk,
-    FinishReason,
     GenerationRequest,
     Message,
     Principal,
     RequestContext,
     Sampling,
     Summary,
-    TrafficClass,
-    UsageStatus,
 )
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from services.common.errors import DomainError, InvalidInput, PermissionDenied
+from services.common.generation import TrafficClass
+from services.common.usage import Usage, UsageStatus
 from services.router import lifecycle, offload
 from services.router.balancer import Balancer
 from services.router.cache import cache_key
@@ -27,9 +29,6 @@ from services.router.types import (
     Principal,
     RequestContext,
     Role,
-    TrafficClass,
-    Usage,
-    UsageStatus,
 )
 
 MAX_TAGS = 16

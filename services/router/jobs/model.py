@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import IntEnum
 
-from services.router.types import FinishReason, Message, Money, Principal, Sampling, Usage
+from services.common.generation import FinishReason
+from services.common.usage import Usage
+from services.router.types import Message, Money, Principal, Sampling
 
 
 class JobState(IntEnum):

@@ -31,18 +31,18 @@ from typing import Any, TypeVar
 import structlog
 
 from services.common.errors import BudgetExceeded, DomainError, QueueFull, RateLimited
+from services.common.generation import TrafficClass
+from services.common.usage import AlertLevel
 from services.router.jobs.model import ClaimedItem, ItemResult, ItemState, Job, JobState
 from services.router.jobs.store import JobStore
 from services.router.limits.token_bucket import RateLimitUnavailable
 from services.router.metering import BillingUnavailable
-from services.router.ports import AlertLevel
 from services.router.types import (
     CachePolicy,
     GenerationRequest,
     Principal,
     RequestContext,
     Summary,
-    TrafficClass,
 )
 
 log = structlog.get_logger(__name__)

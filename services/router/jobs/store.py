@@ -28,10 +28,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from services.common.generation import FinishReason, TrafficClass
+from services.common.usage import Usage
 from services.router.jobs.model import ClaimedItem, ItemResult, ItemSpec, ItemState, Job, JobState, NewJob
 from services.router.store import Row, Store, Tx, open_store
 from services.router.store.migrations import JOBS
-from services.router.types import FinishReason, Message, Money, Principal, Role, Sampling, TrafficClass, Usage
+from services.router.types import Message, Money, Principal, Role, Sampling
 
 ACTIVE = (int(JobState.QUEUED), int(JobState.RUNNING), int(JobState.PAUSED))
 

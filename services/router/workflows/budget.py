@@ -9,10 +9,11 @@ import time
 import uuid
 from collections.abc import Callable
 
+from services.common.generation import TrafficClass
 from services.common.pricing import PriceTable, cost_micros
 from services.router.ports import BillingPort, HoldRequest
 from services.router.registry import Registry, split_model
-from services.router.types import Money, Principal, TrafficClass
+from services.router.types import Money, Principal
 
 
 class WorkflowBudget:

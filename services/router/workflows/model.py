@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import IntEnum
 
+from services.common.generation import TrafficClass
+from services.common.usage import Usage
 from services.router.tasks import LengthUnit, OutputFormat, TaskKind
-from services.router.types import Message, Money, Principal, Sampling, TrafficClass, Usage
+from services.router.types import Message, Money, Principal, Sampling
 
 
 class WorkflowState(IntEnum):

@@ -29,9 +29,10 @@ from datetime import UTC, datetime, timedelta
 import structlog
 
 from services.common.errors import BudgetExceeded, DomainError, QueueFull, RateLimited
+from services.common.generation import TrafficClass
+from services.common.usage import AlertLevel
 from services.router.metering import BillingUnavailable
-from services.router.ports import AlertLevel
-from services.router.types import Message, Principal, RequestContext, Summary, TrafficClass
+from services.router.types import Message, Principal, RequestContext, Summary
 from services.router.workflows.model import NodeSpec, NodeState, NodeStatus, Workflow, WorkflowState
 from services.router.workflows.store import WorkflowStore
 from services.router.workflows.template import parsed_fields, render

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
 from services.common.errors import DomainError, FailedPrecondition, InvalidInput, NotFound
-from services.router.types import Money, Principal, TrafficClass
+from services.common.generation import TrafficClass
+from services.router.types import Money, Principal
 from services.router.workflows.model import Estimate, NewWorkflow, NodeSpec, NodeStatus, Workflow, WorkflowState
 from services.router.workflows.runner import WorkflowRunner
 from services.router.workflows.store import WorkflowStore

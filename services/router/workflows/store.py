@@ -19,10 +19,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from services.common.generation import TrafficClass
+from services.common.usage import Usage
 from services.router.store import Row, Store, Tx
 from services.router.store.migrations import WORKFLOWS
 from services.router.tasks import LengthUnit, OutputFormat, TaskKind
-from services.router.types import Message, Money, Principal, Role, Sampling, TrafficClass, Usage
+from services.router.types import Message, Money, Principal, Role, Sampling
 from services.router.workflows.model import (
     NewWorkflow,
     NodeSpec,

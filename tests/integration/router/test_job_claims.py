@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from services.common.usage import Usage
 from services.router.jobs.model import ItemResult, ItemSpec, ItemState, JobState, NewJob
 from services.router.jobs.store import JobStore
 from services.router.store import Store, open_store
 from services.router.store.migrations import JOBS
-from services.router.types import Principal, Usage
+from services.router.types import Principal
 from tests.integration.billing.conftest import PgServer, postgres  # noqa: F401 - the session's PostgreSQL
 
 LEASE = timedelta(seconds=15)

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from services.common.errors import Unauthenticated, Unavailable
+from services.common.usage import Usage
 from services.router.auth.api_keys import NewApiKey, new_secret
 from services.router.auth.authenticator import Authenticator
 from services.router.auth.key_store import KeyStore
@@ -27,7 +28,7 @@ from services.router.jobs.store import JobStore
 from services.router.policy import Policy, PolicyStore
 from services.router.registry import ModelEntry, Registry
 from services.router.store import Store, open_store
-from services.router.types import Message, Principal, Role, Usage
+from services.router.types import Message, Principal, Role
 from tests.integration.billing.conftest import PgServer, postgres  # noqa: F401 - the session's PostgreSQL
 from tests.waiting import wait_until
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from services.common.generation import TrafficClass
+from services.common.usage import Usage
 from services.router.store import Store, open_store
 from services.router.tasks import TaskKind
-from services.router.types import Money, Principal, Sampling, TrafficClass, Usage
+from services.router.types import Money, Principal, Sampling
 from services.router.workflows.model import NewWorkflow, NodeSpec, NodeState, RetryPolicy, WorkflowState
 from services.router.workflows.store import WorkflowStore
 from tests.integration.billing.conftest import PgServer, postgres  # noqa: F401 - the session's PostgreSQL

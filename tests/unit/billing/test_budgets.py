@@ -11,16 +11,16 @@ from services.billing.model import (
     BudgetState,
     Enforcement,
     Hold,
-    Level,
     Period,
     PeriodKind,
     ReserveRequest,
     Scope,
     ScopeKind,
     Thresholds,
-    TrafficClass,
     UsageEvent,
 )
+from services.common.generation import TrafficClass
+from services.common.usage import AlertLevel
 from tests.unit.billing.fakes import T0, US, Ledger
 
 DAY = 86_400 * US
@@ -36,10 +36,10 @@ def request(tokens: int = 100, traffic: TrafficClass = TrafficClass.INTERACTIVE,
     return ReserveRequest("acme", key, {}, "m", "", traffic, tokens, 0)
 
 
-@pytest.mark.parametrize(("spent", "level"), [(0, Level.NONE), (799, Level.NONE), (800, Level.WARNING),
-                                              (999, Level.WARNING), (1000, Level.CRITICAL), (1199, Level.CRITICAL),
-                                              (1200, Level.EMERGENCY)])
-def test_level_follows_the_thresholds_of_spend(spent: int, level: Level) -> None:
+@pytest.mark.parametrize(("spent", "level"), [(0, AlertLevel.NONE), (799, AlertLevel.NONE), (800, AlertLevel.WARNING),
+                                              (999, AlertLevel.WARNING), (1000, AlertLevel.CRITICAL), (1199, AlertLevel.CRITICAL),
+                                              (1200, AlertLevel.EMERGENCY)])
+def test_level_follows_the_thresholds_of_spend(spent: int, level: AlertLevel) -> None:
     budget = Budget("b", Scope(ScopeKind.TENANT, "acme"), Period(PeriodKind.DAILY), tokens=1000)
     assert BudgetState(budget, 0, 1, 0, spent, 10_000, 0, 0, 1000).level == level  # holds are not spend
 
@@ -48,7 +48,7 @@ def test_custom_thresholds_and_permille() -> None:
     budget = Budget("b", Scope(ScopeKind.TENANT, "acme"), Period(PeriodKind.DAILY), amount_micros=1000,
                     thresholds=Thresholds(50, 90, 150))
     st = BudgetState(budget, 0, 1, 905, 0, 0, 0, 1000, 0)
-    assert (st.level, st.permille) == (Level.CRITICAL, 905)
+    assert (st.level, st.permille) == (AlertLevel.CRITICAL, 905)
 
 
 @pytest.mark.parametrize("with_book", [True, False])
@@ -60,7 +60,7 @@ def test_each_level_fires_once_per_period_in_order_and_a_new_period_rearms(with_
         raised += [a.level for a in ledger.record(f"e{n}", tokens).alerts]
     ledger.now += DAY  # the next day: a new period
     raised += [a.level for a in ledger.record("next", 850).alerts]
-    assert raised == [Level.WARNING, Level.CRITICAL, Level.EMERGENCY, Level.WARNING]
+    assert raised == [AlertLevel.WARNING, AlertLevel.CRITICAL, AlertLevel.EMERGENCY, AlertLevel.WARNING]
     assert state_of(ledger, "b").spent_tokens == 850
 
 
@@ -69,8 +69,8 @@ def test_one_batch_crossing_two_levels_raises_both_in_order() -> None:
     ledger.budget("b", tokens=1000)
     events = [UsageEvent(f"e{i}", "acme", "k1", "m", prompt_tokens=260, end_us=T0) for i in range(4)]  # 104 %
     ingested = ledger.ingester.ingest(ledger.tx, events, T0)
-    assert [a.level for a in ingested.alerts] == [Level.WARNING, Level.CRITICAL]
-    assert [o.level for o in ingested.outcomes] == [Level.CRITICAL] * 4  # type: ignore[union-attr]
+    assert [a.level for a in ingested.alerts] == [AlertLevel.WARNING, AlertLevel.CRITICAL]
+    assert [o.level for o in ingested.outcomes] == [AlertLevel.CRITICAL] * 4  # type: ignore[union-attr]
 
 
 def test_rolling_budget_counts_only_the_last_n_days() -> None:
@@ -156,7 +156,7 @@ def test_traffic_class_policy_at_critical_and_emergency_only_for_hard_budgets() 
     soft_only.record("x", 5000)
     verdict = budgets.check(soft_only.tx, soft_only.catalog.current(soft_only.tx), "acme", "k1", {},
                             TrafficClass.BATCH, soft_only.now)
-    assert verdict.allowed and verdict.level == Level.EMERGENCY
+    assert verdict.allowed and verdict.level == AlertLevel.EMERGENCY
 
 
 def test_tag_and_key_budgets_apply_only_to_matching_events() -> None:

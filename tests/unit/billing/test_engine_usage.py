@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from services.billing import budgets, engine_usage, leases, reports
 from services.billing.engine_usage import BILLED, MATCHED, PENDING, SUPERSEDED
-from services.billing.model import EngineRecord, LeaseRequest, ReserveRequest, Status, TrafficClass, UsageEvent
+from services.billing.model import EngineRecord, LeaseRequest, ReserveRequest, UsageEvent
+from services.common.generation import TrafficClass
+from services.common.usage import UsageStatus
 from tests.unit.billing.fakes import T0, US, Ledger
 
 GRACE = 30 * US
@@ -15,14 +17,14 @@ GRACE = 30 * US
 def record(request_id: str, completion: int = 7, replica: str = "inference-0", router: str = "",
            end: int = T0) -> EngineRecord:
     return EngineRecord(request_id, replica, "acme", "k1", "m", "v1", {"team": "a"}, prompt_tokens=10,
-                        completion_tokens=completion, status=Status.CANCELLED, start_us=end - US, end_us=end,
+                        completion_tokens=completion, status=UsageStatus.CANCELLED, start_us=end - US, end_us=end,
                         router_id=router)
 
 
 def router_event(ledger: Ledger, request_id: str, completion: int = 5) -> bool:
     """The router's event for the request; True when the ledger already had one of this id."""
     event = UsageEvent(request_id, "acme", "k1", "m", "v1", prompt_tokens=10, completion_tokens=completion,
-                       request_id=request_id, end_us=ledger.now, status=Status.CANCELLED)
+                       request_id=request_id, end_us=ledger.now, status=UsageStatus.CANCELLED)
     return ledger.ingester.ingest(ledger.tx, [event], ledger.now).single().duplicate
 
 

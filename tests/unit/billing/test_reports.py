@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 
 from services.billing import reports
-from services.billing.model import Status, UsageEvent
+from services.billing.model import UsageEvent
 from services.common.errors import InvalidInput
+from services.common.usage import UsageStatus
 from tests.unit.billing.fakes import T0, US, Ledger
 
 HOUR = 3600 * US
@@ -16,7 +17,7 @@ RULE = reports.AnomalyRule(max_requests=50, window_s=10, hourly_factor_permille=
 
 
 def add(ledger: Ledger, event_id: str, tokens: int, at: int, key: str = "k1", model: str = "m",
-        status: Status = Status.COMPLETED, tags: dict[str, str] | None = None) -> None:
+        status: UsageStatus = UsageStatus.COMPLETED, tags: dict[str, str] | None = None) -> None:
     event = UsageEvent(event_id, "acme", key, model, tags=tags or {}, prompt_tokens=tokens, end_us=at, status=status)
     ledger.ingester.ingest(ledger.tx, [event], at)
 
@@ -28,7 +29,7 @@ def query(start: int = T0, end: int = T0 + 48 * HOUR, **kw: Any) -> reports.Repo
 def test_grouping_by_key_and_status_sums_requests_tokens_and_cost() -> None:
     ledger = Ledger()
     add(ledger, "1", 100, T0 + 1, key="a")
-    add(ledger, "2", 200, T0 + 2, key="a", status=Status.CANCELLED)
+    add(ledger, "2", 200, T0 + 2, key="a", status=UsageStatus.CANCELLED)
     add(ledger, "3", 400, T0 + 3, key="b")
     add(ledger, "late", 800, T0 + 48 * HOUR, key="b")  # [start, end): outside
     rows, total = reports.build(ledger.tx, query(group_by=("api_key", "status")), RULE)
@@ -104,7 +105,7 @@ def random_ledger(seed: int, events: int, hours: int) -> Ledger:
 
     rng = random.Random(seed)
     ledger = Ledger()
-    statuses = (Status.COMPLETED, Status.CANCELLED, Status.FAILED)
+    statuses = (UsageStatus.COMPLETED, UsageStatus.CANCELLED, UsageStatus.FAILED)
     for n in range(events):
         at = T0 - 9 * 24 * HOUR + rng.randrange(0, (hours + 9 * 24) * HOUR)
         add(ledger, f"r{n}", rng.randint(0, 900), at, key=f"k{rng.randint(0, 6)}", model=rng.choice(["m", "m"]),

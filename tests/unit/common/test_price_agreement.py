@@ -22,13 +22,14 @@ from services.billing import admin, convert
 from services.billing.admin import MAX_PRICE
 from services.billing.validation import MAX_TOKENS
 from services.common.errors import FailedPrecondition
+from services.common.generation import TrafficClass
 from services.common.price_convert import price_from_proto, price_to_proto
 from services.common.pricing import EPOCH, Price
+from services.common.usage import UsageStatus
 from services.router.billing_client import usage_to_proto
 from services.router.metering import Meter
 from services.router.ports import UsageRecord
 from services.router.spool import UsageSpool
-from services.router.types import TrafficClass, UsageStatus
 from tests.unit.billing.fakes import T0, Ledger
 
 HOUR_US = 3600 * 1_000_000

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from services.common.errors import FailedPrecondition, InvalidInput
-from services.common.generation import Sampling
+from services.common.generation import FinishReason, Sampling
+from services.common.usage import Usage
 from services.inference.engine.detokenize import IncrementalDetokenizer
 from services.inference.engine.engine import coalesce
 from services.inference.engine.sampling import Sampler, SamplingParams, apply_repetition_penalty
 from services.inference.engine.session import CPU, CUDA, choose_provider
 from services.inference.engine.stop import StopMatcher
-from services.inference.engine.types import Delta, FinishReason, GenerationRequest, StreamSettings, Usage
+from services.inference.engine.types import Delta, GenerationRequest, StreamSettings
 from services.inference.engine.validation import ModelDefaults, resolve_max_tokens, resolve_sampling
 
 

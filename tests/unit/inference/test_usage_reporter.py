@@ -10,7 +10,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.common.errors import PeerUnreachable
-from services.inference.engine.types import FinishedSequence, GenerationRequest, SequenceStatus
+from services.common.usage import UsageStatus
+from services.inference.engine.types import FinishedSequence, GenerationRequest
 from services.inference.usage_reporter import UsageReporter
 from tests.waiting import wait_until
 
@@ -33,7 +34,7 @@ class FakeBilling:
 
 def finished(request_id: str, tenant: str = "acme") -> FinishedSequence:
     return FinishedSequence(GenerationRequest(request_id=request_id, tenant_id=tenant), "r-test", 10, 3,
-                            SequenceStatus.CANCELLED, 1, 2)
+                            UsageStatus.CANCELLED, 1, 2)
 
 
 def count(replica: str, outcome: str) -> float:

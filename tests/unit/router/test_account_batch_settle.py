@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any, cast
 
+from services.common.generation import TrafficClass
+from services.common.usage import UsageStatus
 from services.router.gateway.account import Accountant
 from services.router.gateway.dispatch import Progress
 from services.router.gateway.plan import Plan
@@ -20,8 +22,6 @@ from services.router.types import (
     Money,
     Principal,
     RequestContext,
-    TrafficClass,
-    UsageStatus,
 )
 from tests.waiting import wait_until
 

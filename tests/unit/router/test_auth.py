@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from services.common.errors import InvalidInput, Unauthenticated
+from services.common.generation import TrafficClass
 from services.router.auth.api_keys import NewApiKey, load_or_create_secret_file
 from services.router.auth.authenticator import Authenticator
 from services.router.auth.key_store import KeyStore
-from services.router.types import TrafficClass
 
 
 def make_store(tmp_path: Path, now: list[datetime]) -> KeyStore:

@@ -13,18 +13,17 @@ from pathlib import Path
 import pytest
 
 from services.common.errors import DomainError, Unavailable
+from services.common.generation import FinishReason
+from services.common.usage import AlertLevel, Usage
 from services.router.jobs.model import ItemSpec, ItemState, JobState, NewJob
 from services.router.jobs.runner import BatchRunner, RunnerSettings
 from services.router.jobs.store import JobStore
-from services.router.ports import AlertLevel
 from services.router.types import (
-    FinishReason,
     GenerationRequest,
     Money,
     Principal,
     RequestContext,
     Summary,
-    Usage,
 )
 from tests.waiting import wait_until
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from services.common.generation import FinishReason
 from services.router.cache import CachedAnswer, ResponseCache, cache_key
 from services.router.single_flight import SingleFlight
-from services.router.types import FinishReason, Message, Role, Sampling
+from services.router.types import Message, Role, Sampling
 
 HI = (Message(Role.USER, "Hello  World"),)
 

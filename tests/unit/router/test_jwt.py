@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from services.common.errors import Unauthenticated
+from services.common.generation import TrafficClass
 from services.router.auth.authenticator import Authenticator
 from services.router.auth.jwt import JwtSettings, JwtVerifier
 from services.router.auth.key_store import KeyStore
 from services.router.config import RouterConfig
-from services.router.types import TrafficClass
 
 SECRET = b"a-shared-secret-of-at-least-sixty-four-bytes-so-hs512-does-not-warn!!"
 

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from services.common.errors import BudgetExceeded
+from services.common.generation import TrafficClass
 from services.router.leasebook import LeaseBook, LeaseGrant
 from services.router.metering import BillingUnavailable, LeaseExhausted, Meter
 from services.router.ports import Hold, HoldRequest
 from services.router.spool import UsageSpool
-from services.router.types import Money, TrafficClass
+from services.router.types import Money
 from services.router.usage_stream import UsageStream
 from tests.unit.router.test_leasebook import Clock, FakeBilling
 from tests.unit.router.test_metering import Billing, usage

@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.common.errors import PeerUnreachable
+from services.common.generation import TrafficClass
+from services.common.usage import AlertLevel
 from services.router.leasebook import LeaseBook, LeaseGrant
-from services.router.ports import AlertLevel
-from services.router.types import TrafficClass
 
 INTERACTIVE = TrafficClass.INTERACTIVE
 

@@ -7,9 +7,9 @@ import asyncio
 import pytest
 
 from services.common.errors import InvalidInput, QueueFull, RateLimited
+from services.common.generation import TrafficClass
 from services.router.admission import PriorityGate
 from services.router.limits.token_bucket import InMemoryBuckets, RateLimiter
-from services.router.types import TrafficClass
 
 
 class Clock:

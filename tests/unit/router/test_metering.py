@@ -21,11 +21,13 @@ from services.common.errors import (
     PeerUnreachable,
     Unavailable,
 )
+from services.common.generation import TrafficClass
 from services.common.peer_errors import billing_error
+from services.common.usage import AlertLevel, UsageStatus
 from services.router.metering import BillingUnavailable, Meter
-from services.router.ports import AlertLevel, Hold, HoldRequest, UsageRecord
+from services.router.ports import Hold, HoldRequest, UsageRecord
 from services.router.spool import SettlementJournal, UsageSpool, unsettled_events
-from services.router.types import Money, TrafficClass, UsageStatus
+from services.router.types import Money
 
 
 class Billing:

@@ -12,8 +12,10 @@ from datetime import UTC, datetime
 import pytest
 
 from services.common.errors import DomainError, InvalidInput, PeerUnreachable
+from services.common.generation import TrafficClass
+from services.common.usage import UsageStatus
 from services.router.ports import UsageRecord
-from services.router.types import Money, TrafficClass, UsageStatus
+from services.router.types import Money
 from services.router.usage_stream import Ack, UsageStream
 from tests.waiting import wait_until
 

@@ -10,8 +10,8 @@ from typing import Any, NoReturn
 from services.cli.admin_commands import add_admin_commands
 from services.cli.billing_commands import add_billing_commands
 from services.common.errors import InvalidInput
+from services.common.generation import TrafficClass
 from services.router.auth.api_keys import NewApiKey
-from services.router.types import TrafficClass
 
 
 class _FormParser(argparse.ArgumentParser):

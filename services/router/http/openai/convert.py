@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.errors import Unavailable
+from services.common.generation import FinishReason, TrafficClass
 from services.router import sampling_defaults
 from services.router.http import sse
 from services.router.http.errors import error_event
@@ -32,13 +33,11 @@ from services.router.registry import ModelEntry
 from services.router.types import (
     CachePolicy,
     Chunk,
-    FinishReason,
     GenerationRequest,
     Message,
     Role,
     Sampling,
     Summary,
-    TrafficClass,
 )
 
 ROLES = {"system": Role.SYSTEM, "developer": Role.SYSTEM, "user": Role.USER, "assistant": Role.ASSISTANT}

@@ -9,13 +9,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from services.common.errors import DomainError, Unauthenticated
+from services.common.generation import FinishReason
+from services.common.usage import Usage
 from services.router.gateway import Gateway
 from services.router.input_limits import InputLimits
 from services.router.lifecycle import Deprecation
 from services.router.registry import ModelEntry, VersionEntry
 from services.router.types import (
     Chunk,
-    FinishReason,
     GenerationRequest,
     Message,
     Money,
@@ -23,7 +24,6 @@ from services.router.types import (
     RequestContext,
     Sampling,
     Summary,
-    Usage,
 )
 
 KEY = "agk_test_secret"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from services.common.errors import InvalidInput
+from services.common.generation import TrafficClass
 from services.router.http.console import forms
-from services.router.types import TrafficClass
 
 
 def test_a_key_form_reads_as_keys_create() -> None:

@@ -8,10 +8,11 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
+from services.common.generation import TrafficClass
 from services.router.http.errors import validation_parts
 from services.router.http.openai import convert
 from services.router.http.openai.protocol import ChatCompletionRequest, CompletionRequest
-from services.router.types import CachePolicy, Role, TrafficClass
+from services.router.types import CachePolicy, Role
 
 CHAT: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

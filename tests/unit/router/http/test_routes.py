@@ -123,7 +123,7 @@ async def test_bad_requests_get_openai_error_bodies(client: httpx.AsyncClient, m
 
 
 async def test_a_generation_that_ends_in_error_is_not_a_200(client: httpx.AsyncClient, gateway: FakeGateway) -> None:
-    from services.router.types import FinishReason
+    from services.common.generation import FinishReason
 
     original = gateway.generate
 

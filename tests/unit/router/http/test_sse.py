@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 from services.common.errors import BudgetExceeded, Unavailable
+from services.common.generation import FinishReason
+from services.common.usage import Usage
 from services.router.http import sse
 from services.router.http.openai.convert import ChunkBuilder, stream_frames
-from services.router.types import Chunk, FinishReason, Money, Summary, Usage
+from services.router.types import Chunk, Money, Summary
 
 SUMMARY = Summary(FinishReason.LENGTH, Usage(5, 2), Money("USD", 42), "tiny", "v7", "t" * 32, 3)
 

@@ -9,9 +9,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from services.common.errors import DomainError, InvalidInput, Unavailable
-from services.router.ports import AlertLevel
+from services.common.generation import FinishReason, TrafficClass
+from services.common.usage import AlertLevel, Usage
 from services.router.store import open_store
-from services.router.types import FinishReason, Money, Principal, Summary, TrafficClass, Usage
+from services.router.types import Money, Principal, Summary
 from services.router.workflows.model import NewWorkflow, NodeSpec, NodeState, RetryPolicy, WorkflowState
 from services.router.workflows.runner import NodeCall, WorkflowRunner, WorkflowSettings
 from services.router.workflows.store import WorkflowStore

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from services.common.generation import TrafficClass
 from services.router.tasks import TaskKind
-from services.router.types import Principal, TrafficClass
+from services.router.types import Principal
 from services.router.workflows.mermaid import mermaid
 from services.router.workflows.model import NodeSpec, NodeState, NodeStatus, Workflow, WorkflowState
 from services.router.workflows.template import parsed_fields, render
