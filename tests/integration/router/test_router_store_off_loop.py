@@ -1,7 +1,8 @@
-"""An operator call waiting on the router's database holds up that call only: while another connection
-holds the lock its write needs (PostgreSQL: `LOCK TABLE ... IN ACCESS EXCLUSIVE MODE`; SQLite: `BEGIN
-EXCLUSIVE` on the domain's file), the same router process keeps answering other callers (ListModels with
-an API key, the health check) within a deadline, and the call completes once the lock is released."""
+"""A call waiting on the router's database holds up that call only: while another connection holds the
+lock its write needs (PostgreSQL: `LOCK TABLE ... IN ACCESS EXCLUSIVE MODE`; SQLite: `BEGIN EXCLUSIVE` on
+the domain's file), the same router process keeps answering other callers (ListModels with an API key, the
+health check) within a deadline, and the call completes once the lock is released. The calls: operator
+calls (a traffic split, a new key), a batch submission, and (PostgreSQL) a key memory lacks, looked up."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from autoglm.router.v1 import admin_service_pb2 as admin_pb2
 from autoglm.router.v1 import admin_service_pb2_grpc as admin_grpc
 from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as router_grpc
+from services.router.auth.api_keys import new_secret
 from services.router.store.postgres_store import SCHEMA
 from tests.integration.billing.conftest import PgServer, postgres  # noqa: F401 - the session's PostgreSQL
 from tests.integration.router.service_process import stop
@@ -45,6 +47,8 @@ class Operation:
 
 
 OPERATIONS = ("SetTrafficSplit", "CreateApiKey", "SubmitBatch")
+# Only on PostgreSQL: a SQLite file in WAL mode is read while another connection holds its write lock.
+PG_ONLY = ("a key this router has not seen",)
 SQLITE_FILES = {"models": "registry.db", "api_keys": "keys.db", "jobs": "jobs.db"}
 
 
@@ -62,7 +66,19 @@ def operation(name: str, channel: grpc.aio.Channel, secret: str) -> Operation:
             lambda reply: bool(reply.secret) and reply.api_key.name == "made-while-locked"),
         Operation("SubmitBatch", "jobs", lambda: router.SubmitBatch(batch, metadata=bearer(secret), timeout=60),
                   lambda reply: reply.job.job_id.startswith("job_")),
+        Operation("a key this router has not seen", "api_keys", lambda: refusal(router.ListModels(
+            pb2.ListModelsRequest(), metadata=bearer(new_secret()), timeout=60)),
+            lambda code: code == grpc.StatusCode.UNAUTHENTICATED),
     )}[name]
+
+
+async def refusal(call: Awaitable[object]) -> grpc.StatusCode | None:
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return None
+
 
 
 async def prepare(channel: grpc.aio.Channel) -> str:
@@ -114,7 +130,7 @@ def sqlite_file_locked(path: Path) -> Iterator[None]:
         conn.close()
 
 
-@pytest.mark.parametrize("name", OPERATIONS)
+@pytest.mark.parametrize("name", OPERATIONS + PG_ONLY)
 async def test_an_operator_call_waiting_on_a_locked_postgresql_table_leaves_the_router_answering_others(
     postgres: PgServer, tmp_path: Path, name: str,  # noqa: F811
 ) -> None:
