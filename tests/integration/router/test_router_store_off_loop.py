@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import subprocess
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +26,10 @@ from autoglm.router.v1 import admin_service_pb2_grpc as admin_grpc
 from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as router_grpc
 from services.router.auth.api_keys import new_secret
+from services.router.canary import CanaryMonitor
+from services.router.lifecycle import VersionState
+from services.router.registry import CanaryPolicy, Registry
+from services.router.store import open_store
 from services.router.store.postgres_store import SCHEMA
 from tests.integration.billing.conftest import PgServer, postgres  # noqa: F401 - the session's PostgreSQL
 from tests.integration.router.service_process import stop
@@ -173,3 +178,46 @@ async def test_an_operator_call_waiting_on_a_locked_sqlite_file_leaves_the_route
             assert op.done(await asyncio.wait_for(pending, RELEASED_S))  # completed once the lock was gone
     finally:
         stop(processes)
+
+
+async def test_a_canary_rollback_waiting_on_a_locked_postgresql_table_leaves_the_event_loop_serving(
+    postgres: PgServer,  # noqa: F811
+) -> None:
+    """The request that finds a canary failing waits for the rollback's write; the event loop goes on (here
+    a coroutine on it sees the write waiting and releases the lock; a timer thread would release it
+    otherwise, late)."""
+    dsn = postgres.create_database()
+    registry = Registry(open_store(dsn))
+    try:
+        registry.register("m", "v1", (UNREACHABLE,))
+        registry.register("m", "v2", (UNREACHABLE,), canary=CanaryPolicy(min_requests=1))
+        registry.set_split("m", {"v1": 900, "v2": 100})
+        released_by: list[str] = []
+        guard = threading.Lock()
+        with psycopg.connect(dsn) as conn:
+            conn.execute(f"LOCK TABLE {SCHEMA}.models IN ACCESS EXCLUSIVE MODE")
+
+            def release(who: str) -> None:
+                with guard:
+                    if not released_by:
+                        conn.rollback()
+                        released_by.append(who)
+
+            async def release_once_waiting() -> None:
+                await wait_until(lambda: waiting_on_locks(dsn), 30, "the rollback to wait for the lock on models")
+                release("the event loop")
+
+            late = threading.Timer(RELEASED_S, release, ("a timer thread",))
+            late.start()
+            releaser = asyncio.ensure_future(release_once_waiting())
+            try:
+                assert await CanaryMonitor(registry).record("m", "v2", ok=False, latency_s=0.01)
+                assert released_by == ["the event loop"]
+            finally:
+                late.cancel()
+                releaser.cancel()
+                release("the test's end")
+        model = registry.get("m")
+        assert model.version("v2").state is VersionState.PENDING_APPROVAL and model.version("v1").weight_permille == 1000
+    finally:
+        registry.close()
