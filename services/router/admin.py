@@ -2,7 +2,10 @@
 registry (versions, their states, traffic splits, promotion, rollback) and the audit log.
 
 Each change to credentials or policy is recorded in the audit log with its actor. Plain domain types in
-and out; the caller (AdminServicer today) has already checked the admin token.
+and out; the caller (AdminServicer today) has already checked the admin token. Every operation that
+reads or writes the router store is a coroutine whose transaction runs on a worker thread: an operator
+call waiting on the database (a slow disk, a lock another router holds) never stops the event loop, and
+with it every other caller. Reads served from memory (`get_policy`, `get_model`) stay plain functions.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from collections.abc import Callable
 
 from services.common.errors import DomainError, InvalidInput
 from services.common.generation import Sampling
-from services.router import offload
 from services.router.auth.api_keys import ApiKeyRecord, NewApiKey
 from services.router.auth.key_store import KeyStore
 from services.router.lifecycle import StateChange, VersionState
@@ -30,31 +32,32 @@ class Admin:
         self.healthy_replicas = healthy_replicas
 
     # --- API keys ----------------------------------------------------------------------------------
-    def create_key(self, spec: NewApiKey, actor: str = "admin") -> tuple[ApiKeyRecord, str]:
-        record, secret = self._keys.create(spec)
-        self._registry.audit(actor, "key.create", f"key/{record.key_id}", {
+    async def create_key(self, spec: NewApiKey, actor: str = "admin") -> tuple[ApiKeyRecord, str]:
+        record, secret = await self._keys.acreate(spec)
+        await self._registry.aaudit(actor, "key.create", f"key/{record.key_id}", {
             "prefix": record.prefix, "tenant_id": record.tenant_id, "name": record.name,
             "allowed_models": list(record.allowed_models), "requests_per_minute": record.requests_per_minute,
             "tokens_per_minute": record.tokens_per_minute, "traffic_class": record.traffic_class.name.lower(),
         })
         return record, secret
 
-    def list_keys(self, tenant_id: str, include_revoked: bool) -> list[ApiKeyRecord]:
-        return self._keys.list(tenant_id, include_revoked)
+    async def list_keys(self, tenant_id: str, include_revoked: bool) -> list[ApiKeyRecord]:
+        return await self._keys.alist(tenant_id, include_revoked)
 
-    def revoke_key(self, key_id: str, actor: str = "admin") -> ApiKeyRecord:
-        already = self._keys.get(key_id).revoke_time is not None
-        record = self._keys.revoke(key_id)
+    async def revoke_key(self, key_id: str, actor: str = "admin") -> ApiKeyRecord:
+        already = (await self._keys.aget(key_id)).revoke_time is not None
+        record = await self._keys.arevoke(key_id)
         if not already:  # revoking twice changes nothing, and is not recorded twice
-            self._registry.audit(actor, "key.revoke", f"key/{key_id}",
+            await self._registry.aaudit(actor, "key.revoke", f"key/{key_id}",
                                  {"prefix": record.prefix, "tenant_id": record.tenant_id})
         return record
 
     # --- policies ----------------------------------------------------------------------------------
-    def set_policy(self, tenant_id: str, policy: Policy, actor: str = "admin") -> Policy:
-        stored = self._policies.set(tenant_id, policy)
+    async def set_policy(self, tenant_id: str, policy: Policy, actor: str = "admin") -> Policy:
+        """Store a tenant's policy (its matcher built off the event loop when the terms are many)."""
+        stored = await self._policies.aset(tenant_id, policy)
         # The blocked terms are a secret list: the log says how many, never which.
-        self._registry.audit(actor, "policy.set", f"tenant/{tenant_id or '*'}", {
+        await self._registry.aaudit(actor, "policy.set", f"tenant/{tenant_id or '*'}", {
             "blocked_terms": len(stored.blocked_terms), "max_prompt_tokens": stored.max_prompt_tokens,
             "max_tokens_cap": stored.max_tokens_cap, "normalize_cache_keys": stored.normalize_cache_keys,
             "shared_cache_models": list(stored.shared_cache_models),
@@ -62,8 +65,8 @@ class Admin:
         return stored
 
     async def set_policy_offloaded(self, tenant_id: str, policy: Policy, actor: str = "admin") -> Policy:
-        """`set_policy` off the event loop when the terms are many (building their matcher takes a while)."""
-        return await offload.sized(sum(map(len, policy.blocked_terms)), self.set_policy, tenant_id, policy, actor)
+        """`set_policy` (which now always keeps the event loop free), under its earlier name."""
+        return await self.set_policy(tenant_id, policy, actor)
 
     def get_policy(self, tenant_id: str) -> Policy:
         return self._policies.for_tenant(tenant_id)
@@ -85,32 +88,33 @@ class Admin:
                 continue
         if not name:
             raise InvalidInput("model is required", field="model")
-        return self._registry.register(name, version, replicas, fallbacks, canary, context_window=window,
-                                       default_sampling=default_sampling, initial_state=initial_state)
+        return await self._registry.aregister(name, version, replicas, fallbacks, canary, context_window=window,
+                                              default_sampling=default_sampling, initial_state=initial_state)
 
-    def set_split(self, model: str, weights_permille: dict[str, int], actor: str = "admin") -> ModelEntry:
-        self._registry.set_split(model, weights_permille, actor=actor)
+    async def set_split(self, model: str, weights_permille: dict[str, int], actor: str = "admin") -> ModelEntry:
+        await self._registry.aset_split(model, weights_permille, actor=actor)
         return self._registry.get(model)
 
-    def promote(self, model: str, version: str, actor: str = "admin") -> ModelEntry:
-        self._registry.promote(model, version, actor=actor)
+    async def promote(self, model: str, version: str, actor: str = "admin") -> ModelEntry:
+        await self._registry.apromote(model, version, actor=actor)
         return self._registry.get(model)
 
-    def rollback(self, model: str, reason: str, actor: str = "admin") -> ModelEntry:
-        self._registry.rollback(model, reason or "manual rollback", actor=actor)
+    async def rollback(self, model: str, reason: str, actor: str = "admin") -> ModelEntry:
+        await self._registry.arollback(model, reason or "manual rollback", actor=actor)
         return self._registry.get(model)
 
-    def set_state(self, model: str, version: str, state: VersionState, operator: str, reason: str) -> ModelEntry:
+    async def set_state(self, model: str, version: str, state: VersionState, operator: str,
+                        reason: str) -> ModelEntry:
         """Move a version through its life, by `operator` for `reason` (both recorded)."""
-        return self._registry.set_state(model, version, state, operator, reason)
+        return await self._registry.aset_state(model, version, state, operator, reason)
 
     def get_model(self, model: str) -> ModelEntry:
         return self._registry.get(model)
 
-    def history(self, model: str) -> list[StateChange]:
+    async def history(self, model: str) -> list[StateChange]:
         """Every state move of the model's versions, oldest first."""
-        return self._registry.history(model)
+        return await self._registry.ahistory(model)
 
     # --- the audit log -----------------------------------------------------------------------------
-    def audit_page(self, action: str, page_size: int, page_token: str) -> tuple[list[AuditEvent], str]:
-        return self._registry.audit_page(action, page_size, page_token)
+    async def audit_page(self, action: str, page_size: int, page_token: str) -> tuple[list[AuditEvent], str]:
+        return await self._registry.aaudit_page(action, page_size, page_token)

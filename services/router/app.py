@@ -212,7 +212,7 @@ class RouterApp:
     async def _run_batch_item(self, ctx: RequestContext, request: GenerationRequest) -> tuple[str, Summary]:
         """A batch item runs as its submitting key; a key revoked since then stops its pending items."""
         try:
-            record = self.keys.get(ctx.principal.key_id)
+            record = await self.keys.aget(ctx.principal.key_id)
         except NotFound:
             record = None  # a JWT principal: no stored key
         if record is not None and record.revoke_time is not None:

@@ -3,8 +3,9 @@ latency limit over its window (once it has `min_requests` outcomes there) is rol
 goes to the stable version and it goes back to PENDING_APPROVAL, with an audit event naming the numbers.
 
 Each router watches the outcomes it sees; the rollback itself is decided in the shared store
-(`Registry.rollback_canary`, under the model's lock), so when several routers find the same canary
-failing, one rolls it back and writes the one audit event, and the others find it done."""
+(`Registry.arollback_canary`, under the model's lock, on a worker thread: the request that found the
+canary failing waits for the verdict, the event loop does not), so when several routers find the same
+canary failing, one rolls it back and writes the one audit event, and the others find it done."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ class CanaryMonitor:
         self._clock = clock
         self._outcomes: dict[tuple[str, str], deque[tuple[float, bool, float]]] = {}
 
-    def record(self, model: str, version: str, ok: bool, latency_s: float) -> bool:
+    async def record(self, model: str, version: str, ok: bool, latency_s: float) -> bool:
         """Record one outcome; True when it triggered a rollback."""
         if model not in self._registry:
             return False
@@ -58,7 +59,7 @@ class CanaryMonitor:
             return False
         reason = f"canary {version} over {len(window)} requests: " + "; ".join(breaches)
         window.clear()
-        if not self._registry.rollback_canary(model, version, reason, actor="router.canary"):
+        if not await self._registry.arollback_canary(model, version, reason, actor="router.canary"):
             return False  # another router rolled it back first
         log.warning("canary_rolled_back", model=model, version=version, reason=reason)
         return True

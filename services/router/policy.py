@@ -15,12 +15,14 @@ opts a tenant in for the models it names: requests for those models are keyed wi
 shared with every other tenant whose policy names the same model.
 
 Policies are held in memory (a request never reads the database for one) and stored in the router store
-(services/router/store); a policy set on another router is seen here within the store's `poll_s`.
+(services/router/store); a policy set on another router is seen here within the store's `poll_s`. `aset`
+(what AdminService uses) writes on a worker thread, so the event loop never waits on the database.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,6 +30,7 @@ from pathlib import Path
 import ahocorasick
 
 from services.common.errors import InvalidInput, PermissionDenied
+from services.router import offload
 from services.router.store import Row, Store, Tx, open_store
 from services.router.store.migrations import POLICIES
 from services.router.types import Message
@@ -119,6 +122,19 @@ class PolicyStore:
         self._store.watch("policies", "policies", since, self._apply)
 
     def set(self, tenant_id: str, policy: Policy) -> Policy:
+        policy = _ready(self._checked(tenant_id, policy))  # the matcher is built here, on the admin call
+        self._remember(tenant_id, self._store.write(_upsert(tenant_id, policy)), policy)
+        return policy
+
+    async def aset(self, tenant_id: str, policy: Policy) -> Policy:
+        """`set` with the write on a worker thread (and the matcher built there too when the terms are many)."""
+        policy = self._checked(tenant_id, policy)
+        policy = await offload.sized(sum(map(len, policy.blocked_terms)), _ready, policy)
+        self._remember(tenant_id, await self._store.awrite(_upsert(tenant_id, policy)), policy)
+        return policy
+
+    @staticmethod
+    def _checked(tenant_id: str, policy: Policy) -> Policy:
         if policy.max_prompt_tokens < 0 or policy.max_tokens_cap < 0:
             raise InvalidInput("max_prompt_tokens and max_tokens_cap must be >= 0 (0 = no limit)", field="policy")
         if len(policy.blocked_terms) > MAX_BLOCKED_TERMS:
@@ -128,16 +144,6 @@ class PolicyStore:
                                field="policy.shared_cache_models")
         if not policy.name:
             policy = Policy(**{**asdict(policy), "name": f"tenant:{tenant_id}" if tenant_id else "global"})
-        _ready(policy)  # the matcher is built here, on the admin call, not on the first request
-        body = json.dumps(asdict(policy))
-
-        def upsert(tx: Tx) -> int:
-            version = tx.bump("policies")
-            tx.execute("INSERT INTO policies (tenant_id, body, version) VALUES (?, ?, ?) ON CONFLICT(tenant_id)"
-                       " DO UPDATE SET body = excluded.body, version = excluded.version", (tenant_id, body, version))
-            return version
-
-        self._remember(tenant_id, self._store.write(upsert), policy)
         return policy
 
     def for_tenant(self, tenant_id: str) -> Policy:
@@ -155,6 +161,18 @@ class PolicyStore:
         if version >= self._versions.get(tenant_id, -1):
             self._versions[tenant_id] = version
             self._cache[tenant_id] = policy
+
+
+def _upsert(tenant_id: str, policy: Policy) -> Callable[[Tx], int]:
+    body = json.dumps(asdict(policy))
+
+    def upsert(tx: Tx) -> int:
+        version = tx.bump("policies")
+        tx.execute("INSERT INTO policies (tenant_id, body, version) VALUES (?, ?, ?) ON CONFLICT(tenant_id)"
+                   " DO UPDATE SET body = excluded.body, version = excluded.version", (tenant_id, body, version))
+        return version
+
+    return upsert
 
 
 def _ready(policy: Policy) -> Policy:

@@ -14,7 +14,9 @@ store never overwrite each other's changes, and a canary several routers see fai
 once, audited once. Everything is persisted in the router store (SQLite or
 PostgreSQL, services/router/store); the models are held in memory, so routing never reads the database,
 and a change made on another router is seen here within the store's `poll_s` (its `on_change` callbacks
-run for it as for a local change).
+run for it as for a local change). Callers on the event loop (AdminService, the canary monitor) use the
+`a`-prefixed twin of each operation: its transaction runs on a worker thread, so a database that is slow
+or locked holds up that call only, and memory is updated back on the loop as for the plain operation.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.-]+:\d{1,5}$")
 REGISTRY_LOCK = 0x6D6F64  # PostgreSQL advisory lock space of model changes (second key: the model's name)
 T = TypeVar("T")
+# A registry change: (the stored model or None, its tx) -> (the model to store or None, the result).
+Change = Callable[[Any, Tx], tuple["ModelEntry | None", T]]
 
 
 @dataclass(frozen=True)
@@ -175,37 +179,21 @@ class Registry:
     def audit_events(self, action: str = "", limit: int = -1, before: int | None = None) -> list[AuditEvent]:
         """Audit events, newest first: of `action` (all when empty), older than sequence `before`, at most
         `limit` (-1: all)."""
-        sql, args = "SELECT * FROM audit WHERE 1 = 1", list[object]()
-        if action:
-            sql, args = sql + " AND action = ?", [action]
-        if before is not None:
-            sql, args = sql + " AND seq < ?", [*args, before]
-        sql += " ORDER BY seq DESC"
-        if limit >= 0:
-            sql, args = sql + " LIMIT ?", [*args, limit]
-        rows = self._store.read(lambda tx: tx.all(sql, args))
-        return [
-            AuditEvent(datetime.fromisoformat(r["time"]), r["actor"], r["action"], r["target"], json.loads(r["details"]),
-                       r["seq"])
-            for r in rows
-        ]
+        return _audit_of(self._store.read(_audit_rows(action, limit, before)))
+
+    async def aaudit_events(self, action: str = "", limit: int = -1, before: int | None = None) -> list[AuditEvent]:
+        """`audit_events`, read on a worker thread."""
+        return _audit_of(await self._store.aread(_audit_rows(action, limit, before)))
 
     def audit_page(self, action: str, page_size: int, page_token: str) -> tuple[list[AuditEvent], str]:
         """One page of the audit log, newest first, and the token of the next page ("" when none)."""
-        if page_size < 0:
-            raise InvalidInput(f"page_size must be 0 (the default, {AUDIT_PAGE_DEFAULT}) or positive, got {page_size}",
-                               field="page_size")
-        size = min(page_size or AUDIT_PAGE_DEFAULT, AUDIT_PAGE_MAX)
-        before: int | None = None
-        if page_token:
-            if not (page_token.isascii() and page_token.isdigit() and len(page_token) <= 18) or int(page_token) < 1:
-                raise InvalidInput("page_token is not one this router handed out; pass a response's "
-                                   "next_page_token unchanged, or none for the newest events", field="page_token")
-            before = int(page_token)
-        events = self.audit_events(action, size + 1, before)
-        if len(events) > size:
-            return events[:size], str(events[size - 1].sequence)
-        return events, ""
+        size, before = _page(page_size, page_token)
+        return _paged(self.audit_events(action, size + 1, before), size)
+
+    async def aaudit_page(self, action: str, page_size: int, page_token: str) -> tuple[list[AuditEvent], str]:
+        """`audit_page`, read on a worker thread."""
+        size, before = _page(page_size, page_token)
+        return _paged(await self.aaudit_events(action, size + 1, before), size)
 
     # --- writes ----------------------------------------------------------------------------------
     def register(
@@ -223,6 +211,32 @@ class Registry:
         """Add a version, or update a registered one's replicas and canary policy (and its default sampling
         when given; None keeps the version's own, none for a new version). A new version starts in
         `initial_state` (None: ACTIVE, as versions always did); a registered one keeps its state."""
+        return self._change(name, self._registration(name, version, replicas, fallback_models, canary,
+                                                     context_window, actor, default_sampling, initial_state),
+                            must_exist=False)
+
+    async def aregister(
+        self,
+        name: str,
+        version: str,
+        replicas: tuple[str, ...],
+        fallback_models: tuple[str, ...] = (),
+        canary: CanaryPolicy | None = None,
+        context_window: int = 0,
+        actor: str = "admin",
+        default_sampling: Sampling | None = None,
+        initial_state: VersionState | None = None,
+    ) -> ModelEntry:
+        """`register`, written on a worker thread."""
+        return await self._achange(name, self._registration(name, version, replicas, fallback_models, canary,
+                                                            context_window, actor, default_sampling, initial_state),
+                                   must_exist=False)
+
+    def _registration(
+        self, name: str, version: str, replicas: tuple[str, ...], fallback_models: tuple[str, ...],
+        canary: CanaryPolicy | None, context_window: int, actor: str, default_sampling: Sampling | None,
+        initial_state: VersionState | None,
+    ) -> Change[ModelEntry]:
         if not _NAME.match(name) or "@" in name:
             raise InvalidInput("model name must be 1-128 letters, digits, '_', '.', ':' or '-'", field="model")
         if not _NAME.match(version):
@@ -278,12 +292,19 @@ class Registry:
             self._audit(tx, actor, "model.register", f"model/{name}@{version}", details)
             return model, model
 
-        return self._change(name, change, must_exist=False)
+        return change
 
     def set_context_window(self, name: str, context_window: int) -> None:
         self._change(name, lambda model, tx: (replace(model, context_window=context_window), None))
 
     def set_split(self, name: str, weights: dict[str, int], actor: str = "admin") -> ModelEntry:
+        return self._change(name, self._split(name, weights, actor))
+
+    async def aset_split(self, name: str, weights: dict[str, int], actor: str = "admin") -> ModelEntry:
+        """`set_split`, written on a worker thread."""
+        return await self._achange(name, self._split(name, weights, actor))
+
+    def _split(self, name: str, weights: dict[str, int], actor: str) -> Change[ModelEntry]:
         def change(model: ModelEntry, tx: Tx) -> tuple[ModelEntry, ModelEntry]:
             for version, weight in weights.items():
                 entry = model.version(version)
@@ -302,9 +323,16 @@ class Registry:
             changed = replace(model, versions=versions)
             return changed, changed
 
-        return self._change(name, change)
+        return change
 
     def promote(self, name: str, version: str, actor: str = "admin") -> ModelEntry:
+        return self._change(name, self._promotion(name, version, actor))
+
+    async def apromote(self, name: str, version: str, actor: str = "admin") -> ModelEntry:
+        """`promote`, written on a worker thread."""
+        return await self._achange(name, self._promotion(name, version, actor))
+
+    def _promotion(self, name: str, version: str, actor: str) -> Change[ModelEntry]:
         def change(model: ModelEntry, tx: Tx) -> tuple[ModelEntry, ModelEntry]:
             entry = model.version(version)
             if entry.state is not VersionState.ACTIVE:
@@ -319,11 +347,18 @@ class Registry:
             changed = replace(model, versions=versions)
             return changed, changed
 
-        return self._change(name, change)
+        return change
 
     def rollback(self, name: str, reason: str, actor: str = "admin") -> ModelEntry:
         """All traffic back to the stable version; each canary that had traffic goes back to
         PENDING_APPROVAL with `reason`. One audit event."""
+        return self._change(name, self._rollback(name, reason, actor))
+
+    async def arollback(self, name: str, reason: str, actor: str = "admin") -> ModelEntry:
+        """`rollback`, written on a worker thread."""
+        return await self._achange(name, self._rollback(name, reason, actor))
+
+    def _rollback(self, name: str, reason: str, actor: str) -> Change[ModelEntry]:
         def change(model: ModelEntry, tx: Tx) -> tuple[ModelEntry, ModelEntry]:
             stable = model.stable
             if stable.weight_permille == 1000:
@@ -332,22 +367,38 @@ class Registry:
                                                   if v.weight_permille and not v.stable], reason, actor)
             return changed, changed
 
-        return self._change(name, change)
+        return change
 
     def rollback_canary(self, name: str, version: str, reason: str, actor: str = "router.canary") -> bool:
         """Roll back one failing canary, decided once however many routers ask at the same time: in the
         store's transaction (locked per model), only while the version is still an ACTIVE canary with
         traffic. True when this call rolled it back (and wrote the one audit event)."""
+        return self._change(name, self._canary_rollback(version, reason, actor))
+
+    async def arollback_canary(self, name: str, version: str, reason: str, actor: str = "router.canary") -> bool:
+        """`rollback_canary`, decided on a worker thread (the request that found the canary failing waits for
+        it; the event loop does not)."""
+        return await self._achange(name, self._canary_rollback(version, reason, actor))
+
+    def _canary_rollback(self, version: str, reason: str, actor: str) -> Change[bool]:
         def change(model: ModelEntry, tx: Tx) -> tuple[ModelEntry | None, bool]:
             entry = next((v for v in model.versions if v.version == version), None)
             if entry is None or entry.stable or not entry.weight_permille or entry.state is not VersionState.ACTIVE:
                 return None, False  # another router (or an operator) got there first
             return self._roll_back(tx, model, [version], reason, actor), True
 
-        return self._change(name, change)
+        return change
 
     def set_state(self, name: str, version: str, state: VersionState, actor: str, reason: str) -> ModelEntry:
         """Move a version through its life (services/router/lifecycle.py): audited with who and why."""
+        return self._change(name, self._state_move(name, version, state, actor, reason))
+
+    async def aset_state(self, name: str, version: str, state: VersionState, actor: str, reason: str) -> ModelEntry:
+        """`set_state`, written on a worker thread."""
+        return await self._achange(name, self._state_move(name, version, state, actor, reason))
+
+    def _state_move(self, name: str, version: str, state: VersionState, actor: str, reason: str
+                    ) -> Change[ModelEntry]:
         lifecycle.check_operator(actor, reason)
 
         def change(model: ModelEntry, tx: Tx) -> tuple[ModelEntry, ModelEntry]:
@@ -370,15 +421,15 @@ class Registry:
             changed = replace(model, versions=versions)
             return changed, changed
 
-        return self._change(name, change)
+        return change
 
     def history(self, name: str) -> list[StateChange]:
         """Every move of `name`'s versions, oldest first (their registration included)."""
-        rows = self._store.read(lambda tx: tx.all(
-            "SELECT * FROM model_version_history WHERE model = ? ORDER BY seq", (name,)))
-        return [StateChange(datetime.fromisoformat(r["time"]), r["model"], r["version"],
-                            VersionState[r["from_state"]] if r["from_state"] else None, VersionState[r["to_state"]],
-                            r["actor"], r["reason"]) for r in rows]
+        return _history_of(self._store.read(_history_rows(name)))
+
+    async def ahistory(self, name: str) -> list[StateChange]:
+        """`history`, read on a worker thread."""
+        return _history_of(await self._store.aread(_history_rows(name)))
 
     def deprecation(self, spec: str) -> lifecycle.Deprecation | None:
         """The deprecation notice of a request for `spec` ("name@version"), when it pins a DEPRECATED version."""
@@ -405,11 +456,17 @@ class Registry:
             "reason": reason, "to": stable.version, "previous": previous, "states": {c: moved.name for c in canaries}})
         return replace(model, versions=versions)
 
-    def _change(self, name: str, change: Callable[[Any, Tx], tuple[ModelEntry | None, T]],
-                must_exist: bool = True) -> T:
+    def _change(self, name: str, change: Change[T], must_exist: bool = True) -> T:
         """Read `name`'s stored model, change it and write it back (with the change's audit and history
         rows) in one transaction that holds the model's lock: a change decided on another router a moment
         ago is seen, never overwritten. `change` returns (None, result) to write nothing."""
+        return self._settle(self._store.write(self._unit(name, change, must_exist)))
+
+    async def _achange(self, name: str, change: Change[T], must_exist: bool = True) -> T:
+        """`_change` with its transaction on a worker thread; memory is updated back on the event loop."""
+        return self._settle(await self._store.awrite(self._unit(name, change, must_exist)))
+
+    def _unit(self, name: str, change: Change[T], must_exist: bool) -> Callable[[Tx], tuple[int, ModelEntry | None, T]]:
         def unit(tx: Tx) -> tuple[int, ModelEntry | None, T]:
             if tx.dialect == "postgres":
                 tx.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (REGISTRY_LOCK, name))
@@ -427,7 +484,10 @@ class Registry:
                        (model.name, _encode(model), version))
             return version, model, result
 
-        version, model, result = self._store.write(unit)
+        return unit
+
+    def _settle(self, written: tuple[int, ModelEntry | None, T]) -> T:
+        version, model, result = written
         if model is not None:
             self._remember(version, model)
         return result
@@ -460,8 +520,60 @@ class Registry:
         """Append one event to the audit log (ListAuditEvents)."""
         self._store.write(lambda tx: self._audit(tx, actor, action, target, details))
 
+    async def aaudit(self, actor: str, action: str, target: str, details: dict[str, object]) -> None:
+        """`audit`, written on a worker thread."""
+        await self._store.awrite(lambda tx: self._audit(tx, actor, action, target, details))
+
     def close(self) -> None:
         self._store.close()
+
+
+def _page(page_size: int, page_token: str) -> tuple[int, int | None]:
+    """The size of an audit page and the sequence it starts below, from the caller's request."""
+    if page_size < 0:
+        raise InvalidInput(f"page_size must be 0 (the default, {AUDIT_PAGE_DEFAULT}) or positive, got {page_size}",
+                           field="page_size")
+    size = min(page_size or AUDIT_PAGE_DEFAULT, AUDIT_PAGE_MAX)
+    before: int | None = None
+    if page_token:
+        if not (page_token.isascii() and page_token.isdigit() and len(page_token) <= 18) or int(page_token) < 1:
+            raise InvalidInput("page_token is not one this router handed out; pass a response's "
+                               "next_page_token unchanged, or none for the newest events", field="page_token")
+        before = int(page_token)
+    return size, before
+
+
+def _paged(events: list[AuditEvent], size: int) -> tuple[list[AuditEvent], str]:
+    if len(events) > size:
+        return events[:size], str(events[size - 1].sequence)
+    return events, ""
+
+
+def _audit_rows(action: str, limit: int, before: int | None) -> Callable[[Tx], list[Row]]:
+    sql, args = "SELECT * FROM audit WHERE 1 = 1", list[object]()
+    if action:
+        sql, args = sql + " AND action = ?", [action]
+    if before is not None:
+        sql, args = sql + " AND seq < ?", [*args, before]
+    sql += " ORDER BY seq DESC"
+    if limit >= 0:
+        sql, args = sql + " LIMIT ?", [*args, limit]
+    return lambda tx: tx.all(sql, args)
+
+
+def _audit_of(rows: list[Row]) -> list[AuditEvent]:
+    return [AuditEvent(datetime.fromisoformat(r["time"]), r["actor"], r["action"], r["target"],
+                       json.loads(r["details"]), r["seq"]) for r in rows]
+
+
+def _history_rows(name: str) -> Callable[[Tx], list[Row]]:
+    return lambda tx: tx.all("SELECT * FROM model_version_history WHERE model = ? ORDER BY seq", (name,))
+
+
+def _history_of(rows: list[Row]) -> list[StateChange]:
+    return [StateChange(datetime.fromisoformat(r["time"]), r["model"], r["version"],
+                        VersionState[r["from_state"]] if r["from_state"] else None, VersionState[r["to_state"]],
+                        r["actor"], r["reason"]) for r in rows]
 
 
 def _encode(model: ModelEntry) -> str:

@@ -4,7 +4,9 @@ The table (`RPC_AUTH` in `server.py`) gives every method one kind:
 - `ADMIN_TOKEN`: the admin token is checked before the servicer runs (UNAUTHENTICATED otherwise);
 - `API_KEY`: the caller's credentials are bound to the call and the servicer reads its principal with
   `principal()` once its size checks have passed (oversized input is refused before anything else, even
-  authentication); whatever the servicer does, no message goes back before the caller is authenticated;
+  authentication); whatever the servicer does, no message goes back before the caller is authenticated.
+  The credentials are checked before the servicer runs (a key memory lacks is looked up on a worker
+  thread, so the event loop never waits on the database for it) and the verdict is kept until asked for;
 - `NONE`: open (health, reflection).
 A method the table does not name is refused (PERMISSION_DENIED), and `check_declared` keeps a server whose
 services have an undeclared method from starting.
@@ -32,7 +34,7 @@ class Auth(enum.Enum):
 
 
 class Authenticates(Protocol):
-    def authenticate(self, authorization: str) -> Principal: ...
+    async def aauthenticate(self, authorization: str) -> Principal: ...
 
     def authenticate_admin(self, authorization: str) -> None: ...
 
@@ -66,16 +68,24 @@ def check_declared(table: Mapping[str, Auth], services: Iterable[ServiceDescript
 
 
 class _Credentials:
-    """A call's `authorization`, authenticated once, when first asked for."""
+    """A call's `authorization`, authenticated once (`check`); the verdict is given when first asked for."""
 
     def __init__(self, authorization: str, authenticator: Authenticates) -> None:
         self._authorization = authorization
         self._authenticator = authenticator
         self._principal: Principal | None = None
+        self._refusal: Exception | None = None
+
+    async def check(self) -> None:
+        try:
+            self._principal = await self._authenticator.aauthenticate(self._authorization)
+        except Exception as refusal:  # kept: raised when the servicer (or the answer) asks who is calling
+            self._refusal = refusal
 
     def principal(self) -> Principal:
-        if self._principal is None:
-            self._principal = self._authenticator.authenticate(self._authorization)
+        if self._refusal is not None:
+            raise self._refusal
+        assert self._principal is not None, "the credentials are checked before the servicer runs"
         return self._principal
 
 
@@ -117,6 +127,8 @@ def auth_wrapper(table: Mapping[str, Auth], authenticator: Authenticates
         def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 credentials = admit(context)
+                if credentials is not None:
+                    await credentials.check()
                 token = _bound.set(credentials)
                 try:
                     response = await behavior(request, context)
@@ -131,6 +143,8 @@ def auth_wrapper(table: Mapping[str, Auth], authenticator: Authenticates
         def stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
             async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 credentials = admit(context)
+                if credentials is not None:
+                    await credentials.check()
                 _bound.set(credentials)  # each call runs in a task of its own: the binding is this call's
                 async for item in behavior(request, context):
                     if credentials is not None:

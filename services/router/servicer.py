@@ -138,15 +138,15 @@ class RouterServicer(pb2_grpc.RouterServiceServicer):
     ) -> pb2.SubmitBatchResponse:
         for texts in convert.batch_item_texts(request):  # each item is one generation's prompt
             self._app.input_limits.check_prompt(texts, what="a batch item's prompt")
-        job = self._app.jobs.submit(self._principal(context), convert.new_job(request))
+        job = await self._app.jobs.submit(self._principal(context), convert.new_job(request))
         return pb2.SubmitBatchResponse(job=convert.job(job))
 
     async def GetJob(self, request: pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> pb2.GetJobResponse:
-        return pb2.GetJobResponse(job=convert.job(self._app.jobs.get(self._principal(context), request.job_id)))
+        return pb2.GetJobResponse(job=convert.job(await self._app.jobs.get(self._principal(context), request.job_id)))
 
     async def ListJobs(self, request: pb2.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb2.ListJobsResponse:
-        jobs, token = self._app.jobs.list(self._principal(context), convert.enum_value(JobState, request.state, "state"), request.page_size,
-                                          request.page_token)
+        jobs, token = await self._app.jobs.list(self._principal(context), convert.enum_value(JobState, request.state, "state"), request.page_size,
+                                                request.page_token)
         return pb2.ListJobsResponse(jobs=[convert.job(j) for j in jobs], next_page_token=token)
 
     async def CancelJob(
@@ -203,19 +203,19 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
     async def CreateApiKey(
         self, request: admin_pb2.CreateApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CreateApiKeyResponse:
-        record, secret = self._admin.create_key(convert.new_api_key(request))
+        record, secret = await self._admin.create_key(convert.new_api_key(request))
         return admin_pb2.CreateApiKeyResponse(api_key=convert.api_key(record), secret=secret)
 
     async def ListApiKeys(
         self, request: admin_pb2.ListApiKeysRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListApiKeysResponse:
-        records = self._admin.list_keys(request.tenant_id, request.include_revoked)
+        records = await self._admin.list_keys(request.tenant_id, request.include_revoked)
         return admin_pb2.ListApiKeysResponse(api_keys=[convert.api_key(r) for r in records])
 
     async def RevokeApiKey(
         self, request: admin_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RevokeApiKeyResponse:
-        return admin_pb2.RevokeApiKeyResponse(api_key=convert.api_key(self._admin.revoke_key(request.key_id)))
+        return admin_pb2.RevokeApiKeyResponse(api_key=convert.api_key(await self._admin.revoke_key(request.key_id)))
 
     async def RegisterModelVersion(
         self, request: admin_pb2.RegisterModelVersionRequest, context: grpc.aio.ServicerContext
@@ -227,34 +227,35 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
             convert.version_state(request.initial_state, "initial_state") if request.HasField("initial_state")
             else None,
         )
-        return admin_pb2.RegisterModelVersionResponse(model=self._record(self._admin.get_model(model.name)))
+        return admin_pb2.RegisterModelVersionResponse(model=await self._record(self._admin.get_model(model.name)))
 
     async def SetTrafficSplit(
         self, request: admin_pb2.SetTrafficSplitRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.SetTrafficSplitResponse:
-        model = self._admin.set_split(request.model, {w.version: w.weight_permille for w in request.weights})
-        return admin_pb2.SetTrafficSplitResponse(model=self._record(model))
+        model = await self._admin.set_split(request.model, {w.version: w.weight_permille for w in request.weights})
+        return admin_pb2.SetTrafficSplitResponse(model=await self._record(model))
 
     async def PromoteVersion(
         self, request: admin_pb2.PromoteVersionRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.PromoteVersionResponse:
-        return admin_pb2.PromoteVersionResponse(model=self._record(self._admin.promote(request.model, request.version)))
+        model = await self._admin.promote(request.model, request.version)
+        return admin_pb2.PromoteVersionResponse(model=await self._record(model))
 
     async def RollbackVersion(
         self, request: admin_pb2.RollbackVersionRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RollbackVersionResponse:
-        model = self._admin.rollback(request.model, request.reason)
-        return admin_pb2.RollbackVersionResponse(model=self._record(model))
+        model = await self._admin.rollback(request.model, request.reason)
+        return admin_pb2.RollbackVersionResponse(model=await self._record(model))
 
     async def GetModel(
         self, request: admin_pb2.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetModelResponse:
-        return admin_pb2.GetModelResponse(model=self._record(self._admin.get_model(request.model)))
+        return admin_pb2.GetModelResponse(model=await self._record(self._admin.get_model(request.model)))
 
     async def SetPolicy(
         self, request: admin_pb2.SetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.SetPolicyResponse:
-        stored = await self._admin.set_policy_offloaded(request.tenant_id, convert.policy_from_proto(request.policy))
+        stored = await self._admin.set_policy(request.tenant_id, convert.policy_from_proto(request.policy))
         return admin_pb2.SetPolicyResponse(policy=convert.policy_to_proto(stored))
 
     async def GetPolicy(
@@ -265,19 +266,20 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
     async def ListAuditEvents(
         self, request: admin_pb2.ListAuditEventsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListAuditEventsResponse:
-        events, next_token = self._admin.audit_page(request.action, request.page_size, request.page_token)
+        events, next_token = await self._admin.audit_page(request.action, request.page_size, request.page_token)
         return admin_pb2.ListAuditEventsResponse(events=[convert.audit_event(e) for e in events],
                                                  next_page_token=next_token)
 
     async def SetVersionState(
         self, request: admin_pb2.SetVersionStateRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.SetVersionStateResponse:
-        model = self._admin.set_state(request.model, request.version, convert.version_state(request.state, "state"),
-                                      request.operator, request.reason)
-        return admin_pb2.SetVersionStateResponse(model=self._record(model))
+        model = await self._admin.set_state(request.model, request.version,
+                                            convert.version_state(request.state, "state"), request.operator,
+                                            request.reason)
+        return admin_pb2.SetVersionStateResponse(model=await self._record(model))
 
-    def _record(self, model: ModelEntry) -> admin_pb2.ModelRecord:
-        return convert.model_record(model, self._admin.healthy_replicas(model), self._admin.history(model.name))
+    async def _record(self, model: ModelEntry) -> admin_pb2.ModelRecord:
+        return convert.model_record(model, self._admin.healthy_replicas(model), await self._admin.history(model.name))
 
 
 __all__ = ["AdminServicer", "GenerationRequest", "RouterServicer"]

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 from services.common.errors import Unauthenticated
 from services.common.generation import TrafficClass
-from services.router.auth.api_keys import looks_like_api_key
+from services.router.auth.api_keys import ApiKeyRecord, looks_like_api_key
 from services.router.auth.jwt import JwtClaims, JwtVerifier, looks_like_jwt
 from services.router.auth.key_store import KeyStore
 from services.router.types import Principal
@@ -43,14 +43,26 @@ class Authenticator:
     def authenticate(self, authorization: str) -> Principal:
         token = bearer_token(authorization)
         if looks_like_api_key(token):
-            record = self._keys.find_by_secret(token)
-            if record is None:
-                raise Unauthenticated("unknown API key")
-            if record.revoke_time is not None:
-                raise Unauthenticated(f"API key {record.prefix}… was revoked; create a new one")
-            if not record.is_valid_at(self._clock()):
-                raise Unauthenticated(f"API key {record.prefix}… has expired; create a new one")
-            return record.principal()
+            return self._key_principal(self._keys.find_by_secret(token))
+        return self._token_principal(token)
+
+    async def aauthenticate(self, authorization: str) -> Principal:
+        """`authenticate`, looking up a key memory lacks on a worker thread (the event loop does not wait)."""
+        token = bearer_token(authorization)
+        if looks_like_api_key(token):
+            return self._key_principal(await self._keys.afind_by_secret(token))
+        return self._token_principal(token)
+
+    def _key_principal(self, record: ApiKeyRecord | None) -> Principal:
+        if record is None:
+            raise Unauthenticated("unknown API key")
+        if record.revoke_time is not None:
+            raise Unauthenticated(f"API key {record.prefix}… was revoked; create a new one")
+        if not record.is_valid_at(self._clock()):
+            raise Unauthenticated(f"API key {record.prefix}… has expired; create a new one")
+        return record.principal()
+
+    def _token_principal(self, token: str) -> Principal:
         if looks_like_jwt(token):
             if self._jwt is None:
                 raise Unauthenticated("JWT bearer tokens are not enabled on this router; use an API key")

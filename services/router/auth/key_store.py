@@ -5,7 +5,8 @@ Every key is held in memory, so an API-key request is answered without touching 
 created or revoked elsewhere is seen here within the store's `poll_s` (at once on PostgreSQL, which
 notifies). A secret not in memory is looked up once in the database (it may have been created on another
 router a moment ago); unknown secrets are not remembered, so nobody can fill memory with guesses. While
-the database cannot be reached, keys in memory keep working and no other secret is looked up.
+the database cannot be reached, keys in memory keep working and no other secret is looked up. Callers on
+the event loop use the `a`-prefixed twins, which run their transaction on a worker thread.
 """
 
 from __future__ import annotations
@@ -74,6 +75,17 @@ class KeyStore:
 
     def create(self, spec: NewApiKey) -> tuple[ApiKeyRecord, str]:
         """Store a new key and return it with its secret (the only time the secret exists)."""
+        record, secret, digest, insert = self._new(spec)
+        self._remember(self._store.write(insert), digest, record)
+        return record, secret
+
+    async def acreate(self, spec: NewApiKey) -> tuple[ApiKeyRecord, str]:
+        """`create`, written on a worker thread."""
+        record, secret, digest, insert = self._new(spec)
+        self._remember(await self._store.awrite(insert), digest, record)
+        return record, secret
+
+    def _new(self, spec: NewApiKey) -> tuple[ApiKeyRecord, str, str, Callable[[Tx], int]]:
         if not _TENANT.match(spec.tenant_id):
             raise InvalidInput(
                 "tenant_id must be 1-64 characters of letters, digits, '_', '.' or '-'", field="tenant_id"
@@ -112,8 +124,7 @@ class KeyStore:
             )
             return version
 
-        self._remember(self._store.write(insert), digest, record)
-        return record, secret
+        return record, secret, digest, insert
 
     def find_by_secret(self, secret: str) -> ApiKeyRecord | None:
         """The key whose secret this is (valid or not), or None; from memory, kept current (see above)."""
@@ -122,37 +133,44 @@ class KeyStore:
         if record is not None or not self._store.available:
             return record  # the database away: only keys already in memory are known
         try:
-            row = self._store.read(lambda tx: tx.one(f"SELECT {_COLUMNS} FROM api_keys WHERE secret_hash = ?",
-                                                     (digest,)))
+            return self._found(self._store.read(_by_hash(digest)))
         except Unavailable:
             return None
-        if row is None:
+
+    async def afind_by_secret(self, secret: str) -> ApiKeyRecord | None:
+        """`find_by_secret`, looking up a secret memory lacks on a worker thread."""
+        digest = self._hash(secret)
+        record = self._by_hash.get(digest)
+        if record is not None or not self._store.available:
+            return record
+        try:
+            return self._found(await self._store.aread(_by_hash(digest)))
+        except Unavailable:
             return None
-        self._apply([row])
-        return self._record(row)
 
     def get(self, key_id: str) -> ApiKeyRecord:
-        known = self._by_id.get(key_id)
-        record = self._by_hash.get(known[1]) if known else None
-        if record is not None:
-            return record
-        row = self._store.read(lambda tx: tx.one(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)))
-        if row is None:
-            raise NotFound(f"no API key with id {key_id!r}", field="key_id")
-        self._apply([row])
-        return self._record(row)
+        return self._in_memory(key_id) or self._stored(key_id, self._store.read(_by_id(key_id)))
+
+    async def aget(self, key_id: str) -> ApiKeyRecord:
+        """`get`, reading a key memory lacks on a worker thread."""
+        return self._in_memory(key_id) or self._stored(key_id, await self._store.aread(_by_id(key_id)))
 
     def list(self, tenant_id: str = "", include_revoked: bool = False) -> list[ApiKeyRecord]:
-        sql, args = f"SELECT {_COLUMNS} FROM api_keys WHERE 1 = 1", builtins.list[str]()
-        if tenant_id:
-            sql, args = sql + " AND tenant_id = ?", [tenant_id]
-        if not include_revoked:
-            sql += " AND revoke_time IS NULL"
-        rows = self._store.read(lambda tx: tx.all(sql + " ORDER BY create_time, key_id", args))
-        return [self._record(row) for row in rows]
+        return [self._record(row) for row in self._store.read(_listing(tenant_id, include_revoked))]
+
+    async def alist(self, tenant_id: str = "", include_revoked: bool = False) -> builtins.list[ApiKeyRecord]:
+        """`list`, read on a worker thread."""
+        return [self._record(row) for row in await self._store.aread(_listing(tenant_id, include_revoked))]
 
     def revoke(self, key_id: str) -> ApiKeyRecord:
         """Revoke a key (idempotent: revoking twice keeps the first revoke time)."""
+        return self._stored(key_id, self._store.write(self._revocation(key_id)))
+
+    async def arevoke(self, key_id: str) -> ApiKeyRecord:
+        """`revoke`, written on a worker thread."""
+        return self._stored(key_id, await self._store.awrite(self._revocation(key_id)))
+
+    def _revocation(self, key_id: str) -> Callable[[Tx], Row | None]:
         def update(tx: Tx) -> Row | None:
             row = tx.one("SELECT revoke_time FROM api_keys WHERE key_id = ?", (key_id,))
             if row is not None and row["revoke_time"] is None:
@@ -160,11 +178,24 @@ class KeyStore:
                            (self._clock().isoformat(), tx.bump("keys"), key_id))
             return tx.one(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,))
 
-        row = self._store.write(update)
+        return update
+
+    def _in_memory(self, key_id: str) -> ApiKeyRecord | None:
+        known = self._by_id.get(key_id)
+        return self._by_hash.get(known[1]) if known else None
+
+    def _found(self, row: Row | None) -> ApiKeyRecord | None:
+        """The key a row read from the database holds, taken into memory (None: no such key)."""
         if row is None:
-            raise NotFound(f"no API key with id {key_id!r}", field="key_id")
+            return None
         self._apply([row])
         return self._record(row)
+
+    def _stored(self, key_id: str, row: Row | None) -> ApiKeyRecord:
+        record = self._found(row)
+        if record is None:
+            raise NotFound(f"no API key with id {key_id!r}", field="key_id")
+        return record
 
     def _apply(self, rows: builtins.list[Row]) -> None:
         """Take these rows into memory, unless memory already holds a newer version of the key."""
@@ -194,3 +225,20 @@ class KeyStore:
             revoke_time=_ts(row["revoke_time"]),
             expire_time=_ts(row["expire_time"]),
         )
+
+
+def _by_hash(digest: str) -> Callable[[Tx], Row | None]:
+    return lambda tx: tx.one(f"SELECT {_COLUMNS} FROM api_keys WHERE secret_hash = ?", (digest,))
+
+
+def _by_id(key_id: str) -> Callable[[Tx], Row | None]:
+    return lambda tx: tx.one(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,))
+
+
+def _listing(tenant_id: str, include_revoked: bool) -> Callable[[Tx], list[Row]]:
+    sql, args = f"SELECT {_COLUMNS} FROM api_keys WHERE 1 = 1", list[str]()
+    if tenant_id:
+        sql, args = sql + " AND tenant_id = ?", [tenant_id]
+    if not include_revoked:
+        sql += " AND revoke_time IS NULL"
+    return lambda tx: tx.all(sql + " ORDER BY create_time, key_id", args)

@@ -121,7 +121,7 @@ class Dispatcher:
                     address = self._balancer.pick(version.replicas, frozenset(tried), affinity)
                 except Unavailable as exc:
                     if not tried:  # a version with no healthy replica counts as failing
-                        self._canary.record(model.name, version.version, False, 0.0)
+                        await self._canary.record(model.name, version.version, False, 0.0)
                     if not isinstance(last, QueueFull | Internal):  # each says more than "no replica left"
                         last = exc
                     break
@@ -135,10 +135,10 @@ class Dispatcher:
                                 chunk = replace(chunk, model=model.name, model_version=version.version)
                             delivered += chunk.tokens
                             yield chunk
-                    self._canary.record(model.name, version.version, True, self._clock() - started)
+                    await self._canary.record(model.name, version.version, True, self._clock() - started)
                     return
                 except (Unavailable, QueueFull) as exc:
-                    self._canary.record(model.name, version.version, False, self._clock() - started)
+                    await self._canary.record(model.name, version.version, False, self._clock() - started)
                     if delivered:
                         raise Unavailable(
                             f"the replica serving this stream failed after {delivered} tokens; the tokens received"
@@ -156,7 +156,7 @@ class Dispatcher:
                     # this version would likely fail the same way, so it is not retried there. It counts against
                     # the version, and before the first token the request moves on to the next candidate (a
                     # canary falls back to stable) as the retry budget allows.
-                    self._canary.record(model.name, version.version, False, self._clock() - started)
+                    await self._canary.record(model.name, version.version, False, self._clock() - started)
                     if delivered or index == len(candidates) - 1 or not self._retry_budget.try_spend():
                         raise
                     last = exc

@@ -35,8 +35,8 @@ def backend(request: Request) -> Backend:
 async def principal(request: Request) -> Principal:
     """The caller, from `authorization: Bearer <API key or JWT>` (401 `invalid_api_key` otherwise). A
     coroutine, so FastAPI runs it on the event loop (a plain function would cost a worker-thread hop per
-    request): the check is a hash and a dictionary lookup."""
-    return backend(request).authenticator.authenticate(request.headers.get("authorization", ""))
+    request); a key memory lacks is looked up in the store on a worker thread."""
+    return await backend(request).authenticator.aauthenticate(request.headers.get("authorization", ""))
 
 
 Caller = Annotated[Principal, Depends(principal)]

@@ -1,10 +1,13 @@
 """The public operations on batch jobs: submit (validated, idempotent), get, list and cancel.
 
 A job belongs to the tenant that submitted it: other tenants get NOT_FOUND, as if it did not exist.
+Each operation is a coroutine that runs its store transaction on a worker thread, as the runner does:
+a caller waiting on the database never stops the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -62,7 +65,7 @@ class Jobs:
         self._check_tags = check_tags
         self._wallclock = wallclock
 
-    def submit(self, principal: Principal, new: NewJob) -> Job:
+    async def submit(self, principal: Principal, new: NewJob) -> Job:
         if not new.model:
             raise InvalidInput("model is required", field="model")
         self._check_model(principal, new.model)
@@ -74,21 +77,23 @@ class Jobs:
         if new.deadline is not None and new.deadline <= now:
             raise InvalidInput("deadline is in the past", field="deadline")
         items = validate_items(new.items)
-        job, created = self._store.create(f"job_{uuid.uuid4().hex[:24]}", principal,
-                                          NewJob(new.model, items, new.deadline, new.tags, new.idempotency_key), now)
+        job, created = await asyncio.to_thread(
+            self._store.create, f"job_{uuid.uuid4().hex[:24]}", principal,
+            NewJob(new.model, items, new.deadline, new.tags, new.idempotency_key), now)
         if created:
             self._runner.wake()
         return job
 
-    def get(self, principal: Principal, job_id: str, with_results: bool = True) -> Job:
+    async def get(self, principal: Principal, job_id: str, with_results: bool = True) -> Job:
         if not job_id:
             raise InvalidInput("job_id is required", field="job_id")
-        job = self._store.get(job_id, with_results)
+        job = await asyncio.to_thread(self._store.get, job_id, with_results)
         if job is None or job.principal.tenant_id != principal.tenant_id:
             raise NotFound(f"no job {job_id!r} for this tenant", field="job_id")
         return job
 
-    def list(self, principal: Principal, state: JobState, page_size: int, page_token: str) -> tuple[list[Job], str]:
+    async def list(self, principal: Principal, state: JobState, page_size: int, page_token: str
+                   ) -> tuple[list[Job], str]:
         if page_size < 0:
             raise InvalidInput("page_size must be >= 0", field="page_size")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
@@ -98,13 +103,13 @@ class Jobs:
             offset = -1
         if offset < 0:
             raise InvalidInput("page_token is not one this service returned", field="page_token")
-        jobs = self._store.page(principal.tenant_id, state, offset, size + 1)
+        jobs = await asyncio.to_thread(self._store.page, principal.tenant_id, state, offset, size + 1)
         more = len(jobs) > size
         return jobs[:size], str(offset + size) if more else ""
 
     async def cancel(self, principal: Principal, job_id: str) -> Job:
-        job = self.get(principal, job_id, with_results=False)
+        job = await self.get(principal, job_id, with_results=False)
         if job.state.finished:
             raise FailedPrecondition(f"job {job_id} already ended as {job.state.name}", field="job_id")
         await self._runner.cancel(job_id)
-        return self.get(principal, job_id)
+        return await self.get(principal, job_id)

@@ -5,7 +5,8 @@ A unit of work is a plain synchronous function `fn(tx) -> result` over a `Tx`: S
 portable between SQLite and PostgreSQL, rows read by column name (`row["key_id"]`). A `Store` runs it in
 one transaction: `write(fn)` commits it whole or, when it raises, writes nothing; `read(fn)` is read-only.
 `aread` / `awrite` run the same unit on a worker thread, so a caller on the event loop never waits on the
-database.
+database: everything the router does while serving a call uses them (the domain modules' `a`-prefixed
+operations); `read` / `write` are for start-up, worker threads and tests.
 
 Shared state that routers cache in memory (keys, policies, the model registry) lives in versioned rows:
 each write of such a row takes the next version of its domain with `tx.bump(domain)` and stores it in the

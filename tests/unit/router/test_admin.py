@@ -26,18 +26,18 @@ def make_admin(tmp_path: Path) -> Admin:
 
 async def test_key_policy_and_model_changes_are_audited_once_with_their_actor(tmp_path: Path) -> None:
     admin = make_admin(tmp_path)
-    record, secret = admin.create_key(NewApiKey(tenant_id="acme", name="ci"), actor="console:alice")
-    assert secret and admin.list_keys("acme", include_revoked=False) == [record]
-    admin.revoke_key(record.key_id)
-    admin.revoke_key(record.key_id)  # twice: recorded once
-    assert admin.list_keys("acme", include_revoked=False) == []
-    stored = await admin.set_policy_offloaded("acme", Policy(blocked_terms=("secret-word",)))
+    record, secret = await admin.create_key(NewApiKey(tenant_id="acme", name="ci"), actor="console:alice")
+    assert secret and await admin.list_keys("acme", include_revoked=False) == [record]
+    await admin.revoke_key(record.key_id)
+    await admin.revoke_key(record.key_id)  # twice: recorded once
+    assert await admin.list_keys("acme", include_revoked=False) == []
+    stored = await admin.set_policy("acme", Policy(blocked_terms=("secret-word",)))
     assert admin.get_policy("acme") == stored
     model: ModelEntry = await admin.register("tiny", "v1", ("127.0.0.1:1",), (), CanaryPolicy())
     assert model.context_window == 2048
     assert admin.healthy_replicas(admin.get_model("tiny")) == {"v1": 1}
 
-    events, _ = admin.audit_page("", 100, "")
+    events, _ = await admin.audit_page("", 100, "")
     by_action = {e.action: e for e in events}
     assert [e.action for e in events].count("key.revoke") == 1
     assert by_action["key.create"].actor == "console:alice"

@@ -132,15 +132,15 @@ def test_each_move_is_recorded_with_who_and_why(tmp_path: Path) -> None:
         ("alice", "model/m@v2", "DRAFT", "PENDING_APPROVAL", "evals passed")]
 
 
-def test_a_failing_canary_goes_back_to_pending_approval_once_however_many_registries_decide(tmp_path: Path) -> None:
+async def test_a_failing_canary_goes_back_to_pending_approval_once_however_many_registries_decide(tmp_path: Path) -> None:
     registry = two_versions(tmp_path, canary=CanaryPolicy(min_requests=5))
     other = Registry(tmp_path / "r.db")  # a second router on the same store, its memory taken now
     registry.set_split("m", {"v1": 900, "v2": 100})
     other_monitor = CanaryMonitor(Registry(tmp_path / "r.db"), clock=lambda: 0.0)
     monitor = CanaryMonitor(registry, clock=lambda: 0.0)
-    assert any(monitor.record("m", "v2", ok=False, latency_s=0.01) for _ in range(5))
+    assert any([await monitor.record("m", "v2", ok=False, latency_s=0.01) for _ in range(5)])
     # The other router still holds the canary as ACTIVE with traffic: it finds the rollback done.
-    assert not any(other_monitor.record("m", "v2", ok=False, latency_s=0.01) for _ in range(5))
+    assert not any([await other_monitor.record("m", "v2", ok=False, latency_s=0.01) for _ in range(5)])
     assert not other.rollback_canary("m", "v2", "late verdict")
     model = registry.get("m")
     assert model.version("v2").state is S.PENDING_APPROVAL and model.version("v1").weight_permille == 1000

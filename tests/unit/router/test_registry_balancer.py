@@ -37,14 +37,14 @@ def test_first_version_is_stable_and_split_is_weighted(tmp_path: Path) -> None:
     assert Registry(tmp_path / "r.db").get("m").version("v2").weight_permille == 100
 
 
-def test_canary_breaking_its_error_limit_is_rolled_back_with_an_audit_event(tmp_path: Path) -> None:
+async def test_canary_breaking_its_error_limit_is_rolled_back_with_an_audit_event(tmp_path: Path) -> None:
     registry = Registry(tmp_path / "r.db")
     registry.register("m", "v1", ("127.0.0.1:1",))
     registry.register("m", "v2", ("127.0.0.1:2",), canary=CanaryPolicy(min_requests=20, window_s=60))
     registry.set_split("m", {"v1": 900, "v2": 100})
     now = [0.0]
     monitor = CanaryMonitor(registry, clock=lambda: now[0])
-    rolled = [monitor.record("m", "v2", ok=(i % 5 != 0), latency_s=0.01) for i in range(20)]
+    rolled = [await monitor.record("m", "v2", ok=(i % 5 != 0), latency_s=0.01) for i in range(20)]
     assert rolled[-1] and not any(rolled[:-1])
     model = registry.get("m")
     assert model.version("v1").weight_permille == 1000 and model.version("v2").weight_permille == 0
@@ -73,14 +73,14 @@ def test_audit_log_pages_newest_first_and_refuses_foreign_tokens(tmp_path: Path)
         registry.audit_page("", -1, "")
 
 
-def test_slow_canary_is_rolled_back_and_healthy_one_is_not(tmp_path: Path) -> None:
+async def test_slow_canary_is_rolled_back_and_healthy_one_is_not(tmp_path: Path) -> None:
     registry = Registry(tmp_path / "r.db")
     registry.register("m", "v1", ("127.0.0.1:1",))
     registry.register("m", "v2", ("127.0.0.1:2",), canary=CanaryPolicy(min_requests=10))
     registry.set_split("m", {"v1": 500, "v2": 500})
     monitor = CanaryMonitor(registry, clock=lambda: 0.0)
-    assert not any(monitor.record("m", "v2", True, 0.05) for _ in range(50))
-    assert any(monitor.record("m", "v2", True, 2.0) for _ in range(10))
+    assert not any([await monitor.record("m", "v2", True, 0.05) for _ in range(50)])
+    assert any([await monitor.record("m", "v2", True, 2.0) for _ in range(10)])
     assert "p99" in str(registry.audit_events("model.rollback")[0].details["reason"])
 
 

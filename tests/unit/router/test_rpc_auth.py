@@ -38,7 +38,7 @@ def test_a_misspelt_method_is_refused_when_the_table_is_written() -> None:
 
 
 class Keys:
-    def authenticate(self, authorization: str) -> Principal:
+    async def aauthenticate(self, authorization: str) -> Principal:
         if authorization != "Bearer good":
             raise Unauthenticated("unknown API key")
         return Principal(tenant_id="acme", key_id="k1")

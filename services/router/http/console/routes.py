@@ -219,7 +219,7 @@ async def budget_delete(request: Request, budget_id: str, session: Changer) -> d
 # --- Keys ----------------------------------------------------------------------------------------------
 @router.get("/keys")
 async def keys_page(request: Request, session: Viewer) -> HTMLResponse:
-    keys = [views.key(k) for k in _parts(request).admin.list_keys("", include_revoked=True)]
+    keys = [views.key(k) for k in await _parts(request).admin.list_keys("", include_revoked=True)]
     return page(request, "keys.html", session, keys=keys)
 
 
@@ -235,20 +235,20 @@ async def key_last_use(request: Request, session: Viewer) -> dict[str, str]:
 
 @router.post("/api/keys")
 async def key_create(request: Request, session: Changer) -> dict[str, Any]:
-    record, secret = _parts(request).admin.create_key(forms.new_key(await _json(request)), actor=ACTOR)
+    record, secret = await _parts(request).admin.create_key(forms.new_key(await _json(request)), actor=ACTOR)
     return {**views.key(record), "secret": secret}  # the only answer that ever carries it
 
 
 @router.post("/api/keys/{key_id}/revoke")
 async def key_revoke(request: Request, key_id: str, session: Changer) -> dict[str, Any]:
-    return views.key(_parts(request).admin.revoke_key(key_id, actor=ACTOR))
+    return views.key(await _parts(request).admin.revoke_key(key_id, actor=ACTOR))
 
 
 # --- Models --------------------------------------------------------------------------------------------
 @router.get("/models")
 async def models_page(request: Request, session: Viewer) -> HTMLResponse:
     parts = _parts(request)
-    rollbacks, _ = parts.admin.audit_page("model.rollback", 100, "")
+    rollbacks, _ = await parts.admin.audit_page("model.rollback", 100, "")
     models = [views.model(m, parts.gateway.balancer, parts.admin.healthy_replicas(m), rollbacks)
               for m in parts.gateway.registry.models()]
     return page(request, "models.html", session, models=models)
@@ -256,7 +256,7 @@ async def models_page(request: Request, session: Viewer) -> HTMLResponse:
 
 @router.post("/api/models/{model}/split")
 async def model_split(request: Request, model: str, session: Changer) -> dict[str, Any]:
-    entry = _parts(request).admin.set_split(model, forms.split(await _json(request)), actor=ACTOR)
+    entry = await _parts(request).admin.set_split(model, forms.split(await _json(request)), actor=ACTOR)
     return {"model": entry.name, "weights": {v.version: v.weight_permille for v in entry.versions}}
 
 
@@ -269,7 +269,7 @@ async def audit_page(request: Request, session: Viewer, source: str = "router", 
         raw, next_token = await parts.billing_operator.audit_page(action, AUDIT_PAGE, page_token)
         events = [views.billing_audit(e) for e in raw]
     elif source == "router":
-        found, next_token = parts.admin.audit_page(action, AUDIT_PAGE, page_token)
+        found, next_token = await parts.admin.audit_page(action, AUDIT_PAGE, page_token)
         events = [views.router_audit(e) for e in found]
     else:
         raise InvalidInput("source must be router or billing", field="source")

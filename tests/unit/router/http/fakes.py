@@ -34,6 +34,9 @@ MODEL = ModelEntry("tiny", (VersionEntry("v1", ("127.0.0.1:1",), 1000, True,
 
 
 class FakeAuthenticator:
+    async def aauthenticate(self, authorization: str) -> Principal:
+        return self.authenticate(authorization)
+
     def authenticate(self, authorization: str) -> Principal:
         if authorization != f"Bearer {KEY}":
             raise Unauthenticated("unknown API key")
