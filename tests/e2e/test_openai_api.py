@@ -63,6 +63,19 @@ def async_sdk(mesh: Mesh, key: str) -> openai.AsyncOpenAI:
                                                                timeout=120))
 
 
+def read_then_hang_up(client: openai.OpenAI, max_tokens: int, chunks: int = 5) -> None:
+    """A client that streams a long answer, reads `chunks` chunks with text and closes the connection."""
+    with client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell a long story."}],
+                                        max_tokens=max_tokens, temperature=0, stream=True,
+                                        extra_body={"cache_policy": "bypass"}) as stream:
+        received = 0
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received += 1
+            if received == chunks:
+                break
+
+
 async def settled(mesh: Mesh, tenant: str, expected: int, timeout_s: float = 60) -> Totals:
     """Billing's totals once settlement is idle (so a late duplicate would be seen, not missed)."""
     return await settled_usage(lambda: usage_totals(mesh, tenant), lambda t: t.requests, expected,
@@ -200,16 +213,7 @@ async def test_every_http_answer_is_one_usage_event_and_a_dropped_stream_is_bill
     two = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
                                          n=2, extra_body={"cache_policy": "bypass"})
     expected_tokens = sum(a.usage.completion_tokens for a in (chat, text, two) if a.usage)
-    # A client that reads 5 chunks of a long answer and hangs up.
-    with client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell a long story."}],
-                                        max_tokens=200, temperature=0, stream=True,
-                                        extra_body={"cache_policy": "bypass"}) as stream:
-        received = 0
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                received += 1
-            if received == 5:
-                break
+    read_then_hang_up(client, max_tokens=200)
     totals = await settled(mesh, "http-ledger", 5)
     assert totals.requests == 5, "one event per generation: chat, completion, two choices, the dropped stream"
     assert totals.by_status == {"completed": 4, "cancelled": 1}

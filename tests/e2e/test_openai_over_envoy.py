@@ -16,7 +16,7 @@ import pytest
 
 from tests.e2e.mesh_client import MODEL, create_key
 from tests.e2e.mesh_process import Mesh, start_mesh, stop_mesh
-from tests.e2e.test_openai_api import sdk, settled
+from tests.e2e.test_openai_api import read_then_hang_up, sdk, settled
 
 pytestmark = pytest.mark.slow
 
@@ -80,16 +80,7 @@ def test_envoy_refuses_a_call_without_a_bearer_token_with_an_openai_error(mesh: 
 async def test_a_client_that_hangs_up_mid_stream_cancels_the_generation_and_is_billed_cancelled(mesh: Mesh
                                                                                                 ) -> None:
     key = await create_key(mesh, "envoy-hangup")
-    client = sdk(mesh, key)
-    with client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell a long story."}],
-                                        max_tokens=400, temperature=0, stream=True,
-                                        extra_body={"cache_policy": "bypass"}) as stream:
-        received = 0
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                received += 1
-            if received == 5:
-                break
+    read_then_hang_up(sdk(mesh, key), max_tokens=400)
     totals = await settled(mesh, "envoy-hangup", 1)
     assert totals.by_status == {"cancelled": 1}, "the disconnect reached the router through Envoy"
     assert 5 <= totals.completion_tokens < 400
