@@ -24,39 +24,19 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from services.common.generation import FinishReason, TrafficClass
+from services.common.generation import FinishReason
 from services.common.usage import Usage
 from services.router.jobs.model import ClaimedItem, ItemResult, ItemSpec, ItemState, Job, JobState, NewJob
 from services.router.store import Row, Store, Tx, open_store
 from services.router.store.migrations import JOBS
+from services.router.store.values import dt, principal_from_json, principal_json, us
 from services.router.types import Message, Money, Principal, Role, Sampling
 
 ACTIVE = (int(JobState.QUEUED), int(JobState.RUNNING), int(JobState.PAUSED))
-
-
-def _us(value: datetime | None) -> int | None:
-    return None if value is None else int(value.timestamp() * 1_000_000)
-
-
-def _dt(value: int | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value / 1_000_000, UTC)
-
-
-def _principal_json(p: Principal) -> str:
-    data = asdict(p)
-    data["traffic_class"] = int(p.traffic_class)
-    return json.dumps(data)
-
-
-def _principal(text: str) -> Principal:
-    data = json.loads(text)
-    data["traffic_class"] = TrafficClass(data["traffic_class"])
-    data["allowed_models"] = tuple(data["allowed_models"])
-    return Principal(**data)
 
 
 def _spec_json(spec: ItemSpec) -> str:
@@ -97,8 +77,8 @@ class JobStore:
             tx.execute(
                 "INSERT INTO jobs (job_id, tenant_id, principal, model, state, create_us, deadline_us, end_us, tags,"
                 " idempotency_key, total) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?)",
-                (job_id, principal.tenant_id, _principal_json(principal), new.model, int(JobState.QUEUED),
-                 _us(now), _us(new.deadline), json.dumps(new.tags), new.idempotency_key, len(new.items)),
+                (job_id, principal.tenant_id, principal_json(principal), new.model, int(JobState.QUEUED),
+                 us(now), us(new.deadline), json.dumps(new.tags), new.idempotency_key, len(new.items)),
             )
             tx.executemany(
                 "INSERT INTO items (job_id, idx, custom_id, spec) VALUES (?, ?, ?, ?)",
@@ -132,7 +112,7 @@ class JobStore:
         """Move an unfinished job to `state`; a finished job never changes again. True when it moved."""
         return self._store.write(lambda tx: tx.execute(
             "UPDATE jobs SET state = ?, end_us = ? WHERE job_id = ? AND state IN (?, ?, ?)",
-            (int(state), _us(end_time), job_id, *ACTIVE))) > 0
+            (int(state), us(end_time), job_id, *ACTIVE))) > 0
 
     def claim(self, job_id: str, limit: int, now: datetime, until: datetime) -> list[ClaimedItem]:
         """Claim up to `limit` of the job's items for this router until `until`: pending ones, and running
@@ -143,12 +123,12 @@ class JobStore:
             rows = tx.all(
                 "SELECT idx, custom_id, spec, state FROM items WHERE job_id = ?"
                 " AND (state = ? OR (state = ? AND lease_us <= ?)) ORDER BY idx LIMIT ?" + lock,
-                (job_id, int(ItemState.PENDING), int(ItemState.RUNNING), _us(now), limit))
+                (job_id, int(ItemState.PENDING), int(ItemState.RUNNING), us(now), limit))
             if rows:
                 tx.executemany(
                     "UPDATE items SET state = ?, claimed_by = ?, lease_us = ?, attempts = attempts + 1"
                     " WHERE job_id = ? AND idx = ?",
-                    [(int(ItemState.RUNNING), self.owner, _us(until), job_id, row["idx"]) for row in rows])
+                    [(int(ItemState.RUNNING), self.owner, us(until), job_id, row["idx"]) for row in rows])
             return rows
 
         rows = self._store.write(unit)
@@ -159,7 +139,7 @@ class JobStore:
         """How many of the job's items `claim` would take now (pending, or running on an expired lease)."""
         row = self._store.read(lambda tx: tx.one(
             "SELECT COUNT(*) AS n FROM items WHERE job_id = ? AND (state = ? OR (state = ? AND lease_us <= ?))",
-            (job_id, int(ItemState.PENDING), int(ItemState.RUNNING), _us(now))))
+            (job_id, int(ItemState.PENDING), int(ItemState.RUNNING), us(now))))
         return int(row["n"]) if row is not None else 0
 
     def renew(self, until: datetime) -> dict[tuple[str, int], JobState]:
@@ -169,7 +149,7 @@ class JobStore:
         should stop."""
         def unit(tx: Tx) -> dict[tuple[str, int], JobState]:
             tx.execute("UPDATE items SET lease_us = ? WHERE claimed_by = ? AND state = ?",
-                       (_us(until), self.owner, int(ItemState.RUNNING)))
+                       (us(until), self.owner, int(ItemState.RUNNING)))
             return {(row["job_id"], int(row["idx"])): JobState(row["state"]) for row in tx.all(
                 "SELECT items.job_id, items.idx, jobs.state FROM items JOIN jobs ON jobs.job_id = items.job_id"
                 " WHERE items.claimed_by = ? AND items.state = ?", (self.owner, int(ItemState.RUNNING)))}
@@ -218,7 +198,7 @@ class JobStore:
         return self._store.write(lambda tx: tx.execute(
             "UPDATE items SET state = ?, error_code = ?, error_message = ?, lease_us = 0"
             " WHERE job_id = ? AND state = ? AND lease_us <= ?",
-            (int(state), error_code, message, job_id, int(ItemState.RUNNING), _us(now))))
+            (int(state), error_code, message, job_id, int(ItemState.RUNNING), us(now))))
 
     def close_pending(self, job_id: str, state: ItemState, error_code: str, message: str) -> int:
         return self._store.write(lambda tx: tx.execute(
@@ -237,7 +217,7 @@ class JobStore:
         def unit(tx: Tx) -> int:
             ids = [(row["job_id"],) for row in tx.all(
                 "SELECT job_id FROM jobs WHERE state IN (?, ?, ?) AND end_us IS NOT NULL AND end_us < ?",
-                (*finished, _us(ended_before)))]
+                (*finished, us(ended_before)))]
             if ids:
                 tx.executemany("DELETE FROM items WHERE job_id = ?", ids)
                 tx.executemany("DELETE FROM jobs WHERE job_id = ?", ids)
@@ -267,9 +247,9 @@ def _get(tx: Tx, job_id: str, with_results: bool) -> Job | None:
         results = tuple(_result(r) for r in tx.all(
             "SELECT * FROM items WHERE job_id = ? AND state >= ? ORDER BY idx", (job_id, int(ItemState.SUCCEEDED))))
     return Job(
-        job_id=row["job_id"], principal=_principal(row["principal"]), model=row["model"],
-        state=JobState(row["state"]), create_time=_dt(row["create_us"]),  # type: ignore[arg-type]
-        deadline=_dt(row["deadline_us"]), end_time=_dt(row["end_us"]), tags=json.loads(row["tags"]),
+        job_id=row["job_id"], principal=principal_from_json(row["principal"]), model=row["model"],
+        state=JobState(row["state"]), create_time=dt(row["create_us"]),  # type: ignore[arg-type]
+        deadline=dt(row["deadline_us"]), end_time=dt(row["end_us"]), tags=json.loads(row["tags"]),
         total_items=row["total"],
         completed_items=by_state[ItemState.SUCCEEDED]["n"] if ItemState.SUCCEEDED in by_state else 0,
         failed_items=by_state[ItemState.FAILED]["n"] if ItemState.FAILED in by_state else 0,

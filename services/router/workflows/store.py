@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from services.common.generation import TrafficClass
 from services.common.usage import Usage
 from services.router.store import Row, Store, Tx
 from services.router.store.migrations import WORKFLOWS
+from services.router.store.values import dt, principal_from_json, principal_json, us
 from services.router.tasks import LengthUnit, OutputFormat, TaskKind
 from services.router.types import Message, Money, Principal, Role, Sampling
 from services.router.workflows.model import (
@@ -36,27 +37,6 @@ from services.router.workflows.model import (
 )
 
 ACTIVE = (int(WorkflowState.QUEUED), int(WorkflowState.RUNNING), int(WorkflowState.PAUSED))
-
-
-def _us(value: datetime | None) -> int | None:
-    return None if value is None else int(value.timestamp() * 1_000_000)
-
-
-def _dt(value: int | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value / 1_000_000, UTC)
-
-
-def _principal_json(p: Principal) -> str:
-    data = asdict(p)
-    data["traffic_class"] = int(p.traffic_class)
-    return json.dumps(data)
-
-
-def _principal(text: str) -> Principal:
-    data = json.loads(text)
-    data["traffic_class"] = TrafficClass(data["traffic_class"])
-    data["allowed_models"] = tuple(data["allowed_models"])
-    return Principal(**data)
 
 
 def spec_json(spec: NodeSpec) -> str:
@@ -90,8 +70,8 @@ class WorkflowStore:
             tx.execute(
                 "INSERT INTO workflows (workflow_id, tenant_id, principal, name, model, state, traffic_class,"
                 " create_us, deadline_us, end_us, tags, max_concurrency) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
-                (workflow_id, principal.tenant_id, _principal_json(principal), new.name, new.model,
-                 int(WorkflowState.QUEUED), int(traffic_class), _us(now), _us(new.deadline), json.dumps(new.tags),
+                (workflow_id, principal.tenant_id, principal_json(principal), new.name, new.model,
+                 int(WorkflowState.QUEUED), int(traffic_class), us(now), us(new.deadline), json.dumps(new.tags),
                  max_concurrency))
             tx.executemany(
                 "INSERT INTO workflow_nodes (workflow_id, node_id, position, spec, state) VALUES (?, ?, ?, ?, ?)",
@@ -128,7 +108,7 @@ class WorkflowStore:
         """Move an unfinished workflow to `state`; a finished one never changes again. True when it moved."""
         return self._store.write(lambda tx: tx.execute(
             "UPDATE workflows SET state = ?, end_us = ? WHERE workflow_id = ? AND state IN (?, ?, ?)",
-            (int(state), _us(end_time), workflow_id, *ACTIVE))) > 0
+            (int(state), us(end_time), workflow_id, *ACTIVE))) > 0
 
     def claim(self, workflow_id: str, node_id: str, now: datetime, owner: str = "",
               until: datetime | None = None) -> bool:
@@ -137,13 +117,13 @@ class WorkflowStore:
         return self._store.write(lambda tx: tx.execute(
             "UPDATE workflow_nodes SET state = ?, runs = runs + 1, start_us = ?, end_us = NULL, owner = ?,"
             " lease_us = ? WHERE workflow_id = ? AND node_id = ? AND state = ?",
-            (int(NodeState.RUNNING), _us(now), owner, _us(until), workflow_id, node_id, int(NodeState.WAITING)))) > 0
+            (int(NodeState.RUNNING), us(now), owner, us(until), workflow_id, node_id, int(NodeState.WAITING)))) > 0
 
     def extend(self, owner: str, until: datetime) -> int:
         """Extend the claims of every node `owner` is running."""
         return self._store.write(lambda tx: tx.execute(
             "UPDATE workflow_nodes SET lease_us = ? WHERE owner = ? AND state = ?",
-            (_us(until), owner, int(NodeState.RUNNING))))
+            (us(until), owner, int(NodeState.RUNNING))))
 
     def finish(self, workflow_id: str, node_id: str, state: NodeState, now: datetime, *, output: str = "",
                fields: dict[str, str] | None = None, usage: Usage | None = None, cost: Money | None = None,
@@ -154,7 +134,7 @@ class WorkflowStore:
             "UPDATE workflow_nodes SET state = ?, end_us = ?, output = ?, fields = ?, prompt_tokens = ?,"
             " completion_tokens = ?, cost_micros = ?, currency = ?, error_code = ?, error_message = ?"
             " WHERE workflow_id = ? AND node_id = ? AND state = ?",
-            (int(state), _us(now), output, json.dumps(fields or {}), usage.prompt_tokens, usage.completion_tokens,
+            (int(state), us(now), output, json.dumps(fields or {}), usage.prompt_tokens, usage.completion_tokens,
              cost.micros, cost.currency_code, error_code, error_message, workflow_id, node_id,
              int(NodeState.RUNNING)))) > 0
 
@@ -164,7 +144,7 @@ class WorkflowStore:
         return self._store.write(lambda tx: tx.execute(
             "UPDATE workflow_nodes SET state = ?, attempt = attempt + 1, not_before_us = ?, error_code = ?,"
             " error_message = ? WHERE workflow_id = ? AND node_id = ? AND state = ?",
-            (int(NodeState.WAITING), _us(not_before), error_code, error_message, workflow_id, node_id,
+            (int(NodeState.WAITING), us(not_before), error_code, error_message, workflow_id, node_id,
              int(NodeState.RUNNING)))) > 0
 
     def requeue(self, workflow_id: str, node_id: str) -> None:
@@ -181,7 +161,7 @@ class WorkflowStore:
                 changed += tx.execute(
                     "UPDATE workflow_nodes SET state = ?, error_code = ?, error_message = ?, end_us = ?"
                     " WHERE workflow_id = ? AND node_id = ? AND state = ?",
-                    (int(state), error_code, message, _us(now), workflow_id, node_id, int(NodeState.WAITING)))
+                    (int(state), error_code, message, us(now), workflow_id, node_id, int(NodeState.WAITING)))
             return changed
 
         return self._store.write(unit)
@@ -193,7 +173,7 @@ class WorkflowStore:
         def unit(tx: Tx) -> int:
             ids = [(row["workflow_id"],) for row in tx.all(
                 "SELECT workflow_id FROM workflows WHERE state IN (?, ?, ?) AND end_us IS NOT NULL AND end_us < ?",
-                (*finished, _us(ended_before)))]
+                (*finished, us(ended_before)))]
             if ids:
                 tx.executemany("DELETE FROM workflow_nodes WHERE workflow_id = ?", ids)
                 tx.executemany("DELETE FROM workflows WHERE workflow_id = ?", ids)
@@ -209,7 +189,7 @@ class WorkflowStore:
                 "UPDATE workflow_nodes SET state = ? WHERE state = ?", (int(NodeState.WAITING), int(NodeState.RUNNING))))
         return self._store.write(lambda tx: tx.execute(
             "UPDATE workflow_nodes SET state = ? WHERE state = ? AND (lease_us IS NULL OR lease_us < ? OR owner = ?)",
-            (int(NodeState.WAITING), int(NodeState.RUNNING), _us(now), owner)))
+            (int(NodeState.WAITING), int(NodeState.RUNNING), us(now), owner)))
 
 
 def owner_id(data_dir: Path) -> str:
@@ -232,10 +212,10 @@ def _get(tx: Tx, workflow_id: str) -> Workflow | None:
     nodes = tuple(_node(n) for n in tx.all(
         "SELECT * FROM workflow_nodes WHERE workflow_id = ? ORDER BY position", (workflow_id,)))
     return Workflow(
-        workflow_id=row["workflow_id"], principal=_principal(row["principal"]), name=row["name"], model=row["model"],
+        workflow_id=row["workflow_id"], principal=principal_from_json(row["principal"]), name=row["name"], model=row["model"],
         state=WorkflowState(row["state"]), traffic_class=TrafficClass(row["traffic_class"]),
-        create_time=_dt(row["create_us"]),  # type: ignore[arg-type]
-        deadline=_dt(row["deadline_us"]), end_time=_dt(row["end_us"]), tags=json.loads(row["tags"]),
+        create_time=dt(row["create_us"]),  # type: ignore[arg-type]
+        deadline=dt(row["deadline_us"]), end_time=dt(row["end_us"]), tags=json.loads(row["tags"]),
         max_concurrency=row["max_concurrency"], nodes=nodes,
     )
 
@@ -246,6 +226,6 @@ def _node(row: Row) -> NodeStatus:
         output=row["output"], fields=json.loads(row["fields"]),
         usage=Usage(row["prompt_tokens"], row["completion_tokens"]),
         cost=Money(row["currency"] or "USD", row["cost_micros"]), error_code=row["error_code"],
-        error_message=row["error_message"], start_time=_dt(row["start_us"]), end_time=_dt(row["end_us"]),
-        not_before=_dt(row["not_before_us"]),
+        error_message=row["error_message"], start_time=dt(row["start_us"]), end_time=dt(row["end_us"]),
+        not_before=dt(row["not_before_us"]),
     )
