@@ -4,6 +4,7 @@ spans every process exports and in every process's JSON log lines."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -52,7 +53,8 @@ async def test_one_trace_id_spans_every_hop(tmp_path, processes: list[subprocess
         assert "autoglm.inference.v1.InferenceService/Generate" in seen["inference"]
         assert any(name.startswith("autoglm.billing.v1.BillingService/") for name in seen["billing"])
 
-        assert stop_mesh(mesh) == 0
+        # Off the event loop: the collector serves on it, and every process flushes its spans as it stops.
+        assert await asyncio.to_thread(stop_mesh, mesh) == 0
         logs = mesh.data_dir / "logs"
         for name in ("router-sidecar", "router", "inference-0-sidecar", "inference-0", "billing-sidecar", "billing"):
             # Every line that starts a JSON record is exactly one record (no interleaving between threads).
