@@ -116,14 +116,18 @@ def test_routers_claiming_at_once_never_share_an_item(routers: list[JobStore]) -
     a = routers[0]
     job = submit(a, 120)
     claimed: dict[str, list[int]] = {"router-a": [], "router-b": []}
-    start = threading.Barrier(2)
+    start, both_claimed = threading.Barrier(2), threading.Barrier(2)
 
     def worker(jobs: JobStore) -> None:
         start.wait()
+        first = True
         while batch := jobs.claim(job, 3, T0, T0 + LEASE):
             claimed[jobs.owner].extend(c.index for c in batch)
             for c in batch:
                 assert jobs.finish_item(job, c.index, done(c.spec.custom_id))
+            if first:  # neither races through every item before the other has claimed at all
+                both_claimed.wait(timeout=30)
+                first = False
 
     threads = [threading.Thread(target=worker, args=(jobs,)) for jobs in routers]
     for thread in threads:
