@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from dataclasses import replace
 
-from services.billing.model import Alert, Budget, Scope, ScopeKind
+from services.billing.model import Alert, Budget, BudgetState, Firing, Scope, ScopeKind
 from services.billing.store.base import Row, Tx
 from services.common.errors import InvalidInput
 from services.common.usage import AlertLevel
@@ -85,6 +86,13 @@ def after(tx: Tx, cursor: int, tenant_id: str, limit: int = 500) -> list[Alert]:
         sql += " AND tenant_id = ?"
         params.append(tenant_id)
     return [_alert(r) for r in tx.all(sql + " ORDER BY seq LIMIT ?", [*params, limit])]
+
+
+def with_fired(tx: Tx, state: BudgetState) -> BudgetState:
+    """`state` with the alert levels its budget fired in its period, oldest first."""
+    rows = tx.all("SELECT level, raise_us, permille FROM alerts WHERE budget_id = ? AND period_start_us = ?"
+                  " ORDER BY seq", (state.budget.budget_id, state.period_start_us))
+    return replace(state, fired=tuple(Firing(AlertLevel(r[0]), int(r[1]), int(r[2])) for r in rows))
 
 
 def last_seq(tx: Tx) -> int:

@@ -147,6 +147,8 @@ def status_pb(s: m.BudgetState, currency: str) -> pb2.BudgetStatus:
         effective_amount=money(s.limit_micros, currency), effective_tokens=s.limit_tokens,
         utilization_permille=s.permille, level=level_pb(s.level),
         leased_amount=money(s.leased_micros, currency), leased_tokens=s.leased_tokens,
+        fired=[pb2.BudgetAlertFiring(level=level_pb(f.level), fire_time=ts(f.raise_us), utilization_permille=f.permille)
+               for f in s.fired],
     )
 
 

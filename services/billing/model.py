@@ -149,6 +149,15 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class Firing:
+    """An alert level a budget reached in a period: when, and at what spend / limit (per-mille)."""
+
+    level: AlertLevel
+    raise_us: int
+    permille: int
+
+
+@dataclass(frozen=True)
 class BudgetState:
     budget: Budget
     period_start_us: int
@@ -162,6 +171,8 @@ class BudgetState:
     # Room of every router's outstanding leases (in the budget's own unit; the other unit is 0).
     leased_micros: int = 0
     leased_tokens: int = 0
+    # The alert levels fired this period, in order (filled in for the operator views, not on the hot path).
+    fired: tuple[Firing, ...] = ()
 
     @property
     def spent(self) -> int:

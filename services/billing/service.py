@@ -339,7 +339,8 @@ class Billing:
     async def budget_state(self, budget_id: str) -> BudgetState:
         check_text(budget_id, "budget_id", required=True)
         now = self.clock()
-        state = await self.store.read(lambda tx: budgets.state(tx, admin.get_budget(tx, budget_id), now, now))
+        state = await self.store.read(lambda tx: alerts.with_fired(
+            tx, budgets.state(tx, admin.get_budget(tx, budget_id), now, now)))
         metrics.observe_budgets([state])
         return state
 
@@ -349,7 +350,8 @@ class Billing:
         def unit(tx: Tx) -> list[BudgetState]:
             snap = self.catalog.current(tx)
             chosen = [b for b in snap.budgets.values() if not tenant_id or b.scope.tenant_id == tenant_id]
-            return [budgets.state(tx, b, now, now) for b in sorted(chosen, key=lambda b: b.budget_id)]
+            return [alerts.with_fired(tx, budgets.state(tx, b, now, now))
+                    for b in sorted(chosen, key=lambda b: b.budget_id)]
 
         return await self.store.read(unit)
 

@@ -155,6 +155,12 @@ def _budget_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def fired_levels(status: pb2.BudgetStatus) -> str:
+    """The alert levels a budget fired this period, oldest first: `WARNING 2026-03-01T10:00:00Z, ...`."""
+    return ", ".join(f"{pb2.AlertLevel.Name(f.level).removeprefix('ALERT_LEVEL_')} "
+                     f"{f.fire_time.ToDatetime(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}" for f in status.fired)
+
+
 def _budget_list(args: argparse.Namespace) -> int:
     reply = _run(args, lambda stub: stub.ListBudgets(pb2.ListBudgetsRequest(tenant_id=args.tenant or "")))
     rows = []
@@ -170,10 +176,11 @@ def _budget_list(args: argparse.Namespace) -> int:
         rows.append([b.budget_id, scope, pb2.PeriodKind.Name(b.period.kind).removeprefix("PERIOD_KIND_").lower(),
                      spent, held, leased, limit, f"{st.utilization_permille / 10:.1f}%",
                      pb2.AlertLevel.Name(st.level).removeprefix("ALERT_LEVEL_").replace("UNSPECIFIED", "ok"),
-                     pb2.Enforcement.Name(b.enforcement).removeprefix("ENFORCEMENT_").lower()])
-    # held: open per-request holds; leased: the unused room of routers' leases (both count against the limit)
-    print(table(["id", "scope", "period", "spent", "held", "leased", "limit", "used", "level", "enforcement"], rows,
-                args.format))
+                     pb2.Enforcement.Name(b.enforcement).removeprefix("ENFORCEMENT_").lower(), fired_levels(st)])
+    # held: open per-request holds; leased: the unused room of routers' leases (both count against the limit);
+    # fired: each alert level reached this period and when (UTC)
+    print(table(["id", "scope", "period", "spent", "held", "leased", "limit", "used", "level", "enforcement",
+                 "fired"], rows, args.format))
     return 0
 
 

@@ -87,4 +87,4 @@ def load_report(report: LoadReport) -> pb2.WatchLoadResponse:
         cancelled_total=report.cancelled_total, ready=report.ready,
         prefill_tokens_total=report.prefill_tokens_total, prefix_cache_hits=report.prefix_cache_hits,
         prefix_cache_misses=report.prefix_cache_misses, prefix_cache_blocks=report.prefix_cache_blocks,
-        prefix_cache_bytes=report.prefix_cache_bytes)
+        prefix_cache_bytes=report.prefix_cache_bytes, kv_budget_bytes=report.kv_budget_bytes)

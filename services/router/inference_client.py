@@ -131,7 +131,9 @@ class GrpcInference:
         stream = self.stub(address).WatchLoad(pb2.WatchLoadRequest(interval_ms=interval_ms))
         try:
             async for reply in stream:
-                yield LoadReport(reply.replica_id, reply.queue_depth, reply.active_sequences, reply.ready)
+                yield LoadReport(reply.replica_id, reply.queue_depth, reply.active_sequences, reply.ready,
+                                 queue_capacity=reply.queue_capacity, kv_cache_bytes=reply.kv_cache_bytes,
+                                 kv_budget_bytes=reply.kv_budget_bytes, tokens_per_second=reply.tokens_per_second)
         except grpc.aio.AioRpcError as exc:
             raise Unavailable(f"load reports from {address} stopped ({exc.code().name})") from None
         finally:

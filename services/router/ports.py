@@ -56,6 +56,11 @@ class LoadReport:
     queue_depth: int
     active_sequences: int
     ready: bool
+    # For the operator's view of a replica (the balancer uses the fields above).
+    queue_capacity: int = 0
+    kv_cache_bytes: int = 0
+    kv_budget_bytes: int = 0
+    tokens_per_second: float = 0.0
 
 
 class InferencePort(Protocol):

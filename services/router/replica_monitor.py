@@ -1,10 +1,12 @@
 """Feeds the balancer: a gRPC health check of every replica at a fixed interval, and `WatchLoad`
-reports while a replica streams them."""
+reports while a replica streams them. The latest report of each replica (queue, KV use, tokens/s) is
+kept for the operator's views (`latest`), with the router's monotonic time it arrived."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import grpc
 import structlog
@@ -13,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.errors import Unavailable
 from services.router.balancer import Balancer
 from services.router.inference_client import GrpcInference
+from services.router.ports import LoadReport
 
 log = structlog.get_logger(__name__)
 
@@ -23,6 +26,12 @@ class ReplicaMonitor:
         self._inference = inference
         self._interval_s = interval_s
         self._tasks: dict[str, list[asyncio.Task[None]]] = {}
+        self._reports: dict[str, tuple[LoadReport, float]] = {}
+
+    def latest(self, address: str) -> tuple[LoadReport, float] | None:
+        """The replica's latest load report and its age in seconds, or None before the first."""
+        found = self._reports.get(address)
+        return None if found is None else (found[0], time.monotonic() - found[1])
 
     def watch(self, addresses: tuple[str, ...]) -> None:
         for address in addresses:
@@ -52,6 +61,7 @@ class ReplicaMonitor:
             try:
                 async for report in self._inference.watch_load(address, int(self._interval_s * 1000)):
                     self._balancer.report_load(address, report.queue_depth, report.active_sequences, report.ready)
+                    self._reports[address] = (report, time.monotonic())
             except Unavailable:
                 pass
             await asyncio.sleep(self._interval_s)

@@ -8,6 +8,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -70,6 +71,12 @@ async def test_price_budget_and_report_commands(tmp_path: Path, processes) -> No
     assert (rows["tenant acme"]["spent"], rows["tenant acme"]["limit"], rows["tenant acme"]["level"]) == \
         ("0.025500", "0.010000", "EMERGENCY")
     assert (rows["tenant beta"]["held"], rows["tenant beta"]["leased"]) == ("0.008500", "0.010000")
+    # 85 % after the first event (WARNING), 170 % after the second (CRITICAL, then EMERGENCY), each with its time
+    fired = [part.split(" ") for part in rows["tenant acme"]["fired"].split(", ")]
+    assert [level for level, _ in fired] == ["WARNING", "CRITICAL", "EMERGENCY"]
+    times = [datetime.fromisoformat(at.replace("Z", "+00:00")) for _, at in fired]
+    assert times == sorted(times) and all(abs(datetime.now(UTC) - t) < timedelta(minutes=10) for t in times)
+    assert rows["tenant beta"]["fired"] == ""
     bad = autoglm(address, tmp_path, "budget", "set", "--amount", "1")
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "tenant_id is required" in bad.stderr
 

@@ -1,7 +1,8 @@
 """The operator console in a real browser (headless Chromium through Selenium) against the whole mesh
 `autoglm up` starts: sign in with the admin token; create a key on Keys and use it with the official
 openai client; see its spend on Spend within a refresh; watch a low budget's level move to WARNING then
-CRITICAL on Budgets; change a traffic split on Models and find it in `autoglm audit`; revoke the key and
+CRITICAL on Budgets, each with the time it fired; see a replica's health, queue, KV use and tokens/s on
+Models while it generates; change a traffic split on Models and find it in `autoglm audit`; revoke the key and
 see the next call refused. Changes without the admin session (or its CSRF token) are refused, forms show
 the CLI's message for bad input, and no page shows a secret but the new key's, once. Each page's
 screenshot goes to tests/e2e/screenshots/ (ignored by git)."""
@@ -138,7 +139,8 @@ def budget_row(browser: WebDriver, mesh: Mesh, budget_id: str) -> dict[str, str]
     visit(browser, mesh, "/console/budgets")
     row = browser.find_element(By.CSS_SELECTOR, f'tr[data-budget="{budget_id}"]')
     cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
-    return {"spent": cells[3], "limit": cells[5].split()[0], "level": cells[7]}
+    fired = [f.text.split(" at ")[0].split(" ", 1) for f in row.find_elements(By.CSS_SELECTOR, "td.fired .firing")]
+    return {"spent": cells[3], "limit": cells[5].split()[0], "level": cells[7], "fired": fired}
 
 
 def test_the_banner_names_the_console(mesh: Mesh) -> None:
@@ -248,8 +250,6 @@ def test_an_operator_runs_the_mesh_from_the_console(mesh: Mesh, browser: WebDriv
                               f"4 usage events for {TENANT}", routers=[mesh.data_dir / "router"]))
     spent = int(budget_row(browser, mesh, budget_id)["spent"])
     assert spent >= 50, f"enough tokens spent to place the limits ({spent})"
-    warning_limit = spent * 100 // 88   # ~88 %
-    critical_limit = -(-spent * 100 // 110)   # ~110 %
 
     def edit_budget(tokens: int) -> None:
         visit(browser, mesh, "/console/budgets")
@@ -258,11 +258,25 @@ def test_an_operator_runs_the_mesh_from_the_console(mesh: Mesh, browser: WebDriv
         browser.find_element(By.ID, "budget-save").click()
         message(browser, "saved")
 
-    edit_budget(warning_limit)
-    assert budget_row(browser, mesh, budget_id)["level"] == "WARNING"
+    def spend_once(requests: int) -> dict[str, str]:
+        ask(mesh, secret)  # a level fires when billing counts the usage that crosses it
+        asyncio.run(settled_usage(lambda: usage_totals(mesh, TENANT), lambda t: t.requests, requests,
+                                  f"{requests} usage events for {TENANT}", routers=[mesh.data_dir / "router"]))
+        return budget_row(browser, mesh, budget_id)
+
+    # ~90 % after one more request like the last three (WARNING), then ~110 % after another (CRITICAL).
+    edit_budget((spent + spent // 3) * 10 // 9)
+    warned = spend_once(5)
+    assert warned["level"] == "WARNING" and [level for level, _ in warned["fired"]] == ["WARNING"]
     shot(browser, "budgets")
-    edit_budget(critical_limit)
-    assert budget_row(browser, mesh, budget_id)["level"] == "CRITICAL"
+    step = int(warned["spent"]) - spent
+    edit_budget(-(-(int(warned["spent"]) + step) * 10 // 11))
+    assert budget_row(browser, mesh, budget_id)["level"] == "WARNING"
+    critical = spend_once(6)
+    assert critical["level"] == "CRITICAL"
+    assert [level for level, _ in critical["fired"]] == ["WARNING", "CRITICAL"]
+    assert critical["fired"][0] == warned["fired"][0], "the time WARNING fired stays as it was"
+    assert warned["fired"][0][1] <= critical["fired"][1][1]
 
     # Models: a bad split gets the registry's message; a good one shows in `autoglm audit`.
     asyncio.run(register_second_version(mesh))
@@ -332,3 +346,42 @@ def test_spend_downloads_as_csv_and_a_pages_error_is_a_page(mesh: Mesh) -> None:
         assert page.status_code == 400 and page.headers["content-type"].startswith("text/html")
         assert "page_token is not one this router handed out" in page.text, "a page's error is a page"
 
+
+
+def test_models_show_each_replicas_health_and_load_while_it_generates(mesh: Mesh, browser: WebDriver) -> None:
+    with http(mesh) as admin:
+        csrf = signed_in(admin, admin_token(mesh))
+        made = admin.post("/console/api/keys", json={"tenant": f"{TENANT}-load"}, headers={"x-csrf-token": csrf})
+        assert made.status_code == 200, made.text
+        stream = sdk(mesh, made.json()["secret"]).chat.completions.create(
+            model=MODEL, max_tokens=400, temperature=0, stream=True,
+            messages=[{"role": "user", "content": "Tell a long story about the sea."}])
+        try:
+            next(iter(stream))  # the sequence runs on a replica now
+
+            def busy_replica() -> dict[str, object] | None:
+                models = admin.get("/console/api/models").json()["models"]
+                replicas = [r for m in models if m["name"] == MODEL for v in m["versions"] for r in v["replicas"]]
+                assert replicas and all(r["healthy"] and r["load"]["reported"] for r in replicas)
+                for r in replicas:
+                    load = r["load"]
+                    assert load["kv_budget_bytes"] > 0 and load["queue_capacity"] > 0 and load["ready"]
+                    if load["active_sequences"] >= 1 and load["kv_cache_bytes"] > 0 and load["tokens_per_second"] > 0:
+                        return r
+                return None
+
+            busy = wait_until_blocking(busy_replica, 60, "a replica reporting its running sequence's KV and tokens/s")
+            signed_in_browser(browser, mesh)
+            visit(browser, mesh, "/console/models")
+            shown = browser.find_element(By.CSS_SELECTOR, f'.replica[data-address="{busy["address"]}"]').text
+            assert "healthy" in shown and "queue" in shown and "MiB" in shown and "tokens/s" in shown
+        finally:
+            stream.close()
+
+
+def signed_in_browser(browser: WebDriver, mesh: Mesh) -> None:
+    visit(browser, mesh, "/console/models")
+    if browser.current_url.endswith("/console/login"):
+        fill(browser, {"token": admin_token(mesh)})
+        browser.find_element(By.ID, "sign-in").click()
+        wait_until_blocking(lambda: not browser.current_url.endswith("/console/login"), 10, "signed in")

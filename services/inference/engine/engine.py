@@ -156,7 +156,7 @@ class Engine:
             kv_cache_bytes=scheduler.kv_bytes(), tokens_per_second=counters.tokens_per_second(),
             cancelled_total=counters.cancelled_total, generated_total=counters.generated_total,
             ready=scheduler.running, prefill_tokens_total=counters.prefill_tokens_total,
-            steps_after_cancel_total=counters.steps_after_cancel_total,
+            steps_after_cancel_total=counters.steps_after_cancel_total, kv_budget_bytes=self.kv_budget,
             **self._prefix_report())
 
     def _prefix_report(self) -> dict[str, int]:

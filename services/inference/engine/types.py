@@ -87,6 +87,7 @@ class LoadReport:
     prefix_cache_misses: int = 0  # cacheable blocks prefilled
     prefix_cache_blocks: int = 0
     prefix_cache_bytes: int = 0
+    kv_budget_bytes: int = 0  # what kv_cache_bytes may grow to
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Alert levels over a scripted month: 80/100/120 % fire once each, in order; a watcher that disconnects
-and resumes from its cursor misses none and sees none twice; a new period and a raised limit re-arm them."""
+and resumes from its cursor misses none and sees none twice; a new period and a raised limit re-arm them;
+a budget's status lists each level fired in its period with its time (as the CLI and the console show it)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.billing.v1 import billing_service_pb2_grpc as pb2_grpc
 from services.billing.config import BillingConfig
 from services.billing.server import build_server
+from services.cli.billing_commands import fired_levels
 from services.common.config import ServerSettings
+from services.router.billing_operator import as_dict
+from services.router.http.console import views
 from tests.integration.billing.helpers import OPERATOR_TOKEN, operator, price_request, tenant_budget, usage
 
 DAY = 86_400
@@ -61,3 +65,37 @@ async def test_a_month_of_usage_fires_each_level_once_and_a_resumed_watcher_miss
     assert (raised.level, raised.utilization_permille) == (pb2.ALERT_LEVEL_WARNING, 800)
     assert [a.cursor for a in history] == [a.cursor for a in [*march, april, raised]]
     assert len({a.cursor for a in history}) == 5
+
+
+async def test_each_level_fired_this_period_is_listed_with_its_time(serve, tmp_path: Path) -> None:
+    now = [int(MARCH * 1e6)]
+    config = BillingConfig(server=ServerSettings(port=0), database=f"sqlite:///{tmp_path / 'b.db'}",
+                           operator_token=OPERATOR_TOKEN)
+    running = await serve(build_server(config, clock=lambda: now[0]))
+    async with operator(running) as chan:
+        stub = pb2_grpc.BillingServiceStub(chan)
+        await stub.CreatePrice(price_request())
+        budget = (await stub.CreateBudget(tenant_budget("acme", tokens=1000))).budget
+
+        async def spend(event_id: str, tokens: int, at: float) -> None:
+            now[0] = int(at * 1e6)
+            await stub.RecordUsage(pb2.RecordUsageRequest(event=usage(event_id, prompt=tokens, completion=0)))
+
+        quiet = (await stub.GetBudget(pb2.GetBudgetRequest(budget_id=budget.budget_id))).status
+        await spend("w", 850, MARCH + 2 * DAY)  # 85 %: WARNING
+        await spend("c", 150, MARCH + 5 * DAY + 7)  # 100 %: CRITICAL, three days later
+        got = (await stub.GetBudget(pb2.GetBudgetRequest(budget_id=budget.budget_id))).status
+        listed = (await stub.ListBudgets(pb2.ListBudgetsRequest(tenant_id="acme"))).budgets
+        await spend("a", 900, APRIL + DAY)  # a new period: only April's firing is its own
+        april = (await stub.GetBudget(pb2.GetBudgetRequest(budget_id=budget.budget_id))).status
+    assert list(quiet.fired) == []
+    assert [(f.level, f.fire_time.seconds, f.utilization_permille) for f in got.fired] == [
+        (pb2.ALERT_LEVEL_WARNING, int(MARCH + 2 * DAY), 850),
+        (pb2.ALERT_LEVEL_CRITICAL, int(MARCH + 5 * DAY + 7), 1000)]
+    assert list(listed[0].fired) == list(got.fired)
+    assert [(f.level, f.fire_time.seconds) for f in april.fired] == [(pb2.ALERT_LEVEL_WARNING, int(APRIL + DAY))]
+    # What `autoglm budget list` prints in its fired column, and what the console's Budgets page shows.
+    assert fired_levels(got) == "WARNING 2026-03-03T00:00:00Z, CRITICAL 2026-03-06T00:00:07Z"
+    assert views.budget(as_dict(got))["fired"] == [
+        {"level": "WARNING", "time": "2026-03-03 00:00:00", "used": "85.0%"},
+        {"level": "CRITICAL", "time": "2026-03-06 00:00:07", "used": "100.0%"}]

@@ -441,7 +441,7 @@ class Budget(_message.Message):
     def __init__(self, budget_id: _Optional[str] = ..., scope: _Optional[_Union[BudgetScope, _Mapping]] = ..., period: _Optional[_Union[BudgetPeriod, _Mapping]] = ..., amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., tokens: _Optional[int] = ..., enforcement: _Optional[_Union[Enforcement, str]] = ..., thresholds: _Optional[_Union[Thresholds, _Mapping]] = ..., auto: _Optional[_Union[AutoLimit, _Mapping]] = ..., webhook_url: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class BudgetStatus(_message.Message):
-    __slots__ = ("budget", "period_start", "period_end", "spent_amount", "spent_tokens", "held_amount", "held_tokens", "effective_amount", "effective_tokens", "utilization_permille", "level", "leased_amount", "leased_tokens")
+    __slots__ = ("budget", "period_start", "period_end", "spent_amount", "spent_tokens", "held_amount", "held_tokens", "effective_amount", "effective_tokens", "utilization_permille", "level", "leased_amount", "leased_tokens", "fired")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     PERIOD_START_FIELD_NUMBER: _ClassVar[int]
     PERIOD_END_FIELD_NUMBER: _ClassVar[int]
@@ -455,6 +455,7 @@ class BudgetStatus(_message.Message):
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     LEASED_AMOUNT_FIELD_NUMBER: _ClassVar[int]
     LEASED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FIRED_FIELD_NUMBER: _ClassVar[int]
     budget: Budget
     period_start: _timestamp_pb2.Timestamp
     period_end: _timestamp_pb2.Timestamp
@@ -468,7 +469,18 @@ class BudgetStatus(_message.Message):
     level: AlertLevel
     leased_amount: _money_pb2.Money
     leased_tokens: int
-    def __init__(self, budget: _Optional[_Union[Budget, _Mapping]] = ..., period_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., spent_tokens: _Optional[int] = ..., held_amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., held_tokens: _Optional[int] = ..., effective_amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., effective_tokens: _Optional[int] = ..., utilization_permille: _Optional[int] = ..., level: _Optional[_Union[AlertLevel, str]] = ..., leased_amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., leased_tokens: _Optional[int] = ...) -> None: ...
+    fired: _containers.RepeatedCompositeFieldContainer[BudgetAlertFiring]
+    def __init__(self, budget: _Optional[_Union[Budget, _Mapping]] = ..., period_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., spent_tokens: _Optional[int] = ..., held_amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., held_tokens: _Optional[int] = ..., effective_amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., effective_tokens: _Optional[int] = ..., utilization_permille: _Optional[int] = ..., level: _Optional[_Union[AlertLevel, str]] = ..., leased_amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., leased_tokens: _Optional[int] = ..., fired: _Optional[_Iterable[_Union[BudgetAlertFiring, _Mapping]]] = ...) -> None: ...
+
+class BudgetAlertFiring(_message.Message):
+    __slots__ = ("level", "fire_time", "utilization_permille")
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    FIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_PERMILLE_FIELD_NUMBER: _ClassVar[int]
+    level: AlertLevel
+    fire_time: _timestamp_pb2.Timestamp
+    utilization_permille: int
+    def __init__(self, level: _Optional[_Union[AlertLevel, str]] = ..., fire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., utilization_permille: _Optional[int] = ...) -> None: ...
 
 class CreateBudgetRequest(_message.Message):
     __slots__ = ("budget", "actor")

@@ -122,7 +122,7 @@ class WatchLoadRequest(_message.Message):
     def __init__(self, interval_ms: _Optional[int] = ...) -> None: ...
 
 class WatchLoadResponse(_message.Message):
-    __slots__ = ("replica_id", "time", "queue_depth", "queue_capacity", "active_sequences", "max_batch_size", "kv_cache_tokens", "kv_cache_bytes", "tokens_per_second", "cancelled_total", "ready", "prefill_tokens_total", "prefix_cache_hits", "prefix_cache_misses", "prefix_cache_blocks", "prefix_cache_bytes")
+    __slots__ = ("replica_id", "time", "queue_depth", "queue_capacity", "active_sequences", "max_batch_size", "kv_cache_tokens", "kv_cache_bytes", "tokens_per_second", "cancelled_total", "ready", "prefill_tokens_total", "prefix_cache_hits", "prefix_cache_misses", "prefix_cache_blocks", "prefix_cache_bytes", "kv_budget_bytes")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,7 @@ class WatchLoadResponse(_message.Message):
     PREFIX_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     time: _timestamp_pb2.Timestamp
     queue_depth: int
@@ -155,4 +156,5 @@ class WatchLoadResponse(_message.Message):
     prefix_cache_misses: int
     prefix_cache_blocks: int
     prefix_cache_bytes: int
-    def __init__(self, replica_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., active_sequences: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., cancelled_total: _Optional[int] = ..., ready: _Optional[bool] = ..., prefill_tokens_total: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_misses: _Optional[int] = ..., prefix_cache_blocks: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ...) -> None: ...
+    kv_budget_bytes: int
+    def __init__(self, replica_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., active_sequences: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., cancelled_total: _Optional[int] = ..., ready: _Optional[bool] = ..., prefill_tokens_total: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_misses: _Optional[int] = ..., prefix_cache_blocks: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ...) -> None: ...

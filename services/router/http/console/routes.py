@@ -24,6 +24,7 @@ from services.router.http import errors
 from services.router.http.console import forms, views
 from services.router.http.console.live import LiveSeries
 from services.router.http.console.session import COOKIE, CSRF_HEADER, Session, Sessions
+from services.router.replica_monitor import ReplicaMonitor
 
 ACTOR = "console"
 SPEND_BY = {"tenant": "tenant", "model": "model", "tag": "tag", "key": "api_key"}
@@ -38,6 +39,7 @@ class ConsoleBackend(Protocol):
     admin: Admin
     billing_operator: BillingOperator
     gateway: Gateway
+    monitor: ReplicaMonitor
 
 
 class Console:
@@ -245,13 +247,22 @@ async def key_revoke(request: Request, key_id: str, session: Changer) -> dict[st
 
 
 # --- Models --------------------------------------------------------------------------------------------
-@router.get("/models")
-async def models_page(request: Request, session: Viewer) -> HTMLResponse:
+async def _models(request: Request) -> list[dict[str, Any]]:
     parts = _parts(request)
     rollbacks, _ = await parts.admin.audit_page("model.rollback", 100, "")
-    models = [views.model(m, parts.gateway.balancer, parts.admin.healthy_replicas(m), rollbacks)
-              for m in parts.gateway.registry.models()]
-    return page(request, "models.html", session, models=models)
+    return [views.model(m, parts.gateway.balancer, parts.admin.healthy_replicas(m), rollbacks, parts.monitor.latest)
+            for m in parts.gateway.registry.models()]
+
+
+@router.get("/models")
+async def models_page(request: Request, session: Viewer) -> HTMLResponse:
+    return page(request, "models.html", session, models=await _models(request))
+
+
+@router.get("/api/models")
+async def models_data(request: Request, session: Viewer) -> dict[str, Any]:
+    """The Models page's figures: each version's replicas with health and their latest load report."""
+    return {"models": await _models(request)}
 
 
 @router.post("/api/models/{model}/split")

@@ -4,12 +4,14 @@ and the JSON endpoints. Never a secret: keys are shown by id and prefix only."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 from services.router.auth.api_keys import ApiKeyRecord
 from services.router.balancer import Balancer
+from services.router.ports import LoadReport
 from services.router.registry import AuditEvent, ModelEntry
 
 LEVELS = {"ALERT_LEVEL_UNSPECIFIED": "OK", "ALERT_LEVEL_WARNING": "WARNING", "ALERT_LEVEL_CRITICAL": "CRITICAL",
@@ -63,18 +65,35 @@ def budget(status: dict[str, Any]) -> dict[str, Any]:
             "used": f"{int(status.get('utilization_permille') or 0) / 10:.1f}%",
             "level": LEVELS.get(str(status.get("level", "")), str(status.get("level", ""))),
             "enforcement": str(b.get("enforcement", "")).removeprefix("ENFORCEMENT_").lower(),
-            "period_start": when(status.get("period_start")), "webhook": b.get("webhook_url", "")}
+            "period_start": when(status.get("period_start")), "webhook": b.get("webhook_url", ""),
+            "fired": [{"level": LEVELS.get(str(f.get("level", "")), str(f.get("level", ""))),
+                       "time": when(f.get("fire_time")), "used": f"{int(f.get('utilization_permille') or 0) / 10:.1f}%"}
+                      for f in status.get("fired", [])]}
+
+
+def replica_load(found: tuple[LoadReport, float] | None) -> dict[str, Any]:
+    """A replica's latest WatchLoad report as the Models page shows it (empty before the first)."""
+    if found is None:
+        return {"reported": False}
+    report, age_s = found
+    return {"reported": True, "ready": report.ready, "queue_depth": report.queue_depth,
+            "queue_capacity": report.queue_capacity, "active_sequences": report.active_sequences,
+            "kv_cache_bytes": report.kv_cache_bytes, "kv_budget_bytes": report.kv_budget_bytes,
+            "kv_used": f"{report.kv_cache_bytes / 2**20:.1f} / {report.kv_budget_bytes / 2**20:.0f} MiB",
+            "tokens_per_second": round(report.tokens_per_second, 1), "age_s": round(age_s, 1)}
 
 
 def model(entry: ModelEntry, balancer: Balancer, healthy: dict[str, int],
-          rollbacks: list[AuditEvent]) -> dict[str, Any]:
+          rollbacks: list[AuditEvent],
+          load: Callable[[str], tuple[LoadReport, float] | None] = lambda _: None) -> dict[str, Any]:
     versions = []
     for v in entry.versions:
         replicas = []
         for address in v.replicas:
             state = balancer.state(address)
             replicas.append({"address": address, "healthy": not state.ejected, "in_flight": state.outstanding,
-                             "reported_load": state.reported_load, "failed_checks": state.failed_checks})
+                             "reported_load": state.reported_load, "failed_checks": state.failed_checks,
+                             "load": replica_load(load(address))})
         role = "stable" if v.stable else ("canary" if v.weight_permille else "idle")
         versions.append({"version": v.version, "weight_permille": v.weight_permille, "role": role,
                          "healthy": healthy.get(v.version, 0), "replicas": replicas,
