@@ -264,13 +264,14 @@ def test_an_operator_runs_the_mesh_from_the_console(mesh: Mesh, browser: WebDriv
                                   f"{requests} usage events for {TENANT}", routers=[mesh.data_dir / "router"]))
         return budget_row(browser, mesh, budget_id)
 
-    # ~90 % after one more request like the last three (WARNING), then ~110 % after another (CRITICAL).
-    edit_budget((spent + spent // 3) * 10 // 9)
+    # ~85 % after one more request like the last three (WARNING); then 90 % (lowering the limit, so nothing
+    # re-arms) and ~112 % after another request (CRITICAL).
+    warning_limit = (spent + spent // 3) * 100 // 85
+    edit_budget(warning_limit)
     warned = spend_once(5)
     assert warned["level"] == "WARNING" and [level for level, _ in warned["fired"]] == ["WARNING"]
     shot(browser, "budgets")
-    step = int(warned["spent"]) - spent
-    edit_budget(-(-(int(warned["spent"]) + step) * 10 // 11))
+    edit_budget(min(warning_limit, -(-int(warned["spent"]) * 10 // 9)))
     assert budget_row(browser, mesh, budget_id)["level"] == "WARNING"
     critical = spend_once(6)
     assert critical["level"] == "CRITICAL"
