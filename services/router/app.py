@@ -17,7 +17,7 @@ from pathlib import Path
 import structlog
 
 from services.common.errors import DomainError, NotFound, Unauthenticated
-from services.common.usage import AlertLevel
+from services.common.usage import AlertLevel, Usage
 from services.router import metrics
 from services.router.admin import Admin
 from services.router.admission import PriorityGate
@@ -44,6 +44,7 @@ from services.router.limits.backends import rate_limit_backend
 from services.router.limits.token_bucket import RateLimiter
 from services.router.metering import Meter
 from services.router.policy import PolicyStore
+from services.router.ports import UsageRecord
 from services.router.registry import ModelEntry, Registry
 from services.router.replica_monitor import ReplicaMonitor
 from services.router.retry import RetrySettings
@@ -52,6 +53,7 @@ from services.router.store import open_stores
 from services.router.tasks import TaskKind, TaskSpec
 from services.router.types import (
     GenerationRequest,
+    Money,
     Principal,
     RequestContext,
     Summary,
@@ -157,6 +159,7 @@ class RouterApp:
         )
         self.workflows = Workflows(self.workflow_store, self.workflow_runner, self.gateway.check_model, validate_tags,
                                    effective_class, budget.quote, budget.cover, config.default_max_tokens)
+        self.gateway.accountant.observers.append(self._workflow_attempt)
         self.admin = Admin(self.keys, self.registry, self.policies, self.inference, self.healthy_replicas)
         self.billing_operator = BillingOperator(
             config.billing_target or DEFAULT_BILLING_TARGET, config.billing_operator_token,
@@ -218,6 +221,13 @@ class RouterApp:
         if record is not None and record.revoke_time is not None:
             raise Unauthenticated(f"API key {record.prefix}… that submitted this job was revoked")
         return await self.gateway.complete(ctx, request)
+
+    async def _workflow_attempt(self, record: UsageRecord, cost: Money) -> None:
+        """Every usage event of a workflow node (tagged by the runner) counts in the workflow's totals."""
+        workflow_id, node_id = record.tags.get("workflow"), record.tags.get("workflow_node")
+        if workflow_id and node_id:
+            await self.workflow_store.record_attempt(record.tenant_id, workflow_id, node_id, record.event_id,
+                                                     Usage(record.prompt_tokens, record.completion_tokens), cost)
 
     async def _run_workflow_node(self, call: NodeCall) -> tuple[str, Summary]:
         """A workflow node runs as its submitting key (refused once that key is revoked), through the gateway."""

@@ -3,7 +3,9 @@
 The rate limiter is settled with the tokens used; one usage event is settled with billing (answered at
 once and settled right after, journaled first, when the router can price it locally; a batch item is
 settled before it answers); the access-log line
-and metrics are written; a completed turn of a stored conversation is appended to it.
+and metrics are written; a completed turn of a stored conversation is appended to it. The observers
+(`observers`: what a workflow keeps of each attempt) are told each event with its cost once it is known,
+and again when billing's price for an event answered early differs from the router's.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Accountant:
         self._clock = clock
         self._wallclock = wallclock
         self._background: set[asyncio.Task[object]] = set()
+        self.observers: list[Callable[[UsageRecord, Money], Awaitable[None]]] = []
 
     async def finish(
         self, ctx: RequestContext, plan: Plan, hold: Hold, admission: Admission, progress: Progress,
@@ -89,6 +92,7 @@ class Accountant:
             self.spawn(self._settle(hold, record, local, ttft, latency_ms, error, journaled=True))
         else:
             local = await self._settle(hold, record, None, ttft, latency_ms, error)
+        await self._observe(record, local)
         if status == UsageStatus.COMPLETED:
             if plan.context_id:
                 await self._contexts.aappend(principal.tenant_id, plan.context_id,
@@ -118,6 +122,8 @@ class Accountant:
         elif expected is None:
             self.spawn(self._meter.refresh_prices(min_interval_s=1.0))  # priced in billing, unknown here
         cost = cost or Money()
+        if journaled and cost != expected:
+            await self._observe(record, cost)  # observers were told the router's price; billing's differs
         metrics.observe(record, cost, ttft_ms, latency_ms)
         log.info(
             "access", tenant=record.tenant_id, api_key=record.api_key_id, model=record.model,
@@ -128,6 +134,13 @@ class Accountant:
             trace_id=record.trace_id, request_id=record.request_id, tags=record.tags,
         )
         return cost
+
+    async def _observe(self, record: UsageRecord, cost: Money) -> None:
+        for observer in self.observers:
+            try:
+                await observer(record, cost)
+            except Exception:
+                log.exception("usage_observer_failed", event_id=record.event_id)
 
     def spawn(self, coro: Coroutine[Any, Any, object]) -> asyncio.Task[object]:
         """Run `coro` in the background; `drain()` waits for it."""

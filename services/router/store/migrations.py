@@ -157,6 +157,12 @@ WORKFLOWS: Sequence[Migration] = (
         "ALTER TABLE workflow_nodes ADD COLUMN lease_us {int}",
         "CREATE INDEX IF NOT EXISTS workflow_nodes_running ON workflow_nodes (state, lease_us)",
     )),
+    (3, "what each attempt of a node delivered, as it was billed", (
+        """CREATE TABLE IF NOT EXISTS workflow_attempts (
+            workflow_id TEXT NOT NULL, node_id TEXT NOT NULL, event_id TEXT NOT NULL,
+            prompt_tokens {int} NOT NULL, completion_tokens {int} NOT NULL, cost_micros {int} NOT NULL,
+            currency TEXT NOT NULL, PRIMARY KEY (workflow_id, node_id, event_id))""",
+    )),
 )
 
 

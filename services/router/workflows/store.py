@@ -2,6 +2,11 @@
 state, output and usage are committed in one transaction when it finishes, before the runner looks for
 the nodes that depend on it, so a router that dies never loses a finished node.
 
+What every attempt of a node delivered (a cancelled, failed or timed-out one too) is kept per usage event
+as the router settled it with billing (`record_attempt`, keyed by the event id, so a re-run after a crash
+is one row as it is one event in billing); a node's usage and cost are the sum of its attempts, so a
+workflow's totals are what billing recorded under its `workflow` tag.
+
 A node is WAITING, RUNNING (claimed by a runner: a conditional update, so two routers on one PostgreSQL
 never both start it) or finished. A claim names its router (`owner`, kept in the router's data dir, so
 it is the same after a restart) and holds until `lease_us`, which the runner extends while the node
@@ -138,6 +143,21 @@ class WorkflowStore:
              cost.micros, cost.currency_code, error_code, error_message, workflow_id, node_id,
              int(NodeState.RUNNING)))) > 0
 
+    async def record_attempt(self, tenant_id: str, workflow_id: str, node_id: str, event_id: str, usage: Usage,
+                             cost: Money) -> bool:
+        """What one attempt (usage event `event_id`) of a node of this tenant's workflow used and cost;
+        a later call for the same event (billing's own price for it) replaces it. False when no such node."""
+        return await self._store.awrite(lambda tx: tx.execute(
+            "INSERT INTO workflow_attempts (workflow_id, node_id, event_id, prompt_tokens, completion_tokens,"
+            " cost_micros, currency) SELECT w.workflow_id, n.node_id, ?, ?, ?, ?, ? FROM workflows w"
+            " JOIN workflow_nodes n ON n.workflow_id = w.workflow_id"
+            " WHERE w.workflow_id = ? AND w.tenant_id = ? AND n.node_id = ?"
+            " ON CONFLICT (workflow_id, node_id, event_id) DO UPDATE SET prompt_tokens = excluded.prompt_tokens,"
+            " completion_tokens = excluded.completion_tokens, cost_micros = excluded.cost_micros,"
+            " currency = excluded.currency",
+            (event_id, usage.prompt_tokens, usage.completion_tokens, cost.micros, cost.currency_code, workflow_id,
+             tenant_id, node_id))) > 0
+
     def retry(self, workflow_id: str, node_id: str, not_before: datetime, error_code: str,
               error_message: str) -> bool:
         """A failed attempt with attempts left: WAITING again for the next attempt, not before `not_before`."""
@@ -175,6 +195,7 @@ class WorkflowStore:
                 "SELECT workflow_id FROM workflows WHERE state IN (?, ?, ?) AND end_us IS NOT NULL AND end_us < ?",
                 (*finished, us(ended_before)))]
             if ids:
+                tx.executemany("DELETE FROM workflow_attempts WHERE workflow_id = ?", ids)
                 tx.executemany("DELETE FROM workflow_nodes WHERE workflow_id = ?", ids)
                 tx.executemany("DELETE FROM workflows WHERE workflow_id = ?", ids)
             return len(ids)
@@ -209,7 +230,11 @@ def _get(tx: Tx, workflow_id: str) -> Workflow | None:
     row = tx.one("SELECT * FROM workflows WHERE workflow_id = ?", (workflow_id,))
     if row is None:
         return None
-    nodes = tuple(_node(n) for n in tx.all(
+    attempts = {r["node_id"]: r for r in tx.all(
+        "SELECT node_id, SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens,"
+        " SUM(cost_micros) AS cost_micros, MAX(currency) AS currency FROM workflow_attempts WHERE workflow_id = ?"
+        " GROUP BY node_id", (workflow_id,))}
+    nodes = tuple(_node(n, attempts.get(n["node_id"])) for n in tx.all(
         "SELECT * FROM workflow_nodes WHERE workflow_id = ? ORDER BY position", (workflow_id,)))
     return Workflow(
         workflow_id=row["workflow_id"], principal=principal_from_json(row["principal"]), name=row["name"], model=row["model"],
@@ -220,12 +245,14 @@ def _get(tx: Tx, workflow_id: str) -> Workflow | None:
     )
 
 
-def _node(row: Row) -> NodeStatus:
+def _node(row: Row, attempts: Row | None) -> NodeStatus:
+    """A node's row; its usage and cost are its attempts' sums (its own columns before any was recorded)."""
+    used = row if attempts is None else attempts
     return NodeStatus(
         spec=spec_of(row["spec"]), state=NodeState(row["state"]), attempt=row["attempt"], runs=row["runs"],
         output=row["output"], fields=json.loads(row["fields"]),
-        usage=Usage(row["prompt_tokens"], row["completion_tokens"]),
-        cost=Money(row["currency"] or "USD", row["cost_micros"]), error_code=row["error_code"],
+        usage=Usage(int(used["prompt_tokens"]), int(used["completion_tokens"])),
+        cost=Money(used["currency"] or "USD", int(used["cost_micros"])), error_code=row["error_code"],
         error_message=row["error_message"], start_time=dt(row["start_us"]), end_time=dt(row["end_us"]),
         not_before=dt(row["not_before_us"]),
     )

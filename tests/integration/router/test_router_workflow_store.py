@@ -1,7 +1,7 @@
 """Workflows in the router store on both backends (SQLite file, real PostgreSQL): a node's outcome is kept
-whole, a claim is taken once, a running node goes back to WAITING at recovery with its attempt (its own
-router's at once, another router's once the claim expired), and the active list is by class, then
-earliest deadline."""
+whole, a node's usage is the sum of its attempts as billed, a claim is taken once, a running node goes
+back to WAITING at recovery with its attempt (its own router's at once, another router's once the claim
+expired), and the active list is by class, then earliest deadline."""
 
 from __future__ import annotations
 
@@ -96,3 +96,32 @@ def test_a_claim_is_recovered_by_its_own_router_at_once_and_by_others_once_it_ex
     assert workflows.recover(NOW, "router-2") == 1  # router-2 restarted: its own nodes come back at once
     found = workflows.get("wf_1")
     assert found is not None and found.node("a").state == NodeState.WAITING and found.node("a").attempt == 1
+
+
+async def test_a_nodes_usage_is_the_sum_of_its_attempts_as_billed(database: str, stores: list[Store]) -> None:  # noqa: F811
+    store = open_store(database)
+    stores.append(store)
+    workflows = WorkflowStore(store)
+    spec, nodes = new()
+    workflows.create("wf_2", ACME, spec, nodes, TrafficClass.INTERACTIVE, 2, NOW)
+    assert workflows.claim("wf_2", "a", NOW)
+    # attempt 1 fails after delivering 7 tokens (its usage event is all the runner never sees) ...
+    assert await workflows.record_attempt("acme", "wf_2", "a", "wf_2.a.1", Usage(5, 7), Money("USD", 40))
+    assert workflows.retry("wf_2", "a", NOW, "UNAVAILABLE", "replica lost")
+    assert workflows.claim("wf_2", "a", NOW)
+    # ... attempt 2 succeeds; billing's own price for it later replaces the router's estimate
+    assert await workflows.record_attempt("acme", "wf_2", "a", "wf_2.a.2", Usage(5, 3), Money("USD", 20))
+    assert workflows.finish("wf_2", "a", NodeState.SUCCEEDED, NOW, output="ok", usage=Usage(5, 3),
+                            cost=Money("USD", 20))
+    assert await workflows.record_attempt("acme", "wf_2", "a", "wf_2.a.2", Usage(5, 3), Money("USD", 21))
+    # another tenant's event, or one naming no node of the workflow, counts nowhere
+    assert not await workflows.record_attempt("other", "wf_2", "a", "x.1", Usage(1, 1), Money("USD", 1))
+    assert not await workflows.record_attempt("acme", "wf_2", "zz", "x.2", Usage(1, 1), Money("USD", 1))
+    done = workflows.get("wf_2")
+    assert done is not None
+    assert (done.node("a").usage, done.node("a").cost) == (Usage(10, 10), Money("USD", 61))
+    assert (done.node("b").usage, done.node("b").cost) == (Usage(0, 0), Money("USD", 0))
+    assert (done.usage, done.cost) == (Usage(10, 10), Money("USD", 61))
+    assert workflows.set_state("wf_2", WorkflowState.SUCCEEDED, end_time=NOW)
+    assert workflows.purge_finished(NOW + timedelta(seconds=1)) == 1
+    assert store.read(lambda tx: tx.all("SELECT * FROM workflow_attempts")) == []

@@ -1,7 +1,7 @@
 """Workflows through the real router, billing and model: the example file runs from the CLI with its
 independent nodes overlapping, each node billed once under its own tags; bad graphs are refused naming
 the cycle or the reference; earlier deadlines start first; a cancel stops the running generation within a
-step and bills what it delivered."""
+step and bills what it delivered, and the workflow's totals show what billing recorded under its tag."""
 
 from __future__ import annotations
 
@@ -57,15 +57,16 @@ def finished(workflow: pb2.Workflow) -> bool:
     return workflow.state in FINISHED
 
 
-async def per_node_usage(mesh: Mesh, tenant: str, expected: int) -> dict[str, billing_pb2.UsageReportRow]:
-    """Billing's report grouped by the `workflow_node` tag, once settlement is idle."""
+async def per_node_usage(mesh: Mesh, tenant: str, expected: int, tag_key: str = "workflow_node"
+                         ) -> dict[str, billing_pb2.UsageReportRow]:
+    """Billing's report grouped by the `workflow_node` tag (or `tag_key`), once settlement is idle."""
     async def read() -> billing_pb2.GetUsageReportResponse:
         start, end = Timestamp(), Timestamp()
         start.FromDatetime(datetime.now(UTC) - timedelta(hours=1))
         end.FromDatetime(datetime.now(UTC) + timedelta(hours=1))
         return await mesh.billing_stub.GetUsageReport(billing_pb2.GetUsageReportRequest(
             start_time=start, end_time=end, tenant_id=tenant, group_by=[billing_pb2.REPORT_DIMENSION_TAG],
-            tag_key="workflow_node"), timeout=10)
+            tag_key=tag_key), timeout=10)
 
     report = await settled_usage(read, lambda r: r.total.requests, expected, f"{expected} node events",
                                  routers=[mesh.data_dir])
@@ -214,6 +215,20 @@ async def test_cancel_stops_the_running_generation_and_bills_what_it_delivered(m
     assert list(rows) == ["story"]
     # Billed: the tokens the router had received when it cancelled (the replica may have made a few more).
     assert 1 <= rows["story"].completion_tokens <= generated
+    # The workflow's own totals (GetWorkflow, `autoglm workflow show`) are what billing recorded under its tag.
+    billed = (await per_node_usage(mesh, "wfcancel", 1, tag_key="workflow"))[submitted.workflow_id]
+
+    async def totals() -> pb2.Workflow | None:
+        shown = (await stub.GetWorkflow(pb2.GetWorkflowRequest(workflow_id=submitted.workflow_id),
+                                        metadata=bearer(secret), timeout=10)).workflow
+        return shown if shown.usage.total_tokens == billed.prompt_tokens + billed.completion_tokens else None
+
+    shown = await wait_until(totals, 30, "the cancelled attempt's usage in the workflow's totals")
+    assert (shown.usage.prompt_tokens, shown.usage.completion_tokens, shown.cost.micros) == (
+        billed.prompt_tokens, billed.completion_tokens, billed.cost.micros)
+    story = next(n for n in shown.nodes if n.id == "story")
+    assert (story.usage.completion_tokens, story.cost.micros) == (rows["story"].completion_tokens,
+                                                                   rows["story"].cost.micros)
     with pytest.raises(grpc.aio.AioRpcError) as again:
         await stub.CancelWorkflow(pb2.CancelWorkflowRequest(workflow_id=submitted.workflow_id),
                                   metadata=bearer(secret), timeout=10)
