@@ -1,8 +1,9 @@
-"""The Spend page's rows and top keys from billing's report rows."""
+"""The Spend page's rows and top keys from billing's report rows; a replica's load as the Models page shows it."""
 
 from __future__ import annotations
 
-from services.router.http.console.views import last_use, spend
+from services.router.http.console.views import last_use, replica_load, spend
+from services.router.ports import LoadReport
 
 
 def row(bucket: str, tenant: str, key: str, requests: int, micros: int, anomalous: bool = False) -> dict[str, object]:
@@ -28,3 +29,12 @@ def test_a_keys_last_use_is_its_latest_hour_with_usage() -> None:
     report = {"rows": [row("2026-01-01T10:00:00Z", "acme", "k1", 1, 1), row("2026-01-01T12:00:00Z", "acme", "k1", 1, 1),
                        row("2026-01-01T11:00:00Z", "acme", "k2", 1, 1)]}
     assert last_use(report) == {"k1": "2026-01-01 12:00:00", "k2": "2026-01-01 11:00:00"}
+
+
+def test_a_replicas_load_shows_queue_kv_use_of_its_budget_and_tokens_per_second() -> None:
+    report = LoadReport("r0", queue_depth=2, active_sequences=3, ready=True, queue_capacity=64,
+                        kv_cache_bytes=3 * 2**20 // 2, kv_budget_bytes=512 * 2**20, tokens_per_second=41.26)
+    shown = replica_load((report, 0.42))
+    assert (shown["queue_depth"], shown["queue_capacity"], shown["active_sequences"], shown["ready"]) == (2, 64, 3, True)
+    assert (shown["kv_used"], shown["tokens_per_second"], shown["age_s"]) == ("1.5 / 512 MiB", 41.3, 0.4)
+    assert replica_load(None) == {"reported": False}
