@@ -26,7 +26,6 @@ import contextlib
 import itertools
 import json
 import os
-import pwd
 import shutil
 import signal
 import statistics
@@ -54,7 +53,7 @@ from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as router_grpc
 from services.cli.endpoint import billing_token, operator_channel
 from services.common.logging import configure_logging
-from tests.integration.billing.conftest import PgServer, _pg_bin, _user_exists, _wait_ready
+from tests.integration.billing.conftest import PgServer, _pg_bin, throwaway_postgres
 from tests.integration.router.conftest import ADMIN_TOKEN, MODEL
 from tests.integration.router.service_process import drain, start_service, stop
 
@@ -65,32 +64,12 @@ CALLERS = 48  # concurrent callers in the scaling part
 
 @contextlib.contextmanager
 def postgres(root: Path) -> Iterator[PgServer]:
-    """A throwaway PostgreSQL cluster on a unix socket under `root` (as tests/integration/billing does)."""
+    """A throwaway PostgreSQL cluster on a unix socket under `root` (the one tests/integration/billing runs)."""
     bindir = _pg_bin()
     if bindir is None:
         raise SystemExit("bench-router needs PostgreSQL's server binaries: make postgres-server")
-    data, sock = root / "pg", root / "pgsock"
-    sock.mkdir()
-    runas: list[str] = []
-    user = pwd.getpwuid(os.getuid()).pw_name
-    if os.getuid() == 0:
-        user = "postgres" if _user_exists("postgres") else "nobody"
-        entry = pwd.getpwnam(user)
-        for path in (root, sock):
-            os.chown(path, entry.pw_uid, entry.pw_gid)
-        runas = ["runuser", "-u", user, "--"]
-    subprocess.run([*runas, str(bindir / "initdb"), "-D", str(data), "-U", user, "--auth=trust", "-E", "UTF8",
-                    "--no-sync"], check=True, capture_output=True)
-    proc = subprocess.Popen([*runas, str(bindir / "postgres"), "-D", str(data), "-k", str(sock), "-c",
-                             "listen_addresses=", "-c", "max_connections=200"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    server = PgServer(str(sock), user)
-    try:
-        _wait_ready(server, proc, root)
+    with throwaway_postgres(root, bindir) as server:
         yield server
-    finally:
-        os.killpg(proc.pid, signal.SIGQUIT)
-        proc.wait(timeout=30)
 
 
 @contextlib.contextmanager

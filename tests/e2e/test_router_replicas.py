@@ -33,6 +33,7 @@ from services.cli.endpoint import operator_channel
 from tests.conftest import require_real_component
 from tests.e2e.mesh_process import Mesh, start_mesh, stop_mesh
 from tests.integration.billing.conftest import PgServer, postgres  # noqa: F401 - the session's PostgreSQL
+from tests.integration.router.test_router_shared_store import accepted
 from tests.settlement import settled_usage
 from tests.waiting import wait_until, wait_until_blocking
 
@@ -136,15 +137,6 @@ async def create_key(routers: Routers, admin: admin_grpc.AdminServiceStub, tenan
     reply = await admin.CreateApiKey(admin_pb2.CreateApiKeyRequest(
         tenant_id=tenant, limits=admin_pb2.KeyLimits(requests_per_minute=rpm)), metadata=routers.admin, timeout=10)
     return str(reply.secret)
-
-
-async def accepted(router: router_grpc.RouterServiceStub, secret: str) -> bool:
-    try:
-        await router.ListModels(pb2.ListModelsRequest(), metadata=bearer(secret), timeout=10)
-        return True
-    except grpc.aio.AioRpcError as error:
-        assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error
-        return False
 
 
 async def test_a_key_made_through_a_works_through_b_c_and_the_edge_and_its_revocation_through_c_reaches_all(

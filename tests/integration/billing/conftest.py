@@ -9,6 +9,7 @@ AUTOGLM_REQUIRE_REAL_SERVICES=1 (as in CI: see `require_real_component`).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -56,13 +57,11 @@ class PgServer:
         return self.dsn(name)
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PgServer]:
-    bindir = _pg_bin()
-    require_real_component(bindir is not None, "PostgreSQL server binaries",
-                           "install Debian's `postgresql`: make postgres-server")
-    assert bindir is not None
-    root = Path(tempfile.mkdtemp(prefix="billing-pg-"))
+@contextlib.contextmanager
+def throwaway_postgres(root: Path, bindir: Path) -> Iterator[PgServer]:
+    """A PostgreSQL cluster initialised under `root`, on a unix socket there with TCP off, stopped by PID.
+
+    As root, the cluster runs as `postgres` (or `nobody`): PostgreSQL refuses to run as root."""
     data, sock = root / "data", root / "sock"
     sock.mkdir()
     runas: list[str] = []
@@ -90,6 +89,19 @@ def postgres() -> Iterator[PgServer]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PgServer]:
+    bindir = _pg_bin()
+    require_real_component(bindir is not None, "PostgreSQL server binaries",
+                           "install Debian's `postgresql`: make postgres-server")
+    assert bindir is not None
+    root = Path(tempfile.mkdtemp(prefix="billing-pg-"))
+    try:
+        with throwaway_postgres(root, bindir) as server:
+            yield server
+    finally:
         shutil.rmtree(root, ignore_errors=True)
 
 

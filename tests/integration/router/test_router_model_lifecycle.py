@@ -37,6 +37,7 @@ from services.router.store.migrations import REGISTRY
 from tests.integration.billing.conftest import PgServer, postgres  # noqa: F401 - the session's PostgreSQL
 from tests.integration.router.conftest import ADMIN_TOKEN, MODEL
 from tests.integration.router.service_process import drain, start_service, stop
+from tests.integration.router.test_router_shared_store import start_router
 from tests.integration.router.test_router_vertical import bearer
 from tests.waiting import wait_until
 
@@ -110,18 +111,6 @@ def test_registries_racing_to_roll_back_one_canary_roll_it_back_once(postgres: P
     finally:
         for store in stores:
             store.close()
-
-
-def start_router(tmp_path: Path, name: str, dsn: str, inference: str, billing: str,
-                 processes: list[subprocess.Popen[bytes]]) -> str:
-    config = tmp_path / f"{name}.yaml"
-    config.write_text(json.dumps({"router": {
-        "admin_token": ADMIN_TOKEN, "data_dir": str(tmp_path / name), "database": dsn,
-        "key_pepper_path": str(tmp_path / "key_pepper")}}))
-    proc, address = start_service("router", ["--config", str(config), "--inference", inference,
-                                             "--billing", billing], processes)
-    drain(proc)
-    return address
 
 
 def complete(model: str, prompt: str) -> pb2.CompleteRequest:
