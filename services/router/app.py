@@ -176,6 +176,7 @@ class RouterApp:
         self._tasks.append(asyncio.create_task(self.meter.refresh_prices_forever(self.config.price_refresh_s)))
         if self.leases is not None:
             self._tasks.append(asyncio.create_task(self.leases.refresh_forever()))
+            self._tasks.append(asyncio.create_task(self.leases.follow_changes()))
         released = await asyncio.to_thread(self.job_store.take_over_from_previous_life,
                                            Path(self.config.data_dir) / "batch_claimant")
         if released:
