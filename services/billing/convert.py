@@ -91,7 +91,8 @@ def lease_pb(lease: m.Lease) -> pb2.Lease:
 
 def lease_change_pb(change: LeaseChange) -> pb2.WatchLeasesResponse:
     return pb2.WatchLeasesResponse(revision=change.revision, scope=scope_pb(change.scope),
-                                   budget_id=change.budget_id, ack_wanted=change.ack_wanted)
+                                   budget_id=change.budget_id, ack_wanted=change.ack_wanted,
+                                   prices_changed=change.prices_changed)
 
 
 def reserve_request(r: pb2.ReserveRequest) -> m.ReserveRequest:

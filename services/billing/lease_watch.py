@@ -16,10 +16,12 @@ open (`Watchers.subscribe`). A budget change runs as
 
 So once the change commits, what can still be spent under the old rules is exactly what was in flight
 then (admitted under a lease or a hold before the commit). Alert levels a budget reaches are pushed
-without waiting (`notify`): the routers re-acquire the callers' leases, which carry the level.
+without waiting (`notify`): the routers re-acquire the callers' leases, which carry the level; so are
+price changes (`prices_changed`): the routers reload the price table they quote from, and poll it only
+rarely while they watch.
 
 A router that was not watching when a change was sent (reconnecting, or cut off from billing) is sent
-"drop what you knew" as the first message of its next stream; until then it spends at most the room of
+"drop what you knew, reload the prices" as the first message of its next stream; until then it spends at most the room of
 the leases it holds. With several billing processes on one database, a change reaches the routers
 watching the process that commits it.
 """
@@ -48,6 +50,7 @@ class LeaseChange:
     scope: Scope
     budget_id: str = ""
     ack_wanted: bool = False
+    prices_changed: bool = False  # reload the price table (then it binds no caller)
 
 
 @dataclass
@@ -106,7 +109,8 @@ class Watchers:
         watcher = Watcher(router_id)
         handle = next(self._ids)
         self._watchers[handle] = watcher
-        watcher.queue.put_nowait(LeaseChange(next(self._revisions), Scope(ScopeKind.UNSPECIFIED)))
+        watcher.queue.put_nowait(LeaseChange(next(self._revisions), Scope(ScopeKind.UNSPECIFIED),
+                                             prices_changed=True))
         return handle, watcher
 
     def unsubscribe(self, handle: int) -> None:
@@ -159,6 +163,12 @@ class Watchers:
         if not waiting:
             done.set()
         return True
+
+    def prices_changed(self) -> None:
+        """A price was created or deleted: the routers reload their price table (they quote from it)."""
+        change = LeaseChange(next(self._revisions), Scope(ScopeKind.UNSPECIFIED), prices_changed=True)
+        for watcher in self._watchers.values():
+            watcher.queue.put_nowait(change)
 
     def notify(self, scope: Scope, budget_id: str) -> None:
         """A change the routers should follow soon, without waiting for them (a budget's alert level)."""

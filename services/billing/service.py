@@ -331,7 +331,9 @@ class Billing:
     async def create_price(self, price: Price, actor: str, claimed: str = "") -> Price:
         admin.check_price(price, self.config.currency)
         now = self.clock()
-        return await self.store.write(lambda tx: admin.create_price(tx, price, actor, now, claimed))
+        created = await self.store.write(lambda tx: admin.create_price(tx, price, actor, now, claimed))
+        self.lease_watchers.prices_changed()
+        return created
 
     async def list_prices(self, model: str) -> list[Price]:
         return await self.store.read(lambda tx: admin.list_prices(tx, model))
@@ -340,6 +342,7 @@ class Billing:
         check_text(price_id, "price_id", required=True)
         now = self.clock()
         await self.store.write(lambda tx: admin.delete_price(tx, price_id, actor, now, claimed))
+        self.lease_watchers.prices_changed()
 
     # --- budgets ----------------------------------------------------------------------------------
     async def create_budget(self, budget: Budget, actor: str, currency: str = "", claimed: str = "") -> Budget:

@@ -141,7 +141,7 @@ class GrpcBilling:
             async for m in call:
                 s = m.scope
                 yield BudgetChange(m.revision, _SCOPE_KINDS.get(s.kind, ""), s.tenant_id, s.api_key_id, s.tag_key,
-                                   s.tag_value, m.budget_id, m.ack_wanted)
+                                   s.tag_value, m.budget_id, m.ack_wanted, m.prices_changed)
         except grpc.aio.AioRpcError as exc:
             raise billing_error(exc) from None
         finally:

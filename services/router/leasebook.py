@@ -24,7 +24,7 @@ go to per-request Reserve), gives up its lease on the changed budget, and answer
 of it; billing commits the change after the answers, and the callers' next leases are granted under it
 (a refresh answered across such a change is not used). The stream's first message (at each connect)
 asks the book to re-learn every caller. An alert level a budget reached is pushed too: its callers are
-refreshed at once. No grpc here: the port (`LeasePort`) is the billing client.
+refreshed at once; so is a price change (`on_prices`: the meter reloads its price table). No grpc here: the port (`LeasePort`) is the billing client.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import structlog
@@ -70,6 +70,7 @@ class BudgetChange:
     tag_value: str = ""
     budget_id: str = ""
     ack_wanted: bool = False
+    prices_changed: bool = False  # a price was created or deleted: reload the price table
 
     def binds(self, tenant_id: str, api_key_id: str, tags: dict[str, str]) -> bool:
         if not self.kind:
@@ -143,6 +144,8 @@ class LeaseBook:
     _leases: dict[str, _Lease] = field(default_factory=dict)  # budget id -> this router's lease on it
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _revision: int = 0  # bumped by every change that makes an answer in flight stale
+    on_prices: Callable[[], None] | None = None  # told when billing says the prices changed
+    watching: bool = False  # billing's change feed is connected (price pushes arrive)
 
     @staticmethod
     def key(tenant_id: str, api_key_id: str, tags: dict[str, str]) -> CallerKey:
@@ -319,11 +322,18 @@ class LeaseBook:
             await self._forget(key)
 
     # --- budget changes ---------------------------------------------------------------------------
-    def change(self, change: BudgetChange) -> dict[str, int]:
-        """Follow a budget change billing pushed: the callers it binds are re-learned (admitted by
-        per-request Reserve until then); when it wants an answer, the lease on the changed budget is given
-        up. Returns what was consumed of that lease (lease id -> consumed) for the answer."""
+    def change(self, change: BudgetChange, first: bool = False) -> dict[str, int]:
+        """Follow a budget change billing pushed (`first`: the first message of a stream, which binds every
+        caller): the callers it binds are re-learned (admitted by per-request Reserve until then); when it
+        wants an answer, the lease on the changed budget is given up. Returns what was consumed of that
+        lease (lease id -> consumed) for the answer."""
         given: dict[str, int] = {}
+        if change.prices_changed and self.on_prices is not None:
+            self.on_prices()
+        if change.prices_changed and not first:
+            return given  # a price change only
+        if first:
+            change = replace(change, kind="")
         if change.ack_wanted or not change.kind:
             self._revision += 1
         for caller in self._callers.values():
@@ -345,10 +355,12 @@ class LeaseBook:
         """Keep billing's WatchLeases stream open (reconnecting) and follow each change it sends."""
         delay = retry_s
         while True:
+            first = True
             try:
                 async for change in self.port.watch_leases(self.router_id):
-                    delay = retry_s
-                    given = self.change(change)
+                    delay, self.watching = retry_s, True
+                    given = self.change(change, first)
+                    first = False
                     if change.ack_wanted:
                         try:
                             await self.port.ack_lease_change(self.router_id, change.revision, given)
@@ -356,6 +368,7 @@ class LeaseBook:
                             log.warning("lease_change_ack_failed", revision=change.revision, reason=exc.reason)
             except DomainError as exc:
                 log.warning("lease_watch_failed", reason=exc.reason)
+            self.watching = False
             await asyncio.sleep(delay)  # reconnect backoff
             delay = min(delay * 2, max_retry_s)
 

@@ -26,7 +26,7 @@ from autoglm.common.v1 import money_pb2
 from autoglm.router.v1 import router_service_pb2 as pb2
 from services.inference.engine.model import LoadedModel
 from tests.integration.billing.conftest import PgServer, postgres  # noqa: F401  (the session fixture)
-from tests.integration.router.conftest import Mesh, start_mesh
+from tests.integration.router.conftest import MODEL, Mesh, start_mesh
 from tests.integration.router.test_router_leases import REQUEST, _budget
 from tests.integration.router.test_router_vertical import bearer, settled_rows
 from tests.waiting import wait_until
@@ -154,3 +154,23 @@ async def test_a_hard_budget_lowered_mid_flight_binds_the_leasing_router_at_once
     assert after, "no request was sent after the change"
     assert set(after) == {grpc.StatusCode.RESOURCE_EXHAUSTED}, \
         f"{sum(isinstance(o, pb2.CompleteResponse) for o in after)} of {len(after)} served after the commit"
+
+
+async def test_a_new_price_reaches_the_leasing_router_at_once(serve, tmp_path, loaded_model: LoadedModel) -> None:
+    """Billing pushes a price change over the lease feed: the router's next quote uses it, though its
+    table's poll (`price_refresh_s`) is an hour away."""
+    mesh = await start_mesh(serve, tmp_path, loaded_model, billing_leases=True, price_refresh_s=3600)
+    try:
+        secret, _ = await mesh.create_key("acme")
+        first = await mesh.router_stub.Complete(REQUEST, metadata=bearer(secret), timeout=60)
+        await mesh.billing_stub.CreatePrice(billing_pb2.CreatePriceRequest(price=billing_pb2.Price(
+            model=MODEL, input_per_million=money_pb2.Money(currency_code="USD", micros=50_000_000),
+            output_per_million=money_pb2.Money(currency_code="USD", micros=100_000_000)), actor="test"), timeout=10)
+
+        async def quoted_at_the_new_price() -> bool:
+            reply = await mesh.router_stub.Complete(REQUEST, metadata=bearer(secret), timeout=60)
+            return reply.cost.micros >= 50 * first.cost.micros * 9 // 10
+        await wait_until(quoted_at_the_new_price, 30, "a quote at the new price", interval=0.1)
+    finally:
+        await mesh.channel.close()
+        await mesh.billing_channel.close()

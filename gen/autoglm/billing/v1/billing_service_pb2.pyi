@@ -779,16 +779,18 @@ class WatchLeasesRequest(_message.Message):
     def __init__(self, router_id: _Optional[str] = ...) -> None: ...
 
 class WatchLeasesResponse(_message.Message):
-    __slots__ = ("revision", "scope", "budget_id", "ack_wanted")
+    __slots__ = ("revision", "scope", "budget_id", "ack_wanted", "prices_changed")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     BUDGET_ID_FIELD_NUMBER: _ClassVar[int]
     ACK_WANTED_FIELD_NUMBER: _ClassVar[int]
+    PRICES_CHANGED_FIELD_NUMBER: _ClassVar[int]
     revision: int
     scope: BudgetScope
     budget_id: str
     ack_wanted: bool
-    def __init__(self, revision: _Optional[int] = ..., scope: _Optional[_Union[BudgetScope, _Mapping]] = ..., budget_id: _Optional[str] = ..., ack_wanted: _Optional[bool] = ...) -> None: ...
+    prices_changed: bool
+    def __init__(self, revision: _Optional[int] = ..., scope: _Optional[_Union[BudgetScope, _Mapping]] = ..., budget_id: _Optional[str] = ..., ack_wanted: _Optional[bool] = ..., prices_changed: _Optional[bool] = ...) -> None: ...
 
 class AckLeaseChangeRequest(_message.Message):
     __slots__ = ("router_id", "revision", "consumed")

@@ -307,8 +307,8 @@ class BillingServiceServicer:
 
     def WatchLeases(self, request, context):
         """Keeps a router told of budget changes while it holds (or may need) leases: a message per budget
-        created, changed or deleted, and per alert level a budget reaches. The first message asks the router
-        to drop what it knew (changes it missed while not watching). A router admits in-process only what
+        created, changed or deleted, per alert level a budget reaches and per price change. The first message
+        asks the router to drop what it knew (changes it missed while not watching). A router admits in-process only what
         its leases cover; on a message it stops admitting in-process for the callers in its scope and
         re-acquires their leases.
         """
