@@ -22,11 +22,19 @@ import grpc
 import pytest
 
 from autoglm.billing.v1 import billing_service_pb2 as billing_pb2
+from autoglm.billing.v1 import billing_service_pb2_grpc as billing_grpc
 from autoglm.common.v1 import money_pb2
 from autoglm.router.v1 import router_service_pb2 as pb2
+from services.billing.config import BillingConfig
+from services.billing.server import build_server as build_billing
+from services.cli.endpoint import billing_token, operator_channel
+from services.inference.config import InferenceConfig
 from services.inference.engine.model import LoadedModel
+from services.inference.server import build_server as build_inference
+from services.router.config import RouterConfig
+from services.router.server import build_server as build_router
 from tests.integration.billing.conftest import PgServer, postgres  # noqa: F401  (the session fixture)
-from tests.integration.router.conftest import MODEL, Mesh, start_mesh
+from tests.integration.router.conftest import ADMIN_TOKEN, EPHEMERAL, MODEL, Mesh, start_mesh
 from tests.integration.router.test_router_leases import REQUEST, _budget
 from tests.integration.router.test_router_vertical import bearer, settled_rows
 from tests.waiting import wait_until
@@ -157,15 +165,30 @@ async def test_a_hard_budget_lowered_mid_flight_binds_the_leasing_router_at_once
 
 
 async def test_a_new_price_reaches_the_leasing_router_at_once(serve, tmp_path, loaded_model: LoadedModel) -> None:
-    """Billing pushes a price change over the lease feed: the router's next quote uses it, though its
-    table's poll (`price_refresh_s`) is an hour away."""
-    mesh = await start_mesh(serve, tmp_path, loaded_model, billing_leases=True, price_refresh_s=3600)
+    """Billing pushes a price change over the lease feed: the router's quotes use it within moments, though
+    its table's poll (`price_refresh_s`) is an hour away (and billing honours a quote of the old price for an
+    hour, so no charge that differs from the quote makes the router reload its table either)."""
+    billing = await serve(build_billing(BillingConfig(server=EPHEMERAL, data_dir=tmp_path / "billing",
+                                                      quote_grace_s=3600)))
+    billing_channel = operator_channel(billing.address, billing_token(tmp_path / "billing"))
+    stub = billing_grpc.BillingServiceStub(billing_channel)
+
+    def price(micros: int) -> billing_pb2.CreatePriceRequest:
+        return billing_pb2.CreatePriceRequest(price=billing_pb2.Price(
+            model=MODEL, input_per_million=money_pb2.Money(currency_code="USD", micros=micros),
+            output_per_million=money_pb2.Money(currency_code="USD", micros=2 * micros)), actor="test")
+
+    await stub.CreatePrice(price(1_000_000), timeout=10)  # in the router's table from its start
+    inference = await serve(build_inference(InferenceConfig(server=EPHEMERAL, intra_op_threads=1), model=loaded_model))
+    router = await serve(build_router(RouterConfig(
+        server=EPHEMERAL, inference_targets=(inference.address,), billing_target=billing.address,
+        data_dir=tmp_path / "router", admin_token=ADMIN_TOKEN, price_refresh_s=3600, billing_leases=True)))
+    mesh = Mesh(billing, inference, router, grpc.aio.insecure_channel(router.address), billing_channel,
+                tmp_path / "router")
     try:
         secret, _ = await mesh.create_key("acme")
         first = await mesh.router_stub.Complete(REQUEST, metadata=bearer(secret), timeout=60)
-        await mesh.billing_stub.CreatePrice(billing_pb2.CreatePriceRequest(price=billing_pb2.Price(
-            model=MODEL, input_per_million=money_pb2.Money(currency_code="USD", micros=50_000_000),
-            output_per_million=money_pb2.Money(currency_code="USD", micros=100_000_000)), actor="test"), timeout=10)
+        await stub.CreatePrice(price(50_000_000), timeout=10)  # in force at once
 
         async def quoted_at_the_new_price() -> bool:
             reply = await mesh.router_stub.Complete(REQUEST, metadata=bearer(secret), timeout=60)
@@ -173,4 +196,4 @@ async def test_a_new_price_reaches_the_leasing_router_at_once(serve, tmp_path, l
         await wait_until(quoted_at_the_new_price, 30, "a quote at the new price", interval=0.1)
     finally:
         await mesh.channel.close()
-        await mesh.billing_channel.close()
+        await billing_channel.close()
