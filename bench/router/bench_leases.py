@@ -52,6 +52,7 @@ from tests.settlement import router_backlog
 OUT = Path(__file__).resolve().parents[1] / "results"
 ADMIN = [("authorization", f"Bearer {ADMIN_TOKEN}")]
 BILLING_METHODS = ("Reserve", "Settle", "Release", "RecordUsage", "StreamUsage", "AcquireLeases", "ReturnLease",
+                   "WatchLeases", "AckLeaseChange",
                    "CheckBudget", "ListPrices")
 PRICE_IN, PRICE_OUT = 1_000_000, 2_000_000  # micro-units per million tokens: 1 and 2 micro-units per token
 

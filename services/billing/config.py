@@ -35,6 +35,9 @@ class BillingConfig:
     lease_floor_permille: int = 10
     lease_cap_permille: int = 100
     lease_edge_permille: int = 50
+    # A budget change waits this long at most for the routers watching leases (WatchLeases) to stop
+    # admitting in-process for its scope before it commits (services/billing/lease_watch.py).
+    lease_change_timeout_s: float = 1.0
     # Engine-side metering (services/billing/engine_usage.py): a replica's record of a finished sequence is
     # billed (source ENGINE) when no router event has come `engine_grace_s` after the latest of its end, its
     # arrival and the expiry of the router's leases open then; due records are reconciled every

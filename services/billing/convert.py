@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2
 from autoglm.billing.v1 import billing_service_pb2 as pb2
 from autoglm.common.v1 import money_pb2
 from services.billing import model as m
+from services.billing.lease_watch import LeaseChange
 from services.billing.reports import ReportQuery, ReportRow
 from services.common.errors import InvalidInput
 from services.common.generation import TrafficClass
@@ -86,6 +87,12 @@ def lease_pb(lease: m.Lease) -> pb2.Lease:
                      unit=pb2.LEASE_UNIT_TOKENS if lease.in_tokens else pb2.LEASE_UNIT_MICROS,
                      granted=lease.granted, used=lease.used, expire_time=ts(lease.expire_us),
                      refresh_seconds=lease.refresh_s, level=level_pb(lease.level))
+
+
+def lease_change_pb(change: LeaseChange) -> pb2.WatchLeasesResponse:
+    return pb2.WatchLeasesResponse(revision=change.revision, scope=scope_pb(change.scope),
+                                   budget_id=change.budget_id, ack_wanted=change.ack_wanted,
+                                   prices_changed=change.prices_changed)
 
 
 def reserve_request(r: pb2.ReserveRequest) -> m.ReserveRequest:

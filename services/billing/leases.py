@@ -123,6 +123,21 @@ def return_lease(tx: Tx, lease_id: str, router_id: str, consumed: int, now_us: i
     return True
 
 
+def give_up(tx: Tx, reported: dict[str, tuple[str, int]], now_us: int) -> int:
+    """A budget change: return each reported lease (lease id -> (its router, what it consumed)) as
+    ReturnLease would, in the change's own commit. Unknown, foreign or closed leases are skipped. Returns
+    how many were returned."""
+    returned = 0
+    for lease_id, (router_id, consumed) in sorted(reported.items()):
+        row = tx.one("SELECT router_id, granted, used, expire_us, state FROM leases WHERE lease_id = ?", (lease_id,))
+        if row is None or row[0] != router_id or int(row[4]) != LEASE_OPEN or int(row[3]) <= now_us:
+            continue
+        keep = min(max(consumed, int(row[2])), int(row[1]))
+        tx.execute("UPDATE leases SET granted = ?, state = ? WHERE lease_id = ?", (keep, LEASE_RETURNED, lease_id))
+        returned += 1
+    return returned
+
+
 def record_usage(tx: Tx, spend: Sequence[tuple[str, frozenset[str], int, int]]) -> None:
     """Add events' spend to the leases they name: (lease id, ids of the budgets the event counts against,
     micro-units, tokens). A lease of a budget the event does not count against, or an unknown one, is

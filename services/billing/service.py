@@ -15,7 +15,18 @@ from dataclasses import replace
 
 import structlog
 
-from services.billing import admin, alerts, audit, budgets, engine_usage, leases, ledger, metrics, reports
+from services.billing import (
+    admin,
+    alerts,
+    audit,
+    budgets,
+    engine_usage,
+    lease_watch,
+    leases,
+    ledger,
+    metrics,
+    reports,
+)
 from services.billing.catalog import Catalog
 from services.billing.config import BillingConfig
 from services.billing.model import (
@@ -73,6 +84,8 @@ class Billing:
         self.anomaly_rule = reports.AnomalyRule(config.anomaly_max_requests, config.anomaly_window_s,
                                                 config.anomaly_hourly_factor_permille)
         self.burst_memo = reports.BurstMemo()
+        # Budget changes pushed to the routers' lease books before they commit (lease_watch.py).
+        self.lease_watchers = lease_watch.Watchers(config.lease_change_timeout_s)
 
     async def close(self) -> None:
         await self.webhooks.close()
@@ -137,6 +150,9 @@ class Billing:
         self.hub.notify()
         for alert in raised:
             log.info("budget_alert", budget_id=alert.budget_id, level=alert.level.name, permille=alert.permille)
+            moved = self.catalog.cached_budget(alert.budget_id)
+            if moved is not None:  # the routers re-acquire the leases, which carry the level
+                self.lease_watchers.notify(moved.scope, moved.budget_id)
         for alert in raised:
             budget = self.catalog.cached_budget(alert.budget_id)
             if budget is not None and budget.webhook_url:
@@ -207,8 +223,9 @@ class Billing:
                                    field="consumed.consumed")
         now = self.clock()
         states: list[BudgetState] = []
-        granted = await self.store.write(lambda tx: leases.acquire(tx, self.catalog.current(tx), self.lease_policy,
-                                                                   req, now, states))
+        async with self.lease_watchers.acquiring():  # never amid a budget change (lease_watch.py)
+            granted = await self.store.write(lambda tx: leases.acquire(tx, self.catalog.current(tx),
+                                                                       self.lease_policy, req, now, states))
         metrics.LEASES.labels("acquire").inc()
         metrics.observe_budgets(states)
         return granted
@@ -222,6 +239,26 @@ class Billing:
         returned = await self.store.write(lambda tx: leases.return_lease(tx, lease_id, router_id, consumed, now))
         metrics.LEASES.labels("return").inc()
         return returned
+
+    async def watch_leases(self, router_id: str) -> AsyncIterator[lease_watch.LeaseChange]:
+        """A router's feed of budget changes (lease_watch.py), until it hangs up."""
+        check_text(router_id, "router_id", required=True, limit=128)
+        handle, watcher = self.lease_watchers.subscribe(router_id)
+        try:
+            while True:
+                yield await watcher.queue.get()
+        finally:
+            self.lease_watchers.unsubscribe(handle)
+
+    def ack_lease_change(self, router_id: str, revision: int, consumed: dict[str, int]) -> None:
+        check_text(router_id, "router_id", required=True, limit=128)
+        for lease_id, used in consumed.items():
+            check_text(lease_id, "consumed.lease_id", required=True, limit=128)
+            if used < 0:
+                raise InvalidInput(f"consumed of lease {lease_id} is {used}; it cannot be negative",
+                                   field="consumed.consumed")
+        if not self.lease_watchers.ack(router_id, revision, consumed):
+            log.info("lease_change_ack_late", router_id=router_id, revision=revision)
 
     async def check(self, tenant_id: str, api_key_id: str, tags: dict[str, str], traffic_class: int) -> Verdict:
         check_text(tenant_id, "tenant_id", required=True)
@@ -294,7 +331,9 @@ class Billing:
     async def create_price(self, price: Price, actor: str, claimed: str = "") -> Price:
         admin.check_price(price, self.config.currency)
         now = self.clock()
-        return await self.store.write(lambda tx: admin.create_price(tx, price, actor, now, claimed))
+        created = await self.store.write(lambda tx: admin.create_price(tx, price, actor, now, claimed))
+        self.lease_watchers.prices_changed()
+        return created
 
     async def list_prices(self, model: str) -> list[Price]:
         return await self.store.read(lambda tx: admin.list_prices(tx, model))
@@ -303,6 +342,7 @@ class Billing:
         check_text(price_id, "price_id", required=True)
         now = self.clock()
         await self.store.write(lambda tx: admin.delete_price(tx, price_id, actor, now, claimed))
+        self.lease_watchers.prices_changed()
 
     # --- budgets ----------------------------------------------------------------------------------
     async def create_budget(self, budget: Budget, actor: str, currency: str = "", claimed: str = "") -> Budget:
@@ -311,8 +351,9 @@ class Billing:
         check_text(budget.budget_id, "budget.budget_id", required=False, limit=64)
         if budget.webhook_url:
             await self.webhooks.policy.check(budget.webhook_url)
-        now = self.clock()
-        return await self.store.write(lambda tx: admin.create_budget(tx, budget, actor, now, claimed))
+        async with self.lease_watchers.changing(budget.scope):
+            now = self.clock()
+            return await self.store.write(lambda tx: admin.create_budget(tx, budget, actor, now, claimed))
 
     async def update_budget(self, changes: Budget, actor: str, currency: str = "", claimed: str = "") -> Budget:
         check_text(changes.budget_id, "budget.budget_id", required=True)
@@ -327,13 +368,28 @@ class Billing:
         merged = admin.check_budget(merged, self.config.currency, currency)
         if merged.webhook_url and merged.webhook_url != current.webhook_url:
             await self.webhooks.policy.check(merged.webhook_url)
-        return await self.store.write(lambda tx: admin.update_budget(tx, merged, actor, now, claimed))
+        async with self.lease_watchers.changing(current.scope, current.budget_id) as reported:
+            now = self.clock()
+
+            def unit(tx: Tx) -> Budget:
+                updated = admin.update_budget(tx, merged, actor, now, claimed)
+                leases.give_up(tx, reported, now)
+                return updated
+
+            return await self.store.write(unit)
 
     async def delete_budget(self, budget_id: str, actor: str, claimed: str = "") -> None:
         check_text(budget_id, "budget_id", required=True)
         now = self.clock()
         old = await self.store.read(lambda tx: admin.get_budget(tx, budget_id))
-        await self.store.write(lambda tx: admin.delete_budget(tx, budget_id, actor, now, claimed))
+        async with self.lease_watchers.changing(old.scope, budget_id) as reported:
+            now = self.clock()
+
+            def unit(tx: Tx) -> None:
+                admin.delete_budget(tx, budget_id, actor, now, claimed)
+                leases.give_up(tx, reported, now)
+
+            await self.store.write(unit)
         metrics.forget_budget(budget_id, old.scope.tenant_id)
 
     async def budget_state(self, budget_id: str) -> BudgetState:

@@ -159,6 +159,15 @@ class BillingServicer(pb2_grpc.BillingServiceServicer):
         return pb2.ReturnLeaseResponse(returned=await self.billing.return_lease(request.lease_id, request.router_id,
                                                                                request.consumed))
 
+    async def WatchLeases(self, request: pb2.WatchLeasesRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb2.WatchLeasesResponse]:
+        async for change in self.billing.watch_leases(request.router_id):
+            yield convert.lease_change_pb(change)
+
+    async def AckLeaseChange(self, request: pb2.AckLeaseChangeRequest, context: grpc.aio.ServicerContext) -> pb2.AckLeaseChangeResponse:
+        self.billing.ack_lease_change(request.router_id, request.revision,
+                                      {c.lease_id: c.consumed for c in request.consumed})
+        return pb2.AckLeaseChangeResponse()
+
     async def CheckBudget(self, request: pb2.CheckBudgetRequest, context: grpc.aio.ServicerContext) -> pb2.CheckBudgetResponse:
         verdict = await self.billing.check(request.tenant_id, request.api_key_id, dict(request.tags),
                                            request.traffic_class)

@@ -176,9 +176,14 @@ class RouterApp:
         await self.meter.refresh_prices()
         self.meter.recover_journal()
         self._tasks.append(asyncio.create_task(self.meter.replay_forever()))
-        self._tasks.append(asyncio.create_task(self.meter.refresh_prices_forever(self.config.price_refresh_s)))
+        book = self.leases
+        if book is not None:  # billing pushes price changes over the lease book's feed: poll rarely then
+            book.on_prices = self.meter.prices_changed
+        self._tasks.append(asyncio.create_task(self.meter.refresh_prices_forever(
+            self.config.price_refresh_s, pushed=None if book is None else lambda: book.watching)))
         if self.leases is not None:
             self._tasks.append(asyncio.create_task(self.leases.refresh_forever()))
+            self._tasks.append(asyncio.create_task(self.leases.follow_changes()))
         released = await asyncio.to_thread(self.job_store.take_over_from_previous_life,
                                            Path(self.config.data_dir) / "batch_claimant")
         if released:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -18,7 +18,7 @@ from services.common.price_convert import price_from_proto
 from services.common.pricing import Price
 from services.common.tracing import outgoing_metadata
 from services.common.usage import AlertLevel
-from services.router.leasebook import LeaseGrant
+from services.router.leasebook import BudgetChange, LeaseGrant
 from services.router.ports import Hold, HoldRequest, UsageRecord
 from services.router.types import Money
 from services.router.usage_stream import Ack
@@ -26,6 +26,9 @@ from services.router.usage_stream import Ack
 # Reconnect quickly after an outage instead of gRPC's default backoff of up to two minutes.
 RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000),
                      ("grpc.min_reconnect_backoff_ms", 200))
+
+
+_SCOPE_KINDS = {pb2.SCOPE_KIND_TENANT: "tenant", pb2.SCOPE_KIND_API_KEY: "api_key", pb2.SCOPE_KIND_TAG: "tag"}
 
 
 def usage_to_proto(usage: UsageRecord) -> pb2.UsageEvent:
@@ -130,6 +133,29 @@ class GrpcBilling:
         except grpc.aio.AioRpcError as exc:
             raise billing_error(exc) from None
         return reply.returned
+
+    async def watch_leases(self, router_id: str) -> AsyncIterator[BudgetChange]:
+        """Billing's feed of budget changes (a long-lived stream, no deadline) until it breaks."""
+        call = self._stub.WatchLeases(pb2.WatchLeasesRequest(router_id=router_id), metadata=outgoing_metadata())
+        try:
+            async for m in call:
+                s = m.scope
+                yield BudgetChange(m.revision, _SCOPE_KINDS.get(s.kind, ""), s.tenant_id, s.api_key_id, s.tag_key,
+                                   s.tag_value, m.budget_id, m.ack_wanted, m.prices_changed)
+        except grpc.aio.AioRpcError as exc:
+            raise billing_error(exc) from None
+        finally:
+            call.cancel()
+
+    async def ack_lease_change(self, router_id: str, revision: int, consumed: dict[str, int]) -> None:
+        try:
+            await self._stub.AckLeaseChange(
+                pb2.AckLeaseChangeRequest(router_id=router_id, revision=revision,
+                                          consumed=[pb2.LeaseConsumption(lease_id=lease_id, consumed=c)
+                                                    for lease_id, c in consumed.items()]),
+                metadata=outgoing_metadata(), timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise billing_error(exc) from None
 
     async def settle(self, hold_id: str, usage: UsageRecord) -> Money:
         try:

@@ -64,7 +64,7 @@ class RouterConfig:
     billing_timeout_s: float = 3.0
     # Admit requests against billing leases held by this router (no billing call per request while a
     # caller's leases cover its worst case; see services/router/leasebook.py), else per-request Reserve.
-    billing_leases: bool = False
+    billing_leases: bool = True
     # Generations running at once through this router; beyond, waiters are admitted by traffic class.
     max_concurrent: int = 512
     # Requests that may wait for one of those slots. When the queue is full a request of a higher class

@@ -17,16 +17,22 @@ requests in flight plus the actual cost of those that ended. Rules that keep bil
   grant), whose refresh interval passed or that are new, reporting `consumed` (billing never grants less);
   a caller idle for `idle_s` has its leases returned and is forgotten.
 
-What a caller's budgets are is learned at each refresh: a budget created since is seen within one refresh
-interval. No grpc here: the port (`LeasePort`) is the billing client.
+What a caller's budgets are is learned at each refresh; a budget created, changed or deleted since is
+pushed by billing over a `WatchLeases` stream the book keeps open (`follow_changes`, reconnecting): on a
+change that asks for an answer, the book stops admitting in-process for the callers in its scope (they
+go to per-request Reserve), gives up its lease on the changed budget, and answers with what it consumed
+of it; billing commits the change after the answers, and the callers' next leases are granted under it
+(a refresh answered across such a change is not used). The stream's first message (at each connect)
+asks the book to re-learn every caller. An alert level a budget reached is pushed too: its callers are
+refreshed at once; so is a price change (`on_prices`: the meter reloads its price table). No grpc here: the port (`LeasePort`) is the billing client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import structlog
@@ -52,11 +58,41 @@ class LeaseGrant:
     level: AlertLevel = AlertLevel.NONE
 
 
+@dataclass(frozen=True)
+class BudgetChange:
+    """A budget change billing pushed: the callers it binds are those of its scope (kind "" binds all)."""
+
+    revision: int
+    kind: str = ""  # "", "tenant", "api_key" or "tag"
+    tenant_id: str = ""
+    api_key_id: str = ""
+    tag_key: str = ""
+    tag_value: str = ""
+    budget_id: str = ""
+    ack_wanted: bool = False
+    prices_changed: bool = False  # a price was created or deleted: reload the price table
+
+    def binds(self, tenant_id: str, api_key_id: str, tags: dict[str, str]) -> bool:
+        if not self.kind:
+            return True
+        if self.tenant_id and self.tenant_id != tenant_id:
+            return False
+        if self.kind == "api_key":
+            return self.api_key_id == api_key_id
+        if self.kind == "tag":
+            return tags.get(self.tag_key) == self.tag_value
+        return True
+
+
 class LeasePort(Protocol):
     async def acquire_leases(self, router_id: str, tenant_id: str, api_key_id: str, tags: dict[str, str],
                              consumed: dict[str, int]) -> list[LeaseGrant]: ...
 
     async def return_lease(self, router_id: str, lease_id: str, consumed: int) -> bool: ...
+
+    def watch_leases(self, router_id: str) -> AsyncIterator[BudgetChange]: ...
+
+    async def ack_lease_change(self, router_id: str, revision: int, consumed: dict[str, int]) -> None: ...
 
 
 @dataclass
@@ -107,6 +143,9 @@ class LeaseBook:
     _callers: dict[CallerKey, _Caller] = field(default_factory=dict)
     _leases: dict[str, _Lease] = field(default_factory=dict)  # budget id -> this router's lease on it
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _revision: int = 0  # bumped by every change that makes an answer in flight stale
+    on_prices: Callable[[], None] | None = None  # told when billing says the prices changed
+    watching: bool = False  # billing's change feed is connected (price pushes arrive)
 
     @staticmethod
     def key(tenant_id: str, api_key_id: str, tags: dict[str, str]) -> CallerKey:
@@ -197,6 +236,7 @@ class LeaseBook:
                     (worst is not None and lease.consumed + worst <= lease.granted):
                 continue  # no room to give, or room that covers it (the refusal is another budget's)
             lease.returned = True
+            self._revision += 1
             self._want(caller)
             try:
                 given = await self.port.return_lease(self.router_id, lease.lease_id, lease.consumed) or given
@@ -234,6 +274,7 @@ class LeaseBook:
     async def _refresh(self, caller: _Caller) -> None:
         consumed = {lease.lease_id: lease.consumed for b in caller.budget_ids if (lease := self._leases.get(b))}
         caller.wanted = False
+        revision = self._revision
         try:
             grants = await self.port.acquire_leases(self.router_id, caller.tenant_id, caller.api_key_id,
                                                     caller.tags, consumed)
@@ -245,12 +286,16 @@ class LeaseBook:
             return
         if self.reachable is not None:
             self.reachable(True)
+        if revision != self._revision:  # a budget changed meanwhile: this answer may predate it
+            self._want(caller)
+            return
         now = self.clock()
         for grant in grants:
             lease = self._leases.get(grant.budget_id)
             if lease is None or lease.lease_id != grant.lease_id:  # new, or the old one expired at billing
                 lease = self._leases[grant.budget_id] = _Lease(grant.lease_id, grant.budget_id, grant.in_tokens,
                                                                grant.granted, 0.0, grant.level)
+            lease.returned = False  # still open at billing (a return that did not reach it): counted there
             lease.granted = max(lease.granted, grant.granted)
             lease.expire_at, lease.level = now + grant.expire_in_s, grant.level
             lease.last_grant = lease.granted - lease.consumed
@@ -275,6 +320,57 @@ class LeaseBook:
         """Return every lease (at shutdown): billing keeps only what is still in flight."""
         for key in list(self._callers):
             await self._forget(key)
+
+    # --- budget changes ---------------------------------------------------------------------------
+    def change(self, change: BudgetChange, first: bool = False) -> dict[str, int]:
+        """Follow a budget change billing pushed (`first`: the first message of a stream, which binds every
+        caller): the callers it binds are re-learned (admitted by per-request Reserve until then); when it
+        wants an answer, the lease on the changed budget is given up. Returns what was consumed of that
+        lease (lease id -> consumed) for the answer."""
+        given: dict[str, int] = {}
+        if change.prices_changed and self.on_prices is not None:
+            self.on_prices()
+        if change.prices_changed and not first:
+            return given  # a price change only
+        if first:
+            change = replace(change, kind="")
+        if change.ack_wanted or not change.kind:
+            self._revision += 1
+        for caller in self._callers.values():
+            if change.binds(caller.tenant_id, caller.api_key_id, caller.tags):
+                if change.ack_wanted or not change.kind:
+                    caller.known = False
+                self._want(caller)
+        lease = self._leases.get(change.budget_id) if change.ack_wanted else None
+        if lease is not None:
+            lease.returned = True
+            given[lease.lease_id] = lease.consumed
+            for caller in self._callers.values():
+                if change.budget_id in caller.budget_ids:
+                    caller.known = False
+                    self._want(caller)
+        return given
+
+    async def follow_changes(self, retry_s: float = 0.2, max_retry_s: float = 2.0) -> None:
+        """Keep billing's WatchLeases stream open (reconnecting) and follow each change it sends."""
+        delay = retry_s
+        while True:
+            first = True
+            try:
+                async for change in self.port.watch_leases(self.router_id):
+                    delay, self.watching = retry_s, True
+                    given = self.change(change, first)
+                    first = False
+                    if change.ack_wanted:
+                        try:
+                            await self.port.ack_lease_change(self.router_id, change.revision, given)
+                        except DomainError as exc:  # billing commits after its deadline anyway
+                            log.warning("lease_change_ack_failed", revision=change.revision, reason=exc.reason)
+            except DomainError as exc:
+                log.warning("lease_watch_failed", reason=exc.reason)
+            self.watching = False
+            await asyncio.sleep(delay)  # reconnect backoff
+            delay = min(delay * 2, max_retry_s)
 
     async def refresh_forever(self, tick_s: float = 1.0) -> None:
         while True:

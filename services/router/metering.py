@@ -120,6 +120,7 @@ class Meter:
         self.stream = stream
         self._replay_wait_s = replay_wait_s
         self._replaying: set[int] = set()  # spool rows handed to the stream, not acked yet
+        self._prices_wake = asyncio.Event()
         if leases is not None:
             leases.reachable = self._reachability
         if stream is not None:
@@ -323,10 +324,22 @@ class Meter:
         except DomainError as exc:
             log.warning("price_refresh_failed", reason=exc.reason)
 
-    async def refresh_prices_forever(self, interval_s: float = 5.0) -> None:
+    def prices_changed(self) -> None:
+        """Billing says a price changed: reload the table now."""
+        self._prices_wake.set()
+
+    async def refresh_prices_forever(self, interval_s: float = 5.0, pushed: Callable[[], bool] | None = None,
+                                     pushed_interval_s: float = 60.0) -> None:
+        """Reload the price table every `interval_s`, at once when `prices_changed`, and only every
+        `pushed_interval_s` while `pushed()` says billing's change feed is connected (it pushes each change)."""
         while True:
+            self._prices_wake.clear()
             await self.refresh_prices()
-            await asyncio.sleep(interval_s)
+            wait = pushed_interval_s if pushed is not None and pushed() else interval_s
+            try:
+                await asyncio.wait_for(self._prices_wake.wait(), wait)
+            except TimeoutError:
+                pass
 
     def recover_journal(self) -> None:
         """At start: events an earlier run answered but never settled go to the spool (replayed in order)."""

@@ -109,7 +109,8 @@ LEASE_CONFIG = {"router": {"billing_leases": True},
 async def test_sigkill_router_with_30_streams_each_request_has_exactly_one_usage_event(tmp_path, processes,
                                                                                      sidecar: str,
                                                                                      leases: bool) -> None:
-    config = LEASE_CONFIG if leases else {"billing": {"engine_grace_s": GRACE_S}}
+    # The per-request path (Reserve and Settle) is asked for explicitly: leases are on by default.
+    config = LEASE_CONFIG if leases else {"router": {"billing_leases": False}, "billing": {"engine_grace_s": GRACE_S}}
     mesh = start_mesh(tmp_path, processes, extra_args=("--sidecar", sidecar), extra_config=config)
     key = await create_key(mesh, TENANT)
     if leases:

@@ -213,3 +213,18 @@ async def test_routers_on_two_billing_processes_sharing_postgres_cannot_be_lease
     assert state.spent_amount.micros == sum(spent) <= LIMIT
     assert state.held_amount.micros == 0 and state.leased_amount.micros == 0
     assert state.spent_amount.micros >= LIMIT - 13 * HOLD
+
+
+async def test_lease_watch_calls_without_a_router_or_with_a_negative_consumption_name_the_field(billing) -> None:
+    async with operator(billing) as chan:
+        stub = pb2_grpc.BillingServiceStub(chan)
+        with pytest.raises(grpc.aio.AioRpcError) as no_router:
+            async for _ in stub.WatchLeases(pb2.WatchLeasesRequest(), timeout=10):
+                break
+        with pytest.raises(grpc.aio.AioRpcError) as negative:
+            await stub.AckLeaseChange(pb2.AckLeaseChangeRequest(router_id="a", revision=1, consumed=[
+                pb2.LeaseConsumption(lease_id="l1", consumed=-1)]), timeout=10)
+        late = await stub.AckLeaseChange(pb2.AckLeaseChangeRequest(router_id="a", revision=99), timeout=10)
+    assert no_router.value.code() == negative.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "router_id" in (no_router.value.details() or "") and "consumed" in (negative.value.details() or "")
+    assert late == pb2.AckLeaseChangeResponse()  # an answer nobody waits for is ignored

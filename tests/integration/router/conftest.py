@@ -66,8 +66,10 @@ class Mesh:
         return reply.secret, reply.api_key
 
 
-async def start_mesh(serve, tmp_path: Path, model: LoadedModel, **router_overrides: object) -> Mesh:
-    billing = await serve(build_billing(BillingConfig(server=EPHEMERAL, data_dir=tmp_path / "billing")))
+async def start_mesh(serve, tmp_path: Path, model: LoadedModel, *, billing_settings: dict[str, object] | None = None,
+                     **router_overrides: object) -> Mesh:
+    billing = await serve(build_billing(BillingConfig(server=EPHEMERAL, data_dir=tmp_path / "billing",
+                                                      **(billing_settings or {}))))  # type: ignore[arg-type]
     inference = await serve(build_inference(InferenceConfig(server=EPHEMERAL, intra_op_threads=1), model=model))
     router = await serve(build_router(RouterConfig(
         server=EPHEMERAL, inference_targets=(inference.address,), billing_target=billing.address,

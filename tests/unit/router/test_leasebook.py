@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from services.common.errors import PeerUnreachable
 from services.common.generation import TrafficClass
 from services.common.usage import AlertLevel
-from services.router.leasebook import LeaseBook, LeaseGrant
+from services.router.leasebook import BudgetChange, LeaseBook, LeaseGrant
 
 INTERACTIVE = TrafficClass.INTERACTIVE
 
@@ -138,3 +138,46 @@ async def test_idle_callers_return_their_leases_and_billing_failures_keep_the_cu
     await book.refresh_once()
     assert billing.returned == [("lease-money", 600)]
     assert book.room("money") == 0 and book.admit("acme", "k1", {}, INTERACTIVE, 1, 1) is None
+
+
+async def test_a_budget_change_stops_in_process_admission_for_its_scope_and_gives_up_the_changed_lease() -> None:
+    billing = FakeBilling({"money": False}, {"money": 1000})
+    book = LeaseBook(billing, "r1", clock=Clock())
+    await known(book)
+    assert book.admit("beta", "k9", {}, INTERACTIVE, 1, 1) is None
+    await book.refresh_once()
+    taken = book.admit("acme", "k1", {}, INTERACTIVE, 300, 10)
+    assert taken is not None and book.admit("beta", "k9", {}, INTERACTIVE, 1, 1) is not None
+    given = book.change(BudgetChange(7, "tenant", "acme", budget_id="money", ack_wanted=True))
+    assert given == {"lease-money": 301}  # what was consumed of it: the answer billing returns it to
+    assert book.admit("acme", "k1", {}, INTERACTIVE, 1, 1) is None  # per-request Reserve until re-acquired
+    assert book.admit("beta", "k9", {}, INTERACTIVE, 1, 1) is None  # the given-up lease was beta's too
+
+
+async def test_a_refresh_answered_across_a_budget_change_is_not_used() -> None:
+    billing = FakeBilling({"money": False}, {"money": 1000})
+    book = LeaseBook(billing, "r1", clock=Clock())
+    answer = billing.acquire_leases
+
+    async def changed_meanwhile(*args: object) -> list[LeaseGrant]:
+        grants = await answer(*args)  # type: ignore[arg-type]
+        book.change(BudgetChange(3, "api_key", "acme", "k1", budget_id="new", ack_wanted=True))
+        return grants
+
+    billing.acquire_leases = changed_meanwhile  # type: ignore[method-assign]
+    await known(book)
+    assert book.admit("acme", "k1", {}, INTERACTIVE, 1, 1) is None  # that answer may predate the new budget
+    billing.acquire_leases = answer  # type: ignore[method-assign]
+    await book.refresh_once()  # asked again at once
+    assert book.admit("acme", "k1", {}, INTERACTIVE, 1, 1) is not None
+
+
+async def test_the_first_message_of_each_watch_makes_the_book_relearn_every_caller() -> None:
+    billing = FakeBilling({"money": False}, {"money": 1000})
+    book = LeaseBook(billing, "r1", clock=Clock())
+    await known(book)
+    assert book.admit("acme", "k1", {}, INTERACTIVE, 1, 1) is not None
+    assert book.change(BudgetChange(1)) == {}
+    assert book.admit("acme", "k1", {}, INTERACTIVE, 1, 1) is None
+    await book.refresh_once()
+    assert book.admit("acme", "k1", {}, INTERACTIVE, 1, 1) is not None

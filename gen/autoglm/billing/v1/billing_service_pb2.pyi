@@ -783,3 +783,37 @@ class ReportEngineUsageResponse(_message.Message):
     accepted: int
     rejections: _containers.RepeatedCompositeFieldContainer[EngineUsageRejection]
     def __init__(self, accepted: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[EngineUsageRejection, _Mapping]]] = ...) -> None: ...
+
+class WatchLeasesRequest(_message.Message):
+    __slots__ = ("router_id",)
+    ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
+    router_id: str
+    def __init__(self, router_id: _Optional[str] = ...) -> None: ...
+
+class WatchLeasesResponse(_message.Message):
+    __slots__ = ("revision", "scope", "budget_id", "ack_wanted", "prices_changed")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_ID_FIELD_NUMBER: _ClassVar[int]
+    ACK_WANTED_FIELD_NUMBER: _ClassVar[int]
+    PRICES_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    scope: BudgetScope
+    budget_id: str
+    ack_wanted: bool
+    prices_changed: bool
+    def __init__(self, revision: _Optional[int] = ..., scope: _Optional[_Union[BudgetScope, _Mapping]] = ..., budget_id: _Optional[str] = ..., ack_wanted: _Optional[bool] = ..., prices_changed: _Optional[bool] = ...) -> None: ...
+
+class AckLeaseChangeRequest(_message.Message):
+    __slots__ = ("router_id", "revision", "consumed")
+    ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    CONSUMED_FIELD_NUMBER: _ClassVar[int]
+    router_id: str
+    revision: int
+    consumed: _containers.RepeatedCompositeFieldContainer[LeaseConsumption]
+    def __init__(self, router_id: _Optional[str] = ..., revision: _Optional[int] = ..., consumed: _Optional[_Iterable[_Union[LeaseConsumption, _Mapping]]] = ...) -> None: ...
+
+class AckLeaseChangeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

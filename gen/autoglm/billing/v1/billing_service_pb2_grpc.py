@@ -138,6 +138,16 @@ class BillingServiceStub:
                 request_serializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReportEngineUsageRequest.SerializeToString,
                 response_deserializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReportEngineUsageResponse.FromString,
                 _registered_method=True)
+        self.WatchLeases = channel.unary_stream(
+                '/autoglm.billing.v1.BillingService/WatchLeases',
+                request_serializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.WatchLeasesRequest.SerializeToString,
+                response_deserializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.WatchLeasesResponse.FromString,
+                _registered_method=True)
+        self.AckLeaseChange = channel.unary_unary(
+                '/autoglm.billing.v1.BillingService/AckLeaseChange',
+                request_serializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.AckLeaseChangeRequest.SerializeToString,
+                response_deserializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.AckLeaseChangeResponse.FromString,
+                _registered_method=True)
 
 
 class BillingServiceServicer:
@@ -295,6 +305,26 @@ class BillingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchLeases(self, request, context):
+        """Keeps a router told of budget changes while it holds (or may need) leases: a message per budget
+        created, changed or deleted, per alert level a budget reaches and per price change. The first message
+        asks the router to drop what it knew (changes it missed while not watching). A router admits in-process only what
+        its leases cover; on a message it stops admitting in-process for the callers in its scope and
+        re-acquires their leases.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AckLeaseChange(self, request, context):
+        """A router's answer to a WatchLeases message that wants one: it admits nothing more in-process for the
+        scope, and says what it consumed of the changed budget's lease (billing returns the lease to that).
+        A budget change commits once every watching router answered (or after a deadline of about 1 s).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BillingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -397,6 +427,16 @@ def add_BillingServiceServicer_to_server(servicer, server):
                     servicer.ReportEngineUsage,
                     request_deserializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReportEngineUsageRequest.FromString,
                     response_serializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReportEngineUsageResponse.SerializeToString,
+            ),
+            'WatchLeases': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchLeases,
+                    request_deserializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.WatchLeasesRequest.FromString,
+                    response_serializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.WatchLeasesResponse.SerializeToString,
+            ),
+            'AckLeaseChange': grpc.unary_unary_rpc_method_handler(
+                    servicer.AckLeaseChange,
+                    request_deserializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.AckLeaseChangeRequest.FromString,
+                    response_serializer=autoglm_dot_billing_dot_v1_dot_billing__service__pb2.AckLeaseChangeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -943,6 +983,60 @@ class BillingService:
             '/autoglm.billing.v1.BillingService/ReportEngineUsage',
             autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReportEngineUsageRequest.SerializeToString,
             autoglm_dot_billing_dot_v1_dot_billing__service__pb2.ReportEngineUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/autoglm.billing.v1.BillingService/WatchLeases',
+            autoglm_dot_billing_dot_v1_dot_billing__service__pb2.WatchLeasesRequest.SerializeToString,
+            autoglm_dot_billing_dot_v1_dot_billing__service__pb2.WatchLeasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AckLeaseChange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoglm.billing.v1.BillingService/AckLeaseChange',
+            autoglm_dot_billing_dot_v1_dot_billing__service__pb2.AckLeaseChangeRequest.SerializeToString,
+            autoglm_dot_billing_dot_v1_dot_billing__service__pb2.AckLeaseChangeResponse.FromString,
             options,
             channel_credentials,
             insecure,
