@@ -6,7 +6,7 @@ request's own task, closing the gateway's stream when the client hangs up."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 import httpx
@@ -89,7 +89,7 @@ async def test_a_client_that_hangs_up_closes_the_generation_in_its_own_task(gate
     app = build_app(FakeBackend(gateway))  # type: ignore[arg-type]
     sent = asyncio.Event()
     body = {"type": "http.request", "body": CHAT, "more_body": False}
-    answers: list[dict[str, Any]] = []
+    answers: list[MutableMapping[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
         if not sent.is_set():
@@ -98,7 +98,7 @@ async def test_a_client_that_hangs_up_closes_the_generation_in_its_own_task(gate
         await gateway.token_sent.wait()  # the client hangs up once the generation is under way
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         answers.append(message)
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
