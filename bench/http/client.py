@@ -51,7 +51,10 @@ class Connection:
 
     async def _send(self, path: str, body: dict[str, Any]) -> tuple[asyncio.StreamReader, _Message,
                                                                      httptools.HttpResponseParser]:
-        if self._writer is None or self._writer.is_closing():
+        # A kept-alive connection the server has since closed (idle longer than its keep-alive timeout,
+        # e.g. while another server's round ran) is replaced before the request is written.
+        if self._writer is None or self._writer.is_closing() or self._reader is None or self._reader.at_eof():
+            await self.close()
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
         data = json.dumps(body).encode()
         self._writer.write(f"POST {path} HTTP/1.1\r\n{self._head}Content-Length: {len(data)}\r\n\r\n".encode() + data)

@@ -14,8 +14,9 @@ from bench.http.client import Connection
 class Server:
     """A plain HTTP/1.1 server on a real socket answering every request `{}`, counting connections."""
 
-    def __init__(self, close: bool) -> None:
+    def __init__(self, close: bool, idle_close: bool = False) -> None:
         self.close = close
+        self.idle_close = idle_close  # close a kept-alive connection after its answer, as an idle timeout does
         self.connections = 0
         self.port = 0
 
@@ -31,7 +32,7 @@ class Server:
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n" + extra +
                              b"\r\n{}")
                 await writer.drain()
-                if self.close:
+                if self.close or self.idle_close:
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -59,3 +60,20 @@ async def test_requests_share_one_connection_unless_the_server_closes_it(server:
     finally:
         await conn.close()
     assert server.connections == (3 if server.close else 1)
+
+
+async def test_a_kept_alive_connection_the_server_closed_while_idle_is_replaced() -> None:
+    served = Server(close=False, idle_close=True)
+    listening = await asyncio.start_server(served.handle, "127.0.0.1", 0)
+    served.port = listening.sockets[0].getsockname()[1]
+    conn = Connection("127.0.0.1", served.port)
+    try:
+        assert await conn.post("/v1/chat/completions", {"model": "m"}) == (200, b"{}")
+        assert conn._reader is not None
+        await asyncio.wait_for(conn._reader.read(1), 10)  # the server's close has arrived
+        assert await conn.post("/v1/chat/completions", {"model": "m"}) == (200, b"{}")
+    finally:
+        await conn.close()
+        listening.close()
+        await listening.wait_closed()
+    assert served.connections == 2
