@@ -19,6 +19,8 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.config import create_ssl_context
 
+from services.router.http.coalesce import CoalescingHttpToolsProtocol
+
 log = structlog.get_logger(__name__)
 
 CERT_CHECK_INTERVAL_S = 1.0
@@ -103,7 +105,7 @@ async def start_http(app: FastAPI, host: str, port: int, certfile: str = "", key
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    config = uvicorn.Config(app, http="httptools", lifespan="off", log_config=None, access_log=False,
+    config = uvicorn.Config(app, http=CoalescingHttpToolsProtocol, lifespan="off", log_config=None, access_log=False,
                             ssl_certfile=certfile or None, ssl_keyfile=keyfile or None,
                             timeout_graceful_shutdown=max(1, int(grace)), server_header=False, proxy_headers=False)
     config.load()
