@@ -3,7 +3,8 @@
 With a certificate it serves HTTPS (TLS 1.2 at least) and re-reads the certificate and key when their files
 change (the launcher renews the mesh certificates in place while the mesh runs): new handshakes present
 the new certificate, connections already open and their streams carry on. A pair caught between the
-renames of a renewal (certificate and key not matching) is skipped until the next check."""
+renames of a renewal (certificate and key not matching) is skipped until the next check. The protocol is
+uvicorn's httptools one with a response's head written together with its body (`coalesce.py`)."""
 
 from __future__ import annotations
 
