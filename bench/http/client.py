@@ -22,6 +22,14 @@ class _Message:
     def __init__(self) -> None:
         self.pieces: list[bytes] = []
         self.complete = False
+        self.keep_alive = False
+        self.parser: httptools.HttpResponseParser | None = None
+
+    def on_headers_complete(self) -> None:
+        # Asked here: once the message is complete, httptools' should_keep_alive() says False for every
+        # answer (the connection was then closed and reopened for each request).
+        assert self.parser is not None
+        self.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
         self.pieces.append(body)
@@ -43,13 +51,17 @@ class Connection:
 
     async def _send(self, path: str, body: dict[str, Any]) -> tuple[asyncio.StreamReader, _Message,
                                                                      httptools.HttpResponseParser]:
-        if self._writer is None or self._writer.is_closing():
+        # A kept-alive connection the server has since closed (idle longer than its keep-alive timeout,
+        # e.g. while another server's round ran) is replaced before the request is written.
+        if self._writer is None or self._writer.is_closing() or self._reader is None or self._reader.at_eof():
+            await self.close()
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
         data = json.dumps(body).encode()
         self._writer.write(f"POST {path} HTTP/1.1\r\n{self._head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
         message = _Message()
         assert self._reader is not None
-        return self._reader, message, httptools.HttpResponseParser(message)
+        message.parser = httptools.HttpResponseParser(message)
+        return self._reader, message, message.parser
 
     async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[tuple[int, bytes]]:
         """(status, body piece) as the pieces arrive."""
@@ -65,7 +77,7 @@ class Connection:
         except BaseException:
             await self.close()
             raise
-        if not parser.should_keep_alive():
+        if not message.keep_alive:
             await self.close()
 
     async def post(self, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
@@ -83,7 +95,7 @@ class Connection:
         try:
             writer.write(f"GET {path} HTTP/1.1\r\n{self._head}Connection: close\r\n\r\n".encode())
             message = _Message()
-            parser = httptools.HttpResponseParser(message)
+            parser = message.parser = httptools.HttpResponseParser(message)
             while not message.complete:
                 data = await reader.read(65536)
                 if not data:

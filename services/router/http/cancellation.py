@@ -22,16 +22,24 @@ async def _disconnected(request: Request) -> None:
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """`await work`, cancelled (and Cancelled raised) if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    """`await work`, cancelled (and Cancelled raised) if the client disconnects first. The work runs in
+    this task; one watcher task reads the connection and cancels it on a disconnect."""
+    task = asyncio.current_task()
+    assert task is not None
+    disconnected = False
+
+    async def watch() -> None:
+        nonlocal disconnected
+        await _disconnected(request)
+        disconnected = True
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if disconnected and task.uncancel() == 0:  # this watcher's cancel, nobody else's
+            raise Cancelled("the client disconnected before the answer was ready") from None
+        raise
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        raise Cancelled("the client disconnected before the answer was ready")
-    return task.result()

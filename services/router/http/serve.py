@@ -3,7 +3,8 @@
 With a certificate it serves HTTPS (TLS 1.2 at least) and re-reads the certificate and key when their files
 change (the launcher renews the mesh certificates in place while the mesh runs): new handshakes present
 the new certificate, connections already open and their streams carry on. A pair caught between the
-renames of a renewal (certificate and key not matching) is skipped until the next check."""
+renames of a renewal (certificate and key not matching) is skipped until the next check. The protocol is
+uvicorn's httptools one with a response's head written together with its body (`coalesce.py`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import structlog
 import uvicorn
 from fastapi import FastAPI
 from uvicorn.config import create_ssl_context
+
+from services.router.http.coalesce import CoalescingHttpToolsProtocol
 
 log = structlog.get_logger(__name__)
 
@@ -103,7 +106,7 @@ async def start_http(app: FastAPI, host: str, port: int, certfile: str = "", key
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    config = uvicorn.Config(app, http="httptools", lifespan="off", log_config=None, access_log=False,
+    config = uvicorn.Config(app, http=CoalescingHttpToolsProtocol, lifespan="off", log_config=None, access_log=False,
                             ssl_certfile=certfile or None, ssl_keyfile=keyfile or None,
                             timeout_graceful_shutdown=max(1, int(grace)), server_header=False, proxy_headers=False)
     config.load()

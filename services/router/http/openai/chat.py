@@ -9,8 +9,9 @@ from services.router.http.deps import Caller, backend
 from services.router.http.openai import convert
 from services.router.http.openai.generation import answer
 from services.router.http.openai.protocol import ChatCompletion, ChatCompletionRequest, ErrorBody
+from services.router.http.route import GenerationRoute
 
-router = APIRouter()
+router = APIRouter(route_class=GenerationRoute)
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 429, 500, 503)}
 
 

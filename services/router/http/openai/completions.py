@@ -10,8 +10,9 @@ from services.router.http.openai import convert
 from services.router.http.openai.chat import ERRORS
 from services.router.http.openai.generation import answer
 from services.router.http.openai.protocol import Completion, CompletionRequest
+from services.router.http.route import GenerationRoute
 
-router = APIRouter()
+router = APIRouter(route_class=GenerationRoute)
 
 
 @router.post("/v1/completions", response_model=Completion, responses=ERRORS,  # type: ignore[arg-type]

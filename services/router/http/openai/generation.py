@@ -4,6 +4,8 @@ body or one SSE stream."""
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import Request
 from starlette.responses import Response
@@ -26,8 +28,12 @@ async def answer(request: Request, backend: Backend, principal: Principal, body:
         [("prompt", call.prompt)] + [(f"messages[{i}].content", m.content) for i, m in enumerate(call.messages)])
     contexts = request_contexts(principal, convert.tags(header_tags(request), body), body.n)
     gateway = backend.gateway
-    streams: Fanout[Chunk | Summary] = Fanout([gateway.generate(ctx, call) for ctx in contexts])
     request_id = contexts[0].request_id
+    if body.n == 1 and not body.stream:
+        answers = convert.Collected(1)
+        await unless_disconnected(request, collect_one(gateway.generate(contexts[0], call), answers))
+        return completed(chat, request_id, created, answers, gateway.deprecation(call.model))
+    streams: Fanout[Chunk | Summary] = Fanout([gateway.generate(ctx, call) for ctx in contexts])
     try:
         if body.stream:
             # Validated, admitted and held before the first byte: a refusal is still an HTTP status.
@@ -47,10 +53,21 @@ async def answer(request: Request, backend: Backend, principal: Principal, body:
         await streams.aclose()
         raise
     await streams.aclose()
+    return completed(chat, request_id, created, answers, gateway.deprecation(call.model))
+
+
+async def collect_one(stream: AsyncIterator[Chunk | Summary], answers: convert.Collected) -> None:
+    """One generation read in this task (no pump task, no queue); the stream is closed however it ends."""
+    async with aclosing(stream):  # type: ignore[type-var]
+        async for item in stream:
+            answers.add(0, item)
+
+
+def completed(chat: bool, request_id: str, created: int, answers: convert.Collected,
+              deprecation: Deprecation | None) -> Response:
     result = (convert.chat_completion if chat else convert.text_completion)(request_id, created, answers)
     # pydantic-core writes the JSON itself (no dict, then json.dumps)
-    return deprecated(Response(result.model_dump_json(), media_type="application/json"),
-                      gateway.deprecation(call.model))
+    return deprecated(Response(result.model_dump_json(), media_type="application/json"), deprecation)
 
 
 def deprecated(response: Response, deprecation: Deprecation | None) -> Response:

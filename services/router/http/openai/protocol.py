@@ -76,7 +76,7 @@ def _lone_surrogate(value: Any, path: str) -> str | None:
     """The path of the first string holding a lone UTF-16 surrogate (JSON's "\\ud800", or the CESU bytes
     Python's JSON decoder lets through): text no model, tokenizer or protobuf can carry."""
     if isinstance(value, str):
-        return path if any("\ud800" <= ch <= "\udfff" for ch in value) else None
+        return None if value.isascii() or _encodable(value) else path
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
         if isinstance(key, str) and _lone_surrogate(key, path) is not None:
@@ -87,13 +87,37 @@ def _lone_surrogate(value: Any, path: str) -> str | None:
     return None
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # refuses exactly the surrogates, at C speed
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _all_encodable(value: Any) -> bool:
+    """No string anywhere in `value` holds a surrogate (the check every body gets; the path is looked
+    for only when one does)."""
+    if isinstance(value, str):
+        return value.isascii() or _encodable(value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not (_all_encodable(key) and _all_encodable(item)):
+                return False
+    elif isinstance(value, list):
+        for item in value:
+            if not _all_encodable(item):
+                return False
+    return True
+
+
 class SamplingFields(WireModel):
     """Fields chat completions and completions share."""
 
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data: Any) -> Any:
-        where = _lone_surrogate(data, "")
+        where = None if _all_encodable(data) else _lone_surrogate(data, "")
         if where is not None:
             raise _invalid(f"{where} is not valid Unicode text (it holds a lone surrogate such as \\ud800); "
                            "send UTF-8 text")
