@@ -149,7 +149,9 @@ def _events(tx: Tx, columns: list[str], lo: int, hi: int, tenant_id: str, step: 
     cols = ", ".join(columns)
     bucket = f"end_us / {step} * {step}" if step else "0"
     grouped = f"{bucket}, {cols}" if step else cols
-    source = tables.TAG_PAIRS[tx.dialect] if tag_key is not None else "events"
+    source = tables.EVENTS_BY_SEQ[tx.dialect] if after is not None else "events"
+    if tag_key is not None:
+        source = tables.TAG_PAIRS[tx.dialect].replace("events", source, 1)
     return tx.all(f"SELECT {bucket}, {cols}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached),"
                   f" SUM(cost_micros) FROM {source} WHERE {' AND '.join(conds)} GROUP BY {grouped}", params)
 
@@ -200,35 +202,36 @@ def _merge(into: dict[str, dict[int, Sums]], more: dict[str, dict[int, Sums]]) -
 
 
 class BurstMemo:
-    """The keys with a burst starting in one whole hour, remembered with the hourly request counts they were
-    found from. The ledger only grows, so equal counts mean the same events and the answer stands; a late
-    event changes a count and the hour is read again. One per process, bounded."""
+    """The keys with a burst starting in one hour (and when the last of them starts), remembered with the
+    hourly request counts they were found from. The ledger only grows, so equal counts mean the same events
+    and the answer stands; a late event changes a count and the hour is read again. One per process, bounded."""
 
     def __init__(self, limit: int = 100_000) -> None:
         self.limit = limit
-        self._found: dict[tuple[str, int, int, int, int], tuple[tuple[int, ...], frozenset[str]]] = {}
+        self._found: dict[tuple[str, int, int, int, int], tuple[tuple[int, ...], dict[str, int]]] = {}
 
-    def get(self, ident: tuple[str, int, int, int, int], counts: tuple[int, ...]) -> frozenset[str] | None:
+    def get(self, ident: tuple[str, int, int, int, int], counts: tuple[int, ...]) -> dict[str, int] | None:
         found = self._found.get(ident)
         return found[1] if found is not None and found[0] == counts else None
 
-    def put(self, ident: tuple[str, int, int, int, int], counts: tuple[int, ...], keys: frozenset[str]) -> None:
+    def put(self, ident: tuple[str, int, int, int, int], counts: tuple[int, ...], starts: dict[str, int]) -> None:
         if len(self._found) >= self.limit:
             self._found.clear()
-        self._found[ident] = (counts, keys)
+        self._found[ident] = (counts, starts)
 
 
-def _burst_starts(tx: Tx, lo: int, hi: int, keys: list[str], tenant_id: str, rule: AnomalyRule) -> set[tuple[str, int]]:
-    """(key, hour of its first request) of every run of more than `max_requests` of these keys' requests
-    within `window_s` seconds among the events ending in [lo, hi)."""
+def _burst_starts(tx: Tx, lo: int, hi: int, keys: list[str], tenant_id: str,
+                  rule: AnomalyRule) -> dict[tuple[str, int], int]:
+    """Per (key, hour of a run's first request), the latest first request of the runs of more than
+    `max_requests` of these keys' requests within `window_s` seconds among the events ending in [lo, hi)."""
     where = " AND tenant_id = ?" if tenant_id else ""
     marks = ", ".join("?" * len(keys))
-    rows = tx.all(f"SELECT api_key_id, first_us / {HOUR_US} * {HOUR_US} FROM (SELECT api_key_id, end_us,"
-                  f" LAG(end_us, {int(rule.max_requests)}) OVER (PARTITION BY api_key_id ORDER BY end_us) AS first_us"
-                  f" FROM events WHERE end_us >= ? AND end_us < ?{where} AND api_key_id IN ({marks})) AS runs"
-                  f" WHERE end_us - first_us < ? GROUP BY api_key_id, first_us / {HOUR_US} * {HOUR_US}",
+    rows = tx.all(f"SELECT api_key_id, first_us / {HOUR_US} * {HOUR_US}, MAX(first_us) FROM (SELECT api_key_id,"
+                  f" end_us, LAG(end_us, {int(rule.max_requests)}) OVER (PARTITION BY api_key_id ORDER BY end_us)"
+                  f" AS first_us FROM events WHERE end_us >= ? AND end_us < ?{where} AND api_key_id IN ({marks}))"
+                  f" AS runs WHERE end_us - first_us < ? GROUP BY api_key_id, first_us / {HOUR_US} * {HOUR_US}",
                   [lo, hi, *([tenant_id] if tenant_id else []), *keys, rule.window_s * US])
-    return {(str(key), int(hour)) for key, hour in rows}
+    return {(str(key), int(hour)): int(latest) for key, hour, latest in rows}
 
 
 def _count(by_hour: dict[int, Sums], lo: int, hi: int) -> int:
@@ -239,35 +242,43 @@ def _bursting(tx: Tx, q: ReportQuery, rule: AnomalyRule, whole: tuple[int, int] 
               read: dict[str, dict[int, Sums]], mark: int, memo: BurstMemo | None) -> set[str]:
     """Keys with more than `max_requests` requests within `window_s` seconds inside the window.
 
-    A burst whose first request falls in whole hour h and whose last is before the whole hours end is
-    looked for in [h, h + 1 h + window), once per process while those hours' counts stay the same (`memo`),
-    for the keys whose hourly counts there exceed `max_requests`; any other burst lies within one window of
-    an edge, and those ranges are read every time. `read`: per key and hour, the counts of the edge events.
+    Runs of requests whose first falls in hour h and whose last is before the whole hours end are looked
+    for in [h, h + 1 h + window), once per process while those hours' counts stay the same (`memo`), for
+    the keys whose hourly counts there allow one: for each whole hour, and for the partial hour before them
+    (a run counts when it starts inside the window). Any other burst lies within one window of the end, and
+    that range is read every time. `read`: per key and hour, the counts of the edge events.
     """
     n, window = rule.max_requests, rule.window_s * US
-    if whole is None:
-        ranges, near = [(q.start_us, q.end_us)], read
-    else:
-        first, last = whole
-        ranges = [(q.start_us, min(first + window, q.end_us)), (max(last - window, q.start_us), q.end_us)]
-        head = min(-(-(first + window) // HOUR_US) * HOUR_US, last)
-        tail = max((last - window) // HOUR_US * HOUR_US, head)
-        near = defaultdict(dict)
-        _merge(near, read)
-        _merge(near, _key_hours(tx, first, head, q.tenant_id, mark))
-        _merge(near, _key_hours(tx, tail, last, q.tenant_id, mark))
     flagged: set[str] = set()
-    for lo, hi in ranges:  # near the edges: read every time
+    if whole is None:
+        candidates = sorted(k for k, by_hour in read.items() if _count(by_hour, q.start_us, q.end_us) > n)
+        if candidates:
+            flagged |= {k for k, _hour in _burst_starts(tx, q.start_us, q.end_us, candidates, q.tenant_id, rule)}
+        return flagged
+    first, last = whole
+    begin = first - HOUR_US if q.start_us < first and first + window <= min(last, q.end_us) else first
+    ranges = [(max(last - window, q.start_us), q.end_us)]
+    if begin == first:
+        ranges.append((q.start_us, min(first + window, q.end_us)))
+    head = min(-(-(first + window) // HOUR_US) * HOUR_US, last)
+    tail = max((last - window) // HOUR_US * HOUR_US, head)
+    near: dict[str, dict[int, Sums]] = defaultdict(dict)
+    _merge(near, read)
+    if begin == first:
+        _merge(near, _key_hours(tx, first, head, q.tenant_id, mark))
+    _merge(near, _key_hours(tx, tail, last, q.tenant_id, mark))
+    for lo, hi in ranges:  # near the end: read every time
         candidates = sorted(k for k, by_hour in near.items() if lo < hi and _count(by_hour, lo, hi) > n)
         if candidates:
             flagged |= {key for key, _hour in _burst_starts(tx, lo, hi, candidates, q.tenant_id, rule)}
-    if whole is None:
-        return flagged
-    first, last = whole
     totals: dict[int, int] = defaultdict(int)
-    for hour, _tenant, requests, *_ in _rolled(tx, tables.BY_MODEL, ["tenant_id"], first, last, q.tenant_id, mark,
+    for hour, _tenant, requests, *_ in _rolled(tx, tables.BY_MODEL, ["tenant_id"], begin, last, q.tenant_id, mark,
                                                True):
         totals[int(hour)] += int(requests)
+
+    def flag(hour: int, starts: dict[str, int]) -> None:
+        flagged.update(k for k, latest in starts.items() if hour >= first or latest >= q.start_us)
+
     pending: list[tuple[int, int, tuple[str, int, int, int, int], tuple[int, ...]]] = []
     for hour in sorted(totals):
         hi = min(hour + HOUR_US + window, last)
@@ -279,7 +290,7 @@ def _bursting(tx: Tx, q: ReportQuery, rule: AnomalyRule, whole: tuple[int, int] 
         if known is None:
             pending.append((hour, hi, ident, counts))
         else:
-            flagged |= known
+            flag(hour, known)
     if not pending:
         return flagged
     counts_by_key = _key_hours(tx, pending[0][0], min(-(-max(p[1] for p in pending) // HOUR_US) * HOUR_US, last),
@@ -295,15 +306,15 @@ def _bursting(tx: Tx, q: ReportQuery, rule: AnomalyRule, whole: tuple[int, int] 
             spans[-1][1] = max(spans[-1][1], hi)
         else:
             spans.append([lo, hi])
-    found: set[tuple[str, int]] = set()
+    found: dict[tuple[str, int], int] = {}
     for lo, hi in spans:
         everyone = sorted(set().union(*(wanted[p[0]] for p in pending if lo <= p[0] < hi)))
-        found |= _burst_starts(tx, lo, hi, everyone, q.tenant_id, rule)
+        found.update(_burst_starts(tx, lo, hi, everyone, q.tenant_id, rule))
     for hour, _end, ident, counts in pending:
-        keys = frozenset(k for k in wanted[hour] if (k, hour) in found)
+        starts = {k: found[(k, hour)] for k in wanted[hour] if (k, hour) in found}
         if memo is not None:
-            memo.put(ident, counts, keys)
-        flagged |= keys
+            memo.put(ident, counts, starts)
+        flag(hour, starts)
     return flagged
 
 
