@@ -229,7 +229,8 @@ async def test_the_migration_builds_rollups_from_the_events_already_recorded(ser
     await store.write(lambda tx: [tx.execute(sql) for sql in (
         "DROP TABLE usage_hours_by_model", "DROP TABLE usage_hours_by_key", "DROP TABLE usage_hours_by_tag",
         "DROP TABLE usage_key_groups", "DROP TABLE rollup_mark",
-        "CREATE TABLE usage_hours (hour_us BIGINT)", "DELETE FROM schema_migrations WHERE version = 5")])
+        "CREATE TABLE usage_hours (hour_us BIGINT)", "DROP INDEX events_time_key",
+        "CREATE INDEX events_time ON events (end_us)", "DELETE FROM schema_migrations WHERE version = 5")])
     await store.close()
     running = await serve(build_server(config))  # migration 5 runs again
     for table, scan in compared(database):
