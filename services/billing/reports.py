@@ -411,41 +411,67 @@ def build(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True,
     rows: dict[tuple[int, tuple[str, ...]], ReportRow] = {}
     tag_sets: dict[str, str] = {}
 
-    def fold(t: int, group: dict[str, str], record: Row) -> ReportRow:
+    def fold(t: int, group: dict[str, str], record: Row, sign: int = 1) -> ReportRow:
         ident = (_bucket(t, q) if q.granularity else q.start_us, tuple(group.values()))
         row = rows.get(ident)
         if row is None:
             row = rows[ident] = ReportRow(ident[0], group)
-        row.requests += int(record[-5])
-        row.prompt_tokens += int(record[-4])
-        row.completion_tokens += int(record[-3])
-        row.cached_requests += int(record[-2])
-        row.cost_micros += int(record[-1])
+        row.requests += sign * int(record[-5])
+        row.prompt_tokens += sign * int(record[-4])
+        row.completion_tokens += sign * int(record[-3])
+        row.cached_requests += sign * int(record[-2])
+        row.cost_micros += sign * int(record[-1])
         return row
 
-    # The events: per key too, for the anomaly rules and to know which keys each row counts.
+    # The events: per key too, for the anomaly rules and to know which keys each row counts. An edge over
+    # more than half its hour is that hour's rollups less the events of the rest of the hour (fewer).
     names = ["api_key", "tenant", *(d for d in q.group_by if d not in ("api_key", "tenant"))]
     columns = [COLUMNS[d] for d in names]
     hours: dict[str, dict[int, Sums]] = defaultdict(dict)
     groups: dict[tuple[object, ...], dict[str, str]] = {}
+    mark = tables.mark(tx) if whole is not None else 0
+    read: list[tuple[int, int, int]] = []  # (lo, hi, sign) of the event ranges
+    complemented: list[tuple[int, int]] = []
     for lo, hi in edges:
+        hour = lo - lo % HOUR_US
+        if table is None or whole is None or 2 * (hi - lo) <= HOUR_US:
+            read.append((lo, hi, 1))
+            continue
+        complemented.append((lo, hi))
+        _fold_whole(tx, q, table, (hour, hour + HOUR_US), mark, tag_sets, fold)
+        _merge(hours, _key_hours(tx, hour, hour + HOUR_US, q.tenant_id, mark))
+        read += [(a, b, -1) for a, b in ((hour, lo), (hi, hour + HOUR_US)) if a < b]
+    for lo, hi, sign in read:
         for record in _events(tx, columns, lo, hi, q.tenant_id, GRANULARITY_US["minute"] if minute else HOUR_US):
             dims = record[1:1 + len(columns)]
             group = groups.get(dims)
             if group is None:
                 group = groups[dims] = _group(q, dict(zip(names, dims, strict=True)), tag_sets)
             key, t = str(dims[0]), int(record[0])
-            fold(t, dict(group), record).keys.add(key)
+            row = fold(t, dict(group), record, sign)
+            if sign > 0:
+                row.keys.add(key)
             sums = hours[key].setdefault(t - t % HOUR_US, [0, 0])
-            sums[0] += int(record[-5])
-            sums[1] += int(record[-1])
+            sums[0] += sign * int(record[-5])
+            sums[1] += sign * int(record[-1])
+    for key in list(hours):  # the hours a complement emptied had no events of the key
+        by_hour = {h: v for h, v in hours[key].items() if v[0]}
+        if by_hour:
+            hours[key] = by_hour
+        else:
+            del hours[key]
     hot: set[tuple[int, tuple[str, ...]]] = set()
-    mark = tables.mark(tx) if whole is not None else 0
     if table is not None and whole is not None:
         _fold_whole(tx, q, table, whole, mark, tag_sets, fold)
+    for ident in [i for i, r in rows.items() if not r.requests]:  # groups only the complements had
+        del rows[ident]
     flagged = anomalous_keys(tx, q, rule, rollups, memo, (edges, hours))
     if flagged and table is not None and whole is not None:
         hot = _flagged_rows(tx, q, whole, mark, sorted(flagged), tag_sets)
+        for lo, hi in complemented:
+            for record in _events(tx, columns, lo, hi, q.tenant_id, HOUR_US, keys=sorted(flagged)):
+                group = _group(q, dict(zip(names, record[1:1 + len(columns)], strict=True)), tag_sets)
+                hot.add((_bucket(int(record[0]), q) if q.granularity else q.start_us, tuple(group.values())))
     result = sorted(rows.values(), key=lambda r: (r.bucket_start_us, tuple(r.group.values())))
     if q.top_n:
         by_group: dict[tuple[str, ...], int] = defaultdict(int)
@@ -466,13 +492,13 @@ def build(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True,
 
 
 def _fold_whole(tx: Tx, q: ReportQuery, table: str, whole: tuple[int, int], mark: int, tag_sets: dict[str, str],
-                fold: Callable[[int, dict[str, str], Row], ReportRow]) -> None:
+                fold: Callable[[int, dict[str, str], Row, int], ReportRow]) -> None:
     """Add the whole hours' sums from the rollup table `table` (and the events after its mark)."""
     by_hour = bool(q.granularity)
     if table != tables.BY_TAG:
         names = ["tenant", *(d for d in q.group_by if d != "tenant")]
         for record in _rolled(tx, table, [COLUMNS[d] for d in names], *whole, q.tenant_id, mark, by_hour):
-            fold(int(record[0]), _group(q, dict(zip(names, record[1:1 + len(names)], strict=True)), tag_sets), record)
+            fold(int(record[0]), _group(q, dict(zip(names, record[1:1 + len(names)], strict=True)), tag_sets), record, 1)
         return
     # By tag: the rows with the tag, and as the tag's "" the total less them (events without it).
     untagged: dict[tuple[int, str], list[int]] = defaultdict(lambda: [0] * 5)
@@ -485,13 +511,13 @@ def _fold_whole(tx: Tx, q: ReportQuery, table: str, whole: tuple[int, int], mark
         t, tenant, value = int(record[0]), str(record[1]), str(record[2])
         if value == "":
             continue
-        fold(t, _group(q, {"tenant": tenant, "tag": value, "tag_value": value}, tag_sets), record)
+        fold(t, _group(q, {"tenant": tenant, "tag": value, "tag_value": value}, tag_sets), record, 1)
         row = untagged[(t, tenant)]
         for i in range(5):
             row[i] -= int(record[3 + i])
     for (t, tenant), sums in untagged.items():
         if sums[0]:
-            fold(t, _group(q, {"tenant": tenant, "tag": "", "tag_value": ""}, tag_sets), (t, *sums))
+            fold(t, _group(q, {"tenant": tenant, "tag": "", "tag_value": ""}, tag_sets), (t, *sums), 1)
 
 
 def _flagged_rows(tx: Tx, q: ReportQuery, whole: tuple[int, int], mark: int, flagged: list[str],
