@@ -2,18 +2,20 @@
 
 Whole hours are read from the rollup table of the report's shape (`rollups`: by model, version, status,
 source and tenant; by key and tenant; by tag and tenant) together with the events not rolled into it yet,
-and only the partial hours at the window's edges from the events, all summed in SQL and folded here, so a
-report costs about its groups per hour, not the number of events; the result is the same as a scan of the
-events (to the micro-unit). Minute buckets, and dimensions no one table holds (a key with a model, say),
-come from the events alone.
+and the partial hours at the window's edges from the events (an edge over more than half its hour as the
+hour's rollups less the events of the rest of it), all summed in SQL and folded here, so a report costs its
+groups per hour and at most half an hour of events at each end, not the number of events; the result is
+the same as a scan of the events (to the micro-unit). Minute buckets, and dimensions no one table holds (a
+key with a model, say), come from the events alone.
 
 Anomalies are flagged per api key: more than `max_requests` requests within any `window_s` seconds, or an
 hour whose spend exceeds `hourly_factor_permille`/1000 x the key's mean hourly spend over the 7 days before
 the window (with at least 3 hours of history). A row is anomalous when any key counted in it is: known from
 the edge events, and for whole hours from `usage_key_groups`, read for the flagged keys only. Hourly counts
 and spend come from `usage_hours_by_key`. Bursts are found in SQL (a key's request `max_requests` places
-earlier, within `window_s`), in the events of the keys whose hourly counts allow one, for the edges every
-time and for each whole hour once per process while the hour's count does not change (`BurstMemo`).
+earlier, within `window_s`), in the events of the keys whose hourly counts allow one: for each whole hour
+and the partial hour before them once per process while the hours' counts do not change (`BurstMemo`),
+near the window's end every time.
 """
 
 from __future__ import annotations
@@ -298,18 +300,11 @@ def _bursting(tx: Tx, q: ReportQuery, rule: AnomalyRule, whole: tuple[int, int] 
     # A key can start a burst in hour h only with a request in h and more than n over [h, h + 1 h + window).
     wanted = {hour: {k for k, by_hour in counts_by_key.items() if hour in by_hour and _count(by_hour, hour, end) > n}
               for hour, end, *_ in pending}
-    spans: list[list[int]] = []
-    for lo, hi, *_ in pending:
-        if not wanted[lo]:
-            continue
-        if spans and lo <= spans[-1][1]:
-            spans[-1][1] = max(spans[-1][1], hi)
-        else:
-            spans.append([lo, hi])
     found: dict[tuple[str, int], int] = {}
-    for lo, hi in spans:
-        everyone = sorted(set().union(*(wanted[p[0]] for p in pending if lo <= p[0] < hi)))
-        found.update(_burst_starts(tx, lo, hi, everyone, q.tenant_id, rule))
+    for hour, end, *_ in pending:  # hour by hour: each sort stays small
+        if wanted[hour]:
+            found.update({k: v for k, v in _burst_starts(tx, hour, end, sorted(wanted[hour]), q.tenant_id,
+                                                         rule).items() if k[1] == hour})
     for hour, _end, ident, counts in pending:
         starts = {k: found[(k, hour)] for k in wanted[hour] if (k, hour) in found}
         if memo is not None:

@@ -15,7 +15,7 @@ The tables cover exactly the events up to `rollup_mark.seq` (`mark`). `roll` add
 since, in one transaction with the new mark, set-based in SQL (a few thousand upserts for a second of a busy
 ledger, where folding each ingested batch in its own commit costs a row per group per batch); billing rolls
 every second (`service.run_rollup_roller`). A report reads the tables and, for the same hours, the few
-events after the mark (`tail`), in one snapshot, so it equals a scan of the events whenever it runs. On
+events after the mark, in one snapshot, so it equals a scan of the events whenever it runs. On
 PostgreSQL, where concurrent writers take seqs out of commit order, every ingesting transaction holds
 `ROLL_LOCK` shared (`hold_off_roll`) and `roll` takes it exclusively: it waits for the transactions in
 flight, so no event below its mark can commit after it. Migration 5 built the tables from the events
