@@ -125,6 +125,7 @@ def _consistent(tx: Tx) -> None:
     """Every statement of this read sees one snapshot (rollups, their mark and the events agree)."""
     if tx.dialect == "postgres":
         tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        tx.execute("SET LOCAL jit = off")  # compiling a report's few small queries costs more than it saves
 
 
 def _events(tx: Tx, columns: list[str], lo: int, hi: int, tenant_id: str, step: int, *, after: int | None = None,

@@ -17,8 +17,9 @@ ledger, where folding each ingested batch in its own commit costs a row per grou
 every second (`service.run_rollup_roller`). A report reads the tables and, for the same hours, the few
 events after the mark, in one snapshot, so it equals a scan of the events whenever it runs. On
 PostgreSQL, where concurrent writers take seqs out of commit order, every ingesting transaction holds
-`ROLL_LOCK` shared (`hold_off_roll`) and `roll` takes it exclusively: it waits for the transactions in
-flight, so no event below its mark can commit after it. Migration 5 built the tables from the events
+`ROLL_LOCK` shared (`hold_off_roll`) and `roll` takes it exclusively for as long as it reads the largest
+seq: it waits for the transactions in flight, so no event below its mark can commit after it; rollers
+take turns on the mark's row. Migration 5 built the tables from the events
 already recorded (`backfill`, also `rebuild`).
 """
 
@@ -114,9 +115,17 @@ def roll(tx: Tx, limit: int = ROLL_LIMIT) -> int:
     """Add the events recorded since the mark to the rollups and move the mark past them; returns how many
     seqs it moved (0 when there was nothing to roll)."""
     if tx.dialect == "postgres":
-        tx.one("SELECT pg_advisory_xact_lock(?)", [ROLL_LOCK])
-    start = mark(tx)
-    top = tx.one("SELECT MAX(seq) FROM events")
+        start = int(tx.one("SELECT seq FROM rollup_mark WHERE id = 1 FOR UPDATE")[0])  # type: ignore[index]
+        # Once no ingesting transaction is in flight, every seq up to the largest committed one is settled
+        # for good (later writers draw larger ones): hold the lock only to read it, not for the roll.
+        tx.one("SELECT pg_advisory_lock(?)", [ROLL_LOCK])
+        try:
+            top = tx.one("SELECT MAX(seq) FROM events")
+        finally:
+            tx.one("SELECT pg_advisory_unlock(?)", [ROLL_LOCK])
+    else:
+        start = mark(tx)
+        top = tx.one("SELECT MAX(seq) FROM events")
     end = min(int(top[0]), start + limit) if top is not None and top[0] is not None else start
     if end <= start:
         return 0
