@@ -8,7 +8,8 @@ events are as billing would have priced them. Reports run in-process through `Bi
 GetUsageReport servicer calls), on the store's read path; the anchor is the same report scanning the events
 alone (`reports.build(..., rollups=False)`, what billing did before rollups), measured once per query at
 1 M events. Ingestion runs `Billing.record_many` (what StreamUsage commits, 250 events a batch) on two
-fresh databases, one keeping rollups and one not, interleaved ABBA.
+fresh databases, one with the rollup roller running as billing's server runs it (`run_rollup_roller`,
+every second) and one without, interleaved ABBA.
 
     python -m bench.billing.reports [--sizes 1000000,10000000] [--no-postgres] [--runs 5]
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -36,7 +38,7 @@ import pytest
 from services.billing import reports, rollups
 from services.billing.config import BillingConfig
 from services.billing.model import UsageEvent
-from services.billing.service import Billing
+from services.billing.service import Billing, run_rollup_roller
 from services.billing.store import Store, open_store
 from services.common.logging import configure_logging
 from services.common.pricing import Price
@@ -74,7 +76,7 @@ def row_of(e: UsageEvent, now_us: int) -> tuple[Any, ...]:
     cost = (e.prompt_tokens * 2_000_000 + e.completion_tokens * 6_000_000 + 500_000) // 1_000_000
     return (e.event_id, e.tenant_id, e.api_key_id, e.model, e.model_version, rollups.tags_json(e.tags),
             e.prompt_tokens, e.completion_tokens, int(e.cached), "", "", e.start_us, e.end_us, int(e.status), 0,
-            cost, "USD", now_us)
+            cost, "USD", now_us, 1)  # source 1: metered by the router
 
 
 async def bulk_load(store: Store, count: int, now_us: int, log: Callable[[str], None]) -> float:
@@ -83,7 +85,7 @@ async def bulk_load(store: Store, count: int, now_us: int, log: Callable[[str], 
 
     rng = random.Random(count)
     span = count * DAY_US // EVENTS_PER_DAY
-    marks = ", ".join("?" * 18)
+    marks = ", ".join("?" * 19)
     started = time.perf_counter()
     for chunk in range(0, count, LOAD_CHUNK):
         rows = [row_of(event_at(rng, n, now_us - span + n * span // count + rng.randrange(0, 1000), "e"), now_us)
@@ -130,11 +132,10 @@ async def ingest_rate(billing: Billing, tag: str, now_us: int) -> float:
     return INGEST_EVENTS / (time.perf_counter() - start)
 
 
-async def open_billing(dsn: str, keep_rollups: bool = True) -> Billing:
+async def open_billing(dsn: str) -> Billing:
     store = open_store(dsn)
     await store.open()
     billing = Billing(store, BillingConfig(database=dsn, operator_token="bench-operator-token-unused"))
-    billing.ingester.keep_rollups = keep_rollups
     for model in MODELS:
         await billing.create_price(Price("", model, "", 2_000_000, 6_000_000, None, 1), "bench")
     return billing
@@ -142,7 +143,8 @@ async def open_billing(dsn: str, keep_rollups: bool = True) -> Billing:
 
 async def bench_ingest(make_dsn: Callable[[str], str], runs: int) -> dict[str, Any]:
     now_us = time.time_ns() // 1000
-    kept, bare = await open_billing(make_dsn("with"), True), await open_billing(make_dsn("without"), False)
+    kept, bare = await open_billing(make_dsn("with")), await open_billing(make_dsn("without"))
+    roller = asyncio.create_task(run_rollup_roller(kept))  # as billing's server runs it; `bare` has none
     try:
         await ingest_rate(kept, "warm-a", now_us)
         await ingest_rate(bare, "warm-b", now_us)
@@ -153,6 +155,9 @@ async def bench_ingest(make_dsn: Callable[[str], str], runs: int) -> dict[str, A
             for billing, into in order if run % 2 == 0 else order[::-1]:
                 into.append(await ingest_rate(billing, f"r{run}-", now_us))
     finally:
+        roller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await roller
         await kept.close()
         await bare.close()
     return {"with_rollups_events_per_s": round(statistics.median(with_r), 1),
@@ -239,7 +244,8 @@ async def main(sizes: list[int], runs: int, with_postgres: bool, label: str) -> 
                   "windows ending now (not on an hour), p50 of the runs after the first (first_ms: the first report of that window in a fresh process, which reads the busy keys' events for the burst rule once); the anchor at 1 M is "
                   "reports.build(rollups=False), the events scan billing ran before rollups. Ingestion: "
                   "Billing.record_many of 250-event batches (what a StreamUsage batch commits) into two fresh "
-                  "databases, with and without rollups, interleaved ABBA, median of the runs",
+                  "databases, one with the rollup roller running (every second, as billing's server runs it) and "
+                  "one without, interleaved ABBA, median of the runs",
         "results": {r["database"]: r for r in results},
         "units": {"*_ms": "milliseconds", "*_events_per_s": "events/s", "load_s": "seconds", "ratio": "with / without"},
         "targets": targets(results),

@@ -5,8 +5,8 @@ both or neither. A repeated event id returns the first result and writes nothing
 force at the event's end time, through the mesh's one price table and cost formula
 (`services.common.pricing`, which the router quotes with); a cancelled request is billed for the tokens it
 reports. An event that names the leases it was admitted against moves its cost from their room to committed
-spend in the same commit (`leases.record_usage`), and every first-time event is added to its hour's rollup
-(`rollups.add`) in that commit too, so reports read from the rollups see exactly the committed events.
+spend in the same commit (`leases.record_usage`). The hourly rollups are rolled forward from the event rows
+afterwards (`rollups.roll`); reports add the events not rolled yet, so they see exactly the committed events.
 """
 
 from __future__ import annotations
@@ -58,10 +58,8 @@ class Ingester:
     with one upsert per bucket. A repeat of an id inside the batch answers with the first occurrence.
     """
 
-    def __init__(self, catalog: Catalog, fired: FiredCache, currency: str, quote_grace_us: int = 15_000_000,
-                 *, keep_rollups: bool = True) -> None:
+    def __init__(self, catalog: Catalog, fired: FiredCache, currency: str, quote_grace_us: int = 15_000_000) -> None:
         self.catalog = catalog
-        self.keep_rollups = keep_rollups  # False only to measure what the rollups cost (bench/billing)
         self.quote_grace_us = quote_grace_us
         self.fired = fired
         self.currency = currency
@@ -85,6 +83,7 @@ class Ingester:
                 priced.append((index, cost_micros(price, event.prompt_tokens, event.completion_tokens,
                                                           event.cached)))
         applicable = _ApplicableCache(snap)
+        rollups.hold_off_roll(tx)  # first: it may wait for a roll, which waits for no budget
         tx.lock_budgets(sorted({b.budget_id for i, _ in priced for b in applicable(events[i])}))
         inserted = self._insert(tx, events, sorted(priced, key=lambda p: events[p[0]].event_id), now_us)
         seen = previous(tx, [events[i].event_id for i, _ in priced if events[i].event_id not in inserted]
@@ -117,8 +116,6 @@ class Ingester:
         spend = budgets.add_spend(tx, self.fired, list(deltas.values()), now_us)
         leases.record_usage(tx, [(lease_id, frozenset(b.budget_id for b in applicable(event)), cost, event.tokens)
                                  for event, cost in result.new for lease_id in event.lease_ids])
-        if self.keep_rollups and result.new:
-            rollups.add(tx, result.new)
         result.alerts, result.states = spend.alerts, spend.states
         for event, cost in result.new:
             level = max((spend.levels[(b.budget_id, self.buckets.start(b.period, event.end_us))]

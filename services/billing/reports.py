@@ -1,26 +1,32 @@
 """Usage reports: requests, tokens and cost over [start, end), grouped by dimensions and time buckets.
 
-Whole hours are read from the hourly rollups (`usage_hours`, see `rollups`) and only the partial hours at
-the window's edges from the events, both summed in SQL and folded here, so a report costs about the number
-of rollup rows, not the number of events; the result is the same as a scan of the events (to the
-micro-unit). Minute buckets can only come from the events, so a minute-granularity report scans them.
+Whole hours are read from the rollup table of the report's shape (`rollups`: by model, version, status,
+source and tenant; by key and tenant; by tag and tenant) together with the events not rolled into it yet,
+and the partial hours at the window's edges from the events (an edge over more than half its hour as the
+hour's rollups less the events of the rest of it), all summed in SQL and folded here, so a report costs its
+groups per hour and at most half an hour of events at each end, not the number of events; the result is
+the same as a scan of the events (to the micro-unit). Minute buckets, and dimensions no one table holds (a
+key with a model, say), come from the events alone.
 
 Anomalies are flagged per api key: more than `max_requests` requests within any `window_s` seconds, or an
 hour whose spend exceeds `hourly_factor_permille`/1000 x the key's mean hourly spend over the 7 days before
-the window (with at least 3 hours of history). A row is anomalous when any key counted in it is. Hourly
-spend comes from the rollups; a key's timestamps are read from the events only for the hours where its
-rollups allow a burst (more than `max_requests` requests in the hours one window can touch), and for whole
-hours only once per process while their counts do not change (`BurstMemo`).
+the window (with at least 3 hours of history). A row is anomalous when any key counted in it is: known from
+the edge events, and for whole hours from `usage_key_groups`, read for the flagged keys only. Hourly counts
+and spend come from `usage_hours_by_key`. Bursts are found in SQL (a key's request `max_requests` places
+earlier, within `window_s`), in the events of the keys whose hourly counts allow one: for each whole hour
+and the partial hour before them once per process while the hours' counts do not change (`BurstMemo`),
+near the window's end every time.
 """
 
 from __future__ import annotations
 
 import json
-from bisect import bisect_left
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from services.billing import rollups as tables
 from services.billing.rollups import HOUR_US
 from services.billing.store.base import Row, Tx
 from services.common.errors import InvalidInput
@@ -32,10 +38,15 @@ STATUS_NAMES = {0: "unspecified", 1: "completed", 2: "cancelled", 3: "failed"}
 SOURCE_NAMES = {0: "router", 1: "router", 2: "engine"}
 GRANULARITY_US = {"minute": 60 * US, "hour": 3600 * US, "day": 86400 * US}
 HISTORY_US = 7 * 86400 * US
-# Each dimension's column in both `events` and `usage_hours` (a tag is read from the tag set).
+# Each dimension's column in `events` and the rollup tables (a tag is read from the tag set).
 COLUMNS = {"tenant": "tenant_id", "api_key": "api_key_id", "model": "model", "model_version": "model_version",
            "tag": "tags_json", "status": "status", "source": "source"}
 Sums = list[int]  # requests, prompt tokens, completion tokens, cached requests, cost
+# The rollup table for reports by these dimensions (all of them: any dimension not listed scans events).
+SHAPES = ((tables.BY_MODEL, frozenset({"tenant", "model", "model_version", "status", "source"})),
+          (tables.BY_KEY, frozenset({"tenant", "api_key"})), (tables.BY_TAG, frozenset({"tenant", "tag"})))
+# A rollup column's spelling in `events` (joined with its tags for the tag table).
+IN_EVENTS = {"hour_us": f"end_us / {HOUR_US} * {HOUR_US}", "tag_key": "t.key", "tag_value": "t.value"}
 
 
 @dataclass(frozen=True)
@@ -66,7 +77,7 @@ class ReportRow:
     cost_micros: int = 0
     cached_requests: int = 0
     anomalous: bool = False
-    keys: set[str] = field(default_factory=set, repr=False)
+    keys: set[str] = field(default_factory=set, repr=False, compare=False)  # the keys seen in its edge events
 
 
 def check_query(q: ReportQuery) -> None:
@@ -102,233 +113,361 @@ def split(start_us: int, end_us: int, rollups: bool = True) -> tuple[list[tuple[
     return [(a, b) for a, b in ((start_us, first), (last, end_us)) if a < b], (first, last)
 
 
-def _sources(tx: Tx, start_us: int, end_us: int, tenant_id: str, columns: str, rollups: bool,
-             time_step_us: int = 0) -> list[Row]:
-    """Rows of (time, <columns>, requests, prompt, completion, cached, cost) over rollups and edge events.
+def shape_table(group_by: tuple[str, ...]) -> str | None:
+    """The rollup table that holds every dimension of this grouping, or None (the events answer)."""
+    for table, dims in SHAPES:
+        if set(group_by) <= dims:
+            return table
+    return None
 
-    Summed in SQL per `columns` (which both tables have) and, with `time_step_us` (an hour or a minute), per
-    end time rounded down to that step (rollup rows carry their hour); without it the time is 0.
+
+def _consistent(tx: Tx) -> None:
+    """Every statement of this read sees one snapshot (rollups, their mark and the events agree)."""
+    if tx.dialect == "postgres":
+        tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        tx.execute("SET LOCAL jit = off")  # compiling a report's few small queries costs more than it saves
+
+
+def _events(tx: Tx, columns: list[str], lo: int, hi: int, tenant_id: str, step: int, *, after: int | None = None,
+            tag_key: str | None = None, keys: list[str] | None = None) -> list[Row]:
+    """Rows of (time, <columns>, requests, prompt, completion, cached, cost) over events ending in [lo, hi),
+    summed in SQL per `columns` and, with `step`, per end time rounded down to it (else the time is 0).
+
+    `after`: only the events after this seq (the ones not rolled up yet); `tag_key`: one row per event and
+    tag of that key (`t.key`, `t.value`); `keys`: only these api keys.
     """
-    edges, whole = split(start_us, end_us, rollups)
-    where = " AND tenant_id = ?" if tenant_id else ""
-    extra = [tenant_id] if tenant_id else []
-    out: list[Row] = []
-    if whole is not None:
-        hour = "hour_us" if time_step_us else "0"
-        grouped = f"hour_us, {columns}" if time_step_us else columns
-        out += tx.all(f"SELECT {hour}, {columns}, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens),"
-                      f" SUM(cached_requests), SUM(cost_micros) FROM usage_hours WHERE hour_us >= ? AND hour_us < ?"
-                      f"{where} GROUP BY {grouped}", [*whole, *extra])
-    bucket = f"end_us / {time_step_us} * {time_step_us}" if time_step_us else "0"
-    grouped = f"{bucket}, {columns}" if time_step_us else columns
-    for lo, hi in edges:
-        out += tx.all(f"SELECT {bucket}, {columns}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached),"
-                      f" SUM(cost_micros) FROM events WHERE end_us >= ? AND end_us < ?{where} GROUP BY {grouped}",
-                      [lo, hi, *extra])
-    return out
+    conds, params = ["end_us >= ?", "end_us < ?"], list[object]([lo, hi])
+    if after is not None:  # few rows after the mark: walk the seqs, not the times
+        conds = ["+end_us >= ?", "+end_us < ?", "events.seq > ?"]
+        params.append(after)
+    if tenant_id:
+        conds.append("tenant_id = ?")
+        params.append(tenant_id)
+    if tag_key is not None:
+        conds.append("t.key = ?")
+        params.append(tag_key)
+    if keys is not None:
+        conds.append(f"api_key_id IN ({', '.join('?' * len(keys))})")
+        params += keys
+    cols = ", ".join(columns)
+    bucket = f"end_us / {step} * {step}" if step else "0"
+    grouped = f"{bucket}, {cols}" if step else cols
+    source = tables.EVENTS_BY_SEQ[tx.dialect] if after is not None else "events"
+    if tag_key is not None:
+        source = tables.TAG_PAIRS[tx.dialect].replace("events", source, 1)
+    return tx.all(f"SELECT {bucket}, {cols}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached),"
+                  f" SUM(cost_micros) FROM {source} WHERE {' AND '.join(conds)} GROUP BY {grouped}", params)
 
 
-def key_hours(tx: Tx, start_us: int, end_us: int, tenant_id: str, rollups: bool = True) -> dict[str, dict[int, Sums]]:
-    """Per api key, per hour of end time with events in [start, end): [requests, cost]."""
+def _rolled(tx: Tx, table: str, columns: list[str], lo: int, hi: int, tenant_id: str, mark: int, by_hour: bool,
+            *, tag_key: str | None = None, keys: list[str] | None = None) -> list[Row]:
+    """Rows of (hour or 0, <columns>, requests, prompt, completion, cached, cost) over the whole hours
+    [lo, hi): `table`'s rows and the events after its `mark`, summed in SQL per `columns` (the table's)."""
+    conds, params = ["hour_us >= ?", "hour_us < ?"], list[object]([lo, hi])
+    if tenant_id:
+        conds.append("tenant_id = ?")
+        params.append(tenant_id)
+    if tag_key is not None:
+        conds.append("tag_key = ?")
+        params.append(tag_key)
+    if keys is not None:
+        conds.append(f"api_key_id IN ({', '.join('?' * len(keys))})")
+        params += keys
+    cols = ", ".join(columns)
+    grouped = f"hour_us, {cols}" if by_hour else cols
+    out = tx.all(f"SELECT {'hour_us' if by_hour else '0'}, {cols}, SUM(requests), SUM(prompt_tokens),"
+                 f" SUM(completion_tokens), SUM(cached_requests), SUM(cost_micros) FROM {table}"
+                 f" WHERE {' AND '.join(conds)} GROUP BY {grouped}", params)
+    return out + _events(tx, [IN_EVENTS.get(c, c) for c in columns], lo, hi, tenant_id, HOUR_US if by_hour else 0,
+                         after=mark, tag_key=tag_key, keys=keys)
+
+
+def _key_hours(tx: Tx, lo: int, hi: int, tenant_id: str, mark: int,
+               keys: list[str] | None = None) -> dict[str, dict[int, Sums]]:
+    """Per api key, per whole hour in [lo, hi) with events: [requests, cost]."""
     found: dict[str, dict[int, Sums]] = defaultdict(dict)
-    for hour, key, requests, _p, _c, _cached, cost in _sources(tx, start_us, end_us, tenant_id, "api_key_id",
-                                                               rollups, HOUR_US):
-        sums = found[str(key)].setdefault(int(hour), [0, 0])
-        sums[0] += int(requests)
-        sums[1] += int(cost)
+    if lo < hi:
+        for hour, key, requests, _p, _c, _cached, cost in _rolled(tx, tables.BY_KEY, ["api_key_id"], lo, hi,
+                                                                  tenant_id, mark, True, keys=keys):
+            sums = found[str(key)].setdefault(int(hour), [0, 0])
+            sums[0] += int(requests)
+            sums[1] += int(cost)
     return found
 
 
+def _merge(into: dict[str, dict[int, Sums]], more: dict[str, dict[int, Sums]]) -> None:
+    for key, by_hour in more.items():
+        mine = into.setdefault(key, {})
+        for hour, sums in by_hour.items():
+            got = mine.setdefault(hour, [0, 0])
+            got[0] += sums[0]
+            got[1] += sums[1]
+
+
 class BurstMemo:
-    """Whether a key's events in one range of whole hours hold a burst, remembered with the hourly counts it
-    was decided from. The ledger only grows, so equal counts mean the same events and the answer stands; a
-    late event changes a count and the hours are read again. One per process, bounded."""
+    """The keys with a burst starting in one hour (and when the last of them starts), remembered with the
+    hourly request counts they were found from. The ledger only grows, so equal counts mean the same events
+    and the answer stands; a late event changes a count and the hour is read again. One per process, bounded."""
 
-    def __init__(self, limit: int = 1_000_000) -> None:
+    def __init__(self, limit: int = 100_000) -> None:
         self.limit = limit
-        self._found: dict[tuple[str, str, int, int, int, int], tuple[tuple[int, ...], bool]] = {}
+        self._found: dict[tuple[str, int, int, int, int], tuple[tuple[int, ...], dict[str, int]]] = {}
 
-    def get(self, ident: tuple[str, str, int, int, int, int], counts: tuple[int, ...]) -> bool | None:
+    def get(self, ident: tuple[str, int, int, int, int], counts: tuple[int, ...]) -> dict[str, int] | None:
         found = self._found.get(ident)
         return found[1] if found is not None and found[0] == counts else None
 
-    def put(self, ident: tuple[str, str, int, int, int, int], counts: tuple[int, ...], burst: bool) -> None:
+    def put(self, ident: tuple[str, int, int, int, int], counts: tuple[int, ...], starts: dict[str, int]) -> None:
         if len(self._found) >= self.limit:
             self._found.clear()
-        self._found[ident] = (counts, burst)
+        self._found[ident] = (counts, starts)
 
 
-def _has_burst(stamps: list[int], rule: AnomalyRule) -> bool:
-    """More than `max_requests` of these sorted times within `window_s` seconds."""
-    n, window = rule.max_requests, rule.window_s * US
-    return any(stamps[i] - stamps[i - n] < window for i in range(n, len(stamps)))
+def _burst_starts(tx: Tx, lo: int, hi: int, keys: list[str], tenant_id: str,
+                  rule: AnomalyRule) -> dict[tuple[str, int], int]:
+    """Per (key, hour of a run's first request), the latest first request of the runs of more than
+    `max_requests` of these keys' requests within `window_s` seconds among the events ending in [lo, hi)."""
+    where = " AND tenant_id = ?" if tenant_id else ""
+    marks = ", ".join("?" * len(keys))
+    rows = tx.all(f"SELECT api_key_id, first_us / {HOUR_US} * {HOUR_US}, MAX(first_us) FROM (SELECT api_key_id,"
+                  f" end_us, LAG(end_us, {int(rule.max_requests)}) OVER (PARTITION BY api_key_id ORDER BY end_us)"
+                  f" AS first_us FROM events WHERE end_us >= ? AND end_us < ?{where} AND api_key_id IN ({marks}))"
+                  f" AS runs WHERE end_us - first_us < ? GROUP BY api_key_id, first_us / {HOUR_US} * {HOUR_US}",
+                  [lo, hi, *([tenant_id] if tenant_id else []), *keys, rule.window_s * US])
+    return {(str(key), int(hour)): int(latest) for key, hour, latest in rows}
 
 
-def _bursting(tx: Tx, q: ReportQuery, rule: AnomalyRule, hours: dict[str, dict[int, Sums]],
-              memo: BurstMemo | None) -> set[str]:
+def _count(by_hour: dict[int, Sums], lo: int, hi: int) -> int:
+    return sum(by_hour[h][0] for h in range(lo - lo % HOUR_US, hi, HOUR_US) if h in by_hour)
+
+
+def _bursting(tx: Tx, q: ReportQuery, rule: AnomalyRule, whole: tuple[int, int] | None,
+              read: dict[str, dict[int, Sums]], mark: int, memo: BurstMemo | None) -> set[str]:
     """Keys with more than `max_requests` requests within `window_s` seconds inside the window.
 
-    A burst whose first request falls in hour h lies in [h, h + 1 h + window): only such ranges whose
-    rollups hold more than `max_requests` of the key's requests are read from the events. A burst inside
-    the window's whole hours is looked for once per process while those hours' counts stay the same
-    (`memo`); any other burst has a request in a partial edge hour, so it lies within one window of an edge,
-    and those few seconds and the edge hours are read every time.
+    Runs of requests whose first falls in hour h and whose last is before the whole hours end are looked
+    for in [h, h + 1 h + window), once per process while those hours' counts stay the same (`memo`), for
+    the keys whose hourly counts there allow one: for each whole hour, and for the partial hour before them
+    (a run counts when it starts inside the window). Any other burst lies within one window of the end, and
+    that range is read every time. `read`: per key and hour, the counts of the edge events.
     """
-    window = rule.window_s * US
-
-    def count(by_hour: dict[int, Sums], lo: int, hi: int) -> tuple[int, ...]:
-        first_hour = lo - lo % HOUR_US
-        return tuple(by_hour[h][0] if h in by_hour else 0 for h in range(first_hour, hi, HOUR_US))
-
-    _edges, whole = split(q.start_us, q.end_us)
-    if whole is None:
-        ranges = [(q.start_us, q.end_us)]
-        first = last = q.end_us
-    else:
-        first, last = whole
-        ranges = [(q.start_us, min(first + window, q.end_us)), (max(last - window, q.start_us), q.end_us)]
+    n, window = rule.max_requests, rule.window_s * US
     flagged: set[str] = set()
-    todo: list[tuple[str, int, int, tuple[str, str, int, int, int, int] | None, tuple[int, ...]]] = []
-    for key, by_hour in hours.items():
-        if sum(s[0] for s in by_hour.values()) <= rule.max_requests:
+    if whole is None:
+        candidates = sorted(k for k, by_hour in read.items() if _count(by_hour, q.start_us, q.end_us) > n)
+        if candidates:
+            flagged |= {k for k, _hour in _burst_starts(tx, q.start_us, q.end_us, candidates, q.tenant_id, rule)}
+        return flagged
+    first, last = whole
+    begin = first - HOUR_US if q.start_us < first and first + window <= min(last, q.end_us) else first
+    ranges = [(max(last - window, q.start_us), q.end_us)]
+    if begin == first:
+        ranges.append((q.start_us, min(first + window, q.end_us)))
+    head = min(-(-(first + window) // HOUR_US) * HOUR_US, last)
+    tail = max((last - window) // HOUR_US * HOUR_US, head)
+    near: dict[str, dict[int, Sums]] = defaultdict(dict)
+    _merge(near, read)
+    if begin == first:
+        _merge(near, _key_hours(tx, first, head, q.tenant_id, mark))
+    _merge(near, _key_hours(tx, tail, last, q.tenant_id, mark))
+    for lo, hi in ranges:  # near the end: read every time
+        candidates = sorted(k for k, by_hour in near.items() if lo < hi and _count(by_hour, lo, hi) > n)
+        if candidates:
+            flagged |= {key for key, _hour in _burst_starts(tx, lo, hi, candidates, q.tenant_id, rule)}
+    totals: dict[int, int] = defaultdict(int)
+    for hour, _tenant, requests, *_ in _rolled(tx, tables.BY_MODEL, ["tenant_id"], begin, last, q.tenant_id, mark,
+                                               True):
+        totals[int(hour)] += int(requests)
+
+    def flag(hour: int, starts: dict[str, int]) -> None:
+        flagged.update(k for k, latest in starts.items() if hour >= first or latest >= q.start_us)
+
+    pending: list[tuple[int, int, tuple[str, int, int, int, int], tuple[int, ...]]] = []
+    for hour in sorted(totals):
+        hi = min(hour + HOUR_US + window, last)
+        counts = tuple(totals.get(h, 0) for h in range(hour, hi, HOUR_US))
+        if sum(counts) <= n:
             continue
-        for lo, hi in ranges:  # near the edges: read every time
-            if lo < hi and sum(count(by_hour, lo, hi)) > rule.max_requests:
-                todo.append((key, lo, hi, None, ()))
-        for hour in sorted(h for h in by_hour if first <= h < last):
-            hi = min(hour + HOUR_US + window, last)
-            if window < HOUR_US:  # the usual rule: this hour and, unless it is the last, the next
-                after = by_hour.get(hour + HOUR_US) if hi > hour + HOUR_US else None
-                counts: tuple[int, ...] = (by_hour[hour][0],) if after is None else (by_hour[hour][0], after[0])
-            else:
-                counts = count(by_hour, hour, hi)
-            if sum(counts) <= rule.max_requests:
-                continue
-            ident = (q.tenant_id, key, hour, hi, rule.max_requests, rule.window_s)
-            known = memo.get(ident, counts) if memo is not None else None
-            if known:
-                flagged.add(key)
-                break
-            if known is None:
-                todo.append((key, hour, hi, ident, counts))
-    todo = [t for t in todo if t[0] not in flagged]
-    merged: list[list[int]] = []
-    for lo, hi in sorted((t[1], t[2]) for t in todo):
-        if merged and lo <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], hi)
+        ident = (q.tenant_id, hour, hi, n, rule.window_s)
+        known = memo.get(ident, counts) if memo is not None else None
+        if known is None:
+            pending.append((hour, hi, ident, counts))
         else:
-            merged.append([lo, hi])
-    wanted = {t[0] for t in todo}
-    times: dict[str, list[int]] = defaultdict(list)
-    where = " AND tenant_id = ?" if q.tenant_id else ""
-    for lo, hi in merged:
-        for key, end_us in tx.all(f"SELECT api_key_id, end_us FROM events WHERE end_us >= ? AND end_us < ?{where}",
-                                  [lo, hi] + ([q.tenant_id] if q.tenant_id else [])):
-            if key in wanted:
-                times[key].append(int(end_us))
-    for stamps in times.values():
-        stamps.sort()
-    for key, lo, hi, remembered_as, counts in todo:
-        stamps = times.get(key, [])
-        burst = _has_burst(stamps[bisect_left(stamps, lo):bisect_left(stamps, hi)], rule)
-        if remembered_as is not None and memo is not None:
-            memo.put(remembered_as, counts, burst)
-        if burst:
-            flagged.add(key)
+            flag(hour, known)
+    if not pending:
+        return flagged
+    counts_by_key = _key_hours(tx, pending[0][0], min(-(-max(p[1] for p in pending) // HOUR_US) * HOUR_US, last),
+                               q.tenant_id, mark)
+    # A key can start a burst in hour h only with a request in h and more than n over [h, h + 1 h + window).
+    wanted = {hour: {k for k, by_hour in counts_by_key.items() if hour in by_hour and _count(by_hour, hour, end) > n}
+              for hour, end, *_ in pending}
+    found: dict[tuple[str, int], int] = {}
+    for hour, end, *_ in pending:  # hour by hour: each sort stays small
+        if wanted[hour]:
+            found.update({k: v for k, v in _burst_starts(tx, hour, end, sorted(wanted[hour]), q.tenant_id,
+                                                         rule).items() if k[1] == hour})
+    for hour, _end, ident, counts in pending:
+        starts = {k: found[(k, hour)] for k in wanted[hour] if (k, hour) in found}
+        if memo is not None:
+            memo.put(ident, counts, starts)
+        flag(hour, starts)
     return flagged
 
 
-def _history(tx: Tx, start_us: int, end_us: int, tenant_id: str, rollups: bool) -> dict[str, list[int]]:
-    """Per api key over [start, end): [hours with events, total cost], summed in SQL."""
+def _history(tx: Tx, start_us: int, end_us: int, tenant_id: str, rollups: bool, mark: int) -> dict[str, list[int]]:
+    """Per api key over [start, end): [hours with events, total cost]."""
     edges, whole = split(start_us, end_us, rollups)
     where = " AND tenant_id = ?" if tenant_id else ""
     extra = [tenant_id] if tenant_id else []
     found: list[Row] = []
-    if whole is not None:
-        found += tx.all("SELECT api_key_id, COUNT(DISTINCT hour_us), SUM(cost_micros) FROM usage_hours"
-                        f" WHERE hour_us >= ? AND hour_us < ?{where} GROUP BY api_key_id", [*whole, *extra])
     for lo, hi in edges:
         found += tx.all(f"SELECT api_key_id, COUNT(DISTINCT end_us / {HOUR_US}), SUM(cost_micros) FROM events"
                         f" WHERE end_us >= ? AND end_us < ?{where} GROUP BY api_key_id", [lo, hi, *extra])
+    late: set[str] = set()
+    if whole is not None:
+        found += tx.all(f"SELECT api_key_id, COUNT(DISTINCT hour_us), SUM(cost_micros) FROM {tables.BY_KEY}"
+                        f" WHERE hour_us >= ? AND hour_us < ?{where} GROUP BY api_key_id", [*whole, *extra])
+        late = {str(r[1]) for r in _events(tx, ["api_key_id"], *whole, tenant_id, 0, after=mark)}
     out: dict[str, list[int]] = {}
     for key, hours, cost in found:  # the sources' hours are disjoint: their counts add up
         sums = out.setdefault(str(key), [0, 0])
         sums[0] += int(hours)
         sums[1] += int(cost)
+    if late and whole is not None:  # keys with events not rolled up yet: count their whole hours again
+        for key, by_hour in _key_hours(tx, *whole, tenant_id, mark, sorted(late)).items():
+            table = tx.one(f"SELECT COUNT(DISTINCT hour_us), COALESCE(SUM(cost_micros), 0) FROM {tables.BY_KEY}"
+                           f" WHERE hour_us >= ? AND hour_us < ?{where} AND api_key_id = ?", [*whole, *extra, key])
+            assert table is not None
+            sums = out.setdefault(key, [0, 0])
+            sums[0] += len(by_hour) - int(table[0])
+            sums[1] += sum(s[1] for s in by_hour.values()) - int(table[1])
     return out
 
 
-def anomalous_keys(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True,
-                   memo: BurstMemo | None = None, hours: dict[str, dict[int, Sums]] | None = None) -> set[str]:
-    """The keys flagged in the window; `hours` is `key_hours` of it when the caller has it already."""
-    if hours is None:
-        hours = key_hours(tx, q.start_us, q.end_us, q.tenant_id, rollups)
-    flagged = _bursting(tx, q, rule, hours, memo)
-    history = _history(tx, q.start_us - HISTORY_US, q.start_us, q.tenant_id, rollups)
+def anomalous_keys(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True, memo: BurstMemo | None = None,
+                   read: tuple[list[tuple[int, int]], dict[str, dict[int, Sums]]] | None = None) -> set[str]:
+    """The keys flagged in the window; `read`: the ranges the caller read from the events and, per key
+    and hour, their [requests, cost] (the rest of the window is whole hours, read here from the rollups)."""
+    if read is None:
+        edges, whole = split(q.start_us, q.end_us, rollups)
+        hours: dict[str, dict[int, Sums]] = defaultdict(dict)
+        for lo, hi in edges:
+            for hour, key, requests, *_sums, cost in _events(tx, ["api_key_id"], lo, hi, q.tenant_id, HOUR_US):
+                _merge(hours, {str(key): {int(hour): [int(requests), int(cost)]}})
+    else:
+        edges, hours = read
+        whole = split(q.start_us, q.end_us)[1] if edges != [(q.start_us, q.end_us)] else None
+    mark = tables.mark(tx) if whole is not None or rollups else 0
+    flagged = _bursting(tx, q, rule, whole, hours, mark, memo)
+    history = {k: v for k, v in _history(tx, q.start_us - HISTORY_US, q.start_us, q.tenant_id, rollups, mark).items()
+               if v[0] >= 3}
+    if not history:
+        return flagged
+    peak: dict[str, int] = {}
+    if whole is not None:
+        keys = sorted(history) if len(history) <= 500 else None
+        hours = {**hours}
+        _merge(hours, _key_hours(tx, *whole, q.tenant_id, mark, keys))
     for key, by_hour in hours.items():
-        past_hours, past_cost = history.get(key, (0, 0))
-        if past_hours < 3:
-            continue
-        mean = past_cost // past_hours
-        if any(s[1] * 1000 > mean * rule.hourly_factor_permille for s in by_hour.values()):
+        if key in history:
+            peak[key] = max(s[1] for s in by_hour.values())
+    for key, top in peak.items():
+        past_hours, past_cost = history[key]
+        if top * 1000 > past_cost // past_hours * rule.hourly_factor_permille:
             flagged.add(key)
     return flagged
 
 
+def _group(q: ReportQuery, raw: dict[str, object], tag_sets: dict[str, str]) -> dict[str, str]:
+    """A row's group, from its dimensions' raw values (a tag as its tag set's JSON, or `tag_value`)."""
+    group = {}
+    for dim in q.group_by:
+        value = raw[dim]
+        if dim == "status":
+            value = STATUS_NAMES.get(int(value), str(value))  # type: ignore[call-overload]
+        elif dim == "source":
+            value = SOURCE_NAMES.get(int(value), str(value))  # type: ignore[call-overload]
+        elif dim == "tag" and "tag_value" not in raw:
+            text = str(value)
+            if text not in tag_sets:
+                tag_sets[text] = json.loads(text).get(q.tag_key, "")
+            value = tag_sets[text]
+        group[dim] = str(value)
+    return group
+
+
 def build(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True,
           memo: BurstMemo | None = None) -> tuple[list[ReportRow], ReportRow]:
-    """The report; `rollups=False` scans the events alone (the reference the rollups are tested against).
-
-    One pass over rollups and edge events per hour (a minute for minute buckets) and key gives both the
-    rows and each key's hours for the anomaly rules.
-    """
+    """The report; `rollups=False` scans the events alone (the reference the rollups are tested against)."""
     check_query(q)
-    columns = ["api_key_id"] + [COLUMNS[d] for d in q.group_by if d != "api_key"]
+    _consistent(tx)
     minute = q.granularity == "minute"
-    found = _sources(tx, q.start_us, q.end_us, q.tenant_id, ", ".join(columns), rollups and not minute,
-                     GRANULARITY_US["minute"] if minute else HOUR_US)
+    table = shape_table(q.group_by) if rollups and not minute else None
+    edges, whole = split(q.start_us, q.end_us, table is not None)
     rows: dict[tuple[int, tuple[str, ...]], ReportRow] = {}
-    hours: dict[str, dict[int, Sums]] = defaultdict(dict)
-    groups: dict[tuple[object, ...], tuple[str, dict[str, str], tuple[str, ...]]] = {}
     tag_sets: dict[str, str] = {}
-    width = len(columns)
-    for record in found:
-        dims = record[1:1 + width]
-        known = groups.get(dims)
-        if known is None:
-            values = dict(zip(columns, dims, strict=True))
-            group = {}
-            for dim in q.group_by:
-                value = values[COLUMNS[dim]]
-                if dim == "status":
-                    value = STATUS_NAMES.get(int(value), str(value))
-                elif dim == "source":
-                    value = SOURCE_NAMES.get(int(value), str(value))
-                elif dim == "tag":
-                    text = str(value)
-                    if text not in tag_sets:
-                        tag_sets[text] = json.loads(text).get(q.tag_key, "")
-                    value = tag_sets[text]
-                group[dim] = str(value)
-            known = groups[dims] = (str(values["api_key_id"]), group, tuple(group.values()))
-        key, group, _ = known
-        t = int(record[0])
-        ident = (_bucket(t, q) if q.granularity else q.start_us, known[2])
+
+    def fold(t: int, group: dict[str, str], record: Row, sign: int = 1) -> ReportRow:
+        ident = (_bucket(t, q) if q.granularity else q.start_us, tuple(group.values()))
         row = rows.get(ident)
         if row is None:
-            row = rows[ident] = ReportRow(ident[0], dict(group))
-        requests, cost = int(record[-5]), int(record[-1])
-        prompt, completion, cached = int(record[-4]), int(record[-3]), int(record[-2])
-        row.requests += requests
-        row.prompt_tokens += prompt
-        row.completion_tokens += completion
-        row.cost_micros += cost
-        row.cached_requests += cached
-        row.keys.add(key)
-        sums = hours[key].setdefault(t - t % HOUR_US, [0, 0])
-        sums[0] += requests
-        sums[1] += cost
-    flagged = anomalous_keys(tx, q, rule, rollups, memo, hours)
+            row = rows[ident] = ReportRow(ident[0], group)
+        row.requests += sign * int(record[-5])
+        row.prompt_tokens += sign * int(record[-4])
+        row.completion_tokens += sign * int(record[-3])
+        row.cached_requests += sign * int(record[-2])
+        row.cost_micros += sign * int(record[-1])
+        return row
+
+    # The events: per key too, for the anomaly rules and to know which keys each row counts. An edge over
+    # more than half its hour is that hour's rollups less the events of the rest of the hour (fewer).
+    names = ["api_key", "tenant", *(d for d in q.group_by if d not in ("api_key", "tenant"))]
+    columns = [COLUMNS[d] for d in names]
+    hours: dict[str, dict[int, Sums]] = defaultdict(dict)
+    groups: dict[tuple[object, ...], dict[str, str]] = {}
+    mark = tables.mark(tx) if whole is not None else 0
+    read: list[tuple[int, int, int]] = []  # (lo, hi, sign) of the event ranges
+    complemented: list[tuple[int, int]] = []
+    for lo, hi in edges:
+        hour = lo - lo % HOUR_US
+        if table is None or whole is None or 2 * (hi - lo) <= HOUR_US:
+            read.append((lo, hi, 1))
+            continue
+        complemented.append((lo, hi))
+        _fold_whole(tx, q, table, (hour, hour + HOUR_US), mark, tag_sets, fold)
+        _merge(hours, _key_hours(tx, hour, hour + HOUR_US, q.tenant_id, mark))
+        read += [(a, b, -1) for a, b in ((hour, lo), (hi, hour + HOUR_US)) if a < b]
+    for lo, hi, sign in read:
+        for record in _events(tx, columns, lo, hi, q.tenant_id, GRANULARITY_US["minute"] if minute else HOUR_US):
+            dims = record[1:1 + len(columns)]
+            group = groups.get(dims)
+            if group is None:
+                group = groups[dims] = _group(q, dict(zip(names, dims, strict=True)), tag_sets)
+            key, t = str(dims[0]), int(record[0])
+            row = fold(t, dict(group), record, sign)
+            if sign > 0:
+                row.keys.add(key)
+            sums = hours[key].setdefault(t - t % HOUR_US, [0, 0])
+            sums[0] += sign * int(record[-5])
+            sums[1] += sign * int(record[-1])
+    for key in list(hours):  # the hours a complement emptied had no events of the key
+        by_hour = {h: v for h, v in hours[key].items() if v[0]}
+        if by_hour:
+            hours[key] = by_hour
+        else:
+            del hours[key]
+    hot: set[tuple[int, tuple[str, ...]]] = set()
+    if table is not None and whole is not None:
+        _fold_whole(tx, q, table, whole, mark, tag_sets, fold)
+    for ident in [i for i, r in rows.items() if not r.requests]:  # groups only the complements had
+        del rows[ident]
+    flagged = anomalous_keys(tx, q, rule, rollups, memo, (edges, hours))
+    if flagged and table is not None and whole is not None:
+        hot = _flagged_rows(tx, q, whole, mark, sorted(flagged), tag_sets)
+        for lo, hi in complemented:
+            for record in _events(tx, columns, lo, hi, q.tenant_id, HOUR_US, keys=sorted(flagged)):
+                group = _group(q, dict(zip(names, record[1:1 + len(columns)], strict=True)), tag_sets)
+                hot.add((_bucket(int(record[0]), q) if q.granularity else q.start_us, tuple(group.values())))
     result = sorted(rows.values(), key=lambda r: (r.bucket_start_us, tuple(r.group.values())))
     if q.top_n:
         by_group: dict[tuple[str, ...], int] = defaultdict(int)
@@ -338,7 +477,7 @@ def build(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True,
         result = [r for r in result if tuple(r.group.values()) in keep]
     total = ReportRow(q.start_us, {})
     for row in result:
-        row.anomalous = bool(row.keys & flagged)
+        row.anomalous = bool(row.keys & flagged) or (row.bucket_start_us, tuple(row.group.values())) in hot
         total.requests += row.requests
         total.prompt_tokens += row.prompt_tokens
         total.completion_tokens += row.completion_tokens
@@ -346,3 +485,52 @@ def build(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True,
         total.cached_requests += row.cached_requests
         total.anomalous = total.anomalous or row.anomalous
     return result, total
+
+
+def _fold_whole(tx: Tx, q: ReportQuery, table: str, whole: tuple[int, int], mark: int, tag_sets: dict[str, str],
+                fold: Callable[[int, dict[str, str], Row, int], ReportRow]) -> None:
+    """Add the whole hours' sums from the rollup table `table` (and the events after its mark)."""
+    by_hour = bool(q.granularity)
+    if table != tables.BY_TAG:
+        names = ["tenant", *(d for d in q.group_by if d != "tenant")]
+        for record in _rolled(tx, table, [COLUMNS[d] for d in names], *whole, q.tenant_id, mark, by_hour):
+            fold(int(record[0]), _group(q, dict(zip(names, record[1:1 + len(names)], strict=True)), tag_sets), record, 1)
+        return
+    # By tag: the rows with the tag, and as the tag's "" the total less them (events without it).
+    untagged: dict[tuple[int, str], list[int]] = defaultdict(lambda: [0] * 5)
+    for t, tenant, *sums in _rolled(tx, tables.BY_MODEL, ["tenant_id"], *whole, q.tenant_id, mark, by_hour):
+        row = untagged[(int(t), str(tenant))]
+        for i, value in enumerate(sums):
+            row[i] += int(value)
+    for record in _rolled(tx, tables.BY_TAG, ["tenant_id", "tag_value"], *whole, q.tenant_id, mark, by_hour,
+                          tag_key=q.tag_key):
+        t, tenant, value = int(record[0]), str(record[1]), str(record[2])
+        if value == "":
+            continue
+        fold(t, _group(q, {"tenant": tenant, "tag": value, "tag_value": value}, tag_sets), record, 1)
+        row = untagged[(t, tenant)]
+        for i in range(5):
+            row[i] -= int(record[3 + i])
+    for (t, tenant), sums in untagged.items():
+        if sums[0]:
+            fold(t, _group(q, {"tenant": tenant, "tag": "", "tag_value": ""}, tag_sets), (t, *sums), 1)
+
+
+def _flagged_rows(tx: Tx, q: ReportQuery, whole: tuple[int, int], mark: int, flagged: list[str],
+                  tag_sets: dict[str, str]) -> set[tuple[int, tuple[str, ...]]]:
+    """The (bucket, group) of every row of the whole hours that a flagged key counted in."""
+    names = [d for d in q.group_by]
+    columns = ["hour_us", *(COLUMNS[d] for d in names)]
+    where = " AND tenant_id = ?" if q.tenant_id else ""
+    marks = ", ".join("?" * len(flagged))
+    found = [tuple(r) for r in tx.all(
+        f"SELECT DISTINCT {', '.join(columns)} FROM {tables.KEY_GROUPS} WHERE api_key_id IN ({marks})"
+        f" AND hour_us >= ? AND hour_us < ?{where}", [*flagged, *whole, *([q.tenant_id] if q.tenant_id else [])])]
+    found += [r[:1 + len(names)] for r in _events(tx, [COLUMNS[d] for d in names] or ["tenant_id"], *whole,
+                                                   q.tenant_id, HOUR_US, after=mark, keys=flagged)]
+    out = set()
+    for record in found:
+        group = _group(q, dict(zip(names, record[1:1 + len(names)], strict=True)), tag_sets)
+        t = int(record[0])
+        out.add((_bucket(t, q) if q.granularity else q.start_us, tuple(group.values())))
+    return out

@@ -1,35 +1,54 @@
-"""Hourly usage rollups: one row per (hour, tenant, key, model, version, status, tag set, source), kept exact.
+"""Hourly usage rollups, one table per report shape, rolled forward from the events and always exact.
 
-`usage_hours` holds requests, tokens, cached requests and cost per hour of the events' end time
-(`hour_us = end_us - end_us % 1 h`, UTC). The ingester adds every first-time event to it in the same
-transaction that inserts the event row (`add`), so the rollups and the ledger always agree; migration 4
-built it from the events already recorded (`BACKFILL`, also `rebuild`). Reports read whole hours from here
-and only their partial edge hours from the events (`reports`).
+Each table holds requests, tokens, cached requests and cost per hour of the events' end time
+(`hour_us = end_us - end_us % 1 h`, UTC) and a few dimensions, so a report reads about as many rows as it
+has groups per hour rather than one per event:
 
-Rows are upserted in primary-key order (PostgreSQL writers touching the same hours wait for each other in
-one order rather than deadlock), one multi-row statement per chunk, after summing the batch in Python.
+- `usage_hours_by_model`: (hour, tenant, model, version, status, source): reports by any of these;
+- `usage_hours_by_key`: (hour, tenant, api key): reports by key, and the anomaly rules' hourly counts;
+- `usage_hours_by_tag`: (hour, tenant, tag key, tag value), one row per tag an event carries: reports by
+  tag (an event without the tag is the total less those with it);
+- `usage_key_groups`: which (tenant, model, version, status, tag set, source) each key had events in per
+  hour, without sums, keyed by key first: the groups of a report a flagged key counted in.
+
+The tables cover exactly the events up to `rollup_mark.seq` (`mark`). `roll` adds the events recorded
+since, in one transaction with the new mark, set-based in SQL (a few thousand upserts for a second of a busy
+ledger, where folding each ingested batch in its own commit costs a row per group per batch); billing rolls
+every second (`service.run_rollup_roller`). A report reads the tables and, for the same hours, the few
+events after the mark, in one snapshot, so it equals a scan of the events whenever it runs. On
+PostgreSQL, where concurrent writers take seqs out of commit order, every ingesting transaction holds
+`ROLL_LOCK` shared (`hold_off_roll`) and `roll` takes it exclusively for as long as it reads the largest
+seq: it waits for the transactions in flight, so no event below its mark can commit after it; rollers
+take turns on the mark's row. Migration 5 built the tables from the events
+already recorded (`backfill`, also `rebuild`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from services.billing.store.base import Tx
 
-if TYPE_CHECKING:
-    from services.billing.model import UsageEvent
-
 HOUR_US = 3_600_000_000
-KEY_COLUMNS = "hour_us, tenant_id, api_key_id, model, model_version, status, tags_json, source"
 SUM_COLUMNS = "requests, prompt_tokens, completion_tokens, cached_requests, cost_micros"
-ROWS_PER_UPSERT = 200  # 13 parameters a row
-_MARKS = "(" + ", ".join("?" * 13) + ")"
-_UPDATE = ", ".join(f"{c} = usage_hours.{c} + excluded.{c}" for c in SUM_COLUMNS.split(", "))
+BY_MODEL, BY_KEY, BY_TAG, KEY_GROUPS = "usage_hours_by_model", "usage_hours_by_key", "usage_hours_by_tag", \
+    "usage_key_groups"
+KEYS = {BY_MODEL: "hour_us, tenant_id, model, model_version, status, source",
+        BY_KEY: "hour_us, tenant_id, api_key_id",
+        BY_TAG: "hour_us, tenant_id, tag_key, tag_value",
+        KEY_GROUPS: "api_key_id, hour_us, tenant_id, model, model_version, status, tags_json, source"}
+_HOUR = "end_us / 3600000000 * 3600000000"
+# What each key column is in `events` (a tag's key and value come from its tag set, per dialect).
+_FROM_EVENTS = {"hour_us": _HOUR, "tag_key": "t.key", "tag_value": "t.value"}
+TAG_PAIRS = {"sqlite": "events, json_each(events.tags_json) AS t",
+             "postgres": "events CROSS JOIN LATERAL jsonb_each_text(events.tags_json::jsonb) AS t"}
+# The events after a mark, walked by seq: SQLite's planner would rather scan an index in GROUP BY order.
+EVENTS_BY_SEQ = {"sqlite": "events NOT INDEXED", "postgres": "events"}
+ROLLING_TAGS = {dialect: pairs.replace("events", "rolling") for dialect, pairs in TAG_PAIRS.items()}
 
-# The migration's (and `rebuild`'s) backfill: the same sums, from the events already in the ledger.
-BACKFILL = (f"INSERT INTO usage_hours ({KEY_COLUMNS}, {SUM_COLUMNS})"
+# The migration's backfill of the hourly table it replaced (migration 4, kept as it shipped).
+BACKFILL = ("INSERT INTO usage_hours (hour_us, tenant_id, api_key_id, model, model_version, status, tags_json,"
+            " source, requests, prompt_tokens, completion_tokens, cached_requests, cost_micros)"
             " SELECT end_us / 3600000000 * 3600000000, tenant_id, api_key_id, model, model_version, status, tags_json,"
             " source,"
             " COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached), SUM(cost_micros) FROM events"
@@ -37,45 +56,93 @@ BACKFILL = (f"INSERT INTO usage_hours ({KEY_COLUMNS}, {SUM_COLUMNS})"
             " source")
 
 
+def _statements(rolling_tags: str, where: str) -> list[str]:
+    """The statements adding the events matching `where` to every rollup table: summed once per key group
+    and hour into a temporary table (one pass over the events), which each table sums further.
+    `rolling_tags`: the dialect's spelling of that table joined with its rows' tags (`ROLLING_TAGS`)."""
+    groups = KEYS[KEY_GROUPS]
+    from_events = ", ".join(_FROM_EVENTS.get(k, k) for k in groups.split(", "))
+    out = [f"CREATE TEMP TABLE rolling AS SELECT {_aliased(groups)}, COUNT(*) AS requests,"
+           f" SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens,"
+           f" SUM(cached) AS cached_requests, SUM(cost_micros) AS cost_micros FROM events WHERE {where}"
+           f" GROUP BY {from_events}"]
+    sums = ", ".join(f"SUM({c})" for c in SUM_COLUMNS.split(", "))
+    for table in (BY_MODEL, BY_KEY, BY_TAG):
+        keys = KEYS[table]
+        selected = keys.replace("tag_key", "t.key").replace("tag_value", "t.value")
+        update = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in SUM_COLUMNS.split(", "))
+        out.append(f"INSERT INTO {table} ({keys}, {SUM_COLUMNS}) SELECT {selected}, {sums}"
+                   f" FROM {rolling_tags if table == BY_TAG else 'rolling'} WHERE true GROUP BY {selected}"
+                   f" ORDER BY {selected} ON CONFLICT ({keys}) DO UPDATE SET {update}")
+    out.append(f"INSERT INTO {KEY_GROUPS} ({groups}) SELECT {groups} FROM rolling WHERE true ORDER BY {groups}"
+               f" ON CONFLICT ({groups}) DO NOTHING")
+    out.append("DROP TABLE rolling")
+    return out
+
+
+def _aliased(columns: str) -> str:
+    return ", ".join(f"{_FROM_EVENTS[c]} AS {c}" if c in _FROM_EVENTS else c for c in columns.split(", "))
+
+
+def backfill(rolling_tags: str) -> list[str]:
+    """The statements that fill every rollup table from the events already in the ledger; `rolling_tags`
+    is the dialect's spelling of the summed events joined with their tags (`ROLLING_TAGS`)."""
+    return _statements(rolling_tags, "true")
+
+
+ROLL_LOCK = 0x726F6C6C  # the advisory lock key of rolling (PostgreSQL)
+ROLL_LIMIT = 500_000  # events per roll at most: one roll's transaction stays short behind a long backlog
+
+
 def tags_json(tags: dict[str, str]) -> str:
     """The one spelling of a tag set, in events and rollups alike."""
     return json.dumps(tags, sort_keys=True) if tags else "{}"
 
 
-def add(tx: Tx, new: Sequence[tuple[UsageEvent, int]]) -> None:
-    """Add these first-time (event, cost) pairs to their hours' rollups, in the caller's transaction."""
-    sums: dict[tuple[int, str, str, str, str, int, str, int], list[int]] = {}
-    spelled: dict[tuple[tuple[str, str], ...], str] = {(): "{}"}  # a batch has few tag sets: spell each once
-    for event, cost in new:
-        tag_set = tuple(sorted(event.tags.items())) if event.tags else ()
-        text = spelled.get(tag_set)
-        if text is None:
-            text = spelled[tag_set] = tags_json(event.tags)
-        key = (event.end_us - event.end_us % HOUR_US, event.tenant_id, event.api_key_id, event.model,
-               event.model_version, int(event.status), text, int(event.source))
-        row = sums.get(key)
-        if row is None:
-            sums[key] = [1, event.prompt_tokens, event.completion_tokens, int(event.cached), cost]
-        else:
-            row[0] += 1
-            row[1] += event.prompt_tokens
-            row[2] += event.completion_tokens
-            row[3] += int(event.cached)
-            row[4] += cost
-    ordered = sorted(sums.items())
-    for start in range(0, len(ordered), ROWS_PER_UPSERT):
-        chunk = ordered[start:start + ROWS_PER_UPSERT]
-        params: list[object] = []
-        for key, values in chunk:
-            params += (*key, *values)
-        tx.execute(f"INSERT INTO usage_hours ({KEY_COLUMNS}, {SUM_COLUMNS}) VALUES {', '.join([_MARKS] * len(chunk))}"
-                   f" ON CONFLICT ({KEY_COLUMNS}) DO UPDATE SET {_UPDATE}", params)
+def mark(tx: Tx) -> int:
+    """The seq of the last event the rollups hold."""
+    row = tx.one("SELECT seq FROM rollup_mark WHERE id = 1")
+    return int(row[0]) if row is not None else 0
+
+
+def hold_off_roll(tx: Tx) -> None:
+    """Called by a transaction before it inserts events: no roll runs until it ends (PostgreSQL)."""
+    if tx.dialect == "postgres":
+        tx.one("SELECT pg_advisory_xact_lock_shared(?)", [ROLL_LOCK])
+
+
+def roll(tx: Tx, limit: int = ROLL_LIMIT) -> int:
+    """Add the events recorded since the mark to the rollups and move the mark past them; returns how many
+    seqs it moved (0 when there was nothing to roll)."""
+    if tx.dialect == "postgres":
+        start = int(tx.one("SELECT seq FROM rollup_mark WHERE id = 1 FOR UPDATE")[0])  # type: ignore[index]
+        # Once no ingesting transaction is in flight, every seq up to the largest committed one is settled
+        # for good (later writers draw larger ones): hold the lock only to read it, not for the roll.
+        tx.one("SELECT pg_advisory_lock(?)", [ROLL_LOCK])
+        try:
+            top = tx.one("SELECT MAX(seq) FROM events")
+        finally:
+            tx.one("SELECT pg_advisory_unlock(?)", [ROLL_LOCK])
+    else:
+        start = mark(tx)
+        top = tx.one("SELECT MAX(seq) FROM events")
+    end = min(int(top[0]), start + limit) if top is not None and top[0] is not None else start
+    if end <= start:
+        return 0
+    for statement in _statements(ROLLING_TAGS[tx.dialect], f"seq > {int(start)} AND seq <= {int(end)}"):
+        tx.execute(statement)  # the seqs spelled out: PostgreSQL binds no parameters in CREATE TABLE AS
+    tx.execute("UPDATE rollup_mark SET seq = ? WHERE id = 1", [end])
+    return end - start
 
 
 def rebuild(tx: Tx) -> None:
-    """Recompute every rollup from the events (after a bulk load that bypassed the ingester)."""
-    tx.execute("DELETE FROM usage_hours")
-    tx.execute(BACKFILL)
+    """Recompute every rollup from the events (after a bulk load), up to the last event."""
+    for table in (BY_MODEL, BY_KEY, BY_TAG, KEY_GROUPS):
+        tx.execute(f"DELETE FROM {table}")
+    for statement in backfill(ROLLING_TAGS[tx.dialect]):
+        tx.execute(statement)
+    tx.execute("UPDATE rollup_mark SET seq = (SELECT COALESCE(MAX(seq), 0) FROM events) WHERE id = 1")
 
 
-__all__ = ["BACKFILL", "HOUR_US", "add", "rebuild", "tags_json"]
+__all__ = ["BACKFILL", "BY_KEY", "BY_MODEL", "BY_TAG", "EVENTS_BY_SEQ", "HOUR_US", "KEY_GROUPS", "ROLLING_TAGS",
+           "ROLL_LOCK", "TAG_PAIRS", "backfill", "hold_off_roll", "mark", "rebuild", "roll", "tags_json"]

@@ -11,7 +11,14 @@ import grpc
 from autoglm.billing.v1 import billing_service_pb2, billing_service_pb2_grpc
 from services.billing.config import BillingConfig
 from services.billing.operators import OperatorAuth
-from services.billing.service import Billing, Clock, run_engine_reconciler, run_hold_janitor, wall_clock
+from services.billing.service import (
+    Billing,
+    Clock,
+    run_engine_reconciler,
+    run_hold_janitor,
+    run_rollup_roller,
+    wall_clock,
+)
 from services.billing.servicer import BillingServicer
 from services.billing.store import open_store
 from services.common.grpc_server import RunningServer, start_server
@@ -36,9 +43,10 @@ async def build_server(config: BillingConfig, clock: Clock = wall_clock) -> Runn
         raise
     janitor = asyncio.create_task(run_hold_janitor(billing))
     reconciler = asyncio.create_task(run_engine_reconciler(billing))
+    roller = asyncio.create_task(run_rollup_roller(billing))
 
     async def shutdown() -> None:
-        for task in (janitor, reconciler):
+        for task in (janitor, reconciler, roller):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

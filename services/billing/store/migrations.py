@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.billing.rollups import BACKFILL
+from services.billing.rollups import BACKFILL, ROLLING_TAGS, backfill
 from services.billing.store.base import Tx
 
 TYPES = {
-    "sqlite": {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "int": "INTEGER", "clustered": " WITHOUT ROWID"},
-    "postgres": {"serial": "BIGSERIAL PRIMARY KEY", "int": "BIGINT", "clustered": ""},
+    "sqlite": {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "int": "INTEGER", "clustered": " WITHOUT ROWID",
+               "rolling_tags": ROLLING_TAGS["sqlite"]},
+    "postgres": {"serial": "BIGSERIAL PRIMARY KEY", "int": "BIGINT", "clustered": "",
+                 "rolling_tags": ROLLING_TAGS["postgres"]},
 }
 
 MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
@@ -103,6 +105,38 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
             cached_requests {int} NOT NULL, cost_micros {int} NOT NULL,
             PRIMARY KEY (hour_us, tenant_id, api_key_id, model, model_version, status, tags_json, source)){clustered}""",
         BACKFILL,
+    )),
+    (5, "usage rollups per report shape, backfilled from the events", (
+        # The one hourly table of migration 4 had nearly a row per event at a busy deployment's spread of
+        # keys and tags, so reports read about as many rows as events and each batch rewrote as many; these
+        # hold one row per hour and report group instead (services/billing/rollups.py).
+        "DROP TABLE usage_hours",
+        """CREATE TABLE usage_hours_by_model (
+            hour_us {int} NOT NULL, tenant_id TEXT NOT NULL, model TEXT NOT NULL, model_version TEXT NOT NULL,
+            status {int} NOT NULL, source {int} NOT NULL, requests {int} NOT NULL, prompt_tokens {int} NOT NULL,
+            completion_tokens {int} NOT NULL, cached_requests {int} NOT NULL, cost_micros {int} NOT NULL,
+            PRIMARY KEY (hour_us, tenant_id, model, model_version, status, source)){clustered}""",
+        """CREATE TABLE usage_hours_by_key (
+            hour_us {int} NOT NULL, tenant_id TEXT NOT NULL, api_key_id TEXT NOT NULL, requests {int} NOT NULL,
+            prompt_tokens {int} NOT NULL, completion_tokens {int} NOT NULL, cached_requests {int} NOT NULL,
+            cost_micros {int} NOT NULL, PRIMARY KEY (hour_us, tenant_id, api_key_id)){clustered}""",
+        """CREATE TABLE usage_hours_by_tag (
+            hour_us {int} NOT NULL, tenant_id TEXT NOT NULL, tag_key TEXT NOT NULL, tag_value TEXT NOT NULL,
+            requests {int} NOT NULL, prompt_tokens {int} NOT NULL, completion_tokens {int} NOT NULL,
+            cached_requests {int} NOT NULL, cost_micros {int} NOT NULL,
+            PRIMARY KEY (hour_us, tenant_id, tag_key, tag_value)){clustered}""",
+        # Keyed by api key first: read for the few keys an anomaly rule flagged.
+        """CREATE TABLE usage_key_groups (
+            api_key_id TEXT NOT NULL, hour_us {int} NOT NULL, tenant_id TEXT NOT NULL, model TEXT NOT NULL,
+            model_version TEXT NOT NULL, status {int} NOT NULL, tags_json TEXT NOT NULL, source {int} NOT NULL,
+            PRIMARY KEY (api_key_id, hour_us, tenant_id, model, model_version, status, tags_json, source)){clustered}""",
+        # The rollups hold exactly the events up to this seq; later ones are rolled in by `rollups.roll`.
+        "CREATE TABLE rollup_mark (id {int} PRIMARY KEY, seq {int} NOT NULL)",
+        *backfill("{rolling_tags}"),
+        "INSERT INTO rollup_mark (id, seq) SELECT 1, COALESCE(MAX(seq), 0) FROM events",
+        # The time index carries each event's key and tenant too: the burst rule reads only the index.
+        "CREATE INDEX events_time_key ON events (end_us, api_key_id, tenant_id)",
+        "DROP INDEX events_time",
     )),
 )
 

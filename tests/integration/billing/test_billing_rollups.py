@@ -1,9 +1,10 @@
 """Hourly rollups over real gRPC, on SQLite and PostgreSQL: reports served from them equal a scan of the
-events to the micro-unit, every ingestion path keeps them in step (replays counted once), and the migration
-builds them from the events an older ledger already holds."""
+events to the micro-unit, the events of every ingestion path are rolled into them (replays counted once),
+and the migration builds them from the events an older ledger already holds."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
 import time
@@ -20,6 +21,7 @@ from services.billing.server import build_server
 from services.billing.store import open_store
 from services.common.config import ServerSettings
 from tests.integration.billing.helpers import OPERATOR_TOKEN, operator, price_request, tenant_budget, ts, usage
+from tests.waiting import wait_until
 
 HOUR = 3600
 STATUSES = {pb2.USAGE_STATUS_COMPLETED: "completed", pb2.USAGE_STATUS_CANCELLED: "cancelled",
@@ -157,12 +159,41 @@ def ledger_rows(database: str, sql: str) -> list[tuple[object, ...]]:
         return [tuple(int(v) if not isinstance(v, str) else v for v in r) for r in conn.execute(sql).fetchall()]
 
 
-ROLLUPS = ("SELECT hour_us, tenant_id, api_key_id, model, model_version, status, tags_json, source, requests,"
-           " prompt_tokens, completion_tokens, cached_requests, cost_micros FROM usage_hours"
-           " ORDER BY 1, 2, 3, 4, 5, 6, 7, 8")
-SCAN = ("SELECT end_us / 3600000000 * 3600000000, tenant_id, api_key_id, model, model_version, status, tags_json,"
-        " source, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached), SUM(cost_micros) FROM events"
-        " GROUP BY 1, 2, 3, 4, 5, 6, 7, 8 ORDER BY 1, 2, 3, 4, 5, 6, 7, 8")
+HOUR_OF = "end_us / 3600000000 * 3600000000"
+SUMS = "COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached), SUM(cost_micros)"
+ROLLED = "requests, prompt_tokens, completion_tokens, cached_requests, cost_micros"
+# Each rollup table against the same sums from a scan of the events (tags: a row per tag of an event).
+TABLES = {
+    "usage_hours_by_model": ("hour_us, tenant_id, model, model_version, status, source",
+                             f"{HOUR_OF}, tenant_id, model, model_version, status, source", "events"),
+    "usage_hours_by_key": ("hour_us, tenant_id, api_key_id", f"{HOUR_OF}, tenant_id, api_key_id", "events"),
+    "usage_hours_by_tag": ("hour_us, tenant_id, tag_key, tag_value", f"{HOUR_OF}, tenant_id, t.key, t.value", None),
+}
+TAG_PAIRS = {"sqlite": "events, json_each(events.tags_json) AS t",
+             "postgres": "events CROSS JOIN LATERAL jsonb_each_text(events.tags_json::jsonb) AS t"}
+
+
+def compared(database: str) -> list[tuple[list[tuple[object, ...]], list[tuple[object, ...]]]]:
+    """(the rollup table's rows, the scan's rows) for each table, and for the key groups."""
+    dialect = "sqlite" if database.startswith("sqlite:///") else "postgres"
+    out = []
+    for table, (keys, scanned, source) in TABLES.items():
+        width = len(keys.split(", "))
+        order = ", ".join(str(i + 1) for i in range(width))
+        out.append((ledger_rows(database, f"SELECT {keys}, {ROLLED} FROM {table} ORDER BY {order}"),
+                    ledger_rows(database, f"SELECT {scanned}, {SUMS} FROM {source or TAG_PAIRS[dialect]}"
+                                          f" GROUP BY {scanned} ORDER BY {order}")))
+    groups = "api_key_id, hour_us, tenant_id, model, model_version, status, tags_json, source"
+    out.append((ledger_rows(database, f"SELECT {groups} FROM usage_key_groups ORDER BY 1, 2, 3, 4, 5, 6, 7, 8"),
+                ledger_rows(database, f"SELECT DISTINCT {groups.replace('hour_us', HOUR_OF)} FROM events"
+                                      " ORDER BY 1, 2, 3, 4, 5, 6, 7, 8")))
+    return out
+
+
+def rolled_up(database: str) -> bool:
+    """Whether the roller has rolled every event recorded so far."""
+    return ledger_rows(database, "SELECT seq FROM rollup_mark")[0][0] == \
+        ledger_rows(database, "SELECT COALESCE(MAX(seq), 0) FROM events")[0][0]
 
 
 async def test_every_ingestion_path_adds_to_the_rollups_once_per_event(billing, database: str) -> None:
@@ -174,10 +205,12 @@ async def test_every_ingestion_path_adds_to_the_rollups_once_per_event(billing, 
         for model in ("m0", "m1"):
             await stub.CreatePrice(price_request(model=model, effective=since - 86400))
         sent = await ingest_by_every_path(stub, events, rng)
-    rollups = ledger_rows(database, ROLLUPS)
-    assert rollups == ledger_rows(database, SCAN)
-    assert sum(int(r[8]) for r in rollups) == len(sent) == 200  # type: ignore[call-overload]
-    assert sum(int(r[12]) for r in rollups) == sum(s.cost for s in sent.values())  # type: ignore[call-overload]
+        await wait_until(lambda: rolled_up(database), 30, "the roller rolls every event into the rollups")
+    for table, scan in compared(database):
+        assert table == scan and table
+    by_key = compared(database)[1][0]
+    assert sum(int(r[3]) for r in by_key) == len(sent) == 200  # type: ignore[call-overload]
+    assert sum(int(r[7]) for r in by_key) == sum(s.cost for s in sent.values())  # type: ignore[call-overload]
 
 
 async def test_the_migration_builds_rollups_from_the_events_already_recorded(serve, database: str) -> None:
@@ -194,11 +227,15 @@ async def test_the_migration_builds_rollups_from_the_events_already_recorded(ser
     await running.stop(grace=0)
     store = open_store(database)  # the ledger as it was before rollups existed
     await store.open()
-    await store.write(lambda tx: (tx.execute("DROP TABLE usage_hours"),
-                                  tx.execute("DELETE FROM schema_migrations WHERE version = 4")))
+    await store.write(lambda tx: [tx.execute(sql) for sql in (
+        "DROP TABLE usage_hours_by_model", "DROP TABLE usage_hours_by_key", "DROP TABLE usage_hours_by_tag",
+        "DROP TABLE usage_key_groups", "DROP TABLE rollup_mark",
+        "CREATE TABLE usage_hours (hour_us BIGINT)", "DROP INDEX events_time_key",
+        "CREATE INDEX events_time ON events (end_us)", "DELETE FROM schema_migrations WHERE version = 5")])
     await store.close()
-    running = await serve(build_server(config))  # migration 4 runs again
-    assert ledger_rows(database, ROLLUPS) == ledger_rows(database, SCAN)
+    running = await serve(build_server(config))  # migration 5 runs again
+    for table, scan in compared(database):
+        assert table == scan and table
     start, end = since + 2 * HOUR + 99.5, since + 25 * HOUR + 1.5
     async with operator(running) as chan:
         reply = await pb2_grpc.BillingServiceStub(chan).GetUsageReport(pb2.GetUsageReportRequest(
@@ -219,6 +256,7 @@ async def test_whole_hours_are_read_from_the_rollups(billing, database: str, gro
         for model in ("m0", "m1"):
             await stub.CreatePrice(price_request(model=model, effective=since - 86400))
         sent = await ingest_by_every_path(stub, events, rng)
+        await wait_until(lambda: rolled_up(database), 30, "the roller rolls every event into the rollups")
         ledger_write(database, "DELETE FROM events")
         start, end = since + 1800, since + 6 * HOUR + 1800
         reply = await stub.GetUsageReport(pb2.GetUsageReportRequest(
@@ -234,3 +272,45 @@ def ledger_write(database: str, sql: str) -> None:
         return
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute(sql)
+
+
+async def test_rolls_during_concurrent_ingestion_miss_no_event(database: str) -> None:
+    """Writers commit out of seq order on PostgreSQL: a roll never moves its mark past an event that has
+    yet to commit (it would be left out of the rollups and of every report after)."""
+    from services.billing.model import UsageEvent
+    from services.billing.service import Billing
+    from services.common.pricing import Price
+
+    store = open_store(database)
+    await store.open()
+    billing = Billing(store, BillingConfig(database=database, operator_token=OPERATOR_TOKEN))
+    try:
+        await billing.create_price(Price("", "m0", "", 1_234_567, 7_654_321, None, 1), "test")
+        rng = random.Random(3)
+        now_us = int(time.time() * 1_000_000)
+        events = [UsageEvent(f"c{i}", f"t{rng.randint(0, 3)}", f"k{rng.randint(0, 9)}", "m0",
+                             tags=rng.choice([{}, {"team": "a"}, {"team": "b", "env": "x"}]),
+                             prompt_tokens=rng.randint(1, 900), completion_tokens=rng.randint(1, 90),
+                             end_us=now_us - rng.randint(0, 3 * 3600 * 1_000_000)) for i in range(2400)]
+        done = False
+
+        async def ingest(part: list[UsageEvent]) -> None:
+            for i in range(0, len(part), 25):
+                await billing.record_many(part[i:i + 25])
+
+        async def roll_on() -> int:
+            rolls = 0
+            while not done:
+                rolls += bool(await billing.roll_rollups())
+            return rolls
+
+        roller = asyncio.ensure_future(roll_on())
+        await asyncio.gather(*(ingest(events[w::6]) for w in range(6)))
+        done = True
+        assert await roller > 1
+        await billing.roll_rollups()
+    finally:
+        await billing.close()
+    for table, scan in compared(database):
+        assert table == scan and table
+    assert sum(int(r[3]) for r in compared(database)[1][0]) == len(events)  # type: ignore[call-overload]
