@@ -87,6 +87,7 @@ class LoadReport:
     prefix_cache_misses: int = 0  # cacheable blocks prefilled
     prefix_cache_blocks: int = 0
     prefix_cache_bytes: int = 0
+    prefix_cache_warm_tokens: int = 0  # finished answers' tokens prefilled into the prefix cache when idle
 
 
 @dataclass(frozen=True)

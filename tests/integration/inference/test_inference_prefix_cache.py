@@ -169,6 +169,8 @@ async def test_answer_blocks_are_a_cold_prefill_of_the_history_bit_for_bit(model
         for i, key in enumerate(keys):
             cached = engine.prefix.get(key)
             assert cached is not None and np.array_equal(cached.data, batch.read_columns(slot, 8 * i, 8 * i + 8)), i
+        prompt_blocks = (len(history) - len(generated) - 2) // 8
+        assert engine.load_report().prefix_cache_warm_tokens == (len(keys) - prompt_blocks) * 8
     finally:
         await engine.stop()
 
