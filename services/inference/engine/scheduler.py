@@ -9,10 +9,11 @@ boundaries, each prefilled on its own, straight into the sequence's cache slot, 
 depends on the batch) while `max_batched_tokens` allows, at least one chunk per step. With the
 prefix cache (prefix_cache.py), a prefilling sequence first copies the cached blocks its prompt
 continues with into its slot; a block another sequence computes in this step is waited for, not
-computed twice; each block its own chunks complete is added to the cache. A finished chat turn
-keeps its slot until an idle step has prefilled its answer into the cache (or a request arrives). An admitted
+computed twice; each block its own chunks complete is added to the cache. An admitted
 sequence takes a slot in a batch of its width class (kv_cache.py); its prompt done, it decodes at
-the next step; a finished one leaves within the step that finished it. The step's deltas for all sequences reach the event loop in one
+the next step; a finished one leaves within the step that finished it, except that a finished chat
+turn keeps its slot (a dummy row) until idle steps have prefilled its answer into the prefix cache or
+a waiting request ends the warm-up. The step's deltas for all sequences reach the event loop in one
 hand-off (`call_soon_threadsafe`), and each sequence's consumer reads them from its queue.
 """
 
