@@ -38,6 +38,9 @@ class InferenceConfig:
     prefix_cache: bool = True
     prefix_cache_bytes: int = 256 * 1024 * 1024
     prefix_block_tokens: int = 8
+    # A prompt (or a conversation's history) caches at most its first N tokens: long one-off documents
+    # would otherwise evict many short shared prefixes and double their own KV memory while they run.
+    prefix_cache_max_prompt_tokens: int = 2048
     intra_op_threads: int = 0  # 0 = one per core
     # ONNX Runtime worker threads busy-wait between kernels (faster small steps, burns idle CPU).
     allow_spinning: bool = True
@@ -69,7 +72,8 @@ class InferenceConfig:
                                  prefill_chunk=self.prefill_chunk, queue_capacity=self.queue_capacity,
                                  decode_rows=self.decode_rows, kv_budget_bytes=self.kv_budget_bytes,
                                  prefix_cache=self.prefix_cache, prefix_cache_bytes=self.prefix_cache_bytes,
-                                 prefix_block_tokens=self.prefix_block_tokens)
+                                 prefix_block_tokens=self.prefix_block_tokens,
+                                 prefix_cache_max_prompt_tokens=self.prefix_cache_max_prompt_tokens)
 
     @property
     def session(self) -> SessionSettings:

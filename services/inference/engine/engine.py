@@ -108,8 +108,10 @@ class Engine:
         seq = Sequence.create(request.request_id, ids, max_tokens, Sampler(sampling), request.sampling.stop,
                               self.model.decode, self._eos, request.traffic_class)
         if self.prefix is not None:
-            root = root_key(self.model.manifest_sha256, request.tenant_id)
-            seq.prefix_keys = block_keys(root, ids, self.scheduler.block)
+            seq.prefix_root = root_key(self.model.manifest_sha256, request.tenant_id)
+            seq.prefix_keys = block_keys(seq.prefix_root, ids, self.scheduler.block,
+                                         self.settings.prefix_cache_max_prompt_tokens)
+            seq.warm = bool(request.messages)  # a chat turn: its answer begins the next turn's history
         return seq
 
     async def admit(self, request: GenerationRequest) -> Sequence:
@@ -164,7 +166,8 @@ class Engine:
             return {}
         stats = self.prefix.stats
         return {"prefix_cache_hits": stats.hits, "prefix_cache_misses": stats.misses,
-                "prefix_cache_blocks": stats.blocks, "prefix_cache_bytes": stats.bytes}
+                "prefix_cache_blocks": stats.blocks, "prefix_cache_bytes": stats.bytes,
+                "prefix_cache_warm_tokens": self.scheduler.counters.warm_tokens_total}
 
 
 def _status(seq: Sequence) -> UsageStatus:

@@ -45,6 +45,8 @@ _COUNTERS = (
      "prefill_tokens_total"),
     ("autoglm_inference_prefix_cache_hits", "Prompt blocks served from the prefix cache", "prefix_cache_hits"),
     ("autoglm_inference_prefix_cache_misses", "Cacheable prompt blocks prefilled", "prefix_cache_misses"),
+    ("autoglm_inference_prefix_cache_warm_tokens", "Finished chat answers' tokens prefilled into the prefix "
+     "cache while the replica was idle", "prefix_cache_warm_tokens"),
 )
 
 Report = Callable[[], LoadReport]

@@ -16,6 +16,18 @@ starts (`chunking_is_exact`) and otherwise caches whole prefill chunks only, who
 cold run's chunk boundaries exactly. Either way a request produces the same tokens with and without
 a hit.
 
+Chat answers: a decode step is a one-token call, so its keys and values are not prefill KV bit for bit
+(measured on the bundled model) and decoded columns are never cached. Instead a finished chat turn keeps
+its slot, and while the replica is idle the scheduler prefills its answer there, from the first block
+not yet cached, in calls of whole blocks (`history_keys`); the next turn, whose rendered prompt repeats
+the history, then hits every block up to where the template's tokens after the answer diverge. A
+request that arrives ends the warm-ups still waiting (their slots go back).
+
+Admission: a prompt (or history) contributes at most its first `max_prompt_tokens` tokens of blocks
+(`prefix_cache_max_prompt_tokens`, 2048 by default: whole conversations and shared system prompts),
+so a long one-off document neither evicts many short shared prefixes nor keeps a second copy of its KV
+beside its slot while it runs.
+
 Memory: blocks are host arrays counted against the replica's KV-memory budget (together with the
 running sequences' reservations) and bounded by `max_bytes`. A block referenced by a running
 sequence is pinned and never evicted; the others go least recently used first, when a block is
@@ -41,11 +53,26 @@ def root_key(model_version: str, tenant_id: str) -> Key:
     return hashlib.blake2b(f"{model_version}\x00{tenant_id}".encode(), digest_size=16).digest()
 
 
-def block_keys(root: Key, ids: list[int], block: int) -> list[Key]:
-    """Keys of the prompt's cacheable blocks: the whole blocks that end two or more tokens before it does."""
+def block_keys(root: Key, ids: list[int], block: int, max_tokens: int | None = None) -> list[Key]:
+    """Keys of the prompt's cacheable blocks: the whole blocks that end two or more tokens before it
+    does, and within its first `max_tokens` tokens (the admission rule)."""
+    return chain_keys(root, ids, block, min(max(0, len(ids) - 2), _limit(ids, max_tokens)) // block)
+
+
+def history_keys(root: Key, ids: list[int], block: int, max_tokens: int | None = None) -> list[Key]:
+    """Keys of every whole block of a finished sequence's prompt and answer (within `max_tokens`)."""
+    return chain_keys(root, ids, block, _limit(ids, max_tokens) // block)
+
+
+def _limit(ids: list[int], max_tokens: int | None) -> int:
+    return len(ids) if max_tokens is None else min(len(ids), max_tokens)
+
+
+def chain_keys(root: Key, ids: list[int], block: int, count: int) -> list[Key]:
+    """The hash chain of the first `count` blocks of `ids`."""
     keys: list[Key] = []
     key = root
-    for start in range(0, max(0, len(ids) - 2) // block * block, block):
+    for start in range(0, count * block, block):
         chunk = np.asarray(ids[start : start + block], dtype=np.int64).tobytes()
         key = hashlib.blake2b(key + chunk, digest_size=16).digest()
         keys.append(key)
@@ -115,6 +142,23 @@ class PrefixCache:
         self.stats.bytes += block.nbytes
         self._pin(block)
         return True
+
+    def keep(self, key: Key, data: np.ndarray, room: int) -> bool:
+        """Keep `data` under `key`, unpinned (a block warmed from a finished sequence's answer), within
+        `max_bytes` and `room`; False when unpinned blocks cannot make room."""
+        if key in self._blocks:
+            return True
+        limit = min(self.max_bytes, room)
+        if data.nbytes > limit or not self.evict_to(limit - data.nbytes):
+            return False
+        self._blocks[key] = Block(data)
+        self.stats.blocks += 1
+        self.stats.bytes += int(data.nbytes)
+        return True
+
+    def get(self, key: Key) -> Block | None:
+        """The block under `key`, neither pinned nor counted as a hit (the warm-up reads it)."""
+        return self._blocks.get(key)
 
     def evict_to(self, target: int) -> bool:
         """Drop unpinned blocks, least recently used first, until at most `target` bytes are held."""

@@ -11,7 +11,9 @@ prefix cache (prefix_cache.py), a prefilling sequence first copies the cached bl
 continues with into its slot; a block another sequence computes in this step is waited for, not
 computed twice; each block its own chunks complete is added to the cache. An admitted
 sequence takes a slot in a batch of its width class (kv_cache.py); its prompt done, it decodes at
-the next step; a finished one leaves within the step that finished it. The step's deltas for all sequences reach the event loop in one
+the next step; a finished one leaves within the step that finished it, except that a finished chat
+turn keeps its slot (a dummy row) until idle steps have prefilled its answer into the prefix cache or
+a waiting request ends the warm-up. The step's deltas for all sequences reach the event loop in one
 hand-off (`call_soon_threadsafe`), and each sequence's consumer reads them from its queue.
 """
 
@@ -30,8 +32,9 @@ import numpy as np
 import structlog
 
 from services.common.errors import NotReady, QueueFull
+from services.common.generation import FinishReason
 from services.inference.engine.kv_cache import KvSpec, SlotBatch, width_class
-from services.inference.engine.prefix_cache import Block, PrefixCache
+from services.inference.engine.prefix_cache import Block, PrefixCache, history_keys
 from services.inference.engine.sequence import Phase, Sequence
 from services.inference.engine.session import DecodeBinding, ModelRunner
 from services.inference.engine.types import Delta
@@ -50,6 +53,7 @@ class SchedulerSettings:
     prefix_cache: bool = True  # keep prompt blocks for later requests with the same prefix
     prefix_cache_bytes: int = 256 * 1024 * 1024  # at most this much, inside kv_budget_bytes
     prefix_block_tokens: int = 8  # tokens per cached block; divides prefill_chunk
+    prefix_cache_max_prompt_tokens: int = 2048  # a prompt (or conversation) caches at most its first N tokens
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batched_tokens", "prefill_chunk", "queue_capacity", "decode_rows"):
@@ -58,6 +62,8 @@ class SchedulerSettings:
         if self.prefix_block_tokens < 1 or self.prefill_chunk % self.prefix_block_tokens:
             raise ValueError(f"prefix_block_tokens must divide prefill_chunk ({self.prefill_chunk}), "
                              f"got {self.prefix_block_tokens}")
+        if self.prefix_cache_max_prompt_tokens < 0:
+            raise ValueError(f"prefix_cache_max_prompt_tokens must be >= 0, got {self.prefix_cache_max_prompt_tokens}")
         if self.prefix_cache_bytes < 0:
             raise ValueError(f"prefix_cache_bytes must be >= 0, got {self.prefix_cache_bytes}")
         if self.kv_budget_bytes < 0:
@@ -71,6 +77,8 @@ class StepPlan:
     decode: list[Sequence] = field(default_factory=list)
     prefill: list[tuple[Sequence, int]] = field(default_factory=list)
     reuse: list[tuple[Sequence, list[Block]]] = field(default_factory=list)  # cached blocks to copy in
+    abandon: list[Sequence] = field(default_factory=list)  # warm-ups given up for waiting requests
+    warm: Sequence | None = None  # the finished sequence whose answer this idle step prefills
 
 
 @dataclass
@@ -82,6 +90,7 @@ class Counters:
     kv_tokens: int = 0
     steps: int = 0
     prefill_tokens_total: int = 0  # prompt tokens run through the model (cache hits not included)
+    warm_tokens_total: int = 0  # finished answers' tokens prefilled into the prefix cache in idle steps
     recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=256))
 
     def tokens_per_second(self, window_s: float = 2.0) -> float:
@@ -126,6 +135,7 @@ class Scheduler:
         self._waiting: list[tuple[int, int, Sequence]] = []
         self._order = itertools.count()
         self._running: list[Sequence] = []  # owned by the decode thread
+        self._warming: deque[Sequence] = deque()  # finished, their answers not yet in the prefix cache
         self._groups: list[SlotBatch] = []
         self._where: dict[int, tuple[SlotBatch, int]] = {}
         self._by_id: dict[int, Sequence] = {}
@@ -199,7 +209,7 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._stopping and not (self._running or self._waiting):
+                while not self._stopping and not (self._running or self._waiting or self._warming):
                     self._wake.wait()
                 if self._stopping:
                     return
@@ -227,6 +237,8 @@ class Scheduler:
             failed = [(seq, seq.fail()) for seq in involved if not seq.finished]
             for seq, _ in failed:
                 self._drop(seq)
+            if plan.warm is not None:
+                self._end_warm(plan.warm)
             return failed
 
     def _plan(self) -> StepPlan:
@@ -236,7 +248,9 @@ class Scheduler:
                 plan.leaving.append(seq)
                 self._unpin(seq)
         self._running = [s for s in self._running if not s.cancelled]
-        reserved = self.reserved_bytes - sum(self._reservation(s) for s in plan.leaving)
+        if self._waiting:  # a request waits: warm-ups give way (their slots and reservations go)
+            plan.abandon, self._warming = list(self._warming), deque()
+        reserved = self.reserved_bytes - sum(self._reservation(s) for s in [*plan.leaving, *plan.abandon])
         while self._waiting and len(self._running) < self.settings.max_batch_size:
             seq = self._waiting[0][2]
             if not self._room(reserved + self._reservation(seq)) and self._running:
@@ -263,7 +277,13 @@ class Scheduler:
             budget -= size
             if self._cacheable(seq, start):
                 computing.update(seq.prefix_keys[start // self._block : (start + size) // self._block])
+        if not self._running and self._warming:
+            plan.warm = self._warming[0]
         return plan
+
+    @property
+    def _chunk(self) -> int:
+        return min(self.settings.prefill_chunk, self.settings.max_batched_tokens)
 
     @property
     def _block(self) -> int:
@@ -303,6 +323,10 @@ class Scheduler:
         for seq in plan.leaving:
             self.counters.steps_after_cancel_total += max(0, self.counters.steps - seq.cancelled_at_step)
             self._drop(seq)
+        for seq in plan.abandon:
+            self._drop(seq)
+        if plan.warm is not None:
+            self._warm(plan.warm)
         for seq in plan.admitted:
             self._place(seq)
         for group in list(self._groups):
@@ -316,7 +340,7 @@ class Scheduler:
                 events.append((seq, delta))
                 self._observer.first_token(time.monotonic() - seq.submitted_at)
                 if seq.finished:
-                    self._drop(seq)
+                    self._finish(seq)
         self.counters.generated_total += len(events)
         self.counters.steps += 1
         self.counters.recent.append((time.monotonic(), self.counters.generated_total))
@@ -338,7 +362,7 @@ class Scheduler:
         for seq, token in zip(rows, choose_tokens(rows, logits[slots]), strict=True):
             events.append((seq, seq.accept(token)))
             if seq.finished:
-                self._drop(seq)
+                self._finish(seq)
         return events
 
     def _binding(self, group: SlotBatch) -> DecodeBinding:
@@ -383,6 +407,66 @@ class Scheduler:
                 seq.prefix_keys = seq.prefix_keys[: len(seq.pinned)]  # no room: stop caching this prompt
                 return
             seq.pinned.append(key)
+
+    # ---- answers into the prefix cache (idle steps) ------------------------------------------
+    def _finish(self, seq: Sequence) -> None:
+        """A finished chat turn keeps its slot while its answer waits to be prefilled into the cache
+        (decode-step KV is not prefill KV bit for bit, so decoded columns are never cached)."""
+        self._unpin(seq)
+        if (self.prefix is None or not seq.warm or self._block < 2 or self._chunk % self._block
+                or seq.finish_reason not in (FinishReason.STOP, FinishReason.LENGTH)):
+            self._drop(seq)
+            return
+        history = [*seq.prompt_ids, *seq.generated]
+        seq.warm_keys = history_keys(seq.prefix_root, history, self._block,
+                                     self.settings.prefix_cache_max_prompt_tokens)
+        seq.exact = len(seq.prompt_ids)
+        if all(key in self.prefix for key in seq.warm_keys):
+            self._drop(seq)
+            return
+        group, slot = self._where[seq.seq_id]
+        group.prefilled(slot, seq.exact, False)  # a dummy row from now on: it writes past its exact columns
+        self._warming.append(seq)
+        while len(self._warming) > self.settings.max_batch_size:
+            self._drop(self._warming.popleft())
+
+    def _warm(self, seq: Sequence) -> None:
+        """One prefill call of the answer's next blocks (cached ones are copied in, not recomputed), each
+        completed block kept in the cache; a call of two or more tokens that starts and ends at block
+        boundaries after exact columns only, so the blocks are those a cold prefill of the next turn makes."""
+        assert self.prefix is not None
+        group, slot = self._where[seq.seq_id]
+        keys, block = seq.warm_keys, self._block
+        while seq.warmed < len(keys) and (found := self.prefix.get(keys[seq.warmed])) is not None:
+            if (seq.warmed + 1) * block > seq.exact:
+                group.write_columns(slot, seq.warmed * block, found.data)
+                seq.exact = (seq.warmed + 1) * block
+            seq.warmed += 1
+        if seq.warmed == len(keys):
+            self._end_warm(seq)
+            return
+        start, chunk = seq.warmed * block, self._chunk
+        stop = min(start + chunk - start % chunk, len(keys) * block)  # chunk is a multiple of block
+        history = [*seq.prompt_ids, *seq.generated]
+        mask = np.zeros((1, group.width), dtype=np.int64)
+        mask[0, :stop] = 1
+        self.runner.prefill(np.array([history[start:stop]], dtype=np.int64), mask, group.slot_view(slot))
+        self.counters.warm_tokens_total += stop - start
+        seq.exact = stop
+        group.prefilled(slot, stop, False)
+        for i in range(seq.warmed, stop // block):
+            data = group.read_columns(slot, i * block, (i + 1) * block)
+            if not self.prefix.keep(keys[i], data, self.kv_budget - self.reserved_bytes):
+                self._end_warm(seq)  # no room: the rest is not worth its memory
+                return
+            seq.warmed = i + 1
+        if seq.warmed == len(keys):
+            self._end_warm(seq)
+
+    def _end_warm(self, seq: Sequence) -> None:
+        if seq in self._warming:
+            self._warming.remove(seq)
+        self._drop(seq)
 
     def _unpin(self, seq: Sequence) -> None:
         if self.prefix is not None:

@@ -48,6 +48,11 @@ class Sequence:
     events: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue)
     prefix_keys: list[bytes] = field(default_factory=list)  # keys of its cacheable prompt blocks
     pinned: list[bytes] = field(default_factory=list)  # blocks 0..n-1 it holds in the prefix cache
+    prefix_root: bytes = b""  # where its tenant's chains start (prefix_cache.root_key)
+    warm: bool = False  # once finished, its answer is prefilled into the prefix cache (a chat turn)
+    warm_keys: list[bytes] = field(default_factory=list)  # keys of its prompt + answer blocks, once finished
+    warmed: int = 0  # blocks of warm_keys dealt with
+    exact: int = 0  # its slot's columns [0, exact) hold prefill KV (the rest is decode KV)
 
     @classmethod
     def create(cls, request_id: str, prompt_ids: list[int], max_tokens: int, sampler: Sampler,

@@ -1,18 +1,27 @@
 """The prefix cache against the real model: a request gives the same tokens with and without a hit
 (greedy and seeded, from a slot of another width), a conversation's next turn and a shared system
-prompt prefill only what is new, tenants never share blocks, and the switch turns it off; the figures
-come from WatchLoad."""
+prompt prefill only what is new, a finished answer is prefilled into the cache (bit for bit a cold
+prefill's KV) so the next turn finds its whole history, a long prompt caches no more than the admission
+rule allows, tenants never share blocks, and the switch turns it off; the figures come from WatchLoad."""
 
 from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from autoglm.common.v1 import generation_pb2
 from autoglm.inference.v1 import inference_service_pb2 as pb2
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb2_grpc
+from services.common.generation import ChatMessage, Role, Sampling
+from services.inference.engine.engine import Engine
+from services.inference.engine.kv_cache import SlotBatch, width_class
+from services.inference.engine.prefix_cache import history_keys, root_key
+from services.inference.engine.scheduler import SchedulerSettings
+from services.inference.engine.types import GenerationRequest
 from tests.integration.inference.helpers import generate, request
+from tests.waiting import wait_until
 
 TOPICS = ["rivers", "glaciers", "volcanoes", "deserts", "forests", "islands", "canyons", "reefs"]
 SAMPLINGS = [{}, {"temperature": 0.8, "top_p": 0.9, "seed": 4321}]
@@ -111,3 +120,68 @@ async def test_tenants_never_share_prefix_blocks(inference, model) -> None:
     same = await report(stub)
     assert same.prefix_cache_hits - other.prefix_cache_hits == 198 // 8
     assert same.prefill_tokens_total - other.prefill_tokens_total == 200 - 198 // 8 * 8
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=["greedy", "seeded"])
+async def test_a_finished_answer_is_cached_so_the_next_turn_computes_only_its_new_message(
+        inference, model, sampling) -> None:
+    stub, plain = await inference(), await inference(prefix_cache=False)
+    user, assistant = generation_pb2.CHAT_ROLE_USER, generation_pb2.CHAT_ROLE_ASSISTANT
+    first = [generation_pb2.ChatMessage(role=user, content=text_of(model, 40, "warm"))]
+    answer = await generate(stub, pb2.GenerateRequest(
+        messages=first, sampling=generation_pb2.SamplingParams(max_tokens=32, **sampling)))
+    history = answer.last.usage.prompt_tokens + answer.last.usage.completion_tokens
+
+    async def cached(blocks: int) -> bool:
+        return (await report(stub)).prefix_cache_blocks == blocks
+
+    # once idle, the replica prefills the answer into the cache: every whole block of prompt + answer
+    await wait_until(lambda: cached(history // 8), 60, f"{history // 8} blocks cached")
+    second = [*first, generation_pb2.ChatMessage(role=assistant, content=answer.text),
+              generation_pb2.ChatMessage(role=user, content=text_of(model, 40, "next"))]
+    req = pb2.GenerateRequest(messages=second, sampling=generation_pb2.SamplingParams(max_tokens=24, **sampling))
+    before = await report(stub)
+    warm = await generate(stub, req)
+    after = await report(stub)
+
+    assert warm.token_ids == (await generate(plain, req)).token_ids
+    assert after.prefix_cache_hits - before.prefix_cache_hits == history // 8  # the whole history, answer too
+    computed = after.prefill_tokens_total - before.prefill_tokens_total
+    assert computed == warm.last.usage.prompt_tokens - history // 8 * 8  # the new message and a block's tail
+
+
+async def test_answer_blocks_are_a_cold_prefill_of_the_history_bit_for_bit(model) -> None:
+    engine = Engine(model, SchedulerSettings())
+    await engine.start()
+    try:
+        messages = (ChatMessage(Role.USER, text_of(model, 45, "bits")),)
+        req = GenerationRequest(messages=messages, sampling=Sampling(max_tokens=40), tenant_id="acme")
+        generated = [t async for delta in engine.generate(req) for t in delta.token_ids]
+        history = engine.prompt_ids("", messages) + generated
+        keys = history_keys(root_key(model.manifest_sha256, "acme"), history, 8)
+        assert engine.prefix is not None and len(keys) * 8 > len(history) - len(generated) + 16
+        await wait_until(lambda: all(key in engine.prefix for key in keys), 60, "the answer's blocks cached")
+        batch = SlotBatch(model.spec, 1, width_class(len(history), model.manifest.context_window))
+        slot = batch.take(0)
+        mask = np.zeros((1, batch.width), dtype=np.int64)
+        mask[0, : len(history)] = 1
+        model.runner.prefill(np.array([history], dtype=np.int64), mask, batch.slot_view(slot))
+        for i, key in enumerate(keys):
+            cached = engine.prefix.get(key)
+            assert cached is not None and np.array_equal(cached.data, batch.read_columns(slot, 8 * i, 8 * i + 8)), i
+        prompt_blocks = (len(history) - len(generated) - 2) // 8
+        assert engine.load_report().prefix_cache_warm_tokens == (len(keys) - prompt_blocks) * 8
+    finally:
+        await engine.stop()
+
+
+async def test_a_long_prompt_caches_no_more_than_its_first_max_prompt_tokens(inference, model) -> None:
+    stub = await inference(prefix_cache_max_prompt_tokens=256)
+    prompt = text_of(model, 600, "document")
+    await generate(stub, request(prompt, max_tokens=2))
+    first = await report(stub)
+    assert (first.prefix_cache_blocks, first.prefix_cache_bytes) == (32, 32 * 8 * model.spec.bytes_per_token)
+    await generate(stub, request(prompt, max_tokens=2))
+    again = await report(stub)
+    assert again.prefix_cache_hits - first.prefix_cache_hits == 32 and again.prefix_cache_blocks == 32
+    assert again.prefill_tokens_total - first.prefill_tokens_total == 600 - 256

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from services.inference.engine.kv_cache import KvSpec, SlotBatch
-from services.inference.engine.prefix_cache import PrefixCache, block_keys, root_key
+from services.inference.engine.prefix_cache import PrefixCache, block_keys, history_keys, root_key
 from services.inference.engine.scheduler import SchedulerSettings
 
 BLOCK = np.zeros((2, 1, 8, 4), dtype=np.float32)  # 256 bytes
@@ -26,6 +26,29 @@ def test_keys_chain_the_whole_prefix_and_stop_two_tokens_before_the_end() -> Non
     assert not set(block_keys(root_key("v1", "globex"), ids, 8)) & set(keys)
     assert not set(block_keys(root_key("v2", "acme"), ids, 8)) & set(keys)
     assert block_keys(root, [1], 8) == [] and block_keys(root, [], 8) == []
+
+
+def test_a_prompt_caches_at_most_its_first_max_prompt_tokens_and_a_history_every_whole_block() -> None:
+    root = root_key("v1", "acme")
+    ids = list(range(100, 7100))  # a 7,000-token document
+    assert len(block_keys(root, ids, 8)) == 874
+    capped = block_keys(root, ids, 8, max_tokens=2048)
+    assert len(capped) == 256 and capped == block_keys(root, ids, 8)[:256]
+    assert len(block_keys(root, ids[:40], 8, max_tokens=2048)) == 4  # short prompts are not affected
+    assert len(block_keys(root, ids, 8, max_tokens=2045)) == 255 and block_keys(root, ids, 8, max_tokens=0) == []
+    # a finished turn's prompt + answer: every whole block, the same chain as the next turn's prompt
+    assert history_keys(root, ids[:40], 8) == block_keys(root, ids[:42], 8) and len(history_keys(root, ids[:47], 8)) == 5
+    assert len(history_keys(root, ids, 8, max_tokens=2048)) == 256
+
+
+def test_a_kept_block_is_unpinned_and_not_counted_as_a_request_miss() -> None:
+    cache = PrefixCache(max_bytes=2 * SIZE)
+    assert cache.keep(b"a", BLOCK.copy(), room=10 * SIZE) and cache.keep(b"a", BLOCK.copy(), room=10 * SIZE)
+    assert (cache.stats.blocks, cache.stats.misses, cache.pinned_bytes) == (1, 0, 0)
+    assert cache.get(b"a") is not None and cache.stats.hits == 0
+    assert cache.keep(b"b", BLOCK.copy(), room=10 * SIZE) and cache.keep(b"c", BLOCK.copy(), room=10 * SIZE)
+    assert b"a" not in cache and cache.stats.bytes == 2 * SIZE  # least recently used went first
+    assert not cache.keep(b"d", BLOCK.copy(), room=SIZE // 2)
 
 
 def test_least_recently_used_unpinned_blocks_go_first() -> None:
