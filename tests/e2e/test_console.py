@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -121,10 +121,11 @@ def message(browser: WebDriver, containing: str) -> str:
 
 
 def unless_stale(read: Callable[[], T]) -> T | None:
-    """`read()`, or None when the page it read from was replaced meanwhile (a reload after a change)."""
+    """`read()`, or None while the page it reads is being replaced (a reload after a change): the element
+    read went stale, or the new document has not rendered it yet."""
     try:
         return read()
-    except StaleElementReferenceException:
+    except (StaleElementReferenceException, NoSuchElementException):
         return None
 
 
