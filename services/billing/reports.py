@@ -140,15 +140,7 @@ def _events(tx: Tx, columns: list[str], lo: int, hi: int, tenant_id: str, step: 
     if after is not None:  # few rows after the mark: walk the seqs, not the times
         conds = ["+end_us >= ?", "+end_us < ?", "events.seq > ?"]
         params.append(after)
-    if tenant_id:
-        conds.append("tenant_id = ?")
-        params.append(tenant_id)
-    if tag_key is not None:
-        conds.append("t.key = ?")
-        params.append(tag_key)
-    if keys is not None:
-        conds.append(f"api_key_id IN ({', '.join('?' * len(keys))})")
-        params += keys
+    _narrow(conds, params, tenant_id, "t.key", tag_key, keys)
     cols = ", ".join(columns)
     bucket = f"end_us / {step} * {step}" if step else "0"
     grouped = f"{bucket}, {cols}" if step else cols
@@ -159,20 +151,27 @@ def _events(tx: Tx, columns: list[str], lo: int, hi: int, tenant_id: str, step: 
                   f" SUM(cost_micros) FROM {source} WHERE {' AND '.join(conds)} GROUP BY {grouped}", params)
 
 
+def _narrow(conds: list[str], params: list[object], tenant_id: str, tag_column: str, tag_key: str | None,
+            keys: list[str] | None) -> None:
+    """Add a report's tenant, tag-key and api-key filters to a query's conditions (both sources name them alike,
+    but for the tag key's column)."""
+    if tenant_id:
+        conds.append("tenant_id = ?")
+        params.append(tenant_id)
+    if tag_key is not None:
+        conds.append(f"{tag_column} = ?")
+        params.append(tag_key)
+    if keys is not None:
+        conds.append(f"api_key_id IN ({', '.join('?' * len(keys))})")
+        params += keys
+
+
 def _rolled(tx: Tx, table: str, columns: list[str], lo: int, hi: int, tenant_id: str, mark: int, by_hour: bool,
             *, tag_key: str | None = None, keys: list[str] | None = None) -> list[Row]:
     """Rows of (hour or 0, <columns>, requests, prompt, completion, cached, cost) over the whole hours
     [lo, hi): `table`'s rows and the events after its `mark`, summed in SQL per `columns` (the table's)."""
     conds, params = ["hour_us >= ?", "hour_us < ?"], list[object]([lo, hi])
-    if tenant_id:
-        conds.append("tenant_id = ?")
-        params.append(tenant_id)
-    if tag_key is not None:
-        conds.append("tag_key = ?")
-        params.append(tag_key)
-    if keys is not None:
-        conds.append(f"api_key_id IN ({', '.join('?' * len(keys))})")
-        params += keys
+    _narrow(conds, params, tenant_id, "tag_key", tag_key, keys)
     cols = ", ".join(columns)
     grouped = f"hour_us, {cols}" if by_hour else cols
     out = tx.all(f"SELECT {'hour_us' if by_hour else '0'}, {cols}, SUM(requests), SUM(prompt_tokens),"
