@@ -314,3 +314,43 @@ async def test_rolls_during_concurrent_ingestion_miss_no_event(database: str) ->
     for table, scan in compared(database):
         assert table == scan and table
     assert sum(int(r[3]) for r in compared(database)[1][0]) == len(events)  # type: ignore[call-overload]
+
+
+async def test_reports_on_postgres_plan_each_statement_for_its_bounds(postgres) -> None:
+    """A report repeats the same statements with new bounds. Once one has run five times psycopg prepares it,
+    and PostgreSQL may then run it with a generic plan, blind to its values: the burst check's list of keys is
+    no longer hashed and the events after the rollups' mark look like hundreds of rows (at 1 M events a report
+    went from about 100 ms to 600-900 ms). Reports plan every statement for its values."""
+    from services.billing import reports
+    from services.billing.model import UsageEvent
+    from services.billing.service import Billing
+    from services.common.pricing import Price
+
+    database = postgres.create_database()
+    with psycopg.connect(database, autocommit=True) as conn:  # as if the planner had chosen generic plans
+        conn.execute(f"ALTER DATABASE {conn.info.dbname} SET plan_cache_mode = force_generic_plan")
+    store = open_store(database, pool_size=1)  # every statement on one connection, so its prepared ones show
+    await store.open()
+    billing = Billing(store, BillingConfig(database=database, operator_token=OPERATOR_TOKEN))
+    try:
+        await billing.create_price(Price("", "m0", "", 1_000_000, 2_000_000, None, 1), "test")
+        now_us = int(time.time() * 1_000_000)
+        events = [UsageEvent(f"g{i}", f"t{i % 3}", f"k{i % 4}", "m0", prompt_tokens=10, completion_tokens=5,
+                             end_us=now_us - 3 * 3600 * 1_000_000 + i * 1_000_000) for i in range(3 * 3600 // 10)]
+        for i in range(0, len(events), 250):
+            await billing.record_many(events[i:i + 250])
+        await billing.roll_rollups()
+        query = reports.ReportQuery(now_us - 86400 * 1_000_000, now_us + 1, ("tenant",))
+
+        async def generic_plans() -> int:  # run so far on the connection by its prepared statements with values
+            rows = await store.read(lambda tx: tx.all("SELECT COALESCE(SUM(generic_plans), 0) FROM pg_prepared_statements"
+                                                      " WHERE cardinality(parameter_types) > 0"))
+            return int(rows[0][0])
+
+        before = await generic_plans()
+        results = [await billing.report(query) for _ in range(15)]
+        after = await generic_plans()
+    finally:
+        await billing.close()
+    assert all(total.requests == len(events) for _, total in results)
+    assert after == before
