@@ -41,6 +41,15 @@ class TimelineEvent:
 Fetch = Callable[[str, int, str], Awaitable[tuple[list[TimelineEvent], str]]]
 
 
+def details_of(details_json: str) -> dict[str, object]:
+    """Billing's `details_json` as the details of a timeline event ({} when it is not a JSON object)."""
+    try:
+        details = json.loads(details_json or "{}")
+    except ValueError:
+        return {}
+    return details if isinstance(details, dict) else {}
+
+
 def sources_of(choice: str) -> tuple[str, ...]:
     if choice not in CHOICES:
         raise InvalidInput(f"source must be one of {', '.join(CHOICES)}, got {choice[:40]!r}", field="source")

@@ -3,13 +3,12 @@ and the JSON endpoints. Never a secret: keys are shown by id and prefix only."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from services.common.audit_timeline import TimelineEvent
+from services.common.audit_timeline import TimelineEvent, details_of
 from services.router.auth.api_keys import ApiKeyRecord
 from services.router.balancer import Balancer
 from services.router.ports import LoadReport
@@ -121,21 +120,17 @@ def router_event(event: AuditEvent) -> TimelineEvent:
 
 def billing_event(event: dict[str, Any]) -> TimelineEvent:
     """A billing audit event (billing's ListAuditEvents, as JSON) on the merged timeline."""
-    try:
-        details = json.loads(event.get("details_json") or "{}")
-    except ValueError:
-        details = {}
     stamp = datetime.fromisoformat(str(event.get("time") or "1970-01-01T00:00:00Z").replace("Z", "+00:00"))
     return TimelineEvent(micros(stamp), "billing", int(event.get("audit_id") or 0),
                          str(event.get("actor", "")), str(event.get("action", "")), str(event.get("target", "")),
-                         details if isinstance(details, dict) else {"value": details})
+                         details_of(str(event.get("details_json") or "")))
 
 
 def audit(event: TimelineEvent) -> dict[str, Any]:
     """A row of the Audit page (and of /console/api/audit)."""
     return {"time": when(EPOCH + timedelta(microseconds=event.time_us)), "time_us": event.time_us,
-            "source": event.source, "actor": event.actor, "action": event.action, "target": event.target,
-            "details": event.details}
+            "source": event.source, "sequence": event.sequence, "actor": event.actor, "action": event.action,
+            "target": event.target, "details": event.details}
 
 
 def _add(out: dict[str, Any], row: dict[str, Any]) -> None:

@@ -53,6 +53,6 @@ def test_both_logs_events_land_on_one_timeline_to_the_microsecond_with_their_sou
     assert (billing.source, billing.sequence, billing.time_us) == ("billing", 7, 1767261600123456)
     assert billing.details == {"new": {"a": 1}}
     assert audit(billing) == {"time": "2026-01-01 10:00:00", "time_us": 1767261600123456, "source": "billing",
-                              "actor": "operator-token", "action": "budget.update", "target": "budget/b1",
+                              "sequence": 7, "actor": "operator-token", "action": "budget.update", "target": "budget/b1",
                               "details": {"new": {"a": 1}}}
     assert billing_event({"audit_id": "8", "time": "2026-01-01T10:00:00Z", "details_json": "not json"}).details == {}
