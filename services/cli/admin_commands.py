@@ -1,5 +1,6 @@
 """`autoglm keys create|list|revoke`, `autoglm audit` and `autoglm models history|set-state` — the router's
-AdminService from a shell.
+AdminService from a shell (`autoglm audit --source all|billing` reads billing's audit log too, with its
+operator token, and merges both newest first).
 
 They reach the local mesh's router (TLS with its CA, from `<data dir>/endpoint.json`) unless told
 otherwise. The admin token comes from --admin-token, $AUTOGLM_ADMIN_TOKEN, or the router's data dir.

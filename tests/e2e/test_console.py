@@ -3,7 +3,8 @@
 openai client; see its spend on Spend within a refresh; watch a low budget's level move to WARNING then
 CRITICAL on Budgets, each with the time it fired; see a replica's health, queue, KV use and tokens/s on
 Models while it generates; change a traffic split on Models and find it in `autoglm audit`; revoke the key and
-see the next call refused. Changes without the admin session (or its CSRF token) are refused, forms show
+see the next call refused; find the split (the router's) above the budget's change (billing's) on the merged
+Audit page and in `autoglm audit --source all`, and page the timeline in small pages with one token. Changes without the admin session (or its CSRF token) are refused, forms show
 the CLI's message for bad input, and no page shows a secret but the new key's, once. Each page's
 screenshot goes to tests/e2e/screenshots/ (ignored by git)."""
 
