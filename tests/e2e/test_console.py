@@ -330,9 +330,10 @@ def test_an_operator_runs_the_mesh_from_the_console(mesh: Mesh, browser: WebDriv
     visit(browser, mesh, "/console/audit")
     rows = [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")]  # time, source, actor, action, target
             for row in browser.find_elements(By.CSS_SELECTOR, "#audit tbody tr[data-source]")]
-    split_at = next(i for i, r in enumerate(rows) if r[1:4] == ["router", "console", "model.split"])
-    budget_at = next(i for i, r in enumerate(rows) if r[1] == "billing" and r[3] == "budget.update"
-                     and r[4] == f"budget/{budget_id}")
+    split_at = next((i for i, r in enumerate(rows) if r[1:4] == ["router", "console", "model.split"]), None)
+    budget_at = next((i for i, r in enumerate(rows) if r[1] == "billing" and r[3] == "budget.update"
+                      and r[4] == f"budget/{budget_id}"), None)
+    assert split_at is not None and budget_at is not None, f"both logs on the default Audit page: {rows}"
     assert split_at < budget_at, "newest first across both logs"
     assert [r[0] for r in rows] == sorted((r[0] for r in rows), reverse=True)
     shot(browser, "audit")
