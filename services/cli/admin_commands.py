@@ -1,5 +1,6 @@
 """`autoglm keys create|list|revoke`, `autoglm audit` and `autoglm models history|set-state` — the router's
-AdminService from a shell.
+AdminService from a shell (`autoglm audit --source all|billing` reads billing's audit log too, with its
+operator token, and merges both newest first).
 
 They reach the local mesh's router (TLS with its CA, from `<data dir>/endpoint.json`) unless told
 otherwise. The admin token comes from --admin-token, $AUTOGLM_ADMIN_TOKEN, or the router's data dir.
@@ -9,26 +10,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from autoglm.billing.v1 import billing_service_pb2 as billing_pb2
+from autoglm.billing.v1 import billing_service_pb2_grpc as billing_grpc
 from autoglm.common.v1 import generation_pb2
 from autoglm.router.v1 import admin_service_pb2 as admin_pb2
 from autoglm.router.v1 import admin_service_pb2_grpc as admin_grpc
 from autoglm.router.v1 import model_lifecycle_pb2 as lifecycle_pb2
-from services.cli.endpoint import router_target
+from services.cli.endpoint import billing_token, load_endpoint, operator_channel, router_target
+from services.common.audit_timeline import CHOICES, Fetch, TimelineEvent, details_of, timeline_page
 
 _CLASSES = {name.removeprefix("TRAFFIC_CLASS_").lower(): value
             for name, value in generation_pb2.TrafficClass.items() if value}  # core, interactive, batch
 AUDIT_PAGE = 100
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _token(args: argparse.Namespace) -> str:
@@ -42,12 +49,17 @@ def _token(args: argparse.Namespace) -> str:
     raise SystemExit(f"no admin token: pass --admin-token, set AUTOGLM_ADMIN_TOKEN, or run the router ({path})")
 
 
-async def _with_admin(args: argparse.Namespace,
-                      call: Callable[[admin_grpc.AdminServiceStub, list[tuple[str, str]]], Awaitable[Any]]) -> Any:
+def _admin_channel(args: argparse.Namespace) -> tuple[grpc.aio.Channel, list[tuple[str, str]]]:
     address, credentials = router_target(args.data_dir, args.router, args.ca_cert, args.plaintext)
     metadata = [("authorization", f"Bearer {_token(args)}")]
     channel = (grpc.aio.secure_channel(address, credentials) if credentials is not None
                else grpc.aio.insecure_channel(address))
+    return channel, metadata
+
+
+async def _with_admin(args: argparse.Namespace,
+                      call: Callable[[admin_grpc.AdminServiceStub, list[tuple[str, str]]], Awaitable[Any]]) -> Any:
+    channel, metadata = _admin_channel(args)
     async with channel:
         return await call(admin_grpc.AdminServiceStub(channel), metadata)
 
@@ -70,21 +82,50 @@ async def _keys(args: argparse.Namespace) -> dict[str, object]:
 
 
 async def _audit(args: argparse.Namespace) -> list[dict[str, object]]:
-    """Newest first, following page tokens until --limit events (0: all of them)."""
-    async def call(stub: admin_grpc.AdminServiceStub, metadata: list[tuple[str, str]]) -> list[dict[str, object]]:
-        events: list[dict[str, object]] = []
-        token = ""
-        while True:
-            want = AUDIT_PAGE if not args.limit else min(AUDIT_PAGE, args.limit - len(events))
-            page = await stub.ListAuditEvents(admin_pb2.ListAuditEventsRequest(
-                action=args.action, page_size=want, page_token=token), metadata=metadata, timeout=10)
-            events += [_whole_numbers(MessageToDict(e, preserving_proto_field_name=True)) for e in page.events]
-            token = page.next_page_token
-            if not token or (args.limit and len(events) >= args.limit):
-                return events
+    """Newest first, following page tokens until --limit events (0: all of them): the router's log, billing's,
+    or both merged into one timeline (`services/common/audit_timeline.py`, as the console's Audit page)."""
+    async with contextlib.AsyncExitStack() as stack:
+        logs: dict[str, Fetch] = {}
+        if args.source in ("all", "router"):
+            channel, metadata = _admin_channel(args)
+            await stack.enter_async_context(channel)
+            logs["router"] = _router_log(admin_grpc.AdminServiceStub(channel), metadata)
+        if args.source in ("all", "billing"):
+            billing = await stack.enter_async_context(operator_channel(
+                args.billing or load_endpoint(args.data_dir).billing, billing_token(args.data_dir, args.operator_token)))
+            logs["billing"] = _billing_log(billing_grpc.BillingServiceStub(billing))
+        return await _timeline(args, logs)
 
-    result: list[dict[str, object]] = await _with_admin(args, call)
-    return result
+
+def _router_log(stub: admin_grpc.AdminServiceStub, metadata: list[tuple[str, str]]) -> Fetch:
+    async def fetch(action: str, size: int, token: str) -> tuple[list[TimelineEvent], str]:
+        page = await stub.ListAuditEvents(admin_pb2.ListAuditEventsRequest(
+            action=action, page_size=size, page_token=token), metadata=metadata, timeout=10)
+        return [TimelineEvent(e.time.ToMicroseconds(), "router", e.sequence, e.actor, e.action, e.target,
+                              _whole_numbers(MessageToDict(e.details))) for e in page.events], page.next_page_token
+    return fetch
+
+
+def _billing_log(stub: billing_grpc.BillingServiceStub) -> Fetch:
+    async def fetch(action: str, size: int, token: str) -> tuple[list[TimelineEvent], str]:
+        page = await stub.ListAuditEvents(billing_pb2.ListAuditEventsRequest(
+            action=action, page_size=size, page_token=token), timeout=10)
+        return [TimelineEvent(e.time.ToMicroseconds(), "billing", int(e.audit_id or 0), e.actor, e.action, e.target,
+                              details_of(e.details_json)) for e in page.events], page.next_page_token
+    return fetch
+
+
+async def _timeline(args: argparse.Namespace, logs: dict[str, Fetch]) -> list[dict[str, object]]:
+    events: list[dict[str, object]] = []
+    token = ""
+    while True:
+        want = AUDIT_PAGE if not args.limit else min(AUDIT_PAGE, args.limit - len(events))
+        page, token = await timeline_page(logs, args.action, want, token, args.source)
+        events += [{"source": e.source, "sequence": str(e.sequence),
+                    "time": (EPOCH + timedelta(microseconds=e.time_us)).isoformat().replace("+00:00", "Z"),
+                    "actor": e.actor, "action": e.action, "target": e.target, "details": e.details} for e in page]
+        if not token or (args.limit and len(events) >= args.limit):
+            return events
 
 
 STATES = ("DRAFT", "PENDING_APPROVAL", "ACTIVE", "DEPRECATED", "RETIRED")
@@ -138,11 +179,12 @@ def _whole_numbers(value: Any) -> Any:
     return value
 
 
-def _text(events: list[dict[str, object]]) -> str:
+def _text(events: list[dict[str, object]], with_source: bool = False) -> str:
     lines = []
     for event in events:
         details = json.dumps(event.get("details", {}), sort_keys=True, separators=(",", ":"))
-        lines.append(f"{event.get('time', '')}  {event.get('actor', '')}  {event.get('action', '')}  "
+        source = f"{event.get('source', ''):<7}  " if with_source else ""
+        lines.append(f"{event.get('time', '')}  {source}{event.get('actor', '')}  {event.get('action', '')}  "
                      f"{event.get('target', '')}  {details}")
     return "\n".join(lines)
 
@@ -151,7 +193,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "audit":
             events = asyncio.run(_audit(args))
-            print(json.dumps(events, indent=2) if args.format == "json" else _text(events))
+            print(json.dumps(events, indent=2) if args.format == "json" else _text(events, args.source == "all"))
         elif args.command == "models":
             model = asyncio.run(_model_admin(args))
             print(json.dumps(model, indent=2) if args.format == "json" else _model_text(model))
@@ -191,8 +233,14 @@ def add_admin_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
 
     audit = subparsers.add_parser(
         "audit", help="the router's audit log, newest first: keys created and revoked, policies, model "
-                      "registrations, traffic splits, promotions and rollbacks (automatic ones with their reason)")
+                      "registrations, traffic splits, promotions and rollbacks (automatic ones with their reason); "
+                      "with --source all or billing, billing's too: price and budget changes, denied spend")
     _add_router_options(audit)
+    audit.add_argument("--source", choices=CHOICES, default="router",
+                       help="whose log: the router's (the default), billing's, or all, merged newest first")
+    audit.add_argument("--billing", default=None, help="billing's operator address (default: the local mesh's)")
+    audit.add_argument("--operator-token", default=None,
+                       help="billing's operator token (default: $AUTOGLM_BILLING_TOKEN, else the data dir's)")
     audit.add_argument("--action", default="", help="only this action, e.g. model.rollback or key.revoke")
     audit.add_argument("--limit", type=int, default=50, help="at most this many events (0 = all)")
     audit.add_argument("--format", choices=["text", "json"], default="text")

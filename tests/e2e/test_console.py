@@ -3,7 +3,8 @@
 openai client; see its spend on Spend within a refresh; watch a low budget's level move to WARNING then
 CRITICAL on Budgets, each with the time it fired; see a replica's health, queue, KV use and tokens/s on
 Models while it generates; change a traffic split on Models and find it in `autoglm audit`; revoke the key and
-see the next call refused. Changes without the admin session (or its CSRF token) are refused, forms show
+see the next call refused; find the split (the router's) above the budget's change (billing's) on the merged
+Audit page and in `autoglm audit --source all`, and page the timeline in small pages with one token. Changes without the admin session (or its CSRF token) are refused, forms show
 the CLI's message for bad input, and no page shows a secret but the new key's, once. Each page's
 screenshot goes to tests/e2e/screenshots/ (ignored by git)."""
 
@@ -16,7 +17,7 @@ import shutil
 import ssl
 import subprocess
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import openai
@@ -301,6 +302,11 @@ def test_an_operator_runs_the_mesh_from_the_console(mesh: Mesh, browser: WebDriv
     newest = json.loads(audit.stdout)[0]
     assert newest["actor"] == "console" and newest["target"] == f"model/{MODEL}"
     assert newest["details"]["weights"] == {stable: 900, "console-canary": 100}
+    both = subprocess.run([tool("autoglm"), "audit", "--data-dir", str(mesh.data_dir), "--source", "all",
+                           "--format", "json"], capture_output=True, text=True, timeout=60, check=True)
+    merged = [(e["source"], e["action"], e["target"]) for e in json.loads(both.stdout)]
+    assert merged.index(("router", "model.split", f"model/{MODEL}")) < merged.index(
+        ("billing", "budget.update", f"budget/{budget_id}")), "`autoglm audit --source all`: both logs, newest first"
     visit(browser, mesh, "/console/models")
     wait_until_blocking(lambda: browser.find_elements(By.CSS_SELECTOR, ".split-form"), 10, "the Models page")
     shot(browser, "models")
@@ -318,10 +324,21 @@ def test_an_operator_runs_the_mesh_from_the_console(mesh: Mesh, browser: WebDriv
     with pytest.raises(openai.AuthenticationError):
         ask(mesh, secret)
 
-    # Audit (both logs) and Live; no page shows a secret (the new key's only right after it was made).
+    # Audit: both services' events on one timeline, newest first: the split (recorded by the router) above
+    # the budget's last change (recorded by billing), which came before it. Then each log alone; Live; no
+    # page shows a secret (the new key's only right after it was made).
+    visit(browser, mesh, "/console/audit")
+    rows = [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")]  # time, source, actor, action, target
+            for row in browser.find_elements(By.CSS_SELECTOR, "#audit tbody tr[data-source]")]
+    split_at = next((i for i, r in enumerate(rows) if r[1:4] == ["router", "console", "model.split"]), None)
+    budget_at = next((i for i, r in enumerate(rows) if r[1] == "billing" and r[3] == "budget.update"
+                      and r[4] == f"budget/{budget_id}"), None)
+    assert split_at is not None and budget_at is not None, f"both logs on the default Audit page: {rows}"
+    assert split_at < budget_at, "newest first across both logs"
+    assert [r[0] for r in rows] == sorted((r[0] for r in rows), reverse=True)
+    shot(browser, "audit")
     visit(browser, mesh, "/console/audit?source=router&action=key.revoke")
     assert key_id in browser.find_element(By.ID, "audit").text
-    shot(browser, "audit")
     visit(browser, mesh, "/console/audit?source=billing&action=budget.update")
     assert budget_id in browser.find_element(By.ID, "audit").text
     visit(browser, mesh, "/console/live")
@@ -346,7 +363,54 @@ def test_spend_downloads_as_csv_and_a_pages_error_is_a_page(mesh: Mesh) -> None:
         assert bad.status_code == 400 and "by must be one of" in bad.json()["error"]["message"]
         page = admin.get("/console/audit", params={"page_token": "not-a-token"})
         assert page.status_code == 400 and page.headers["content-type"].startswith("text/html")
-        assert "page_token is not one this router handed out" in page.text, "a page's error is a page"
+        assert "page_token is not one this console handed out" in page.text, "a page's error is a page"
+
+
+def test_the_audit_timeline_pages_both_logs_with_one_token(mesh: Mesh) -> None:
+    """Small pages of /console/api/audit, followed by their tokens, are the whole merged timeline: each
+    event once, newest first, both logs; the page's "Older events" link carries the same token; a token
+    tampered with is a 400 that says so."""
+    with http(mesh) as admin:
+        change = {"x-csrf-token": signed_in(admin, admin_token(mesh))}
+        made = set()
+        for n in range(7):  # events in both logs, interleaved
+            key = admin.post("/console/api/keys", json={"tenant": f"console-audit-{n}"}, headers=change)
+            assert key.status_code == 200, key.text
+            made.add(("router", f"key/{key.json()['key_id']}"))
+            budget = admin.post("/console/api/budgets", json={"tenant": f"console-audit-{n}", "tokens": "1000000",
+                                                              "soft": True}, headers=change)
+            assert budget.status_code == 200, budget.text
+            made.add(("billing", f"budget/{budget.json()['budget_id']}"))
+        walks = {}
+        for size in (2, 3):
+            walked: list[dict[str, Any]] = []
+            token = ""
+            while True:
+                answer = admin.get("/console/api/audit", params={"page_size": size, "page_token": token})
+                assert answer.status_code == 200, answer.text
+                walked += answer.json()["events"]
+                token = answer.json()["next_page_token"]
+                if not token:
+                    break
+                assert len(answer.json()["events"]) == size and len(walked) < 2000
+            walks[size] = walked
+        whole = admin.get("/console/api/audit", params={"page_size": 200}).json()
+        assert whole["next_page_token"] == "", "every event of this mesh fits one page of 200"
+        for size, walked in walks.items():
+            ids = [(e["source"], e["sequence"]) for e in walked]
+            assert len(set(ids)) == len(ids), f"an event repeated in pages of {size}"
+            assert walked == whole["events"][len(whole["events"]) - len(walked):], f"pages of {size}"
+            assert made <= {(e["source"], e["target"]) for e in walked}
+            assert [e["time_us"] for e in walked] == sorted((e["time_us"] for e in walked), reverse=True)
+        older = re.search(r'id="audit-next" href="([^"]+)"', admin.get("/console/audit").text)
+        assert bool(older) == (len(whole["events"]) > 25), "the page shows 25, then links to older events"
+        if older:
+            next_page = admin.get(older[1].replace("&amp;", "&"))
+            assert next_page.status_code == 200 and whole["events"][25]["target"] in next_page.text
+        tampered = admin.get("/console/api/audit", params={"page_token": "eyJyb3V0ZXIiOiIxIn0"})
+        assert tampered.status_code == 400
+        assert "page_token is not one this console handed out" in tampered.json()["error"]["message"]
+        assert admin.get("/console/api/audit", params={"source": "ledger"}).status_code == 400
 
 
 

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from services.common import audit_timeline
 from services.common.errors import DomainError, InvalidInput, PermissionDenied, Unauthenticated
 from services.router.admin import Admin
 from services.router.billing_operator import BillingOperator
@@ -30,6 +31,7 @@ ACTOR = "console"
 SPEND_BY = {"tenant": "tenant", "model": "model", "tag": "tag", "key": "api_key"}
 SINCE = {"1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
 AUDIT_PAGE = 25
+AUDIT_PAGE_MAX = 200
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 
 
@@ -272,19 +274,42 @@ async def model_split(request: Request, model: str, session: Changer) -> dict[st
 
 
 # --- Audit ---------------------------------------------------------------------------------------------
+def _audit_logs(parts: ConsoleBackend) -> dict[str, audit_timeline.Fetch]:
+    """The two logs the Audit page merges, read through the same operations as AdminService's and billing's
+    ListAuditEvents."""
+    async def router_log(action: str, size: int, token: str) -> tuple[list[audit_timeline.TimelineEvent], str]:
+        found, next_token = await parts.admin.audit_page(action, size, token)
+        return [views.router_event(e) for e in found], next_token
+
+    async def billing_log(action: str, size: int, token: str) -> tuple[list[audit_timeline.TimelineEvent], str]:
+        found, next_token = await parts.billing_operator.audit_page(action, size, token)
+        return [views.billing_event(e) for e in found], next_token
+
+    return {"router": router_log, "billing": billing_log}
+
+
+async def _audit(request: Request, source: str, action: str, page_token: str,
+                 page_size: int = AUDIT_PAGE) -> dict[str, Any]:
+    if not 1 <= page_size <= AUDIT_PAGE_MAX:
+        raise InvalidInput(f"page_size must be 1 to {AUDIT_PAGE_MAX}, got {page_size}", field="page_size")
+    events, next_token = await audit_timeline.timeline_page(_audit_logs(_parts(request)), action.strip(),
+                                                            page_size, page_token, source)
+    return {"events": [views.audit(e) for e in events], "next_page_token": next_token}
+
+
 @router.get("/audit")
-async def audit_page(request: Request, session: Viewer, source: str = "router", action: str = "",
+async def audit_page(request: Request, session: Viewer, source: str = "all", action: str = "",
                      page_token: str = "") -> HTMLResponse:
-    parts = _parts(request)
-    if source == "billing":
-        raw, next_token = await parts.billing_operator.audit_page(action, AUDIT_PAGE, page_token)
-        events = [views.billing_audit(e) for e in raw]
-    elif source == "router":
-        found, next_token = await parts.admin.audit_page(action, AUDIT_PAGE, page_token)
-        events = [views.router_audit(e) for e in found]
-    else:
-        raise InvalidInput("source must be router or billing", field="source")
-    return page(request, "audit.html", session, events=events, source=source, action=action, next_token=next_token)
+    found = await _audit(request, source, action, page_token)
+    return page(request, "audit.html", session, events=found["events"], source=source, action=action,
+                next_token=found["next_page_token"], choices_source=audit_timeline.CHOICES)
+
+
+@router.get("/api/audit")
+async def audit_data(request: Request, session: Viewer, source: str = "all", action: str = "",
+                     page_token: str = "", page_size: int = AUDIT_PAGE) -> dict[str, Any]:
+    """The Audit page's events as JSON: both logs merged newest first, `next_page_token` for the next page."""
+    return await _audit(request, source, action, page_token, page_size)
 
 
 # --- Live ----------------------------------------------------------------------------------------------

@@ -3,12 +3,12 @@ and the JSON endpoints. Never a secret: keys are shown by id and prefix only."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from services.common.audit_timeline import TimelineEvent, details_of
 from services.router.auth.api_keys import ApiKeyRecord
 from services.router.balancer import Balancer
 from services.router.ports import LoadReport
@@ -16,6 +16,7 @@ from services.router.registry import AuditEvent, ModelEntry
 
 LEVELS = {"ALERT_LEVEL_UNSPECIFIED": "OK", "ALERT_LEVEL_WARNING": "WARNING", "ALERT_LEVEL_CRITICAL": "CRITICAL",
           "ALERT_LEVEL_EMERGENCY": "EMERGENCY"}
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def money(micros: Any) -> str:
@@ -28,6 +29,12 @@ def when(value: datetime | str | None) -> str:
     if isinstance(value, str):
         value = datetime.fromisoformat(value.replace("Z", "+00:00"))
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def micros(value: datetime) -> int:
+    """Microseconds since the epoch, exactly (a time without a zone is UTC)."""
+    aware = value if value.tzinfo else value.replace(tzinfo=UTC)
+    return (aware - EPOCH) // timedelta(microseconds=1)
 
 
 def key(record: ApiKeyRecord) -> dict[str, Any]:
@@ -105,18 +112,25 @@ def model(entry: ModelEntry, balancer: Balancer, healthy: dict[str, int],
                            "to": str(e.details.get("to", ""))} for e in rollbacks if e.target == f"model/{entry.name}"]}
 
 
-def router_audit(event: AuditEvent) -> dict[str, Any]:
-    return {"time": when(event.time), "source": "router", "actor": event.actor, "action": event.action,
+def router_event(event: AuditEvent) -> TimelineEvent:
+    """A router audit event (AdminService's ListAuditEvents) on the merged timeline."""
+    return TimelineEvent(micros(event.time), "router", event.sequence, event.actor,
+                         event.action, event.target, event.details)
+
+
+def billing_event(event: dict[str, Any]) -> TimelineEvent:
+    """A billing audit event (billing's ListAuditEvents, as JSON) on the merged timeline."""
+    stamp = datetime.fromisoformat(str(event.get("time") or "1970-01-01T00:00:00Z").replace("Z", "+00:00"))
+    return TimelineEvent(micros(stamp), "billing", int(event.get("audit_id") or 0),
+                         str(event.get("actor", "")), str(event.get("action", "")), str(event.get("target", "")),
+                         details_of(str(event.get("details_json") or "")))
+
+
+def audit(event: TimelineEvent) -> dict[str, Any]:
+    """A row of the Audit page (and of /console/api/audit)."""
+    return {"time": when(EPOCH + timedelta(microseconds=event.time_us)), "time_us": event.time_us,
+            "source": event.source, "sequence": event.sequence, "actor": event.actor, "action": event.action,
             "target": event.target, "details": event.details}
-
-
-def billing_audit(event: dict[str, Any]) -> dict[str, Any]:
-    try:
-        details = json.loads(event.get("details_json") or "{}")
-    except ValueError:
-        details = {}
-    return {"time": when(event.get("time")), "source": "billing", "actor": event.get("actor", ""),
-            "action": event.get("action", ""), "target": event.get("target", ""), "details": details}
 
 
 def _add(out: dict[str, Any], row: dict[str, Any]) -> None:

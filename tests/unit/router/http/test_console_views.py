@@ -1,9 +1,13 @@
-"""The Spend page's rows and top keys from billing's report rows; a replica's load as the Models page shows it."""
+"""The Spend page's rows and top keys from billing's report rows; a replica's load as the Models page shows it;
+the Audit page's rows from both logs."""
 
 from __future__ import annotations
 
-from services.router.http.console.views import last_use, replica_load, spend
+from datetime import UTC, datetime
+
+from services.router.http.console.views import audit, billing_event, last_use, replica_load, router_event, spend
 from services.router.ports import LoadReport
+from services.router.registry import AuditEvent
 
 
 def row(bucket: str, tenant: str, key: str, requests: int, micros: int, anomalous: bool = False) -> dict[str, object]:
@@ -38,3 +42,17 @@ def test_a_replicas_load_shows_queue_kv_use_of_its_budget_and_tokens_per_second(
     assert (shown["queue_depth"], shown["queue_capacity"], shown["active_sequences"], shown["ready"]) == (2, 64, 3, True)
     assert (shown["kv_used"], shown["tokens_per_second"], shown["age_s"]) == ("1.5 / 512 MiB", 41.3, 0.4)
     assert replica_load(None) == {"reported": False}
+
+
+def test_both_logs_events_land_on_one_timeline_to_the_microsecond_with_their_source() -> None:
+    router = router_event(AuditEvent(datetime(2026, 1, 1, 10, 0, 0, 123457, tzinfo=UTC), "console", "model.split",
+                                     "model/m", {"weights": {"v1": 900}}, sequence=41))
+    billing = billing_event({"audit_id": "7", "time": "2026-01-01T10:00:00.123456Z", "actor": "operator-token",
+                             "action": "budget.update", "target": "budget/b1", "details_json": '{"new": {"a": 1}}'})
+    assert (router.source, router.sequence, router.time_us) == ("router", 41, 1767261600123457)
+    assert (billing.source, billing.sequence, billing.time_us) == ("billing", 7, 1767261600123456)
+    assert billing.details == {"new": {"a": 1}}
+    assert audit(billing) == {"time": "2026-01-01 10:00:00", "time_us": 1767261600123456, "source": "billing",
+                              "sequence": 7, "actor": "operator-token", "action": "budget.update", "target": "budget/b1",
+                              "details": {"new": {"a": 1}}}
+    assert billing_event({"audit_id": "8", "time": "2026-01-01T10:00:00Z", "details_json": "not json"}).details == {}
