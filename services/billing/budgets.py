@@ -86,8 +86,11 @@ def leased(tx: Tx, budget_id: str, now_us: int) -> int:
     return int(row[0]) if row else 0
 
 
+_BOUNDS = periods.BoundsCache()  # shared by the writer and the readers: a race only recomputes
+
+
 def state(tx: Tx, budget: Budget, at_us: int, now_us: int, *, with_holds: bool = True) -> BudgetState:
-    start, end = periods.bounds(budget.period, at_us)
+    start, end = _BOUNDS.bounds(budget.period, at_us)
     book = tx.book
     if book is not None:
         spent_micros, spent_tokens = book.spent(tx, budget.budget_id, start, end)
