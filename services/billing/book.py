@@ -4,7 +4,8 @@ With the embedded store, every write of the ledger goes through one writer threa
 store takes an exclusive lock on the database file, so a second process cannot open it). That makes the
 writer's own view of each budget authoritative: this book caches, per budget, the spend of each window
 asked for and the open holds, so that a Reserve or an ingested batch decides without reading the tables
-again. Rules that keep it exact:
+again; each budget's open holds are kept with their running totals and an expiry heap, so the check
+costs the same however many holds are open. Rules that keep it exact:
 
 - an entry is loaded from the tables on first use, inside the writer's current transaction, so it already
   includes every earlier write of that transaction;

@@ -5,7 +5,7 @@ acknowledged event survives a power cut, not only a process crash (NORMAL would 
 Speed comes from group commit instead: every write goes through ONE writer thread and connection, which
 takes all units of work queued at that moment (up to `max_batch`), runs them in one `BEGIN IMMEDIATE`
 transaction — each in its own savepoint, so one failing unit rolls back alone — commits once (one fsync),
-and only then answers their callers. Because there is a single writer, a Reserve's check of spend + holds
+and only then answers their callers (one wake-up of the event loop per commit). Because there is a single writer, a Reserve's check of spend + holds
 and its insert of the new hold cannot interleave with another write: no budget can be overshot.
 Reads use a second connection in their own thread (WAL lets them run beside the writer).
 
