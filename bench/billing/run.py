@@ -81,6 +81,20 @@ async def stream_once(stub: pb2_grpc.BillingServiceStub, tag: str, batch: int, e
     return events / elapsed
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (all its threads), from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def on_cpu(pid: int, spent: list[float], work: Awaitable[float]) -> float:
+    """`work`'s result, adding the CPU seconds process `pid` used meanwhile to `spent`."""
+    before = cpu_seconds(pid)
+    result = await work
+    spent.append(cpu_seconds(pid) - before)
+    return result
+
+
 def summary(values: list[float]) -> tuple[float, float]:
     return round(statistics.median(values) * 1000, 3), round(pct(values, 0.99) * 1000, 3)
 
@@ -207,24 +221,33 @@ async def bench_database(name: str, dsn: str, workdir: Path, scale: Scale) -> tu
                 count = max(1, per_caller(callers, scale.calls) // 2)  # per round; two rounds each
                 samples: dict[str, list[float]] = {"Reserve": [], "Settle": [], "CheckBudget": []}
                 values: list[float] = []
+                billing_cpu: list[float] = []
+                noop_cpu: list[float] = []
 
                 def billing_calls(run: int, callers: int = callers, count: int = count,
-                                  samples: dict[str, list[float]] = samples) -> Awaitable[float]:
-                    return billing_round(stub, callers, count, f"{name}-{callers}-{run}", samples)
+                                  samples: dict[str, list[float]] = samples,
+                                  spent: list[float] = billing_cpu) -> Awaitable[float]:
+                    return on_cpu(servers[0].proc.pid, spent,
+                                  billing_round(stub, callers, count, f"{name}-{callers}-{run}", samples))
 
                 def noop_calls(run: int, callers: int = callers, count: int = count,
-                               values: list[float] = values) -> Awaitable[float]:
-                    return noop_round(noop, callers, count, f"{name}-{callers}-{run}", values)
+                               values: list[float] = values, spent: list[float] = noop_cpu) -> Awaitable[float]:
+                    return on_cpu(servers[1].proc.pid, spent,
+                                  noop_round(noop, callers, count, f"{name}-{callers}-{run}", values))
 
                 real_s, noop_s = await alternate(2, billing_calls, noop_calls)
                 row: dict[str, Any] = {"callers": callers,
-                                       "reserve_per_s": round(len(samples["Reserve"]) / sum(real_s), 1)}
+                                       "reserve_per_s": round(len(samples["Reserve"]) / sum(real_s), 1),
+                                       # Reserve + Settle + CheckBudget: the server's CPU for one step
+                                       "server_cpu_ms_per_step": round(sum(billing_cpu) * 1000
+                                                                       / len(samples["Reserve"]), 3)}
                 for rpc, measured in samples.items():
                     row[f"{rpc}_p50_ms"], row[f"{rpc}_p99_ms"] = summary(measured)
                 table.append(row)
                 p50, p99 = summary(values)
                 noop_table.append({"callers": callers, "calls_per_s": round(len(values) / sum(noop_s), 1),
-                                   "noop_p50_ms": p50, "noop_p99_ms": p99})
+                                   "noop_p50_ms": p50, "noop_p99_ms": p99,
+                                   "server_cpu_ms_per_call": round(sum(noop_cpu) * 1000 / len(values), 3)})
     finally:
         for server in servers:
             server.stop()
@@ -289,6 +312,13 @@ def targets(sqlite: dict[str, Any], anchor: dict[str, Any]) -> list[dict[str, An
                  "anchor": f"a no-op gRPC unary call at 200 concurrent callers in this run: p99 "
                            f"{noop[200]['noop_p99_ms']} ms"})
     for callers in CONCURRENCY:
+        per_rpc = by_callers[callers]["server_cpu_ms_per_step"] / 3
+        rows.append({"name": f"Billing server CPU per RPC (a Reserve -> Settle -> CheckBudget step / 3) / no-op "
+                             f"server CPU per call at {callers} concurrent callers, SQLite",
+                     "measured": round(per_rpc / max(noop[callers]["server_cpu_ms_per_call"], 1e-9), 2),
+                     "target": 1.5, "better": "lower",
+                     "anchor": f"no-op {noop[callers]['server_cpu_ms_per_call']} ms CPU per call, billing "
+                               f"{per_rpc:.3f} ms CPU per RPC, same run (at saturation it predicts the latency ratio)"})
         for q in ("p50", "p99"):
             ratio = by_callers[callers][f"Reserve_{q}_ms"] / max(noop[callers][f"noop_{q}_ms"], 1e-9)
             rows.append({"name": f"Reserve {q} / no-op gRPC call {q} at {callers} concurrent callers, SQLite",
@@ -340,6 +370,9 @@ async def main(out: Path, plot_path: Path, scale: Scale, with_postgres: bool) ->
         "anchors_by_database": anchors,
         "results": {r["database"]: r for r in results},
         "units": {"*_events_per_s": "events/s", "*_ms": "milliseconds", "reserve_per_s": "Reserve calls/s",
+                  "server_cpu_ms_per_step": "CPU milliseconds (user + system, every thread) the billing process "
+                                            "spent per Reserve -> Settle -> CheckBudget step",
+                  "server_cpu_ms_per_call": "CPU milliseconds the no-op anchor's process spent per call",
                   "calls_per_s": "calls/s", "targets[].measured": "as named (ms, events/s, or a ratio)"},
         "targets": targets(results[0], anchor),
     }

@@ -4,7 +4,8 @@ With the embedded store, every write of the ledger goes through one writer threa
 store takes an exclusive lock on the database file, so a second process cannot open it). That makes the
 writer's own view of each budget authoritative: this book caches, per budget, the spend of each window
 asked for and the open holds, so that a Reserve or an ingested batch decides without reading the tables
-again. Rules that keep it exact:
+again; each budget's open holds are kept with their running totals and an expiry heap, so the check
+costs the same however many holds are open. Rules that keep it exact:
 
 - an entry is loaded from the tables on first use, inside the writer's current transaction, so it already
   includes every earlier write of that transaction;
@@ -18,15 +19,46 @@ The book is used only by the writer thread; readers (CheckBudget, reports) query
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import heapq
 
 from services.billing.store.base import Tx
 
 
-@dataclass
 class _Holds:
-    # hold id -> (micros, tokens, expire_us)
-    open: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    """One budget's open holds with their running totals, and their expiries in a heap, so that asking
+    for the total costs O(1) plus the holds that expired since, however many are open."""
+
+    def __init__(self, rows: dict[str, tuple[int, int, int]]) -> None:
+        self.open: dict[str, tuple[int, int, int]] = {}  # hold id -> (micros, tokens, expire_us)
+        self.micros = self.tokens = 0
+        self._expiries: list[tuple[int, str]] = []  # (expire_us, hold id), dropped holds left in lazily
+        for hold_id, (micros, tokens, expire_us) in rows.items():
+            self.add(hold_id, micros, tokens, expire_us)
+
+    def add(self, hold_id: str, micros: int, tokens: int, expire_us: int) -> None:
+        self.drop(hold_id)
+        self.open[hold_id] = (micros, tokens, expire_us)
+        self.micros += micros
+        self.tokens += tokens
+        heapq.heappush(self._expiries, (expire_us, hold_id))
+
+    def drop(self, hold_id: str) -> None:
+        held = self.open.pop(hold_id, None)
+        if held is not None:
+            self.micros -= held[0]
+            self.tokens -= held[1]
+            if len(self._expiries) > 2 * len(self.open) + 64:  # mostly holds already closed: rebuild
+                self._expiries = [(expire, h) for h, (_, _, expire) in self.open.items()]
+                heapq.heapify(self._expiries)
+
+    def expire(self, now_us: int) -> None:
+        """Drop the holds expired at `now_us`: an expired hold never counts again (the janitor deletes its rows)."""
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now_us:
+            expire_us, hold_id = heapq.heappop(expiries)
+            held = self.open.get(hold_id)
+            if held is not None and held[2] == expire_us:
+                self.drop(hold_id)
 
 
 class Book:
@@ -65,20 +97,18 @@ class Book:
                 str(r[0]): (int(r[1]), int(r[2]), int(r[3])) for r in tx.all(
                     "SELECT hold_id, amount_micros, tokens, expire_us FROM hold_budgets"
                     " WHERE budget_id = ? AND expire_us > ?", (budget_id, now_us))})
-        expired = [h for h, (_, _, expire) in holds.open.items() if expire <= now_us]
-        for hold_id in expired:  # an expired hold never counts again (the janitor deletes its rows)
-            del holds.open[hold_id]
-        return sum(v[0] for v in holds.open.values()), sum(v[1] for v in holds.open.values())
+        holds.expire(now_us)
+        return holds.micros, holds.tokens
 
     def add_hold(self, budget_id: str, hold_id: str, micros: int, tokens: int, expire_us: int) -> None:
         """Call right after the hold's `hold_budgets` row was inserted."""
         holds = self._holds.get(budget_id)
         if holds is not None:
-            holds.open[hold_id] = (micros, tokens, expire_us)
+            holds.add(hold_id, micros, tokens, expire_us)
 
     def drop_hold(self, budget_ids: list[str], hold_id: str) -> None:
         """Call right after the hold's `hold_budgets` rows were deleted (settled or released)."""
         for budget_id in budget_ids:
             holds = self._holds.get(budget_id)
             if holds is not None:
-                holds.open.pop(hold_id, None)
+                holds.drop(hold_id)

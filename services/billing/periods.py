@@ -97,3 +97,21 @@ class BucketCache:
         if span is None or not span[0] <= t_us < span[1]:
             span = self._last[period] = bucket_span(period, t_us)
         return span[0]
+
+
+class BoundsCache:
+    """`bounds` without the time-zone arithmetic for instants of the local day last asked for (the bounds of
+    a period in force change at a local midnight at the earliest)."""
+
+    def __init__(self) -> None:
+        self._last: dict[Period, tuple[int, int, tuple[int, int]]] = {}
+
+    def bounds(self, period: Period, t_us: int) -> tuple[int, int]:
+        known = self._last.get(period)
+        if known is not None and known[0] <= t_us < known[1]:
+            return known[2]
+        found = bounds(period, t_us)
+        tz = zone(period.time_zone)
+        day = _local_date(t_us, tz)
+        self._last[period] = (_local_midnight(day, tz), _local_midnight(day + timedelta(days=1), tz), found)
+        return found

@@ -5,7 +5,7 @@ acknowledged event survives a power cut, not only a process crash (NORMAL would 
 Speed comes from group commit instead: every write goes through ONE writer thread and connection, which
 takes all units of work queued at that moment (up to `max_batch`), runs them in one `BEGIN IMMEDIATE`
 transaction — each in its own savepoint, so one failing unit rolls back alone — commits once (one fsync),
-and only then answers their callers. Because there is a single writer, a Reserve's check of spend + holds
+and only then answers their callers (one wake-up of the event loop per commit). Because there is a single writer, a Reserve's check of spend + holds
 and its insert of the new hold cannot interleave with another write: no budget can be overshot.
 Reads use a second connection in their own thread (WAL lets them run beside the writer).
 
@@ -229,8 +229,11 @@ class SqliteStore:
                 conn.execute("ROLLBACK")
             for work in batch:
                 work.results = [error] * len(work.fns)
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Work]] = {}
         for work in batch:
-            work.loop.call_soon_threadsafe(_resolve, work.future, work.results)
+            by_loop.setdefault(work.loop, []).append(work)
+        for loop, answered in by_loop.items():  # one wake-up of each event loop per commit, not one per unit
+            loop.call_soon_threadsafe(_resolve, answered)
 
     def _run_unit(self, conn: sqlite3.Connection, tx: SqliteTx, fn: Callable[[SqliteTx], Any]) -> Any:
         conn.execute("SAVEPOINT unit")
@@ -247,6 +250,7 @@ class SqliteStore:
         return result
 
 
-def _resolve(future: asyncio.Future[list[Any]], results: list[Any]) -> None:
-    if not future.done():
-        future.set_result(results)
+def _resolve(answered: list[_Work]) -> None:
+    for work in answered:
+        if not work.future.done():
+            work.future.set_result(work.results)

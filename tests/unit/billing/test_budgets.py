@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from services.billing import budgets, periods
@@ -126,6 +128,34 @@ def test_reserve_counts_spend_and_open_holds_and_expired_holds_free_the_budget(w
     later = ledger.now + 11 * US  # the first hold expired
     assert not isinstance(budgets.reserve(ledger.tx, snap, request(300), 300, later, 10, "ops"), budgets.Denied)
     assert budgets.close_hold(ledger.tx, snap, first.hold_id, budgets.RELEASED, later) is False  # type: ignore[union-attr]
+
+
+def test_the_book_counts_exactly_the_open_unexpired_holds_the_tables_count() -> None:
+    """Many holds with mixed expiries, settled, released or left to expire, on one clock: after every step
+    the writer's book (running totals) and the tables agree on what is held."""
+    rng = random.Random(15)
+    ledgers = [Ledger(True), Ledger(False)]
+    for ledger in ledgers:
+        ledger.budget("b", tokens=10**9)
+    snaps = [ledger.catalog.current(ledger.tx) for ledger in ledgers]
+    now, open_holds = T0, []
+    for _ in range(600):
+        now += rng.choice((0, 0, US // 2, 3 * US))
+        if open_holds and rng.random() < 0.4:
+            pair = open_holds.pop(rng.randrange(len(open_holds)))
+            how = rng.choice((budgets.SETTLED, budgets.RELEASED))
+            closed = {budgets.close_hold(ledger.tx, snap, hold_id, how, now)
+                      for ledger, snap, hold_id in zip(ledgers, snaps, pair, strict=True)}
+            assert len(closed) == 1
+        else:
+            tokens, ttl = rng.randrange(1, 500), rng.randrange(1, 30)
+            made = [budgets.reserve(ledger.tx, snap, request(tokens), tokens, now, ttl, "ops")
+                    for ledger, snap in zip(ledgers, snaps, strict=True)]
+            open_holds.append([hold.hold_id for hold in made if isinstance(hold, Hold)])
+        with_book, from_tables = (budgets.state(ledger.tx, snap.budgets["b"], now, now)
+                                  for ledger, snap in zip(ledgers, snaps, strict=True))
+        assert (with_book.held_micros, with_book.held_tokens) == (from_tables.held_micros, from_tables.held_tokens)
+    assert from_tables.held_tokens > 0
 
 
 def test_released_hold_is_available_again() -> None:

@@ -79,3 +79,16 @@ def test_rolling_window_and_previous_periods() -> None:
 def test_unknown_time_zone_is_invalid_input() -> None:
     with pytest.raises(InvalidInput, match="IANA"):
         periods.bounds(Period(PeriodKind.DAILY, time_zone="Mars/Olympus"), 0)
+
+
+@given(st.lists(st.integers(min_value=1_700_000_000, max_value=1_800_000_000), min_size=1, max_size=40),
+       st.sampled_from([Period(PeriodKind.DAILY, 0, "Europe/Paris"), Period(PeriodKind.WEEKLY, 0, "America/New_York"),
+                        Period(PeriodKind.MONTHLY, 0, "Australia/Lord_Howe"), Period(PeriodKind.ROLLING_DAYS, 7, "UTC"),
+                        Period(PeriodKind.ROLLING_DAYS, 3, "America/Sao_Paulo")]))
+def test_the_bounds_cache_answers_what_bounds_computes(seconds: list[int], period: Period) -> None:
+    cache = periods.BoundsCache()
+    instants = [s * periods.US for s in seconds]
+    instants += [t + d for t in instants[:5] for d in (-1, 1, 3600 * periods.US, 86_400 * periods.US)]  # neighbours
+    instants += [edge + d for t in instants[:5] for edge in periods.bounds(period, t) for d in (-1, 0, 1)]
+    for t in sorted(instants) + instants:
+        assert cache.bounds(period, t) == periods.bounds(period, t)
