@@ -4,17 +4,18 @@ One long-lived decode thread runs the loop, so the event loop never sits between
 Before each step the thread drops cancelled sequences, admits waiting ones by priority
 (core > interactive > batch) up to `max_batch_size` and while their KV reservations (prompt +
 max_tokens) fit `kv_budget` bytes — the head of the queue waits for room, the rest wait behind it —
-and plans the step: one decode row per running sequence plus prompt chunks (fixed `prefill_chunk`
-boundaries, each prefilled on its own, straight into the sequence's cache slot, so the cache never
+and plans the step: one decode row per running sequence plus prompt chunks (up to `prefill_chunk`
+tokens, each prefilled on its own, straight into the sequence's cache slot, so the cache never
 depends on the batch) while `max_batched_tokens` allows, at least one chunk per step. With the
 prefix cache (prefix_cache.py), a prefilling sequence first copies the cached blocks its prompt
 continues with into its slot; a block another sequence computes in this step is waited for, not
 computed twice; each block its own chunks complete is added to the cache. An admitted
 sequence takes a slot in a batch of its width class (kv_cache.py); its prompt done, it decodes at
 the next step; a finished one leaves within the step that finished it, except that a finished chat
-turn keeps its slot (a dummy row) until idle steps have prefilled its answer into the prefix cache or
-a waiting request ends the warm-up. The step's deltas for all sequences reach the event loop in one
-hand-off (`call_soon_threadsafe`), and each sequence's consumer reads them from its queue.
+turn keeps its slot (a dummy row) until idle steps have prefilled its answer into the prefix cache,
+a block a step, or a waiting request ends the warm-up. The step's deltas for all sequences reach the
+event loop in one hand-off (`call_soon_threadsafe`), and each sequence's consumer reads them from its
+queue.
 """
 
 from __future__ import annotations
@@ -262,7 +263,6 @@ class Scheduler:
             plan.admitted.append(seq)
         plan.decode = [s for s in self._running if s.phase is Phase.DECODE]
         budget = self.settings.max_batched_tokens - len(plan.decode)
-        chunk = min(self.settings.prefill_chunk, self.settings.max_batched_tokens)
         computing: set[bytes] = set()  # blocks this step's chunks complete
         for seq in self._running:
             if seq.phase is not Phase.PREFILL:
@@ -270,7 +270,7 @@ class Scheduler:
             start = seq.prefilled + self._block * len(self._reuse(seq, plan))
             if self._cacheable(seq, start) and seq.prefix_keys[start // self._block] in computing:
                 continue  # another sequence computes its next block in this step
-            size = min(chunk - start % chunk, len(seq.prompt_ids) - start)
+            size = self._chunk_size(start, len(seq.prompt_ids))
             if plan.prefill and size > budget:
                 break
             plan.prefill.append((seq, size))
@@ -280,6 +280,17 @@ class Scheduler:
         if not self._running and self._warming:
             plan.warm = self._warming[0]
         return plan
+
+    def _chunk_size(self, start: int, length: int) -> int:
+        """Tokens of the next prefill call from `start`. With blocks smaller than the chunk (the model
+        cuts exactly, `chunking_is_exact`) a call takes up to a chunk from wherever the prompt stands,
+        so the new tokens after a prefix hit are one call, not two either side of a chunk boundary; it
+        never leaves a one-token call behind it. Otherwise calls keep the fixed chunk boundaries, which
+        a hit replays exactly."""
+        chunk, left = self._chunk, length - start
+        if self._block >= chunk:
+            return min(chunk - start % chunk, left)
+        return chunk - 1 if left == chunk + 1 else min(chunk, left)
 
     @property
     def _chunk(self) -> int:
@@ -431,9 +442,10 @@ class Scheduler:
             self._drop(self._warming.popleft())
 
     def _warm(self, seq: Sequence) -> None:
-        """One prefill call of the answer's next blocks (cached ones are copied in, not recomputed), each
-        completed block kept in the cache; a call of two or more tokens that starts and ends at block
-        boundaries after exact columns only, so the blocks are those a cold prefill of the next turn makes."""
+        """One prefill call of the answer's next block (cached ones are copied in, not recomputed), kept
+        in the cache; a call of two or more tokens that starts and ends at block boundaries after exact
+        columns only, so the blocks are those a cold prefill of the next turn makes. One block a call, so
+        the next turn, sent as soon as the answer ends, waits for one block's call at most, not a chunk's."""
         assert self.prefix is not None
         group, slot = self._where[seq.seq_id]
         keys, block = seq.warm_keys, self._block
@@ -445,8 +457,8 @@ class Scheduler:
         if seq.warmed == len(keys):
             self._end_warm(seq)
             return
-        start, chunk = seq.warmed * block, self._chunk
-        stop = min(start + chunk - start % chunk, len(keys) * block)  # chunk is a multiple of block
+        start = seq.warmed * block
+        stop = start + block  # one block a call: a request arriving waits for one block's call at most
         history = [*seq.prompt_ids, *seq.generated]
         mask = np.zeros((1, group.width), dtype=np.int64)
         mask[0, :stop] = 1

@@ -185,3 +185,58 @@ async def test_a_long_prompt_caches_no_more_than_its_first_max_prompt_tokens(inf
     again = await report(stub)
     assert again.prefix_cache_hits - first.prefix_cache_hits == 32 and again.prefix_cache_blocks == 32
     assert again.prefill_tokens_total - first.prefill_tokens_total == 600 - 256
+
+
+class RecordingRunner:
+    """The real runner, with the token count of each prefill call it made."""
+
+    def __init__(self, runner) -> None:
+        self._runner = runner
+        self.calls: list[int] = []
+
+    def prefill(self, input_ids, attention_mask, view):
+        self.calls.append(int(input_ids.shape[1]))
+        return self._runner.prefill(input_ids, attention_mask, view)
+
+    def __getattr__(self, name: str):
+        return getattr(self._runner, name)
+
+
+async def _answer(engine: Engine, messages: tuple[ChatMessage, ...], max_tokens: int) -> list[int]:
+    req = GenerationRequest(messages=messages, sampling=Sampling(max_tokens=max_tokens), tenant_id="acme")
+    return [t async for delta in engine.generate(req) for t in delta.token_ids]
+
+
+async def test_an_answer_is_warmed_a_block_a_call_and_the_next_turn_prefills_its_new_tokens_in_one_call(
+        model) -> None:
+    """A next turn sent as the answer ends waits for one block's warm-up call at most (each idle call is
+    one block), and its new tokens, though they straddle a prefill_chunk boundary, are one model call."""
+    engine, plain = Engine(model, SchedulerSettings()), Engine(model, SchedulerSettings(prefix_cache=False))
+    recorder = RecordingRunner(model.runner)
+    engine.scheduler.runner = recorder  # type: ignore[assignment]
+    await engine.start()
+    await plain.start()
+    try:
+        first = (ChatMessage(Role.USER, text_of(model, 45, "blocks")),)
+        answer = await _answer(engine, first, 40)
+        history = engine.prompt_ids("", first) + answer
+        keys = history_keys(root_key(model.manifest_sha256, "acme"), history, 8)
+        assert engine.prefix is not None
+        await wait_until(lambda: all(key in engine.prefix for key in keys), 60, "the answer's blocks cached")
+        prompt_calls = engine.scheduler.counters.prefill_tokens_total
+        warm_calls = recorder.calls[next(i for i in range(len(recorder.calls) + 1)
+                                         if sum(recorder.calls[:i]) == prompt_calls):]
+        warm_tokens = engine.load_report().prefix_cache_warm_tokens
+        assert warm_tokens >= 16 and warm_calls == [8] * (warm_tokens // 8)
+
+        second = (*first, ChatMessage(Role.ASSISTANT, model.decode(answer)),
+                  ChatMessage(Role.USER, text_of(model, 40, "straddle")))
+        ids = engine.prompt_ids("", second)
+        cached = len(keys) * 8
+        assert ids[:cached] == history[:cached] and cached // 128 != (len(ids) - 1) // 128  # straddles 128
+        before = len(recorder.calls)
+        assert await _answer(engine, second, 16) == await _answer(plain, second, 16)
+        assert recorder.calls[before] == len(ids) - cached  # one call, not two either side of 128 (warm-ups follow)
+    finally:
+        await engine.stop()
+        await plain.stop()
