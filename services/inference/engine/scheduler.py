@@ -12,10 +12,10 @@ continues with into its slot; a block another sequence computes in this step is 
 computed twice; each block its own chunks complete is added to the cache. An admitted
 sequence takes a slot in a batch of its width class (kv_cache.py); its prompt done, it decodes at
 the next step; a finished one leaves within the step that finished it, except that a finished chat
-turn keeps its slot (a dummy row) until idle steps have prefilled its answer into the prefix cache,
-a block a step, or a waiting request ends the warm-up. The step's deltas for all sequences reach the
-event loop in one hand-off (`call_soon_threadsafe`), and each sequence's consumer reads them from its
-queue.
+turn keeps its slot (a dummy row) until idle steps have prefilled its answer into the prefix cache or
+a request arrives (it stops the warm-up call under way and ends the warm-ups). The step's deltas for
+all sequences reach the event loop in one hand-off (`call_soon_threadsafe`), and each sequence's
+consumer reads them from its queue.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from services.common.generation import FinishReason
 from services.inference.engine.kv_cache import KvSpec, SlotBatch, width_class
 from services.inference.engine.prefix_cache import Block, PrefixCache, history_keys
 from services.inference.engine.sequence import Phase, Sequence
-from services.inference.engine.session import DecodeBinding, ModelRunner
+from services.inference.engine.session import CallGuard, DecodeBinding, Interrupted, ModelRunner
 from services.inference.engine.types import Delta
 
 log = structlog.get_logger(__name__)
@@ -92,6 +92,7 @@ class Counters:
     steps: int = 0
     prefill_tokens_total: int = 0  # prompt tokens run through the model (cache hits not included)
     warm_tokens_total: int = 0  # finished answers' tokens prefilled into the prefix cache in idle steps
+    warm_stopped_total: int = 0  # warm-up calls stopped part-way because a request arrived
     recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=256))
 
     def tokens_per_second(self, window_s: float = 2.0) -> float:
@@ -137,6 +138,7 @@ class Scheduler:
         self._order = itertools.count()
         self._running: list[Sequence] = []  # owned by the decode thread
         self._warming: deque[Sequence] = deque()  # finished, their answers not yet in the prefix cache
+        self._warm_call: CallGuard | None = None  # the warm-up call under way, stopped by a submit
         self._groups: list[SlotBatch] = []
         self._where: dict[int, tuple[SlotBatch, int]] = {}
         self._by_id: dict[int, Sequence] = {}
@@ -191,6 +193,8 @@ class Scheduler:
             self.check_room()
             seq.submitted_at = time.monotonic()
             heapq.heappush(self._waiting, (int(seq.traffic_class), next(self._order), seq))
+            if self._warm_call is not None:  # idle work gives way at once: a request waits for no warm-up
+                self._warm_call.stop()
             self._wake.notify()
 
     def cancel(self, seq: Sequence) -> None:
@@ -442,10 +446,11 @@ class Scheduler:
             self._drop(self._warming.popleft())
 
     def _warm(self, seq: Sequence) -> None:
-        """One prefill call of the answer's next block (cached ones are copied in, not recomputed), kept
-        in the cache; a call of two or more tokens that starts and ends at block boundaries after exact
-        columns only, so the blocks are those a cold prefill of the next turn makes. One block a call, so
-        the next turn, sent as soon as the answer ends, waits for one block's call at most, not a chunk's."""
+        """One prefill call of the answer's next blocks, up to a chunk (cached ones are copied in, not
+        recomputed), each completed block kept in the cache; a call of two or more tokens that starts and
+        ends at block boundaries after exact columns only, so the blocks are those a cold prefill of the
+        next turn makes. A request submitted meanwhile stops the call (its slot goes, with what the call
+        wrote), so the next turn, sent as soon as the answer ends, never waits for a warm-up."""
         assert self.prefix is not None
         group, slot = self._where[seq.seq_id]
         keys, block = seq.warm_keys, self._block
@@ -458,11 +463,25 @@ class Scheduler:
             self._end_warm(seq)
             return
         start = seq.warmed * block
-        stop = start + block  # one block a call: a request arriving waits for one block's call at most
+        stop = min(start + self._chunk // block * block, len(keys) * block)
         history = [*seq.prompt_ids, *seq.generated]
         mask = np.zeros((1, group.width), dtype=np.int64)
         mask[0, :stop] = 1
-        self.runner.prefill(np.array([history[start:stop]], dtype=np.int64), mask, group.slot_view(slot))
+        guard = CallGuard()
+        with self._wake:
+            if self._waiting:  # arrived since the plan: the next plan gives the warm-ups up
+                return
+            self._warm_call = guard
+        try:
+            self.runner.prefill(np.array([history[start:stop]], dtype=np.int64), mask, group.slot_view(slot),
+                                guard=guard)
+        except Interrupted:
+            self.counters.warm_stopped_total += 1
+            self._end_warm(seq)
+            return
+        finally:
+            with self._wake:
+                self._warm_call = None
         self.counters.warm_tokens_total += stop - start
         seq.exact = stop
         group.prefilled(slot, stop, False)
