@@ -206,7 +206,7 @@ class RecordingRunner:
             self.hold, self.guard = False, guard
             self.entered.set()
             self.release.wait(60)
-        return self._runner.prefill(input_ids, attention_mask, view, guard=guard)
+        return self._runner.prefill(input_ids, attention_mask, view, **({"guard": guard} if guard else {}))
 
     def __getattr__(self, name: str):
         return getattr(self._runner, name)
