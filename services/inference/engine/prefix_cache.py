@@ -21,7 +21,8 @@ Chat answers: a decode step is a one-token call, so its keys and values are not 
 its slot, and while the replica is idle the scheduler prefills its answer there, from the first block
 not yet cached, in calls of whole blocks (`history_keys`); the next turn, whose rendered prompt repeats
 the history, then hits every block up to where the template's tokens after the answer diverge. A
-request that arrives ends the warm-ups still waiting (their slots go back).
+request that arrives stops the warm-up call under way (it does not wait for it) and ends the warm-ups
+still waiting (their slots go back); it then prefills what the cache lacks, the answer's rest with it.
 
 Admission: a prompt (or history) contributes at most its first `max_prompt_tokens` tokens of blocks
 (`prefix_cache_max_prompt_tokens`, 2048 by default: whole conversations and shared system prompts),

@@ -4,8 +4,8 @@ One long-lived decode thread runs the loop, so the event loop never sits between
 Before each step the thread drops cancelled sequences, admits waiting ones by priority
 (core > interactive > batch) up to `max_batch_size` and while their KV reservations (prompt +
 max_tokens) fit `kv_budget` bytes — the head of the queue waits for room, the rest wait behind it —
-and plans the step: one decode row per running sequence plus prompt chunks (fixed `prefill_chunk`
-boundaries, each prefilled on its own, straight into the sequence's cache slot, so the cache never
+and plans the step: one decode row per running sequence plus prompt chunks (up to `prefill_chunk`
+tokens, each prefilled on its own, straight into the sequence's cache slot, so the cache never
 depends on the batch) while `max_batched_tokens` allows, at least one chunk per step. With the
 prefix cache (prefix_cache.py), a prefilling sequence first copies the cached blocks its prompt
 continues with into its slot; a block another sequence computes in this step is waited for, not
@@ -13,8 +13,9 @@ computed twice; each block its own chunks complete is added to the cache. An adm
 sequence takes a slot in a batch of its width class (kv_cache.py); its prompt done, it decodes at
 the next step; a finished one leaves within the step that finished it, except that a finished chat
 turn keeps its slot (a dummy row) until idle steps have prefilled its answer into the prefix cache or
-a waiting request ends the warm-up. The step's deltas for all sequences reach the event loop in one
-hand-off (`call_soon_threadsafe`), and each sequence's consumer reads them from its queue.
+a request arrives (it stops the warm-up call under way and ends the warm-ups). The step's deltas for
+all sequences reach the event loop in one hand-off (`call_soon_threadsafe`), and each sequence's
+consumer reads them from its queue.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from services.common.generation import FinishReason
 from services.inference.engine.kv_cache import KvSpec, SlotBatch, width_class
 from services.inference.engine.prefix_cache import Block, PrefixCache, history_keys
 from services.inference.engine.sequence import Phase, Sequence
-from services.inference.engine.session import DecodeBinding, ModelRunner
+from services.inference.engine.session import CallGuard, DecodeBinding, Interrupted, ModelRunner
 from services.inference.engine.types import Delta
 
 log = structlog.get_logger(__name__)
@@ -91,6 +92,7 @@ class Counters:
     steps: int = 0
     prefill_tokens_total: int = 0  # prompt tokens run through the model (cache hits not included)
     warm_tokens_total: int = 0  # finished answers' tokens prefilled into the prefix cache in idle steps
+    warm_stopped_total: int = 0  # warm-up calls stopped part-way because a request arrived
     recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=256))
 
     def tokens_per_second(self, window_s: float = 2.0) -> float:
@@ -136,6 +138,7 @@ class Scheduler:
         self._order = itertools.count()
         self._running: list[Sequence] = []  # owned by the decode thread
         self._warming: deque[Sequence] = deque()  # finished, their answers not yet in the prefix cache
+        self._warm_call: CallGuard | None = None  # the warm-up call under way, stopped by a submit
         self._groups: list[SlotBatch] = []
         self._where: dict[int, tuple[SlotBatch, int]] = {}
         self._by_id: dict[int, Sequence] = {}
@@ -190,6 +193,8 @@ class Scheduler:
             self.check_room()
             seq.submitted_at = time.monotonic()
             heapq.heappush(self._waiting, (int(seq.traffic_class), next(self._order), seq))
+            if self._warm_call is not None:  # idle work gives way at once: a request waits for no warm-up
+                self._warm_call.stop()
             self._wake.notify()
 
     def cancel(self, seq: Sequence) -> None:
@@ -262,7 +267,6 @@ class Scheduler:
             plan.admitted.append(seq)
         plan.decode = [s for s in self._running if s.phase is Phase.DECODE]
         budget = self.settings.max_batched_tokens - len(plan.decode)
-        chunk = min(self.settings.prefill_chunk, self.settings.max_batched_tokens)
         computing: set[bytes] = set()  # blocks this step's chunks complete
         for seq in self._running:
             if seq.phase is not Phase.PREFILL:
@@ -270,7 +274,7 @@ class Scheduler:
             start = seq.prefilled + self._block * len(self._reuse(seq, plan))
             if self._cacheable(seq, start) and seq.prefix_keys[start // self._block] in computing:
                 continue  # another sequence computes its next block in this step
-            size = min(chunk - start % chunk, len(seq.prompt_ids) - start)
+            size = self._chunk_size(start, len(seq.prompt_ids))
             if plan.prefill and size > budget:
                 break
             plan.prefill.append((seq, size))
@@ -280,6 +284,17 @@ class Scheduler:
         if not self._running and self._warming:
             plan.warm = self._warming[0]
         return plan
+
+    def _chunk_size(self, start: int, length: int) -> int:
+        """Tokens of the next prefill call from `start`. With blocks smaller than the chunk (the model
+        cuts exactly, `chunking_is_exact`) a call takes up to a chunk from wherever the prompt stands,
+        so the new tokens after a prefix hit are one call, not two either side of a chunk boundary; it
+        never leaves a one-token call behind it. Otherwise calls keep the fixed chunk boundaries, which
+        a hit replays exactly."""
+        chunk, left = self._chunk, length - start
+        if self._block >= chunk:
+            return min(chunk - start % chunk, left)
+        return chunk - 1 if left == chunk + 1 else min(chunk, left)
 
     @property
     def _chunk(self) -> int:
@@ -431,9 +446,11 @@ class Scheduler:
             self._drop(self._warming.popleft())
 
     def _warm(self, seq: Sequence) -> None:
-        """One prefill call of the answer's next blocks (cached ones are copied in, not recomputed), each
-        completed block kept in the cache; a call of two or more tokens that starts and ends at block
-        boundaries after exact columns only, so the blocks are those a cold prefill of the next turn makes."""
+        """One prefill call of the answer's next blocks, up to a chunk (cached ones are copied in, not
+        recomputed), each completed block kept in the cache; a call of two or more tokens that starts and
+        ends at block boundaries after exact columns only, so the blocks are those a cold prefill of the
+        next turn makes. A request submitted meanwhile stops the call (its slot goes, with what the call
+        wrote), so the next turn, sent as soon as the answer ends, never waits for a warm-up."""
         assert self.prefix is not None
         group, slot = self._where[seq.seq_id]
         keys, block = seq.warm_keys, self._block
@@ -445,12 +462,26 @@ class Scheduler:
         if seq.warmed == len(keys):
             self._end_warm(seq)
             return
-        start, chunk = seq.warmed * block, self._chunk
-        stop = min(start + chunk - start % chunk, len(keys) * block)  # chunk is a multiple of block
+        start = seq.warmed * block
+        stop = min(start + self._chunk // block * block, len(keys) * block)
         history = [*seq.prompt_ids, *seq.generated]
         mask = np.zeros((1, group.width), dtype=np.int64)
         mask[0, :stop] = 1
-        self.runner.prefill(np.array([history[start:stop]], dtype=np.int64), mask, group.slot_view(slot))
+        guard = CallGuard()
+        with self._wake:
+            if self._waiting:  # arrived since the plan: the next plan gives the warm-ups up
+                return
+            self._warm_call = guard
+        try:
+            self.runner.prefill(np.array([history[start:stop]], dtype=np.int64), mask, group.slot_view(slot),
+                                guard=guard)
+        except Interrupted:
+            self.counters.warm_stopped_total += 1
+            self._end_warm(seq)
+            return
+        finally:
+            with self._wake:
+                self._warm_call = None
         self.counters.warm_tokens_total += stop - start
         seq.exact = stop
         group.prefilled(slot, stop, False)

@@ -99,20 +99,44 @@ class ModelRunner:
         self.device = "cuda" if provider == CUDA else "cpu"
         self.vocab_size = _vocab_size(session, io.logits)
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, view: SlotView) -> np.ndarray:
-        """One prompt chunk of one sequence written into its slot; the logits of its last token [1, vocab]."""
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, view: SlotView,
+                guard: CallGuard | None = None) -> np.ndarray:
+        """One prompt chunk of one sequence written into its slot; the logits of its last token [1, vocab].
+        Interrupted when `guard` is stopped before the call ends (the slot's columns it wrote are garbage)."""
         binding = self.session.io_binding()
         binding.bind_cpu_input(self.io.input_ids, input_ids)
         binding.bind_cpu_input(self.io.attention_mask, attention_mask)
         bind_cache(binding, self.io, view)
         binding.bind_output(self.io.logits, "cpu")
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding, guard.options if guard is not None else None)
+        except RuntimeError as error:
+            if guard is not None and guard.stopped:
+                raise Interrupted("the model call was stopped") from error
+            raise
         logits = binding.get_outputs()[-1].numpy()
         return logits.reshape(logits.shape[0], -1)
 
     def decode_binding(self, view: SlotView) -> DecodeBinding:
         """An IOBinding for the decode rows of `view`, reused step after step until they change."""
         return DecodeBinding(self, view)
+
+
+class Interrupted(Exception):
+    """A model call stopped through its guard before it ended."""
+
+
+class CallGuard:
+    """Lets another thread stop one model call: ONNX Runtime checks `terminate` between the graph's
+    nodes, so the call ends within one node's time (a stop set before the call starts ends it at once)."""
+
+    def __init__(self) -> None:
+        self.options = ort.RunOptions()
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.options.terminate = True
 
 
 def bind_cache(binding: ort.IOBinding, io: ModelIO, view: SlotView) -> None:

@@ -7,6 +7,7 @@ rule allows, tenants never share blocks, and the switch turns it off; the figure
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -185,3 +186,101 @@ async def test_a_long_prompt_caches_no_more_than_its_first_max_prompt_tokens(inf
     again = await report(stub)
     assert again.prefix_cache_hits - first.prefix_cache_hits == 32 and again.prefix_cache_blocks == 32
     assert again.prefill_tokens_total - first.prefill_tokens_total == 600 - 256
+
+
+
+class RecordingRunner:
+    """The real runner, with the token count of each prefill call; `hold` keeps the next warm-up call
+    (the one given a guard) from starting until `release` is set, so a request can arrive during it."""
+
+    def __init__(self, runner) -> None:
+        self._runner = runner
+        self.calls: list[int] = []
+        self.hold = False
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.guard = None
+
+    def prefill(self, input_ids, attention_mask, view, guard=None):
+        self.calls.append(int(input_ids.shape[1]))
+        if guard is not None and self.hold:
+            self.hold, self.guard = False, guard
+            self.entered.set()
+            self.release.wait(60)
+        return self._runner.prefill(input_ids, attention_mask, view, **({"guard": guard} if guard else {}))
+
+    def __getattr__(self, name: str):
+        return getattr(self._runner, name)
+
+
+async def _answer(engine: Engine, messages: tuple[ChatMessage, ...], max_tokens: int) -> list[int]:
+    req = GenerationRequest(messages=messages, sampling=Sampling(max_tokens=max_tokens), tenant_id="acme")
+    return [t async for delta in engine.generate(req) for t in delta.token_ids]
+
+
+async def _engines(model) -> tuple[Engine, Engine, RecordingRunner]:
+    engine, plain = Engine(model, SchedulerSettings()), Engine(model, SchedulerSettings(prefix_cache=False))
+    recorder = RecordingRunner(model.runner)
+    engine.scheduler.runner = recorder  # type: ignore[assignment]
+    await engine.start()
+    await plain.start()
+    return engine, plain, recorder
+
+
+async def test_an_answer_is_warmed_in_one_call_and_the_next_turn_prefills_its_new_tokens_in_one_call(model) -> None:
+    """Undisturbed, the idle replica prefills the answer in one call; the next turn's new tokens, though
+    they straddle a prefill_chunk boundary, are one model call too, and its tokens are a cold run's."""
+    engine, plain, recorder = await _engines(model)
+    try:
+        first = (ChatMessage(Role.USER, text_of(model, 45, "blocks")),)
+        answer = await _answer(engine, first, 40)
+        history = engine.prompt_ids("", first) + answer
+        keys = history_keys(root_key(model.manifest_sha256, "acme"), history, 8)
+        assert engine.prefix is not None
+        await wait_until(lambda: all(key in engine.prefix for key in keys), 60, "the answer's blocks cached")
+        prompt_tokens = engine.scheduler.counters.prefill_tokens_total
+        prompt_calls = next(i for i in range(len(recorder.calls) + 1) if sum(recorder.calls[:i]) == prompt_tokens)
+        warm_tokens = engine.load_report().prefix_cache_warm_tokens
+        assert warm_tokens >= 16 and recorder.calls[prompt_calls:] == [warm_tokens]
+
+        second = (*first, ChatMessage(Role.ASSISTANT, model.decode(answer)),
+                  ChatMessage(Role.USER, text_of(model, 40, "straddle")))
+        ids = engine.prompt_ids("", second)
+        cached = len(keys) * 8
+        assert ids[:cached] == history[:cached] and cached // 128 != (len(ids) - 1) // 128  # straddles 128
+        before = len(recorder.calls)
+        assert await _answer(engine, second, 16) == await _answer(plain, second, 16)
+        assert recorder.calls[before] == len(ids) - cached  # one call, not two either side of 128
+    finally:
+        await engine.stop()
+        await plain.stop()
+
+
+async def test_a_next_turn_arriving_during_a_warm_up_stops_its_call_and_waits_for_none(model) -> None:
+    """The next turn sent while the answer's warm-up call runs stops that call (ONNX Runtime's terminate)
+    instead of waiting for it, then prefills the rest of the answer and its new message in one call,
+    with a cold run's tokens."""
+    engine, plain, recorder = await _engines(model)
+    try:
+        first = (ChatMessage(Role.USER, text_of(model, 45, "stop")),)
+        recorder.hold = True
+        answer = await _answer(engine, first, 40)
+        await wait_until(recorder.entered.is_set, 60, "the answer's warm-up call under way")
+        prompt_blocks = (len(engine.prompt_ids("", first)) - 2) // 8
+        second = (*first, ChatMessage(Role.ASSISTANT, model.decode(answer)),
+                  ChatMessage(Role.USER, text_of(model, 40, "during")))
+        ids = engine.prompt_ids("", second)
+        before, calls = engine.scheduler.counters.prefill_tokens_total, len(recorder.calls)
+        turn = asyncio.ensure_future(_answer(engine, second, 16))
+        try:
+            await wait_until(lambda: recorder.guard is not None and recorder.guard.stopped, 60,
+                             "the warm-up call stopped by the arriving turn")
+        finally:
+            recorder.release.set()
+        tokens = await turn
+        counters = engine.scheduler.counters
+        assert counters.warm_stopped_total == 1 and counters.warm_tokens_total == 0
+        assert counters.prefill_tokens_total - before == len(ids) - 8 * prompt_blocks == recorder.calls[calls] <= 128
+        assert tokens == await _answer(plain, second, 16)
+    finally:
+        await engine.stop()
+        await plain.stop()
