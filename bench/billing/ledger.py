@@ -99,17 +99,17 @@ def insert_sql(dialect: str) -> str:
     models = " ".join(f"WHEN {i} THEN '{m}'" for i, m in enumerate(MODELS))
     hashed = (f"SELECT s.n AS n, {_xor('t1.a', 't2.a')} AS ha, {_xor('t1.b', 't2.b')} AS hb FROM {_SERIES[dialect]}"
               f" JOIN bench_hash t1 ON t1.i = (s.n & {_LOW}) JOIN bench_hash t2 ON t2.i = {1 << HASH_BITS} + (s.n >> {HASH_BITS})")
-    fields = (f"SELECT n, (1000 * (ha & 1048575) * (ha & 1048575)) >> 40 AS k, (ha >> 20) & 1 AS flip,"
+    fields = (f"SELECT n, ({KEYS} * (ha & 1048575) * (ha & 1048575)) >> 40 AS k, (ha >> 20) & 1 AS flip,"
               f" CAST(? AS {_INT[dialect]}) + n * CAST(? AS {_INT[dialect]}) + ((ha >> 21) & 1048575) % 1000 AS e, ((ha >> 41) & 65535) % 50 AS s,"
               f" 20 + (hb & 65535) % 1981 AS p, 1 + ((hb >> 16) & 65535) % 800 AS c,"
               f" CASE WHEN ((hb >> 32) & 65535) % 20 = 0 THEN 1 ELSE 0 END AS cached FROM ({hashed}) AS h")
     text = "CAST({} AS TEXT)"
     tags = (f"CASE WHEN k % 9 = 0 THEN '{{}}' ELSE '{{\"team\": \"team' || {text.format(f'k % {TEAMS}')} || '\"}}' END")
     sql = (f"INSERT INTO events ({EVENT_COLUMNS})"
-            f" SELECT 'e' || {text.format('n')}, 'tenant' || {text.format(f'k % {TENANTS}')},"
-            f" 'key' || {text.format('k')}, CASE (k + flip) % {len(MODELS)} {models} END,"
-            f" 'v' || {text.format('k % 2 + 1')}, {tags}, p, c, cached, '', '', e - 900000, e,"
-            f" CASE {statuses} END, 0, (p * {INPUT_MICROS} + c * {OUTPUT_MICROS} + 500000) / 1000000, 'USD', CAST(? AS {_INT[dialect]}), 1"
+           f" SELECT 'e' || {text.format('n')}, 'tenant' || {text.format(f'k % {TENANTS}')},"
+           f" 'key' || {text.format('k')}, CASE (k + flip) % {len(MODELS)} {models} END,"
+           f" 'v' || {text.format('k % 2 + 1')}, {tags}, p, c, cached, '', '', e - 900000, e,"
+           f" CASE {statuses} END, 0, (p * {INPUT_MICROS} + c * {OUTPUT_MICROS} + 500000) / 1000000, 'USD', CAST(? AS {_INT[dialect]}), 1"
            f" FROM ({fields}) AS f")
     return sql.replace("%", "%%") if dialect == "postgres" else sql  # psycopg reads a lone % as a placeholder
 
