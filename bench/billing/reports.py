@@ -205,7 +205,7 @@ async def main(sizes: list[int], runs: int, with_postgres: bool, label: str) -> 
                    "models": len(MODELS), "versions_per_model": 2, "ingest_events": INGEST_EVENTS,
                    "ingest_batch": INGEST_BATCH, "load": "bulk (bench/billing/ledger.py): the events generated in SQL, "
                    f"INSERT ... SELECT of {LOAD_CHUNK} a transaction with the indexes of events dropped and built "
-                   "again after, then rollups.rebuild (the migration's backfill), then ANALYZE on PostgreSQL; "
+                   "again after, then rollups.rebuild (the migration's backfill), then VACUUM (ANALYZE) on PostgreSQL; "
                    "each size's load lists its steps"},
         "method": "reports in-process through Billing.report on the store's read path (what GetUsageReport runs), "
                   "windows ending now (not on an hour), p50 of the runs after the first (first_ms: the first report of that window in a fresh process, which reads the busy keys' events for the burst rule once); the anchor at 1 M is "
