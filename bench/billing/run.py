@@ -322,7 +322,9 @@ def targets(sqlite: dict[str, Any], anchor: dict[str, Any]) -> list[dict[str, An
         for q in ("p50", "p99"):
             ratio = by_callers[callers][f"Reserve_{q}_ms"] / max(noop[callers][f"noop_{q}_ms"], 1e-9)
             rows.append({"name": f"Reserve {q} / no-op gRPC call {q} at {callers} concurrent callers, SQLite",
-                         "measured": round(ratio, 2), "target": 2.0, "better": "lower",
+                         # the per-request path behind budget leases: p99 at 200 callers <= 1.5, else <= 2.0
+                         "measured": round(ratio, 2), "target": 1.5 if (q, callers) == ("p99", 200) else 2.0,
+                         "better": "lower",
                          "anchor": f"no-op {q} {noop[callers][f'noop_{q}_ms']} ms, Reserve {q} "
                                    f"{by_callers[callers][f'Reserve_{q}_ms']} ms, same run"})
     return rows

@@ -10,7 +10,10 @@ conversation: the same user turns, each runner's own answers in its history, in 
 (bench/inference/anchors.py `chat`). Billing and both routers run as their own processes, as the
 launcher starts them. The three take turns conversation by conversation (REPEATS conversations each,
 the same user turns for all), so load from other work spreads evenly; each turn's figure is the median
-over the conversations.
+over the conversations. Those conversations send each turn as soon as the answer ends (the worst case
+for the prefix cache: the answer's KV is computed with the next turn, since decode-step KV is not
+cached). Each round also holds a paced conversation, other user turns with THINK_S seconds between the
+end of an answer and the next turn (a person reading it), through the cached router and in llama.cpp.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from tests.integration.router.conftest import ADMIN_TOKEN, MODEL
 from tests.integration.router.service_process import drain, start_service, stop
 
 TURNS, USER_TOKENS, ANSWER_TOKENS, REPEATS = 10, 40, 64, 3
+THINK_S = 1.0  # the paced conversations' pause between an answer's end and the next turn
 SYSTEM_TOKENS, SHARED_STREAMS = 500, 16
 TURN10_OVER_TURN1, SHARED_PREFILL_FACTOR, TURN10_OVER_LLAMA = 1.5, 1.2, 0.5
 TOPICS = ["rivers", "glaciers", "volcanoes", "deserts", "forests", "islands", "canyons", "reefs"]
@@ -99,11 +103,14 @@ def user_turns(model: LoadedModel, salt: int, turns: int) -> list[str]:
     return [text_of(model, USER_TOKENS, f"{salt}.{turn}") for turn in range(turns)]
 
 
-async def conversation(routed: Routed, turns: list[str], context_id: str) -> dict[str, Any]:
-    """TTFT (ms) and prompt tokens of each turn; the prompt tokens the replica computed in all."""
+async def conversation(routed: Routed, turns: list[str], context_id: str, think_s: float = 0.0) -> dict[str, Any]:
+    """TTFT (ms) and prompt tokens of each turn; the prompt tokens the replica computed in all. `think_s`:
+    the pause after each answer before the next turn (the paced conversations' reader)."""
     before = await _report(routed.inference)
     ttft, prompts = [], []
-    for text in turns:
+    for i, text in enumerate(turns):
+        if i and think_s:
+            await asyncio.sleep(think_s)  # the modelled reader, not a synchronisation
         first, _answer, prompt = await _ask(
             routed, [generation_pb2.ChatMessage(role=USER, content=text)], ANSWER_TOKENS, context_id)
         ttft.append(first * 1000)
@@ -156,7 +163,8 @@ async def chat_bench(model: LoadedModel, service_factory: Any, settings: dict[st
                      repeats: int = REPEATS) -> dict[str, Any]:
     """Both services, each behind its router, and llama.cpp with its prompt cache, taking turns."""
     variants = {"cache": {}, "no_cache": {"prefix_cache": False}}
-    talks: dict[str, list[dict[str, Any]]] = {name: [] for name in (*variants, "llama_cpp")}
+    talks: dict[str, list[dict[str, Any]]] = {name: [] for name in (*variants, "llama_cpp", "cache_paced",
+                                                                    "llama_cpp_paced")}
     gguf, threads = Path(model.manifest.source.path), int(settings["intra_op_threads"])
     out: dict[str, Any] = {"turns": turns, "repeats": repeats, "threads": threads}
     processes: list[subprocess.Popen[bytes]] = []
@@ -177,13 +185,18 @@ async def chat_bench(model: LoadedModel, service_factory: Any, settings: dict[st
             for name, front in routed.items():
                 talks[name].append(await conversation(front, said, f"bench-{name}-{salt}"))
             talks["llama_cpp"].append(run_isolated_chat(gguf, said, ANSWER_TOKENS, threads))
+            paced = user_turns(model, 1000 + salt, turns)  # other turns: no hit on the conversations above
+            talks["cache_paced"].append(await conversation(routed["cache"], paced, f"bench-paced-{salt}", THINK_S))
+            talks["llama_cpp_paced"].append(run_isolated_chat(gguf, paced, ANSWER_TOKENS, threads))
         for name, front in routed.items():
             out[name] = {"conversation": _summary(talks[name], turns),
                          "shared_system_prompt": await shared_system_prompt(front, model)}
-    llama = talks["llama_cpp"]
-    errors = [run["error"] for run in llama if "error" in run]
-    out["llama_cpp"] = {"error": errors[0]} if errors else {
-        "conversation": _summary(llama, turns), **{k: v for k, v in llama[0].items() if not isinstance(v, list)}}
+    out["cache_paced"] = {"conversation": _summary(talks["cache_paced"], turns), "think_s": THINK_S}
+    for name in ("llama_cpp", "llama_cpp_paced"):
+        llama = talks[name]
+        errors = [run["error"] for run in llama if "error" in run]
+        out[name] = {"error": errors[0]} if errors else {
+            "conversation": _summary(llama, turns), **{k: v for k, v in llama[0].items() if not isinstance(v, list)}}
     return out
 
 
@@ -217,6 +230,17 @@ def chat_entries(out: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, An
         "value": llama["conversation"]["ttft_ms"], "unit": f"ms per turn (1..{turns}), median of {repeats} conversations",
         "runs": llama["conversation"]["ttft_ms_runs"], "context_tokens_after_turn": llama["conversation"]["prompt_tokens"],
         **{k: v for k, v in llama.items() if k != "conversation"}}
+    paced, llama_paced = out.get("cache_paced"), out.get("llama_cpp_paced", {"error": "not run"})
+    if paced is not None:
+        results["chat_ttft_by_turn_cache_paced"] = {
+            "value": paced["conversation"]["ttft_ms"], "unit": f"ms per turn (1..{turns}), median of {repeats} conversations",
+            "runs": paced["conversation"]["ttft_ms_runs"], "prompt_tokens": paced["conversation"]["prompt_tokens"],
+            "prefill_tokens_first_conversation": paced["conversation"]["prefill_tokens"],
+            "think_s": paced["think_s"], "turns": f"other user turns of {USER_TOKENS} tokens, {paced['think_s']} s "
+                                                  "after each answer's end"}
+        results["chat_ttft_by_turn_llama_cpp_paced"] = llama_paced if "error" in llama_paced else {
+            "value": llama_paced["conversation"]["ttft_ms"], "unit": f"ms per turn (1..{turns})",
+            "runs": llama_paced["conversation"]["ttft_ms_runs"]}
     cached = out["cache"]
     talk, shared = cached["conversation"], cached["shared_system_prompt"]
     targets = [
@@ -235,4 +259,16 @@ def chat_entries(out: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, An
          "measured": shared["prefill_tokens"] / shared["one_prompt_tokens"], "target": SHARED_PREFILL_FACTOR,
          "better": "lower", "anchor": f"one request's {shared['one_prompt_tokens']} prompt tokens"},
     ]
+    if paced is not None:
+        ttft = paced["conversation"]["ttft_ms"]
+        targets += [
+            {"name": f"paced chat ({paced['think_s']} s between an answer and the next turn): turn-{turns} TTFT / "
+                     "turn-1 TTFT, prefix cache on, through the router",
+             "measured": ttft[-1] / ttft[0], "target": TURN10_OVER_TURN1, "better": "lower",
+             "anchor": "the same paced conversation's first turn (the back-to-back row above is the worst case)"},
+            {"name": f"paced chat: turn-{turns} TTFT, prefix cache on, through the router / llama.cpp's turn-{turns} "
+                     "TTFT with its prompt cache, same turns",
+             "measured": None if "error" in llama_paced else ttft[-1] / llama_paced["conversation"]["ttft_ms"][-1],
+             "target": TURN10_OVER_LLAMA, "better": "lower",
+             "anchor": llama_paced.get("error", "llama-cpp-python, LlamaRAMCache, the same paced user turns")}]
     return results, targets
