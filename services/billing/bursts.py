@@ -31,6 +31,8 @@ _HOUR = 3_600_000_000
 _COLUMNS = "hour_us, tenant_id, api_key_id, latest_start_us, first_end_us"
 _GREATEST = {"sqlite": "MAX", "postgres": "GREATEST"}
 _LEAST = {"sqlite": "MIN", "postgres": "LEAST"}
+# A roll's events by time: SQLite's planner would rather scan the tenant index in the window's order.
+_BY_TIME = {"sqlite": "events AS e INDEXED BY events_time_key", "postgres": "events AS e"}
 
 Rule = tuple[int, int]
 
@@ -85,7 +87,7 @@ def keep(tx: Tx, start: int, end: int, rule: Rule | None) -> None:
              f" AND e.end_us >= r.lo AND e.end_us <= r.hi")
     greatest, least = _GREATEST[tx.dialect], _LEAST[tx.dialect]
     tx.execute(f"WITH touched AS ({touched}) INSERT INTO {TABLE} ({_COLUMNS})"
-               f" {_runs(stored, 'events AS e CROSS JOIN touched AS r', where)}"
+               f" {_runs(stored, f'{_BY_TIME[tx.dialect]} CROSS JOIN touched AS r', where)}"
                f" ON CONFLICT (hour_us, tenant_id, api_key_id) DO UPDATE SET"
                f" latest_start_us = {greatest}({TABLE}.latest_start_us, excluded.latest_start_us),"
                f" first_end_us = {least}({TABLE}.first_end_us, excluded.first_end_us)")
