@@ -11,7 +11,8 @@ Kept exactly for the events up to the rollup mark, in the same transaction (`kee
 still has them), and a new event ending at t can only start or shorten the runs starting in (t - window, t],
 which end before t + window. So each roll recomputes, for each key with rolled events, the runs among that
 key's events in [min(t) - window, max(t) + window] (one statement) and upserts the latest start (MAX) and the
-earliest end (MIN) per hour; a late event is handled alike. A roll reads the events within one window of the
+earliest end (MIN) per hour; a late event is handled alike. `usage_key_tenants` lists each (key, tenant)
+seen, so a report across tenants checks a key of several tenants in the events. A roll reads the events within one window of the
 rolled ones' end times, all keys' in the span from the earliest to the latest of them.
 
 `usage_burst_rule` records the (max_requests, window_s) the table was built for. Migration 6 built it for
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 from services.billing.store.base import Tx
 
-TABLE, RULE_TABLE = "usage_key_bursts", "usage_burst_rule"
+TABLE, RULE_TABLE, KEY_TENANTS = "usage_key_bursts", "usage_burst_rule", "usage_key_tenants"
 DEFAULT_RULE = (50, 10)  # (max_requests, window_s): billing's defaults (config.anomaly_*)
 _HOUR = 3_600_000_000
 _COLUMNS = "hour_us, tenant_id, api_key_id, latest_start_us, first_end_us"
@@ -53,6 +54,12 @@ def backfill(rule: Rule = DEFAULT_RULE, through_seq: str = "") -> str:
     return f"INSERT INTO {TABLE} ({_COLUMNS}) {_runs(rule, 'events AS e', where)}"
 
 
+# Every (key, tenant) pair seen: a key of several tenants has its runs checked in the events by reports
+# that span tenants (the table's runs are per tenant).
+KEY_TENANTS_BACKFILL = (f"INSERT INTO {KEY_TENANTS} (api_key_id, tenant_id) SELECT DISTINCT api_key_id, tenant_id"
+                        f" FROM events")
+
+
 def stored_rule(tx: Tx) -> Rule | None:
     """The rule the table was built for (None before migration 6)."""
     row = tx.one(f"SELECT max_requests, window_s FROM {RULE_TABLE} WHERE id = 1")
@@ -72,6 +79,10 @@ def keep(tx: Tx, start: int, end: int, rule: Rule | None) -> None:
     stored = stored_rule(tx)
     if stored is None:
         return
+    if end > start:
+        tx.execute(f"INSERT INTO {KEY_TENANTS} (api_key_id, tenant_id) SELECT DISTINCT api_key_id, tenant_id"
+                   f" FROM events WHERE seq > {int(start)} AND seq <= {int(end)} ORDER BY 1, 2"
+                   f" ON CONFLICT DO NOTHING")
     if rule is not None and tuple(rule) != stored:
         rebuild(tx, rule, end)
         return
@@ -93,6 +104,12 @@ def keep(tx: Tx, start: int, end: int, rule: Rule | None) -> None:
                f" first_end_us = {least}({TABLE}.first_end_us, excluded.first_end_us)")
 
 
+def shared_keys(tx: Tx) -> list[str]:
+    """The keys recorded under more than one tenant (up to the mark)."""
+    return [str(r[0]) for r in tx.all(f"SELECT api_key_id FROM {KEY_TENANTS} GROUP BY api_key_id"
+                                      f" HAVING COUNT(*) > 1 ORDER BY 1")]
+
+
 def flagged(tx: Tx, begin: int, first: int, last: int, start_us: int, tenant_id: str) -> set[str]:
     """Keys with a run (among the events up to the mark) that starts in [begin, last) and ends before `last`:
     any in the whole hours [first, last), and in the partial hour [begin, first) one starting at `start_us`
@@ -104,4 +121,4 @@ def flagged(tx: Tx, begin: int, first: int, last: int, start_us: int, tenant_id:
     return {str(r[0]) for r in rows}
 
 
-__all__ = ["DEFAULT_RULE", "RULE_TABLE", "TABLE", "Rule", "backfill", "flagged", "keep", "rebuild", "stored_rule"]
+__all__ = ["DEFAULT_RULE", "KEY_TENANTS", "KEY_TENANTS_BACKFILL", "RULE_TABLE", "TABLE", "Rule", "backfill", "flagged", "keep", "rebuild", "shared_keys", "stored_rule"]

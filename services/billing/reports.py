@@ -280,9 +280,7 @@ def _bursting(tx: Tx, q: ReportQuery, rule: AnomalyRule, whole: tuple[int, int] 
         lo, hi = max(begin, min(int(r[1]) for r in late) - window), min(last, max(int(r[2]) for r in late) + window)
         flag(_burst_starts(tx, lo, hi, sorted(str(r[0]) for r in late), q.tenant_id, rule))
     if not q.tenant_id:  # the table's runs are per tenant and key: a key of several tenants is read here
-        shared = [str(r[0]) for r in tx.all(f"SELECT api_key_id FROM {tables.BY_KEY} WHERE hour_us >= ? AND"
-                                            f" hour_us < ? GROUP BY api_key_id HAVING COUNT(DISTINCT tenant_id) > 1",
-                                            [begin, last])]
+        shared = bursts.shared_keys(tx)
         if shared:
             flag(_burst_starts(tx, begin, last, sorted(shared), q.tenant_id, rule))
     return flagged

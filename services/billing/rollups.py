@@ -151,6 +151,8 @@ def rebuild(tx: Tx, rule: bursts.Rule | None = None) -> None:
     stored = bursts.stored_rule(tx)
     if stored is not None:
         bursts.rebuild(tx, rule or stored, mark(tx))
+        tx.execute(f"DELETE FROM {bursts.KEY_TENANTS}")
+        tx.execute(bursts.KEY_TENANTS_BACKFILL)
 
 
 __all__ = ["BACKFILL", "BY_KEY", "BY_MODEL", "BY_TAG", "EVENTS_BY_SEQ", "HOUR_US", "KEY_GROUPS", "ROLLING_TAGS",

@@ -150,6 +150,9 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
         f"INSERT INTO usage_burst_rule (id, max_requests, window_s) VALUES (1, {bursts.DEFAULT_RULE[0]},"
         f" {bursts.DEFAULT_RULE[1]})",
         bursts.backfill(bursts.DEFAULT_RULE, "(SELECT seq FROM rollup_mark WHERE id = 1)"),
+        "CREATE TABLE usage_key_tenants (api_key_id TEXT NOT NULL, tenant_id TEXT NOT NULL,"
+        " PRIMARY KEY (api_key_id, tenant_id)){clustered}",
+        bursts.KEY_TENANTS_BACKFILL,
     )),
 )
 

@@ -247,7 +247,8 @@ async def test_the_migration_builds_rollups_from_the_events_already_recorded(ser
         "DROP TABLE usage_key_groups", "DROP TABLE rollup_mark",
         "CREATE TABLE usage_hours (hour_us BIGINT)", "DROP INDEX events_time_key",
         "CREATE INDEX events_time ON events (end_us)", "DELETE FROM schema_migrations WHERE version = 5",
-        "DROP TABLE usage_key_bursts", "DROP TABLE usage_burst_rule", "DELETE FROM schema_migrations WHERE version = 6")])
+        "DROP TABLE usage_key_bursts", "DROP TABLE usage_burst_rule", "DROP TABLE usage_key_tenants",
+        "DELETE FROM schema_migrations WHERE version = 6")])
     await store.close()
     running = await serve(build_server(config))  # migrations 5 and 6 run again
     for table, scan in compared(database):

@@ -254,3 +254,14 @@ def test_a_first_report_reads_no_events_of_old_hours_for_the_burst_rule() -> Non
     assert reports.anomalous_keys(ledger.tx, q, RULE) == {"busy0", "busy1", "busy2"}
     # One query per edge at most, over the partial hours and one window into the whole ones (not per hour).
     assert len(seen) <= 2 and all(lo >= T0 + 23 * HOUR - 10 * US or hi <= T0 + HOUR + 10 * US for lo, hi in seen)
+
+
+def test_a_key_of_two_tenants_bursts_across_them_in_a_report_of_all_tenants() -> None:
+    ledger = Ledger()
+    for n in range(60):  # 30 requests under each tenant, interleaved: a burst only counted together
+        event = UsageEvent(f"s{n}", "acme" if n % 2 else "globex", "shared", "m", end_us=T0 + 3 * HOUR + n * 100_000)
+        ledger.ingester.ingest(ledger.tx, [event], T0)
+    rollups.roll(ledger.tx)
+    assert reports.anomalous_keys(ledger.tx, query(T0, T0 + 10 * HOUR), RULE) == {"shared"}
+    assert reports.anomalous_keys(ledger.tx, query(T0, T0 + 10 * HOUR, tenant_id="acme"), RULE) == set()
+    assert_bursts_equal_a_scan(ledger)
