@@ -234,7 +234,8 @@ def _bursting(tx: Tx, q: ReportQuery, rule: AnomalyRule, whole: tuple[int, int] 
     bursts.py) for the events up to the mark, and from the events after the mark within one window of them;
     any other burst lies within one window of the window's edges, read from the events every time, for the
     keys whose hourly counts there allow one. When the table was built for another rule (billing started
-    with a new one and has not rolled since), the whole hours' events are checked instead, in one query.
+    with a new one and has not rolled since), the whole hours' events are checked instead, in one query; so
+    are, in a report of all tenants, those of a key recorded under several (the table's runs are per tenant).
     `read`: per key and hour, the counts of the edge events.
     """
     n, window = rule.max_requests, rule.window_s * US
