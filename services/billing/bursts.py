@@ -6,7 +6,7 @@ A burst is a run of more than `max_requests` of a key's requests (by end time) w
 earliest last request (a run counts in a report only when it ends inside its whole hours). A run's first
 request is its last's `max_requests`-th predecessor (`LAG`), per tenant and key.
 
-Kept exactly for the events up to the rollup mark, in the same transaction (`keep`, called by
+Kept exactly for the events up to its own mark, in the rollups' roll transaction (`keep`, called by
 `rollups.roll`): events only add runs (a start that had more than `max_requests` requests within the window
 still has them), and a new event ending at t can only start or shorten the runs starting in (t - window, t],
 which end before t + window. So each roll recomputes, for each key with rolled events, the runs among that
@@ -14,6 +14,11 @@ key's events in [min(t) - window, max(t) + window] (one statement) and upserts t
 earliest end (MIN) per hour; a late event is handled alike. `usage_key_tenants` lists each (key, tenant)
 seen, so a report across tenants checks a key of several tenants in the events. A roll reads the events within one window of the
 rolled ones' end times, all keys' in the span from the earliest to the latest of them.
+
+Billing's roller adds them in steps of at least `BURST_BATCH_US` of recorded time (`batch_us`): a step
+costs about the same for one second's events as for a few seconds', so this keeps the roll cheap for a busy
+ledger. `usage_burst_rule.seq` is the last event the table holds (at most the rollup mark); reports check
+the events after it in the events, within one window of them.
 
 `usage_burst_rule` records the (max_requests, window_s) the table was built for. Migration 6 built it for
 the default rule (50, 10) from the events already recorded. When billing runs with another rule, its next
@@ -28,6 +33,7 @@ from services.billing.store.base import Tx
 
 TABLE, RULE_TABLE, KEY_TENANTS = "usage_key_bursts", "usage_burst_rule", "usage_key_tenants"
 DEFAULT_RULE = (50, 10)  # (max_requests, window_s): billing's defaults (config.anomaly_*)
+BATCH_EVENTS = 100_000  # with a batch time, add this many events at once however fast they came
 _HOUR = 3_600_000_000
 _COLUMNS = "hour_us, tenant_id, api_key_id, latest_start_us, first_end_us"
 _GREATEST = {"sqlite": "MAX", "postgres": "GREATEST"}
@@ -60,25 +66,35 @@ KEY_TENANTS_BACKFILL = (f"INSERT INTO {KEY_TENANTS} (api_key_id, tenant_id) SELE
                         f" FROM events")
 
 
+def state(tx: Tx) -> tuple[Rule, int] | None:
+    """The rule the table was built for and the seq of the last event it holds (None before migration 6)."""
+    row = tx.one(f"SELECT max_requests, window_s, seq FROM {RULE_TABLE} WHERE id = 1")
+    return ((int(row[0]), int(row[1])), int(row[2])) if row is not None else None
+
+
 def stored_rule(tx: Tx) -> Rule | None:
     """The rule the table was built for (None before migration 6)."""
-    row = tx.one(f"SELECT max_requests, window_s FROM {RULE_TABLE} WHERE id = 1")
-    return (int(row[0]), int(row[1])) if row is not None else None
+    found = state(tx)
+    return found[0] if found is not None else None
 
 
 def rebuild(tx: Tx, rule: Rule, through_seq: int) -> None:
     """Recompute the table for `rule` from the events up to `through_seq`."""
     tx.execute(f"DELETE FROM {TABLE}")
     tx.execute(backfill(rule, str(int(through_seq))))
-    tx.execute(f"UPDATE {RULE_TABLE} SET max_requests = ?, window_s = ? WHERE id = 1", [int(rule[0]), int(rule[1])])
+    tx.execute(f"UPDATE {RULE_TABLE} SET max_requests = ?, window_s = ?, seq = ? WHERE id = 1",
+               [int(rule[0]), int(rule[1]), int(through_seq)])
 
 
-def keep(tx: Tx, start: int, end: int, rule: Rule | None) -> None:
-    """Add the runs the events with seqs in (start, end] make (the rollups' roll, in its transaction); with a
-    `rule` other than the table's, rebuild the table for it instead (up to `end`)."""
-    stored = stored_rule(tx)
-    if stored is None:
+def keep(tx: Tx, start: int, end: int, rule: Rule | None, batch_us: int = 0) -> None:
+    """Add the runs the events with seqs up to `end` (the rollups' new mark; `start`: the old one) make, in
+    the roll's transaction; with a `rule` other than the table's, rebuild the table for it instead.
+    `batch_us`: wait until the events not added yet were recorded over at least that long (or number
+    `BATCH_EVENTS`), so a busy ledger's events are added in fewer, larger steps."""
+    found = state(tx)
+    if found is None:
         return
+    stored, held = found
     if end > start:
         tx.execute(f"INSERT INTO {KEY_TENANTS} (api_key_id, tenant_id) SELECT DISTINCT api_key_id, tenant_id"
                    f" FROM events WHERE seq > {int(start)} AND seq <= {int(end)} ORDER BY 1, 2"
@@ -86,8 +102,14 @@ def keep(tx: Tx, start: int, end: int, rule: Rule | None) -> None:
     if rule is not None and tuple(rule) != stored:
         rebuild(tx, rule, end)
         return
-    if end <= start:
+    if end <= held:
         return
+    if batch_us and end - held < BATCH_EVENTS:
+        span = tx.one(f"SELECT MAX(recorded_us) - MIN(recorded_us) FROM events WHERE seq > {int(held)}"
+                      f" AND seq <= {int(end)}")
+        if span is None or span[0] is None or int(span[0]) < batch_us:
+            return
+    start = held
     window = stored[1] * 1_000_000
     touched = (f"SELECT tenant_id, api_key_id, MIN(end_us) - {window} AS lo, MAX(end_us) + {window} AS hi"
                f" FROM events WHERE seq > {int(start)} AND seq <= {int(end)} GROUP BY tenant_id, api_key_id")
@@ -102,6 +124,7 @@ def keep(tx: Tx, start: int, end: int, rule: Rule | None) -> None:
                f" ON CONFLICT (hour_us, tenant_id, api_key_id) DO UPDATE SET"
                f" latest_start_us = {greatest}({TABLE}.latest_start_us, excluded.latest_start_us),"
                f" first_end_us = {least}({TABLE}.first_end_us, excluded.first_end_us)")
+    tx.execute(f"UPDATE {RULE_TABLE} SET seq = ? WHERE id = 1", [int(end)])
 
 
 def shared_keys(tx: Tx) -> list[str]:
@@ -121,4 +144,4 @@ def flagged(tx: Tx, begin: int, first: int, last: int, start_us: int, tenant_id:
     return {str(r[0]) for r in rows}
 
 
-__all__ = ["DEFAULT_RULE", "KEY_TENANTS", "KEY_TENANTS_BACKFILL", "RULE_TABLE", "TABLE", "Rule", "backfill", "flagged", "keep", "rebuild", "shared_keys", "stored_rule"]
+__all__ = ["BATCH_EVENTS", "DEFAULT_RULE", "KEY_TENANTS", "KEY_TENANTS_BACKFILL", "RULE_TABLE", "TABLE", "Rule", "backfill", "flagged", "keep", "rebuild", "shared_keys", "state", "stored_rule"]

@@ -265,18 +265,19 @@ def _bursting(tx: Tx, q: ReportQuery, rule: AnomalyRule, whole: tuple[int, int] 
     def flag(starts: dict[tuple[str, int], int]) -> None:
         flagged.update(k for (k, hour), latest in starts.items() if hour >= first or latest >= q.start_us)
 
-    if bursts.stored_rule(tx) != (n, rule.window_s):  # the table is not (yet) for this rule: the events
+    kept = bursts.state(tx)
+    if kept is None or kept[0] != (n, rule.window_s):  # the table is not (yet) for this rule: the events
         counts = _key_hours(tx, begin, last, q.tenant_id, mark)
         candidates = sorted(k for k, by_hour in counts.items() if _count(by_hour, begin, last) > n)
         if candidates:
             flag(_burst_starts(tx, begin, last, candidates, q.tenant_id, rule))
         return flagged
     flagged |= bursts.flagged(tx, begin, first, last, q.start_us, q.tenant_id)
-    # The events after the mark start or shorten only runs starting within one window before them.
+    # The events after the table's last start or shorten only runs starting within one window before them.
     where, extra = (" AND tenant_id = ?", [q.tenant_id]) if q.tenant_id else ("", [])
     late = tx.all(f"SELECT api_key_id, MIN(end_us), MAX(end_us) FROM {tables.EVENTS_BY_SEQ[tx.dialect]}"
                   f" WHERE +end_us >= ? AND +end_us < ? AND events.seq > ?{where} GROUP BY api_key_id",
-                  [begin, last, mark, *extra])
+                  [begin, last, kept[1], *extra])
     if late:
         lo, hi = max(begin, min(int(r[1]) for r in late) - window), min(last, max(int(r[2]) for r in late) + window)
         flag(_burst_starts(tx, lo, hi, sorted(str(r[0]) for r in late), q.tenant_id, rule))

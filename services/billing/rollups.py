@@ -113,10 +113,11 @@ def hold_off_roll(tx: Tx) -> None:
         tx.one("SELECT pg_advisory_xact_lock_shared(?)", [ROLL_LOCK])
 
 
-def roll(tx: Tx, limit: int = ROLL_LIMIT, rule: bursts.Rule | None = None) -> int:
+def roll(tx: Tx, limit: int = ROLL_LIMIT, rule: bursts.Rule | None = None, burst_batch_us: int = 0) -> int:
     """Add the events recorded since the mark to the rollups and the burst starts and move the mark past
     them; returns how many seqs it moved (0 when there was nothing to roll). `rule`: billing's burst rule
-    (max_requests, window_s); when the burst table was built for another, it is rebuilt for this one."""
+    (max_requests, window_s); when the burst table was built for another, it is rebuilt for this one;
+    `burst_batch_us`: see `bursts.keep`."""
     if tx.dialect == "postgres":
         start = int(tx.one("SELECT seq FROM rollup_mark WHERE id = 1 FOR UPDATE")[0])  # type: ignore[index]
         # Once no ingesting transaction is in flight, every seq up to the largest committed one is settled
@@ -131,11 +132,11 @@ def roll(tx: Tx, limit: int = ROLL_LIMIT, rule: bursts.Rule | None = None) -> in
         top = tx.one("SELECT MAX(seq) FROM events")
     end = min(int(top[0]), start + limit) if top is not None and top[0] is not None else start
     if end <= start:
-        bursts.keep(tx, start, start, rule)
+        bursts.keep(tx, start, start, rule, burst_batch_us)
         return 0
     for statement in _statements(ROLLING_TAGS[tx.dialect], f"seq > {int(start)} AND seq <= {int(end)}"):
         tx.execute(statement)  # the seqs spelled out: PostgreSQL binds no parameters in CREATE TABLE AS
-    bursts.keep(tx, start, end, rule)
+    bursts.keep(tx, start, end, rule, burst_batch_us)
     tx.execute("UPDATE rollup_mark SET seq = ? WHERE id = 1", [end])
     return end - start
 

@@ -57,6 +57,8 @@ Clock = Callable[[], int]
 
 
 MAX_ENGINE_RECORDS = 1000
+# The roller adds events to the burst table once they span this much recorded time (bursts.keep).
+BURST_BATCH_US = 5_000_000
 
 
 def wall_clock() -> int:
@@ -426,7 +428,7 @@ class Billing:
     async def roll_rollups(self) -> int:
         """Roll the events recorded since the last roll into the hourly rollups; returns the seqs it moved."""
         rule = (self.anomaly_rule.max_requests, self.anomaly_rule.window_s)
-        return await self.store.write(lambda tx: rollups.roll(tx, rule=rule))
+        return await self.store.write(lambda tx: rollups.roll(tx, rule=rule, burst_batch_us=BURST_BATCH_US))
 
     async def report(self, query: reports.ReportQuery) -> tuple[list[reports.ReportRow], reports.ReportRow]:
         reports.check_query(query)

@@ -146,9 +146,11 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
             hour_us {int} NOT NULL, tenant_id TEXT NOT NULL, api_key_id TEXT NOT NULL,
             latest_start_us {int} NOT NULL, first_end_us {int} NOT NULL,
             PRIMARY KEY (hour_us, tenant_id, api_key_id)){clustered}""",
-        "CREATE TABLE usage_burst_rule (id {int} PRIMARY KEY, max_requests {int} NOT NULL, window_s {int} NOT NULL)",
-        f"INSERT INTO usage_burst_rule (id, max_requests, window_s) VALUES (1, {bursts.DEFAULT_RULE[0]},"
-        f" {bursts.DEFAULT_RULE[1]})",
+        # The rule the table is for, and the last event it holds.
+        "CREATE TABLE usage_burst_rule (id {int} PRIMARY KEY, max_requests {int} NOT NULL, window_s {int} NOT NULL,"
+        " seq {int} NOT NULL)",
+        f"INSERT INTO usage_burst_rule (id, max_requests, window_s, seq) SELECT 1, {bursts.DEFAULT_RULE[0]},"
+        f" {bursts.DEFAULT_RULE[1]}, seq FROM rollup_mark WHERE id = 1",
         bursts.backfill(bursts.DEFAULT_RULE, "(SELECT seq FROM rollup_mark WHERE id = 1)"),
         "CREATE TABLE usage_key_tenants (api_key_id TEXT NOT NULL, tenant_id TEXT NOT NULL,"
         " PRIMARY KEY (api_key_id, tenant_id)){clustered}",
