@@ -13,8 +13,7 @@ every second) and one without, interleaved ABBA.
 
     python -m bench.billing.reports [--sizes 1000000,10000000] [--no-postgres] [--runs 5]
 
-BENCH_BILLING_SKIP_10M=1 drops the 10 M size (its load takes about 4 minutes on SQLite on 2 cores, and the
-first report of a 30-day window reads the busy keys' events of every whole hour once: about 30 s at 10 M);
+BENCH_BILLING_SKIP_10M=1 drops the 10 M size (its load takes about 4 minutes on SQLite on 2 cores);
 the JSON records the sizes run and each load's steps. Writes bench/results/billing-reports.json.
 """
 
@@ -208,7 +207,7 @@ async def main(sizes: list[int], runs: int, with_postgres: bool, label: str) -> 
                    "again after, then rollups.rebuild (the migration's backfill), then VACUUM (ANALYZE) on PostgreSQL; "
                    "each size's load lists its steps"},
         "method": "reports in-process through Billing.report on the store's read path (what GetUsageReport runs), "
-                  "windows ending now (not on an hour), p50 of the runs after the first (first_ms: the first report of that window in a fresh process, which reads the busy keys' events for the burst rule once); the anchor at 1 M is "
+                  "windows ending now (not on an hour), p50 of the runs after the first (first_ms: the first report of that window in a fresh process; the burst rule's whole hours come from the table the rollups' roll keeps, as in later ones); the anchor at 1 M is "
                   "reports.build(rollups=False), the events scan billing ran before rollups. Ingestion: "
                   "Billing.record_many of 250-event batches (what a StreamUsage batch commits) into two fresh "
                   "databases, one with the rollup roller running (every second, as billing's server runs it) and "

@@ -12,10 +12,10 @@ Anomalies are flagged per api key: more than `max_requests` requests within any 
 hour whose spend exceeds `hourly_factor_permille`/1000 x the key's mean hourly spend over the 7 days before
 the window (with at least 3 hours of history). A row is anomalous when any key counted in it is: known from
 the edge events, and for whole hours from `usage_key_groups`, read for the flagged keys only. Hourly counts
-and spend come from `usage_hours_by_key`. Bursts are found in SQL (a key's request `max_requests` places
-earlier, within `window_s`), in the events of the keys whose hourly counts allow one: for each whole hour
-and the partial hour before them once per process while the hours' counts do not change (`BurstMemo`),
-near the window's end every time.
+and spend come from `usage_hours_by_key`. Bursts (a key's request `max_requests` places earlier, within
+`window_s`) starting in the whole hours and the partial hour before them come from `usage_key_bursts`, kept
+by the rollups' roll (services/billing/bursts.py), and from the few events after its mark; near the window's
+edges they are found in SQL in the events of the keys whose hourly counts allow one, every time.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from services.billing import bursts
 from services.billing import rollups as tables
 from services.billing.rollups import HOUR_US
 from services.billing.store.base import Row, Tx
@@ -206,25 +207,6 @@ def _merge(into: dict[str, dict[int, Sums]], more: dict[str, dict[int, Sums]]) -
             got[1] += sums[1]
 
 
-class BurstMemo:
-    """The keys with a burst starting in one hour (and when the last of them starts), remembered with the
-    hourly request counts they were found from. The ledger only grows, so equal counts mean the same events
-    and the answer stands; a late event changes a count and the hour is read again. One per process, bounded."""
-
-    def __init__(self, limit: int = 100_000) -> None:
-        self.limit = limit
-        self._found: dict[tuple[str, int, int, int, int], tuple[tuple[int, ...], dict[str, int]]] = {}
-
-    def get(self, ident: tuple[str, int, int, int, int], counts: tuple[int, ...]) -> dict[str, int] | None:
-        found = self._found.get(ident)
-        return found[1] if found is not None and found[0] == counts else None
-
-    def put(self, ident: tuple[str, int, int, int, int], counts: tuple[int, ...], starts: dict[str, int]) -> None:
-        if len(self._found) >= self.limit:
-            self._found.clear()
-        self._found[ident] = (counts, starts)
-
-
 def _burst_starts(tx: Tx, lo: int, hi: int, keys: list[str], tenant_id: str,
                   rule: AnomalyRule) -> dict[tuple[str, int], int]:
     """Per (key, hour of a run's first request), the latest first request of the runs of more than
@@ -244,14 +226,17 @@ def _count(by_hour: dict[int, Sums], lo: int, hi: int) -> int:
 
 
 def _bursting(tx: Tx, q: ReportQuery, rule: AnomalyRule, whole: tuple[int, int] | None,
-              read: dict[str, dict[int, Sums]], mark: int, memo: BurstMemo | None) -> set[str]:
+              read: dict[str, dict[int, Sums]], mark: int) -> set[str]:
     """Keys with more than `max_requests` requests within `window_s` seconds inside the window.
 
-    Runs of requests whose first falls in hour h and whose last is before the whole hours end are looked
-    for in [h, h + 1 h + window), once per process while those hours' counts stay the same (`memo`), for
-    the keys whose hourly counts there allow one: for each whole hour, and for the partial hour before them
-    (a run counts when it starts inside the window). Any other burst lies within one window of the end, and
-    that range is read every time. `read`: per key and hour, the counts of the edge events.
+    The runs that start in the whole hours, or in the partial hour before them (a run counts when it starts
+    inside the window), and end before the whole hours do come from `usage_key_bursts` (services/billing/
+    bursts.py) for the events up to the mark, and from the events after the mark within one window of them;
+    any other burst lies within one window of the window's edges, read from the events every time, for the
+    keys whose hourly counts there allow one. When the table was built for another rule (billing started
+    with a new one and has not rolled since), the whole hours' events are checked instead, in one query; so
+    are, in a report of all tenants, those of a key recorded under several (the table's runs are per tenant).
+    `read`: per key and hour, the counts of the edge events.
     """
     n, window = rule.max_requests, rule.window_s * US
     flagged: set[str] = set()
@@ -265,8 +250,8 @@ def _bursting(tx: Tx, q: ReportQuery, rule: AnomalyRule, whole: tuple[int, int] 
     ranges = [(max(last - window, q.start_us), q.end_us)]
     if begin == first:
         ranges.append((q.start_us, min(first + window, q.end_us)))
-    head = min(-(-(first + window) // HOUR_US) * HOUR_US, last)
-    tail = max((last - window) // HOUR_US * HOUR_US, head)
+    head = min(-(-(first + window) // HOUR_US) * HOUR_US, last) if begin == first else first
+    tail = max((last - window) // HOUR_US * HOUR_US, head)  # the hours near the end not read at the head
     near: dict[str, dict[int, Sums]] = defaultdict(dict)
     _merge(near, read)
     if begin == first:
@@ -276,43 +261,30 @@ def _bursting(tx: Tx, q: ReportQuery, rule: AnomalyRule, whole: tuple[int, int] 
         candidates = sorted(k for k, by_hour in near.items() if lo < hi and _count(by_hour, lo, hi) > n)
         if candidates:
             flagged |= {key for key, _hour in _burst_starts(tx, lo, hi, candidates, q.tenant_id, rule)}
-    totals: dict[int, int] = defaultdict(int)
-    for hour, _tenant, requests, *_ in _rolled(tx, tables.BY_MODEL, ["tenant_id"], begin, last, q.tenant_id, mark,
-                                               True):
-        totals[int(hour)] += int(requests)
 
-    def flag(hour: int, starts: dict[str, int]) -> None:
-        flagged.update(k for k, latest in starts.items() if hour >= first or latest >= q.start_us)
+    def flag(starts: dict[tuple[str, int], int]) -> None:
+        flagged.update(k for (k, hour), latest in starts.items() if hour >= first or latest >= q.start_us)
 
-    pending: list[tuple[int, int, tuple[str, int, int, int, int], tuple[int, ...]]] = []
-    for hour in sorted(totals):
-        hi = min(hour + HOUR_US + window, last)
-        counts = tuple(totals.get(h, 0) for h in range(hour, hi, HOUR_US))
-        if sum(counts) <= n:
-            continue
-        ident = (q.tenant_id, hour, hi, n, rule.window_s)
-        known = memo.get(ident, counts) if memo is not None else None
-        if known is None:
-            pending.append((hour, hi, ident, counts))
-        else:
-            flag(hour, known)
-    if not pending:
+    kept = bursts.state(tx)
+    if kept is None or kept[0] != (n, rule.window_s):  # the table is not (yet) for this rule: the events
+        counts = _key_hours(tx, begin, last, q.tenant_id, mark)
+        candidates = sorted(k for k, by_hour in counts.items() if _count(by_hour, begin, last) > n)
+        if candidates:
+            flag(_burst_starts(tx, begin, last, candidates, q.tenant_id, rule))
         return flagged
-    counts_by_key = _key_hours(tx, pending[0][0], min(-(-max(p[1] for p in pending) // HOUR_US) * HOUR_US, last),
-                               q.tenant_id, mark)
-    # A key can start a burst in hour h only with a request in h and more than n over [h, h + 1 h + window).
-    wanted = {hour: {k for k, by_hour in counts_by_key.items() if hour in by_hour and _count(by_hour, hour, end) > n}
-              for hour, end, *_ in pending}
-    found: dict[tuple[str, int], int] = {}
-    for hour, end, *_ in pending:  # hour by hour: each sort stays small
-        if wanted[hour]:
-            found.update({k: v for k, v in _burst_starts(tx, hour, end, sorted(wanted[hour]), q.tenant_id,
-                                                         rule).items() if k[1] == hour})
-    for hour, _end, ident, counts in pending:
-        starts = {k: found[(k, hour)] for k in wanted[hour] if (k, hour) in found}
-        if memo is not None:
-            memo.put(ident, counts, starts)
-        flag(hour, starts)
+    flagged |= bursts.flagged(tx, begin, first, last, q.start_us, q.tenant_id)
+    # The events after the table's last start or shorten only runs starting within one window before them.
+    where, extra = (" AND tenant_id = ?", [q.tenant_id]) if q.tenant_id else ("", [])
+    late = tx.all(f"SELECT api_key_id, MIN(end_us), MAX(end_us) FROM {tables.EVENTS_BY_SEQ[tx.dialect]}"
+                  f" WHERE +end_us >= ? AND +end_us < ? AND events.seq > ?{where} GROUP BY api_key_id",
+                  [begin, last, kept[1], *extra])
+    if late:
+        lo, hi = max(begin, min(int(r[1]) for r in late) - window), min(last, max(int(r[2]) for r in late) + window)
+        flag(_burst_starts(tx, lo, hi, sorted(str(r[0]) for r in late), q.tenant_id, rule))
+    if not q.tenant_id:  # the table's runs are per tenant and key: a key of several tenants is read here
+        shared = bursts.shared_keys(tx)
+        if shared:
+            flag(_burst_starts(tx, begin, last, sorted(shared), q.tenant_id, rule))
     return flagged
 
 
@@ -346,7 +318,7 @@ def _history(tx: Tx, start_us: int, end_us: int, tenant_id: str, rollups: bool, 
     return out
 
 
-def anomalous_keys(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True, memo: BurstMemo | None = None,
+def anomalous_keys(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True,
                    read: tuple[list[tuple[int, int]], dict[str, dict[int, Sums]]] | None = None) -> set[str]:
     """The keys flagged in the window; `read`: the ranges the caller read from the events and, per key
     and hour, their [requests, cost] (the rest of the window is whole hours, read here from the rollups)."""
@@ -360,7 +332,7 @@ def anomalous_keys(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = Tr
         edges, hours = read
         whole = split(q.start_us, q.end_us)[1] if edges != [(q.start_us, q.end_us)] else None
     mark = tables.mark(tx) if whole is not None or rollups else 0
-    flagged = _bursting(tx, q, rule, whole, hours, mark, memo)
+    flagged = _bursting(tx, q, rule, whole, hours, mark)
     history = {k: v for k, v in _history(tx, q.start_us - HISTORY_US, q.start_us, q.tenant_id, rollups, mark).items()
                if v[0] >= 3}
     if not history:
@@ -398,8 +370,7 @@ def _group(q: ReportQuery, raw: dict[str, object], tag_sets: dict[str, str]) -> 
     return group
 
 
-def build(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True,
-          memo: BurstMemo | None = None) -> tuple[list[ReportRow], ReportRow]:
+def build(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True) -> tuple[list[ReportRow], ReportRow]:
     """The report; `rollups=False` scans the events alone (the reference the rollups are tested against)."""
     check_query(q)
     _consistent(tx)
@@ -463,7 +434,7 @@ def build(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = True,
         _fold_whole(tx, q, table, whole, mark, tag_sets, fold)
     for ident in [i for i, r in rows.items() if not r.requests]:  # groups only the complements had
         del rows[ident]
-    flagged = anomalous_keys(tx, q, rule, rollups, memo, (edges, hours))
+    flagged = anomalous_keys(tx, q, rule, rollups, (edges, hours))
     if flagged and table is not None and whole is not None:
         hot = _flagged_rows(tx, q, whole, mark, sorted(flagged), tag_sets)
         for lo, hi in complemented:

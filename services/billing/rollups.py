@@ -20,13 +20,15 @@ PostgreSQL, where concurrent writers take seqs out of commit order, every ingest
 `ROLL_LOCK` shared (`hold_off_roll`) and `roll` takes it exclusively for as long as it reads the largest
 seq: it waits for the transactions in flight, so no event below its mark can commit after it; rollers
 take turns on the mark's row. Migration 5 built the tables from the events
-already recorded (`backfill`, also `rebuild`).
+already recorded (`backfill`, also `rebuild`). The same roll keeps the burst rule's table
+(`usage_key_bursts`, services/billing/bursts.py) for the events it rolls.
 """
 
 from __future__ import annotations
 
 import json
 
+from services.billing import bursts
 from services.billing.store.base import Tx
 
 HOUR_US = 3_600_000_000
@@ -111,9 +113,11 @@ def hold_off_roll(tx: Tx) -> None:
         tx.one("SELECT pg_advisory_xact_lock_shared(?)", [ROLL_LOCK])
 
 
-def roll(tx: Tx, limit: int = ROLL_LIMIT) -> int:
-    """Add the events recorded since the mark to the rollups and move the mark past them; returns how many
-    seqs it moved (0 when there was nothing to roll)."""
+def roll(tx: Tx, limit: int = ROLL_LIMIT, rule: bursts.Rule | None = None, burst_batch_us: int = 0) -> int:
+    """Add the events recorded since the mark to the rollups and the burst starts and move the mark past
+    them; returns how many seqs it moved (0 when there was nothing to roll). `rule`: billing's burst rule
+    (max_requests, window_s); when the burst table was built for another, it is rebuilt for this one;
+    `burst_batch_us`: see `bursts.keep`."""
     if tx.dialect == "postgres":
         start = int(tx.one("SELECT seq FROM rollup_mark WHERE id = 1 FOR UPDATE")[0])  # type: ignore[index]
         # Once no ingesting transaction is in flight, every seq up to the largest committed one is settled
@@ -128,20 +132,28 @@ def roll(tx: Tx, limit: int = ROLL_LIMIT) -> int:
         top = tx.one("SELECT MAX(seq) FROM events")
     end = min(int(top[0]), start + limit) if top is not None and top[0] is not None else start
     if end <= start:
+        bursts.keep(tx, start, start, rule, burst_batch_us)
         return 0
     for statement in _statements(ROLLING_TAGS[tx.dialect], f"seq > {int(start)} AND seq <= {int(end)}"):
         tx.execute(statement)  # the seqs spelled out: PostgreSQL binds no parameters in CREATE TABLE AS
+    bursts.keep(tx, start, end, rule, burst_batch_us)
     tx.execute("UPDATE rollup_mark SET seq = ? WHERE id = 1", [end])
     return end - start
 
 
-def rebuild(tx: Tx) -> None:
-    """Recompute every rollup from the events (after a bulk load), up to the last event."""
+def rebuild(tx: Tx, rule: bursts.Rule | None = None) -> None:
+    """Recompute every rollup and the burst starts (for `rule`, else the table's) from the events (after a
+    bulk load), up to the last event."""
     for table in (BY_MODEL, BY_KEY, BY_TAG, KEY_GROUPS):
         tx.execute(f"DELETE FROM {table}")
     for statement in backfill(ROLLING_TAGS[tx.dialect]):
         tx.execute(statement)
     tx.execute("UPDATE rollup_mark SET seq = (SELECT COALESCE(MAX(seq), 0) FROM events) WHERE id = 1")
+    stored = bursts.stored_rule(tx)
+    if stored is not None:
+        bursts.rebuild(tx, rule or stored, mark(tx))
+        tx.execute(f"DELETE FROM {bursts.KEY_TENANTS}")
+        tx.execute(bursts.KEY_TENANTS_BACKFILL)
 
 
 __all__ = ["BACKFILL", "BY_KEY", "BY_MODEL", "BY_TAG", "EVENTS_BY_SEQ", "HOUR_US", "KEY_GROUPS", "ROLLING_TAGS",

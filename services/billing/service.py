@@ -57,6 +57,8 @@ Clock = Callable[[], int]
 
 
 MAX_ENGINE_RECORDS = 1000
+# The roller adds events to the burst table once they span this much recorded time (bursts.keep).
+BURST_BATCH_US = 5_000_000
 
 
 def wall_clock() -> int:
@@ -84,7 +86,6 @@ class Billing:
                                                config.lease_edge_permille)
         self.anomaly_rule = reports.AnomalyRule(config.anomaly_max_requests, config.anomaly_window_s,
                                                 config.anomaly_hourly_factor_permille)
-        self.burst_memo = reports.BurstMemo()
         # Budget changes pushed to the routers' lease books before they commit (lease_watch.py).
         self.lease_watchers = lease_watch.Watchers(config.lease_change_timeout_s)
 
@@ -426,11 +427,12 @@ class Billing:
 
     async def roll_rollups(self) -> int:
         """Roll the events recorded since the last roll into the hourly rollups; returns the seqs it moved."""
-        return await self.store.write(rollups.roll)
+        rule = (self.anomaly_rule.max_requests, self.anomaly_rule.window_s)
+        return await self.store.write(lambda tx: rollups.roll(tx, rule=rule, burst_batch_us=BURST_BATCH_US))
 
     async def report(self, query: reports.ReportQuery) -> tuple[list[reports.ReportRow], reports.ReportRow]:
         reports.check_query(query)
-        return await self.store.read(lambda tx: reports.build(tx, query, self.anomaly_rule, memo=self.burst_memo))
+        return await self.store.read(lambda tx: reports.build(tx, query, self.anomaly_rule))
 
     async def audit_events(self, start_us: int, end_us: int, action: str, page_size: int,
                            page_token: str) -> tuple[list[AuditEvent], str]:

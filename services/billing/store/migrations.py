@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from services.billing import bursts
 from services.billing.rollups import BACKFILL, ROLLING_TAGS, backfill
 from services.billing.store.base import Tx
 
@@ -137,6 +138,23 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
         # The time index carries each event's key and tenant too: the burst rule reads only the index.
         "CREATE INDEX events_time_key ON events (end_us, api_key_id, tenant_id)",
         "DROP INDEX events_time",
+    )),
+    (6, "burst starts per key and hour, backfilled from the events", (
+        # Per hour, tenant and key: the latest first and earliest last request of the runs the burst rule
+        # flags (services/billing/bursts.py), kept by `rollups.roll`; built for the rule in `usage_burst_rule`.
+        """CREATE TABLE usage_key_bursts (
+            hour_us {int} NOT NULL, tenant_id TEXT NOT NULL, api_key_id TEXT NOT NULL,
+            latest_start_us {int} NOT NULL, first_end_us {int} NOT NULL,
+            PRIMARY KEY (hour_us, tenant_id, api_key_id)){clustered}""",
+        # The rule the table is for, and the last event it holds.
+        "CREATE TABLE usage_burst_rule (id {int} PRIMARY KEY, max_requests {int} NOT NULL, window_s {int} NOT NULL,"
+        " seq {int} NOT NULL)",
+        f"INSERT INTO usage_burst_rule (id, max_requests, window_s, seq) SELECT 1, {bursts.DEFAULT_RULE[0]},"
+        f" {bursts.DEFAULT_RULE[1]}, seq FROM rollup_mark WHERE id = 1",
+        bursts.backfill(bursts.DEFAULT_RULE, "(SELECT seq FROM rollup_mark WHERE id = 1)"),
+        "CREATE TABLE usage_key_tenants (api_key_id TEXT NOT NULL, tenant_id TEXT NOT NULL,"
+        " PRIMARY KEY (api_key_id, tenant_id)){clustered}",
+        bursts.KEY_TENANTS_BACKFILL,
     )),
 )
 

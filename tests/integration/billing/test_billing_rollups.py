@@ -190,6 +190,19 @@ def compared(database: str) -> list[tuple[list[tuple[object, ...]], list[tuple[o
     return out
 
 
+def runs(ends: list[tuple[object, ...]], n: int, window_s: int) -> list[tuple[object, ...]]:
+    """(hour, tenant, key, latest first request, earliest last request) of the runs of more than `n` requests
+    within `window_s` among (tenant, key, end_us) rows sorted by them."""
+    found: dict[tuple[int, str, str], list[int]] = {}
+    for i in range(n, len(ends)):
+        (tenant, key, first), (*same, last) = ends[i - n], ends[i]
+        if same == [tenant, key] and int(last) - int(first) < window_s * 1_000_000:  # type: ignore[call-overload]
+            hour = int(first) // 3_600_000_000 * 3_600_000_000  # type: ignore[call-overload]
+            got = found.setdefault((hour, str(tenant), str(key)), [int(first), int(last)])  # type: ignore[call-overload]
+            got[0], got[1] = max(got[0], int(first)), min(got[1], int(last))  # type: ignore[call-overload]
+    return [(h, t, k, *v) for (h, t, k), v in sorted(found.items())]
+
+
 def rolled_up(database: str) -> bool:
     """Whether the roller has rolled every event recorded so far."""
     return ledger_rows(database, "SELECT seq FROM rollup_mark")[0][0] == \
@@ -217,6 +230,8 @@ async def test_the_migration_builds_rollups_from_the_events_already_recorded(ser
     rng = random.Random(7)
     since = (time.time() // HOUR - 30) * HOUR + 0.75
     events = random_events(rng, 300, since, 28)
+    events += [usage(f"burst{i}", tenant="t1", key="k1", model="m0", end=since + 5 * HOUR - 3 + i * 0.1)
+               for i in range(60)]  # a burst across an hour's start
     config = BillingConfig(server=ServerSettings(port=0), database=database, operator_token=OPERATOR_TOKEN)
     running = await serve(build_server(config))
     async with operator(running) as chan:
@@ -231,11 +246,17 @@ async def test_the_migration_builds_rollups_from_the_events_already_recorded(ser
         "DROP TABLE usage_hours_by_model", "DROP TABLE usage_hours_by_key", "DROP TABLE usage_hours_by_tag",
         "DROP TABLE usage_key_groups", "DROP TABLE rollup_mark",
         "CREATE TABLE usage_hours (hour_us BIGINT)", "DROP INDEX events_time_key",
-        "CREATE INDEX events_time ON events (end_us)", "DELETE FROM schema_migrations WHERE version = 5")])
+        "CREATE INDEX events_time ON events (end_us)", "DELETE FROM schema_migrations WHERE version = 5",
+        "DROP TABLE usage_key_bursts", "DROP TABLE usage_burst_rule", "DROP TABLE usage_key_tenants",
+        "DELETE FROM schema_migrations WHERE version = 6")])
     await store.close()
-    running = await serve(build_server(config))  # migration 5 runs again
+    running = await serve(build_server(config))  # migrations 5 and 6 run again
     for table, scan in compared(database):
         assert table == scan and table
+    ends = ledger_rows(database, "SELECT tenant_id, api_key_id, end_us FROM events ORDER BY 1, 2, 3")
+    assert ledger_rows(database, "SELECT * FROM usage_key_bursts ORDER BY 1, 2, 3") == runs(ends, 50, 10)
+    assert runs(ends, 50, 10) and ledger_rows(database, "SELECT max_requests, window_s FROM usage_burst_rule") == \
+        [(50, 10)]
     start, end = since + 2 * HOUR + 99.5, since + 25 * HOUR + 1.5
     async with operator(running) as chan:
         reply = await pb2_grpc.BillingServiceStub(chan).GetUsageReport(pb2.GetUsageReportRequest(

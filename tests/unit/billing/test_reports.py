@@ -131,7 +131,6 @@ def busy_ledger(request: pytest.FixtureRequest) -> Ledger:
 def test_reports_from_rollups_equal_a_scan_of_the_events(busy_ledger: Ledger, group_by: tuple[str, ...],
                                                           granularity: str) -> None:
     ledger = busy_ledger
-    memo = reports.BurstMemo()
     windows = [(T0 + 1, T0 + 30 * HOUR - 1), (T0 + 5 * HOUR - 2 * US, T0 + 9 * HOUR + 17), (T0, T0 + 24 * HOUR),
                (T0 + 5 * HOUR + 10, T0 + 5 * HOUR + 20 * US), (T0 + HOUR + 333, T0 + 2 * HOUR + 444)]
     for start, end in windows:
@@ -140,51 +139,129 @@ def test_reports_from_rollups_equal_a_scan_of_the_events(busy_ledger: Ledger, gr
             fast, fast_total = reports.build(ledger.tx, q, RULE)
             slow, slow_total = reports.build(ledger.tx, q, RULE, rollups=False)
             assert fast == slow and fast_total == slow_total, (start - T0, end - T0, top_n)
-            remembered = reports.build(ledger.tx, q, RULE, memo=memo), reports.build(ledger.tx, q, RULE, memo=memo)
-            assert remembered == ((slow, slow_total), (slow, slow_total))
     flagged = reports.anomalous_keys(ledger.tx, query(T0, T0 + 30 * HOUR), RULE)
     assert {"k1", "k2"} <= flagged
 
 
-def test_the_burst_rule_reads_events_only_where_the_rollups_allow_a_burst() -> None:
+def bursty_ledger(seed: int) -> Ledger:
+    """Runs of 40-70 requests over a few seconds at random times, many across an hour boundary, among quiet
+    traffic, over 30 hours from T0 (and a day of history before)."""
+    import random
+
+    rng = random.Random(seed)
     ledger = Ledger()
+    for n in range(600):
+        add(ledger, f"q{n}", 1, T0 - 24 * HOUR + rng.randrange(0, 54 * HOUR), key=f"k{rng.randint(0, 4)}")
+    for b in range(40):
+        hour = T0 + rng.randrange(-2, 30) * HOUR
+        at = hour - 12 * US + rng.randrange(0, 24 * US) if b % 2 else hour + rng.randrange(0, HOUR)
+        key, size, step = f"k{rng.randint(0, 4)}", rng.randint(40, 70), rng.choice([50_000, 150_000, 250_000])
+        for n in range(size):
+            add(ledger, f"b{b}-{n}", 1, at + n * step, key=key)
+    return ledger
+
+
+def burst_rows(ledger: Ledger) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in ledger.tx.all("SELECT * FROM usage_key_bursts ORDER BY 1, 2, 3")]
+
+
+def windows() -> list[tuple[int, int]]:
+    """Windows over whole hours, partial hours, hour boundaries and ends just after a burst's start."""
+    import random
+
+    rng = random.Random(7)
+    out = [(T0, T0 + 30 * HOUR), (T0 + 1, T0 + 30 * HOUR - 1), (T0 + HOUR - 5 * US, T0 + 9 * HOUR + 3 * US)]
+    for _ in range(40):
+        start = T0 + rng.randrange(-2 * HOUR, 28 * HOUR)
+        out.append((start, start + rng.choice([HOUR, 2 * HOUR + 7, 5 * HOUR, rng.randrange(1, 20 * HOUR)])))
+    return out
+
+
+def assert_bursts_equal_a_scan(ledger: Ledger, rule: reports.AnomalyRule = RULE, tenant: str = "") -> None:
+    for start, end in windows():
+        q = query(start, end, group_by=("api_key",), tenant_id=tenant)
+        assert reports.anomalous_keys(ledger.tx, q, rule) == reports.anomalous_keys(ledger.tx, q, rule,
+                                                                                    rollups=False), (start, end)
+        assert reports.build(ledger.tx, q, rule) == reports.build(ledger.tx, q, rule, rollups=False)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_burst_table_rolled_in_small_steps_equals_one_built_at_once_and_reports_equal_a_scan(seed: int) -> None:
+    ledger = bursty_ledger(seed)
+    while rollups.roll(ledger.tx, limit=97):  # many rolls, each run split across several of them
+        pass
+    rolled = burst_rows(ledger)
+    assert len({r[0] for r in rolled}) > 10  # bursts in many hours
+    assert_bursts_equal_a_scan(ledger)
+    assert_bursts_equal_a_scan(ledger, tenant="acme")
+    rollups.rebuild(ledger.tx)
+    assert burst_rows(ledger) == rolled
+
+
+def test_late_events_and_events_after_the_mark_make_bursts_in_old_hours() -> None:
+    ledger = bursty_ledger(3)
+    rollups.roll(ledger.tx)
+    old = T0 + 3 * HOUR - 3 * US  # a run across the hour's start, arriving late and in two rolls
+    for n in range(60):
+        add(ledger, f"late{n}", 1, old + n * 100_000, key="late")
+        if n == 30:
+            rollups.roll(ledger.tx)
+    assert_bursts_equal_a_scan(ledger)  # half of it after the mark
+    assert "late" in reports.anomalous_keys(ledger.tx, query(T0 + 2 * HOUR, T0 + 5 * HOUR), RULE)
+    rollups.roll(ledger.tx)
+    assert_bursts_equal_a_scan(ledger)
+    assert ("late" in reports.anomalous_keys(ledger.tx, query(T0 + 3 * HOUR - 3 * US + 1, T0 + 5 * HOUR), RULE)) \
+        is True
+    # A run that starts in the last whole hour and ends past the window's end counts only in longer windows.
     for n in range(51):
-        add(ledger, f"b{n}", 1, T0 + 5 * HOUR + n * 1000, key="busy")
-    for n in range(40):
-        add(ledger, f"q{n}", 1, T0 + n * HOUR // 2, key="quiet")
+        add(ledger, f"edge{n}", 1, T0 + 8 * HOUR - 2 * US + n * 100_000, key="edge")
+    rollups.roll(ledger.tx)
+    assert "edge" not in reports.anomalous_keys(ledger.tx, query(T0, T0 + 8 * HOUR + US), RULE)
+    assert "edge" in reports.anomalous_keys(ledger.tx, query(T0, T0 + 8 * HOUR + 4 * US), RULE)
+    assert_bursts_equal_a_scan(ledger)
+
+
+def test_a_new_rule_reads_the_events_until_the_next_roll_rebuilds_the_table_for_it() -> None:
+    ledger = bursty_ledger(4)
+    rollups.roll(ledger.tx)
+    strict = reports.AnomalyRule(max_requests=30, window_s=3, hourly_factor_permille=3000)
+    assert_bursts_equal_a_scan(ledger, strict)  # the table is for (50, 10): not used
+    assert rollups.roll(ledger.tx, rule=(30, 3)) == 0
+    assert ledger.tx.one("SELECT max_requests, window_s FROM usage_burst_rule")[0:2] == (30, 3)
+    built = burst_rows(ledger)
+    rollups.rebuild(ledger.tx)
+    assert burst_rows(ledger) == built
+    assert_bursts_equal_a_scan(ledger, strict)
+    assert_bursts_equal_a_scan(ledger)  # and the old rule now reads the events
+
+
+def test_a_first_report_reads_no_events_of_old_hours_for_the_burst_rule() -> None:
+    ledger = Ledger()
+    for hour in range(24):  # a burst in every hour, found by the rolls
+        for n in range(51):
+            add(ledger, f"b{hour}-{n}", 1, T0 + hour * HOUR + 600 * US + n * 1000, key=f"busy{hour % 3}")
+    rollups.roll(ledger.tx)
     seen: list[tuple[int, int]] = []
     original = ledger.tx.all
 
     def spy(sql: str, params: Any = ()) -> Any:
-        if "OVER (PARTITION BY api_key_id" in sql:
+        if "OVER (PARTITION BY" in sql:
             seen.append((params[0], params[1]))
         return original(sql, params)
 
     ledger.tx.all = spy  # type: ignore[method-assign]
-    assert reports.anomalous_keys(ledger.tx, query(T0, T0 + 24 * HOUR), RULE) == {"busy"}
-    assert seen == [(T0 + 5 * HOUR, T0 + 6 * HOUR + 10 * US)]  # the hour of its events and one window more
+    q = query(T0 + 1, T0 + 24 * HOUR - 1)
+    assert reports.anomalous_keys(ledger.tx, q, RULE) == {"busy0", "busy1", "busy2"}
+    # One query per edge at most, over the partial hours and one window into the whole ones (not per hour).
+    assert len(seen) <= 2 and all(lo >= T0 + 23 * HOUR - 10 * US or hi <= T0 + HOUR + 10 * US for lo, hi in seen)
 
 
-def test_burst_answers_are_remembered_until_a_late_event_changes_the_hour() -> None:
+def test_a_key_of_two_tenants_bursts_across_them_in_a_report_of_all_tenants() -> None:
     ledger = Ledger()
-    for n in range(51):  # two groups 20 s apart: at most 26 within 10 s
-        add(ledger, f"b{n}", 1, T0 + 5 * HOUR + n * 100_000 + (20 * US if n > 25 else 0), key="busy")
-    memo = reports.BurstMemo()
-    seen: list[int] = []
-    original = ledger.tx.all
-
-    def spy(sql: str, params: Any = ()) -> Any:
-        if "OVER (PARTITION BY api_key_id" in sql:
-            seen.append(params[0])
-        return original(sql, params)
-
-    ledger.tx.all = spy  # type: ignore[method-assign]
-    q = query(T0, T0 + 24 * HOUR)
-    assert reports.anomalous_keys(ledger.tx, q, RULE, memo=memo) == set()
-    assert reports.anomalous_keys(ledger.tx, q, RULE, memo=memo) == set()
-    assert seen == [T0 + 5 * HOUR]  # read once
-    for n in range(25):  # arrive later, between the two groups: 51 within 8 s
-        add(ledger, f"late{n}", 1, T0 + 5 * HOUR + 5 * US + n * 100_000, key="busy")
-    assert reports.anomalous_keys(ledger.tx, q, RULE, memo=memo) == {"busy"}
-    assert reports.anomalous_keys(ledger.tx, q, RULE, memo=memo) == {"busy"}
-    assert seen == [T0 + 5 * HOUR] * 2
+    for n in range(60):  # 30 requests under each tenant, interleaved: a burst only counted together
+        event = UsageEvent(f"s{n}", "acme" if n % 2 else "globex", "shared", "m", end_us=T0 + 3 * HOUR + n * 100_000)
+        ledger.ingester.ingest(ledger.tx, [event], T0)
+    rollups.roll(ledger.tx)
+    assert reports.anomalous_keys(ledger.tx, query(T0, T0 + 10 * HOUR), RULE) == {"shared"}
+    assert reports.anomalous_keys(ledger.tx, query(T0, T0 + 10 * HOUR, tenant_id="acme"), RULE) == set()
+    assert_bursts_equal_a_scan(ledger)
