@@ -15,9 +15,11 @@ earliest end (MIN) per hour; a late event is handled alike. `usage_key_tenants` 
 seen, so a report across tenants checks a key of several tenants in the events. A roll reads the events within one window of the
 rolled ones' end times, all keys' in the span from the earliest to the latest of them.
 
-Billing's roller adds them in steps of at least `BURST_BATCH_US` of recorded time (`batch_us`): a step
-costs about the same for one second's events as for a few seconds', so this keeps the roll cheap for a busy
-ledger. `usage_burst_rule.seq` is the last event the table holds (at most the rollup mark); reports check
+Billing's roller adds them in steps (`step`, then `apply`) of at least `BURST_BATCH_US` of recorded time
+(`batch_us`): a step costs about the same for one second's events as for a few seconds'. The step's window
+pass only reads, so the roller runs it on a read snapshot beside the writer and writes its few rows in a
+short transaction of their own (`apply`, which drops a step the table moved past meanwhile); ingestion does
+not wait behind it. `usage_burst_rule.seq` is the last event the table holds (at most the rollup mark); reports check
 the events after it in the events, within one window of them.
 
 `usage_burst_rule` records the (max_requests, window_s) the table was built for. Migration 6 built it for
@@ -29,7 +31,9 @@ themselves (`reports._bursting`), so no answer is ever built from a table of ano
 
 from __future__ import annotations
 
-from services.billing.store.base import Tx
+from dataclasses import dataclass
+
+from services.billing.store.base import Row, Tx
 
 TABLE, RULE_TABLE, KEY_TENANTS = "usage_key_bursts", "usage_burst_rule", "usage_key_tenants"
 DEFAULT_RULE = (50, 10)  # (max_requests, window_s): billing's defaults (config.anomaly_*)
@@ -44,20 +48,21 @@ _BY_TIME = {"sqlite": "events AS e INDEXED BY events_time_key", "postgres": "eve
 Rule = tuple[int, int]
 
 
-def _runs(rule: Rule, source: str, where: str) -> str:
-    """Per (hour of the first request, tenant, key): the latest first and earliest last request of the runs
-    among the events of `source` matching `where` (`e.` names the events)."""
+def runs(rule: Rule, source: str, where: str, per: tuple[str, ...] = ("tenant_id", "api_key_id")) -> str:
+    """Per (hour of the first request, *`per`): the latest first and earliest last request of the runs among
+    the events of `source` matching `where` (`e.` names the events), each key's runs found per `per`."""
     n, window = int(rule[0]), int(rule[1]) * 1_000_000
-    return (f"SELECT first_us / {_HOUR} * {_HOUR}, tenant_id, api_key_id, MAX(first_us), MIN(end_us) FROM ("
-            f"SELECT e.tenant_id, e.api_key_id, e.end_us, LAG(e.end_us, {n}) OVER"
-            f" (PARTITION BY e.tenant_id, e.api_key_id ORDER BY e.end_us) AS first_us FROM {source} WHERE {where})"
-            f" AS runs WHERE end_us - first_us < {window} GROUP BY first_us / {_HOUR} * {_HOUR}, tenant_id, api_key_id")
+    columns, inner = ", ".join(per), ", ".join(f"e.{c}" for c in per)
+    return (f"SELECT first_us / {_HOUR} * {_HOUR}, {columns}, MAX(first_us), MIN(end_us) FROM ("
+            f"SELECT {inner}, e.end_us, LAG(e.end_us, {n}) OVER (PARTITION BY {inner} ORDER BY e.end_us)"
+            f" AS first_us FROM {source} WHERE {where}) AS runs WHERE end_us - first_us < {window}"
+            f" GROUP BY first_us / {_HOUR} * {_HOUR}, {columns}")
 
 
 def backfill(rule: Rule = DEFAULT_RULE, through_seq: str = "") -> str:
     """The statement filling the (empty) table from the events (up to `through_seq`, an SQL expression)."""
     where = f"e.seq <= {through_seq}" if through_seq else "true"
-    return f"INSERT INTO {TABLE} ({_COLUMNS}) {_runs(rule, 'events AS e', where)}"
+    return f"INSERT INTO {TABLE} ({_COLUMNS}) {runs(rule, 'events AS e', where)}"
 
 
 # Every (key, tenant) pair seen: a key of several tenants has its runs checked in the events by reports
@@ -72,12 +77,6 @@ def state(tx: Tx) -> tuple[Rule, int] | None:
     return ((int(row[0]), int(row[1])), int(row[2])) if row is not None else None
 
 
-def stored_rule(tx: Tx) -> Rule | None:
-    """The rule the table was built for (None before migration 6)."""
-    found = state(tx)
-    return found[0] if found is not None else None
-
-
 def rebuild(tx: Tx, rule: Rule, through_seq: int) -> None:
     """Recompute the table for `rule` from the events up to `through_seq`."""
     tx.execute(f"DELETE FROM {TABLE}")
@@ -86,45 +85,84 @@ def rebuild(tx: Tx, rule: Rule, through_seq: int) -> None:
                [int(rule[0]), int(rule[1]), int(through_seq)])
 
 
-def keep(tx: Tx, start: int, end: int, rule: Rule | None, batch_us: int = 0) -> None:
-    """Add the runs the events with seqs up to `end` (the rollups' new mark; `start`: the old one) make, in
-    the roll's transaction; with a `rule` other than the table's, rebuild the table for it instead.
-    `batch_us`: wait until the events not added yet were recorded over at least that long (or number
-    `BATCH_EVENTS`), so a busy ledger's events are added in fewer, larger steps."""
+@dataclass(frozen=True)
+class Step:
+    """The runs among the events with seqs up to `end` that change the table, computed when it held the
+    events up to `held` for `rule`: the rows `apply` upserts."""
+    rule: Rule
+    held: int
+    end: int
+    rows: list[Row]
+
+
+def follow(tx: Tx, start: int, end: int, rule: Rule | None) -> None:
+    """In the roll's transaction, for the events with seqs in (start, end] (the rollups' old and new mark):
+    list their (key, tenant) pairs and, with a `rule` other than the table's, rebuild the table for it."""
     found = state(tx)
     if found is None:
         return
-    stored, held = found
     if end > start:
         tx.execute(f"INSERT INTO {KEY_TENANTS} (api_key_id, tenant_id) SELECT DISTINCT api_key_id, tenant_id"
                    f" FROM events WHERE seq > {int(start)} AND seq <= {int(end)} ORDER BY 1, 2"
                    f" ON CONFLICT DO NOTHING")
-    if rule is not None and tuple(rule) != stored:
+    if rule is not None and tuple(rule) != found[0]:
         rebuild(tx, rule, end)
-        return
+
+
+def step(tx: Tx, end: int, batch_us: int = 0) -> Step | None:
+    """The runs the events after the table's seq and up to `end` (at most the rollups' mark) start or
+    shorten, or None when there are none to add. It only reads, so billing computes it on a read snapshot
+    beside the writer and ingestion does not wait for it. `batch_us`: None until the events not added yet
+    were recorded over at least that long (or number `BATCH_EVENTS`), so a busy ledger's events are added
+    in fewer, larger steps (a step reads one window of events around them)."""
+    found = state(tx)
+    if found is None:
+        return None
+    stored, held = found
     if end <= held:
-        return
+        return None
     if batch_us and end - held < BATCH_EVENTS:
         span = tx.one(f"SELECT MAX(recorded_us) - MIN(recorded_us) FROM events WHERE seq > {int(held)}"
                       f" AND seq <= {int(end)}")
         if span is None or span[0] is None or int(span[0]) < batch_us:
-            return
-    start = held
+            return None
     window = stored[1] * 1_000_000
     touched = (f"SELECT tenant_id, api_key_id, MIN(end_us) - {window} AS lo, MAX(end_us) + {window} AS hi"
-               f" FROM events WHERE seq > {int(start)} AND seq <= {int(end)} GROUP BY tenant_id, api_key_id")
+               f" FROM events WHERE seq > {int(held)} AND seq <= {int(end)} GROUP BY tenant_id, api_key_id")
     # All keys' events in the span of the touched ranges are read once by time (the index on end_us), then
     # narrowed to each touched key's own range.
     where = (f"e.end_us >= (SELECT MIN(lo) FROM touched) AND e.end_us <= (SELECT MAX(hi) FROM touched)"
              f" AND e.seq <= {int(end)} AND e.tenant_id = r.tenant_id AND e.api_key_id = r.api_key_id"
              f" AND e.end_us >= r.lo AND e.end_us <= r.hi")
+    rows = tx.all(f"WITH touched AS ({touched}) {runs(stored, f'{_BY_TIME[tx.dialect]} CROSS JOIN touched AS r', where)}")
+    return Step(stored, held, end, rows)
+
+
+def apply(tx: Tx, found: Step) -> bool:
+    """Upsert a step's runs (the latest start and the earliest end per hour) and move the table's seq to its
+    end, in a write transaction; False (nothing written) when the table moved or was rebuilt since the step
+    was computed: the next step covers its events again."""
+    locking = " FOR UPDATE" if tx.dialect == "postgres" else ""
+    now = tx.one(f"SELECT max_requests, window_s, seq FROM {RULE_TABLE} WHERE id = 1{locking}")
+    if now is None or ((int(now[0]), int(now[1])), int(now[2])) != (tuple(found.rule), found.held):
+        return False
     greatest, least = _GREATEST[tx.dialect], _LEAST[tx.dialect]
-    tx.execute(f"WITH touched AS ({touched}) INSERT INTO {TABLE} ({_COLUMNS})"
-               f" {_runs(stored, f'{_BY_TIME[tx.dialect]} CROSS JOIN touched AS r', where)}"
-               f" ON CONFLICT (hour_us, tenant_id, api_key_id) DO UPDATE SET"
-               f" latest_start_us = {greatest}({TABLE}.latest_start_us, excluded.latest_start_us),"
-               f" first_end_us = {least}({TABLE}.first_end_us, excluded.first_end_us)")
-    tx.execute(f"UPDATE {RULE_TABLE} SET seq = ? WHERE id = 1", [int(end)])
+    if found.rows:
+        tx.executemany(f"INSERT INTO {TABLE} ({_COLUMNS}) VALUES (?, ?, ?, ?, ?)"
+                       f" ON CONFLICT (hour_us, tenant_id, api_key_id) DO UPDATE SET"
+                       f" latest_start_us = {greatest}({TABLE}.latest_start_us, excluded.latest_start_us),"
+                       f" first_end_us = {least}({TABLE}.first_end_us, excluded.first_end_us)",
+                       sorted(tuple(r) for r in found.rows))
+    tx.execute(f"UPDATE {RULE_TABLE} SET seq = ? WHERE id = 1", [int(found.end)])
+    return True
+
+
+def keep(tx: Tx, start: int, end: int, rule: Rule | None) -> None:
+    """`follow` and add the runs of the events up to `end` at once, in the roll's transaction."""
+    follow(tx, start, end, rule)
+    found = step(tx, end)
+    if found is not None:
+        apply(tx, found)
 
 
 def shared_keys(tx: Tx) -> list[str]:
@@ -144,4 +182,5 @@ def flagged(tx: Tx, begin: int, first: int, last: int, start_us: int, tenant_id:
     return {str(r[0]) for r in rows}
 
 
-__all__ = ["BATCH_EVENTS", "DEFAULT_RULE", "KEY_TENANTS", "KEY_TENANTS_BACKFILL", "RULE_TABLE", "TABLE", "Rule", "backfill", "flagged", "keep", "rebuild", "shared_keys", "state", "stored_rule"]
+__all__ = ["BATCH_EVENTS", "DEFAULT_RULE", "KEY_TENANTS", "KEY_TENANTS_BACKFILL", "RULE_TABLE", "TABLE", "Rule", "Step",
+           "apply", "backfill", "flagged", "follow", "keep", "rebuild", "runs", "shared_keys", "state", "step"]

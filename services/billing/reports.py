@@ -9,8 +9,9 @@ the same as a scan of the events (to the micro-unit). Minute buckets, and dimens
 key with a model, say), come from the events alone.
 
 Anomalies are flagged per api key: more than `max_requests` requests within any `window_s` seconds, or an
-hour whose spend exceeds `hourly_factor_permille`/1000 x the key's mean hourly spend over the 7 days before
-the window (with at least 3 hours of history). A row is anomalous when any key counted in it is: known from
+hour whose spend exceeds `hourly_factor_permille`/1000 x the key's mean hourly spend over the 7 days (168 whole
+hours) before the window's first hour (with at least 3 hours of history; from `usage_days_by_key` for whole
+UTC days and the hourly table around them). A row is anomalous when any key counted in it is: known from
 the edge events, and for whole hours from `usage_key_groups`, read for the flagged keys only. Hourly counts
 and spend come from `usage_hours_by_key`. Bursts (a key's request `max_requests` places earlier, within
 `window_s`) starting in the whole hours and the partial hour before them come from `usage_key_bursts`, kept
@@ -28,7 +29,7 @@ from datetime import UTC, datetime
 
 from services.billing import bursts
 from services.billing import rollups as tables
-from services.billing.rollups import HOUR_US
+from services.billing.rollups import DAY_US, HOUR_US
 from services.billing.store.base import Row, Tx
 from services.common.errors import InvalidInput
 
@@ -211,14 +212,11 @@ def _burst_starts(tx: Tx, lo: int, hi: int, keys: list[str], tenant_id: str,
                   rule: AnomalyRule) -> dict[tuple[str, int], int]:
     """Per (key, hour of a run's first request), the latest first request of the runs of more than
     `max_requests` of these keys' requests within `window_s` seconds among the events ending in [lo, hi)."""
-    where = " AND tenant_id = ?" if tenant_id else ""
-    marks = ", ".join("?" * len(keys))
-    rows = tx.all(f"SELECT api_key_id, first_us / {HOUR_US} * {HOUR_US}, MAX(first_us) FROM (SELECT api_key_id,"
-                  f" end_us, LAG(end_us, {int(rule.max_requests)}) OVER (PARTITION BY api_key_id ORDER BY end_us)"
-                  f" AS first_us FROM events WHERE end_us >= ? AND end_us < ?{where} AND api_key_id IN ({marks}))"
-                  f" AS runs WHERE end_us - first_us < ? GROUP BY api_key_id, first_us / {HOUR_US} * {HOUR_US}",
-                  [lo, hi, *([tenant_id] if tenant_id else []), *keys, rule.window_s * US])
-    return {(str(key), int(hour)): int(latest) for key, hour, latest in rows}
+    where = "e.end_us >= ? AND e.end_us < ?" + (" AND e.tenant_id = ?" if tenant_id else "")
+    where += f" AND e.api_key_id IN ({', '.join('?' * len(keys))})"
+    rows = tx.all(bursts.runs((rule.max_requests, rule.window_s), "events AS e", where, per=("api_key_id",)),
+                  [lo, hi, *([tenant_id] if tenant_id else []), *keys])
+    return {(str(key), int(hour)): int(latest) for hour, key, latest, _end in rows}
 
 
 def _count(by_hour: dict[int, Sums], lo: int, hi: int) -> int:
@@ -289,32 +287,39 @@ def _bursting(tx: Tx, q: ReportQuery, rule: AnomalyRule, whole: tuple[int, int] 
 
 
 def _history(tx: Tx, start_us: int, end_us: int, tenant_id: str, rollups: bool, mark: int) -> dict[str, list[int]]:
-    """Per api key over [start, end): [hours with events, total cost]."""
-    edges, whole = split(start_us, end_us, rollups)
+    """Per api key over the whole hours [start, end): [hours with events, total cost]. The whole UTC days
+    come from the daily table and the hours around them from the hourly one; a key with events after the mark
+    there (or, across tenants, a key of several tenants, whose days are per tenant) has its hours summed
+    from the hourly table and those events instead."""
     where = " AND tenant_id = ?" if tenant_id else ""
     extra = [tenant_id] if tenant_id else []
+    if not rollups:
+        return {str(key): [int(hours), int(cost)] for key, hours, cost in tx.all(
+            f"SELECT api_key_id, COUNT(DISTINCT end_us / {HOUR_US}), SUM(cost_micros) FROM events"
+            f" WHERE end_us >= ? AND end_us < ?{where} GROUP BY api_key_id", [start_us, end_us, *extra])}
+    first_day, last_day = -(-start_us // DAY_US) * DAY_US, end_us // DAY_US * DAY_US
     found: list[Row] = []
-    for lo, hi in edges:
-        found += tx.all(f"SELECT api_key_id, COUNT(DISTINCT end_us / {HOUR_US}), SUM(cost_micros) FROM events"
-                        f" WHERE end_us >= ? AND end_us < ?{where} GROUP BY api_key_id", [lo, hi, *extra])
-    late: set[str] = set()
-    if whole is not None:
+    hour_ranges = [(start_us, end_us)]
+    if first_day < last_day:
+        hour_ranges = [(a, b) for a, b in ((start_us, first_day), (last_day, end_us)) if a < b]
+        found += tx.all(f"SELECT api_key_id, SUM(hours), SUM(cost_micros) FROM {tables.BY_KEY_DAYS}"
+                        f" WHERE day_us >= ? AND day_us < ?{where} GROUP BY api_key_id", [first_day, last_day, *extra])
+    for lo, hi in hour_ranges:
         found += tx.all(f"SELECT api_key_id, COUNT(DISTINCT hour_us), SUM(cost_micros) FROM {tables.BY_KEY}"
-                        f" WHERE hour_us >= ? AND hour_us < ?{where} GROUP BY api_key_id", [*whole, *extra])
-        late = {str(r[1]) for r in _events(tx, ["api_key_id"], *whole, tenant_id, 0, after=mark)}
+                        f" WHERE hour_us >= ? AND hour_us < ?{where} GROUP BY api_key_id", [lo, hi, *extra])
     out: dict[str, list[int]] = {}
     for key, hours, cost in found:  # the sources' hours are disjoint: their counts add up
         sums = out.setdefault(str(key), [0, 0])
         sums[0] += int(hours)
         sums[1] += int(cost)
-    if late and whole is not None:  # keys with events not rolled up yet: count their whole hours again
-        for key, by_hour in _key_hours(tx, *whole, tenant_id, mark, sorted(late)).items():
-            table = tx.one(f"SELECT COUNT(DISTINCT hour_us), COALESCE(SUM(cost_micros), 0) FROM {tables.BY_KEY}"
-                           f" WHERE hour_us >= ? AND hour_us < ?{where} AND api_key_id = ?", [*whole, *extra, key])
-            assert table is not None
-            sums = out.setdefault(key, [0, 0])
-            sums[0] += len(by_hour) - int(table[0])
-            sums[1] += sum(s[1] for s in by_hour.values()) - int(table[1])
+    redo = {str(r[1]) for r in _events(tx, ["api_key_id"], start_us, end_us, tenant_id, 0, after=mark)}
+    if not tenant_id:
+        redo.update(bursts.shared_keys(tx))
+    if redo:
+        for key in redo:
+            out.pop(key, None)
+        for key, by_hour in _key_hours(tx, start_us, end_us, tenant_id, mark, sorted(redo)).items():
+            out[key] = [len(by_hour), sum(s[1] for s in by_hour.values())]
     return out
 
 
@@ -333,7 +338,8 @@ def anomalous_keys(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = Tr
         whole = split(q.start_us, q.end_us)[1] if edges != [(q.start_us, q.end_us)] else None
     mark = tables.mark(tx) if whole is not None or rollups else 0
     flagged = _bursting(tx, q, rule, whole, hours, mark)
-    history = {k: v for k, v in _history(tx, q.start_us - HISTORY_US, q.start_us, q.tenant_id, rollups, mark).items()
+    since = q.start_us - q.start_us % HOUR_US
+    history = {k: v for k, v in _history(tx, since - HISTORY_US, since, q.tenant_id, rollups, mark).items()
                if v[0] >= 3}
     if not history:
         return flagged

@@ -9,7 +9,9 @@ has groups per hour rather than one per event:
 - `usage_hours_by_tag`: (hour, tenant, tag key, tag value), one row per tag an event carries: reports by
   tag (an event without the tag is the total less those with it);
 - `usage_key_groups`: which (tenant, model, version, status, tag set, source) each key had events in per
-  hour, without sums, keyed by key first: the groups of a report a flagged key counted in.
+  hour, without sums, keyed by key first: the groups of a report a flagged key counted in;
+- `usage_days_by_key`: (UTC day, tenant, api key): the hours of that day with the key's events, its requests
+  and cost, so the spend rule's seven days of history read a row per key and day, not per hour.
 
 The tables cover exactly the events up to `rollup_mark.seq` (`mark`). `roll` adds the events recorded
 since, in one transaction with the new mark, set-based in SQL (a few thousand upserts for a second of a busy
@@ -32,9 +34,11 @@ from services.billing import bursts
 from services.billing.store.base import Tx
 
 HOUR_US = 3_600_000_000
+DAY_US = 24 * HOUR_US
 SUM_COLUMNS = "requests, prompt_tokens, completion_tokens, cached_requests, cost_micros"
 BY_MODEL, BY_KEY, BY_TAG, KEY_GROUPS = "usage_hours_by_model", "usage_hours_by_key", "usage_hours_by_tag", \
     "usage_key_groups"
+BY_KEY_DAYS = "usage_days_by_key"
 KEYS = {BY_MODEL: "hour_us, tenant_id, model, model_version, status, source",
         BY_KEY: "hour_us, tenant_id, api_key_id",
         BY_TAG: "hour_us, tenant_id, tag_key, tag_value",
@@ -58,16 +62,36 @@ BACKFILL = ("INSERT INTO usage_hours (hour_us, tenant_id, api_key_id, model, mod
             " source")
 
 
-def _statements(rolling_tags: str, where: str) -> list[str]:
+# A key's day counts an hour once, when the hour's first events roll in: the groups of `rolling` whose (hour,
+# tenant, key) the hourly table does not hold yet (so this runs before the hourly table's upsert).
+DAYS_ROLL = (f"INSERT INTO {BY_KEY_DAYS} (day_us, tenant_id, api_key_id, hours, requests, cost_micros)"
+             f" SELECT hour_us / {DAY_US} * {DAY_US}, tenant_id, api_key_id, SUM(CASE WHEN EXISTS (SELECT 1 FROM"
+             f" {BY_KEY} AS b WHERE b.hour_us = g.hour_us AND b.tenant_id = g.tenant_id AND b.api_key_id ="
+             f" g.api_key_id) THEN 0 ELSE 1 END), SUM(requests), SUM(cost_micros) FROM (SELECT hour_us, tenant_id,"
+             f" api_key_id, SUM(requests) AS requests, SUM(cost_micros) AS cost_micros FROM rolling GROUP BY"
+             f" hour_us, tenant_id, api_key_id) AS g WHERE true GROUP BY hour_us / {DAY_US} * {DAY_US}, tenant_id,"
+             f" api_key_id ORDER BY 1, 2, 3 ON CONFLICT (day_us, tenant_id, api_key_id) DO UPDATE SET"
+             f" hours = {BY_KEY_DAYS}.hours + excluded.hours, requests = {BY_KEY_DAYS}.requests + excluded.requests,"
+             f" cost_micros = {BY_KEY_DAYS}.cost_micros + excluded.cost_micros")
+# Migration 7's backfill of the daily table from the hourly one.
+DAYS_BACKFILL = (f"INSERT INTO {BY_KEY_DAYS} (day_us, tenant_id, api_key_id, hours, requests, cost_micros)"
+                 f" SELECT hour_us / {DAY_US} * {DAY_US}, tenant_id, api_key_id, COUNT(*), SUM(requests),"
+                 f" SUM(cost_micros) FROM {BY_KEY} GROUP BY hour_us / {DAY_US} * {DAY_US}, tenant_id, api_key_id")
+
+
+def _statements(rolling_tags: str, where: str, days: bool = True) -> list[str]:
     """The statements adding the events matching `where` to every rollup table: summed once per key group
     and hour into a temporary table (one pass over the events), which each table sums further.
-    `rolling_tags`: the dialect's spelling of that table joined with its rows' tags (`ROLLING_TAGS`)."""
+    `rolling_tags`: the dialect's spelling of that table joined with its rows' tags (`ROLLING_TAGS`);
+    `days`: with the daily table (migration 5's backfill ran before it existed)."""
     groups = KEYS[KEY_GROUPS]
     from_events = ", ".join(_FROM_EVENTS.get(k, k) for k in groups.split(", "))
     out = [f"CREATE TEMP TABLE rolling AS SELECT {_aliased(groups)}, COUNT(*) AS requests,"
            f" SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens,"
            f" SUM(cached) AS cached_requests, SUM(cost_micros) AS cost_micros FROM events WHERE {where}"
            f" GROUP BY {from_events}"]
+    if days:
+        out.append(DAYS_ROLL)
     sums = ", ".join(f"SUM({c})" for c in SUM_COLUMNS.split(", "))
     for table in (BY_MODEL, BY_KEY, BY_TAG):
         keys = KEYS[table]
@@ -86,10 +110,11 @@ def _aliased(columns: str) -> str:
     return ", ".join(f"{_FROM_EVENTS[c]} AS {c}" if c in _FROM_EVENTS else c for c in columns.split(", "))
 
 
-def backfill(rolling_tags: str) -> list[str]:
+def backfill(rolling_tags: str, days: bool = True) -> list[str]:
     """The statements that fill every rollup table from the events already in the ledger; `rolling_tags`
-    is the dialect's spelling of the summed events joined with their tags (`ROLLING_TAGS`)."""
-    return _statements(rolling_tags, "true")
+    is the dialect's spelling of the summed events joined with their tags (`ROLLING_TAGS`); `days`: the
+    daily table too."""
+    return _statements(rolling_tags, "true", days)
 
 
 ROLL_LOCK = 0x726F6C6C  # the advisory lock key of rolling (PostgreSQL)
@@ -113,11 +138,11 @@ def hold_off_roll(tx: Tx) -> None:
         tx.one("SELECT pg_advisory_xact_lock_shared(?)", [ROLL_LOCK])
 
 
-def roll(tx: Tx, limit: int = ROLL_LIMIT, rule: bursts.Rule | None = None, burst_batch_us: int = 0) -> int:
+def roll(tx: Tx, limit: int = ROLL_LIMIT, rule: bursts.Rule | None = None, with_bursts: bool = True) -> int:
     """Add the events recorded since the mark to the rollups and the burst starts and move the mark past
     them; returns how many seqs it moved (0 when there was nothing to roll). `rule`: billing's burst rule
     (max_requests, window_s); when the burst table was built for another, it is rebuilt for this one;
-    `burst_batch_us`: see `bursts.keep`."""
+    `with_bursts=False`: leave the burst starts to `bursts.step` and `bursts.apply` (billing's roller)."""
     if tx.dialect == "postgres":
         start = int(tx.one("SELECT seq FROM rollup_mark WHERE id = 1 FOR UPDATE")[0])  # type: ignore[index]
         # Once no ingesting transaction is in flight, every seq up to the largest committed one is settled
@@ -131,12 +156,13 @@ def roll(tx: Tx, limit: int = ROLL_LIMIT, rule: bursts.Rule | None = None, burst
         start = mark(tx)
         top = tx.one("SELECT MAX(seq) FROM events")
     end = min(int(top[0]), start + limit) if top is not None and top[0] is not None else start
+    keep = bursts.keep if with_bursts else bursts.follow
     if end <= start:
-        bursts.keep(tx, start, start, rule, burst_batch_us)
+        keep(tx, start, start, rule)
         return 0
     for statement in _statements(ROLLING_TAGS[tx.dialect], f"seq > {int(start)} AND seq <= {int(end)}"):
         tx.execute(statement)  # the seqs spelled out: PostgreSQL binds no parameters in CREATE TABLE AS
-    bursts.keep(tx, start, end, rule, burst_batch_us)
+    keep(tx, start, end, rule)
     tx.execute("UPDATE rollup_mark SET seq = ? WHERE id = 1", [end])
     return end - start
 
@@ -144,17 +170,17 @@ def roll(tx: Tx, limit: int = ROLL_LIMIT, rule: bursts.Rule | None = None, burst
 def rebuild(tx: Tx, rule: bursts.Rule | None = None) -> None:
     """Recompute every rollup and the burst starts (for `rule`, else the table's) from the events (after a
     bulk load), up to the last event."""
-    for table in (BY_MODEL, BY_KEY, BY_TAG, KEY_GROUPS):
+    for table in (BY_MODEL, BY_KEY, BY_TAG, KEY_GROUPS, BY_KEY_DAYS):
         tx.execute(f"DELETE FROM {table}")
     for statement in backfill(ROLLING_TAGS[tx.dialect]):
         tx.execute(statement)
     tx.execute("UPDATE rollup_mark SET seq = (SELECT COALESCE(MAX(seq), 0) FROM events) WHERE id = 1")
-    stored = bursts.stored_rule(tx)
+    stored = bursts.state(tx)
     if stored is not None:
-        bursts.rebuild(tx, rule or stored, mark(tx))
+        bursts.rebuild(tx, rule or stored[0], mark(tx))
         tx.execute(f"DELETE FROM {bursts.KEY_TENANTS}")
         tx.execute(bursts.KEY_TENANTS_BACKFILL)
 
 
-__all__ = ["BACKFILL", "BY_KEY", "BY_MODEL", "BY_TAG", "EVENTS_BY_SEQ", "HOUR_US", "KEY_GROUPS", "ROLLING_TAGS",
+__all__ = ["BACKFILL", "BY_KEY", "BY_KEY_DAYS", "BY_MODEL", "BY_TAG", "DAYS_BACKFILL", "DAY_US", "EVENTS_BY_SEQ", "HOUR_US", "KEY_GROUPS", "ROLLING_TAGS",
            "ROLL_LOCK", "TAG_PAIRS", "backfill", "hold_off_roll", "mark", "rebuild", "roll", "tags_json"]

@@ -20,6 +20,7 @@ from services.billing import (
     alerts,
     audit,
     budgets,
+    bursts,
     engine_usage,
     lease_watch,
     leases,
@@ -426,9 +427,14 @@ class Billing:
                 await self.hub.wait(seen, poll_s)
 
     async def roll_rollups(self) -> int:
-        """Roll the events recorded since the last roll into the hourly rollups; returns the seqs it moved."""
+        """Roll the events recorded since the last roll into the hourly rollups; returns the seqs it moved.
+        The burst table's step is computed on a read snapshot, beside the writer, and written on its own."""
         rule = (self.anomaly_rule.max_requests, self.anomaly_rule.window_s)
-        return await self.store.write(lambda tx: rollups.roll(tx, rule=rule, burst_batch_us=BURST_BATCH_US))
+        moved = await self.store.write(lambda tx: rollups.roll(tx, rule=rule, with_bursts=False))
+        step = await self.store.read(lambda tx: bursts.step(tx, rollups.mark(tx), BURST_BATCH_US))
+        if step is not None:
+            await self.store.write(lambda tx: bursts.apply(tx, step))
+        return moved
 
     async def report(self, query: reports.ReportQuery) -> tuple[list[reports.ReportRow], reports.ReportRow]:
         reports.check_query(query)

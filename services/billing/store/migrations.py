@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from services.billing import bursts
-from services.billing.rollups import BACKFILL, ROLLING_TAGS, backfill
+from services.billing.rollups import BACKFILL, DAYS_BACKFILL, ROLLING_TAGS, backfill
 from services.billing.store.base import Tx
 
 TYPES = {
@@ -133,7 +133,7 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
             PRIMARY KEY (api_key_id, hour_us, tenant_id, model, model_version, status, tags_json, source)){clustered}""",
         # The rollups hold exactly the events up to this seq; later ones are rolled in by `rollups.roll`.
         "CREATE TABLE rollup_mark (id {int} PRIMARY KEY, seq {int} NOT NULL)",
-        *backfill("{rolling_tags}"),
+        *backfill("{rolling_tags}", days=False),
         "INSERT INTO rollup_mark (id, seq) SELECT 1, COALESCE(MAX(seq), 0) FROM events",
         # The time index carries each event's key and tenant too: the burst rule reads only the index.
         "CREATE INDEX events_time_key ON events (end_us, api_key_id, tenant_id)",
@@ -155,6 +155,14 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
         "CREATE TABLE usage_key_tenants (api_key_id TEXT NOT NULL, tenant_id TEXT NOT NULL,"
         " PRIMARY KEY (api_key_id, tenant_id)){clustered}",
         bursts.KEY_TENANTS_BACKFILL,
+    )),
+    (7, "usage per key and day, backfilled from the hourly rollups", (
+        # Per UTC day, tenant and key: how many of the day's hours had the key's events, and their requests
+        # and cost, kept by `rollups.roll`: the spend rule's week of history in a row per key and day.
+        """CREATE TABLE usage_days_by_key (
+            day_us {int} NOT NULL, tenant_id TEXT NOT NULL, api_key_id TEXT NOT NULL, hours {int} NOT NULL,
+            requests {int} NOT NULL, cost_micros {int} NOT NULL, PRIMARY KEY (day_us, tenant_id, api_key_id)){clustered}""",
+        DAYS_BACKFILL,
     )),
 )
 

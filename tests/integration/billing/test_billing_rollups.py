@@ -174,7 +174,7 @@ TAG_PAIRS = {"sqlite": "events, json_each(events.tags_json) AS t",
 
 
 def compared(database: str) -> list[tuple[list[tuple[object, ...]], list[tuple[object, ...]]]]:
-    """(the rollup table's rows, the scan's rows) for each table, and for the key groups."""
+    """(the rollup table's rows, the scan's rows) for each table, the key groups and the keys' days."""
     dialect = "sqlite" if database.startswith("sqlite:///") else "postgres"
     out = []
     for table, (keys, scanned, source) in TABLES.items():
@@ -187,6 +187,12 @@ def compared(database: str) -> list[tuple[list[tuple[object, ...]], list[tuple[o
     out.append((ledger_rows(database, f"SELECT {groups} FROM usage_key_groups ORDER BY 1, 2, 3, 4, 5, 6, 7, 8"),
                 ledger_rows(database, f"SELECT DISTINCT {groups.replace('hour_us', HOUR_OF)} FROM events"
                                       " ORDER BY 1, 2, 3, 4, 5, 6, 7, 8")))
+    day = 24 * 3600000000
+    out.append((ledger_rows(database, "SELECT day_us, tenant_id, api_key_id, hours, requests, cost_micros"
+                                      " FROM usage_days_by_key ORDER BY 1, 2, 3"),
+                ledger_rows(database, f"SELECT end_us / {day} * {day}, tenant_id, api_key_id, COUNT(DISTINCT"
+                                      f" {HOUR_OF}), COUNT(*), SUM(cost_micros) FROM events GROUP BY 1, 2, 3"
+                                      " ORDER BY 1, 2, 3")))
     return out
 
 
@@ -248,9 +254,10 @@ async def test_the_migration_builds_rollups_from_the_events_already_recorded(ser
         "CREATE TABLE usage_hours (hour_us BIGINT)", "DROP INDEX events_time_key",
         "CREATE INDEX events_time ON events (end_us)", "DELETE FROM schema_migrations WHERE version = 5",
         "DROP TABLE usage_key_bursts", "DROP TABLE usage_burst_rule", "DROP TABLE usage_key_tenants",
-        "DELETE FROM schema_migrations WHERE version = 6")])
+        "DELETE FROM schema_migrations WHERE version = 6", "DROP TABLE usage_days_by_key",
+        "DELETE FROM schema_migrations WHERE version = 7")])
     await store.close()
-    running = await serve(build_server(config))  # migrations 5 and 6 run again
+    running = await serve(build_server(config))  # migrations 5 to 7 run again
     for table, scan in compared(database):
         assert table == scan and table
     ends = ledger_rows(database, "SELECT tenant_id, api_key_id, end_us FROM events ORDER BY 1, 2, 3")

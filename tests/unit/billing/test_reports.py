@@ -265,3 +265,72 @@ def test_a_key_of_two_tenants_bursts_across_them_in_a_report_of_all_tenants() ->
     assert reports.anomalous_keys(ledger.tx, query(T0, T0 + 10 * HOUR), RULE) == {"shared"}
     assert reports.anomalous_keys(ledger.tx, query(T0, T0 + 10 * HOUR, tenant_id="acme"), RULE) == set()
     assert_bursts_equal_a_scan(ledger)
+
+
+def day_rows(ledger: Ledger) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in ledger.tx.all("SELECT * FROM usage_days_by_key ORDER BY 1, 2, 3")]
+
+
+def scanned_days(ledger: Ledger) -> list[tuple[Any, ...]]:
+    day = 24 * HOUR
+    return [tuple(r) for r in ledger.tx.all(
+        f"SELECT end_us / {day} * {day}, tenant_id, api_key_id, COUNT(DISTINCT end_us / {HOUR}), COUNT(*),"
+        f" SUM(cost_micros) FROM events GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")]
+
+
+def test_the_daily_table_counts_each_hour_of_a_key_once_however_its_events_are_rolled() -> None:
+    ledger = random_ledger(5, 1500, 30)
+    while rollups.roll(ledger.tx, limit=37):  # an hour's events over many rolls, and late events in old hours
+        pass
+    assert day_rows(ledger) == scanned_days(ledger) and len({r[0] for r in day_rows(ledger)}) >= 10
+    for n in range(40):
+        add(ledger, f"late{n}", 7, T0 - 5 * 24 * HOUR + n * 7 * HOUR // 3, key=f"k{n % 3}")
+    rollups.roll(ledger.tx)
+    assert day_rows(ledger) == scanned_days(ledger)
+    rolled = day_rows(ledger)
+    rollups.rebuild(ledger.tx)
+    assert day_rows(ledger) == rolled
+
+
+def test_the_spend_rule_weighs_an_hour_against_a_week_of_whole_days_of_history() -> None:
+    ledger = Ledger()
+    for hour in range(1, 7 * 24 + 1, 5):  # 34 hours of history over seven days, 100 micro-units each
+        add(ledger, f"a{hour}", 60, T0 - hour * HOUR + 10, key="steady")
+        add(ledger, f"b{hour}", 40, T0 - hour * HOUR + 20, key="steady")  # a second event in the same hour
+        add(ledger, f"c{hour}", 100, T0 - hour * HOUR + 30, key="spiky")
+        rollups.roll(ledger.tx, limit=1)  # each event in its own roll: an hour is counted once
+    add(ledger, "old", 10**6, T0 - 8 * 24 * HOUR, key="steady")  # before the week: not in its mean
+    add(ledger, "normal", 290, T0 + HOUR + 5, key="steady")  # 2.9x its mean: under the 3x rule
+    add(ledger, "spike", 301, T0 + HOUR + 5, key="spiky")
+    for rolled in (False, True):
+        for start in (T0, T0 + 1800 * US):  # the week before the window's first hour, either way
+            q = query(start, T0 + 2 * HOUR, group_by=("api_key",))
+            assert reports.anomalous_keys(ledger.tx, q, RULE) == {"spiky"} == \
+                reports.anomalous_keys(ledger.tx, q, RULE, rollups=False)
+        if not rolled:
+            rollups.roll(ledger.tx)
+
+
+def test_a_burst_step_computed_before_the_table_moved_or_its_rule_changed_is_dropped() -> None:
+    from services.billing import bursts
+
+    ledger = bursty_ledger(5)
+    rollups.roll(ledger.tx, with_bursts=False)
+    end = rollups.mark(ledger.tx)
+    stale = bursts.step(ledger.tx, end)
+    assert stale is not None and stale.rows
+    newer = bursts.step(ledger.tx, end)
+    assert newer is not None and bursts.apply(ledger.tx, newer)
+    assert not bursts.apply(ledger.tx, stale) and not bursts.apply(ledger.tx, newer)  # the table moved past them
+    kept = burst_rows(ledger)
+    rollups.rebuild(ledger.tx)
+    assert burst_rows(ledger) == kept
+    for n in range(60):
+        add(ledger, f"more{n}", 1, T0 + 4 * HOUR + n * 50_000, key="k9")
+    rollups.roll(ledger.tx, with_bursts=False)
+    old_rule = bursts.step(ledger.tx, rollups.mark(ledger.tx))
+    assert old_rule is not None
+    rollups.roll(ledger.tx, rule=(30, 3), with_bursts=False)  # rebuilt for another rule meanwhile
+    assert not bursts.apply(ledger.tx, old_rule)
+    strict = reports.AnomalyRule(max_requests=30, window_s=3, hourly_factor_permille=3000)
+    assert_bursts_equal_a_scan(ledger, strict)
