@@ -23,9 +23,10 @@ Where Reserve decides, and why its answer waits for a durable commit:
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.billing import alerts, audit, periods
+from services.billing import alerts, audit, periods, rollups
 from services.billing.catalog import Snapshot
 from services.billing.model import (
     Alert,
@@ -249,6 +250,17 @@ def close_hold(tx: Tx, snap: Snapshot, hold_id: str, new_state: int, now_us: int
     if tx.book is not None:
         tx.book.drop_hold([r[0] for r in rows], hold_id)
     return changed > 0
+
+
+def lock_holds(tx: Tx, hold_ids: Sequence[str]) -> None:
+    """Lock the budgets of several holds at once, in id order, before they are settled together (each
+    `close_hold` locking its own in turn could deadlock with another batch on PostgreSQL; SQLite's single
+    writer needs no lock)."""
+    if tx.dialect == "postgres" and len(hold_ids) > 1:
+        rollups.hold_off_roll(tx)  # first, as ingestion takes it: a roll waits for no budget
+        marks = ", ".join("?" * len(hold_ids))
+        tx.lock_budgets([r[0] for r in tx.all(f"SELECT budget_id FROM hold_budgets WHERE hold_id IN ({marks})",
+                                              list(hold_ids))])
 
 
 def check_settle_tenant(tx: Tx, hold_id: str, tenant_id: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
@@ -89,6 +90,8 @@ class Billing:
                                                 config.anomaly_hourly_factor_permille)
         # Budget changes pushed to the routers' lease books before they commit (lease_watch.py).
         self.lease_watchers = lease_watch.Watchers(config.lease_change_timeout_s)
+        self._settles: _Settles | None = None  # the settles waiting for the writer (folded into one unit)
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
         await self.webhooks.close()
@@ -188,21 +191,75 @@ class Billing:
         return outcome
 
     async def settle(self, hold_id: str, event: UsageEvent) -> Recorded:
+        """Record a request's usage and close its hold, in one commit. Settles that arrive while the writer is
+        busy are folded into one unit of work (`_Settles`): one ingest of all their events, as StreamUsage
+        batches, and each hold closed; each caller still gets its own result or error."""
         check_text(hold_id, "hold_id", required=True, limit=128)
+        event = self._prepare(event, self.clock())
+        waiting = self._settles
+        place = waiting.add(hold_id, event) if waiting is not None else -1
+        if waiting is None or place < 0:
+            waiting = self._settles = _Settles()
+            place = waiting.add(hold_id, event)
+            self._settling.add(asyncio.ensure_future(self._run_settles(waiting)))
+        result = (await asyncio.shield(waiting.done))[place]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def _run_settles(self, waiting: _Settles) -> None:
+        ingested: list[ledger.Ingested] = []
+        try:
+            try:
+                results, ingested = await self.store.write(lambda tx: self._settle_all(tx, waiting.take()))
+            except Exception:  # one settle broke the unit (logged by the store): each on its own, to say which
+                results, ingested = [], []
+                for item in waiting.take():
+                    try:
+                        one, single = await self.store.write(functools.partial(self._settle_all, items=[item]))
+                    except Exception as error:
+                        one, single = [error], []
+                    results += one
+                    ingested += single
+            for each in ingested:
+                self._after_commit(each)
+            waiting.done.set_result(results)
+        except Exception as error:  # the callers get it
+            if not waiting.done.done():
+                waiting.done.set_exception(error)
+            return
+        finally:
+            self._settling.discard(asyncio.current_task())  # type: ignore[arg-type]
+        for each in ingested:
+            try:
+                await self._note_late(each.outcomes)
+            except Exception:  # only a log line and a metric: the settles are answered
+                log.exception("late_router_event_check_failed")
+
+    def _settle_all(self, tx: Tx, items: Sequence[tuple[str, UsageEvent]]
+                    ) -> tuple[list[Recorded | Exception], list[ledger.Ingested]]:
+        """Settle these holds with their events in the caller's transaction: the events ingested at once
+        and each hold closed whose event was recorded; a hold of another tenant or an unpriced event is that
+        settle's error, and its hold stays open with nothing written for it."""
         now = self.clock()
-        event = self._prepare(event, now)
-
-        def unit(tx: Tx) -> ledger.Ingested:
-            budgets.check_settle_tenant(tx, hold_id, event.tenant_id)
-            ingested = self.ingester.ingest(tx, [event], now)
-            ingested.single()  # an unpriced event: raise, so the hold stays open and nothing is written
-            budgets.close_hold(tx, self.catalog.current(tx), hold_id, budgets.SETTLED, now)
-            return ingested
-
-        ingested = await self.store.write(unit)
-        self._after_commit(ingested)
-        await self._note_late(ingested.outcomes)
-        return ingested.single()
+        results: list[Recorded | Exception | None] = [None] * len(items)
+        kept: list[int] = []
+        for index, (hold_id, event) in enumerate(items):
+            try:
+                budgets.check_settle_tenant(tx, hold_id, event.tenant_id)
+                kept.append(index)
+            except DomainError as error:
+                results[index] = error
+        if not kept:
+            return [r for r in results if r is not None], []
+        budgets.lock_holds(tx, [items[i][0] for i in kept])
+        ingested = self.ingester.ingest(tx, [items[i][1] for i in kept], now)
+        snap = self.catalog.current(tx)
+        for index, outcome in zip(kept, ingested.outcomes, strict=True):
+            results[index] = outcome
+            if not isinstance(outcome, DomainError):
+                budgets.close_hold(tx, snap, items[index][0], budgets.SETTLED, now)
+        return [r for r in results if r is not None], [ingested]
 
     async def release(self, hold_id: str) -> bool:
         check_text(hold_id, "hold_id", required=True, limit=128)
@@ -447,6 +504,31 @@ class Billing:
 
     async def totals(self) -> tuple[int, int, int, int]:
         return await self.store.read(ledger.totals)
+
+
+class _Settles:
+    """Settles waiting to be folded into one unit of work: open until the writer starts running it (`take`),
+    then closed (later settles start the next one). `add` is called on the event loop, `take` by the
+    store's writer thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: list[tuple[str, UsageEvent]] = []
+        self._taken = False
+        self.done: asyncio.Future[list[Recorded | Exception]] = asyncio.get_running_loop().create_future()
+
+    def add(self, hold_id: str, event: UsageEvent) -> int:
+        """This settle's place among the results, or -1 when the writer already took the batch."""
+        with self._lock:
+            if self._taken:
+                return -1
+            self._items.append((hold_id, event))
+            return len(self._items) - 1
+
+    def take(self) -> list[tuple[str, UsageEvent]]:
+        with self._lock:
+            self._taken = True
+            return list(self._items)
 
 
 def alert_payload(alert: Alert) -> dict[str, object]:

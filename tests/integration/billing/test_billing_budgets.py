@@ -64,6 +64,41 @@ async def test_thousand_concurrent_reserves_grant_exactly_what_the_budget_covers
     assert "cannot cover this request" in denied.events[0].details_json
 
 
+async def test_concurrent_settles_folded_into_one_commit_each_get_their_own_answer(billing) -> None:
+    async with operator(billing) as chan:
+        stub = pb2_grpc.BillingServiceStub(chan)
+        await stub.CreatePrice(price_request())
+        created = await stub.CreateBudget(tenant_budget("acme", micros=1000 * HOLD))
+        holds = [h.hold_id for h in await asyncio.gather(*(stub.Reserve(reserve(i)) for i in range(111)))]
+        foreign = (await stub.Reserve(reserve(999, tenant="globex"))).hold_id
+
+        async def settle(hold_id: str, event_id: str, **kw: object) -> pb2.SettleResponse | grpc.StatusCode:
+            try:
+                return await stub.Settle(pb2.SettleRequest(hold_id=hold_id, event=usage(event_id, prompt=90,
+                                                                                        completion=80, **kw)))
+            except grpc.aio.AioRpcError as err:
+                return err.code()
+
+        answers = await asyncio.gather(
+            *(settle(h, f"s{n}") for n, h in enumerate(holds[:100])),
+            *(settle(h, f"x{n}", model="unpriced") for n, h in enumerate(holds[100:110])),  # hold stays open
+            settle(holds[110], "s7"),  # another settle's event: a duplicate, counted once
+            settle(foreign, "f0"),  # a globex hold settled with acme's usage
+            settle("no-such-hold", "n0"))
+        state = (await stub.GetBudget(pb2.GetBudgetRequest(budget_id=created.budget.budget_id))).status
+        recorded = [a for a in answers if isinstance(a, pb2.SettleResponse)]
+        assert len(recorded) == 101 and sum(not a.duplicate for a in recorded) == 100
+        assert all(a.cost.micros == expected_cost(90, 80) for a in recorded)
+        assert answers[100:110] == [grpc.StatusCode.FAILED_PRECONDITION] * 10
+        assert answers[111:] == [grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND]
+        assert state.spent_amount.micros == 100 * expected_cost(90, 80)
+        assert state.held_amount.micros == 10 * HOLD  # the unpriced settles' holds, still open
+        again = await asyncio.gather(*(settle(h, f"y{n}") for n, h in enumerate(holds[100:110])))
+        assert all(isinstance(a, pb2.SettleResponse) and not a.duplicate for a in again)
+        state = (await stub.GetBudget(pb2.GetBudgetRequest(budget_id=created.budget.budget_id))).status
+    assert state.spent_amount.micros == 110 * expected_cost(90, 80) and state.held_amount.micros == 0
+
+
 async def test_two_processes_on_one_postgres_cannot_overshoot(postgres, tmp_path: Path, processes) -> None:
     dsn = postgres.create_database()
     first = start_billing(dsn, tmp_path, "a")
