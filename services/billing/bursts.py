@@ -24,9 +24,10 @@ the events after it in the events, within one window of them.
 
 `usage_burst_rule` records the (max_requests, window_s) the table was built for. Migration 6 built it for
 the default rule (50, 10) from the events already recorded. When billing runs with another rule, its next
-roll rebuilds the table from all the events up to the new mark (one window pass over the ledger, in that
-roll's transaction); until it commits, reports find the rule differs and check the whole hours' events
-themselves (`reports._bursting`), so no answer is ever built from a table of another rule.
+roll's step rebuilds the table from all the events up to the rollups' mark (one window pass over the
+ledger, on the read snapshot, then written at once); until it is written, reports find the rule differs and
+check the whole hours' events themselves (`reports._bursting`), so no answer is ever built from a table of
+another rule.
 """
 
 from __future__ import annotations
@@ -87,12 +88,13 @@ def rebuild(tx: Tx, rule: Rule, through_seq: int) -> None:
 
 @dataclass(frozen=True)
 class Step:
-    """The runs among the events with seqs up to `end` that change the table, computed when it held the
-    events up to `held` for `rule`: the rows `apply` upserts."""
+    """What `apply` writes, computed when the table held the events up to `held` for `rule`: the runs among
+    the events with seqs up to `end` that change it, or with `rebuilt_for`, the whole table for that rule."""
     rule: Rule
     held: int
     end: int
     rows: list[Row]
+    rebuilt_for: Rule | None = None
 
 
 def follow(tx: Tx, start: int, end: int, rule: Rule | None) -> None:
@@ -109,16 +111,21 @@ def follow(tx: Tx, start: int, end: int, rule: Rule | None) -> None:
         rebuild(tx, rule, end)
 
 
-def step(tx: Tx, end: int, batch_us: int = 0) -> Step | None:
+def step(tx: Tx, end: int, batch_us: int = 0, rule: Rule | None = None) -> Step | None:
     """The runs the events after the table's seq and up to `end` (at most the rollups' mark) start or
     shorten, or None when there are none to add. It only reads, so billing computes it on a read snapshot
     beside the writer and ingestion does not wait for it. `batch_us`: None until the events not added yet
     were recorded over at least that long (or number `BATCH_EVENTS`), so a busy ledger's events are added
-    in fewer, larger steps (a step reads one window of events around them)."""
+    in fewer, larger steps (a step reads one window of events around them). With a `rule` other than the
+    table's: the whole table for that rule, from every event up to `end` (one window pass over the ledger,
+    off the writer too; until it is applied, reports check the events themselves)."""
     found = state(tx)
     if found is None:
         return None
     stored, held = found
+    if rule is not None and tuple(rule) != stored:
+        new = (int(rule[0]), int(rule[1]))
+        return Step(stored, held, end, tx.all(runs(new, "events AS e", f"e.seq <= {int(end)}")), new)
     if end <= held:
         return None
     if batch_us and end - held < BATCH_EVENTS:
@@ -134,18 +141,22 @@ def step(tx: Tx, end: int, batch_us: int = 0) -> Step | None:
     where = (f"e.end_us >= (SELECT MIN(lo) FROM touched) AND e.end_us <= (SELECT MAX(hi) FROM touched)"
              f" AND e.seq <= {int(end)} AND e.tenant_id = r.tenant_id AND e.api_key_id = r.api_key_id"
              f" AND e.end_us >= r.lo AND e.end_us <= r.hi")
-    rows = tx.all(f"WITH touched AS ({touched}) {runs(stored, f'{_BY_TIME[tx.dialect]} CROSS JOIN touched AS r', where)}")
-    return Step(stored, held, end, rows)
+    source = f"{_BY_TIME[tx.dialect]} CROSS JOIN touched AS r"
+    return Step(stored, held, end, tx.all(f"WITH touched AS ({touched}) {runs(stored, source, where)}"))
 
 
 def apply(tx: Tx, found: Step) -> bool:
-    """Upsert a step's runs (the latest start and the earliest end per hour) and move the table's seq to its
-    end, in a write transaction; False (nothing written) when the table moved or was rebuilt since the step
-    was computed: the next step covers its events again."""
+    """Write a step in a write transaction: upsert its runs (the latest start and the earliest end per
+    hour), or replace the table with a rebuild's, and move the table's seq to its end (and its rule to the
+    rebuild's); False (nothing written) when the table moved or was rebuilt since the step was computed:
+    the next step covers its events again."""
     locking = " FOR UPDATE" if tx.dialect == "postgres" else ""
     now = tx.one(f"SELECT max_requests, window_s, seq FROM {RULE_TABLE} WHERE id = 1{locking}")
     if now is None or ((int(now[0]), int(now[1])), int(now[2])) != (tuple(found.rule), found.held):
         return False
+    if found.rebuilt_for is not None:
+        tx.execute(f"DELETE FROM {TABLE}")
+        tx.execute(f"UPDATE {RULE_TABLE} SET max_requests = ?, window_s = ? WHERE id = 1", list(found.rebuilt_for))
     greatest, least = _GREATEST[tx.dialect], _LEAST[tx.dialect]
     if found.rows:
         tx.executemany(f"INSERT INTO {TABLE} ({_COLUMNS}) VALUES (?, ?, ?, ?, ?)"

@@ -485,10 +485,11 @@ class Billing:
 
     async def roll_rollups(self) -> int:
         """Roll the events recorded since the last roll into the hourly rollups; returns the seqs it moved.
-        The burst table's step is computed on a read snapshot, beside the writer, and written on its own."""
+        The burst table's step (or its rebuild for a new rule) is computed on a read snapshot, beside the
+        writer, and written on its own."""
         rule = (self.anomaly_rule.max_requests, self.anomaly_rule.window_s)
-        moved = await self.store.write(lambda tx: rollups.roll(tx, rule=rule, with_bursts=False))
-        step = await self.store.read(lambda tx: bursts.step(tx, rollups.mark(tx), BURST_BATCH_US))
+        moved = await self.store.write(lambda tx: rollups.roll(tx, with_bursts=False))
+        step = await self.store.read(lambda tx: bursts.step(tx, rollups.mark(tx), BURST_BATCH_US, rule))
         if step is not None:
             await self.store.write(lambda tx: bursts.apply(tx, step))
         return moved

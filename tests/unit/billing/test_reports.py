@@ -334,3 +334,23 @@ def test_a_burst_step_computed_before_the_table_moved_or_its_rule_changed_is_dro
     assert not bursts.apply(ledger.tx, old_rule)
     strict = reports.AnomalyRule(max_requests=30, window_s=3, hourly_factor_permille=3000)
     assert_bursts_equal_a_scan(ledger, strict)
+
+
+def test_a_new_rule_rebuilds_the_burst_table_from_a_read_step_and_reports_scan_until_it_is_written() -> None:
+    from services.billing import bursts
+
+    ledger = bursty_ledger(6)
+    rollups.roll(ledger.tx)
+    strict = reports.AnomalyRule(max_requests=30, window_s=3, hourly_factor_permille=3000)
+    rollups.roll(ledger.tx, with_bursts=False)  # billing's roll: no rebuild in it
+    assert ledger.tx.one("SELECT max_requests, window_s FROM usage_burst_rule")[0:2] == (50, 10)  # type: ignore[index]
+    rebuilt = bursts.step(ledger.tx, rollups.mark(ledger.tx), rule=(30, 3))
+    assert rebuilt is not None and rebuilt.rebuilt_for == (30, 3)
+    assert_bursts_equal_a_scan(ledger, strict)  # not written yet: the events answer
+    assert bursts.apply(ledger.tx, rebuilt) and not bursts.apply(ledger.tx, rebuilt)
+    assert ledger.tx.one("SELECT max_requests, window_s FROM usage_burst_rule")[0:2] == (30, 3)  # type: ignore[index]
+    assert bursts.step(ledger.tx, rollups.mark(ledger.tx), rule=(30, 3)) is None  # nothing more to add
+    written = burst_rows(ledger)
+    rollups.rebuild(ledger.tx)
+    assert burst_rows(ledger) == written and written
+    assert_bursts_equal_a_scan(ledger, strict)
