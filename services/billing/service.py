@@ -224,9 +224,14 @@ class Billing:
             for each in ingested:
                 self._after_commit(each)
             waiting.done.set_result(results)
-        except Exception as error:  # the callers get it
+        except BaseException as error:  # the callers get it
             if not waiting.done.done():
-                waiting.done.set_exception(error)
+                if isinstance(error, Exception):
+                    waiting.done.set_exception(error)
+                else:
+                    waiting.done.cancel()
+            if not isinstance(error, Exception):
+                raise
             return
         finally:
             self._settling.discard(asyncio.current_task())  # type: ignore[arg-type]
