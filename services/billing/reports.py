@@ -199,6 +199,22 @@ def _key_hours(tx: Tx, lo: int, hi: int, tenant_id: str, mark: int,
     return found
 
 
+def _peaks(tx: Tx, lo: int, hi: int, tenant_id: str, mark: int, keys: list[str] | None) -> dict[str, int]:
+    """Per api key, the cost of its costliest whole hour in [lo, hi): the maximum taken in SQL over the
+    rollups, and for the keys with events after the mark, over their hours summed with those events."""
+    late = {str(r[1]) for r in _events(tx, ["api_key_id"], lo, hi, tenant_id, 0, after=mark, keys=keys)}
+    conds, params = ["hour_us >= ?", "hour_us < ?"], list[object]([lo, hi])
+    _narrow(conds, params, tenant_id, "", None, keys)
+    out = {str(key): int(top) for key, top in tx.all(
+        f"SELECT api_key_id, MAX(cost) FROM (SELECT hour_us, api_key_id, SUM(cost_micros) AS cost FROM {tables.BY_KEY}"
+        f" WHERE {' AND '.join(conds)} GROUP BY hour_us, api_key_id) AS hourly GROUP BY api_key_id", params)
+        if str(key) not in late}
+    if late:
+        for key, by_hour in _key_hours(tx, lo, hi, tenant_id, mark, sorted(late)).items():
+            out[key] = max(s[1] for s in by_hour.values())
+    return out
+
+
 def _merge(into: dict[str, dict[int, Sums]], more: dict[str, dict[int, Sums]]) -> None:
     for key, by_hour in more.items():
         mine = into.setdefault(key, {})
@@ -343,14 +359,12 @@ def anomalous_keys(tx: Tx, q: ReportQuery, rule: AnomalyRule, rollups: bool = Tr
                if v[0] >= 3}
     if not history:
         return flagged
-    peak: dict[str, int] = {}
+    # The key's costliest hour in the window: of its edge hours, and of the whole hours (disjoint from them).
+    peak = {key: max(s[1] for s in by_hour.values()) for key, by_hour in hours.items() if key in history}
     if whole is not None:
-        keys = sorted(history) if len(history) <= 500 else None
-        hours = {**hours}
-        _merge(hours, _key_hours(tx, *whole, q.tenant_id, mark, keys))
-    for key, by_hour in hours.items():
-        if key in history:
-            peak[key] = max(s[1] for s in by_hour.values())
+        for key, top in _peaks(tx, *whole, q.tenant_id, mark, sorted(history) if len(history) <= 500 else None).items():
+            if key in history:
+                peak[key] = max(peak.get(key, top), top)
     for key, top in peak.items():
         past_hours, past_cost = history[key]
         if top * 1000 > past_cost // past_hours * rule.hourly_factor_permille:
