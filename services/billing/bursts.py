@@ -97,17 +97,11 @@ class Step:
     rebuilt_for: Rule | None = None
 
 
-def follow(tx: Tx, start: int, end: int, rule: Rule | None) -> None:
-    """In the roll's transaction, for the events with seqs in (start, end] (the rollups' old and new mark):
-    list their (key, tenant) pairs and, with a `rule` other than the table's, rebuild the table for it."""
+def follow(tx: Tx, end: int, rule: Rule | None) -> None:
+    """In the roll's transaction, whose new mark is `end` (its statements also list the rolled events'
+    (key, tenant) pairs): with a `rule` other than the table's, rebuild the table for it."""
     found = state(tx)
-    if found is None:
-        return
-    if end > start:
-        tx.execute(f"INSERT INTO {KEY_TENANTS} (api_key_id, tenant_id) SELECT DISTINCT api_key_id, tenant_id"
-                   f" FROM events WHERE seq > {int(start)} AND seq <= {int(end)} ORDER BY 1, 2"
-                   f" ON CONFLICT DO NOTHING")
-    if rule is not None and tuple(rule) != found[0]:
+    if found is not None and rule is not None and tuple(rule) != found[0]:
         rebuild(tx, rule, end)
 
 
@@ -168,9 +162,9 @@ def apply(tx: Tx, found: Step) -> bool:
     return True
 
 
-def keep(tx: Tx, start: int, end: int, rule: Rule | None) -> None:
+def keep(tx: Tx, end: int, rule: Rule | None) -> None:
     """`follow` and add the runs of the events up to `end` at once, in the roll's transaction."""
-    follow(tx, start, end, rule)
+    follow(tx, end, rule)
     found = step(tx, end)
     if found is not None:
         apply(tx, found)

@@ -83,7 +83,7 @@ def _statements(rolling_tags: str, where: str, days: bool = True) -> list[str]:
     """The statements adding the events matching `where` to every rollup table: summed once per key group
     and hour into a temporary table (one pass over the events), which each table sums further.
     `rolling_tags`: the dialect's spelling of that table joined with its rows' tags (`ROLLING_TAGS`);
-    `days`: with the daily table (migration 5's backfill ran before it existed)."""
+    `days`: with the daily table and the key-tenant pairs (migration 5's backfill ran before they existed)."""
     groups = KEYS[KEY_GROUPS]
     from_events = ", ".join(_FROM_EVENTS.get(k, k) for k in groups.split(", "))
     out = [f"CREATE TEMP TABLE rolling AS SELECT {_aliased(groups)}, COUNT(*) AS requests,"
@@ -102,6 +102,9 @@ def _statements(rolling_tags: str, where: str, days: bool = True) -> list[str]:
                    f" ORDER BY {selected} ON CONFLICT ({keys}) DO UPDATE SET {update}")
     out.append(f"INSERT INTO {KEY_GROUPS} ({groups}) SELECT {groups} FROM rolling WHERE true ORDER BY {groups}"
                f" ON CONFLICT ({groups}) DO NOTHING")
+    if days:  # the (key, tenant) pairs seen (services/billing/bursts.py), from the groups, not the events again
+        out.append(f"INSERT INTO {bursts.KEY_TENANTS} (api_key_id, tenant_id) SELECT DISTINCT api_key_id, tenant_id"
+                   f" FROM rolling WHERE true ORDER BY 1, 2 ON CONFLICT DO NOTHING")
     out.append("DROP TABLE rolling")
     return out
 
@@ -158,11 +161,11 @@ def roll(tx: Tx, limit: int = ROLL_LIMIT, rule: bursts.Rule | None = None, with_
     end = min(int(top[0]), start + limit) if top is not None and top[0] is not None else start
     keep = bursts.keep if with_bursts else bursts.follow
     if end <= start:
-        keep(tx, start, start, rule)
+        keep(tx, start, rule)
         return 0
     for statement in _statements(ROLLING_TAGS[tx.dialect], f"seq > {int(start)} AND seq <= {int(end)}"):
         tx.execute(statement)  # the seqs spelled out: PostgreSQL binds no parameters in CREATE TABLE AS
-    keep(tx, start, end, rule)
+    keep(tx, end, rule)
     tx.execute("UPDATE rollup_mark SET seq = ? WHERE id = 1", [end])
     return end - start
 
@@ -170,7 +173,7 @@ def roll(tx: Tx, limit: int = ROLL_LIMIT, rule: bursts.Rule | None = None, with_
 def rebuild(tx: Tx, rule: bursts.Rule | None = None) -> None:
     """Recompute every rollup and the burst starts (for `rule`, else the table's) from the events (after a
     bulk load), up to the last event."""
-    for table in (BY_MODEL, BY_KEY, BY_TAG, KEY_GROUPS, BY_KEY_DAYS):
+    for table in (BY_MODEL, BY_KEY, BY_TAG, KEY_GROUPS, BY_KEY_DAYS, bursts.KEY_TENANTS):
         tx.execute(f"DELETE FROM {table}")
     for statement in backfill(ROLLING_TAGS[tx.dialect]):
         tx.execute(statement)
@@ -178,8 +181,6 @@ def rebuild(tx: Tx, rule: bursts.Rule | None = None) -> None:
     stored = bursts.state(tx)
     if stored is not None:
         bursts.rebuild(tx, rule or stored[0], mark(tx))
-        tx.execute(f"DELETE FROM {bursts.KEY_TENANTS}")
-        tx.execute(bursts.KEY_TENANTS_BACKFILL)
 
 
 __all__ = ["BACKFILL", "BY_KEY", "BY_KEY_DAYS", "BY_MODEL", "BY_TAG", "DAYS_BACKFILL", "DAY_US", "EVENTS_BY_SEQ", "HOUR_US", "KEY_GROUPS", "ROLLING_TAGS",
