@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -123,11 +123,16 @@ def message(browser: WebDriver, containing: str) -> str:
 
 def unless_stale(read: Callable[[], T]) -> T | None:
     """`read()`, or None while the page it reads is being replaced (a reload after a change): the element
-    read went stale, or the new document has not rendered it yet."""
+    read went stale, or the new document has not rendered it yet. Chromium reports an element replaced in
+    the middle of a read as an inspector error, not as a stale element: that counts as stale too."""
     try:
         return read()
     except (StaleElementReferenceException, NoSuchElementException):
         return None
+    except WebDriverException as error:
+        if "does not belong to the document" in (error.msg or ""):
+            return None
+        raise
 
 
 def fill(browser: WebDriver, fields: dict[str, str]) -> None:
