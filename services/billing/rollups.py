@@ -29,9 +29,10 @@ already recorded (`backfill`, also `rebuild`). The same roll keeps the burst rul
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from services.billing import bursts
-from services.billing.store.base import Tx
+from services.billing.store.base import Row, Tx
 
 HOUR_US = 3_600_000_000
 DAY_US = 24 * HOUR_US
@@ -79,19 +80,30 @@ DAYS_BACKFILL = (f"INSERT INTO {BY_KEY_DAYS} (day_us, tenant_id, api_key_id, hou
                  f" SUM(cost_micros) FROM {BY_KEY} GROUP BY hour_us / {DAY_US} * {DAY_US}, tenant_id, api_key_id")
 
 
+_GROUP_SUMS = ("COUNT(*) AS requests, SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS"
+               " completion_tokens, SUM(cached) AS cached_requests, SUM(cost_micros) AS cost_micros")
+
+
+def _grouping(where: str) -> str:
+    """The events matching `where` summed per key group and hour: the rows of the temporary table `rolling`."""
+    groups = KEYS[KEY_GROUPS]
+    from_events = ", ".join(_FROM_EVENTS.get(k, k) for k in groups.split(", "))
+    return f"SELECT {_aliased(groups)}, {_GROUP_SUMS} FROM events WHERE {where} GROUP BY {from_events}"
+
+
 def _statements(rolling_tags: str, where: str, days: bool = True) -> list[str]:
     """The statements adding the events matching `where` to every rollup table: summed once per key group
     and hour into a temporary table (one pass over the events), which each table sums further.
     `rolling_tags`: the dialect's spelling of that table joined with its rows' tags (`ROLLING_TAGS`);
     `days`: with the daily table and the key-tenant pairs (migration 5's backfill ran before they existed)."""
+    return [f"CREATE TEMP TABLE rolling AS {_grouping(where)}", *_folding(rolling_tags, days)]
+
+
+def _folding(rolling_tags: str, days: bool = True) -> list[str]:
+    """The statements adding the groups of the temporary table `rolling` to every rollup table, then
+    dropping it (`_statements`)."""
     groups = KEYS[KEY_GROUPS]
-    from_events = ", ".join(_FROM_EVENTS.get(k, k) for k in groups.split(", "))
-    out = [f"CREATE TEMP TABLE rolling AS SELECT {_aliased(groups)}, COUNT(*) AS requests,"
-           f" SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens,"
-           f" SUM(cached) AS cached_requests, SUM(cost_micros) AS cost_micros FROM events WHERE {where}"
-           f" GROUP BY {from_events}"]
-    if days:
-        out.append(DAYS_ROLL)
+    out = [DAYS_ROLL] if days else []
     sums = ", ".join(f"SUM({c})" for c in SUM_COLUMNS.split(", "))
     for table in (BY_MODEL, BY_KEY, BY_TAG):
         keys = KEYS[table]
@@ -141,11 +153,38 @@ def hold_off_roll(tx: Tx) -> None:
         tx.one("SELECT pg_advisory_xact_lock_shared(?)", [ROLL_LOCK])
 
 
-def roll(tx: Tx, limit: int = ROLL_LIMIT, rule: bursts.Rule | None = None, with_bursts: bool = True) -> int:
+@dataclass(frozen=True)
+class Grouped:
+    """The events of seqs (start, end] summed per key group and hour on a read snapshot (`group`): `roll`
+    folds them in when the mark is still `start`."""
+
+    start: int
+    end: int
+    rows: list[Row]
+
+
+def group(tx: Tx, limit: int = ROLL_LIMIT) -> Grouped | None:
+    """On a read snapshot, beside the writer: the events recorded since the mark, summed as `roll` sums them
+    (the roll's costliest step, a sort of every event). None when there is nothing to roll, and on
+    PostgreSQL, whose seqs settle only under `ROLL_LOCK` (`roll` sums them itself there)."""
+    if tx.dialect == "postgres":
+        return None
+    start = mark(tx)
+    top = tx.one("SELECT MAX(seq) FROM events")
+    end = min(int(top[0]), start + limit) if top is not None and top[0] is not None else start
+    if end <= start:
+        return None
+    return Grouped(start, end, tx.all(_grouping(f"seq > {int(start)} AND seq <= {int(end)}")))
+
+
+def roll(tx: Tx, limit: int = ROLL_LIMIT, rule: bursts.Rule | None = None, with_bursts: bool = True,
+         grouped: Grouped | None = None) -> int:
     """Add the events recorded since the mark to the rollups and the burst starts and move the mark past
     them; returns how many seqs it moved (0 when there was nothing to roll). `rule`: billing's burst rule
     (max_requests, window_s); when the burst table was built for another, it is rebuilt for this one;
-    `with_bursts=False`: leave the burst starts to `bursts.step` and `bursts.apply` (billing's roller)."""
+    `with_bursts=False`: leave the burst starts to `bursts.step` and `bursts.apply` (billing's roller);
+    `grouped`: those events already summed on a read snapshot (`group`), used while the mark is still its
+    start (else the roll sums the events itself)."""
     if tx.dialect == "postgres":
         start = int(tx.one("SELECT seq FROM rollup_mark WHERE id = 1 FOR UPDATE")[0])  # type: ignore[index]
         # Once no ingesting transaction is in flight, every seq up to the largest committed one is settled
@@ -160,11 +199,20 @@ def roll(tx: Tx, limit: int = ROLL_LIMIT, rule: bursts.Rule | None = None, with_
         top = tx.one("SELECT MAX(seq) FROM events")
     end = min(int(top[0]), start + limit) if top is not None and top[0] is not None else start
     keep = bursts.keep if with_bursts else bursts.follow
-    if end <= start:
+    if grouped is not None and grouped.start == start:
+        end = grouped.end  # events are never changed once committed, and SQLite commits seqs in order
+        columns = f"{KEYS[KEY_GROUPS]}, {SUM_COLUMNS}"
+        tx.execute(f"CREATE TEMP TABLE rolling ({columns})")
+        tx.executemany(f"INSERT INTO rolling ({columns}) VALUES ({', '.join('?' * len(columns.split(', ')))})",
+                       grouped.rows)
+        statements = _folding(ROLLING_TAGS[tx.dialect])
+    elif end > start:  # the seqs spelled out: PostgreSQL binds no parameters in CREATE TABLE AS
+        statements = _statements(ROLLING_TAGS[tx.dialect], f"seq > {int(start)} AND seq <= {int(end)}")
+    else:
         keep(tx, start, rule)
         return 0
-    for statement in _statements(ROLLING_TAGS[tx.dialect], f"seq > {int(start)} AND seq <= {int(end)}"):
-        tx.execute(statement)  # the seqs spelled out: PostgreSQL binds no parameters in CREATE TABLE AS
+    for statement in statements:
+        tx.execute(statement)
     keep(tx, end, rule)
     tx.execute("UPDATE rollup_mark SET seq = ? WHERE id = 1", [end])
     return end - start
@@ -183,5 +231,6 @@ def rebuild(tx: Tx, rule: bursts.Rule | None = None) -> None:
         bursts.rebuild(tx, rule or stored[0], mark(tx))
 
 
-__all__ = ["BACKFILL", "BY_KEY", "BY_KEY_DAYS", "BY_MODEL", "BY_TAG", "DAYS_BACKFILL", "DAY_US", "EVENTS_BY_SEQ", "HOUR_US", "KEY_GROUPS", "ROLLING_TAGS",
-           "ROLL_LOCK", "TAG_PAIRS", "backfill", "hold_off_roll", "mark", "rebuild", "roll", "tags_json"]
+__all__ = ["BACKFILL", "BY_KEY", "BY_KEY_DAYS", "BY_MODEL", "BY_TAG", "DAYS_BACKFILL", "DAY_US", "EVENTS_BY_SEQ",
+           "HOUR_US", "KEY_GROUPS", "ROLLING_TAGS", "ROLL_LOCK", "TAG_PAIRS", "Grouped", "backfill", "group",
+           "hold_off_roll", "mark", "rebuild", "roll", "tags_json"]

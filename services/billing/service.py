@@ -490,10 +490,12 @@ class Billing:
 
     async def roll_rollups(self) -> int:
         """Roll the events recorded since the last roll into the hourly rollups; returns the seqs it moved.
-        The burst table's step (or its rebuild for a new rule) is computed on a read snapshot, beside the
-        writer, and written on its own."""
+        The events are summed on a read snapshot, beside the writer, which only folds the sums in; the burst
+        table's step (or its rebuild for a new rule) is computed on a read snapshot too, and written on its
+        own."""
         rule = (self.anomaly_rule.max_requests, self.anomaly_rule.window_s)
-        moved = await self.store.write(lambda tx: rollups.roll(tx, with_bursts=False))
+        grouped = await self.store.read(rollups.group)
+        moved = await self.store.write(lambda tx: rollups.roll(tx, with_bursts=False, grouped=grouped))
         step = await self.store.read(lambda tx: bursts.step(tx, rollups.mark(tx), BURST_BATCH_US, rule))
         if step is not None:
             await self.store.write(lambda tx: bursts.apply(tx, step))

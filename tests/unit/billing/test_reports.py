@@ -354,3 +354,28 @@ def test_a_new_rule_rebuilds_the_burst_table_from_a_read_step_and_reports_scan_u
     rollups.rebuild(ledger.tx)
     assert burst_rows(ledger) == written and written
     assert_bursts_equal_a_scan(ledger, strict)
+
+
+def rollup_rows(ledger: Ledger) -> dict[str, list[tuple[Any, ...]]]:
+    tables = (rollups.BY_MODEL, rollups.BY_KEY, rollups.BY_TAG, rollups.KEY_GROUPS, rollups.BY_KEY_DAYS)
+    return {t: [tuple(r) for r in ledger.tx.all(f"SELECT * FROM {t} ORDER BY 1, 2, 3, 4")] for t in tables}
+
+
+def test_events_summed_on_a_snapshot_are_folded_in_once_and_a_stale_sum_is_not() -> None:
+    ledger = random_ledger(7, 1200, 30)
+    grouped = rollups.group(ledger.tx, limit=700)  # as the roller sums them, on a read snapshot
+    assert grouped is not None and (grouped.start, grouped.end) == (0, 700) and grouped.rows
+    for n in range(30):  # recorded after the snapshot, before the writer folds the sums in
+        add(ledger, f"after{n}", 5, T0 + 3 * HOUR + n, key="k3")
+    assert rollups.roll(ledger.tx, grouped=grouped) == 700 and rollups.mark(ledger.tx) == 700
+    stale = rollups.group(ledger.tx, limit=200)
+    assert stale is not None and stale.start == 700
+    rollups.roll(ledger.tx, limit=100)  # another roll moved the mark meanwhile: the stale sums are dropped
+    assert rollups.roll(ledger.tx, limit=50, grouped=stale) == 50 and rollups.mark(ledger.tx) == 850
+    while rollups.roll(ledger.tx, grouped=rollups.group(ledger.tx)):
+        pass
+    assert rollups.mark(ledger.tx) == 1261 + 30 and rollups.group(ledger.tx) is None
+    rolled = rollup_rows(ledger)
+    rollups.rebuild(ledger.tx)  # every table again from a scan of the events
+    assert rollup_rows(ledger) == rolled and all(rolled.values())
+
