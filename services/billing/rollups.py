@@ -16,7 +16,9 @@ has groups per hour rather than one per event:
 The tables cover exactly the events up to `rollup_mark.seq` (`mark`). `roll` adds the events recorded
 since, in one transaction with the new mark, set-based in SQL (a few thousand upserts for a second of a busy
 ledger, where folding each ingested batch in its own commit costs a row per group per batch); billing rolls
-every second (`service.run_rollup_roller`). A report reads the tables and, for the same hours, the few
+every second (`service.run_rollup_roller`). On SQLite the roller sums the events on a read snapshot first
+(`group`, the roll's costliest step: a sort of every event), beside the writer, and the roll only folds
+those sums in, while the mark is still where the snapshot saw it. A report reads the tables and, for the same hours, the few
 events after the mark, in one snapshot, so it equals a scan of the events whenever it runs. On
 PostgreSQL, where concurrent writers take seqs out of commit order, every ingesting transaction holds
 `ROLL_LOCK` shared (`hold_off_roll`) and `roll` takes it exclusively for as long as it reads the largest
