@@ -11,8 +11,9 @@ alone (`reports.build(..., rollups=False)`, what billing did before rollups), me
 fresh databases, one with the rollup roller running as billing's server runs it (`run_rollup_roller`,
 every second) and one without, interleaved ABBA; a run with rollups ends once a last roll has caught up
 with it, so its time holds every roll of its events and none falls in the next run. Each database's runs
-follow one timeline: first a busy day's events streamed in (1 M a day, what the reports are measured on),
-then events as dense in time as they are recorded (40 us apart), where the burst rule's step reads the most.
+follow one timeline; it is measured twice, on fresh databases: a busy day's events streamed in (1 M a day,
+what the reports are measured on), and events as dense in time as they are recorded (40 us apart), where
+the burst rule's step reads the most.
 
     python -m bench.billing.reports [--sizes 1000000,10000000] [--no-postgres] [--runs 5]
 
@@ -129,17 +130,16 @@ async def bench_ingest(make_dsn: Callable[[str], str], runs: int, spacing_us: in
     ending about now."""
     first_us = time.time_ns() // 1000 - (2 * runs + 1) * INGEST_EVENTS * spacing_us
     kept, bare = await open_billing(make_dsn(f"with{spacing_us}")), await open_billing(make_dsn(f"without{spacing_us}"))
-    times = {id(kept): Timeline(first_us, spacing_us), id(bare): Timeline(first_us, spacing_us)}
+    with_r: list[float] = []
+    without_r: list[float] = []
+    order = [(kept, Timeline(first_us, spacing_us), with_r), (bare, Timeline(first_us, spacing_us), without_r)]
     roller = asyncio.create_task(run_rollup_roller(kept))  # as billing's server runs it; `bare` has none
     try:
-        await ingest_rate(kept, "warm-a", times[id(kept)], rolled=True)
-        await ingest_rate(bare, "warm-b", times[id(bare)], rolled=False)
-        with_r: list[float] = []
-        without_r: list[float] = []
+        for (billing, timeline, _), tag in zip(order, ("warm-a", "warm-b"), strict=True):
+            await ingest_rate(billing, tag, timeline, rolled=billing is kept)
         for run in range(runs):  # ABBA
-            order = [(kept, with_r), (bare, without_r)]
-            for billing, into in order if run % 2 == 0 else order[::-1]:
-                into.append(await ingest_rate(billing, f"r{run}-", times[id(billing)], rolled=billing is kept))
+            for billing, timeline, into in order if run % 2 == 0 else order[::-1]:
+                into.append(await ingest_rate(billing, f"r{run}-", timeline, rolled=billing is kept))
     finally:
         roller.cancel()
         with contextlib.suppress(asyncio.CancelledError):

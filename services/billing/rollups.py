@@ -18,8 +18,8 @@ since, in one transaction with the new mark, set-based in SQL (a few thousand up
 ledger, where folding each ingested batch in its own commit costs a row per group per batch); billing rolls
 every second (`service.run_rollup_roller`). On SQLite the roller sums the events on a read snapshot first
 (`group`, the roll's costliest step: a sort of every event), beside the writer, and the roll only folds
-those sums in, while the mark is still where the snapshot saw it. A report reads the tables and, for the same hours, the few
-events after the mark, in one snapshot, so it equals a scan of the events whenever it runs. On
+those sums in, while the mark is still where the snapshot saw it. A report reads the tables and, for the
+same hours, the few events after the mark, in one snapshot, so it equals a scan of the events whenever it runs. On
 PostgreSQL, where concurrent writers take seqs out of commit order, every ingesting transaction holds
 `ROLL_LOCK` shared (`hold_off_roll`) and `roll` takes it exclusively for as long as it reads the largest
 seq: it waits for the transactions in flight, so no event below its mark can commit after it; rollers
@@ -155,6 +155,12 @@ def hold_off_roll(tx: Tx) -> None:
         tx.one("SELECT pg_advisory_xact_lock_shared(?)", [ROLL_LOCK])
 
 
+def _roll_end(tx: Tx, start: int, limit: int) -> int:
+    """The last seq a roll from `start` takes: the largest recorded, at most `limit` past `start`."""
+    top = tx.one("SELECT MAX(seq) FROM events")
+    return min(int(top[0]), start + limit) if top is not None and top[0] is not None else start
+
+
 @dataclass(frozen=True)
 class Grouped:
     """The events of seqs (start, end] summed per key group and hour on a read snapshot (`group`): `roll`
@@ -172,8 +178,7 @@ def group(tx: Tx, limit: int = ROLL_LIMIT) -> Grouped | None:
     if tx.dialect == "postgres":
         return None
     start = mark(tx)
-    top = tx.one("SELECT MAX(seq) FROM events")
-    end = min(int(top[0]), start + limit) if top is not None and top[0] is not None else start
+    end = _roll_end(tx, start, limit)
     if end <= start:
         return None
     return Grouped(start, end, tx.all(_grouping(f"seq > {int(start)} AND seq <= {int(end)}")))
@@ -193,13 +198,12 @@ def roll(tx: Tx, limit: int = ROLL_LIMIT, rule: bursts.Rule | None = None, with_
         # for good (later writers draw larger ones): hold the lock only to read it, not for the roll.
         tx.one("SELECT pg_advisory_lock(?)", [ROLL_LOCK])
         try:
-            top = tx.one("SELECT MAX(seq) FROM events")
+            end = _roll_end(tx, start, limit)
         finally:
             tx.one("SELECT pg_advisory_unlock(?)", [ROLL_LOCK])
     else:
         start = mark(tx)
-        top = tx.one("SELECT MAX(seq) FROM events")
-    end = min(int(top[0]), start + limit) if top is not None and top[0] is not None else start
+        end = _roll_end(tx, start, limit)
     keep = bursts.keep if with_bursts else bursts.follow
     if grouped is not None and grouped.start == start:
         end = grouped.end  # events are never changed once committed, and SQLite commits seqs in order
