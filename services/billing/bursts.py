@@ -9,17 +9,21 @@ request is its last's `max_requests`-th predecessor (`LAG`), per tenant and key.
 Kept exactly for the events up to its own mark, in the rollups' roll transaction (`keep`, called by
 `rollups.roll`): events only add runs (a start that had more than `max_requests` requests within the window
 still has them), and a new event ending at t can only start or shorten the runs starting in (t - window, t],
-which end before t + window. So each roll recomputes, for each key with rolled events, the runs among that
-key's events in [min(t) - window, max(t) + window] (one statement) and upserts the latest start (MAX) and the
-earliest end (MIN) per hour; a late event is handled alike. `usage_key_tenants` lists each (key, tenant)
-seen, so a report across tenants checks a key of several tenants in the events. A roll reads the events within one window of the
-rolled ones' end times, all keys' in the span from the earliest to the latest of them.
+which end before t + window. So each step recomputes, for each key with new events, the runs ending at or
+after its first new one, from its events in [min(t) - window, ...], and upserts the latest start (MAX) and
+the earliest end (MIN) per hour; a late event is handled alike. `usage_key_tenants` lists each (key, tenant)
+seen, so a report across tenants checks a key of several tenants in the events.
+
+Billing's roller keeps each key's latest end times from one step to the next (`Tails`): a key that holds
+`max_requests` of them before its first new event (or whose first new event is a window or more after the
+start of what it holds) needs no other event, so a step of events in order reads only its own events; other
+keys (new to the roller, or later than that) read one window of events before their first new one, by time. A step only serves the
+tails of its own start (the table's seq); any other step starts them over.
 
 Billing's roller adds them in steps (`step`, then `apply`) of at least `BURST_BATCH_US` of recorded time
-(`batch_us`): a step costs about the same for one second's events as for a few seconds'. The step's window
-pass only reads, so the roller runs it on a read snapshot beside the writer and writes its few rows in a
-short transaction of their own (`apply`, which drops a step the table moved past meanwhile); ingestion does
-not wait behind it. `usage_burst_rule.seq` is the last event the table holds (at most the rollup mark); reports check
+(`batch_us`), so its reads of earlier events are few. The step only reads, so the roller runs it on a read
+snapshot beside the writer and writes its few rows in a short transaction of their own (`apply`, which drops
+a step the table moved past meanwhile); ingestion does not wait behind it. `usage_burst_rule.seq` is the last event the table holds (at most the rollup mark); reports check
 the events after it in the events, within one window of them.
 
 `usage_burst_rule` records the (max_requests, window_s) the table was built for. Migration 6 built it for
@@ -32,12 +36,17 @@ another rule.
 
 from __future__ import annotations
 
+import bisect
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.billing.store.base import Row, Tx
 
 TABLE, RULE_TABLE, KEY_TENANTS = "usage_key_bursts", "usage_burst_rule", "usage_key_tenants"
 DEFAULT_RULE = (50, 10)  # (max_requests, window_s): billing's defaults (config.anomaly_*)
+TAIL_KEYS = 100_000
+_READ_KEYS = 2_000  # keys whose earlier events one statement reads  # the most keys whose tails billing's roller keeps (`Tails`)
 BATCH_EVENTS = 100_000  # with a batch time, add this many events at once however fast they came
 _HOUR = 3_600_000_000
 _COLUMNS = "hour_us, tenant_id, api_key_id, latest_start_us, first_end_us"
@@ -95,6 +104,8 @@ class Step:
     end: int
     rows: list[Row]
     rebuilt_for: Rule | None = None
+    tails: Mapping[tuple[str, str], Tail] | None = None  # each touched key's, as of `end` (`Tails.adopt`)
+    read_back: int = 0  # the keys whose events before their new ones were read (no tail served them)
 
 
 def follow(tx: Tx, end: int, rule: Rule | None) -> None:
@@ -105,14 +116,16 @@ def follow(tx: Tx, end: int, rule: Rule | None) -> None:
         rebuild(tx, rule, end)
 
 
-def step(tx: Tx, end: int, batch_us: int = 0, rule: Rule | None = None) -> Step | None:
+def step(tx: Tx, end: int, batch_us: int = 0, rule: Rule | None = None, tails: Tails | None = None) -> Step | None:
     """The runs the events after the table's seq and up to `end` (at most the rollups' mark) start or
     shorten, or None when there are none to add. It only reads, so billing computes it on a read snapshot
     beside the writer and ingestion does not wait for it. `batch_us`: None until the events not added yet
     were recorded over at least that long (or number `BATCH_EVENTS`), so a busy ledger's events are added
-    in fewer, larger steps (a step reads one window of events around them). With a `rule` other than the
-    table's: the whole table for that rule, from every event up to `end` (one window pass over the ledger,
-    off the writer too; until it is applied, reports check the events themselves)."""
+    in fewer, larger steps. `tails`: each key's latest end times as of the table's seq (`Tails`, kept by
+    the roller), so a key whose new events come after the ones they would shorten reads no other events;
+    the rest read one window of events before their first new one. With a `rule` other than the table's:
+    the whole table for that rule, from every event up to `end` (one window pass over the ledger, off the
+    writer too; until it is applied, reports check the events themselves)."""
     found = state(tx)
     if found is None:
         return None
@@ -127,16 +140,111 @@ def step(tx: Tx, end: int, batch_us: int = 0, rule: Rule | None = None) -> Step 
                       f" AND seq <= {int(end)}")
         if span is None or span[0] is None or int(span[0]) < batch_us:
             return None
-    window = stored[1] * 1_000_000
-    touched = (f"SELECT tenant_id, api_key_id, MIN(end_us) - {window} AS lo, MAX(end_us) + {window} AS hi"
-               f" FROM events WHERE seq > {int(held)} AND seq <= {int(end)} GROUP BY tenant_id, api_key_id")
-    # All keys' events in the span of the touched ranges are read once by time (the index on end_us), then
-    # narrowed to each touched key's own range.
-    where = (f"e.end_us >= (SELECT MIN(lo) FROM touched) AND e.end_us <= (SELECT MAX(hi) FROM touched)"
-             f" AND e.seq <= {int(end)} AND e.tenant_id = r.tenant_id AND e.api_key_id = r.api_key_id"
-             f" AND e.end_us >= r.lo AND e.end_us <= r.hi")
-    source = f"{_BY_TIME[tx.dialect]} CROSS JOIN touched AS r"
-    return Step(stored, held, end, tx.all(f"WITH touched AS ({touched}) {runs(stored, source, where)}"))
+    known: Mapping[tuple[str, str], Tail] = tails.at(stored, held) if tails is not None else {}
+    n, window = stored[0], stored[1] * 1_000_000
+    added: dict[tuple[str, str], list[int]] = {}
+    for tenant_id, api_key_id, end_us in tx.all(f"SELECT tenant_id, api_key_id, end_us FROM events"
+                                                f" WHERE seq > {int(held)} AND seq <= {int(end)}"):
+        added.setdefault((str(tenant_id), str(api_key_id)), []).append(int(end_us))
+    found_runs: dict[tuple[int, str, str], list[int]] = {}
+    kept: dict[tuple[str, str], Tail] = {}
+    unread: dict[tuple[str, str], list[int]] = {}
+    for key, ends in added.items():
+        ends.sort()
+        tail = known.get(key)
+        ordered = sorted(tail.ends + tuple(ends)) if tail is not None else []
+        first = bisect.bisect_left(ordered, ends[0])
+        if tail is None or (first < n and ordered[first] - tail.since < window):
+            unread[key] = ends  # its earlier events may shorten its runs: read them
+            continue
+        _runs_from(ordered, max(first, n), n, window, key, found_runs)
+        kept[key] = Tail.of(tail.since, ordered, n, window)
+    if unread:
+        read: dict[tuple[str, str], list[int]] = {key: [] for key in unread}
+        wanted = [(key, ends[0] - window) for key, ends in unread.items()]
+        for start in range(0, len(wanted), _READ_KEYS):
+            chunk = wanted[start:start + _READ_KEYS]
+            keys = ", ".join(["(?, ?)"] * len(chunk))
+            # Those keys' events from a window before their first new one, found on the time index.
+            for tenant_id, api_key_id, end_us in tx.all(
+                    f"SELECT e.tenant_id, e.api_key_id, e.end_us FROM {_BY_TIME[tx.dialect]} WHERE e.end_us >="
+                    f" {min(lo for _, lo in chunk)} AND e.seq <= {int(end)} AND (e.tenant_id, e.api_key_id) IN"
+                    f" (VALUES {keys})", [v for (tenant, key), _ in chunk for v in (tenant, key)]):
+                read[(str(tenant_id), str(api_key_id))].append(int(end_us))
+        for key, ends in unread.items():
+            since = ends[0] - window  # every event of the key from here on is in `ordered`
+            ordered = sorted(e for e in read[key] if e >= since)
+            _runs_from(ordered, max(bisect.bisect_left(ordered, ends[0]), n), n, window, key, found_runs)
+            kept[key] = Tail.of(since, ordered, n, window)
+    rows: list[Row] = [(hour, tenant_id, api_key_id, latest, earliest)
+                       for (hour, tenant_id, api_key_id), (latest, earliest) in found_runs.items()]
+    return Step(stored, held, end, rows, tails=kept, read_back=len(unread))
+
+
+def _runs_from(ordered: list[int], begin: int, n: int, window: int, key: tuple[str, str],
+               into: dict[tuple[int, str, str], list[int]]) -> None:
+    """Into `into`, per (hour of the first request, tenant, key): the latest first and earliest last request
+    of the runs ending at `ordered[begin:]`, each run's first request its last's `n`-th predecessor."""
+    tenant_id, api_key_id = key
+    for i in range(begin, len(ordered)):
+        last, first = ordered[i], ordered[i - n]
+        if last - first < window:
+            found = into.get((hour := first // _HOUR * _HOUR, tenant_id, api_key_id))
+            if found is None:
+                into[(hour, tenant_id, api_key_id)] = [first, last]
+            else:
+                found[0], found[1] = max(found[0], first), min(found[1], last)
+
+
+@dataclass(frozen=True)
+class Tail:
+    """A key's latest end times, sorted: every one of its events after `since` (up to the tails' seq).
+    A run ending at `t` whose first request is not among them starts at `since` or before, so it is no run
+    (under the rule) once `t - since` is at least the window."""
+    since: int
+    ends: tuple[int, ...]
+
+    @staticmethod
+    def of(since: int, ordered: list[int], n: int, window: int) -> Tail:
+        """The tail a later step needs of `ordered` (every event of the key after `since`): the events
+        within two windows of the latest (so an event up to a window late still finds every run it
+        shortens) and at most `2 n` of them (so up to `n` late events of a busy key do)."""
+        begin = 0
+        if since < ordered[-1] - 2 * window:
+            since = ordered[-1] - 2 * window
+            begin = bisect.bisect_left(ordered, since)
+        if len(ordered) - begin > 2 * n:  # events at `since` may go: they are no later than any run's first
+            begin = len(ordered) - 2 * n
+            since = ordered[begin]
+        return Tail(since, tuple(ordered[begin:]))
+
+
+class Tails:
+    """Each key's `Tail` as of the burst table's seq, for the rule it was built for: billing's roller keeps
+    them between steps (`step` reads them, `adopt` takes a written step's), so a step of a busy ledger
+    reads only its own events. They serve only the step that starts at their seq; any other starts over."""
+
+    def __init__(self, keys: int = TAIL_KEYS) -> None:
+        self._max = keys
+        self._at: tuple[Rule, int] | None = None
+        self._tails: OrderedDict[tuple[str, str], Tail] = OrderedDict()
+
+    def at(self, rule: Rule, seq: int) -> Mapping[tuple[str, str], Tail]:
+        return self._tails if self._at == ((int(rule[0]), int(rule[1])), seq) else {}
+
+    def adopt(self, found: Step) -> None:
+        """After `apply` wrote `found`: the tails as of its end (the least recently moved keys dropped)."""
+        if found.rebuilt_for is not None or self._at != (found.rule, found.held):
+            self._tails.clear()
+        self._at = (found.rebuilt_for or found.rule, found.end)
+        for key, tail in (found.tails or {}).items():
+            self._tails[key] = tail
+            self._tails.move_to_end(key)
+        while len(self._tails) > self._max:
+            self._tails.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._tails)
 
 
 def apply(tx: Tx, found: Step) -> bool:

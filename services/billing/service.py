@@ -88,6 +88,7 @@ class Billing:
                                                config.lease_edge_permille)
         self.anomaly_rule = reports.AnomalyRule(config.anomaly_max_requests, config.anomaly_window_s,
                                                 config.anomaly_hourly_factor_permille)
+        self._burst_tails = bursts.Tails()  # each key's latest end times, between the roller's burst steps
         # Budget changes pushed to the routers' lease books before they commit (lease_watch.py).
         self.lease_watchers = lease_watch.Watchers(config.lease_change_timeout_s)
         self._settles: _Settles | None = None  # the settles waiting for the writer (folded into one unit)
@@ -491,14 +492,15 @@ class Billing:
     async def roll_rollups(self) -> int:
         """Roll the events recorded since the last roll into the hourly rollups; returns the seqs it moved.
         The events are summed on a read snapshot, beside the writer, which only folds the sums in; the burst
-        table's step (or its rebuild for a new rule) is computed on a read snapshot too, and written on its
-        own."""
+        table's step (or its rebuild for a new rule) is computed on a read snapshot too, from each key's
+        latest end times kept since the last step (`bursts.Tails`), and written on its own."""
         rule = (self.anomaly_rule.max_requests, self.anomaly_rule.window_s)
         grouped = await self.store.read(rollups.group)
         moved = await self.store.write(lambda tx: rollups.roll(tx, with_bursts=False, grouped=grouped))
-        step = await self.store.read(lambda tx: bursts.step(tx, rollups.mark(tx), BURST_BATCH_US, rule))
-        if step is not None:
-            await self.store.write(lambda tx: bursts.apply(tx, step))
+        tails = self._burst_tails
+        step = await self.store.read(lambda tx: bursts.step(tx, rollups.mark(tx), BURST_BATCH_US, rule, tails))
+        if step is not None and await self.store.write(lambda tx: bursts.apply(tx, step)):
+            tails.adopt(step)
         return moved
 
     async def report(self, query: reports.ReportQuery) -> tuple[list[reports.ReportRow], reports.ReportRow]:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from services.billing import reports, rollups
+from services.billing import bursts, reports, rollups
 from services.billing.model import UsageEvent
 from services.common.errors import InvalidInput
 from services.common.usage import UsageStatus
@@ -379,3 +379,57 @@ def test_events_summed_on_a_snapshot_are_folded_in_once_and_a_stale_sum_is_not()
     rollups.rebuild(ledger.tx)  # every table again from a scan of the events
     assert rollup_rows(ledger) == rolled and all(rolled.values())
 
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_burst_steps_served_from_each_keys_kept_tail_equal_the_table_built_at_once(seed: int) -> None:
+    """Billing's roller keeps each key's latest end times between steps (`bursts.Tails`), so a step of events
+    in order reads no earlier ones. Keys in order, a little late, later than two windows, with shared end
+    times, busy (over 2 n events a step) and quiet, one evicted from the tails: the table equals a rebuild."""
+    import random
+
+    rng = random.Random(seed)
+    ledger = Ledger()
+    tails = bursts.Tails(keys=3)
+    clock, served, read_back = T0, 0, 0
+    for step in range(40):
+        clock += rng.choice([0, 0, HOUR // 3])  # bursts in many hours
+        for n in range(rng.randint(20, 400)):  # late events and the fourth key in some steps
+            clock += rng.choice([0, 1, 5_000, 50_000, 200_000])
+            late = rng.choice([0] * 30 + [rng.randrange(0, 5 * US), rng.randrange(0, 40 * US)]) if step % 3 == 2 else 0
+            key = f"k{rng.randint(0, 3 if step % 5 == 4 else 2)}"
+            for copy in range(rng.choice([1, 1, 1, 3])):  # some end times shared by a key's events
+                add(ledger, f"s{step}-{n}-{copy}", 1, clock - late, key=key)
+        rollups.roll(ledger.tx, with_bursts=False)
+        found = bursts.step(ledger.tx, rollups.mark(ledger.tx), tails=tails)
+        assert found is not None and bursts.apply(ledger.tx, found)
+        tails.adopt(found)
+        served += found.read_back == 0
+        read_back += found.read_back
+    assert served > 5 and read_back > 5  # some steps wholly from the tails, some keys read back
+    assert len(tails) == 3
+    kept = burst_rows(ledger)
+    assert len({(r[0], r[2]) for r in kept}) > 10
+    rollups.rebuild(ledger.tx)
+    assert burst_rows(ledger) == kept
+    assert_bursts_equal_a_scan(ledger)
+
+
+def test_a_steps_tails_serve_only_the_step_that_starts_where_they_end() -> None:
+    ledger = bursty_ledger(8)
+    rollups.roll(ledger.tx, with_bursts=False)
+    tails = bursts.Tails()
+    first = bursts.step(ledger.tx, rollups.mark(ledger.tx), tails=tails)
+    assert first is not None and first.read_back > 0 and bursts.apply(ledger.tx, first)
+    tails.adopt(first)
+    for n in range(60):
+        add(ledger, f"next{n}", 1, T0 + 40 * HOUR + n * 100_000, key="k1")
+    rollups.roll(ledger.tx, with_bursts=False)
+    end = rollups.mark(ledger.tx)
+    served = bursts.step(ledger.tx, end, tails=tails)
+    assert served is not None and served.read_back == 0  # k1's new events came after its tail
+    rollups.rebuild(ledger.tx)  # the table moved (its seq is the mark's): the tails are of another seq
+    add(ledger, "after", 1, T0 + 40 * HOUR + 61 * 100_000, key="k1")
+    rollups.roll(ledger.tx, with_bursts=False)
+    again = bursts.step(ledger.tx, rollups.mark(ledger.tx), tails=tails)
+    assert again is not None and again.read_back == 1
