@@ -44,16 +44,25 @@ def free_ports(count: int, *, consecutive: bool = False, host: str = "127.0.0.1"
     ceiling = _ephemeral_floor()
     candidates = list(range(_LOWEST, ceiling - count))
     with _lock:
-        for _ in range(200):
-            start = random.choice(candidates)
-            run = list(range(start, start + count)) if consecutive else \
-                [start, *random.sample(candidates, count - 1)]
-            if len(set(run)) < count or _handed_out.intersection(run):
-                continue
+        if not consecutive:  # each port on its own: a process that handed out many still finds the rest
             with ExitStack() as stack:
-                if all(_bindable(stack, host, port) for port in run):
-                    _handed_out.update(run)
-                    return run
+                run: list[int] = []
+                for port in random.sample(candidates, len(candidates)):
+                    if port not in _handed_out and _bindable(stack, host, port):
+                        run.append(port)
+                        if len(run) == count:
+                            _handed_out.update(run)
+                            return run
+        else:
+            for _ in range(200):
+                start = random.choice(candidates)
+                run = list(range(start, start + count))
+                if _handed_out.intersection(run):
+                    continue
+                with ExitStack() as stack:
+                    if all(_bindable(stack, host, port) for port in run):
+                        _handed_out.update(run)
+                        return run
     raise OSError(f"no {count} free ports on {host} below {ceiling}")
 
 

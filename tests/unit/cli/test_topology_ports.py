@@ -72,3 +72,11 @@ async def test_a_second_grpc_server_on_a_taken_port_fails_to_bind() -> None:
             await start_server("second", lambda server: [], port=first.port)
     finally:
         await first.stop(0)
+
+
+def test_a_process_that_handed_out_thousands_of_ports_still_gets_a_large_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ports, "_handed_out", set(ports._handed_out))  # this test's reservations end with it
+    low = 10_000
+    ports.reserve(set(range(low, low + 30_000, 7)))  # about one candidate in seven taken, all over the range
+    many = ports.free_ports(300)
+    assert len(set(many)) == 300 and all((p - low) % 7 for p in many)
