@@ -17,14 +17,15 @@ seen, so a report across tenants checks a key of several tenants in the events.
 Billing's roller keeps each key's latest end times from one step to the next (`Tails`): a key that holds
 `max_requests` of them before its first new event (or whose first new event is a window or more after the
 start of what it holds) needs no other event, so a step of events in order reads only its own events; other
-keys (new to the roller, or later than that) read one window of events before their first new one, by time. A step only serves the
-tails of its own start (the table's seq); any other step starts them over.
+keys (new to the roller, or later than that) read one window of events before their first new one, by time.
+A step only serves the tails of its own start (the table's seq); any other step starts them over.
 
 Billing's roller adds them in steps (`step`, then `apply`) of at least `BURST_BATCH_US` of recorded time
 (`batch_us`), so its reads of earlier events are few. The step only reads, so the roller runs it on a read
 snapshot beside the writer and writes its few rows in a short transaction of their own (`apply`, which drops
-a step the table moved past meanwhile); ingestion does not wait behind it. `usage_burst_rule.seq` is the last event the table holds (at most the rollup mark); reports check
-the events after it in the events, within one window of them.
+a step the table moved past meanwhile); ingestion does not wait behind it. `usage_burst_rule.seq` is the last
+event the table holds (at most the rollup mark); reports check the events after it in the events, within
+one window of them.
 
 `usage_burst_rule` records the (max_requests, window_s) the table was built for. Migration 6 built it for
 the default rule (50, 10) from the events already recorded. When billing runs with another rule, its next
@@ -45,8 +46,8 @@ from services.billing.store.base import Row, Tx
 
 TABLE, RULE_TABLE, KEY_TENANTS = "usage_key_bursts", "usage_burst_rule", "usage_key_tenants"
 DEFAULT_RULE = (50, 10)  # (max_requests, window_s): billing's defaults (config.anomaly_*)
-TAIL_KEYS = 100_000
-_READ_KEYS = 2_000  # keys whose earlier events one statement reads  # the most keys whose tails billing's roller keeps (`Tails`)
+TAIL_KEYS = 100_000  # the most keys whose tails billing's roller keeps (`Tails`)
+_READ_KEYS = 2_000  # keys whose earlier events one statement reads
 BATCH_EVENTS = 100_000  # with a batch time, add this many events at once however fast they came
 _HOUR = 3_600_000_000
 _COLUMNS = "hour_us, tenant_id, api_key_id, latest_start_us, first_end_us"

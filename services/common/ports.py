@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import socket
 import threading
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -37,6 +38,14 @@ def _bindable(stack: ExitStack, host: str, port: int) -> bool:
     return True
 
 
+def _random_order(items: list[int]) -> Iterator[int]:
+    """`items` in a random order, drawn as they are asked for (a few draws for a few ports)."""
+    for i in range(len(items)):
+        j = random.randrange(i, len(items))
+        items[i], items[j] = items[j], items[i]
+        yield items[i]
+
+
 def free_ports(count: int, *, consecutive: bool = False, host: str = "127.0.0.1") -> list[int]:
     """`count` distinct ports nobody listens on now, outside the ephemeral range; a run if `consecutive`."""
     if count <= 0:
@@ -47,7 +56,7 @@ def free_ports(count: int, *, consecutive: bool = False, host: str = "127.0.0.1"
         if not consecutive:  # each port on its own: a process that handed out many still finds the rest
             with ExitStack() as stack:
                 run: list[int] = []
-                for port in random.sample(candidates, len(candidates)):
+                for port in _random_order(candidates):
                     if port not in _handed_out and _bindable(stack, host, port):
                         run.append(port)
                         if len(run) == count:
