@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -22,10 +23,11 @@ from services.router.server import build_server as build_router
 from tests.integration.router.conftest import ADMIN_TOKEN, EPHEMERAL, MODEL, Mesh, start_mesh
 from tests.integration.router.test_router_metrics import scrape, value
 from tests.integration.router.test_router_vertical import bearer
-from tests.waiting import wait_until
+from tests.waiting import WaitTimeout, wait_until
 
-# Sequences started on one replica behind the router's back; the router must see at least LOADED of them
-# (past the default margin of 4 over the idle replica, with room for a few that end early at their EOS).
+# Sequences started on one replica behind the router's back (chat turns asking for a long story: each runs
+# to its max_tokens); the router must see at least LOADED of them, past the default margin of 4 over the
+# idle replica.
 LOAD_STREAMS, LOADED = 12, 8
 
 
@@ -37,9 +39,29 @@ async def report(address: str) -> inference_pb2.WatchLoadResponse:
         return first  # type: ignore[no-any-return]
 
 
-async def router_sees_load(address: str, at_least: int | None = None, at_most: int | None = None) -> bool:
+@dataclass(frozen=True)
+class Seen:
+    """Whether the router's view of a replica's load is in range; on a timeout its repr says what the
+    router showed and what the replica itself reported at the last poll."""
+
+    ok: bool
+    router: float
+    replica: inference_pb2.WatchLoadResponse
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __repr__(self) -> str:
+        r = self.replica
+        return (f"the router's autoglm_router_replica_load {self.router:g}; the replica's own report: "
+                f"{r.queue_depth} queued, {r.active_sequences} active, {r.cancelled_total} cancelled, "
+                f"{r.prefill_tokens_total} prompt tokens prefilled")
+
+
+async def router_sees_load(address: str, at_least: int | None = None, at_most: int | None = None) -> Seen:
     load = value(await asyncio.to_thread(scrape), "autoglm_router_replica_load", replica=address)
-    return (at_least is None or load >= at_least) and (at_most is None or load <= at_most)
+    ok = (at_least is None or load >= at_least) and (at_most is None or load <= at_most)
+    return Seen(ok, load, await report(address))
 
 
 async def test_a_conversation_keeps_to_the_replica_holding_its_prefix_unless_it_is_loaded(
@@ -88,13 +110,20 @@ async def test_a_conversation_keeps_to_the_replica_holding_its_prefix_unless_it_
     idle = next(a for a in replicas if a != busy)
     async with grpc.aio.insecure_channel(busy) as load_channel:
         stub = inference_grpc.InferenceServiceStub(load_channel)
-        load = [stub.Generate(inference_pb2.GenerateRequest(
-            prompt=f"Write a long story about ship number {i}.", tenant_id="other",
+        load = [stub.Generate(inference_pb2.GenerateRequest(  # as chat turns: a bare prompt ends at its first token
+            messages=[generation_pb2.ChatMessage(role=generation_pb2.CHAT_ROLE_USER,
+                                                 content=f"Write a long story about ship number {i}.")],
+            tenant_id="other",
             sampling=generation_pb2.SamplingParams(temperature=0.0, max_tokens=512))) for i in range(LOAD_STREAMS)]
         readers = [asyncio.ensure_future(call.read()) for call in load]
         try:
-            await wait_until(lambda: router_sees_load(busy, at_least=LOADED), 60,
-                             "the router to see the loaded replica's WatchLoad report")
+            try:
+                await wait_until(lambda: router_sees_load(busy, at_least=LOADED), 60,
+                                 "the router to see the loaded replica's WatchLoad report")
+            except WaitTimeout as timeout:  # say how the load streams fared, too
+                ended = [repr(r.exception()) if r.done() and r.exception() else "first reply" if r.done() else ""
+                         for r in readers]
+                raise WaitTimeout(f"{timeout}; load streams: {ended}") from None
             # The loaded replica may still be prefilling its own load; the idle one runs nothing else.
             assert idle in await turn("harbour-talk", 5, only_one=False), "the loaded replica was not passed over"
         finally:
