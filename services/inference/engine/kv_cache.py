@@ -112,6 +112,11 @@ class SlotBatch:
         self._rebound()
         return slot
 
+    def hand_over(self, slot: int, key: Hashable) -> None:
+        """The slot, with what its columns hold, now belongs to `key` (a chat turn takes over its
+        conversation's slot)."""
+        self.keys[slot] = key
+
     def release(self, slot: int) -> None:
         """Free the slot at once; its memory goes back to the kernel."""
         self.keys[slot] = None

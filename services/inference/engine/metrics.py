@@ -47,6 +47,8 @@ _COUNTERS = (
     ("autoglm_inference_prefix_cache_misses", "Cacheable prompt blocks prefilled", "prefix_cache_misses"),
     ("autoglm_inference_prefix_cache_warm_tokens", "Finished chat answers' tokens prefilled into the prefix "
      "cache while the replica was idle", "prefix_cache_warm_tokens"),
+    ("autoglm_inference_slots_taken_over", "Chat turns that took over their conversation's parked KV slot "
+     "(its history's prefill KV already there, nothing copied in)", "slots_taken_over_total"),
 )
 
 Report = Callable[[], LoadReport]

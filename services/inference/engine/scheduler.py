@@ -12,8 +12,13 @@ continues with into its slot; a block another sequence computes in this step is 
 computed twice; each block its own chunks complete is added to the cache. An admitted
 sequence takes a slot in a batch of its width class (kv_cache.py); its prompt done, it decodes at
 the next step; a finished one leaves within the step that finished it, except that a finished chat
-turn keeps its slot (a dummy row) until idle steps have prefilled its answer into the prefix cache or
-a request arrives (it stops the warm-up call under way and ends the warm-ups). The step's deltas for
+turn keeps its slot (a dummy row) while idle steps prefill its answer into the prefix cache (a request
+that arrives stops the warm-up call under way and ends the warm-ups), then stays parked: the
+conversation's next turn takes that slot over and prefills from where the prefill KV it shares with
+the slot ends, copying nothing in (a chat turn's history is mostly there already: copying it from the
+cache into fresh pages was most of a late turn's time to first token). At most `max_parked` (a
+quarter of `max_batch_size`) turns stay parked, the oldest going first, and parked slots are given
+up, oldest first, whenever an admission needs their room. The step's deltas for
 all sequences reach the event loop in one hand-off (`call_soon_threadsafe`), and each sequence's
 consumer reads them from its queue.
 """
@@ -78,7 +83,7 @@ class StepPlan:
     decode: list[Sequence] = field(default_factory=list)
     prefill: list[tuple[Sequence, int]] = field(default_factory=list)
     reuse: list[tuple[Sequence, list[Block]]] = field(default_factory=list)  # cached blocks to copy in
-    abandon: list[Sequence] = field(default_factory=list)  # warm-ups given up for waiting requests
+    abandon: list[Sequence] = field(default_factory=list)  # parked turns given up (room, or too many)
     warm: Sequence | None = None  # the finished sequence whose answer this idle step prefills
 
 
@@ -93,6 +98,8 @@ class Counters:
     prefill_tokens_total: int = 0  # prompt tokens run through the model (cache hits not included)
     warm_tokens_total: int = 0  # finished answers' tokens prefilled into the prefix cache in idle steps
     warm_stopped_total: int = 0  # warm-up calls stopped part-way because a request arrived
+    slots_taken_over_total: int = 0  # chat turns that took over their conversation's slot (nothing copied in)
+    tokens_taken_over_total: int = 0  # the prompt tokens those turns found in the slot
     recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=256))
 
     def tokens_per_second(self, window_s: float = 2.0) -> float:
@@ -138,6 +145,8 @@ class Scheduler:
         self._order = itertools.count()
         self._running: list[Sequence] = []  # owned by the decode thread
         self._warming: deque[Sequence] = deque()  # finished, their answers not yet in the prefix cache
+        self._parked: deque[Sequence] = deque()  # finished chat turns whose slots wait for their next turn
+        self.max_parked = max(1, settings.max_batch_size // 4)
         self._warm_call: CallGuard | None = None  # the warm-up call under way, stopped by a submit
         self._groups: list[SlotBatch] = []
         self._where: dict[int, tuple[SlotBatch, int]] = {}
@@ -243,7 +252,7 @@ class Scheduler:
             for seq, _ in failed:
                 self._drop(seq)
             if plan.warm is not None:
-                self._end_warm(plan.warm)
+                self._end_warm(plan.warm, keep=False)
             return failed
 
     def _plan(self) -> StepPlan:
@@ -253,15 +262,23 @@ class Scheduler:
                 plan.leaving.append(seq)
                 self._unpin(seq)
         self._running = [s for s in self._running if not s.cancelled]
-        if self._waiting:  # a request waits: warm-ups give way (their slots and reservations go)
-            plan.abandon, self._warming = list(self._warming), deque()
-        reserved = self.reserved_bytes - sum(self._reservation(s) for s in [*plan.leaving, *plan.abandon])
+        if self._waiting:  # a request waits: warm-ups give way (their slots wait, parked, for a next turn)
+            for seq in self._warming:
+                self._park(seq)
+            self._warming = deque()
+        reserved = self.reserved_bytes - sum(self._reservation(s) for s in plan.leaving)
         while self._waiting and len(self._running) < self.settings.max_batch_size:
             seq = self._waiting[0][2]
-            if not self._room(reserved + self._reservation(seq)) and self._running:
+            donor = self._donor(seq)
+            need = self._reservation(seq) - (self._reservation(donor) if donor is not None else 0)
+            while not self._room(reserved + need) and (others := [s for s in self._parked if s is not donor]):
+                reserved -= self._give_up(others[0], plan)  # parked slots make room first, oldest first
+            if not self._room(reserved + need) and self._running:
                 break  # waits for room; nothing behind it overtakes it
             heapq.heappop(self._waiting)
-            reserved += self._reservation(seq)
+            reserved += need
+            if donor is not None:
+                self._take_over(seq, donor)
             seq.phase = Phase.PREFILL
             self._running.append(seq)
             plan.admitted.append(seq)
@@ -284,6 +301,55 @@ class Scheduler:
         if not self._running and self._warming:
             plan.warm = self._warming[0]
         return plan
+
+    def _give_up(self, seq: Sequence, plan: StepPlan) -> int:
+        """Drop a parked turn at this step (its slot goes); returns its reservation."""
+        self._parked.remove(seq)
+        plan.abandon.append(seq)
+        return self._reservation(seq)
+
+    def _donor(self, seq: Sequence) -> Sequence | None:
+        """The parked turn whose slot holds the longest exact start of `seq`'s prompt (whole blocks its
+        hash chain shares, all prefill KV), in a batch wide enough for `seq`; None when none holds any."""
+        best, best_blocks = None, 0
+        if self.prefix is None or not seq.prefix_keys:
+            return None
+        width = width_class(seq.reserved_tokens, self.max_width)
+        for parked in self._parked:
+            if parked.prefix_root != seq.prefix_root or self._where[parked.seq_id][0].width < width:
+                continue
+            blocks = 0
+            for mine, theirs in zip(seq.prefix_keys, parked.warm_keys[: parked.exact // self._block], strict=False):
+                if mine != theirs:
+                    break
+                blocks += 1
+            if blocks > best_blocks:
+                best, best_blocks = parked, blocks
+        return best
+
+    def _take_over(self, seq: Sequence, donor: Sequence) -> None:
+        """`seq` takes `donor`'s slot: the columns of the blocks they share are its prompt's prefill KV
+        already (bit for bit what copying the cached blocks in would write), so it prefills from there;
+        those blocks are pinned for it, as hits, as far as the cache still holds them."""
+        assert self.prefix is not None
+        self._parked.remove(donor)
+        shared = 0
+        for mine, theirs in zip(seq.prefix_keys, donor.warm_keys[: donor.exact // self._block], strict=False):
+            if mine != theirs or self.prefix.take(mine) is None:
+                break
+            seq.pinned.append(mine)
+            shared += 1
+        group, slot = self._where.pop(donor.seq_id)
+        self._by_id.pop(donor.seq_id, None)
+        self.reserved_bytes -= self._reservation(donor)
+        group.hand_over(slot, seq.seq_id)
+        self._where[seq.seq_id] = (group, slot)
+        self._by_id[seq.seq_id] = seq
+        self.reserved_bytes += self._reservation(seq)
+        seq.prefilled = shared * self._block
+        group.prefilled(slot, seq.prefilled, False)
+        self.counters.slots_taken_over_total += 1
+        self.counters.tokens_taken_over_total += seq.prefilled
 
     def _chunk_size(self, start: int, length: int) -> int:
         """Tokens of the next prefill call from `start`. With blocks smaller than the chunk (the model
@@ -343,7 +409,8 @@ class Scheduler:
         if plan.warm is not None:
             self._warm(plan.warm)
         for seq in plan.admitted:
-            self._place(seq)
+            if seq.seq_id not in self._where:  # else it took over its conversation's slot
+                self._place(seq)
         for group in list(self._groups):
             if group.decoding.any():
                 events += self._decode(group)
@@ -494,10 +561,22 @@ class Scheduler:
         if seq.warmed == len(keys):
             self._end_warm(seq)
 
-    def _end_warm(self, seq: Sequence) -> None:
+    def _end_warm(self, seq: Sequence, keep: bool = True) -> None:
+        """The warm-up of `seq` is over (done, stopped or out of room): its slot is parked for the
+        conversation's next turn to take over (`_take_over`); `keep=False`: dropped (a failed step)."""
         if seq in self._warming:
             self._warming.remove(seq)
-        self._drop(seq)
+        if keep:
+            self._park(seq)
+        else:
+            self._drop(seq)
+
+    def _park(self, seq: Sequence) -> None:
+        """Keep a finished turn's slot for its conversation's next turn; the oldest parked beyond
+        `max_parked` go."""
+        self._parked.append(seq)
+        while len(self._parked) > self.max_parked:
+            self._drop(self._parked.popleft())
 
     def _unpin(self, seq: Sequence) -> None:
         if self.prefix is not None:

@@ -284,3 +284,55 @@ async def test_a_next_turn_arriving_during_a_warm_up_stops_its_call_and_waits_fo
     finally:
         await engine.stop()
         await plain.stop()
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=["greedy", "seeded"])
+async def test_the_next_turn_takes_over_its_conversations_slot_and_copies_nothing_in(model, sampling) -> None:
+    """Once the answer is warmed, the conversation's slot stays parked: the next turn takes it over and
+    prefills only its new tokens from there, with no cached block copied into a fresh slot, and its
+    tokens are a cold run's (greedy and seeded)."""
+    engine, plain, _ = await _engines(model)
+    copied: list[int] = []
+    copy_in = engine.scheduler._copy_in
+    engine.scheduler._copy_in = lambda seq, blocks: (copied.append(len(blocks)), copy_in(seq, blocks))  # type: ignore[method-assign]
+    try:
+        first = (ChatMessage(Role.USER, text_of(model, 60, "over")),)
+        answer = await _answer(engine, first, 40)
+        history = engine.prompt_ids("", first) + answer
+        keys = history_keys(root_key(model.manifest_sha256, "acme"), history, 8)
+        assert engine.prefix is not None
+        await wait_until(lambda: all(key in engine.prefix for key in keys), 60, "the answer's blocks cached")
+        second = (*first, ChatMessage(Role.ASSISTANT, model.decode(answer)),
+                  ChatMessage(Role.USER, text_of(model, 40, "next")))
+        ids = engine.prompt_ids("", second)
+        shared = next(i for i in range(len(keys), -1, -1) if ids[: 8 * i] == history[: 8 * i])
+        counters = engine.scheduler.counters
+        before, copied_before = counters.prefill_tokens_total, len(copied)
+        req = GenerationRequest(messages=second, sampling=Sampling(max_tokens=16, **sampling), tenant_id="acme")
+        tokens = [t async for delta in engine.generate(req) for t in delta.token_ids]
+        cold = [t async for delta in plain.generate(req) for t in delta.token_ids]
+        assert tokens == cold
+        assert engine.load_report().slots_taken_over_total == 1 and counters.tokens_taken_over_total == 8 * shared
+        assert copied[copied_before:] == [] and counters.prefill_tokens_total - before == len(ids) - 8 * shared
+    finally:
+        await engine.stop()
+        await plain.stop()
+
+
+async def test_idle_conversations_hold_at_most_a_quarter_of_the_batch_in_parked_slots(model) -> None:
+    """Finished conversations keep their slots for their next turns, but no more of them than
+    `max_parked`: the replica's KV tokens stop growing with the number of idle conversations."""
+    engine = Engine(model, SchedulerSettings(max_batch_size=8))
+    await engine.start()
+    try:
+        assert engine.scheduler.max_parked == 2
+        lengths = []
+        for i in range(5):
+            first = (ChatMessage(Role.USER, text_of(model, 30, f"idle {i}")),)
+            answer = await _answer(engine, first, 24)
+            lengths.append(len(engine.prompt_ids("", first)) + len(answer))
+            await wait_until(lambda: not engine.scheduler._warming, 60, "the answer warmed")
+        await wait_until(lambda: engine.load_report().kv_cache_tokens > 0, 10, "the parked slots reported")
+        assert 0 < engine.load_report().kv_cache_tokens <= sum(sorted(lengths)[-2:])
+    finally:
+        await engine.stop()
