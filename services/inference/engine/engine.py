@@ -168,7 +168,8 @@ class Engine:
         return {"prefix_cache_hits": stats.hits, "prefix_cache_misses": stats.misses,
                 "prefix_cache_blocks": stats.blocks, "prefix_cache_bytes": stats.bytes,
                 "prefix_cache_warm_tokens": self.scheduler.counters.warm_tokens_total,
-                "slots_taken_over_total": self.scheduler.counters.slots_taken_over_total}
+                "slots_taken_over_total": self.scheduler.counters.slots_taken_over_total,
+                "slots_widened_total": self.scheduler.counters.slots_widened_total}
 
 
 def _status(seq: Sequence) -> UsageStatus:

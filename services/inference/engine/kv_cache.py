@@ -117,6 +117,11 @@ class SlotBatch:
         conversation's slot)."""
         self.keys[slot] = key
 
+    def copy_columns(self, slot: int, into: SlotBatch, into_slot: int, start: int, stop: int) -> None:
+        """Copy the slot's columns [start, stop) to the same columns of `into_slot` in `into` (a wider
+        batch of the same spec), without an intermediate array."""
+        into._memory.take_columns(into_slot, self._memory, slot, start, stop)
+
     def release(self, slot: int) -> None:
         """Free the slot at once; its memory goes back to the kernel."""
         self.keys[slot] = None
@@ -190,6 +195,12 @@ class _HostMemory:
     def write(self, slot: int, start: int, data: np.ndarray) -> None:
         self.array[:, slot, :, start : start + data.shape[2], :] = data
 
+    def take_columns(self, slot: int, source: _HostMemory | _DeviceMemory, source_slot: int, start: int,
+                     stop: int) -> None:
+        if not isinstance(source, _HostMemory):
+            raise NotImplementedError("columns of device memory are not copied (no prefix cache on CUDA)")
+        self.array[:, slot, :, start:stop, :] = source.array[:, source_slot, :, start:stop, :]
+
     def forget(self, slot: int) -> None:
         """Hand the slot's pages back (stale bytes at unaligned edges are never read)."""
         if not hasattr(self._map, "madvise"):
@@ -217,6 +228,10 @@ class _DeviceMemory:
         raise NotImplementedError("columns of device memory are not copied (no prefix cache on CUDA)")
 
     def write(self, slot: int, start: int, data: np.ndarray) -> None:
+        raise NotImplementedError("columns of device memory are not copied (no prefix cache on CUDA)")
+
+    def take_columns(self, slot: int, source: _HostMemory | _DeviceMemory, source_slot: int, start: int,
+                     stop: int) -> None:
         raise NotImplementedError("columns of device memory are not copied (no prefix cache on CUDA)")
 
     def forget(self, slot: int) -> None:

@@ -49,6 +49,8 @@ _COUNTERS = (
      "cache while the replica was idle", "prefix_cache_warm_tokens"),
     ("autoglm_inference_slots_taken_over", "Chat turns that took over their conversation's parked KV slot "
      "(its history's prefill KV already there, nothing copied in)", "slots_taken_over_total"),
+    ("autoglm_inference_slots_widened", "Parked KV slots moved, while the replica was idle, to a batch wide "
+     "enough for their conversation's next turn", "slots_widened_total"),
 )
 
 Report = Callable[[], LoadReport]

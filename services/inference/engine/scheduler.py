@@ -18,7 +18,9 @@ conversation's next turn takes that slot over and prefills from where the prefil
 the slot ends, copying nothing in (a chat turn's history is mostly there already: copying it from the
 cache into fresh pages was most of a late turn's time to first token). At most `max_parked` (a
 quarter of `max_batch_size`) turns stay parked, the oldest going first, and parked slots are given
-up, oldest first, whenever an admission needs their room. The step's deltas for
+up, oldest first, whenever an admission needs their room. A parked slot whose next turn will not fit
+its batch's width (its history plus a user turn and an answer as long as its answer allowance) is
+moved to a batch of the wider class in an idle step, so that turn still takes it over. The step's deltas for
 all sequences reach the event loop in one hand-off (`call_soon_threadsafe`), and each sequence's
 consumer reads them from its queue.
 """
@@ -46,6 +48,8 @@ from services.inference.engine.session import CallGuard, DecodeBinding, Interrup
 from services.inference.engine.types import Delta
 
 log = structlog.get_logger(__name__)
+
+WIDEN_COLUMNS = 256  # columns a parked slot's move copies between looks at the queue (a few ms)
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class StepPlan:
     reuse: list[tuple[Sequence, list[Block]]] = field(default_factory=list)  # cached blocks to copy in
     abandon: list[Sequence] = field(default_factory=list)  # parked turns given up (room, or too many)
     warm: Sequence | None = None  # the finished sequence whose answer this idle step prefills
+    widen: Sequence | None = None  # the parked turn this idle step moves to a wider batch
 
 
 @dataclass
@@ -100,6 +105,7 @@ class Counters:
     warm_stopped_total: int = 0  # warm-up calls stopped part-way because a request arrived
     slots_taken_over_total: int = 0  # chat turns that took over their conversation's slot (nothing copied in)
     tokens_taken_over_total: int = 0  # the prompt tokens those turns found in the slot
+    slots_widened_total: int = 0  # parked turns moved, in idle steps, to a batch wide enough for their next turn
     recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=256))
 
     def tokens_per_second(self, window_s: float = 2.0) -> float:
@@ -147,6 +153,7 @@ class Scheduler:
         self._warming: deque[Sequence] = deque()  # finished, their answers not yet in the prefix cache
         self._parked: deque[Sequence] = deque()  # finished chat turns whose slots wait for their next turn
         self.max_parked = max(1, settings.max_batch_size // 4)
+        self._widening: deque[Sequence] = deque()  # parked turns whose next turn will not fit their batch
         self._warm_call: CallGuard | None = None  # the warm-up call under way, stopped by a submit
         self._groups: list[SlotBatch] = []
         self._where: dict[int, tuple[SlotBatch, int]] = {}
@@ -223,7 +230,8 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._stopping and not (self._running or self._waiting or self._warming):
+                while not self._stopping and not (self._running or self._waiting or self._warming
+                                                  or self._widening):
                     self._wake.wait()
                 if self._stopping:
                     return
@@ -300,6 +308,10 @@ class Scheduler:
                 computing.update(seq.prefix_keys[start // self._block : (start + size) // self._block])
         if not self._running and self._warming:
             plan.warm = self._warming[0]
+        elif not self._running and not self._waiting:
+            while self._widening and plan.widen is None:
+                if (seq := self._widening.popleft()) in self._parked:
+                    plan.widen = seq
         return plan
 
     def _give_up(self, seq: Sequence, plan: StepPlan) -> int:
@@ -408,6 +420,8 @@ class Scheduler:
             self._drop(seq)
         if plan.warm is not None:
             self._warm(plan.warm)
+        if plan.widen is not None:
+            self._widen(plan.widen)
         for seq in plan.admitted:
             if seq.seq_id not in self._where:  # else it took over its conversation's slot
                 self._place(seq)
@@ -503,11 +517,11 @@ class Scheduler:
         seq.warm_keys = history_keys(seq.prefix_root, history, self._block,
                                      self.settings.prefix_cache_max_prompt_tokens)
         seq.exact = len(seq.prompt_ids)
-        if all(key in self.prefix for key in seq.warm_keys):
-            self._drop(seq)
-            return
         group, slot = self._where[seq.seq_id]
         group.prefilled(slot, seq.exact, False)  # a dummy row from now on: it writes past its exact columns
+        if all(key in self.prefix for key in seq.warm_keys):
+            self._park(seq)  # nothing to warm (a retry, a regenerated answer): the next turn copies the rest
+            return
         self._warming.append(seq)
         while len(self._warming) > self.settings.max_batch_size:
             self._drop(self._warming.popleft())
@@ -573,10 +587,52 @@ class Scheduler:
 
     def _park(self, seq: Sequence) -> None:
         """Keep a finished turn's slot for its conversation's next turn; the oldest parked beyond
-        `max_parked` go."""
+        `max_parked` go. A slot whose batch the next turn will outgrow is moved to a wider one in an
+        idle step (`_widen`), so that turn still finds it."""
         self._parked.append(seq)
         while len(self._parked) > self.max_parked:
             self._drop(self._parked.popleft())
+        if seq in self._parked and self._next_width(seq) > self._where[seq.seq_id][0].width:
+            self._widening.append(seq)
+
+    def _next_width(self, seq: Sequence) -> int:
+        """The width class the conversation's next turn is likely to need: its history, a user turn and an
+        answer, each taken as long as this turn's answer allowance."""
+        history = len(seq.prompt_ids) + len(seq.generated)
+        return width_class(history + 2 * seq.max_tokens, self.max_width)
+
+    def _widen(self, seq: Sequence) -> None:
+        """Move a parked turn's exact columns into a slot of a batch of its next turn's width class, in
+        pieces; a request that arrives meanwhile stops the move (the old slot stays, and is tried again
+        at the next idle step). Done while idle, so that the next turn copies nothing on its way in."""
+        old, old_slot = self._where[seq.seq_id]
+        group = self._group_for(self._next_width(seq))
+        slot = group.take(seq.seq_id)
+        for start in range(0, seq.exact, WIDEN_COLUMNS):
+            if self._waiting:  # idle work gives way at once
+                self._free(group, slot)
+                self._widening.append(seq)
+                return
+            old.copy_columns(old_slot, group, slot, start, min(start + WIDEN_COLUMNS, seq.exact))
+        group.prefilled(slot, seq.exact, False)
+        self._free(old, old_slot)
+        self._where[seq.seq_id] = (group, slot)
+        self.counters.slots_widened_total += 1
+
+    def _group_for(self, width: int) -> SlotBatch:
+        """The fullest batch of this width with a free slot (a new batch when none has room)."""
+        open_groups = [g for g in self._groups if g.width == width and g.has_room]
+        if open_groups:
+            return max(open_groups, key=len)
+        group = SlotBatch(self.spec, self.settings.decode_rows, width, self.runner.device)
+        self._groups.append(group)
+        return group
+
+    def _free(self, group: SlotBatch, slot: int) -> None:
+        group.release(slot)
+        if not len(group):
+            self._groups.remove(group)
+            self._bindings.pop(group, None)
 
     def _unpin(self, seq: Sequence) -> None:
         if self.prefix is not None:
@@ -586,13 +642,7 @@ class Scheduler:
 
     def _place(self, seq: Sequence) -> None:
         """A slot in the fullest batch of the sequence's width class (a new batch when none has room)."""
-        width = width_class(seq.reserved_tokens, self.max_width)
-        open_groups = [g for g in self._groups if g.width == width and g.has_room]
-        if open_groups:
-            group = max(open_groups, key=len)
-        else:
-            group = SlotBatch(self.spec, self.settings.decode_rows, width, self.runner.device)
-            self._groups.append(group)
+        group = self._group_for(width_class(seq.reserved_tokens, self.max_width))
         self._where[seq.seq_id] = (group, group.take(seq.seq_id))
         self._by_id[seq.seq_id] = seq
         self.reserved_bytes += self._reservation(seq)
@@ -603,12 +653,8 @@ class Scheduler:
         placed = self._where.pop(seq.seq_id, None)
         if placed is None:
             return
-        group, slot = placed
-        group.release(slot)
+        self._free(*placed)
         self.reserved_bytes -= self._reservation(seq)
-        if not len(group):
-            self._groups.remove(group)
-            self._bindings.pop(group, None)
 
     def _reservation(self, seq: Sequence) -> int:
         return self.spec.bytes_for(seq.reserved_tokens)

@@ -90,6 +90,7 @@ class LoadReport:
     kv_budget_bytes: int = 0  # what kv_cache_bytes may grow to
     prefix_cache_warm_tokens: int = 0  # finished answers' tokens prefilled into the prefix cache when idle
     slots_taken_over_total: int = 0  # chat turns that took over their conversation's parked slot
+    slots_widened_total: int = 0  # parked slots moved, while idle, to a batch wide enough for the next turn
 
 
 @dataclass(frozen=True)

@@ -336,3 +336,30 @@ async def test_idle_conversations_hold_at_most_a_quarter_of_the_batch_in_parked_
         assert 0 < engine.load_report().kv_cache_tokens <= sum(sorted(lengths)[-2:])
     finally:
         await engine.stop()
+
+
+async def test_a_turn_that_outgrows_its_batch_still_takes_over_the_slot_moved_while_idle(model) -> None:
+    """A conversation whose next turn needs a wider batch class than its parked slot's: the idle replica
+    moves the slot to a batch of that class, so the turn still takes it over and copies nothing in, and
+    its tokens are a cold run's."""
+    engine, plain, _ = await _engines(model)
+    copied: list[int] = []
+    copy_in = engine.scheduler._copy_in
+    engine.scheduler._copy_in = lambda seq, blocks: (copied.append(len(blocks)), copy_in(seq, blocks))  # type: ignore[method-assign]
+    try:
+        first = (ChatMessage(Role.USER, text_of(model, 150, "outgrow")),)
+        assert width_class(len(engine.prompt_ids("", first)) + 64, engine.scheduler.max_width) == 256
+        answer = await _answer(engine, first, 64)
+        await wait_until(lambda: engine.load_report().slots_widened_total == 1, 60, "the parked slot moved")
+        second = (*first, ChatMessage(Role.ASSISTANT, model.decode(answer)),
+                  ChatMessage(Role.USER, text_of(model, 40, "wider")))
+        ids = engine.prompt_ids("", second)
+        assert width_class(len(ids) + 64, engine.scheduler.max_width) == 512  # its first turn's batch is too narrow
+        req = GenerationRequest(messages=second, sampling=Sampling(max_tokens=64), tenant_id="acme")
+        tokens = [t async for delta in engine.generate(req) for t in delta.token_ids]
+        cold = [t async for delta in plain.generate(req) for t in delta.token_ids]
+        assert tokens == cold
+        assert engine.load_report().slots_taken_over_total == 1 and copied == []
+    finally:
+        await engine.stop()
+        await plain.stop()
