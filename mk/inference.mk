@@ -1,5 +1,5 @@
 # Inference engine benchmark (writes bench/results/inference.json and .png).
-.PHONY: bench-inference bench-inference-deps bench-inference-kv-rss bench-inference-chat
+.PHONY: bench-inference bench-inference-deps bench-inference-kv-rss bench-inference-chat bench-inference-quality
 
 # The anchors are bench-only installs: llama-cpp-python compiles llama.cpp (about 8 minutes, once);
 # onnxruntime-genai's INT8 and INT4 models are built on first use from the GGUF into ~/.cache/autoglm/bench.
@@ -21,3 +21,8 @@ bench-inference-kv-rss: $(VENV)/.installed
 bench-inference-chat: $(VENV)/.installed
 	@$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON" $(VENV)/bin/pip install "llama-cpp-python>=0.3,<0.4"
 	$(PY) -m bench.inference.bench_inference --only chat $(BENCH_ARGS)
+
+# Just the quality figures: perplexity and top-1 agreement on tests/data/prose.txt of both builds and of
+# onnxruntime-genai's INT8 and INT4 builds of the same GGUF (is each speed ratio between equal models?).
+bench-inference-quality: bench-inference-deps
+	$(PY) -m bench.inference.bench_inference --only quality

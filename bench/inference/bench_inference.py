@@ -2,7 +2,8 @@
 in-process and the gRPC service in its own process, as a user runs it), RSS of the service with 32
 active sequences of 512 tokens, its peak RSS with 1 sequence of 7,000 tokens beside 15 of 100
 (`--only kv-rss` measures just that, into bench/results/inference-kv-rss.json), the chat figures of
-chat.py (`--only chat`, into bench/results/inference-chat.json), and in the same run the anchors on the same model and CPU:
+chat.py (`--only chat`, into bench/results/inference-chat.json), what each build computes (quality.py,
+`--only quality`: perplexity on the build tests' text, into bench/results/inference-quality.json), and in the same run the anchors on the same model and CPU:
 llama.cpp (llama-cpp-python on the GGUF as shipped, Q4_1, and requantized by llama.cpp to Q8_0) and
 onnxruntime-genai's Generator on its builder's INT8 and INT4 models (bench/inference/anchors.py: same
 block size, accuracy level and intra-op threads, the same 16 distinct prompts at batch 16, the same
@@ -38,6 +39,7 @@ from autoglm.inference.v1 import inference_service_pb2 as pb2
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb2_grpc
 from bench.inference.anchors import bench_cache, genai_model, llama_int8_gguf, run_isolated
 from bench.inference.chat import chat_bench, chat_entries
+from bench.inference.quality import quality, quality_entries
 from services.common.config import ServerSettings
 from services.common.generation import Sampling
 from services.inference.config import InferenceConfig
@@ -405,9 +407,23 @@ def main_chat(model: LoadedModel, threads: int, quick: bool = False) -> None:
     print(json.dumps(document, indent=2))
 
 
+def main_quality(model: LoadedModel, threads: int) -> None:
+    """`--only quality`: perplexity of both builds and of onnxruntime-genai's, into their own file."""
+    load = os.getloadavg()
+    measured = quality(Path(model.manifest.source.path), threads)
+    results, targets = quality_entries(measured)
+    document = {"machine": machine(model, load),
+                "settings": {"threads": threads, "text": "tests/data/prose.txt", "tokens": measured["tokens"],
+                             "pass": "teacher-forced, one token at a time through the KV-cache, CPU"},
+                "results": results, "targets": targets}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "inference-quality.json").write_text(json.dumps(document, indent=2) + "\n")
+    print(json.dumps(document, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["kv-rss", "chat"], help="measure one group of figures only")
+    parser.add_argument("--only", choices=["kv-rss", "chat", "quality"], help="measure one group of figures only")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke test written to the temp folder: one round of ours and the anchors; with "
                              "--only chat, 3 turns of 1 conversation")
@@ -420,6 +436,9 @@ def main() -> None:
         return
     if args.only == "chat":
         main_chat(model, threads, args.quick)
+        return
+    if args.only == "quality":
+        main_quality(model, threads)
         return
     if args.quick:
         rounds = asyncio.run(bench(model, threads, quick=True))["rounds"]

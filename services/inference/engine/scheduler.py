@@ -606,6 +606,8 @@ class Scheduler:
         pieces; a request that arrives meanwhile stops the move (the old slot stays, and is tried again
         at the next idle step). Done while idle, so that the next turn copies nothing on its way in."""
         old, old_slot = self._where[seq.seq_id]
+        if self._next_width(seq) <= old.width:
+            return
         group = self._group_for(self._next_width(seq))
         slot = group.take(seq.seq_id)
         for start in range(0, seq.exact, WIDEN_COLUMNS):
