@@ -192,6 +192,12 @@ class LeaseBook:
                                  else (admitted.worst_micros, actual_micros))
                 lease.consumed -= worst - min(actual, worst)
 
+    def no_hard_budget(self, tenant_id: str, api_key_id: str, tags: dict[str, str]) -> bool:
+        """Whether billing has told this router that no hard budget applies to the caller (then nothing can
+        refuse it); False for a caller the book has not learned yet, or is re-learning after a change."""
+        caller = self._callers.get(self.key(tenant_id, api_key_id, tags))
+        return caller is not None and caller.known and not caller.budget_ids
+
     def shortfall(self, tenant_id: str, api_key_id: str, tags: dict[str, str], worst_micros: int | None,
                   worst_tokens: int, traffic: TrafficClass = TrafficClass.INTERACTIVE) -> tuple[str, str] | None:
         """Why the leases cannot admit this request: (budget id, reason) of the first of the caller's hard

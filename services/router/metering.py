@@ -36,8 +36,9 @@ Billing outages with leases on: a request every lease covers is served as ever (
 stream's outbox and the journal until billing acks it). A caller with a hard budget whose lease cannot
 cover the request (used up, expiring, never granted) gets no offline hold: it is refused with
 `LeaseExhausted` (UNAVAILABLE, naming the budget and why) at once while billing's latest call failed in
-transport, else after its Reserve did — never served unbilled. A caller under soft budgets only (no lease
-needed) keeps the grace window: served for `grace_s` from the outage's first failure, then refused with
+transport, else after its Reserve did — never served unbilled. So is a caller whose budgets the lease
+book has not learned yet (its leases still being fetched, or re-learned after a budget change): a hard
+budget may apply to it. A caller under soft budgets only (no lease needed) keeps the grace window: served for `grace_s` from the outage's first failure, then refused with
 `BillingUnavailable` until billing returns.
 
 `may_start_before_hold` lets the gateway overlap the hold's round trip with the start of the generation
@@ -230,6 +231,17 @@ class Meter:
                 f"request ({why}); it is refused rather than served unbilled: retry once billing is back, or "
                 "ask for fewer max_tokens")
 
+    def _refuse_unlearned(self, request: HoldRequest) -> None:
+        """Billing is unreachable and the lease book has not learned the caller's budgets (its leases are
+        still being fetched, or re-learned after a budget change): a hard budget may apply, so no offline
+        hold — it is refused, as a hard budget's caller beyond its lease is."""
+        if self.leases is None or self.leases.no_hard_budget(request.tenant_id, request.api_key_id, request.tags):
+            return
+        metrics.ADMISSIONS.labels("refused_lease").inc()
+        raise BillingUnavailable(
+            "billing is unreachable and this router has not yet learned whether a hard budget applies to this "
+            "caller; the request is refused rather than served unbilled: retry in a few seconds")
+
     async def reserve(self, request: HoldRequest, deadline: float | None = None) -> Hold:
         leased = self._leased(request)
         if leased is not None:
@@ -244,6 +256,7 @@ class Meter:
                 self._unreachable()
                 now = self._clock()
                 self._refuse_beyond_lease(request, self._worst_micros(request))
+                self._refuse_unlearned(request)
                 if request.traffic_class != TrafficClass.BATCH:
                     offline = self._offline_hold(request, now)
                     metrics.ADMISSIONS.labels("offline").inc()

@@ -140,3 +140,21 @@ async def test_a_refused_reserve_gives_back_lease_room_too_small_for_the_request
     with pytest.raises(BudgetExceeded):  # nothing left to give back: refused, once
         await meter.reserve(request("r3"))
     assert billing.returned == [("lease-tok-budget", 20)]
+
+
+async def test_a_caller_whose_budgets_are_not_learned_yet_gets_no_offline_hold_when_billing_is_down(
+        tmp_path: Path) -> None:
+    """Another key of a tenant with a hard budget, first seen while billing is down (or while its leases
+    are still being fetched): the tenant's level is known, but a hard budget may apply to this caller, so
+    it is refused — never an offline hold served beyond the budget."""
+    billing, meter, _ = await leased_meter(tmp_path, {"tok-budget": True}, {"tok-budget": 50})
+    billing.up = False
+    other_key = HoldRequest("r1", "acme", "k2", "m", "v", TrafficClass.INTERACTIVE, 10, 10)
+    for _ in range(2):  # each try reaches for billing, and is refused when it fails in transport
+        with pytest.raises(BillingUnavailable, match="not yet learned whether a hard budget applies"):
+            await meter.reserve(other_key)
+    await meter.leases.refresh_once()  # type: ignore[union-attr]  # the refresh fails too: still not learned
+    with pytest.raises(BillingUnavailable, match="not yet learned"):
+        await meter.reserve(other_key)
+    billing.up = True
+    assert (await meter.reserve(other_key)).hold_id == "h-r1"  # billing answers again: its Reserve decides
