@@ -256,8 +256,8 @@ class Meter:
                 self._unreachable()
                 now = self._clock()
                 self._refuse_beyond_lease(request, self._worst_micros(request))
-                self._refuse_unlearned(request)
-                if request.traffic_class != TrafficClass.BATCH:
+                if request.traffic_class != TrafficClass.BATCH:  # (batch waits for billing: no offline hold)
+                    self._refuse_unlearned(request)
                     offline = self._offline_hold(request, now)
                     metrics.ADMISSIONS.labels("offline").inc()
                     return offline
