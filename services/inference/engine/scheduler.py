@@ -330,14 +330,19 @@ class Scheduler:
         for parked in self._parked:
             if parked.prefix_root != seq.prefix_root or self._where[parked.seq_id][0].width < width:
                 continue
-            blocks = 0
-            for mine, theirs in zip(seq.prefix_keys, parked.warm_keys[: parked.exact // self._block], strict=False):
-                if mine != theirs:
-                    break
-                blocks += 1
+            blocks = len(self._shared_keys(seq, parked))
             if blocks > best_blocks:
                 best, best_blocks = parked, blocks
         return best
+
+    def _shared_keys(self, seq: Sequence, parked: Sequence) -> list[bytes]:
+        """The leading block keys of `seq`'s prompt that `parked`'s slot holds as prefill KV."""
+        shared = []
+        for mine, theirs in zip(seq.prefix_keys, parked.warm_keys[: parked.exact // self._block], strict=False):
+            if mine != theirs:
+                break
+            shared.append(mine)
+        return shared
 
     def _take_over(self, seq: Sequence, donor: Sequence) -> None:
         """`seq` takes `donor`'s slot: the columns of the blocks they share are its prompt's prefill KV
@@ -346,10 +351,10 @@ class Scheduler:
         assert self.prefix is not None
         self._parked.remove(donor)
         shared = 0
-        for mine, theirs in zip(seq.prefix_keys, donor.warm_keys[: donor.exact // self._block], strict=False):
-            if mine != theirs or self.prefix.take(mine) is None:
+        for key in self._shared_keys(seq, donor):
+            if self.prefix.take(key) is None:
                 break
-            seq.pinned.append(mine)
+            seq.pinned.append(key)
             shared += 1
         group, slot = self._where.pop(donor.seq_id)
         self._by_id.pop(donor.seq_id, None)

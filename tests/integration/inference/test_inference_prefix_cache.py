@@ -217,6 +217,28 @@ async def _answer(engine: Engine, messages: tuple[ChatMessage, ...], max_tokens:
     return [t async for delta in engine.generate(req) for t in delta.token_ids]
 
 
+def _count_copies(engine: Engine) -> list[int]:
+    """The number of cached blocks each copy into a slot moves, appended as the engine copies them."""
+    copied: list[int] = []
+    copy_in = engine.scheduler._copy_in
+    engine.scheduler._copy_in = lambda seq, blocks: (copied.append(len(blocks)), copy_in(seq, blocks))  # type: ignore[method-assign]
+    return copied
+
+
+async def _warmed_first_turn(engine: Engine, model, tokens: int, salt: str
+                             ) -> tuple[tuple[ChatMessage, ...], list[int], list[int], list[bytes]]:
+    """A first turn of `tokens` user tokens answered (at most 40), once its answer's blocks are cached:
+    (its messages, the answer, prompt + answer ids, their block keys)."""
+    first = (ChatMessage(Role.USER, text_of(model, tokens, salt)),)
+    answer = await _answer(engine, first, 40)
+    history = engine.prompt_ids("", first) + answer
+    keys = history_keys(root_key(model.manifest_sha256, "acme"), history, 8)
+    assert engine.prefix is not None
+    prefix = engine.prefix
+    await wait_until(lambda: all(key in prefix for key in keys), 60, "the answer's blocks cached")
+    return first, answer, history, keys
+
+
 async def _engines(model) -> tuple[Engine, Engine, RecordingRunner]:
     engine, plain = Engine(model, SchedulerSettings()), Engine(model, SchedulerSettings(prefix_cache=False))
     recorder = RecordingRunner(model.runner)
@@ -231,12 +253,7 @@ async def test_an_answer_is_warmed_in_one_call_and_the_next_turn_prefills_its_ne
     they straddle a prefill_chunk boundary, are one model call too, and its tokens are a cold run's."""
     engine, plain, recorder = await _engines(model)
     try:
-        first = (ChatMessage(Role.USER, text_of(model, 45, "blocks")),)
-        answer = await _answer(engine, first, 40)
-        history = engine.prompt_ids("", first) + answer
-        keys = history_keys(root_key(model.manifest_sha256, "acme"), history, 8)
-        assert engine.prefix is not None
-        await wait_until(lambda: all(key in engine.prefix for key in keys), 60, "the answer's blocks cached")
+        first, answer, history, keys = await _warmed_first_turn(engine, model, 45, "blocks")
         prompt_tokens = engine.scheduler.counters.prefill_tokens_total
         prompt_calls = next(i for i in range(len(recorder.calls) + 1) if sum(recorder.calls[:i]) == prompt_tokens)
         warm_tokens = engine.load_report().prefix_cache_warm_tokens
@@ -292,16 +309,9 @@ async def test_the_next_turn_takes_over_its_conversations_slot_and_copies_nothin
     prefills only its new tokens from there, with no cached block copied into a fresh slot, and its
     tokens are a cold run's (greedy and seeded)."""
     engine, plain, _ = await _engines(model)
-    copied: list[int] = []
-    copy_in = engine.scheduler._copy_in
-    engine.scheduler._copy_in = lambda seq, blocks: (copied.append(len(blocks)), copy_in(seq, blocks))  # type: ignore[method-assign]
+    copied = _count_copies(engine)
     try:
-        first = (ChatMessage(Role.USER, text_of(model, 60, "over")),)
-        answer = await _answer(engine, first, 40)
-        history = engine.prompt_ids("", first) + answer
-        keys = history_keys(root_key(model.manifest_sha256, "acme"), history, 8)
-        assert engine.prefix is not None
-        await wait_until(lambda: all(key in engine.prefix for key in keys), 60, "the answer's blocks cached")
+        first, answer, history, keys = await _warmed_first_turn(engine, model, 60, "over")
         second = (*first, ChatMessage(Role.ASSISTANT, model.decode(answer)),
                   ChatMessage(Role.USER, text_of(model, 40, "next")))
         ids = engine.prompt_ids("", second)
@@ -343,9 +353,7 @@ async def test_a_turn_that_outgrows_its_batch_still_takes_over_the_slot_moved_wh
     moves the slot to a batch of that class, so the turn still takes it over and copies nothing in, and
     its tokens are a cold run's."""
     engine, plain, _ = await _engines(model)
-    copied: list[int] = []
-    copy_in = engine.scheduler._copy_in
-    engine.scheduler._copy_in = lambda seq, blocks: (copied.append(len(blocks)), copy_in(seq, blocks))  # type: ignore[method-assign]
+    copied = _count_copies(engine)
     try:
         first = (ChatMessage(Role.USER, text_of(model, 150, "outgrow")),)
         assert width_class(len(engine.prompt_ids("", first)) + 64, engine.scheduler.max_width) == 256
