@@ -41,6 +41,10 @@ class InferenceConfig:
     # A prompt (or a conversation's history) caches at most its first N tokens: long one-off documents
     # would otherwise evict many short shared prefixes and double their own KV memory while they run.
     prefix_cache_max_prompt_tokens: int = 2048
+    # While at most this many sequences decode and none waits, the answer of a conversation's later turn
+    # (an assistant message in its prompt) is prefilled into a second KV slot as it is decoded, so a next
+    # turn sent at once finds it cached (0 = answers are prefilled only while the replica idles).
+    eager_warm_rows: int = 2
     intra_op_threads: int = 0  # 0 = one per core
     # ONNX Runtime worker threads busy-wait between kernels (faster small steps, burns idle CPU).
     allow_spinning: bool = True
@@ -73,7 +77,8 @@ class InferenceConfig:
                                  decode_rows=self.decode_rows, kv_budget_bytes=self.kv_budget_bytes,
                                  prefix_cache=self.prefix_cache, prefix_cache_bytes=self.prefix_cache_bytes,
                                  prefix_block_tokens=self.prefix_block_tokens,
-                                 prefix_cache_max_prompt_tokens=self.prefix_cache_max_prompt_tokens)
+                                 prefix_cache_max_prompt_tokens=self.prefix_cache_max_prompt_tokens,
+                                 eager_warm_rows=self.eager_warm_rows)
 
     @property
     def session(self) -> SessionSettings:

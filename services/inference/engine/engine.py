@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import structlog
 
 from services.common.errors import InvalidInput
-from services.common.generation import ChatMessage
+from services.common.generation import ChatMessage, Role
 from services.common.usage import UsageStatus
 from services.inference.engine.kv_budget import budget_tokens, default_kv_budget, fit_max_tokens
 from services.inference.engine.metrics import EngineMetrics
@@ -112,6 +112,8 @@ class Engine:
             seq.prefix_keys = block_keys(seq.prefix_root, ids, self.scheduler.block,
                                          self.settings.prefix_cache_max_prompt_tokens)
             seq.warm = bool(request.messages)  # a chat turn: its answer begins the next turn's history
+            # a conversation that has gone on before is likely to go on: its answer is cached as it is decoded
+            seq.eager = any(m.role == Role.ASSISTANT for m in request.messages)
         return seq
 
     async def admit(self, request: GenerationRequest) -> Sequence:
@@ -168,6 +170,7 @@ class Engine:
         return {"prefix_cache_hits": stats.hits, "prefix_cache_misses": stats.misses,
                 "prefix_cache_blocks": stats.blocks, "prefix_cache_bytes": stats.bytes,
                 "prefix_cache_warm_tokens": self.scheduler.counters.warm_tokens_total,
+                "prefix_cache_eager_warm_tokens": self.scheduler.counters.eager_warm_tokens_total,
                 "slots_taken_over_total": self.scheduler.counters.slots_taken_over_total,
                 "slots_widened_total": self.scheduler.counters.slots_widened_total}
 

@@ -46,7 +46,10 @@ _COUNTERS = (
     ("autoglm_inference_prefix_cache_hits", "Prompt blocks served from the prefix cache", "prefix_cache_hits"),
     ("autoglm_inference_prefix_cache_misses", "Cacheable prompt blocks prefilled", "prefix_cache_misses"),
     ("autoglm_inference_prefix_cache_warm_tokens", "Finished chat answers' tokens prefilled into the prefix "
-     "cache while the replica was idle", "prefix_cache_warm_tokens"),
+     "cache while the replica was idle or, while few sequences ran, as they were decoded",
+     "prefix_cache_warm_tokens"),
+    ("autoglm_inference_prefix_cache_eager_warm_tokens", "Chat answers' tokens prefilled into the prefix cache "
+     "(into a second KV slot) while they were being decoded", "prefix_cache_eager_warm_tokens"),
     ("autoglm_inference_slots_taken_over", "Chat turns that took over their conversation's parked KV slot "
      "(its history's prefill KV already there, nothing copied in)", "slots_taken_over_total"),
     ("autoglm_inference_slots_widened", "Parked KV slots moved, while the replica was idle, to a batch wide "

@@ -17,9 +17,14 @@ cold run's chunk boundaries exactly. Either way a request produces the same toke
 a hit.
 
 Chat answers: a decode step is a one-token call, so its keys and values are not prefill KV bit for bit
-(measured on the bundled model) and decoded columns are never cached. Instead a finished chat turn keeps
-its slot, and while the replica is idle the scheduler prefills its answer there, from the first block
-not yet cached, in calls of whole blocks (`history_keys`); the next turn, whose rendered prompt repeats
+(measured on the bundled model: layer 0's keys and values agree, later layers' do not, because the
+attention of a one-query call takes MLAS's M = 1 matrix kernel for probabilities x values; GroupQueryAttention
+refuses the two-query calls per row that would avoid it once a batch has more than one row), and decoded
+columns are never cached. Instead the answer is prefilled from its tokens: while at most
+`eager_warm_rows` sequences decode and none waits, into a second slot of the decoding turn as the answer
+grows (the scheduler's `Shadow`, 16 tokens a call, its prompt's columns copied in; the decoding slot is
+not touched), and once it has finished and the replica idles, in the slot it keeps, from the first block
+not yet cached, in calls of whole blocks (`history_keys`). The next turn, whose rendered prompt repeats
 the history, then hits every block up to where the template's tokens after the answer diverge. A
 request that arrives stops the warm-up call under way (it does not wait for it) and ends the warm-ups
 still waiting (their slots go back); it then prefills what the cache lacks, the answer's rest with it.

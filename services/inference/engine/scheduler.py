@@ -12,7 +12,9 @@ continues with into its slot; a block another sequence computes in this step is 
 computed twice; each block its own chunks complete is added to the cache. An admitted
 sequence takes a slot in a batch of its width class (kv_cache.py); its prompt done, it decodes at
 the next step; a finished one leaves within the step that finished it, except that a finished chat
-turn keeps its slot (a dummy row) while idle steps prefill its answer into the prefix cache (a request
+turn keeps its slot (a dummy row) while idle steps prefill its answer into the prefix cache (while few
+sequences decode, most of the answer is prefilled as it is decoded, into a second slot that becomes
+the turn's slot when it finishes: `_eager_warm`; a request
 that arrives stops the warm-up call under way and ends the warm-ups), then stays parked: the
 conversation's next turn takes that slot over and prefills from where the prefill KV it shares with
 the slot ends, copying nothing in (a chat turn's history is mostly there already: copying it from the
@@ -50,6 +52,18 @@ from services.inference.engine.types import Delta
 log = structlog.get_logger(__name__)
 
 WIDEN_COLUMNS = 256  # columns a parked slot's move copies between looks at the queue (a few ms)
+EAGER_WARM_TOKENS = 16  # a decoding chat answer's tokens prefilled into its second slot per call
+
+
+@dataclass
+class Shadow:
+    """A decoding chat turn's second slot: its prompt's columns copied in, then its answer prefilled
+    there as it grows, so that columns [0, exact) are prefill KV while the first slot decodes on."""
+
+    group: SlotBatch
+    slot: int
+    exact: int
+    reserved: int  # bytes counted in the scheduler's reservations
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,11 @@ class SchedulerSettings:
     prefix_cache_bytes: int = 256 * 1024 * 1024  # at most this much, inside kv_budget_bytes
     prefix_block_tokens: int = 8  # tokens per cached block; divides prefill_chunk
     prefix_cache_max_prompt_tokens: int = 2048  # a prompt (or conversation) caches at most its first N tokens
+    # While at most this many sequences decode and none waits, the answer of a conversation's later turn
+    # (an assistant message in its prompt) is prefilled into a second slot as it is decoded
+    # (EAGER_WARM_TOKENS at a time), so a next turn sent the moment the answer ends finds it in the
+    # cache; 0 = answers are prefilled in idle steps only.
+    eager_warm_rows: int = 2
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batched_tokens", "prefill_chunk", "queue_capacity", "decode_rows"):
@@ -72,6 +91,8 @@ class SchedulerSettings:
         if self.prefix_block_tokens < 1 or self.prefill_chunk % self.prefix_block_tokens:
             raise ValueError(f"prefix_block_tokens must divide prefill_chunk ({self.prefill_chunk}), "
                              f"got {self.prefix_block_tokens}")
+        if self.eager_warm_rows < 0:
+            raise ValueError(f"eager_warm_rows must be >= 0, got {self.eager_warm_rows}")
         if self.prefix_cache_max_prompt_tokens < 0:
             raise ValueError(f"prefix_cache_max_prompt_tokens must be >= 0, got {self.prefix_cache_max_prompt_tokens}")
         if self.prefix_cache_bytes < 0:
@@ -101,8 +122,9 @@ class Counters:
     kv_tokens: int = 0
     steps: int = 0
     prefill_tokens_total: int = 0  # prompt tokens run through the model (cache hits not included)
-    warm_tokens_total: int = 0  # finished answers' tokens prefilled into the prefix cache in idle steps
+    warm_tokens_total: int = 0  # answers' tokens prefilled into the prefix cache (idle steps, or while decoding)
     warm_stopped_total: int = 0  # warm-up calls stopped part-way because a request arrived
+    eager_warm_tokens_total: int = 0  # of those, answer tokens prefilled into a second slot while decoding
     slots_taken_over_total: int = 0  # chat turns that took over their conversation's slot (nothing copied in)
     tokens_taken_over_total: int = 0  # the prompt tokens those turns found in the slot
     slots_widened_total: int = 0  # parked turns moved, in idle steps, to a batch wide enough for their next turn
@@ -155,6 +177,7 @@ class Scheduler:
         self.max_parked = max(1, settings.max_batch_size // 4)
         self._widening: deque[Sequence] = deque()  # parked turns whose next turn will not fit their batch
         self._warm_call: CallGuard | None = None  # the warm-up call under way, stopped by a submit
+        self._shadows: dict[int, Shadow] = {}  # decoding chat turns' second slots, by seq_id
         self._groups: list[SlotBatch] = []
         self._where: dict[int, tuple[SlotBatch, int]] = {}
         self._by_id: dict[int, Sequence] = {}
@@ -281,6 +304,8 @@ class Scheduler:
             need = self._reservation(seq) - (self._reservation(donor) if donor is not None else 0)
             while not self._room(reserved + need) and (others := [s for s in self._parked if s is not donor]):
                 reserved -= self._give_up(others[0], plan)  # parked slots make room first, oldest first
+            while not self._room(reserved + need) and self._shadows:
+                reserved -= self._close_shadow(next(iter(self._shadows)))  # then second slots
             if not self._room(reserved + need) and self._running:
                 break  # waits for room; nothing behind it overtakes it
             heapq.heappop(self._waiting)
@@ -442,6 +467,7 @@ class Scheduler:
                 self._observer.first_token(time.monotonic() - seq.submitted_at)
                 if seq.finished:
                     self._finish(seq)
+        self._eager_warm()
         self.counters.generated_total += len(events)
         self.counters.steps += 1
         self.counters.recent.append((time.monotonic(), self.counters.generated_total))
@@ -523,6 +549,14 @@ class Scheduler:
                                      self.settings.prefix_cache_max_prompt_tokens)
         seq.exact = len(seq.prompt_ids)
         group, slot = self._where[seq.seq_id]
+        if (shadow := self._shadows.pop(seq.seq_id, None)) is not None:
+            # its answer was prefilled into the second slot while it decoded: that slot is now its own
+            self._free(group, slot)
+            self.reserved_bytes -= shadow.reserved
+            group, slot = shadow.group, shadow.slot
+            group.hand_over(slot, seq.seq_id)
+            self._where[seq.seq_id] = (group, slot)
+            seq.exact = shadow.exact
         group.prefilled(slot, seq.exact, False)  # a dummy row from now on: it writes past its exact columns
         if all(key in self.prefix for key in seq.warm_keys):
             self._park(seq)  # nothing to warm (a retry, a regenerated answer): the next turn copies the rest
@@ -579,6 +613,100 @@ class Scheduler:
             seq.warmed = i + 1
         if seq.warmed == len(keys):
             self._end_warm(seq)
+
+    # ---- answers into the prefix cache while they are decoded ------------------------------------
+    def _eager_warm(self) -> None:
+        """While at most `eager_warm_rows` sequences decode and none waits, the answer of each decoding
+        turn of a conversation that has gone on before (an assistant message in its prompt) is prefilled,
+        EAGER_WARM_TOKENS or more at a time, into a second slot (`Shadow`) holding a copy of its prompt's
+        columns: a next turn sent the moment the answer ends then finds the answer's blocks in the cache
+        and the second slot parked for it, instead of prefilling the answer first. The decoding slot is
+        never touched, so the answer's own tokens are those of a run without it. Each call delays that
+        step's tokens by its prefill (about 16 prompt tokens' worth), which is why a busier replica
+        leaves answers to its idle steps."""
+        if (self.prefix is None or not self.settings.eager_warm_rows or self._block < 2 or self._chunk % self._block
+                or self._waiting):
+            return
+        decoding = [s for s in self._running if s.phase is Phase.DECODE and not s.finished]
+        if len(decoding) > self.settings.eager_warm_rows:
+            return
+        for seq in decoding:
+            if seq.warm and seq.eager and not self._waiting:
+                try:
+                    self._shadow_warm(seq)
+                except Exception:  # a second slot is an optimisation: its failure fails no request
+                    log.exception("inference_eager_warm_failed", request_id=seq.request_id)
+                    if seq.seq_id in self._shadows:
+                        self._close_shadow(seq.seq_id)
+
+    def _shadow_warm(self, seq: Sequence) -> None:
+        assert self.prefix is not None
+        block = self._block
+        history = [*seq.prompt_ids, *seq.generated]
+        stop = min(len(history), self.settings.prefix_cache_max_prompt_tokens) // block * block
+        shadow = self._shadows.get(seq.seq_id)
+        # the first call starts after the prompt's cached blocks (the last ones, too near the prompt's end
+        # to be cached with it, are history blocks now)
+        start = shadow.exact if shadow is not None else min(len(seq.prompt_ids), block * len(seq.pinned))
+        if stop - start < EAGER_WARM_TOKENS:
+            return
+        if shadow is None and (shadow := self._open_shadow(seq, start)) is None:
+            return
+        group, slot = shadow.group, shadow.slot
+        mask = np.zeros((1, group.width), dtype=np.int64)
+        mask[0, :stop] = 1
+        guard = CallGuard()
+        with self._wake:
+            if self._waiting:  # arrived since the plan: the request goes first
+                return
+            self._warm_call = guard
+        try:
+            self.runner.prefill(np.array([history[start:stop]], dtype=np.int64), mask, group.slot_view(slot),
+                                guard=guard)
+        except Interrupted:
+            self.counters.warm_stopped_total += 1  # the columns it wrote lie past `exact`: nothing is lost
+            return
+        finally:
+            with self._wake:
+                self._warm_call = None
+        self.counters.warm_tokens_total += stop - start
+        self.counters.eager_warm_tokens_total += stop - start
+        shadow.exact = stop
+        group.prefilled(slot, stop, False)  # a dummy row: a decode step of its batch writes past `exact`
+        keys = history_keys(seq.prefix_root, history, block, self.settings.prefix_cache_max_prompt_tokens)
+        for i in range(start // block, stop // block):
+            if keys[i] not in self.prefix:
+                data = group.read_columns(slot, i * block, (i + 1) * block)
+                if not self.prefix.keep(keys[i], data, self.kv_budget - self.reserved_bytes):
+                    return  # no room now; what the slot holds still serves the next turn
+
+    def _open_shadow(self, seq: Sequence, exact: int) -> Shadow | None:
+        """A second slot for `seq` in a batch of its width that decodes nothing (so it adds no row to
+        `seq`'s steps), with its first `exact` (prompt) columns copied in; None when the KV budget has no
+        room for it."""
+        group, slot = self._where[seq.seq_id]
+        need = self._reservation(seq)
+        if not self._room(self.reserved_bytes + need):
+            return None
+        quiet = [g for g in self._groups
+                 if g is not group and g.width == group.width and g.has_room and not g.decoding.any()]
+        target = quiet[0] if quiet else SlotBatch(self.spec, self.settings.decode_rows, group.width,
+                                                   self.runner.device)
+        if not quiet:
+            self._groups.append(target)
+        shadow = Shadow(target, target.take(("shadow", seq.seq_id)), exact, need)
+        group.copy_columns(slot, target, shadow.slot, 0, shadow.exact)
+        target.prefilled(shadow.slot, shadow.exact, False)
+        self.reserved_bytes += need
+        self._shadows[seq.seq_id] = shadow
+        return shadow
+
+    def _close_shadow(self, seq_id: int) -> int:
+        """Give a second slot up; returns the reservation it frees."""
+        shadow = self._shadows.pop(seq_id)
+        self._free(shadow.group, shadow.slot)
+        self.reserved_bytes -= shadow.reserved
+        return shadow.reserved
 
     def _end_warm(self, seq: Sequence, keep: bool = True) -> None:
         """The warm-up of `seq` is over (done, stopped or out of room): its slot is parked for the
@@ -656,6 +784,8 @@ class Scheduler:
 
     def _drop(self, seq: Sequence) -> None:
         self._unpin(seq)
+        if seq.seq_id in self._shadows:
+            self._close_shadow(seq.seq_id)
         self._by_id.pop(seq.seq_id, None)
         placed = self._where.pop(seq.seq_id, None)
         if placed is None:

@@ -50,6 +50,7 @@ class Sequence:
     pinned: list[bytes] = field(default_factory=list)  # blocks 0..n-1 it holds in the prefix cache
     prefix_root: bytes = b""  # where its tenant's chains start (prefix_cache.root_key)
     warm: bool = False  # once finished, its answer is prefilled into the prefix cache (a chat turn)
+    eager: bool = False  # and while few sequences decode, as it is decoded (a conversation's later turn)
     warm_keys: list[bytes] = field(default_factory=list)  # keys of its prompt + answer blocks, once finished
     warmed: int = 0  # blocks of warm_keys dealt with
     exact: int = 0  # its slot's columns [0, exact) hold prefill KV (the rest is decode KV)

@@ -88,7 +88,8 @@ class LoadReport:
     prefix_cache_blocks: int = 0
     prefix_cache_bytes: int = 0
     kv_budget_bytes: int = 0  # what kv_cache_bytes may grow to
-    prefix_cache_warm_tokens: int = 0  # finished answers' tokens prefilled into the prefix cache when idle
+    prefix_cache_warm_tokens: int = 0  # answers' tokens prefilled into the prefix cache (idle or while decoding)
+    prefix_cache_eager_warm_tokens: int = 0  # of those, prefilled while the answer was being decoded
     slots_taken_over_total: int = 0  # chat turns that took over their conversation's parked slot
     slots_widened_total: int = 0  # parked slots moved, while idle, to a batch wide enough for the next turn
 

@@ -151,11 +151,14 @@ async def test_a_finished_answer_is_cached_so_the_next_turn_computes_only_its_ne
     assert computed == warm.last.usage.prompt_tokens - history // 8 * 8  # the new message and a block's tail
 
 
-async def test_answer_blocks_are_a_cold_prefill_of_the_history_bit_for_bit(model) -> None:
-    engine = Engine(model, SchedulerSettings())
+@pytest.mark.parametrize("eager", [0, 2], ids=["idle", "while-decoding"])
+async def test_answer_blocks_are_a_cold_prefill_of_the_history_bit_for_bit(model, eager) -> None:
+    """Whether the answer is prefilled once the replica idles or into a second slot while it is decoded,
+    every cached block of prompt + answer is a cold prefill of the whole history's, bit for bit."""
+    engine = Engine(model, SchedulerSettings(eager_warm_rows=eager))
     await engine.start()
     try:
-        messages = (ChatMessage(Role.USER, text_of(model, 45, "bits")),)
+        messages = _going_on(model, "bits")
         req = GenerationRequest(messages=messages, sampling=Sampling(max_tokens=40), tenant_id="acme")
         generated = [t async for delta in engine.generate(req) for t in delta.token_ids]
         history = engine.prompt_ids("", messages) + generated
@@ -171,7 +174,10 @@ async def test_answer_blocks_are_a_cold_prefill_of_the_history_bit_for_bit(model
             cached = engine.prefix.get(key)
             assert cached is not None and np.array_equal(cached.data, batch.read_columns(slot, 8 * i, 8 * i + 8)), i
         prompt_blocks = (len(history) - len(generated) - 2) // 8
+        # from the prompt's cached blocks on: while decoding (16 tokens or more a call), the rest when idle
         assert engine.load_report().prefix_cache_warm_tokens == (len(keys) - prompt_blocks) * 8
+        eager_tokens = engine.load_report().prefix_cache_eager_warm_tokens
+        assert eager_tokens >= 16 if eager else eager_tokens == 0
     finally:
         await engine.stop()
 
@@ -239,8 +245,9 @@ async def _warmed_first_turn(engine: Engine, model, tokens: int, salt: str
     return first, answer, history, keys
 
 
-async def _engines(model) -> tuple[Engine, Engine, RecordingRunner]:
-    engine, plain = Engine(model, SchedulerSettings()), Engine(model, SchedulerSettings(prefix_cache=False))
+async def _engines(model, **settings) -> tuple[Engine, Engine, RecordingRunner]:
+    engine = Engine(model, SchedulerSettings(**settings))
+    plain = Engine(model, SchedulerSettings(prefix_cache=False))
     recorder = RecordingRunner(model.runner)
     engine.scheduler.runner = recorder  # type: ignore[assignment]
     await engine.start()
@@ -251,7 +258,7 @@ async def _engines(model) -> tuple[Engine, Engine, RecordingRunner]:
 async def test_an_answer_is_warmed_in_one_call_and_the_next_turn_prefills_its_new_tokens_in_one_call(model) -> None:
     """Undisturbed, the idle replica prefills the answer in one call; the next turn's new tokens, though
     they straddle a prefill_chunk boundary, are one model call too, and its tokens are a cold run's."""
-    engine, plain, recorder = await _engines(model)
+    engine, plain, recorder = await _engines(model, eager_warm_rows=0)
     try:
         first, answer, history, keys = await _warmed_first_turn(engine, model, 45, "blocks")
         prompt_tokens = engine.scheduler.counters.prefill_tokens_total
@@ -276,7 +283,7 @@ async def test_a_next_turn_arriving_during_a_warm_up_stops_its_call_and_waits_fo
     """The next turn sent while the answer's warm-up call runs stops that call (ONNX Runtime's terminate)
     instead of waiting for it, then prefills the rest of the answer and its new message in one call,
     with a cold run's tokens."""
-    engine, plain, recorder = await _engines(model)
+    engine, plain, recorder = await _engines(model, eager_warm_rows=0)
     try:
         first = (ChatMessage(Role.USER, text_of(model, 45, "stop")),)
         recorder.hold = True
@@ -371,3 +378,73 @@ async def test_a_turn_that_outgrows_its_batch_still_takes_over_the_slot_moved_wh
     finally:
         await engine.stop()
         await plain.stop()
+
+
+def _going_on(model, salt: str) -> tuple[ChatMessage, ...]:
+    """A conversation that has gone on before: an exchange, then a new user turn of 45 tokens."""
+    return (ChatMessage(Role.USER, text_of(model, 20, f"{salt} opening")),
+            ChatMessage(Role.ASSISTANT, text_of(model, 20, f"{salt} reply")),
+            ChatMessage(Role.USER, text_of(model, 45, salt)))
+
+
+def _shared_blocks(ids: list[int], history: list[int]) -> int:
+    """Whole blocks of 8 that `ids` starts with as `history` does."""
+    same = next((i for i, (a, b) in enumerate(zip(ids, history, strict=False)) if a != b), min(len(ids), len(history)))
+    return same // 8
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=["greedy", "seeded"])
+async def test_an_answer_cached_while_it_is_decoded_leaves_a_next_turn_sent_at_once_only_the_rest(
+        model, sampling) -> None:
+    """With few sequences decoding, a chat answer is prefilled into a second slot as it is decoded (16
+    tokens a call): when it ends that slot is parked with prefill KV up to the last call, so the next turn,
+    sent the moment the answer ends, takes it over and prefills only the answer's last tokens and its new
+    message. The decoding slot is never touched: both turns' tokens are a cold run's (greedy and seeded)."""
+    engine, plain, _ = await _engines(model)
+    try:
+        first = _going_on(model, "eager")
+        turn1 = GenerationRequest(messages=first, sampling=Sampling(max_tokens=48, **sampling), tenant_id="acme")
+        answer = [t async for delta in engine.generate(turn1) for t in delta.token_ids]
+        counters = engine.scheduler.counters
+        prompt = engine.prompt_ids("", first)
+        exact = 8 * ((len(prompt) - 2) // 8) + counters.eager_warm_tokens_total  # final once the answer ended
+        assert len(answer) >= 24 and counters.eager_warm_tokens_total >= 16, (len(answer), counters)
+        assert exact % 8 == 0
+
+        second = (*first, ChatMessage(Role.ASSISTANT, model.decode(answer)),
+                  ChatMessage(Role.USER, text_of(model, 40, "at once")))
+        turn2 = GenerationRequest(messages=second, sampling=Sampling(max_tokens=16, **sampling), tenant_id="acme")
+        before = counters.prefill_tokens_total
+        tokens = [t async for delta in engine.generate(turn2) for t in delta.token_ids]
+        computed = counters.prefill_tokens_total - before
+        ids = engine.prompt_ids("", second)
+        found = min(exact, 8 * _shared_blocks(ids, prompt + answer))
+        assert found > len(prompt) and computed <= len(ids) - found, (computed, len(ids), found)
+        assert engine.load_report().slots_taken_over_total == 1
+        assert answer == [t async for delta in plain.generate(turn1) for t in delta.token_ids]
+        assert tokens == [t async for delta in plain.generate(turn2) for t in delta.token_ids]
+    finally:
+        await engine.stop()
+        await plain.stop()
+
+
+async def test_a_turn_cancelled_while_its_answer_is_being_cached_gives_both_its_slots_back(model) -> None:
+    """Cancelling a chat turn whose answer is being prefilled into its second slot frees that slot and its
+    reservation with the first: nothing is left parked, reserved or resident."""
+    engine = Engine(model, SchedulerSettings())
+    await engine.start()
+    try:
+        first = _going_on(model, "cancel")
+        req = GenerationRequest(messages=first, sampling=Sampling(max_tokens=48), tenant_id="acme")
+        scheduler = engine.scheduler
+        stream = engine.generate(req)
+        async for _ in stream:
+            if scheduler._shadows:
+                break
+        await stream.aclose()
+        assert scheduler.counters.eager_warm_tokens_total >= 16
+        await wait_until(lambda: not scheduler._running and not scheduler._shadows, 30, "the turn gone")
+        await wait_until(lambda: engine.load_report().kv_cache_tokens == 0, 30, "its slots freed")
+        assert scheduler.reserved_bytes == 0 and not scheduler._parked
+    finally:
+        await engine.stop()

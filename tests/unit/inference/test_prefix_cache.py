@@ -106,3 +106,8 @@ def test_columns_copied_out_of_one_slot_and_into_another_of_another_width() -> N
 def test_block_size_must_divide_the_prefill_chunk() -> None:
     with pytest.raises(ValueError, match="prefix_block_tokens must divide prefill_chunk"):
         SchedulerSettings(prefill_chunk=128, prefix_block_tokens=24)
+
+
+def test_eager_warm_rows_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="eager_warm_rows must be >= 0"):
+        SchedulerSettings(eager_warm_rows=-1)
