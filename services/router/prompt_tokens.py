@@ -96,13 +96,21 @@ class PromptTokens:
             return loaded
         return await asyncio.shield(pending)
 
+    async def exact(self, model: str, version: str, size: int, prompt: str, messages: tuple[Message, ...],
+                    raw: bool) -> int | None:
+        """The prompt's tokens as `version` of `model` counts them; None when it cannot count them here."""
+        counter = await self.counter(model, version)
+        if counter is None:
+            return None
+        try:
+            return await offload.sized(size, counter.count, prompt, messages, raw)
+        except InvalidInput:
+            return None  # the template refused the conversation: the engine says so with its own message
+
     async def bound(self, model: str, version: str, size: int, prompt: str, messages: tuple[Message, ...],
                     raw: bool) -> int:
         """The prompt's tokens as `version` of `model` counts them; the byte bound when it cannot count."""
-        counter = await self.counter(model, version)
-        if counter is not None:
-            try:
-                return await offload.sized(size, counter.count, prompt, messages, raw)
-            except InvalidInput:
-                pass  # the template refused the conversation: the engine says so with its own message
+        found = await self.exact(model, version, size, prompt, messages, raw)
+        if found is not None:
+            return found
         return await offload.sized(size, self.fallback, prompt, messages, raw)

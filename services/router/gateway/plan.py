@@ -166,12 +166,20 @@ class Planner:
         address = self._balancer.pick(version.replicas)
         return await self._inference.count_tokens(address, prompt, messages)
 
+    async def exact_count(self, model: str, version: VersionEntry, size: int, prompt: str,
+                          messages: tuple[Message, ...], raw: bool) -> int:
+        """The prompt's exact token count: with the version's own tokenizer and template here when the
+        router has them (no round trip), else as a replica counts it."""
+        found = await self.prompt_tokens.exact(model, version.version, size, prompt, messages, raw)
+        if found is not None:
+            return found
+        return (await self.count(version, prompt if raw else "", () if raw else messages))[0]
+
     async def exact_prompt(self, plan: Plan) -> int:
         """The prompt's exact token count (its bound when no replica can say)."""
         try:
-            count, _ = await self.count(plan.version, plan.prompt if plan.raw_prompt else "",
-                                        () if plan.raw_prompt else plan.messages)
-            return count
+            return await self.exact_count(plan.model.name, plan.version, _chars(plan.prompt, plan.messages),
+                                          plan.prompt, plan.messages, plan.raw_prompt)
         except DomainError:
             return plan.prompt_bound
 
@@ -200,13 +208,18 @@ class Planner:
         messages = history + new_turn
         size += _chars("", history)
         exact: int | None = None
-        bound = await self.prompt_tokens.bound(model.name, version.version, size, prompt, messages, req.raw_prompt)
+        local = await self.prompt_tokens.exact(model.name, version.version, size, prompt, messages, req.raw_prompt)
+        counted_here = local is not None
+        bound = local if local is not None else await offload.sized(size, self.prompt_tokens.fallback, prompt,
+                                                                     messages, req.raw_prompt)
         if req.context_id or policy.max_prompt_tokens or (window and bound + max_tokens > window):
             if req.raw_prompt:
-                exact, _ = await self.count(version, prompt, ())
+                exact = await self.exact_count(model.name, version, size, prompt, (), True)
             else:
                 async def count(candidate: tuple[Message, ...]) -> int:
-                    return (await self.count(version, "", candidate))[0]
+                    if candidate == messages and counted_here:
+                        return bound  # counted just now with the version's own tokenizer
+                    return await self.exact_count(model.name, version, size, "", candidate, False)
 
                 if req.context_id:
                     messages, exact = await fit_to_window(history, new_turn, max_tokens, window, count)

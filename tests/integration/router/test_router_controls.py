@@ -9,6 +9,7 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.rpc import error_details_pb2, status_pb2
+from prometheus_client import REGISTRY
 
 from autoglm.common.v1 import generation_pb2
 from autoglm.router.v1 import admin_service_pb2 as admin_pb2
@@ -140,6 +141,30 @@ async def test_context_conversation_is_replayed_on_the_next_turn(mesh: Mesh) -> 
                                                metadata=bearer(secret), timeout=10)
     # The second turn carried the first exchange: its prompt is longer than the question alone.
     assert second.usage.prompt_tokens > alone.token_count + first.usage.completion_tokens
+
+
+def _replica_counts() -> float:
+    """CountTokens calls the inference replica has served in this process."""
+    return REGISTRY.get_sample_value("autoglm_rpc_started_total", {
+        "service": "inference", "method": "/autoglm.inference.v1.InferenceService/CountTokens"}) or 0.0
+
+
+async def test_a_conversations_turns_are_counted_with_the_routers_tokenizer_not_a_replica_round_trip(
+        mesh: Mesh) -> None:
+    """The router holds the model's tokenizer and template: fitting a stored conversation to the window
+    costs no CountTokens call to the replica, and the count equals the replica's own."""
+    secret, _ = await mesh.create_key("acme")
+    before = _replica_counts()
+    for text in ("My name is Ada.", "What is my name?", "Spell it."):
+        turn = await mesh.router_stub.Complete(
+            pb2.CompleteRequest(model=MODEL, prompt=text, context_id="conv-count", sampling=greedy(6)),
+            metadata=bearer(secret), timeout=60)
+    assert _replica_counts() == before
+    replayed = await mesh.router_stub.CountTokens(pb2.CountTokensRequest(model=MODEL, messages=[
+        generation_pb2.ChatMessage(role=generation_pb2.CHAT_ROLE_USER, content="x")]),
+        metadata=bearer(secret), timeout=10)  # the replica's count (a reference that it is reachable)
+    assert replayed.token_count > 0 and _replica_counts() == before + 1
+    assert turn.usage.prompt_tokens > replayed.token_count
 
 
 async def test_run_task_summarize(mesh: Mesh) -> None:
