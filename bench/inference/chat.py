@@ -11,8 +11,9 @@ conversation: the same user turns, each runner's own answers in its history, in 
 launcher starts them. The three take turns conversation by conversation (REPEATS conversations each,
 the same user turns for all), so load from other work spreads evenly; each turn's figure is the median
 over the conversations. Those conversations send each turn as soon as the answer ends (the worst case
-for the prefix cache: the answer's KV is computed with the next turn, since decode-step KV is not
-cached). Each round also holds a paced conversation, other user turns with THINK_S seconds between the
+for the prefix cache: decode-step KV is not cached, so what of the answer the replica has not prefilled
+while decoding it, into a second slot, is computed with the next turn; the first answer is not, as its
+turn has no earlier exchange). Each round also holds a paced conversation, other user turns with THINK_S seconds between the
 end of an answer and the next turn (a person reading it), through the cached router and in llama.cpp.
 """
 
