@@ -642,8 +642,8 @@ class Scheduler:
     def _shadow_warm(self, seq: Sequence) -> None:
         assert self.prefix is not None
         block = self._block
-        length = len(seq.prompt_ids) + len(seq.generated)
-        stop = min(length, self.settings.prefix_cache_max_prompt_tokens) // block * block
+        history = [*seq.prompt_ids, *seq.generated]
+        stop = min(len(history), self.settings.prefix_cache_max_prompt_tokens) // block * block
         shadow = self._shadows.get(seq.seq_id)
         # the first call starts after the prompt's cached blocks (the last ones, too near the prompt's end
         # to be cached with it, are history blocks now)
@@ -653,7 +653,6 @@ class Scheduler:
         if shadow is None and (shadow := self._open_shadow(seq, start)) is None:
             return
         group, slot = shadow.group, shadow.slot
-        history = [*seq.prompt_ids, *seq.generated]
         mask = np.zeros((1, group.width), dtype=np.int64)
         mask[0, :stop] = 1
         guard = CallGuard()
