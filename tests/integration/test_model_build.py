@@ -17,6 +17,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from services.inference.chat_template import ChatTemplate
+from services.inference.engine.engine import min_decode_rows
 from services.inference.modelbuild.build import BuildResult, build
 from services.inference.modelbuild.hashing import sha256_file
 from services.inference.modelbuild.manifest import MANIFEST_NAME, Manifest, load_manifest
@@ -51,7 +52,8 @@ def manifest(built: BuildResult) -> Manifest:
 
 @pytest.fixture(scope="module")
 def lm(built: BuildResult, manifest: Manifest) -> OnnxCausalLM:
-    return OnnxCausalLM(built.path / manifest.model_file)
+    # as the engine decodes it (services.inference.engine.engine.min_decode_rows): the INT4 build never one row alone
+    return OnnxCausalLM(built.path / manifest.model_file, min_rows=min_decode_rows(manifest.precision))
 
 
 @pytest.fixture(scope="module")

@@ -74,9 +74,12 @@ class SlotView:
 class SlotBatch:
     """`rows` slots decoded together; slots [0, bound) take part in each decode step."""
 
-    def __init__(self, spec: KvSpec, rows: int, width: int, device: str = "cpu") -> None:
+    def __init__(self, spec: KvSpec, rows: int, width: int, device: str = "cpu", min_rows: int = 1) -> None:
         self.spec = spec
         self.rows = rows
+        # a step takes at least this many rows (free slots as dummy rows): a model whose one-row calls
+        # take other kernels (`Scheduler`'s min_decode_rows) never decodes a row alone
+        self.min_rows = max(1, min(min_rows, rows))
         self.width = width
         self.device = device
         self.keys: list[Hashable | None] = [None] * rows
@@ -163,7 +166,7 @@ class SlotBatch:
 
     def _rebound(self) -> None:
         used = [i for i, key in enumerate(self.keys) if key is not None]
-        bound = used[-1] + 1 if used else 0
+        bound = max(used[-1] + 1, self.min_rows) if used else 0
         if bound != self.bound:
             self.bound = bound
             self.epoch += 1

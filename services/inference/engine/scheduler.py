@@ -158,7 +158,7 @@ class _NoObserver:
 class Scheduler:
     def __init__(self, runner: ModelRunner, spec: KvSpec, settings: SchedulerSettings, *, max_width: int,
                  kv_budget: int, observer: StepObserver | None = None, prefix: PrefixCache | None = None,
-                 block: int = 0) -> None:
+                 block: int = 0, min_decode_rows: int = 1) -> None:
         self.runner = runner
         self.spec = spec
         self.settings = settings
@@ -169,6 +169,10 @@ class Scheduler:
         self._observer = observer or _NoObserver()
         self.prefix = prefix
         self.block = block  # tokens per prefix-cache block
+        # rows a decode step runs at least (dummy rows beside one sequence): 2 for a model whose one-row
+        # matmuls take another kernel than batched ones (the INT4 build on AVX2), so a row's tokens never
+        # depend on whether it decodes alone
+        self.min_decode_rows = min_decode_rows
         self._waiting: list[tuple[int, int, Sequence]] = []
         self._order = itertools.count()
         self._running: list[Sequence] = []  # owned by the decode thread
@@ -691,7 +695,7 @@ class Scheduler:
         quiet = [g for g in self._groups
                  if g is not group and g.width == group.width and g.has_room and not g.decoding.any()]
         target = quiet[0] if quiet else SlotBatch(self.spec, self.settings.decode_rows, group.width,
-                                                   self.runner.device)
+                                                   self.runner.device, self.min_decode_rows)
         if not quiet:
             self._groups.append(target)
         shadow = Shadow(target, target.take(("shadow", seq.seq_id)), exact, need)
@@ -759,7 +763,7 @@ class Scheduler:
         open_groups = [g for g in self._groups if g.width == width and g.has_room]
         if open_groups:
             return max(open_groups, key=len)
-        group = SlotBatch(self.spec, self.settings.decode_rows, width, self.runner.device)
+        group = SlotBatch(self.spec, self.settings.decode_rows, width, self.runner.device, self.min_decode_rows)
         self._groups.append(group)
         return group
 

@@ -44,7 +44,8 @@ def session_options(threads: int = 2, level: ort.GraphOptimizationLevel | None =
 
 
 class OnnxCausalLM:
-    def __init__(self, model_path: Path, options: ort.SessionOptions | None = None) -> None:
+    def __init__(self, model_path: Path, options: ort.SessionOptions | None = None, min_rows: int = 1) -> None:
+        self.min_rows = min_rows  # greedy runs at least this many rows (copies of the first), as the engine does
         self.session = ort.InferenceSession(str(model_path), options or session_options(),
                                             providers=["CPUExecutionProvider"])
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith(PAST_PREFIX)]
@@ -76,6 +77,15 @@ class OnnxCausalLM:
                eos_ids: tuple[int, ...] = (), timings: StepTimings | None = None,
                keep_logits: list[np.ndarray] | None = None) -> list[list[int]]:
         """Greedy continuation of each prompt (stops a row at EOS)."""
+        asked = len(prompts)
+        if asked < self.min_rows:
+            prompts = prompts + [prompts[0]] * (self.min_rows - asked)
+            if keep_logits is not None:
+                kept: list[np.ndarray] = []
+                padded = self.greedy(prompts, max_new_tokens, pad_id, eos_ids, timings, kept)
+                keep_logits.extend(logits[:asked] for logits in kept)
+                return padded[:asked]
+            return self.greedy(prompts, max_new_tokens, pad_id, eos_ids, timings)[:asked]
         start = time.perf_counter()
         logits, lengths, past = self.prefill(prompts, pad_id)
         if timings is not None:

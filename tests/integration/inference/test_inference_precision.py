@@ -11,12 +11,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import yaml
 
 from autoglm.inference.v1 import inference_service_pb2 as pb2
 from autoglm.inference.v1 import inference_service_pb2_grpc as pb2_grpc
-from services.inference.engine.model import find_default_model
+from services.inference.engine.engine import min_decode_rows
+from services.inference.engine.kv_cache import SlotBatch
+from services.inference.engine.model import find_default_model, load_model
+from services.inference.engine.session import SessionSettings
 from services.inference.modelbuild.build import build
 from services.inference.modelbuild.manifest import MANIFEST_NAME, load_manifest
 from tests.conftest import ROOT
@@ -98,3 +102,34 @@ def test_no_int4_build_says_how_to_make_one(tmp_path: Path, int8_dir: Path) -> N
     assert done.returncode == 2
     assert "no built model found" in done.stderr and "autoglm model build --precision int4" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+async def test_a_row_decodes_the_same_bits_alone_as_beside_another(precision: str, int8_dir: Path,
+                                                                   int4_dir: Path) -> None:
+    """The engine's decode batches (its SlotBatch with the build's min_decode_rows): a sequence decoded
+    alone writes the same KV bits, step after step, as beside another sequence, for either build (the
+    INT4 build's one-row matmuls take other kernels on some CPUs, so it never decodes one row alone)."""
+    model = load_model(int4_dir if precision == "int4" else int8_dir, SessionSettings(intra_op_threads=2))
+    prompt = model.encode("Tell me about the rivers of the north and how they change over the seasons.")
+
+    def decode(company: bool) -> np.ndarray:
+        batch = SlotBatch(model.spec, 4, 256, min_rows=min_decode_rows(model.manifest.precision))
+        slots = [batch.take(i) for i in range(2 if company else 1)]
+        for n, slot in enumerate(slots):
+            ids = prompt if n == 0 else prompt[:9]
+            mask = np.zeros((1, batch.width), dtype=np.int64)
+            mask[0, : len(ids)] = 1
+            model.runner.prefill(np.array([ids], dtype=np.int64), mask, batch.slot_view(slot))
+            batch.prefilled(slot, len(ids), True)
+        binding = model.runner.decode_binding(batch.step_view())
+        token = 42
+        for _ in range(12):
+            step = np.full((batch.bound, 1), 7, dtype=np.int64)
+            step[0, 0] = token
+            logits = binding.run(step, batch.step_mask())
+            batch.advance()
+            token = int(logits[0].argmax())
+        return batch.read_columns(slots[0], 0, len(prompt) + 12)
+
+    assert np.array_equal(decode(company=False), decode(company=True))
