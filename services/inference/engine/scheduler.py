@@ -589,23 +589,12 @@ class Scheduler:
         start = seq.warmed * block
         stop = min(start + self._chunk // block * block, len(keys) * block)
         history = [*seq.prompt_ids, *seq.generated]
-        mask = np.zeros((1, group.width), dtype=np.int64)
-        mask[0, :stop] = 1
-        guard = CallGuard()
-        with self._wake:
-            if self._waiting:  # arrived since the plan: the next plan gives the warm-ups up
-                return
-            self._warm_call = guard
-        try:
-            self.runner.prefill(np.array([history[start:stop]], dtype=np.int64), mask, group.slot_view(slot),
-                                guard=guard)
-        except Interrupted:
-            self.counters.warm_stopped_total += 1
+        ran = self._stoppable_prefill(history[start:stop], group, slot, stop)
+        if ran is None:  # a request arrived since the plan: the next plan gives the warm-ups up
+            return
+        if not ran:
             self._end_warm(seq)
             return
-        finally:
-            with self._wake:
-                self._warm_call = None
         self.counters.warm_tokens_total += stop - start
         seq.exact = stop
         group.prefilled(slot, stop, False)
@@ -657,22 +646,8 @@ class Scheduler:
         if shadow is None and (shadow := self._open_shadow(seq, start)) is None:
             return
         group, slot = shadow.group, shadow.slot
-        mask = np.zeros((1, group.width), dtype=np.int64)
-        mask[0, :stop] = 1
-        guard = CallGuard()
-        with self._wake:
-            if self._waiting:  # arrived since the plan: the request goes first
-                return
-            self._warm_call = guard
-        try:
-            self.runner.prefill(np.array([history[start:stop]], dtype=np.int64), mask, group.slot_view(slot),
-                                guard=guard)
-        except Interrupted:
-            self.counters.warm_stopped_total += 1  # the columns it wrote lie past `exact`: nothing is lost
-            return
-        finally:
-            with self._wake:
-                self._warm_call = None
+        if not self._stoppable_prefill(history[start:stop], group, slot, stop):
+            return  # a request goes first; columns a stopped call wrote lie past `exact`: nothing is lost
         self.counters.warm_tokens_total += stop - start
         self.counters.eager_warm_tokens_total += stop - start
         shadow.exact = stop
@@ -711,6 +686,27 @@ class Scheduler:
         self._free(shadow.group, shadow.slot)
         self.reserved_bytes -= shadow.reserved
         return shadow.reserved
+
+    def _stoppable_prefill(self, ids: list[int], group: SlotBatch, slot: int, stop: int) -> bool | None:
+        """Prefill `ids` into the slot up to column `stop` as idle work that a submitted request stops
+        (ONNX Runtime's terminate): True when it ran, False when it was stopped part-way (counted), None
+        when a request already waits (nothing ran)."""
+        mask = np.zeros((1, group.width), dtype=np.int64)
+        mask[0, :stop] = 1
+        guard = CallGuard()
+        with self._wake:
+            if self._waiting:
+                return None
+            self._warm_call = guard
+        try:
+            self.runner.prefill(np.array([ids], dtype=np.int64), mask, group.slot_view(slot), guard=guard)
+        except Interrupted:
+            self.counters.warm_stopped_total += 1
+            return False
+        finally:
+            with self._wake:
+                self._warm_call = None
+        return True
 
     def _end_warm(self, seq: Sequence, keep: bool = True) -> None:
         """The warm-up of `seq` is over (done, stopped or out of room): its slot is parked for the
