@@ -179,7 +179,9 @@ async def test_both_limits_are_checked_and_a_refusal_takes_nothing(buckets: Redi
 
 
 async def test_two_replicas_share_one_keys_limit_exactly(redis_server: RedisProcess) -> None:
-    replicas = [RedisBuckets.from_url(redis_server.url), RedisBuckets.from_url(redis_server.url)]
+    # Failing closed with a generous timeout: on a loaded machine a call past the default 0.5 s would
+    # otherwise be admitted unchecked (fail open) and count as a pass Redis never granted.
+    replicas = [RedisBuckets.from_url(redis_server.url, timeout_s=10.0, fail_open=False) for _ in range(2)]
     try:
         limiters = [RateLimiter(backend) for backend in replicas]
         # 10/min: the next request refills in 6 s, far beyond this test's duration.
