@@ -43,6 +43,9 @@ from services.common.usage import AlertLevel
 
 log = structlog.get_logger(__name__)
 CallerKey = tuple[str, str, tuple[tuple[str, str], ...]]
+# A request whose prompt is not yet counted is admitted against a lease with room for this many such
+# requests left (`admit(loose=True)`); nearer the edge its prompt is counted first.
+LOOSE_ROOM = 64
 
 
 @dataclass(frozen=True)
@@ -152,8 +155,13 @@ class LeaseBook:
         return tenant_id, api_key_id, tuple(sorted(tags.items()))
 
     def admit(self, tenant_id: str, api_key_id: str, tags: dict[str, str], traffic: TrafficClass,
-              worst_micros: int | None, worst_tokens: int) -> Admitted | None:
-        """`worst_micros` None: the money cost is not known here (no price yet): only token leases can admit."""
+              worst_micros: int | None, worst_tokens: int, loose: bool = False) -> Admitted | None:
+        """`worst_micros` None: the money cost is not known here (no price yet): only token leases can admit.
+        `loose`: the worst case is a looser bound than the request's (its prompt not yet counted): admitted
+        only far from every lease's edge (each lease below its first alert level, with room for
+        LOOSE_ROOM such requests), so in-flight requests holding a loose bound never crowd out the exact
+        ones at a budget's edge; otherwise None, with nothing asked of billing (the caller counts and
+        asks again)."""
         key = self.key(tenant_id, api_key_id, tags)
         now = self.clock()
         caller = self._callers.get(key)
@@ -173,6 +181,9 @@ class LeaseBook:
         for lease in leases:
             assert lease is not None
             worst = worst_tokens if lease.in_tokens else worst_micros
+            if loose and (worst is None or lease.level != AlertLevel.NONE
+                          or lease.granted - lease.consumed < LOOSE_ROOM * worst):
+                return None
             if worst is None or lease.expire_at - now < self.min_lifetime_s or _refuses(lease.level, traffic) or \
                     lease.consumed + worst > lease.granted:
                 self._want(caller)

@@ -55,7 +55,7 @@ import dataclasses
 import functools
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import structlog
@@ -192,15 +192,18 @@ class Meter:
                                      "requests wait until billing returns, retry later")
         return Hold(hold_id=OFFLINE_HOLD, level=level, offline=True)
 
-    def _leased(self, request: HoldRequest) -> Hold | None:
-        """The request admitted against this router's leases, or None (then Reserve decides)."""
+    def _leased(self, request: HoldRequest, refuse: bool = True) -> Hold | None:
+        """The request admitted against this router's leases, or None (then Reserve decides); `refuse`
+        False: a looser bound than the request's real one is tried (`LeaseBook.admit(loose=True)`), and
+        never refused here."""
         if self.leases is None:
             return None
         worst = self._worst_micros(request)
         admitted = self.leases.admit(request.tenant_id, request.api_key_id, request.tags, request.traffic_class,
-                                     worst, request.max_prompt_tokens + request.max_completion_tokens)
+                                     worst, request.max_prompt_tokens + request.max_completion_tokens,
+                                     loose=not refuse)
         if admitted is None:
-            if self._failing:  # billing's latest call failed: a hard budget's lease that cannot cover it refuses
+            if self._failing and refuse:  # billing's latest call failed: a hard budget's lease that cannot cover it refuses
                 self._refuse_beyond_lease(request, worst)
             return None
         if not admitted.lease_ids and self.billing_down:  # soft budgets only: the grace window
@@ -242,8 +245,16 @@ class Meter:
             "billing is unreachable and this router has not yet learned whether a hard budget applies to this "
             "caller; the request is refused rather than served unbilled: retry in a few seconds")
 
-    async def reserve(self, request: HoldRequest, deadline: float | None = None) -> Hold:
-        leased = self._leased(request)
+    async def reserve(self, request: HoldRequest, deadline: float | None = None,
+                      exact: Callable[[], Awaitable[int]] | None = None) -> Hold:
+        """The request's hold: against this router's leases, else a Reserve. `exact` gives the prompt's
+        exact token count when `request.max_prompt_tokens` is a looser bound: the leases are tried with the
+        loose bound first (no tokenizer pass), and only what they cannot cover loosely is counted exactly."""
+        leased = self._leased(request, refuse=exact is None)
+        if leased is None and exact is not None:
+            if (counted := await exact()) != request.max_prompt_tokens:
+                request = replace(request, max_prompt_tokens=counted)
+            leased = self._leased(request)
         if leased is not None:
             return leased
         waited_since: float | None = None
@@ -293,12 +304,13 @@ class Meter:
             and self._levels.get(tenant_id) == AlertLevel.NONE and self._early.get(tenant_id, 0) < self._max_early
         )
 
-    async def reserve_early(self, request: HoldRequest, deadline: float | None = None) -> Hold:
+    async def reserve_early(self, request: HoldRequest, deadline: float | None = None,
+                            exact: Callable[[], Awaitable[int]] | None = None) -> Hold:
         """`reserve`, counted against the tenant's early-start allowance while it is outstanding."""
         tenant = request.tenant_id
         self._early[tenant] = self._early.get(tenant, 0) + 1
         try:
-            return await self.reserve(request, deadline)
+            return await self.reserve(request, deadline, exact)
         finally:
             left = self._early[tenant] - 1
             if left:

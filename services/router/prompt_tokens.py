@@ -5,6 +5,12 @@ Counting the prompt exactly, as the engine will, makes that bound the completion
 (`prompt_token_bound`: UTF-8 bytes + a template allowance) is about 2.4x the real count for short chat
 prompts, so a budget would refuse requests it covers.
 
+The count runs only where the bound must be exact (`Planner.tighten`): a window the byte bound may not
+fit, a conversation, a policy's prompt limit, a key's tokens/min, and a budget hold that the router's
+leases cannot cover with the byte bound (the per-request Reserve, and a lease's last room). A request
+its leases cover loosely is admitted without a tokenizer pass, and gives the difference back when it
+ends, as every request gives back its unused worst case.
+
 For a model version the router finds the build in the model cache (`~/.cache/autoglm/models/<model>/
 <version>/`, or `$AUTOGLM_MODEL_CACHE`: the same builds the engines load), reads its manifest, its
 `tokenizer.json` and its chat template, once per version (on a worker thread; concurrent first requests
@@ -47,8 +53,10 @@ class Counter:
 
     def count(self, prompt: str, messages: tuple[Message, ...], raw: bool) -> int:
         text = prompt if raw else self.template.render(messages)
-        # encode_batch releases the GIL (encode does not): a long prompt on a worker thread does not stall
-        # the event loop
+        if len(text) < offload.OFF_LOOP_CHARS:  # counted on the event loop: tens of microseconds
+            return len(self.tokenizer.encode(text, add_special_tokens=False))
+        # Off the loop, on a worker thread: encode_batch releases the GIL (encode does not), so the event
+        # loop goes on meanwhile.
         return len(self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids)
 
 

@@ -9,7 +9,7 @@ its call goes out, but not one reply is read before the hold is granted.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 
 from services.common.generation import TrafficClass
@@ -49,8 +49,10 @@ class Admitter:
                 and self._gate.try_acquire())
 
     async def hold(self, ctx: RequestContext, plan: Plan, hit: CachedAnswer | None, start_wall: datetime,
-                   early: bool) -> Hold:
-        """The budget hold of the request's maximum cost (none for a cache hit priced locally)."""
+                   early: bool, tighten: Callable[[Plan], Awaitable[int]] | None = None) -> Hold:
+        """The budget hold of the request's maximum cost (none for a cache hit priced locally); `tighten`
+        makes the plan's prompt bound exact where the leases cannot cover the loose one (then the edge of
+        a budget is exact: a per-request Reserve, or the leases' last room, bounds only the completion)."""
         principal = ctx.principal
         if hit is not None and self._meter.may_skip_hold(principal.tenant_id) and self._meter.local_cost(
                 usage_record(ctx, plan, hit.model, hit.model_version, Usage(hit.prompt_tokens,
@@ -62,7 +64,7 @@ class Admitter:
             request_id=ctx.request_id, tenant_id=principal.tenant_id, api_key_id=principal.key_id,
             model=plan.model.name, model_version=plan.version.version, traffic_class=plan.traffic_class,
             max_prompt_tokens=plan.prompt_bound, max_completion_tokens=plan.max_tokens, tags=plan.tags,
-        ), deadline=ctx.deadline)
+        ), deadline=ctx.deadline, exact=(lambda: tighten(plan)) if tighten is not None else None)
 
     async def withdraw(self, principal: Principal, admission: Admission, slot_held: bool) -> None:
         """A request refused before it ran: its gate slot and its rate-limit room go back."""

@@ -132,6 +132,8 @@ class Gateway:
         started, start_wall = self._clock(), self._wallclock()
         plan = await self.planner.plan(ctx, req)
         principal = ctx.principal
+        if principal.tokens_per_minute:
+            await self.planner.tighten(plan)  # the key's tokens/min take the prompt's exact count up front
         admission = await self.admitter.admit(principal, plan)
         hit = self.admitter.cached(plan)
         progress = Progress()
@@ -147,7 +149,7 @@ class Gateway:
             await asyncio.sleep(0)
             await asyncio.sleep(0)
         try:
-            hold = await self.admitter.hold(ctx, plan, hit, start_wall, early is not None)
+            hold = await self.admitter.hold(ctx, plan, hit, start_wall, early is not None, self.planner.tighten)
         except BaseException:
             if early is not None:
                 go.set()  # a generation shared with identical requests goes on for them

@@ -183,6 +183,19 @@ class Planner:
         except DomainError:
             return plan.prompt_bound
 
+    async def tighten(self, plan: Plan) -> int:
+        """The plan's prompt bound made exact with the version's own tokenizer where the router has it (no
+        round trip; the byte bound stays otherwise), for what admits a request by its worst case: a key's
+        tokens/min, and a budget hold its leases cannot cover loosely."""
+        if plan.prompt_exact is None:
+            size = _chars(plan.prompt, plan.messages)
+            found = await self.prompt_tokens.exact(plan.model.name, plan.version.version, size, plan.prompt,
+                                                   plan.messages, plan.raw_prompt)
+            if found is None:
+                return plan.prompt_bound
+            plan.prompt_exact = plan.prompt_bound = found
+        return plan.prompt_exact
+
     async def plan(self, ctx: RequestContext, req: GenerationRequest) -> Plan:
         principal = ctx.principal
         model, version = self.resolve(principal, req.model)
@@ -208,17 +221,14 @@ class Planner:
         messages = history + new_turn
         size += _chars("", history)
         exact: int | None = None
-        local = await self.prompt_tokens.exact(model.name, version.version, size, prompt, messages, req.raw_prompt)
-        counted_here = local is not None
-        bound = local if local is not None else await offload.sized(size, self.prompt_tokens.fallback, prompt,
-                                                                     messages, req.raw_prompt)
+        # The byte bound first: the tokenizer runs only where the bound must be exact (a window, a context,
+        # a policy below; a token limit or a budget's edge later, `tighten`).
+        bound = await offload.sized(size, self.prompt_tokens.fallback, prompt, messages, req.raw_prompt)
         if req.context_id or policy.max_prompt_tokens or (window and bound + max_tokens > window):
             if req.raw_prompt:
                 exact = await self.exact_count(model.name, version, size, prompt, (), True)
             else:
                 async def count(candidate: tuple[Message, ...]) -> int:
-                    if candidate == messages and counted_here:
-                        return bound  # counted just now with the version's own tokenizer
                     return await self.exact_count(model.name, version, size, "", candidate, False)
 
                 if req.context_id:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from services.common.errors import PeerUnreachable
 from services.common.generation import TrafficClass
 from services.common.usage import AlertLevel
-from services.router.leasebook import BudgetChange, LeaseBook, LeaseGrant
+from services.router.leasebook import LOOSE_ROOM, BudgetChange, LeaseBook, LeaseGrant
 
 INTERACTIVE = TrafficClass.INTERACTIVE
 
@@ -181,3 +181,27 @@ async def test_the_first_message_of_each_watch_makes_the_book_relearn_every_call
     assert book.admit("acme", "k1", {}, INTERACTIVE, 1, 1) is None
     await book.refresh_once()
     assert book.admit("acme", "k1", {}, INTERACTIVE, 1, 1) is not None
+
+
+async def test_a_request_not_yet_counted_is_admitted_loosely_only_far_from_the_leases_edge() -> None:
+    billing = FakeBilling({"money": False}, {"money": LOOSE_ROOM * 100})
+    book = LeaseBook(billing, "r1", clock=Clock())
+    await known(book)
+    loose = book.admit("acme", "k1", {}, INTERACTIVE, 100, 10, loose=True)  # room for exactly LOOSE_ROOM
+    assert loose is not None
+    # Room for fewer than LOOSE_ROOM more such requests: the prompt is counted first, and the exact
+    # worst case is admitted down to the lease's last micro-unit.
+    assert book.admit("acme", "k1", {}, INTERACTIVE, 100, 10, loose=True) is None
+    exact = [book.admit("acme", "k1", {}, INTERACTIVE, 100, 10) for _ in range(LOOSE_ROOM - 1)]
+    assert all(a is not None for a in exact)
+    assert book.room("money") == 0
+    book.finish(loose, 40, 4)  # what the loose bound held beyond its cost comes back
+    assert book.room("money") == 60
+
+
+async def test_no_request_is_admitted_loosely_once_a_budget_has_reached_an_alert_level() -> None:
+    billing = FakeBilling({"money": False}, {"money": LOOSE_ROOM * 1000}, level=AlertLevel.WARNING)
+    book = LeaseBook(billing, "r1", clock=Clock())
+    await known(book)
+    assert book.admit("acme", "k1", {}, INTERACTIVE, 100, 10, loose=True) is None
+    assert book.admit("acme", "k1", {}, INTERACTIVE, 100, 10) is not None
