@@ -192,18 +192,17 @@ class Meter:
                                      "requests wait until billing returns, retry later")
         return Hold(hold_id=OFFLINE_HOLD, level=level, offline=True)
 
-    def _leased(self, request: HoldRequest, refuse: bool = True) -> Hold | None:
-        """The request admitted against this router's leases, or None (then Reserve decides); `refuse`
-        False: a looser bound than the request's real one is tried (`LeaseBook.admit(loose=True)`), and
-        never refused here."""
+    def _leased(self, request: HoldRequest, loose: bool = False) -> Hold | None:
+        """The request admitted against this router's leases, or None (then Reserve decides); `loose`: its
+        prompt bound is looser than its real one (`LeaseBook.admit(loose=True)`), so it is never refused here."""
         if self.leases is None:
             return None
         worst = self._worst_micros(request)
         admitted = self.leases.admit(request.tenant_id, request.api_key_id, request.tags, request.traffic_class,
                                      worst, request.max_prompt_tokens + request.max_completion_tokens,
-                                     loose=not refuse)
+                                     loose=loose)
         if admitted is None:
-            if self._failing and refuse:  # billing's latest call failed: a hard budget's lease that cannot cover it refuses
+            if self._failing and not loose:  # billing's latest call failed: a hard budget's lease that cannot cover it refuses
                 self._refuse_beyond_lease(request, worst)
             return None
         if not admitted.lease_ids and self.billing_down:  # soft budgets only: the grace window
@@ -250,7 +249,7 @@ class Meter:
         """The request's hold: against this router's leases, else a Reserve. `exact` gives the prompt's
         exact token count when `request.max_prompt_tokens` is a looser bound: the leases are tried with the
         loose bound first (no tokenizer pass), and only what they cannot cover loosely is counted exactly."""
-        leased = self._leased(request, refuse=exact is None)
+        leased = self._leased(request, loose=exact is not None)
         if leased is None and exact is not None:
             if (counted := await exact()) != request.max_prompt_tokens:
                 request = replace(request, max_prompt_tokens=counted)
