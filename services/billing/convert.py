@@ -12,6 +12,7 @@ from autoglm.common.v1 import money_pb2
 from services.billing import model as m
 from services.billing.lease_watch import LeaseChange
 from services.billing.reports import ReportQuery, ReportRow
+from services.billing.validation import check_span_id
 from services.common.errors import InvalidInput
 from services.common.generation import TrafficClass
 from services.common.usage import AlertLevel, UsageStatus
@@ -52,6 +53,7 @@ def money(micros: int, currency: str) -> money_pb2.Money:
 
 
 def event(e: pb2.UsageEvent) -> m.UsageEvent:
+    check_span_id(e.span_id, "event.span_id")  # not kept: only the event's span in the request's trace uses it
     return m.UsageEvent(
         event_id=e.event_id, tenant_id=e.tenant_id, api_key_id=e.api_key_id, model=e.model,
         model_version=e.model_version, tags=dict(e.tags), prompt_tokens=e.prompt_tokens,

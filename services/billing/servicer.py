@@ -12,6 +12,7 @@ none → UNAUTHENTICATED, a mesh identity that is not an operator → PERMISSION
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -26,6 +27,7 @@ from services.billing.service import Billing
 from services.common.error_mapping import status_code_for
 from services.common.errors import DomainError
 from services.common.price_convert import price_from_proto, price_to_proto
+from services.common.tracing import record_child_spans
 
 
 async def _batches(requests: AsyncIterator[pb2.StreamUsageRequest],
@@ -117,8 +119,14 @@ class BillingServicer(pb2_grpc.BillingServiceServicer):
                 slots.append(index)
             except DomainError as error:
                 outcomes[index] = error
+        started_ns = time.time_ns()
         for index, outcome in zip(slots, await self.billing.record_many(events), strict=True):
             outcomes[index] = outcome
+        # Each event's span, in the trace of the request it metered (as the child of the router's span).
+        record_child_spans("billing.usage", [
+            (m.trace_id, m.span_id, {"autoglm.event_id": m.event_id, "autoglm.duplicate": o.duplicate})
+            for m, o in zip(messages, outcomes, strict=True)
+            if m.trace_id and m.span_id and isinstance(o, Recorded)], started_ns)
         return [_ack(m.event_id, o, self.currency) for m, o in zip(messages, outcomes, strict=True)
                 if o is not None]
 

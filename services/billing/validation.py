@@ -14,6 +14,7 @@ MAX_TAGS = 16
 MAX_TAG_TEXT = 64
 MAX_TOKENS = 100_000_000
 TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+SPAN_ID = re.compile(r"^[0-9a-f]{16}$")
 
 
 def check_tags(tags: Mapping[str, str], field: str) -> None:
@@ -31,6 +32,11 @@ def check_text(value: str, field: str, *, required: bool, limit: int = MAX_TEXT)
         raise InvalidInput(f"{field} is required", field=field)
     if len(value) > limit:
         raise InvalidInput(f"{field} is {len(value)} characters long; at most {limit} are allowed", field=field)
+
+
+def check_span_id(value: str, field: str) -> None:
+    if value and (not SPAN_ID.match(value) or value == "0" * 16):
+        raise InvalidInput(f"{field} must be 16 lowercase hex characters, not all zero (a W3C span id)", field=field)
 
 
 def check_tokens(value: int, field: str) -> None:

@@ -55,6 +55,11 @@ def current_trace_id() -> str:
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
 
 
+def current_span_id() -> str:
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.span_id, "016x") if ctx.is_valid else ""
+
+
 def current_request_id() -> str:
     return request_id_var.get()
 
@@ -88,6 +93,20 @@ def _unrecorded_span(parent: Any) -> trace.Span:
     else:
         trace_id, flags = random.getrandbits(128) or 1, TraceFlags(TraceFlags.SAMPLED)
     return NonRecordingSpan(SpanContext(trace_id, random.getrandbits(64) or 1, is_remote=False, trace_flags=flags))
+
+
+def record_child_spans(name: str, children: Sequence[tuple[str, str, dict[str, Any]]], start_ns: int) -> None:
+    """One span `name` per (trace id, parent span id, attributes), each a child of that remote span, from
+    `start_ns` to now: how a process that handles a batch (billing's usage stream) puts each item's work
+    in the trace of the request it came from. Nothing when nobody collects spans."""
+    if not children or not _records_spans():
+        return
+    tracer = trace.get_tracer("autoglm")
+    flags = TraceFlags(TraceFlags.SAMPLED)
+    for trace_hex, span_hex, attributes in children:
+        parent = SpanContext(int(trace_hex, 16), int(span_hex, 16), is_remote=True, trace_flags=flags)
+        tracer.start_span(name, context=trace.set_span_in_context(NonRecordingSpan(parent)),
+                          kind=SpanKind.CONSUMER, attributes=attributes, start_time=start_ns).end()
 
 
 def _metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:

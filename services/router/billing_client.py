@@ -42,7 +42,7 @@ def usage_to_proto(usage: UsageRecord) -> pb2.UsageEvent:
         trace_id=usage.trace_id, start_time=start, end_time=end, status=int(usage.status),  # type: ignore[arg-type]
         traffic_class=int(usage.traffic_class),  # type: ignore[arg-type]
         quoted_price_id=usage.quoted_price_id,
-        lease_ids=usage.lease_ids,
+        lease_ids=usage.lease_ids, span_id=usage.span_id,
     )
 
 

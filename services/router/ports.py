@@ -98,6 +98,8 @@ class UsageRecord:
     quoted_price_id: str = ""
     # The billing leases the request was admitted against (router/leasebook.py).
     lease_ids: tuple[str, ...] = ()
+    # The router span that served the request (billing's span of the event is its child).
+    span_id: str = ""
 
 
 @dataclass(frozen=True)

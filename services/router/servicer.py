@@ -17,7 +17,7 @@ from autoglm.router.v1 import admin_service_pb2_grpc as admin_grpc
 from autoglm.router.v1 import router_service_pb2 as pb2
 from autoglm.router.v1 import router_service_pb2_grpc as pb2_grpc
 from services.common.generation import TrafficClass
-from services.common.tracing import current_request_id, current_trace_id
+from services.common.tracing import current_request_id, current_span_id, current_trace_id
 from services.router import convert, rpc_auth, workflow_convert
 from services.router.admin import Admin
 from services.router.auth.authenticator import Authenticator
@@ -67,7 +67,8 @@ class RouterServicer(pb2_grpc.RouterServiceServicer):
         trace_id = current_trace_id() or uuid.uuid4().hex
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        return RequestContext(current_request_id() or uuid.uuid4().hex, trace_id, principal, merged, deadline)
+        return RequestContext(current_request_id() or uuid.uuid4().hex, trace_id, principal, merged, deadline,
+                              span_id=current_span_id())
 
     def _deprecation(self, context: grpc.aio.ServicerContext, model: str) -> None:
         if (notice := self._app.gateway.deprecation(model)) is not None:

@@ -102,3 +102,6 @@ class RequestContext:
     tags: dict[str, str] = field(default_factory=dict)
     # When the caller stops waiting (time.monotonic() seconds); None: no deadline.
     deadline: float | None = None
+    # The span that serves the request (16 hex characters; empty: none): billing's span of its usage
+    # event is its child.
+    span_id: str = ""

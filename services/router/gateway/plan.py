@@ -117,7 +117,7 @@ def usage_record(
         event_id=ctx.request_id, tenant_id=principal.tenant_id, api_key_id=principal.key_id, model=model,
         model_version=version, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
         status=status, traffic_class=plan.traffic_class, request_id=ctx.request_id, trace_id=ctx.trace_id,
-        start_time=start, end_time=end, cached=usage.cached, tags=plan.tags,
+        start_time=start, end_time=end, cached=usage.cached, tags=plan.tags, span_id=ctx.span_id,
     )
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Protocol
 
 from fastapi import Depends, Request
 
-from services.common.tracing import current_request_id, current_trace_id
+from services.common.tracing import current_request_id, current_span_id, current_trace_id
 from services.router.auth.authenticator import Authenticator
 from services.router.convert import parse_tags
 from services.router.gateway import Gateway
@@ -49,6 +49,7 @@ def header_tags(request: Request) -> dict[str, str]:
 def request_contexts(principal: Principal, tags: dict[str, str], n: int) -> list[RequestContext]:
     """One context per generation: the request id (from `x-request-id`, else new) for the first, the same id
     with `.1`, `.2`, … for the others, so each of the n usage events has an id of its own."""
-    request_id, trace_id = current_request_id(), current_trace_id()
-    return [RequestContext(request_id if i == 0 else f"{request_id}.{i}", trace_id, principal, dict(tags))
+    request_id, trace_id, span_id = current_request_id(), current_trace_id(), current_span_id()
+    return [RequestContext(request_id if i == 0 else f"{request_id}.{i}", trace_id, principal, dict(tags),
+                           span_id=span_id)
             for i in range(n)]

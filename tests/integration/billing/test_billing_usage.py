@@ -38,6 +38,12 @@ async def test_price_in_force_at_the_event_time_is_used(billing) -> None:
     assert [p.input_per_million.micros for p in listed.prices] == [1_000_000, 3_000_000]
 
 
+def _with(event: pb2.UsageEvent, **fields: str) -> pb2.UsageEvent:
+    for name, value in fields.items():
+        setattr(event, name, value)
+    return event
+
+
 BAD_EVENTS = {
     "negative tokens": (usage("bad1", prompt=-5), grpc.StatusCode.INVALID_ARGUMENT, "cannot be negative"),
     "unpriced model": (usage("bad2", model="gpt-9"), grpc.StatusCode.FAILED_PRECONDITION, "has no price"),
@@ -46,6 +52,9 @@ BAD_EVENTS = {
     "oversized tags": (usage("bad4", tags={"k": "v" * 65}), grpc.StatusCode.INVALID_ARGUMENT, "tag"),
     "too many tags": (usage("bad5", tags={f"k{i}": "v" for i in range(17)}), grpc.StatusCode.INVALID_ARGUMENT,
                       "at most 16"),
+    "malformed span id": (_with(usage("bad6"), span_id="xyz"), grpc.StatusCode.INVALID_ARGUMENT,
+                          "span_id must be 16 lowercase hex"),
+    "all-zero span id": (_with(usage("bad7"), span_id="0" * 16), grpc.StatusCode.INVALID_ARGUMENT, "not all zero"),
 }
 
 

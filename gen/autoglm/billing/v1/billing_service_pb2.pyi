@@ -109,7 +109,7 @@ GRANULARITY_DAY: Granularity
 GRANULARITY_MONTH: Granularity
 
 class UsageEvent(_message.Message):
-    __slots__ = ("event_id", "tenant_id", "api_key_id", "model", "model_version", "tags", "prompt_tokens", "completion_tokens", "cached", "request_id", "trace_id", "start_time", "end_time", "status", "traffic_class", "quoted_price_id", "lease_ids")
+    __slots__ = ("event_id", "tenant_id", "api_key_id", "model", "model_version", "tags", "prompt_tokens", "completion_tokens", "cached", "request_id", "trace_id", "start_time", "end_time", "status", "traffic_class", "quoted_price_id", "lease_ids", "span_id")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,7 @@ class UsageEvent(_message.Message):
     TRAFFIC_CLASS_FIELD_NUMBER: _ClassVar[int]
     QUOTED_PRICE_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    SPAN_ID_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     tenant_id: str
     api_key_id: str
@@ -151,7 +152,8 @@ class UsageEvent(_message.Message):
     traffic_class: _generation_pb2.TrafficClass
     quoted_price_id: str
     lease_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, event_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., api_key_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached: _Optional[bool] = ..., request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[UsageStatus, str]] = ..., traffic_class: _Optional[_Union[_generation_pb2.TrafficClass, str]] = ..., quoted_price_id: _Optional[str] = ..., lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    span_id: str
+    def __init__(self, event_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., api_key_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached: _Optional[bool] = ..., request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[UsageStatus, str]] = ..., traffic_class: _Optional[_Union[_generation_pb2.TrafficClass, str]] = ..., quoted_price_id: _Optional[str] = ..., lease_ids: _Optional[_Iterable[str]] = ..., span_id: _Optional[str] = ...) -> None: ...
 
 class RecordUsageRequest(_message.Message):
     __slots__ = ("event",)
