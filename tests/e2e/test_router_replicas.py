@@ -234,7 +234,7 @@ async def test_one_requests_per_minute_limit_of_60_holds_across_the_three_router
     assert 57 <= admitted <= 63, f"{admitted} of {sent} admitted over 60 s against a limit of 60/min"
 
 
-async def test_a_thousand_concurrent_requests_over_three_routers_never_overshoot_a_hard_budget(
+async def test_a_thousand_concurrent_requests_over_three_routers_spend_95_percent_of_a_hard_budget_never_more(
         routers: Routers, stubs) -> None:
     direct, admin, _ = stubs
     tenant = "shared-budget"
@@ -281,6 +281,10 @@ async def test_a_thousand_concurrent_requests_over_three_routers_never_overshoot
     counts = {name: outcomes.count(name) for name in sorted(set(outcomes))}
     assert 0 < admitted < 1000, counts
     assert status.spent_tokens <= limit, f"spent {status.spent_tokens} tokens of a hard budget of {limit}: {counts}"
+    # Exact bounds and leases that shrink near the limit leave little of the budget unusable: the admitted
+    # requests spend at least 95 % of it, however the three routers' leases were split.
+    assert status.spent_tokens >= 0.95 * limit, \
+        f"only {status.spent_tokens} of {limit} tokens spent ({100 * status.spent_tokens / limit:.1f} %): {counts}"
 
 
 def served_by(routers: Routers, request_ids: set[str]) -> dict[str, int]:
