@@ -126,7 +126,8 @@ class RouterApp:
         self.meter = Meter(self.billing, self.spool, grace_s=config.billing_grace_s,
                            recovery_s=config.billing_recovery_s, batch_wait_s=config.batch_billing_wait_s,
                            max_early_starts_per_tenant=config.early_starts_per_tenant, journal=self.journal,
-                           leases=self.leases, stream=self.usage_stream)
+                           leases=self.leases, stream=self.usage_stream,
+                           max_reserves_in_flight=config.billing_reserves_in_flight)
         self.limiter = RateLimiter(rate_limit_backend(config.rate_limit_redis_url,
                                                       fail_open=config.rate_limit_redis_fail_open))
         self.gateway = Gateway(

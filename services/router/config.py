@@ -62,6 +62,9 @@ class RouterConfig:
     # transport failure (an answer sooner, billing flapping, does not restart the grace window).
     billing_recovery_s: float = 10.0
     billing_timeout_s: float = 3.0
+    # Per-request Reserves on the way to billing from this router at once; more wait their turn (a burst
+    # at a budget's edge, once the leases are used up, stays within billing's sidecar concurrency limit).
+    billing_reserves_in_flight: int = 64
     # Admit requests against billing leases held by this router (no billing call per request while a
     # caller's leases cover its worst case; see services/router/leasebook.py), else per-request Reserve.
     billing_leases: bool = True
@@ -159,6 +162,8 @@ class RouterConfig:
             raise ValueError("price_refresh_s must be > 0")
         if self.early_starts_per_tenant < 0:
             raise ValueError("early_starts_per_tenant must be >= 0")
+        if self.billing_reserves_in_flight < 1:
+            raise ValueError("billing_reserves_in_flight must be >= 1")
         if self.billing_grace_s < 0 or self.billing_recovery_s < 0:
             raise ValueError("billing_grace_s and billing_recovery_s must be >= 0")
         if self.affinity_load_margin < -1:

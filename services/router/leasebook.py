@@ -131,6 +131,7 @@ class Admitted:
     lease_ids: tuple[str, ...]
     worst_micros: int
     worst_tokens: int
+    level: AlertLevel = AlertLevel.NONE  # the highest its leases carry: billing's latest word on the caller
 
 
 @dataclass
@@ -193,7 +194,8 @@ class LeaseBook:
             lease.consumed += worst
             if lease.granted - lease.consumed < lease.last_grant * self.low_water:
                 self._want(caller)
-        return Admitted(key, tuple(lease.lease_id for lease, _ in taken), worst_micros or 0, worst_tokens)
+        return Admitted(key, tuple(lease.lease_id for lease, _ in taken), worst_micros or 0, worst_tokens,
+                        max((lease.level for lease, _ in taken), default=AlertLevel.NONE))
 
     def finish(self, admitted: Admitted, actual_micros: int, actual_tokens: int) -> None:
         """The request ended: it consumed its actual cost, not its worst case (never more than that)."""

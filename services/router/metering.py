@@ -114,9 +114,13 @@ class Meter:
         leases: LeaseBook | None = None,
         stream: UsageStream | None = None,
         replay_wait_s: float = 5.0,
+        max_reserves_in_flight: int = 64,
     ) -> None:
         if refused_retry_s <= 0:
             raise ValueError("refused_retry_s must be > 0")
+        if max_reserves_in_flight < 1:
+            raise ValueError("max_reserves_in_flight must be >= 1")
+        self._reserve_slots = asyncio.Semaphore(max_reserves_in_flight)
         self.leases = leases
         self.stream = stream
         self._replay_wait_s = replay_wait_s
@@ -211,7 +215,8 @@ class Meter:
                 raise BillingUnavailable(f"billing has been unreachable for more than {self._grace_s:.0f} s; "
                                          "requests wait until it returns, retry later")
         metrics.ADMISSIONS.labels("lease").inc()
-        return Hold(hold_id="", level=self._levels.get(request.tenant_id, AlertLevel.NONE), admitted=admitted)
+        self._levels[request.tenant_id] = admitted.level  # as a Reserve's answer would tell it
+        return Hold(hold_id="", level=admitted.level, admitted=admitted)
 
     def _worst_micros(self, request: HoldRequest) -> int | None:
         price = self.prices.lookup(request.model, request.model_version, time.time_ns() // 1000)
@@ -261,7 +266,7 @@ class Meter:
         retried = False
         while True:
             try:
-                hold = await self._billing.reserve(request)
+                hold = await self._ask_billing(request, deadline)
             except PeerUnreachable:
                 self._unreachable()
                 now = self._clock()
@@ -291,10 +296,43 @@ class Meter:
                     retried = True  # this router's unusable lease room went back: the edge may fit it now
                     continue
                 raise
+            if hold.admitted is not None:  # its leases came while it waited its turn (`_ask_billing`)
+                return hold
             self._answered()
             self._levels[request.tenant_id] = hold.level
             metrics.ADMISSIONS.labels("reserve").inc()
             return hold
+
+    async def _ask_billing(self, request: HoldRequest, deadline: float | None) -> Hold:
+        """A Reserve, with at most `max_reserves_in_flight` of them on the way from this router at once: at
+        a budget's edge, once the leases are used up, a burst of requests waits here for billing's word in
+        turn instead of flooding billing, whose sidecar sheds the calls beyond its concurrency limit (which
+        would read as an outage). A request whose deadline comes first is refused as billing busy; one
+        whose leases came while it waited (the caller's first requests go to Reserve while its leases are
+        fetched) is admitted against them instead (the hold returned has `admitted` set)."""
+        slots = self._reserve_slots
+        if slots.locked():
+            wait = None if deadline is None else deadline - self._clock() - DEADLINE_MARGIN_S
+            try:
+                await asyncio.wait_for(slots.acquire(), wait)
+            except TimeoutError:
+                metrics.ADMISSIONS.labels("refused_busy").inc()
+                raise BillingUnavailable("this router's holds wait for billing, which is busy, and this "
+                                         "request's deadline came first; retry later") from None
+            try:
+                leased = self._leased(request)
+            except BaseException:
+                slots.release()
+                raise
+            if leased is not None:
+                slots.release()
+                return leased
+        else:
+            await slots.acquire()
+        try:
+            return await self._billing.reserve(request)
+        finally:
+            slots.release()
 
     def may_start_before_hold(self, tenant_id: str, traffic_class: TrafficClass) -> bool:
         """Whether a generation may start while its hold is still on the way (see the module docstring)."""

@@ -58,7 +58,8 @@ def observe(record: UsageRecord, cost: Money, ttft_ms: int, latency_ms: int) -> 
 
 ADMISSIONS = Counter("autoglm_router_budget_admissions", "Requests admitted or refused on budget, by path: lease "
                      "(in-process, no billing call), reserve (a billing hold), offline (billing down, an offline "
-                     "hold), refused_lease (billing down and a hard budget's lease could not cover it)", ["path"])
+                     "hold), refused_lease (billing down and a hard budget's lease could not cover it), refused_busy (the "
+                     "deadline came while the request waited its turn for a Reserve)", ["path"])
 
 
 class _LeaseCollector(Collector):

@@ -14,6 +14,7 @@ import pytest
 
 from services.common.errors import BudgetExceeded
 from services.common.generation import TrafficClass
+from services.common.usage import AlertLevel
 from services.router.leasebook import LeaseBook, LeaseGrant
 from services.router.metering import BillingUnavailable, LeaseExhausted, Meter
 from services.router.ports import Hold, HoldRequest
@@ -158,3 +159,48 @@ async def test_a_caller_whose_budgets_are_not_learned_yet_gets_no_offline_hold_w
         await meter.reserve(other_key)
     billing.up = True
     assert (await meter.reserve(other_key)).hold_id == "h-r1"  # billing answers again: its Reserve decides
+
+
+@pytest.mark.parametrize(("level", "early"), [(AlertLevel.NONE, True), (AlertLevel.WARNING, False)])
+async def test_a_caller_served_from_its_leases_alone_starts_early_only_below_every_threshold(
+        tmp_path: Path, level: AlertLevel, early: bool) -> None:
+    """The leases carry billing's latest level for the caller, as a Reserve's answer does: a tenant whose
+    requests were all admitted against leases may overlap its next hold with the generation's start (when
+    its leases say it is below every threshold), like one that went through Reserve."""
+    clock = Clock()
+    billing = LeasedBilling(FakeBilling({"tok-budget": True}, {"tok-budget": 1000}, expire_in_s=60, level=level))
+    book = LeaseBook(billing, "r1", clock=clock, min_lifetime_s=20)
+    meter = Meter(billing, UsageSpool(tmp_path / "spool.db"), clock=clock, leases=book)
+    assert book.admit("acme", "k", {}, TrafficClass.INTERACTIVE, None, 20) is None  # unknown: its leases fetched
+    await book.refresh_once()
+    hold = await meter.reserve(request("r0"))
+    assert hold.admitted is not None and billing.reserves == 0 and hold.level == level
+    assert meter.may_start_before_hold("acme", TrafficClass.INTERACTIVE) is early
+
+
+async def test_a_request_waiting_its_turn_for_a_reserve_takes_the_lease_that_came_meanwhile(tmp_path: Path) -> None:
+    """A burst from a caller whose leases are still being fetched queues for Reserves (at most
+    `max_reserves_in_flight` on the way); the ones still waiting when the leases arrive are admitted against
+    them, so that room is not left idle on this router while billing refuses the rest for it."""
+    clock = Clock()
+    billing = LeasedBilling(FakeBilling({"tok-budget": True}, {"tok-budget": 1000}, expire_in_s=60))
+    book = LeaseBook(billing, "r1", clock=clock, min_lifetime_s=20)
+    meter = Meter(billing, UsageSpool(tmp_path / "spool.db"), clock=clock, leases=book, max_reserves_in_flight=1)
+    gate, asked = asyncio.Event(), asyncio.Event()
+    original = billing.reserve
+
+    async def slow(req: HoldRequest) -> Hold:
+        asked.set()
+        await gate.wait()
+        return await original(req)
+
+    billing.reserve = slow  # type: ignore[method-assign]
+    first = asyncio.create_task(meter.reserve(request("r0")))  # unknown caller: a Reserve, its leases wanted
+    await asyncio.wait_for(asked.wait(), 10)
+    queued = [asyncio.create_task(meter.reserve(request(f"r{i}"))) for i in (1, 2, 3)]
+    await book.refresh_once()  # the leases arrive while r1..r3 wait for the one Reserve slot
+    gate.set()
+    holds = await asyncio.wait_for(asyncio.gather(first, *queued), 10)
+    assert holds[0].hold_id == "h-r0" and holds[0].admitted is None
+    assert all(h.admitted is not None and not h.hold_id for h in holds[1:])
+    assert billing.reserves == 1

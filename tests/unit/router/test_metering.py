@@ -6,6 +6,7 @@ grace window runs from the outage's first failure."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -356,3 +357,39 @@ def test_unsettled_events_counts_what_the_journal_holds_answered_across_both_fil
     journal.clear("ev-29")
     assert unsettled_events(path) == 0
     journal.close()
+
+
+async def test_reserves_wait_their_turn_beyond_the_in_flight_bound_and_give_up_at_their_deadline(
+        tmp_path: Path) -> None:
+    """A burst of per-request Reserves (a budget's edge, leases used up) keeps at most
+    `max_reserves_in_flight` on the way to billing; the rest wait in turn, and one whose deadline comes
+    while it waits is refused as billing busy (UNAVAILABLE), without a call."""
+    billing = Billing()
+    meter = Meter(billing, UsageSpool(tmp_path / "spool.db"), max_reserves_in_flight=2)
+    gate, two_asked = asyncio.Event(), asyncio.Event()
+    in_flight, most, asked = 0, 0, []
+    original = billing.reserve
+
+    async def slow(request: HoldRequest) -> Hold:
+        nonlocal in_flight, most
+        asked.append(request.request_id)
+        if len(asked) == 2:
+            two_asked.set()
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await gate.wait()
+            return await original(request)
+        finally:
+            in_flight -= 1
+
+    billing.reserve = slow  # type: ignore[method-assign]
+    waiting = [asyncio.create_task(meter.reserve(hold_request(f"r{i}"))) for i in range(6)]
+    await asyncio.wait_for(two_asked.wait(), 10)
+    with pytest.raises(BillingUnavailable, match="deadline came first") as busy:
+        await meter.reserve(hold_request("late"), deadline=time.monotonic() + 0.2)
+    assert busy.value.reason == "BILLING_UNAVAILABLE" and "late" not in asked
+    assert asked == ["r0", "r1"]  # the others still wait their turn
+    gate.set()
+    holds = await asyncio.gather(*waiting)
+    assert [h.hold_id for h in holds] == [f"h-r{i}" for i in range(6)] and most == 2
