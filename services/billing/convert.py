@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from enum import IntEnum
 from typing import Any, TypeVar, cast
 
@@ -148,9 +149,15 @@ def budget_pb(b: m.Budget, currency: str) -> pb2.Budget:
     return out
 
 
+@functools.lru_cache(maxsize=4096)
+def _status_budget(b: m.Budget, currency: str) -> pb2.Budget:
+    """A budget's message as each status carries it, built once per budget version (statuses copy it)."""
+    return budget_pb(b, currency)
+
+
 def status_pb(s: m.BudgetState, currency: str) -> pb2.BudgetStatus:
     return pb2.BudgetStatus(
-        budget=budget_pb(s.budget, currency), period_start=ts(s.period_start_us), period_end=ts(s.period_end_us),
+        budget=_status_budget(s.budget, currency), period_start=ts(s.period_start_us), period_end=ts(s.period_end_us),
         spent_amount=money(s.spent_micros, currency), spent_tokens=s.spent_tokens,
         held_amount=money(s.held_micros, currency), held_tokens=s.held_tokens,
         effective_amount=money(s.limit_micros, currency), effective_tokens=s.limit_tokens,

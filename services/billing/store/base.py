@@ -7,6 +7,8 @@ portable between SQLite and PostgreSQL). A `Store` runs such a function atomical
 - `write_many(fns)`: several units in ONE transaction (one durable commit), each isolated by a savepoint:
   a unit that raises a `DomainError` is rolled back alone and its error returned in its place.
 - `read(fn)`: a read-only unit.
+- `read_current(fn)`: a read-only unit that sees every write acknowledged before it was asked (a budget
+  check): SQLite answers it in the writer from its book, after that batch's commit; PostgreSQL as `read`.
 
 Every modification of a budget's spend or holds first calls `tx.lock_budgets(ids)`: PostgreSQL takes
 `SELECT ... FOR UPDATE` row locks (in id order, so two processes cannot deadlock on them); SQLite needs no
@@ -63,5 +65,7 @@ class Store(Protocol):
     async def write_many(self, fns: Sequence[Callable[[Tx], T]]) -> list[T | DomainError]: ...
 
     async def read(self, fn: Callable[[Tx], T]) -> T: ...
+
+    async def read_current(self, fn: Callable[[Tx], T]) -> T: ...
 
     async def close(self) -> None: ...

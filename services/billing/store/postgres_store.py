@@ -146,6 +146,10 @@ class PostgresStore:
 
         return await self._run(lambda: self._with_retries(body))
 
+    async def read_current(self, fn: Callable[[PostgresTx], T]) -> T:
+        """Every committed write is visible to a new transaction: the same as `read`."""
+        return await self.read(fn)
+
     async def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)

@@ -7,7 +7,9 @@ takes all units of work queued at that moment (up to `max_batch`), runs them in 
 transaction — each in its own savepoint, so one failing unit rolls back alone — commits once (one fsync),
 and only then answers their callers (one wake-up of the event loop per commit). Because there is a single writer, a Reserve's check of spend + holds
 and its insert of the new hold cannot interleave with another write: no budget can be overshot.
-Reads use a second connection in their own thread (WAL lets them run beside the writer).
+Reads use other connections in their own threads (WAL lets them run beside the writer); a read that must see
+every acknowledged write and is answered from the book (`read_current`: a budget check) runs in the writer
+instead, between the batch's units, and is answered after its commit, with the rest of the batch.
 
 One process per database file: the store holds an exclusive lock on `<file>.lock` while open, so the
 writer's in-memory book of budget spend and holds (see `book`) is the only writer's view and therefore
@@ -77,6 +79,7 @@ class _Work:
     future: asyncio.Future[list[Any]]
     loop: asyncio.AbstractEventLoop
     many: bool = False
+    read_only: bool = False
     results: list[Any] = field(default_factory=list)
 
 
@@ -149,6 +152,12 @@ class SqliteStore:
                 raise result
         return results
 
+    async def read_current(self, fn: Callable[[SqliteTx], T]) -> T:
+        result = (await self._submit([fn], many=False, read_only=True))[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result  # type: ignore[no-any-return]
+
     async def read(self, fn: Callable[[SqliteTx], T]) -> T:
         if self._readers is None:
             raise RuntimeError("store is not open")
@@ -182,11 +191,12 @@ class SqliteStore:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    async def _submit(self, fns: Sequence[Callable[[SqliteTx], Any]], many: bool) -> list[Any]:
+    async def _submit(self, fns: Sequence[Callable[[SqliteTx], Any]], many: bool,
+                      read_only: bool = False) -> list[Any]:
         if self._writer is None:
             raise RuntimeError("store is not open")
         loop = asyncio.get_running_loop()
-        work = _Work(fns=fns, future=loop.create_future(), loop=loop, many=many)
+        work = _Work(fns=fns, future=loop.create_future(), loop=loop, many=many, read_only=read_only)
         self._queue.put(work)
         return await asyncio.shield(work.future)
 
@@ -220,7 +230,8 @@ class SqliteStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for work in batch:
-                work.results = [self._run_unit(conn, tx, fn) for fn in work.fns]
+                run = self._run_read if work.read_only else self._run_unit
+                work.results = [run(conn, tx, fn) for fn in work.fns]
             conn.execute("COMMIT")
             self.commits += 1
         except BaseException as error:  # the commit failed: nothing of this batch is durable
@@ -249,6 +260,18 @@ class SqliteStore:
             return error
         conn.execute("RELEASE unit")
         return result
+
+
+    @staticmethod
+    def _run_read(conn: sqlite3.Connection, tx: SqliteTx, fn: Callable[[SqliteTx], Any]) -> Any:
+        """A read-only unit: no savepoint to roll back to (it writes nothing; what it loads into the book
+        is what the transaction holds)."""
+        try:
+            return fn(tx)
+        except Exception as error:
+            if not isinstance(error, DomainError):
+                log.error("billing_unit_failed", exc_info=error)
+            return error
 
 
 def _resolve(answered: list[_Work]) -> None:
