@@ -330,8 +330,8 @@ class Billing:
         check_text(tenant_id, "tenant_id", required=True)
         check_tags(tags, "tags")
         now = self.clock()
-        verdict = await self.store.read_current(lambda tx: budgets.check(tx, self.catalog.current(tx), tenant_id, api_key_id,
-                                                                tags, TrafficClass(traffic_class), now))
+        verdict = await self.store.read_current(lambda tx: budgets.check(
+            tx, self.catalog.current(tx), tenant_id, api_key_id, tags, TrafficClass(traffic_class), now))
         metrics.observe_budgets(verdict.states)
         return verdict
 

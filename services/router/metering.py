@@ -311,7 +311,8 @@ class Meter:
         whose leases came while it waited (the caller's first requests go to Reserve while its leases are
         fetched) is admitted against them instead (the hold returned has `admitted` set)."""
         slots = self._reserve_slots
-        if slots.locked():
+        waited = slots.locked()
+        if waited:
             wait = None if deadline is None else deadline - self._clock() - DEADLINE_MARGIN_S
             try:
                 await asyncio.wait_for(slots.acquire(), wait)
@@ -319,17 +320,11 @@ class Meter:
                 metrics.ADMISSIONS.labels("refused_busy").inc()
                 raise BillingUnavailable("this router's holds wait for billing, which is busy, and this "
                                          "request's deadline came first; retry later") from None
-            try:
-                leased = self._leased(request)
-            except BaseException:
-                slots.release()
-                raise
-            if leased is not None:
-                slots.release()
-                return leased
         else:
             await slots.acquire()
         try:
+            if waited and (leased := self._leased(request)) is not None:
+                return leased
             return await self._billing.reserve(request)
         finally:
             slots.release()

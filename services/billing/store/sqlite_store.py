@@ -140,10 +140,7 @@ class SqliteStore:
         self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="billing-sqlite-reader")
 
     async def write(self, fn: Callable[[SqliteTx], T]) -> T:
-        result = (await self._submit([fn], many=False))[0]
-        if isinstance(result, BaseException):
-            raise result
-        return result  # type: ignore[no-any-return]
+        return await self._one(fn, read_only=False)
 
     async def write_many(self, fns: Sequence[Callable[[SqliteTx], T]]) -> list[T | DomainError]:
         results = await self._submit(fns, many=True)
@@ -153,7 +150,10 @@ class SqliteStore:
         return results
 
     async def read_current(self, fn: Callable[[SqliteTx], T]) -> T:
-        result = (await self._submit([fn], many=False, read_only=True))[0]
+        return await self._one(fn, read_only=True)
+
+    async def _one(self, fn: Callable[[SqliteTx], T], read_only: bool) -> T:
+        result = (await self._submit([fn], many=False, read_only=read_only))[0]
         if isinstance(result, BaseException):
             raise result
         return result  # type: ignore[no-any-return]
@@ -260,7 +260,6 @@ class SqliteStore:
             return error
         conn.execute("RELEASE unit")
         return result
-
 
     @staticmethod
     def _run_read(conn: sqlite3.Connection, tx: SqliteTx, fn: Callable[[SqliteTx], Any]) -> Any:
